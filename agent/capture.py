@@ -1,0 +1,142 @@
+"""What the hot path captures from each tensor, and which summary columns it becomes.
+
+A model's inputs and outputs are turned into *slots*: each slot is one ring
+array with a fixed per-row shape and dtype, filled by a plain copy on the
+request thread. How a slot becomes summary columns is decided here too, so
+that the request thread copies bytes and the summary worker does the math.
+
+Rules (documented in the README):
+- numeric tensor ``[N]`` or ``[N, F]``: F numeric columns, named by
+  ``feature_names``, the model's ``feature_names`` metadata, or ``<tensor>[i]``;
+- string tensor ``[N]`` / ``[N, F]``: F categorical columns (values are
+  summarised on their first ``STRING_WIDTH`` characters);
+- integer or string *outputs* (class labels): categorical columns;
+- any other shape ``[N, d1, d2, ...]`` (images, sequences): each sample is
+  summarised by three numeric columns ``<tensor>.mean``, ``.std`` and ``.l2``;
+- skl2onnx ZipMap outputs (a list of ``{class: probability}``): one numeric
+  column per class, ``<output>[<class>]``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Sequence
+
+import numpy as np
+
+from protos import summary_pb2
+
+STRING_WIDTH = 32
+FEATURE = summary_pb2.ColumnSummary.FEATURE
+PREDICTION = summary_pb2.ColumnSummary.PREDICTION
+
+_ORT_DTYPES = {
+    "float": np.float32, "double": np.float64, "float16": np.float16,
+    "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+    "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
+    "bool": np.bool_, "string": np.dtype(f"<U{STRING_WIDTH}"),
+}
+
+
+class Reduce(Enum):
+    """How a slot's rows become columns."""
+
+    NUMERIC = "numeric"          # one numeric column per feature
+    CATEGORICAL = "categorical"  # one categorical column per feature
+    SAMPLE_STATS = "sample"      # mean / std / L2 norm of each sample
+    ZIPMAP = "zipmap"            # list of {class: prob} converted to [N, classes]
+
+
+@dataclass
+class Slot:
+    """One captured tensor: its ring row shape and dtype and its columns."""
+
+    tensor: str
+    role: int                     # FEATURE or PREDICTION
+    reduce: Reduce
+    dtype: np.dtype
+    row_shape: tuple[int, ...]    # per-row shape in the ring
+    columns: list[str] = field(default_factory=list)
+    is_output: bool = False
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _elem_type(ort_type: str) -> str | None:
+    if ort_type.startswith("tensor(") and ort_type.endswith(")"):
+        return ort_type[len("tensor("):-1]
+    return None
+
+
+def _static(dims: Sequence[Any]) -> bool:
+    return all(isinstance(d, int) and d >= 0 for d in dims)
+
+
+def names_from_metadata(custom: dict[str, str]) -> dict[str, list[str]] | list[str] | None:
+    """Feature names stored in the model: ``feature_names`` as a JSON list, a JSON
+    object ``{input: [names]}``, or a comma-separated string."""
+    raw = custom.get("feature_names")
+    if not raw:
+        return None
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return [n.strip() for n in raw.split(",")]
+    return parsed if isinstance(parsed, (list, dict)) else None
+
+
+def plan_slot(arg: Any, *, is_output: bool, names: list[str] | None = None,
+              sample: Any = None) -> Slot | None:
+    """Decide the slot for one ORT NodeArg; ``sample`` (a real value of the
+    tensor) resolves dimensions the model leaves symbolic. None: not captured."""
+    role = PREDICTION if is_output else FEATURE
+    elem = _elem_type(arg.type)
+    if elem is None:
+        if arg.type.startswith("seq(map(") and is_output:
+            classes = list(sample[0].keys()) if sample else None
+            if not classes:
+                return None  # resolved at the first call that returns rows
+            return Slot(arg.name, role, Reduce.ZIPMAP, np.dtype(np.float32), (len(classes),),
+                        [f"{arg.name}[{c}]" for c in classes], is_output)
+        return None
+    if elem not in _ORT_DTYPES:
+        return None
+    dtype = np.dtype(_ORT_DTYPES[elem])
+    shape = list(arg.shape)[1:] if arg.shape else []
+    if sample is not None:
+        shape = list(np.shape(sample))[1:]
+    if not _static(shape):
+        return None
+    categorical = elem == "string" or (is_output and dtype.kind in "iub" and len(shape) <= 1)
+    if len(shape) <= 1:
+        width = shape[0] if shape else 1
+        default = [arg.name] if width == 1 else [f"{arg.name}[{i}]" for i in range(width)]
+        cols = list(names) if names and len(names) == width else default
+        reduce = Reduce.CATEGORICAL if categorical else Reduce.NUMERIC
+        return Slot(arg.name, role, reduce, dtype, tuple(shape), cols, is_output)
+    if elem == "string":
+        return None  # strings of rank > 2: nothing sensible to summarise
+    return Slot(arg.name, role, Reduce.SAMPLE_STATS, dtype, tuple(shape),
+                [f"{arg.name}.mean", f"{arg.name}.std", f"{arg.name}.l2"], is_output)
+
+
+def feature_names_for(option: Any, custom: dict[str, str], input_name: str,
+                      n_inputs: int) -> list[str] | None:
+    """Pick the names for one input: explicit option first, then model metadata."""
+    for source in (option, names_from_metadata(custom)):
+        if isinstance(source, dict) and input_name in source:
+            return list(source[input_name])
+        if isinstance(source, (list, tuple)) and n_inputs == 1:
+            return list(source)
+    return None
+
+
+def zipmap_to_array(value: list[dict], width: int) -> np.ndarray:
+    """ZipMap rows -> float32 [N, classes], class order as the dicts give it."""
+    out = np.empty((len(value), width), dtype=np.float32)
+    for i, row in enumerate(value):
+        out[i] = list(row.values())
+    return out

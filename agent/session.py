@@ -1,0 +1,345 @@
+"""``MonitoredSession``: a drop-in ``onnxruntime.InferenceSession`` that summarises its traffic.
+
+The request thread runs the model, then copies the call's input rows and
+outputs into a preallocated ring and returns; nothing else. A summary worker
+(thread, or helper process reading the ring in shared memory) builds the
+sketches and closes windows into ``WindowSummary`` messages for a sink.
+A full ring drops rows and counts them; monitoring never raises into, nor
+blocks, the caller.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+import uuid
+from pathlib import Path
+from time import perf_counter_ns
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from agent import capture
+from agent.capture import Reduce, Slot
+from agent.ring import (CALLS_HEAD, CALLS_TAIL, CLOSED, DROPPED, ERRORS, ROWS_HEAD, ROWS_TAIL,
+                        Ring, RingLayout, shared_memory_is_safe)
+from agent.sinks import InMemorySink, WindowSink
+from agent.worker import Drainer, Identity, WindowBuilder, WindowPolicy, process_main, run_in_thread
+from protos import summary_pb2
+
+log = logging.getLogger(__name__)
+# the hot path indexes the header by literal position, for speed
+assert (ROWS_HEAD, ROWS_TAIL, CALLS_HEAD, CALLS_TAIL, DROPPED) == (0, 1, 2, 3, 4)
+
+Summarizer = Literal["auto", "thread", "process"]
+
+
+class MonitoredSession:
+    """Same constructor, ``run``, ``get_inputs``, ``get_outputs`` and
+    ``get_modelmeta`` as ``onnxruntime.InferenceSession``, plus keyword-only
+    monitoring options:
+
+    model_name / model_version: identify the model in summaries (defaults: the
+        file stem or graph name, and the first 12 hex digits of its sha256).
+    feature_names: names of the columns of a 2-D input: a list (one input) or
+        ``{input_name: [names]}``; otherwise the model's ``feature_names``
+        metadata, otherwise ``<input>[i]``.
+    sink: receives each closed ``WindowSummary`` (default: an InMemorySink,
+        available as ``.sink``).
+    window_seconds / window_rows: tumbling windows close after this long and/or
+        this many rows.
+    ring_rows / ring_bytes: the ring's capacity; rows beyond it are dropped and
+        counted, never queued.
+    summarizer: "thread" (a daemon thread), "process" (a spawned helper reading
+        the ring from shared memory, so summarising never holds this process's
+        GIL) or "auto" (process on x86-64, where that ring is safe).
+    """
+
+    def __init__(self, path_or_bytes: str | os.PathLike | bytes, sess_options: Any = None,
+                 providers: Sequence[Any] | None = None, provider_options: Sequence[dict] | None = None,
+                 *, model_name: str | None = None, model_version: str | None = None,
+                 feature_names: Sequence[str] | dict[str, Sequence[str]] | None = None,
+                 sink: WindowSink | None = None, window_seconds: float | None = 10.0,
+                 window_rows: int | None = None, ring_rows: int = 1 << 16,
+                 ring_bytes: int = 64 << 20, summarizer: Summarizer = "thread",
+                 agent_id: str | None = None, **kwargs: Any) -> None:
+        if isinstance(path_or_bytes, (bytes, bytearray)):
+            model_bytes = bytes(path_or_bytes)
+            default_name = None
+        else:
+            model_bytes = Path(path_or_bytes).read_bytes()
+            default_name = Path(path_or_bytes).stem
+        self._sess = ort.InferenceSession(model_bytes, sess_options, providers, provider_options, **kwargs)
+        self.model_sha256 = hashlib.sha256(model_bytes).hexdigest()
+        meta = self._sess.get_modelmeta()
+        self.model_name = model_name or default_name or meta.graph_name or "model"
+        self.model_version = model_version or self.model_sha256[:12]
+        self.sink: WindowSink = sink if sink is not None else InMemorySink()
+        self.identity = Identity(agent_id or socket.gethostname(), uuid.uuid4().hex,
+                                 self.model_name, self.model_version, self.model_sha256)
+        self._policy = WindowPolicy(window_seconds, window_rows)
+        if summarizer == "auto":
+            summarizer = "process" if shared_memory_is_safe() else "thread"
+        if summarizer not in ("thread", "process"):
+            raise ValueError(f"summarizer must be 'auto', 'thread' or 'process', not {summarizer!r}")
+        self._mode = summarizer
+        self._ring_rows, self._ring_bytes = ring_rows, ring_bytes
+        self._feature_names = feature_names
+        self._lock = threading.Lock()
+        self._inputs = self._sess.get_inputs()
+        self._outputs = self._sess.get_outputs()
+        self._output_index = {o.name: i for i, o in enumerate(self._outputs)}
+        self._selections: dict[tuple[str, ...], list[int]] = {}
+        self._ring: Ring | None = None
+        self._capture: Any = None
+        self._pending_errors = self._pending_dropped = 0
+        self._closed = False
+        self._worker: Any = None
+        self._stop: Any = None
+        self._receiver: threading.Thread | None = None
+        self.export_failures = 0
+        if self._all_static():
+            self._start(self._plan(None, None))
+        else:
+            self._capture = self._resolve_then_capture
+
+    # --- the InferenceSession surface -------------------------------------------------
+    def get_inputs(self) -> list:
+        return self._inputs
+
+    def get_outputs(self) -> list:
+        return self._outputs
+
+    def get_modelmeta(self) -> Any:
+        return self._sess.get_modelmeta()
+
+    def get_providers(self) -> list[str]:
+        return self._sess.get_providers()
+
+    def get_session_options(self) -> Any:
+        return self._sess.get_session_options()
+
+    def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any],
+            run_options: Any = None) -> list:
+        t0 = perf_counter_ns()
+        try:
+            outputs = self._sess.run(None, input_feed, run_options)
+        except BaseException:
+            self._count(ERRORS, 1)
+            raise
+        latency = perf_counter_ns() - t0
+        cap = self._capture
+        if cap is not None:
+            try:
+                cap(input_feed, outputs, latency)
+            except Exception:  # a feed we can't copy: count its rows, never fail the call
+                self._count_dropped(input_feed)
+        if output_names:
+            return self._select(outputs, output_names, input_feed, run_options)
+        return outputs
+
+    # --- capture ----------------------------------------------------------------------
+    def _make_capture(self, ring: Ring, slots: list[Slot]) -> Any:
+        """Build the hot-path closure: locals only, one lock, one copy per tensor."""
+        lock_acquire, lock_release = self._lock.acquire, self._lock.release
+        hdr, lat = ring.hdr, ring.lat
+        rows, calls = ring.layout.rows, ring.layout.calls
+        rmask, cmask = rows - 1, calls - 1
+        inputs = [(s.tensor, a) for s, a in zip(slots, ring.arrays) if not s.is_output]
+        plain = [(self._output_index[s.tensor], a) for s, a in zip(slots, ring.arrays)
+                 if s.is_output and s.reduce is not Reduce.ZIPMAP]
+        zipmaps = [(self._output_index[s.tensor], a, len(s.columns)) for s, a in zip(slots, ring.arrays)
+                   if s.reduce is Reduce.ZIPMAP]
+        first = inputs[0][0] if inputs else None
+        zipmap_to_array = capture.zipmap_to_array
+        wrapped = self._copy_wrapped
+
+        def capture_call(feed: dict, outs: list, latency: int) -> None:
+            n = len(feed[first]) if first is not None else len(outs[plain[0][0]])
+            converted = [(a, zipmap_to_array(outs[k], w)) for k, a, w in zipmaps] if zipmaps else ()
+            lock_acquire()
+            try:
+                head = hdr[0]
+                ncall = hdr[2]
+                if head + n - hdr[1] > rows or ncall - hdr[3] >= calls:
+                    hdr[4] += n  # DROPPED: the ring is full, the worker is behind
+                    return
+                i = head & rmask
+                if i + n <= rows:
+                    sl = slice(i, i + n)
+                    for name, arr in inputs:
+                        arr[sl] = feed[name]
+                    for k, arr in plain:
+                        arr[sl] = outs[k]
+                    for arr, value in converted:
+                        arr[sl] = value
+                else:
+                    wrapped(i, n, [(a, feed[name]) for name, a in inputs]
+                            + [(a, outs[k]) for k, a in plain] + list(converted))
+                lat[ncall & cmask] = latency
+                hdr[2] = ncall + 1   # publish last: the worker reads only published rows
+                hdr[0] = head + n
+            finally:
+                lock_release()
+
+        return capture_call
+
+    def _copy_wrapped(self, i: int, n: int, pairs: list[tuple[np.ndarray, Any]]) -> None:
+        """Rows that straddle the ring's end: two copies (rare, off the fast path)."""
+        rows = self._ring.layout.rows  # type: ignore[union-attr]
+        first = rows - i
+        for arr, value in pairs:
+            value = np.asarray(value)
+            arr[i:] = value[:first]
+            arr[:n - first] = value[first:]
+
+    def _count(self, field: int, amount: int) -> None:
+        with self._lock:
+            if self._ring is not None:
+                self._ring.hdr[field] += amount
+            elif field == ERRORS:
+                self._pending_errors += amount
+            else:
+                self._pending_dropped += amount
+
+    def _count_dropped(self, feed: dict) -> None:
+        try:
+            n = len(next(iter(feed.values())))
+        except Exception:
+            n = 1
+        self._count(DROPPED, n)
+
+    def _select(self, outputs: list, names: Sequence[str], feed: dict, run_options: Any) -> list:
+        key = tuple(names)
+        idx = self._selections.get(key)
+        if idx is None:
+            if any(n not in self._output_index for n in key):
+                return self._sess.run(list(names), feed, run_options)  # onnxruntime's own error
+            idx = self._selections[key] = [self._output_index[n] for n in key]
+        return [outputs[i] for i in idx]
+
+    # --- planning and the worker ------------------------------------------------------
+    def _all_static(self) -> bool:
+        for arg in (*self._inputs, *self._outputs):
+            if arg.type.startswith("seq(map("):
+                return False
+            dims = list(arg.shape or [])[1:]
+            if arg.type.startswith("tensor(") and not all(isinstance(d, int) for d in dims):
+                return False
+        return True
+
+    def _plan(self, feed: dict | None, outputs: list | None) -> list[Slot]:
+        custom = self._sess.get_modelmeta().custom_metadata_map
+        slots = []
+        for arg in self._inputs:
+            names = capture.feature_names_for(self._feature_names, custom, arg.name, len(self._inputs))
+            sample = feed.get(arg.name) if feed else None
+            slot = capture.plan_slot(arg, is_output=False, names=names, sample=sample)
+            if slot:
+                slots.append(slot)
+        for i, arg in enumerate(self._outputs):
+            sample = outputs[i] if outputs else None
+            slot = capture.plan_slot(arg, is_output=True, sample=sample)
+            if slot:
+                slots.append(slot)
+        return slots
+
+    def _resolve_then_capture(self, feed: dict, outputs: list, latency: int) -> None:
+        """First call of a model with symbolic dimensions: size the ring from real values."""
+        with self._lock:
+            if self._ring is None and not self._closed:
+                if not all(len(v) for v in feed.values()):
+                    return  # an empty batch tells us nothing about the shapes yet
+                self._start(self._plan(feed, outputs))
+        if self._capture is not self._resolve_then_capture and self._capture is not None:
+            self._capture(feed, outputs, latency)
+
+    def _start(self, slots: list[Slot]) -> None:
+        layout = RingLayout.fit(slots, self._ring_rows, self._ring_bytes)
+        self.slots = slots
+        if self._mode == "process":
+            ring = Ring.shared(layout)
+            self._start_process(ring, layout)
+        else:
+            ring = Ring(layout)
+            drainer = Drainer(ring, WindowBuilder(layout.slots, self.identity), self._policy, self._export)
+            self._worker, self._stop = run_in_thread(drainer)
+        ring.hdr[ERRORS] += self._pending_errors
+        ring.hdr[DROPPED] += self._pending_dropped
+        self._ring = ring
+        self._capture = self._make_capture(ring, slots) if slots else None
+
+    def _start_process(self, ring: Ring, layout: RingLayout) -> None:
+        ctx = multiprocessing.get_context("spawn")  # gRPC and fork() don't mix
+        parent_conn, child_conn = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=process_main, name="outrider-summary",
+                           args=(layout, ring.shm_name, self.identity, self._policy, child_conn),
+                           daemon=True)
+        proc.start()
+        child_conn.close()
+        self._worker = proc
+
+        def receive() -> None:
+            while True:
+                try:
+                    data = parent_conn.recv_bytes()
+                except (EOFError, OSError):
+                    return
+                self._export(summary_pb2.WindowSummary.FromString(data))
+
+        self._receiver = threading.Thread(target=receive, name="outrider-windows", daemon=True)
+        self._receiver.start()
+
+    def _export(self, window: summary_pb2.WindowSummary) -> None:
+        try:
+            self.sink.export(window)
+        except Exception:
+            self.export_failures += 1
+            log.exception("window sink failed; window %s/%s dropped", window.run_id, window.seq)
+
+    # --- lifecycle --------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """Counters since start: rows captured / summarised / dropped, calls, errors."""
+        ring = self._ring
+        if ring is None or ring.header is None:
+            return {"rows_captured": 0, "rows_summarised": 0, "calls": 0,
+                    "dropped_rows": self._pending_dropped, "errors": self._pending_errors}
+        h = ring.hdr
+        return {"rows_captured": h[ROWS_HEAD], "rows_summarised": h[ROWS_TAIL], "calls": h[CALLS_HEAD],
+                "dropped_rows": h[DROPPED], "errors": h[ERRORS]}
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop capturing, flush the last partial window to the sink, stop the worker."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._capture = None
+            ring = self._ring
+        if ring is None:
+            return
+        if self._mode == "process":
+            ring.hdr[CLOSED] = 1
+            self._worker.join(timeout)
+            if self._worker.is_alive():
+                log.warning("summary process did not stop in %.0fs; terminating it", timeout)
+                self._worker.terminate()
+            if self._receiver:
+                self._receiver.join(timeout)
+            ring.release(unlink=True)
+        else:
+            self._stop.set()
+            self._worker.join(timeout)
+
+    def __enter__(self) -> "MonitoredSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"MonitoredSession({self.model_name!r}, version={self.model_version!r}, summarizer={self._mode!r})"

@@ -1,0 +1,235 @@
+"""MonitoredSession: drop-in behaviour, hot-path capture, windows, drops, threads, helper process."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from agent import MonitoredSession, examples, sketches
+from agent.sinks import InMemorySink
+from protos import summary_pb2
+
+PROVIDERS = ["CPUExecutionProvider"]
+
+
+def monitored(model: bytes, **kw) -> MonitoredSession:
+    kw.setdefault("window_seconds", None)
+    return MonitoredSession(model, providers=PROVIDERS, **kw)
+
+
+def merged(windows, name: str):
+    cols = [c for w in windows for c in w.columns if c.name == name]
+    assert cols, f"no column {name!r}"
+    total = sketches.from_proto(cols[0])
+    for c in cols[1:]:
+        total.merge(sketches.from_proto(c))
+    return total
+
+
+def summary_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("outrider-")]
+
+
+@pytest.fixture(scope="module")
+def lr() -> bytes:
+    return examples.logistic_regression()
+
+
+@pytest.mark.parametrize("build", [
+    examples.logistic_regression, lambda: examples.logistic_regression(zipmap=True),
+    examples.random_forest, examples.linear_regression,
+])
+def test_outputs_equal_bare_onnxruntime(build):
+    model = build()
+    bare = ort.InferenceSession(model, providers=PROVIDERS)
+    x = examples.tabular_data(n=33, n_features=bare.get_inputs()[0].shape[1], seed=3)[0]
+    with monitored(model) as sess:
+        got = sess.run(None, {"X": x})
+        assert [i.name for i in sess.get_inputs()] == [i.name for i in bare.get_inputs()]
+        assert [o.name for o in sess.get_outputs()] == [o.name for o in bare.get_outputs()]
+        assert sess.get_modelmeta().producer_name == bare.get_modelmeta().producer_name
+    want = bare.run(None, {"X": x})
+    for g, w in zip(got, want):
+        if isinstance(w, list):
+            assert g == w
+        else:
+            np.testing.assert_array_equal(g, w)
+
+
+def test_output_names_select_and_unknown_name_raises_like_onnxruntime(lr):
+    x = examples.tabular_data(n=4)[0]
+    with monitored(lr) as sess:
+        (probs,) = sess.run(["probabilities"], {"X": x})
+        assert probs.shape == (4, 2)
+        with pytest.raises(Exception) as err:
+            sess.run(["nope"], {"X": x})
+        assert "nope" in str(err.value)
+
+
+def test_model_errors_are_counted_and_reraised(lr):
+    with monitored(lr) as sess:
+        with pytest.raises(Exception):
+            sess.run(None, {"X": np.zeros((2, 3), np.float32)})
+        sess.run(None, {"X": np.zeros((2, 20), np.float32)})
+    assert sess.stats()["errors"] == 1
+    (window,) = sess.sink.windows
+    assert window.errors == 1 and window.rows == 2
+
+
+def test_windows_by_rows_account_for_every_row_and_close_flushes(lr):
+    x, _ = examples.tabular_data(n=1050)
+    sink = InMemorySink()
+    with monitored(lr, sink=sink, window_rows=200) as sess:
+        for i in range(0, 1050, 50):
+            sess.run(None, {"X": x[i:i + 50]})
+    windows = sink.windows
+    assert [w.rows for w in windows] == [200] * 5 + [50]  # the partial last window is flushed
+    assert [w.seq for w in windows] == list(range(6))
+    assert sum(w.calls for w in windows) == 21
+    assert {w.run_id for w in windows} == {sess.identity.run_id}
+    assert all(w.dropped_rows == 0 and w.model_sha256 == sess.model_sha256 for w in windows)
+    names = [c.name for c in windows[0].columns]
+    assert names == [f"X[{i}]" for i in range(20)] + ["label", "probabilities[0]", "probabilities[1]"]
+    label = windows[0].columns[20]
+    assert label.kind == summary_pb2.ColumnSummary.CATEGORICAL and label.role == summary_pb2.ColumnSummary.PREDICTION
+    assert windows[0].columns[0].role == summary_pb2.ColumnSummary.FEATURE
+    # the summaries describe the rows that were served
+    x0 = merged(windows, "X[0]")
+    assert x0.count == 1050
+    assert x0.mean == pytest.approx(float(x[:, 0].astype(np.float64).mean()), rel=1e-9)
+    assert x0.min == pytest.approx(float(x[:, 0].min())) and x0.max == pytest.approx(float(x[:, 0].max()))
+    assert not summary_threads()
+
+
+def test_latency_sketch_counts_every_call(lr):
+    with monitored(lr) as sess:
+        for _ in range(7):
+            sess.run(None, {"X": np.ones((1, 20), np.float32)})
+    (window,) = sess.sink.windows
+    lat = sketches.NumericSketch.from_proto(summary_pb2.ColumnSummary(kind=1, kll=window.latency_kll, count=7))
+    assert window.calls == 7 and lat.quantiles([0.5])[0] > 0
+
+
+def test_full_ring_drops_and_counts_never_blocks(lr):
+    """A stuck sink stalls the worker; requests keep succeeding and the excess is counted."""
+    release = threading.Event()
+
+    class StuckSink(InMemorySink):
+        def export(self, window):
+            release.wait(30)
+            super().export(window)
+
+    sink = StuckSink()
+    x = np.ones((4, 20), np.float32)
+    sess = monitored(lr, sink=sink, window_rows=16, ring_rows=16)
+    served = 0
+    for _ in range(200):
+        sess.run(None, {"X": x})
+        served += 4
+    assert sess.stats()["dropped_rows"] > 0
+    release.set()
+    sess.close()
+    windows = sink.windows
+    assert sum(w.rows for w in windows) + sum(w.dropped_rows for w in windows) == served
+    assert sum(w.dropped_rows for w in windows) == sess.stats()["dropped_rows"]
+
+
+def test_concurrent_runs_lose_nothing(lr):
+    x, _ = examples.tabular_data(n=4000, seed=7)
+    sink = InMemorySink()
+    sess = monitored(lr, sink=sink, window_rows=1000)
+    errors = []
+
+    def client(part: np.ndarray) -> None:
+        try:
+            for i in range(0, len(part), 5):
+                out = sess.run(None, {"X": part[i:i + 5]})
+                assert out[1].shape == (len(part[i:i + 5]), 2)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(p,)) for p in np.array_split(x, 8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sess.close()
+    assert not errors
+    assert sum(w.rows for w in sink.windows) == 4000 and sess.stats()["dropped_rows"] == 0
+    # every row was copied whole: the merged means equal the data's
+    for j in (0, 7, 19):
+        assert merged(sink.windows, f"X[{j}]").mean == pytest.approx(float(x[:, j].astype(np.float64).mean()), rel=1e-9)
+
+
+def test_feature_names_from_option_and_from_model_metadata(lr):
+    names = [f"f{i}" for i in range(20)]
+    with monitored(lr, feature_names=names) as sess:
+        sess.run(None, {"X": np.zeros((1, 20), np.float32)})
+    assert [c.name for c in sess.sink.windows[0].columns][:20] == names
+
+    model = onnx.load_from_string(lr)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "feature_names", json.dumps([f"m{i}" for i in range(20)])
+    with monitored(model.SerializeToString()) as sess:
+        sess.run(None, {"X": np.zeros((1, 20), np.float32)})
+    assert [c.name for c in sess.sink.windows[0].columns][:3] == ["m0", "m1", "m2"]
+
+
+def test_string_inputs_become_categorical_columns():
+    model = examples.mixed_inputs_classifier()
+    cities = np.array([["paris"], ["lyon"], ["paris"], ["rome"], [""]] * 20, dtype=object)
+    num = np.zeros((100, 3), np.float32)
+    with monitored(model) as sess:
+        sess.run(None, {"num": num, "city": cities})
+    (window,) = sess.sink.windows
+    city = next(c for c in window.columns if c.name == "city")
+    assert city.kind == summary_pb2.ColumnSummary.CATEGORICAL
+    sk = sketches.from_proto(city)
+    assert sk.count == 100 and sk.missing == 20
+    assert dict(sk.frequent_items())["paris"] == 40
+    assert round(sk.distinct_estimate()) == 3
+
+
+def test_other_shapes_are_summarised_per_sample():
+    rng = np.random.default_rng(1)
+    images = rng.normal(2.0, 3.0, size=(64, 3, 8, 8)).astype(np.float32)
+    with monitored(examples.image_scorer()) as sess:
+        sess.run(None, {"image": images})
+    (window,) = sess.sink.windows
+    names = [c.name for c in window.columns]
+    assert names == ["image.mean", "image.std", "image.l2", "score"]
+    flat = images.reshape(64, -1).astype(np.float64)
+    assert merged([window], "image.mean").mean == pytest.approx(flat.mean(axis=1).mean(), rel=1e-9)
+    assert merged([window], "image.std").mean == pytest.approx(flat.std(axis=1).mean(), rel=1e-9)
+    assert merged([window], "image.l2").max == pytest.approx(np.linalg.norm(flat, axis=1).max(), rel=1e-6)
+
+
+def test_failing_sink_is_counted_and_inference_continues(lr):
+    class Broken:
+        def export(self, window):
+            raise RuntimeError("sink down")
+
+    sess = monitored(lr, sink=Broken(), window_rows=2)
+    for _ in range(5):
+        sess.run(None, {"X": np.zeros((2, 20), np.float32)})
+    sess.close()
+    assert sess.export_failures == 5
+
+
+def test_helper_process_summarises_through_shared_memory(lr):
+    x, _ = examples.tabular_data(n=3000, seed=11)
+    sink = InMemorySink()
+    sess = monitored(lr, sink=sink, window_rows=1000, summarizer="process")
+    for i in range(0, 3000, 10):
+        sess.run(None, {"X": x[i:i + 10]})
+    sink.wait_for(3, timeout=60)
+    sess.close()
+    assert [w.rows for w in sink.windows] == [1000, 1000, 1000]
+    assert merged(sink.windows, "X[3]").mean == pytest.approx(float(x[:, 3].astype(np.float64).mean()), rel=1e-9)
+    assert not multiprocessing.active_children()
+    assert not summary_threads()
