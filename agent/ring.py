@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -95,10 +95,9 @@ class Ring:
 
     @classmethod
     def attach(cls, layout: RingLayout, name: str) -> "Ring":
+        # (A spawned child shares its parent's resource tracker, so attaching
+        # registers nothing new and the creator alone unlinks the block.)
         shm = shared_memory.SharedMemory(name=name)
-        # Python < 3.13 registers attached blocks with the resource tracker,
-        # which would unlink the creator's block when this process exits.
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         ring = cls(layout, shm.buf)
         ring._shm = shm
         return ring

@@ -32,7 +32,7 @@ def merged(windows, name: str):
 
 
 def summary_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("outrider-")]
+    return [t for t in threading.enumerate() if t.name in ("outrider-summary", "outrider-windows")]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,224 @@
+"""The ``outrider`` command line.
+
+Subcommands are added by ``register(subparsers)`` functions: this module's
+own (``outrider agent ...``) plus those listed in ``OPTIONAL_COMMANDS``,
+imported only when present so the CLI works before they exist. Every flag
+also reads ``OUTRIDER_<FLAG>`` from the environment (``add_flag``). Bad
+arguments exit with status 2 and one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_USAGE = 2
+
+# Modules that add subcommands through their own ``register(subparsers)``.
+# >>> Other subcommands register here. <<<
+#   agent.demo      -> ``outrider demo``        (not written yet; skipped while absent)
+#   collector.cli   -> ``outrider collector ...`` (later)
+OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli")
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing (missing file, invalid model, address in use)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line: what is wrong and where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, *, required: bool = False,
+             default: Any = None, help: str = "", **kwargs: Any) -> None:
+    """Add ``--flag`` whose default comes from ``OUTRIDER_FLAG`` when that is set.
+
+    argparse applies ``type`` to string defaults, so environment values are
+    checked exactly like command-line ones.
+    """
+    env = "OUTRIDER_" + flag.lstrip("-").upper().replace("-", "_")
+    if env in os.environ:
+        default, required = os.environ[env], False
+    shown = "" if default is None else " (default: %(default)s)"
+    parser.add_argument(flag, default=default, required=required,
+                        help=f"{help}{shown} [env {env}]", **kwargs)
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` greater than 0."""
+    noun = "a whole number" if kind is int else "a number"
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+        return value
+
+    convert.__name__ = f"positive {kind.__name__}"
+    return convert
+
+
+def listen_address(text: str) -> str:
+    """HOST:PORT (IPv6 hosts in brackets); port 0 lets the system pick."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:PORT; use e.g. 127.0.0.1:8001 ([::1]:8001 for IPv6, port 0 for any free port)"
+        )
+    return text
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """``outrider agent serve``."""
+    agent = subparsers.add_parser("agent", help="run the monitoring agent beside a model",
+                                  description="Run the monitoring agent beside a model.")
+    commands = agent.add_subparsers(dest="agent_command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve", help="serve an ONNX model over the Open Inference Protocol (gRPC)",
+        description="Serve an ONNX model over the Open Inference Protocol (KServe V2 gRPC), "
+                    "summarising its traffic for the collector. Stops gracefully on SIGTERM/SIGINT.",
+    )
+    add_flag(serve, "--model", required=True, metavar="PATH.onnx", help="the ONNX model file to serve")
+    add_flag(serve, "--model-name", metavar="NAME", help="name clients use (default: the file's stem)")
+    add_flag(serve, "--model-version", default="1", metavar="V", help="version clients see")
+    add_flag(serve, "--listen", default="127.0.0.1:8001", type=listen_address, metavar="HOST:PORT",
+             help="address to serve on; port 0 picks a free port")
+    add_flag(serve, "--window-seconds", default="10", type=positive(float), metavar="S",
+             help="length of each summary window")
+    add_flag(serve, "--workers", default="8", type=positive(int), metavar="N",
+             help="request worker threads")
+    add_flag(serve, "--max-message-mb", default="64", type=positive(float), metavar="MB",
+             help="largest request accepted; bigger ones get RESOURCE_EXHAUSTED")
+    add_flag(serve, "--grace-seconds", default="5", type=positive(float), metavar="S",
+             help="time in-flight requests get to finish on shutdown")
+    serve.set_defaults(func=serve_command)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from agent.errors import OutriderError
+    from agent.server import serve
+
+    model = Path(args.model)
+    if not model.is_file():
+        raise UsageError(f"model file {model} does not exist; pass --model PATH.onnx (or set OUTRIDER_MODEL)")
+    name = args.model_name or model.stem
+    check_listen(args.listen)
+
+    # Handlers go in before the (slow) model load so an early SIGTERM still
+    # ends in an orderly stop rather than the default kill.
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        session = _open_session(model, name, args.model_version, args.window_seconds)
+        try:
+            running = serve(session, name, args.model_version, args.listen, workers=args.workers,
+                            max_receive_bytes=int(args.max_message_mb * 1024 * 1024))
+        except OSError as exc:
+            _close(session)
+            raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
+        except OutriderError as exc:  # e.g. an input or output type OIP cannot carry
+            _close(session)
+            raise UsageError(f"cannot serve {model}: {exc}") from None
+        print(f"serving {name} version {args.model_version} on {running.address}", flush=True)
+        try:
+            stop.wait()
+        finally:
+            running.stop(args.grace_seconds)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def check_listen(listen: str) -> None:
+    """Bind-test HOST:PORT first: a bad address is then one clear line, not gRPC's log output."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot listen on {listen}: host {host!r} does not resolve ({exc.strerror}); "
+                         "use a local IP address or host name with --listen") from None
+    reasons = []
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            # SO_REUSEADDR as servers use it: a port in TIME_WAIT is free, one with a listener is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+                return
+            except OSError as exc:
+                reasons.append(exc.strerror or str(exc))
+    raise UsageError(f"cannot listen on {listen}: {reasons[0] if reasons else 'no address'}; "
+                     "pick a free port on a local address with --listen")
+
+
+def _open_session(model: Path, name: str, version: str, window_seconds: float) -> Any:
+    from agent import MonitoredSession
+
+    try:
+        return MonitoredSession(str(model), model_name=name, model_version=version,
+                                window_seconds=window_seconds)
+    except Exception as exc:  # onnxruntime's load errors have no common base class
+        raise UsageError(
+            f"cannot load {model} as an ONNX model: {_first_line(exc)}; pass a valid .onnx file with --model"
+        ) from None
+
+
+def _close(session: Any) -> None:
+    close = getattr(session, "close", None)
+    if callable(close):
+        close()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _registrars() -> Iterator[Callable[[argparse._SubParsersAction], None]]:
+    yield register
+    for module_name in OPTIONAL_COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # not written yet: the CLI works without it
+                continue
+            raise
+        if hasattr(module, "register"):
+            yield module.register
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="outrider", description="Keep ONNX models working in production.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register_commands in _registrars():
+        register_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"outrider: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

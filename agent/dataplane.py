@@ -1,0 +1,138 @@
+"""The inference data plane: one ONNX model behind the Open Inference Protocol.
+
+Plain Python, no gRPC: the servicer converts messages with ``agent.tensors``
+and calls this; errors are ``agent.errors`` exceptions that the servicer's
+one decorator maps to status codes.
+
+ZipMap outputs: scikit-learn classifiers converted by skl2onnx with default
+options output probabilities as a sequence of maps (one ``{class: p}`` dict
+per row). OIP has no map type, so such an output is served as an FP32 tensor
+``[N, n_classes]`` whose columns follow the dict order, which is the model's
+class-label order. Its metadata shape is ``[-1, -1]``: the class count is not
+visible through the session interface.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from agent import tensors
+from agent.errors import InvalidArgument, NotFound, OutriderError
+from agent.tensors import TensorSpec, WireTensor
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "onnx_onnxv1"  # the platform name Triton and KServe use for ONNX models
+
+
+class InferenceSessionLike(Protocol):
+    """The part of ``onnxruntime.InferenceSession`` the data plane uses."""
+
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any]) -> list[Any]: ...
+    def get_inputs(self) -> list[Any]: ...
+    def get_outputs(self) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class DataPlane:
+    """Serves one model version; every request is checked before it reaches the session."""
+
+    def __init__(self, session: InferenceSessionLike, model_name: str, model_version: str) -> None:
+        self.session = session
+        self.model_name = model_name
+        self.model_version = model_version
+        self.inputs = [_input_spec(arg) for arg in session.get_inputs()]
+        specs = [_output_spec(arg) for arg in session.get_outputs()]
+        self.outputs = [spec for spec, _ in specs]
+        self._zipmap = {spec.name for spec, is_zipmap in specs if is_zipmap}
+        self._input_by_name = {spec.name: spec for spec in self.inputs}
+        self._output_names = [spec.name for spec in self.outputs]
+
+    def ready(self, name: str, version: str = "") -> bool:
+        """True for the loaded model; False for any other name or version, as Triton answers."""
+        return name == self.model_name and version in ("", self.model_version)
+
+    def metadata(self, name: str, version: str = "") -> ModelMetadata:
+        self._require(name, version)
+        return ModelMetadata(self.model_name, [self.model_version], PLATFORM,
+                             list(self.inputs), list(self.outputs))
+
+    def infer(self, name: str, version: str, inputs: Sequence[WireTensor],
+              output_names: Sequence[str] = ()) -> list[tuple[str, np.ndarray]]:
+        """Run the model on decoded ``inputs``; returns (output name, array) in the order asked."""
+        self._require(name, version)
+        feed = self._feed(inputs)
+        wanted = self._wanted(output_names)
+        try:
+            results = self.session.run(wanted, feed)
+        except OutriderError:
+            raise
+        except Exception as exc:  # onnxruntime refusing the input: its message tells the caller why
+            log.debug("session.run rejected a request", exc_info=True)
+            raise InvalidArgument(f"model '{self.model_name}' rejected the input: {exc}") from None
+        return [(out, self._as_tensor(out, value)) for out, value in zip(wanted, results)]
+
+    def _require(self, name: str, version: str) -> None:
+        if name != self.model_name:
+            raise NotFound(f"model '{name}' is not served here; this server serves '{self.model_name}'")
+        if version not in ("", self.model_version):
+            raise NotFound(
+                f"model '{name}' has no version '{version}'; served version is '{self.model_version}' "
+                "(or leave the version empty)"
+            )
+
+    def _feed(self, inputs: Sequence[WireTensor]) -> dict[str, np.ndarray]:
+        feed: dict[str, np.ndarray] = {}
+        expected = ", ".join(self._input_by_name)
+        for tensor in inputs:
+            spec = self._input_by_name.get(tensor.name)
+            if spec is None:
+                raise InvalidArgument(f"unknown input '{tensor.name}'; the model's inputs are: {expected}")
+            if tensor.name in feed:
+                raise InvalidArgument(f"input '{tensor.name}' is given more than once")
+            feed[tensor.name] = tensors.to_array(tensor, spec)
+        missing = [name for name in self._input_by_name if name not in feed]
+        if missing:
+            raise InvalidArgument(
+                f"missing input(s) {', '.join(repr(m) for m in missing)}; the model's inputs are: {expected}"
+            )
+        return feed
+
+    def _wanted(self, output_names: Sequence[str]) -> list[str]:
+        if not output_names:
+            return list(self._output_names)
+        unknown = [name for name in output_names if name not in self._output_names]
+        if unknown:
+            raise InvalidArgument(
+                f"unknown output(s) {', '.join(repr(u) for u in unknown)}; "
+                f"the model's outputs are: {', '.join(self._output_names)}"
+            )
+        return list(dict.fromkeys(output_names))  # a name asked twice is answered once
+
+    def _as_tensor(self, name: str, value: Any) -> np.ndarray:
+        if name in self._zipmap:
+            # list of {class: probability} -> [N, n_classes] in dict (class-label) order
+            return np.array([list(row.values()) for row in value], dtype=np.float32).reshape(len(value), -1)
+        return np.asarray(value)
+
+
+def _input_spec(arg: Any) -> TensorSpec:
+    return TensorSpec(arg.name, tensors.oip_datatype(arg.type), tensors.spec_shape(arg.shape))
+
+
+def _output_spec(arg: Any) -> tuple[TensorSpec, bool]:
+    if arg.type.startswith("seq(map(") and arg.type.endswith(",tensor(float)))"):
+        return TensorSpec(arg.name, "FP32", (-1, -1)), True
+    return TensorSpec(arg.name, tensors.oip_datatype(arg.type), tensors.spec_shape(arg.shape)), False

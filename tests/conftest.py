@@ -1,0 +1,43 @@
+"""Shared fixtures: the example models written once per test session as .onnx files.
+
+Imports resolve from the checkout through ``pythonpath = ["."]`` in pyproject.toml,
+so nothing needs to be installed.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent import examples
+
+
+def _write(factory: pytest.TempPathFactory, name: str, build: Callable[[], bytes]) -> Path:
+    path = factory.mktemp("models") / f"{name}.onnx"
+    path.write_bytes(build())
+    return path
+
+
+@pytest.fixture(scope="session")
+def lr_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Logistic regression, ``X`` float[N, 20] -> label int64[N], probabilities float[N, 2]."""
+    return _write(tmp_path_factory, "lr", examples.logistic_regression)
+
+
+@pytest.fixture(scope="session")
+def lr_zipmap_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same classifier with skl2onnx's default ZipMap probabilities (a list of dicts)."""
+    return _write(tmp_path_factory, "lr_zipmap", lambda: examples.logistic_regression(zipmap=True))
+
+
+@pytest.fixture(scope="session")
+def mixed_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``num`` float[N, 3] + ``city`` string[N, 1] -> label, probabilities."""
+    return _write(tmp_path_factory, "mixed", examples.mixed_inputs_classifier)
+
+
+@pytest.fixture(scope="session")
+def typed_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One Identity per OIP dtype: ``<t>_in`` -> ``<t>_out``, shape [N, 2]."""
+    return _write(tmp_path_factory, "typed", examples.typed_identity)
