@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 from time import perf_counter_ns
@@ -102,6 +103,8 @@ class MonitoredSession:
         self._stop: Any = None
         self._receiver: threading.Thread | None = None
         self.export_failures = 0
+        self._final_stats: dict[str, int] = {}
+        self._started_ns = time.time_ns()  # the first window starts here, not when its worker does
         if self._all_static():
             self._start(self._plan(None, None))
         else:
@@ -266,7 +269,8 @@ class MonitoredSession:
             self._start_process(ring, layout)
         else:
             ring = Ring(layout)
-            drainer = Drainer(ring, WindowBuilder(layout.slots, self.identity), self._policy, self._export)
+            drainer = Drainer(ring, WindowBuilder(layout.slots, self.identity, start_ns=self._started_ns),
+                              self._policy, self._export)
             self._worker, self._stop = run_in_thread(drainer)
         ring.hdr[ERRORS] += self._pending_errors
         ring.hdr[DROPPED] += self._pending_dropped
@@ -277,7 +281,8 @@ class MonitoredSession:
         ctx = multiprocessing.get_context("spawn")  # gRPC and fork() don't mix
         parent_conn, child_conn = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=process_main, name="outrider-summary",
-                           args=(layout, ring.shm_name, self.identity, self._policy, child_conn),
+                           args=(layout, ring.shm_name, self.identity, self._policy, child_conn,
+                                 self._started_ns),
                            daemon=True)
         proc.start()
         child_conn.close()
@@ -305,9 +310,11 @@ class MonitoredSession:
     def stats(self) -> dict[str, int]:
         """Counters since start: rows captured / summarised / dropped, calls, errors."""
         ring = self._ring
-        if ring is None or ring.header is None:
+        if ring is None:
             return {"rows_captured": 0, "rows_summarised": 0, "calls": 0,
                     "dropped_rows": self._pending_dropped, "errors": self._pending_errors}
+        if ring.header is None:  # released at close: the counters as they were then
+            return dict(self._final_stats)
         h = ring.hdr
         return {"rows_captured": h[ROWS_HEAD], "rows_summarised": h[ROWS_TAIL], "calls": h[CALLS_HEAD],
                 "dropped_rows": h[DROPPED], "errors": h[ERRORS]}
@@ -330,6 +337,7 @@ class MonitoredSession:
                 self._worker.terminate()
             if self._receiver:
                 self._receiver.join(timeout)
+            self._final_stats = self.stats()
             ring.release(unlink=True)
         else:
             self._stop.set()

@@ -50,10 +50,11 @@ class Identity:
 class WindowBuilder:
     """Sketches of one open window; pure Python + numpy, no threads."""
 
-    def __init__(self, slots: tuple[Slot, ...], identity: Identity, k: int = sketches.DEFAULT_K) -> None:
+    def __init__(self, slots: tuple[Slot, ...], identity: Identity, k: int = sketches.DEFAULT_K,
+                 start_ns: int | None = None) -> None:
         self.slots, self.identity, self.k = slots, identity, k
         self.seq = 0
-        self._reset(time.time_ns())
+        self._reset(start_ns or time.time_ns())
 
     def _reset(self, start_ns: int) -> None:
         self.start_ns = start_ns
@@ -99,7 +100,7 @@ class WindowBuilder:
             model_name=ident.model_name, model_version=ident.model_version,
             model_sha256=ident.model_sha256, start_unix_nano=self.start_ns, end_unix_nano=end_ns,
             rows=self.rows, calls=self.calls, dropped_rows=dropped, errors=errors,
-            latency_kll=self.latency.to_proto("latency_us", summary_pb2.ColumnSummary.ROLE_UNSPECIFIED, "").kll,
+            latency=self.latency.to_proto("latency_us", summary_pb2.ColumnSummary.ROLE_UNSPECIFIED, ""),
         )
         for slot, cols in zip(self.slots, self.columns):
             for name, sk in zip(slot.columns, cols):
@@ -180,11 +181,11 @@ def run_in_thread(drainer: Drainer, name: str = "outrider-summary") -> tuple[thr
 
 
 def process_main(layout: RingLayout, shm_name: str, identity: Identity, policy: WindowPolicy,
-                 conn) -> None:
+                 conn, start_ns: int) -> None:
     """Entry point of the helper process: windows go back as serialised bytes."""
     parent = os.getppid()
     ring = Ring.attach(layout, shm_name)
-    drainer = Drainer(ring, WindowBuilder(layout.slots, identity), policy,
+    drainer = Drainer(ring, WindowBuilder(layout.slots, identity, start_ns=start_ns), policy,
                       lambda w: conn.send_bytes(w.SerializeToString()))
     try:
         # a parent killed with SIGKILL never sets CLOSED: notice it is gone

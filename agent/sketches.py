@@ -1,0 +1,402 @@
+"""All of Outrider's summary math: mergeable per-column sketches and the tests on them.
+
+The agent builds these from blocks of traffic; the collector merges windows
+from many agents in any order and compares the result with a reference. So
+every statistic here is mergeable (associative and commutative up to floating
+rounding, and up to the KLL's randomised compaction for quantiles), and every
+sketch round-trips through ``summary_pb2.ColumnSummary`` in the Apache
+DataSketches binary formats, so other tools can read them.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import datasketches as ds
+import numpy as np
+from scipy import stats
+
+from agent.errors import InvalidArgument
+from protos import summary_pb2
+
+DEFAULT_K = 200  # KLL k for agent windows: ~1.3% rank error, a few KB saturated
+REFERENCE_K = 800  # reference profiles are built once and compared often: buy accuracy
+
+_F32_MAX = float(np.finfo(np.float32).max)
+# What the C++ deserialisers raise on malformed bytes (std exceptions as mapped by nanobind).
+_DESERIALIZE_ERRORS = (ValueError, IndexError, RuntimeError, MemoryError, OverflowError)
+_T = TypeVar("_T")
+
+
+def _deserialize(fn: Callable[[bytes], _T], data: bytes, what: str) -> _T:
+    try:
+        return fn(data)
+    except _DESERIALIZE_ERRORS as exc:
+        raise InvalidArgument(f"corrupt {what} sketch: {exc}") from exc
+
+
+def _kll_input(values: np.ndarray) -> np.ndarray:
+    """The values as the float32 the KLL stores. Wider floats are clipped first
+    so that a finite 1e300 counts as finite in the KLL too, not as inf."""
+    if values.dtype == np.float32:
+        return values
+    if values.dtype.kind == "f" and values.dtype.itemsize > 4:
+        values = np.clip(values, -_F32_MAX, _F32_MAX)
+    return values.astype(np.float32)
+
+
+class NumericSketch:
+    """One numeric column: count, missing (NaN), infinite (±inf), moments (mean,
+    m2 via Chan's parallel merge), min, max over finite values, and an Apache
+    DataSketches ``kll_floats_sketch`` of the finite values.
+
+    Moments are float64 over the values as given (float64 inputs keep their
+    precision); the KLL stores float32, which is plenty for quantiles. With no
+    finite values ``min``/``max`` read as NaN; internally they are +inf/-inf so
+    that merging is a plain min()/max() with no special case.
+    """
+
+    def __init__(self, k: int = DEFAULT_K) -> None:
+        self.count = 0
+        self.missing = 0
+        self.infinite = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self._min = math.inf
+        self._max = -math.inf
+        self._kll = ds.kll_floats_sketch(k)
+
+    @property
+    def k(self) -> int:
+        return self._kll.k
+
+    @property
+    def finite_count(self) -> int:
+        return self.count - self.missing - self.infinite
+
+    @property
+    def min(self) -> float:
+        return self._min if self.finite_count else math.nan
+
+    @property
+    def max(self) -> float:
+        return self._max if self.finite_count else math.nan
+
+    @property
+    def variance(self) -> float:
+        """Population variance of the finite values (NaN if there are none)."""
+        n = self.finite_count
+        return self.m2 / n if n else math.nan
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.variance)
+
+    def update(self, values: np.ndarray) -> None:
+        """Add a 1-D array of any real dtype. Shares its code with
+        ``update_numeric_block`` so that both give bit-identical moments."""
+        values = np.asarray(values)
+        if values.ndim != 1:
+            raise ValueError(f"NumericSketch.update takes a 1-D array, got shape {values.shape}")
+        update_numeric_block([self], values.reshape(-1, 1))
+
+    def _absorb(self, n: int, mean: float, m2: float, lo: float, hi: float) -> None:
+        """Chan et al.'s pairwise merge of (n, mean, m2, min, max) of finite values.
+
+        The mean is a weighted sum rather than ``ma + delta*nb/n`` so that
+        merging is exactly commutative, not just up to rounding."""
+        if n == 0:
+            return
+        na = self.finite_count  # callers raise the counts only after this
+        if na == 0:
+            self.mean, self.m2 = float(mean), float(m2)
+        else:
+            total = na + n
+            delta = float(mean) - self.mean
+            self.mean = (na * self.mean + n * float(mean)) / total
+            self.m2 = self.m2 + float(m2) + delta * delta * (na * n / total)
+        self._min = min(self._min, float(lo))
+        self._max = max(self._max, float(hi))
+
+    def merge(self, other: NumericSketch) -> None:
+        """Fold ``other`` into this sketch in place; ``other`` is unchanged."""
+        other_kll = other._kll.__copy__() if other is self else other._kll
+        count, missing, infinite = other.count, other.missing, other.infinite  # other may be self
+        self._absorb(other.finite_count, other.mean, other.m2, other._min, other._max)
+        self.count += count
+        self.missing += missing
+        self.infinite += infinite
+        self._kll.merge(other_kll)
+
+    def quantiles(self, qs: Sequence[float]) -> np.ndarray:
+        """Values at normalised ranks ``qs``: the smallest retained x with
+        P(X <= x) >= q. NaN for every q when there are no finite values."""
+        qs = np.asarray(qs, dtype=np.float64)
+        if self._kll.is_empty():
+            return np.full(qs.shape, np.nan)
+        if not np.all((qs >= 0) & (qs <= 1)):
+            raise ValueError("quantile ranks must lie in [0, 1]")
+        out = self._kll.get_quantiles(qs.ravel().tolist(), inclusive=True)
+        return np.asarray(out, dtype=np.float64).reshape(qs.shape)
+
+    def cdf(self, points: Sequence[float]) -> np.ndarray:
+        """P(X <= x) over the finite values at each point (any order, repeats
+        allowed). NaN when there are no finite values or at a NaN point."""
+        pts = np.asarray(points, dtype=np.float64)
+        out = np.full(pts.shape, np.nan)
+        ok = ~np.isnan(pts)
+        if self._kll.is_empty() or not ok.any():
+            return out
+        # get_cdf wants strictly increasing split points; it returns one more
+        # value than points (the mass up to +inf), which is dropped.
+        uniq, inverse = np.unique(pts[ok], return_inverse=True)
+        cdf = np.asarray(self._kll.get_cdf(uniq.tolist(), inclusive=True)[:-1])
+        out[ok] = cdf[inverse]
+        return out
+
+    def rank_error(self) -> float:
+        """The KLL's normalised single-sided rank error (99th percentile bound)."""
+        return self._kll.normalized_rank_error(False)
+
+    def to_proto(self, name: str, role: int, source: str) -> summary_pb2.ColumnSummary:
+        """``role`` is a ``ColumnSummary.Role`` value. With no finite values
+        min/max are written as 0 (the proto3 default): they mean nothing then,
+        and ``from_proto`` restores the empty state from the counts."""
+        has_finite = self.finite_count > 0
+        return summary_pb2.ColumnSummary(
+            name=name, kind=summary_pb2.ColumnSummary.NUMERIC, role=role, source=source,
+            count=self.count, missing=self.missing, infinite=self.infinite,
+            mean=self.mean, m2=self.m2,
+            min=self._min if has_finite else 0.0, max=self._max if has_finite else 0.0,
+            kll=self._kll.serialize(),
+        )
+
+    @classmethod
+    def from_proto(cls, msg: summary_pb2.ColumnSummary) -> NumericSketch:
+        """Rebuild a sketch; raises InvalidArgument on corrupt or inconsistent input."""
+        if msg.kind != summary_pb2.ColumnSummary.NUMERIC:
+            raise InvalidArgument(f"column {msg.name!r} is not NUMERIC")
+        sketch = cls()
+        if msg.kll:
+            sketch._kll = _deserialize(ds.kll_floats_sketch.deserialize, msg.kll, "KLL")
+        if msg.missing + msg.infinite > msg.count:
+            raise InvalidArgument(f"column {msg.name!r}: missing + infinite exceeds count")
+        sketch.count, sketch.missing, sketch.infinite = msg.count, msg.missing, msg.infinite
+        if sketch._kll.n != sketch.finite_count:
+            raise InvalidArgument(
+                f"column {msg.name!r}: KLL holds {sketch._kll.n} values, counts say {sketch.finite_count}"
+            )
+        if sketch.finite_count:
+            sketch.mean, sketch.m2, sketch._min, sketch._max = msg.mean, msg.m2, msg.min, msg.max
+        return sketch
+
+
+def _finite_moments(cols: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(mean, m2, min, max) of each row of a C-contiguous float64 [columns, rows]
+    array, which is overwritten (no second buffer in the hot loop). Rows are
+    reduced along the contiguous axis with numpy's pairwise sum, which gives
+    the same bits for a row whether it is alone or one of many. Two passes,
+    not sum of squares, so a large mean does not cancel away the variance.
+    Beyond |x| ~ 1e154 (float64 input only) m2 overflows to inf, silently:
+    a warning per block would flood the worker's log."""
+    lows, highs = cols.min(axis=1), cols.max(axis=1)
+    mean = cols.sum(axis=1) / cols.shape[1]
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.subtract(cols, mean[:, None], out=cols)
+        np.square(cols, out=cols)
+    return mean, cols.sum(axis=1), lows, highs
+
+
+def update_numeric_block(sketches: Sequence[NumericSketch], block: np.ndarray) -> None:
+    """Update every column's sketch from a 2-D block [rows, len(sketches)].
+
+    This is the summary worker's hot loop. Counts, NaN/inf tallies, moments,
+    min and max are computed for all columns at once with numpy; when the
+    whole block is finite (the usual case) no masking is needed at all. Then
+    one vectorised KLL update per column, which dominates the cost. Gives the
+    same result as ``sketch.update(block[:, j])`` for each column.
+    """
+    block = np.asarray(block)
+    if block.ndim != 2 or block.shape[1] != len(sketches):
+        raise ValueError(f"block shape {block.shape} does not match {len(sketches)} sketches")
+    if block.dtype.kind not in "fiub":
+        raise ValueError(f"numeric sketches take real numbers, got dtype {block.dtype}")
+    rows = block.shape[0]
+    if rows == 0:
+        return
+    kll_values = _kll_input(block)
+    finite = np.isfinite(block) if block.dtype.kind == "f" else None
+    if finite is None or finite.all():
+        clean = np.arange(len(sketches))
+    else:
+        col_finite = finite.all(axis=0)
+        clean = np.flatnonzero(col_finite)
+        nans = np.isnan(block).sum(axis=0)
+        for j in np.flatnonzero(~col_finite):
+            sketch, keep = sketches[j], finite[:, j]
+            values = block[keep, j]
+            if values.size:
+                cols = np.array(values.reshape(1, -1), dtype=np.float64, order="C")
+                sketch._absorb(values.size, *(s[0] for s in _finite_moments(cols)))
+                sketch._kll.update(kll_values[keep, j])
+            sketch.count += rows
+            sketch.missing += int(nans[j])
+            sketch.infinite += rows - int(nans[j]) - values.size
+    if clean.size:
+        sub = block if clean.size == len(sketches) else block[:, clean]
+        cols = np.array(sub.T, dtype=np.float64, order="C")  # a copy: moments overwrite it
+        means, m2s, lows, highs = _finite_moments(cols)
+        for i, j in enumerate(clean):
+            sketch = sketches[j]
+            sketch._absorb(rows, means[i], m2s[i], lows[i], highs[i])
+            sketch.count += rows
+            sketch._kll.update(kll_values[:, j])
+
+
+def _is_missing(item: Any) -> bool:
+    if item is None or (isinstance(item, (str, bytes)) and not item):
+        return True
+    return isinstance(item, (float, np.floating)) and math.isnan(item)
+
+
+def _as_text(item: Any) -> str:
+    """Categories are compared as text: ints and floats as their str, bytes as UTF-8."""
+    if isinstance(item, (bytes, np.bytes_)):
+        return bytes(item).decode("utf-8", errors="backslashreplace")
+    if isinstance(item, np.generic):
+        item = item.item()
+    return item if isinstance(item, str) else str(item)
+
+
+class CategoricalSketch:
+    """One categorical column: count, missing (None, empty string, or NaN),
+    frequent items (DataSketches ``frequent_strings_sketch``) and a distinct
+    count (DataSketches ``hll_sketch``, HLL_8)."""
+
+    def __init__(self, lg_max_k: int = 7, hll_lg_k: int = 11) -> None:
+        self.count = 0
+        self.missing = 0
+        self.lg_max_k = lg_max_k
+        self._freq = ds.frequent_strings_sketch(lg_max_k)
+        self._hll = ds.hll_sketch(hll_lg_k, ds.HLL_8)
+
+    def update(self, values: np.ndarray) -> None:
+        """Add a 1-D array of str, bytes, ints, bools, floats or objects.
+
+        The Python bindings have no vector update, so values are first
+        counted (np.unique, or a Counter for object arrays, which may mix
+        types) and each distinct value updates the sketches once, with its
+        count as the weight; HLL is idempotent, so this is exact."""
+        values = np.asarray(values)
+        if values.ndim != 1:
+            raise ValueError(f"CategoricalSketch.update takes a 1-D array, got shape {values.shape}")
+        weights: Counter[str] = Counter()
+        if values.dtype.kind == "O":
+            for item, n in Counter(values.tolist()).items():
+                weights["" if _is_missing(item) else _as_text(item)] += n
+        elif values.dtype.kind in "USiubf":
+            uniq, counts = np.unique(values, return_counts=True)
+            for item, n in zip(uniq.tolist(), counts.tolist()):
+                weights["" if _is_missing(item) else _as_text(item)] += n
+        else:
+            raise ValueError(f"categorical sketches do not take dtype {values.dtype}")
+        self.count += values.size
+        self.missing += weights.pop("", 0)
+        for item, n in weights.items():
+            self._freq.update(item, n)
+            self._hll.update(item)
+
+    def merge(self, other: CategoricalSketch) -> None:
+        """Fold ``other`` into this sketch in place; ``other`` is unchanged."""
+        self.count += other.count
+        self.missing += other.missing
+        self._freq.merge(other._freq.__copy__() if other is self else other._freq)
+        union = ds.hll_union(self._hll.lg_config_k)
+        union.update(self._hll)
+        union.update(other._hll)
+        self._hll = union.get_result(ds.HLL_8)
+
+    def frequent_items(self) -> list[tuple[str, int]]:
+        """(item, estimated count), most frequent first, ties by item.
+
+        NO_FALSE_NEGATIVES: every item whose true count exceeds the sketch's
+        error bound is listed (and possibly a few that do not)."""
+        rows = self._freq.get_frequent_items(ds.NO_FALSE_NEGATIVES)
+        return sorted(((row[0], int(row[1])) for row in rows), key=lambda r: (-r[1], r[0]))
+
+    def distinct_estimate(self) -> float:
+        return float(self._hll.get_estimate())
+
+    def to_proto(self, name: str, role: int, source: str) -> summary_pb2.ColumnSummary:
+        return summary_pb2.ColumnSummary(
+            name=name, kind=summary_pb2.ColumnSummary.CATEGORICAL, role=role, source=source,
+            count=self.count, missing=self.missing,
+            frequent_items=self._freq.serialize(), distinct=self._hll.serialize_compact(),
+        )
+
+    @classmethod
+    def from_proto(cls, msg: summary_pb2.ColumnSummary) -> CategoricalSketch:
+        """Rebuild a sketch; raises InvalidArgument on corrupt or inconsistent input."""
+        if msg.kind != summary_pb2.ColumnSummary.CATEGORICAL:
+            raise InvalidArgument(f"column {msg.name!r} is not CATEGORICAL")
+        if msg.missing > msg.count:
+            raise InvalidArgument(f"column {msg.name!r}: missing exceeds count")
+        sketch = cls()
+        if msg.frequent_items:
+            sketch._freq = _deserialize(ds.frequent_strings_sketch.deserialize, msg.frequent_items, "frequent-items")
+            # The format does not carry lg_max_k; recover it from epsilon = 3.5 / 2**lg_max_k.
+            sketch.lg_max_k = round(math.log2(3.5 / sketch._freq.epsilon))
+        if msg.distinct:
+            sketch._hll = _deserialize(ds.hll_sketch.deserialize, msg.distinct, "HLL")
+        if sketch._freq.total_weight != msg.count - msg.missing:
+            raise InvalidArgument(
+                f"column {msg.name!r}: frequent-items weight {sketch._freq.total_weight}"
+                f" does not match {msg.count - msg.missing} present values"
+            )
+        sketch.count, sketch.missing = msg.count, msg.missing
+        return sketch
+
+
+def from_proto(msg: summary_pb2.ColumnSummary) -> NumericSketch | CategoricalSketch:
+    """Rebuild whichever sketch ``msg.kind`` names."""
+    if msg.kind == summary_pb2.ColumnSummary.NUMERIC:
+        return NumericSketch.from_proto(msg)
+    if msg.kind == summary_pb2.ColumnSummary.CATEGORICAL:
+        return CategoricalSketch.from_proto(msg)
+    raise InvalidArgument(f"column {msg.name!r} has no kind")
+
+
+def _retained_items(sketch: NumericSketch) -> np.ndarray:
+    return np.fromiter((item for item, _ in sketch._kll), dtype=np.float64)
+
+
+def ks_statistic(a: NumericSketch, b: NumericSketch) -> float:
+    """Two-sample Kolmogorov–Smirnov D between the finite values of two sketches.
+
+    Each sketch's CDF is a step function that only jumps at its retained
+    items, so evaluating both (inclusive, right-continuous) at the union of
+    retained items finds the exact sup |Fa - Fb| of the sketched CDFs. It
+    differs from the raw-data D by at most about rank_error(a) + rank_error(b).
+    NaN if either side has no finite values.
+    """
+    if a._kll.is_empty() or b._kll.is_empty():
+        return math.nan
+    points = np.unique(np.concatenate([_retained_items(a), _retained_items(b)]))
+    return float(np.max(np.abs(a.cdf(points) - b.cdf(points))))
+
+
+def ks_pvalue(a: NumericSketch, b: NumericSketch) -> float:
+    """Asymptotic two-sample KS p-value, as scipy's ``ks_2samp(method="asymp")``,
+    with the finite counts as sample sizes.
+
+    With large counts a D of the size of the sketch error alone is already
+    "significant": decisions should also require an effect size well above
+    rank_error() (the drift engine's threshold does this)."""
+    d = ks_statistic(a, b)
+    if math.isnan(d):
+        return math.nan
+    m, n = sorted([float(a.finite_count), float(b.finite_count)], reverse=True)
+    # scipy rounds the effective size, which gives 0 (and NaN) for 1 vs 1 value.
+    return float(stats.kstwo.sf(d, max(1.0, np.round(m * n / (m + n)))))
