@@ -98,6 +98,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="address to serve on; port 0 picks a free port")
     add_flag(serve, "--window-seconds", default="10", type=positive(float), metavar="S",
              help="length of each summary window")
+    add_flag(serve, "--summarizer", default="auto", choices=["auto", "process", "thread"],
+             help="where summaries are computed: a helper process reading shared memory (keeps the "
+                  "serving process's GIL free), a thread, or auto (process on x86-64)")
     add_flag(serve, "--workers", default="8", type=positive(int), metavar="N",
              help="request worker threads")
     add_flag(serve, "--max-message-mb", default="64", type=positive(float), metavar="MB",
@@ -122,7 +125,7 @@ def serve_command(args: argparse.Namespace) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        session = _open_session(model, name, args.model_version, args.window_seconds)
+        session = _open_session(model, name, args.model_version, args.window_seconds, args.summarizer)
         try:
             running = serve(session, name, args.model_version, args.listen, workers=args.workers,
                             max_receive_bytes=int(args.max_message_mb * 1024 * 1024))
@@ -166,12 +169,12 @@ def check_listen(listen: str) -> None:
                      "pick a free port on a local address with --listen")
 
 
-def _open_session(model: Path, name: str, version: str, window_seconds: float) -> Any:
+def _open_session(model: Path, name: str, version: str, window_seconds: float, summarizer: str) -> Any:
     from agent import MonitoredSession
 
     try:
         return MonitoredSession(str(model), model_name=name, model_version=version,
-                                window_seconds=window_seconds)
+                                window_seconds=window_seconds, summarizer=summarizer)
     except Exception as exc:  # onnxruntime's load errors have no common base class
         raise UsageError(
             f"cannot load {model} as an ONNX model: {_first_line(exc)}; pass a valid .onnx file with --model"

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
 from agent.capture import Slot
 
-# header fields (int64 each)
-ROWS_HEAD, ROWS_TAIL, CALLS_HEAD, CALLS_TAIL, DROPPED, ERRORS, CLOSED, ACTIVE = range(8)
+# Header fields (int64 each). Heads, DROPPED and ERRORS are written by request
+# threads under the session's lock; tails and SKIPPED only by the summary
+# worker; CLOSED only by the session. One writer per field, so no cross-process lock.
+ROWS_HEAD, ROWS_TAIL, CALLS_HEAD, CALLS_TAIL, DROPPED, ERRORS, CLOSED, SKIPPED = range(8)
 HEADER_FIELDS = 8
 _ALIGN = 64
 
@@ -95,9 +97,11 @@ class Ring:
 
     @classmethod
     def attach(cls, layout: RingLayout, name: str) -> "Ring":
-        # (A spawned child shares its parent's resource tracker, so attaching
-        # registers nothing new and the creator alone unlinks the block.)
         shm = shared_memory.SharedMemory(name=name)
+        # Python < 3.13 registers even an attached block with this process's
+        # resource tracker, which would unlink it when this process exits:
+        # only the creator may do that.
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         ring = cls(layout, shm.buf)
         ring._shm = shm
         return ring

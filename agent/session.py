@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
 import os
 import socket
 import threading
@@ -26,10 +25,11 @@ import onnxruntime as ort
 
 from agent import capture
 from agent.capture import Reduce, Slot
-from agent.ring import (CALLS_HEAD, CALLS_TAIL, CLOSED, DROPPED, ERRORS, ROWS_HEAD, ROWS_TAIL,
+from agent.ring import (CALLS_HEAD, CALLS_TAIL, DROPPED, ERRORS, ROWS_HEAD, ROWS_TAIL, SKIPPED,
                         Ring, RingLayout, shared_memory_is_safe)
 from agent.sinks import InMemorySink, WindowSink
-from agent.worker import Drainer, Identity, WindowBuilder, WindowPolicy, process_main, run_in_thread
+from agent.summarizer import ProcessSummarizer, ThreadSummarizer
+from agent.worker import Identity, WindowPolicy
 from protos import summary_pb2
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,7 @@ class MonitoredSession:
         self._capture: Any = None
         self._pending_errors = self._pending_dropped = 0
         self._closed = False
-        self._worker: Any = None
-        self._stop: Any = None
-        self._receiver: threading.Thread | None = None
+        self._summarizer: ThreadSummarizer | ProcessSummarizer | None = None
         self.export_failures = 0
         self._final_stats: dict[str, int] = {}
         self._started_ns = time.time_ns()  # the first window starts here, not when its worker does
@@ -264,40 +262,17 @@ class MonitoredSession:
     def _start(self, slots: list[Slot]) -> None:
         layout = RingLayout.fit(slots, self._ring_rows, self._ring_bytes)
         self.slots = slots
+        args = (self.identity, self._policy, self._export, self._started_ns)
         if self._mode == "process":
             ring = Ring.shared(layout)
-            self._start_process(ring, layout)
+            self._summarizer = ProcessSummarizer(ring, *args)
         else:
             ring = Ring(layout)
-            drainer = Drainer(ring, WindowBuilder(layout.slots, self.identity, start_ns=self._started_ns),
-                              self._policy, self._export)
-            self._worker, self._stop = run_in_thread(drainer)
+            self._summarizer = ThreadSummarizer(ring, *args)
         ring.hdr[ERRORS] += self._pending_errors
         ring.hdr[DROPPED] += self._pending_dropped
         self._ring = ring
         self._capture = self._make_capture(ring, slots) if slots else None
-
-    def _start_process(self, ring: Ring, layout: RingLayout) -> None:
-        ctx = multiprocessing.get_context("spawn")  # gRPC and fork() don't mix
-        parent_conn, child_conn = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=process_main, name="outrider-summary",
-                           args=(layout, ring.shm_name, self.identity, self._policy, child_conn,
-                                 self._started_ns),
-                           daemon=True)
-        proc.start()
-        child_conn.close()
-        self._worker = proc
-
-        def receive() -> None:
-            while True:
-                try:
-                    data = parent_conn.recv_bytes()
-                except (EOFError, OSError):
-                    return
-                self._export(summary_pb2.WindowSummary.FromString(data))
-
-        self._receiver = threading.Thread(target=receive, name="outrider-windows", daemon=True)
-        self._receiver.start()
 
     def _export(self, window: summary_pb2.WindowSummary) -> None:
         try:
@@ -316,8 +291,8 @@ class MonitoredSession:
         if ring.header is None:  # released at close: the counters as they were then
             return dict(self._final_stats)
         h = ring.hdr
-        return {"rows_captured": h[ROWS_HEAD], "rows_summarised": h[ROWS_TAIL], "calls": h[CALLS_HEAD],
-                "dropped_rows": h[DROPPED], "errors": h[ERRORS]}
+        return {"rows_captured": h[ROWS_HEAD], "rows_summarised": h[ROWS_TAIL] - h[SKIPPED],
+                "calls": h[CALLS_HEAD], "dropped_rows": h[DROPPED] + h[SKIPPED], "errors": h[ERRORS]}
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop capturing, flush the last partial window to the sink, stop the worker."""
@@ -329,19 +304,9 @@ class MonitoredSession:
             ring = self._ring
         if ring is None:
             return
-        if self._mode == "process":
-            ring.hdr[CLOSED] = 1
-            self._worker.join(timeout)
-            if self._worker.is_alive():
-                log.warning("summary process did not stop in %.0fs; terminating it", timeout)
-                self._worker.terminate()
-            if self._receiver:
-                self._receiver.join(timeout)
-            self._final_stats = self.stats()
-            ring.release(unlink=True)
-        else:
-            self._stop.set()
-            self._worker.join(timeout)
+        self._summarizer.close(timeout)
+        self._final_stats = self.stats()
+        ring.release(unlink=True)
 
     def __enter__(self) -> "MonitoredSession":
         return self

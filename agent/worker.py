@@ -2,14 +2,11 @@
 
 All per-row statistics happen here, never on the request thread. The same
 loop runs in a daemon thread of the serving process or in a helper process
-(spawned, attached to the ring's shared memory) so that summarising never
-holds the serving process's GIL.
+attached to the ring's shared memory (``agent/summarizer.py`` starts either).
 """
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -18,8 +15,8 @@ import numpy as np
 
 from agent import sketches
 from agent.capture import Reduce, Slot
-from agent.ring import (CALLS_HEAD, CALLS_TAIL, CLOSED, DROPPED, ERRORS, ROWS_HEAD, ROWS_TAIL,
-                        Ring, RingLayout)
+from agent.ring import (CALLS_HEAD, CALLS_TAIL, CLOSED, DROPPED, ERRORS, ROWS_HEAD, ROWS_TAIL, SKIPPED,
+                        Ring)
 from protos import summary_pb2
 
 log = logging.getLogger(__name__)
@@ -114,10 +111,12 @@ class Drainer:
     """Moves rows from the ring into WindowBuilders and emits closed windows."""
 
     def __init__(self, ring: Ring, builder: WindowBuilder, policy: WindowPolicy,
-                 emit: Callable[[summary_pb2.WindowSummary], None]) -> None:
+                 emit: Callable[[summary_pb2.WindowSummary], None],
+                 dropped_seen: int = 0, errors_seen: int = 0) -> None:
         self.ring, self.builder, self.policy, self.emit = ring, builder, policy, emit
-        self._dropped_seen = 0
-        self._errors_seen = 0
+        # counts already reported by earlier windows (a worker taking over resumes from them)
+        self._dropped_seen = dropped_seen
+        self._errors_seen = errors_seen
 
     def drain(self) -> None:
         """Summarise everything published so far, closing windows on the row limit."""
@@ -146,7 +145,7 @@ class Drainer:
 
     def close_window(self, final: bool = False) -> None:
         hdr = self.ring.hdr
-        dropped, errors = hdr[DROPPED], hdr[ERRORS]
+        dropped, errors = hdr[DROPPED] + hdr[SKIPPED], hdr[ERRORS]
         d, e = dropped - self._dropped_seen, errors - self._errors_seen
         b = self.builder
         if final and not (b.rows or b.calls or d or e):
@@ -165,31 +164,10 @@ class Drainer:
             except Exception:  # never die silently: the rows count as dropped
                 log.exception("summary worker step failed; skipping the pending rows")
                 hdr = self.ring.hdr
-                hdr[DROPPED] += hdr[ROWS_HEAD] - hdr[ROWS_TAIL]
-                hdr[ROWS_TAIL] = hdr[ROWS_HEAD]
+                head = hdr[ROWS_HEAD]
+                hdr[SKIPPED] += head - hdr[ROWS_TAIL]  # SKIPPED: the worker's own counter
+                hdr[ROWS_TAIL] = head
             if stopping:
                 self.close_window(final=True)
                 return
             wait(self.policy.poll_seconds)
-
-
-def run_in_thread(drainer: Drainer, name: str = "outrider-summary") -> tuple[threading.Thread, threading.Event]:
-    stop = threading.Event()
-    thread = threading.Thread(target=drainer.loop, args=(stop.is_set, stop.wait), name=name, daemon=True)
-    thread.start()
-    return thread, stop
-
-
-def process_main(layout: RingLayout, shm_name: str, identity: Identity, policy: WindowPolicy,
-                 conn, start_ns: int) -> None:
-    """Entry point of the helper process: windows go back as serialised bytes."""
-    parent = os.getppid()
-    ring = Ring.attach(layout, shm_name)
-    drainer = Drainer(ring, WindowBuilder(layout.slots, identity, start_ns=start_ns), policy,
-                      lambda w: conn.send_bytes(w.SerializeToString()))
-    try:
-        # a parent killed with SIGKILL never sets CLOSED: notice it is gone
-        drainer.loop(lambda: os.getppid() != parent, time.sleep)
-    finally:
-        conn.close()
-        ring.release()
