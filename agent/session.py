@@ -33,6 +33,13 @@ from agent.worker import Identity, WindowPolicy
 from protos import summary_pb2
 
 log = logging.getLogger(__name__)
+
+try:  # the C copier; OUTRIDER_PURE_PYTHON=1 forces the Python closure (tests cover both)
+    from agent._capture import Capture as _Capture
+except ImportError:  # not built (no compiler at install): same behaviour, slower
+    _Capture = None
+if os.environ.get("OUTRIDER_PURE_PYTHON"):
+    _Capture = None
 # the hot path indexes the header by literal position, for speed
 assert (ROWS_HEAD, ROWS_TAIL, CALLS_HEAD, CALLS_TAIL, DROPPED) == (0, 1, 2, 3, 4)
 
@@ -55,9 +62,11 @@ class MonitoredSession:
         this many rows.
     ring_rows / ring_bytes: the ring's capacity; rows beyond it are dropped and
         counted, never queued.
-    summarizer: "thread" (a daemon thread), "process" (a spawned helper reading
-        the ring from shared memory, so summarising never holds this process's
-        GIL) or "auto" (process on x86-64, where that ring is safe).
+    summarizer: "process" (a helper process reading the ring from shared
+        memory, so summarising never holds this process's GIL), "thread" (a
+        daemon thread: no extra process, but its GIL use slows the serving
+        threads) or "auto", the default (process on x86-64, where that ring is
+        safe; thread elsewhere).
     """
 
     def __init__(self, path_or_bytes: str | os.PathLike | bytes, sess_options: Any = None,
@@ -66,7 +75,7 @@ class MonitoredSession:
                  feature_names: Sequence[str] | dict[str, Sequence[str]] | None = None,
                  sink: WindowSink | None = None, window_seconds: float | None = 10.0,
                  window_rows: int | None = None, ring_rows: int = 1 << 16,
-                 ring_bytes: int = 64 << 20, summarizer: Summarizer = "thread",
+                 ring_bytes: int = 64 << 20, summarizer: Summarizer = "auto",
                  agent_id: str | None = None, **kwargs: Any) -> None:
         if isinstance(path_or_bytes, (bytes, bytearray)):
             model_bytes = bytes(path_or_bytes)
@@ -97,6 +106,7 @@ class MonitoredSession:
         self._selections: dict[tuple[str, ...], list[int]] = {}
         self._ring: Ring | None = None
         self._capture: Any = None
+        self._fast: Any = None  # the C copier, when used
         self._pending_errors = self._pending_dropped = 0
         self._closed = False
         self._summarizer: ThreadSummarizer | ProcessSummarizer | None = None
@@ -145,7 +155,20 @@ class MonitoredSession:
 
     # --- capture ----------------------------------------------------------------------
     def _make_capture(self, ring: Ring, slots: list[Slot]) -> Any:
-        """Build the hot-path closure: locals only, one lock, one copy per tensor."""
+        """The hot-path function: the C copier where it applies, else a Python closure."""
+        if _Capture is not None and all(s.dtype.kind != "U" and s.reduce is not Reduce.ZIPMAP for s in slots) \
+                and any(not s.is_output for s in slots):
+            offsets, lat_offset, _ = ring.layout._offsets()
+            specs = [(off, s.row_bytes, s.dtype.itemsize, s.dtype.char,
+                      self._output_index[s.tensor] if s.is_output else s.tensor)
+                     for s, off in zip(slots, offsets)]
+            first = next(s.tensor for s in slots if not s.is_output)
+            self._fast = _Capture(ring.buffer, lat_offset, ring.layout.rows, ring.layout.calls, first, specs)
+            return self._fast.capture
+        return self._python_capture(ring, slots)
+
+    def _python_capture(self, ring: Ring, slots: list[Slot]) -> Any:
+        """The hot-path closure: locals only, one lock, one copy per tensor."""
         lock_acquire, lock_release = self._lock.acquire, self._lock.release
         hdr, lat = ring.hdr, ring.lat
         rows, calls = ring.layout.rows, ring.layout.calls
@@ -199,6 +222,9 @@ class MonitoredSession:
             arr[:n - first] = value[first:]
 
     def _count(self, field: int, amount: int) -> None:
+        if self._fast is not None:
+            self._fast.count(field, amount)  # atomic with the C copier (both hold the GIL)
+            return
         with self._lock:
             if self._ring is not None:
                 self._ring.hdr[field] += amount
@@ -306,6 +332,7 @@ class MonitoredSession:
             return
         self._summarizer.close(timeout)
         self._final_stats = self.stats()
+        self._fast = None  # holds a view of the ring's buffer: must go before the buffer
         ring.release(unlink=True)
 
     def __enter__(self) -> "MonitoredSession":

@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 import datasketches as ds
 import numpy as np
-from scipy import stats
 
 from agent.errors import InvalidArgument
 from protos import summary_pb2
@@ -399,4 +398,6 @@ def ks_pvalue(a: NumericSketch, b: NumericSketch) -> float:
         return math.nan
     m, n = sorted([float(a.finite_count), float(b.finite_count)], reverse=True)
     # scipy rounds the effective size, which gives 0 (and NaN) for 1 vs 1 value.
+    from scipy import stats  # late: the summary helper process never needs scipy
+
     return float(stats.kstwo.sf(d, max(1.0, np.round(m * n / (m + n)))))

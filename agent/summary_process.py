@@ -21,14 +21,19 @@ from protos import summary_pb2
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="outrider-summary: %(levelname)s %(message)s")
-    layout, shm_name, identity, policy, start_ns, parent = pickle.load(sys.stdin.buffer)
+    stdin_fd = sys.stdin.fileno()
+    with os.fdopen(os.dup(stdin_fd), "rb", buffering=0) as config:
+        layout, shm_name, identity, policy, start_ns, parent = pickle.load(config)
     # Frames get a private copy of stdout; anything else printing goes to stderr.
     frames = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     stop = threading.Event()
 
     def watch_stdin() -> None:
-        sys.stdin.buffer.read()  # returns at EOF: the serving process closed the pipe or died
+        # Raw reads until EOF (the serving process closed the pipe or died). Not
+        # sys.stdin: a daemon thread inside its buffered reader aborts shutdown.
+        while os.read(stdin_fd, 4096):
+            pass
         stop.set()
 
     threading.Thread(target=watch_stdin, daemon=True).start()

@@ -30,7 +30,7 @@ class WindowPolicy:
 
     seconds: float | None = 10.0
     rows: int | None = None
-    poll_seconds: float = 0.02
+    poll_seconds: float = 0.002
 
 
 @dataclass(frozen=True)
