@@ -134,9 +134,7 @@ def feature_names_for(option: Any, custom: dict[str, str], input_name: str,
     return None
 
 
-def zipmap_to_array(value: list[dict], width: int) -> np.ndarray:
-    """ZipMap rows -> float32 [N, classes], class order as the dicts give it."""
-    out = np.empty((len(value), width), dtype=np.float32)
-    for i, row in enumerate(value):
-        out[i] = list(row.values())
-    return out
+def zipmap_to_array(value: list[dict]) -> np.ndarray:
+    """ZipMap rows -> float32 [N, classes], class order as the dicts give it
+    (the model's class-label order); used by the capture and the OIP endpoint."""
+    return np.array([list(row.values()) for row in value], dtype=np.float32).reshape(len(value), -1)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent import tensors
+from agent import capture, tensors
 from agent.errors import InvalidArgument, NotFound, OutriderError
 from agent.tensors import TensorSpec, WireTensor
 
@@ -123,8 +123,7 @@ class DataPlane:
 
     def _as_tensor(self, name: str, value: Any) -> np.ndarray:
         if name in self._zipmap:
-            # list of {class: probability} -> [N, n_classes] in dict (class-label) order
-            return np.array([list(row.values()) for row in value], dtype=np.float32).reshape(len(value), -1)
+            return capture.zipmap_to_array(value)
         return np.asarray(value)
 
 

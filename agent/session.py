@@ -176,7 +176,7 @@ class MonitoredSession:
         inputs = [(s.tensor, a) for s, a in zip(slots, ring.arrays) if not s.is_output]
         plain = [(self._output_index[s.tensor], a) for s, a in zip(slots, ring.arrays)
                  if s.is_output and s.reduce is not Reduce.ZIPMAP]
-        zipmaps = [(self._output_index[s.tensor], a, len(s.columns)) for s, a in zip(slots, ring.arrays)
+        zipmaps = [(self._output_index[s.tensor], a) for s, a in zip(slots, ring.arrays)
                    if s.reduce is Reduce.ZIPMAP]
         first = inputs[0][0] if inputs else None
         zipmap_to_array = capture.zipmap_to_array
@@ -184,7 +184,7 @@ class MonitoredSession:
 
         def capture_call(feed: dict, outs: list, latency: int) -> None:
             n = len(feed[first]) if first is not None else len(outs[plain[0][0]])
-            converted = [(a, zipmap_to_array(outs[k], w)) for k, a, w in zipmaps] if zipmaps else ()
+            converted = [(a, zipmap_to_array(outs[k])) for k, a in zipmaps] if zipmaps else ()
             lock_acquire()
             try:
                 head = hdr[0]
