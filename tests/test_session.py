@@ -266,3 +266,58 @@ def test_wrapping_and_non_contiguous_inputs_are_copied_whole(lr):
         col = merged(sink.windows, f"X[{j}]")
         assert col.mean == pytest.approx(float(x[:, j].astype(np.float64).mean()), rel=1e-9)
         assert col.min == pytest.approx(float(x[:, j].min())) and col.max == pytest.approx(float(x[:, j].max()))
+
+
+def test_time_windows_tile_the_timeline(lr):
+    sink = InMemorySink()
+    sess = monitored(lr, sink=sink, window_seconds=0.05)
+    served = 0
+    while len(sink.windows) < 3:  # a wait, not a timing assertion
+        sess.run(None, {"X": np.ones((3, 20), np.float32)})
+        served += 3
+        time.sleep(0.005)
+    sess.close()
+    windows = sink.windows
+    assert sum(w.rows for w in windows) == served
+    for before, after in zip(windows, windows[1:]):
+        assert after.start_unix_nano == before.end_unix_nano  # tumbling: no gap, no overlap
+        assert after.seq == before.seq + 1
+
+
+def test_every_dtype_is_captured_with_the_right_kind():
+    model = examples.typed_identity()
+    rng = np.random.default_rng(0)
+    feed = {f"{t}_in": rng.integers(0, 3, size=(6, 2)).astype(dt) for t, dt in
+            [("fp16", np.float16), ("fp32", np.float32), ("fp64", np.float64), ("int8", np.int8),
+             ("int16", np.int16), ("int32", np.int32), ("int64", np.int64), ("uint8", np.uint8),
+             ("bool", np.bool_)]}
+    feed["bytes_in"] = np.array([["a", "b"]] * 6, dtype=object)
+    with monitored(model) as sess:
+        sess.run(None, feed)
+    (window,) = sess.sink.windows
+    kinds = {c.name: c.kind for c in window.columns}
+    numeric, categorical = summary_pb2.ColumnSummary.NUMERIC, summary_pb2.ColumnSummary.CATEGORICAL
+    assert kinds["int64_in[0]"] == numeric and kinds["bool_in[1]"] == numeric and kinds["fp16_in[0]"] == numeric
+    assert kinds["bytes_in[0]"] == categorical
+    assert kinds["int64_out[0]"] == categorical  # integer outputs are class labels
+    assert merged([window], "int32_in[1]").mean == pytest.approx(float(feed["int32_in"][:, 1].mean()))
+    assert dict(merged([window], "bytes_in[1]").frequent_items()) == {"b": 6}
+
+
+@pytest.mark.parametrize("build, feed", [
+    (examples.mixed_inputs_classifier,
+     lambda: {"num": np.zeros((40, 3), np.float32), "city": np.array([["lyon"], ["nice"]] * 20, dtype=object)}),
+    (lambda: examples.logistic_regression(zipmap=True), lambda: {"X": np.ones((40, 20), np.float32)}),
+])
+def test_helper_process_handles_strings_and_zipmap(build, feed):
+    sink = InMemorySink()
+    with monitored(build(), sink=sink, summarizer="process") as sess:
+        sess.run(None, feed())
+    (window,) = sink.windows
+    assert window.rows == 40 and window.dropped_rows == 0
+    names = [c.name for c in window.columns]
+    if "city" in names:
+        assert dict(merged([window], "city").frequent_items()) == {"lyon": 20, "nice": 20}
+    else:
+        assert names[-2:] == ["output_probability[0]", "output_probability[1]"]
+        assert merged([window], "output_probability[1]").count == 40
