@@ -1,0 +1,93 @@
+"""Checks on a window before the store will keep it.
+
+A window that fails here is acked REJECTED with the message, and the agent
+drops it rather than resending it forever. What is checked is what would
+otherwise break later: identifiers that end up in SQL rows and in operators'
+terminals, column names that key merges, sketch bytes that the drift engine
+must be able to deserialise, and counts that must fit SQLite's signed 64-bit
+integers when summed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent import sketches
+from agent.errors import InvalidArgument
+from protos import collector_pb2, summary_pb2
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_id_chars: int = 128  # agent_id, run_id, model_name, model_version
+    max_column_name_chars: int = 256
+    max_columns: int = 4096
+    max_windows_per_batch: int = 256  # for the stream servicer: windows per WindowBatch
+    # Per-window rows/calls/dropped/errors: far above any real window, low enough
+    # that sums over millions of windows stay inside SQLite's int64.
+    max_count: int = 2**40
+
+
+def _check_id(field: str, value: str, limits: Limits, *, required: bool = True) -> None:
+    if not value:
+        if required:
+            raise InvalidArgument(f"{field} is empty")
+        return
+    if len(value) > limits.max_id_chars:
+        raise InvalidArgument(f"{field} is {len(value)} characters, at most {limits.max_id_chars} allowed")
+    if not value.isprintable():
+        raise InvalidArgument(f"{field} {value!r} contains control or non-printable characters")
+
+
+def _check_column(where: str, column: summary_pb2.ColumnSummary, limits: Limits) -> None:
+    if not column.name:
+        raise InvalidArgument(f"{where} has an empty name")
+    if len(column.name) > limits.max_column_name_chars:
+        raise InvalidArgument(
+            f"{where} name is {len(column.name)} characters, at most {limits.max_column_name_chars} allowed")
+    try:
+        sketches.from_proto(column)  # deserialises the sketches and checks their counts agree
+    except InvalidArgument as exc:
+        text = str(exc)
+        if repr(column.name) not in text:  # some sketch messages do not name their column
+            where = f"{where} {column.name!r}"
+        raise InvalidArgument(f"{where}: {text}") from None
+
+
+def validate_window(w: summary_pb2.WindowSummary, limits: Limits = Limits()) -> None:
+    """Raise InvalidArgument, naming the field and the problem, unless ``w`` is fit to store."""
+    for field in ("agent_id", "run_id", "model_name"):
+        _check_id(field, getattr(w, field), limits)
+    _check_id("model_version", w.model_version, limits, required=False)
+    if w.start_unix_nano <= 0 or w.end_unix_nano <= 0:
+        raise InvalidArgument(
+            f"window times must be positive Unix nanoseconds, got start {w.start_unix_nano} end {w.end_unix_nano}")
+    if w.start_unix_nano > w.end_unix_nano:
+        raise InvalidArgument(f"window start {w.start_unix_nano} is after its end {w.end_unix_nano}")
+    if w.seq >= 2**63:
+        raise InvalidArgument(f"seq {w.seq} does not fit a signed 64-bit integer")
+    for field in ("rows", "calls", "dropped_rows", "errors"):
+        if getattr(w, field) > limits.max_count:
+            raise InvalidArgument(f"{field} {getattr(w, field)} exceeds {limits.max_count}")
+    if len(w.columns) > limits.max_columns:
+        raise InvalidArgument(f"window has {len(w.columns)} columns, at most {limits.max_columns} allowed")
+    seen: set[str] = set()
+    for i, column in enumerate(w.columns):
+        _check_column(f"columns[{i}]", column, limits)
+        if column.name in seen:
+            raise InvalidArgument(f"column name {column.name!r} appears more than once")
+        seen.add(column.name)
+    if w.HasField("latency"):
+        _check_column("latency", w.latency, limits)
+
+
+def validate_hello(hello: collector_pb2.Hello, limits: Limits = Limits()) -> None:
+    """The identifiers a Hello puts into the agents table: present, printable, not too long."""
+    missing = [name for name in ("agent_id", "run_id") if not getattr(hello, name).strip()]
+    if missing:
+        raise InvalidArgument(f"hello needs a non-empty {' and '.join(missing)}")
+    for name in ("agent_id", "run_id", "host", "model_name", "model_version"):
+        value = getattr(hello, name)
+        if len(value) > limits.max_id_chars:
+            raise InvalidArgument(f"hello {name} is {len(value)} characters, at most {limits.max_id_chars} allowed")
+        if not value.isprintable():
+            raise InvalidArgument(f"hello {name} {value!r} contains control or non-printable characters")

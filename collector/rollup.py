@@ -1,0 +1,208 @@
+"""Rolling old windows up into coarser buckets, so the store stops growing.
+
+Raw windows are kept for ``raw_seconds``, then merged into minute buckets;
+minute buckets into hour buckets after ``minute_seconds``; hours into days
+after ``hour_seconds``; days are deleted after ``day_seconds``. Counts (rows,
+calls, dropped rows, errors, windows) are integers summed exactly at every
+level; sketches are merged with ``agent.sketches``, so a day bucket answers
+the same questions as the windows it came from, within the sketches' error.
+
+``apply_retention`` runs on the store's writer thread, inside its transaction.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from sqlite_utils import Database
+
+from agent import sketches
+from protos import summary_pb2
+
+NS = 1_000_000_000
+LEVELS: dict[str, int] = {"minute": 60 * NS, "hour": 3600 * NS, "day": 86400 * NS}  # bucket widths
+_NEXT = {"raw": "minute", "minute": "hour", "hour": "day"}
+_CHUNK = 256  # rows read (and bodies held in memory) at a time while merging a bucket
+
+Sketch = sketches.NumericSketch | sketches.CategoricalSketch
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """How long each level is kept before it is merged into the next (seconds)."""
+
+    raw_seconds: int = 3600
+    minute_seconds: int = 86400
+    hour_seconds: int = 30 * 86400
+    day_seconds: int = 400 * 86400  # then deleted
+
+    def __post_init__(self) -> None:
+        for name in ("raw_seconds", "minute_seconds", "hour_seconds", "day_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RetentionPolicy.{name} must be positive")
+
+
+class _Column:
+    """One column being merged: its sketch and the role/source it was first seen with."""
+
+    def __init__(self, msg: summary_pb2.ColumnSummary) -> None:
+        self.name, self.role, self.source = msg.name, msg.role, msg.source
+        self.sketch: Sketch = sketches.from_proto(msg)
+
+    def add(self, msg: summary_pb2.ColumnSummary) -> None:
+        self.sketch.merge(sketches.from_proto(msg))  # type: ignore[arg-type]  # same kind by key
+
+    def to_proto(self) -> summary_pb2.ColumnSummary:
+        return self.sketch.to_proto(self.name, self.role, self.source)
+
+
+class WindowMerger:
+    """Folds windows in one at a time, so a bucket of thousands of windows
+    never has to be in memory at once. ``merge_windows`` is the one-shot form."""
+
+    def __init__(self) -> None:
+        self._head: summary_pb2.WindowSummary | None = None
+        # Keyed by (name, kind): a column that changed kind mid-version is kept
+        # as two columns rather than failing the rollup forever.
+        self._columns: dict[tuple[str, int], _Column] = {}
+        self._latency: _Column | None = None
+
+    def add(self, w: summary_pb2.WindowSummary) -> None:
+        head = self._head
+        if head is None:
+            self._head = summary_pb2.WindowSummary(
+                model_name=w.model_name, model_version=w.model_version, model_sha256=w.model_sha256,
+                start_unix_nano=w.start_unix_nano, end_unix_nano=w.end_unix_nano,
+                rows=w.rows, calls=w.calls, dropped_rows=w.dropped_rows, errors=w.errors,
+            )
+        else:
+            for field in ("model_name", "model_version", "model_sha256"):
+                if getattr(head, field) != getattr(w, field):
+                    setattr(head, field, "")  # a mixed merge has no single identity
+            head.start_unix_nano = min(head.start_unix_nano, w.start_unix_nano)
+            head.end_unix_nano = max(head.end_unix_nano, w.end_unix_nano)
+            head.rows += w.rows
+            head.calls += w.calls
+            head.dropped_rows += w.dropped_rows
+            head.errors += w.errors
+        for msg in w.columns:
+            key = (msg.name, msg.kind)
+            if key in self._columns:
+                self._columns[key].add(msg)
+            else:
+                self._columns[key] = _Column(msg)
+        if w.HasField("latency"):
+            if self._latency is None:
+                self._latency = _Column(w.latency)
+            else:
+                self._latency.add(w.latency)
+
+    def result(self) -> summary_pb2.WindowSummary:
+        if self._head is None:
+            raise ValueError("no windows to merge")
+        out = summary_pb2.WindowSummary()
+        out.CopyFrom(self._head)
+        if self._latency is not None:
+            out.latency.CopyFrom(self._latency.to_proto())
+        out.columns.extend(c.to_proto() for c in self._columns.values())
+        return out
+
+
+def merge_windows(windows: Sequence[summary_pb2.WindowSummary]) -> summary_pb2.WindowSummary:
+    """One summary of many windows: columns merged by name (latency too),
+    counts summed exactly, time range = earliest start to latest end.
+    agent_id/run_id/seq are empty: a merge belongs to no single agent run."""
+    merger = WindowMerger()
+    for w in windows:
+        merger.add(w)
+    return merger.result()
+
+
+# ------------------------------------------------------------ in the store
+
+
+def apply_retention(db: Database, now_ns: int, policy: RetentionPolicy) -> dict[str, int]:
+    """Run one retention pass inside the caller's (writer's) transaction.
+
+    Returns how many rows of each level were merged upwards (``raw_merged``,
+    ``minute_merged``, ``hour_merged``) and how many day rows were deleted
+    (``day_deleted``). Levels run in order, so one pass carries a late window
+    as far up as its age allows."""
+    ages = {"raw": policy.raw_seconds, "minute": policy.minute_seconds, "hour": policy.hour_seconds}
+    counts = {f"{level}_merged": _roll_level(db, level, now_ns - ages[level] * NS) for level in _NEXT}
+    cursor = db.execute(
+        "DELETE FROM rollups WHERE level = 'day' AND bucket_end_ns <= ?", [now_ns - policy.day_seconds * NS]
+    )
+    counts["day_deleted"] = cursor.rowcount
+    return counts
+
+
+def _roll_level(db: Database, level: str, cutoff_ns: int) -> int:
+    """Merge every row of ``level`` that is old enough into its bucket of the next level."""
+    width = LEVELS[_NEXT[level]]
+    if level == "raw":
+        sql = "SELECT rowid, model_name, model_version, start_ns FROM windows WHERE end_ns <= ?"
+        params: list = [cutoff_ns]
+    else:
+        sql = ("SELECT rowid, model_name, model_version, bucket_start_ns FROM rollups"
+               " WHERE level = ? AND bucket_end_ns <= ?")
+        params = [level, cutoff_ns]
+    # Only keys first: the bodies are read bucket by bucket, in chunks.
+    buckets: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+    for rowid, name, version, start in db.execute(sql, params).fetchall():
+        buckets[(name, version, start - start % width)].append(rowid)
+    for (name, version, bucket), rowids in buckets.items():
+        _merge_into_bucket(db, level, name, version, bucket, width, rowids)
+    return sum(len(r) for r in buckets.values())
+
+
+_TOTALS = ("rows", "calls", "dropped_rows", "errors")
+
+
+def _merge_into_bucket(db: Database, level: str, name: str, version: str, bucket: int, width: int,
+                       rowids: list[int]) -> None:
+    target = _NEXT[level]
+    merger = WindowMerger()
+    totals = dict.fromkeys(("windows", *_TOTALS), 0)
+    existing = db.execute(
+        "SELECT rowid, windows, rows, calls, dropped_rows, errors, body FROM rollups"
+        " WHERE model_name = ? AND model_version = ? AND level = ? AND bucket_start_ns = ?",
+        [name, version, target, bucket],
+    ).fetchone()
+    sources: Iterable[tuple] = _source_rows(db, level, rowids)
+    if existing is not None:
+        sources = itertools.chain([existing[1:]], sources)
+    for windows, *counts, body in sources:
+        totals["windows"] += windows
+        for key, value in zip(_TOTALS, counts):
+            totals[key] += value
+        merger.add(summary_pb2.WindowSummary.FromString(body))
+    merged = merger.result()
+    row = {"windows": totals["windows"], **{k: totals[k] for k in _TOTALS},
+           "start_ns": merged.start_unix_nano, "end_ns": merged.end_unix_nano,
+           "body": merged.SerializeToString()}
+    if existing is None:
+        db["rollups"].insert({"model_name": name, "model_version": version, "level": target,
+                              "bucket_start_ns": bucket, "bucket_end_ns": bucket + width, **row})
+    else:
+        db["rollups"].update(existing[0], row)
+    table = "windows" if level == "raw" else "rollups"
+    for chunk in _chunks(rowids):
+        db.execute(f"DELETE FROM {table} WHERE rowid IN ({','.join('?' * len(chunk))})", chunk)
+
+
+def _source_rows(db: Database, level: str, rowids: list[int]) -> Iterator[tuple]:
+    """(windows, rows, calls, dropped_rows, errors, body) of each source, a chunk at a time."""
+    if level == "raw":
+        sql = "SELECT 1, rows, calls, dropped_rows, errors, body FROM windows WHERE rowid IN ({})"
+    else:
+        sql = "SELECT windows, rows, calls, dropped_rows, errors, body FROM rollups WHERE rowid IN ({})"
+    for chunk in _chunks(rowids):
+        yield from db.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
+
+
+def _chunks(items: list[int]) -> Iterator[list[int]]:
+    for i in range(0, len(items), _CHUNK):
+        yield items[i:i + _CHUNK]

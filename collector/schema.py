@@ -1,0 +1,93 @@
+"""The collector's SQLite schema and its migrations.
+
+Each migration is a function in ``MIGRATIONS``, applied once and recorded in
+the ``migrations`` table; later issues append to the list.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+
+from sqlite_utils import Database
+
+from agent.errors import FailedPrecondition
+
+log = logging.getLogger(__name__)
+
+SPOOL_FIELDS = ("windows", "bytes", "dropped_windows", "dropped_rows", "rejected_windows")
+LISTED = ("start_ns", "rows", "calls", "dropped_rows", "errors")  # scalars besides the keys and end_ns
+
+
+
+def initial_schema(db: Database) -> None:
+    """Agents (one row per agent process run), raw windows, rollups."""
+    counters = {"windows": int, "rows": int, "dropped_rows": int, "errors": int, "last_window_end_ns": int}
+    spool = {f"spool_{f}": int for f in SPOOL_FIELDS}
+    agent_ints = ["started_ns", "first_seen_ns", "last_seen_ns", "connected_ns", "connected", *counters, *spool]
+    agent_texts = ["host", "model_name", "model_version", "model_sha256", "agent_version", "onnxruntime_version"]
+    db["agents"].create(
+        {"agent_id": str, "run_id": str, **dict.fromkeys(agent_texts, str), "schema": str,
+         **dict.fromkeys(agent_ints, int)},
+        pk=("agent_id", "run_id"),
+        not_null=["agent_id", "run_id", *agent_texts, "schema", *agent_ints],
+        defaults={**dict.fromkeys(agent_texts, ""), "schema": "{}", **dict.fromkeys(agent_ints, 0)},
+    )
+    scalars = {"model_name": str, "model_version": str, "start_ns": int, "end_ns": int,
+               "rows": int, "calls": int, "dropped_rows": int, "errors": int}
+    db["windows"].create(
+        {"agent_id": str, "run_id": str, "seq": int, **scalars, "body": bytes},
+        pk=("agent_id", "run_id", "seq"), not_null=["agent_id", "run_id", "seq", *scalars, "body"],
+    )
+    # The indexes carry the scalar columns, so that totals, listings and the
+    # retention scan read the index alone: a table row holds up to 4 KB of its
+    # body on its leaf page, and scanning those would read most of the file.
+    db["windows"].create_index(["model_name", "model_version", "end_ns", *LISTED, "agent_id", "run_id", "seq"],
+                               index_name="windows_by_model_end")
+    db["windows"].create_index(["end_ns", "model_name", "model_version", "start_ns"], index_name="windows_by_end")
+    db["rollups"].create(
+        {"model_name": str, "model_version": str, "level": str, "bucket_start_ns": int,
+         "bucket_end_ns": int, "windows": int, **scalars, "body": bytes},
+        not_null=["level", "bucket_start_ns", "bucket_end_ns", "windows", *scalars, "body"],
+    )
+    db["rollups"].create_index(["model_name", "model_version", "level", "bucket_start_ns"], unique=True)
+    db["rollups"].create_index(["model_name", "model_version", "end_ns", *LISTED, "level", "windows"],
+                               index_name="rollups_by_model_end")
+    db["rollups"].create_index(["level", "bucket_end_ns", "model_name", "model_version", "bucket_start_ns"],
+                               index_name="rollups_by_level_end")
+
+
+# Append new migrations; never edit or reorder applied ones. Id = position + 1.
+MIGRATIONS: list[Callable[[Database], None]] = [initial_schema]
+
+
+def migrate(db: Database) -> None:
+    """Apply pending migrations, each in its own transaction with its record.
+    Re-checked inside the transaction, so two processes opening one file agree."""
+    db["migrations"].create({"id": int, "name": str, "applied_at": str}, pk="id", if_not_exists=True)
+    newest = db.execute("SELECT max(id) FROM migrations").fetchone()[0] or 0
+    if newest > len(MIGRATIONS):
+        raise FailedPrecondition(f"database schema is at migration {newest}, this collector knows {len(MIGRATIONS)}")
+    for number, fn in enumerate(MIGRATIONS, 1):
+        with immediate(db.conn):
+            if db.execute("SELECT 1 FROM migrations WHERE id = ?", [number]).fetchone() is None:
+                fn(db)
+                now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+                db["migrations"].insert({"id": number, "name": fn.__name__, "applied_at": now})
+                log.info("applied migration %d %s", number, fn.__name__)
+
+
+@contextlib.contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error: take the write lock up
+    front rather than upgrading a read transaction (which can fail with BUSY)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # a failed COMMIT must not leave the writer inside a transaction
+            conn.execute("ROLLBACK")
+        raise

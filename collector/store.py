@@ -1,0 +1,389 @@
+"""The collector's SQLite store: agents, raw windows and their rollups.
+
+SQLite has one writer even in WAL mode, so one thread owns the write
+connection and takes work from a queue (datasette's pattern); sharing a
+connection between threads would only turn contention into "database is
+locked". The writer drains up to ``batch_max`` queued tasks into one
+``BEGIN IMMEDIATE`` transaction (group commit: one fsync for many windows),
+each task inside its own savepoint so that one failing task fails alone.
+Futures resolve only after COMMIT, which is what lets the collector ack a
+window and the agent drop it from its spool.
+
+Durability: WAL with ``synchronous=NORMAL`` (the default) survives a crash of
+the process, kill -9 included; a crash of the OS or a power cut may lose the
+last few commits (WAL is synced at checkpoints, not at every commit). Those
+windows were acked, so the agents will not resend them. ``synchronous="FULL"``
+syncs the WAL at every commit and closes that gap at the cost of one fsync per
+group commit.
+
+Readers open their own connection (one per calling thread) and never block the
+writer.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import datetime
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from sqlite_utils import Database
+
+from agent.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from collector.rollup import RetentionPolicy, apply_retention
+from collector.schema import LISTED as _LISTED
+from collector.schema import SPOOL_FIELDS as _SPOOL_FIELDS
+from collector.schema import immediate as _immediate
+from collector.schema import migrate
+from protos import collector_pb2, summary_pb2
+
+log = logging.getLogger(__name__)
+
+STORED = collector_pb2.WindowAck.STORED
+DUPLICATE = collector_pb2.WindowAck.DUPLICATE
+_SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
+
+
+class WindowResult(NamedTuple):
+    run_id: str
+    seq: int
+    result: int  # collector_pb2.WindowAck.STORED or DUPLICATE
+
+
+# ------------------------------------------------------------ the store
+
+
+@dataclass
+class _Task:
+    run: Callable[[Database], Any]
+    future: concurrent.futures.Future
+    weight: int  # queue slots it holds: its windows, or 1
+    windows: bool = False
+
+
+_STOP = object()
+
+_INSERT_WINDOW = (
+    "INSERT INTO windows (agent_id, run_id, seq, model_name, model_version, start_ns, end_ns,"
+    " rows, calls, dropped_rows, errors, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (agent_id, run_id, seq) DO NOTHING"
+)
+# Windows may arrive before (or without) a Hello: the run's row is created
+# from the window, and a later Hello fills in the rest.
+_ADD_RUN_TOTALS = (
+    "INSERT INTO agents (agent_id, run_id, model_name, model_version, model_sha256, started_ns,"
+    " first_seen_ns, last_seen_ns, windows, rows, dropped_rows, errors, last_window_end_ns)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)"
+    " ON CONFLICT (agent_id, run_id) DO UPDATE SET windows = windows + 1, rows = rows + excluded.rows,"
+    " dropped_rows = dropped_rows + excluded.dropped_rows, errors = errors + excluded.errors,"
+    " last_window_end_ns = max(last_window_end_ns, excluded.last_window_end_ns)"
+)
+
+
+def _window_row(w: summary_pb2.WindowSummary) -> tuple:
+    return (w.agent_id, w.run_id, w.seq, w.model_name, w.model_version, w.start_unix_nano, w.end_unix_nano,
+            w.rows, w.calls, w.dropped_rows, w.errors, w.SerializeToString())
+
+
+def _insert_windows(db: Database, rows: list[tuple], sha: list[str], now_ns: int) -> list[WindowResult]:
+    results = []
+    for row, model_sha256 in zip(rows, sha):
+        # One statement per window: rowcount tells a new window from a resend.
+        stored = db.conn.execute(_INSERT_WINDOW, row).rowcount == 1
+        results.append(WindowResult(row[1], row[2], STORED if stored else DUPLICATE))
+        if stored:
+            agent_id, run_id, _, name, version, start, end, nrows, _, dropped, errors, _ = row
+            db.conn.execute(_ADD_RUN_TOTALS, (agent_id, run_id, name, version, model_sha256, start, now_ns, now_ns,
+                                              nrows, dropped, errors, end))
+    return results
+
+
+def _spool_columns(spool: collector_pb2.SpoolStatus) -> dict[str, int]:
+    return {f"spool_{f}": getattr(spool, f) for f in _SPOOL_FIELDS}
+
+
+class Store:
+    """The collector's database. Thread-safe; every write goes through the writer thread."""
+
+    def __init__(self, path: str | os.PathLike, *, batch_max: int = 512, queue_max: int = 20_000,
+                 synchronous: str = "NORMAL") -> None:
+        if synchronous.upper() not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, got {synchronous!r}")
+        if batch_max < 1 or queue_max < 1:
+            raise ValueError("batch_max and queue_max must be positive")
+        self.path = os.fspath(path)
+        self._batch_max = batch_max
+        self._queue_max = queue_max
+        self._synchronous = synchronous.upper()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._depth = 0  # windows (and other tasks) queued or being written
+        self._closed = False
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self.counters: dict[str, int] = {"windows_stored": 0, "windows_duplicate": 0}
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._writer = threading.Thread(target=self._write_loop, args=(ready,), name="outrider-store-writer",
+                                        daemon=True)
+        self._writer.start()
+        ready.result()  # schema errors surface here, in the constructor
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    # -------------------------------------------------------- writes
+
+    def submit_windows(self, windows: Sequence[summary_pb2.WindowSummary]) -> concurrent.futures.Future:
+        """Queue windows for the next group commit. The future gives one
+        WindowResult per window, in order, once they are committed: only then
+        may the agent forget them. A full queue raises ResourceExhausted at
+        once (back-pressure: the agent keeps its spool and retries later).
+        Callbacks on the future run on the writer thread: keep them short."""
+        rows = [_window_row(w) for w in windows]  # serialise here, in the caller's thread
+        sha = [w.model_sha256 for w in windows]
+        now_ns = time.time_ns()  # first_seen of a run that sent windows before its Hello
+        task = _Task(lambda db: _insert_windows(db, rows, sha, now_ns), concurrent.futures.Future(),
+                     weight=len(rows), windows=True)
+        if not rows:
+            task.future.set_result([])
+        else:
+            self._enqueue(task, may_refuse=True)
+        return task.future
+
+    def record_hello(self, hello: collector_pb2.Hello, now_ns: int) -> None:
+        """Create or refresh the run's row and mark it connected; returns after commit."""
+        schema = json.dumps({side: [{"name": t.name, "type": t.type, "shape": list(t.shape)}
+                                    for t in getattr(hello, side)] for side in ("inputs", "outputs")})
+        fields = {
+            "host": hello.host, "model_name": hello.model_name, "model_version": hello.model_version,
+            "model_sha256": hello.model_sha256, "schema": schema, "agent_version": hello.agent_version,
+            "onnxruntime_version": hello.onnxruntime_version,
+            "last_seen_ns": now_ns, "connected": 1, "connected_ns": now_ns,
+        }
+        if hello.started_unix_nano:  # else keep the first window's start as the run's start
+            fields["started_ns"] = hello.started_unix_nano
+        if hello.HasField("spool"):
+            fields.update(_spool_columns(hello.spool))
+        self._update_agent(hello.agent_id, hello.run_id, now_ns, fields)
+
+    def record_spool(self, agent_id: str, run_id: str, spool: collector_pb2.SpoolStatus, now_ns: int) -> None:
+        """Store the agent's latest spool status; returns after commit."""
+        self._update_agent(agent_id, run_id, now_ns, {**_spool_columns(spool), "last_seen_ns": now_ns})
+
+    def mark_disconnected(self, agent_id: str, run_id: str, now_ns: int) -> None:
+        """The run's stream ended; an unknown run is ignored."""
+        self._call(lambda db: db.execute(
+            "UPDATE agents SET connected = 0, last_seen_ns = ? WHERE agent_id = ? AND run_id = ?",
+            [now_ns, agent_id, run_id]))
+
+    def _update_agent(self, agent_id: str, run_id: str, now_ns: int, fields: dict[str, Any]) -> None:
+        def run(db: Database) -> None:
+            db["agents"].insert({"agent_id": agent_id, "run_id": run_id, "first_seen_ns": now_ns}, ignore=True)
+            db["agents"].update((agent_id, run_id), fields)
+
+        self._call(run)
+
+    def rollup(self, now_ns: int, policy: RetentionPolicy) -> dict[str, int]:
+        """Apply the retention policy as of ``now_ns``, on the writer thread
+        (it writes), in one transaction; returns the counts per level."""
+        return self._call(lambda db: apply_retention(db, now_ns, policy))
+
+    def _call(self, fn: Callable[[Database], Any]) -> Any:
+        """Run ``fn`` on the writer and wait for its commit. Control tasks are
+        few and small, so they are never refused for a full queue."""
+        task = _Task(fn, concurrent.futures.Future(), weight=1)
+        self._enqueue(task, may_refuse=False)
+        return task.future.result()
+
+    def _enqueue(self, task: _Task, *, may_refuse: bool) -> None:
+        with self._lock:
+            if self._closed:
+                raise Unavailable("store is closed")
+            # Strict: a batch larger than queue_max is always refused (keep
+            # Limits.max_windows_per_batch below it).
+            if may_refuse and self._depth + task.weight > self._queue_max:
+                raise ResourceExhausted(
+                    f"write queue full ({self._depth} windows waiting, limit {self._queue_max}); retry later")
+            self._depth += task.weight
+            self._queue.put(task)
+
+    def queue_depth(self) -> int:
+        """Windows (and other writes) queued or being written, not yet committed."""
+        return self._depth
+
+    # -------------------------------------------------------- the writer
+
+    def _write_loop(self, ready: concurrent.futures.Future) -> None:
+        conn = None
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            db = Database(conn)
+            migrate(db)
+        except BaseException as exc:  # e.g. no such directory, a newer schema: raised by the constructor
+            if conn is not None:
+                conn.close()
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        try:
+            stop = False
+            while not stop:
+                batch = [self._queue.get()]
+                while len(batch) < self._batch_max and not self._queue.empty():
+                    batch.append(self._queue.get())
+                if batch[-1] is _STOP:
+                    stop = True
+                    batch.pop()
+                if batch:
+                    self._commit(db, batch)
+        except BaseException:  # a bug: do not leave callers waiting forever
+            log.exception("store writer failed")
+            with self._lock:
+                self._closed = True
+            while not self._queue.empty():
+                task = self._queue.get()
+                if task is not _STOP and task.future.set_running_or_notify_cancel():
+                    task.future.set_exception(Unavailable("store writer failed"))
+        finally:
+            conn.close()
+
+    def _commit(self, db: Database, batch: list[_Task]) -> None:
+        live = [t for t in batch if t.future.set_running_or_notify_cancel()]
+        outcomes: list[tuple[_Task, Any, bool]] = []
+        try:
+            with _immediate(db.conn):
+                for task in live:
+                    db.conn.execute("SAVEPOINT task")
+                    try:
+                        outcomes.append((task, task.run(db), True))
+                    except Exception as exc:
+                        if not db.conn.in_transaction:
+                            raise  # the error ended the whole transaction: all fail below
+                        db.conn.execute("ROLLBACK TO task")
+                        outcomes.append((task, exc, False))
+                    db.conn.execute("RELEASE task")
+        except Exception as exc:  # BEGIN or COMMIT failed (disk full, I/O error): nothing is stored
+            log.exception("store commit failed")
+            outcomes = [(t, Unavailable(f"store write failed: {exc}"), False) for t in live]
+        with self._lock:
+            self._depth -= sum(t.weight for t in batch)
+        for task, value, ok in outcomes:
+            if ok and task.windows:
+                stored = sum(r.result == STORED for r in value)
+                self.counters["windows_stored"] += stored
+                self.counters["windows_duplicate"] += len(value) - stored
+            if ok:
+                task.future.set_result(value)
+            else:
+                task.future.set_exception(value)
+
+    # -------------------------------------------------------- reads
+
+    def _reader(self) -> Database:
+        """This thread's read connection (WAL readers never block the writer)."""
+        if self._closed:
+            raise Unavailable("store is closed")
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
+            conn.execute("PRAGMA query_only=1")
+            db = self._local.db = Database(conn)
+            with self._lock:
+                self._readers.append(conn)
+        return db
+
+    def agents(self) -> list[collector_pb2.AgentState]:
+        """Every agent run, oldest run first per agent; ``restarts`` counts the
+        same agent's earlier runs. Totals count every window ever stored for
+        the run (kept on the run's row, so rollups do not change them)."""
+        rows = self._reader().query(
+            "SELECT *, count(*) OVER (PARTITION BY agent_id ORDER BY started_ns, first_seen_ns, run_id"
+            " ROWS UNBOUNDED PRECEDING) - 1 AS restarts FROM agents ORDER BY agent_id, restarts")
+        return [collector_pb2.AgentState(
+            agent_id=r["agent_id"], run_id=r["run_id"], host=r["host"], model_name=r["model_name"],
+            model_version=r["model_version"], connected=bool(r["connected"]),
+            connected_unix_nano=r["connected_ns"], last_seen_unix_nano=r["last_seen_ns"],
+            last_window_end_unix_nano=r["last_window_end_ns"], windows=r["windows"], rows=r["rows"],
+            dropped_rows=r["dropped_rows"], restarts=r["restarts"],
+            spool=collector_pb2.SpoolStatus(**{f: r[f"spool_{f}"] for f in _SPOOL_FIELDS}),
+        ) for r in rows]
+
+    def model_totals(self) -> list[collector_pb2.ModelVersionTotals]:
+        """Exact totals per model version over everything still stored: raw
+        windows plus rollups (rollups keep exact counts; only day buckets past
+        ``day_seconds`` leave the totals)."""
+        rows = self._reader().query(
+            "SELECT model_name, model_version, sum(n) AS windows, sum(rows) AS rows, sum(dropped_rows) AS dropped_rows,"
+            " sum(errors) AS errors, max(end_ns) AS end_ns FROM ("
+            " SELECT model_name, model_version, 1 AS n, rows, dropped_rows, errors, end_ns FROM windows UNION ALL"
+            " SELECT model_name, model_version, windows, rows, dropped_rows, errors, end_ns FROM rollups"
+            ") GROUP BY model_name, model_version ORDER BY model_name, model_version")
+        return [collector_pb2.ModelVersionTotals(
+            model_name=r["model_name"], model_version=r["model_version"], windows=r["windows"], rows=r["rows"],
+            dropped_rows=r["dropped_rows"], errors=r["errors"], last_window_end_unix_nano=r["end_ns"],
+        ) for r in rows]
+
+    def windows(self, model_name: str, model_version: str = "", since_ns: int = 0, limit: int = 1000,
+                include_summaries: bool = False) -> list[collector_pb2.WindowInfo]:
+        """Raw windows and rollup rows of a model (all versions if
+        ``model_version`` is empty) ending at or after ``since_ns``, newest first."""
+        limit = limit if limit > 0 else 1000
+        where = "model_name = ? AND end_ns >= ?" + (" AND model_version = ?" if model_version else "")
+        params = [model_name, since_ns, *([model_version] if model_version else [])]
+        scalars = "rowid AS id, model_name, model_version, start_ns, end_ns, rows, calls, dropped_rows, errors"
+        # Each side is limited on its own (walking its covering index) before the merge;
+        # bodies are read afterwards, only for the rows returned.
+        db = self._reader()
+        db.conn.execute("BEGIN")  # one snapshot for the listing and its bodies
+        try:
+            rows = list(db.query(
+                f"SELECT * FROM (SELECT 'raw' AS level, agent_id, run_id, seq, {scalars} FROM windows"
+                f" WHERE {where} ORDER BY end_ns DESC LIMIT ?)"
+                f" UNION ALL SELECT * FROM (SELECT level, '', '', 0, {scalars} FROM rollups"
+                f" WHERE {where} ORDER BY end_ns DESC LIMIT ?) ORDER BY end_ns DESC, seq DESC LIMIT ?",
+                [*params, limit, *params, limit, limit]))
+            return [self._window_info(db, r, include_summaries) for r in rows]
+        finally:
+            db.conn.execute("COMMIT")
+
+    @staticmethod
+    def _window_info(db: Database, r: dict[str, Any], include_summary: bool) -> collector_pb2.WindowInfo:
+        info = collector_pb2.WindowInfo(
+            agent_id=r["agent_id"], run_id=r["run_id"], seq=r["seq"], model_name=r["model_name"],
+            model_version=r["model_version"], start_unix_nano=r["start_ns"], end_unix_nano=r["end_ns"],
+            rows=r["rows"], calls=r["calls"], dropped_rows=r["dropped_rows"], errors=r["errors"], level=r["level"])
+        if include_summary:
+            table = "windows" if r["level"] == "raw" else "rollups"
+            body = db.execute(f"SELECT body FROM {table} WHERE rowid = ?", [r["id"]]).fetchone()[0]
+            info.summary.ParseFromString(body)
+        return info
+
+    # -------------------------------------------------------- shutdown
+
+    def close(self, timeout: float = 30) -> None:
+        """Refuse new work, let the writer commit everything queued, stop it,
+        close every connection. Idempotent."""
+        with self._lock:
+            already, self._closed = self._closed, True
+            if not already:
+                self._queue.put(_STOP)  # after every accepted task: FIFO
+        self._writer.join(timeout)
+        if self._writer.is_alive():
+            log.warning("store writer still busy after %.0f s; %d writes not committed", timeout, self._depth)
+        with self._lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
