@@ -62,6 +62,11 @@ class MonitoredSession:
         this many rows.
     ring_rows / ring_bytes: the ring's capacity; rows beyond it are dropped and
         counted, never queued.
+    collector: HOST:PORT of the collector; windows then go to a
+        ``CollectorExporter`` (instead of ``sink``) through an on-disk spool at
+        ``spool_dir`` (default ``./outrider-spool/<agent_id>-<model_name>``),
+        with ``collector_token`` as bearer token and ``collector_tls`` (an
+        ``agent.exporter.TLSConfig``, or None for plaintext).
     summarizer: "process" (a helper process reading the ring from shared
         memory, so summarising never holds this process's GIL), "thread" (a
         daemon thread: no extra process, but its GIL use slows the serving
@@ -76,7 +81,11 @@ class MonitoredSession:
                  sink: WindowSink | None = None, window_seconds: float | None = 10.0,
                  window_rows: int | None = None, ring_rows: int = 1 << 16,
                  ring_bytes: int = 64 << 20, summarizer: Summarizer = "auto",
-                 agent_id: str | None = None, **kwargs: Any) -> None:
+                 agent_id: str | None = None, collector: str | None = None,
+                 spool_dir: str | os.PathLike | None = None, collector_token: str | None = None,
+                 collector_tls: Any = None, **kwargs: Any) -> None:
+        if collector and sink is not None:
+            raise ValueError("pass either sink or collector, not both")
         if isinstance(path_or_bytes, (bytes, bytearray)):
             model_bytes = bytes(path_or_bytes)
             default_name = None
@@ -113,10 +122,20 @@ class MonitoredSession:
         self.export_failures = 0
         self._final_stats: dict[str, int] = {}
         self._started_ns = time.time_ns()  # the first window starts here, not when its worker does
-        if self._all_static():
-            self._start(self._plan(None, None))
-        else:
-            self._capture = self._resolve_then_capture
+        self._exporter = None
+        if collector:
+            from agent.exporter import exporter_for
+
+            self.sink = self._exporter = exporter_for(self, collector, spool_dir, collector_token, collector_tls)
+        try:
+            if self._all_static():
+                self._start(self._plan(None, None))
+            else:
+                self._capture = self._resolve_then_capture
+        except BaseException:
+            if self._exporter is not None:
+                self._exporter.close(0)
+            raise
 
     # --- the InferenceSession surface -------------------------------------------------
     def get_inputs(self) -> list:
@@ -321,19 +340,21 @@ class MonitoredSession:
                 "calls": h[CALLS_HEAD], "dropped_rows": h[DROPPED] + h[SKIPPED], "errors": h[ERRORS]}
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop capturing, flush the last partial window to the sink, stop the worker."""
+        """Stop capturing, flush the last partial window to the sink, stop the worker;
+        then give the collector exporter (if any) ``timeout`` to deliver what it holds."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._capture = None
             ring = self._ring
-        if ring is None:
-            return
-        self._summarizer.close(timeout)
-        self._final_stats = self.stats()
-        self._fast = None  # holds a view of the ring's buffer: must go before the buffer
-        ring.release(unlink=True)
+        if ring is not None:
+            self._summarizer.close(timeout)
+            self._final_stats = self.stats()
+            self._fast = None  # holds a view of the ring's buffer: must go before the buffer
+            ring.release(unlink=True)
+        if self._exporter is not None:
+            self._exporter.close(timeout)
 
     def __enter__(self) -> "MonitoredSession":
         return self
