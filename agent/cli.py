@@ -40,16 +40,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_flag(parser: argparse.ArgumentParser, flag: str, *, required: bool = False,
-             default: Any = None, help: str = "", **kwargs: Any) -> None:
+             default: Any = None, help: str = "", secret: bool = False, **kwargs: Any) -> None:
     """Add ``--flag`` whose default comes from ``OUTRIDER_FLAG`` when that is set.
 
     argparse applies ``type`` to string defaults, so environment values are
-    checked exactly like command-line ones.
+    checked exactly like command-line ones. A ``secret`` default is never shown in help.
     """
     env = "OUTRIDER_" + flag.lstrip("-").upper().replace("-", "_")
     if env in os.environ:
         default, required = os.environ[env], False
-    shown = "" if default is None else " (default: %(default)s)"
+    shown = "" if default is None else " (set)" if secret else " (default: %(default)s)"
     parser.add_argument(flag, default=default, required=required,
                         help=f"{help}{shown} [env {env}]", **kwargs)
 
@@ -81,6 +81,16 @@ def listen_address(text: str) -> str:
     return text
 
 
+def collector_address(text: str) -> str:
+    """HOST:PORT of the collector (IPv6 hosts in brackets)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:PORT; use e.g. 127.0.0.1:4317 ([::1]:4317 for IPv6)"
+        )
+    return text
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """``outrider agent serve``."""
     agent = subparsers.add_parser("agent", help="run the monitoring agent beside a model",
@@ -101,6 +111,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(serve, "--summarizer", default="auto", choices=["auto", "process", "thread"],
              help="where summaries are computed: a helper process reading shared memory (keeps the "
                   "serving process's GIL free), a thread, or auto (process on x86-64)")
+    add_flag(serve, "--agent-id", metavar="ID",
+             help="this agent's name at the collector (default: the host name); keep it across restarts")
+    add_flag(serve, "--collector", type=collector_address, metavar="HOST:PORT",
+             help="send summaries to the collector at this address (default: none, summaries stay local)")
+    add_flag(serve, "--spool-dir", metavar="DIR",
+             help="where windows wait until the collector acknowledges them; survives restarts "
+                  "(default: ./outrider-spool/AGENT_ID-MODEL_NAME)")
+    add_flag(serve, "--token", metavar="TOKEN", secret=True,
+             help="bearer token for the collector (prefer the environment variable: flags show in ps)")
     add_flag(serve, "--workers", default="8", type=positive(int), metavar="N",
              help="request worker threads")
     add_flag(serve, "--max-message-mb", default="64", type=positive(float), metavar="MB",
@@ -125,7 +144,9 @@ def serve_command(args: argparse.Namespace) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        session = _open_session(model, name, args.model_version, args.window_seconds, args.summarizer)
+        session = _open_session(model, name, args.model_version, args.window_seconds, args.summarizer,
+                                agent_id=args.agent_id, collector=args.collector, spool_dir=args.spool_dir,
+                                collector_token=args.token)
         try:
             running = serve(session, name, args.model_version, args.listen, workers=args.workers,
                             max_receive_bytes=int(args.max_message_mb * 1024 * 1024))
@@ -169,12 +190,18 @@ def check_listen(listen: str) -> None:
                      "pick a free port on a local address with --listen")
 
 
-def _open_session(model: Path, name: str, version: str, window_seconds: float, summarizer: str) -> Any:
+def _open_session(model: Path, name: str, version: str, window_seconds: float, summarizer: str,
+                  **monitoring: Any) -> Any:
     from agent import MonitoredSession
+    from agent.errors import OutriderError
 
     try:
         return MonitoredSession(str(model), model_name=name, model_version=version,
-                                window_seconds=window_seconds, summarizer=summarizer)
+                                window_seconds=window_seconds, summarizer=summarizer, **monitoring)
+    except OutriderError as exc:  # e.g. the spool directory is in use by another agent
+        raise UsageError(f"{exc}; pass another --spool-dir") from None
+    except OSError as exc:  # e.g. a spool directory we may not create
+        raise UsageError(f"{exc.strerror or exc}: {exc.filename}; check --model and --spool-dir") from None
     except Exception as exc:  # onnxruntime's load errors have no common base class
         raise UsageError(
             f"cannot load {model} as an ONNX model: {_first_line(exc)}; pass a valid .onnx file with --model"
@@ -224,4 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as a script this file is ``__main__``, a second copy of agent.cli: call the
+    # imported module's main so that its UsageError is the one other modules raise.
+    from agent.cli import main as _main
+
+    sys.exit(_main())

@@ -1,14 +1,14 @@
 """The one error hierarchy of Outrider, and its one mapping to gRPC.
 
-Plain-Python cores raise these; servicers are wrapped with ``grpc_errors`` so
-that each becomes ``context.abort(code, message)`` in exactly one place.
+Plain-Python cores raise these; servicers are wrapped with ``grpc_errors``
+(``grpc_stream_errors`` for streaming replies) so that each becomes ``context.abort(code, message)`` in exactly one place.
 Anything else escaping a servicer is a bug: it is logged and answered INTERNAL.
 """
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -20,6 +20,7 @@ class OutriderError(Exception):
     """Base class: a failure with a message fit to show the caller."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    trailing_metadata: tuple[tuple[str, str], ...] = ()  # sent with the status, e.g. retry-after-ms
 
 
 class InvalidArgument(OutriderError):
@@ -49,12 +50,27 @@ class PermissionDenied(OutriderError):
 class ResourceExhausted(OutriderError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
+    def __init__(self, message: str = "", *, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        if retry_after_ms is not None:  # tells the caller when to try again
+            self.trailing_metadata = (("retry-after-ms", str(int(retry_after_ms))),)
+
 
 class Unavailable(OutriderError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception, method: Callable[..., Any]) -> None:
+    if isinstance(exc, OutriderError):
+        if exc.trailing_metadata:
+            context.set_trailing_metadata(exc.trailing_metadata)
+        context.abort(exc.code, str(exc))
+    # a bug: keep serving, tell the caller plainly
+    log.error("unhandled error in %s", method.__qualname__, exc_info=exc)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
 def grpc_errors(method: F) -> F:
@@ -64,10 +80,20 @@ def grpc_errors(method: F) -> F:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except OutriderError as exc:
-            context.abort(exc.code, str(exc))
-        except Exception as exc:  # a bug: keep serving, tell the caller plainly
-            log.exception("unhandled error in %s", method.__qualname__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        except Exception as exc:
+            _abort(context, exc, method)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def grpc_stream_errors(method: F) -> F:
+    """``grpc_errors`` for a servicer method that yields its responses (a generator)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:  # GeneratorExit (the client went away) is not an Exception
+            _abort(context, exc, method)
 
     return wrapper  # type: ignore[return-value]

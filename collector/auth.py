@@ -1,0 +1,285 @@
+"""Who may talk to the collector: bearer tokens from an auth file, checked by one interceptor.
+
+The auth file is TOML::
+
+    [[agent]]
+    name = "edge-1"
+    token = "..."                  # or token_sha256 = "<64 hex digits>"
+
+    [[operator]]
+    name = "alice"
+    token_sha256 = "..."
+    role = "approver"              # viewer < operator < approver < admin
+
+Agents may call AgentService, operators OpsService methods up to their role;
+the health service is open. The identity of an accepted call is available to
+servicers through ``current_identity()``. Without an auth file the collector
+only listens on loopback and every caller is ``LOCAL``.
+"""
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import ipaddress
+import logging
+import socket
+import threading
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import grpc
+
+from agent.errors import InvalidArgument
+from protos import collector_pb2
+
+log = logging.getLogger(__name__)
+
+ROLES = ("viewer", "operator", "approver", "admin")  # each can do what the ones before it can
+MIN_TOKEN_CHARS = 16
+
+_SERVICES = collector_pb2.DESCRIPTOR.services_by_name
+AGENT_SERVICE = _SERVICES["AgentService"].full_name
+OPS_SERVICE = _SERVICES["OpsService"].full_name
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
+
+# The least role each OpsService method needs; a method missing here needs
+# "admin", so a new method is closed until someone decides otherwise.
+OPS_METHOD_ROLES: dict[str, str] = {
+    "Status": "viewer",
+    "ListWindows": "viewer",
+}
+
+
+class Identity(NamedTuple):
+    name: str
+    kind: str  # "agent", "operator", or "local" (no auth file: loopback only)
+    role: str = ""  # operators' role; "" for agents
+
+
+LOCAL = Identity("local", "local", "admin")
+
+_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("outrider_identity", default=None)
+
+
+def current_identity() -> Identity | None:
+    """The caller of the RPC being served (gRPC runs interceptor and handler in one context)."""
+    return _identity.get()
+
+
+def role_at_least(role: str, needed: str) -> bool:
+    return role in ROLES and ROLES.index(role) >= ROLES.index(needed)
+
+
+class _Credential(NamedTuple):
+    digest: bytes
+    identity: Identity
+
+
+class AuthConfig:
+    """The tokens of an auth file, kept only as SHA-256 digests."""
+
+    def __init__(self, credentials: list[_Credential]) -> None:
+        self._credentials = credentials
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AuthConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read auth file {path}: {exc.strerror or exc}") from None
+        return cls.from_toml(text, source=str(path))
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "auth file") -> AuthConfig:
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgument(f"{source} is not valid TOML: {exc}") from None
+        unknown = set(doc) - {"agent", "operator"}
+        if unknown:
+            raise InvalidArgument(f"{source}: unknown section(s) {sorted(unknown)}; use [[agent]] and [[operator]]")
+        credentials: list[_Credential] = []
+        for kind in ("agent", "operator"):
+            entries = doc.get(kind, [])
+            if not isinstance(entries, list):
+                raise InvalidArgument(f"{source}: write each {kind} as a [[{kind}]] table")
+            for number, entry in enumerate(entries, 1):
+                credentials.append(_credential(kind, entry, f"{source}: [[{kind}]] #{number}"))
+        if not credentials:
+            raise InvalidArgument(f"{source} defines no [[agent]] or [[operator]]: nobody could connect")
+        seen: dict[bytes, Identity] = {}
+        for cred in credentials:
+            if cred.digest in seen:
+                raise InvalidArgument(f"{source}: {cred.identity.kind} {cred.identity.name!r} has the same token "
+                                      f"as {seen[cred.digest].kind} {seen[cred.digest].name!r}; give each its own")
+            seen[cred.digest] = cred.identity
+        return cls(credentials)
+
+    def authenticate(self, token: str) -> Identity | None:
+        digest = hashlib.sha256(token.encode("utf-8")).digest()
+        found = None
+        for cred in self._credentials:  # no early exit: the time taken does not say which entry matched
+            if hmac.compare_digest(digest, cred.digest):
+                found = cred.identity
+        return found
+
+
+def _credential(kind: str, entry: Any, where: str) -> _Credential:
+    if not isinstance(entry, dict):
+        raise InvalidArgument(f"{where} must be a table")
+    allowed = {"name", "token", "token_sha256"} | ({"role"} if kind == "operator" else set())
+    unknown = set(entry) - allowed
+    if unknown:
+        raise InvalidArgument(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidArgument(f"{where} needs a name")
+    where = f"{where} ({name})"
+    if ("token" in entry) == ("token_sha256" in entry):
+        raise InvalidArgument(f"{where} needs exactly one of token or token_sha256")
+    if "token" in entry:
+        token = entry["token"]
+        if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
+            raise InvalidArgument(f"{where}: token must be at least {MIN_TOKEN_CHARS} characters; make one with "
+                                  "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        digest = hashlib.sha256(token.encode("utf-8")).digest()
+    else:
+        hexed = entry["token_sha256"]
+        try:
+            digest = bytes.fromhex(hexed) if isinstance(hexed, str) else b""
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise InvalidArgument(f"{where}: token_sha256 must be 64 hex digits (sha256sum of the token)")
+    role = ""
+    if kind == "operator":
+        role = entry.get("role", "viewer")
+        if role not in ROLES:
+            raise InvalidArgument(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
+    return _Credential(digest, Identity(name, kind, role))
+
+
+def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that only answers ``code``."""
+
+    def abort(request: Any, context: grpc.ServicerContext) -> None:
+        context.abort(code, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Checks every call's bearer token against ``config``; with no config every caller is ``LOCAL``."""
+
+    def __init__(self, config: AuthConfig | None, method_roles: Mapping[str, str] = OPS_METHOD_ROLES) -> None:
+        self.config = config
+        self.method_roles = method_roles
+        self._lock = threading.Lock()
+        self._failures = 0
+
+    @property
+    def failures(self) -> int:
+        with self._lock:
+            return self._failures
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+                          details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED
+            return None
+        service, _, method = details.method.lstrip("/").partition("/")
+        if service in OPEN_SERVICES:
+            return handler
+        if self.config is None:
+            _identity.set(LOCAL)
+            return handler
+        identity, refusal = self._check(service, method, details.invocation_metadata or ())
+        if refusal is not None:
+            with self._lock:
+                self._failures += 1
+            log.warning("refused %s: %s", details.method, refusal[1])
+            return _refuse(handler, *refusal)
+        _identity.set(identity)
+        return handler
+
+    def _check(self, service: str, method: str,
+               metadata: Any) -> tuple[Identity | None, tuple[grpc.StatusCode, str] | None]:
+        assert self.config is not None
+        values = [value for key, value in metadata if key == "authorization"]
+        if not values:
+            return None, (grpc.StatusCode.UNAUTHENTICATED,
+                          "missing token: send metadata 'authorization: Bearer <token>' "
+                          "(outrider CLI: --token or OUTRIDER_TOKEN)")
+        scheme, _, token = str(values[0]).partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None, (grpc.StatusCode.UNAUTHENTICATED, "malformed authorization metadata: expected 'Bearer <token>'")
+        identity = self.config.authenticate(token)
+        if identity is None:
+            return None, (grpc.StatusCode.UNAUTHENTICATED, "unknown token: it is not in the collector's auth file")
+        call = f"{service.rpartition('.')[2]}/{method}"
+        who = f"{identity.kind} {identity.name!r}"
+        if service == AGENT_SERVICE:
+            if identity.kind != "agent":
+                return None, (grpc.StatusCode.PERMISSION_DENIED, f"{who} cannot call {call}: it needs an agent token")
+        elif service == OPS_SERVICE:
+            needed = self.method_roles.get(method, "admin")
+            if identity.kind != "operator":
+                return None, (grpc.StatusCode.PERMISSION_DENIED,
+                              f"{who} cannot call {call}: it needs an operator token (role {needed} or above)")
+            if not role_at_least(identity.role, needed):
+                return None, (grpc.StatusCode.PERMISSION_DENIED,
+                              f"{who} has role {identity.role}; {call} needs {needed} or above")
+        return identity, None
+
+
+# ------------------------------------------------------------------ TLS and listening
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files: the server's certificate and key, and optionally the CA that signs client certificates."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # set: clients must present a certificate it signed (mutual TLS)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        client_ca = self.client_ca.read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials([(self.key.read_bytes(), self.cert.read_bytes())],
+                                           root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def client_credentials(ca: str | Path | None = None, cert: str | Path | None = None,
+                       key: str | Path | None = None) -> grpc.ChannelCredentials:
+    """TLS for a client: trust ``ca`` (default: the system roots), present ``cert``/``key`` for mutual TLS."""
+
+    def read(path: str | Path | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert))
+
+
+def is_loopback(listen: str) -> bool:
+    """True when every address HOST of HOST:PORT stands for is a loopback address."""
+    host = listen.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)

@@ -1,0 +1,364 @@
+"""``outrider collector serve``, and the operators' ``outrider status`` / ``outrider windows``.
+
+The query commands talk only to the collector's OpsService over gRPC (never
+to its database), so they work from any machine the collector lets in.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import functools
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from agent.cli import EXIT_USAGE, UsageError, add_flag, check_listen, listen_address, positive
+
+DEFAULT_COLLECTOR = "127.0.0.1:50051"
+CALL_TIMEOUT = 30.0
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    collector = subparsers.add_parser("collector", help="run the collector that agents stream to",
+                                      description="Run the collector: it stores agents' windows and answers operators.")
+    commands = collector.add_subparsers(dest="collector_command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve", help="receive windows from agents and answer operators (gRPC)",
+        description="Receive agents' window summaries into a SQLite file and answer operators' queries. "
+                    "Without --auth-file it runs unauthenticated and only on a loopback address. "
+                    "Stops gracefully on SIGTERM/SIGINT.")
+    add_flag(serve, "--db", default="outrider.db", metavar="PATH", help="the SQLite database file")
+    add_flag(serve, "--listen", default=DEFAULT_COLLECTOR, type=listen_address, metavar="HOST:PORT",
+             help="address to serve on; port 0 picks a free port")
+    add_flag(serve, "--auth-file", metavar="FILE",
+             help="TOML file of [[agent]] and [[operator]] tokens; required to listen beyond loopback")
+    add_flag(serve, "--tls-cert", metavar="PEM", help="serve TLS with this certificate (needs --tls-key)")
+    add_flag(serve, "--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    add_flag(serve, "--tls-client-ca", metavar="PEM",
+             help="require client certificates signed by this CA (mutual TLS)")
+    add_flag(serve, "--raw-retention", default="3600", type=positive(int), metavar="S",
+             help="seconds raw windows are kept before they are merged into minutes")
+    add_flag(serve, "--minute-retention", default="86400", type=positive(int), metavar="S",
+             help="seconds minute buckets are kept before they are merged into hours")
+    add_flag(serve, "--hour-retention", default="2592000", type=positive(int), metavar="S",
+             help="seconds hour buckets are kept before they are merged into days")
+    add_flag(serve, "--day-retention", default="34560000", type=positive(int), metavar="S",
+             help="seconds day buckets are kept before they are deleted")
+    add_flag(serve, "--rollup-interval", default="60", type=positive(float), metavar="S",
+             help="seconds between retention passes")
+    add_flag(serve, "--grace-seconds", default="10", type=positive(float), metavar="S",
+             help="time in-flight calls get to finish on shutdown")
+    serve.set_defaults(func=_one_line_errors(serve_command))
+
+    status = subparsers.add_parser(
+        "status", help="show agents, model versions and collector counters",
+        description="Show the agents the collector knows, totals per model version, and its counters.")
+    _client_flags(status)
+    status.set_defaults(func=_one_line_errors(status_command))
+
+    windows = subparsers.add_parser(
+        "windows", help="list a model's stored windows, newest first",
+        description="List a model's stored windows (raw and rolled up), newest first.")
+    # No OUTRIDER_MODEL here: that variable is `agent serve`'s model file.
+    windows.add_argument("--model", required=True, metavar="NAME", help="model name")
+    add_flag(windows, "--version", metavar="V", help="model version (default: all versions)")
+    add_flag(windows, "--since", type=since_time, metavar="WHEN",
+             help="windows ending at or after WHEN: a duration back from now (30m, 1h, 2d) "
+                  "or a time (2026-11-26T10:00:00Z; UTC when no zone is given)")
+    add_flag(windows, "--limit", default="100", type=positive(int), metavar="N",
+             help="most windows to list (the collector allows up to 10000)")
+    _client_flags(windows)
+    windows.set_defaults(func=_one_line_errors(windows_command))
+
+
+def _one_line_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """UsageError -> one line and exit 2, here as well as in agent.cli.main: under
+    ``python -m agent.cli`` that module runs as ``__main__``, whose UsageError is
+    another class than the ``agent.cli.UsageError`` raised here."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except UsageError as exc:
+            print(f"outrider: error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_USAGE
+
+    return run
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--collector", default=DEFAULT_COLLECTOR, type=collector_address, metavar="HOST:PORT",
+             help="the collector to ask")
+    add_flag(parser, "--token", metavar="TOKEN", help="operator token, when the collector has an auth file")
+    add_flag(parser, "--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA's certificates")
+    add_flag(parser, "--tls-client-cert", metavar="PEM", help="this client's certificate, for a collector "
+             "that requires one (mutual TLS)")
+    add_flag(parser, "--tls-client-key", metavar="PEM", help="the private key of --tls-client-cert")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+# ------------------------------------------------------------------ argument types
+
+
+def collector_address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT; use e.g. {DEFAULT_COLLECTOR}")
+    return text
+
+
+def since_time(text: str) -> int:
+    """A duration back from now (``30m``) or an ISO time, as Unix nanoseconds."""
+    match = _DURATION.match(text.strip())
+    if match:
+        return time.time_ns() - int(float(match[1]) * _UNIT_SECONDS[match[2]] * 1e9)
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (30m, 1h, 2d) nor a time (2026-11-26T10:00:00Z)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+
+
+# ------------------------------------------------------------------ collector serve
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from agent.errors import OutriderError
+    from collector.auth import AuthConfig, is_loopback
+    from collector.rollup import RetentionPolicy
+    from collector.server import serve_collector
+
+    auth = None
+    if args.auth_file:
+        try:
+            auth = AuthConfig.from_file(args.auth_file)
+        except OutriderError as exc:
+            raise UsageError(f"{exc}; fix --auth-file (see 'outrider collector serve --help')") from None
+    elif not is_loopback(args.listen):
+        raise UsageError(f"refusing to listen on {args.listen} without --auth-file: anyone who can reach it could "
+                         "write and read data; pass --auth-file FILE or listen on loopback (e.g. 127.0.0.1:50051)")
+    tls = _server_tls(args)
+    db = Path(args.db)
+    if not db.parent.is_dir():
+        raise UsageError(f"directory {db.parent} of --db {db} does not exist; create it or pass another --db")
+    retention = RetentionPolicy(raw_seconds=args.raw_retention, minute_seconds=args.minute_retention,
+                                hour_seconds=args.hour_retention, day_seconds=args.day_retention)
+    check_listen(args.listen)
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            running = serve_collector(db, args.listen, auth=auth, tls=tls, retention=retention,
+                                      rollup_interval=args.rollup_interval)
+        except OSError as exc:
+            raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
+        except (OutriderError, sqlite3.Error) as exc:
+            raise UsageError(f"cannot use {db} as the collector's database: {_first_line(exc)}; "
+                             "pass another --db") from None
+        if auth is None:
+            print("outrider: warning: no --auth-file: running unauthenticated, on loopback only",
+                  file=sys.stderr, flush=True)
+        print(f"collector listening on {running.address} (db {db})", flush=True)
+        try:
+            stop.wait()
+        finally:
+            running.stop(args.grace_seconds)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _server_tls(args: argparse.Namespace) -> Any:
+    from collector.auth import TLSFiles
+
+    if not (args.tls_cert or args.tls_key or args.tls_client_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together: pass both PEM files")
+    paths = [_pem(flag, value) for flag, value in
+             (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-client-ca", args.tls_client_ca))]
+    return TLSFiles(*paths)
+
+
+def _pem(flag: str, value: str | None) -> Path | None:
+    if not value:
+        return None
+    path = Path(value)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in text:
+        raise UsageError(f"{flag} {path} is not a PEM file (no '-----BEGIN' line)")
+    return path
+
+
+# ------------------------------------------------------------------ the operators' commands
+
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from protos import collector_pb2 as pb
+
+    reply = _ask(args, "Status", pb.StatusRequest())
+    if reply is None:
+        return 1
+    if args.json:
+        print(json.dumps(plain(reply), indent=2))
+        return 0
+    now = time.time_ns()
+    if reply.agents:
+        print(table(["AGENT", "RUN", "HOST", "MODEL", "CONNECTED", "LAST WINDOW", "WINDOWS", "ROWS", "DROPPED",
+                     "SPOOL", "RESTARTS"],
+                    [[a.agent_id, a.run_id[:8], a.host or "-", f"{a.model_name}@{a.model_version}",
+                      "yes" if a.connected else "no", age(a.last_window_end_unix_nano, now), a.windows, a.rows,
+                      a.dropped_rows + a.spool.dropped_rows, a.spool.windows, a.restarts] for a in reply.agents]))
+    else:
+        print("no agents have connected yet")
+    print()
+    if reply.models:
+        print(table(["MODEL", "VERSION", "WINDOWS", "ROWS", "DROPPED", "ERRORS", "LAST WINDOW"],
+                    [[m.model_name, m.model_version or "-", m.windows, m.rows, m.dropped_rows, m.errors,
+                      age(m.last_window_end_unix_nano, now)] for m in reply.models]))
+    else:
+        print("no windows stored yet")
+    print()
+    c = reply.counters
+    print(f"collector {reply.collector_version}: windows stored {c.windows_stored}, duplicate {c.windows_duplicate}, "
+          f"rejected {c.windows_rejected}; auth failures {c.auth_failures}; write queue {c.write_queue_depth}")
+    return 0
+
+
+def windows_command(args: argparse.Namespace) -> int:
+    from protos import collector_pb2 as pb
+
+    request = pb.ListWindowsRequest(model_name=args.model, model_version=args.version or "",
+                                    since_unix_nano=args.since or 0, limit=args.limit)
+    reply = _ask(args, "ListWindows", request)
+    if reply is None:
+        return 1
+    if args.json:
+        print(json.dumps(plain(reply), indent=2))
+        return 0
+    if not reply.windows:
+        print(f"no windows of model {args.model!r}" + (f" version {args.version!r}" if args.version else "")
+              + (" in that time" if args.since else ""))
+        return 0
+    print(table(["END", "AGENT", "SEQ", "LEVEL", "ROWS", "CALLS", "DROPPED", "ERRORS"],
+                [[iso(w.end_unix_nano), w.agent_id or "-", w.seq if w.level == "raw" else "-", w.level, w.rows,
+                  w.calls, w.dropped_rows, w.errors] for w in reply.windows]))
+    return 0
+
+
+def _ask(args: argparse.Namespace, method: str, request: Any) -> Any:
+    """Call OpsService ``method``; a caller's problem raises UsageError (exit 2), the collector's prints and gives None."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's own log lines would break the one-line errors
+    import grpc
+
+    from collector.auth import client_credentials
+    from protos import collector_pb2_grpc as pb_grpc
+
+    cert, key = args.tls_client_cert, args.tls_client_key
+    if bool(cert) != bool(key):
+        raise UsageError("--tls-client-cert and --tls-client-key go together: pass both PEM files")
+    if args.tls_ca or cert:
+        for flag, value in (("--tls-ca", args.tls_ca), ("--tls-client-cert", cert), ("--tls-client-key", key)):
+            _pem(flag, value)
+        channel = grpc.secure_channel(args.collector, client_credentials(args.tls_ca, cert, key))
+    else:
+        channel = grpc.insecure_channel(args.collector)
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
+    where = f"the collector at {args.collector}"
+    with channel:
+        try:
+            return getattr(pb_grpc.OpsServiceStub(channel), method)(request, metadata=metadata, timeout=CALL_TIMEOUT)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), _first_line(exc.details() or "")
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise UsageError(f"cannot reach {where} ({details}); start it with 'outrider collector serve', "
+                                 "point --collector (OUTRIDER_COLLECTOR) at it, and use --tls-ca if it serves TLS") from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise UsageError(f"{where} did not answer within {CALL_TIMEOUT:.0f} s; check --collector") from None
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise UsageError(f"{where} wants a valid operator token ({details}); "
+                                 "pass --token (or set OUTRIDER_TOKEN)") from None
+            if code == grpc.StatusCode.PERMISSION_DENIED:
+                raise UsageError(f"{where} refused: {details}") from None
+            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                raise UsageError(details) from None
+            print(f"outrider: error: {where} failed: {code.name}: {details}", file=sys.stderr, flush=True)
+            return None
+
+
+# ------------------------------------------------------------------ output
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Columns padded to their widest cell; numbers right-aligned."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    numeric = [all(isinstance(row[i], int) for row in rows) for i in range(len(header))]
+    lines = []
+    for row in cells:
+        parts = [cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(row, widths, numeric)]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def age(unix_nano: int, now_ns: int) -> str:
+    if unix_nano <= 0:
+        return "-"
+    seconds = max(0, (now_ns - unix_nano) // 1_000_000_000)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def iso(unix_nano: int) -> str:
+    return datetime.fromtimestamp(unix_nano / 1e9, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def plain(message: Any) -> dict[str, Any]:
+    """A message as JSON-ready data with every field, 64-bit integers as numbers (not proto3 JSON's strings)."""
+    out = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.is_repeated:
+            out[field.name] = [_plain_value(field, v) for v in value]
+        elif field.message_type is None or message.HasField(field.name):
+            out[field.name] = _plain_value(field, value)
+    return out
+
+
+def _plain_value(field: Any, value: Any) -> Any:
+    if field.message_type is not None:
+        return plain(value)
+    if field.enum_type is not None:
+        return field.enum_type.values_by_number[value].name
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return value
+
+
+def _first_line(exc: BaseException | str) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else (type(exc).__name__ if isinstance(exc, BaseException) else "")

@@ -1,0 +1,488 @@
+"""The collector's gRPC endpoint: AgentService (window streams) and OpsService (queries).
+
+Servicers only convert messages and call the plain core (``collector.store``,
+``collector.ingest``); the one error hierarchy in ``agent.errors`` becomes
+gRPC statuses through ``grpc_errors`` / ``grpc_stream_errors``.
+
+An agent stream is read by its own thread while the handler thread sends
+replies, so acks (sent only once the store has committed the windows) never
+wait for the next request and reading never waits for a commit.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from agent.errors import (InvalidArgument, OutriderError, ResourceExhausted, Unavailable, grpc_errors,
+                          grpc_stream_errors)
+from agent.server import package_version
+from collector.auth import AuthConfig, AuthInterceptor, TLSFiles, current_identity
+from collector.ingest import Limits, validate_hello, validate_window
+from collector.rollup import RetentionPolicy
+from collector.store import Store
+from protos import collector_pb2 as pb
+from protos import collector_pb2_grpc as pb_grpc
+from protos import summary_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICES = (pb.DESCRIPTOR.services_by_name["AgentService"].full_name,
+            pb.DESCRIPTOR.services_by_name["OpsService"].full_name)
+DEFAULT_LIST_LIMIT = 1000
+MAX_LIST_LIMIT = 10_000
+OPS_THREADS = 16  # handler threads left for operators' calls when every agent slot is taken
+DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+
+# What a stream's reader thread and the store's callbacks tell the reply generator.
+_ACKS, _DONE, _EOF, _DRAIN, _ERROR, _GONE = range(6)
+
+
+def _acks(acks: Sequence[pb.WindowAck]) -> pb.CollectorMessage:
+    return pb.CollectorMessage(acks=pb.Acks(acks=acks))
+
+
+class LiveStreams:
+    """The agent streams open now: ``connected`` in Status, and whom to tell when shutting down."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._streams: set[AgentStream] = set()
+        self._runs: Counter[tuple[str, str]] = Counter()
+        self._draining = False
+
+    def add(self, stream: AgentStream) -> None:
+        with self._lock:
+            self._streams.add(stream)
+            self._runs[stream.key] += 1
+            if self._draining:
+                stream.drain()
+
+    def remove(self, stream: AgentStream) -> bool:
+        """Forget ``stream``; True when it was the last one open for its run."""
+        with self._lock:
+            if stream not in self._streams:
+                return False
+            self._streams.discard(stream)
+            self._runs[stream.key] -= 1
+            if self._runs[stream.key] > 0:
+                return False
+            del self._runs[stream.key]
+            return True
+
+    def connected(self, agent_id: str, run_id: str) -> bool:
+        with self._lock:
+            return self._runs[(agent_id, run_id)] > 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    def drain(self) -> None:
+        with self._lock:
+            self._draining = True
+            for stream in self._streams:
+                stream.drain()
+
+
+class AgentStream:
+    """One agent's open stream after its Hello: a reader thread and the reply generator."""
+
+    def __init__(self, servicer: AgentServicer, hello: pb.Hello, requests: Iterator[pb.AgentMessage]) -> None:
+        self.servicer = servicer
+        self.store = servicer.store
+        self.hello = hello
+        self.key = (hello.agent_id, hello.run_id)
+        self._requests = requests
+        self._out: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._in_flight = 0  # ack messages queued or being sent: bounded, so a client that stops
+                             # reading its acks stops being read too (HTTP/2 flow control does the rest)
+        self._outstanding: set[futures.Future] = set()  # submitted to the store, not yet acked
+        self._draining = False
+        self._closed = False
+
+    # ---------------------------------------------------------------- reader thread
+
+    def read(self) -> None:
+        try:
+            for message in self._requests:
+                kind = message.WhichOneof("kind")
+                if kind == "windows":
+                    if not self._windows(message.windows.windows):
+                        return  # shutting down: what was not submitted is resent after reconnecting
+                elif kind == "status":
+                    self.store.record_spool(self.hello.agent_id, self.hello.run_id, message.status, time.time_ns())
+                elif kind == "hello":
+                    raise InvalidArgument("hello may be sent only once, as the first message of a stream")
+                else:
+                    raise InvalidArgument("empty message: set one of hello, windows or status")
+        except grpc.RpcError:  # the call ended (client went away, or we answered)
+            self._out.put((_GONE, None))
+        except Exception as exc:  # OutriderError or a bug: the reply generator ends the call with it
+            self._out.put((_ERROR, exc))
+        else:
+            self._out.put((_EOF, None))
+
+    def _windows(self, windows: Sequence[summary_pb2.WindowSummary]) -> bool:
+        limit = self.servicer.limits.max_windows_per_batch
+        if len(windows) > limit:
+            raise InvalidArgument(f"a batch of {len(windows)} windows is over the limit of {limit}; "
+                                  f"send at most {limit} windows per message")
+        rejected, valid = [], []
+        for window in windows:
+            reason = self._problem(window)
+            if reason:
+                rejected.append(pb.WindowAck(run_id=window.run_id, seq=window.seq,
+                                             result=pb.WindowAck.REJECTED, reason=reason))
+            else:
+                valid.append(window)
+        if rejected:
+            self.servicer.count_rejected(len(rejected))
+            log.info("rejected %d window(s) from agent %s: %s", len(rejected), self.hello.agent_id, rejected[0].reason)
+            if not self._reserve():
+                return False
+            self._out.put((_ACKS, rejected))
+        if not valid:
+            return True
+        if not self._reserve():
+            return False
+        with self._lock:
+            try:
+                future = self.store.submit_windows(valid)
+            except ResourceExhausted as exc:
+                raise self.servicer.retry_later(exc) from None
+            self._outstanding.add(future)
+        future.add_done_callback(lambda done: self._out.put((_DONE, done)))
+        return True
+
+    def _reserve(self) -> bool:
+        """Wait for room for one more ack message; False when the stream is ending."""
+        with self._room:
+            while self._in_flight >= self.servicer.max_in_flight and not (self._draining or self._closed):
+                self._room.wait()
+            if self._draining or self._closed:
+                return False
+            self._in_flight += 1
+            return True
+
+    def _sent(self) -> None:
+        with self._room:
+            self._in_flight -= 1
+            self._room.notify()
+
+    def _problem(self, window: summary_pb2.WindowSummary) -> str:
+        if (window.agent_id, window.run_id) != self.key:
+            return (f"window of agent {window.agent_id!r} run {window.run_id!r} sent on the stream of agent "
+                    f"{self.hello.agent_id!r} run {self.hello.run_id!r}")
+        try:
+            validate_window(window, self.servicer.limits)
+        except InvalidArgument as exc:
+            return str(exc)
+        return ""
+
+    # ---------------------------------------------------------------- reply generator
+
+    def replies(self) -> Iterator[pb.CollectorMessage]:
+        eof = False
+        try:
+            while True:
+                kind, item = self._out.get()
+                if kind == _ACKS:
+                    yield _acks(item)
+                    self._sent()
+                elif kind == _DONE:
+                    with self._lock:
+                        self._outstanding.discard(item)
+                    yield self._committed(item)
+                    self._sent()
+                elif kind == _EOF:
+                    eof = True
+                elif kind == _ERROR:
+                    yield from self._committed_so_far()
+                    raise item
+                elif kind == _GONE:
+                    return
+                with self._lock:
+                    idle, draining = not self._outstanding, self._draining
+                if idle and draining:
+                    raise Unavailable("the collector is shutting down: reconnect and resend the un-acked windows")
+                if idle and eof:
+                    return
+        finally:
+            self.close()
+
+    def _committed(self, future: futures.Future) -> pb.CollectorMessage:
+        error = future.exception()
+        if error is not None:
+            raise error
+        return _acks([pb.WindowAck(run_id=r.run_id, seq=r.seq, result=r.result) for r in future.result()])
+
+    def _committed_so_far(self) -> Iterator[pb.CollectorMessage]:
+        """Acks of what is already committed, so that less is resent after an error ends the stream."""
+        with self._lock:
+            done = [f for f in self._outstanding if f.done() and f.exception() is None]
+            self._outstanding.difference_update(done)
+        for future in done:
+            yield self._committed(future)
+
+    # ---------------------------------------------------------------- any thread
+
+    def drain(self) -> None:
+        """Stop taking windows; ack what is in flight, then end the stream."""
+        with self._room:
+            self._draining = True
+            self._room.notify_all()
+        self._out.put((_DRAIN, None))
+
+    def gone(self) -> None:
+        """gRPC's callback when the call has ended, however it ended. It runs on
+        gRPC's polling thread, so it only wakes the reply generator, which closes."""
+        self._out.put((_GONE, None))
+
+    def close(self) -> None:
+        with self._room:
+            if self._closed:
+                return
+            self._closed = True
+            self._room.notify_all()
+        if self.servicer.live.remove(self):
+            try:
+                self.store.mark_disconnected(self.hello.agent_id, self.hello.run_id, time.time_ns())
+            except OutriderError as exc:  # the store has closed (shutdown); Status shows live streams anyway
+                log.debug("cannot record that agent %s disconnected: %s", self.hello.agent_id, exc)
+            except Exception:
+                log.exception("cannot record that agent %s disconnected", self.hello.agent_id)
+        log.info("agent %s run %s disconnected", self.hello.agent_id, self.hello.run_id)
+
+
+class AgentServicer(pb_grpc.AgentServiceServicer):
+    def __init__(self, store: Store, *, limits: Limits, max_agents: int, retry_after_ms: int,
+                 max_in_flight: int = 64) -> None:
+        self.store = store
+        self.limits = limits
+        self.max_agents = max_agents
+        self.max_in_flight = max_in_flight  # ack messages per stream not yet sent
+        self.retry_after_ms = retry_after_ms
+        self.live = LiveStreams()
+        self.shutting_down = threading.Event()
+        self._lock = threading.Lock()
+        self._rejected = 0
+        self._handlers = 0
+
+    @property
+    def windows_rejected(self) -> int:
+        with self._lock:
+            return self._rejected
+
+    def count_rejected(self, n: int) -> None:
+        with self._lock:
+            self._rejected += n
+
+    def retry_later(self, exc: ResourceExhausted) -> ResourceExhausted:
+        """The store's queue is full: the agent keeps its windows and backs off this long."""
+        wait = self.retry_after_ms
+        return ResourceExhausted(f"{exc}; retry in {wait} ms", retry_after_ms=wait)
+
+    @grpc_stream_errors
+    def Stream(self, requests: Iterator[pb.AgentMessage], context: grpc.ServicerContext) -> Iterator[pb.CollectorMessage]:
+        if self.shutting_down.is_set():
+            raise Unavailable("the collector is shutting down: reconnect later")
+        with self._lock:
+            full = self._handlers >= self.max_agents
+            if not full:
+                self._handlers += 1
+        if full:
+            raise ResourceExhausted(f"the collector already serves {self.max_agents} agent streams; retry later",
+                                    retry_after_ms=self.retry_after_ms * 10)
+        try:
+            yield from self._stream(requests, context)
+        finally:
+            with self._lock:
+                self._handlers -= 1
+
+    def _stream(self, requests: Iterator[pb.AgentMessage],
+                context: grpc.ServicerContext) -> Iterator[pb.CollectorMessage]:
+        try:
+            first = next(requests, None)
+        except grpc.RpcError:  # the client went away before saying hello
+            return
+        if first is None or first.WhichOneof("kind") != "hello":
+            raise InvalidArgument("first message must be hello")
+        hello = first.hello
+        validate_hello(hello, self.limits)
+        try:
+            self.store.record_hello(hello, time.time_ns())
+        except ResourceExhausted as exc:
+            raise self.retry_later(exc) from None
+        stream = AgentStream(self, hello, requests)
+        self.live.add(stream)
+        if not context.add_callback(stream.gone):
+            stream.close()
+            return
+        identity = current_identity()
+        log.info("agent %s run %s (%s %s) connected as %s", hello.agent_id, hello.run_id, hello.model_name,
+                 hello.model_version, identity.name if identity else "?")
+        threading.Thread(target=stream.read, name=f"outrider-stream-{hello.agent_id}", daemon=True).start()
+        yield from stream.replies()
+
+
+class OpsServicer(pb_grpc.OpsServiceServicer):
+    def __init__(self, store: Store, agents: AgentServicer, auth: AuthInterceptor) -> None:
+        self.store = store
+        self.agents = agents
+        self.auth = auth
+        self._version = package_version()
+
+    @grpc_errors
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        agents = self.store.agents()
+        for agent in agents:
+            agent.connected = self.agents.live.connected(agent.agent_id, agent.run_id)
+        counters = self.store.counters
+        return pb.StatusResponse(
+            agents=agents, models=self.store.model_totals(), collector_version=self._version,
+            counters=pb.CollectorCounters(
+                windows_stored=counters.get("windows_stored", 0),
+                windows_duplicate=counters.get("windows_duplicate", 0),
+                windows_rejected=self.agents.windows_rejected,
+                auth_failures=self.auth.failures,
+                write_queue_depth=self.store.queue_depth(),
+            ),
+        )
+
+    @grpc_errors
+    def ListWindows(self, request: pb.ListWindowsRequest, context: grpc.ServicerContext) -> pb.ListWindowsResponse:
+        if not request.model_name:
+            raise InvalidArgument("model_name is required (outrider windows --model NAME)")
+        if request.limit > MAX_LIST_LIMIT:
+            raise InvalidArgument(f"limit {request.limit} is over the maximum of {MAX_LIST_LIMIT}")
+        windows = self.store.windows(request.model_name, request.model_version, since_ns=request.since_unix_nano,
+                                     limit=request.limit or DEFAULT_LIST_LIMIT,
+                                     include_summaries=request.include_summaries)
+        return pb.ListWindowsResponse(windows=windows)
+
+
+class RollupLoop:
+    """Merges old windows into coarser levels every ``interval`` seconds, on its own thread."""
+
+    def __init__(self, store: Store, policy: RetentionPolicy, interval: float) -> None:
+        self.store = store
+        self.policy = policy
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outrider-rollup", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.rollup(time.time_ns(), self.policy)
+            except Exception:  # keep rolling up next time; the windows stay where they are
+                log.exception("rollup failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class CollectorServer:
+    """A running collector: its bound ``port``, and ``stop`` for a graceful shutdown."""
+
+    def __init__(self, server: grpc.Server, agents: AgentServicer, health_servicer: health.HealthServicer,
+                 rollup: RollupLoop, store: Store, auth: AuthInterceptor, host: str, port: int) -> None:
+        self.server = server
+        self.agents = agents
+        self.health = health_servicer
+        self.rollup = rollup
+        self.store = store
+        self.auth = auth
+        self.host = host
+        self.port = port
+        self._stop_lock = threading.Lock()
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self, grace: float | None = 10.0) -> None:
+        """NOT_SERVING; agent streams ack what is in flight and end; other calls get ``grace``
+        seconds; then the store drains its queue and commits."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self.health.enter_graceful_shutdown()
+        self.agents.shutting_down.set()
+        self.agents.live.drain()
+        self.server.stop(grace).wait()
+        self.rollup.stop()
+        self.store.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped; False if ``timeout`` passed first."""
+        return self.server.wait_for_termination(timeout)
+
+
+def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, auth: AuthConfig | None = None,
+                    tls: TLSFiles | None = None, retention: RetentionPolicy = RetentionPolicy(),
+                    rollup_interval: float = 60.0, limits: Limits | None = None, max_agents: int = 256,
+                    retry_after_ms: int = 1000, max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
+                    store: Store | None = None) -> CollectorServer:
+    """Open the store at ``db_path`` (or take ``store``, which is then the server's to close)
+    and serve on ``listen`` (port 0 picks one).
+
+    Without ``auth`` every caller is trusted: the caller (the CLI) makes sure
+    ``listen`` is a loopback address then. Raises ``OSError`` when the address
+    cannot be bound. Signal handling is left to the caller.
+    """
+    store = store if store is not None else Store(db_path)
+    try:
+        interceptor = AuthInterceptor(auth)
+        agents = AgentServicer(store, limits=limits or Limits(), max_agents=max_agents, retry_after_ms=retry_after_ms)
+        health_servicer = health.HealthServicer()
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_agents + OPS_THREADS, thread_name_prefix="outrider-collector"),
+            interceptors=[interceptor],
+            options=[
+                ("grpc.max_receive_message_length", max_receive_bytes),
+                ("grpc.so_reuseport", 0),  # a second collector on a busy port must fail, not share it
+                # Agent streams live for days: find dead peers, and allow agents' keepalive pings.
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+        pb_grpc.add_AgentServiceServicer_to_server(agents, server)
+        pb_grpc.add_OpsServiceServicer_to_server(OpsServicer(store, agents, interceptor), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        try:
+            port = (server.add_secure_port(listen, tls.server_credentials()) if tls
+                    else server.add_insecure_port(listen))
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {listen}: {exc}") from None
+        if port == 0:  # older grpcio reports a failed bind as port 0
+            raise OSError(f"cannot listen on {listen}")
+    except BaseException:
+        store.close()
+        raise
+    for service in ("", *SERVICES):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    server.start()
+    rollup = RollupLoop(store, retention, rollup_interval)
+    host = listen.rsplit(":", 1)[0]
+    log.info("collector listening on %s:%d (db %s, %s)", host, port, db_path,
+             "tokens required" if auth else "unauthenticated, loopback")
+    return CollectorServer(server, agents, health_servicer, rollup, store, interceptor, host, port)
