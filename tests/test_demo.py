@@ -11,7 +11,8 @@ from pathlib import Path
 from agent.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-FINAL = re.compile(r"rows sent: (-?\d+); summarised: (\d+); dropped: (\d+); errors: (\d+); windows: (\d+)")
+FINAL = re.compile(r"rows sent: (-?\d+); stored by the collector: (\d+); dropped: (\d+); errors: (\d+); "
+                   r"windows: (\d+)")
 
 
 def outrider(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -23,7 +24,7 @@ def outrider(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def window_table(stdout: str) -> list[dict[str, float]]:
     """The rows under the header line, keyed by column name (names hold single spaces)."""
     lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("seq"))
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("agent"))
     names = re.split(r"\s{2,}", lines[start].strip())
     rows = []
     for line in lines[start + 1:]:
@@ -34,21 +35,24 @@ def window_table(stdout: str) -> list[dict[str, float]]:
 
 
 def test_demo_shows_the_drift_it_sends():
+    """A collector and two agents: every row sent is stored; the drift shows in the windows."""
     result = outrider("demo", "--fast")
     assert result.returncode == 0, result.stderr
     final = FINAL.search(result.stdout.strip().splitlines()[-1])
     assert final, result.stdout
-    sent, summarised, dropped, errors, windows = map(int, final.groups())
-    assert sent == summarised + dropped
+    sent, stored, dropped, errors, windows = map(int, final.groups())
+    assert sent > 0 and sent == stored + dropped
     assert errors == 0
-    assert windows >= 3
+    assert windows >= 4
 
     table = window_table(result.stdout)
     assert len(table) == windows
-    first = next(w for w in table if w["rows"])  # window 0 is empty if the server was slow to start
-    last_full = [w for w in table[:-1] if w["rows"]][-1]  # the very last one is the flush at shutdown
-    assert abs(first["X[0] mean"]) < 0.3
-    assert last_full["X[0] mean"] > 1.0  # X[0] moved by 1.5 sigma half way
+    assert {w["agent"] for w in table} == {1.0, 2.0}
+    assert sum(w["rows"] for w in table) == stored
+    full = [w for w in table if w["rows"] >= 100]  # the flushes at shutdown can be tiny
+    assert abs(full[0]["X[0] mean"]) < 0.3
+    assert full[-1]["X[0] mean"] > 1.0  # X[0] moved by 1.5 sigma half way
+    assert "demo-agent-1" in result.stdout and "demo-agent-2" in result.stdout  # outrider status
 
 
 def test_help_lists_the_commands():
