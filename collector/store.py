@@ -22,8 +22,6 @@ writer.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import datetime
 import json
 import logging
 import os
@@ -31,15 +29,14 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from sqlite_utils import Database
 
-from agent.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from agent.errors import ResourceExhausted, Unavailable
 from collector.rollup import RetentionPolicy, apply_retention
-from collector.schema import LISTED as _LISTED
 from collector.schema import SPOOL_FIELDS as _SPOOL_FIELDS
 from collector.schema import immediate as _immediate
 from collector.schema import migrate

@@ -1,0 +1,250 @@
+"""One agent's window stream, and the set of streams open now.
+
+An agent stream is read by its own thread while the handler thread sends
+replies, so acks (sent only once the store has committed the windows) never
+wait for the next request and reading never waits for a commit.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from agent.errors import InvalidArgument, OutriderError, ResourceExhausted, Unavailable
+from collector.ingest import validate_window
+from protos import collector_pb2 as pb
+from protos import summary_pb2
+
+if TYPE_CHECKING:
+    from collector.server import AgentServicer
+
+log = logging.getLogger(__name__)
+
+# What a stream's reader thread and the store's callbacks tell the reply generator.
+_ACKS, _DONE, _EOF, _DRAIN, _ERROR, _GONE = range(6)
+
+
+def _acks(acks: Sequence[pb.WindowAck]) -> pb.CollectorMessage:
+    return pb.CollectorMessage(acks=pb.Acks(acks=acks))
+
+
+class LiveStreams:
+    """The agent streams open now: ``connected`` in Status, and whom to tell when shutting down."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._streams: set[AgentStream] = set()
+        self._runs: Counter[tuple[str, str]] = Counter()
+        self._draining = False
+
+    def add(self, stream: AgentStream) -> None:
+        with self._lock:
+            self._streams.add(stream)
+            self._runs[stream.key] += 1
+            if self._draining:
+                stream.drain()
+
+    def remove(self, stream: AgentStream) -> bool:
+        """Forget ``stream``; True when it was the last one open for its run."""
+        with self._lock:
+            if stream not in self._streams:
+                return False
+            self._streams.discard(stream)
+            self._runs[stream.key] -= 1
+            if self._runs[stream.key] > 0:
+                return False
+            del self._runs[stream.key]
+            return True
+
+    def connected(self, agent_id: str, run_id: str) -> bool:
+        with self._lock:
+            return self._runs[(agent_id, run_id)] > 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    def drain(self) -> None:
+        with self._lock:
+            self._draining = True
+            for stream in self._streams:
+                stream.drain()
+
+
+class AgentStream:
+    """One agent's open stream after its Hello: a reader thread and the reply generator."""
+
+    def __init__(self, servicer: AgentServicer, hello: pb.Hello, requests: Iterator[pb.AgentMessage]) -> None:
+        self.servicer = servicer
+        self.store = servicer.store
+        self.hello = hello
+        self.key = (hello.agent_id, hello.run_id)
+        self._requests = requests
+        self._out: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._in_flight = 0  # ack messages queued or being sent: bounded, so a client that stops
+                             # reading its acks stops being read too (HTTP/2 flow control does the rest)
+        self._outstanding: set[futures.Future] = set()  # submitted to the store, not yet acked
+        self._draining = False
+        self._closed = False
+
+    # ---------------------------------------------------------------- reader thread
+
+    def read(self) -> None:
+        try:
+            for message in self._requests:
+                kind = message.WhichOneof("kind")
+                if kind == "windows":
+                    if not self._windows(message.windows.windows):
+                        return  # shutting down: what was not submitted is resent after reconnecting
+                elif kind == "status":
+                    self.store.record_spool(self.hello.agent_id, self.hello.run_id, message.status, time.time_ns())
+                elif kind == "hello":
+                    raise InvalidArgument("hello may be sent only once, as the first message of a stream")
+                else:
+                    raise InvalidArgument("empty message: set one of hello, windows or status")
+        except grpc.RpcError:  # the call ended (client went away, or we answered)
+            self._out.put((_GONE, None))
+        except Exception as exc:  # OutriderError or a bug: the reply generator ends the call with it
+            self._out.put((_ERROR, exc))
+        else:
+            self._out.put((_EOF, None))
+
+    def _windows(self, windows: Sequence[summary_pb2.WindowSummary]) -> bool:
+        limit = self.servicer.limits.max_windows_per_batch
+        if len(windows) > limit:
+            raise InvalidArgument(f"a batch of {len(windows)} windows is over the limit of {limit}; "
+                                  f"send at most {limit} windows per message")
+        rejected, valid = [], []
+        for window in windows:
+            reason = self._problem(window)
+            if reason:
+                rejected.append(pb.WindowAck(run_id=window.run_id, seq=window.seq,
+                                             result=pb.WindowAck.REJECTED, reason=reason))
+            else:
+                valid.append(window)
+        if rejected:
+            self.servicer.count_rejected(len(rejected))
+            log.info("rejected %d window(s) from agent %s: %s", len(rejected), self.hello.agent_id, rejected[0].reason)
+            if not self._reserve():
+                return False
+            self._out.put((_ACKS, rejected))
+        if not valid:
+            return True
+        if not self._reserve():
+            return False
+        with self._lock:
+            try:
+                future = self.store.submit_windows(valid)
+            except ResourceExhausted as exc:
+                raise self.servicer.retry_later(exc) from None
+            self._outstanding.add(future)
+        future.add_done_callback(lambda done: self._out.put((_DONE, done)))
+        return True
+
+    def _reserve(self) -> bool:
+        """Wait for room for one more ack message; False when the stream is ending."""
+        with self._room:
+            while self._in_flight >= self.servicer.max_in_flight and not (self._draining or self._closed):
+                self._room.wait()
+            if self._draining or self._closed:
+                return False
+            self._in_flight += 1
+            return True
+
+    def _sent(self) -> None:
+        with self._room:
+            self._in_flight -= 1
+            self._room.notify()
+
+    def _problem(self, window: summary_pb2.WindowSummary) -> str:
+        if (window.agent_id, window.run_id) != self.key:
+            return (f"window of agent {window.agent_id!r} run {window.run_id!r} sent on the stream of agent "
+                    f"{self.hello.agent_id!r} run {self.hello.run_id!r}")
+        try:
+            validate_window(window, self.servicer.limits)
+        except InvalidArgument as exc:
+            return str(exc)
+        return ""
+
+    # ---------------------------------------------------------------- reply generator
+
+    def replies(self) -> Iterator[pb.CollectorMessage]:
+        eof = False
+        try:
+            while True:
+                kind, item = self._out.get()
+                if kind == _ACKS:
+                    yield _acks(item)
+                    self._sent()
+                elif kind == _DONE:
+                    with self._lock:
+                        self._outstanding.discard(item)
+                    yield self._committed(item)
+                    self._sent()
+                elif kind == _EOF:
+                    eof = True
+                elif kind == _ERROR:
+                    yield from self._committed_so_far()
+                    raise item
+                elif kind == _GONE:
+                    return
+                with self._lock:
+                    idle, draining = not self._outstanding, self._draining
+                if idle and draining:
+                    raise Unavailable("the collector is shutting down: reconnect and resend the un-acked windows")
+                if idle and eof:
+                    return
+        finally:
+            self.close()
+
+    def _committed(self, future: futures.Future) -> pb.CollectorMessage:
+        error = future.exception()
+        if error is not None:
+            raise error
+        return _acks([pb.WindowAck(run_id=r.run_id, seq=r.seq, result=r.result) for r in future.result()])
+
+    def _committed_so_far(self) -> Iterator[pb.CollectorMessage]:
+        """Acks of what is already committed, so that less is resent after an error ends the stream."""
+        with self._lock:
+            done = [f for f in self._outstanding if f.done() and f.exception() is None]
+            self._outstanding.difference_update(done)
+        for future in done:
+            yield self._committed(future)
+
+    # ---------------------------------------------------------------- any thread
+
+    def drain(self) -> None:
+        """Stop taking windows; ack what is in flight, then end the stream."""
+        with self._room:
+            self._draining = True
+            self._room.notify_all()
+        self._out.put((_DRAIN, None))
+
+    def gone(self) -> None:
+        """gRPC's callback when the call has ended, however it ended. It runs on
+        gRPC's polling thread, so it only wakes the reply generator, which closes."""
+        self._out.put((_GONE, None))
+
+    def close(self) -> None:
+        with self._room:
+            if self._closed:
+                return
+            self._closed = True
+            self._room.notify_all()
+        if self.servicer.live.remove(self):
+            try:
+                self.store.mark_disconnected(self.hello.agent_id, self.hello.run_id, time.time_ns())
+            except OutriderError as exc:  # the store has closed (shutdown); Status shows live streams anyway
+                log.debug("cannot record that agent %s disconnected: %s", self.hello.agent_id, exc)
+            except Exception:
+                log.exception("cannot record that agent %s disconnected", self.hello.agent_id)
+        log.info("agent %s run %s disconnected", self.hello.agent_id, self.hello.run_id)
