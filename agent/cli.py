@@ -3,7 +3,7 @@
 Subcommands are added by ``register(subparsers)`` functions: this module's
 own (``outrider agent ...``) plus those listed in ``OPTIONAL_COMMANDS``,
 imported only when present so the CLI works before they exist. Every flag
-also reads ``OUTRIDER_<FLAG>`` from the environment (``add_flag``). Bad
+also reads an ``OUTRIDER_...`` environment variable (``add_flag``). Bad
 arguments exit with status 2 and one line on stderr.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 EXIT_USAGE = 2
+AGENT_ENV = "OUTRIDER_AGENT_"  # environment prefix of `outrider agent serve`'s flags
 
 # Modules that add subcommands through their own ``register(subparsers)``.
 # >>> Other subcommands register here. <<<
@@ -40,13 +41,18 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_flag(parser: argparse.ArgumentParser, flag: str, *, required: bool = False,
-             default: Any = None, help: str = "", secret: bool = False, **kwargs: Any) -> None:
-    """Add ``--flag`` whose default comes from ``OUTRIDER_FLAG`` when that is set.
+             default: Any = None, help: str = "", secret: bool = False, prefix: str = "OUTRIDER_",
+             **kwargs: Any) -> None:
+    """Add ``--flag`` whose default comes from ``<prefix>FLAG`` when that is set.
+
+    Servers use their own prefix (``OUTRIDER_AGENT_``, ``OUTRIDER_COLLECTOR_``)
+    so that one shell can configure an agent, a collector and the operators'
+    commands without one's ``--listen`` or ``--token`` leaking into another.
 
     argparse applies ``type`` to string defaults, so environment values are
     checked exactly like command-line ones. A ``secret`` default is never shown in help.
     """
-    env = "OUTRIDER_" + flag.lstrip("-").upper().replace("-", "_")
+    env = prefix + flag.lstrip("-").upper().replace("-", "_")
     if env in os.environ:
         default, required = os.environ[env], False
     shown = "" if default is None else " (set)" if secret else " (default: %(default)s)"
@@ -101,30 +107,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve an ONNX model over the Open Inference Protocol (KServe V2 gRPC), "
                     "summarising its traffic for the collector. Stops gracefully on SIGTERM/SIGINT.",
     )
-    add_flag(serve, "--model", required=True, metavar="PATH.onnx", help="the ONNX model file to serve")
-    add_flag(serve, "--model-name", metavar="NAME", help="name clients use (default: the file's stem)")
-    add_flag(serve, "--model-version", default="1", metavar="V", help="version clients see")
-    add_flag(serve, "--listen", default="127.0.0.1:8001", type=listen_address, metavar="HOST:PORT",
+    add_flag(serve, "--model", prefix=AGENT_ENV, required=True, metavar="PATH.onnx",
+             help="the ONNX model file to serve")
+    add_flag(serve, "--model-name", prefix=AGENT_ENV, metavar="NAME",
+             help="name clients use (default: the file's stem)")
+    add_flag(serve, "--model-version", prefix=AGENT_ENV, default="1", metavar="V", help="version clients see")
+    add_flag(serve, "--listen", prefix=AGENT_ENV, default="127.0.0.1:8001", type=listen_address, metavar="HOST:PORT",
              help="address to serve on; port 0 picks a free port")
-    add_flag(serve, "--window-seconds", default="10", type=positive(float), metavar="S",
+    add_flag(serve, "--window-seconds", prefix=AGENT_ENV, default="10", type=positive(float), metavar="S",
              help="length of each summary window")
-    add_flag(serve, "--summarizer", default="auto", choices=["auto", "process", "thread"],
+    add_flag(serve, "--summarizer", prefix=AGENT_ENV, default="auto", choices=["auto", "process", "thread"],
              help="where summaries are computed: a helper process reading shared memory (keeps the "
                   "serving process's GIL free), a thread, or auto (process on x86-64)")
-    add_flag(serve, "--agent-id", metavar="ID",
+    add_flag(serve, "--agent-id", prefix="OUTRIDER_", metavar="ID",
              help="this agent's name at the collector (default: the host name); keep it across restarts")
-    add_flag(serve, "--collector", type=collector_address, metavar="HOST:PORT",
+    add_flag(serve, "--collector", prefix=AGENT_ENV, type=collector_address, metavar="HOST:PORT",
              help="send summaries to the collector at this address (default: none, summaries stay local)")
-    add_flag(serve, "--spool-dir", metavar="DIR",
+    add_flag(serve, "--spool-dir", prefix=AGENT_ENV, metavar="DIR",
              help="where windows wait until the collector acknowledges them; survives restarts "
                   "(default: ./outrider-spool/AGENT_ID-MODEL_NAME)")
-    add_flag(serve, "--token", metavar="TOKEN", secret=True,
+    add_flag(serve, "--token", prefix=AGENT_ENV, metavar="TOKEN", secret=True,
              help="bearer token for the collector (prefer the environment variable: flags show in ps)")
-    add_flag(serve, "--workers", default="8", type=positive(int), metavar="N",
+    add_flag(serve, "--workers", prefix=AGENT_ENV, default="8", type=positive(int), metavar="N",
              help="request worker threads")
-    add_flag(serve, "--max-message-mb", default="64", type=positive(float), metavar="MB",
+    add_flag(serve, "--max-message-mb", prefix=AGENT_ENV, default="64", type=positive(float), metavar="MB",
              help="largest request accepted; bigger ones get RESOURCE_EXHAUSTED")
-    add_flag(serve, "--grace-seconds", default="5", type=positive(float), metavar="S",
+    add_flag(serve, "--grace-seconds", prefix=AGENT_ENV, default="5", type=positive(float), metavar="S",
              help="time in-flight requests get to finish on shutdown")
     serve.set_defaults(func=serve_command)
 
@@ -135,7 +143,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     model = Path(args.model)
     if not model.is_file():
-        raise UsageError(f"model file {model} does not exist; pass --model PATH.onnx (or set OUTRIDER_MODEL)")
+        raise UsageError(f"model file {model} does not exist; pass --model PATH.onnx (or set OUTRIDER_AGENT_MODEL)")
     name = args.model_name or model.stem
     check_listen(args.listen)
 

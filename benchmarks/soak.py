@@ -101,8 +101,9 @@ def main() -> int:
         samples = []
         t0 = time.monotonic()
         try:
-            while (elapsed := time.monotonic() - t0) < args.seconds:
+            while time.monotonic() - t0 < args.seconds:
                 time.sleep(min(5.0, args.seconds / 20))
+                elapsed = time.monotonic() - t0
                 db_bytes = sum(p.stat().st_size for p in Path(tmp).glob("soak.db*"))
                 samples.append({"t": round(elapsed, 1), "rows": counter[0],
                                 "agent_rss_mb": round(tree_rss_mb(agent.pid), 1),

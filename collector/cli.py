@@ -28,6 +28,9 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+COLLECTOR_ENV = "OUTRIDER_COLLECTOR_"  # environment prefix of `outrider collector serve`'s flags
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     collector = subparsers.add_parser("collector", help="run the collector that agents stream to",
                                       description="Run the collector: it stores agents' windows and answers operators.")
@@ -37,26 +40,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Receive agents' window summaries into a SQLite file and answer operators' queries. "
                     "Without --auth-file it runs unauthenticated and only on a loopback address. "
                     "Stops gracefully on SIGTERM/SIGINT.")
-    add_flag(serve, "--db", default="outrider.db", metavar="PATH", help="the SQLite database file")
-    add_flag(serve, "--listen", default=DEFAULT_COLLECTOR, type=listen_address, metavar="HOST:PORT",
+    add_flag(serve, "--db", prefix=COLLECTOR_ENV, default="outrider.db",
+             metavar="PATH", help="the SQLite database file")
+    add_flag(serve, "--listen", prefix=COLLECTOR_ENV, default=DEFAULT_COLLECTOR, type=listen_address,
+             metavar="HOST:PORT",
              help="address to serve on; port 0 picks a free port")
-    add_flag(serve, "--auth-file", metavar="FILE",
+    add_flag(serve, "--auth-file", prefix=COLLECTOR_ENV, metavar="FILE",
              help="TOML file of [[agent]] and [[operator]] tokens; required to listen beyond loopback")
-    add_flag(serve, "--tls-cert", metavar="PEM", help="serve TLS with this certificate (needs --tls-key)")
-    add_flag(serve, "--tls-key", metavar="PEM", help="the private key of --tls-cert")
-    add_flag(serve, "--tls-client-ca", metavar="PEM",
+    add_flag(serve, "--tls-cert", prefix=COLLECTOR_ENV,
+             metavar="PEM", help="serve TLS with this certificate (needs --tls-key)")
+    add_flag(serve, "--tls-key", prefix=COLLECTOR_ENV, metavar="PEM", help="the private key of --tls-cert")
+    add_flag(serve, "--tls-client-ca", prefix=COLLECTOR_ENV, metavar="PEM",
              help="require client certificates signed by this CA (mutual TLS)")
-    add_flag(serve, "--raw-retention", default="3600", type=positive(int), metavar="S",
+    add_flag(serve, "--raw-retention", prefix=COLLECTOR_ENV, default="3600", type=positive(int), metavar="S",
              help="seconds raw windows are kept before they are merged into minutes")
-    add_flag(serve, "--minute-retention", default="86400", type=positive(int), metavar="S",
+    add_flag(serve, "--minute-retention", prefix=COLLECTOR_ENV, default="86400", type=positive(int), metavar="S",
              help="seconds minute buckets are kept before they are merged into hours")
-    add_flag(serve, "--hour-retention", default="2592000", type=positive(int), metavar="S",
+    add_flag(serve, "--hour-retention", prefix=COLLECTOR_ENV, default="2592000", type=positive(int), metavar="S",
              help="seconds hour buckets are kept before they are merged into days")
-    add_flag(serve, "--day-retention", default="34560000", type=positive(int), metavar="S",
+    add_flag(serve, "--day-retention", prefix=COLLECTOR_ENV, default="34560000", type=positive(int), metavar="S",
              help="seconds day buckets are kept before they are deleted")
-    add_flag(serve, "--rollup-interval", default="60", type=positive(float), metavar="S",
+    add_flag(serve, "--rollup-interval", prefix=COLLECTOR_ENV, default="60", type=positive(float), metavar="S",
              help="seconds between retention passes")
-    add_flag(serve, "--grace-seconds", default="10", type=positive(float), metavar="S",
+    add_flag(serve, "--grace-seconds", prefix=COLLECTOR_ENV, default="10", type=positive(float), metavar="S",
              help="time in-flight calls get to finish on shutdown")
     serve.set_defaults(func=_one_line_errors(serve_command))
 
@@ -100,7 +106,7 @@ def _one_line_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[
 def _client_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--collector", default=DEFAULT_COLLECTOR, type=collector_address, metavar="HOST:PORT",
              help="the collector to ask")
-    add_flag(parser, "--token", metavar="TOKEN", help="operator token, when the collector has an auth file")
+    add_flag(parser, "--token", metavar="TOKEN", secret=True, help="operator token, when the collector has an auth file")
     add_flag(parser, "--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA's certificates")
     add_flag(parser, "--tls-client-cert", metavar="PEM", help="this client's certificate, for a collector "
              "that requires one (mutual TLS)")

@@ -138,7 +138,7 @@ def test_with_an_auth_file_status_needs_an_operator_token(tmp_path):
     auth = tmp_path / "auth.toml"
     auth.write_text(f'[[agent]]\nname = "edge-1"\ntoken = "{AGENT_TOKEN}"\n'
                     f'[[operator]]\nname = "vera"\ntoken = "{VIEWER_TOKEN}"\nrole = "viewer"\n')
-    with collector_process("--db", str(tmp_path / "c.db"), OUTRIDER_AUTH_FILE=str(auth)) as served:
+    with collector_process("--db", str(tmp_path / "c.db"), OUTRIDER_COLLECTOR_AUTH_FILE=str(auth)) as served:
         send_windows(served.address, [window(0, time.time_ns())], token=AGENT_TOKEN)
         refused = cli("status", "--collector", served.address)
         assert "--token" in one_line_error(refused) and "missing token" in refused.stderr

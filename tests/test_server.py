@@ -413,7 +413,7 @@ def read_line(proc: subprocess.Popen, timeout: float = 60) -> str:
 def test_cli_serves_and_stops_gracefully_on_sigterm(lr_model):
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "agent", "serve", "--model-name", "credit", "--grace-seconds", "30"],
-        cwd=ROOT, env=cli_env(OUTRIDER_MODEL=str(lr_model), OUTRIDER_LISTEN="127.0.0.1:0"),
+        cwd=ROOT, env=cli_env(OUTRIDER_AGENT_MODEL=str(lr_model), OUTRIDER_AGENT_LISTEN="127.0.0.1:0"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = read_line(proc)
@@ -468,7 +468,7 @@ def test_cli_refuses_a_port_in_use(lr_model):
 
 
 def test_cli_reads_flags_from_the_environment(tmp_path):
-    result = cli("agent", "serve", env=cli_env(OUTRIDER_MODEL=str(tmp_path / "missing.onnx")))
+    result = cli("agent", "serve", env=cli_env(OUTRIDER_AGENT_MODEL=str(tmp_path / "missing.onnx")))
     assert result.returncode == 2 and "missing.onnx does not exist" in result.stderr
 
 
