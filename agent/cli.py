@@ -9,6 +9,7 @@ arguments exit with status 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
@@ -147,11 +148,7 @@ def serve_command(args: argparse.Namespace) -> int:
     name = args.model_name or model.stem
     check_listen(args.listen)
 
-    # Handlers go in before the (slow) model load so an early SIGTERM still
-    # ends in an orderly stop rather than the default kill.
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_signals() as stop:  # before the (slow) model load
         session = _open_session(model, name, args.model_version, args.window_seconds, args.summarizer,
                                 agent_id=args.agent_id, collector=args.collector, spool_dir=args.spool_dir,
                                 collector_token=args.token)
@@ -169,10 +166,22 @@ def serve_command(args: argparse.Namespace) -> int:
             stop.wait()
         finally:
             running.stop(args.grace_seconds)
+    return 0
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[threading.Event]:
+    """An event that SIGTERM and SIGINT set, for servers that stop in order.
+
+    Installed before a server's (slow) start, so that an early signal still
+    ends in an orderly stop rather than the default kill."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
 
 
 def check_listen(listen: str) -> None:

@@ -11,16 +11,14 @@ import functools
 import json
 import os
 import re
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from agent.cli import EXIT_USAGE, UsageError, add_flag, check_listen, listen_address, positive
+from agent.cli import EXIT_USAGE, UsageError, add_flag, check_listen, listen_address, positive, stop_signals
 
 DEFAULT_COLLECTOR = "127.0.0.1:50051"
 CALL_TIMEOUT = 30.0
@@ -167,9 +165,7 @@ def serve_command(args: argparse.Namespace) -> int:
                                 hour_seconds=args.hour_retention, day_seconds=args.day_retention)
     check_listen(args.listen)
 
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_signals() as stop:
         try:
             running = serve_collector(db, args.listen, auth=auth, tls=tls, retention=retention,
                                       rollup_interval=args.rollup_interval)
@@ -186,9 +182,6 @@ def serve_command(args: argparse.Namespace) -> int:
             stop.wait()
         finally:
             running.stop(args.grace_seconds)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return 0
 
 
