@@ -258,3 +258,163 @@ class ListWindowsResponse(_message.Message):
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
     windows: _containers.RepeatedCompositeFieldContainer[WindowInfo]
     def __init__(self, windows: _Optional[_Iterable[_Union[WindowInfo, _Mapping]]] = ...) -> None: ...
+
+class AttachProfileRequest(_message.Message):
+    __slots__ = ("model_name", "model_version", "profile")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    profile: _summary_pb2.ReferenceProfile
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., profile: _Optional[_Union[_summary_pb2.ReferenceProfile, _Mapping]] = ...) -> None: ...
+
+class AttachProfileResponse(_message.Message):
+    __slots__ = ("model_name", "model_version", "columns", "replaced")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    columns: int
+    replaced: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., columns: _Optional[int] = ..., replaced: bool = ...) -> None: ...
+
+class DriftRequest(_message.Message):
+    __slots__ = ("model_name", "model_version", "history")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    history: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., history: _Optional[int] = ...) -> None: ...
+
+class ColumnDrift(_message.Message):
+    __slots__ = ("name", "kind", "role", "drifted", "psi", "ks_d", "ks_p", "wasserstein", "chi2", "chi2_p", "js", "p_adjusted", "missing_rate", "reference_missing_rate", "rows", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    DRIFTED_FIELD_NUMBER: _ClassVar[int]
+    PSI_FIELD_NUMBER: _ClassVar[int]
+    KS_D_FIELD_NUMBER: _ClassVar[int]
+    KS_P_FIELD_NUMBER: _ClassVar[int]
+    WASSERSTEIN_FIELD_NUMBER: _ClassVar[int]
+    CHI2_FIELD_NUMBER: _ClassVar[int]
+    CHI2_P_FIELD_NUMBER: _ClassVar[int]
+    JS_FIELD_NUMBER: _ClassVar[int]
+    P_ADJUSTED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_RATE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_MISSING_RATE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: _summary_pb2.ColumnSummary.Kind
+    role: _summary_pb2.ColumnSummary.Role
+    drifted: bool
+    psi: float
+    ks_d: float
+    ks_p: float
+    wasserstein: float
+    chi2: float
+    chi2_p: float
+    js: float
+    p_adjusted: float
+    missing_rate: float
+    reference_missing_rate: float
+    rows: int
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[_summary_pb2.ColumnSummary.Kind, str]] = ..., role: _Optional[_Union[_summary_pb2.ColumnSummary.Role, str]] = ..., drifted: bool = ..., psi: _Optional[float] = ..., ks_d: _Optional[float] = ..., ks_p: _Optional[float] = ..., wasserstein: _Optional[float] = ..., chi2: _Optional[float] = ..., chi2_p: _Optional[float] = ..., js: _Optional[float] = ..., p_adjusted: _Optional[float] = ..., missing_rate: _Optional[float] = ..., reference_missing_rate: _Optional[float] = ..., rows: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DriftEvaluation(_message.Message):
+    __slots__ = ("id", "model_name", "model_version", "evaluated_unix_nano", "window_start_unix_nano", "window_end_unix_nano", "rows", "evaluated", "reason", "columns", "accuracy", "reference_accuracy", "mae", "reference_mae")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    MAE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_MAE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model_name: str
+    model_version: str
+    evaluated_unix_nano: int
+    window_start_unix_nano: int
+    window_end_unix_nano: int
+    rows: int
+    evaluated: bool
+    reason: str
+    columns: _containers.RepeatedCompositeFieldContainer[ColumnDrift]
+    accuracy: float
+    reference_accuracy: float
+    mae: float
+    reference_mae: float
+    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., evaluated_unix_nano: _Optional[int] = ..., window_start_unix_nano: _Optional[int] = ..., window_end_unix_nano: _Optional[int] = ..., rows: _Optional[int] = ..., evaluated: bool = ..., reason: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[ColumnDrift, _Mapping]]] = ..., accuracy: _Optional[float] = ..., reference_accuracy: _Optional[float] = ..., mae: _Optional[float] = ..., reference_mae: _Optional[float] = ...) -> None: ...
+
+class DriftResponse(_message.Message):
+    __slots__ = ("latest", "history")
+    LATEST_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    latest: _containers.RepeatedCompositeFieldContainer[DriftEvaluation]
+    history: _containers.RepeatedCompositeFieldContainer[DriftEvaluation]
+    def __init__(self, latest: _Optional[_Iterable[_Union[DriftEvaluation, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[DriftEvaluation, _Mapping]]] = ...) -> None: ...
+
+class Alert(_message.Message):
+    __slots__ = ("id", "model_name", "model_version", "column", "kind", "state", "opened_unix_nano", "resolved_unix_nano", "acknowledged_unix_nano", "acknowledged_by", "summary", "evaluation_id")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    OPENED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGED_BY_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model_name: str
+    model_version: str
+    column: str
+    kind: str
+    state: str
+    opened_unix_nano: int
+    resolved_unix_nano: int
+    acknowledged_unix_nano: int
+    acknowledged_by: str
+    summary: str
+    evaluation_id: int
+    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., column: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., opened_unix_nano: _Optional[int] = ..., resolved_unix_nano: _Optional[int] = ..., acknowledged_unix_nano: _Optional[int] = ..., acknowledged_by: _Optional[str] = ..., summary: _Optional[str] = ..., evaluation_id: _Optional[int] = ...) -> None: ...
+
+class ListAlertsRequest(_message.Message):
+    __slots__ = ("model_name", "include_resolved", "limit")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_RESOLVED_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    include_resolved: bool
+    limit: int
+    def __init__(self, model_name: _Optional[str] = ..., include_resolved: bool = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListAlertsResponse(_message.Message):
+    __slots__ = ("alerts",)
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    alerts: _containers.RepeatedCompositeFieldContainer[Alert]
+    def __init__(self, alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...
+
+class AckAlertRequest(_message.Message):
+    __slots__ = ("id", "note")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    note: str
+    def __init__(self, id: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...

@@ -127,6 +127,31 @@ class OpsServiceStub(object):
                 request_serializer=protos_dot_collector__pb2.ListWindowsRequest.SerializeToString,
                 response_deserializer=protos_dot_collector__pb2.ListWindowsResponse.FromString,
                 _registered_method=True)
+        self.AttachProfile = channel.unary_unary(
+                '/outrider.v1.OpsService/AttachProfile',
+                request_serializer=protos_dot_collector__pb2.AttachProfileRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.AttachProfileResponse.FromString,
+                _registered_method=True)
+        self.Drift = channel.unary_unary(
+                '/outrider.v1.OpsService/Drift',
+                request_serializer=protos_dot_collector__pb2.DriftRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.DriftResponse.FromString,
+                _registered_method=True)
+        self.EvaluateDrift = channel.unary_unary(
+                '/outrider.v1.OpsService/EvaluateDrift',
+                request_serializer=protos_dot_collector__pb2.DriftRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.DriftResponse.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/outrider.v1.OpsService/ListAlerts',
+                request_serializer=protos_dot_collector__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.AckAlert = channel.unary_unary(
+                '/outrider.v1.OpsService/AckAlert',
+                request_serializer=protos_dot_collector__pb2.AckAlertRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.Alert.FromString,
+                _registered_method=True)
 
 
 class OpsServiceServicer(object):
@@ -146,6 +171,37 @@ class OpsServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachProfile(self, request, context):
+        """Drift (later issues add the registry and governance calls).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drift(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateDrift(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AckAlert(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OpsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +214,31 @@ def add_OpsServiceServicer_to_server(servicer, server):
                     servicer.ListWindows,
                     request_deserializer=protos_dot_collector__pb2.ListWindowsRequest.FromString,
                     response_serializer=protos_dot_collector__pb2.ListWindowsResponse.SerializeToString,
+            ),
+            'AttachProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachProfile,
+                    request_deserializer=protos_dot_collector__pb2.AttachProfileRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.AttachProfileResponse.SerializeToString,
+            ),
+            'Drift': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drift,
+                    request_deserializer=protos_dot_collector__pb2.DriftRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.DriftResponse.SerializeToString,
+            ),
+            'EvaluateDrift': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateDrift,
+                    request_deserializer=protos_dot_collector__pb2.DriftRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.DriftResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=protos_dot_collector__pb2.ListAlertsRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'AckAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckAlert,
+                    request_deserializer=protos_dot_collector__pb2.AckAlertRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.Alert.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +297,141 @@ class OpsService(object):
             '/outrider.v1.OpsService/ListWindows',
             protos_dot_collector__pb2.ListWindowsRequest.SerializeToString,
             protos_dot_collector__pb2.ListWindowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/AttachProfile',
+            protos_dot_collector__pb2.AttachProfileRequest.SerializeToString,
+            protos_dot_collector__pb2.AttachProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/Drift',
+            protos_dot_collector__pb2.DriftRequest.SerializeToString,
+            protos_dot_collector__pb2.DriftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateDrift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/EvaluateDrift',
+            protos_dot_collector__pb2.DriftRequest.SerializeToString,
+            protos_dot_collector__pb2.DriftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/ListAlerts',
+            protos_dot_collector__pb2.ListAlertsRequest.SerializeToString,
+            protos_dot_collector__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AckAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/AckAlert',
+            protos_dot_collector__pb2.AckAlertRequest.SerializeToString,
+            protos_dot_collector__pb2.Alert.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,7 +56,7 @@ class ColumnSummary(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ColumnSummary.Kind, str]] = ..., role: _Optional[_Union[ColumnSummary.Role, str]] = ..., source: _Optional[str] = ..., count: _Optional[int] = ..., missing: _Optional[int] = ..., infinite: _Optional[int] = ..., mean: _Optional[float] = ..., m2: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., kll: _Optional[bytes] = ..., frequent_items: _Optional[bytes] = ..., distinct: _Optional[bytes] = ...) -> None: ...
 
 class WindowSummary(_message.Message):
-    __slots__ = ("agent_id", "run_id", "seq", "model_name", "model_version", "model_sha256", "start_unix_nano", "end_unix_nano", "rows", "calls", "dropped_rows", "errors", "latency", "columns")
+    __slots__ = ("agent_id", "run_id", "seq", "model_name", "model_version", "model_sha256", "start_unix_nano", "end_unix_nano", "rows", "calls", "dropped_rows", "errors", "latency", "columns", "performance")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class WindowSummary(_message.Message):
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    PERFORMANCE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     run_id: str
     seq: int
@@ -85,4 +86,43 @@ class WindowSummary(_message.Message):
     errors: int
     latency: ColumnSummary
     columns: _containers.RepeatedCompositeFieldContainer[ColumnSummary]
-    def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., seq: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., start_unix_nano: _Optional[int] = ..., end_unix_nano: _Optional[int] = ..., rows: _Optional[int] = ..., calls: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., errors: _Optional[int] = ..., latency: _Optional[_Union[ColumnSummary, _Mapping]] = ..., columns: _Optional[_Iterable[_Union[ColumnSummary, _Mapping]]] = ...) -> None: ...
+    performance: Performance
+    def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., seq: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., start_unix_nano: _Optional[int] = ..., end_unix_nano: _Optional[int] = ..., rows: _Optional[int] = ..., calls: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., errors: _Optional[int] = ..., latency: _Optional[_Union[ColumnSummary, _Mapping]] = ..., columns: _Optional[_Iterable[_Union[ColumnSummary, _Mapping]]] = ..., performance: _Optional[_Union[Performance, _Mapping]] = ...) -> None: ...
+
+class Performance(_message.Message):
+    __slots__ = ("labeled", "unmatched", "classes", "confusion", "error_sum", "abs_error_sum", "sq_error_sum")
+    LABELED_FIELD_NUMBER: _ClassVar[int]
+    UNMATCHED_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    CONFUSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_SUM_FIELD_NUMBER: _ClassVar[int]
+    ABS_ERROR_SUM_FIELD_NUMBER: _ClassVar[int]
+    SQ_ERROR_SUM_FIELD_NUMBER: _ClassVar[int]
+    labeled: int
+    unmatched: int
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    confusion: _containers.RepeatedScalarFieldContainer[int]
+    error_sum: float
+    abs_error_sum: float
+    sq_error_sum: float
+    def __init__(self, labeled: _Optional[int] = ..., unmatched: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., confusion: _Optional[_Iterable[int]] = ..., error_sum: _Optional[float] = ..., abs_error_sum: _Optional[float] = ..., sq_error_sum: _Optional[float] = ...) -> None: ...
+
+class ReferenceProfile(_message.Message):
+    __slots__ = ("model_name", "model_sha256", "data_sha256", "rows", "data_name", "created_unix_nano", "columns", "performance")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DATA_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DATA_NAME_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    PERFORMANCE_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_sha256: str
+    data_sha256: str
+    rows: int
+    data_name: str
+    created_unix_nano: int
+    columns: _containers.RepeatedCompositeFieldContainer[ColumnSummary]
+    performance: Performance
+    def __init__(self, model_name: _Optional[str] = ..., model_sha256: _Optional[str] = ..., data_sha256: _Optional[str] = ..., rows: _Optional[int] = ..., data_name: _Optional[str] = ..., created_unix_nano: _Optional[int] = ..., columns: _Optional[_Iterable[_Union[ColumnSummary, _Mapping]]] = ..., performance: _Optional[_Union[Performance, _Mapping]] = ...) -> None: ...
