@@ -1,18 +1,15 @@
-"""All of Outrider's summary math: mergeable per-column sketches and the tests on them.
+"""Numeric columns: ``NumericSketch`` and the summary worker's block update.
 
-The agent builds these from blocks of traffic; the collector merges windows
-from many agents in any order and compares the result with a reference. So
-every statistic here is mergeable (associative and commutative up to floating
-rounding, and up to the KLL's randomised compaction for quantiles), and every
-sketch round-trips through ``summary_pb2.ColumnSummary`` in the Apache
-DataSketches binary formats, so other tools can read them.
+Counts, NaN/inf tallies, moments (Chan's merge), min, max and an Apache
+DataSketches KLL of the finite values. Every field merges associatively and
+commutatively (up to float rounding, and up to the KLL's randomised
+compaction for quantiles), so windows from any agents combine in any order.
 """
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import datasketches as ds
 import numpy as np
@@ -27,9 +24,12 @@ _F32_MAX = float(np.finfo(np.float32).max)
 # What the C++ deserialisers raise on malformed bytes (std exceptions as mapped by nanobind).
 _DESERIALIZE_ERRORS = (ValueError, IndexError, RuntimeError, MemoryError, OverflowError)
 _T = TypeVar("_T")
+# Flags byte of the DataSketches KLL serial format (byte 3 of the preamble).
+_KLL_EMPTY, _KLL_SINGLE_ITEM = 1, 4
 
 
 def _deserialize(fn: Callable[[bytes], _T], data: bytes, what: str) -> _T:
+    """Shared with categorical.py: one way to turn C++ parse errors into InvalidArgument."""
     try:
         return fn(data)
     except _DESERIALIZE_ERRORS as exc:
@@ -44,6 +44,33 @@ def _kll_input(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind == "f" and values.dtype.itemsize > 4:
         values = np.clip(values, -_F32_MAX, _F32_MAX)
     return values.astype(np.float32)
+
+
+def _kll_items_and_weights(kll: ds.kll_floats_sketch) -> tuple[np.ndarray, np.ndarray]:
+    """The retained items (float64, unsorted) and their weights.
+
+    Read from the sketch's own serialisation, the documented DataSketches
+    format: preamble (n at byte 8, number of levels at byte 18), the level
+    offsets (uint32), min, max, then the float32 items level by level; an item
+    at level h stands for 2**h values. That is one memcpy and a frombuffer,
+    ~50x faster than iterating the Python binding, which matters because the
+    drift engine reads every current sketch this way on each evaluation. If
+    the bytes ever disagree with the sketch's n we fall back to iterating."""
+    data = kll.serialize()
+    flags = data[3]
+    if flags & _KLL_EMPTY:
+        return np.empty(0), np.empty(0)
+    if flags & _KLL_SINGLE_ITEM:
+        return np.frombuffer(data, "<f4", 1, 8).astype(np.float64), np.ones(1)
+    levels_count = data[18]
+    levels = np.frombuffer(data, "<u4", levels_count, 20).astype(np.int64)
+    items = np.frombuffer(data, "<f4", offset=20 + 4 * levels_count + 8).astype(np.float64)
+    sizes = np.diff(np.append(levels - levels[0], items.size))
+    weights = np.repeat(np.ldexp(1.0, np.arange(levels_count)), sizes)
+    if sizes.min(initial=0) < 0 or weights.sum() != kll.n:  # pragma: no cover - format changed
+        pairs = np.array([pair for pair in kll], dtype=np.float64).reshape(-1, 2)
+        return pairs[:, 0], pairs[:, 1]
+    return items, weights
 
 
 class NumericSketch:
@@ -66,6 +93,7 @@ class NumericSketch:
         self._min = math.inf
         self._max = -math.inf
         self._kll = ds.kll_floats_sketch(k)
+        self._view: tuple[ds.kll_floats_sketch, int, np.ndarray, np.ndarray] | None = None
 
     @property
     def k(self) -> int:
@@ -154,6 +182,27 @@ class NumericSketch:
         cdf = np.asarray(self._kll.get_cdf(uniq.tolist(), inclusive=True)[:-1])
         out[ok] = cdf[inverse]
         return out
+
+    def sorted_view(self) -> tuple[np.ndarray, np.ndarray]:
+        """(items, cdf): the distinct retained items ascending (float64) and
+        the inclusive CDF at each, the step function that ``cdf`` and
+        ``quantiles`` read; every comparison between two sketches works on it
+        in numpy. Empty arrays when there are no finite values.
+
+        Cached until the KLL changes (it is identified by object and n, and
+        every update or merge raises n): a reference profile kept in memory
+        pays for this once, not at every drift evaluation."""
+        kll = self._kll
+        if self._view is not None and self._view[0] is kll and self._view[1] == kll.n:
+            return self._view[2], self._view[3]
+        items, weights = _kll_items_and_weights(kll)
+        order = np.argsort(items, kind="stable")
+        items, cumulative = items[order], np.cumsum(weights[order])
+        last = np.append(items[1:] != items[:-1], True)[: items.size]  # last of equal items: inclusive
+        items, cdf = items[last], cumulative[last] / max(kll.n, 1)
+        items.flags.writeable = cdf.flags.writeable = False  # shared by every caller
+        self._view = (kll, kll.n, items, cdf)
+        return items, cdf
 
     def rank_error(self) -> float:
         """The KLL's normalised single-sided rank error (99th percentile bound)."""
@@ -254,150 +303,3 @@ def update_numeric_block(sketches: Sequence[NumericSketch], block: np.ndarray) -
             sketch._kll.update(kll_values[:, j])
 
 
-def _is_missing(item: Any) -> bool:
-    if item is None or (isinstance(item, (str, bytes)) and not item):
-        return True
-    return isinstance(item, (float, np.floating)) and math.isnan(item)
-
-
-def _as_text(item: Any) -> str:
-    """Categories are compared as text: ints and floats as their str, bytes as UTF-8."""
-    if isinstance(item, (bytes, np.bytes_)):
-        return bytes(item).decode("utf-8", errors="backslashreplace")
-    if isinstance(item, np.generic):
-        item = item.item()
-    return item if isinstance(item, str) else str(item)
-
-
-class CategoricalSketch:
-    """One categorical column: count, missing (None, empty string, or NaN),
-    frequent items (DataSketches ``frequent_strings_sketch``) and a distinct
-    count (DataSketches ``hll_sketch``, HLL_8)."""
-
-    def __init__(self, lg_max_k: int = 7, hll_lg_k: int = 11) -> None:
-        self.count = 0
-        self.missing = 0
-        self.lg_max_k = lg_max_k
-        self._freq = ds.frequent_strings_sketch(lg_max_k)
-        self._hll = ds.hll_sketch(hll_lg_k, ds.HLL_8)
-
-    def update(self, values: np.ndarray) -> None:
-        """Add a 1-D array of str, bytes, ints, bools, floats or objects.
-
-        The Python bindings have no vector update, so values are first
-        counted (np.unique, or a Counter for object arrays, which may mix
-        types) and each distinct value updates the sketches once, with its
-        count as the weight; HLL is idempotent, so this is exact."""
-        values = np.asarray(values)
-        if values.ndim != 1:
-            raise ValueError(f"CategoricalSketch.update takes a 1-D array, got shape {values.shape}")
-        weights: Counter[str] = Counter()
-        if values.dtype.kind == "O":
-            for item, n in Counter(values.tolist()).items():
-                weights["" if _is_missing(item) else _as_text(item)] += n
-        elif values.dtype.kind in "USiubf":
-            uniq, counts = np.unique(values, return_counts=True)
-            for item, n in zip(uniq.tolist(), counts.tolist()):
-                weights["" if _is_missing(item) else _as_text(item)] += n
-        else:
-            raise ValueError(f"categorical sketches do not take dtype {values.dtype}")
-        self.count += values.size
-        self.missing += weights.pop("", 0)
-        for item, n in weights.items():
-            self._freq.update(item, n)
-            self._hll.update(item)
-
-    def merge(self, other: CategoricalSketch) -> None:
-        """Fold ``other`` into this sketch in place; ``other`` is unchanged."""
-        self.count += other.count
-        self.missing += other.missing
-        self._freq.merge(other._freq.__copy__() if other is self else other._freq)
-        union = ds.hll_union(self._hll.lg_config_k)
-        union.update(self._hll)
-        union.update(other._hll)
-        self._hll = union.get_result(ds.HLL_8)
-
-    def frequent_items(self) -> list[tuple[str, int]]:
-        """(item, estimated count), most frequent first, ties by item.
-
-        NO_FALSE_NEGATIVES: every item whose true count exceeds the sketch's
-        error bound is listed (and possibly a few that do not)."""
-        rows = self._freq.get_frequent_items(ds.NO_FALSE_NEGATIVES)
-        return sorted(((row[0], int(row[1])) for row in rows), key=lambda r: (-r[1], r[0]))
-
-    def distinct_estimate(self) -> float:
-        return float(self._hll.get_estimate())
-
-    def to_proto(self, name: str, role: int, source: str) -> summary_pb2.ColumnSummary:
-        return summary_pb2.ColumnSummary(
-            name=name, kind=summary_pb2.ColumnSummary.CATEGORICAL, role=role, source=source,
-            count=self.count, missing=self.missing,
-            frequent_items=self._freq.serialize(), distinct=self._hll.serialize_compact(),
-        )
-
-    @classmethod
-    def from_proto(cls, msg: summary_pb2.ColumnSummary) -> CategoricalSketch:
-        """Rebuild a sketch; raises InvalidArgument on corrupt or inconsistent input."""
-        if msg.kind != summary_pb2.ColumnSummary.CATEGORICAL:
-            raise InvalidArgument(f"column {msg.name!r} is not CATEGORICAL")
-        if msg.missing > msg.count:
-            raise InvalidArgument(f"column {msg.name!r}: missing exceeds count")
-        sketch = cls()
-        if msg.frequent_items:
-            sketch._freq = _deserialize(ds.frequent_strings_sketch.deserialize, msg.frequent_items, "frequent-items")
-            # The format does not carry lg_max_k; recover it from epsilon = 3.5 / 2**lg_max_k.
-            sketch.lg_max_k = round(math.log2(3.5 / sketch._freq.epsilon))
-        if msg.distinct:
-            sketch._hll = _deserialize(ds.hll_sketch.deserialize, msg.distinct, "HLL")
-        if sketch._freq.total_weight != msg.count - msg.missing:
-            raise InvalidArgument(
-                f"column {msg.name!r}: frequent-items weight {sketch._freq.total_weight}"
-                f" does not match {msg.count - msg.missing} present values"
-            )
-        sketch.count, sketch.missing = msg.count, msg.missing
-        return sketch
-
-
-def from_proto(msg: summary_pb2.ColumnSummary) -> NumericSketch | CategoricalSketch:
-    """Rebuild whichever sketch ``msg.kind`` names."""
-    if msg.kind == summary_pb2.ColumnSummary.NUMERIC:
-        return NumericSketch.from_proto(msg)
-    if msg.kind == summary_pb2.ColumnSummary.CATEGORICAL:
-        return CategoricalSketch.from_proto(msg)
-    raise InvalidArgument(f"column {msg.name!r} has no kind")
-
-
-def _retained_items(sketch: NumericSketch) -> np.ndarray:
-    return np.fromiter((item for item, _ in sketch._kll), dtype=np.float64)
-
-
-def ks_statistic(a: NumericSketch, b: NumericSketch) -> float:
-    """Two-sample Kolmogorov–Smirnov D between the finite values of two sketches.
-
-    Each sketch's CDF is a step function that only jumps at its retained
-    items, so evaluating both (inclusive, right-continuous) at the union of
-    retained items finds the exact sup |Fa - Fb| of the sketched CDFs. It
-    differs from the raw-data D by at most about rank_error(a) + rank_error(b).
-    NaN if either side has no finite values.
-    """
-    if a._kll.is_empty() or b._kll.is_empty():
-        return math.nan
-    points = np.unique(np.concatenate([_retained_items(a), _retained_items(b)]))
-    return float(np.max(np.abs(a.cdf(points) - b.cdf(points))))
-
-
-def ks_pvalue(a: NumericSketch, b: NumericSketch) -> float:
-    """Asymptotic two-sample KS p-value, as scipy's ``ks_2samp(method="asymp")``,
-    with the finite counts as sample sizes.
-
-    With large counts a D of the size of the sketch error alone is already
-    "significant": decisions should also require an effect size well above
-    rank_error() (the drift engine's threshold does this)."""
-    d = ks_statistic(a, b)
-    if math.isnan(d):
-        return math.nan
-    m, n = sorted([float(a.finite_count), float(b.finite_count)], reverse=True)
-    # scipy rounds the effective size, which gives 0 (and NaN) for 1 vs 1 value.
-    from scipy import stats  # late: the summary helper process never needs scipy
-
-    return float(stats.kstwo.sf(d, max(1.0, np.round(m * n / (m + n)))))

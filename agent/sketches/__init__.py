@@ -1,0 +1,67 @@
+"""All of Outrider's summary math: mergeable per-column sketches and the tests on them.
+
+The agent builds these from blocks of traffic; the collector merges windows
+from many agents in any order and compares the result with a reference. So
+every statistic here is mergeable (associative and commutative up to floating
+rounding, and up to the KLL's randomised compaction for quantiles), and every
+sketch round-trips through ``summary_pb2.ColumnSummary`` in the Apache
+DataSketches binary formats, so other tools can read them.
+
+One package, one home: ``numeric`` (NumericSketch and the worker's block
+update), ``categorical`` (CategoricalSketch), ``compare`` (every comparison
+between two sketches). Import from here; the split is an implementation detail.
+"""
+from __future__ import annotations
+
+from agent.errors import InvalidArgument
+from agent.sketches.categorical import CategoricalSketch
+from agent.sketches.compare import (
+    PSI_EPSILON,
+    CategoricalComparison,
+    Cells,
+    NumericComparison,
+    categorical_cells,
+    chi2,
+    compare_categorical,
+    compare_numeric,
+    js_distance,
+    ks_pvalue,
+    ks_statistic,
+    missing_rate,
+    psi,
+    wasserstein,
+)
+from agent.sketches.numeric import DEFAULT_K, REFERENCE_K, NumericSketch, update_numeric_block
+from protos import summary_pb2
+
+__all__ = [
+    "DEFAULT_K",
+    "PSI_EPSILON",
+    "REFERENCE_K",
+    "CategoricalComparison",
+    "CategoricalSketch",
+    "Cells",
+    "NumericComparison",
+    "NumericSketch",
+    "categorical_cells",
+    "chi2",
+    "compare_categorical",
+    "compare_numeric",
+    "from_proto",
+    "js_distance",
+    "ks_pvalue",
+    "ks_statistic",
+    "missing_rate",
+    "psi",
+    "update_numeric_block",
+    "wasserstein",
+]
+
+
+def from_proto(msg: summary_pb2.ColumnSummary) -> NumericSketch | CategoricalSketch:
+    """Rebuild whichever sketch ``msg.kind`` names."""
+    if msg.kind == summary_pb2.ColumnSummary.NUMERIC:
+        return NumericSketch.from_proto(msg)
+    if msg.kind == summary_pb2.ColumnSummary.CATEGORICAL:
+        return CategoricalSketch.from_proto(msg)
+    raise InvalidArgument(f"column {msg.name!r} has no kind")

@@ -1,0 +1,144 @@
+"""Categorical columns: ``CategoricalSketch``.
+
+Counts, missing values, an Apache DataSketches frequent-strings sketch (exact
+while a column has fewer distinct values than the sketch's map holds, heavy
+hitters with an error bound beyond) and an HLL distinct count. Values are
+compared as text, so ints, bools, bytes and strings from any agent merge.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import datasketches as ds
+import numpy as np
+
+from agent.errors import InvalidArgument
+from agent.sketches.numeric import _deserialize
+from protos import summary_pb2
+
+
+def _is_missing(item: Any) -> bool:
+    if item is None or (isinstance(item, (str, bytes)) and not item):
+        return True
+    return isinstance(item, (float, np.floating)) and math.isnan(item)
+
+
+def _as_text(item: Any) -> str:
+    """Categories are compared as text: ints and floats as their str, bytes as UTF-8."""
+    if isinstance(item, (bytes, np.bytes_)):
+        return bytes(item).decode("utf-8", errors="backslashreplace")
+    if isinstance(item, np.generic):
+        item = item.item()
+    return item if isinstance(item, str) else str(item)
+
+
+class CategoricalSketch:
+    """One categorical column: count, missing (None, empty string, or NaN),
+    frequent items (DataSketches ``frequent_strings_sketch``) and a distinct
+    count (DataSketches ``hll_sketch``, HLL_8)."""
+
+    def __init__(self, lg_max_k: int = 7, hll_lg_k: int = 11) -> None:
+        self.count = 0
+        self.missing = 0
+        self.lg_max_k = lg_max_k
+        self._freq = ds.frequent_strings_sketch(lg_max_k)
+        self._hll = ds.hll_sketch(hll_lg_k, ds.HLL_8)
+
+    @property
+    def present(self) -> int:
+        """Values that are not missing: the total weight of the frequent items."""
+        return self.count - self.missing
+
+    def update(self, values: np.ndarray) -> None:
+        """Add a 1-D array of str, bytes, ints, bools, floats or objects.
+
+        The Python bindings have no vector update, so values are first
+        counted (np.unique, or a Counter for object arrays, which may mix
+        types) and each distinct value updates the sketches once, with its
+        count as the weight; HLL is idempotent, so this is exact."""
+        values = np.asarray(values)
+        if values.ndim != 1:
+            raise ValueError(f"CategoricalSketch.update takes a 1-D array, got shape {values.shape}")
+        weights: Counter[str] = Counter()
+        if values.dtype.kind == "O":
+            for item, n in Counter(values.tolist()).items():
+                weights["" if _is_missing(item) else _as_text(item)] += n
+        elif values.dtype.kind in "USiubf":
+            uniq, counts = np.unique(values, return_counts=True)
+            for item, n in zip(uniq.tolist(), counts.tolist()):
+                weights["" if _is_missing(item) else _as_text(item)] += n
+        else:
+            raise ValueError(f"categorical sketches do not take dtype {values.dtype}")
+        self.count += values.size
+        self.missing += weights.pop("", 0)
+        for item, n in weights.items():
+            self._freq.update(item, n)
+            self._hll.update(item)
+
+    def merge(self, other: CategoricalSketch) -> None:
+        """Fold ``other`` into this sketch in place; ``other`` is unchanged."""
+        self.count += other.count
+        self.missing += other.missing
+        self._freq.merge(other._freq.__copy__() if other is self else other._freq)
+        union = ds.hll_union(self._hll.lg_config_k)
+        union.update(self._hll)
+        union.update(other._hll)
+        self._hll = union.get_result(ds.HLL_8)
+
+    def frequent_items(self) -> list[tuple[str, int]]:
+        """(item, estimated count), most frequent first, ties by item.
+
+        NO_FALSE_NEGATIVES: every item whose true count exceeds the sketch's
+        error bound is listed (and possibly a few that do not)."""
+        rows = self._freq.get_frequent_items(ds.NO_FALSE_NEGATIVES)
+        return sorted(((row[0], int(row[1])) for row in rows), key=lambda r: (-r[1], r[0]))
+
+    def estimate(self, item: str) -> int:
+        """Estimated count of one category: exact while the sketch is not full
+        (``error_bound() == 0``); 0 for an item the sketch does not track."""
+        return int(self._freq.get_estimate(item))
+
+    def count_bounds(self, item: str) -> tuple[int, int]:
+        """(lower, upper) bounds of one category's true count."""
+        return int(self._freq.get_lower_bound(item)), int(self._freq.get_upper_bound(item))
+
+    def error_bound(self) -> int:
+        """The most any listed count can be off by: 0 while the sketch has room
+        for every distinct value it has seen, so every count is exact."""
+        # The bindings do not expose the offset itself; upper - lower bound of
+        # any item is exactly that offset, tracked or not.
+        return int(self._freq.get_upper_bound("") - self._freq.get_lower_bound(""))
+
+    def distinct_estimate(self) -> float:
+        return float(self._hll.get_estimate())
+
+    def to_proto(self, name: str, role: int, source: str) -> summary_pb2.ColumnSummary:
+        return summary_pb2.ColumnSummary(
+            name=name, kind=summary_pb2.ColumnSummary.CATEGORICAL, role=role, source=source,
+            count=self.count, missing=self.missing,
+            frequent_items=self._freq.serialize(), distinct=self._hll.serialize_compact(),
+        )
+
+    @classmethod
+    def from_proto(cls, msg: summary_pb2.ColumnSummary) -> CategoricalSketch:
+        """Rebuild a sketch; raises InvalidArgument on corrupt or inconsistent input."""
+        if msg.kind != summary_pb2.ColumnSummary.CATEGORICAL:
+            raise InvalidArgument(f"column {msg.name!r} is not CATEGORICAL")
+        if msg.missing > msg.count:
+            raise InvalidArgument(f"column {msg.name!r}: missing exceeds count")
+        sketch = cls()
+        if msg.frequent_items:
+            sketch._freq = _deserialize(ds.frequent_strings_sketch.deserialize, msg.frequent_items, "frequent-items")
+            # The format does not carry lg_max_k; recover it from epsilon = 3.5 / 2**lg_max_k.
+            sketch.lg_max_k = round(math.log2(3.5 / sketch._freq.epsilon))
+        if msg.distinct:
+            sketch._hll = _deserialize(ds.hll_sketch.deserialize, msg.distinct, "HLL")
+        if sketch._freq.total_weight != msg.count - msg.missing:
+            raise InvalidArgument(
+                f"column {msg.name!r}: frequent-items weight {sketch._freq.total_weight}"
+                f" does not match {msg.count - msg.missing} present values"
+            )
+        sketch.count, sketch.missing = msg.count, msg.missing
+        return sketch
