@@ -21,16 +21,25 @@ from typing import Any, Protocol
 import numpy as np
 
 from agent import capture, tensors
-from agent.errors import InvalidArgument, NotFound, OutriderError
+from agent.errors import FailedPrecondition, InvalidArgument, NotFound, OutriderError
 from agent.tensors import TensorSpec, WireTensor
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "onnx_onnxv1"  # the platform name Triton and KServe use for ONNX models
+MAX_LABELS_PER_CALL = 10_000  # keeps one feedback call short for the worker thread serving it
+
+# One ground-truth label: (request id, class label (str) or target (float) or None when unset, row).
+Label = tuple[str, str | float | None, int]
 
 
 class InferenceSessionLike(Protocol):
-    """The part of ``onnxruntime.InferenceSession`` the data plane uses."""
+    """The part of ``onnxruntime.InferenceSession`` the data plane uses.
+
+    A session that also has ``feedback(request_id, value, row)`` and
+    ``label_kind`` (``MonitoredSession``) gets request ids passed to
+    ``run(..., request_id=...)`` and serves the Feedback RPC.
+    """
 
     def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any]) -> list[Any]: ...
     def get_inputs(self) -> list[Any]: ...
@@ -59,6 +68,12 @@ class DataPlane:
         self._zipmap = {spec.name for spec, is_zipmap in specs if is_zipmap}
         self._input_by_name = {spec.name: spec for spec in self.inputs}
         self._output_names = [spec.name for spec in self.outputs]
+        self._feedback = getattr(session, "feedback", None)  # only sessions with it take request ids
+
+    @property
+    def joins_labels(self) -> bool:
+        """Whether the session keeps predictions by request id for ``feedback``."""
+        return self._feedback is not None
 
     def ready(self, name: str, version: str = "") -> bool:
         """True for the loaded model; False for any other name or version, as Triton answers."""
@@ -70,19 +85,54 @@ class DataPlane:
                              list(self.inputs), list(self.outputs))
 
     def infer(self, name: str, version: str, inputs: Sequence[WireTensor],
-              output_names: Sequence[str] = ()) -> list[tuple[str, np.ndarray]]:
-        """Run the model on decoded ``inputs``; returns (output name, array) in the order asked."""
+              output_names: Sequence[str] = (), request_id: str = "") -> list[tuple[str, np.ndarray]]:
+        """Run the model on decoded ``inputs``; returns (output name, array) in the order asked.
+
+        A non-empty ``request_id`` (the OIP request ``id``) keeps the prediction
+        for ``feedback`` when the session can join labels."""
         self._require(name, version)
         feed = self._feed(inputs)
         wanted = self._wanted(output_names)
         try:
-            results = self.session.run(wanted, feed)
+            if request_id and self._feedback is not None:
+                results = self.session.run(wanted, feed, request_id=request_id)  # type: ignore[call-arg]
+            else:
+                results = self.session.run(wanted, feed)
         except OutriderError:
             raise
         except Exception as exc:  # onnxruntime refusing the input: its message tells the caller why
             log.debug("session.run rejected a request", exc_info=True)
             raise InvalidArgument(f"model '{self.model_name}' rejected the input: {exc}") from None
         return [(out, self._as_tensor(out, value)) for out, value in zip(wanted, results)]
+
+    def feedback(self, labels: Sequence[Label]) -> tuple[int, int]:
+        """Join ground-truth labels to earlier predictions; returns (matched, unmatched).
+
+        Every label is checked before any is applied, so a bad call changes nothing.
+        The caller checks ``joins_labels`` first.
+        """
+        kind = getattr(self.session, "label_kind", None)
+        if self._feedback is None or kind is None:
+            raise FailedPrecondition(
+                f"model '{self.model_name}' has no class-label output and no float output with one value "
+                "per row: there is no prediction to compare ground truth with")
+        if len(labels) > MAX_LABELS_PER_CALL:
+            raise InvalidArgument(f"{len(labels)} labels in one call; send at most {MAX_LABELS_PER_CALL} per call")
+        want, field = (str, "class_label") if kind == "classification" else (float, "target")
+        for i, (request_id, value, _) in enumerate(labels):
+            if not request_id:
+                raise InvalidArgument(f"label {i}: request_id is empty; give the id of the inference request")
+            if value is None:
+                raise InvalidArgument(f"label {i}: set exactly one of class_label or target")
+            if not isinstance(value, want):
+                raise InvalidArgument(f"label {i}: model '{self.model_name}' is a {kind} model; "
+                                      f"send its label as {field}")
+            if want is float and not np.isfinite(value):
+                raise InvalidArgument(f"label {i}: target must be a finite number, not {value}")
+        matched = 0
+        for request_id, value, row in labels:
+            matched += bool(self._feedback(request_id, value, row))
+        return matched, len(labels) - matched
 
     def _require(self, name: str, version: str) -> None:
         if name != self.model_name:

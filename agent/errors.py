@@ -56,6 +56,12 @@ class ResourceExhausted(OutriderError):
             self.trailing_metadata = (("retry-after-ms", str(int(retry_after_ms))),)
 
 
+class Unimplemented(OutriderError):
+    """The server cannot do what was asked (e.g. feedback to a bare InferenceSession)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Unavailable(OutriderError):
     code = grpc.StatusCode.UNAVAILABLE
 

@@ -2,7 +2,8 @@
 
 The servicer is thin: it converts messages with ``agent.tensors`` and calls
 ``agent.dataplane``; ``grpc_errors`` turns their exceptions into statuses.
-``serve`` starts it with the standard gRPC health service beside it.
+``serve`` starts it with the standard gRPC health service and the agent's
+``FeedbackService`` (ground truth by request id) beside it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent import tensors
 from agent.dataplane import DataPlane, InferenceSessionLike
-from agent.errors import grpc_errors
+from agent.errors import Unimplemented, grpc_errors
+from protos import agent_pb2, agent_pb2_grpc
 from protos import open_inference_pb2 as pb
 from protos import open_inference_pb2_grpc as pb_grpc
 
@@ -73,7 +75,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
         inputs = tensors.wire_inputs(request.inputs, request.raw_input_contents)
         results = self.plane.infer(request.model_name, request.model_version, inputs,
-                                   [out.name for out in request.outputs])
+                                   [out.name for out in request.outputs], request.id)
         reply = pb.ModelInferResponse(model_name=self.plane.model_name,
                                       model_version=self.plane.model_version, id=request.id)
         for name, array in results:
@@ -81,6 +83,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reply.outputs.add(name=name, datatype=datatype, shape=shape)
             reply.raw_output_contents.append(raw)
         return reply
+
+
+class FeedbackServicer(agent_pb2_grpc.FeedbackServiceServicer):
+    """Ground truth for earlier ModelInfer requests, by their ``id``."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    @grpc_errors
+    def Feedback(self, request: agent_pb2.FeedbackRequest,
+                 context: grpc.ServicerContext) -> agent_pb2.FeedbackResponse:
+        if not self.plane.joins_labels:
+            raise Unimplemented(f"model '{self.plane.model_name}' is served without monitoring, so it keeps "
+                                "no predictions to join labels to; serve it with a MonitoredSession")
+        labels = []
+        for label in request.labels:
+            which = label.WhichOneof("value")
+            labels.append((label.request_id, getattr(label, which) if which else None, label.row))
+        matched, unmatched = self.plane.feedback(labels)
+        return agent_pb2.FeedbackResponse(matched=matched, unmatched=unmatched)
 
 
 def _tensor_metadata(spec: tensors.TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -145,6 +167,7 @@ def serve(session: InferenceSessionLike, model_name: str, model_version: str,
         ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    agent_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(plane), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
         port = server.add_insecure_port(listen)

@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from agent import capture
 from agent.capture import Reduce, Slot
+from agent.feedback import Kind, PredictionLog, prediction_output
 from agent.ring import (CALLS_HEAD, CALLS_TAIL, DROPPED, ERRORS, ROWS_HEAD, ROWS_TAIL, SKIPPED,
                         Ring, RingLayout, shared_memory_is_safe)
 from agent.sinks import InMemorySink, WindowSink
@@ -72,6 +73,9 @@ class MonitoredSession:
         daemon thread: no extra process, but its GIL use slows the serving
         threads) or "auto", the default (process on x86-64, where that ring is
         safe; thread elsewhere).
+    join_seconds: how long a prediction made with ``run(..., request_id=...)``
+        waits for its ground truth (``feedback``); labels joined are counted in
+        the ``performance`` of the window that closes next.
     """
 
     def __init__(self, path_or_bytes: str | os.PathLike | bytes, sess_options: Any = None,
@@ -83,7 +87,7 @@ class MonitoredSession:
                  ring_bytes: int = 64 << 20, summarizer: Summarizer = "auto",
                  agent_id: str | None = None, collector: str | None = None,
                  spool_dir: str | os.PathLike | None = None, collector_token: str | None = None,
-                 collector_tls: Any = None, **kwargs: Any) -> None:
+                 collector_tls: Any = None, join_seconds: float = 3600.0, **kwargs: Any) -> None:
         if collector and sink is not None:
             raise ValueError("pass either sink or collector, not both")
         if isinstance(path_or_bytes, (bytes, bytearray)):
@@ -113,6 +117,13 @@ class MonitoredSession:
         self._outputs = self._sess.get_outputs()
         self._output_index = {o.name: i for i, o in enumerate(self._outputs)}
         self._selections: dict[tuple[str, ...], list[int]] = {}
+        if not join_seconds > 0:
+            raise ValueError(f"join_seconds must be greater than 0, not {join_seconds!r}")
+        found = prediction_output(self._outputs)
+        self._label_index = found[0] if found else 0
+        self.label_kind: Kind | None = found[1] if found else None  # what ``feedback`` expects
+        # Filled only by calls that pass a request id; None when no output can be compared with a label.
+        self.predictions: PredictionLog | None = PredictionLog(join_seconds) if found else None
         self._ring: Ring | None = None
         self._capture: Any = None
         self._fast: Any = None  # the C copier, when used
@@ -154,7 +165,9 @@ class MonitoredSession:
         return self._sess.get_session_options()
 
     def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any],
-            run_options: Any = None) -> list:
+            run_options: Any = None, *, request_id: str | None = None) -> list:
+        """``InferenceSession.run``; with ``request_id`` the prediction is also kept
+        for ``feedback`` (for ``join_seconds``)."""
         t0 = perf_counter_ns()
         try:
             outputs = self._sess.run(None, input_feed, run_options)
@@ -168,9 +181,35 @@ class MonitoredSession:
                 cap(input_feed, outputs, latency)
             except Exception:  # a feed we can't copy: count its rows, never fail the call
                 self._count_dropped(input_feed)
+        if request_id:  # the only cost to calls without an id is this test
+            self._record(request_id, outputs)
         if output_names:
             return self._select(outputs, output_names, input_feed, run_options)
         return outputs
+
+    # --- ground truth -----------------------------------------------------------------
+    def feedback(self, request_id: str, value: str | float, row: int = 0) -> bool:
+        """The true label (classification) or target (regression) of row ``row`` of the
+        request made with ``request_id``. True when joined to that prediction;
+        False (counted as unmatched) for an unknown id or row or one older than
+        ``join_seconds``. The result is in the next window's ``performance``.
+
+        Raises ValueError when the model has no output a label can be compared
+        with, or ``value`` is not a number for a regression model.
+        """
+        if self.predictions is None:
+            raise ValueError(f"model {self.model_name!r} has no class-label output and no float output "
+                             "with one value per row: there is no prediction to compare ground truth with")
+        return self.predictions.label(request_id, value, row)
+
+    def _record(self, request_id: str, outputs: list) -> None:
+        """Keep a reference to the label output; converted only if a label arrives."""
+        predictions = self.predictions
+        if predictions is not None:
+            try:
+                predictions.record(request_id, outputs[self._label_index])
+            except Exception:  # monitoring never fails the call
+                log.exception("could not keep the prediction of request %r for feedback", request_id)
 
     # --- capture ----------------------------------------------------------------------
     def _make_capture(self, ring: Ring, slots: list[Slot]) -> Any:
@@ -280,19 +319,9 @@ class MonitoredSession:
 
     def _plan(self, feed: dict | None, outputs: list | None) -> list[Slot]:
         custom = self._sess.get_modelmeta().custom_metadata_map
-        slots = []
-        for arg in self._inputs:
-            names = capture.feature_names_for(self._feature_names, custom, arg.name, len(self._inputs))
-            sample = feed.get(arg.name) if feed else None
-            slot = capture.plan_slot(arg, is_output=False, names=names, sample=sample)
-            if slot:
-                slots.append(slot)
-        for i, arg in enumerate(self._outputs):
-            sample = outputs[i] if outputs else None
-            slot = capture.plan_slot(arg, is_output=True, sample=sample)
-            if slot:
-                slots.append(slot)
-        return slots
+        names = {arg.name: capture.feature_names_for(self._feature_names, custom, arg.name, len(self._inputs))
+                 for arg in self._inputs}
+        return capture.plan_slots(self._inputs, self._outputs, names, feed, outputs)
 
     def _resolve_then_capture(self, feed: dict, outputs: list, latency: int) -> None:
         """First call of a model with symbolic dimensions: size the ring from real values."""
@@ -320,6 +349,15 @@ class MonitoredSession:
         self._capture = self._make_capture(ring, slots) if slots else None
 
     def _export(self, window: summary_pb2.WindowSummary) -> None:
+        """Runs on the thread that receives closed windows, never on a request thread."""
+        predictions = self.predictions
+        if predictions is not None:
+            try:
+                performance = predictions.take_performance()
+                if performance.labeled or performance.unmatched:  # absent, not zero, when no labels came
+                    window.performance.CopyFrom(performance)
+            except Exception:
+                log.exception("could not add performance to window %s/%s", window.run_id, window.seq)
         try:
             self.sink.export(window)
         except Exception:
@@ -353,6 +391,11 @@ class MonitoredSession:
             self._final_stats = self.stats()
             self._fast = None  # holds a view of the ring's buffer: must go before the buffer
             ring.release(unlink=True)
+        if self.predictions is not None:
+            labeled, unmatched = self.predictions.pending()
+            if labeled or unmatched:  # the last window was empty, so the worker sent none
+                log.warning("%d labels (%d unmatched) arrived after the last window of %s and are not "
+                            "reported", labeled + unmatched, unmatched, self.model_name)
         if self._exporter is not None:
             self._exporter.close(timeout)
 

@@ -1,0 +1,259 @@
+"""Ground truth joined to predictions by request id: realised performance per window.
+
+Labels arrive late (minutes to hours after the prediction), so the agent
+keeps what it predicted under the caller's request id for a bounded join
+window. The costs are placed where they hurt least:
+
+- ``record`` runs on the request thread, so it only stores a *reference* to
+  the label output array under the id (no conversion, no per-row work);
+- ``label`` converts the one value it joins and counts it;
+- ``take_performance`` runs on the thread that closes windows and turns the
+  counts into a ``summary_pb2.Performance`` for the window being closed.
+
+Nothing here runs for calls without a request id. Memory is bounded twice:
+predictions older than ``join_seconds`` no longer join (and are purged), and
+at most ``max_requests`` are kept (oldest first out). Both losses are counted.
+
+Classification (integer, boolean or string label outputs) fills a confusion
+matrix of class names (numbers print as integers: ``1``, not ``1.0``);
+regression (a float output with one value per row) fills error sums of
+``prediction - label``. The kind follows the recorded array's dtype.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from protos import summary_pb2
+
+Kind = Literal["classification", "regression"]
+
+_CLASS_TYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool", "string"}
+_FLOAT_TYPES = {"float", "double", "float16"}
+
+
+def prediction_output(outputs: Sequence[Any]) -> tuple[int, Kind] | None:
+    """Which output (of ORT NodeArgs) holds the prediction a label is compared with.
+
+    The first class-label output (integer/bool/string, one value per row: the
+    outputs ``agent.capture`` summarises as categorical), else the first float
+    output with one value per row (regression). None when there is neither,
+    e.g. a network that returns only logits: there is nothing to join a label to.
+    """
+    def one_per_row(arg: Any) -> bool:
+        dims = list(arg.shape or [])[1:]
+        return not dims or (len(dims) == 1 and (dims[0] == 1 or not isinstance(dims[0], int)))
+
+    def elem(arg: Any) -> str:
+        t = arg.type
+        return t[len("tensor("):-1] if t.startswith("tensor(") and t.endswith(")") else ""
+
+    for types, kind in ((_CLASS_TYPES, "classification"), (_FLOAT_TYPES, "regression")):
+        for i, arg in enumerate(outputs):
+            if elem(arg) in types and one_per_row(arg):
+                return i, kind  # type: ignore[return-value]
+    return None
+
+
+def class_name(value: Any) -> str:
+    """A class label as text, the same way for predictions and ground truth,
+    so that an int64 prediction ``1`` matches a label ``"1"``, ``1`` or ``1.0``."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def target_value(value: Any) -> float:
+    """A regression label as a finite float; anything else is a caller's mistake."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"a regression label must be a number, not {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"a regression label must be finite, not {value!r}")
+    return number
+
+
+def _row_value(prediction: Any, row: int) -> Any:
+    """The prediction of one row, or None when the request has no such row
+    (or the row holds more than one value)."""
+    arr = np.asarray(prediction)
+    if arr.ndim == 0 or row >= len(arr):
+        return None
+    value = arr[row]
+    if np.ndim(value):
+        if np.size(value) != 1:
+            return None
+        value = np.ravel(value)[0]
+    return value
+
+
+@dataclass
+class _Counts:
+    """What accumulates between two windows."""
+
+    labeled: int = 0
+    unmatched: int = 0
+    classes: dict[str, int] = field(default_factory=dict)           # name -> index, first seen first
+    confusion: dict[tuple[str, str], int] = field(default_factory=dict)  # (true, predicted) -> count
+    error_sum: float = 0.0
+    abs_error_sum: float = 0.0
+    sq_error_sum: float = 0.0
+
+    def to_proto(self) -> summary_pb2.Performance:
+        n = len(self.classes)
+        matrix = [0] * (n * n)
+        for (true, pred), count in self.confusion.items():
+            matrix[self.classes[true] * n + self.classes[pred]] = count
+        return summary_pb2.Performance(
+            labeled=self.labeled, unmatched=self.unmatched, classes=list(self.classes), confusion=matrix,
+            error_sum=self.error_sum, abs_error_sum=self.abs_error_sum, sq_error_sum=self.sq_error_sum)
+
+
+class PredictionLog:
+    """Predictions kept by request id, and the performance of the labels joined to them.
+
+    ``clock`` (seconds, monotonic) is injectable so tests can move time.
+    Thread-safe: requests record, feedback calls label and the window thread
+    takes the counts concurrently, each under one short lock.
+    """
+
+    def __init__(self, join_seconds: float = 3600.0, max_requests: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not join_seconds > 0:
+            raise ValueError(f"join_seconds must be greater than 0, not {join_seconds!r}")
+        if max_requests < 1:
+            raise ValueError(f"max_requests must be at least 1, not {max_requests!r}")
+        self.join_seconds = float(join_seconds)
+        self.max_requests = int(max_requests)
+        self._clock = clock
+        self._lock = threading.Lock()
+        # request id -> [recorded at, label output array, rows already labeled or None]
+        self._entries: dict[str, list] = {}
+        # (request id, entry) in record order, oldest first: what to evict or expire next.
+        # A reused id leaves a stale pair behind (its entry was replaced); stale pairs
+        # still count towards max_requests, so memory stays bounded either way.
+        # (An OrderedDict would do both jobs, but costs twice as much per record.)
+        self._order: deque[tuple[str, list]] = deque()
+        self._counts = _Counts()
+        self.evicted = 0     # pushed out by max_requests while still joinable
+        self.expired = 0     # dropped after join_seconds
+        self.duplicates = 0  # labels for a row that already had one (ignored: first label wins)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def record(self, request_id: str, prediction: Any) -> None:
+        """Keep ``prediction`` (the label output, as the model returned it) under ``request_id``.
+
+        The array is kept by reference, not copied: a caller that modifies
+        the returned output in place changes what its label is compared with.
+        A reused id replaces the earlier prediction.
+        """
+        with self._lock:
+            now = self._clock()
+            entry = [now, prediction, None]
+            self._entries[request_id] = entry
+            order = self._order
+            order.append((request_id, entry))
+            if len(order) > self.max_requests:
+                oldest, old_entry = order.popleft()
+                if self._entries.get(oldest) is old_entry:  # else: already replaced, nothing to drop
+                    del self._entries[oldest]
+                    if old_entry[0] <= now - self.join_seconds:
+                        self.expired += 1
+                    else:
+                        self.evicted += 1
+
+    def label(self, request_id: str, value: Any, row: int = 0) -> bool:
+        """Join the true ``value`` of row ``row`` of request ``request_id``; True if joined.
+
+        False (counted as unmatched) for an unknown id or row, a prediction
+        older than the join window, or a non-finite regression prediction.
+        A second label for the same row is ignored (a retried feedback call
+        must not count twice) but answers True like the first. Raises
+        ValueError for a value that cannot be a label (a regression label
+        that is not a finite number): that changes nothing.
+        """
+        if row < 0:
+            raise ValueError(f"row must be 0 or more, not {row}")
+        with self._lock:
+            entry = self._entries.get(request_id)
+            if entry is None or entry[0] <= self._clock() - self.join_seconds:
+                self._counts.unmatched += 1
+                return False
+            predicted = _row_value(entry[1], row)
+            regression = predicted is not None and np.asarray(entry[1]).dtype.kind == "f"
+            if regression:
+                truth: Any = target_value(value)
+                predicted = float(predicted)
+                if not math.isfinite(predicted):
+                    predicted = None
+            if predicted is None:
+                self._counts.unmatched += 1
+                return False
+            if entry[2] is not None and row in entry[2]:
+                self.duplicates += 1
+                return True
+            if entry[2] is None:
+                entry[2] = set()
+            entry[2].add(row)
+            c = self._counts
+            c.labeled += 1
+            if regression:
+                error = predicted - truth
+                c.error_sum += error
+                c.abs_error_sum += abs(error)
+                c.sq_error_sum += error * error
+            else:
+                true, pred = class_name(value), class_name(predicted)
+                c.classes.setdefault(true, len(c.classes))
+                c.classes.setdefault(pred, len(c.classes))
+                c.confusion[true, pred] = c.confusion.get((true, pred), 0) + 1
+            return True
+
+    def take_performance(self) -> summary_pb2.Performance:
+        """What accumulated since the last call, as a ``Performance``; starts afresh.
+
+        Also purges expired predictions: this runs once per window, off the
+        request thread, so the request path never pays for the time bound.
+        """
+        with self._lock:
+            counts, self._counts = self._counts, _Counts()
+            self._purge()
+        return counts.to_proto()
+
+    def pending(self) -> tuple[int, int]:
+        """(labeled, unmatched) counted but not yet taken."""
+        with self._lock:
+            return self._counts.labeled, self._counts.unmatched
+
+    def stats(self) -> dict[str, int]:
+        """Held predictions and what left early, for operators and tests."""
+        with self._lock:
+            self._purge()
+            return {"held": len(self._entries), "evicted": self.evicted, "expired": self.expired,
+                    "duplicate_labels": self.duplicates}
+
+    def _purge(self) -> None:
+        cutoff = self._clock() - self.join_seconds
+        entries, order = self._entries, self._order
+        while order and order[0][1][0] <= cutoff:
+            request_id, entry = order.popleft()
+            if entries.get(request_id) is entry:
+                del entries[request_id]
+                self.expired += 1
