@@ -123,6 +123,17 @@ def plan_slot(arg: Any, *, is_output: bool, names: list[str] | None = None,
                 [f"{arg.name}.mean", f"{arg.name}.std", f"{arg.name}.l2"], is_output)
 
 
+def plan_slots(inputs: Sequence[Any], outputs: Sequence[Any], names: dict[str, list[str] | None],
+               feed: dict[str, Any] | None = None, outs: Sequence[Any] | None = None) -> list[Slot]:
+    """Every captured slot of a model, inputs first; ``feed`` / ``outs`` (one real
+    call) resolve symbolic dimensions. The agent and reference profiles share it,
+    so a profile's columns are named exactly like the traffic's."""
+    slots = [plan_slot(arg, is_output=False, names=names.get(arg.name),
+                       sample=feed.get(arg.name) if feed else None) for arg in inputs]
+    slots += [plan_slot(arg, is_output=True, sample=outs[i] if outs else None) for i, arg in enumerate(outputs)]
+    return [s for s in slots if s]
+
+
 def feature_names_for(option: Any, custom: dict[str, str], input_name: str,
                       n_inputs: int) -> list[str] | None:
     """Pick the names for one input: explicit option first, then model metadata."""

@@ -1,4 +1,4 @@
-"""Checks on a window before the store will keep it.
+"""Checks on a window (or a reference profile) before the store will keep it.
 
 A window that fails here is acked REJECTED with the message, and the agent
 drops it rather than resending it forever. What is checked is what would
@@ -91,3 +91,43 @@ def validate_hello(hello: collector_pb2.Hello, limits: Limits = Limits()) -> Non
             raise InvalidArgument(f"hello {name} is {len(value)} characters, at most {limits.max_id_chars} allowed")
         if not value.isprintable():
             raise InvalidArgument(f"hello {name} {value!r} contains control or non-printable characters")
+
+
+def validate_model_key(model_name: str, model_version: str, limits: Limits = Limits()) -> None:
+    """A model version named by an operator: both parts present, printable, not too long."""
+    _check_id("model_name", model_name, limits)
+    _check_id("model_version", model_version, limits)
+
+
+def validate_profile(profile: summary_pb2.ReferenceProfile, limits: Limits = Limits()) -> None:
+    """Raise InvalidArgument unless ``profile`` is fit to be a drift reference:
+    named columns whose sketches deserialise, each name once (the drift engine
+    matches columns by name), and consistent performance counts."""
+    if not profile.columns:
+        raise InvalidArgument("the profile has no columns; build it with 'outrider profile'")
+    if len(profile.columns) > limits.max_columns:
+        raise InvalidArgument(f"the profile has {len(profile.columns)} columns, at most {limits.max_columns} allowed")
+    _check_id("profile model_name", profile.model_name, limits, required=False)
+    if len(profile.data_name) > limits.max_column_name_chars or not profile.data_name.isprintable():
+        raise InvalidArgument("profile data_name must be printable and at most "
+                              f"{limits.max_column_name_chars} characters")
+    for field in ("model_sha256", "data_sha256"):
+        value = getattr(profile, field)
+        if value and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
+            raise InvalidArgument(f"profile {field} must be 64 lowercase hex digits, got {value[:80]!r}")
+    if profile.rows >= 2**63:
+        raise InvalidArgument(f"profile rows {profile.rows} does not fit a signed 64-bit integer")
+    seen: set[str] = set()
+    for i, column in enumerate(profile.columns):
+        _check_column(f"columns[{i}]", column, limits)
+        if column.name in seen:
+            raise InvalidArgument(f"column name {column.name!r} appears more than once")
+        seen.add(column.name)
+    perf = profile.performance
+    if len(perf.confusion) != len(perf.classes) ** 2:
+        raise InvalidArgument(f"performance has {len(perf.classes)} classes but {len(perf.confusion)} confusion "
+                              f"counts; expected {len(perf.classes) ** 2}")
+    if len(set(perf.classes)) != len(perf.classes):
+        raise InvalidArgument("performance classes must be distinct")
+    if perf.classes and sum(perf.confusion) != perf.labeled:
+        raise InvalidArgument(f"performance confusion counts sum to {sum(perf.confusion)}, labeled says {perf.labeled}")

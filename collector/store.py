@@ -1,4 +1,4 @@
-"""The collector's SQLite store: agents, raw windows and their rollups.
+"""The collector's SQLite store: agents, raw windows and their rollups, reference profiles.
 
 SQLite has one writer even in WAL mode, so one thread owns the write
 connection and takes work from a queue (datasette's pattern); sharing a
@@ -180,7 +180,7 @@ class Store:
 
     def mark_disconnected(self, agent_id: str, run_id: str, now_ns: int) -> None:
         """The run's stream ended; an unknown run is ignored."""
-        self._call(lambda db: db.execute(
+        self.write(lambda db: db.execute(
             "UPDATE agents SET connected = 0, last_seen_ns = ? WHERE agent_id = ? AND run_id = ?",
             [now_ns, agent_id, run_id]))
 
@@ -189,16 +189,32 @@ class Store:
             db["agents"].insert({"agent_id": agent_id, "run_id": run_id, "first_seen_ns": now_ns}, ignore=True)
             db["agents"].update((agent_id, run_id), fields)
 
-        self._call(run)
+        self.write(run)
 
     def rollup(self, now_ns: int, policy: RetentionPolicy) -> dict[str, int]:
         """Apply the retention policy as of ``now_ns``, on the writer thread
         (it writes), in one transaction; returns the counts per level."""
-        return self._call(lambda db: apply_retention(db, now_ns, policy))
+        return self.write(lambda db: apply_retention(db, now_ns, policy))
 
-    def _call(self, fn: Callable[[Database], Any]) -> Any:
-        """Run ``fn`` on the writer and wait for its commit. Control tasks are
-        few and small, so they are never refused for a full queue."""
+    def attach_profile(self, model_name: str, model_version: str, profile: summary_pb2.ReferenceProfile,
+                       actor: str, now_ns: int) -> bool:
+        """Store ``profile`` as the reference of the model version, replacing any
+        earlier one; True if one was replaced. Returns after commit."""
+        row = {"model_name": model_name, "model_version": model_version, "body": profile.SerializeToString(),
+               "data_sha256": profile.data_sha256, "rows": profile.rows, "attached_ns": now_ns,
+               "attached_by": actor}
+
+        def run(db: Database) -> bool:
+            replaced = db.execute("SELECT 1 FROM profiles WHERE model_name = ? AND model_version = ?",
+                                  [model_name, model_version]).fetchone() is not None
+            db["profiles"].insert(row, replace=True)
+            return replaced
+
+        return self.write(run)
+
+    def write(self, fn: Callable[[Database], Any]) -> Any:
+        """Run ``fn`` on the writer and wait for its commit; its result is returned.
+        Control tasks are few and small, so they are never refused for a full queue."""
         task = _Task(fn, concurrent.futures.Future(), weight=1)
         self._enqueue(task, may_refuse=False)
         return task.future.result()
@@ -289,8 +305,8 @@ class Store:
 
     # -------------------------------------------------------- reads
 
-    def _reader(self) -> Database:
-        """This thread's read connection (WAL readers never block the writer)."""
+    def read(self) -> Database:
+        """This thread's read-only connection (WAL readers never block the writer)."""
         if self._closed:
             raise Unavailable("store is closed")
         db = getattr(self._local, "db", None)
@@ -306,7 +322,7 @@ class Store:
         """Every agent run, oldest run first per agent; ``restarts`` counts the
         same agent's earlier runs. Totals count every window ever stored for
         the run (kept on the run's row, so rollups do not change them)."""
-        rows = self._reader().query(
+        rows = self.read().query(
             "SELECT *, count(*) OVER (PARTITION BY agent_id ORDER BY started_ns, first_seen_ns, run_id"
             " ROWS UNBOUNDED PRECEDING) - 1 AS restarts FROM agents ORDER BY agent_id, restarts")
         return [collector_pb2.AgentState(
@@ -322,7 +338,7 @@ class Store:
         """Exact totals per model version over everything still stored: raw
         windows plus rollups (rollups keep exact counts; only day buckets past
         ``day_seconds`` leave the totals)."""
-        rows = self._reader().query(
+        rows = self.read().query(
             "SELECT model_name, model_version, sum(n) AS windows, sum(rows) AS rows, sum(dropped_rows) AS dropped_rows,"
             " sum(errors) AS errors, max(end_ns) AS end_ns FROM ("
             " SELECT model_name, model_version, 1 AS n, rows, dropped_rows, errors, end_ns FROM windows UNION ALL"
@@ -343,7 +359,7 @@ class Store:
         scalars = "rowid AS id, model_name, model_version, start_ns, end_ns, rows, calls, dropped_rows, errors"
         # Each side is limited on its own (walking its covering index) before the merge;
         # bodies are read afterwards, only for the rows returned.
-        db = self._reader()
+        db = self.read()
         db.conn.execute("BEGIN")  # one snapshot for the listing and its bodies
         try:
             rows = list(db.query(
@@ -367,6 +383,17 @@ class Store:
             body = db.execute(f"SELECT body FROM {table} WHERE rowid = ?", [r["id"]]).fetchone()[0]
             info.summary.ParseFromString(body)
         return info
+
+    def profile(self, model_name: str, model_version: str) -> summary_pb2.ReferenceProfile | None:
+        """The model version's reference profile, or None if none is attached."""
+        row = self.read().execute("SELECT body FROM profiles WHERE model_name = ? AND model_version = ?",
+                                     [model_name, model_version]).fetchone()
+        return summary_pb2.ReferenceProfile.FromString(row[0]) if row else None
+
+    def profiles(self) -> list[tuple[str, str]]:
+        """(model_name, model_version) of every attached profile, in order."""
+        return [tuple(r) for r in self.read().execute(
+            "SELECT model_name, model_version FROM profiles ORDER BY model_name, model_version")]
 
     # -------------------------------------------------------- shutdown
 

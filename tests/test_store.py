@@ -62,10 +62,11 @@ class WriteLock:
         self.conn.close()
 
 
-def test_wal_and_one_migration(path: Path, store: Store) -> None:
+def test_wal_and_every_migration_once(path: Path, store: Store) -> None:
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT id, name FROM migrations").fetchall() == [(1, "initial_schema")]
+        assert conn.execute("SELECT id, name FROM migrations").fetchall() == \
+            [(i, fn.__name__) for i, fn in enumerate(schema_module.MIGRATIONS, 1)]
 
 
 def test_open_errors_surface_in_the_constructor(tmp_path: Path) -> None:
@@ -77,7 +78,7 @@ def test_open_errors_surface_in_the_constructor(tmp_path: Path) -> None:
 
 def test_synchronous_full_is_applied_to_the_writer(path: Path) -> None:
     with Store(path, synchronous="full") as store:
-        assert store._call(lambda db: db.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
+        assert store.write(lambda db: db.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
 
 
 def test_concurrent_submitters_all_resolve_with_exact_counts(path: Path, store: Store) -> None:
@@ -185,19 +186,20 @@ def test_reopen_keeps_data_and_skips_applied_migrations(path: Path, monkeypatch:
         applied = conn.execute("SELECT * FROM migrations").fetchall()
 
     def must_not_run(db) -> None:
-        raise AssertionError("migration 1 ran twice")
+        raise AssertionError("an applied migration ran twice")
 
     def add_notes(db) -> None:
         db["notes"].create({"id": int, "text": str}, pk="id")
 
-    monkeypatch.setattr(schema_module, "MIGRATIONS", [must_not_run, add_notes])
+    known = len(applied)
+    monkeypatch.setattr(schema_module, "MIGRATIONS", [must_not_run] * known + [add_notes])
     with Store(path) as store:
         assert count_rows(path) == 1 and store.model_totals()[0].windows == 1
     with sqlite3.connect(path) as conn:
         rows = conn.execute("SELECT id, name, applied_at FROM migrations ORDER BY id").fetchall()
-    assert rows[0] == applied[0] and rows[1][:2] == (2, "add_notes")
-    monkeypatch.setattr(schema_module, "MIGRATIONS", [must_not_run])
-    with pytest.raises(FailedPrecondition, match="migration 2"):
+    assert rows[:known] == applied and rows[known][:2] == (known + 1, "add_notes")
+    monkeypatch.setattr(schema_module, "MIGRATIONS", [must_not_run] * known)
+    with pytest.raises(FailedPrecondition, match=f"migration {known + 1}"):
         Store(path)  # a newer collector's database
 
 

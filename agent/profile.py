@@ -1,0 +1,331 @@
+"""Reference profiles: the agent's own summaries, computed once over reference data.
+
+Drift is only meaningful if the reference and the traffic are summarised the
+same way, so a profile is built by the very code the agent runs: the slots
+and column names of ``agent.capture`` and the ``WindowBuilder`` of
+``agent.worker`` (with the larger ``sketches.REFERENCE_K``), fed with the
+reference data and the model's predictions on it. The profile records the
+data file's sha256 and row count (the lineage of the reference) and, when the
+data has labels, the model's performance on it.
+
+``outrider profile --model M.onnx --data DATA --out PROFILE.pb`` is the CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent import capture, sketches
+from agent.capture import Reduce, Slot
+from agent.errors import InvalidArgument
+from agent.reference_data import SUPPORTED, ReferenceData, file_sha256, load_data
+from agent.worker import BLOCK_ROWS, Identity, WindowBuilder
+from protos import summary_pb2
+
+FeatureNames = Sequence[str] | Mapping[str, Sequence[str]]
+
+
+def build_profile(model: str | os.PathLike | bytes, data: str | os.PathLike, *,
+                  feature_names: FeatureNames | None = None, label_column: str | None = None,
+                  k: int = sketches.REFERENCE_K, batch_rows: int = BLOCK_ROWS,
+                  model_name: str | None = None) -> summary_pb2.ReferenceProfile:
+    """Run ``model`` over the data file ``data`` and summarise features and
+    predictions exactly as a ``MonitoredSession`` of that model would.
+
+    ``feature_names`` are the names the agent is given (a list for a
+    one-input model, or ``{input: [names]}``); pass the same to both, or the
+    columns will not line up. ``label_column`` names the ground truth (a CSV
+    or Parquet column, or an ``.npz`` array; ``.npz`` files use an array
+    named ``label`` when there is one). Raises InvalidArgument, saying what to
+    fix, on a bad model, file, column or shape. The data is read whole into
+    memory (reference sets are training-sized, not traffic-sized).
+    """
+    if batch_rows < 1:
+        raise InvalidArgument(f"batch_rows must be at least 1, got {batch_rows}")
+    model_bytes, default_name = _read_model(model)
+    session = _open_model(model_bytes)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    names = _input_names(inputs, session.get_modelmeta().custom_metadata_map, feature_names)
+    loaded = load_data(data, inputs, names=names, label_column=label_column)
+    sha = hashlib.sha256(model_bytes).hexdigest()
+    identity = Identity("profile", "", model_name or default_name or "model", "", sha)
+    out_index = {o.name: i for i, o in enumerate(outputs)}
+    builder: WindowBuilder | None = None
+    scorer: _Scorer | None = None
+    for start in range(0, loaded.rows, batch_rows):
+        feed = {name: arr[start:start + batch_rows] for name, arr in loaded.features.items()}
+        outs = _run(session, feed)
+        if builder is None:  # planned from real values, as the agent does for symbolic shapes
+            slots = capture.plan_slots(inputs, outputs, names, feed, outs)
+            builder = WindowBuilder(tuple(slots), identity, k=k)
+            if loaded.labels is not None:
+                scorer = _Scorer.for_slots(slots, outs, out_index, loaded.labels)
+        builder.add_rows([_block(s, feed, outs, out_index) for s in builder.slots])
+        if scorer is not None:
+            scorer.add(outs, start)
+    assert builder is not None  # load_data refuses empty data
+    window = builder.close(time.time_ns(), 0, 0)
+    profile = summary_pb2.ReferenceProfile(
+        model_name=identity.model_name, model_sha256=sha, data_sha256=file_sha256(data), rows=window.rows,
+        data_name=Path(data).name, created_unix_nano=time.time_ns(), columns=window.columns)
+    if scorer is not None:
+        profile.performance.CopyFrom(scorer.performance())
+    return profile
+
+
+def _read_model(model: str | os.PathLike | bytes) -> tuple[bytes, str | None]:
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model), None
+    path = Path(model)
+    try:
+        return path.read_bytes(), path.stem
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read model file {path}: {exc.strerror or exc}; "
+                              "pass an existing .onnx file with --model") from None
+
+
+def _open_model(model_bytes: bytes) -> Any:
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's load errors have no common base class
+        raise InvalidArgument(f"cannot load the model as ONNX: {_first_line(exc)}; "
+                              "pass a valid .onnx file with --model") from None
+
+
+def _run(session: Any, feed: dict[str, np.ndarray]) -> list[Any]:
+    try:
+        return session.run(None, feed)
+    except Exception as exc:  # e.g. values the model rejects
+        raise InvalidArgument(f"the model failed on the data: {_first_line(exc)}; "
+                              "check that the data matches the model's inputs") from None
+
+
+def _input_names(inputs: Sequence[Any], custom: Mapping[str, str],
+                 option: FeatureNames | None) -> dict[str, list[str] | None]:
+    """Column names per input, chosen as the agent chooses them. Explicit
+    names that could not apply are an error here, where the agent would
+    quietly fall back to ``<input>[i]``: a profile is built on purpose."""
+    if isinstance(option, Mapping):
+        unknown = set(option) - {a.name for a in inputs}
+        if unknown:
+            raise InvalidArgument(f"feature names given for {sorted(unknown)}, but the model's inputs are "
+                                  f"{[a.name for a in inputs]}")
+    elif option is not None and len(inputs) != 1:
+        raise InvalidArgument(f"a list of feature names applies to a model with one input; this one has "
+                              f"{len(inputs)} ({', '.join(a.name for a in inputs)}): name the columns per input")
+    names = {a.name: capture.feature_names_for(option, dict(custom), a.name, len(inputs)) for a in inputs}
+    for arg in inputs:
+        given = capture.feature_names_for(option, {}, arg.name, len(inputs))
+        dims = list(arg.shape or [])[1:]
+        width = (dims[0] if dims else 1) if len(dims) <= 1 else None
+        if given is not None and isinstance(width, int) and len(given) != width:
+            raise InvalidArgument(f"{len(given)} feature names given for input {arg.name!r}, which has {width} "
+                                  "columns: give one name per column")
+    return names
+
+
+def _block(slot: Slot, feed: Mapping[str, Any], outs: Sequence[Any], out_index: Mapping[str, int]) -> np.ndarray:
+    """One slot's rows as the ring would hold them: the slot's dtype and row
+    shape (strings cut to ``capture.STRING_WIDTH``, ZipMap dicts as an array)."""
+    value = outs[out_index[slot.tensor]] if slot.is_output else feed[slot.tensor]
+    if slot.reduce is Reduce.ZIPMAP:
+        value = capture.zipmap_to_array(value)
+    n = len(value)
+    block = np.empty((n, *slot.row_shape), dtype=slot.dtype)
+    block[...] = value
+    return block
+
+
+class _Scorer:
+    """The model's performance on labelled reference data, as ``Performance`` counts.
+
+    The prediction is the first class-label output (integer or string, one per
+    row: classification) or else the first single-valued numeric output
+    (regression). Rows whose label is missing are not counted."""
+
+    def __init__(self, output: int, classify: bool, labels: np.ndarray) -> None:
+        self.output, self.classify, self.labels = output, classify, labels
+        self.pairs: Counter[tuple[str, str]] = Counter()
+        self.labeled = 0
+        self.sums = np.zeros(3)  # error, |error|, error^2
+
+    @classmethod
+    def for_slots(cls, slots: Sequence[Slot], outs: Sequence[Any], out_index: Mapping[str, int],
+                  labels: np.ndarray) -> _Scorer:
+        outputs = [s for s in slots if s.is_output]
+        for slot in outputs:
+            if slot.reduce is Reduce.CATEGORICAL and len(slot.columns) == 1:
+                i = out_index[slot.tensor]
+                return cls(i, True, _class_labels(labels, np.asarray(outs[i]).dtype))
+        for slot in outputs:
+            if slot.reduce is Reduce.NUMERIC and len(slot.columns) == 1:
+                return cls(out_index[slot.tensor], False, _float_labels(labels))
+        raise InvalidArgument("cannot score the labels: the model has no class-label output and no "
+                              "single-valued numeric output; profile without --label")
+
+    def add(self, outs: Sequence[Any], start: int) -> None:
+        pred = np.asarray(outs[self.output]).reshape(-1)
+        if pred.dtype.kind == "b":  # class "1", as the labels are written, not "True"
+            pred = pred.astype(np.int64)
+        truth = self.labels[start:start + len(pred)]
+        if self.classify:
+            known = truth != ""
+            pred_text = pred.astype(str) if pred.dtype.kind != "O" else np.array([str(p) for p in pred])
+            self.pairs.update(zip(truth[known].tolist(), pred_text[known].tolist()))
+            self.labeled += int(known.sum())
+        else:
+            known = ~np.isnan(truth)
+            error = pred[known].astype(np.float64) - truth[known]
+            self.sums += (error.sum(), np.abs(error).sum(), (error * error).sum())
+            self.labeled += int(known.sum())
+
+    def performance(self) -> summary_pb2.Performance:
+        perf = summary_pb2.Performance(labeled=self.labeled)
+        if not self.classify:
+            perf.error_sum, perf.abs_error_sum, perf.sq_error_sum = (float(v) for v in self.sums)
+            return perf
+        classes = _label_order({c for pair in self.pairs for c in pair})
+        index = {c: i for i, c in enumerate(classes)}
+        matrix = np.zeros((len(classes), len(classes)), dtype=np.uint64)
+        for (truth, pred), n in self.pairs.items():
+            matrix[index[truth], index[pred]] += n
+        perf.classes.extend(classes)
+        perf.confusion.extend(int(v) for v in matrix.ravel())
+        return perf
+
+
+def _label_order(classes: set[str]) -> list[str]:
+    """Numeric class labels in numeric order (2 before 10), others as text."""
+    try:
+        return sorted(classes, key=float)
+    except ValueError:
+        return sorted(classes)
+
+
+def _class_labels(labels: np.ndarray, pred_dtype: np.dtype) -> np.ndarray:
+    """Labels as the text of the prediction they should equal ("" = missing):
+    for an integer label output, 1, 1.0 and "1" are all class "1"."""
+    if pred_dtype.kind in "iub":
+        values = _float_labels(labels)
+        known = ~np.isnan(values)
+        if not np.all(np.mod(values[known], 1) == 0):
+            raise InvalidArgument("the labels are not whole numbers, but the model predicts integer classes: "
+                                  "pass the column of class labels with --label")
+        return np.where(known, np.nan_to_num(values).astype(np.int64).astype(str), "")
+    text = labels.astype(str) if labels.dtype.kind != "O" else np.array(["" if v is None else str(v) for v in labels])
+    return np.where(np.char.lower(text) == "nan", "", np.char.strip(text))
+
+
+def _float_labels(labels: np.ndarray) -> np.ndarray:
+    if labels.dtype.kind in "iubf":
+        return labels.astype(np.float64)
+    if labels.dtype.kind == "O":  # Parquet: None is a missing label
+        labels = np.array(["" if v is None else str(v) for v in labels.tolist()], dtype=str)
+    text = np.char.strip(np.asarray(labels, dtype=str))
+    try:
+        return np.where(text == "", "nan", text).astype(np.float64)
+    except ValueError:
+        bad = next(v for v in text.tolist() if v and not _is_float(v))
+        raise InvalidArgument(f"label {bad!r} is not a number, but the model's prediction is: "
+                              "pass the column of numeric labels with --label") from None
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """``outrider profile``."""
+    from agent.cli import add_flag, positive
+
+    p = subparsers.add_parser(
+        "profile", help="summarise reference data into a reference profile for drift detection",
+        description="Run an ONNX model over reference (training or validation) data and write the same "
+                    "summaries the agent builds of live traffic, with larger sketches: the reference that "
+                    "drift is measured against. Attach the file to a model version with 'outrider attach'.")
+    env = "OUTRIDER_PROFILE_"
+    add_flag(p, "--model", prefix=env, required=True, metavar="PATH.onnx", help="the ONNX model")
+    add_flag(p, "--data", prefix=env, required=True, metavar="DATA",
+             help=f"reference data: {', '.join(SUPPORTED)} (Parquet needs the 'parquet' extra)")
+    add_flag(p, "--out", prefix=env, required=True, metavar="PROFILE.pb", help="where to write the profile")
+    add_flag(p, "--label", prefix=env, metavar="COLUMN",
+             help="column (or .npz array) of ground truth: the profile then records the model's performance")
+    add_flag(p, "--feature-names", prefix=env, metavar="A,B,C",
+             help="names of the input's columns, as given to the agent (default: the model's metadata, else X[i])")
+    add_flag(p, "--batch-rows", prefix=env, default=str(BLOCK_ROWS), type=positive(int), metavar="N",
+             help="rows per model call")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=profile_command)
+
+
+def profile_command(args: argparse.Namespace) -> int:
+    from agent.cli import UsageError
+
+    names = [n.strip() for n in args.feature_names.split(",")] if args.feature_names else None
+    if names is not None and not all(names):
+        raise UsageError(f"--feature-names {args.feature_names!r} has an empty name; pass A,B,C")
+    if not Path(args.model).is_file():
+        raise UsageError(f"model file {args.model} does not exist; pass --model PATH.onnx")
+    try:
+        profile = build_profile(args.model, args.data, feature_names=names, label_column=args.label,
+                                batch_rows=args.batch_rows)
+    except InvalidArgument as exc:
+        raise UsageError(str(exc)) from None
+    out = Path(args.out)
+    try:
+        out.write_bytes(profile.SerializeToString())
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror or exc}; pass another --out") from None
+    summary = describe(profile)
+    if args.json:
+        print(json.dumps({**summary, "out": str(out)}, indent=2))
+        return 0
+    perf = f", accuracy {summary['accuracy']:.4f}" if "accuracy" in summary else (
+        f", RMSE {summary['rmse']:.4g}" if "rmse" in summary else "")
+    print(f"profiled {summary['rows']} rows of {profile.data_name} (sha256 {profile.data_sha256[:16]}...): "
+          f"{summary['features']} feature and {summary['predictions']} prediction columns{perf}; wrote {out}")
+    return 0
+
+
+def describe(profile: summary_pb2.ReferenceProfile) -> dict[str, Any]:
+    """What a person wants to know of a profile: its size, lineage and, with labels, the headline metric."""
+    roles = Counter(c.role for c in profile.columns)
+    out: dict[str, Any] = {
+        "model_name": profile.model_name, "model_sha256": profile.model_sha256, "data_name": profile.data_name,
+        "data_sha256": profile.data_sha256, "rows": profile.rows, "columns": len(profile.columns),
+        "features": roles[summary_pb2.ColumnSummary.FEATURE],
+        "predictions": roles[summary_pb2.ColumnSummary.PREDICTION],
+    }
+    perf = profile.performance
+    if perf.labeled and perf.classes:
+        n = len(perf.classes)
+        out["accuracy"] = sum(perf.confusion[i * n + i] for i in range(n)) / perf.labeled
+    elif perf.labeled:
+        out["rmse"] = float(np.sqrt(perf.sq_error_sum / perf.labeled))
+    return out
+
+
+__all__ = ["ReferenceData", "build_profile", "describe", "load_data", "register"]

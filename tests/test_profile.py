@@ -1,0 +1,362 @@
+"""Reference profiles: the same columns the agent builds, from files; attached through a real collector."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix
+
+from agent import examples, sketches
+from agent.errors import InvalidArgument
+from agent.profile import build_profile
+from agent.session import MonitoredSession
+from collector.auth import AuthConfig
+from collector.server import CollectorServer, serve_collector
+from protos import collector_pb2 as pb
+from protos import collector_pb2_grpc as pb_grpc
+from protos import summary_pb2
+
+ROOT = Path(__file__).resolve().parents[1]
+HANG_GUARD = 60
+N = 3000
+OPERATOR_TOKEN = "operator-token-0123456789"
+VIEWER_TOKEN = "viewer-token-0123456789"
+AUTH_TOML = f"""
+[[operator]]
+name = "olga"
+token = "{OPERATOR_TOKEN}"
+role = "operator"
+
+[[operator]]
+name = "vera"
+token = "{VIEWER_TOKEN}"
+role = "viewer"
+"""
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def agent_window(model: Path, feeds: list[dict[str, np.ndarray]], **kw) -> summary_pb2.WindowSummary:
+    """What the agent summarises of this traffic: one window holding every row."""
+    session = MonitoredSession(str(model), summarizer="thread", window_seconds=None, **kw)
+    for feed in feeds:
+        session.run(None, feed)
+    session.close()
+    (window,) = session.sink.windows
+    assert window.dropped_rows == 0
+    return window
+
+
+def assert_same_columns(profile: summary_pb2.ReferenceProfile, window: summary_pb2.WindowSummary) -> None:
+    assert [(c.name, c.kind, c.role, c.source) for c in profile.columns] == \
+        [(c.name, c.kind, c.role, c.source) for c in window.columns]
+    for ours, theirs in zip(profile.columns, window.columns):
+        assert (ours.count, ours.missing, ours.infinite) == (theirs.count, theirs.missing, theirs.infinite), ours.name
+        if ours.kind == summary_pb2.ColumnSummary.NUMERIC:
+            assert ours.mean == pytest.approx(theirs.mean, abs=1e-9), ours.name
+            assert (ours.min, ours.max) == (theirs.min, theirs.max), ours.name
+            assert sketches.from_proto(ours).k == sketches.REFERENCE_K  # the profile's larger sketch
+        else:
+            assert sketches.from_proto(ours).frequent_items() == sketches.from_proto(theirs).frequent_items()
+    assert profile.rows == window.rows
+
+
+def batches(feed: dict[str, np.ndarray], size: int = 700) -> list[dict[str, np.ndarray]]:
+    n = len(next(iter(feed.values())))
+    return [{k: v[i:i + size] for k, v in feed.items()} for i in range(0, n, size)]
+
+
+def write_csv(path: Path, columns: dict[str, np.ndarray]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(columns))
+        # %.9g round-trips float32 exactly
+        cells = [[f"{v:.9g}" if isinstance(v, float) else str(v) for v in row]
+                 for row in zip(*(c.tolist() for c in columns.values()))]
+        writer.writerows(cells)
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def lr_columns(x: np.ndarray, y: np.ndarray | None = None, label: str = "y") -> dict[str, np.ndarray]:
+    cols = {f"X[{i}]": x[:, i] for i in range(x.shape[1])}
+    return {**cols, label: y} if y is not None else cols
+
+
+# ------------------------------------------------------------------ the profile equals the agent's summary
+
+
+@pytest.mark.parametrize("fmt", ["npy", "npz", "csv"])
+def test_profile_has_the_agents_columns(lr_model: Path, tmp_path: Path, fmt: str) -> None:
+    x, y = examples.tabular_data(N, seed=7)
+    x[5, 3] = np.nan  # missing values count the same way too
+    data = tmp_path / f"ref.{fmt}"
+    if fmt == "npy":
+        np.save(data, x)
+    elif fmt == "npz":
+        np.savez(data, X=x)
+    else:
+        write_csv(data, lr_columns(x))
+    profile = build_profile(lr_model, data, batch_rows=1000)
+    assert_same_columns(profile, agent_window(lr_model, batches({"X": x})))
+    assert profile.rows == N and profile.data_name == data.name and profile.data_sha256 == sha256(data)
+    assert profile.model_sha256 == sha256(lr_model) and profile.model_name == "lr"
+    assert not profile.HasField("performance")
+
+
+def test_mixed_inputs_from_a_csv_with_a_string_column(mixed_model: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    num = rng.standard_normal((N, 3)).astype(np.float32)
+    city = rng.choice([*examples.CITIES, "berlin", ""], N)  # an unknown city and missing ones
+    data = write_csv(tmp_path / "ref.csv", {"city": city, **{f"num[{i}]": num[:, i] for i in range(3)}})
+    profile = build_profile(mixed_model, data)
+    window = agent_window(mixed_model, batches({"num": num, "city": city.reshape(-1, 1).astype(object)}))
+    assert_same_columns(profile, window)
+    (city_col,) = [c for c in profile.columns if c.name == "city"]
+    assert city_col.kind == summary_pb2.ColumnSummary.CATEGORICAL and city_col.missing == (city == "").sum()
+
+
+def test_parquet_when_pyarrow_is_installed(mixed_model: Path, tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(8)
+    num = rng.standard_normal((500, 3)).astype(np.float32)
+    city = rng.choice(examples.CITIES, 500).tolist()
+    city[3] = None  # a Parquet null is a missing category
+    pq.write_table(pa.table({**{f"num[{i}]": num[:, i] for i in range(3)}, "city": city}), tmp_path / "ref.parquet")
+    profile = build_profile(mixed_model, tmp_path / "ref.parquet")
+    feed = {"num": num, "city": np.array([c or "" for c in city], dtype=object).reshape(-1, 1)}
+    assert_same_columns(profile, agent_window(mixed_model, [feed]))
+
+
+def test_feature_names_name_the_columns_as_they_do_in_the_agent(lr_model: Path, tmp_path: Path) -> None:
+    x, _ = examples.tabular_data(500, n_features=20, seed=2)
+    names = [f"f{i}" for i in range(20)]
+    data = write_csv(tmp_path / "ref.csv", dict(zip(names, x.T)))
+    profile = build_profile(lr_model, data, feature_names=names)
+    assert_same_columns(profile, agent_window(lr_model, [{"X": x}], feature_names=names))
+    with pytest.raises(InvalidArgument, match="3 feature names given for input 'X', which has 20 columns"):
+        build_profile(lr_model, data, feature_names=["a", "b", "c"])
+
+
+def test_zipmap_probabilities_are_columns_per_class(lr_zipmap_model: Path, tmp_path: Path) -> None:
+    x, _ = examples.tabular_data(800, seed=4)
+    np.save(tmp_path / "ref.npy", x)
+    profile = build_profile(lr_zipmap_model, tmp_path / "ref.npy")
+    assert_same_columns(profile, agent_window(lr_zipmap_model, batches({"X": x}, 300)))
+
+
+# ------------------------------------------------------------------ labels -> performance
+
+
+def predictions(model: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "csv"])
+def test_labels_give_the_models_accuracy_and_confusion(lr_model: Path, tmp_path: Path, fmt: str) -> None:
+    x, y = examples.tabular_data(N, seed=11)
+    if fmt == "npz":
+        np.savez(tmp_path / "ref.npz", X=x, label=y)
+        profile = build_profile(lr_model, tmp_path / "ref.npz", batch_rows=512)
+    else:
+        data = write_csv(tmp_path / "ref.csv", lr_columns(x, y, label="target"))
+        profile = build_profile(lr_model, data, label_column="target", batch_rows=512)
+    pred = predictions(lr_model, {"X": x})[0]
+    perf = profile.performance
+    assert list(perf.classes) == ["0", "1"] and perf.labeled == N and perf.unmatched == 0
+    assert np.array(perf.confusion).reshape(2, 2).tolist() == confusion_matrix(y, pred).tolist()
+    assert (perf.confusion[0] + perf.confusion[3]) / perf.labeled == accuracy_score(y, pred)
+
+
+def test_regression_labels_give_error_sums(tmp_path: Path) -> None:
+    model = tmp_path / "reg.onnx"
+    model.write_bytes(examples.linear_regression(n_features=5))
+    x, _ = examples.tabular_data(1000, n_features=5, seed=5)
+    y = x.sum(axis=1).astype(np.float64)
+    np.savez(tmp_path / "ref.npz", X=x, label=y)
+    perf = build_profile(model, tmp_path / "ref.npz").performance
+    error = predictions(model, {"X": x})[0].reshape(-1).astype(np.float64) - y
+    assert perf.labeled == 1000 and not perf.classes
+    assert perf.error_sum == pytest.approx(error.sum())
+    assert perf.abs_error_sum == pytest.approx(np.abs(error).sum())
+    assert perf.sq_error_sum == pytest.approx((error ** 2).sum())
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTRIDER_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=HANG_GUARD)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_cli_writes_the_profile_and_says_what_it_holds(lr_model: Path, tmp_path: Path) -> None:
+    x, y = examples.tabular_data(1000, seed=9)
+    data = write_csv(tmp_path / "train.csv", lr_columns(x, y))
+    out = tmp_path / "lr.profile.pb"
+    result = cli("profile", "--model", str(lr_model), "--data", str(data), "--out", str(out), "--label", "y")
+    assert result.returncode == 0, result.stderr
+    assert "1000 rows" in result.stdout and sha256(data)[:16] in result.stdout and "accuracy" in result.stdout
+    profile = summary_pb2.ReferenceProfile.FromString(out.read_bytes())
+    assert profile.rows == 1000 and len(profile.columns) == 23 and profile.performance.labeled == 1000
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bad")
+    x, y = examples.tabular_data(50, seed=1)
+    np.save(d / "narrow.npy", x[:, :10])
+    write_csv(d / "renamed.csv", {f"col{i}": x[:, i] for i in range(20)})
+    cols = lr_columns(x)
+    cols["X[4]"] = np.array(["oops"] + [str(v) for v in x[1:, 4]])
+    write_csv(d / "text.csv", cols)
+    write_csv(d / "ok.csv", lr_columns(x))
+    np.savez(d / "other.npz", features=x)
+    (d / "data.json").write_text("{}")
+    (d / "data.parquet").write_bytes(b"PAR1")
+    (d / "broken.onnx").write_bytes(b"not a model")
+    return d
+
+
+@pytest.mark.parametrize("case, words", [
+    (("--data", "missing.csv"), "does not exist"),
+    (("--data", "narrow.npy"), "takes shape [N, 20]"),
+    (("--data", "renamed.csv"), "missing [X[0]"),
+    (("--data", "text.csv"), "'oops' is not a number"),
+    (("--data", "ok.csv", "--label", "y"), "no label column 'y'"),
+    (("--data", "other.npz"), "do not match the model's inputs ['X']"),
+    (("--data", "data.json"), "is not one of .csv"),
+    (("--data", "ok.csv", "--feature-names", "a,b"), "2 feature names given"),
+    (("--data", "ok.csv", "--model", "broken.onnx"), "cannot load the model"),
+    pytest.param(("--data", "data.parquet"), "needs pyarrow",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("pyarrow") is not None,
+                                          reason="pyarrow is installed")),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(lr_model: Path, bad_inputs: Path, tmp_path: Path,
+                                               case: tuple[str, ...], words: str) -> None:
+    args = dict(zip(case[::2], case[1::2]))
+    model = str(bad_inputs / args.pop("--model")) if "--model" in args else str(lr_model)
+    data = str(bad_inputs / args.pop("--data"))
+    out = tmp_path / "p.pb"
+    extra = [part for kv in args.items() for part in kv]
+    line = one_line_error(cli("profile", "--model", model, "--data", data, "--out", str(out), *extra))
+    assert words in line
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ attaching to the collector
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[CollectorServer]:
+    server = serve_collector(tmp_path / "c.db", "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML),
+                             rollup_interval=3600)
+    try:
+        yield server
+    finally:
+        server.stop(grace=0)
+
+
+@pytest.fixture(scope="module")
+def lr_profile(tmp_path_factory: pytest.TempPathFactory) -> summary_pb2.ReferenceProfile:
+    d = tmp_path_factory.mktemp("profile")
+    (d / "lr.onnx").write_bytes(examples.logistic_regression())
+    x, y = examples.tabular_data(500, seed=6)
+    np.savez(d / "ref.npz", X=x, label=y)
+    return build_profile(d / "lr.onnx", d / "ref.npz")
+
+
+def attach(server: CollectorServer, profile: summary_pb2.ReferenceProfile, token: str = OPERATOR_TOKEN,
+           version: str = "3") -> pb.AttachProfileResponse:
+    with grpc.insecure_channel(server.address) as channel:
+        return pb_grpc.OpsServiceStub(channel).AttachProfile(
+            pb.AttachProfileRequest(model_name="credit", model_version=version, profile=profile),
+            metadata=(("authorization", f"Bearer {token}"),), timeout=HANG_GUARD)
+
+
+def attach_error(server: CollectorServer, profile: summary_pb2.ReferenceProfile, **kw) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        attach(server, profile, **kw)
+    return info.value
+
+
+def test_attach_stores_and_replaces_the_profile(collector: CollectorServer,
+                                                lr_profile: summary_pb2.ReferenceProfile) -> None:
+    first = attach(collector, lr_profile)
+    assert (first.model_name, first.model_version, first.columns, first.replaced) == ("credit", "3", 23, False)
+    assert collector.store.profile("credit", "3") == lr_profile
+    newer = summary_pb2.ReferenceProfile()
+    newer.CopyFrom(lr_profile)
+    newer.rows, newer.data_name = 499, "other.npz"
+    assert attach(collector, newer).replaced is True
+    assert collector.store.profile("credit", "3") == newer
+    assert collector.store.profile("credit", "4") is None
+    assert collector.store.profiles() == [("credit", "3")]
+
+
+def test_a_bad_profile_is_invalid_argument_and_changes_nothing(collector: CollectorServer,
+                                                               lr_profile: summary_pb2.ReferenceProfile) -> None:
+    corrupt = summary_pb2.ReferenceProfile()
+    corrupt.CopyFrom(lr_profile)
+    corrupt.columns[0].kll = b"\x05garbage"
+    twice = summary_pb2.ReferenceProfile()
+    twice.CopyFrom(lr_profile)
+    twice.columns.append(lr_profile.columns[0])
+    for bad, words in ((corrupt, "X[0]"), (twice, "appears more than once"),
+                       (summary_pb2.ReferenceProfile(rows=3), "no columns")):
+        err = attach_error(collector, bad)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.details(), err.details()
+    err = attach_error(collector, lr_profile, version="")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "model_version" in err.details()
+    assert collector.store.profiles() == []
+
+
+def test_a_viewer_may_not_attach(collector: CollectorServer, lr_profile: summary_pb2.ReferenceProfile) -> None:
+    err = attach_error(collector, lr_profile, token=VIEWER_TOKEN)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "operator" in err.details()
+    assert collector.store.profiles() == []
+
+
+def test_cli_attach(collector: CollectorServer, lr_profile: summary_pb2.ReferenceProfile, tmp_path: Path) -> None:
+    path = tmp_path / "lr.pb"
+    path.write_bytes(lr_profile.SerializeToString())
+    flags = ("--collector", collector.address, "--token", OPERATOR_TOKEN)
+    result = cli("attach", "credit", "7", str(path), *flags)
+    assert result.returncode == 0, result.stderr
+    assert "credit version 7" in result.stdout and "23 columns" in result.stdout and "500 rows" in result.stdout
+    assert "replaced" in cli("attach", "credit", "7", str(path), *flags).stdout
+    assert collector.store.profile("credit", "7") == lr_profile
+    (tmp_path / "junk.pb").write_bytes(b"\xff\xff not a profile")
+    assert "not a reference profile" in one_line_error(cli("attach", "credit", "7", str(tmp_path / "junk.pb"), *flags))
+    refused = one_line_error(cli("attach", "credit", "7", str(path), "--collector", collector.address,
+                                 "--token", VIEWER_TOKEN))
+    assert "refused" in refused and "operator" in refused
