@@ -27,7 +27,7 @@ AGENT_ENV = "OUTRIDER_AGENT_"  # environment prefix of `outrider agent serve`'s 
 # >>> Other subcommands register here. <<<
 #   agent.demo      -> ``outrider demo``        (not written yet; skipped while absent)
 #   collector.cli   -> ``outrider collector ...`` (later)
-OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli")
+OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli", "agent.profile", "collector.drift_cli")
 
 
 class UsageError(Exception):
@@ -135,6 +135,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="largest request accepted; bigger ones get RESOURCE_EXHAUSTED")
     add_flag(serve, "--grace-seconds", prefix=AGENT_ENV, default="5", type=positive(float), metavar="S",
              help="time in-flight requests get to finish on shutdown")
+    add_flag(serve, "--join-seconds", prefix=AGENT_ENV, default="3600", type=positive(float), metavar="S",
+             help="how long a prediction made with a request id waits for its ground truth "
+                  "(FeedbackService.Feedback); later labels count as unmatched")
     serve.set_defaults(func=serve_command)
 
 
@@ -151,7 +154,7 @@ def serve_command(args: argparse.Namespace) -> int:
     with stop_signals() as stop:  # before the (slow) model load
         session = _open_session(model, name, args.model_version, args.window_seconds, args.summarizer,
                                 agent_id=args.agent_id, collector=args.collector, spool_dir=args.spool_dir,
-                                collector_token=args.token)
+                                collector_token=args.token, join_seconds=args.join_seconds)
         try:
             running = serve(session, name, args.model_version, args.listen, workers=args.workers,
                             max_receive_bytes=int(args.max_message_mb * 1024 * 1024))

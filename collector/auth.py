@@ -51,6 +51,13 @@ OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
 OPS_METHOD_ROLES: dict[str, str] = {
     "Status": "viewer",
     "ListWindows": "viewer",
+    "AttachProfile": "operator",
+    "Drift": "viewer",
+    "EvaluateDrift": "operator",
+    "ListAlerts": "viewer",
+    "AckAlert": "operator",
+    "GetDriftConfig": "viewer",
+    "SetDriftConfig": "operator",
 }
 
 

@@ -1,4 +1,4 @@
-"""``outrider collector serve``, and the operators' ``outrider status`` / ``outrider windows``.
+"""``outrider collector serve``, and the operators' ``outrider status`` / ``windows`` / ``attach``.
 
 The query commands talk only to the collector's OpsService over gRPC (never
 to its database), so they work from any machine the collector lets in.
@@ -62,6 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="seconds between retention passes")
     add_flag(serve, "--grace-seconds", prefix=COLLECTOR_ENV, default="10", type=positive(float), metavar="S",
              help="time in-flight calls get to finish on shutdown")
+    add_flag(serve, "--drift-interval", prefix=COLLECTOR_ENV, default="60", type=float, metavar="S",
+             help="seconds between drift evaluations of every model version with a profile (0: on demand only)")
+    add_flag(serve, "--evaluation-retention", prefix=COLLECTOR_ENV, default="604800", type=positive(float),
+             metavar="S", help="seconds drift evaluations are kept for history")
+    add_flag(serve, "--webhook-url", prefix=COLLECTOR_ENV, metavar="URL",
+             help="POST alerts that open or resolve here, as JSON")
+    add_flag(serve, "--webhook-secret", prefix=COLLECTOR_ENV, metavar="SECRET", secret=True,
+             help="sign webhook bodies with HMAC-SHA256 (header X-Outrider-Signature: sha256=...)")
     serve.set_defaults(func=_one_line_errors(serve_command))
 
     status = subparsers.add_parser(
@@ -83,6 +91,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="most windows to list (the collector allows up to 10000)")
     _client_flags(windows)
     windows.set_defaults(func=_one_line_errors(windows_command))
+
+    attach = subparsers.add_parser(
+        "attach", help="attach a reference profile to a model version",
+        description="Attach a reference profile (made with 'outrider profile') to a model version: drift of "
+                    "that version's traffic is measured against it. Replaces the version's previous profile.")
+    attach.add_argument("model_name", metavar="MODEL_NAME", help="model name, as the agents report it")
+    attach.add_argument("model_version", metavar="MODEL_VERSION", help="model version, as the agents report it")
+    attach.add_argument("profile", metavar="PROFILE.pb", help="the file 'outrider profile --out' wrote")
+    _client_flags(attach)
+    attach.set_defaults(func=_one_line_errors(attach_command))
 
 
 def _one_line_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -168,7 +186,9 @@ def serve_command(args: argparse.Namespace) -> int:
     with stop_signals() as stop:
         try:
             running = serve_collector(db, args.listen, auth=auth, tls=tls, retention=retention,
-                                      rollup_interval=args.rollup_interval)
+                                      rollup_interval=args.rollup_interval, drift_interval=args.drift_interval,
+                                      evaluation_keep_seconds=args.evaluation_retention,
+                                      webhook=_webhook(args))
         except OSError as exc:
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
         except (OutriderError, sqlite3.Error) as exc:
@@ -183,6 +203,20 @@ def serve_command(args: argparse.Namespace) -> int:
         finally:
             running.stop(args.grace_seconds)
     return 0
+
+
+def _webhook(args: argparse.Namespace) -> Any:
+    from urllib.parse import urlparse
+
+    from collector.webhook import Webhook
+
+    if not args.webhook_url:
+        if args.webhook_secret:
+            raise UsageError("--webhook-secret needs --webhook-url: pass the URL alerts should be POSTed to")
+        return None
+    if urlparse(args.webhook_url).scheme not in ("http", "https"):
+        raise UsageError(f"--webhook-url {args.webhook_url!r} is not an http(s) URL; pass e.g. https://hooks.example/outrider")
+    return Webhook(args.webhook_url, args.webhook_secret or "")
 
 
 def _server_tls(args: argparse.Namespace) -> Any:
@@ -264,6 +298,35 @@ def windows_command(args: argparse.Namespace) -> int:
     print(table(["END", "AGENT", "SEQ", "LEVEL", "ROWS", "CALLS", "DROPPED", "ERRORS"],
                 [[iso(w.end_unix_nano), w.agent_id or "-", w.seq if w.level == "raw" else "-", w.level, w.rows,
                   w.calls, w.dropped_rows, w.errors] for w in reply.windows]))
+    return 0
+
+
+def attach_command(args: argparse.Namespace) -> int:
+    from google.protobuf.message import DecodeError
+
+    from protos import collector_pb2 as pb
+    from protos import summary_pb2
+
+    path = Path(args.profile)
+    try:
+        profile = summary_pb2.ReferenceProfile.FromString(path.read_bytes())
+    except OSError as exc:
+        raise UsageError(f"cannot read profile {path}: {exc.strerror or exc}; make one with 'outrider profile'") from None
+    except DecodeError:
+        raise UsageError(f"{path} is not a reference profile; make one with 'outrider profile --out {path.name}'") from None
+    if not profile.columns:
+        raise UsageError(f"{path} is not a reference profile (it has no columns); make one with 'outrider profile'")
+    request = pb.AttachProfileRequest(model_name=args.model_name, model_version=args.model_version, profile=profile)
+    reply = _ask(args, "AttachProfile", request)
+    if reply is None:
+        return 1
+    if args.json:
+        print(json.dumps({**plain(reply), "rows": profile.rows, "data_sha256": profile.data_sha256,
+                          "data_name": profile.data_name}, indent=2))
+        return 0
+    print(f"attached profile {path.name} to {reply.model_name} version {reply.model_version}: {reply.columns} "
+          f"columns, {profile.rows} rows of {profile.data_name or 'data'} (sha256 {profile.data_sha256[:16]}...)"
+          + ("; replaced the previous profile" if reply.replaced else ""))
     return 0
 
 

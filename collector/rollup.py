@@ -68,6 +68,7 @@ class WindowMerger:
         # as two columns rather than failing the rollup forever.
         self._columns: dict[tuple[str, int], _Column] = {}
         self._latency: _Column | None = None
+        self._performance: PerformanceTotals | None = None
 
     def add(self, w: summary_pb2.WindowSummary) -> None:
         head = self._head
@@ -93,6 +94,9 @@ class WindowMerger:
                 self._columns[key].add(msg)
             else:
                 self._columns[key] = _Column(msg)
+        if w.HasField("performance"):
+            self._performance = self._performance or PerformanceTotals()
+            self._performance.add(w.performance)
         if w.HasField("latency"):
             if self._latency is None:
                 self._latency = _Column(w.latency)
@@ -107,7 +111,42 @@ class WindowMerger:
         if self._latency is not None:
             out.latency.CopyFrom(self._latency.to_proto())
         out.columns.extend(c.to_proto() for c in self._columns.values())
+        if self._performance is not None:
+            out.performance.CopyFrom(self._performance.to_proto())
         return out
+
+
+class PerformanceTotals:
+    """Realised performance summed over windows: confusion counts by (true, predicted)
+    class name (windows may know different classes), error sums added."""
+
+    def __init__(self) -> None:
+        self.labeled = self.unmatched = 0
+        self.classes: dict[str, None] = {}  # insertion-ordered set
+        self.confusion: dict[tuple[str, str], int] = {}
+        self.error_sum = self.abs_error_sum = self.sq_error_sum = 0.0
+
+    def add(self, p: summary_pb2.Performance) -> None:
+        self.labeled += p.labeled
+        self.unmatched += p.unmatched
+        n = len(p.classes)
+        self.classes.update(dict.fromkeys(p.classes))
+        if len(p.confusion) == n * n:
+            for i, true in enumerate(p.classes):
+                for j, pred in enumerate(p.classes):
+                    if p.confusion[i * n + j]:
+                        key = (true, pred)
+                        self.confusion[key] = self.confusion.get(key, 0) + p.confusion[i * n + j]
+        self.error_sum += p.error_sum
+        self.abs_error_sum += p.abs_error_sum
+        self.sq_error_sum += p.sq_error_sum
+
+    def to_proto(self) -> summary_pb2.Performance:
+        classes = list(self.classes)
+        return summary_pb2.Performance(
+            labeled=self.labeled, unmatched=self.unmatched, classes=classes,
+            confusion=[self.confusion.get((t, p), 0) for t in classes for p in classes],
+            error_sum=self.error_sum, abs_error_sum=self.abs_error_sum, sq_error_sum=self.sq_error_sum)
 
 
 def merge_windows(windows: Sequence[summary_pb2.WindowSummary]) -> summary_pb2.WindowSummary:

@@ -59,8 +59,42 @@ def initial_schema(db: Database) -> None:
                                index_name="rollups_by_level_end")
 
 
+def reference_profiles(db: Database) -> None:
+    """One reference profile per model version (``outrider attach``), replaced in place.
+
+    ``body`` is the serialised ReferenceProfile; its data sha256 and row count
+    are copied out so that listings need not parse it."""
+    db["profiles"].create(
+        {"model_name": str, "model_version": str, "body": bytes, "data_sha256": str, "rows": int,
+         "attached_ns": int, "attached_by": str},
+        pk=("model_name", "model_version"),
+        not_null=["model_name", "model_version", "body", "data_sha256", "rows", "attached_ns", "attached_by"],
+    )
+
+
 # Append new migrations; never edit or reorder applied ones. Id = position + 1.
-MIGRATIONS: list[Callable[[Database], None]] = [initial_schema]
+def drift_evaluations_and_alerts(db: Database) -> None:
+    """Drift policy per model, every evaluation (for history and plots), the
+    alert machine's state per model version, and the alerts themselves."""
+    db["drift_configs"].create({"model_name": str, "config": str, "updated_ns": int, "updated_by": str},
+                               pk="model_name", not_null=["config"])
+    db["evaluations"].create(
+        {"id": int, "model_name": str, "model_version": str, "evaluated_ns": int, "evaluated": int,
+         "drifted_columns": int, "body": bytes},
+        pk="id", not_null=["model_name", "model_version", "evaluated_ns", "body"])
+    db["evaluations"].create_index(["model_name", "model_version", "evaluated_ns"])
+    db["alert_trackers"].create({"model_name": str, "model_version": str, "state": str},
+                                pk=("model_name", "model_version"), not_null=["state"])
+    db["alerts"].create(
+        {"id": int, "model_name": str, "model_version": str, "column": str, "kind": str, "state": str,
+         "opened_ns": int, "resolved_ns": int, "acknowledged_ns": int, "acknowledged_by": str, "note": str,
+         "summary": str, "evaluation_id": int},
+        pk="id", not_null=["model_name", "model_version", "column", "kind", "state", "opened_ns"],
+        defaults={"resolved_ns": 0, "acknowledged_ns": 0, "acknowledged_by": "", "note": "", "summary": ""})
+    db["alerts"].create_index(["state", "model_name", "model_version", "column"])
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [initial_schema, reference_profiles, drift_evaluations_and_alerts]
 
 
 def migrate(db: Database) -> None:

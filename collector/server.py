@@ -12,6 +12,7 @@ wait for the next request and reading never waits for a commit.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -22,14 +23,17 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent.errors import (InvalidArgument, ResourceExhausted, Unavailable, grpc_errors,
+from agent.errors import (InvalidArgument, NotFound, ResourceExhausted, Unavailable, grpc_errors,
                           grpc_stream_errors)
 from agent.server import package_version
+from collector import alerts
 from collector.auth import AuthConfig, AuthInterceptor, TLSFiles, current_identity
-from collector.ingest import Limits, validate_hello
+from collector.ingest import Limits, validate_hello, validate_model_key, validate_profile
 from collector.streams import AgentStream, LiveStreams
 from collector.rollup import RetentionPolicy
+from collector.evaluation import DriftEvaluator, EvaluationLoop
 from collector.store import Store
+from collector.webhook import Webhook
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 
@@ -114,10 +118,12 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
 
 class OpsServicer(pb_grpc.OpsServiceServicer):
-    def __init__(self, store: Store, agents: AgentServicer, auth: AuthInterceptor) -> None:
+    def __init__(self, store: Store, agents: AgentServicer, auth: AuthInterceptor,
+                 evaluator: DriftEvaluator) -> None:
         self.store = store
         self.agents = agents
         self.auth = auth
+        self.evaluator = evaluator
         self._version = package_version()
 
     @grpc_errors
@@ -147,6 +153,88 @@ class OpsServicer(pb_grpc.OpsServiceServicer):
                                      limit=request.limit or DEFAULT_LIST_LIMIT,
                                      include_summaries=request.include_summaries)
         return pb.ListWindowsResponse(windows=windows)
+
+    @grpc_errors
+    def AttachProfile(self, request: pb.AttachProfileRequest,
+                      context: grpc.ServicerContext) -> pb.AttachProfileResponse:
+        validate_model_key(request.model_name, request.model_version, self.agents.limits)
+        if not request.HasField("profile"):
+            raise InvalidArgument("profile is required (outrider attach MODEL VERSION PROFILE.pb)")
+        validate_profile(request.profile, self.agents.limits)
+        identity = current_identity()
+        replaced = self.store.attach_profile(request.model_name, request.model_version, request.profile,
+                                             identity.name if identity else "unknown", time.time_ns())
+        log.info("reference profile of %s %s attached by %s (%d columns, %d rows)%s", request.model_name,
+                 request.model_version, identity.name if identity else "?", len(request.profile.columns),
+                 request.profile.rows, ", replacing the previous one" if replaced else "")
+        return pb.AttachProfileResponse(model_name=request.model_name, model_version=request.model_version,
+                                        columns=len(request.profile.columns), replaced=replaced)
+
+
+    # --- drift ---------------------------------------------------------------------------
+
+    def _versions(self, model_name: str, model_version: str) -> list[str]:
+        if not model_name:
+            raise InvalidArgument("model_name is required (outrider drift MODEL)")
+        versions = [v for n, v in self.store.profiles() if n == model_name]
+        if model_version:
+            return [model_version]
+        if not versions:
+            raise NotFound(f"model {model_name!r} has no reference profile; "
+                           f"attach one with: outrider attach {model_name} VERSION PROFILE")
+        return versions
+
+    @grpc_errors
+    def Drift(self, request: pb.DriftRequest, context: grpc.ServicerContext) -> pb.DriftResponse:
+        reply = pb.DriftResponse()
+        db = self.store.read()
+        for version in self._versions(request.model_name, request.model_version):
+            past = alerts.history(db, request.model_name, version, (request.history or 20) + 1)
+            if not past:  # never evaluated yet: say why now, without recording
+                past = [self.evaluator.evaluate(request.model_name, version, record=False)]
+            reply.latest.append(past[0])
+            reply.history.extend(past[1:])
+        return reply
+
+    @grpc_errors
+    def EvaluateDrift(self, request: pb.DriftRequest, context: grpc.ServicerContext) -> pb.DriftResponse:
+        versions = self._versions(request.model_name, request.model_version)
+        return pb.DriftResponse(latest=[self.evaluator.evaluate(request.model_name, v) for v in versions])
+
+    @grpc_errors
+    def ListAlerts(self, request: pb.ListAlertsRequest, context: grpc.ServicerContext) -> pb.ListAlertsResponse:
+        if request.limit > MAX_LIST_LIMIT:
+            raise InvalidArgument(f"limit {request.limit} is over the maximum of {MAX_LIST_LIMIT}")
+        return pb.ListAlertsResponse(alerts=alerts.alerts(self.store.read(), request.model_name,
+                                                          request.include_resolved, request.limit or 1000))
+
+    @grpc_errors
+    def AckAlert(self, request: pb.AckAlertRequest, context: grpc.ServicerContext) -> pb.Alert:
+        identity = current_identity()
+        actor = identity.name if identity else "unknown"
+        acked = self.store.write(lambda db: alerts.acknowledge(db, request.id, actor, request.note, time.time_ns()))
+        log.info("alert %d acknowledged by %s", request.id, actor)
+        return acked
+
+    @grpc_errors
+    def GetDriftConfig(self, request: pb.DriftConfigRequest,
+                       context: grpc.ServicerContext) -> pb.DriftConfigResponse:
+        validate_model_key(request.model_name, "-", self.agents.limits)
+        config, is_default = alerts.get_config(self.store.read(), request.model_name)
+        return pb.DriftConfigResponse(model_name=request.model_name, config_json=json.dumps(config.to_dict()),
+                                      is_default=is_default)
+
+    @grpc_errors
+    def SetDriftConfig(self, request: pb.DriftConfigRequest,
+                       context: grpc.ServicerContext) -> pb.DriftConfigResponse:
+        validate_model_key(request.model_name, "-", self.agents.limits)
+        config = alerts.parse_config(request.config_json)
+        identity = current_identity()
+        actor = identity.name if identity else "unknown"
+        self.store.write(lambda db: alerts.set_config(db, request.model_name, config, actor, time.time_ns()))
+        log.info("drift policy of %s set by %s: %s", request.model_name, actor, config.to_dict())
+        return pb.DriftConfigResponse(model_name=request.model_name, config_json=json.dumps(config.to_dict()),
+                                      is_default=False)
 
 
 class RollupLoop:
@@ -185,6 +273,8 @@ class CollectorServer:
         self.auth = auth
         self.host = host
         self.port = port
+        self.evaluation: EvaluationLoop | None = None
+        self.webhook: Webhook | None = None
         self._stop_lock = threading.Lock()
         self._stopped = False
 
@@ -204,6 +294,10 @@ class CollectorServer:
         self.agents.live.drain()
         self.server.stop(grace).wait()
         self.rollup.stop()
+        if self.evaluation is not None:
+            self.evaluation.stop()
+        if self.webhook is not None:
+            self.webhook.close()
         self.store.close()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -215,9 +309,14 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
                     tls: TLSFiles | None = None, retention: RetentionPolicy = RetentionPolicy(),
                     rollup_interval: float = 60.0, limits: Limits | None = None, max_agents: int = 256,
                     retry_after_ms: int = 1000, max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
-                    store: Store | None = None) -> CollectorServer:
+                    store: Store | None = None, drift_interval: float = 60.0,
+                    evaluation_keep_seconds: float = 7 * 86400.0, webhook: Webhook | None = None) -> CollectorServer:
     """Open the store at ``db_path`` (or take ``store``, which is then the server's to close)
     and serve on ``listen`` (port 0 picks one).
+
+    Drift is evaluated every ``drift_interval`` seconds (0: only on demand);
+    evaluations older than ``evaluation_keep_seconds`` are pruned; alerts that
+    open or resolve go to ``webhook``.
 
     Without ``auth`` every caller is trusted: the caller (the CLI) makes sure
     ``listen`` is a loopback address then. Raises ``OSError`` when the address
@@ -242,7 +341,8 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
             ],
         )
         pb_grpc.add_AgentServiceServicer_to_server(agents, server)
-        pb_grpc.add_OpsServiceServicer_to_server(OpsServicer(store, agents, interceptor), server)
+        evaluator = DriftEvaluator(store, webhook)
+        pb_grpc.add_OpsServiceServicer_to_server(OpsServicer(store, agents, interceptor, evaluator), server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         try:
             port = (server.add_secure_port(listen, tls.server_credentials()) if tls
@@ -258,7 +358,10 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     server.start()
     rollup = RollupLoop(store, retention, rollup_interval)
+    evaluation = EvaluationLoop(evaluator, drift_interval, evaluation_keep_seconds) if drift_interval > 0 else None
     host = listen.rsplit(":", 1)[0]
     log.info("collector listening on %s:%d (db %s, %s)", host, port, db_path,
              "tokens required" if auth else "unauthenticated, loopback")
-    return CollectorServer(server, agents, health_servicer, rollup, store, interceptor, host, port)
+    running = CollectorServer(server, agents, health_servicer, rollup, store, interceptor, host, port)
+    running.evaluation, running.webhook = evaluation, webhook
+    return running

@@ -418,3 +418,21 @@ class AckAlertRequest(_message.Message):
     id: int
     note: str
     def __init__(self, id: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
+
+class DriftConfigRequest(_message.Message):
+    __slots__ = ("model_name", "config_json")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    config_json: str
+    def __init__(self, model_name: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
+
+class DriftConfigResponse(_message.Message):
+    __slots__ = ("model_name", "config_json", "is_default")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    config_json: str
+    is_default: bool
+    def __init__(self, model_name: _Optional[str] = ..., config_json: _Optional[str] = ..., is_default: bool = ...) -> None: ...

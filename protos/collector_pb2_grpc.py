@@ -152,6 +152,16 @@ class OpsServiceStub(object):
                 request_serializer=protos_dot_collector__pb2.AckAlertRequest.SerializeToString,
                 response_deserializer=protos_dot_collector__pb2.Alert.FromString,
                 _registered_method=True)
+        self.GetDriftConfig = channel.unary_unary(
+                '/outrider.v1.OpsService/GetDriftConfig',
+                request_serializer=protos_dot_collector__pb2.DriftConfigRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.DriftConfigResponse.FromString,
+                _registered_method=True)
+        self.SetDriftConfig = channel.unary_unary(
+                '/outrider.v1.OpsService/SetDriftConfig',
+                request_serializer=protos_dot_collector__pb2.DriftConfigRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.DriftConfigResponse.FromString,
+                _registered_method=True)
 
 
 class OpsServiceServicer(object):
@@ -202,6 +212,18 @@ class OpsServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDriftConfig(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDriftConfig(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OpsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -239,6 +261,16 @@ def add_OpsServiceServicer_to_server(servicer, server):
                     servicer.AckAlert,
                     request_deserializer=protos_dot_collector__pb2.AckAlertRequest.FromString,
                     response_serializer=protos_dot_collector__pb2.Alert.SerializeToString,
+            ),
+            'GetDriftConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDriftConfig,
+                    request_deserializer=protos_dot_collector__pb2.DriftConfigRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.DriftConfigResponse.SerializeToString,
+            ),
+            'SetDriftConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDriftConfig,
+                    request_deserializer=protos_dot_collector__pb2.DriftConfigRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.DriftConfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -432,6 +464,60 @@ class OpsService(object):
             '/outrider.v1.OpsService/AckAlert',
             protos_dot_collector__pb2.AckAlertRequest.SerializeToString,
             protos_dot_collector__pb2.Alert.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDriftConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/GetDriftConfig',
+            protos_dot_collector__pb2.DriftConfigRequest.SerializeToString,
+            protos_dot_collector__pb2.DriftConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDriftConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/SetDriftConfig',
+            protos_dot_collector__pb2.DriftConfigRequest.SerializeToString,
+            protos_dot_collector__pb2.DriftConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -156,6 +156,12 @@ def test_agent_killed_and_restarted_with_its_spool(tmp_path: Path, model: Path):
     (run1,) = first_run
 
     ag, agent_address = agent(model, address, spool, "a1")  # same spool: resends what was not acked
+
+    def second_run_connected() -> bool:
+        agents = ops(address).Status(collector_pb2.StatusRequest(), timeout=5).agents
+        return any(a.agent_id == "a1" and a.run_id != run1 and a.connected for a in agents)
+
+    wait_until(second_run_connected, what="the restarted agent's stream")  # then SIGTERM waits for its acks
     ag.send_signal(signal.SIGTERM)
     assert ag.wait(60) == 0
     windows = ops(address).ListWindows(collector_pb2.ListWindowsRequest(model_name="m", limit=10_000),

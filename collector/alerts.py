@@ -1,0 +1,145 @@
+"""Drift policies, evaluations, alert machines and alerts in the collector's SQLite file.
+
+Plain functions over a sqlite-utils ``Database``: writers run on the store's
+writer thread (``Store.write(fn)``), readers on a read connection
+(``Store.read()``). The alert machine itself is ``collector.drift.AlertTracker``;
+here it is only loaded and saved.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf import json_format
+from sqlite_utils import Database
+
+from agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from collector.drift import AlertTracker, DriftConfig
+from protos import collector_pb2 as pb
+
+OPEN, ACKNOWLEDGED, RESOLVED = "open", "acknowledged", "resolved"
+
+
+# ------------------------------------------------------------ drift policy
+
+def get_config(db: Database, model_name: str) -> tuple[DriftConfig, bool]:
+    """The model's policy and whether it is the default (nothing stored)."""
+    row = db.execute("SELECT config FROM drift_configs WHERE model_name = ?", [model_name]).fetchone()
+    if row is None:
+        return DriftConfig(), True
+    return DriftConfig.from_dict(json.loads(row[0])), False
+
+
+def parse_config(text: str) -> DriftConfig:
+    try:
+        data = json.loads(text or "{}")
+    except ValueError as exc:
+        raise InvalidArgument(f"drift config is not valid JSON: {exc}") from None
+    return DriftConfig.from_dict(data)
+
+
+def set_config(db: Database, model_name: str, config: DriftConfig, actor: str, now_ns: int) -> None:
+    db["drift_configs"].insert({"model_name": model_name, "config": json.dumps(config.to_dict()),
+                                "updated_ns": now_ns, "updated_by": actor}, replace=True)
+
+
+# ------------------------------------------------------------ evaluations
+
+def record(db: Database, evaluation: pb.DriftEvaluation, k: int, now_ns: int) -> list[pb.Alert]:
+    """Store one evaluation, step the model version's alert machine with it, and
+    open or resolve alerts; returns the alerts that changed (for the webhook)."""
+    drifted = sum(c.drifted for c in evaluation.columns)
+    evaluation.id = db["evaluations"].insert({
+        "model_name": evaluation.model_name, "model_version": evaluation.model_version,
+        "evaluated_ns": evaluation.evaluated_unix_nano, "evaluated": int(evaluation.evaluated),
+        "drifted_columns": drifted, "body": b""}).last_pk
+    db["evaluations"].update(evaluation.id, {"body": evaluation.SerializeToString()})
+    if not evaluation.evaluated:
+        return []
+    key = (evaluation.model_name, evaluation.model_version)
+    row = db.execute("SELECT state FROM alert_trackers WHERE model_name = ? AND model_version = ?",
+                     list(key)).fetchone()
+    tracker = AlertTracker.from_dict(json.loads(row[0])) if row else AlertTracker(k=k)
+    tracker.k = k  # a changed policy applies from the next step on
+    changed = []
+    for column, event in tracker.observe(evaluation.columns):
+        if event == "opened":
+            changed.append(_open(db, evaluation, column, now_ns))
+        else:
+            changed.extend(_resolve(db, evaluation, column, now_ns))
+    db["alert_trackers"].insert({"model_name": key[0], "model_version": key[1],
+                                 "state": json.dumps(tracker.to_dict())}, replace=True)
+    return changed
+
+
+def _open(db: Database, evaluation: pb.DriftEvaluation, column: str, now_ns: int) -> pb.Alert:
+    col = next(c for c in evaluation.columns if c.name == column)
+    kind = "performance" if column == "performance" else "drift"
+    alert_id = db["alerts"].insert({
+        "model_name": evaluation.model_name, "model_version": evaluation.model_version, "column": column,
+        "kind": kind, "state": OPEN, "opened_ns": now_ns, "summary": col.reason,
+        "evaluation_id": evaluation.id}).last_pk
+    return alert(db, alert_id)
+
+
+def _resolve(db: Database, evaluation: pb.DriftEvaluation, column: str, now_ns: int) -> list[pb.Alert]:
+    ids = [r[0] for r in db.execute(
+        "SELECT id FROM alerts WHERE model_name = ? AND model_version = ? AND column = ? AND state != ?",
+        [evaluation.model_name, evaluation.model_version, column, RESOLVED])]
+    for alert_id in ids:
+        db["alerts"].update(alert_id, {"state": RESOLVED, "resolved_ns": now_ns})
+    return [alert(db, i) for i in ids]
+
+
+def history(db: Database, model_name: str, model_version: str, limit: int) -> list[pb.DriftEvaluation]:
+    """The model version's evaluations, newest first."""
+    rows = db.execute("SELECT body FROM evaluations WHERE model_name = ? AND model_version = ?"
+                      " ORDER BY evaluated_ns DESC, id DESC LIMIT ?", [model_name, model_version, limit])
+    return [pb.DriftEvaluation.FromString(r[0]) for r in rows]
+
+
+# ------------------------------------------------------------ alerts
+
+def alert(db: Database, alert_id: int) -> pb.Alert:
+    rows = list(db.query("SELECT * FROM alerts WHERE id = ?", [alert_id]))
+    if not rows:
+        raise NotFound(f"no alert {alert_id}; list them with: outrider alerts")
+    return _alert(rows[0])
+
+
+def _alert(r: dict[str, Any]) -> pb.Alert:
+    return pb.Alert(id=r["id"], model_name=r["model_name"], model_version=r["model_version"], column=r["column"],
+                    kind=r["kind"], state=r["state"], opened_unix_nano=r["opened_ns"],
+                    resolved_unix_nano=r["resolved_ns"], acknowledged_unix_nano=r["acknowledged_ns"],
+                    acknowledged_by=r["acknowledged_by"], summary=r["summary"],
+                    evaluation_id=r["evaluation_id"] or 0)
+
+
+def alerts(db: Database, model_name: str = "", include_resolved: bool = False, limit: int = 1000) -> list[pb.Alert]:
+    where, params = [], []
+    if model_name:
+        where.append("model_name = ?")
+        params.append(model_name)
+    if not include_resolved:
+        where.append("state != ?")
+        params.append(RESOLVED)
+    sql = "SELECT * FROM alerts" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
+    return [_alert(r) for r in db.query(sql, [*params, limit])]
+
+
+def acknowledge(db: Database, alert_id: int, actor: str, note: str, now_ns: int) -> pb.Alert:
+    """An operator has seen it: open -> acknowledged (it still resolves by itself)."""
+    current = alert(db, alert_id)
+    if current.state == RESOLVED:
+        raise FailedPrecondition(f"alert {alert_id} is already resolved")
+    if current.state == ACKNOWLEDGED:
+        raise FailedPrecondition(f"alert {alert_id} was already acknowledged by {current.acknowledged_by}")
+    db["alerts"].update(alert_id, {"state": ACKNOWLEDGED, "acknowledged_ns": now_ns, "acknowledged_by": actor,
+                                   "note": note})
+    return alert(db, alert_id)
+
+
+def event(changed: pb.Alert) -> dict[str, Any]:
+    """The webhook body for an alert that opened or resolved."""
+    return {"event": "alert.resolved" if changed.state == RESOLVED else "alert.opened",
+            "alert": json_format.MessageToDict(changed, preserving_proto_field_name=True)}

@@ -1,0 +1,169 @@
+"""The drift evaluation: recent windows of a model version against its reference.
+
+For each model version with a reference profile, the windows of every agent
+over the policy's span (raw and rolled-up) are merged into one current
+summary, compared column by column (``collector.drift.evaluate``), and the
+realised performance (labels joined by the agents) is compared with the
+profile's. Every evaluation is stored, so its history can be plotted; the
+alert machine steps with it, and alerts that open or resolve go to the
+webhook. A loop thread runs this on a schedule; ``EvaluateDrift`` runs it on
+demand.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Callable
+
+from agent import sketches
+from collector import alerts, drift
+from collector.rollup import merge_windows
+from collector.store import Store
+from collector.webhook import Webhook
+from protos import collector_pb2 as pb
+from protos import summary_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_WINDOWS = 20_000  # per evaluation: beyond it the oldest windows of the span are left out (logged)
+MIN_LABELS = 100      # labelled rows in the span before realised performance is judged
+PERFORMANCE = "performance"
+
+
+def accuracy(perf: summary_pb2.Performance) -> float:
+    n = len(perf.classes)
+    if not perf.labeled or not n or len(perf.confusion) != n * n:
+        return math.nan
+    return sum(perf.confusion[i * n + i] for i in range(n)) / perf.labeled
+
+
+def mae(perf: summary_pb2.Performance) -> float:
+    return perf.abs_error_sum / perf.labeled if perf.labeled and not perf.classes else math.nan
+
+
+def performance_drift(current: summary_pb2.Performance, reference: summary_pb2.Performance,
+                      config: drift.DriftConfig) -> pb.ColumnDrift | None:
+    """A pseudo-column for the alert machine: realised accuracy fell (or MAE rose)
+    past the policy's tolerance versus the profile's. None: nothing to judge."""
+    if not reference.labeled:
+        return None
+    col = pb.ColumnDrift(name=PERFORMANCE, rows=current.labeled, p_adjusted=math.nan)
+    if current.labeled < MIN_LABELS:
+        col.reason = f"{current.labeled} labelled rows in the span, {MIN_LABELS} needed"
+        return col
+    col.p_adjusted = 0.0  # evaluated: the alert machine counts this verdict
+    if reference.classes:
+        now, before = accuracy(current), accuracy(reference)
+        col.drifted = before - now >= config.accuracy_drop
+        col.reason = f"accuracy {now:.3f} vs reference {before:.3f} (tolerated drop {config.accuracy_drop:g})"
+    else:
+        now, before = mae(current), mae(reference)
+        col.drifted = now >= before * (1 + config.mae_increase)
+        col.reason = f"MAE {now:.4g} vs reference {before:.4g} (tolerated increase {config.mae_increase:.0%})"
+    return col
+
+
+class DriftEvaluator:
+    """Evaluates model versions and records the results; thread-safe."""
+
+    def __init__(self, store: Store, webhook: Webhook | None = None,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self.store, self.webhook, self.clock = store, webhook, clock
+        # Reference sketches are parsed once per profile (they cache their sorted views).
+        self._references: dict[tuple[str, str], tuple[bytes, dict, dict]] = {}
+        self._lock = threading.Lock()
+
+    def _reference(self, name: str, version: str, profile: summary_pb2.ReferenceProfile) -> tuple[dict, dict]:
+        key, stamp = (name, version), profile.data_sha256.encode() + str(profile.created_unix_nano).encode()
+        with self._lock:
+            cached = self._references.get(key)
+            if cached is None or cached[0] != stamp:
+                cached = (stamp, {c.name: sketches.from_proto(c) for c in profile.columns},
+                          {c.name: c.role for c in profile.columns})
+                self._references[key] = cached
+        return cached[1], cached[2]
+
+    def evaluate(self, model_name: str, model_version: str, *, record: bool = True) -> pb.DriftEvaluation:
+        now = self.clock()
+        config, _ = alerts.get_config(self.store.read(), model_name)
+        evaluation = pb.DriftEvaluation(model_name=model_name, model_version=model_version,
+                                        evaluated_unix_nano=now, accuracy=math.nan, reference_accuracy=math.nan,
+                                        mae=math.nan, reference_mae=math.nan)
+        profile = self.store.profile(model_name, model_version)
+        if profile is None:
+            evaluation.reason = (f"no reference profile for {model_name} {model_version}: "
+                                 f"outrider profile ..., then outrider attach {model_name} {model_version} PROFILE")
+            return evaluation  # nothing to record: the loop only visits versions with a profile
+        since = now - int(config.span_seconds * 1e9)
+        infos = self.store.windows(model_name, model_version, since_ns=since, limit=MAX_WINDOWS,
+                                   include_summaries=True)
+        if len(infos) == MAX_WINDOWS:
+            log.warning("%s %s: more than %d windows in the span; the oldest are left out", model_name,
+                        model_version, MAX_WINDOWS)
+        current = merge_windows([i.summary for i in infos]) if infos else summary_pb2.WindowSummary()
+        evaluation.rows = current.rows
+        evaluation.window_start_unix_nano = current.start_unix_nano
+        evaluation.window_end_unix_nano = current.end_unix_nano
+        if current.rows < config.min_rows:
+            evaluation.reason = (f"{current.rows} rows in the last {config.span_seconds:g} s; "
+                                 f"at least {config.min_rows} needed")
+        else:
+            reference, roles = self._reference(model_name, model_version, profile)
+            columns = {c.name: sketches.from_proto(c) for c in current.columns}
+            evaluation.columns.extend(drift.evaluate(reference, columns, config, roles))
+            evaluation.evaluated = True
+            drifted = [c.name for c in evaluation.columns if c.drifted]
+            evaluation.reason = f"drift in {', '.join(drifted)}" if drifted else "no drift"
+        perf = performance_drift(current.performance, profile.performance, config)
+        if perf is not None:
+            evaluation.columns.append(perf)
+            evaluation.evaluated = evaluation.evaluated or not math.isnan(perf.p_adjusted)
+        evaluation.accuracy, evaluation.mae = accuracy(current.performance), mae(current.performance)
+        evaluation.reference_accuracy = accuracy(profile.performance)
+        evaluation.reference_mae = mae(profile.performance)
+        if record:
+            self._record(evaluation, config)
+        return evaluation
+
+    def _record(self, evaluation: pb.DriftEvaluation, config: drift.DriftConfig) -> None:
+        changed = self.store.write(lambda db: alerts.record(db, evaluation, config.consecutive, self.clock()))
+        for alert in changed:
+            log.warning("alert %d %s: %s %s %s: %s", alert.id, alert.state, alert.model_name,
+                        alert.model_version, alert.column, alert.summary)
+            if self.webhook is not None:
+                self.webhook.notify(alerts.event(alert))
+
+    def evaluate_all(self) -> list[pb.DriftEvaluation]:
+        done = []
+        for name, version in self.store.profiles():
+            try:
+                done.append(self.evaluate(name, version))
+            except Exception:  # one model's failure must not stop the others
+                log.exception("drift evaluation of %s %s failed", name, version)
+        return done
+
+
+class EvaluationLoop:
+    """Runs ``evaluate_all`` every ``interval`` seconds and prunes old evaluations."""
+
+    def __init__(self, evaluator: DriftEvaluator, interval: float, keep_seconds: float) -> None:
+        self.evaluator, self.interval, self.keep_seconds = evaluator, interval, keep_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outrider-drift", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.evaluator.evaluate_all()
+            cutoff = self.evaluator.clock() - int(self.keep_seconds * 1e9)
+            try:
+                self.evaluator.store.write(lambda db: db.execute(
+                    "DELETE FROM evaluations WHERE evaluated_ns < ?", [cutoff]))
+            except Exception:
+                log.exception("pruning old drift evaluations failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
