@@ -49,7 +49,10 @@ def performance_drift(current: summary_pb2.Performance, reference: summary_pb2.P
     past the policy's tolerance versus the profile's. None: nothing to judge."""
     if not reference.labeled:
         return None
-    col = pb.ColumnDrift(name=PERFORMANCE, rows=current.labeled, p_adjusted=math.nan)
+    nan = math.nan  # no distribution statistics: this column compares metrics
+    col = pb.ColumnDrift(name=PERFORMANCE, rows=current.labeled, p_adjusted=nan, psi=nan, ks_d=nan, ks_p=nan,
+                         wasserstein=nan, chi2=nan, chi2_p=nan, js=nan, missing_rate=nan,
+                         reference_missing_rate=nan)
     if current.labeled < MIN_LABELS:
         col.reason = f"{current.labeled} labelled rows in the span, {MIN_LABELS} needed"
         return col
