@@ -87,6 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(windows, "--since", type=since_time, metavar="WHEN",
              help="windows ending at or after WHEN: a duration back from now (30m, 1h, 2d) "
                   "or a time (2026-11-26T10:00:00Z; UTC when no zone is given)")
+    windows.add_argument("--performance", action="store_true",
+                         help="also show each window's realised performance (labels joined by the agents)")
     add_flag(windows, "--limit", default="100", type=positive(int), metavar="N",
              help="most windows to list (the collector allows up to 10000)")
     _client_flags(windows)
@@ -284,7 +286,8 @@ def windows_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
     request = pb.ListWindowsRequest(model_name=args.model, model_version=args.version or "",
-                                    since_unix_nano=args.since or 0, limit=args.limit)
+                                    since_unix_nano=args.since or 0, limit=args.limit,
+                                    include_summaries=args.performance)
     reply = _ask(args, "ListWindows", request)
     if reply is None:
         return 1
@@ -295,9 +298,17 @@ def windows_command(args: argparse.Namespace) -> int:
         print(f"no windows of model {args.model!r}" + (f" version {args.version!r}" if args.version else "")
               + (" in that time" if args.since else ""))
         return 0
-    print(table(["END", "AGENT", "SEQ", "LEVEL", "ROWS", "CALLS", "DROPPED", "ERRORS"],
-                [[iso(w.end_unix_nano), w.agent_id or "-", w.seq if w.level == "raw" else "-", w.level, w.rows,
-                  w.calls, w.dropped_rows, w.errors] for w in reply.windows]))
+    header = ["END", "AGENT", "SEQ", "LEVEL", "ROWS", "CALLS", "DROPPED", "ERRORS"]
+    rows = [[iso(w.end_unix_nano), w.agent_id or "-", w.seq if w.level == "raw" else "-", w.level, w.rows,
+             w.calls, w.dropped_rows, w.errors] for w in reply.windows]
+    if args.performance:  # realised performance of the labels that arrived in each window
+        from collector.evaluation import accuracy, mae
+
+        header += ["LABELED", "ACCURACY", "MAE"]
+        for row, w in zip(rows, reply.windows):
+            perf = w.summary.performance
+            row += [perf.labeled] + [f"{v:.3f}" if v == v else "-" for v in (accuracy(perf), mae(perf))]
+    print(table(header, rows))
     return 0
 
 

@@ -124,6 +124,9 @@ def test_drift_and_a_performance_drop_open_alerts_that_reach_the_webhook(tmp_pat
         rows = {line.split()[0]: line for line in shown.stdout.splitlines() if line.split()}
         assert "DRIFT" in rows["X[3]"] and "DRIFT" not in rows["X[0]"]
         assert "realised performance: accuracy" in shown.stdout
+        per_window = cli("windows", "--model", "m", "--performance", "--limit", "5", address=address)
+        header, *lines = per_window.stdout.splitlines()
+        assert "ACCURACY" in header and any(float(line.split()[-2]) < 0.5 for line in lines if line.split()[-2] != "-")
 
         wait_until(lambda: len(hook.bodies) >= 2, what="the webhook")
         events = []
