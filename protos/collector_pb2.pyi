@@ -436,3 +436,57 @@ class DriftConfigResponse(_message.Message):
     config_json: str
     is_default: bool
     def __init__(self, model_name: _Optional[str] = ..., config_json: _Optional[str] = ..., is_default: bool = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("id", "at_unix_nano", "actor", "action", "object", "before", "after", "reason", "prev_hash", "hash")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AT_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PREV_HASH_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    at_unix_nano: int
+    actor: str
+    action: str
+    object: str
+    before: str
+    after: str
+    reason: str
+    prev_hash: str
+    hash: str
+    def __init__(self, id: _Optional[int] = ..., at_unix_nano: _Optional[int] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., object: _Optional[str] = ..., before: _Optional[str] = ..., after: _Optional[str] = ..., reason: _Optional[str] = ..., prev_hash: _Optional[str] = ..., hash: _Optional[str] = ...) -> None: ...
+
+class ListAuditRequest(_message.Message):
+    __slots__ = ("model_name", "limit")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    limit: int
+    def __init__(self, model_name: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListAuditResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
+class VerifyAuditRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VerifyAuditResponse(_message.Message):
+    __slots__ = ("ok", "entries", "first_broken_id", "problem")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BROKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    entries: int
+    first_broken_id: int
+    problem: str
+    def __init__(self, ok: bool = ..., entries: _Optional[int] = ..., first_broken_id: _Optional[int] = ..., problem: _Optional[str] = ...) -> None: ...

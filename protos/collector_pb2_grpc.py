@@ -162,6 +162,16 @@ class OpsServiceStub(object):
                 request_serializer=protos_dot_collector__pb2.DriftConfigRequest.SerializeToString,
                 response_deserializer=protos_dot_collector__pb2.DriftConfigResponse.FromString,
                 _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/outrider.v1.OpsService/ListAudit',
+                request_serializer=protos_dot_collector__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
+        self.VerifyAudit = channel.unary_unary(
+                '/outrider.v1.OpsService/VerifyAudit',
+                request_serializer=protos_dot_collector__pb2.VerifyAuditRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.VerifyAuditResponse.FromString,
+                _registered_method=True)
 
 
 class OpsServiceServicer(object):
@@ -224,6 +234,19 @@ class OpsServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAudit(self, request, context):
+        """The audit trail: every state change, append-only, hash-chained.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OpsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -271,6 +294,16 @@ def add_OpsServiceServicer_to_server(servicer, server):
                     servicer.SetDriftConfig,
                     request_deserializer=protos_dot_collector__pb2.DriftConfigRequest.FromString,
                     response_serializer=protos_dot_collector__pb2.DriftConfigResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=protos_dot_collector__pb2.ListAuditRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'VerifyAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAudit,
+                    request_deserializer=protos_dot_collector__pb2.VerifyAuditRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.VerifyAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -518,6 +551,60 @@ class OpsService(object):
             '/outrider.v1.OpsService/SetDriftConfig',
             protos_dot_collector__pb2.DriftConfigRequest.SerializeToString,
             protos_dot_collector__pb2.DriftConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/ListAudit',
+            protos_dot_collector__pb2.ListAuditRequest.SerializeToString,
+            protos_dot_collector__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/VerifyAudit',
+            protos_dot_collector__pb2.VerifyAuditRequest.SerializeToString,
+            protos_dot_collector__pb2.VerifyAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,
