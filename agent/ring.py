@@ -27,6 +27,10 @@ from agent.capture import Slot
 # threads under the session's lock; tails and SKIPPED only by the summary
 # worker; CLOSED only by the session. One writer per field, so no cross-process lock.
 ROWS_HEAD, ROWS_TAIL, CALLS_HEAD, CALLS_TAIL, DROPPED, ERRORS, CLOSED, SKIPPED = range(8)
+# Values of CLOSED: the session asks the worker to stop, and with FLUSH_ALWAYS
+# to send a last window even if no row came since the previous one (labels
+# joined in the serving process still need a window to travel in).
+OPEN, CLOSE, CLOSE_FLUSH_ALWAYS = 0, 1, 2
 HEADER_FIELDS = 8
 _ALIGN = 64
 

@@ -386,16 +386,17 @@ class MonitoredSession:
             self._closed = True
             self._capture = None
             ring = self._ring
+        labels_waiting = self.predictions is not None and any(self.predictions.pending())
         if ring is not None:
-            self._summarizer.close(timeout)
+            # labels joined since the last window travel in one more, even if it has no rows
+            self._summarizer.close(timeout, flush_always=labels_waiting)
             self._final_stats = self.stats()
             self._fast = None  # holds a view of the ring's buffer: must go before the buffer
             ring.release(unlink=True)
-        if self.predictions is not None:
-            labeled, unmatched = self.predictions.pending()
-            if labeled or unmatched:  # the last window was empty, so the worker sent none
-                log.warning("%d labels (%d unmatched) arrived after the last window of %s and are not "
-                            "reported", labeled + unmatched, unmatched, self.model_name)
+        if self.predictions is not None and any(self.predictions.pending()):
+            labeled, unmatched = self.predictions.pending()  # no ring: no window to carry them
+            log.warning("%d labels (%d unmatched) arrived after the last window of %s and are not "
+                        "reported", labeled + unmatched, unmatched, self.model_name)
         if self._exporter is not None:
             self._exporter.close(timeout)
 

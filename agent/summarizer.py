@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from agent.ring import CLOSED, ROWS_TAIL, SKIPPED, Ring
+from agent.ring import CLOSE, CLOSE_FLUSH_ALWAYS, CLOSED, ROWS_TAIL, SKIPPED, Ring
 from agent.worker import Drainer, Identity, WindowBuilder, WindowPolicy
 from protos import summary_pb2
 
@@ -46,7 +46,9 @@ class ThreadSummarizer:
                                         name="outrider-summary", daemon=True)
         self._thread.start()
 
-    def close(self, timeout: float) -> None:
+    def close(self, timeout: float, flush_always: bool = False) -> None:
+        if flush_always:
+            self._drainer.ring.hdr[CLOSED] = CLOSE_FLUSH_ALWAYS
         self._stop.set()
         self._thread.join(timeout)
 
@@ -108,8 +110,8 @@ class ProcessSummarizer:
         self._fallback = ThreadSummarizer(self.ring, self.identity, self.policy, self.export, time.time_ns(),
                                           seq=r["windows"], dropped_seen=r["dropped"], errors_seen=r["errors"])
 
-    def close(self, timeout: float) -> None:
-        self.ring.hdr[CLOSED] = 1
+    def close(self, timeout: float, flush_always: bool = False) -> None:
+        self.ring.hdr[CLOSED] = CLOSE_FLUSH_ALWAYS if flush_always else CLOSE
         try:
             self.proc.stdin.close()  # type: ignore[union-attr]
         except OSError:
@@ -123,7 +125,7 @@ class ProcessSummarizer:
         # the reader; closing that thread summarises what is left in the ring.
         self._reader.join(timeout)
         if self._fallback:
-            self._fallback.close(timeout)
+            self._fallback.close(timeout, flush_always)
 
 
 def _child_env() -> dict[str, str]:

@@ -15,7 +15,8 @@ import numpy as np
 
 from agent import sketches
 from agent.capture import Reduce, Slot
-from agent.ring import (CALLS_HEAD, CALLS_TAIL, CLOSED, DROPPED, ERRORS, ROWS_HEAD, ROWS_TAIL, SKIPPED,
+from agent.ring import (CALLS_HEAD, CALLS_TAIL, CLOSE_FLUSH_ALWAYS, CLOSED, DROPPED, ERRORS, ROWS_HEAD, ROWS_TAIL,
+                        SKIPPED,
                         Ring)
 from protos import summary_pb2
 
@@ -148,7 +149,7 @@ class Drainer:
         dropped, errors = hdr[DROPPED] + hdr[SKIPPED], hdr[ERRORS]
         d, e = dropped - self._dropped_seen, errors - self._errors_seen
         b = self.builder
-        if final and not (b.rows or b.calls or d or e):
+        if final and not (b.rows or b.calls or d or e) and hdr[CLOSED] != CLOSE_FLUSH_ALWAYS:
             return  # nothing happened since the last window: no empty trailer
         self._dropped_seen, self._errors_seen = dropped, errors
         self.emit(b.close(time.time_ns(), d, e))

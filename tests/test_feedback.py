@@ -237,6 +237,18 @@ def test_labels_are_counted_in_the_window_in_which_they_arrive(lr, summarizer):
     assert cm == want
 
 
+@pytest.mark.parametrize("summarizer", ["thread", "process"])
+def test_labels_after_the_last_window_travel_in_a_final_window_at_close(lr, summarizer):
+    x, y = examples.tabular_data(n=100, seed=3)
+    sess = monitored(lr, summarizer=summarizer)
+    sess.run(None, {"X": x}, request_id="all")
+    sess.sink.wait_for(1)  # the 100 rows closed a window before any label came
+    assert all(sess.feedback("all", int(y[j]), row=j) for j in range(100))
+    sess.close()
+    last = sess.sink.windows[-1]
+    assert last.rows == 0 and last.performance.labeled == 100 and last.seq == 1
+
+
 def test_regression_session_reports_error_sums():
     model = examples.linear_regression()
     x, _ = examples.tabular_data(n=100, n_features=5, seed=3)
