@@ -36,6 +36,9 @@ from protos import collector_pb2, collector_pb2_grpc, summary_pb2
 
 log = logging.getLogger(__name__)
 
+KEEPALIVE = [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+             ("grpc.keepalive_permit_without_calls", 1)]
+
 Code = grpc.StatusCode
 # Worth retrying soon: the collector is restarting, overloaded, or the network blinked.
 RETRYABLE = frozenset({Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.RESOURCE_EXHAUSTED, Code.ABORTED,
@@ -249,9 +252,11 @@ class CollectorExporter:
 
     def _channel(self) -> grpc.Channel:
         # A fresh channel per attempt: our backoff decides when to reconnect, not the channel's own.
+        # Keepalive pings notice a collector that vanished without closing the connection
+        # (the collector allows them: grpc.http2.min_ping_interval_without_data_ms = 10 s).
         if self._tls is None:
-            return grpc.insecure_channel(self.target)
-        return grpc.secure_channel(self.target, self._tls.credentials())
+            return grpc.insecure_channel(self.target, options=KEEPALIVE)
+        return grpc.secure_channel(self.target, self._tls.credentials(), options=KEEPALIVE)
 
     def _requests(self, stream: _Stream):
         """The stream's outgoing messages; iterated by gRPC's thread, one at a time (flow control)."""
