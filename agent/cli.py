@@ -27,7 +27,8 @@ AGENT_ENV = "OUTRIDER_AGENT_"  # environment prefix of `outrider agent serve`'s 
 # >>> Other subcommands register here. <<<
 #   agent.demo      -> ``outrider demo``        (not written yet; skipped while absent)
 #   collector.cli   -> ``outrider collector ...`` (later)
-OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli", "agent.profile", "collector.drift_cli")
+OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli", "agent.profile", "collector.drift_cli",
+                                       "collector.audit_cli")
 
 
 class UsageError(Exception):

@@ -2,7 +2,8 @@
 
 Plain functions over a sqlite-utils ``Database``: writers run on the store's
 writer thread (``Store.write(fn)``), readers on a read connection
-(``Store.read()``). The alert machine itself is ``collector.drift.AlertTracker``;
+(``Store.read()``). Every change is audited (``collector.audit``) in the same
+transaction. The alert machine itself is ``collector.drift.AlertTracker``;
 here it is only loaded and saved.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from google.protobuf import json_format
 from sqlite_utils import Database
 
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from collector import audit
 from collector.drift import AlertTracker, DriftConfig
 from protos import collector_pb2 as pb
 
@@ -39,8 +41,12 @@ def parse_config(text: str) -> DriftConfig:
 
 
 def set_config(db: Database, model_name: str, config: DriftConfig, actor: str, now_ns: int) -> None:
+    """Replace the model's policy, audited (before: the policy in force, defaults included)."""
+    before, _ = get_config(db, model_name)
     db["drift_configs"].insert({"model_name": model_name, "config": json.dumps(config.to_dict()),
                                 "updated_ns": now_ns, "updated_by": actor}, replace=True)
+    audit.append(db, actor, "drift_config.set", f"model/{model_name}", model_name=model_name,
+                 before=before.to_dict(), after=config.to_dict(), now_ns=now_ns)
 
 
 # ------------------------------------------------------------ evaluations
@@ -79,16 +85,22 @@ def _open(db: Database, evaluation: pb.DriftEvaluation, column: str, now_ns: int
         "model_name": evaluation.model_name, "model_version": evaluation.model_version, "column": column,
         "kind": kind, "state": OPEN, "opened_ns": now_ns, "summary": col.reason,
         "evaluation_id": evaluation.id}).last_pk
+    audit.append(db, audit.COLLECTOR, "alert.open", f"alert/{alert_id}", model_name=evaluation.model_name,
+                 after={"state": OPEN, "model_version": evaluation.model_version, "column": column, "kind": kind,
+                        "evaluation_id": evaluation.id}, reason=col.reason, now_ns=now_ns)
     return alert(db, alert_id)
 
 
 def _resolve(db: Database, evaluation: pb.DriftEvaluation, column: str, now_ns: int) -> list[pb.Alert]:
-    ids = [r[0] for r in db.execute(
-        "SELECT id FROM alerts WHERE model_name = ? AND model_version = ? AND column = ? AND state != ?",
-        [evaluation.model_name, evaluation.model_version, column, RESOLVED])]
-    for alert_id in ids:
+    rows = db.execute(
+        "SELECT id, state FROM alerts WHERE model_name = ? AND model_version = ? AND column = ? AND state != ?",
+        [evaluation.model_name, evaluation.model_version, column, RESOLVED]).fetchall()
+    reason = f"{column} no longer drifts (evaluation {evaluation.id})"
+    for alert_id, state in rows:
         db["alerts"].update(alert_id, {"state": RESOLVED, "resolved_ns": now_ns})
-    return [alert(db, i) for i in ids]
+        audit.append(db, audit.COLLECTOR, "alert.resolve", f"alert/{alert_id}", model_name=evaluation.model_name,
+                     before={"state": state}, after={"state": RESOLVED}, reason=reason, now_ns=now_ns)
+    return [alert(db, i) for i, _ in rows]
 
 
 def history(db: Database, model_name: str, model_version: str, limit: int) -> list[pb.DriftEvaluation]:
@@ -136,6 +148,8 @@ def acknowledge(db: Database, alert_id: int, actor: str, note: str, now_ns: int)
         raise FailedPrecondition(f"alert {alert_id} was already acknowledged by {current.acknowledged_by}")
     db["alerts"].update(alert_id, {"state": ACKNOWLEDGED, "acknowledged_ns": now_ns, "acknowledged_by": actor,
                                    "note": note})
+    audit.append(db, actor, "alert.ack", f"alert/{alert_id}", model_name=current.model_name,
+                 before={"state": current.state}, after={"state": ACKNOWLEDGED}, reason=note, now_ns=now_ns)
     return alert(db, alert_id)
 
 

@@ -58,6 +58,8 @@ OPS_METHOD_ROLES: dict[str, str] = {
     "AckAlert": "operator",
     "GetDriftConfig": "viewer",
     "SetDriftConfig": "operator",
+    "ListAudit": "viewer",
+    "VerifyAudit": "viewer",
 }
 
 
@@ -187,11 +189,16 @@ def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str)
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Checks every call's bearer token against ``config``; with no config every caller is ``LOCAL``."""
+    """Checks every call's bearer token against ``config``; with no config every caller is ``LOCAL``.
 
-    def __init__(self, config: AuthConfig | None, method_roles: Mapping[str, str] = OPS_METHOD_ROLES) -> None:
+    Each refusal is counted and handed to ``on_refusal(actor, object, reason)``
+    (the audit trail's ``AuthFailureLog``), which must not block or raise."""
+
+    def __init__(self, config: AuthConfig | None, method_roles: Mapping[str, str] = OPS_METHOD_ROLES, *,
+                 on_refusal: Callable[[str, str, str], None] | None = None) -> None:
         self.config = config
         self.method_roles = method_roles
+        self.on_refusal = on_refusal
         self._lock = threading.Lock()
         self._failures = 0
 
@@ -216,12 +223,19 @@ class AuthInterceptor(grpc.ServerInterceptor):
             with self._lock:
                 self._failures += 1
             log.warning("refused %s: %s", details.method, refusal[1])
+            if self.on_refusal is not None:
+                try:
+                    self.on_refusal(identity.name if identity else "anonymous", f"rpc{details.method}", refusal[1])
+                except Exception:  # recording must never turn a refusal into a crash
+                    log.exception("recording the refusal of %s failed", details.method)
             return _refuse(handler, *refusal)
         _identity.set(identity)
         return handler
 
     def _check(self, service: str, method: str,
                metadata: Any) -> tuple[Identity | None, tuple[grpc.StatusCode, str] | None]:
+        """(identity, None) to let the call in; (identity or None, refusal) to refuse it. A refused
+        caller's identity is returned when its token was valid, so the audit trail can name it."""
         assert self.config is not None
         values = [value for key, value in metadata if key == "authorization"]
         if not values:
@@ -239,14 +253,15 @@ class AuthInterceptor(grpc.ServerInterceptor):
         who = f"{identity.kind} {identity.name!r}"
         if service == AGENT_SERVICE:
             if identity.kind != "agent":
-                return None, (grpc.StatusCode.PERMISSION_DENIED, f"{who} cannot call {call}: it needs an agent token")
+                return identity, (grpc.StatusCode.PERMISSION_DENIED,
+                                  f"{who} cannot call {call}: it needs an agent token")
         elif service == OPS_SERVICE:
             needed = self.method_roles.get(method, "admin")
             if identity.kind != "operator":
-                return None, (grpc.StatusCode.PERMISSION_DENIED,
+                return identity, (grpc.StatusCode.PERMISSION_DENIED,
                               f"{who} cannot call {call}: it needs an operator token (role {needed} or above)")
             if not role_at_least(identity.role, needed):
-                return None, (grpc.StatusCode.PERMISSION_DENIED,
+                return identity, (grpc.StatusCode.PERMISSION_DENIED,
                               f"{who} has role {identity.role}; {call} needs {needed} or above")
         return identity, None
 

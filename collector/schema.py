@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from sqlite_utils import Database
 
 from agent.errors import FailedPrecondition
+from collector.audit import audit_trail
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ def drift_evaluations_and_alerts(db: Database) -> None:
     db["alerts"].create_index(["state", "model_name", "model_version", "column"])
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [initial_schema, reference_profiles, drift_evaluations_and_alerts]
+MIGRATIONS: list[Callable[[Database], None]] = [initial_schema, reference_profiles, drift_evaluations_and_alerts,
+                                                audit_trail]
 
 
 def migrate(db: Database) -> None:

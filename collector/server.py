@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from agent.errors import (InvalidArgument, NotFound, ResourceExhausted, Unavailable, grpc_errors,
                           grpc_stream_errors)
 from agent.server import package_version
-from collector import alerts
+from collector import alerts, audit
 from collector.auth import AuthConfig, AuthInterceptor, TLSFiles, current_identity
 from collector.ingest import Limits, validate_hello, validate_model_key, validate_profile
 from collector.streams import AgentStream, LiveStreams
@@ -236,6 +236,21 @@ class OpsServicer(pb_grpc.OpsServiceServicer):
         return pb.DriftConfigResponse(model_name=request.model_name, config_json=json.dumps(config.to_dict()),
                                       is_default=False)
 
+    # --- audit ---------------------------------------------------------------------------
+
+    @grpc_errors
+    def ListAudit(self, request: pb.ListAuditRequest, context: grpc.ServicerContext) -> pb.ListAuditResponse:
+        if request.limit > MAX_LIST_LIMIT:
+            raise InvalidArgument(f"limit {request.limit} is over the maximum of {MAX_LIST_LIMIT}")
+        return pb.ListAuditResponse(entries=audit.entries(self.store.read(), request.model_name,
+                                                          request.limit or DEFAULT_LIST_LIMIT))
+
+    @grpc_errors
+    def VerifyAudit(self, request: pb.VerifyAuditRequest, context: grpc.ServicerContext) -> pb.VerifyAuditResponse:
+        result = audit.verify(self.store.read())
+        return pb.VerifyAuditResponse(ok=result.ok, entries=result.entries, first_broken_id=result.first_broken_id,
+                                      problem=result.problem)
+
 
 class RollupLoop:
     """Merges old windows into coarser levels every ``interval`` seconds, on its own thread."""
@@ -324,7 +339,7 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
     """
     store = store if store is not None else Store(db_path)
     try:
-        interceptor = AuthInterceptor(auth)
+        interceptor = AuthInterceptor(auth, on_refusal=audit.AuthFailureLog(store.submit))
         agents = AgentServicer(store, limits=limits or Limits(), max_agents=max_agents, retry_after_ms=retry_after_ms)
         health_servicer = health.HealthServicer()
         server = grpc.server(

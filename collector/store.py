@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 from sqlite_utils import Database
 
 from agent.errors import ResourceExhausted, Unavailable
+from collector import audit
 from collector.rollup import RetentionPolicy, apply_retention
 from collector.schema import SPOOL_FIELDS as _SPOOL_FIELDS
 from collector.schema import immediate as _immediate
@@ -205,19 +206,28 @@ class Store:
                "attached_by": actor}
 
         def run(db: Database) -> bool:
-            replaced = db.execute("SELECT 1 FROM profiles WHERE model_name = ? AND model_version = ?",
-                                  [model_name, model_version]).fetchone() is not None
+            previous = db.execute("SELECT data_sha256, rows FROM profiles WHERE model_name = ? AND model_version = ?",
+                                  [model_name, model_version]).fetchone()
             db["profiles"].insert(row, replace=True)
-            return replaced
+            audit.append(db, actor, "profile.attach", f"model/{model_name}/{model_version}", model_name=model_name,
+                         before={"data_sha256": previous[0], "rows": previous[1]} if previous else None,
+                         after={"data_sha256": profile.data_sha256, "rows": profile.rows}, now_ns=now_ns)
+            return previous is not None
 
         return self.write(run)
 
     def write(self, fn: Callable[[Database], Any]) -> Any:
         """Run ``fn`` on the writer and wait for its commit; its result is returned.
         Control tasks are few and small, so they are never refused for a full queue."""
+        return self.submit(fn).result()
+
+    def submit(self, fn: Callable[[Database], Any]) -> concurrent.futures.Future:
+        """``write`` without the wait: the future resolves after the commit. For
+        callers that must not block (the auth interceptor); they bound how many
+        they leave queued. Callbacks on the future run on the writer thread."""
         task = _Task(fn, concurrent.futures.Future(), weight=1)
         self._enqueue(task, may_refuse=False)
-        return task.future.result()
+        return task.future
 
     def _enqueue(self, task: _Task, *, may_refuse: bool) -> None:
         with self._lock:

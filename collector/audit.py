@@ -1,0 +1,191 @@
+"""The audit trail: an append-only, hash-chained table of every state change.
+
+Each row says who did what to which object, when, from what to what and why,
+and carries the hash of the row before it. ``append`` must run inside the
+store writer's transaction (from a function passed to ``Store.write``), next
+to the change it records, so the change and its row commit together or not
+at all.
+
+Two defences, for two threats:
+
+- SQLite triggers refuse UPDATE and DELETE on the table. They stop accidents
+  (a stray statement, a careless migration), not an adversary: anyone who can
+  write the file can drop a trigger.
+- The hash chain detects deliberate edits: a row's hash covers every other
+  field of it, the previous row's hash included, so changing, removing or
+  reordering a row breaks the chain at that row (``verify``). Ids come from
+  AUTOINCREMENT and are never reused, so a gap is a deleted row. Removing the
+  newest rows *and* the AUTOINCREMENT counter cannot be seen from the file
+  alone; comparing the latest hash with a copy kept elsewhere closes that gap.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+from sqlite_utils import Database
+
+from agent.errors import OutriderError
+from protos import collector_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64  # the prev_hash of the first row
+COLLECTOR = "collector"  # the actor of changes the collector makes by itself (alerts opening, resolving)
+_FIELDS = ("id", "at_ns", "actor", "action", "object", "model_name", "before", "after", "reason", "prev_hash")
+
+
+def audit_trail(db: Database) -> None:
+    """Migration 4: the ``audit`` table, its model index, and the append-only triggers."""
+    db.conn.execute(
+        "CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at_ns INTEGER NOT NULL,"
+        " actor TEXT NOT NULL, action TEXT NOT NULL, object TEXT NOT NULL, model_name TEXT NOT NULL DEFAULT '',"
+        " before TEXT NOT NULL DEFAULT '', after TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',"
+        " prev_hash TEXT NOT NULL, hash TEXT NOT NULL)")
+    db.conn.execute("CREATE INDEX audit_by_model ON audit (model_name, id)")
+    for verb in ("UPDATE", "DELETE"):
+        db.conn.execute(
+            f"CREATE TRIGGER audit_no_{verb.lower()} BEFORE {verb} ON audit"
+            f" BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only: {verb} refused'); END")
+
+
+class Verification(NamedTuple):
+    ok: bool
+    entries: int
+    first_broken_id: int  # 0 when ok
+    problem: str  # "" when ok
+
+
+def _json(value: Any) -> str:
+    """Canonical JSON (sorted keys, no spaces): the same value always hashes the same."""
+    return "" if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def row_hash(row: dict[str, Any]) -> str:
+    """sha256 over the canonical JSON of every field but ``hash`` itself."""
+    return hashlib.sha256(_json({f: row[f] for f in _FIELDS}).encode("utf-8")).hexdigest()
+
+
+def append(db: Database, actor: str, action: str, obj: str, *, model_name: str = "", before: Any = None,
+           after: Any = None, reason: str = "", now_ns: int) -> pb.AuditEntry:
+    """Append one row; call it inside the writer's transaction, beside the change it records.
+
+    ``before``/``after`` are JSON-ready values (None: nothing). The id is taken
+    from the AUTOINCREMENT counter rather than ``max(id) + 1`` so that a deleted
+    newest row leaves a gap that ``verify`` reports."""
+    if not db.conn.in_transaction:
+        raise RuntimeError("audit.append must run inside the store writer's transaction (Store.write)")
+    seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
+    last = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+    row = {"id": max(seq[0] if seq else 0, last[0] if last else 0) + 1, "at_ns": now_ns, "actor": actor,
+           "action": action, "object": obj, "model_name": model_name, "before": _json(before),
+           "after": _json(after), "reason": reason, "prev_hash": last[1] if last else GENESIS}
+    row["hash"] = row_hash(row)
+    db.conn.execute(f"INSERT INTO audit ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+    return _entry(row)
+
+
+def _entry(r: dict[str, Any]) -> pb.AuditEntry:
+    return pb.AuditEntry(id=r["id"], at_unix_nano=r["at_ns"], actor=r["actor"], action=r["action"], object=r["object"],
+                         before=r["before"], after=r["after"], reason=r["reason"], prev_hash=r["prev_hash"],
+                         hash=r["hash"])
+
+
+def entries(db: Database, model_name: str = "", limit: int = 1000) -> list[pb.AuditEntry]:
+    """The newest ``limit`` rows (about ``model_name`` if given), newest first."""
+    where, params = ("WHERE model_name = ?", [model_name]) if model_name else ("", [])
+    return [_entry(r) for r in db.query(f"SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?", [*params, limit])]
+
+
+@contextlib.contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction for the whole walk (a writer appending meanwhile is not seen half-way)."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
+
+
+def verify(db: Database) -> Verification:
+    """Walk the chain in id order; the first row that breaks it, and why.
+
+    A row breaks the chain when its hash does not match its contents (edited),
+    when its prev_hash is not the previous row's hash, or when ids are missing
+    before it (deleted rows)."""
+    count, prev_id, prev_hash = 0, 0, GENESIS
+    with _snapshot(db.conn):
+        for r in db.query("SELECT * FROM audit ORDER BY id"):
+            count += 1
+            if r["id"] != prev_id + 1:
+                missing = f"row {prev_id + 1}" if r["id"] == prev_id + 2 else f"rows {prev_id + 1}-{r['id'] - 1}"
+                return Verification(False, count, r["id"], f"{missing} before it are missing (deleted)")
+            if r["prev_hash"] != prev_hash:
+                before = f"row {prev_id}'s hash" if prev_id else "the genesis value"
+                return Verification(False, count, r["id"], f"its prev_hash does not match {before}")
+            if row_hash(r) != r["hash"]:
+                return Verification(False, count, r["id"], "its contents do not match its hash (edited)")
+            prev_id, prev_hash = r["id"], r["hash"]
+        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
+    if seq and seq[0] > prev_id:
+        missing = f"row {seq[0]}" if seq[0] == prev_id + 1 else f"rows {prev_id + 1}-{seq[0]}"
+        return Verification(False, count, prev_id + 1, f"{missing} at the end are missing (deleted)")
+    return Verification(True, count, 0, "")
+
+
+# ------------------------------------------------------------ auth failures
+
+
+class AuthFailureLog:
+    """Records refused calls in the audit trail without making the caller wait.
+
+    The interceptor runs on gRPC's threads before any handler: it queues the
+    row and returns, never waiting for a commit. At most ``max_pending`` rows
+    wait in the store's queue; past that a flood of failures is counted, not
+    queued (bounded memory), and the next row that is written says how many
+    were left out, so the trail still shows that they happened."""
+
+    def __init__(self, submit: Callable[[Callable[[Database], Any]], concurrent.futures.Future], *,
+                 max_pending: int = 1000, clock: Callable[[], int] = time.time_ns) -> None:
+        self._submit = submit
+        self.max_pending = max_pending
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._unrecorded = 0  # since the last row that was queued
+        self.skipped = 0  # in total
+
+    def __call__(self, actor: str, obj: str, reason: str) -> None:
+        with self._lock:
+            if self._pending >= self.max_pending:
+                self._unrecorded += 1
+                self.skipped += 1
+                return
+            self._pending += 1
+            unrecorded, self._unrecorded = self._unrecorded, 0
+        after = {"unrecorded_failures_before": unrecorded} if unrecorded else None
+        now = self._clock()
+        try:
+            future = self._submit(lambda db: append(db, actor or "anonymous", "auth.failure", obj, after=after,
+                                                    reason=reason, now_ns=now))
+        except OutriderError:  # the store is closing: nothing more will be written
+            self._done(None)
+            return
+        future.add_done_callback(self._done)
+
+    def _done(self, future: concurrent.futures.Future | None) -> None:
+        with self._lock:
+            self._pending -= 1
+        if future is not None and future.exception() is not None:
+            log.error("auth failure not recorded in the audit trail: %s", future.exception())
