@@ -60,6 +60,10 @@ OPS_METHOD_ROLES: dict[str, str] = {
     "SetDriftConfig": "operator",
     "ListAudit": "viewer",
     "VerifyAudit": "viewer",
+    "RegisterModel": "operator",
+    "ListModels": "viewer",
+    "ShowModel": "viewer",
+    "RunGate": "operator",
 }
 
 

@@ -70,6 +70,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="POST alerts that open or resolve here, as JSON")
     add_flag(serve, "--webhook-secret", prefix=COLLECTOR_ENV, metavar="SECRET", secret=True,
              help="sign webhook bodies with HMAC-SHA256 (header X-Outrider-Signature: sha256=...)")
+    add_flag(serve, "--gate-accuracy-tolerance", prefix=COLLECTOR_ENV, default="0.01", type=non_negative,
+             metavar="X", help="evaluation gate: largest drop in holdout accuracy (absolute) a new model version "
+                               "may show against the baseline")
+    add_flag(serve, "--gate-mae-tolerance", prefix=COLLECTOR_ENV, default="0.05", type=non_negative, metavar="X",
+             help="evaluation gate: largest relative rise in holdout MAE (0.05: +5 %%) against the baseline")
+    add_flag(serve, "--gate-latency-budget-ms", prefix=COLLECTOR_ENV, default="50", type=positive(float),
+             metavar="MS", help="evaluation gate: largest p99 latency of single-row calls")
     serve.set_defaults(func=_one_line_errors(serve_command))
 
     status = subparsers.add_parser(
@@ -142,6 +149,16 @@ def collector_address(text: str) -> str:
     return text
 
 
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
 def since_time(text: str) -> int:
     """A duration back from now (``30m``) or an ISO time, as Unix nanoseconds."""
     match = _DURATION.match(text.strip())
@@ -165,6 +182,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from agent.errors import OutriderError
     from collector.auth import AuthConfig, is_loopback
+    from collector.gate import GatePolicy
     from collector.rollup import RetentionPolicy
     from collector.server import serve_collector
 
@@ -190,7 +208,9 @@ def serve_command(args: argparse.Namespace) -> int:
             running = serve_collector(db, args.listen, auth=auth, tls=tls, retention=retention,
                                       rollup_interval=args.rollup_interval, drift_interval=args.drift_interval,
                                       evaluation_keep_seconds=args.evaluation_retention,
-                                      webhook=_webhook(args))
+                                      webhook=_webhook(args),
+                                      gate_policy=GatePolicy(args.gate_accuracy_tolerance, args.gate_mae_tolerance,
+                                                             args.gate_latency_budget_ms))
         except OSError as exc:
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
         except (OutriderError, sqlite3.Error) as exc:

@@ -95,8 +95,23 @@ def drift_evaluations_and_alerts(db: Database) -> None:
     db["alerts"].create_index(["state", "model_name", "model_version", "column"])
 
 
+def model_registry(db: Database) -> None:
+    """Migration 5: immutable model versions (the artifact itself lives in the
+    content-addressed store beside the database), each with its gate result."""
+    db["model_versions"].create(
+        {"name": str, "version": int, "sha256": str, "size": int, "schema": str, "data_name": str,
+         "data_sha256": str, "data_rows": int, "metrics": str, "registered_by": str, "registered_ns": int,
+         "gate": str, "gate_passed": int, "gated_ns": int},
+        pk=("name", "version"),
+        not_null=["name", "version", "sha256", "size", "schema", "data_name", "data_sha256", "data_rows",
+                  "metrics", "registered_by", "registered_ns", "gate", "gate_passed", "gated_ns"],
+        defaults={"data_name": "", "data_sha256": "", "data_rows": 0, "metrics": "{}", "gate": "",
+                  "gate_passed": 0, "gated_ns": 0})
+    db["model_versions"].create_index(["sha256"])
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [initial_schema, reference_profiles, drift_evaluations_and_alerts,
-                                                audit_trail]
+                                                audit_trail, model_registry]
 
 
 def migrate(db: Database) -> None:

@@ -32,6 +32,8 @@ from collector.ingest import Limits, validate_hello, validate_model_key, validat
 from collector.streams import AgentStream, LiveStreams
 from collector.rollup import RetentionPolicy
 from collector.evaluation import DriftEvaluator, EvaluationLoop
+from collector.gate import GatePolicy
+from collector.registry import Registry
 from collector.store import Store
 from collector.webhook import Webhook
 from protos import collector_pb2 as pb
@@ -119,11 +121,12 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
 class OpsServicer(pb_grpc.OpsServiceServicer):
     def __init__(self, store: Store, agents: AgentServicer, auth: AuthInterceptor,
-                 evaluator: DriftEvaluator) -> None:
+                 evaluator: DriftEvaluator, registry: Registry) -> None:
         self.store = store
         self.agents = agents
         self.auth = auth
         self.evaluator = evaluator
+        self.registry = registry
         self._version = package_version()
 
     @grpc_errors
@@ -251,6 +254,30 @@ class OpsServicer(pb_grpc.OpsServiceServicer):
         return pb.VerifyAuditResponse(ok=result.ok, entries=result.entries, first_broken_id=result.first_broken_id,
                                       problem=result.problem)
 
+    # --- registry --------------------------------------------------------------------------
+
+    @grpc_errors
+    def RegisterModel(self, request_iterator: Iterator[pb.RegisterChunk],
+                      context: grpc.ServicerContext) -> pb.ModelVersion:
+        return self.registry.register(request_iterator, _actor())
+
+    @grpc_errors
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(versions=self.registry.list(request.name))
+
+    @grpc_errors
+    def ShowModel(self, request: pb.ModelVersionRequest, context: grpc.ServicerContext) -> pb.ModelVersion:
+        return self.registry.show(request.name, request.version)
+
+    @grpc_errors
+    def RunGate(self, request: pb.ModelVersionRequest, context: grpc.ServicerContext) -> pb.ModelVersion:
+        return self.registry.run_gate(request.name, request.version, _actor())
+
+
+def _actor() -> str:
+    identity = current_identity()
+    return identity.name if identity else "unknown"
+
 
 class RollupLoop:
     """Merges old windows into coarser levels every ``interval`` seconds, on its own thread."""
@@ -325,13 +352,15 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
                     rollup_interval: float = 60.0, limits: Limits | None = None, max_agents: int = 256,
                     retry_after_ms: int = 1000, max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
                     store: Store | None = None, drift_interval: float = 60.0,
-                    evaluation_keep_seconds: float = 7 * 86400.0, webhook: Webhook | None = None) -> CollectorServer:
+                    evaluation_keep_seconds: float = 7 * 86400.0, webhook: Webhook | None = None,
+                    gate_policy: GatePolicy = GatePolicy()) -> CollectorServer:
     """Open the store at ``db_path`` (or take ``store``, which is then the server's to close)
     and serve on ``listen`` (port 0 picks one).
 
     Drift is evaluated every ``drift_interval`` seconds (0: only on demand);
     evaluations older than ``evaluation_keep_seconds`` are pruned; alerts that
-    open or resolve go to ``webhook``.
+    open or resolve go to ``webhook``. Registered model versions' artifacts live
+    beside the database (``collector.registry``); ``gate_policy`` sets the gate's tolerances.
 
     Without ``auth`` every caller is trusted: the caller (the CLI) makes sure
     ``listen`` is a loopback address then. Raises ``OSError`` when the address
@@ -357,7 +386,8 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
         )
         pb_grpc.add_AgentServiceServicer_to_server(agents, server)
         evaluator = DriftEvaluator(store, webhook)
-        pb_grpc.add_OpsServiceServicer_to_server(OpsServicer(store, agents, interceptor, evaluator), server)
+        pb_grpc.add_OpsServiceServicer_to_server(OpsServicer(store, agents, interceptor, evaluator,
+                                                              Registry(store, policy=gate_policy, limits=agents.limits)), server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         try:
             port = (server.add_secure_port(listen, tls.server_credentials()) if tls

@@ -172,6 +172,26 @@ class OpsServiceStub(object):
                 request_serializer=protos_dot_collector__pb2.VerifyAuditRequest.SerializeToString,
                 response_deserializer=protos_dot_collector__pb2.VerifyAuditResponse.FromString,
                 _registered_method=True)
+        self.RegisterModel = channel.stream_unary(
+                '/outrider.v1.OpsService/RegisterModel',
+                request_serializer=protos_dot_collector__pb2.RegisterChunk.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.ModelVersion.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/outrider.v1.OpsService/ListModels',
+                request_serializer=protos_dot_collector__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.ShowModel = channel.unary_unary(
+                '/outrider.v1.OpsService/ShowModel',
+                request_serializer=protos_dot_collector__pb2.ModelVersionRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.ModelVersion.FromString,
+                _registered_method=True)
+        self.RunGate = channel.unary_unary(
+                '/outrider.v1.OpsService/RunGate',
+                request_serializer=protos_dot_collector__pb2.ModelVersionRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.ModelVersion.FromString,
+                _registered_method=True)
 
 
 class OpsServiceServicer(object):
@@ -247,6 +267,31 @@ class OpsServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterModel(self, request_iterator, context):
+        """The model registry: immutable versions, each with its evaluation gate's result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShowModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunGate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OpsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -304,6 +349,26 @@ def add_OpsServiceServicer_to_server(servicer, server):
                     servicer.VerifyAudit,
                     request_deserializer=protos_dot_collector__pb2.VerifyAuditRequest.FromString,
                     response_serializer=protos_dot_collector__pb2.VerifyAuditResponse.SerializeToString,
+            ),
+            'RegisterModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.RegisterModel,
+                    request_deserializer=protos_dot_collector__pb2.RegisterChunk.FromString,
+                    response_serializer=protos_dot_collector__pb2.ModelVersion.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=protos_dot_collector__pb2.ListModelsRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ShowModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShowModel,
+                    request_deserializer=protos_dot_collector__pb2.ModelVersionRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.ModelVersion.SerializeToString,
+            ),
+            'RunGate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunGate,
+                    request_deserializer=protos_dot_collector__pb2.ModelVersionRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.ModelVersion.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -605,6 +670,114 @@ class OpsService(object):
             '/outrider.v1.OpsService/VerifyAudit',
             protos_dot_collector__pb2.VerifyAuditRequest.SerializeToString,
             protos_dot_collector__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/outrider.v1.OpsService/RegisterModel',
+            protos_dot_collector__pb2.RegisterChunk.SerializeToString,
+            protos_dot_collector__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/ListModels',
+            protos_dot_collector__pb2.ListModelsRequest.SerializeToString,
+            protos_dot_collector__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShowModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/ShowModel',
+            protos_dot_collector__pb2.ModelVersionRequest.SerializeToString,
+            protos_dot_collector__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunGate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/RunGate',
+            protos_dot_collector__pb2.ModelVersionRequest.SerializeToString,
+            protos_dot_collector__pb2.ModelVersion.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,243 @@
+"""The model registry: immutable, numbered versions of each model, their artifacts and gate results.
+
+A version is registered once and never changes: its number (1, 2, ... per
+name), the ONNX file's sha256 and size, its input/output schema, its reference
+profile (kept in the ``profiles`` table as that version's drift reference, with
+the data's sha256 and row count: the lineage), its holdout metrics, who
+registered it and when. Only the gate's result is written again, when the gate
+is re-run on request.
+
+Artifacts live in a content-addressed store beside the database,
+``<db dir>/<db stem>-artifacts/sha256/<hex>``: a file's name is its hash, so
+identical uploads share one file and no name given by a caller ever becomes a
+path. An upload is written to a temporary file, its size and sha256 checked,
+and only then renamed into place; a bad upload leaves nothing behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from agent.errors import InvalidArgument, NotFound
+from collector import audit, gate
+from collector.ingest import Limits, validate_model_key, validate_profile
+from protos import collector_pb2 as pb
+from protos import summary_pb2
+
+log = logging.getLogger(__name__)
+
+CHUNK_MAX = 1 << 20  # bytes of artifact per RegisterChunk
+DEFAULT_MAX_ARTIFACT_BYTES = 1 << 30
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def artifacts_root(db_path: str | os.PathLike) -> Path:
+    """Where the artifacts of the database at ``db_path`` live."""
+    db = Path(db_path).resolve()
+    return db.parent / f"{db.stem}-artifacts"
+
+
+class ArtifactStore:
+    """Files named by their sha256 under ``root/sha256/``; written atomically, never overwritten."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.objects = self.root / "sha256"
+        self.incoming = self.root / "incoming"
+
+    def path(self, sha256: str) -> Path:
+        if not _HEX64.match(sha256):  # the only way a name becomes a path: 64 lowercase hex digits
+            raise InvalidArgument(f"sha256 must be 64 lowercase hex digits, got {sha256[:80]!r}")
+        return self.objects / sha256
+
+    def receive(self, chunks: Iterable[bytes], size: int, sha256: str) -> tuple[Path, bool]:
+        """Write ``chunks`` to the store if they are ``size`` bytes hashing to ``sha256``;
+        returns (path, created). Raises InvalidArgument, leaving nothing behind, if they are not."""
+        final = self.path(sha256)
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.incoming, prefix="upload-")
+        try:
+            digest, received = hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    if len(chunk) > CHUNK_MAX:
+                        raise InvalidArgument(f"a data chunk of {len(chunk)} bytes is over the {CHUNK_MAX} byte limit")
+                    received += len(chunk)
+                    if received > size:
+                        raise InvalidArgument(f"the upload is longer than its declared size of {size} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if received != size:
+                raise InvalidArgument(f"the upload is truncated: {received} of {size} declared bytes arrived")
+            if digest.hexdigest() != sha256:
+                raise InvalidArgument(f"sha256 mismatch: the upload hashes to {digest.hexdigest()}, "
+                                      f"not the declared {sha256}")
+            if final.exists():  # the same bytes are already stored
+                os.unlink(tmp)
+                return final, False
+            os.replace(tmp, final)
+            dir_fd = os.open(self.objects, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            return final, True
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+class Registry:
+    """Registers versions (from RegisterModel's stream), lists them, runs their gate."""
+
+    def __init__(self, store: Any, artifacts: ArtifactStore | None = None, *,
+                 policy: gate.GatePolicy = gate.GatePolicy(), limits: Limits = Limits(),
+                 max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> None:
+        self.store = store
+        self.artifacts = artifacts or ArtifactStore(artifacts_root(store.path))
+        self.policy = policy
+        self.limits = limits
+        self.max_artifact_bytes = max_artifact_bytes
+        self._lock = threading.Lock()  # placing an artifact and committing its row, one upload at a time
+
+    # -------------------------------------------------------- register
+
+    def register(self, chunks: Iterable[pb.RegisterChunk], actor: str) -> pb.ModelVersion:
+        """Store the version the stream describes, then run its gate. InvalidArgument, with
+        nothing stored, for a bad stream (no metadata first, wrong size or hash, not ONNX)."""
+        stream = iter(chunks)
+        first = next(stream, None)
+        if first is None or first.WhichOneof("kind") != "metadata":
+            raise InvalidArgument("the first RegisterChunk must carry the metadata")
+        meta = first.metadata
+        validate_model_key(meta.name, "-", self.limits)
+        self.artifacts.path(meta.sha256)  # checks the form of the hash
+        if not 0 < meta.size <= self.max_artifact_bytes:
+            raise InvalidArgument(f"size must be between 1 and {self.max_artifact_bytes} bytes, got {meta.size}")
+        metrics = gate.parse_metrics(meta.metrics_json)
+        profile = meta.profile if meta.HasField("profile") else None
+        if profile is not None:
+            validate_profile(profile, self.limits)
+            if profile.model_sha256 and profile.model_sha256 != meta.sha256:
+                raise InvalidArgument(f"the profile was built with another model (sha256 {profile.model_sha256[:16]}"
+                                      f"...), not this artifact ({meta.sha256[:16]}...)")
+
+        def data() -> Iterable[bytes]:
+            for chunk in stream:
+                if chunk.WhichOneof("kind") != "data":
+                    raise InvalidArgument("only the first RegisterChunk may carry metadata")
+                yield chunk.data
+
+        with self._lock:
+            path, created = self.artifacts.receive(data(), meta.size, meta.sha256)
+            try:
+                schema = gate.read_schema(path.read_bytes())
+                version = self.store.write(lambda db: _insert(db, meta, schema, metrics, profile, actor,
+                                                              time.time_ns()))
+            except BaseException:
+                if created:  # no row refers to it: an orphan otherwise
+                    path.unlink(missing_ok=True)
+                raise
+        log.info("model %s version %d registered by %s (sha256 %s, %d bytes)", meta.name, version, actor,
+                 meta.sha256[:16], meta.size)
+        return self.run_gate(meta.name, version, actor)
+
+    # -------------------------------------------------------- gate
+
+    def run_gate(self, name: str, version: int, actor: str) -> pb.ModelVersion:
+        """(Re-)run the gate on a stored version and record its result."""
+        row = self._row(self.store.read(), name, version)
+        baseline = self.store.read().execute(
+            "SELECT version, schema, metrics FROM model_versions WHERE name = ? AND version < ? AND gate_passed = 1"
+            " ORDER BY version DESC LIMIT 1", [name, row["version"]]).fetchone()
+        base = {"version": baseline[0], "schema": json.loads(baseline[1]),
+                "metrics": json.loads(baseline[2])} if baseline else None
+        model = self.artifacts.path(row["sha256"]).read_bytes()
+        profile = self.store.profile(name, str(row["version"]))
+        result = gate.run_gate(model, json.loads(row["schema"]), json.loads(row["metrics"]), profile, base,
+                               self.policy)
+        now = time.time_ns()
+
+        def save(db: Database) -> None:
+            before = db.execute("SELECT gate_passed, gate FROM model_versions WHERE name = ? AND version = ?",
+                                [name, row["version"]]).fetchone()
+            db.execute("UPDATE model_versions SET gate = ?, gate_passed = ?, gated_ns = ? WHERE name = ? AND version = ?",
+                       [json.dumps(result), int(result["passed"]), now, name, row["version"]])
+            audit.append(db, actor, "model.gate", f"model/{name}/{row['version']}", model_name=name,
+                         before={"passed": bool(before[0])} if before[1] else None,
+                         after={"passed": result["passed"],
+                                "failed": [c["name"] for c in result["checks"] if not c["passed"]]}, now_ns=now)
+
+        self.store.write(save)
+        log.info("gate of model %s version %d: %s", name, row["version"], "passed" if result["passed"] else "failed")
+        return self.show(name, row["version"])
+
+    # -------------------------------------------------------- reads
+
+    def list(self, name: str = "") -> list[pb.ModelVersion]:
+        where, params = ("WHERE v.name = ?", [name]) if name else ("", [])
+        rows = self.store.read().query(f"{_SELECT} {where} ORDER BY v.name, v.version", params)
+        return [_message(r) for r in rows]
+
+    def show(self, name: str, version: int = 0) -> pb.ModelVersion:
+        return _message(self._row(self.store.read(), name, version))
+
+    def _row(self, db: Database, name: str, version: int) -> dict[str, Any]:
+        validate_model_key(name, "-", self.limits)
+        if version:
+            rows = list(db.query(f"{_SELECT} WHERE v.name = ? AND v.version = ?", [name, version]))
+        else:
+            rows = list(db.query(f"{_SELECT} WHERE v.name = ? ORDER BY v.version DESC LIMIT 1", [name]))
+        if not rows:
+            raise NotFound(f"model {name!r} has no version {version}" if version else
+                           f"model {name!r} is not registered; register it with: outrider models register {name} "
+                           "--file MODEL.onnx")
+        return rows[0]
+
+
+_SELECT = ("SELECT v.*, p.model_name IS NOT NULL AS has_profile FROM model_versions v LEFT JOIN profiles p"
+           " ON p.model_name = v.name AND p.model_version = CAST(v.version AS TEXT)")
+
+
+def _insert(db: Database, meta: pb.RegisterMetadata, schema: dict[str, Any], metrics: dict[str, float],
+            profile: summary_pb2.ReferenceProfile | None, actor: str, now_ns: int) -> int:
+    version = db.execute("SELECT coalesce(max(version), 0) + 1 FROM model_versions WHERE name = ?",
+                         [meta.name]).fetchone()[0]
+    lineage = {"data_name": profile.data_name, "data_sha256": profile.data_sha256,
+               "data_rows": profile.rows} if profile is not None else {}
+    db["model_versions"].insert({
+        "name": meta.name, "version": version, "sha256": meta.sha256, "size": meta.size,
+        "schema": json.dumps(schema), "metrics": json.dumps(metrics), "registered_by": actor,
+        "registered_ns": now_ns, **lineage})
+    if profile is not None:  # the version's drift reference
+        db["profiles"].insert({"model_name": meta.name, "model_version": str(version),
+                               "body": profile.SerializeToString(), "data_sha256": profile.data_sha256,
+                               "rows": profile.rows, "attached_ns": now_ns, "attached_by": actor}, replace=True)
+    audit.append(db, actor, "model.register", f"model/{meta.name}/{version}", model_name=meta.name,
+                 after={"version": version, "sha256": meta.sha256, "size": meta.size, "metrics": metrics,
+                        **lineage}, now_ns=now_ns)
+    return version
+
+
+def _message(r: dict[str, Any]) -> pb.ModelVersion:
+    return pb.ModelVersion(
+        name=r["name"], version=r["version"], sha256=r["sha256"], size=r["size"], schema_json=r["schema"],
+        has_profile=bool(r["has_profile"]), data_name=r["data_name"], data_sha256=r["data_sha256"],
+        data_rows=r["data_rows"], metrics_json=r["metrics"], registered_by=r["registered_by"],
+        registered_unix_nano=r["registered_ns"], gate_passed=bool(r["gate_passed"]), gate_json=r["gate"],
+        gated_unix_nano=r["gated_ns"])
