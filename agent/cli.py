@@ -28,7 +28,8 @@ AGENT_ENV = "OUTRIDER_AGENT_"  # environment prefix of `outrider agent serve`'s 
 #   agent.demo      -> ``outrider demo``        (not written yet; skipped while absent)
 #   collector.cli   -> ``outrider collector ...`` (later)
 OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli", "agent.profile", "collector.drift_cli",
-                                       "collector.audit_cli", "collector.models_cli")
+                                       "collector.audit_cli", "collector.models_cli",
+                                       "collector.approvals_cli")
 
 
 class UsageError(Exception):

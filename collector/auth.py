@@ -64,6 +64,11 @@ OPS_METHOD_ROLES: dict[str, str] = {
     "ListModels": "viewer",
     "ShowModel": "viewer",
     "RunGate": "operator",
+    "SetStage": "operator",
+    "RequestPromotion": "operator",  # overriding a failed gate needs admin (checked by the servicer)
+    "ListApprovals": "viewer",
+    "Approve": "approver",  # and not the requester (checked by collector.approvals)
+    "Reject": "approver",
 }
 
 

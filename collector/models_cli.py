@@ -68,6 +68,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _client_flags(run)
     run.set_defaults(func=_one_line_errors(gate_command))
 
+    stage = actions.add_parser("stage", help="move a version between candidate and staging",
+                               description="Set a version's stage to staging (from candidate) or back to candidate. "
+                                           "Production is reached only with 'models promote' and an approval.")
+    stage.add_argument("name", metavar="NAME", help="model name")
+    stage.add_argument("version", type=int, metavar="VERSION", help="version number")
+    stage.add_argument("stage", choices=("candidate", "staging"), metavar="STAGE", help="candidate or staging")
+    stage.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the audit trail)")
+    _client_flags(stage)
+    stage.set_defaults(func=_one_line_errors(stage_command))
+
+    promote = actions.add_parser(
+        "promote", help="request that a version become production (another approver must approve)",
+        description="Open a request to make VERSION the production version of NAME. It takes effect when a "
+                    "different person with the approver role runs 'outrider approve ID'; the previous production "
+                    "version is then archived. A version whose evaluation gate failed cannot be requested, unless "
+                    "an admin passes --override-gate with a written reason.")
+    promote.add_argument("name", metavar="NAME", help="model name")
+    promote.add_argument("version", type=int, metavar="VERSION", help="version number")
+    promote.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the audit trail)")
+    promote.add_argument("--override-gate", metavar="REASON", default="",
+                         help="admins only: request although the gate failed, saying why (audited)")
+    _client_flags(promote)
+    promote.set_defaults(func=_one_line_errors(promote_command))
+
 
 # ------------------------------------------------------------------ register
 
@@ -190,8 +214,8 @@ def list_command(args: argparse.Namespace) -> int:
         print("no model versions registered" + (f" for {args.name}" if args.name else ""))
         return 0
     now = time.time_ns()
-    print(table(["MODEL", "VERSION", "SHA256", "GATE", "METRICS", "REFERENCE", "BY", "REGISTERED"],
-                [[v.name, v.version, v.sha256[:12], _gate_state(v), _metrics(v.metrics_json),
+    print(table(["MODEL", "VERSION", "SHA256", "GATE", "STAGE", "METRICS", "REFERENCE", "BY", "REGISTERED"],
+                [[v.name, v.version, v.sha256[:12], _gate_state(v), v.stage or "-", _metrics(v.metrics_json),
                   f"{v.data_name or 'profile'} ({v.data_rows} rows)" if v.has_profile else "-", v.registered_by,
                   age(v.registered_unix_nano, now)] for v in reply.versions]))
     return 0
@@ -229,6 +253,8 @@ def _print_version(v: Any) -> None:
                          for a in schema.get(side, []))
 
     print(f"{v.name} version {v.version}")
+    print(f"  stage:      {v.stage or '-'}" + (f" (since {age(v.stage_unix_nano, time.time_ns())})"
+                                              if v.stage_unix_nano else ""))
     print(f"  sha256:     {v.sha256} ({v.size} bytes)")
     print(f"  registered: by {v.registered_by}, {age(v.registered_unix_nano, time.time_ns())}")
     print(f"  inputs:     {args('inputs')}")
@@ -250,3 +276,38 @@ def gate_command(args: argparse.Namespace) -> int:
         return 0
     _print_gate(reply)
     return 0 if reply.gate_passed else 1
+
+
+# ------------------------------------------------------------------ stage, promote
+
+
+def stage_command(args: argparse.Namespace) -> int:
+    from protos import collector_pb2 as pb
+
+    reply = _ask(args, "SetStage", pb.SetStageRequest(name=args.name, version=args.version, stage=args.stage,
+                                                       reason=args.reason))
+    if reply is None:
+        return 1
+    if args.json:
+        print(json.dumps(_plain(reply), indent=2))
+        return 0
+    print(f"{reply.name} version {reply.version} is now {reply.stage}")
+    return 0
+
+
+def promote_command(args: argparse.Namespace) -> int:
+    from protos import collector_pb2 as pb
+
+    reply = _ask(args, "RequestPromotion", pb.PromotionRequest(name=args.name, version=args.version,
+                                                                reason=args.reason,
+                                                                override_gate_reason=args.override_gate))
+    if reply is None:
+        return 1
+    if args.json:
+        print(json.dumps(plain(reply), indent=2))
+        return 0
+    print(f"promotion of {reply.model_name} version {reply.version} to production requested: approval {reply.id} "
+          f"is pending; another approver runs: outrider approve {reply.id}")
+    if reply.gate_override_reason:
+        print(f"  the failed evaluation gate was overridden: {reply.gate_override_reason}")
+    return 0

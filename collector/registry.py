@@ -223,7 +223,7 @@ def _insert(db: Database, meta: pb.RegisterMetadata, schema: dict[str, Any], met
     db["model_versions"].insert({
         "name": meta.name, "version": version, "sha256": meta.sha256, "size": meta.size,
         "schema": json.dumps(schema), "metrics": json.dumps(metrics), "registered_by": actor,
-        "registered_ns": now_ns, **lineage})
+        "registered_ns": now_ns, "stage": "candidate", "stage_ns": now_ns, **lineage})
     if profile is not None:  # the version's drift reference
         db["profiles"].insert({"model_name": meta.name, "model_version": str(version),
                                "body": profile.SerializeToString(), "data_sha256": profile.data_sha256,
@@ -240,4 +240,4 @@ def _message(r: dict[str, Any]) -> pb.ModelVersion:
         has_profile=bool(r["has_profile"]), data_name=r["data_name"], data_sha256=r["data_sha256"],
         data_rows=r["data_rows"], metrics_json=r["metrics"], registered_by=r["registered_by"],
         registered_unix_nano=r["registered_ns"], gate_passed=bool(r["gate_passed"]), gate_json=r["gate"],
-        gated_unix_nano=r["gated_ns"])
+        gated_unix_nano=r["gated_ns"], stage=r["stage"], stage_unix_nano=r["stage_ns"])

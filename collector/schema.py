@@ -110,8 +110,26 @@ def model_registry(db: Database) -> None:
     db["model_versions"].create_index(["sha256"])
 
 
+def stages_and_approvals(db: Database) -> None:
+    """Migration 6: each version's stage (candidate on register; at most one production version
+    per model, enforced by a partial unique index) and the promotion requests awaiting approval
+    (at most one pending request per version). Times are unix nanoseconds."""
+    db.conn.execute("ALTER TABLE model_versions ADD COLUMN stage TEXT NOT NULL DEFAULT 'candidate'")
+    db.conn.execute("ALTER TABLE model_versions ADD COLUMN stage_ns INTEGER NOT NULL DEFAULT 0")
+    db.conn.execute("CREATE UNIQUE INDEX model_versions_one_production ON model_versions (name)"
+                    " WHERE stage = 'production'")
+    db["approvals"].create(
+        {"id": int, "model": str, "version": int, "requested_by": str, "requested_at": int, "reason": str,
+         "state": str, "decided_by": str, "decided_at": int, "decision_reason": str, "gate_override": str},
+        pk="id", not_null=["model", "version", "requested_by", "requested_at", "reason", "state", "decided_by",
+                           "decided_at", "decision_reason", "gate_override"],
+        defaults={"state": "pending", "decided_by": "", "decided_at": 0, "decision_reason": "", "gate_override": ""})
+    db.conn.execute("CREATE UNIQUE INDEX approvals_one_pending ON approvals (model, version) WHERE state = 'pending'")
+    db["approvals"].create_index(["state", "id"])
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [initial_schema, reference_profiles, drift_evaluations_and_alerts,
-                                                audit_trail, model_registry]
+                                                audit_trail, model_registry, stages_and_approvals]
 
 
 def migrate(db: Database) -> None:

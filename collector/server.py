@@ -23,8 +23,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent.errors import (InvalidArgument, NotFound, ResourceExhausted, Unavailable, grpc_errors,
-                          grpc_stream_errors)
+from agent.errors import (InvalidArgument, NotFound, ResourceExhausted, Unavailable,
+                          grpc_errors, grpc_stream_errors)
 from agent.server import package_version
 from collector import alerts, audit
 from collector.auth import AuthConfig, AuthInterceptor, TLSFiles, current_identity
@@ -33,6 +33,7 @@ from collector.streams import AgentStream, LiveStreams
 from collector.rollup import RetentionPolicy
 from collector.evaluation import DriftEvaluator, EvaluationLoop
 from collector.gate import GatePolicy
+from collector.governance_ops import GovernanceOps
 from collector.registry import Registry
 from collector.store import Store
 from collector.webhook import Webhook
@@ -119,7 +120,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         yield from stream.replies()
 
 
-class OpsServicer(pb_grpc.OpsServiceServicer):
+class OpsServicer(GovernanceOps, pb_grpc.OpsServiceServicer):
     def __init__(self, store: Store, agents: AgentServicer, auth: AuthInterceptor,
                  evaluator: DriftEvaluator, registry: Registry) -> None:
         self.store = store
@@ -253,30 +254,6 @@ class OpsServicer(pb_grpc.OpsServiceServicer):
         result = audit.verify(self.store.read())
         return pb.VerifyAuditResponse(ok=result.ok, entries=result.entries, first_broken_id=result.first_broken_id,
                                       problem=result.problem)
-
-    # --- registry --------------------------------------------------------------------------
-
-    @grpc_errors
-    def RegisterModel(self, request_iterator: Iterator[pb.RegisterChunk],
-                      context: grpc.ServicerContext) -> pb.ModelVersion:
-        return self.registry.register(request_iterator, _actor())
-
-    @grpc_errors
-    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(versions=self.registry.list(request.name))
-
-    @grpc_errors
-    def ShowModel(self, request: pb.ModelVersionRequest, context: grpc.ServicerContext) -> pb.ModelVersion:
-        return self.registry.show(request.name, request.version)
-
-    @grpc_errors
-    def RunGate(self, request: pb.ModelVersionRequest, context: grpc.ServicerContext) -> pb.ModelVersion:
-        return self.registry.run_gate(request.name, request.version, _actor())
-
-
-def _actor() -> str:
-    identity = current_identity()
-    return identity.name if identity else "unknown"
 
 
 class RollupLoop:

@@ -514,7 +514,7 @@ class RegisterChunk(_message.Message):
     def __init__(self, metadata: _Optional[_Union[RegisterMetadata, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("name", "version", "sha256", "size", "schema_json", "has_profile", "data_name", "data_sha256", "data_rows", "metrics_json", "registered_by", "registered_unix_nano", "gate_passed", "gate_json", "gated_unix_nano")
+    __slots__ = ("name", "version", "sha256", "size", "schema_json", "has_profile", "data_name", "data_sha256", "data_rows", "metrics_json", "registered_by", "registered_unix_nano", "gate_passed", "gate_json", "gated_unix_nano", "stage", "stage_unix_nano")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -530,6 +530,8 @@ class ModelVersion(_message.Message):
     GATE_PASSED_FIELD_NUMBER: _ClassVar[int]
     GATE_JSON_FIELD_NUMBER: _ClassVar[int]
     GATED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     sha256: str
@@ -545,7 +547,9 @@ class ModelVersion(_message.Message):
     gate_passed: bool
     gate_json: str
     gated_unix_nano: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., schema_json: _Optional[str] = ..., has_profile: bool = ..., data_name: _Optional[str] = ..., data_sha256: _Optional[str] = ..., data_rows: _Optional[int] = ..., metrics_json: _Optional[str] = ..., registered_by: _Optional[str] = ..., registered_unix_nano: _Optional[int] = ..., gate_passed: bool = ..., gate_json: _Optional[str] = ..., gated_unix_nano: _Optional[int] = ...) -> None: ...
+    stage: str
+    stage_unix_nano: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., schema_json: _Optional[str] = ..., has_profile: bool = ..., data_name: _Optional[str] = ..., data_sha256: _Optional[str] = ..., data_rows: _Optional[int] = ..., metrics_json: _Optional[str] = ..., registered_by: _Optional[str] = ..., registered_unix_nano: _Optional[int] = ..., gate_passed: bool = ..., gate_json: _Optional[str] = ..., gated_unix_nano: _Optional[int] = ..., stage: _Optional[str] = ..., stage_unix_nano: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("name",)
@@ -566,3 +570,75 @@ class ModelVersionRequest(_message.Message):
     name: str
     version: int
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class SetStageRequest(_message.Message):
+    __slots__ = ("name", "version", "stage", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    stage: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., stage: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PromotionRequest(_message.Message):
+    __slots__ = ("name", "version", "reason", "override_gate_reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDE_GATE_REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    reason: str
+    override_gate_reason: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ..., override_gate_reason: _Optional[str] = ...) -> None: ...
+
+class Approval(_message.Message):
+    __slots__ = ("id", "model_name", "version", "requested_by", "requested_unix_nano", "reason", "state", "decided_by", "decided_unix_nano", "decision_reason", "gate_override_reason")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    GATE_OVERRIDE_REASON_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model_name: str
+    version: int
+    requested_by: str
+    requested_unix_nano: int
+    reason: str
+    state: str
+    decided_by: str
+    decided_unix_nano: int
+    decision_reason: str
+    gate_override_reason: str
+    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., requested_by: _Optional[str] = ..., requested_unix_nano: _Optional[int] = ..., reason: _Optional[str] = ..., state: _Optional[str] = ..., decided_by: _Optional[str] = ..., decided_unix_nano: _Optional[int] = ..., decision_reason: _Optional[str] = ..., gate_override_reason: _Optional[str] = ...) -> None: ...
+
+class ListApprovalsRequest(_message.Message):
+    __slots__ = ("include_decided", "model_name")
+    INCLUDE_DECIDED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    include_decided: bool
+    model_name: str
+    def __init__(self, include_decided: bool = ..., model_name: _Optional[str] = ...) -> None: ...
+
+class ListApprovalsResponse(_message.Message):
+    __slots__ = ("approvals",)
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    approvals: _containers.RepeatedCompositeFieldContainer[Approval]
+    def __init__(self, approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ...) -> None: ...
+
+class DecisionRequest(_message.Message):
+    __slots__ = ("id", "reason")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    reason: str
+    def __init__(self, id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -192,6 +192,31 @@ class OpsServiceStub(object):
                 request_serializer=protos_dot_collector__pb2.ModelVersionRequest.SerializeToString,
                 response_deserializer=protos_dot_collector__pb2.ModelVersion.FromString,
                 _registered_method=True)
+        self.SetStage = channel.unary_unary(
+                '/outrider.v1.OpsService/SetStage',
+                request_serializer=protos_dot_collector__pb2.SetStageRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.ModelVersion.FromString,
+                _registered_method=True)
+        self.RequestPromotion = channel.unary_unary(
+                '/outrider.v1.OpsService/RequestPromotion',
+                request_serializer=protos_dot_collector__pb2.PromotionRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.Approval.FromString,
+                _registered_method=True)
+        self.ListApprovals = channel.unary_unary(
+                '/outrider.v1.OpsService/ListApprovals',
+                request_serializer=protos_dot_collector__pb2.ListApprovalsRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.ListApprovalsResponse.FromString,
+                _registered_method=True)
+        self.Approve = channel.unary_unary(
+                '/outrider.v1.OpsService/Approve',
+                request_serializer=protos_dot_collector__pb2.DecisionRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.Approval.FromString,
+                _registered_method=True)
+        self.Reject = channel.unary_unary(
+                '/outrider.v1.OpsService/Reject',
+                request_serializer=protos_dot_collector__pb2.DecisionRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.Approval.FromString,
+                _registered_method=True)
 
 
 class OpsServiceServicer(object):
@@ -292,6 +317,37 @@ class OpsServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetStage(self, request, context):
+        """Stages and two-person approval of promotions to production.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequestPromotion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApprovals(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Approve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reject(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OpsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -369,6 +425,31 @@ def add_OpsServiceServicer_to_server(servicer, server):
                     servicer.RunGate,
                     request_deserializer=protos_dot_collector__pb2.ModelVersionRequest.FromString,
                     response_serializer=protos_dot_collector__pb2.ModelVersion.SerializeToString,
+            ),
+            'SetStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetStage,
+                    request_deserializer=protos_dot_collector__pb2.SetStageRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.ModelVersion.SerializeToString,
+            ),
+            'RequestPromotion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestPromotion,
+                    request_deserializer=protos_dot_collector__pb2.PromotionRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.Approval.SerializeToString,
+            ),
+            'ListApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApprovals,
+                    request_deserializer=protos_dot_collector__pb2.ListApprovalsRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.ListApprovalsResponse.SerializeToString,
+            ),
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=protos_dot_collector__pb2.DecisionRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.Approval.SerializeToString,
+            ),
+            'Reject': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reject,
+                    request_deserializer=protos_dot_collector__pb2.DecisionRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.Approval.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -778,6 +859,141 @@ class OpsService(object):
             '/outrider.v1.OpsService/RunGate',
             protos_dot_collector__pb2.ModelVersionRequest.SerializeToString,
             protos_dot_collector__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/SetStage',
+            protos_dot_collector__pb2.SetStageRequest.SerializeToString,
+            protos_dot_collector__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestPromotion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/RequestPromotion',
+            protos_dot_collector__pb2.PromotionRequest.SerializeToString,
+            protos_dot_collector__pb2.Approval.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/ListApprovals',
+            protos_dot_collector__pb2.ListApprovalsRequest.SerializeToString,
+            protos_dot_collector__pb2.ListApprovalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Approve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/Approve',
+            protos_dot_collector__pb2.DecisionRequest.SerializeToString,
+            protos_dot_collector__pb2.Approval.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/Reject',
+            protos_dot_collector__pb2.DecisionRequest.SerializeToString,
+            protos_dot_collector__pb2.Approval.FromString,
             options,
             channel_credentials,
             insecure,

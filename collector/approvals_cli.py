@@ -1,0 +1,92 @@
+"""Operators' ``outrider approvals list``, ``outrider approve ID`` and ``outrider reject ID``:
+deciding requests to promote a model version to production (made with ``outrider models promote``).
+
+The collector enforces the rules: deciding needs the approver role, and nobody
+approves their own request; the identity is the operator token's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from collector.cli import _ask, _client_flags, _one_line_errors, age, plain, table
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    approvals = subparsers.add_parser(
+        "approvals", help="list requests to promote model versions to production",
+        description="List promotion requests (pending ones; --all for decided ones too). Approve one with "
+                    "'outrider approve ID', reject it with 'outrider reject ID --reason TEXT'.")
+    actions = approvals.add_subparsers(dest="approvals_action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="list promotion requests",
+                                 description="List promotion requests, oldest first: pending ones, or all with --all.")
+    listing.add_argument("--all", action="store_true", help="decided requests too")
+    listing.add_argument("--model", metavar="NAME", help="only requests about this model")
+    _client_flags(listing)
+    listing.set_defaults(func=_one_line_errors(list_command))
+
+    approve = subparsers.add_parser(
+        "approve", help="approve a promotion request (approver role; not your own request)",
+        description="Approve pending request ID: its version becomes production and the previous production "
+                    "version is archived. Needs the approver role, and someone other than the requester.")
+    approve.add_argument("id", type=int, metavar="ID", help="the request's id (outrider approvals list)")
+    approve.add_argument("--reason", default="", metavar="TEXT", help="a note for the audit trail")
+    _client_flags(approve)
+    approve.set_defaults(func=_one_line_errors(approve_command))
+
+    reject = subparsers.add_parser(
+        "reject", help="reject a promotion request (approver role)",
+        description="Reject pending request ID, saying why. The version keeps its stage.")
+    reject.add_argument("id", type=int, metavar="ID", help="the request's id (outrider approvals list)")
+    reject.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the audit trail)")
+    _client_flags(reject)
+    reject.set_defaults(func=_one_line_errors(reject_command))
+
+
+def list_command(args: argparse.Namespace) -> int:
+    from protos import collector_pb2 as pb
+
+    reply = _ask(args, "ListApprovals", pb.ListApprovalsRequest(include_decided=args.all,
+                                                                 model_name=args.model or ""))
+    if reply is None:
+        return 1
+    if args.json:
+        print(json.dumps([plain(a) for a in reply.approvals], indent=2))
+        return 0
+    if not reply.approvals:
+        print("no pending promotion requests" if not args.all else "no promotion requests")
+        return 0
+    now = time.time_ns()
+    print(table(["ID", "MODEL", "VERSION", "STATE", "REQUESTED BY", "REQUESTED", "REASON", "DECIDED BY",
+                 "DECISION"],
+                [[a.id, a.model_name, a.version, a.state + (" (gate overridden)" if a.gate_override_reason else ""),
+                  a.requested_by, age(a.requested_unix_nano, now), a.reason, a.decided_by or "-",
+                  a.decision_reason or "-"] for a in reply.approvals]))
+    return 0
+
+
+def _decided(args: argparse.Namespace, reply: Any) -> int:
+    if reply is None:
+        return 1
+    if args.json:
+        print(json.dumps(plain(reply), indent=2))
+        return 0
+    if reply.state == "approved":
+        print(f"approval {reply.id} approved: {reply.model_name} version {reply.version} is now production")
+    else:
+        print(f"approval {reply.id} rejected: {reply.model_name} version {reply.version} keeps its stage")
+    return 0
+
+
+def approve_command(args: argparse.Namespace) -> int:
+    from protos import collector_pb2 as pb
+
+    return _decided(args, _ask(args, "Approve", pb.DecisionRequest(id=args.id, reason=args.reason)))
+
+
+def reject_command(args: argparse.Namespace) -> int:
+    from protos import collector_pb2 as pb
+
+    return _decided(args, _ask(args, "Reject", pb.DecisionRequest(id=args.id, reason=args.reason)))
