@@ -29,7 +29,7 @@ AGENT_ENV = "OUTRIDER_AGENT_"  # environment prefix of `outrider agent serve`'s 
 #   collector.cli   -> ``outrider collector ...`` (later)
 OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli", "agent.profile", "collector.drift_cli",
                                        "collector.audit_cli", "collector.models_cli",
-                                       "collector.approvals_cli")
+                                       "collector.approvals_cli", "collector.retrain_cli")
 
 
 class UsageError(Exception):

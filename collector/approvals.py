@@ -69,12 +69,33 @@ def set_stage(db: Database, name: str, version: int, stage: str, actor: str, rea
                "retired": "retire archived versions with: outrider models retire"}[stage]
         raise FailedPrecondition(f"cannot set stage {stage} directly: {how}")
     row = _version(db, name, version)
+    _not_retired(row)
     if row["stage"] not in REQUESTABLE:
         raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only candidate and staging "
                                  "versions move between candidate and staging")
     if row["stage"] == stage:
         raise FailedPrecondition(f"{name} version {version} is already {stage}")
     _move(db, name, version, row["stage"], stage, actor, reason, now_ns)
+
+
+def _not_retired(row: dict[str, Any], then: str = "") -> None:
+    if row["stage"] == "retired":
+        raise FailedPrecondition(f"{row['name']} version {row['version']} is retired; a retired version can never "
+                                 f"be promoted, served or given another stage{then}")
+
+
+def retire(db: Database, name: str, version: int, actor: str, reason: str, now_ns: int) -> None:
+    """archived → retired, for good: the version can never be promoted, served or restaged again
+    (also enforced by a trigger); its record and audit rows stay, its artifact may be removed
+    after the retention period (``Registry.remove_retired_artifacts``)."""
+    row = _version(db, name, version)
+    if row["stage"] != "archived":
+        raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only archived versions can be "
+                                 "retired" + (" (it already is)" if row["stage"] == "retired" else ""))
+    db.execute("UPDATE model_versions SET stage = 'retired', stage_ns = ?, retired_ns = ?, retire_reason = ?"
+               " WHERE name = ? AND version = ?", [now_ns, now_ns, reason, name, version])
+    audit.append(db, actor, "model.retire", f"model/{name}/{version}", model_name=name,
+                 before={"stage": "archived"}, after={"stage": "retired"}, reason=reason, now_ns=now_ns)
 
 
 def _failed_checks(row: dict[str, Any]) -> list[str]:
@@ -88,6 +109,7 @@ def request(db: Database, name: str, version: int, actor: str, reason: str, over
     """A pending request to make ``version`` production. ``override`` (non-empty only when an
     admin asked) lets a version whose gate did not pass be requested."""
     row = _version(db, name, version)
+    _not_retired(row)
     if row["stage"] not in REQUESTABLE:
         raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only candidate and staging "
                                  "versions can be promoted")
@@ -135,6 +157,7 @@ def decide(db: Database, approval_id: int, actor: str, approve: bool, reason: st
     state = "approved" if approve else "rejected"
     if approve:
         row = _version(db, name, version)
+        _not_retired(row, "; reject this request")
         if row["stage"] not in REQUESTABLE:
             raise FailedPrecondition(f"{name} version {version} is now {row['stage']}; only candidate and staging "
                                      "versions can be promoted (reject this request)")

@@ -69,6 +69,14 @@ OPS_METHOD_ROLES: dict[str, str] = {
     "ListApprovals": "viewer",
     "Approve": "approver",  # and not the requester (checked by collector.approvals)
     "Reject": "approver",
+    "RetireModel": "operator",
+    "OpenRetraining": "operator",
+    "ListRetraining": "viewer",
+    "ShowRetraining": "viewer",
+    "AcceptRetraining": "operator",
+    "CompleteRetraining": "operator",
+    "RejectRetraining": "operator",
+    "CancelRetraining": "operator",
 }
 
 

@@ -77,6 +77,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="evaluation gate: largest relative rise in holdout MAE (0.05: +5 %%) against the baseline")
     add_flag(serve, "--gate-latency-budget-ms", prefix=COLLECTOR_ENV, default="50", type=positive(float),
              metavar="MS", help="evaluation gate: largest p99 latency of single-row calls")
+    add_flag(serve, "--retired-artifact-retention", prefix=COLLECTOR_ENV, default="2592000", type=non_negative,
+             metavar="S", help="seconds a retired model version's artifact file is kept before it is removed "
+                               "(its record and audit trail are kept forever)")
+    add_flag(serve, "--retrain-after-evaluations", prefix=COLLECTOR_ENV, default="10", type=non_negative_int,
+             metavar="K", help="open a retraining request when a drift alert has stayed open for K consecutive "
+                               "evaluations (0: never)")
     serve.set_defaults(func=_one_line_errors(serve_command))
 
     status = subparsers.add_parser(
@@ -159,6 +165,16 @@ def non_negative(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def since_time(text: str) -> int:
     """A duration back from now (``30m``) or an ISO time, as Unix nanoseconds."""
     match = _DURATION.match(text.strip())
@@ -210,7 +226,9 @@ def serve_command(args: argparse.Namespace) -> int:
                                       evaluation_keep_seconds=args.evaluation_retention,
                                       webhook=_webhook(args),
                                       gate_policy=GatePolicy(args.gate_accuracy_tolerance, args.gate_mae_tolerance,
-                                                             args.gate_latency_budget_ms))
+                                                             args.gate_latency_budget_ms),
+                                      retired_artifact_retention=args.retired_artifact_retention,
+                                      retrain_after_evaluations=args.retrain_after_evaluations)
         except OSError as exc:
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
         except (OutriderError, sqlite3.Error) as exc:

@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from agent import sketches
-from collector import alerts, drift
+from collector import alerts, drift, retraining
 from collector.rollup import merge_windows
 from collector.store import Store
 from collector.webhook import Webhook
@@ -72,8 +72,10 @@ class DriftEvaluator:
     """Evaluates model versions and records the results; thread-safe."""
 
     def __init__(self, store: Store, webhook: Webhook | None = None,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns, retrain_after_evaluations: int = 10) -> None:
         self.store, self.webhook, self.clock = store, webhook, clock
+        # a drift alert open this many consecutive evaluations opens a retraining request (0: never)
+        self.retrain_after_evaluations = retrain_after_evaluations
         # Reference sketches are parsed once per profile (they cache their sorted views).
         self._references: dict[tuple[str, str], tuple[bytes, dict, dict]] = {}
         self._lock = threading.Lock()
@@ -131,12 +133,22 @@ class DriftEvaluator:
         return evaluation
 
     def _record(self, evaluation: pb.DriftEvaluation, config: drift.DriftConfig) -> None:
-        changed = self.store.write(lambda db: alerts.record(db, evaluation, config.consecutive, self.clock()))
+        def write(db):  # alerts and a policy-opened retraining request: one transaction
+            now = self.clock()
+            changed = alerts.record(db, evaluation, config.consecutive, now)
+            return changed, retraining.policy(db, evaluation, self.retrain_after_evaluations, now)
+
+        changed, opened = self.store.write(write)
         for alert in changed:
             log.warning("alert %d %s: %s %s %s: %s", alert.id, alert.state, alert.model_name,
                         alert.model_version, alert.column, alert.summary)
             if self.webhook is not None:
                 self.webhook.notify(alerts.event(alert))
+        if opened is not None:
+            log.warning("retraining request %d opened for %s %s: %s", opened.id, opened.model_name,
+                        opened.model_version, opened.reason)
+            if self.webhook is not None:
+                self.webhook.notify(retraining.event(opened))
 
     def evaluate_all(self) -> list[pb.DriftEvaluation]:
         done = []

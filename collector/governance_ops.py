@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import grpc
 
 from agent.errors import InvalidArgument, PermissionDenied, grpc_errors
-from collector import approvals
+from collector import approvals, retraining
 from collector.auth import current_identity, role_at_least
 from collector.ingest import validate_model_key
 from protos import collector_pb2 as pb
@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 class GovernanceOps:
-    """Needs ``self.store``, ``self.registry`` and ``self.agents`` (for the limits)."""
+    """Needs ``self.store``, ``self.registry``, ``self.agents`` (for the limits) and ``self.evaluator``
+    (whose webhook hears of retraining changes)."""
 
     # --- registry --------------------------------------------------------------------------
 
@@ -96,6 +97,76 @@ class GovernanceOps:
         log.info("approval %d (%s version %d) %s by %s", decided.id, decided.model_name, decided.version,
                  decided.state, actor)
         return decided
+
+
+    # --- retirement ---------------------------------------------------------------------------
+
+    @grpc_errors
+    def RetireModel(self, request: pb.RetireRequest, context: grpc.ServicerContext) -> pb.ModelVersion:
+        validate_model_key(request.name, "-", self.agents.limits)
+        reason = approvals.check_reason(request.reason, "retiring a version")
+        actor = _actor()
+        self.store.write(lambda db: approvals.retire(db, request.name, request.version, actor, reason,
+                                                     time.time_ns()))
+        log.info("model %s version %d retired by %s", request.name, request.version, actor)
+        return self.registry.show(request.name, request.version)
+
+    # --- retraining requests ------------------------------------------------------------------
+
+    def _retraining_changed(self, changed: pb.RetrainingRequest) -> pb.RetrainingRequest:
+        log.info("retraining request %d %s by %s (%s %s)", changed.id, changed.state,
+                 changed.decided_by or changed.opened_by, changed.model_name, changed.model_version)
+        webhook = getattr(self.evaluator, "webhook", None)
+        if webhook is not None:
+            webhook.notify(retraining.event(changed))
+        return changed
+
+    @grpc_errors
+    def OpenRetraining(self, request: pb.OpenRetrainingRequest,
+                       context: grpc.ServicerContext) -> pb.RetrainingRequest:
+        validate_model_key(request.model_name, request.model_version, self.agents.limits)
+        reason = approvals.check_reason(request.reason, "a retraining request")
+        actor = _actor()
+        evidence = {"features": [], "statistics": {}, "window": None, "opened_manually": True}
+        return self._retraining_changed(self.store.write(lambda db: retraining.open_request(
+            db, request.model_name, request.model_version, actor, reason, evidence, time.time_ns())))
+
+    @grpc_errors
+    def ListRetraining(self, request: pb.ListRetrainingRequest,
+                       context: grpc.ServicerContext) -> pb.ListRetrainingResponse:
+        return pb.ListRetrainingResponse(requests=retraining.listing(self.store.read(), request.include_closed,
+                                                                     request.model_name))
+
+    @grpc_errors
+    def ShowRetraining(self, request: pb.RetrainingChange, context: grpc.ServicerContext) -> pb.RetrainingRequest:
+        return retraining.get(self.store.read(), request.id)
+
+    @grpc_errors
+    def AcceptRetraining(self, request: pb.RetrainingChange,
+                         context: grpc.ServicerContext) -> pb.RetrainingRequest:
+        return self._change_retraining(request, retraining.ACCEPTED)
+
+    @grpc_errors
+    def CompleteRetraining(self, request: pb.RetrainingChange,
+                           context: grpc.ServicerContext) -> pb.RetrainingRequest:
+        return self._change_retraining(request, retraining.COMPLETED)
+
+    @grpc_errors
+    def RejectRetraining(self, request: pb.RetrainingChange,
+                         context: grpc.ServicerContext) -> pb.RetrainingRequest:
+        return self._change_retraining(request, retraining.REJECTED)
+
+    @grpc_errors
+    def CancelRetraining(self, request: pb.RetrainingChange,
+                         context: grpc.ServicerContext) -> pb.RetrainingRequest:
+        return self._change_retraining(request, retraining.CANCELLED)
+
+    def _change_retraining(self, request: pb.RetrainingChange, state: str) -> pb.RetrainingRequest:
+        reason = approvals.check_reason(request.reason, "rejecting a retraining request",
+                                        required=state == retraining.REJECTED)
+        actor = _actor()
+        return self._retraining_changed(self.store.write(lambda db: retraining.change(
+            db, request.id, state, actor, reason, time.time_ns(), request.version)))
 
 
 def _actor() -> str:

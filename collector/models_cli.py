@@ -92,6 +92,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _client_flags(promote)
     promote.set_defaults(func=_one_line_errors(promote_command))
 
+    retire = actions.add_parser(
+        "retire", help="retire an archived version for good",
+        description="Retire archived VERSION of NAME: it can never be promoted, served or rolled back to again. "
+                    "Its record and audit trail stay forever; its artifact file is removed after the collector's "
+                    "--retired-artifact-retention period.")
+    retire.add_argument("name", metavar="NAME", help="model name")
+    retire.add_argument("version", type=int, metavar="VERSION", help="version number (must be archived)")
+    retire.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the audit trail)")
+    _client_flags(retire)
+    retire.set_defaults(func=_one_line_errors(retire_command))
+
 
 # ------------------------------------------------------------------ register
 
@@ -262,6 +273,9 @@ def _print_version(v: Any) -> None:
     print("  reference:  " + (f"{v.data_name} (sha256 {v.data_sha256}, {v.data_rows} rows)"
                                if v.has_profile else "none"))
     print(f"  metrics:    {_metrics(v.metrics_json)}")
+    if v.retired_unix_nano:
+        print(f"  retired:    {age(v.retired_unix_nano, time.time_ns())}: {v.retire_reason}"
+              + ("; artifact removed" if v.artifact_removed_unix_nano else ""))
     _print_gate(v)
 
 
@@ -310,4 +324,17 @@ def promote_command(args: argparse.Namespace) -> int:
           f"is pending; another approver runs: outrider approve {reply.id}")
     if reply.gate_override_reason:
         print(f"  the failed evaluation gate was overridden: {reply.gate_override_reason}")
+    return 0
+
+
+def retire_command(args: argparse.Namespace) -> int:
+    from protos import collector_pb2 as pb
+
+    reply = _ask(args, "RetireModel", pb.RetireRequest(name=args.name, version=args.version, reason=args.reason))
+    if reply is None:
+        return 1
+    if args.json:
+        print(json.dumps(_plain(reply), indent=2))
+        return 0
+    print(f"{reply.name} version {reply.version} is now retired: it can never be promoted or served again")
     return 0

@@ -29,7 +29,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from agent.errors import InvalidArgument, NotFound
+from agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from collector import audit, gate
 from collector.ingest import Limits, validate_model_key, validate_profile
 from protos import collector_pb2 as pb
@@ -162,6 +162,8 @@ class Registry:
     def run_gate(self, name: str, version: int, actor: str) -> pb.ModelVersion:
         """(Re-)run the gate on a stored version and record its result."""
         row = self._row(self.store.read(), name, version)
+        if row["stage"] == "retired":
+            raise FailedPrecondition(f"{name} version {row['version']} is retired: its gate is not run again")
         baseline = self.store.read().execute(
             "SELECT version, schema, metrics FROM model_versions WHERE name = ? AND version < ? AND gate_passed = 1"
             " ORDER BY version DESC LIMIT 1", [name, row["version"]]).fetchone()
@@ -186,6 +188,41 @@ class Registry:
         self.store.write(save)
         log.info("gate of model %s version %d: %s", name, row["version"], "passed" if result["passed"] else "failed")
         return self.show(name, row["version"])
+
+    # -------------------------------------------------------- retired artifacts
+
+    def remove_retired_artifacts(self, retention_seconds: float, now_ns: int) -> list[tuple[str, int]]:
+        """Delete the artifact files of versions retired more than ``retention_seconds`` before
+        ``now_ns``, unless a version that is not retired shares the file (same sha256). Each
+        removal is marked on the version (``artifact_removed_ns``) and audited; the record stays.
+        Returns the (name, version) pairs marked. Called by the collector's rollup loop."""
+        cutoff = now_ns - int(retention_seconds * 1e9)
+
+        def mark(db: Database) -> list[tuple[str, int, str]]:
+            due = db.execute("SELECT name, version, sha256, retired_ns FROM model_versions WHERE stage = 'retired'"
+                             " AND artifact_removed_ns = 0 AND retired_ns <= ? ORDER BY name, version",
+                             [cutoff]).fetchall()
+            marked = []
+            for name, version, sha256, retired_ns in due:
+                shared = db.execute("SELECT name, version FROM model_versions WHERE sha256 = ? AND stage != 'retired'"
+                                    " LIMIT 1", [sha256]).fetchone()
+                if shared:  # still needed: kept, and looked at again next pass
+                    continue
+                db.execute("UPDATE model_versions SET artifact_removed_ns = ? WHERE name = ? AND version = ?",
+                           [now_ns, name, version])
+                audit.append(db, audit.COLLECTOR, "model.artifact_removed", f"model/{name}/{version}",
+                             model_name=name, before={"artifact": sha256},
+                             after={"artifact": None, "retired_ns": retired_ns},
+                             reason=f"retired more than {retention_seconds:g} s ago", now_ns=now_ns)
+                marked.append((name, version, sha256))
+            return marked
+
+        with self._lock:  # no upload of the same bytes can land between the check and the unlink
+            marked = self.store.write(mark)
+            for name, version, sha256 in marked:
+                self.artifacts.path(sha256).unlink(missing_ok=True)
+                log.info("artifact of retired model %s version %d removed (sha256 %s)", name, version, sha256[:16])
+        return [(n, v) for n, v, _ in marked]
 
     # -------------------------------------------------------- reads
 
@@ -240,4 +277,6 @@ def _message(r: dict[str, Any]) -> pb.ModelVersion:
         has_profile=bool(r["has_profile"]), data_name=r["data_name"], data_sha256=r["data_sha256"],
         data_rows=r["data_rows"], metrics_json=r["metrics"], registered_by=r["registered_by"],
         registered_unix_nano=r["registered_ns"], gate_passed=bool(r["gate_passed"]), gate_json=r["gate"],
-        gated_unix_nano=r["gated_ns"], stage=r["stage"], stage_unix_nano=r["stage_ns"])
+        gated_unix_nano=r["gated_ns"], stage=r["stage"], stage_unix_nano=r["stage_ns"],
+        retired_unix_nano=r["retired_ns"], retire_reason=r["retire_reason"],
+        artifact_removed_unix_nano=r["artifact_removed_ns"])

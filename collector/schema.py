@@ -128,8 +128,34 @@ def stages_and_approvals(db: Database) -> None:
     db["approvals"].create_index(["state", "id"])
 
 
+def retirement_and_retraining(db: Database) -> None:
+    """Migration 7: when a version was retired (and why), when its artifact was removed after the
+    retention period; a retired version's stage is final and its row is never deleted (triggers).
+    Retraining requests: open -> accepted -> completed (linked to the new version), or
+    rejected / cancelled; at most one open or accepted request per model version."""
+    for column in ("retired_ns INTEGER NOT NULL DEFAULT 0", "retire_reason TEXT NOT NULL DEFAULT ''",
+                   "artifact_removed_ns INTEGER NOT NULL DEFAULT 0"):
+        db.conn.execute(f"ALTER TABLE model_versions ADD COLUMN {column}")
+    db.conn.execute("CREATE TRIGGER model_versions_retired_is_final BEFORE UPDATE OF stage ON model_versions"
+                    " WHEN OLD.stage = 'retired' AND NEW.stage != 'retired'"
+                    " BEGIN SELECT RAISE(ABORT, 'a retired model version cannot change stage'); END")
+    db.conn.execute("CREATE TRIGGER model_versions_kept_forever BEFORE DELETE ON model_versions"
+                    " BEGIN SELECT RAISE(ABORT, 'model versions are never deleted'); END")
+    db["retraining_requests"].create(
+        {"id": int, "model": str, "version": str, "state": str, "opened_by": str, "opened_ns": int, "reason": str,
+         "evidence": str, "decided_by": str, "decided_ns": int, "completed_version": int, "note": str},
+        pk="id", not_null=["model", "version", "state", "opened_by", "opened_ns", "reason", "evidence",
+                           "decided_by", "decided_ns", "completed_version", "note"],
+        defaults={"state": "open", "evidence": "{}", "decided_by": "", "decided_ns": 0, "completed_version": 0,
+                  "note": ""})
+    db.conn.execute("CREATE UNIQUE INDEX retraining_one_active ON retraining_requests (model, version)"
+                    " WHERE state IN ('open', 'accepted')")
+    db["retraining_requests"].create_index(["state", "id"])
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [initial_schema, reference_profiles, drift_evaluations_and_alerts,
-                                                audit_trail, model_registry, stages_and_approvals]
+                                                audit_trail, model_registry, stages_and_approvals,
+                                                retirement_and_retraining]
 
 
 def migrate(db: Database) -> None:

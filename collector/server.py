@@ -16,9 +16,10 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -48,6 +49,7 @@ DEFAULT_LIST_LIMIT = 1000
 MAX_LIST_LIMIT = 10_000
 OPS_THREADS = 16  # handler threads left for operators' calls when every agent slot is taken
 DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+DEFAULT_RETIRED_ARTIFACT_RETENTION = 30 * 86400.0  # seconds a retired version's artifact is kept
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
     def __init__(self, store: Store, *, limits: Limits, max_agents: int, retry_after_ms: int,
@@ -257,12 +259,15 @@ class OpsServicer(GovernanceOps, pb_grpc.OpsServiceServicer):
 
 
 class RollupLoop:
-    """Merges old windows into coarser levels every ``interval`` seconds, on its own thread."""
+    """Merges old windows into coarser levels every ``interval`` seconds, on its own thread,
+    then runs ``housekeeping`` (the removal of retired versions' artifacts past their retention)."""
 
-    def __init__(self, store: Store, policy: RetentionPolicy, interval: float) -> None:
+    def __init__(self, store: Store, policy: RetentionPolicy, interval: float,
+                 housekeeping: Callable[[int], Any] | None = None) -> None:
         self.store = store
         self.policy = policy
         self.interval = interval
+        self.housekeeping = housekeeping  # also run each pass, with the time (e.g. removing retired artifacts)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outrider-rollup", daemon=True)
         self._thread.start()
@@ -273,6 +278,11 @@ class RollupLoop:
                 self.store.rollup(time.time_ns(), self.policy)
             except Exception:  # keep rolling up next time; the windows stay where they are
                 log.exception("rollup failed")
+            if self.housekeeping is not None:
+                try:
+                    self.housekeeping(time.time_ns())
+                except Exception:  # try again next pass
+                    log.exception("removing retired model artifacts failed")
 
     def stop(self) -> None:
         self._stop.set()
@@ -294,6 +304,7 @@ class CollectorServer:
         self.port = port
         self.evaluation: EvaluationLoop | None = None
         self.webhook: Webhook | None = None
+        self.registry: Registry | None = None
         self._stop_lock = threading.Lock()
         self._stopped = False
 
@@ -330,7 +341,9 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
                     retry_after_ms: int = 1000, max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
                     store: Store | None = None, drift_interval: float = 60.0,
                     evaluation_keep_seconds: float = 7 * 86400.0, webhook: Webhook | None = None,
-                    gate_policy: GatePolicy = GatePolicy()) -> CollectorServer:
+                    gate_policy: GatePolicy = GatePolicy(),
+                    retired_artifact_retention: float = DEFAULT_RETIRED_ARTIFACT_RETENTION,
+                    retrain_after_evaluations: int = 10) -> CollectorServer:
     """Open the store at ``db_path`` (or take ``store``, which is then the server's to close)
     and serve on ``listen`` (port 0 picks one).
 
@@ -338,6 +351,9 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
     evaluations older than ``evaluation_keep_seconds`` are pruned; alerts that
     open or resolve go to ``webhook``. Registered model versions' artifacts live
     beside the database (``collector.registry``); ``gate_policy`` sets the gate's tolerances.
+    Retired versions' artifacts are removed ``retired_artifact_retention`` seconds after their
+    retirement (by the rollup loop). A drift alert open for ``retrain_after_evaluations``
+    consecutive evaluations opens a retraining request (0: never).
 
     Without ``auth`` every caller is trusted: the caller (the CLI) makes sure
     ``listen`` is a loopback address then. Raises ``OSError`` when the address
@@ -362,9 +378,9 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
             ],
         )
         pb_grpc.add_AgentServiceServicer_to_server(agents, server)
-        evaluator = DriftEvaluator(store, webhook)
-        pb_grpc.add_OpsServiceServicer_to_server(OpsServicer(store, agents, interceptor, evaluator,
-                                                              Registry(store, policy=gate_policy, limits=agents.limits)), server)
+        evaluator = DriftEvaluator(store, webhook, retrain_after_evaluations=retrain_after_evaluations)
+        registry = Registry(store, policy=gate_policy, limits=agents.limits)
+        pb_grpc.add_OpsServiceServicer_to_server(OpsServicer(store, agents, interceptor, evaluator, registry), server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         try:
             port = (server.add_secure_port(listen, tls.server_credentials()) if tls
@@ -379,11 +395,13 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
     for service in ("", *SERVICES):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     server.start()
-    rollup = RollupLoop(store, retention, rollup_interval)
+    rollup = RollupLoop(store, retention, rollup_interval,
+                        housekeeping=lambda now: registry.remove_retired_artifacts(retired_artifact_retention, now))
     evaluation = EvaluationLoop(evaluator, drift_interval, evaluation_keep_seconds) if drift_interval > 0 else None
     host = listen.rsplit(":", 1)[0]
     log.info("collector listening on %s:%d (db %s, %s)", host, port, db_path,
              "tokens required" if auth else "unauthenticated, loopback")
     running = CollectorServer(server, agents, health_servicer, rollup, store, interceptor, host, port)
     running.evaluation, running.webhook = evaluation, webhook
+    running.registry = registry
     return running

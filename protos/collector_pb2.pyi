@@ -514,7 +514,7 @@ class RegisterChunk(_message.Message):
     def __init__(self, metadata: _Optional[_Union[RegisterMetadata, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("name", "version", "sha256", "size", "schema_json", "has_profile", "data_name", "data_sha256", "data_rows", "metrics_json", "registered_by", "registered_unix_nano", "gate_passed", "gate_json", "gated_unix_nano", "stage", "stage_unix_nano")
+    __slots__ = ("name", "version", "sha256", "size", "schema_json", "has_profile", "data_name", "data_sha256", "data_rows", "metrics_json", "registered_by", "registered_unix_nano", "gate_passed", "gate_json", "gated_unix_nano", "stage", "stage_unix_nano", "retired_unix_nano", "retire_reason", "artifact_removed_unix_nano")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -532,6 +532,9 @@ class ModelVersion(_message.Message):
     GATED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STAGE_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    RETIRE_REASON_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_REMOVED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     sha256: str
@@ -549,7 +552,10 @@ class ModelVersion(_message.Message):
     gated_unix_nano: int
     stage: str
     stage_unix_nano: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., schema_json: _Optional[str] = ..., has_profile: bool = ..., data_name: _Optional[str] = ..., data_sha256: _Optional[str] = ..., data_rows: _Optional[int] = ..., metrics_json: _Optional[str] = ..., registered_by: _Optional[str] = ..., registered_unix_nano: _Optional[int] = ..., gate_passed: bool = ..., gate_json: _Optional[str] = ..., gated_unix_nano: _Optional[int] = ..., stage: _Optional[str] = ..., stage_unix_nano: _Optional[int] = ...) -> None: ...
+    retired_unix_nano: int
+    retire_reason: str
+    artifact_removed_unix_nano: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., schema_json: _Optional[str] = ..., has_profile: bool = ..., data_name: _Optional[str] = ..., data_sha256: _Optional[str] = ..., data_rows: _Optional[int] = ..., metrics_json: _Optional[str] = ..., registered_by: _Optional[str] = ..., registered_unix_nano: _Optional[int] = ..., gate_passed: bool = ..., gate_json: _Optional[str] = ..., gated_unix_nano: _Optional[int] = ..., stage: _Optional[str] = ..., stage_unix_nano: _Optional[int] = ..., retired_unix_nano: _Optional[int] = ..., retire_reason: _Optional[str] = ..., artifact_removed_unix_nano: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("name",)
@@ -642,3 +648,75 @@ class DecisionRequest(_message.Message):
     id: int
     reason: str
     def __init__(self, id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RetireRequest(_message.Message):
+    __slots__ = ("name", "version", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RetrainingRequest(_message.Message):
+    __slots__ = ("id", "model_name", "model_version", "state", "opened_by", "opened_unix_nano", "reason", "evidence_json", "decided_by", "decided_unix_nano", "completed_version", "note")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    OPENED_BY_FIELD_NUMBER: _ClassVar[int]
+    OPENED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_JSON_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model_name: str
+    model_version: str
+    state: str
+    opened_by: str
+    opened_unix_nano: int
+    reason: str
+    evidence_json: str
+    decided_by: str
+    decided_unix_nano: int
+    completed_version: int
+    note: str
+    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., state: _Optional[str] = ..., opened_by: _Optional[str] = ..., opened_unix_nano: _Optional[int] = ..., reason: _Optional[str] = ..., evidence_json: _Optional[str] = ..., decided_by: _Optional[str] = ..., decided_unix_nano: _Optional[int] = ..., completed_version: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
+
+class OpenRetrainingRequest(_message.Message):
+    __slots__ = ("model_name", "model_version", "reason")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    reason: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListRetrainingRequest(_message.Message):
+    __slots__ = ("include_closed", "model_name")
+    INCLUDE_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    include_closed: bool
+    model_name: str
+    def __init__(self, include_closed: bool = ..., model_name: _Optional[str] = ...) -> None: ...
+
+class ListRetrainingResponse(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RetrainingRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RetrainingRequest, _Mapping]]] = ...) -> None: ...
+
+class RetrainingChange(_message.Message):
+    __slots__ = ("id", "reason", "version")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    reason: str
+    version: int
+    def __init__(self, id: _Optional[int] = ..., reason: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

@@ -217,6 +217,46 @@ class OpsServiceStub(object):
                 request_serializer=protos_dot_collector__pb2.DecisionRequest.SerializeToString,
                 response_deserializer=protos_dot_collector__pb2.Approval.FromString,
                 _registered_method=True)
+        self.RetireModel = channel.unary_unary(
+                '/outrider.v1.OpsService/RetireModel',
+                request_serializer=protos_dot_collector__pb2.RetireRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.ModelVersion.FromString,
+                _registered_method=True)
+        self.OpenRetraining = channel.unary_unary(
+                '/outrider.v1.OpsService/OpenRetraining',
+                request_serializer=protos_dot_collector__pb2.OpenRetrainingRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.RetrainingRequest.FromString,
+                _registered_method=True)
+        self.ListRetraining = channel.unary_unary(
+                '/outrider.v1.OpsService/ListRetraining',
+                request_serializer=protos_dot_collector__pb2.ListRetrainingRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.ListRetrainingResponse.FromString,
+                _registered_method=True)
+        self.ShowRetraining = channel.unary_unary(
+                '/outrider.v1.OpsService/ShowRetraining',
+                request_serializer=protos_dot_collector__pb2.RetrainingChange.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.RetrainingRequest.FromString,
+                _registered_method=True)
+        self.AcceptRetraining = channel.unary_unary(
+                '/outrider.v1.OpsService/AcceptRetraining',
+                request_serializer=protos_dot_collector__pb2.RetrainingChange.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.RetrainingRequest.FromString,
+                _registered_method=True)
+        self.CompleteRetraining = channel.unary_unary(
+                '/outrider.v1.OpsService/CompleteRetraining',
+                request_serializer=protos_dot_collector__pb2.RetrainingChange.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.RetrainingRequest.FromString,
+                _registered_method=True)
+        self.RejectRetraining = channel.unary_unary(
+                '/outrider.v1.OpsService/RejectRetraining',
+                request_serializer=protos_dot_collector__pb2.RetrainingChange.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.RetrainingRequest.FromString,
+                _registered_method=True)
+        self.CancelRetraining = channel.unary_unary(
+                '/outrider.v1.OpsService/CancelRetraining',
+                request_serializer=protos_dot_collector__pb2.RetrainingChange.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.RetrainingRequest.FromString,
+                _registered_method=True)
 
 
 class OpsServiceServicer(object):
@@ -348,6 +388,56 @@ class OpsServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetireModel(self, request, context):
+        """Retirement: archived versions only; final. Their artifact is removed after a retention period.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenRetraining(self, request, context):
+        """Retraining requests: open -> accepted -> completed (linked to a new version) | rejected | cancelled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRetraining(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShowRetraining(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcceptRetraining(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteRetraining(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectRetraining(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRetraining(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OpsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -450,6 +540,46 @@ def add_OpsServiceServicer_to_server(servicer, server):
                     servicer.Reject,
                     request_deserializer=protos_dot_collector__pb2.DecisionRequest.FromString,
                     response_serializer=protos_dot_collector__pb2.Approval.SerializeToString,
+            ),
+            'RetireModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireModel,
+                    request_deserializer=protos_dot_collector__pb2.RetireRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.ModelVersion.SerializeToString,
+            ),
+            'OpenRetraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenRetraining,
+                    request_deserializer=protos_dot_collector__pb2.OpenRetrainingRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.RetrainingRequest.SerializeToString,
+            ),
+            'ListRetraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRetraining,
+                    request_deserializer=protos_dot_collector__pb2.ListRetrainingRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.ListRetrainingResponse.SerializeToString,
+            ),
+            'ShowRetraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShowRetraining,
+                    request_deserializer=protos_dot_collector__pb2.RetrainingChange.FromString,
+                    response_serializer=protos_dot_collector__pb2.RetrainingRequest.SerializeToString,
+            ),
+            'AcceptRetraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptRetraining,
+                    request_deserializer=protos_dot_collector__pb2.RetrainingChange.FromString,
+                    response_serializer=protos_dot_collector__pb2.RetrainingRequest.SerializeToString,
+            ),
+            'CompleteRetraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteRetraining,
+                    request_deserializer=protos_dot_collector__pb2.RetrainingChange.FromString,
+                    response_serializer=protos_dot_collector__pb2.RetrainingRequest.SerializeToString,
+            ),
+            'RejectRetraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectRetraining,
+                    request_deserializer=protos_dot_collector__pb2.RetrainingChange.FromString,
+                    response_serializer=protos_dot_collector__pb2.RetrainingRequest.SerializeToString,
+            ),
+            'CancelRetraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRetraining,
+                    request_deserializer=protos_dot_collector__pb2.RetrainingChange.FromString,
+                    response_serializer=protos_dot_collector__pb2.RetrainingRequest.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -994,6 +1124,222 @@ class OpsService(object):
             '/outrider.v1.OpsService/Reject',
             protos_dot_collector__pb2.DecisionRequest.SerializeToString,
             protos_dot_collector__pb2.Approval.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/RetireModel',
+            protos_dot_collector__pb2.RetireRequest.SerializeToString,
+            protos_dot_collector__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenRetraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/OpenRetraining',
+            protos_dot_collector__pb2.OpenRetrainingRequest.SerializeToString,
+            protos_dot_collector__pb2.RetrainingRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRetraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/ListRetraining',
+            protos_dot_collector__pb2.ListRetrainingRequest.SerializeToString,
+            protos_dot_collector__pb2.ListRetrainingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShowRetraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/ShowRetraining',
+            protos_dot_collector__pb2.RetrainingChange.SerializeToString,
+            protos_dot_collector__pb2.RetrainingRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptRetraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/AcceptRetraining',
+            protos_dot_collector__pb2.RetrainingChange.SerializeToString,
+            protos_dot_collector__pb2.RetrainingRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteRetraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/CompleteRetraining',
+            protos_dot_collector__pb2.RetrainingChange.SerializeToString,
+            protos_dot_collector__pb2.RetrainingRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectRetraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/RejectRetraining',
+            protos_dot_collector__pb2.RetrainingChange.SerializeToString,
+            protos_dot_collector__pb2.RetrainingRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRetraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/CancelRetraining',
+            protos_dot_collector__pb2.RetrainingChange.SerializeToString,
+            protos_dot_collector__pb2.RetrainingRequest.FromString,
             options,
             channel_credentials,
             insecure,
