@@ -21,26 +21,10 @@ from collector.registry import ArtifactStore, artifacts_root
 from collector.server import serve_collector
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
+from test_audit import ALICE_TOKEN, AUTH_TOML, VIEWER_TOKEN, bearer  # one operator and one viewer
 
 ROOT = Path(__file__).resolve().parents[1]
 HANG_GUARD = 60
-ALICE_TOKEN = "alice-token-0123456789"
-VIEWER_TOKEN = "viewer-token-0123456789"
-AUTH_TOML = f"""
-[[operator]]
-name = "alice"
-token = "{ALICE_TOKEN}"
-role = "operator"
-
-[[operator]]
-name = "vera"
-token = "{VIEWER_TOKEN}"
-role = "viewer"
-"""
-
-
-def bearer(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
 
 
 @pytest.fixture(scope="module")
