@@ -153,9 +153,46 @@ def retirement_and_retraining(db: Database) -> None:
     db["retraining_requests"].create_index(["state", "id"])
 
 
+def rollouts_and_shadow(db: Database) -> None:
+    """Migration 8: what each managed agent was asked to serve and what it answered; every push of a
+    version (promote, rollback) or shadow change to a model's agents, with one ack row per agent run;
+    the shadow running per model now; the kind of an approval (a promotion, or a rollback request
+    opened by the rollback policy)."""
+    for column in ("managed INTEGER NOT NULL DEFAULT 0", "desired_version TEXT NOT NULL DEFAULT ''",
+                   "model_error TEXT NOT NULL DEFAULT ''", "shadow_version TEXT NOT NULL DEFAULT ''",
+                   "shadow_share REAL NOT NULL DEFAULT 0"):
+        db.conn.execute(f"ALTER TABLE agents ADD COLUMN {column}")
+    db.conn.execute("ALTER TABLE approvals ADD COLUMN kind TEXT NOT NULL DEFAULT 'promote'")
+    db["rollouts"].create(
+        {"id": int, "model": str, "version": int, "kind": str, "actor": str, "reason": str, "started_ns": int,
+         "from_version": int, "share": float},
+        pk="id", not_null=["model", "version", "kind", "actor", "reason", "started_ns", "from_version", "share"],
+        defaults={"from_version": 0, "share": 0.0})
+    db["rollouts"].create_index(["model", "id"])
+    db["rollout_acks"].create(
+        {"rollout_id": int, "agent_id": str, "run_id": str, "state": str, "error": str, "at_ns": int},
+        pk=("rollout_id", "agent_id", "run_id"), not_null=["state", "error", "at_ns"],
+        defaults={"state": "pending", "error": "", "at_ns": 0})
+    db["shadows"].create(
+        {"model": str, "version": int, "share": float, "started_ns": int, "actor": str},
+        pk="model", not_null=["version", "share", "started_ns", "actor"])
+
+
+def row_samples(db: Database) -> None:
+    """Migration 9: the agents' reservoir samples of recent rows (one RowSample per window, kept
+    apart from the window bodies so that rollups never carry them), deleted after their retention."""
+    db["row_samples"].create(
+        {"agent_id": str, "run_id": str, "seq": int, "model_name": str, "model_version": str, "end_ns": int,
+         "rows": int, "body": bytes},
+        pk=("agent_id", "run_id", "seq"),
+        not_null=["agent_id", "run_id", "seq", "model_name", "model_version", "end_ns", "rows", "body"])
+    db["row_samples"].create_index(["model_name", "end_ns"])
+    db["row_samples"].create_index(["end_ns"])
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [initial_schema, reference_profiles, drift_evaluations_and_alerts,
                                                 audit_trail, model_registry, stages_and_approvals,
-                                                retirement_and_retraining]
+                                                retirement_and_retraining, rollouts_and_shadow, row_samples]
 
 
 def migrate(db: Database) -> None:

@@ -8,6 +8,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class FetchArtifactRequest(_message.Message):
+    __slots__ = ("model_name", "version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: int
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ArtifactChunk(_message.Message):
+    __slots__ = ("data", "total_size", "sha256")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    total_size: int
+    sha256: str
+    def __init__(self, data: _Optional[bytes] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
 class TensorInfo(_message.Message):
     __slots__ = ("name", "type", "shape")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -19,7 +37,7 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("agent_id", "run_id", "host", "model_name", "model_version", "model_sha256", "inputs", "outputs", "agent_version", "onnxruntime_version", "started_unix_nano", "spool")
+    __slots__ = ("agent_id", "run_id", "host", "model_name", "model_version", "model_sha256", "inputs", "outputs", "agent_version", "onnxruntime_version", "started_unix_nano", "spool", "managed", "model_state")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +50,8 @@ class Hello(_message.Message):
     ONNXRUNTIME_VERSION_FIELD_NUMBER: _ClassVar[int]
     STARTED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     SPOOL_FIELD_NUMBER: _ClassVar[int]
+    MANAGED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_STATE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     run_id: str
     host: str
@@ -44,7 +64,27 @@ class Hello(_message.Message):
     onnxruntime_version: str
     started_unix_nano: int
     spool: SpoolStatus
-    def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., host: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., agent_version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., started_unix_nano: _Optional[int] = ..., spool: _Optional[_Union[SpoolStatus, _Mapping]] = ...) -> None: ...
+    managed: bool
+    model_state: ModelState
+    def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., host: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., agent_version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., started_unix_nano: _Optional[int] = ..., spool: _Optional[_Union[SpoolStatus, _Mapping]] = ..., managed: bool = ..., model_state: _Optional[_Union[ModelState, _Mapping]] = ...) -> None: ...
+
+class ModelState(_message.Message):
+    __slots__ = ("command_id", "model_version", "model_sha256", "ok", "error", "shadow_version", "shadow_share")
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_SHARE_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    model_version: str
+    model_sha256: str
+    ok: bool
+    error: str
+    shadow_version: str
+    shadow_share: float
+    def __init__(self, command_id: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., ok: bool = ..., error: _Optional[str] = ..., shadow_version: _Optional[str] = ..., shadow_share: _Optional[float] = ...) -> None: ...
 
 class SpoolStatus(_message.Message):
     __slots__ = ("windows", "bytes", "dropped_windows", "dropped_rows", "rejected_windows")
@@ -67,14 +107,16 @@ class WindowBatch(_message.Message):
     def __init__(self, windows: _Optional[_Iterable[_Union[_summary_pb2.WindowSummary, _Mapping]]] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "windows", "status")
+    __slots__ = ("hello", "windows", "status", "model_state")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_STATE_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     windows: WindowBatch
     status: SpoolStatus
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., windows: _Optional[_Union[WindowBatch, _Mapping]] = ..., status: _Optional[_Union[SpoolStatus, _Mapping]] = ...) -> None: ...
+    model_state: ModelState
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., windows: _Optional[_Union[WindowBatch, _Mapping]] = ..., status: _Optional[_Union[SpoolStatus, _Mapping]] = ..., model_state: _Optional[_Union[ModelState, _Mapping]] = ...) -> None: ...
 
 class WindowAck(_message.Message):
     __slots__ = ("run_id", "seq", "result", "reason")
@@ -129,12 +171,139 @@ class CollectorMessage(_message.Message):
     command: Command
     def __init__(self, acks: _Optional[_Union[Acks, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ...) -> None: ...
 
+class RollbackRequest(_message.Message):
+    __slots__ = ("model_name", "to_version", "reason")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    to_version: int
+    reason: str
+    def __init__(self, model_name: _Optional[str] = ..., to_version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Rollout(_message.Message):
+    __slots__ = ("id", "model_name", "version", "kind", "actor", "reason", "started_unix_nano", "from_version", "agents", "share")
+    class AgentAck(_message.Message):
+        __slots__ = ("agent_id", "run_id", "state", "error", "unix_nano")
+        AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+        RUN_ID_FIELD_NUMBER: _ClassVar[int]
+        STATE_FIELD_NUMBER: _ClassVar[int]
+        ERROR_FIELD_NUMBER: _ClassVar[int]
+        UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+        agent_id: str
+        run_id: str
+        state: str
+        error: str
+        unix_nano: int
+        def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., unix_nano: _Optional[int] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model_name: str
+    version: int
+    kind: str
+    actor: str
+    reason: str
+    started_unix_nano: int
+    from_version: int
+    agents: _containers.RepeatedCompositeFieldContainer[Rollout.AgentAck]
+    share: float
+    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., started_unix_nano: _Optional[int] = ..., from_version: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[Rollout.AgentAck, _Mapping]]] = ..., share: _Optional[float] = ...) -> None: ...
+
+class ListRolloutsRequest(_message.Message):
+    __slots__ = ("model_name", "limit")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    limit: int
+    def __init__(self, model_name: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListRolloutsResponse(_message.Message):
+    __slots__ = ("rollouts",)
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...
+
+class ShowRolloutRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class SetShadowRequest(_message.Message):
+    __slots__ = ("model_name", "version", "share", "reason")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: int
+    share: float
+    reason: str
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., share: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ShadowReportRequest(_message.Message):
+    __slots__ = ("model_name", "version", "since_unix_nano")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: int
+    since_unix_nano: int
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., since_unix_nano: _Optional[int] = ...) -> None: ...
+
+class ShadowReportResponse(_message.Message):
+    __slots__ = ("model_name", "production_version", "shadow_version", "summary", "production_latency")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTION_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    production_version: str
+    shadow_version: str
+    summary: _summary_pb2.ShadowSummary
+    production_latency: _summary_pb2.ColumnSummary
+    def __init__(self, model_name: _Optional[str] = ..., production_version: _Optional[str] = ..., shadow_version: _Optional[str] = ..., summary: _Optional[_Union[_summary_pb2.ShadowSummary, _Mapping]] = ..., production_latency: _Optional[_Union[_summary_pb2.ColumnSummary, _Mapping]] = ...) -> None: ...
+
+class ExportDataRequest(_message.Message):
+    __slots__ = ("model_name", "model_version", "since_unix_nano", "until_unix_nano")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    since_unix_nano: int
+    until_unix_nano: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., since_unix_nano: _Optional[int] = ..., until_unix_nano: _Optional[int] = ...) -> None: ...
+
+class ExportDataChunk(_message.Message):
+    __slots__ = ("sample", "model_version", "agent_id", "window_end_unix_nano")
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    sample: _summary_pb2.RowSample
+    model_version: str
+    agent_id: str
+    window_end_unix_nano: int
+    def __init__(self, sample: _Optional[_Union[_summary_pb2.RowSample, _Mapping]] = ..., model_version: _Optional[str] = ..., agent_id: _Optional[str] = ..., window_end_unix_nano: _Optional[int] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class AgentState(_message.Message):
-    __slots__ = ("agent_id", "run_id", "host", "model_name", "model_version", "connected", "connected_unix_nano", "last_seen_unix_nano", "last_window_end_unix_nano", "windows", "rows", "dropped_rows", "spool", "restarts")
+    __slots__ = ("agent_id", "run_id", "host", "model_name", "model_version", "connected", "connected_unix_nano", "last_seen_unix_nano", "last_window_end_unix_nano", "windows", "rows", "dropped_rows", "spool", "restarts", "managed", "desired_version", "model_error", "shadow_version", "shadow_share")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +318,11 @@ class AgentState(_message.Message):
     DROPPED_ROWS_FIELD_NUMBER: _ClassVar[int]
     SPOOL_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    MANAGED_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_SHARE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     run_id: str
     host: str
@@ -163,7 +337,12 @@ class AgentState(_message.Message):
     dropped_rows: int
     spool: SpoolStatus
     restarts: int
-    def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., host: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., connected: bool = ..., connected_unix_nano: _Optional[int] = ..., last_seen_unix_nano: _Optional[int] = ..., last_window_end_unix_nano: _Optional[int] = ..., windows: _Optional[int] = ..., rows: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., spool: _Optional[_Union[SpoolStatus, _Mapping]] = ..., restarts: _Optional[int] = ...) -> None: ...
+    managed: bool
+    desired_version: str
+    model_error: str
+    shadow_version: str
+    shadow_share: float
+    def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., host: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., connected: bool = ..., connected_unix_nano: _Optional[int] = ..., last_seen_unix_nano: _Optional[int] = ..., last_window_end_unix_nano: _Optional[int] = ..., windows: _Optional[int] = ..., rows: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., spool: _Optional[_Union[SpoolStatus, _Mapping]] = ..., restarts: _Optional[int] = ..., managed: bool = ..., desired_version: _Optional[str] = ..., model_error: _Optional[str] = ..., shadow_version: _Optional[str] = ..., shadow_share: _Optional[float] = ...) -> None: ...
 
 class ModelVersionTotals(_message.Message):
     __slots__ = ("model_name", "model_version", "windows", "rows", "dropped_rows", "errors", "last_window_end_unix_nano")
@@ -602,7 +781,7 @@ class PromotionRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ..., override_gate_reason: _Optional[str] = ...) -> None: ...
 
 class Approval(_message.Message):
-    __slots__ = ("id", "model_name", "version", "requested_by", "requested_unix_nano", "reason", "state", "decided_by", "decided_unix_nano", "decision_reason", "gate_override_reason")
+    __slots__ = ("id", "model_name", "version", "requested_by", "requested_unix_nano", "reason", "state", "decided_by", "decided_unix_nano", "decision_reason", "gate_override_reason", "kind")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -614,6 +793,7 @@ class Approval(_message.Message):
     DECIDED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     GATE_OVERRIDE_REASON_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     id: int
     model_name: str
     version: int
@@ -625,7 +805,8 @@ class Approval(_message.Message):
     decided_unix_nano: int
     decision_reason: str
     gate_override_reason: str
-    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., requested_by: _Optional[str] = ..., requested_unix_nano: _Optional[int] = ..., reason: _Optional[str] = ..., state: _Optional[str] = ..., decided_by: _Optional[str] = ..., decided_unix_nano: _Optional[int] = ..., decision_reason: _Optional[str] = ..., gate_override_reason: _Optional[str] = ...) -> None: ...
+    kind: str
+    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., requested_by: _Optional[str] = ..., requested_unix_nano: _Optional[int] = ..., reason: _Optional[str] = ..., state: _Optional[str] = ..., decided_by: _Optional[str] = ..., decided_unix_nano: _Optional[int] = ..., decision_reason: _Optional[str] = ..., gate_override_reason: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class ListApprovalsRequest(_message.Message):
     __slots__ = ("include_decided", "model_name")

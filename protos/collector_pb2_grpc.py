@@ -41,6 +41,11 @@ class AgentServiceStub(object):
                 request_serializer=protos_dot_collector__pb2.AgentMessage.SerializeToString,
                 response_deserializer=protos_dot_collector__pb2.CollectorMessage.FromString,
                 _registered_method=True)
+        self.FetchArtifact = channel.unary_stream(
+                '/outrider.v1.AgentService/FetchArtifact',
+                request_serializer=protos_dot_collector__pb2.FetchArtifactRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.ArtifactChunk.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer(object):
@@ -57,6 +62,15 @@ class AgentServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchArtifact(self, request, context):
+        """A registered version's ONNX file, in chunks (agents started with only a model name fetch
+        the version a "serve" or "shadow" command names). The last chunk carries nothing new: the
+        agent checks size and sha256 itself before loading.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -64,6 +78,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=protos_dot_collector__pb2.AgentMessage.FromString,
                     response_serializer=protos_dot_collector__pb2.CollectorMessage.SerializeToString,
+            ),
+            'FetchArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchArtifact,
+                    request_deserializer=protos_dot_collector__pb2.FetchArtifactRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.ArtifactChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -95,6 +114,33 @@ class AgentService(object):
             '/outrider.v1.AgentService/Stream',
             protos_dot_collector__pb2.AgentMessage.SerializeToString,
             protos_dot_collector__pb2.CollectorMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/outrider.v1.AgentService/FetchArtifact',
+            protos_dot_collector__pb2.FetchArtifactRequest.SerializeToString,
+            protos_dot_collector__pb2.ArtifactChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -256,6 +302,46 @@ class OpsServiceStub(object):
                 '/outrider.v1.OpsService/CancelRetraining',
                 request_serializer=protos_dot_collector__pb2.RetrainingChange.SerializeToString,
                 response_deserializer=protos_dot_collector__pb2.RetrainingRequest.FromString,
+                _registered_method=True)
+        self.CancelApproval = channel.unary_unary(
+                '/outrider.v1.OpsService/CancelApproval',
+                request_serializer=protos_dot_collector__pb2.DecisionRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.Approval.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/outrider.v1.OpsService/Rollback',
+                request_serializer=protos_dot_collector__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/outrider.v1.OpsService/ListRollouts',
+                request_serializer=protos_dot_collector__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.ShowRollout = channel.unary_unary(
+                '/outrider.v1.OpsService/ShowRollout',
+                request_serializer=protos_dot_collector__pb2.ShowRolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.SetShadow = channel.unary_unary(
+                '/outrider.v1.OpsService/SetShadow',
+                request_serializer=protos_dot_collector__pb2.SetShadowRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.ClearShadow = channel.unary_unary(
+                '/outrider.v1.OpsService/ClearShadow',
+                request_serializer=protos_dot_collector__pb2.SetShadowRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.ShadowReport = channel.unary_unary(
+                '/outrider.v1.OpsService/ShadowReport',
+                request_serializer=protos_dot_collector__pb2.ShadowReportRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.ShadowReportResponse.FromString,
+                _registered_method=True)
+        self.ExportData = channel.unary_stream(
+                '/outrider.v1.OpsService/ExportData',
+                request_serializer=protos_dot_collector__pb2.ExportDataRequest.SerializeToString,
+                response_deserializer=protos_dot_collector__pb2.ExportDataChunk.FromString,
                 _registered_method=True)
 
 
@@ -438,6 +524,58 @@ class OpsServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelApproval(self, request, context):
+        """A pending promotion or rollback request withdrawn by its requester (or an admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Rollout: which version each agent serves, and rollback.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShowRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetShadow(self, request, context):
+        """Shadow: a staging version sees a share of live requests on the model's agents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearShadow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShadowReport(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportData(self, request, context):
+        """Recent rows kept by agents' reservoir samples (off by default), for training pipelines.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OpsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -580,6 +718,46 @@ def add_OpsServiceServicer_to_server(servicer, server):
                     servicer.CancelRetraining,
                     request_deserializer=protos_dot_collector__pb2.RetrainingChange.FromString,
                     response_serializer=protos_dot_collector__pb2.RetrainingRequest.SerializeToString,
+            ),
+            'CancelApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelApproval,
+                    request_deserializer=protos_dot_collector__pb2.DecisionRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.Approval.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=protos_dot_collector__pb2.RollbackRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.Rollout.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=protos_dot_collector__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'ShowRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShowRollout,
+                    request_deserializer=protos_dot_collector__pb2.ShowRolloutRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.Rollout.SerializeToString,
+            ),
+            'SetShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetShadow,
+                    request_deserializer=protos_dot_collector__pb2.SetShadowRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.Rollout.SerializeToString,
+            ),
+            'ClearShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearShadow,
+                    request_deserializer=protos_dot_collector__pb2.SetShadowRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.Rollout.SerializeToString,
+            ),
+            'ShadowReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShadowReport,
+                    request_deserializer=protos_dot_collector__pb2.ShadowReportRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.ShadowReportResponse.SerializeToString,
+            ),
+            'ExportData': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportData,
+                    request_deserializer=protos_dot_collector__pb2.ExportDataRequest.FromString,
+                    response_serializer=protos_dot_collector__pb2.ExportDataChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1340,6 +1518,222 @@ class OpsService(object):
             '/outrider.v1.OpsService/CancelRetraining',
             protos_dot_collector__pb2.RetrainingChange.SerializeToString,
             protos_dot_collector__pb2.RetrainingRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/CancelApproval',
+            protos_dot_collector__pb2.DecisionRequest.SerializeToString,
+            protos_dot_collector__pb2.Approval.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/Rollback',
+            protos_dot_collector__pb2.RollbackRequest.SerializeToString,
+            protos_dot_collector__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/ListRollouts',
+            protos_dot_collector__pb2.ListRolloutsRequest.SerializeToString,
+            protos_dot_collector__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShowRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/ShowRollout',
+            protos_dot_collector__pb2.ShowRolloutRequest.SerializeToString,
+            protos_dot_collector__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/SetShadow',
+            protos_dot_collector__pb2.SetShadowRequest.SerializeToString,
+            protos_dot_collector__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/ClearShadow',
+            protos_dot_collector__pb2.SetShadowRequest.SerializeToString,
+            protos_dot_collector__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShadowReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outrider.v1.OpsService/ShadowReport',
+            protos_dot_collector__pb2.ShadowReportRequest.SerializeToString,
+            protos_dot_collector__pb2.ShadowReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/outrider.v1.OpsService/ExportData',
+            protos_dot_collector__pb2.ExportDataRequest.SerializeToString,
+            protos_dot_collector__pb2.ExportDataChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,7 +56,7 @@ class ColumnSummary(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ColumnSummary.Kind, str]] = ..., role: _Optional[_Union[ColumnSummary.Role, str]] = ..., source: _Optional[str] = ..., count: _Optional[int] = ..., missing: _Optional[int] = ..., infinite: _Optional[int] = ..., mean: _Optional[float] = ..., m2: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., kll: _Optional[bytes] = ..., frequent_items: _Optional[bytes] = ..., distinct: _Optional[bytes] = ...) -> None: ...
 
 class WindowSummary(_message.Message):
-    __slots__ = ("agent_id", "run_id", "seq", "model_name", "model_version", "model_sha256", "start_unix_nano", "end_unix_nano", "rows", "calls", "dropped_rows", "errors", "latency", "columns", "performance")
+    __slots__ = ("agent_id", "run_id", "seq", "model_name", "model_version", "model_sha256", "start_unix_nano", "end_unix_nano", "rows", "calls", "dropped_rows", "errors", "latency", "columns", "performance", "shadow", "sample")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,8 @@ class WindowSummary(_message.Message):
     LATENCY_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     PERFORMANCE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     run_id: str
     seq: int
@@ -87,7 +89,50 @@ class WindowSummary(_message.Message):
     latency: ColumnSummary
     columns: _containers.RepeatedCompositeFieldContainer[ColumnSummary]
     performance: Performance
-    def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., seq: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., start_unix_nano: _Optional[int] = ..., end_unix_nano: _Optional[int] = ..., rows: _Optional[int] = ..., calls: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., errors: _Optional[int] = ..., latency: _Optional[_Union[ColumnSummary, _Mapping]] = ..., columns: _Optional[_Iterable[_Union[ColumnSummary, _Mapping]]] = ..., performance: _Optional[_Union[Performance, _Mapping]] = ...) -> None: ...
+    shadow: ShadowSummary
+    sample: RowSample
+    def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., seq: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., start_unix_nano: _Optional[int] = ..., end_unix_nano: _Optional[int] = ..., rows: _Optional[int] = ..., calls: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., errors: _Optional[int] = ..., latency: _Optional[_Union[ColumnSummary, _Mapping]] = ..., columns: _Optional[_Iterable[_Union[ColumnSummary, _Mapping]]] = ..., performance: _Optional[_Union[Performance, _Mapping]] = ..., shadow: _Optional[_Union[ShadowSummary, _Mapping]] = ..., sample: _Optional[_Union[RowSample, _Mapping]] = ...) -> None: ...
+
+class ShadowSummary(_message.Message):
+    __slots__ = ("model_version", "model_sha256", "calls", "rows", "skipped", "errors", "label_rows", "label_agree", "score_diff", "latency")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_AGREE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_DIFF_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
+    model_version: str
+    model_sha256: str
+    calls: int
+    rows: int
+    skipped: int
+    errors: int
+    label_rows: int
+    label_agree: int
+    score_diff: ColumnSummary
+    latency: ColumnSummary
+    def __init__(self, model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., calls: _Optional[int] = ..., rows: _Optional[int] = ..., skipped: _Optional[int] = ..., errors: _Optional[int] = ..., label_rows: _Optional[int] = ..., label_agree: _Optional[int] = ..., score_diff: _Optional[_Union[ColumnSummary, _Mapping]] = ..., latency: _Optional[_Union[ColumnSummary, _Mapping]] = ...) -> None: ...
+
+class RowSample(_message.Message):
+    __slots__ = ("seen", "columns")
+    class Column(_message.Message):
+        __slots__ = ("name", "numbers", "strings")
+        NAME_FIELD_NUMBER: _ClassVar[int]
+        NUMBERS_FIELD_NUMBER: _ClassVar[int]
+        STRINGS_FIELD_NUMBER: _ClassVar[int]
+        name: str
+        numbers: _containers.RepeatedScalarFieldContainer[float]
+        strings: _containers.RepeatedScalarFieldContainer[str]
+        def __init__(self, name: _Optional[str] = ..., numbers: _Optional[_Iterable[float]] = ..., strings: _Optional[_Iterable[str]] = ...) -> None: ...
+    SEEN_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    seen: int
+    columns: _containers.RepeatedCompositeFieldContainer[RowSample.Column]
+    def __init__(self, seen: _Optional[int] = ..., columns: _Optional[_Iterable[_Union[RowSample.Column, _Mapping]]] = ...) -> None: ...
 
 class Performance(_message.Message):
     __slots__ = ("labeled", "unmatched", "classes", "confusion", "error_sum", "abs_error_sum", "sq_error_sum")
