@@ -29,7 +29,8 @@ AGENT_ENV = "OUTRIDER_AGENT_"  # environment prefix of `outrider agent serve`'s 
 #   collector.cli   -> ``outrider collector ...`` (later)
 OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli", "agent.profile", "collector.drift_cli",
                                        "collector.audit_cli", "collector.models_cli",
-                                       "collector.approvals_cli", "collector.retrain_cli")
+                                       "collector.approvals_cli", "collector.retrain_cli", "collector.rollout_cli",
+                                       "collector.shadow_cli", "collector.data_cli")
 
 
 class UsageError(Exception):
@@ -80,6 +81,17 @@ def positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
     return convert
 
 
+def whole_number(maximum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 0 to ``maximum``."""
+
+    def convert(text: str) -> int:
+        if not text.strip().isdigit() or int(text) > maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to {maximum}")
+        return int(text)
+
+    return convert
+
+
 def listen_address(text: str) -> str:
     """HOST:PORT (IPv6 hosts in brackets); port 0 lets the system pick."""
     host, sep, port = text.rpartition(":")
@@ -110,10 +122,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve an ONNX model over the Open Inference Protocol (KServe V2 gRPC), "
                     "summarising its traffic for the collector. Stops gracefully on SIGTERM/SIGINT.",
     )
-    add_flag(serve, "--model", prefix=AGENT_ENV, required=True, metavar="PATH.onnx",
-             help="the ONNX model file to serve")
+    add_flag(serve, "--model", prefix=AGENT_ENV, metavar="PATH.onnx",
+             help="the ONNX model file to serve; omit it and give --model-name and --collector to serve "
+                  "the version the collector names (managed: fetched, checked and swapped in at run time)")
     add_flag(serve, "--model-name", prefix=AGENT_ENV, metavar="NAME",
-             help="name clients use (default: the file's stem)")
+             help="name clients use (default: the file's stem); without --model, the registry model to serve")
     add_flag(serve, "--model-version", prefix=AGENT_ENV, default="1", metavar="V", help="version clients see")
     add_flag(serve, "--listen", prefix=AGENT_ENV, default="127.0.0.1:8001", type=listen_address, metavar="HOST:PORT",
              help="address to serve on; port 0 picks a free port")
@@ -140,6 +153,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(serve, "--join-seconds", prefix=AGENT_ENV, default="3600", type=positive(float), metavar="S",
              help="how long a prediction made with a request id waits for its ground truth "
                   "(FeedbackService.Feedback); later labels count as unmatched")
+    add_flag(serve, "--metrics", prefix=AGENT_ENV, type=listen_address, metavar="HOST:PORT",
+             help="serve Prometheus metrics at http://HOST:PORT/metrics (default: none); it has no auth, "
+                  "so keep it on loopback or a scrape-only network")
+    add_flag(serve, "--sample-rows", prefix=AGENT_ENV, default="0", type=whole_number(10_000), metavar="N",
+             help="keep a uniform sample of N rows (inputs and outputs) of each window for 'outrider data export' "
+                  "(0: none)")
     serve.set_defaults(func=serve_command)
 
 
@@ -147,19 +166,23 @@ def serve_command(args: argparse.Namespace) -> int:
     from agent.errors import OutriderError
     from agent.server import serve
 
+    if args.model is None:
+        return _serve_managed(args)
     model = Path(args.model)
     if not model.is_file():
         raise UsageError(f"model file {model} does not exist; pass --model PATH.onnx (or set OUTRIDER_AGENT_MODEL)")
     name = args.model_name or model.stem
     check_listen(args.listen)
+    metrics = _start_metrics(args.metrics)  # before the model load: a bad address fails fast
 
     with stop_signals() as stop:  # before the (slow) model load
         session = _open_session(model, name, args.model_version, args.window_seconds, args.summarizer,
                                 agent_id=args.agent_id, collector=args.collector, spool_dir=args.spool_dir,
-                                collector_token=args.token, join_seconds=args.join_seconds)
+                                collector_token=args.token, join_seconds=args.join_seconds,
+                                sample_rows=args.sample_rows)
         try:
             running = serve(session, name, args.model_version, args.listen, workers=args.workers,
-                            max_receive_bytes=int(args.max_message_mb * 1024 * 1024))
+                            max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics)
         except OSError as exc:
             _close(session)
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
@@ -171,6 +194,64 @@ def serve_command(args: argparse.Namespace) -> int:
             stop.wait()
         finally:
             running.stop(args.grace_seconds)
+            _close(metrics)
+    return 0
+
+
+def _start_metrics(listen: str | None) -> Any:
+    if not listen:
+        return None
+    from agent.metrics import AgentMetrics, start_for_cli
+
+    metrics = AgentMetrics()
+    start_for_cli(metrics, listen)
+    return metrics
+
+
+def _serve_managed(args: argparse.Namespace) -> int:
+    """No model file: serve the version of --model-name that the collector names (agent.rollout)."""
+    from agent.errors import OutriderError
+    from agent.rollout import RolloutController
+    from agent.server import serve_switch
+
+    if not args.collector:
+        raise UsageError("no model to serve: pass --model PATH.onnx, or --model-name NAME with --collector "
+                         "HOST:PORT to serve the version the collector names")
+    if not args.model_name:
+        raise UsageError("a managed agent (no --model) needs --model-name NAME: the registry model whose "
+                         "production version the collector names")
+    check_listen(args.listen)
+    options = {"window_seconds": args.window_seconds, "summarizer": args.summarizer,
+               "join_seconds": args.join_seconds}
+    if getattr(args, "sample_rows", None):  # the same monitoring options as a served file gets
+        options["sample_rows"] = args.sample_rows
+    metrics = _start_metrics(getattr(args, "metrics", None))
+    with stop_signals() as stop:
+        try:
+            agent = RolloutController(args.model_name, args.collector, agent_id=args.agent_id,
+                                      spool_dir=args.spool_dir, token=args.token, session_options=options)
+        except OutriderError as exc:  # e.g. the spool directory is in use by another agent
+            _close(metrics)
+            raise UsageError(f"{exc}; pass another --spool-dir") from None
+        except OSError as exc:
+            _close(metrics)
+            raise UsageError(f"{exc.strerror or exc}: {exc.filename}; check --spool-dir") from None
+        try:
+            running = serve_switch(agent.switch, args.listen, owner=agent, workers=args.workers,
+                                   max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics)
+        except OSError as exc:
+            agent.close(0)
+            _close(metrics)
+            raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
+        current = agent.switch.current
+        what = (f"version {current.version} as last time, until the collector names one" if current
+                else "waiting for the collector to name the version")
+        print(f"serving {args.model_name} (managed by {args.collector}; {what}) on {running.address}", flush=True)
+        try:
+            stop.wait()
+        finally:
+            running.stop(args.grace_seconds)
+            _close(metrics)
     return 0
 
 

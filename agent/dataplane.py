@@ -14,7 +14,7 @@ visible through the session interface.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,6 +31,8 @@ MAX_LABELS_PER_CALL = 10_000  # keeps one feedback call short for the worker thr
 
 # One ground-truth label: (request id, class label (str) or target (float) or None when unset, row).
 Label = tuple[str, str | float | None, int]
+# Sees each request's feed and all of the model's outputs (names, values) after the call: a shadow's ``offer``.
+Tap = Callable[[Mapping[str, np.ndarray], Sequence[str], Sequence[Any]], None]
 
 
 class InferenceSessionLike(Protocol):
@@ -85,24 +87,31 @@ class DataPlane:
                              list(self.inputs), list(self.outputs))
 
     def infer(self, name: str, version: str, inputs: Sequence[WireTensor],
-              output_names: Sequence[str] = (), request_id: str = "") -> list[tuple[str, np.ndarray]]:
+              output_names: Sequence[str] = (), request_id: str = "",
+              tap: Tap | None = None) -> list[tuple[str, np.ndarray]]:
         """Run the model on decoded ``inputs``; returns (output name, array) in the order asked.
 
         A non-empty ``request_id`` (the OIP request ``id``) keeps the prediction
-        for ``feedback`` when the session can join labels."""
+        for ``feedback`` when the session can join labels. ``tap`` (which must
+        not raise or block) is given the feed and every output after the call."""
         self._require(name, version)
         feed = self._feed(inputs)
         wanted = self._wanted(output_names)
+        ask = wanted if tap is None else None  # a tap compares every output, not just those asked for
         try:
             if request_id and self._feedback is not None:
-                results = self.session.run(wanted, feed, request_id=request_id)  # type: ignore[call-arg]
+                results = self.session.run(ask, feed, request_id=request_id)  # type: ignore[call-arg]
             else:
-                results = self.session.run(wanted, feed)
+                results = self.session.run(ask, feed)
         except OutriderError:
             raise
         except Exception as exc:  # onnxruntime refusing the input: its message tells the caller why
             log.debug("session.run rejected a request", exc_info=True)
             raise InvalidArgument(f"model '{self.model_name}' rejected the input: {exc}") from None
+        if tap is not None:
+            tap(feed, self._output_names, results)
+            by_name = dict(zip(self._output_names, results))
+            results = [by_name[out] for out in wanted]
         return [(out, self._as_tensor(out, value)) for out, value in zip(wanted, results)]
 
     def feedback(self, labels: Sequence[Label]) -> tuple[int, int]:

@@ -8,6 +8,11 @@ The collector acks only after its commit; an ack deletes the spooled file, so
 delivery is at-least-once and the collector's ``(agent_id, run_id, seq)`` key
 makes it effectively once (resends after a reconnect come back DUPLICATE).
 
+Commands from the collector (managed agents: serve, shadow, unshadow) go to
+the ``on_command`` callback, which must only hand them on (it runs on the
+stream's reading loop); answers go back with ``send_model_state``, and
+``update_hello`` keeps the Hello of the next reconnect current.
+
 Back-pressure: gRPC's flow control holds a write until the collector reads,
 the in-flight limit holds further windows until acks come, and a
 ``retry-after-ms`` trailer on RESOURCE_EXHAUSTED sets the next wait. Whatever
@@ -24,7 +29,8 @@ import re
 import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,6 +52,7 @@ RETRYABLE = frozenset({Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.RESOURCE_E
 # Anything else (bad token, no permission, a protocol mismatch) needs an operator, who may fix it on
 # the collector without restarting us: logged once, retried at the slowest pace.
 MAX_RETRY_AFTER = 300.0
+MAX_PENDING_STATES = 64  # answers to commands waiting for a stream; older ones are dropped (and counted)
 BATCH_MAX_BYTES = 1 << 20  # well under gRPC's default 4 MiB receive limit
 Ack = collector_pb2.WindowAck
 
@@ -72,6 +79,7 @@ class TLSConfig:
 
 
 TLS = TLSConfig | Mapping[str, Any] | bool | None
+OnCommand = Callable[[collector_pb2.Command], None]
 
 
 class _Stream:
@@ -93,13 +101,16 @@ class CollectorExporter:
     ``token`` is sent as ``authorization: Bearer <token>``; ``tls`` is a
     ``TLSConfig`` (or a dict of its fields, or True for the system CAs), None for
     plaintext. ``close(timeout)`` delivers what it can in that time; the rest
-    stays in ``spool_dir`` for the next start.
+    stays in ``spool_dir`` for the next start. ``on_command`` receives the
+    collector's commands; ``start=False`` defers connecting until ``start()``
+    (so that the first Hello can describe a model loaded after the spool was opened).
     """
 
     def __init__(self, target: str, *, hello: collector_pb2.Hello, spool_dir: str | os.PathLike,
                  token: str | None = None, tls: TLS = None, max_in_flight: int = 64, batch_max: int = 32,
                  max_spool_bytes: int = DEFAULT_MAX_BYTES, status_seconds: float = 30.0,
-                 initial_backoff: float = 1.0, max_backoff: float = 30.0) -> None:
+                 initial_backoff: float = 1.0, max_backoff: float = 30.0,
+                 on_command: OnCommand | None = None, start: bool = True) -> None:
         for name, value in (("max_in_flight", max_in_flight), ("batch_max", batch_max),
                             ("status_seconds", status_seconds), ("initial_backoff", initial_backoff),
                             ("max_backoff", max_backoff)):
@@ -126,9 +137,66 @@ class CollectorExporter:
         self._failures = 0         # consecutive, for the backoff exponent
         self._reported: tuple[Any, str] | None = None  # the operator-level error already logged
         self._stats = {"windows_sent": 0, "windows_acked": 0, "windows_rejected": 0, "retries": 0,
-                       "export_errors": 0}
+                       "export_errors": 0, "commands": 0, "model_states_sent": 0, "model_states_dropped": 0}
+        self.on_command = on_command
+        self._states: deque[collector_pb2.ModelState] = deque()
         self._thread = threading.Thread(target=self._run, name="outrider-exporter", daemon=True)
+        self._started = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start connecting (once; done by the constructor unless ``start=False``)."""
+        with self._cond:
+            if self._started:
+                return
+            self._started = True
         self._thread.start()
+
+    # --- managed agents ---------------------------------------------------------------
+    def send_model_state(self, state: collector_pb2.ModelState) -> None:
+        """Send ``state`` on the stream as soon as it is up (next message out); never blocks.
+        Kept across reconnects; past ``MAX_PENDING_STATES`` unsent the oldest is dropped."""
+        copy = collector_pb2.ModelState()
+        copy.CopyFrom(state)
+        with self._cond:
+            if len(self._states) >= MAX_PENDING_STATES:
+                self._states.popleft()
+                self._stats["model_states_dropped"] += 1
+            self._states.append(copy)
+            self._changes += 1
+            self._cond.notify_all()
+
+    def update_hello(self, **fields: Any) -> None:
+        """Change the Hello sent on the next (re)connect, e.g. ``model_version=``, ``inputs=``,
+        ``model_state=``; message and repeated fields are replaced whole."""
+        with self._cond:
+            hello = self._hello
+            for name, value in fields.items():
+                field = hello.DESCRIPTOR.fields_by_name[name]
+                if field.is_repeated:
+                    hello.ClearField(name)
+                    getattr(hello, name).extend(value)
+                elif field.message_type is not None:
+                    getattr(hello, name).CopyFrom(value)
+                else:
+                    setattr(hello, name, value)
+
+    def hello(self) -> collector_pb2.Hello:
+        """A copy of the Hello the next connection sends."""
+        with self._cond:
+            hello = collector_pb2.Hello()
+            hello.CopyFrom(self._hello)
+        return hello
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata of every request to the collector (the bearer token)."""
+        return self._metadata
+
+    def channel(self) -> grpc.Channel:
+        """A new channel to the collector with this exporter's TLS settings (the caller closes it)."""
+        return self._channel()
 
     # --- the sink ---------------------------------------------------------------------
     def export(self, window: summary_pb2.WindowSummary) -> None:
@@ -162,6 +230,7 @@ class CollectorExporter:
             self._closed = True
         deadline = time.monotonic() + timeout
         self._closing.set()  # also cuts a backoff wait short: one more attempt, now
+        self.start()  # never started: one attempt now, like a backoff cut short
         self._poke()
         with self._cond:  # acks and the thread's exit notify
             self._cond.wait_for(lambda: self._sender_done or not len(self.spool),
@@ -233,9 +302,8 @@ class CollectorExporter:
             for message in call:
                 if message.HasField("acks"):
                     self._on_acks(stream, message.acks)
-                elif message.HasField("command"):  # later issues act on commands
-                    log.info("collector command %r (%s) is not supported by this agent yet",
-                             message.command.kind, message.command.id)
+                elif message.HasField("command"):
+                    self._on_command(message.command)
             return None
         except grpc.RpcError as exc:
             return exc
@@ -250,6 +318,19 @@ class CollectorExporter:
                 self._cond.notify_all()
             channel.close()
 
+    def _on_command(self, command: collector_pb2.Command) -> None:
+        with self._cond:
+            self._stats["commands"] += 1
+        handler = self.on_command
+        if handler is None:
+            log.warning("collector command %r (%s) ignored: this agent was started with a model file, "
+                        "not managed by the collector", command.kind, command.id)
+            return
+        try:
+            handler(command)
+        except Exception:  # a bug in the handler must not end delivery
+            log.exception("collector command %r (%s) could not be handed on", command.kind, command.id)
+
     def _channel(self) -> grpc.Channel:
         # A fresh channel per attempt: our backoff decides when to reconnect, not the channel's own.
         # Keepalive pings notice a collector that vanished without closing the connection
@@ -260,8 +341,7 @@ class CollectorExporter:
 
     def _requests(self, stream: _Stream):
         """The stream's outgoing messages; iterated by gRPC's thread, one at a time (flow control)."""
-        hello = collector_pb2.Hello()
-        hello.CopyFrom(self._hello)
+        hello = self.hello()
         hello.spool.CopyFrom(self.spool.status())
         stream.status_sent = _counts(hello.spool)
         stream.next_status = time.monotonic() + self.status_seconds
@@ -282,6 +362,9 @@ class CollectorExporter:
                     return None
                 changes = self._changes
                 room = min(self.batch_max, self.max_in_flight - len(stream.in_flight))
+                if self._states:  # answers to commands go first: the collector waits for them
+                    self._stats["model_states_sent"] += 1
+                    return collector_pb2.AgentMessage(model_state=self._states.popleft())
             status = self.spool.status()
             if time.monotonic() >= stream.next_status or _counts(status) != stream.status_sent:
                 stream.status_sent = _counts(status)
@@ -424,14 +507,20 @@ def exporter_for(session: Any, collector: str, spool_dir: str | os.PathLike | No
                  token: str | None = None, tls: TLS = None) -> CollectorExporter:
     """The session's exporter. Without ``spool_dir``: ``./outrider-spool/<agent_id>-<model_name>``,
     or ``...-2``, ``-3`` ... when another process on this host already uses it."""
-    hello = hello_for(session)
+    return open_exporter(collector, hello_for(session), spool_dir, token, tls)
+
+
+def open_exporter(collector: str, hello: collector_pb2.Hello, spool_dir: str | os.PathLike | None = None,
+                  token: str | None = None, tls: TLS = None, **options: Any) -> CollectorExporter:
+    """An exporter for ``hello``'s agent. Without ``spool_dir``: ``./outrider-spool/<agent_id>-<model_name>``,
+    or ``...-2``, ``-3`` ... when another process on this host already uses it."""
     if spool_dir is not None:
-        return CollectorExporter(collector, hello=hello, spool_dir=spool_dir, token=token, tls=tls)
+        return CollectorExporter(collector, hello=hello, spool_dir=spool_dir, token=token, tls=tls, **options)
     base = Path("outrider-spool") / re.sub(r"[^A-Za-z0-9._-]", "_", f"{hello.agent_id}-{hello.model_name}")
     for n in range(1, 65):
         candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
         try:
-            return CollectorExporter(collector, hello=hello, spool_dir=candidate, token=token, tls=tls)
+            return CollectorExporter(collector, hello=hello, spool_dir=candidate, token=token, tls=tls, **options)
         except SpoolBusy:
             continue
     raise SpoolBusy(f"every spool directory {base}[-2..-64] is in use; pass spool_dir")

@@ -4,6 +4,11 @@ The servicer is thin: it converts messages with ``agent.tensors`` and calls
 ``agent.dataplane``; ``grpc_errors`` turns their exceptions into statuses.
 ``serve`` starts it with the standard gRPC health service and the agent's
 ``FeedbackService`` (ground truth by request id) beside it.
+
+Each request takes the model version it runs on from a ``ModelSwitch``
+(``agent.rollout``) and keeps it to the end, so a managed agent can swap
+versions between requests (``serve_switch``); ``serve`` is the same with one
+fixed version.
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent import tensors
 from agent.dataplane import DataPlane, InferenceSessionLike
-from agent.errors import Unimplemented, grpc_errors
+from agent.errors import NotFound, Unavailable, Unimplemented, grpc_errors
+from agent.rollout import LoadedVersion, ModelSwitch
 from protos import agent_pb2, agent_pb2_grpc
 from protos import open_inference_pb2 as pb
 from protos import open_inference_pb2_grpc as pb_grpc
@@ -38,10 +44,16 @@ def package_version() -> str:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane) -> None:
-        self.plane = plane
+    def __init__(self, switch: ModelSwitch) -> None:
+        self.switch = switch
         self.shutting_down = threading.Event()
         self._version = package_version()
+
+    @property
+    def plane(self) -> DataPlane | None:
+        """The data plane of the version serving now (None before a managed agent's first load)."""
+        current = self.switch.current
+        return current.plane if current is not None else None
 
     @grpc_errors
     def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
@@ -49,11 +61,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=not self.shutting_down.is_set())
+        ready = not self.shutting_down.is_set() and self.switch.current is not None
+        return pb.ServerReadyResponse(ready=ready)
 
     @grpc_errors
     def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext) -> pb.ModelReadyResponse:
-        ready = not self.shutting_down.is_set() and self.plane.ready(request.name, request.version)
+        current = self.switch.current
+        ready = (not self.shutting_down.is_set() and current is not None
+                 and current.plane.ready(request.name, request.version))
         return pb.ModelReadyResponse(ready=ready)
 
     @grpc_errors
@@ -64,7 +79,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors
     def ModelMetadata(self, request: pb.ModelMetadataRequest,
                       context: grpc.ServicerContext) -> pb.ModelMetadataResponse:
-        meta = self.plane.metadata(request.name, request.version)
+        meta = _current(self.switch, request.name).plane.metadata(request.name, request.version)
         return pb.ModelMetadataResponse(
             name=meta.name, versions=meta.versions, platform=meta.platform,
             inputs=[_tensor_metadata(spec) for spec in meta.inputs],
@@ -74,10 +89,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
         inputs = tensors.wire_inputs(request.inputs, request.raw_input_contents)
-        results = self.plane.infer(request.model_name, request.model_version, inputs,
-                                   [out.name for out in request.outputs], request.id)
-        reply = pb.ModelInferResponse(model_name=self.plane.model_name,
-                                      model_version=self.plane.model_version, id=request.id)
+        served = self.switch.acquire(request.model_name)
+        try:  # the whole call on the version it started on, even if a swap happens meanwhile
+            shadow = self.switch.shadow
+            results = served.plane.infer(request.model_name, request.model_version, inputs,
+                                         [out.name for out in request.outputs], request.id,
+                                         tap=shadow.offer if shadow is not None else None)
+        finally:
+            self.switch.release(served)
+        reply = pb.ModelInferResponse(model_name=served.plane.model_name, model_version=served.version,
+                                      id=request.id)
         for name, array in results:
             datatype, shape, raw = tensors.to_raw(array)
             reply.outputs.add(name=name, datatype=datatype, shape=shape)
@@ -88,21 +109,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 class FeedbackServicer(agent_pb2_grpc.FeedbackServiceServicer):
     """Ground truth for earlier ModelInfer requests, by their ``id``."""
 
-    def __init__(self, plane: DataPlane) -> None:
-        self.plane = plane
+    def __init__(self, switch: ModelSwitch) -> None:
+        self.switch = switch
 
     @grpc_errors
     def Feedback(self, request: agent_pb2.FeedbackRequest,
                  context: grpc.ServicerContext) -> agent_pb2.FeedbackResponse:
-        if not self.plane.joins_labels:
-            raise Unimplemented(f"model '{self.plane.model_name}' is served without monitoring, so it keeps "
+        plane = _current(self.switch, self.switch.model_name).plane  # labels join the version serving now
+        if not plane.joins_labels:
+            raise Unimplemented(f"model '{plane.model_name}' is served without monitoring, so it keeps "
                                 "no predictions to join labels to; serve it with a MonitoredSession")
         labels = []
         for label in request.labels:
             which = label.WhichOneof("value")
             labels.append((label.request_id, getattr(label, which) if which else None, label.row))
-        matched, unmatched = self.plane.feedback(labels)
+        matched, unmatched = plane.feedback(labels)
         return agent_pb2.FeedbackResponse(matched=matched, unmatched=unmatched)
+
+
+def _current(switch: ModelSwitch, name: str) -> LoadedVersion:
+    """The version serving now, for calls that only read it (no request runs on it)."""
+    if name != switch.model_name:
+        raise NotFound(f"model '{name}' is not served here; this server serves '{switch.model_name}'")
+    current = switch.current
+    if current is None:
+        raise Unavailable(switch.waiting_message())
+    return current
 
 
 def _tensor_metadata(spec: tensors.TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -114,6 +146,7 @@ class InferenceServer:
 
     def __init__(self, server: grpc.Server, servicer: InferenceServicer,
                  health_servicer: health.HealthServicer, session: Any, host: str, port: int) -> None:
+        # ``session``: what ``stop`` closes last (the served session, or a managed agent's controller)
         self.server = server
         self.servicer = servicer
         self.health = health_servicer
@@ -147,18 +180,36 @@ class InferenceServer:
 
 def serve(session: InferenceSessionLike, model_name: str, model_version: str,
           listen: str = "127.0.0.1:8001", *, workers: int = 8,
-          max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES) -> InferenceServer:
+          max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES, metrics: Any = None) -> InferenceServer:
     """Start serving ``session`` on ``listen`` (HOST:PORT; port 0 picks a free one).
+
+    ``metrics`` (an ``agent.metrics.AgentMetrics``) counts and times requests and reads the served session.
 
     Raises ``OSError`` when the address cannot be bound. Signal handling is
     left to the caller (the CLI installs it): a library must not take over
     the process's signals.
     """
-    plane = DataPlane(session, model_name, model_version)
-    servicer = InferenceServicer(plane)
+    switch = ModelSwitch(model_name)
+    switch.swap(LoadedVersion(DataPlane(session, model_name, model_version), session, model_version,
+                              getattr(session, "model_sha256", "")))
+    running = serve_switch(switch, listen, owner=session, workers=workers, max_receive_bytes=max_receive_bytes,
+                           metrics=metrics)
+    log.info("serving %s version %s on %s", model_name, model_version, running.address)
+    return running
+
+
+def serve_switch(switch: ModelSwitch, listen: str = "127.0.0.1:8001", *, owner: Any = None, workers: int = 8,
+                 max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES, metrics: Any = None) -> InferenceServer:
+    """Serve whichever version ``switch`` holds, request by request (``serve`` with a model that can
+    change: a managed agent's). Health is NOT_SERVING while the switch holds no version;
+    ``owner.close()`` (if any) runs last in ``stop``."""
+    servicer = InferenceServicer(switch)
+    if metrics is not None:
+        metrics.bind(lambda: servicer.plane)  # whatever plane is served at the time (a rollout swaps it)
     health_servicer = health.HealthServicer()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="outrider-infer"),
+        interceptors=[metrics.interceptor] if metrics is not None else None,
         options=[
             # Oversized messages are refused by gRPC itself with RESOURCE_EXHAUSTED.
             ("grpc.max_receive_message_length", max_receive_bytes),
@@ -167,7 +218,7 @@ def serve(session: InferenceSessionLike, model_name: str, model_version: str,
         ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    agent_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(plane), server)
+    agent_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(switch), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
         port = server.add_insecure_port(listen)
@@ -176,8 +227,12 @@ def serve(session: InferenceSessionLike, model_name: str, model_version: str,
     if port == 0:  # older grpcio reports a failed bind as port 0
         raise OSError(f"cannot listen on {listen}")
     host = listen.rsplit(":", 1)[0]
-    for service in ("", SERVICE_NAME):  # the model is loaded: SERVING from the first call on
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def health_of(current: LoadedVersion | None) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if current else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):  # ignored once a graceful shutdown began
+            health_servicer.set(service, status)
+
+    switch.on_change(health_of)  # a loaded model is SERVING from the first call on
     server.start()
-    log.info("serving %s version %s on %s:%d", model_name, model_version, host, port)
-    return InferenceServer(server, servicer, health_servicer, session, host, port)
+    return InferenceServer(server, servicer, health_servicer, owner, host, port)

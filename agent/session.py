@@ -30,7 +30,7 @@ from agent.ring import (CALLS_HEAD, CALLS_TAIL, DROPPED, ERRORS, ROWS_HEAD, ROWS
                         Ring, RingLayout, shared_memory_is_safe)
 from agent.sinks import InMemorySink, WindowSink
 from agent.summarizer import ProcessSummarizer, ThreadSummarizer
-from agent.worker import Identity, WindowPolicy
+from agent.worker import Identity, WindowPolicy, check_sample_rows
 from protos import summary_pb2
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,11 @@ class MonitoredSession:
         daemon thread: no extra process, but its GIL use slows the serving
         threads) or "auto", the default (process on x86-64, where that ring is
         safe; thread elsewhere).
+    run_id: the run this session's windows belong to (default: a new one); an
+        agent that swaps model versions keeps one run across its sessions.
+    sample_rows: keep a uniform sample of at most this many rows of each window
+        (every input and output column) in its ``sample``, for retraining data
+        (``outrider data export``); 0, the default, keeps none.
     join_seconds: how long a prediction made with ``run(..., request_id=...)``
         waits for its ground truth (``feedback``); labels joined are counted in
         the ``performance`` of the window that closes next.
@@ -87,7 +92,8 @@ class MonitoredSession:
                  ring_bytes: int = 64 << 20, summarizer: Summarizer = "auto",
                  agent_id: str | None = None, collector: str | None = None,
                  spool_dir: str | os.PathLike | None = None, collector_token: str | None = None,
-                 collector_tls: Any = None, join_seconds: float = 3600.0, **kwargs: Any) -> None:
+                 collector_tls: Any = None, join_seconds: float = 3600.0, run_id: str | None = None,
+                 sample_rows: int = 0, **kwargs: Any) -> None:
         if collector and sink is not None:
             raise ValueError("pass either sink or collector, not both")
         if isinstance(path_or_bytes, (bytes, bytearray)):
@@ -102,9 +108,9 @@ class MonitoredSession:
         self.model_name = model_name or default_name or meta.graph_name or "model"
         self.model_version = model_version or self.model_sha256[:12]
         self.sink: WindowSink = sink if sink is not None else InMemorySink()
-        self.identity = Identity(agent_id or socket.gethostname(), uuid.uuid4().hex,
+        self.identity = Identity(agent_id or socket.gethostname(), run_id or uuid.uuid4().hex,
                                  self.model_name, self.model_version, self.model_sha256)
-        self._policy = WindowPolicy(window_seconds, window_rows)
+        self._policy = WindowPolicy(window_seconds, window_rows, sample_rows=check_sample_rows(sample_rows))
         if summarizer == "auto":
             summarizer = "process" if shared_memory_is_safe() else "thread"
         if summarizer not in ("thread", "process"):
@@ -157,6 +163,11 @@ class MonitoredSession:
 
     def get_modelmeta(self) -> Any:
         return self._sess.get_modelmeta()
+
+    @property
+    def inference_session(self) -> ort.InferenceSession:
+        """The wrapped onnxruntime session: calls on it are not monitored (warm-up, shadow tests)."""
+        return self._sess
 
     def get_providers(self) -> list[str]:
         return self._sess.get_providers()
@@ -377,16 +388,17 @@ class MonitoredSession:
         return {"rows_captured": h[ROWS_HEAD], "rows_summarised": h[ROWS_TAIL] - h[SKIPPED],
                 "calls": h[CALLS_HEAD], "dropped_rows": h[DROPPED] + h[SKIPPED], "errors": h[ERRORS]}
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = 10.0, *, flush_always: bool = False) -> None:
         """Stop capturing, flush the last partial window to the sink, stop the worker;
-        then give the collector exporter (if any) ``timeout`` to deliver what it holds."""
+        then give the collector exporter (if any) ``timeout`` to deliver what it holds.
+        ``flush_always``: send that last window even if it has no rows (the sink has more to attach)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._capture = None
             ring = self._ring
-        labels_waiting = self.predictions is not None and any(self.predictions.pending())
+        labels_waiting = flush_always or (self.predictions is not None and any(self.predictions.pending()))
         if ring is not None:
             # labels joined since the last window travel in one more, even if it has no rows
             self._summarizer.close(timeout, flush_always=labels_waiting)

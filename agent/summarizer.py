@@ -38,7 +38,7 @@ class ThreadSummarizer:
 
     def __init__(self, ring: Ring, identity: Identity, policy: WindowPolicy, export: Export,
                  start_ns: int, *, seq: int = 0, dropped_seen: int = 0, errors_seen: int = 0) -> None:
-        builder = WindowBuilder(ring.layout.slots, identity, start_ns=start_ns)
+        builder = WindowBuilder(ring.layout.slots, identity, start_ns=start_ns, sample_rows=policy.sample_rows)
         builder.seq = seq
         self._drainer = Drainer(ring, builder, policy, export, dropped_seen, errors_seen)
         self._stop = threading.Event()

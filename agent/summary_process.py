@@ -53,8 +53,8 @@ def main() -> int:
     except FileNotFoundError:
         return 0  # the serving process died before we attached, and its block went with it
     try:
-        Drainer(ring, WindowBuilder(layout.slots, identity, start_ns=start_ns), policy, emit).loop(
-            should_stop, stop.wait)
+        builder = WindowBuilder(layout.slots, identity, start_ns=start_ns, sample_rows=policy.sample_rows)
+        Drainer(ring, builder, policy, emit).loop(should_stop, stop.wait)
     except BrokenPipeError:
         return 0  # the serving process is gone: nobody to report to
     finally:

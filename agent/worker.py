@@ -23,6 +23,7 @@ from protos import summary_pb2
 log = logging.getLogger(__name__)
 
 BLOCK_ROWS = 8192
+MAX_SAMPLE_ROWS = 10_000  # the collector rejects larger samples (collector.ingest.Limits.max_sample_rows)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class WindowPolicy:
     seconds: float | None = 10.0
     rows: int | None = None
     poll_seconds: float = 0.002
+    sample_rows: int = 0  # size of each window's reservoir sample of rows; 0: no sample
 
 
 @dataclass(frozen=True)
@@ -45,18 +47,96 @@ class Identity:
     model_sha256: str
 
 
+def check_sample_rows(value: int) -> int:
+    """``value`` if it is a valid reservoir size (0 = off), else ValueError saying what is allowed."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_SAMPLE_ROWS:
+        raise ValueError(f"sample_rows must be a whole number from 0 (no sample) to {MAX_SAMPLE_ROWS}, "
+                         f"not {value!r}")
+    return int(value)
+
+
+class RowReservoir:
+    """A uniform sample of at most ``size`` rows of one window (Algorithm R, one block at a time).
+
+    Row ``i`` (0-based, counted over the window) replaces a random kept row
+    with probability ``size / (i + 1)``; drawing ``j = floor(u * (i + 1))``
+    for each row and keeping it at ``j`` when ``j < size`` is that rule, done
+    for a whole block with numpy. Kept rows are copied out of the ring (which
+    is reused) into preallocated arrays, so memory is bounded by ``size`` rows.
+    The sample comes out in arrival order, one RowSample column per summary column.
+    """
+
+    def __init__(self, slots: tuple[Slot, ...], size: int, rng: np.random.Generator) -> None:
+        self.slots, self.size, self.rng = slots, check_sample_rows(size), rng
+        self.arrays = [np.empty((self.size, len(s.columns)), _sample_dtype(s)) for s in slots]
+        self.arrival = np.empty(self.size, np.int64)  # which row of the window each kept row was
+        self.seen = self.kept = 0
+
+    def reset(self) -> None:
+        self.seen = self.kept = 0
+
+    def add(self, blocks: list[np.ndarray]) -> None:
+        """One ``[n, columns]`` array per slot, the same ``n`` rows of each."""
+        n = len(blocks[0])
+        start, fill = self.seen, min(n, self.size - self.kept)
+        if fill:  # the first ``size`` rows of a window are all kept
+            self._put(blocks, np.arange(self.kept, self.kept + fill), np.arange(fill))
+            self.kept += fill
+        if fill < n:
+            # u * (i + 1) for each row's position i in the window (floats: no integer pass over the block)
+            draw = self.rng.random(n - fill)
+            draw *= np.arange(start + fill + 1, start + n + 1, dtype=np.float64)
+            hit = np.flatnonzero(draw < self.size)
+            if len(hit):
+                slot = draw[hit].astype(np.int64)
+                # Two rows of one block may pick the same slot: the later one wins,
+                # as in the row-at-a-time algorithm (numpy leaves repeated-index stores unordered).
+                last = len(slot) - 1 - np.unique(slot[::-1], return_index=True)[1]
+                self._put(blocks, slot[last], hit[last] + fill)
+        self.seen += n
+
+    def _put(self, blocks: list[np.ndarray], dest: np.ndarray, src: np.ndarray) -> None:
+        for kept, block in zip(self.arrays, blocks):
+            kept[dest] = block[src]
+        self.arrival[dest] = self.seen + src
+
+    def write(self, sample: summary_pb2.RowSample) -> None:
+        """Fill ``sample`` (e.g. a window's, in place): rows in arrival order, one column per summary column."""
+        order = np.argsort(self.arrival[:self.kept], kind="stable")
+        sample.seen = self.seen
+        for slot, kept in zip(self.slots, self.arrays):
+            rows = kept[order]
+            strings = rows.dtype.kind == "U"
+            by_column = (rows if strings else rows.astype(np.float64)).T.tolist()
+            for name, values in zip(slot.columns, by_column):
+                column = sample.columns.add(name=name)
+                (column.strings if strings else column.numbers).extend(values)
+
+
+def _sample_dtype(slot: Slot) -> np.dtype:
+    """How kept rows are held: strings as captured, per-sample statistics as float64, numbers as they came."""
+    return np.dtype(np.float64) if slot.reduce is Reduce.SAMPLE_STATS else slot.dtype
+
+
 class WindowBuilder:
-    """Sketches of one open window; pure Python + numpy, no threads."""
+    """Sketches of one open window; pure Python + numpy, no threads.
+
+    With ``sample_rows`` the window also keeps a uniform sample of that many of
+    its rows (every column, as a ``RowSample``); ``seed`` makes it repeatable."""
 
     def __init__(self, slots: tuple[Slot, ...], identity: Identity, k: int = sketches.DEFAULT_K,
-                 start_ns: int | None = None) -> None:
+                 start_ns: int | None = None, *, sample_rows: int = 0, seed: int | None = None) -> None:
         self.slots, self.identity, self.k = slots, identity, k
         self.seq = 0
+        sample_rows = check_sample_rows(sample_rows)
+        self.reservoir = RowReservoir(slots, sample_rows, np.random.default_rng(seed)) if sample_rows else None
         self._reset(start_ns or time.time_ns())
 
     def _reset(self, start_ns: int) -> None:
         self.start_ns = start_ns
         self.rows = self.calls = 0
+        if self.reservoir is not None:
+            self.reservoir.reset()
         self.latency = sketches.NumericSketch(self.k)
         self.columns: list[list] = []
         for s in self.slots:
@@ -70,20 +150,25 @@ class WindowBuilder:
         n = len(blocks[0]) if blocks else 0
         if n == 0:
             return
+        columns = []  # each slot's rows as [n, columns]: what the sketches and the sample see
         for slot, cols, block in zip(self.slots, self.columns, blocks):
             if slot.reduce is Reduce.SAMPLE_STATS:
                 flat = block.reshape(n, -1).astype(np.float64, copy=False)
-                stats = np.empty((n, 3))
-                stats[:, 0] = flat.mean(axis=1)
-                stats[:, 1] = flat.std(axis=1)
-                stats[:, 2] = np.sqrt(np.einsum("ij,ij->i", flat, flat))
-                sketches.update_numeric_block(cols, stats)
+                block2 = np.empty((n, 3))
+                block2[:, 0] = flat.mean(axis=1)
+                block2[:, 1] = flat.std(axis=1)
+                block2[:, 2] = np.sqrt(np.einsum("ij,ij->i", flat, flat))
+                sketches.update_numeric_block(cols, block2)
             elif slot.reduce is Reduce.CATEGORICAL:
                 block2 = block.reshape(n, -1)
                 for j, sk in enumerate(cols):
                     sk.update(block2[:, j])
             else:
-                sketches.update_numeric_block(cols, block.reshape(n, -1))
+                block2 = block.reshape(n, -1)
+                sketches.update_numeric_block(cols, block2)
+            columns.append(block2)
+        if self.reservoir is not None:
+            self.reservoir.add(columns)
         self.rows += n
 
     def add_latencies(self, latency_ns: np.ndarray) -> None:
@@ -103,6 +188,8 @@ class WindowBuilder:
         for slot, cols in zip(self.slots, self.columns):
             for name, sk in zip(slot.columns, cols):
                 window.columns.append(sk.to_proto(name, slot.role, slot.tensor))
+        if self.reservoir is not None and self.reservoir.seen:  # absent when off or when no row came
+            self.reservoir.write(window.sample)
         self.seq += 1
         self._reset(end_ns)
         return window

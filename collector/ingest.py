@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from agent import sketches
 from agent.errors import InvalidArgument
+from agent.worker import MAX_SAMPLE_ROWS
 from protos import collector_pb2, summary_pb2
 
 
@@ -25,6 +26,7 @@ class Limits:
     # Per-window rows/calls/dropped/errors: far above any real window, low enough
     # that sums over millions of windows stay inside SQLite's int64.
     max_count: int = 2**40
+    max_sample_rows: int = MAX_SAMPLE_ROWS  # rows of one window's reservoir sample
 
 
 def _check_id(field: str, value: str, limits: Limits, *, required: bool = True) -> None:
@@ -78,6 +80,10 @@ def validate_window(w: summary_pb2.WindowSummary, limits: Limits = Limits()) -> 
         seen.add(column.name)
     if w.HasField("latency"):
         _check_column("latency", w.latency, limits)
+    if w.HasField("sample"):
+        from collector import samples  # imports this module's Limits only for its type
+
+        samples.check(w.sample, w.rows, limits)
 
 
 def validate_hello(hello: collector_pb2.Hello, limits: Limits = Limits()) -> None:

@@ -1,0 +1,623 @@
+"""Managed agents: the collector names the model version, the agent fetches, checks and swaps it.
+
+An agent started with only a model name (``outrider agent serve --model-name
+NAME --collector ...``) serves nothing until the collector's ``serve``
+command names a registry version. ``RolloutController`` carries out each
+command on its own thread (never gRPC's): fetch the artifact with
+``AgentService.FetchArtifact`` (size and sha256 verified, cached as
+``<spool_dir>/models/<sha256>.onnx``), load it as a ``MonitoredSession``
+(same agent and run as the agent, windows numbered on through
+``AgentSink``), check it against the registry's schema, warm it up, swap,
+answer with a ``ModelState``. Any failure answers ok=false with the reason and
+the old version keeps serving. The last good version is remembered in
+``models/current.json``, so a restart serves it at once, collector or not.
+
+``ModelSwitch`` is what the OIP servicer reads per request. A request holds
+its version for the whole call (a counter, raised and lowered under a lock
+held for that only); a replaced version is closed once its last request has
+finished, by a thread of its own, never by a request.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from agent import tensors
+from agent.dataplane import DataPlane
+from agent.errors import FailedPrecondition, InvalidArgument, NotFound, OutriderError, Unavailable
+from agent.shadow import DEFAULT_QUEUE, ShadowRunner
+from protos import collector_pb2, collector_pb2_grpc, summary_pb2
+
+log = logging.getLogger(__name__)
+
+CURRENT_FILE = "current.json"
+KEEP_ARTIFACTS = 3        # cached versions kept besides the current and shadow ones (quick rollbacks)
+WARMUP_CALLS = 3
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DIGITS = re.compile(r"^[0-9]{1,10}$")
+
+
+# ------------------------------------------------------------------------- the switch
+
+@dataclass(eq=False)
+class LoadedVersion:
+    """One loaded model version and the requests running on it."""
+
+    plane: DataPlane
+    session: Any
+    version: str
+    sha256: str = ""
+    schema_json: str = ""
+    active: int = 0        # requests running on it now (ModelSwitch's lock)
+    retired: bool = False  # swapped out: closed once ``idle``
+    idle: threading.Event = field(default_factory=threading.Event)
+
+
+class ModelSwitch:
+    """The version requests run on now (``current``; None until the first load) and the shadow."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.current: LoadedVersion | None = None
+        self.shadow: ShadowRunner | None = None  # read once per request
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[LoadedVersion | None], None]] = []
+
+    def waiting_message(self) -> str:
+        return (f"model '{self.model_name}' is not loaded yet: this agent waits for the collector to name "
+                f"the production version of {self.model_name}")
+
+    def acquire(self, name: str) -> LoadedVersion:
+        """The version this request runs on; ``release`` it when done, whatever happens."""
+        if name != self.model_name:
+            raise NotFound(f"model '{name}' is not served here; this server serves '{self.model_name}'")
+        with self._lock:
+            loaded = self.current
+            if loaded is None:
+                raise Unavailable(self.waiting_message())
+            loaded.active += 1
+        return loaded
+
+    def release(self, loaded: LoadedVersion) -> None:
+        with self._lock:
+            loaded.active -= 1
+            idle = loaded.retired and loaded.active == 0
+        if idle:
+            loaded.idle.set()
+
+    def swap(self, new: LoadedVersion) -> LoadedVersion | None:
+        """Make ``new`` current for every request from now on; returns the version replaced."""
+        with self._lock:
+            old, self.current = self.current, new
+            if old is not None:
+                old.retired = True
+                if old.active == 0:
+                    old.idle.set()
+        for listener in list(self._listeners):
+            listener(new)
+        return old
+
+    def on_change(self, listener: Callable[[LoadedVersion | None], None]) -> None:
+        """Call ``listener(current)`` now and after every swap (the health service's status)."""
+        self._listeners.append(listener)
+        listener(self.current)
+
+
+# ----------------------------------------------------------------- windows of every version
+
+class AgentSink:
+    """The one window sequence of an agent whose sessions come and go: renumbers every window
+    ``seq`` = 0, 1, 2, ... across versions and attaches the shadow's comparison, then exports."""
+
+    def __init__(self, target: Any, shadow: Callable[[], summary_pb2.ShadowSummary | None] | None = None) -> None:
+        self.target = target
+        self.shadow = shadow
+        self._lock = threading.Lock()  # the summary threads of two sessions may export at once
+        self._next = 0
+
+    def export(self, window: summary_pb2.WindowSummary) -> None:
+        with self._lock:  # held across export, so the spool's order is the seq order
+            window.seq = self._next
+            self._next += 1
+            if self.shadow is not None:
+                try:
+                    summary = self.shadow()
+                    if summary is not None:
+                        window.shadow.CopyFrom(summary)
+                except Exception:
+                    log.exception("could not attach the shadow summary to window %s", window.seq)
+            self.target.export(window)
+
+
+# ------------------------------------------------------------------------ artifacts
+
+class ArtifactCache:
+    """Verified model files by sha256 in one directory; written whole or not at all."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.directory / f"{sha256}.onnx"
+
+    def cached(self, sha256: str) -> Path | None:
+        """The file, if present and intact (a damaged one is removed)."""
+        path = self.path(sha256)
+        try:
+            digest = _sha256_file(path)
+        except FileNotFoundError:
+            return None
+        if digest != sha256:
+            log.warning("cached model %s is damaged (its sha256 is %s); fetching it again", path, digest)
+            path.unlink(missing_ok=True)
+            return None
+        return path
+
+    def store(self, chunks: Iterable[collector_pb2.ArtifactChunk], sha256: str, size: int, what: str) -> Path:
+        """Write the streamed file and verify it against ``sha256`` and ``size`` before it takes its name."""
+        tmp = self.directory / f".{sha256}.{uuid.uuid4().hex}.tmp"
+        digest, received = hashlib.sha256(), 0
+        try:
+            with open(tmp, "wb") as out:
+                for i, chunk in enumerate(chunks):
+                    if i == 0:
+                        _check_first_chunk(chunk, sha256, size, what)
+                    received += len(chunk.data)
+                    if received > size:
+                        raise FailedPrecondition(f"the collector sent more than the {size} bytes of {what}")
+                    digest.update(chunk.data)
+                    out.write(chunk.data)
+                out.flush()
+                os.fsync(out.fileno())
+            if received != size:
+                raise FailedPrecondition(f"the collector sent {received} bytes of {what}, expected {size}")
+            if digest.hexdigest() != sha256:
+                raise FailedPrecondition(f"{what} as received has sha256 {digest.hexdigest()}, "
+                                         f"expected {sha256}: not loaded")
+            path = self.path(sha256)
+            os.replace(tmp, path)
+            _fsync_dir(self.directory)
+            return path
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def prune(self, keep: set[str]) -> None:
+        """Remove all but ``keep`` and the KEEP_ARTIFACTS newest others."""
+        files = sorted(self.directory.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+        others = [p for p in files if p.stem not in keep]
+        for path in others[KEEP_ARTIFACTS:]:
+            path.unlink(missing_ok=True)
+
+
+def _check_first_chunk(chunk: collector_pb2.ArtifactChunk, sha256: str, size: int, what: str) -> None:
+    if chunk.sha256 and chunk.sha256.lower() != sha256:
+        raise FailedPrecondition(f"the collector's file for {what} has sha256 {chunk.sha256}, "
+                                 f"but the command names {sha256}")
+    if chunk.total_size and chunk.total_size != size:
+        raise FailedPrecondition(f"the collector's file for {what} has {chunk.total_size} bytes, "
+                                 f"but the command says {size}")
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# ------------------------------------------------------------------ checks and warm-up
+
+def _dims(shape: Iterable[Any]) -> list[int]:
+    """Registry (None) and Hello (-1) spellings of a free dimension, made one."""
+    return [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
+
+
+def check_schema(session: Any, schema_json: str) -> None:
+    """The loaded model's inputs and outputs (names, types, shapes) must be the registry's."""
+    if not schema_json:
+        return
+    try:
+        schema = json.loads(schema_json)
+        expected = {part: {t["name"]: (t["type"], _dims(t.get("shape") or [])) for t in schema[part]}
+                    for part in ("inputs", "outputs")}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument(f"the command's schema_json is not a registry schema: {exc}") from None
+    problems = []
+    for part, args in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        got = {a.name: (a.type, _dims(a.shape or [])) for a in args}
+        want = expected[part]
+        if set(got) != set(want):
+            problems.append(f"{part} are {sorted(got)}, the registry says {sorted(want)}")
+        for name in sorted(set(got) & set(want)):
+            if got[name] != want[name]:
+                problems.append(f"{part[:-1]} {name} is {got[name][0]} {got[name][1]}, "
+                                f"the registry says {want[name][0]} {want[name][1]}")
+    if problems:
+        raise FailedPrecondition("the model does not match its registry schema: " + "; ".join(problems))
+
+
+def synthetic_feed(inputs: Iterable[Any], rows: int = 1) -> dict[str, np.ndarray]:
+    """Zeros (empty strings) of each input's dtype and shape, free dimensions 1 (the batch: ``rows``)."""
+    feed = {}
+    for arg in inputs:
+        dtype = tensors.DATATYPES[tensors.oip_datatype(arg.type)]
+        shape = [d if isinstance(d, int) and d >= 0 else (rows if i == 0 else 1)
+                 for i, d in enumerate(arg.shape or [])]
+        feed[arg.name] = np.full(shape, "", dtype=object) if dtype == object else np.zeros(shape, dtype)
+    return feed
+
+
+def warm_up(session: Any, calls: int = WARMUP_CALLS) -> None:
+    """A few unmonitored calls, so the first real request does not pay for lazy initialisation."""
+    inner = getattr(session, "inference_session", session)  # MonitoredSession: not counted in windows
+    feed = synthetic_feed(session.get_inputs())
+    try:
+        for _ in range(calls):
+            inner.run(None, feed)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FailedPrecondition(f"warm-up call failed: {first}") from None
+
+
+# ------------------------------------------------------------------------ the controller
+
+@dataclass(frozen=True)
+class Wanted:
+    """A command's version, checked."""
+
+    version: str
+    sha256: str
+    size: int
+    schema_json: str
+
+
+def _wanted(args: Any) -> Wanted:
+    version, sha = args.get("version", ""), args.get("sha256", "").lower()
+    if not _DIGITS.match(version) or int(version) == 0:
+        raise InvalidArgument(f"command names version {version!r}; expected a registry version number")
+    if not _SHA256.match(sha):
+        raise InvalidArgument(f"command names sha256 {sha!r}; expected 64 hex digits")
+    try:
+        size = int(args.get("size", ""))
+    except ValueError:
+        raise InvalidArgument(f"command names size {args.get('size')!r}; expected a number of bytes") from None
+    if size <= 0:
+        raise InvalidArgument(f"command names size {size}; expected a positive number of bytes")
+    return Wanted(version, sha, size, args.get("schema_json", ""))
+
+
+class RolloutController:
+    """A managed agent's model: its exporter, ``switch``, artifact cache and command thread.
+
+    ``session_options`` go to every ``MonitoredSession`` (window_seconds,
+    summarizer, join_seconds, ...). Serve ``switch`` with
+    ``agent.server.serve_switch(controller.switch, ..., owner=controller)``.
+    """
+
+    def __init__(self, model_name: str, collector: str, *, agent_id: str | None = None,
+                 spool_dir: str | os.PathLike | None = None, token: str | None = None, tls: Any = None,
+                 session_options: dict[str, Any] | None = None, exporter_options: dict[str, Any] | None = None,
+                 shadow_queue: int = DEFAULT_QUEUE, fetch_timeout: float = 300.0) -> None:
+        import onnxruntime
+
+        from agent.exporter import open_exporter, package_version
+
+        self.model_name = model_name
+        self.agent_id = agent_id or socket.gethostname()
+        self.run_id = uuid.uuid4().hex
+        self.session_options = dict(session_options or {})
+        self.shadow_queue, self.fetch_timeout = shadow_queue, fetch_timeout
+        hello = collector_pb2.Hello(
+            agent_id=self.agent_id, run_id=self.run_id, host=socket.gethostname(), model_name=model_name,
+            agent_version=package_version(), onnxruntime_version=onnxruntime.__version__,
+            started_unix_nano=time.time_ns(), managed=True)
+        self.exporter = open_exporter(collector, hello, spool_dir, token, tls, start=False,
+                                      **(exporter_options or {}))
+        try:
+            self.cache = ArtifactCache(self.exporter.spool.directory / "models")
+        except BaseException:
+            self.exporter.close(0)
+            raise
+        self.switch = ModelSwitch(model_name)
+        self.sink = AgentSink(self.exporter, self._take_shadow)
+        self._lock = threading.Lock()  # the counters and the shadow leftover
+        self._leftover: summary_pb2.ShadowSummary | None = None  # of a shadow stopped before its last window
+        self._stats = {"commands": 0, "failed": 0, "swaps": 0}
+        self._last_state = collector_pb2.ModelState()
+        self._retiring: list[threading.Thread] = []
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._fetch_call: Any = None
+        self._closed = False
+        self.restored = self._restore()
+        self.exporter.on_command = self.submit
+        self._worker = threading.Thread(target=self._work, name="outrider-rollout", daemon=True)
+        self._worker.start()
+        self.exporter.start()
+
+    # --- from the exporter's stream ---------------------------------------------------
+    def submit(self, command: collector_pb2.Command) -> None:
+        """Queue a command for the controller's thread (called on the stream's reading loop: no waiting)."""
+        if self._closed:
+            log.info("collector command %s (%s) arrived while shutting down; not carried out", command.id,
+                     command.kind)
+            return
+        self._commands.put(command)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._stats)
+
+    def state(self) -> collector_pb2.ModelState:
+        """The ModelState of the last command (or of the restored version)."""
+        with self._lock:
+            copy = collector_pb2.ModelState()
+            copy.CopyFrom(self._last_state)
+            return copy
+
+    def _work(self) -> None:
+        while True:
+            command = self._commands.get()
+            if command is None:
+                return
+            self._carry_out(command)
+
+    def _carry_out(self, command: collector_pb2.Command) -> None:
+        handlers = {"serve": self._serve, "shadow": self._shadow, "unshadow": self._unshadow}
+        error = ""
+        try:
+            handler = handlers.get(command.kind)
+            if handler is None:
+                raise InvalidArgument(f"unknown command kind {command.kind!r}; this agent knows "
+                                      f"{', '.join(handlers)}")
+            handler(command.args)
+        except OutriderError as exc:
+            error = str(exc)
+        except Exception as exc:  # onnxruntime's load errors have no common base class
+            log.debug("command %s failed", command.id, exc_info=True)
+            error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        with self._lock:
+            self._stats["commands"] += 1
+            self._stats["failed"] += bool(error)
+        if error:
+            log.error("collector command %s (%s) failed, %s: %s", command.id, command.kind,
+                      self._serving_words(), error)
+        self._answer(command.id, error)
+
+    def _serving_words(self) -> str:
+        current = self.switch.current
+        return f"version {current.version} keeps serving" if current else "nothing is served yet"
+
+    def _answer(self, command_id: str, error: str) -> None:
+        current, shadow = self.switch.current, self.switch.shadow
+        state = collector_pb2.ModelState(
+            command_id=command_id, model_version=current.version if current else "",
+            model_sha256=current.sha256 if current else "", ok=not error, error=error,
+            shadow_version=shadow.version if shadow else "", shadow_share=shadow.share if shadow else 0.0)
+        with self._lock:
+            self._last_state = state
+        self._update_hello(state)
+        if command_id or error:
+            self.exporter.send_model_state(state)
+
+    def _update_hello(self, state: collector_pb2.ModelState) -> None:
+        from agent.exporter import tensor_info
+
+        current = self.switch.current
+        fields: dict[str, Any] = {"model_state": state, "model_version": "", "model_sha256": "",
+                                  "inputs": [], "outputs": []}
+        if current is not None:
+            fields.update(model_version=current.version, model_sha256=current.sha256,
+                          inputs=[tensor_info(a) for a in current.session.get_inputs()],
+                          outputs=[tensor_info(a) for a in current.session.get_outputs()])
+        self.exporter.update_hello(**fields)
+
+    # --- serve ------------------------------------------------------------------------
+    def _serve(self, args: Any) -> None:
+        wanted = _wanted(args)
+        current = self.switch.current
+        if current is not None and (current.sha256, current.version) == (wanted.sha256, wanted.version):
+            return  # already serving it
+        path = self._artifact(wanted)
+        loaded = self._load(path, wanted)
+        self._swap(loaded)
+        log.info("now serving %s version %s (sha256 %s)", self.model_name, wanted.version, wanted.sha256[:12])
+
+    def _load(self, path: Path, wanted: Wanted) -> LoadedVersion:
+        from agent import MonitoredSession
+
+        session = MonitoredSession(
+            str(path), model_name=self.model_name, model_version=wanted.version, agent_id=self.agent_id,
+            run_id=self.run_id, sink=self.sink, **self.session_options)
+        try:
+            if session.model_sha256 != wanted.sha256:  # the cache checked it; a file changed under us
+                raise FailedPrecondition(f"{path} has sha256 {session.model_sha256}, expected {wanted.sha256}")
+            check_schema(session, wanted.schema_json)
+            warm_up(session)
+            plane = DataPlane(session, self.model_name, wanted.version)
+        except BaseException:
+            session.close()  # not close(0): a summary process killed mid-start is reported as a crash
+            raise
+        return LoadedVersion(plane, session, wanted.version, wanted.sha256, wanted.schema_json)
+
+    def _swap(self, loaded: LoadedVersion) -> None:
+        if self._closed:  # a load that outlived close(): nothing may serve it any more
+            loaded.session.close()
+            raise Unavailable("the agent is shutting down")
+        old = self.switch.swap(loaded)
+        with self._lock:
+            self._stats["swaps"] += 1
+        try:
+            _write_json(self.cache.directory / CURRENT_FILE, {
+                "model_name": self.model_name, "version": loaded.version, "sha256": loaded.sha256,
+                "schema_json": loaded.schema_json, "saved_unix_nano": time.time_ns()})
+            shadow = self.switch.shadow
+            self.cache.prune({loaded.sha256} | ({shadow.sha256} if shadow else set()))
+        except OSError as exc:  # serving goes on; only a restart without the collector would miss it
+            log.error("cannot remember version %s in %s: %s", loaded.version, self.cache.directory, exc)
+        if old is not None:
+            self._retire(old)
+
+    def _retire(self, old: LoadedVersion) -> None:
+        """Close ``old`` once its in-flight requests are done (its last window goes out then)."""
+        def close() -> None:
+            old.idle.wait()
+            old.session.close()
+
+        thread = threading.Thread(target=close, name=f"outrider-retire-{old.version}", daemon=True)
+        thread.start()
+        self._retiring = [t for t in self._retiring if t.is_alive()] + [thread]
+
+    def _artifact(self, wanted: Wanted) -> Path:
+        path = self.cache.cached(wanted.sha256)
+        if path is not None:
+            return path
+        what = f"{self.model_name} version {wanted.version}"
+        channel = self.exporter.channel()
+        try:
+            stub = collector_pb2_grpc.AgentServiceStub(channel)
+            call = stub.FetchArtifact(
+                collector_pb2.FetchArtifactRequest(model_name=self.model_name, version=int(wanted.version)),
+                metadata=self.exporter.metadata, timeout=self.fetch_timeout)
+            self._fetch_call = call
+            if self._closed:
+                call.cancel()
+            return self.cache.store(call, wanted.sha256, wanted.size, what)
+        except grpc.RpcError as exc:
+            raise Unavailable(f"cannot fetch {what} from the collector: "
+                              f"{exc.code().name} {exc.details() or ''}".rstrip()) from None
+        finally:
+            self._fetch_call = None
+            channel.close()
+
+    # --- shadow -----------------------------------------------------------------------
+    def _shadow(self, args: Any) -> None:
+        import onnxruntime
+
+        wanted = _wanted(args)
+        try:
+            share = float(args.get("share", ""))
+        except ValueError:
+            share = float("nan")
+        if not 0 < share <= 1:
+            raise InvalidArgument(f"command names share {args.get('share')!r}; expected a number in (0, 1]")
+        running = self.switch.shadow
+        if running is not None and running.sha256 == wanted.sha256 and running.version == wanted.version:
+            running.share = share  # read per request: takes effect at once
+            return
+        path = self._artifact(wanted)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        check_schema(session, wanted.schema_json)
+        warm_up(session)
+        runner = ShadowRunner(session, wanted.version, wanted.sha256, share, queue_size=self.shadow_queue)
+        self._stop_shadow()
+        self.switch.shadow = runner
+        log.info("shadowing %s version %s on %.0f%% of requests", self.model_name, wanted.version, share * 100)
+
+    def _unshadow(self, args: Any) -> None:
+        self._stop_shadow()
+
+    def _stop_shadow(self) -> None:
+        runner = self.switch.shadow
+        if runner is None:
+            return
+        self.switch.shadow = None
+        runner.stop()
+        summary = runner.take()
+        if summary is not None:
+            with self._lock:  # goes out with the next window
+                self._leftover = summary
+        log.info("stopped shadowing %s version %s", self.model_name, runner.version)
+
+    def _take_shadow(self) -> summary_pb2.ShadowSummary | None:
+        with self._lock:
+            leftover, self._leftover = self._leftover, None
+        if leftover is not None:
+            return leftover
+        runner = self.switch.shadow
+        return runner.take() if runner is not None else None
+
+    # --- restart ----------------------------------------------------------------------
+    def _restore(self) -> bool:
+        """Serve the version remembered in current.json, if its file is intact."""
+        path = self.cache.directory / CURRENT_FILE
+        try:
+            saved = json.loads(path.read_text())
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s: %s", path, exc)
+            return False
+        try:
+            if saved.get("model_name") != self.model_name:
+                raise FailedPrecondition(f"it is for model {saved.get('model_name')!r}, not {self.model_name!r}")
+            wanted = Wanted(str(saved["version"]), str(saved["sha256"]), 0, saved.get("schema_json", ""))
+            artifact = self.cache.cached(wanted.sha256)
+            if artifact is None:
+                raise FailedPrecondition(f"its file {self.cache.path(wanted.sha256).name} is missing")
+            self._swap(self._load(artifact, wanted))
+        except Exception as exc:
+            log.warning("not serving the version remembered in %s: %s; waiting for the collector", path, exc)
+            with self._lock:
+                self._stats["failed"] += 1
+            return False
+        log.info("serving %s version %s from %s until the collector names the production version",
+                 self.model_name, wanted.version, self.cache.directory)
+        self._answer("", "")
+        return True
+
+    # --- shutdown ---------------------------------------------------------------------
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop taking commands, stop the shadow, close the versions (their last windows flush),
+        then give the exporter ``timeout`` to deliver."""
+        if self._closed:
+            return
+        self._closed = True
+        call = self._fetch_call
+        if call is not None:
+            call.cancel()
+        self._commands.put(None)
+        self._worker.join(timeout)
+        self._stop_shadow()
+        current = self.switch.current
+        if current is not None:
+            with self._lock:  # the shadow's last counts need a window to travel in
+                pending = self._leftover is not None
+            current.session.close(timeout, flush_always=pending)
+        for thread in self._retiring:
+            thread.join(timeout)
+        self.exporter.close(timeout)
