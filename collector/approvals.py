@@ -7,7 +7,9 @@ request (``request``) that another person with the approver role approves
 (``decide``): the version becomes production and the previous production
 version archived, in one transaction with the request's new state and their
 audit rows. A version whose gate did not pass can be requested only with an
-admin's written override, itself audited.
+admin's written override, itself audited. A request may also be a rollback
+(kind 'rollback', opened by the rollback policy with ``request_rollback``):
+approved, it is carried out by ``collector.rollout.rollback``.
 
 Every function here takes the writer's ``db`` and runs inside ``Store.write``
 (or reads through ``Store.read``); who may call which is checked by the
@@ -22,7 +24,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from collector import audit
+from collector import audit, rollout
 from protos import collector_pb2 as pb
 
 STAGES = ("candidate", "staging", "production", "archived", "retired")
@@ -140,8 +142,9 @@ def request(db: Database, name: str, version: int, actor: str, reason: str, over
 
 
 def decide(db: Database, approval_id: int, actor: str, approve: bool, reason: str, now_ns: int) -> pb.Approval:
-    """Approve (the version becomes production, the previous production version archived)
-    or reject a pending request. Nobody decides their own request."""
+    """Approve (the version becomes production, the previous production version archived, and a
+    rollout starts: kind "promote", or "rollback" for a rollback request) or reject a pending
+    request. Nobody decides their own request. The caller pushes the rollout after the commit."""
     found = list(db.query("SELECT * FROM approvals WHERE id = ?", [approval_id]))
     if not found:
         raise NotFound(f"there is no approval {approval_id}; list them with: outrider approvals list --all")
@@ -155,7 +158,9 @@ def decide(db: Database, approval_id: int, actor: str, approve: bool, reason: st
                                f"approval {approval_id}")
     name, version = a["model"], a["version"]
     state = "approved" if approve else "rejected"
-    if approve:
+    if approve and a["kind"] == "rollback":  # checked again now: the versions may have moved since the request
+        rollout.rollback(db, name, version, actor, f"approval {approval_id}: {a['reason']}", now_ns)
+    elif approve:
         row = _version(db, name, version)
         _not_retired(row, "; reject this request")
         if row["stage"] not in REQUESTABLE:
@@ -164,16 +169,41 @@ def decide(db: Database, approval_id: int, actor: str, approve: bool, reason: st
         if not (row["gate"] and row["gate_passed"]) and not a["gate_override"]:
             raise FailedPrecondition(f"the evaluation gate of {name} version {version} no longer passes "
                                      f"({', '.join(_failed_checks(row))}); reject this request")
+        previous = 0
         for (previous,) in db.execute("SELECT version FROM model_versions WHERE name = ? AND stage = 'production'",
                                       [name]).fetchall():
             _move(db, name, previous, "production", "archived", actor,
                   f"replaced by version {version} (approval {approval_id})", now_ns)
         _move(db, name, version, row["stage"], "production", actor, f"approval {approval_id}: {a['reason']}", now_ns)
+        # the caller pushes it to the agents after the commit (RolloutPusher.push)
+        rollout.start_rollout(db, name, version, "promote", actor, f"approval {approval_id}: {a['reason']}", now_ns,
+                              from_version=previous)
     db.execute("UPDATE approvals SET state = ?, decided_by = ?, decided_at = ?, decision_reason = ? WHERE id = ?",
                [state, actor, now_ns, reason, approval_id])
     audit.append(db, actor, f"approval.{'approve' if approve else 'reject'}", f"approval/{approval_id}",
                  model_name=name, before={"state": "pending"},
-                 after={"state": state, "model": name, "version": version}, reason=reason, now_ns=now_ns)
+                 after={"state": state, "model": name, "version": version, "kind": a["kind"]}, reason=reason,
+                 now_ns=now_ns)
+    return get(db, approval_id)
+
+
+def request_rollback(db: Database, name: str, to_version: int, actor: str, reason: str, now_ns: int) -> pb.Approval:
+    """A pending request (kind 'rollback') to make archived ``to_version`` production again (0: the
+    version production before the current one, resolved now so that the approver sees which);
+    ``decide`` carries it out when another person approves it. For the rollback policy, whose
+    actor is ``audit.COLLECTOR``."""
+    current, target = rollout.rollback_target(db, name, to_version)
+    pending = db.execute("SELECT id FROM approvals WHERE model = ? AND kind = 'rollback' AND state = 'pending'",
+                         [name]).fetchone()
+    if pending:
+        raise FailedPrecondition(f"{name} already has a pending rollback request (approval {pending[0]})")
+    cursor = db.execute("INSERT INTO approvals (model, version, requested_by, requested_at, reason, state,"
+                        " gate_override, kind) VALUES (?, ?, ?, ?, ?, 'pending', '', 'rollback')",
+                        [name, target, actor, now_ns, reason])
+    approval_id = cursor.lastrowid
+    audit.append(db, actor, "approval.request", f"approval/{approval_id}", model_name=name, before=None,
+                 after={"state": "pending", "model": name, "version": target, "stage": "production",
+                        "kind": "rollback", "from_version": current}, reason=reason, now_ns=now_ns)
     return get(db, approval_id)
 
 
@@ -199,4 +229,5 @@ def _message(r: dict[str, Any]) -> pb.Approval:
     return pb.Approval(id=r["id"], model_name=r["model"], version=r["version"], requested_by=r["requested_by"],
                        requested_unix_nano=r["requested_at"], reason=r["reason"], state=r["state"],
                        decided_by=r["decided_by"], decided_unix_nano=r["decided_at"],
-                       decision_reason=r["decision_reason"], gate_override_reason=r["gate_override"])
+                       decision_reason=r["decision_reason"], gate_override_reason=r["gate_override"],
+                       kind=r["kind"])

@@ -26,6 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.add_argument("--model", metavar="NAME", help="only requests about this model")
     _client_flags(listing)
     listing.set_defaults(func=_one_line_errors(list_command))
+    cancel = actions.add_parser("cancel", help="withdraw a pending request (its requester, or an admin)",
+                                description="Cancel pending request ID, saying why. Only whoever requested it, or "
+                                            "an admin, may cancel it; an approver who disagrees rejects it instead.")
+    cancel.add_argument("id", type=int, metavar="ID", help="the request's id (outrider approvals list)")
+    cancel.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the audit trail)")
+    _client_flags(cancel)
+    cancel.set_defaults(func=_one_line_errors(cancel_command))
 
     approve = subparsers.add_parser(
         "approve", help="approve a promotion request (approver role; not your own request)",
@@ -73,7 +80,9 @@ def _decided(args: argparse.Namespace, reply: Any) -> int:
     if args.json:
         print(json.dumps(plain(reply), indent=2))
         return 0
-    if reply.state == "approved":
+    if reply.state == "cancelled":
+        print(f"approval {reply.id} cancelled: {reply.model_name} version {reply.version} keeps its stage")
+    elif reply.state == "approved":
         print(f"approval {reply.id} approved: {reply.model_name} version {reply.version} is now production")
     else:
         print(f"approval {reply.id} rejected: {reply.model_name} version {reply.version} keeps its stage")
@@ -90,3 +99,9 @@ def reject_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
     return _decided(args, _ask(args, "Reject", pb.DecisionRequest(id=args.id, reason=args.reason)))
+
+
+def cancel_command(args: argparse.Namespace) -> int:
+    from protos import collector_pb2 as pb
+
+    return _decided(args, _ask(args, "CancelApproval", pb.DecisionRequest(id=args.id, reason=args.reason)))

@@ -19,6 +19,17 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def rollout_state(agent: Any) -> str:
+    """How a managed agent stands against what the collector asked it to serve (an AgentState)."""
+    if not agent.managed:
+        return "-"  # serves the file it was started with
+    if agent.model_error:
+        return "FAILED"
+    if not agent.desired_version:
+        return "waiting" if not agent.model_version else "-"  # no production version to ask for yet
+    return "ok" if agent.model_version == agent.desired_version else "LAGGING"
+
+
 def age(unix_nano: int, now_ns: int) -> str:
     if unix_nano <= 0:
         return "-"

@@ -18,7 +18,8 @@ import time
 from typing import Callable
 
 from agent import sketches
-from collector import alerts, drift, retraining
+from collector import alerts, drift, retraining, rollback_policy
+from collector.rollback_policy import RollbackPolicy
 from collector.rollup import merge_windows
 from collector.store import Store
 from collector.webhook import Webhook
@@ -72,8 +73,11 @@ class DriftEvaluator:
     """Evaluates model versions and records the results; thread-safe."""
 
     def __init__(self, store: Store, webhook: Webhook | None = None,
-                 clock: Callable[[], int] = time.time_ns, retrain_after_evaluations: int = 10) -> None:
+                 clock: Callable[[], int] = time.time_ns, retrain_after_evaluations: int = 10,
+                 rollback: RollbackPolicy = RollbackPolicy()) -> None:
         self.store, self.webhook, self.clock = store, webhook, clock
+        self.rollback = rollback  # severe degradation soon after a promotion: request (or make) a rollback
+        self.push_rollout: Callable[[int], object] | None = None  # tells the agents of a rollback made by policy
         # a drift alert open this many consecutive evaluations opens a retraining request (0: never)
         self.retrain_after_evaluations = retrain_after_evaluations
         # Reference sketches are parsed once per profile (they cache their sorted views).
@@ -133,12 +137,13 @@ class DriftEvaluator:
         return evaluation
 
     def _record(self, evaluation: pb.DriftEvaluation, config: drift.DriftConfig) -> None:
-        def write(db):  # alerts and a policy-opened retraining request: one transaction
+        def write(db):  # alerts and policy-opened retraining and rollback requests: one transaction
             now = self.clock()
             changed = alerts.record(db, evaluation, config.consecutive, now)
-            return changed, retraining.policy(db, evaluation, self.retrain_after_evaluations, now)
+            return (changed, retraining.policy(db, evaluation, self.retrain_after_evaluations, now),
+                    rollback_policy.apply(db, evaluation, self.rollback, now))
 
-        changed, opened = self.store.write(write)
+        changed, opened, rolled = self.store.write(write)
         for alert in changed:
             log.warning("alert %d %s: %s %s %s: %s", alert.id, alert.state, alert.model_name,
                         alert.model_version, alert.column, alert.summary)
@@ -149,6 +154,8 @@ class DriftEvaluator:
                         opened.model_version, opened.reason)
             if self.webhook is not None:
                 self.webhook.notify(retraining.event(opened))
+        if rolled is not None:
+            rollback_policy.announce(rolled, self.webhook, self.push_rollout)
 
     def evaluate_all(self) -> list[pb.DriftEvaluation]:
         done = []

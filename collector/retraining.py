@@ -130,9 +130,15 @@ def policy(db: Database, evaluation: pb.DriftEvaluation, after_evaluations: int,
     if after_evaluations <= 0 or not evaluation.evaluated:
         return None
     model, version = evaluation.model_name, evaluation.model_version
+    if _replaced(db, model, version):
+        return None  # retraining a version nobody serves any more helps nobody
+    # Alerts opened before the newest request of this version were that request's evidence: once it is
+    # closed (completed, rejected, cancelled) the same alerts must not open another one.
+    last = db.execute("SELECT max(opened_ns) FROM retraining_requests WHERE model = ? AND version = ?",
+                      [model, version]).fetchone()[0] or 0
     alerts = db.execute("SELECT id, evaluation_id FROM alerts WHERE model_name = ? AND model_version = ?"
-                        " AND kind = 'drift' AND state != 'resolved' ORDER BY id",
-                        [model, version]).fetchall()
+                        " AND kind = 'drift' AND state != 'resolved' AND opened_ns > ? ORDER BY id",
+                        [model, version, last]).fetchall()
     long_open = []
     for alert_id, opened_by in alerts:
         # evaluations since (and with) the one that opened the alert; it has been open through all of them
@@ -145,6 +151,14 @@ def policy(db: Database, evaluation: pb.DriftEvaluation, after_evaluations: int,
     reason = (f"drift alert{'s' if len(long_open) > 1 else ''} {', '.join(map(str, long_open))} open for "
               f"{after_evaluations} or more evaluations")
     return open_request(db, model, version, audit.COLLECTOR, reason, drift_evidence(evaluation, long_open), now_ns)
+
+
+def _replaced(db: Database, model: str, version: str) -> bool:
+    """A registered version that is no longer production while another one is."""
+    if not version.isdigit():
+        return False  # served from a file, not from the registry: its stage is unknown
+    stages = dict(db.execute("SELECT version, stage FROM model_versions WHERE name = ?", [model]).fetchall())
+    return int(version) in stages and stages[int(version)] != "production" and "production" in stages.values()
 
 
 def event(request: pb.RetrainingRequest) -> dict[str, Any]:

@@ -6,6 +6,8 @@ after ``hour_seconds``; days are deleted after ``day_seconds``. Counts (rows,
 calls, dropped rows, errors, windows) are integers summed exactly at every
 level; sketches are merged with ``agent.sketches``, so a day bucket answers
 the same questions as the windows it came from, within the sketches' error.
+A window's shadow comparison merges too; a bucket keeps one shadow version
+(the latest seen, see ``collector.shadow.ShadowMerger``).
 
 ``apply_retention`` runs on the store's writer thread, inside its transaction.
 """
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from sqlite_utils import Database
 
 from agent import sketches
+from collector import samples
+from collector.shadow import ShadowMerger
 from protos import summary_pb2
 
 NS = 1_000_000_000
@@ -37,9 +41,10 @@ class RetentionPolicy:
     minute_seconds: int = 86400
     hour_seconds: int = 30 * 86400
     day_seconds: int = 400 * 86400  # then deleted
+    sample_seconds: int = 7 * 86400  # agents' row samples (collector.samples) are deleted after this
 
     def __post_init__(self) -> None:
-        for name in ("raw_seconds", "minute_seconds", "hour_seconds", "day_seconds"):
+        for name in ("raw_seconds", "minute_seconds", "hour_seconds", "day_seconds", "sample_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RetentionPolicy.{name} must be positive")
 
@@ -69,6 +74,7 @@ class WindowMerger:
         self._columns: dict[tuple[str, int], _Column] = {}
         self._latency: _Column | None = None
         self._performance: PerformanceTotals | None = None
+        self._shadow = ShadowMerger()
 
     def add(self, w: summary_pb2.WindowSummary) -> None:
         head = self._head
@@ -102,6 +108,8 @@ class WindowMerger:
                 self._latency = _Column(w.latency)
             else:
                 self._latency.add(w.latency)
+        if w.HasField("shadow"):
+            self._shadow.add(w.shadow, w.end_unix_nano)
 
     def result(self) -> summary_pb2.WindowSummary:
         if self._head is None:
@@ -113,6 +121,9 @@ class WindowMerger:
         out.columns.extend(c.to_proto() for c in self._columns.values())
         if self._performance is not None:
             out.performance.CopyFrom(self._performance.to_proto())
+        shadow = self._shadow.result()
+        if shadow is not None:
+            out.shadow.CopyFrom(shadow)
         return out
 
 
@@ -175,6 +186,7 @@ def apply_retention(db: Database, now_ns: int, policy: RetentionPolicy) -> dict[
         "DELETE FROM rollups WHERE level = 'day' AND bucket_end_ns <= ?", [now_ns - policy.day_seconds * NS]
     )
     counts["day_deleted"] = cursor.rowcount
+    samples.delete_older(db, now_ns - policy.sample_seconds * NS)  # agents' row samples past their retention
     return counts
 
 

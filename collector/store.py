@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 from sqlite_utils import Database
 
 from agent.errors import ResourceExhausted, Unavailable
-from collector import audit
+from collector import audit, samples
 from collector.rollup import RetentionPolicy, apply_retention
 from collector.schema import SPOOL_FIELDS as _SPOOL_FIELDS
 from collector.schema import immediate as _immediate
@@ -86,14 +86,15 @@ _ADD_RUN_TOTALS = (
 )
 
 
-def _window_row(w: summary_pb2.WindowSummary) -> tuple:
+def _window_row(w: summary_pb2.WindowSummary, body: bytes) -> tuple:
     return (w.agent_id, w.run_id, w.seq, w.model_name, w.model_version, w.start_unix_nano, w.end_unix_nano,
-            w.rows, w.calls, w.dropped_rows, w.errors, w.SerializeToString())
+            w.rows, w.calls, w.dropped_rows, w.errors, body)
 
 
-def _insert_windows(db: Database, rows: list[tuple], sha: list[str], now_ns: int) -> list[WindowResult]:
+def _insert_windows(db: Database, rows: list[tuple], sha: list[str], now_ns: int,
+                    sampled: Sequence[tuple | None] = ()) -> list[WindowResult]:
     results = []
-    for row, model_sha256 in zip(rows, sha):
+    for row, model_sha256, sample in zip(rows, sha, sampled or [None] * len(rows)):
         # One statement per window: rowcount tells a new window from a resend.
         stored = db.conn.execute(_INSERT_WINDOW, row).rowcount == 1
         results.append(WindowResult(row[1], row[2], STORED if stored else DUPLICATE))
@@ -101,6 +102,8 @@ def _insert_windows(db: Database, rows: list[tuple], sha: list[str], now_ns: int
             agent_id, run_id, _, name, version, start, end, nrows, _, dropped, errors, _ = row
             db.conn.execute(_ADD_RUN_TOTALS, (agent_id, run_id, name, version, model_sha256, start, now_ns, now_ns,
                                               nrows, dropped, errors, end))
+            if sample is not None:  # kept apart from the body, in the same transaction
+                samples.insert(db, sample)
     return results
 
 
@@ -148,10 +151,12 @@ class Store:
         may the agent forget them. A full queue raises ResourceExhausted at
         once (back-pressure: the agent keeps its spool and retries later).
         Callbacks on the future run on the writer thread: keep them short."""
-        rows = [_window_row(w) for w in windows]  # serialise here, in the caller's thread
+        bodies = [samples.split(w) for w in windows]  # serialise here, in the caller's thread; samples apart
+        rows = [_window_row(w, body) for w, (body, _) in zip(windows, bodies)]
+        sampled = [sample for _, sample in bodies]
         sha = [w.model_sha256 for w in windows]
         now_ns = time.time_ns()  # first_seen of a run that sent windows before its Hello
-        task = _Task(lambda db: _insert_windows(db, rows, sha, now_ns), concurrent.futures.Future(),
+        task = _Task(lambda db: _insert_windows(db, rows, sha, now_ns, sampled), concurrent.futures.Future(),
                      weight=len(rows), windows=True)
         if not rows:
             task.future.set_result([])
@@ -173,6 +178,10 @@ class Store:
             fields["started_ns"] = hello.started_unix_nano
         if hello.HasField("spool"):
             fields.update(_spool_columns(hello.spool))
+        if hello.managed:  # what it serves now; the collector's commands follow (collector.rollout)
+            state = hello.model_state
+            fields.update(managed=1, model_error="" if state.ok else state.error[:2000],
+                          shadow_version=state.shadow_version, shadow_share=state.shadow_share)
         self._update_agent(hello.agent_id, hello.run_id, now_ns, fields)
 
     def record_spool(self, agent_id: str, run_id: str, spool: collector_pb2.SpoolStatus, now_ns: int) -> None:
@@ -342,6 +351,8 @@ class Store:
             last_window_end_unix_nano=r["last_window_end_ns"], windows=r["windows"], rows=r["rows"],
             dropped_rows=r["dropped_rows"], restarts=r["restarts"],
             spool=collector_pb2.SpoolStatus(**{f: r[f"spool_{f}"] for f in _SPOOL_FIELDS}),
+            managed=bool(r["managed"]), desired_version=r["desired_version"], model_error=r["model_error"],
+            shadow_version=r["shadow_version"], shadow_share=r["shadow_share"],
         ) for r in rows]
 
     def model_totals(self) -> list[collector_pb2.ModelVersionTotals]:

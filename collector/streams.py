@@ -2,7 +2,8 @@
 
 An agent stream is read by its own thread while the handler thread sends
 replies, so acks (sent only once the store has committed the windows) never
-wait for the next request and reading never waits for a commit.
+wait for the next request and reading never waits for a commit. Commands to
+managed agents (``collector.rollout``) join the same reply queue at any time.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import grpc
 
 from agent.errors import InvalidArgument, OutriderError, ResourceExhausted, Unavailable
 from collector.ingest import validate_window
+from collector.metrics import batch_acked, batch_received
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 
@@ -27,8 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# What a stream's reader thread and the store's callbacks tell the reply generator.
-_ACKS, _DONE, _EOF, _DRAIN, _ERROR, _GONE = range(6)
+# What a stream's reader thread, the store's callbacks and the rollout pusher tell the reply generator.
+_ACKS, _DONE, _EOF, _DRAIN, _ERROR, _GONE, _COMMAND = range(7)
 
 
 def _acks(acks: Sequence[pb.WindowAck]) -> pb.CollectorMessage:
@@ -66,6 +68,12 @@ class LiveStreams:
     def connected(self, agent_id: str, run_id: str) -> bool:
         with self._lock:
             return self._runs[(agent_id, run_id)] > 0
+
+    def of_model(self, model_name: str, managed: bool = False) -> list[AgentStream]:
+        """The open streams of ``model_name``'s agents (only managed ones, if ``managed``)."""
+        with self._lock:
+            return [s for s in self._streams
+                    if s.hello.model_name == model_name and (s.hello.managed or not managed)]
 
     def __len__(self) -> int:
         with self._lock:
@@ -107,10 +115,12 @@ class AgentStream:
                         return  # shutting down: what was not submitted is resent after reconnecting
                 elif kind == "status":
                     self.store.record_spool(self.hello.agent_id, self.hello.run_id, message.status, time.time_ns())
+                elif kind == "model_state":
+                    self.servicer.rollouts.record(self.hello.agent_id, self.hello.run_id, message.model_state)
                 elif kind == "hello":
                     raise InvalidArgument("hello may be sent only once, as the first message of a stream")
                 else:
-                    raise InvalidArgument("empty message: set one of hello, windows or status")
+                    raise InvalidArgument("empty message: set one of hello, windows, status or model_state")
         except grpc.RpcError:  # the call ended (client went away, or we answered)
             self._out.put((_GONE, None))
         except Exception as exc:  # OutriderError or a bug: the reply generator ends the call with it
@@ -147,6 +157,7 @@ class AgentStream:
             except ResourceExhausted as exc:
                 raise self.servicer.retry_later(exc) from None
             self._outstanding.add(future)
+        batch_received(future)  # the ack latency's start (collector.metrics)
         future.add_done_callback(lambda done: self._out.put((_DONE, done)))
         return True
 
@@ -189,12 +200,15 @@ class AgentStream:
                     with self._lock:
                         self._outstanding.discard(item)
                     yield self._committed(item)
+                    batch_acked(self.servicer, item)
                     self._sent()
                 elif kind == _EOF:
                     eof = True
                 elif kind == _ERROR:
                     yield from self._committed_so_far()
                     raise item
+                elif kind == _COMMAND:
+                    yield item
                 elif kind == _GONE:
                     return
                 with self._lock:
@@ -221,6 +235,15 @@ class AgentStream:
             yield self._committed(future)
 
     # ---------------------------------------------------------------- any thread
+
+    def send(self, message: pb.CollectorMessage) -> bool:
+        """Queue a message (a Command) for the agent; False when the stream has ended. Commands are
+        few (one per change of a model's production version or shadow), so they are not bounded."""
+        with self._lock:
+            if self._closed:
+                return False
+        self._out.put((_COMMAND, message))
+        return True
 
     def drain(self) -> None:
         """Stop taking windows; ack what is in flight, then end the stream."""

@@ -233,14 +233,14 @@ def test_a_drift_alert_open_for_k_evaluations_opens_one_retraining_request(tmp_p
         assert evidence["evaluation_id"] == trigger.id
         assert [int(e["retraining"]["id"]) for e in hook.events if e["event"] == "retraining.open"] == [request.id]
 
-        # once it is closed, the alert still being open opens a new one at the next evaluation
+        # once it is closed, the same alert (its evidence) does not open another one: the operator decided
         store.write(lambda db: retraining.change(db, request.id, "cancelled", "ops", "", clock.now))
         send_more = summary_pb2.WindowSummary(agent_id="a", run_id="r", seq=seq, model_name="m", model_version="1",
                                               start_unix_nano=clock.now - 10 * S, end_unix_nano=clock.now,
                                               rows=1000, calls=1000, columns=columns(rng, 1000, shift=0.5))
         store.submit_windows([send_more]).result()
         evaluator.evaluate("m", "1")
-        assert [r.state for r in retraining.listing(store.read(), include_closed=True)] == ["cancelled", "open"]
+        assert [r.state for r in retraining.listing(store.read(), include_closed=True)] == ["cancelled"]
 
         from collector import audit
 

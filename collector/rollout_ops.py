@@ -1,0 +1,87 @@
+"""Rollback, rollouts and the shadow switch of the operators' service (a mixin of ``OpsServicer``).
+
+Thin like every servicer: check the request, run the plain core
+(``collector.rollout``) inside one store write with its audit rows, then push
+the change to the model's live managed agents (after the commit, through
+``self.agents.rollouts``), and log who did what.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from agent.errors import InvalidArgument, grpc_errors
+from collector import approvals, rollout
+from collector.auth import current_identity
+from collector.ingest import validate_model_key
+from protos import collector_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+def _actor() -> str:
+    identity = current_identity()
+    return identity.name if identity else "unknown"
+
+
+class RolloutOps:
+    """Needs ``self.store`` and ``self.agents`` (its ``rollouts`` pusher and ``limits``)."""
+
+    def _pushed(self, rollout_id: int) -> pb.Rollout:
+        reached = self.agents.rollouts.push_rollout(rollout_id)
+        made = rollout.get(self.store.read(), rollout_id)
+        log.info("rollout %d: %s %s version %d by %s, sent to %d agent stream(s)", made.id, made.kind,
+                 made.model_name, made.version, made.actor, reached)
+        return made
+
+    @grpc_errors
+    def Rollback(self, request: pb.RollbackRequest, context: grpc.ServicerContext) -> pb.Rollout:
+        validate_model_key(request.model_name, "-", self.agents.limits)
+        reason = approvals.check_reason(request.reason, "a rollback")
+        actor = _actor()
+        rollout_id = self.store.write(lambda db: rollout.rollback(db, request.model_name, request.to_version, actor,
+                                                                  reason, time.time_ns()))
+        return self._pushed(rollout_id)
+
+    @grpc_errors
+    def ListRollouts(self, request: pb.ListRolloutsRequest,
+                     context: grpc.ServicerContext) -> pb.ListRolloutsResponse:
+        if request.limit > rollout.MAX_LIST_LIMIT:
+            raise InvalidArgument(f"limit {request.limit} is over the maximum of {rollout.MAX_LIST_LIMIT}")
+        if request.model_name:
+            validate_model_key(request.model_name, "-", self.agents.limits)
+        return pb.ListRolloutsResponse(rollouts=rollout.listing(self.store.read(), request.model_name,
+                                                                request.limit or rollout.DEFAULT_LIST_LIMIT))
+
+    @grpc_errors
+    def ShowRollout(self, request: pb.ShowRolloutRequest, context: grpc.ServicerContext) -> pb.Rollout:
+        return rollout.get(self.store.read(), request.id)
+
+    @grpc_errors
+    def SetShadow(self, request: pb.SetShadowRequest, context: grpc.ServicerContext) -> pb.Rollout:
+        validate_model_key(request.model_name, "-", self.agents.limits)
+        share = rollout.check_share(request.share)
+        reason = approvals.check_reason(request.reason, "a shadow")
+        actor = _actor()
+        rollout_id = self.store.write(lambda db: rollout.set_shadow(db, request.model_name, request.version, share,
+                                                                    actor, reason, time.time_ns()))
+        return self._pushed(rollout_id)
+
+    @grpc_errors
+    def ClearShadow(self, request: pb.SetShadowRequest, context: grpc.ServicerContext) -> pb.Rollout:
+        validate_model_key(request.model_name, "-", self.agents.limits)
+        reason = approvals.check_reason(request.reason, "clearing a shadow")
+        actor = _actor()
+        rollout_id = self.store.write(lambda db: rollout.clear_shadow(db, request.model_name, actor, reason,
+                                                                      time.time_ns()))
+        return self._pushed(rollout_id)
+
+    def _decide(self, request: pb.DecisionRequest, approve: bool) -> pb.Approval:
+        # GovernanceOps decides inside one write (approvals.decide starts the rollout there); what
+        # an approval changed reaches the agents only after that commit, so it is pushed here.
+        decided = super()._decide(request, approve)  # type: ignore[misc]
+        if decided.state == "approved":
+            self.agents.rollouts.push(decided.model_name, rollout.SERVE)
+        return decided
