@@ -77,6 +77,14 @@ OPS_METHOD_ROLES: dict[str, str] = {
     "CompleteRetraining": "operator",
     "RejectRetraining": "operator",
     "CancelRetraining": "operator",
+    "ExportData": "operator",  # sampled rows are data, not summaries: viewers may not take them
+    "Rollback": "operator",  # immediate: back to a version that was approved before
+    "ListRollouts": "viewer",
+    "ShowRollout": "viewer",
+    "SetShadow": "operator",
+    "ClearShadow": "operator",
+    "ShadowReport": "viewer",
+    "CancelApproval": "operator",  # and only the requester or an admin (checked by collector.approval_cancel)
 }
 
 

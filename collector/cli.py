@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli import EXIT_USAGE, UsageError, add_flag, check_listen, listen_address, positive, stop_signals
-from collector.cli_format import age, iso, plain, table  # noqa: F401  (other command modules import them from here)
+from collector.cli_format import age, iso, plain, rollout_state, table  # noqa: F401  (other command modules import them from here)
 
 DEFAULT_COLLECTOR = "127.0.0.1:50051"
 CALL_TIMEOUT = 30.0
@@ -58,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="seconds hour buckets are kept before they are merged into days")
     add_flag(serve, "--day-retention", prefix=COLLECTOR_ENV, default="34560000", type=positive(int), metavar="S",
              help="seconds day buckets are kept before they are deleted")
+    add_flag(serve, "--sample-retention", prefix=COLLECTOR_ENV, default="604800", type=positive(int), metavar="S",
+             help="seconds the rows agents sample (agent serve --sample-rows) are kept for 'outrider data export'")
     add_flag(serve, "--rollup-interval", prefix=COLLECTOR_ENV, default="60", type=positive(float), metavar="S",
              help="seconds between retention passes")
     add_flag(serve, "--grace-seconds", prefix=COLLECTOR_ENV, default="10", type=positive(float), metavar="S",
@@ -83,6 +85,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(serve, "--retrain-after-evaluations", prefix=COLLECTOR_ENV, default="10", type=non_negative_int,
              metavar="K", help="open a retraining request when a drift alert has stayed open for K consecutive "
                                "evaluations (0: never)")
+    add_flag(serve, "--rollback-watch-seconds", prefix=COLLECTOR_ENV, default="3600", type=non_negative,
+             metavar="S", help="for S seconds after a promotion, a performance alert or a drift alert on a "
+                               "prediction of the new production version triggers --rollback-action (0: never)")
+    add_flag(serve, "--rollback-action", prefix=COLLECTOR_ENV, default="request", choices=("request", "act"),
+             help="request: open a rollback request for an approver; act: roll back at once")
+    add_flag(serve, "--metrics", prefix=COLLECTOR_ENV, type=listen_address, metavar="HOST:PORT",
+             help="serve Prometheus metrics at http://HOST:PORT/metrics (default: none); it has no auth, "
+                  "so keep it on loopback or a scrape-only network")
+    add_flag(serve, "--http", prefix=COLLECTOR_ENV, type=listen_address, metavar="HOST:PORT",
+             help="serve the read-only web page (fleet, drift plots, registry, approvals, audit trail) at "
+                  "http://HOST:PORT/ (default: none); with --auth-file it asks for an operator token (viewer or "
+                  "above), without one HOST must be loopback")
     serve.set_defaults(func=_one_line_errors(serve_command))
 
     status = subparsers.add_parser(
@@ -216,8 +230,18 @@ def serve_command(args: argparse.Namespace) -> int:
     if not db.parent.is_dir():
         raise UsageError(f"directory {db.parent} of --db {db} does not exist; create it or pass another --db")
     retention = RetentionPolicy(raw_seconds=args.raw_retention, minute_seconds=args.minute_retention,
-                                hour_seconds=args.hour_retention, day_seconds=args.day_retention)
+                                hour_seconds=args.hour_retention, day_seconds=args.day_retention,
+                                sample_seconds=args.sample_retention)
     check_listen(args.listen)
+    if args.http and auth is None and not is_loopback(args.http):
+        raise UsageError(f"refusing to serve the web page on {args.http} without --auth-file: anyone who can reach "
+                         "it could read everything; pass --auth-file FILE or use loopback (e.g. 127.0.0.1:8080)")
+    if args.http:
+        try:
+            check_listen(args.http)
+        except UsageError as exc:
+            raise UsageError(str(exc).replace("with --listen", "with --http")) from None
+    metrics = _start_metrics(args.metrics)
 
     with stop_signals() as stop:
         try:
@@ -228,9 +252,12 @@ def serve_command(args: argparse.Namespace) -> int:
                                       gate_policy=GatePolicy(args.gate_accuracy_tolerance, args.gate_mae_tolerance,
                                                              args.gate_latency_budget_ms),
                                       retired_artifact_retention=args.retired_artifact_retention,
-                                      retrain_after_evaluations=args.retrain_after_evaluations)
+                                      retrain_after_evaluations=args.retrain_after_evaluations,
+                                      rollback_watch_seconds=args.rollback_watch_seconds,
+                                      rollback_action=args.rollback_action, metrics=metrics, http=args.http)
         except OSError as exc:
-            raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
+            flag = "--http" if "web page" in str(exc) else "--listen"
+            raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with {flag}") from None
         except (OutriderError, sqlite3.Error) as exc:
             raise UsageError(f"cannot use {db} as the collector's database: {_first_line(exc)}; "
                              "pass another --db") from None
@@ -238,11 +265,26 @@ def serve_command(args: argparse.Namespace) -> int:
             print("outrider: warning: no --auth-file: running unauthenticated, on loopback only",
                   file=sys.stderr, flush=True)
         print(f"collector listening on {running.address} (db {db})", flush=True)
+        if running.web is not None:
+            print(f"web page on {running.web.url}", flush=True)
         try:
             stop.wait()
         finally:
             running.stop(args.grace_seconds)
+            if metrics is not None:
+                metrics.close()
     return 0
+
+
+def _start_metrics(listen: str | None) -> Any:
+    if not listen:
+        return None
+    from agent.metrics import start_for_cli
+    from collector.metrics import CollectorMetrics
+
+    metrics = CollectorMetrics()
+    start_for_cli(metrics, listen)
+    return metrics
 
 
 def _webhook(args: argparse.Namespace) -> Any:
@@ -299,11 +341,18 @@ def status_command(args: argparse.Namespace) -> int:
         return 0
     now = time.time_ns()
     if reply.agents:
-        print(table(["AGENT", "RUN", "HOST", "MODEL", "CONNECTED", "LAST WINDOW", "WINDOWS", "ROWS", "DROPPED",
-                     "SPOOL", "RESTARTS"],
-                    [[a.agent_id, a.run_id[:8], a.host or "-", f"{a.model_name}@{a.model_version}",
+        # MODEL: the version served; WANTS: what the collector asked a managed agent to serve
+        print(table(["AGENT", "RUN", "HOST", "MODEL", "WANTS", "ROLLOUT", "SHADOW", "CONNECTED", "LAST WINDOW",
+                     "WINDOWS", "ROWS", "DROPPED", "SPOOL", "RESTARTS"],
+                    [[a.agent_id, a.run_id[:8], a.host or "-", f"{a.model_name}@{a.model_version or '-'}",
+                      (a.desired_version or "none") if a.managed else "-", rollout_state(a),
+                      f"{a.shadow_version} ({a.shadow_share:.0%})" if a.shadow_version else "-",
                       "yes" if a.connected else "no", age(a.last_window_end_unix_nano, now), a.windows, a.rows,
                       a.dropped_rows + a.spool.dropped_rows, a.spool.windows, a.restarts] for a in reply.agents]))
+        for a in reply.agents:
+            if a.model_error:
+                print(f"  {a.agent_id} run {a.run_id[:8]}: the last command failed, it serves "
+                      f"{a.model_version or 'nothing'}: {a.model_error}")
     else:
         print("no agents have connected yet")
     print()

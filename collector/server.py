@@ -34,8 +34,13 @@ from collector.streams import AgentStream, LiveStreams
 from collector.rollup import RetentionPolicy
 from collector.evaluation import DriftEvaluator, EvaluationLoop
 from collector.gate import GatePolicy
+from collector.data_ops import DataOps
 from collector.governance_ops import GovernanceOps
-from collector.registry import Registry
+from collector.rollout import RolloutPusher, artifact_chunks
+from collector.rollout_ops import RolloutOps
+from collector.rollback_policy import RollbackPolicy
+from collector.shadow_ops import ShadowOps
+from collector.registry import ArtifactStore, Registry
 from collector.store import Store
 from collector.webhook import Webhook
 from protos import collector_pb2 as pb
@@ -60,6 +65,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self.max_in_flight = max_in_flight  # ack messages per stream not yet sent
         self.retry_after_ms = retry_after_ms
         self.live = LiveStreams()
+        self.rollouts = RolloutPusher(store, self.live, limits)  # commands to managed agents
+        self.artifacts: ArtifactStore | None = None  # the registry's, for FetchArtifact (set by serve_collector)
         self.shutting_down = threading.Event()
         self._lock = threading.Lock()
         self._rejected = 0
@@ -118,11 +125,21 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         identity = current_identity()
         log.info("agent %s run %s (%s %s) connected as %s", hello.agent_id, hello.run_id, hello.model_name,
                  hello.model_version, identity.name if identity else "?")
+        if hello.managed:  # after live.add: a change committed from now on reaches this stream too
+            self.rollouts.hello(stream)
         threading.Thread(target=stream.read, name=f"outrider-stream-{hello.agent_id}", daemon=True).start()
         yield from stream.replies()
 
+    @grpc_stream_errors
+    def FetchArtifact(self, request: pb.FetchArtifactRequest,
+                      context: grpc.ServicerContext) -> Iterator[pb.ArtifactChunk]:
+        if self.artifacts is None:
+            raise Unavailable("this collector keeps no model artifacts")
+        yield from artifact_chunks(self.store.read(), self.artifacts, request.model_name, request.version,
+                                   self.limits)
 
-class OpsServicer(GovernanceOps, pb_grpc.OpsServiceServicer):
+
+class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServiceServicer):
     def __init__(self, store: Store, agents: AgentServicer, auth: AuthInterceptor,
                  evaluator: DriftEvaluator, registry: Registry) -> None:
         self.store = store
@@ -305,6 +322,7 @@ class CollectorServer:
         self.evaluation: EvaluationLoop | None = None
         self.webhook: Webhook | None = None
         self.registry: Registry | None = None
+        self.web: Any = None  # the read-only web page (collector.web), when serving one
         self._stop_lock = threading.Lock()
         self._stopped = False
 
@@ -320,6 +338,8 @@ class CollectorServer:
                 return
             self._stopped = True
         self.health.enter_graceful_shutdown()
+        if self.web is not None:  # it reads the store: stop it first
+            self.web.stop()
         self.agents.shutting_down.set()
         self.agents.live.drain()
         self.server.stop(grace).wait()
@@ -343,9 +363,12 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
                     evaluation_keep_seconds: float = 7 * 86400.0, webhook: Webhook | None = None,
                     gate_policy: GatePolicy = GatePolicy(),
                     retired_artifact_retention: float = DEFAULT_RETIRED_ARTIFACT_RETENTION,
-                    retrain_after_evaluations: int = 10) -> CollectorServer:
+                    retrain_after_evaluations: int = 10, rollback_watch_seconds: float = 3600.0,
+                    rollback_action: str = "request", metrics: Any = None,
+                    http: str | None = None) -> CollectorServer:
     """Open the store at ``db_path`` (or take ``store``, which is then the server's to close)
-    and serve on ``listen`` (port 0 picks one).
+    and serve on ``listen`` (port 0 picks one). ``metrics`` (a ``collector.metrics.CollectorMetrics``)
+    is bound to this collector's parts, for its /metrics.
 
     Drift is evaluated every ``drift_interval`` seconds (0: only on demand);
     evaluations older than ``evaluation_keep_seconds`` are pruned; alerts that
@@ -353,16 +376,21 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
     beside the database (``collector.registry``); ``gate_policy`` sets the gate's tolerances.
     Retired versions' artifacts are removed ``retired_artifact_retention`` seconds after their
     retirement (by the rollup loop). A drift alert open for ``retrain_after_evaluations``
-    consecutive evaluations opens a retraining request (0: never).
+    consecutive evaluations opens a retraining request (0: never). Severe degradation within
+    ``rollback_watch_seconds`` of a promotion (0: never) requests a rollback, or makes it when
+    ``rollback_action`` is "act" (``collector.rollback_policy``).
 
     Without ``auth`` every caller is trusted: the caller (the CLI) makes sure
-    ``listen`` is a loopback address then. Raises ``OSError`` when the address
+    ``listen`` is a loopback address then. ``http`` (HOST:PORT) also serves the read-only web
+    page there (``collector.web``; loopback only without ``auth``). Raises ``OSError`` when the address
     cannot be bound. Signal handling is left to the caller.
     """
     store = store if store is not None else Store(db_path)
     try:
         interceptor = AuthInterceptor(auth, on_refusal=audit.AuthFailureLog(store.submit))
         agents = AgentServicer(store, limits=limits or Limits(), max_agents=max_agents, retry_after_ms=retry_after_ms)
+        if metrics is not None:
+            metrics.watch(store, agents, interceptor)
         health_servicer = health.HealthServicer()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_agents + OPS_THREADS, thread_name_prefix="outrider-collector"),
@@ -378,8 +406,11 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
             ],
         )
         pb_grpc.add_AgentServiceServicer_to_server(agents, server)
-        evaluator = DriftEvaluator(store, webhook, retrain_after_evaluations=retrain_after_evaluations)
+        evaluator = DriftEvaluator(store, webhook, retrain_after_evaluations=retrain_after_evaluations,
+                                   rollback=RollbackPolicy(rollback_watch_seconds, rollback_action))
+        evaluator.push_rollout = agents.rollouts.push_rollout  # a rollback made by policy reaches the agents
         registry = Registry(store, policy=gate_policy, limits=agents.limits)
+        agents.artifacts = registry.artifacts
         pb_grpc.add_OpsServiceServicer_to_server(OpsServicer(store, agents, interceptor, evaluator, registry), server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         try:
@@ -404,4 +435,12 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
     running = CollectorServer(server, agents, health_servicer, rollup, store, interceptor, host, port)
     running.evaluation, running.webhook = evaluation, webhook
     running.registry = registry
+    if http:  # the read-only web page, on its own threads (collector.web)
+        from collector.web import start_web
+
+        try:
+            running.web = start_web(http, store, auth, interceptor, agents, tls)
+        except BaseException:
+            running.stop(grace=0)
+            raise
     return running

@@ -1,0 +1,257 @@
+"""Prometheus ``/metrics`` of the agent: requests, failures and latency of inference, and
+the monitoring counters the session and its exporter already keep.
+
+Request counting is a gRPC server interceptor (a lock and an add per call, as
+prometheus_client's own counters are); everything else is read when Prometheus
+scrapes, by a custom collector, from whatever session is served *then* (a
+managed agent swaps its session at run time), so nothing is added to the
+request path for it. Each ``AgentMetrics`` has its own registry: several
+agents in one process (tests) never clash over the global default one.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+log = logging.getLogger(__name__)
+
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+# Fixed buckets (seconds) are what let Prometheus add histograms of many agents together
+# (sum by (le)); they span a small tabular model's ~50 us to a slow model's 10 s.
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                   0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# What is served now: an object with ``session``, ``model_name`` and ``model_version``
+# (an ``agent.dataplane.DataPlane``), or None before anything is.
+Served = Callable[[], Any]
+
+
+class MetricsEndpoint:
+    """prometheus_client's own HTTP server for one registry, on its own daemon thread."""
+
+    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]")
+        # OSError (address in use, unknown host) goes to the caller, who says what to fix.
+        self._server, self._thread = start_http_server(int(port), host, registry=registry)
+        self.host = host
+        self.port: int = self._server.server_port
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}/metrics"
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+class AgentMetrics:
+    """The agent's metrics. ``serve(..., metrics=AgentMetrics())`` binds it to what the
+    server serves and installs ``interceptor``; ``start_http(listen)`` serves /metrics."""
+
+    def __init__(self, served: Served | None = None, *, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._served: Served = served or (lambda: None)
+        self.requests = Counter("outrider_agent_requests", "ModelInfer requests received, by the model "
+                                "version served when they arrived", ["model", "version"], registry=self.registry)
+        self.failures = Counter("outrider_agent_request_failures", "ModelInfer requests answered with an error, "
+                                "by gRPC status code", ["model", "version", "reason"], registry=self.registry)
+        self.latency = Histogram("outrider_agent_inference_latency_seconds", "time to answer a ModelInfer "
+                                 "request, failures included", ["model", "version"], buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}  # labels() once per version, not per call
+        self.interceptor = _RequestInterceptor(self)
+        self.registry.register(_MonitoringCollector(self))
+        self._endpoints: list[MetricsEndpoint] = []
+        self._lock = threading.Lock()
+
+    def bind(self, served: Served) -> None:
+        """Read what is served through ``served`` (called at every request and scrape)."""
+        self._served = served
+
+    def served(self) -> Any:
+        return self._served()
+
+    def start_http(self, listen: str) -> MetricsEndpoint:
+        """Serve /metrics on ``listen`` (HOST:PORT, port 0 picks one); raises OSError if it cannot."""
+        endpoint = MetricsEndpoint(self.registry, listen)
+        with self._lock:
+            self._endpoints.append(endpoint)
+        log.info("agent metrics on %s", endpoint.url)
+        return endpoint
+
+    def close(self) -> None:
+        with self._lock:
+            endpoints, self._endpoints = self._endpoints, []
+        for endpoint in endpoints:
+            endpoint.stop()
+
+    # --- the request path ---------------------------------------------------------------
+    def _labelled(self) -> tuple[tuple[str, str], Any, Any]:
+        served = self._served()
+        key = (getattr(served, "model_name", ""), getattr(served, "model_version", ""))
+        children = self._children.get(key)
+        if children is None:  # a new version (startup, rollout): rare, so the dict stays small
+            children = self._children[key] = (self.requests.labels(*key), self.latency.labels(*key))
+        return key, children[0], children[1]
+
+    def observe(self, seconds: float, code: grpc.StatusCode | None) -> None:
+        """One ModelInfer call that took ``seconds`` and ended with ``code`` (None: OK)."""
+        key, requests, latency = self._labelled()
+        requests.inc()
+        latency.observe(seconds)
+        if code is not None and code is not grpc.StatusCode.OK:
+            self.failures.labels(*key, code.name).inc()
+
+
+class _RequestInterceptor(grpc.ServerInterceptor):
+    """Counts and times ModelInfer calls; other methods pass through untouched.
+
+    Requests that gRPC refuses before any handler runs (e.g. over the message
+    size limit: RESOURCE_EXHAUSTED) are not seen here."""
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self.metrics = metrics
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method != INFER_METHOD or handler.unary_unary is None:
+            return handler
+        behavior, metrics = handler.unary_unary, self.metrics
+
+        def timed(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                reply = behavior(request, context)
+            except BaseException:
+                # the servicer aborts with its status (agent.errors): the code is on the context
+                metrics.observe(time.perf_counter() - started, context.code() or grpc.StatusCode.UNKNOWN)
+                raise
+            metrics.observe(time.perf_counter() - started, context.code())
+            return reply
+
+        return grpc.unary_unary_rpc_method_handler(timed, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
+# Exporter stats (agent.exporter.CollectorExporter.stats) -> (name, type, help).
+_EXPORTER = (
+    ("windows_sent", "outrider_agent_windows_sent", "counter", "windows sent to the collector (resends included)"),
+    ("windows_acked", "outrider_agent_windows_acked", "counter",
+     "windows the collector acknowledged after committing them"),
+    ("windows_rejected", "outrider_agent_windows_rejected", "counter",
+     "windows the collector refused for good (invalid); dropped from the spool"),
+    ("retries", "outrider_agent_stream_retries", "counter",
+     "new streams to the collector after one failed; un-acked windows are resent on them"),
+    ("export_errors", "outrider_agent_spool_write_errors", "counter", "windows that could not be spooled (lost)"),
+    ("in_flight", "outrider_agent_windows_in_flight", "gauge", "windows sent and not acknowledged yet"),
+    ("spool_windows", "outrider_agent_spool_windows", "gauge", "windows waiting in the spool for an ack"),
+    ("spool_bytes", "outrider_agent_spool_bytes", "gauge", "bytes of the windows waiting in the spool"),
+    ("spool_dropped_windows", "outrider_agent_spool_dropped_windows", "counter",
+     "windows dropped from the full spool (oldest first), over the spool's life"),
+    ("spool_dropped_rows", "outrider_agent_spool_dropped_rows", "counter",
+     "rows in the windows dropped from the full spool, over the spool's life"),
+)
+
+
+class _MonitoringCollector:
+    """Reads the served session's counters when scraped (prometheus_client's custom collector)."""
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []  # names vary with the session; no registration-time collect
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            served = self.metrics.served()
+        except Exception:  # a scrape must not fail on a session being swapped
+            log.exception("cannot read the served session for metrics")
+            return
+        if served is None:
+            return
+        info = GaugeMetricFamily("outrider_agent_model_info", "the model version served now (1)",
+                                 labels=["model", "version"])
+        info.add_metric([served.model_name, served.model_version], 1)
+        yield info
+        session = getattr(served, "session", None)
+        stats = _call(session, "stats")
+        if stats is not None:  # a MonitoredSession; a bare InferenceSession keeps no counters
+            for key, name, text in (("rows_captured", "outrider_agent_rows_captured", "rows copied off the "
+                                     "request path for summaries"),
+                                    ("rows_summarised", "outrider_agent_rows_summarized", "rows summarised "
+                                     "into windows"),
+                                    ("dropped_rows", "outrider_agent_rows_dropped", "rows not summarised: the "
+                                     "ring was full or a feed could not be copied (inference was unaffected)")):
+                yield CounterMetricFamily(name, text, value=stats.get(key, 0))
+            yield CounterMetricFamily("outrider_agent_window_sink_errors", "closed windows the sink failed to "
+                                      "take (lost)", value=getattr(session, "export_failures", 0))
+        sink = getattr(session, "sink", None)
+        # a managed agent's sessions share one exporter behind a renumbering sink (agent.rollout.AgentSink)
+        exporter = _call(sink, "stats") or _call(getattr(sink, "target", None), "stats")
+        if exporter is None:
+            return  # no collector configured: no delivery metrics (not a disconnected collector)
+        for key, name, kind, text in _EXPORTER:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, text, value=exporter.get(key, 0))
+        yield GaugeMetricFamily("outrider_agent_collector_connected", "1 while the stream to the collector "
+                                "is open", value=int(bool(exporter.get("connected"))))
+
+
+def _call(obj: Any, method: str) -> dict[str, Any] | None:
+    fn = getattr(obj, method, None)
+    if not callable(fn):
+        return None
+    try:
+        return fn()
+    except Exception:  # e.g. a session closing under the scrape: skip its part this time
+        log.exception("cannot read %s.%s() for metrics", type(obj).__name__, method)
+        return None
+
+
+def start_for_cli(metrics: Any, listen: str, flag: str = "--metrics") -> MetricsEndpoint:
+    """``metrics.start_http(listen)`` for a CLI: a bad address is one UsageError line naming ``flag``;
+    says where /metrics is, and warns when it is reachable beyond this machine (it has no auth)."""
+    from agent.cli import UsageError
+
+    try:
+        endpoint = metrics.start_http(listen)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        raise UsageError(f"cannot serve metrics on {listen}: {reason}; "
+                         f"pick a free port on a local address with {flag}") from None
+    print(f"metrics on {endpoint.url}", flush=True)
+    if not _is_loopback(endpoint.host):
+        print(f"outrider: warning: {endpoint.url} has no authentication: anyone who can reach it sees model, "
+              "feature and agent names", file=sys.stderr, flush=True)
+    return endpoint
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

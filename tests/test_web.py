@@ -1,0 +1,327 @@
+"""The collector's read-only web page over HTTP: a real collector in-process with a registered model,
+windows that drift, evaluations, alerts, approvals, a retraining request, a shadow and rollouts."""
+from __future__ import annotations
+
+import http.client
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+import grpc
+import numpy as np
+import pytest
+
+from agent import examples, sketches
+from agent.errors import InvalidArgument
+from agent.profile import build_profile
+from collector import alerts, audit
+from collector.auth import AuthConfig
+from collector.drift import DriftConfig
+from collector.evaluation import DriftEvaluator
+from collector.server import CollectorServer, serve_collector
+from protos import collector_pb2 as pb
+from protos import collector_pb2_grpc as pb_grpc
+from protos import summary_pb2
+from test_collector_cli import cli, one_line_error
+from test_delivery import start, wait_until
+
+NS = 1_000_000_000
+CS = summary_pb2.ColumnSummary
+TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789", "vera": "vera-token-0123456789"}
+ROLES = {"alice": "operator", "bob": "approver", "vera": "viewer"}
+AGENT_TOKEN = "edge-agent-token-0123456789"
+AUTH_TOML = "".join(f'[[operator]]\nname = "{n}"\ntoken = "{t}"\nrole = "{ROLES[n]}"\n\n' for n, t in TOKENS.items()) \
+    + f'[[agent]]\nname = "edge-1"\ntoken = "{AGENT_TOKEN}"\n'
+MODEL = examples.logistic_regression()
+EVIL_MODEL = '<script>alert("model")</script>'
+EVIL_FEATURE = '<img src=x onerror=alert(1)>'
+MODEL_PLOTS = ("heatmap", "series-0", "pred-0", "performance", "shadow-diff", "shadow-latency")
+
+
+def profile_of(n: int, seed: int, shift: float = 0.0, flip: bool = False, name: str = "churn"
+               ) -> summary_pb2.ReferenceProfile:
+    """Features, predictions and realised performance of MODEL on ``n`` rows (X[3] shifted by ``shift``
+    sigma; ``flip``: the world changed and every label is the opposite)."""
+    x, y = examples.tabular_data(n, seed=seed)
+    x[:, 3] += shift
+    with tempfile.TemporaryDirectory() as d:
+        np.savez(Path(d) / "data.npz", X=x, label=1 - y if flip else y)
+        return build_profile(MODEL, Path(d) / "data.npz", model_name=name)
+
+
+def rename(columns, old: str, new: str) -> list[CS]:
+    out = [CS.FromString(c.SerializeToString()) for c in columns]
+    for c in out:
+        if c.name == old:
+            c.name = new
+    return out
+
+
+def numeric(name: str, values: np.ndarray) -> CS:
+    s = sketches.NumericSketch()
+    s.update(values)
+    return s.to_proto(name, CS.PREDICTION, "test")
+
+
+@dataclass
+class Site:
+    running: CollectorServer
+    url: str
+    ops: pb_grpc.OpsServiceStub
+
+
+def call(ops: pb_grpc.OpsServiceStub, who: str, method: str, request):
+    return getattr(ops, method)(request, metadata=(("authorization", f"Bearer {TOKENS[who]}"),), timeout=60)
+
+
+def register(ops: pb_grpc.OpsServiceStub, profile: summary_pb2.ReferenceProfile) -> pb.ModelVersion:
+    import hashlib
+    import json
+
+    meta = pb.RegisterMetadata(name="churn", metrics_json=json.dumps({"accuracy": 0.9}),
+                               sha256=hashlib.sha256(MODEL).hexdigest(), size=len(MODEL))
+    meta.profile.CopyFrom(profile)
+    return call(ops, "alice", "RegisterModel", iter([pb.RegisterChunk(metadata=meta), pb.RegisterChunk(data=MODEL)]))
+
+
+def populate(running: CollectorServer, ops: pb_grpc.OpsServiceStub) -> None:
+    """Everything the pages show, made through the collector's own paths where they exist."""
+    store = running.store
+    reference = profile_of(5000, seed=1)
+    v1 = register(ops, reference)
+    register(ops, reference)
+    approval = call(ops, "alice", "RequestPromotion", pb.PromotionRequest(name="churn", version=v1.version,
+                                                                          reason="first release"))
+    call(ops, "bob", "Approve", pb.DecisionRequest(id=approval.id, reason="looks good"))
+    call(ops, "alice", "RequestPromotion", pb.PromotionRequest(name="churn", version=2, reason="next release"))
+
+    now = time.time_ns()
+    clock = [now - 10 * 60 * NS]
+    evaluator = DriftEvaluator(store, clock=lambda: clock[0], retrain_after_evaluations=2)
+    policy = DriftConfig(span_seconds=150, consecutive=2)
+    for name in ("churn", EVIL_MODEL):
+        store.write(lambda db, name=name: alerts.set_config(db, name, policy, "test", now))
+    store.record_hello(pb.Hello(agent_id="edge-1", run_id="run-1", host="web-1", model_name="churn",
+                                model_version="1", agent_version="0.1.0"), now)
+    evil_reference = rename(reference.columns, "X[3]", EVIL_FEATURE)
+    store.attach_profile(EVIL_MODEL, "1", summary_pb2.ReferenceProfile(columns=evil_reference, rows=5000),
+                         "test", now)
+    rng = np.random.default_rng(3)
+    for i in range(8):
+        drifted = i >= 3
+        current = profile_of(1000, seed=100 + i, shift=1.5 if drifted else 0.0, flip=drifted)
+        start_ns, clock[0] = clock[0], clock[0] + 60 * NS
+        for seq, name in enumerate(("churn", EVIL_MODEL)):
+            w = summary_pb2.WindowSummary(
+                agent_id="edge-1" if seq == 0 else "evil", run_id="run-1", seq=i, model_name=name, model_version="1",
+                start_unix_nano=start_ns, end_unix_nano=clock[0], rows=1000, calls=100,
+                columns=current.columns if seq == 0 else rename(current.columns, "X[3]", EVIL_FEATURE),
+                performance=current.performance, latency=numeric("latency_us", rng.lognormal(4, 0.3, 100)))
+            if i >= 5 and seq == 0:
+                w.shadow.CopyFrom(summary_pb2.ShadowSummary(
+                    model_version="2", calls=50, rows=500, label_rows=500, label_agree=480,
+                    score_diff=numeric("score_diff", rng.normal(0.01, 0.05, 500)),
+                    latency=numeric("latency_us", rng.lognormal(4.2, 0.3, 50))))
+            store.submit_windows([w]).result()
+            evaluator.evaluate(name, "1")
+
+    def governance(db):
+        db.execute("INSERT INTO shadows (model, version, share, started_ns, actor)"
+                   " VALUES ('churn', 2, 0.25, ?, 'alice')", [now])
+        for kind, version, before in (("promote", 1, 0), ("rollback", 1, 2)):
+            rid = db.execute("INSERT INTO rollouts (model, version, kind, actor, reason, started_ns, from_version,"
+                             " share) VALUES ('churn', ?, ?, 'bob', ?, ?, ?, 0)",
+                             [version, kind, f"{kind} test", now, before]).lastrowid
+            db.execute("INSERT INTO rollout_acks (rollout_id, agent_id, run_id, state, error, at_ns)"
+                       " VALUES (?, 'edge-1', 'run-1', 'ok', '', ?)", [rid, now])
+
+    store.write(governance)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Iterator[Site]:
+    db = tmp_path_factory.mktemp("web") / "collector.db"
+    running = serve_collector(db, "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML), drift_interval=0,
+                              rollup_interval=3600, http="127.0.0.1:0")
+    channel = grpc.insecure_channel(running.address)
+    try:
+        ops = pb_grpc.OpsServiceStub(channel)
+        populate(running, ops)
+        yield Site(running, running.web.url.rstrip("/"), ops)
+    finally:
+        channel.close()
+        running.stop(grace=0)
+
+
+def fetch(site_url: str, path: str, *, token: str = "", cookie: str = "", method: str = "GET", form: dict | None = None,
+          host: str = "") -> tuple[int, dict[str, str], str]:
+    address = site_url.split("://", 1)[1].rstrip("/")
+    conn = http.client.HTTPConnection(address, timeout=60)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if cookie:
+        headers["Cookie"] = cookie
+    if host:
+        headers["Host"] = host
+    body = urlencode(form).encode() if form is not None else None
+    if body is not None:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        reply = conn.getresponse()
+        return reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read().decode("utf-8")
+    finally:
+        conn.close()
+
+
+def svg_ids(page: str) -> set[str]:
+    return set(re.findall(r'<svg id="([^"]+)"', page))
+
+
+# ------------------------------------------------------------------ pages
+
+
+@pytest.mark.parametrize("path, words, plots", [
+    ("/", ["churn", "edge-1", "0.1.0", "X[3]"], {"fleet-rows"}),
+    ("/models/churn", ["production", "schema", "v2 → v1", "version 2 shadows production"], set(MODEL_PLOTS)),
+    ("/approvals", ["next release", "pending", "rollback test"], set()),
+    ("/retraining", ["open", "churn"], set()),
+    ("/audit", ["model.register", "approval"], set()),
+])
+def test_every_page_loads_for_a_viewer_with_its_plots(site, path, words, plots):
+    status, headers, page = fetch(site.url, path, token=TOKENS["vera"])
+    assert status == 200, page
+    assert headers["content-type"].startswith("text/html")
+    assert "script-src" not in headers["content-security-policy"] and "default-src 'none'" in \
+        headers["content-security-policy"]
+    for word in words:
+        assert word in page, word
+    assert plots <= svg_ids(page), svg_ids(page)
+    assert "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_the_model_page_shows_the_drifted_feature_and_one_series_per_column(site):
+    _, _, page = fetch(site.url, "/models/churn", token=TOKENS["vera"])
+    series = {i for i in svg_ids(page) if i.startswith("series-")}
+    assert len(series) == 23  # 20 features, label, two probabilities
+    heat = page[page.index('<svg id="heatmap"'):]
+    heat = heat[:heat.index("</svg>")]
+    assert "X[3] at" in heat and "drifted" in heat
+    assert re.search(r"X\[0\] at [^<]*— drifted", heat) is None  # only the shifted column is marked
+    assert "accuracy" in page and "open" in page
+
+
+def test_versions_and_audit_are_paged(site):
+    status, _, page = fetch(site.url, "/models/churn?version=1", token=TOKENS["vera"])
+    assert status == 200 and "<strong>1</strong>" in page
+    _, _, first = fetch(site.url, "/audit", token=TOKENS["vera"])
+    ids = [int(i) for i in re.findall(r"<tr><td>(\d+)</td>", first)]
+    assert ids == sorted(ids, reverse=True) and ids
+    status, _, older = fetch(site.url, f"/audit?before={ids[0]}&model=churn", token=TOKENS["vera"])
+    assert status == 200 and f"<td>{ids[0]}</td>" not in older
+    assert fetch(site.url, "/audit?before=x", token=TOKENS["vera"])[0] == 400
+    assert fetch(site.url, "/models/nope", token=TOKENS["vera"])[0] == 404
+    assert fetch(site.url, "/nothing-here", token=TOKENS["vera"])[0] == 404
+
+
+def test_names_are_escaped_everywhere(site):
+    path = "/models/" + quote(EVIL_MODEL, safe="")
+    status, _, page = fetch(site.url, path, token=TOKENS["vera"])
+    assert status == 200
+    assert "heatmap" in svg_ids(page)
+    for raw in (EVIL_MODEL, EVIL_FEATURE):
+        assert raw not in page
+    assert "&lt;script&gt;alert(&quot;model&quot;)&lt;/script&gt;" in page and "&lt;img src=x" in page
+    _, _, fleet = fetch(site.url, "/", token=TOKENS["vera"])
+    assert EVIL_MODEL not in fleet and "&lt;script&gt;" in fleet and quote(EVIL_MODEL, safe="") in fleet
+
+
+# ------------------------------------------------------------------ who may read
+
+
+def failures(site: Site) -> int:
+    return site.running.auth.failures
+
+
+def test_without_a_token_the_page_asks_to_log_in_and_health_is_open(site):
+    status, headers, page = fetch(site.url, "/models/churn")
+    assert status == 401 and 'name="token"' in page and headers["www-authenticate"].startswith("Bearer")
+    assert "X[3]" not in page
+    assert fetch(site.url, "/healthz")[:1] == (200,)
+
+
+def test_bad_tokens_are_refused_counted_and_audited(site):
+    before = failures(site)
+    assert fetch(site.url, "/", token="not-a-token-at-all-0000")[0] == 401
+    status, _, page = fetch(site.url, "/", token=AGENT_TOKEN)  # an agent is not an operator
+    assert status == 403 and "operator token" in page
+    assert failures(site) == before + 2
+
+    def audited() -> list[pb.AuditEntry]:
+        return [e for e in audit.entries(site.running.store.read(), limit=50)
+                if e.action == "auth.failure" and e.object == "http/"]
+
+    wait_until(lambda: len(audited()) >= 2, timeout=60, what="the refusals in the audit trail")
+    assert "edge-1" in {e.actor for e in audited()}
+
+
+def test_login_sets_a_strict_http_only_cookie_that_opens_the_pages(site):
+    before = failures(site)
+    status, _, page = fetch(site.url, "/login", method="POST", form={"token": "wrong-token-0123456789", "next": "/"})
+    assert status == 401 and "unknown token" in page and failures(site) == before + 1
+    status, headers, _ = fetch(site.url, "/login", method="POST",
+                               form={"token": TOKENS["vera"], "next": "/approvals"})
+    assert status == 303 and headers["location"] == "/approvals"
+    cookie = headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and TOKENS["vera"] not in cookie
+    session = cookie.split(";", 1)[0]
+    status, _, page = fetch(site.url, "/approvals", cookie=session)
+    assert status == 200 and "vera" in page
+    evil_next = fetch(site.url, "/login", method="POST", form={"token": TOKENS["vera"], "next": "//evil.example/"})
+    assert evil_next[1]["location"] == "/"  # never sent elsewhere
+    assert fetch(site.url, "/logout", method="POST", cookie=session)[0] == 303
+    assert fetch(site.url, "/approvals", cookie=session)[0] == 401
+
+
+def test_the_page_only_reads(site):
+    for method in ("POST", "PUT", "DELETE"):
+        status, _, _ = fetch(site.url, "/models/churn", token=TOKENS["alice"], method=method, form={})
+        assert status in (405, 501)
+    before = [e.id for e in audit.entries(site.running.store.read(), limit=5)]
+    for path in ("/", "/models/churn", "/approvals", "/retraining", "/audit"):
+        fetch(site.url, path, token=TOKENS["alice"])
+    assert [e.id for e in audit.entries(site.running.store.read(), limit=5)] == before
+
+
+# ------------------------------------------------------------------ without an auth file
+
+
+def test_without_an_auth_file_loopback_only(tmp_path):
+    with pytest.raises(InvalidArgument, match="without an auth file"):
+        serve_collector(tmp_path / "a.db", "127.0.0.1:0", drift_interval=0, http="0.0.0.0:0")
+    running = serve_collector(tmp_path / "b.db", "127.0.0.1:0", drift_interval=0, http="127.0.0.1:0")
+    try:
+        status, _, page = fetch(running.web.url, "/")
+        assert status == 200 and "no models yet" in page
+        assert fetch(running.web.url, "/", host="rebound.example.com")[0] == 403  # DNS rebinding
+        assert fetch(running.web.url, "/", host=f"localhost:{running.web.port}")[0] == 200
+    finally:
+        running.stop(grace=0)
+
+
+def test_cli_serves_the_page_and_refuses_a_public_one_without_tokens(tmp_path):
+    line = one_line_error(cli("collector", "serve", "--db", str(tmp_path / "c.db"), "--listen", "127.0.0.1:0",
+                              "--http", "0.0.0.0:8080"))
+    assert "refusing to serve the web page on 0.0.0.0:8080 without --auth-file" in line
+    assert "nowhere" in one_line_error(cli("collector", "serve", "--http", "nowhere"))
+    proc, url = start(["collector", "serve", "--db", str(tmp_path / "d.db"), "--listen", "127.0.0.1:0",
+                       "--http", "127.0.0.1:0"], r"web page on (\S+)")
+    try:
+        assert fetch(url.rstrip("/"), "/healthz")[0] == 200
+        assert fetch(url.rstrip("/"), "/")[0] == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0
