@@ -164,9 +164,13 @@ class Registry:
         row = self._row(self.store.read(), name, version)
         if row["stage"] == "retired":
             raise FailedPrecondition(f"{name} version {row['version']} is retired: its gate is not run again")
+        # The baseline is what clients get now: the production version; before there is one, the newest
+        # earlier version that passed (so a series of candidates cannot drift down one tolerance at a time).
         baseline = self.store.read().execute(
-            "SELECT version, schema, metrics FROM model_versions WHERE name = ? AND version < ? AND gate_passed = 1"
-            " ORDER BY version DESC LIMIT 1", [name, row["version"]]).fetchone()
+            "SELECT version, schema, metrics FROM model_versions WHERE name = ? AND version != ?"
+            " AND (stage = 'production' OR (version < ? AND gate_passed = 1))"
+            " ORDER BY stage = 'production' DESC, version DESC LIMIT 1",
+            [name, row["version"], row["version"]]).fetchone()
         base = {"version": baseline[0], "schema": json.loads(baseline[1]),
                 "metrics": json.loads(baseline[2])} if baseline else None
         model = self.artifacts.path(row["sha256"]).read_bytes()

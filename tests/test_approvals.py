@@ -199,3 +199,12 @@ def test_reject_keeps_the_stage_and_a_viewer_only_reads(collector):
     assert verified.returncode == 0 and "audit trail intact" in verified.stdout, verified.stderr
     trail = cli("audit", "--model", "churn", "--collector", address, "--token", TOKENS["dave"])
     assert all(a in trail.stdout for a in ("approval.request", "approval.reject", "approval.approve", "model.stage"))
+
+
+def test_the_gate_compares_with_what_production_serves_not_with_the_newest_candidate(collector):
+    ops, _ = collector
+    register(ops, 0.90)
+    call(ops, "bob", "Approve", pb.DecisionRequest(id=promote(ops, "alice", 1).id))
+    assert register(ops, 0.95).gate_passed  # a better candidate, never promoted
+    v3 = register(ops, 0.93)  # worse than v2 by more than the tolerance, better than production
+    assert v3.gate_passed and json.loads(v3.gate_json)["baseline_version"] == 1
