@@ -14,6 +14,12 @@ Nothing here runs for calls without a request id. Memory is bounded twice:
 predictions older than ``join_seconds`` no longer join (and are purged), and
 at most ``max_requests`` are kept (oldest first out). Both losses are counted.
 
+A managed agent swaps versions; labels keep arriving for predictions of the
+version it replaced. The new version's log ``replaces`` the old one: a label
+whose request id it does not hold is tried on the replaced log (only the last
+one: the link is never longer than one), joined and counted there, for that
+version; a label neither knows is counted unmatched here.
+
 Classification (integer, boolean or string label outputs) fills a confusion
 matrix of class names (numbers print as integers: ``1``, not ``1.0``);
 regression (a float output with one value per row) fills error sums of
@@ -150,6 +156,7 @@ class PredictionLog:
         # (An OrderedDict would do both jobs, but costs twice as much per record.)
         self._order: deque[tuple[str, list]] = deque()
         self._counts = _Counts()
+        self._replaced: PredictionLog | None = None  # the log of the version this one's replaced
         self.evicted = 0     # pushed out by max_requests while still joinable
         self.expired = 0     # dropped after join_seconds
         self.duplicates = 0  # labels for a row that already had one (ignored: first label wins)
@@ -184,6 +191,7 @@ class PredictionLog:
 
         False (counted as unmatched) for an unknown id or row, a prediction
         older than the join window, or a non-finite regression prediction.
+        An id this log does not hold is tried on the log it ``replaces``.
         A second label for the same row is ignored (a retried feedback call
         must not count twice) but answers True like the first. Raises
         ValueError for a value that cannot be a label (a regression label
@@ -192,39 +200,64 @@ class PredictionLog:
         if row < 0:
             raise ValueError(f"row must be 0 or more, not {row}")
         with self._lock:
-            entry = self._entries.get(request_id)
-            if entry is None or entry[0] <= self._clock() - self.join_seconds:
+            joined = self._join(request_id, value, row)
+            replaced = self._replaced
+            if joined is None and replaced is not None:
+                # Always newer log then older one, never the reverse: the two locks cannot deadlock.
+                with replaced._lock:
+                    try:
+                        joined = replaced._join(request_id, value, row)
+                    except ValueError:  # a label the current version takes but the replaced one cannot
+                        joined = False
+            if not joined:
                 self._counts.unmatched += 1
                 return False
-            predicted = _row_value(entry[1], row)
-            regression = predicted is not None and np.asarray(entry[1]).dtype.kind == "f"
-            if regression:
-                truth: Any = target_value(value)
-                predicted = float(predicted)
-                if not math.isfinite(predicted):
-                    predicted = None
-            if predicted is None:
-                self._counts.unmatched += 1
-                return False
-            if entry[2] is not None and row in entry[2]:
-                self.duplicates += 1
-                return True
-            if entry[2] is None:
-                entry[2] = set()
-            entry[2].add(row)
-            c = self._counts
-            c.labeled += 1
-            if regression:
-                error = predicted - truth
-                c.error_sum += error
-                c.abs_error_sum += abs(error)
-                c.sq_error_sum += error * error
-            else:
-                true, pred = class_name(value), class_name(predicted)
-                c.classes.setdefault(true, len(c.classes))
-                c.classes.setdefault(pred, len(c.classes))
-                c.confusion[true, pred] = c.confusion.get((true, pred), 0) + 1
             return True
+
+    def replaces(self, older: PredictionLog | None) -> None:
+        """Labels for request ids this log does not hold are tried on ``older`` (the log of the version
+        this one's version replaced) and counted there; ``older``'s own link is cut, so labels reach
+        only the last replaced version. None: no fallback."""
+        with self._lock:
+            self._replaced = older
+        if older is not None:
+            with older._lock:
+                older._replaced = None
+
+    def _join(self, request_id: str, value: Any, row: int) -> bool | None:
+        """Under ``self._lock``: True when joined (or already joined), False when the prediction cannot
+        take this label, None when no live prediction has this id; unmatched is not counted here."""
+        entry = self._entries.get(request_id)
+        if entry is None or entry[0] <= self._clock() - self.join_seconds:
+            return None
+        predicted = _row_value(entry[1], row)
+        regression = predicted is not None and np.asarray(entry[1]).dtype.kind == "f"
+        if regression:
+            truth: Any = target_value(value)
+            predicted = float(predicted)
+            if not math.isfinite(predicted):
+                predicted = None
+        if predicted is None:
+            return False
+        if entry[2] is not None and row in entry[2]:
+            self.duplicates += 1
+            return True
+        if entry[2] is None:
+            entry[2] = set()
+        entry[2].add(row)
+        c = self._counts
+        c.labeled += 1
+        if regression:
+            error = predicted - truth
+            c.error_sum += error
+            c.abs_error_sum += abs(error)
+            c.sq_error_sum += error * error
+        else:
+            true, pred = class_name(value), class_name(predicted)
+            c.classes.setdefault(true, len(c.classes))
+            c.classes.setdefault(pred, len(c.classes))
+            c.confusion[true, pred] = c.confusion.get((true, pred), 0) + 1
+        return True
 
     def take_performance(self) -> summary_pb2.Performance:
         """What accumulated since the last call, as a ``Performance``; starts afresh.

@@ -5,11 +5,12 @@ NAME --collector ...``) serves nothing until the collector's ``serve``
 command names a registry version. ``RolloutController`` carries out each
 command on its own thread (never gRPC's): fetch the artifact with
 ``AgentService.FetchArtifact`` (size and sha256 verified, cached as
-``<spool_dir>/models/<sha256>.onnx``), load it as a ``MonitoredSession``
-(same agent and run as the agent, windows numbered on through
-``AgentSink``), check it against the registry's schema, warm it up, swap,
-answer with a ``ModelState``. Any failure answers ok=false with the reason and
-the old version keeps serving. The last good version is remembered in
+``<spool_dir>/models/<sha256>.onnx`` by ``agent.artifacts.ArtifactCache``),
+load it as a ``MonitoredSession`` (same agent and run as the agent, windows
+numbered on through ``AgentSink``), check it against the registry's schema and
+warm it up (``agent.artifacts``), swap, answer with a ``ModelState``. Any
+failure answers ok=false with the reason and the old version keeps serving.
+The last good version is remembered in
 ``models/current.json``, so a restart serves it at once, collector or not.
 
 ``ModelSwitch`` is what the OIP servicer reads per request. A request holds
@@ -19,7 +20,6 @@ finished, by a thread of its own, never by a request.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,25 +29,23 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
-from agent import tensors
+from agent.artifacts import ArtifactCache, check_schema, warm_up, write_json
 from agent.dataplane import DataPlane
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, OutriderError, Unavailable
+from agent.feedback import PredictionLog
 from agent.shadow import DEFAULT_QUEUE, ShadowRunner
 from protos import collector_pb2, collector_pb2_grpc, summary_pb2
 
 log = logging.getLogger(__name__)
 
 CURRENT_FILE = "current.json"
-KEEP_ARTIFACTS = 3        # cached versions kept besides the current and shadow ones (quick rollbacks)
-WARMUP_CALLS = 3
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DIGITS = re.compile(r"^[0-9]{1,10}$")
 
@@ -122,13 +120,18 @@ class ModelSwitch:
 
 class AgentSink:
     """The one window sequence of an agent whose sessions come and go: renumbers every window
-    ``seq`` = 0, 1, 2, ... across versions and attaches the shadow's comparison, then exports."""
+    ``seq`` = 0, 1, 2, ... across versions and attaches the shadow's comparison, then exports.
+
+    Labels still join the predictions of the version last replaced (``PredictionLog.replaces``)
+    after its session has closed; what they add up to goes out after each window as a window of
+    that version with no rows, only its ``performance`` (as a session's last window may be)."""
 
     def __init__(self, target: Any, shadow: Callable[[], summary_pb2.ShadowSummary | None] | None = None) -> None:
         self.target = target
         self.shadow = shadow
         self._lock = threading.Lock()  # the summary threads of two sessions may export at once
         self._next = 0
+        self._replaced: list[tuple[str, str, PredictionLog]] = []  # (version, sha256, its predictions)
 
     def export(self, window: summary_pb2.WindowSummary) -> None:
         with self._lock:  # held across export, so the spool's order is the seq order
@@ -142,156 +145,33 @@ class AgentSink:
                 except Exception:
                     log.exception("could not attach the shadow summary to window %s", window.seq)
             self.target.export(window)
+            self._export_late_labels(window)
 
+    def replaced(self, version: str, sha256: str, predictions: PredictionLog) -> None:
+        """``version`` was swapped out; its predictions stay reachable for labels (the new version's
+        log ``replaces`` its log). Any older one was cut off then: drained once more, then dropped."""
+        with self._lock:
+            self._replaced.append((version, sha256, predictions))
 
-# ------------------------------------------------------------------------ artifacts
+    def late_labels_pending(self) -> bool:
+        with self._lock:
+            return any(any(p.pending()) for _, _, p in self._replaced)
 
-class ArtifactCache:
-    """Verified model files by sha256 in one directory; written whole or not at all."""
-
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-    def path(self, sha256: str) -> Path:
-        return self.directory / f"{sha256}.onnx"
-
-    def cached(self, sha256: str) -> Path | None:
-        """The file, if present and intact (a damaged one is removed)."""
-        path = self.path(sha256)
-        try:
-            digest = _sha256_file(path)
-        except FileNotFoundError:
-            return None
-        if digest != sha256:
-            log.warning("cached model %s is damaged (its sha256 is %s); fetching it again", path, digest)
-            path.unlink(missing_ok=True)
-            return None
-        return path
-
-    def store(self, chunks: Iterable[collector_pb2.ArtifactChunk], sha256: str, size: int, what: str) -> Path:
-        """Write the streamed file and verify it against ``sha256`` and ``size`` before it takes its name."""
-        tmp = self.directory / f".{sha256}.{uuid.uuid4().hex}.tmp"
-        digest, received = hashlib.sha256(), 0
-        try:
-            with open(tmp, "wb") as out:
-                for i, chunk in enumerate(chunks):
-                    if i == 0:
-                        _check_first_chunk(chunk, sha256, size, what)
-                    received += len(chunk.data)
-                    if received > size:
-                        raise FailedPrecondition(f"the collector sent more than the {size} bytes of {what}")
-                    digest.update(chunk.data)
-                    out.write(chunk.data)
-                out.flush()
-                os.fsync(out.fileno())
-            if received != size:
-                raise FailedPrecondition(f"the collector sent {received} bytes of {what}, expected {size}")
-            if digest.hexdigest() != sha256:
-                raise FailedPrecondition(f"{what} as received has sha256 {digest.hexdigest()}, "
-                                         f"expected {sha256}: not loaded")
-            path = self.path(sha256)
-            os.replace(tmp, path)
-            _fsync_dir(self.directory)
-            return path
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def prune(self, keep: set[str]) -> None:
-        """Remove all but ``keep`` and the KEEP_ARTIFACTS newest others."""
-        files = sorted(self.directory.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
-        others = [p for p in files if p.stem not in keep]
-        for path in others[KEEP_ARTIFACTS:]:
-            path.unlink(missing_ok=True)
-
-
-def _check_first_chunk(chunk: collector_pb2.ArtifactChunk, sha256: str, size: int, what: str) -> None:
-    if chunk.sha256 and chunk.sha256.lower() != sha256:
-        raise FailedPrecondition(f"the collector's file for {what} has sha256 {chunk.sha256}, "
-                                 f"but the command names {sha256}")
-    if chunk.total_size and chunk.total_size != size:
-        raise FailedPrecondition(f"the collector's file for {what} has {chunk.total_size} bytes, "
-                                 f"but the command says {size}")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-# ------------------------------------------------------------------ checks and warm-up
-
-def _dims(shape: Iterable[Any]) -> list[int]:
-    """Registry (None) and Hello (-1) spellings of a free dimension, made one."""
-    return [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
-
-
-def check_schema(session: Any, schema_json: str) -> None:
-    """The loaded model's inputs and outputs (names, types, shapes) must be the registry's."""
-    if not schema_json:
-        return
-    try:
-        schema = json.loads(schema_json)
-        expected = {part: {t["name"]: (t["type"], _dims(t.get("shape") or [])) for t in schema[part]}
-                    for part in ("inputs", "outputs")}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidArgument(f"the command's schema_json is not a registry schema: {exc}") from None
-    problems = []
-    for part, args in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
-        got = {a.name: (a.type, _dims(a.shape or [])) for a in args}
-        want = expected[part]
-        if set(got) != set(want):
-            problems.append(f"{part} are {sorted(got)}, the registry says {sorted(want)}")
-        for name in sorted(set(got) & set(want)):
-            if got[name] != want[name]:
-                problems.append(f"{part[:-1]} {name} is {got[name][0]} {got[name][1]}, "
-                                f"the registry says {want[name][0]} {want[name][1]}")
-    if problems:
-        raise FailedPrecondition("the model does not match its registry schema: " + "; ".join(problems))
-
-
-def synthetic_feed(inputs: Iterable[Any], rows: int = 1) -> dict[str, np.ndarray]:
-    """Zeros (empty strings) of each input's dtype and shape, free dimensions 1 (the batch: ``rows``)."""
-    feed = {}
-    for arg in inputs:
-        dtype = tensors.DATATYPES[tensors.oip_datatype(arg.type)]
-        shape = [d if isinstance(d, int) and d >= 0 else (rows if i == 0 else 1)
-                 for i, d in enumerate(arg.shape or [])]
-        feed[arg.name] = np.full(shape, "", dtype=object) if dtype == object else np.zeros(shape, dtype)
-    return feed
-
-
-def warm_up(session: Any, calls: int = WARMUP_CALLS) -> None:
-    """A few unmonitored calls, so the first real request does not pay for lazy initialisation."""
-    inner = getattr(session, "inference_session", session)  # MonitoredSession: not counted in windows
-    feed = synthetic_feed(session.get_inputs())
-    try:
-        for _ in range(calls):
-            inner.run(None, feed)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise FailedPrecondition(f"warm-up call failed: {first}") from None
+    def _export_late_labels(self, after: summary_pb2.WindowSummary) -> None:
+        for version, sha256, predictions in self._replaced:
+            try:
+                performance = predictions.take_performance()  # also purges its expired predictions
+                if not (performance.labeled or performance.unmatched):
+                    continue
+                late = summary_pb2.WindowSummary(
+                    agent_id=after.agent_id, run_id=after.run_id, seq=self._next, model_name=after.model_name,
+                    model_version=version, model_sha256=sha256, start_unix_nano=after.end_unix_nano,
+                    end_unix_nano=after.end_unix_nano, performance=performance)
+                self._next += 1
+                self.target.export(late)
+            except Exception:
+                log.exception("could not send the late labels of version %s", version)
+        del self._replaced[:-1]  # only the last replaced version can still be joined
 
 
 # ------------------------------------------------------------------------ the controller
@@ -478,11 +358,18 @@ class RolloutController:
         if self._closed:  # a load that outlived close(): nothing may serve it any more
             loaded.session.close()
             raise Unavailable("the agent is shutting down")
+        current = self.switch.current  # only this thread swaps: it is what ``swap`` replaces
+        previous = getattr(current.session, "predictions", None) if current is not None else None
+        predictions = getattr(loaded.session, "predictions", None)
+        if predictions is not None:  # labels for the replaced version's predictions still join them
+            predictions.replaces(previous)
         old = self.switch.swap(loaded)
+        if old is not None and previous is not None:
+            self.sink.replaced(old.version, old.sha256, previous)
         with self._lock:
             self._stats["swaps"] += 1
         try:
-            _write_json(self.cache.directory / CURRENT_FILE, {
+            write_json(self.cache.directory / CURRENT_FILE, {
                 "model_name": self.model_name, "version": loaded.version, "sha256": loaded.sha256,
                 "schema_json": loaded.schema_json, "saved_unix_nano": time.time_ns()})
             shadow = self.switch.shadow
@@ -615,8 +502,9 @@ class RolloutController:
         self._stop_shadow()
         current = self.switch.current
         if current is not None:
-            with self._lock:  # the shadow's last counts need a window to travel in
+            with self._lock:  # the shadow's last counts (and late labels) need a window to travel in
                 pending = self._leftover is not None
+            pending = pending or self.sink.late_labels_pending()
             current.session.close(timeout, flush_always=pending)
         for thread in self._retiring:
             thread.join(timeout)

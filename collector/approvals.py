@@ -11,6 +11,11 @@ admin's written override, itself audited. A request may also be a rollback
 (kind 'rollback', opened by the rollback policy with ``request_rollback``):
 approved, it is carried out by ``collector.rollout.rollback``.
 
+A shadow runs a staging version only (rules in ``collector.rollout``): promoting
+the shadowed version stops its shadow in the same transaction; moving it back
+to candidate, or retiring a version still in shadow, is refused until the
+shadow is stopped.
+
 Every function here takes the writer's ``db`` and runs inside ``Store.write``
 (or reads through ``Store.read``); who may call which is checked by the
 caller (the servicer): roles by the auth interceptor, the admin-only override
@@ -77,7 +82,14 @@ def set_stage(db: Database, name: str, version: int, stage: str, actor: str, rea
                                  "versions move between candidate and staging")
     if row["stage"] == stage:
         raise FailedPrecondition(f"{name} version {version} is already {stage}")
+    _not_shadowed(db, name, version, f"moving it to {stage}")
     _move(db, name, version, row["stage"], stage, actor, reason, now_ns)
+
+
+def _not_shadowed(db: Database, name: str, version: int, doing: str) -> None:
+    if rollout.shadowed(db, name, version):
+        raise FailedPrecondition(f"{name} version {version} runs in shadow; stop the shadow before {doing}: "
+                                 f"outrider shadow stop {name} --reason TEXT")
 
 
 def _not_retired(row: dict[str, Any], then: str = "") -> None:
@@ -94,6 +106,7 @@ def retire(db: Database, name: str, version: int, actor: str, reason: str, now_n
     if row["stage"] != "archived":
         raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only archived versions can be "
                                  "retired" + (" (it already is)" if row["stage"] == "retired" else ""))
+    _not_shadowed(db, name, version, "retiring it")
     db.execute("UPDATE model_versions SET stage = 'retired', stage_ns = ?, retired_ns = ?, retire_reason = ?"
                " WHERE name = ? AND version = ?", [now_ns, now_ns, reason, name, version])
     audit.append(db, actor, "model.retire", f"model/{name}/{version}", model_name=name,
@@ -144,7 +157,9 @@ def request(db: Database, name: str, version: int, actor: str, reason: str, over
 def decide(db: Database, approval_id: int, actor: str, approve: bool, reason: str, now_ns: int) -> pb.Approval:
     """Approve (the version becomes production, the previous production version archived, and a
     rollout starts: kind "promote", or "rollback" for a rollback request) or reject a pending
-    request. Nobody decides their own request. The caller pushes the rollout after the commit."""
+    request. Nobody decides their own request. A shadow of the promoted version stops in the same
+    transaction (an unshadow rollout). The caller pushes the rollouts after the commit (they share
+    ``now_ns``, the approval's ``decided_unix_nano``: ``RolloutPusher.push_started``)."""
     found = list(db.query("SELECT * FROM approvals WHERE id = ?", [approval_id]))
     if not found:
         raise NotFound(f"there is no approval {approval_id}; list them with: outrider approvals list --all")
@@ -175,9 +190,12 @@ def decide(db: Database, approval_id: int, actor: str, approve: bool, reason: st
             _move(db, name, previous, "production", "archived", actor,
                   f"replaced by version {version} (approval {approval_id})", now_ns)
         _move(db, name, version, row["stage"], "production", actor, f"approval {approval_id}: {a['reason']}", now_ns)
-        # the caller pushes it to the agents after the commit (RolloutPusher.push)
+        # the caller pushes it to the agents after the commit (RolloutPusher.push_started)
         rollout.start_rollout(db, name, version, "promote", actor, f"approval {approval_id}: {a['reason']}", now_ns,
                               from_version=previous)
+        # a shadow runs staging versions only: it stops with the promotion (pushed with it, same started_ns)
+        rollout.clear_shadow_of(db, name, [version], actor, "promoted to production", now_ns)
+        rollout.clear_shadow_of(db, name, [previous], actor, f"archived: replaced by version {version}", now_ns)
     db.execute("UPDATE approvals SET state = ?, decided_by = ?, decided_at = ?, decision_reason = ? WHERE id = ?",
                [state, actor, now_ns, reason, approval_id])
     audit.append(db, actor, f"approval.{'approve' if approve else 'reject'}", f"approval/{approval_id}",

@@ -20,8 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="List promotion requests (pending ones; --all for decided ones too). Approve one with "
                     "'outrider approve ID', reject it with 'outrider reject ID --reason TEXT'.")
     actions = approvals.add_subparsers(dest="approvals_action", metavar="ACTION", required=True)
-    listing = actions.add_parser("list", help="list promotion requests",
-                                 description="List promotion requests, oldest first: pending ones, or all with --all.")
+    listing = actions.add_parser("list", help="list promotion and rollback requests",
+                                 description="List requests, oldest first: pending ones, or all with --all. KIND is "
+                                             "promote (make a version production) or rollback (make an archived "
+                                             "version production again; opened by the rollback policy).")
     listing.add_argument("--all", action="store_true", help="decided requests too")
     listing.add_argument("--model", metavar="NAME", help="only requests about this model")
     _client_flags(listing)
@@ -36,8 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     approve = subparsers.add_parser(
         "approve", help="approve a promotion request (approver role; not your own request)",
-        description="Approve pending request ID: its version becomes production and the previous production "
-                    "version is archived. Needs the approver role, and someone other than the requester.")
+        description="Approve pending request ID: its version becomes production (for a rollback request: again) "
+                    "and the previous production version is archived. Needs the approver role, and someone other "
+                    "than the requester.")
     approve.add_argument("id", type=int, metavar="ID", help="the request's id (outrider approvals list)")
     approve.add_argument("--reason", default="", metavar="TEXT", help="a note for the audit trail")
     _client_flags(approve)
@@ -66,9 +69,10 @@ def list_command(args: argparse.Namespace) -> int:
         print("no pending promotion requests" if not args.all else "no promotion requests")
         return 0
     now = time.time_ns()
-    print(table(["ID", "MODEL", "VERSION", "STATE", "REQUESTED BY", "REQUESTED", "REASON", "DECIDED BY",
+    print(table(["ID", "KIND", "MODEL", "VERSION", "STATE", "REQUESTED BY", "REQUESTED", "REASON", "DECIDED BY",
                  "DECISION"],
-                [[a.id, a.model_name, a.version, a.state + (" (gate overridden)" if a.gate_override_reason else ""),
+                [[a.id, a.kind or "promote", a.model_name, a.version,
+                  a.state + (" (gate overridden)" if a.gate_override_reason else ""),
                   a.requested_by, age(a.requested_unix_nano, now), a.reason, a.decided_by or "-",
                   a.decision_reason or "-"] for a in reply.approvals]))
     return 0
@@ -82,6 +86,9 @@ def _decided(args: argparse.Namespace, reply: Any) -> int:
         return 0
     if reply.state == "cancelled":
         print(f"approval {reply.id} cancelled: {reply.model_name} version {reply.version} keeps its stage")
+    elif reply.state == "approved" and reply.kind == "rollback":
+        print(f"approval {reply.id} approved: {reply.model_name} version {reply.version} is now production again "
+              f"(rolled back to version {reply.version})")
     elif reply.state == "approved":
         print(f"approval {reply.id} approved: {reply.model_name} version {reply.version} is now production")
     else:

@@ -245,17 +245,23 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return handler
         identity, refusal = self._check(service, method, details.invocation_metadata or ())
         if refusal is not None:
-            with self._lock:
-                self._failures += 1
             log.warning("refused %s: %s", details.method, refusal[1])
-            if self.on_refusal is not None:
-                try:
-                    self.on_refusal(identity.name if identity else "anonymous", f"rpc{details.method}", refusal[1])
-                except Exception:  # recording must never turn a refusal into a crash
-                    log.exception("recording the refusal of %s failed", details.method)
+            self.count_refusal(identity.name if identity else "anonymous", f"rpc{details.method}", refusal[1])
             return _refuse(handler, *refusal)
         _identity.set(identity)
         return handler
+
+    def count_refusal(self, actor: str, obj: str, reason: str) -> None:
+        """Count a refusal in the collector's one auth-failure counter and hand it to ``on_refusal``
+        (the audit trail); for refusals made elsewhere too (the web page's, ``obj`` "http/PATH").
+        Never raises: recording must not turn a refusal into a crash."""
+        with self._lock:
+            self._failures += 1
+        if self.on_refusal is not None:
+            try:
+                self.on_refusal(actor, obj, reason)
+            except Exception:
+                log.exception("recording the refusal of %s failed", obj)
 
     def _check(self, service: str, method: str,
                metadata: Any) -> tuple[Identity | None, tuple[grpc.StatusCode, str] | None]:

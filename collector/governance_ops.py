@@ -96,7 +96,14 @@ class GovernanceOps:
                                                                time.time_ns()))
         log.info("approval %d (%s version %d) %s by %s", decided.id, decided.model_name, decided.version,
                  decided.state, actor)
+        self.after_decision(decided)
         return decided
+
+    def after_decision(self, decided: pb.Approval) -> None:
+        """Called once a decision (approved or rejected) is committed, on the caller's thread, before the
+        reply; what it raises goes to the caller. Nothing here: ``RolloutOps`` overrides it to push what
+        an approval changed (production, the shadow it stopped) to the agents, which must follow the
+        commit."""
 
 
     # --- retirement ---------------------------------------------------------------------------

@@ -80,10 +80,40 @@ def validate_window(w: summary_pb2.WindowSummary, limits: Limits = Limits()) -> 
         seen.add(column.name)
     if w.HasField("latency"):
         _check_column("latency", w.latency, limits)
+    if w.HasField("shadow"):
+        _check_shadow(w.shadow, limits)
     if w.HasField("sample"):
         from collector import samples  # imports this module's Limits only for its type
 
         samples.check(w.sample, w.rows, limits)
+
+
+def _check_shadow(shadow: summary_pb2.ShadowSummary, limits: Limits) -> None:
+    """The shadow's comparison: named, counts that fit and agree, numeric sketches that deserialise.
+
+    Its calls are not bounded by the window's: the shadow answers from a queue, so calls offered
+    in one window may be answered (and counted) in the next, and the counts of a stopped shadow
+    travel in whichever window is exported next."""
+    _check_id("shadow model_version", shadow.model_version, limits)
+    sha = shadow.model_sha256
+    if sha and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+        raise InvalidArgument(f"shadow model_sha256 must be 64 lowercase hex digits, got {sha[:80]!r}")
+    for field in ("calls", "rows", "skipped", "errors", "label_rows", "label_agree"):
+        if getattr(shadow, field) > limits.max_count:
+            raise InvalidArgument(f"shadow {field} {getattr(shadow, field)} exceeds {limits.max_count}")
+    if shadow.label_agree > shadow.label_rows:
+        raise InvalidArgument(f"shadow label_agree {shadow.label_agree} exceeds its label_rows {shadow.label_rows}")
+    if shadow.label_rows > shadow.rows:
+        raise InvalidArgument(f"shadow label_rows {shadow.label_rows} exceeds its rows {shadow.rows}")
+    for field in ("score_diff", "latency"):
+        if not shadow.HasField(field):
+            continue
+        column = getattr(shadow, field)
+        if column.kind == summary_pb2.ColumnSummary.KIND_UNSPECIFIED and not column.count:
+            continue  # an empty column sent without a kind: nothing to merge (as collector.shadow reads it)
+        _check_column(f"shadow {field}", column, limits)
+        if column.kind != summary_pb2.ColumnSummary.NUMERIC:
+            raise InvalidArgument(f"shadow {field} {column.name!r} must be a NUMERIC column")
 
 
 def validate_hello(hello: collector_pb2.Hello, limits: Limits = Limits()) -> None:

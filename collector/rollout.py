@@ -14,6 +14,16 @@ the newest rollout of its family when that rollout still describes the state
 sent (so an agent connecting later is counted in that rollout too), otherwise
 "hello-<uuid>".
 
+A shadow runs a staging version only, so it never outlives its version's
+leaving staging: a promotion of the shadowed version (``approvals.decide``)
+clears it in the same transaction (audit ``model.unshadow``, reason "promoted
+to production", and an unshadow rollout); a rollback clears a shadow naming
+either version it moves (possible only for a shadow set before that rule); a
+version in shadow cannot be moved back to candidate or retired until its
+shadow is stopped (``approvals.set_stage`` / ``retire`` refuse, saying how).
+Rollouts started in one transaction share its clock reading (``started_ns``)
+and are pushed together (``RolloutPusher.push_started``).
+
 The functions taking ``db`` run inside the store writer's transaction (or read
 through ``Store.read``); ``RolloutPusher`` sends after the commit.
 """
@@ -240,6 +250,8 @@ def rollback(db: Database, name: str, to_version: int, actor: str, reason: str, 
     rollout_id = start_rollout(db, name, target, "rollback", actor, reason, now_ns, from_version=current)
     audit.append(db, actor, "model.rollback", f"model/{name}", model_name=name, before={"production": current},
                  after={"production": target, "rollout": rollout_id}, reason=reason, now_ns=now_ns)
+    clear_shadow_of(db, name, (current, target), actor, f"rolled back from version {current} to version {target}",
+                    now_ns)
     return rollout_id
 
 
@@ -273,6 +285,24 @@ def clear_shadow(db: Database, name: str, actor: str, reason: str, now_ns: int) 
     before = current_shadow(db, name)
     if before is None:
         raise FailedPrecondition(f"no shadow runs for model {name!r}: there is nothing to clear")
+    return _unshadow(db, name, before, actor, reason, now_ns)
+
+
+def clear_shadow_of(db: Database, name: str, versions: Iterable[int], actor: str, reason: str, now_ns: int) -> int:
+    """Stop the model's shadow if it runs one of ``versions`` (which are leaving staging); returns the
+    unshadow rollout's id (push it after the commit), or 0 when no such shadow runs."""
+    before = current_shadow(db, name)
+    if before is None or before["version"] not in set(versions):
+        return 0
+    return _unshadow(db, name, before, actor, reason, now_ns)
+
+
+def shadowed(db: Database, name: str, version: int) -> bool:
+    row = db.execute("SELECT 1 FROM shadows WHERE model = ? AND version = ?", [name, version]).fetchone()
+    return row is not None
+
+
+def _unshadow(db: Database, name: str, before: dict[str, Any], actor: str, reason: str, now_ns: int) -> int:
     db.execute("DELETE FROM shadows WHERE model = ?", [name])
     rollout_id = start_rollout(db, name, before["version"], "unshadow", actor, reason, now_ns)
     audit.append(db, actor, "model.unshadow", f"model/{name}/{before['version']}", model_name=name,
@@ -377,10 +407,20 @@ class RolloutPusher:
         return len(streams)
 
     def push_rollout(self, rollout_id: int) -> int:
-        found = self.store.read().execute("SELECT model, kind FROM rollouts WHERE id = ?", [rollout_id]).fetchone()
+        """Push the rollout and any started in the same transaction (a rollback's unshadow)."""
+        found = self.store.read().execute("SELECT model, started_ns FROM rollouts WHERE id = ?",
+                                          [rollout_id]).fetchone()
         if found is None:
             raise NotFound(f"there is no rollout {rollout_id}")
-        return self.push(found[0], FAMILY[found[1]])
+        return self.push_started(found[0], found[1])
+
+    def push_started(self, model: str, started_ns: int) -> int:
+        """Push every family in which a rollout of ``model`` started at ``started_ns`` (one transaction's
+        clock reading), serve before shadow; returns how many streams they were sent to."""
+        kinds = {k for (k,) in self.store.read().execute(
+            "SELECT kind FROM rollouts WHERE model = ? AND started_ns = ?", [model, started_ns]).fetchall()}
+        families = {FAMILY[k] for k in kinds if k in FAMILY}
+        return max((self.push(model, family) for family in (SERVE, SHADOW) if family in families), default=0)
 
     def _deliver(self, streams: list[AgentStream], planned: list[Planned]) -> None:
         if not streams or not planned:

@@ -3,7 +3,8 @@
 Thin like every servicer: check the request, run the plain core
 (``collector.rollout``) inside one store write with its audit rows, then push
 the change to the model's live managed agents (after the commit, through
-``self.agents.rollouts``), and log who did what.
+``self.agents.rollouts``; for an approval through ``after_decision``, the hook
+``GovernanceOps`` calls after its commit), and log who did what.
 """
 from __future__ import annotations
 
@@ -78,10 +79,9 @@ class RolloutOps:
                                                                       time.time_ns()))
         return self._pushed(rollout_id)
 
-    def _decide(self, request: pb.DecisionRequest, approve: bool) -> pb.Approval:
-        # GovernanceOps decides inside one write (approvals.decide starts the rollout there); what
-        # an approval changed reaches the agents only after that commit, so it is pushed here.
-        decided = super()._decide(request, approve)  # type: ignore[misc]
+    def after_decision(self, decided: pb.Approval) -> None:
+        """GovernanceOps' post-commit hook: an approval (a promotion or a rollback) started rollouts in
+        its transaction (``approvals.decide``: serve, and an unshadow if the promoted version was in
+        shadow), all at its ``decided_unix_nano``; they reach the agents now, after the commit."""
         if decided.state == "approved":
-            self.agents.rollouts.push(decided.model_name, rollout.SERVE)
-        return decided
+            self.agents.rollouts.push_started(decided.model_name, decided.decided_unix_nano)

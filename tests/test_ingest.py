@@ -24,7 +24,19 @@ def good() -> summary_pb2.WindowSummary:
                                   model_version="", start_unix_nano=T, end_unix_nano=T, rows=4, calls=2)
     w.columns.extend([num.to_proto("x", FEATURE, "X"), cat.to_proto("city", FEATURE, "city")])
     w.latency.CopyFrom(lat.to_proto("latency_us", 0, ""))
+    w.shadow.CopyFrom(shadow_summary())
     return w
+
+
+def shadow_summary() -> summary_pb2.ShadowSummary:
+    """As agent.shadow.ShadowRunner.take builds it."""
+    diff, lat = NumericSketch(), NumericSketch()
+    diff.update(np.array([0.1, -0.2, 0.0]))
+    lat.update(np.array([150.0]))
+    return summary_pb2.ShadowSummary(model_version="3", model_sha256="ab" * 32, calls=1, rows=3, skipped=2,
+                                      errors=0, label_rows=3, label_agree=2,
+                                      score_diff=diff.to_proto("score_diff", 0, "probabilities"),
+                                      latency=lat.to_proto("latency_us", 0, ""))
 
 
 def test_a_good_window_passes() -> None:
@@ -32,6 +44,16 @@ def test_a_good_window_passes() -> None:
     w = good()
     w.model_version, w.agent_id = "2024-06.1", "é" * 128  # printable unicode, at the limit
     w.ClearField("latency")
+    validate_window(w)
+
+
+def test_a_shadow_may_answer_more_calls_than_its_window_and_send_empty_sketches() -> None:
+    w = good()  # requests queued for the shadow in one window may be answered in the next
+    w.calls, w.shadow.calls = 0, 40
+    w.shadow.latency.Clear()  # an empty column without a kind: nothing to merge
+    w.shadow.score_diff.CopyFrom(NumericSketch().to_proto("score_diff", 0, ""))
+    validate_window(w)
+    w.ClearField("shadow")
     validate_window(w)
 
 
@@ -84,6 +106,23 @@ BAD: dict[str, tuple[Callable[[summary_pb2.WindowSummary], None], str]] = {
                                        "frequent-items weight 2 does not match 6 present values"),
     "no kind": (_column(0, kind=summary_pb2.ColumnSummary.KIND_UNSPECIFIED), "has no kind"),
     "corrupt latency": (lambda w: setattr(w.latency, "kll", b"\xff" * 20), "latency 'latency_us': corrupt KLL"),
+    "shadow without version": (lambda w: setattr(w.shadow, "model_version", ""), "shadow model_version is empty"),
+    "long shadow version": (lambda w: setattr(w.shadow, "model_version", "9" * 129),
+                            "shadow model_version is 129 characters"),
+    "control char in shadow version": (lambda w: setattr(w.shadow, "model_version", "3\x1b"),
+                                       "shadow model_version '3\\x1b' contains control"),
+    "bad shadow sha256": (lambda w: setattr(w.shadow, "model_sha256", "XYZ"), "shadow model_sha256 must be 64"),
+    "shadow agree > label rows": (lambda w: setattr(w.shadow, "label_agree", 4),
+                                  "shadow label_agree 4 exceeds its label_rows 3"),
+    "shadow label rows > rows": (lambda w: setattr(w.shadow, "label_rows", 5), "shadow label_rows 5 exceeds its rows 3"),
+    "huge shadow calls": (lambda w: setattr(w.shadow, "calls", 2**63), "shadow calls 9223372036854775808 exceeds"),
+    "corrupt shadow score_diff": (lambda w: setattr(w.shadow.score_diff, "kll", b"\xff" * 20),
+                                  "shadow score_diff 'score_diff': corrupt KLL"),
+    "shadow latency count mismatch": (lambda w: setattr(w.shadow.latency, "count", 5),
+                                      "shadow latency: column 'latency_us': KLL holds 1 values"),
+    "shadow latency without name": (lambda w: setattr(w.shadow.latency, "name", ""), "shadow latency has an empty name"),
+    "categorical shadow score_diff": (lambda w: w.shadow.score_diff.CopyFrom(w.columns[1]),
+                                      "shadow score_diff 'city' must be a NUMERIC column"),
 }
 
 

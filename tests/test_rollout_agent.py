@@ -23,7 +23,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent import examples
-from agent.rollout import CURRENT_FILE, RolloutController, warm_up
+from agent.artifacts import warm_up
+from agent.rollout import CURRENT_FILE, RolloutController
 from agent.server import InferenceServer, serve_switch
 from protos import collector_pb2 as cpb
 from protos import collector_pb2_grpc

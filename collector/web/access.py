@@ -4,7 +4,7 @@
 A bearer header works for scripts; browsers log in once and carry an HttpOnly,
 SameSite=Strict cookie naming a random session kept here in memory (the token
 itself never sits in the browser). Refusals are counted and audited like the
-gRPC port's (the interceptor's counter and its ``on_refusal``), except a
+gRPC port's (``AuthInterceptor.count_refusal``), except a
 request that brings no credentials at all: that is a browser's first visit,
 answered with the login page.
 """
@@ -98,15 +98,6 @@ class WebAccess:
 
     def refuse(self, identity: Identity | None, path: str, status: int, message: str) -> Refusal:
         log.warning("web page refused %s: %s", path, message)
-        if self.interceptor is not None:
-            # The gRPC interceptor owns the collector's one auth-failure counter (shown by
-            # `outrider status`); it has no public way yet to count a refusal made elsewhere.
-            with self.interceptor._lock:
-                self.interceptor._failures += 1
-            if self.interceptor.on_refusal is not None:
-                try:
-                    self.interceptor.on_refusal(identity.name if identity else "anonymous", f"http{path[:200]}",
-                                                message)
-                except Exception:  # recording must never turn a refusal into a crash
-                    log.exception("recording the refusal of %s failed", path)
+        if self.interceptor is not None:  # one counter and one audit path for both ports
+            self.interceptor.count_refusal(identity.name if identity else "anonymous", f"http{path[:200]}", message)
         return Refusal(status, message)
