@@ -382,12 +382,14 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if traffic is not None:
                 traffic.stop()
-            for proc in reversed(procs):
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            # agents first: each flushes its last window to the collector, which then stops
+            for group in (procs[1:], procs[:1]):
+                for proc in group:
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM)
+                for proc in group:
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
     return 0
