@@ -97,6 +97,7 @@ class ProcessSummarizer:
             self.proc.kill()
         finally:
             self.proc.wait()
+            out.close()  # type: ignore[union-attr]  # the pipe's file object, else it waits for the GC
             if self.proc.returncode != 0:
                 self._take_over()
 
