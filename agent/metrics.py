@@ -64,12 +64,35 @@ class MetricsEndpoint:
         self._thread.join(5)
 
 
-class AgentMetrics:
+class Endpoints:
+    """The /metrics endpoints serving one registry; shared by the agent's and the collector's metrics."""
+
+    def __init__(self, registry: CollectorRegistry, what: str) -> None:
+        self.registry, self._what = registry, what
+        self._endpoints: list[MetricsEndpoint] = []
+        self._lock = threading.Lock()
+
+    def start_http(self, listen: str) -> MetricsEndpoint:
+        """Serve /metrics on ``listen`` (HOST:PORT, port 0 picks one); raises OSError if it cannot."""
+        endpoint = MetricsEndpoint(self.registry, listen)
+        with self._lock:
+            self._endpoints.append(endpoint)
+        log.info("%s metrics on %s", self._what, endpoint.url)
+        return endpoint
+
+    def close(self) -> None:
+        with self._lock:
+            endpoints, self._endpoints = self._endpoints, []
+        for endpoint in endpoints:
+            endpoint.stop()
+
+
+class AgentMetrics(Endpoints):
     """The agent's metrics. ``serve(..., metrics=AgentMetrics())`` binds it to what the
     server serves and installs ``interceptor``; ``start_http(listen)`` serves /metrics."""
 
     def __init__(self, served: Served | None = None, *, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        super().__init__(registry if registry is not None else CollectorRegistry(), "agent")
         self._served: Served = served or (lambda: None)
         self.requests = Counter("outrider_agent_requests", "ModelInfer requests received, by the model "
                                 "version served when they arrived", ["model", "version"], registry=self.registry)
@@ -81,8 +104,6 @@ class AgentMetrics:
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}  # labels() once per version, not per call
         self.interceptor = _RequestInterceptor(self)
         self.registry.register(_MonitoringCollector(self))
-        self._endpoints: list[MetricsEndpoint] = []
-        self._lock = threading.Lock()
 
     def bind(self, served: Served) -> None:
         """Read what is served through ``served`` (called at every request and scrape)."""
@@ -91,19 +112,6 @@ class AgentMetrics:
     def served(self) -> Any:
         return self._served()
 
-    def start_http(self, listen: str) -> MetricsEndpoint:
-        """Serve /metrics on ``listen`` (HOST:PORT, port 0 picks one); raises OSError if it cannot."""
-        endpoint = MetricsEndpoint(self.registry, listen)
-        with self._lock:
-            self._endpoints.append(endpoint)
-        log.info("agent metrics on %s", endpoint.url)
-        return endpoint
-
-    def close(self) -> None:
-        with self._lock:
-            endpoints, self._endpoints = self._endpoints, []
-        for endpoint in endpoints:
-            endpoint.stop()
 
     # --- the request path ---------------------------------------------------------------
     def _labelled(self) -> tuple[tuple[str, str], Any, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from agent.metrics import MetricsEndpoint
+from agent.metrics import Endpoints
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 
@@ -41,18 +41,16 @@ ALERT_STATES = ("open", "acknowledged")
 _RECEIVED = "outrider_received"  # attribute a batch's future carries from arrival to ack
 
 
-class CollectorMetrics:
+class CollectorMetrics(Endpoints):
     """The collector's metrics. ``serve_collector(..., metrics=CollectorMetrics())`` has it
     ``watch`` the running parts; ``start_http(listen)`` serves /metrics."""
 
     def __init__(self, *, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        super().__init__(registry if registry is not None else CollectorRegistry(), "collector")
         self.ack_latency = Histogram("outrider_collector_ack_latency_seconds", "time from a batch of windows "
                                      "arriving on an agent stream to its ack being sent (after the commit)",
                                      buckets=ACK_BUCKETS, registry=self.registry)
         self._state: _StateCollector | None = None
-        self._endpoints: list[MetricsEndpoint] = []
-        self._lock = threading.Lock()
 
     def watch(self, store: Any, agents: Any, auth: Any) -> None:
         """Read ``store`` (collector.store.Store), ``agents`` (the AgentServicer: live streams,
@@ -63,19 +61,8 @@ class CollectorMetrics:
         self.registry.register(self._state)
         agents.metrics = self  # how collector.streams finds the ack latency histogram
 
-    def start_http(self, listen: str) -> MetricsEndpoint:
-        """Serve /metrics on ``listen`` (HOST:PORT, port 0 picks one); raises OSError if it cannot."""
-        endpoint = MetricsEndpoint(self.registry, listen)
-        with self._lock:
-            self._endpoints.append(endpoint)
-        log.info("collector metrics on %s", endpoint.url)
-        return endpoint
-
     def close(self) -> None:
-        with self._lock:
-            endpoints, self._endpoints = self._endpoints, []
-        for endpoint in endpoints:
-            endpoint.stop()
+        super().close()
         if self._state is not None:
             self._state.close()
 
