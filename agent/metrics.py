@@ -139,12 +139,23 @@ class _RequestInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, metrics: AgentMetrics) -> None:
         self.metrics = metrics
+        # gRPC asks for the handler on every call and gets the same object back each time: wrap it
+        # once, not per call (building a method handler per call costs more than the counting).
+        self._wrapped: tuple[Any, Any] = (None, None)
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method != INFER_METHOD or handler.unary_unary is None:
             return handler
+        inner, wrapped = self._wrapped
+        if inner is handler:
+            return wrapped
+        wrapped = self._wrap(handler)
+        self._wrapped = (handler, wrapped)  # one tuple assignment: threads see the old pair or the new
+        return wrapped
+
+    def _wrap(self, handler: Any) -> Any:
         behavior, metrics = handler.unary_unary, self.metrics
 
         def timed(request: Any, context: grpc.ServicerContext) -> Any:
