@@ -215,7 +215,7 @@ class RolloutController:
                  shadow_queue: int = DEFAULT_QUEUE, fetch_timeout: float = 300.0) -> None:
         import onnxruntime
 
-        from agent.exporter import open_exporter, package_version
+        from agent.hello import open_exporter, package_version
 
         self.model_name = model_name
         self.agent_id = agent_id or socket.gethostname()
@@ -315,7 +315,7 @@ class RolloutController:
             self.exporter.send_model_state(state)
 
     def _update_hello(self, state: collector_pb2.ModelState) -> None:
-        from agent.exporter import tensor_info
+        from agent.hello import tensor_info
 
         current = self.switch.current
         fields: dict[str, Any] = {"model_state": state, "model_version": "", "model_sha256": "",

@@ -12,7 +12,6 @@ fixed version.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import threading
 from concurrent import futures
@@ -24,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from agent import tensors
 from agent.dataplane import DataPlane, InferenceSessionLike
 from agent.errors import NotFound, Unavailable, Unimplemented, grpc_errors
+from agent.hello import package_version
 from agent.rollout import LoadedVersion, ModelSwitch
 from protos import agent_pb2, agent_pb2_grpc
 from protos import open_inference_pb2 as pb
@@ -34,13 +34,6 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "outrider"
 SERVICE_NAME = "inference.GRPCInferenceService"
 DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
-
-
-def package_version() -> str:
-    try:
-        return importlib.metadata.version("outrider")
-    except importlib.metadata.PackageNotFoundError:  # running from a checkout
-        return "0.0.0"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

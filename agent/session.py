@@ -141,7 +141,7 @@ class MonitoredSession:
         self._started_ns = time.time_ns()  # the first window starts here, not when its worker does
         self._exporter = None
         if collector:
-            from agent.exporter import exporter_for
+            from agent.hello import exporter_for
 
             self.sink = self._exporter = exporter_for(self, collector, spool_dir, collector_token, collector_tls)
         try:

@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.errors import (InvalidArgument, NotFound, ResourceExhausted, Unavailable,
                           grpc_errors, grpc_stream_errors)
-from agent.server import package_version
+from agent.hello import package_version
 from collector import alerts, audit
 from collector.auth import AuthConfig, AuthInterceptor, TLSFiles, current_identity
 from collector.ingest import Limits, validate_hello, validate_model_key, validate_profile

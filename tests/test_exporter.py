@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from agent import MonitoredSession, examples
-from agent.exporter import CollectorExporter, hello_for
+from agent.exporter import CollectorExporter
+from agent.hello import hello_for
 from protos import collector_pb2, collector_pb2_grpc, summary_pb2
 
 Ack = collector_pb2.WindowAck
