@@ -16,37 +16,22 @@ from agent.feedback import PredictionLog
 from collector import approvals
 from collector.auth import AuthConfig, AuthInterceptor
 from collector.rollout_ops import RolloutOps
-from collector.server import serve_collector
 from protos import agent_pb2, agent_pb2_grpc
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from test_approvals import TOKENS, call, cli, promote, refused, stages
 from test_exporter import wait_until
 from test_rollout_agent import NAME, FakeCollector, models, serve_args, serve_v1, start_agent  # noqa: F401
-from test_rollout_collector import AUTH, FakeAgent, acks, agent_state, make_production, register, rollouts, wait_for
+from test_rollout_collector import (AUTH, acks, agent_state, make_production, register, rollouts,
+                                    running_collector, wait_for)
 from test_server import decode, raw_request, x_rows
 
 
 @pytest.fixture
 def ops_collector(tmp_path) -> Iterator[tuple]:
     """As test_rollout_collector's ``collector``: the server, an OpsService stub, its address, connect()."""
-    server = serve_collector(tmp_path / "collector.db", "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH),
-                             drift_interval=0, rollup_interval=3600)
-    address = f"127.0.0.1:{server.port}"
-    channel = grpc.insecure_channel(address)
-    agents: list[FakeAgent] = []
-
-    def connect(agent_id: str, **kw) -> FakeAgent:
-        agents.append(FakeAgent(address, agent_id, **kw))
-        return agents[-1]
-
-    try:
-        yield server, pb_grpc.OpsServiceStub(channel), address, connect
-    finally:
-        for agent in agents:
-            agent.close()
-        channel.close()
-        server.stop(grace=0)
+    with running_collector(tmp_path) as parts:
+        yield parts
 
 
 def audited(ops, action: str) -> list[pb.AuditEntry]:

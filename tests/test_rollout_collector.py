@@ -2,6 +2,7 @@
 as raw gRPC stream clients (hello, commands in, FetchArtifact, ModelState out), the CLI as a subprocess."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -133,6 +134,13 @@ class FakeAgent:
 
 @pytest.fixture
 def collector(tmp_path) -> Iterator[tuple]:
+    with running_collector(tmp_path) as parts:
+        yield parts
+
+
+@contextlib.contextmanager
+def running_collector(tmp_path) -> Iterator[tuple]:
+    """A collector with AUTH: the server, an OpsService stub, its address, connect(agent_id) -> FakeAgent."""
     server = serve_collector(tmp_path / "collector.db", "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH),
                              drift_interval=0, rollup_interval=3600)
     address = f"127.0.0.1:{server.port}"
