@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import importlib
 import os
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -120,7 +122,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve = commands.add_parser(
         "serve", help="serve an ONNX model over the Open Inference Protocol (gRPC)",
         description="Serve an ONNX model over the Open Inference Protocol (KServe V2 gRPC), "
-                    "summarising its traffic for the collector. Stops gracefully on SIGTERM/SIGINT.",
+                    "summarising its traffic for the collector. Stops gracefully on SIGTERM/SIGINT; "
+                    "SIGUSR1 prints every thread's stack to stderr.",
     )
     add_flag(serve, "--model", prefix=AGENT_ENV, metavar="PATH.onnx",
              help="the ONNX model file to serve; omit it and give --model-name and --collector to serve "
@@ -255,19 +258,46 @@ def _serve_managed(args: argparse.Namespace) -> int:
     return 0
 
 
+class StopRequest:
+    """What SIGTERM or SIGINT asked for, read by the main thread.
+
+    The handler only sets an attribute and the main thread polls it. Two hazards
+    this avoids: a handler that takes a lock (``Event.set``) deadlocks when the
+    main thread is interrupted while holding that lock; and a main thread blocked
+    on a lock (``Event.wait()``) is not woken when the kernel hands the signal to
+    another thread (gRPC's, say): Python's handler then never runs, and a SIGTERM
+    is ignored for good (seen in CI)."""
+
+    POLL_SECONDS = 0.2
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def wait(self) -> int:
+        """Block until a signal came; its number. ``time.sleep`` returns to the interpreter
+        every poll, which runs a pending handler whichever thread the signal reached."""
+        while self.signum is None:
+            time.sleep(self.POLL_SECONDS)
+        return self.signum
+
+
 @contextlib.contextmanager
-def stop_signals() -> Iterator[threading.Event]:
-    """An event that SIGTERM and SIGINT set, for servers that stop in order.
+def stop_signals() -> Iterator[StopRequest]:
+    """A ``StopRequest`` that SIGTERM and SIGINT fill, for servers that stop in order.
 
     Installed before a server's (slow) start, so that an early signal still
     ends in an orderly stop rather than the default kill."""
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop = StopRequest()
+
+    def handler(signum: int, _frame: Any) -> None:
+        stop.signum = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield stop
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def check_listen(listen: str) -> None:
@@ -344,6 +374,9 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # On-call aid for a server that hangs: `kill -USR1 PID` prints every thread's stack to stderr.
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

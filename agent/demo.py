@@ -375,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"\neverything keeps running so you can look around: {url} (viewer token "
                       f"{TOKENS['viewer']}); the CLI works too, e.g.\n  OUTRIDER_COLLECTOR={address} "
                       f"OUTRIDER_TOKEN={TOKENS['viewer']} .venv/bin/outrider status\nCtrl-C to stop.", flush=True)
-                collector.wait()
+                while collector.poll() is None:  # not wait(): Ctrl-C must reach us from whichever thread got it
+                    time.sleep(0.2)
             story.close()
         except KeyboardInterrupt:
             return 130

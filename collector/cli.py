@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="receive windows from agents and answer operators (gRPC)",
         description="Receive agents' window summaries into a SQLite file and answer operators' queries. "
                     "Without --auth-file it runs unauthenticated and only on a loopback address. "
-                    "Stops gracefully on SIGTERM/SIGINT.")
+                    "Stops gracefully on SIGTERM/SIGINT; SIGUSR1 prints every thread's stack to stderr.")
     add_flag(serve, "--db", prefix=COLLECTOR_ENV, default="outrider.db",
              metavar="PATH", help="the SQLite database file")
     add_flag(serve, "--listen", prefix=COLLECTOR_ENV, default=DEFAULT_COLLECTOR, type=listen_address,

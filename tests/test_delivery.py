@@ -41,6 +41,17 @@ def start(args: list[str], pattern: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"{args[:2]} exited with {proc.wait()} before it was ready")
 
 
+def exit_code(proc: subprocess.Popen, timeout: float = 60.0) -> int:
+    """The process's exit code; one that hangs first prints its threads' stacks (SIGUSR1), then is killed."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2.0)
+        proc.kill()
+        raise AssertionError(f"{proc.args[3:5]} did not exit within {timeout:.0f} s; its stacks are on stderr")
+
+
 def collector(db: Path, listen: str = "127.0.0.1:0") -> tuple[subprocess.Popen, str]:
     return start(["collector", "serve", "--db", str(db), "--listen", listen], r"collector listening on (\S+)")
 
@@ -133,12 +144,12 @@ def test_collector_killed_mid_load_loses_and_duplicates_nothing(tmp_path: Path, 
     time.sleep(1.0)
     served = load.stop()
     ag.send_signal(signal.SIGTERM)  # flushes the open window into the spool and delivers it
-    assert ag.wait(60) == 0
+    assert exit_code(ag) == 0
     assert not load.failures, f"inference failed: {load.failures[:1]}"
     # the agent exits only after its exporter had every window acked, i.e. committed
     assert stored_rows(address) == served
     col.send_signal(signal.SIGTERM)
-    assert col.wait(60) == 0
+    assert exit_code(col) == 0
 
 
 def test_agent_killed_and_restarted_with_its_spool(tmp_path: Path, model: Path):
@@ -163,7 +174,7 @@ def test_agent_killed_and_restarted_with_its_spool(tmp_path: Path, model: Path):
 
     wait_until(second_run_connected, what="the restarted agent's stream")  # then SIGTERM waits for its acks
     ag.send_signal(signal.SIGTERM)
-    assert ag.wait(60) == 0
+    assert exit_code(ag) == 0
     windows = ops(address).ListWindows(collector_pb2.ListWindowsRequest(model_name="m", limit=10_000),
                                        timeout=5).windows
     run1_windows = sorted((w for w in windows if w.run_id == run1), key=lambda w: w.seq)
@@ -175,4 +186,4 @@ def test_agent_killed_and_restarted_with_its_spool(tmp_path: Path, model: Path):
     runs = [a for a in status.agents if a.agent_id == "a1"]
     assert len(runs) == 2 and max(a.restarts for a in runs) >= 1
     col.send_signal(signal.SIGTERM)
-    assert col.wait(60) == 0
+    assert exit_code(col) == 0
