@@ -236,7 +236,7 @@ class Story:
     def promote(self, version: int, reason: str) -> None:
         self.cli("alice", "models", "promote", MODEL, str(version), "--reason", reason)
         approval = self.pending()[-1]
-        print(f"      alice cannot approve her own request; bob (approver) does:", flush=True)
+        print("      alice cannot approve her own request; bob (approver) does:", flush=True)
         self.cli("bob", "approve", str(approval.id))
 
     def close(self) -> None:

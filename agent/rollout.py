@@ -12,11 +12,9 @@ warm it up (``agent.artifacts``), swap, answer with a ``ModelState``. Any
 failure answers ok=false with the reason and the old version keeps serving.
 The last good version is remembered in
 ``models/current.json``, so a restart serves it at once, collector or not.
-
-``ModelSwitch`` is what the OIP servicer reads per request. A request holds
-its version for the whole call (a counter, raised and lowered under a lock
-held for that only); a replaced version is closed once its last request has
-finished, by a thread of its own, never by a request.
+The switch the OIP servicer reads per request is ``agent.switch.ModelSwitch``;
+a replaced version is closed once its last request has finished, by a thread
+of its own (``RolloutController._retire``), never by a request.
 """
 from __future__ import annotations
 
@@ -30,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +36,10 @@ import grpc
 
 from agent.artifacts import ArtifactCache, check_schema, warm_up, write_json
 from agent.dataplane import DataPlane
-from agent.errors import FailedPrecondition, InvalidArgument, NotFound, OutriderError, Unavailable
+from agent.errors import FailedPrecondition, InvalidArgument, OutriderError, Unavailable
 from agent.feedback import PredictionLog
 from agent.shadow import DEFAULT_QUEUE, ShadowRunner
+from agent.switch import LoadedVersion, ModelSwitch
 from protos import collector_pb2, collector_pb2_grpc, summary_pb2
 
 log = logging.getLogger(__name__)
@@ -48,72 +47,6 @@ log = logging.getLogger(__name__)
 CURRENT_FILE = "current.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DIGITS = re.compile(r"^[0-9]{1,10}$")
-
-
-# ------------------------------------------------------------------------- the switch
-
-@dataclass(eq=False)
-class LoadedVersion:
-    """One loaded model version and the requests running on it."""
-
-    plane: DataPlane
-    session: Any
-    version: str
-    sha256: str = ""
-    schema_json: str = ""
-    active: int = 0        # requests running on it now (ModelSwitch's lock)
-    retired: bool = False  # swapped out: closed once ``idle``
-    idle: threading.Event = field(default_factory=threading.Event)
-
-
-class ModelSwitch:
-    """The version requests run on now (``current``; None until the first load) and the shadow."""
-
-    def __init__(self, model_name: str) -> None:
-        self.model_name = model_name
-        self.current: LoadedVersion | None = None
-        self.shadow: ShadowRunner | None = None  # read once per request
-        self._lock = threading.Lock()
-        self._listeners: list[Callable[[LoadedVersion | None], None]] = []
-
-    def waiting_message(self) -> str:
-        return (f"model '{self.model_name}' is not loaded yet: this agent waits for the collector to name "
-                f"the production version of {self.model_name}")
-
-    def acquire(self, name: str) -> LoadedVersion:
-        """The version this request runs on; ``release`` it when done, whatever happens."""
-        if name != self.model_name:
-            raise NotFound(f"model '{name}' is not served here; this server serves '{self.model_name}'")
-        with self._lock:
-            loaded = self.current
-            if loaded is None:
-                raise Unavailable(self.waiting_message())
-            loaded.active += 1
-        return loaded
-
-    def release(self, loaded: LoadedVersion) -> None:
-        with self._lock:
-            loaded.active -= 1
-            idle = loaded.retired and loaded.active == 0
-        if idle:
-            loaded.idle.set()
-
-    def swap(self, new: LoadedVersion) -> LoadedVersion | None:
-        """Make ``new`` current for every request from now on; returns the version replaced."""
-        with self._lock:
-            old, self.current = self.current, new
-            if old is not None:
-                old.retired = True
-                if old.active == 0:
-                    old.idle.set()
-        for listener in list(self._listeners):
-            listener(new)
-        return old
-
-    def on_change(self, listener: Callable[[LoadedVersion | None], None]) -> None:
-        """Call ``listener(current)`` now and after every swap (the health service's status)."""
-        self._listeners.append(listener)
-        listener(self.current)
 
 
 # ----------------------------------------------------------------- windows of every version

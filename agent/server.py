@@ -24,7 +24,7 @@ from agent import tensors
 from agent.dataplane import DataPlane, InferenceSessionLike
 from agent.errors import NotFound, Unavailable, Unimplemented, grpc_errors
 from agent.hello import package_version
-from agent.rollout import LoadedVersion, ModelSwitch
+from agent.switch import LoadedVersion, ModelSwitch
 from protos import agent_pb2, agent_pb2_grpc
 from protos import open_inference_pb2 as pb
 from protos import open_inference_pb2_grpc as pb_grpc

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent import MonitoredSession, examples  # noqa: E402
 from agent.dataplane import DataPlane  # noqa: E402
-from agent.rollout import LoadedVersion, ModelSwitch  # noqa: E402
+from agent.switch import LoadedVersion, ModelSwitch  # noqa: E402
 from agent.server import serve_switch  # noqa: E402
 from agent.shadow import DEFAULT_QUEUE, ShadowRunner  # noqa: E402
 from agent.sinks import InMemorySink  # noqa: E402
