@@ -27,6 +27,9 @@ class Limits:
     # that sums over millions of windows stay inside SQLite's int64.
     max_count: int = 2**40
     max_sample_rows: int = MAX_SAMPLE_ROWS  # rows of one window's reservoir sample
+    # A stream that never says hello would hold one of the max_agents handler threads for good;
+    # an agent sends its Hello as the first message, at once.
+    hello_seconds: float = 30.0
 
 
 def _check_id(field: str, value: str, limits: Limits, *, required: bool = True) -> None:

@@ -105,10 +105,24 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     def _stream(self, requests: Iterator[pb.AgentMessage],
                 context: grpc.ServicerContext) -> Iterator[pb.CollectorMessage]:
+        expired = threading.Event()
+
+        def too_late() -> None:
+            expired.set()
+            context.cancel()  # ends the wait below
+
+        late = threading.Timer(self.limits.hello_seconds, too_late)
+        late.daemon = True
+        late.start()
         try:
             first = next(requests, None)
-        except grpc.RpcError:  # the client went away before saying hello
+        except grpc.RpcError:  # the client went away before saying hello, or was too late
+            if expired.is_set():
+                log.warning("a stream from %s sent no hello in %.0f s; cancelled it", context.peer(),
+                            self.limits.hello_seconds)
             return
+        finally:
+            late.cancel()
         if first is None or first.WhichOneof("kind") != "hello":
             raise InvalidArgument("first message must be hello")
         hello = first.hello

@@ -214,6 +214,23 @@ def test_a_second_hello_ends_the_stream(collector):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "only once" in error.details()
 
 
+def test_a_stream_without_hello_is_cancelled_and_frees_its_slot(tmp_path):
+    with running(tmp_path / "c.db", limits=Limits(hello_seconds=0.5), max_agents=1) as collector:
+        silent = collector.connect()  # opens the stream, never says hello
+        assert silent.error().code() == grpc.StatusCode.CANCELLED
+        for _ in range(100):  # the only slot is free again once the cancelled handler has returned
+            conn = collector.connect(hello(), batch(window(0)))
+            try:
+                assert [a.result for a in conn.acks(1)] == [STORED]
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the silent stream kept the collector's only agent slot")
+        assert [a.agent_id for a in collector.status().agents] == ["edge-1"]
+
+
 def test_a_batch_over_the_limit_is_invalid_argument(tmp_path):
     with running(tmp_path / "c.db", limits=Limits(max_windows_per_batch=2)) as collector:
         conn = collector.connect(hello(), batch(window(0), window(1), window(2)))
