@@ -64,6 +64,9 @@ class ProcessSummarizer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.summary_process"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env(),
+            # Its own process group: a terminal's Ctrl-C reaches the serving process, which stops
+            # the helper in order; the helper also ignores SIGINT/SIGTERM sent to it directly.
+            process_group=0,
         )
         config = (ring.layout, ring.shm_name, identity, policy, start_ns, os.getpid())
         try:

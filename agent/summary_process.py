@@ -3,13 +3,15 @@
 Reads its configuration (pickled) from stdin, attaches the ring's shared
 memory, drains it, and writes each closed window to stdout as a 4-byte
 little-endian length and the serialised ``WindowSummary``. Stops when the ring
-is CLOSED or stdin reaches end of file (the serving process closed it or died).
+is CLOSED or stdin reaches end of file (the serving process closed it or died);
+SIGINT and SIGTERM are ignored (SIGKILL is not).
 """
 from __future__ import annotations
 
 import logging
 import os
 import pickle
+import signal
 import sys
 import threading
 
@@ -20,6 +22,11 @@ from protos import summary_pb2
 
 
 def main() -> int:
+    # The serving process decides when this helper ends (it closes our stdin, or dies). A Ctrl-C
+    # or a SIGTERM sent to the whole process group (a terminal; systemd stopping a unit) must not
+    # end it first: its open window would be lost and the agent would fall back to a thread.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="outrider-summary: %(levelname)s %(message)s")
     stdin_fd = sys.stdin.fileno()
     with os.fdopen(os.dup(stdin_fd), "rb", buffering=0) as config:

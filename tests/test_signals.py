@@ -12,12 +12,13 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_delivery import exit_code, start
+from test_delivery import ROOT, exit_code, start
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tgkill and /proc are Linux's")
 SYS_TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
@@ -48,3 +49,28 @@ def test_sigterm_to_any_thread_stops_the_server(server: str, tmp_path: Path, lr_
     time.sleep(1.0)  # the main thread deep in its wait
     tgkill(proc.pid, other_thread(proc.pid), signal.SIGTERM)
     assert exit_code(proc) == 0
+
+
+def test_ctrl_c_on_the_process_group_stops_the_agent_in_order(tmp_path: Path, lr_model: Path):
+    """A terminal's Ctrl-C (or systemd stopping a unit) signals every process of the group: the
+    summary helper must not die of it before the agent has closed its last window."""
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "serve", "--model", str(lr_model),
+                             "--listen", "127.0.0.1:0", "--summarizer", "process"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    for line in proc.stdout:
+        if "serving" in line:
+            break
+    time.sleep(1.0)  # the helper process is up
+    children = [int(t) for t in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    helpers = [c for c in children if b"agent.summary_process" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert helpers, "the agent started no summary process"
+    os.killpg(proc.pid, signal.SIGINT)  # every process of the group, as a terminal does
+    os.kill(helpers[0], signal.SIGTERM)  # and a SIGTERM to the helper itself, as a control-group kill
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the agent did not stop on SIGINT") from None
+    assert proc.returncode == 0, stderr
+    assert "summary process exited" not in stderr and "Traceback" not in stderr, stderr
