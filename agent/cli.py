@@ -366,7 +366,10 @@ def _registrars() -> Iterator[Callable[[argparse._SubParsersAction], None]]:
 
 
 def build_parser() -> Parser:
+    from agent.hello import package_version
+
     parser = Parser(prog="outrider", description="Keep ONNX models working in production.")
+    parser.add_argument("--version", action="version", version=f"outrider {package_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register_commands in _registrars():
         register_commands(subparsers)

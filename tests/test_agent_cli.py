@@ -106,6 +106,14 @@ def test_cli_reads_flags_from_the_environment(tmp_path):
     assert result.returncode == 2 and "missing.onnx does not exist" in result.stderr
 
 
+def test_cli_prints_its_version():
+    from agent.hello import package_version
+
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout == f"outrider {package_version()}\n", result
+    assert package_version()[0].isdigit()
+
+
 def test_every_cli_command_has_help():
     from agent.cli import build_parser
 
