@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import faulthandler
 import importlib
+import logging
 import os
 import signal
 import socket
@@ -64,6 +65,18 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, *, required: bool = Fal
     shown = "" if default is None else " (set)" if secret else " (default: %(default)s)"
     parser.add_argument(flag, default=default, required=required,
                         help=f"{help}{shown} [env {env}]", **kwargs)
+
+
+def add_log_level(parser: argparse.ArgumentParser, prefix: str) -> None:
+    add_flag(parser, "--log-level", prefix=prefix, default="info", choices=["debug", "info", "warning", "error"],
+             help="least severe event a server logs to stderr (connections, rollouts, decisions at info)")
+
+
+def configure_logging(level: str) -> None:
+    """A server's log: one line per event on stderr, with time and level. Only the servers
+    configure logging; the library (MonitoredSession in someone's process) leaves it to its host."""
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
@@ -151,6 +164,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="request worker threads")
     add_flag(serve, "--max-message-mb", prefix=AGENT_ENV, default="64", type=positive(float), metavar="MB",
              help="largest request accepted; bigger ones get RESOURCE_EXHAUSTED")
+    add_log_level(serve, AGENT_ENV)
     add_flag(serve, "--grace-seconds", prefix=AGENT_ENV, default="5", type=positive(float), metavar="S",
              help="time in-flight requests get to finish on shutdown")
     add_flag(serve, "--join-seconds", prefix=AGENT_ENV, default="3600", type=positive(float), metavar="S",
@@ -169,6 +183,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from agent.errors import OutriderError
     from agent.server import serve
 
+    configure_logging(args.log_level)
     if args.model is None:
         return _serve_managed(args)
     model = Path(args.model)

@@ -89,6 +89,8 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTRIDER_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env["PYTHONIOENCODING"] = "utf-8"
+    # The servers' event log would drown the story; warnings and errors still show.
+    env["OUTRIDER_AGENT_LOG_LEVEL"] = env["OUTRIDER_COLLECTOR_LOG_LEVEL"] = "warning"
     return {**env, **extra}
 
 

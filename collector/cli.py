@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from agent.cli import EXIT_USAGE, UsageError, add_flag, check_listen, listen_address, positive, stop_signals
+from agent.cli import (EXIT_USAGE, UsageError, add_flag, add_log_level, check_listen, configure_logging, listen_address,
+                       positive, stop_signals)
 from collector.cli_format import age, iso, plain, rollout_state, table  # noqa: F401  (other command modules import them from here)
 
 DEFAULT_COLLECTOR = "127.0.0.1:50051"
@@ -62,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="seconds the rows agents sample (agent serve --sample-rows) are kept for 'outrider data export'")
     add_flag(serve, "--rollup-interval", prefix=COLLECTOR_ENV, default="60", type=positive(float), metavar="S",
              help="seconds between retention passes")
+    add_log_level(serve, COLLECTOR_ENV)
     add_flag(serve, "--grace-seconds", prefix=COLLECTOR_ENV, default="10", type=positive(float), metavar="S",
              help="time in-flight calls get to finish on shutdown")
     add_flag(serve, "--drift-interval", prefix=COLLECTOR_ENV, default="60", type=float, metavar="S",
@@ -216,6 +218,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from collector.rollup import RetentionPolicy
     from collector.server import serve_collector
 
+    configure_logging(args.log_level)
     auth = None
     if args.auth_file:
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -132,6 +133,17 @@ def test_serve_then_status_and_windows_then_sigterm(tmp_path):
         assert served.proc.wait(timeout=HANG_GUARD) == 0
         assert "unauthenticated, on loopback only" in served.proc.stderr.read()
     assert db.exists()
+
+
+@pytest.mark.parametrize("level, logged", [("info", True), ("warning", False)])
+def test_the_server_logs_events_with_time_and_level(tmp_path, level, logged):
+    with collector_process("--db", str(tmp_path / "c.db"), OUTRIDER_COLLECTOR_LOG_LEVEL=level) as served:
+        served.proc.send_signal(signal.SIGTERM)
+        _, stderr = served.proc.communicate(timeout=HANG_GUARD)
+    assert served.proc.returncode == 0, stderr
+    event = re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO collector.server: collector listening on ", stderr,
+                      re.MULTILINE)
+    assert bool(event) == logged, stderr
 
 
 def test_with_an_auth_file_status_needs_an_operator_token(tmp_path):
