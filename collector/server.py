@@ -30,7 +30,7 @@ from agent.hello import package_version
 from collector import alerts, audit
 from collector.auth import AuthConfig, AuthInterceptor, TLSFiles, current_identity
 from collector.ingest import Limits, validate_hello, validate_model_key, validate_profile
-from collector.streams import AgentStream, LiveStreams
+from collector.streams import AgentStream, LiveStreams, read_hello
 from collector.rollup import RetentionPolicy
 from collector.evaluation import DriftEvaluator, EvaluationLoop
 from collector.gate import GatePolicy
@@ -105,27 +105,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     def _stream(self, requests: Iterator[pb.AgentMessage],
                 context: grpc.ServicerContext) -> Iterator[pb.CollectorMessage]:
-        expired = threading.Event()
-
-        def too_late() -> None:
-            expired.set()
-            context.cancel()  # ends the wait below
-
-        late = threading.Timer(self.limits.hello_seconds, too_late)
-        late.daemon = True
-        late.start()
-        try:
-            first = next(requests, None)
-        except grpc.RpcError:  # the client went away before saying hello, or was too late
-            if expired.is_set():
-                log.warning("a stream from %s sent no hello in %.0f s; cancelled it", context.peer(),
-                            self.limits.hello_seconds)
+        hello = read_hello(requests, context, self.limits.hello_seconds)
+        if hello is None:  # the client went away, or said nothing in time
             return
-        finally:
-            late.cancel()
-        if first is None or first.WhichOneof("kind") != "hello":
-            raise InvalidArgument("first message must be hello")
-        hello = first.hello
         validate_hello(hello, self.limits)
         try:
             self.store.record_hello(hello, time.time_ns())

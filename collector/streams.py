@@ -86,6 +86,33 @@ class LiveStreams:
                 stream.drain()
 
 
+def read_hello(requests: Iterator[pb.AgentMessage], context: grpc.ServicerContext,
+               seconds: float) -> pb.Hello | None:
+    """A new stream's Hello, which must come first and within ``seconds``; None if the client
+    went away or said nothing in time (the stream is cancelled then: waiting for good would
+    hold one of the collector's agent slots)."""
+    expired = threading.Event()
+
+    def too_late() -> None:
+        expired.set()
+        context.cancel()  # ends the wait below
+
+    late = threading.Timer(seconds, too_late)
+    late.daemon = True
+    late.start()
+    try:
+        first = next(requests, None)
+    except grpc.RpcError:
+        if expired.is_set():
+            log.warning("a stream from %s sent no hello in %.0f s; cancelled it", context.peer(), seconds)
+        return None
+    finally:
+        late.cancel()
+    if first is None or first.WhichOneof("kind") != "hello":
+        raise InvalidArgument("first message must be hello")
+    return first.hello
+
+
 class AgentStream:
     """One agent's open stream after its Hello: a reader thread and the reply generator."""
 
