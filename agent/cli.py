@@ -181,6 +181,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     from agent.errors import OutriderError
+    from agent.metrics import AgentMetrics, start_for_cli
     from agent.server import serve
 
     configure_logging(args.log_level)
@@ -191,7 +192,7 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UsageError(f"model file {model} does not exist; pass --model PATH.onnx (or set OUTRIDER_AGENT_MODEL)")
     name = args.model_name or model.stem
     check_listen(args.listen)
-    metrics = _start_metrics(args.metrics)  # before the model load: a bad address fails fast
+    metrics = start_for_cli(AgentMetrics, args.metrics)  # before the model load: a bad address fails fast
 
     with stop_signals() as stop:  # before the (slow) model load
         session = _open_session(model, name, args.model_version, args.window_seconds, args.summarizer,
@@ -216,19 +217,10 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_metrics(listen: str | None) -> Any:
-    if not listen:
-        return None
-    from agent.metrics import AgentMetrics, start_for_cli
-
-    metrics = AgentMetrics()
-    start_for_cli(metrics, listen)
-    return metrics
-
-
 def _serve_managed(args: argparse.Namespace) -> int:
     """No model file: serve the version of --model-name that the collector names (agent.rollout)."""
     from agent.errors import OutriderError
+    from agent.metrics import AgentMetrics, start_for_cli
     from agent.rollout import RolloutController
     from agent.server import serve_switch
 
@@ -243,7 +235,7 @@ def _serve_managed(args: argparse.Namespace) -> int:
                "join_seconds": args.join_seconds}
     if getattr(args, "sample_rows", None):  # the same monitoring options as a served file gets
         options["sample_rows"] = args.sample_rows
-    metrics = _start_metrics(getattr(args, "metrics", None))
+    metrics = start_for_cli(AgentMetrics, getattr(args, "metrics", None))
     with stop_signals() as stop:
         try:
             agent = RolloutController(args.model_name, args.collector, agent_id=args.agent_id,

@@ -249,11 +249,15 @@ def _call(obj: Any, method: str) -> dict[str, Any] | None:
         return None
 
 
-def start_for_cli(metrics: Any, listen: str, flag: str = "--metrics") -> MetricsEndpoint:
-    """``metrics.start_http(listen)`` for a CLI: a bad address is one UsageError line naming ``flag``;
-    says where /metrics is, and warns when it is reachable beyond this machine (it has no auth)."""
+def start_for_cli(make: Callable[[], Any], listen: str | None, flag: str = "--metrics") -> Any:
+    """For a server CLI: None without ``listen``; else ``make()`` serving /metrics on it. A bad address
+    is one UsageError line naming ``flag``; says where /metrics is, and warns when it is reachable
+    beyond this machine (it has no auth)."""
     from agent.cli import UsageError
 
+    if not listen:
+        return None
+    metrics = make()
     try:
         endpoint = metrics.start_http(listen)
     except (OSError, ValueError) as exc:
@@ -264,7 +268,7 @@ def start_for_cli(metrics: Any, listen: str, flag: str = "--metrics") -> Metrics
     if not _is_loopback(endpoint.host):
         print(f"outrider: warning: {endpoint.url} has no authentication: anyone who can reach it sees model, "
               "feature and agent names", file=sys.stderr, flush=True)
-    return endpoint
+    return metrics
 
 
 def _is_loopback(host: str) -> bool:

@@ -85,8 +85,10 @@ def serve_command(args: argparse.Namespace) -> int:
     import sqlite3
 
     from agent.errors import OutriderError
+    from agent.metrics import start_for_cli
     from collector.auth import AuthConfig, is_loopback
     from collector.gate import GatePolicy
+    from collector.metrics import CollectorMetrics
     from collector.rollup import RetentionPolicy
     from collector.server import serve_collector
 
@@ -116,7 +118,7 @@ def serve_command(args: argparse.Namespace) -> int:
             check_listen(args.http)
         except UsageError as exc:
             raise UsageError(str(exc).replace("with --listen", "with --http")) from None
-    metrics = _start_metrics(args.metrics)
+    metrics = start_for_cli(CollectorMetrics, args.metrics)
 
     with stop_signals() as stop:
         try:
@@ -149,17 +151,6 @@ def serve_command(args: argparse.Namespace) -> int:
             if metrics is not None:
                 metrics.close()
     return 0
-
-
-def _start_metrics(listen: str | None) -> Any:
-    if not listen:
-        return None
-    from agent.metrics import start_for_cli
-    from collector.metrics import CollectorMetrics
-
-    metrics = CollectorMetrics()
-    start_for_cli(metrics, listen)
-    return metrics
 
 
 def _webhook(args: argparse.Namespace) -> Any:
