@@ -35,6 +35,8 @@ AUTH_FILE = f"""# the demo's identities: agents, an operator, an approver, a rea
 [[agent]]
 name = "demo-agents"
 token = "{TOKENS['agents']}"
+agent_ids = ["demo-agent-*"]   # the agent ids this token may speak for
+models = ["{MODEL}"]           # and the models it may send windows for
 
 [[operator]]
 name = "alice"

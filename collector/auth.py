@@ -5,6 +5,8 @@ The auth file is TOML::
     [[agent]]
     name = "edge-1"
     token = "..."                  # or token_sha256 = "<64 hex digits>"
+    agent_ids = ["edge-1"]         # globs of the agent ids it may speak for (default: its name)
+    models = ["churn", "fraud-*"]  # globs of the models it may send windows for (default: any)
 
     [[operator]]
     name = "alice"
@@ -12,13 +14,17 @@ The auth file is TOML::
     role = "approver"              # viewer < operator < approver < admin
 
 Agents may call AgentService, operators OpsService methods up to their role;
-the health service is open. The identity of an accepted call is available to
+the health service is open. An agent token speaks only for the agent ids and
+models its entry names (``Identity.may_speak_for`` / ``may_send_for``, checked
+on each stream's Hello and windows): a leaked edge token cannot pose as another
+agent or feed another model's drift. The identity of an accepted call is available to
 servicers through ``current_identity()``. Without an auth file the collector
 only listens on loopback and every caller is ``LOCAL``.
 """
 from __future__ import annotations
 
 import contextvars
+import fnmatch
 import hashlib
 import hmac
 import ipaddress
@@ -92,6 +98,16 @@ class Identity(NamedTuple):
     name: str
     kind: str  # "agent", "operator", or "local" (no auth file: loopback only)
     role: str = ""  # operators' role; "" for agents
+    agent_ids: tuple[str, ...] = ("*",)  # agents: globs of the agent ids this token may speak for
+    models: tuple[str, ...] = ("*",)  # agents: globs of the model names it may send windows for
+
+    def may_speak_for(self, agent_id: str) -> bool:
+        """Whether this caller may send a Hello (and windows) as agent ``agent_id``."""
+        return self.kind == "local" or any(fnmatch.fnmatchcase(agent_id, g) for g in self.agent_ids)
+
+    def may_send_for(self, model_name: str) -> bool:
+        """Whether this caller may send windows (or fetch artifacts) of model ``model_name``."""
+        return self.kind == "local" or any(fnmatch.fnmatchcase(model_name, g) for g in self.models)
 
 
 LOCAL = Identity("local", "local", "admin")
@@ -166,7 +182,7 @@ class AuthConfig:
 def _credential(kind: str, entry: Any, where: str) -> _Credential:
     if not isinstance(entry, dict):
         raise InvalidArgument(f"{where} must be a table")
-    allowed = {"name", "token", "token_sha256"} | ({"role"} if kind == "operator" else set())
+    allowed = {"name", "token", "token_sha256"} | ({"role"} if kind == "operator" else {"agent_ids", "models"})
     unknown = set(entry) - allowed
     if unknown:
         raise InvalidArgument(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -190,12 +206,25 @@ def _credential(kind: str, entry: Any, where: str) -> _Credential:
             digest = b""
         if len(digest) != 32:
             raise InvalidArgument(f"{where}: token_sha256 must be 64 hex digits (sha256sum of the token)")
-    role = ""
     if kind == "operator":
         role = entry.get("role", "viewer")
         if role not in ROLES:
             raise InvalidArgument(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
-    return _Credential(digest, Identity(name, kind, role))
+        return _Credential(digest, Identity(name, kind, role))
+    agent_ids = _globs(entry, "agent_ids", [name], where)
+    models = _globs(entry, "models", ["*"], where)
+    return _Credential(digest, Identity(name, kind, "", agent_ids, models))
+
+
+def _globs(entry: dict[str, Any], key: str, default: list[str], where: str) -> tuple[str, ...]:
+    """A list of glob patterns (a single string is taken as a list of one)."""
+    value = entry.get(key, default)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise InvalidArgument(f"{where}: {key} must be a non-empty list of names or globs, e.g. {key} = "
+                              f"[{default[0]!r}]")
+    return tuple(v.strip() for v in value)
 
 
 def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:

@@ -37,7 +37,7 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("agent_id", "run_id", "host", "model_name", "model_version", "model_sha256", "inputs", "outputs", "agent_version", "onnxruntime_version", "started_unix_nano", "spool", "managed", "model_state")
+    __slots__ = ("agent_id", "run_id", "host", "model_name", "model_version", "model_sha256", "inputs", "outputs", "agent_version", "onnxruntime_version", "started_unix_nano", "spool", "managed", "model_state", "spooled_models")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class Hello(_message.Message):
     SPOOL_FIELD_NUMBER: _ClassVar[int]
     MANAGED_FIELD_NUMBER: _ClassVar[int]
     MODEL_STATE_FIELD_NUMBER: _ClassVar[int]
+    SPOOLED_MODELS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     run_id: str
     host: str
@@ -66,7 +67,8 @@ class Hello(_message.Message):
     spool: SpoolStatus
     managed: bool
     model_state: ModelState
-    def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., host: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., agent_version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., started_unix_nano: _Optional[int] = ..., spool: _Optional[_Union[SpoolStatus, _Mapping]] = ..., managed: bool = ..., model_state: _Optional[_Union[ModelState, _Mapping]] = ...) -> None: ...
+    spooled_models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., host: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., agent_version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., started_unix_nano: _Optional[int] = ..., spool: _Optional[_Union[SpoolStatus, _Mapping]] = ..., managed: bool = ..., model_state: _Optional[_Union[ModelState, _Mapping]] = ..., spooled_models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelState(_message.Message):
     __slots__ = ("command_id", "model_version", "model_sha256", "ok", "error", "shadow_version", "shadow_share")
@@ -219,18 +221,22 @@ class Rollout(_message.Message):
     def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., started_unix_nano: _Optional[int] = ..., from_version: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[Rollout.AgentAck, _Mapping]]] = ..., share: _Optional[float] = ...) -> None: ...
 
 class ListRolloutsRequest(_message.Message):
-    __slots__ = ("model_name", "limit")
+    __slots__ = ("model_name", "limit", "page_token")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     limit: int
-    def __init__(self, model_name: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    page_token: str
+    def __init__(self, model_name: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListRolloutsResponse(_message.Message):
-    __slots__ = ("rollouts",)
+    __slots__ = ("rollouts", "next_page_token")
     ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
-    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ShowRolloutRequest(_message.Message):
     __slots__ = ("id",)
@@ -389,18 +395,20 @@ class StatusResponse(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentState, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelVersionTotals, _Mapping]]] = ..., counters: _Optional[_Union[CollectorCounters, _Mapping]] = ..., collector_version: _Optional[str] = ...) -> None: ...
 
 class ListWindowsRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "since_unix_nano", "limit", "include_summaries")
+    __slots__ = ("model_name", "model_version", "since_unix_nano", "limit", "include_summaries", "page_token")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SINCE_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_SUMMARIES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     since_unix_nano: int
     limit: int
     include_summaries: bool
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., since_unix_nano: _Optional[int] = ..., limit: _Optional[int] = ..., include_summaries: bool = ...) -> None: ...
+    page_token: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., since_unix_nano: _Optional[int] = ..., limit: _Optional[int] = ..., include_summaries: bool = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class WindowInfo(_message.Message):
     __slots__ = ("agent_id", "run_id", "seq", "model_name", "model_version", "start_unix_nano", "end_unix_nano", "rows", "calls", "dropped_rows", "errors", "level", "summary")
@@ -433,10 +441,12 @@ class WindowInfo(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., seq: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., start_unix_nano: _Optional[int] = ..., end_unix_nano: _Optional[int] = ..., rows: _Optional[int] = ..., calls: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., errors: _Optional[int] = ..., level: _Optional[str] = ..., summary: _Optional[_Union[_summary_pb2.WindowSummary, _Mapping]] = ...) -> None: ...
 
 class ListWindowsResponse(_message.Message):
-    __slots__ = ("windows",)
+    __slots__ = ("windows", "next_page_token")
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     windows: _containers.RepeatedCompositeFieldContainer[WindowInfo]
-    def __init__(self, windows: _Optional[_Iterable[_Union[WindowInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, windows: _Optional[_Iterable[_Union[WindowInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class AttachProfileRequest(_message.Message):
     __slots__ = ("model_name", "model_version", "profile")
@@ -575,20 +585,24 @@ class Alert(_message.Message):
     def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., column: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., opened_unix_nano: _Optional[int] = ..., resolved_unix_nano: _Optional[int] = ..., acknowledged_unix_nano: _Optional[int] = ..., acknowledged_by: _Optional[str] = ..., summary: _Optional[str] = ..., evaluation_id: _Optional[int] = ...) -> None: ...
 
 class ListAlertsRequest(_message.Message):
-    __slots__ = ("model_name", "include_resolved", "limit")
+    __slots__ = ("model_name", "include_resolved", "limit", "page_token")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_RESOLVED_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     include_resolved: bool
     limit: int
-    def __init__(self, model_name: _Optional[str] = ..., include_resolved: bool = ..., limit: _Optional[int] = ...) -> None: ...
+    page_token: str
+    def __init__(self, model_name: _Optional[str] = ..., include_resolved: bool = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListAlertsResponse(_message.Message):
-    __slots__ = ("alerts",)
+    __slots__ = ("alerts", "next_page_token")
     ALERTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     alerts: _containers.RepeatedCompositeFieldContainer[Alert]
-    def __init__(self, alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class AckAlertRequest(_message.Message):
     __slots__ = ("id", "note")
@@ -641,18 +655,22 @@ class AuditEntry(_message.Message):
     def __init__(self, id: _Optional[int] = ..., at_unix_nano: _Optional[int] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., object: _Optional[str] = ..., before: _Optional[str] = ..., after: _Optional[str] = ..., reason: _Optional[str] = ..., prev_hash: _Optional[str] = ..., hash: _Optional[str] = ...) -> None: ...
 
 class ListAuditRequest(_message.Message):
-    __slots__ = ("model_name", "limit")
+    __slots__ = ("model_name", "limit", "page_token")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     limit: int
-    def __init__(self, model_name: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    page_token: str
+    def __init__(self, model_name: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListAuditResponse(_message.Message):
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "next_page_token")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
-    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class VerifyAuditRequest(_message.Message):
     __slots__ = ()
@@ -737,16 +755,20 @@ class ModelVersion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., schema_json: _Optional[str] = ..., has_profile: bool = ..., data_name: _Optional[str] = ..., data_sha256: _Optional[str] = ..., data_rows: _Optional[int] = ..., metrics_json: _Optional[str] = ..., registered_by: _Optional[str] = ..., registered_unix_nano: _Optional[int] = ..., gate_passed: bool = ..., gate_json: _Optional[str] = ..., gated_unix_nano: _Optional[int] = ..., stage: _Optional[str] = ..., stage_unix_nano: _Optional[int] = ..., retired_unix_nano: _Optional[int] = ..., retire_reason: _Optional[str] = ..., artifact_removed_unix_nano: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "page_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    page_token: str
+    def __init__(self, name: _Optional[str] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("versions",)
+    __slots__ = ("versions", "next_page_token")
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
-    def __init__(self, versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ModelVersionRequest(_message.Message):
     __slots__ = ("name", "version")
@@ -809,18 +831,22 @@ class Approval(_message.Message):
     def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., version: _Optional[int] = ..., requested_by: _Optional[str] = ..., requested_unix_nano: _Optional[int] = ..., reason: _Optional[str] = ..., state: _Optional[str] = ..., decided_by: _Optional[str] = ..., decided_unix_nano: _Optional[int] = ..., decision_reason: _Optional[str] = ..., gate_override_reason: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class ListApprovalsRequest(_message.Message):
-    __slots__ = ("include_decided", "model_name")
+    __slots__ = ("include_decided", "model_name", "page_token")
     INCLUDE_DECIDED_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     include_decided: bool
     model_name: str
-    def __init__(self, include_decided: bool = ..., model_name: _Optional[str] = ...) -> None: ...
+    page_token: str
+    def __init__(self, include_decided: bool = ..., model_name: _Optional[str] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListApprovalsResponse(_message.Message):
-    __slots__ = ("approvals",)
+    __slots__ = ("approvals", "next_page_token")
     APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     approvals: _containers.RepeatedCompositeFieldContainer[Approval]
-    def __init__(self, approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DecisionRequest(_message.Message):
     __slots__ = ("id", "reason")
@@ -879,18 +905,22 @@ class OpenRetrainingRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ListRetrainingRequest(_message.Message):
-    __slots__ = ("include_closed", "model_name")
+    __slots__ = ("include_closed", "model_name", "page_token")
     INCLUDE_CLOSED_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     include_closed: bool
     model_name: str
-    def __init__(self, include_closed: bool = ..., model_name: _Optional[str] = ...) -> None: ...
+    page_token: str
+    def __init__(self, include_closed: bool = ..., model_name: _Optional[str] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListRetrainingResponse(_message.Message):
-    __slots__ = ("requests",)
+    __slots__ = ("requests", "next_page_token")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[RetrainingRequest]
-    def __init__(self, requests: _Optional[_Iterable[_Union[RetrainingRequest, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, requests: _Optional[_Iterable[_Union[RetrainingRequest, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class RetrainingChange(_message.Message):
     __slots__ = ("id", "reason", "version")

@@ -56,7 +56,7 @@ class ColumnSummary(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ColumnSummary.Kind, str]] = ..., role: _Optional[_Union[ColumnSummary.Role, str]] = ..., source: _Optional[str] = ..., count: _Optional[int] = ..., missing: _Optional[int] = ..., infinite: _Optional[int] = ..., mean: _Optional[float] = ..., m2: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., kll: _Optional[bytes] = ..., frequent_items: _Optional[bytes] = ..., distinct: _Optional[bytes] = ...) -> None: ...
 
 class WindowSummary(_message.Message):
-    __slots__ = ("agent_id", "run_id", "seq", "model_name", "model_version", "model_sha256", "start_unix_nano", "end_unix_nano", "rows", "calls", "dropped_rows", "errors", "latency", "columns", "performance", "shadow", "sample")
+    __slots__ = ("agent_id", "run_id", "seq", "model_name", "model_version", "model_sha256", "start_unix_nano", "end_unix_nano", "rows", "calls", "dropped_rows", "errors", "latency", "columns", "performance", "shadow", "sample", "crc32")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class WindowSummary(_message.Message):
     PERFORMANCE_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     run_id: str
     seq: int
@@ -91,7 +92,8 @@ class WindowSummary(_message.Message):
     performance: Performance
     shadow: ShadowSummary
     sample: RowSample
-    def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., seq: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., start_unix_nano: _Optional[int] = ..., end_unix_nano: _Optional[int] = ..., rows: _Optional[int] = ..., calls: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., errors: _Optional[int] = ..., latency: _Optional[_Union[ColumnSummary, _Mapping]] = ..., columns: _Optional[_Iterable[_Union[ColumnSummary, _Mapping]]] = ..., performance: _Optional[_Union[Performance, _Mapping]] = ..., shadow: _Optional[_Union[ShadowSummary, _Mapping]] = ..., sample: _Optional[_Union[RowSample, _Mapping]] = ...) -> None: ...
+    crc32: int
+    def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., seq: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., start_unix_nano: _Optional[int] = ..., end_unix_nano: _Optional[int] = ..., rows: _Optional[int] = ..., calls: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., errors: _Optional[int] = ..., latency: _Optional[_Union[ColumnSummary, _Mapping]] = ..., columns: _Optional[_Iterable[_Union[ColumnSummary, _Mapping]]] = ..., performance: _Optional[_Union[Performance, _Mapping]] = ..., shadow: _Optional[_Union[ShadowSummary, _Mapping]] = ..., sample: _Optional[_Union[RowSample, _Mapping]] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class ShadowSummary(_message.Message):
     __slots__ = ("model_version", "model_sha256", "calls", "rows", "skipped", "errors", "label_rows", "label_agree", "score_diff", "latency")

@@ -55,7 +55,7 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
 
 def test_tokens_and_digests_identify_their_owner():
     config = AuthConfig.from_toml(AUTH_TOML)
-    assert config.authenticate(AGENT_TOKEN) == Identity("edge-1", "agent", "")
+    assert config.authenticate(AGENT_TOKEN) == Identity("edge-1", "agent", "", ("edge-1",), ("*",))
     assert config.authenticate(VIEWER_TOKEN) == Identity("vera", "operator", "viewer")
     assert config.authenticate(ADMIN_TOKEN) == Identity("ada", "operator", "admin")
     assert config.authenticate("not-a-token-at-all") is None
@@ -299,3 +299,21 @@ def test_mutual_tls_requires_a_client_certificate(tmp_path, pki):
         assert without_cert.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(grace=0)
+
+
+def test_an_agent_token_speaks_only_for_its_agent_ids_and_models():
+    config = AuthConfig.from_toml("[[agent]]\nname = 'web'\ntoken = '0123456789abcdefgh'\n"
+                                  "agent_ids = ['web-*']\nmodels = ['churn', 'fraud-*']\n"
+                                  "[[agent]]\nname = 'edge-1'\ntoken = 'abcdefgh0123456789'\n")
+    web, edge = config.authenticate("0123456789abcdefgh"), config.authenticate("abcdefgh0123456789")
+    assert web.may_speak_for("web-1") and web.may_speak_for("web-22") and not web.may_speak_for("edge-1")
+    assert web.may_send_for("churn") and web.may_send_for("fraud-eu") and not web.may_send_for("churn2")
+    # without agent_ids an agent token speaks only as its own name; without models, for any model
+    assert edge.may_speak_for("edge-1") and not edge.may_speak_for("edge-2") and edge.may_send_for("anything")
+    assert LOCAL.may_speak_for("x") and LOCAL.may_send_for("y")
+
+
+@pytest.mark.parametrize("line", ["agent_ids = []", "models = ''", "models = [1]", "agent_ids = {a = 1}"])
+def test_bad_agent_globs_are_refused_with_the_key(line):
+    with pytest.raises(InvalidArgument, match=line.split()[0]):
+        AuthConfig.from_toml(f"[[agent]]\nname = 'a'\ntoken = '0123456789abcdefgh'\n{line}\n")

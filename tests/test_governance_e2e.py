@@ -37,7 +37,7 @@ TOKENS = {"agents": "gov-agents-token-0001", "alice": "gov-alice-token-00001", "
 # carol may approve (approver >= operator), so what stops her approving her own request is the two-person
 # rule, not her role; alice (operator) is refused either way.
 ROLES = {"alice": "operator", "carol": "approver", "bob": "approver", "admin": "admin", "viewer": "viewer"}
-AUTH = f'[[agent]]\nname = "agents"\ntoken = "{TOKENS["agents"]}"\n' + "".join(
+AUTH = f'[[agent]]\nname = "agents"\ntoken = "{TOKENS["agents"]}"\nagent_ids = ["a1", "a2"]\n' + "".join(
     f'\n[[operator]]\nname = "{who}"\nrole = "{role}"\ntoken = "{TOKENS[who]}"\n' for who, role in ROLES.items())
 
 
