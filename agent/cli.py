@@ -3,8 +3,9 @@
 Subcommands are added by ``register(subparsers)`` functions: this module's
 own (``outrider agent ...``) plus those listed in ``OPTIONAL_COMMANDS``,
 imported only when present so the CLI works before they exist. Every flag
-also reads an ``OUTRIDER_...`` environment variable (``add_flag``). Bad
-arguments exit with status 2 and one line on stderr.
+also reads an ``OUTRIDER_...`` environment variable (``add_flag``). What every
+command promises (exit codes, one-line errors, strict JSON, quiet closed pipes) is
+``agent.cli_contract``; ``main`` runs each command under it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-EXIT_USAGE = 2
+from agent import cli_contract
+from agent.cli_contract import EXIT_USAGE, UsageError  # noqa: F401  (commands import them from here)
+
 AGENT_ENV = "OUTRIDER_AGENT_"  # environment prefix of `outrider agent serve`'s flags
 
 # Modules that add subcommands through their own ``register(subparsers)``.
@@ -36,15 +39,15 @@ OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli", "agent.prof
                                        "collector.shadow_cli", "collector.data_cli")
 
 
-class UsageError(Exception):
-    """A bad argument found after parsing (missing file, invalid model, address in use)."""
-
-
 class Parser(argparse.ArgumentParser):
     """argparse, but errors are one line: what is wrong and where to look."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def print_help(self, file: Any = None) -> None:
+        # argparse's own printing swallows OSError: a closed stdout must reach main, which ends quietly
+        (file or sys.stdout).write(self.format_help())
 
 
 def add_flag(parser: argparse.ArgumentParser, flag: str, *, required: bool = False,
@@ -386,19 +389,23 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     # On-call aid for a server that hangs: `kill -USR1 PID` prints every thread's stack to stderr.
     if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+        with contextlib.suppress(ValueError, OSError):  # stderr without a file descriptor (captured): no aid
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    def command() -> int:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:  # --help, --version, a usage error: what they printed must reach a closed pipe here
+            sys.stdout.flush()
+            raise
         return args.func(args)
-    except UsageError as exc:
-        print(f"outrider: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+
+    return cli_contract.run(command)
 
 
 if __name__ == "__main__":
     # Run as a script this file is ``__main__``, a second copy of agent.cli: call the
-    # imported module's main so that its UsageError is the one other modules raise.
+    # imported module's main so that there is one copy of its parsers and commands.
     from agent.cli import main as _main
 
     sys.exit(_main())
