@@ -7,11 +7,10 @@ approves their own request; the identity is the operator token's.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
-from collector.cli import _ask, _client_flags, _one_line_errors, age, plain, table
+from collector.cli import _ask, _ask_pages, _client_flags, age, listing, plain, print_json, table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,21 +19,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="List promotion requests (pending ones; --all for decided ones too). Approve one with "
                     "'outrider approve ID', reject it with 'outrider reject ID --reason TEXT'.")
     actions = approvals.add_subparsers(dest="approvals_action", metavar="ACTION", required=True)
-    listing = actions.add_parser("list", help="list promotion and rollback requests",
+    lister = actions.add_parser("list", help="list promotion and rollback requests",
                                  description="List requests, oldest first: pending ones, or all with --all. KIND is "
                                              "promote (make a version production) or rollback (make an archived "
                                              "version production again; opened by the rollback policy).")
-    listing.add_argument("--all", action="store_true", help="decided requests too")
-    listing.add_argument("--model", metavar="NAME", help="only requests about this model")
-    _client_flags(listing)
-    listing.set_defaults(func=_one_line_errors(list_command))
+    lister.add_argument("--all", action="store_true", help="decided requests too")
+    lister.add_argument("--model", metavar="NAME", help="only requests about this model")
+    _client_flags(lister)
+    lister.set_defaults(func=list_command, json_list="approvals")
     cancel = actions.add_parser("cancel", help="withdraw a pending request (its requester, or an admin)",
                                 description="Cancel pending request ID, saying why. Only whoever requested it, or "
                                             "an admin, may cancel it; an approver who disagrees rejects it instead.")
     cancel.add_argument("id", type=int, metavar="ID", help="the request's id (outrider approvals list)")
     cancel.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the audit trail)")
     _client_flags(cancel)
-    cancel.set_defaults(func=_one_line_errors(cancel_command))
+    cancel.set_defaults(func=cancel_command)
 
     approve = subparsers.add_parser(
         "approve", help="approve a promotion request (approver role; not your own request)",
@@ -44,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     approve.add_argument("id", type=int, metavar="ID", help="the request's id (outrider approvals list)")
     approve.add_argument("--reason", default="", metavar="TEXT", help="a note for the audit trail")
     _client_flags(approve)
-    approve.set_defaults(func=_one_line_errors(approve_command))
+    approve.set_defaults(func=approve_command)
 
     reject = subparsers.add_parser(
         "reject", help="reject a promotion request (approver role)",
@@ -52,20 +51,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reject.add_argument("id", type=int, metavar="ID", help="the request's id (outrider approvals list)")
     reject.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the audit trail)")
     _client_flags(reject)
-    reject.set_defaults(func=_one_line_errors(reject_command))
+    reject.set_defaults(func=reject_command)
 
 
 def list_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
-    reply = _ask(args, "ListApprovals", pb.ListApprovalsRequest(include_decided=args.all,
-                                                                 model_name=args.model or ""))
-    if reply is None:
-        return 1
+    page = _ask_pages(args, "ListApprovals", pb.ListApprovalsRequest(include_decided=args.all,
+                                                                      model_name=args.model or ""), "approvals")
     if args.json:
-        print(json.dumps([plain(a) for a in reply.approvals], indent=2))
+        print_json(listing("approvals", [plain(a) for a in page.items], page.next_page_token))
         return 0
-    if not reply.approvals:
+    if not page.items:
         print("no pending promotion requests" if not args.all else "no promotion requests")
         return 0
     now = time.time_ns()
@@ -74,15 +71,13 @@ def list_command(args: argparse.Namespace) -> int:
                 [[a.id, a.kind or "promote", a.model_name, a.version,
                   a.state + (" (gate overridden)" if a.gate_override_reason else ""),
                   a.requested_by, age(a.requested_unix_nano, now), a.reason, a.decided_by or "-",
-                  a.decision_reason or "-"] for a in reply.approvals]))
+                  a.decision_reason or "-"] for a in page.items]))
     return 0
 
 
 def _decided(args: argparse.Namespace, reply: Any) -> int:
-    if reply is None:
-        return 1
     if args.json:
-        print(json.dumps(plain(reply), indent=2))
+        print_json(plain(reply))
         return 0
     if reply.state == "cancelled":
         print(f"approval {reply.id} cancelled: {reply.model_name} version {reply.version} keeps its stage")

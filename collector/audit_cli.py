@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from agent.cli import add_flag, positive
-from collector.cli import _ask, _client_flags, _one_line_errors, iso, plain, table
+from agent.cli_contract import EXIT_FAILED, say
+from collector.cli import (PAGE_LIMIT, _ask, _ask_pages, _client_flags, add_paging, iso, listing, plain, print_json,
+                           print_page, table)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,15 +20,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "from what to what, and why (the table shows only the fields that changed; --json everything).")
     actions = audit.add_subparsers(dest="audit_action", metavar="ACTION")
     audit.add_argument("--model", metavar="NAME", help="only entries about this model")
-    add_flag(audit, "--limit", default="100", type=positive(int), metavar="N", help="the newest N entries")
+    add_paging(audit, 100, "entries, the newest")
     _client_flags(audit)
-    audit.set_defaults(func=_one_line_errors(list_command))
+    audit.set_defaults(func=list_command, json_list="entries")
     verify = actions.add_parser(
         "verify", help="check the audit trail's hash chain; exit 1 naming the first broken row",
         description="Walk the audit trail's hash chain. Exit 0 when it is intact; exit 1 with one line naming "
                     "the first row that was edited, or that follows deleted rows.")
     _client_flags(verify)
-    verify.set_defaults(func=_one_line_errors(verify_command))
+    verify.set_defaults(func=verify_command, json_list=None)
 
 
 def change(before: str, after: str) -> str:
@@ -52,18 +52,18 @@ def _compact(value: Any) -> str:
 def list_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
-    reply = _ask(args, "ListAudit", pb.ListAuditRequest(model_name=args.model or "", limit=args.limit))
-    if reply is None:
-        return 1
+    page = _ask_pages(args, "ListAudit", pb.ListAuditRequest(model_name=args.model or ""), "entries",
+                      limit=args.limit, page_limit=PAGE_LIMIT)
     if args.json:
-        print(json.dumps(plain(reply), indent=2))
+        print_json(listing("entries", [plain(e) for e in page.items], page.next_page_token))
         return 0
-    if not reply.entries:
+    if not page.items:
         print("no audit entries" + (f" about {args.model}" if args.model else ""))
         return 0
     print(table(["ID", "TIME", "ACTOR", "ACTION", "OBJECT", "BEFORE → AFTER", "REASON"],
                 [[e.id, iso(e.at_unix_nano), e.actor, e.action, e.object, change(e.before, e.after), e.reason or "-"]
-                 for e in reply.entries]))
+                 for e in page.items]))
+    print_page(args, page, len(page.items))
     return 0
 
 
@@ -71,12 +71,11 @@ def verify_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
     reply = _ask(args, "VerifyAudit", pb.VerifyAuditRequest())
-    if reply is None:
-        return 1
     if args.json:
-        print(json.dumps(plain(reply), indent=2))
+        print_json(plain(reply))
     elif reply.ok:
         print(f"audit trail intact: {reply.entries} entries")
-    else:
-        print(f"audit trail broken at row {reply.first_broken_id}: {reply.problem}", file=sys.stderr, flush=True)
-    return 0 if reply.ok else 1
+    if reply.ok:
+        return 0
+    say(f"outrider: error: audit trail broken at row {reply.first_broken_id}: {reply.problem}")
+    return EXIT_FAILED

@@ -1,4 +1,4 @@
-"""How the operators' commands print: aligned tables, ages, times, and messages as JSON."""
+"""How the operators' commands print: aligned tables, ages, times, and messages and lists as JSON data."""
 from __future__ import annotations
 
 import base64
@@ -42,6 +42,12 @@ def age(unix_nano: int, now_ns: int) -> str:
 
 def iso(unix_nano: int) -> str:
     return datetime.fromtimestamp(unix_nano / 1e9, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def listing(field: str, items: list[Any], next_page_token: str) -> dict[str, Any]:
+    """What every list command prints with --json: the List reply's own shape, all pages merged,
+    ``next_page_token`` "" unless --limit stopped the listing before the end."""
+    return {field: items, "next_page_token": next_page_token}
 
 
 def plain(message: Any) -> dict[str, Any]:

@@ -15,12 +15,14 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from agent.cli import UsageError, add_flag
-from collector.cli import _client_flags, _first_line, _one_line_errors, _pem, iso, since_time
+from agent.cli_contract import say
+from collector.cli import _client_flags, connect, iso, metadata, rpc_failure, since_time
 
 EXPORT_TIMEOUT = 3600.0  # a whole export, however many windows
 MAX_CHUNK_BYTES = 64 * 1024 * 1024  # one window's sample: 10,000 rows of many columns can pass gRPC's 4 MiB default
@@ -49,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(export, "--out", metavar="FILE", help="write to FILE (replaced only when the export succeeds) "
              "instead of stdout")
     _client_flags(export)
-    export.set_defaults(func=_one_line_errors(export_command))
+    export.set_defaults(func=export_command)
 
 
 def export_command(args: argparse.Namespace) -> int:
@@ -60,28 +62,23 @@ def export_command(args: argparse.Namespace) -> int:
         raise UsageError("--json writes JSON lines; drop --json or pass --format jsonl")
     if args.since and args.until and args.since > args.until:
         raise UsageError("--since is after --until: pass an earlier --since or a later --until")
+    if args.since and not args.until and args.since > time.time_ns():
+        raise UsageError("--since is in the future, after the default --until (now): pass an earlier --since")
     out = Path(args.out) if args.out else None
     if out is not None and not out.parent.is_dir():
         raise UsageError(f"directory {out.parent} of --out {out} does not exist; create it or pass another --out")
     request = pb.ExportDataRequest(model_name=args.name, model_version=args.version or "",
                                    since_unix_nano=args.since or 0, until_unix_nano=args.until or 0)
     what = f"model {args.name!r}" + (f" version {args.version!r}" if args.version else "")
-    try:
-        windows, rows = _export(_stream(args, request), out, fmt, what)
-    except CollectorFailed as exc:
-        print(f"outrider: error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except BrokenPipeError:  # e.g. piped into head: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    windows, rows = _export(_stream(args, request), out, fmt, what)  # a closed stdout: agent.cli.main ends quietly
     where = str(out) if out else "stdout"
     if rows:
-        print(f"wrote {rows} rows from {windows} windows of {what} to {where}", file=sys.stderr, flush=True)
+        say(f"wrote {rows} rows from {windows} windows of {what} to {where}")
     else:
-        print(f"no sampled rows of {what}" + (" in that time" if args.since or args.until else "")
-              + ("" if out is None else f"; {out} not written")
-              + ": agents keep samples only when run with --sample-rows N (off by default), and the collector "
-                "deletes them after its --sample-retention (7 days by default)", file=sys.stderr, flush=True)
+        say(f"no sampled rows of {what}" + (" in that time" if args.since or args.until else "")
+            + ("" if out is None else f"; {out} not written")
+            + ": agents keep samples only when run with --sample-rows N (off by default), and the collector "
+              "deletes them after its --sample-retention (7 days by default)")
     return 0
 
 
@@ -170,42 +167,14 @@ def _json(value: Any) -> Any:
 
 
 def _stream(args: argparse.Namespace, request: Any) -> Iterator[Any]:
-    """ExportData's chunks; the caller's problems raise UsageError (exit 2), like ``collector.cli._ask``."""
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's own log lines would break the one-line errors
+    """ExportData's chunks; failures raise the contract's errors, as ``collector.cli._ask``'s do."""
     import grpc
 
-    from collector.auth import client_credentials
     from protos import collector_pb2_grpc as pb_grpc
 
-    cert, key = args.tls_client_cert, args.tls_client_key
-    if bool(cert) != bool(key):
-        raise UsageError("--tls-client-cert and --tls-client-key go together: pass both PEM files")
-    options = [("grpc.max_receive_message_length", MAX_CHUNK_BYTES)]
-    if args.tls_ca or cert:
-        for flag, value in (("--tls-ca", args.tls_ca), ("--tls-client-cert", cert), ("--tls-client-key", key)):
-            _pem(flag, value)
-        channel = grpc.secure_channel(args.collector, client_credentials(args.tls_ca, cert, key), options)
-    else:
-        channel = grpc.insecure_channel(args.collector, options)
-    metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
-    where = f"the collector at {args.collector}"
-    with channel:
+    with connect(args, [("grpc.max_receive_message_length", MAX_CHUNK_BYTES)]) as channel:
         try:
-            yield from pb_grpc.OpsServiceStub(channel).ExportData(request, metadata=metadata, timeout=EXPORT_TIMEOUT)
+            yield from pb_grpc.OpsServiceStub(channel).ExportData(request, metadata=metadata(args),
+                                                                  timeout=EXPORT_TIMEOUT)
         except grpc.RpcError as exc:
-            code, details = exc.code(), _first_line(exc.details() or "")
-            if code == grpc.StatusCode.UNAVAILABLE:
-                raise UsageError(f"cannot reach {where} ({details}); start it with 'outrider collector serve', point "
-                                 "--collector (OUTRIDER_COLLECTOR) at it, and use --tls-ca if it serves TLS") from None
-            if code == grpc.StatusCode.UNAUTHENTICATED:
-                raise UsageError(f"{where} wants a valid operator token ({details}); "
-                                 "pass --token (or set OUTRIDER_TOKEN)") from None
-            if code == grpc.StatusCode.PERMISSION_DENIED:
-                raise UsageError(f"{where} refused: {details}") from None
-            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
-                raise UsageError(details) from None
-            raise CollectorFailed(f"{where} failed: {code.name}: {details}") from None
-
-
-class CollectorFailed(Exception):
-    """The collector's problem, not the caller's: exit 1."""
+            raise rpc_failure(args, exc, EXPORT_TIMEOUT) from None

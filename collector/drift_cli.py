@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from agent.cli import UsageError, add_flag, positive
-from collector.cli import _ask, _client_flags, _one_line_errors, age, plain, table
+from collector.cli import _ask, _ask_pages, _client_flags, age, listing, plain, print_json, table
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(drift, "--history", default="20", type=positive(int), metavar="N",
              help="evaluations in the sparkline")
     _client_flags(drift)
-    drift.set_defaults(func=_one_line_errors(drift_command))
+    drift.set_defaults(func=drift_command)
 
     alerts = subparsers.add_parser(
         "alerts", help="list drift and performance alerts; 'alerts ack ID' acknowledges one",
@@ -37,13 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     alerts.add_argument("--model", metavar="NAME", help="only this model's alerts")
     alerts.add_argument("--all", action="store_true", help="include resolved alerts")
     _client_flags(alerts)
-    alerts.set_defaults(func=_one_line_errors(alerts_command))
+    alerts.set_defaults(func=alerts_command, json_list="alerts")
     ack = actions.add_parser("ack", help="acknowledge an alert (it still resolves by itself)",
                              description="Acknowledge an alert: you have seen it. Needs the operator role.")
     ack.add_argument("id", type=int, metavar="ID", help="the alert's id (outrider alerts)")
     ack.add_argument("--note", default="", help="why, or what is being done")
     _client_flags(ack)
-    ack.set_defaults(func=_one_line_errors(ack_command))
+    ack.set_defaults(func=ack_command, json_list=None)
 
     config = subparsers.add_parser(
         "drift-config", help="show or set a model's drift thresholds",
@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     config.add_argument("model", metavar="MODEL", help="model name")
     config.add_argument("--set", metavar="JSON", help='e.g. \'{"wasserstein_threshold": 0.15, "consecutive": 2}\'')
     _client_flags(config)
-    config.set_defaults(func=_one_line_errors(config_command))
+    config.set_defaults(func=config_command)
 
 
 def sparkline(values: list[float]) -> str:
@@ -78,16 +78,13 @@ def drift_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
     request = pb.DriftRequest(model_name=args.model, model_version=args.version or "", history=args.history)
-    if args.now and _ask(args, "EvaluateDrift", request) is None:
-        return 1
+    if args.now:
+        _ask(args, "EvaluateDrift", request)
     reply = _ask(args, "Drift", request)
-    if reply is None:
-        return 1
     if args.json:
-        print(json.dumps(plain(reply), indent=2))
+        print_json(plain(reply))
         return 0
-    config_reply = _ask(args, "GetDriftConfig", pb.DriftConfigRequest(model_name=args.model))
-    config = json.loads(config_reply.config_json) if config_reply else {}
+    config = json.loads(_ask(args, "GetDriftConfig", pb.DriftConfigRequest(model_name=args.model)).config_json)
     now = time.time_ns()
     for latest in reply.latest:
         history = [e for e in reply.history if e.model_version == latest.model_version][::-1] + [latest]
@@ -114,19 +111,18 @@ def drift_command(args: argparse.Namespace) -> int:
 def alerts_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
-    reply = _ask(args, "ListAlerts", pb.ListAlertsRequest(model_name=args.model or "", include_resolved=args.all))
-    if reply is None:
-        return 1
+    page = _ask_pages(args, "ListAlerts", pb.ListAlertsRequest(model_name=args.model or "",
+                                                                include_resolved=args.all), "alerts")
     if args.json:
-        print(json.dumps(plain(reply), indent=2))
+        print_json(listing("alerts", [plain(a) for a in page.items], page.next_page_token))
         return 0
-    if not reply.alerts:
+    if not page.items:
         print("no open alerts" if not args.all else "no alerts")
         return 0
     now = time.time_ns()
     print(table(["ID", "STATE", "MODEL", "COLUMN", "KIND", "OPENED", "BY", "SUMMARY"],
                 [[a.id, a.state, f"{a.model_name}@{a.model_version}", a.column, a.kind,
-                  age(a.opened_unix_nano, now), a.acknowledged_by or "-", a.summary] for a in reply.alerts]))
+                  age(a.opened_unix_nano, now), a.acknowledged_by or "-", a.summary] for a in page.items]))
     return 0
 
 
@@ -134,10 +130,8 @@ def ack_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
     reply = _ask(args, "AckAlert", pb.AckAlertRequest(id=args.id, note=args.note))
-    if reply is None:
-        return 1
     if args.json:
-        print(json.dumps(plain(reply), indent=2))
+        print_json(plain(reply))
     else:
         print(f"alert {reply.id} ({reply.model_name} {reply.model_version} {reply.column}) acknowledged "
               f"by {reply.acknowledged_by}")
@@ -155,11 +149,9 @@ def config_command(args: argparse.Namespace) -> int:
         reply = _ask(args, "SetDriftConfig", pb.DriftConfigRequest(model_name=args.model, config_json=args.set))
     else:
         reply = _ask(args, "GetDriftConfig", pb.DriftConfigRequest(model_name=args.model))
-    if reply is None:
-        return 1
     config = json.loads(reply.config_json)
     if args.json:
-        print(json.dumps({"model_name": reply.model_name, "is_default": reply.is_default, "config": config}, indent=2))
+        print_json({"model_name": reply.model_name, "is_default": reply.is_default, "config": config})
         return 0
     print(f"drift policy of {reply.model_name}" + (" (defaults)" if reply.is_default else "") + ":")
     print(table(["FIELD", "VALUE"], [[k, v] for k, v in config.items()]))

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli import UsageError, add_flag
-from collector.cli import _ask, _client_flags, _one_line_errors, age, plain, table
+from agent.cli_contract import EXIT_FAILED, say
+from collector.cli import _ask, _ask_pages, _client_flags, age, listing, plain, print_json, table
 
 CHUNK_BYTES = 1 << 20  # the collector's limit per chunk
 
@@ -43,13 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reg.add_argument("--label", metavar="COLUMN", help="the holdout's label column (.npz: array; default 'label')")
     add_flag(reg, "--feature-names", metavar="A,B,C", help="names of the input's columns, as given to the agent")
     _client_flags(reg)
-    reg.set_defaults(func=_one_line_errors(register_command))
+    reg.set_defaults(func=register_command)
 
-    listing = actions.add_parser("list", help="list registered versions",
-                                 description="List registered model versions (of NAME, or of every model).")
-    listing.add_argument("name", nargs="?", metavar="NAME", help="only this model")
-    _client_flags(listing)
-    listing.set_defaults(func=_one_line_errors(list_command))
+    lister = actions.add_parser("list", help="list registered versions",
+                                description="List registered model versions (of NAME, or of every model).")
+    lister.add_argument("name", nargs="?", metavar="NAME", help="only this model")
+    _client_flags(lister)
+    lister.set_defaults(func=list_command, json_list="versions")
 
     show = actions.add_parser("show", help="show one version: lineage, metrics, gate checks",
                               description="Show a model version (default: the newest) with its schema, data "
@@ -58,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("version", nargs="?", type=int, default=0, metavar="VERSION",
                       help="version number (default: the newest)")
     _client_flags(show)
-    show.set_defaults(func=_one_line_errors(show_command))
+    show.set_defaults(func=show_command)
 
     run = actions.add_parser("gate", help="run a version's evaluation gate again",
                              description="Run the evaluation gate on a stored version again and store the result; "
@@ -66,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("name", metavar="NAME", help="model name")
     run.add_argument("version", type=int, metavar="VERSION", help="version number")
     _client_flags(run)
-    run.set_defaults(func=_one_line_errors(gate_command))
+    run.set_defaults(func=gate_command)
 
     stage = actions.add_parser("stage", help="move a version between candidate and staging",
                                description="Set a version's stage to staging (from candidate) or back to candidate. "
@@ -76,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stage.add_argument("stage", choices=("candidate", "staging"), metavar="STAGE", help="candidate or staging")
     stage.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the audit trail)")
     _client_flags(stage)
-    stage.set_defaults(func=_one_line_errors(stage_command))
+    stage.set_defaults(func=stage_command)
 
     promote = actions.add_parser(
         "promote", help="request that a version become production (another approver must approve)",
@@ -90,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     promote.add_argument("--override-gate", metavar="REASON", default="",
                          help="admins only: request although the gate failed, saying why (audited)")
     _client_flags(promote)
-    promote.set_defaults(func=_one_line_errors(promote_command))
+    promote.set_defaults(func=promote_command)
 
     retire = actions.add_parser(
         "retire", help="retire an archived version for good",
@@ -101,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     retire.add_argument("version", type=int, metavar="VERSION", help="version number (must be archived)")
     retire.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the audit trail)")
     _client_flags(retire)
-    retire.set_defaults(func=_one_line_errors(retire_command))
+    retire.set_defaults(func=retire_command)
 
 
 # ------------------------------------------------------------------ register
@@ -180,10 +181,8 @@ def register_command(args: argparse.Namespace) -> int:
     if profile is not None:
         metadata.profile.CopyFrom(profile)
     reply = _ask(args, "RegisterModel", _chunks(metadata, model))
-    if reply is None:
-        return 1
     if args.json:
-        print(json.dumps(_plain(reply), indent=2))
+        print_json(_plain(reply))
         return 0
     print(f"registered {reply.name} version {reply.version} (sha256 {reply.sha256}, {reply.size} bytes)")
     _print_gate(reply)
@@ -215,20 +214,18 @@ def _gate_state(v: Any) -> str:
 def list_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
-    reply = _ask(args, "ListModels", pb.ListModelsRequest(name=args.name or ""))
-    if reply is None:
-        return 1
+    page = _ask_pages(args, "ListModels", pb.ListModelsRequest(name=args.name or ""), "versions")
     if args.json:
-        print(json.dumps([_plain(v) for v in reply.versions], indent=2))
+        print_json(listing("versions", [_plain(v) for v in page.items], page.next_page_token))
         return 0
-    if not reply.versions:
+    if not page.items:
         print("no model versions registered" + (f" for {args.name}" if args.name else ""))
         return 0
     now = time.time_ns()
     print(table(["MODEL", "VERSION", "SHA256", "GATE", "STAGE", "METRICS", "REFERENCE", "BY", "REGISTERED"],
                 [[v.name, v.version, v.sha256[:12], _gate_state(v), v.stage or "-", _metrics(v.metrics_json),
                   f"{v.data_name or 'profile'} ({v.data_rows} rows)" if v.has_profile else "-", v.registered_by,
-                  age(v.registered_unix_nano, now)] for v in reply.versions]))
+                  age(v.registered_unix_nano, now)] for v in page.items]))
     return 0
 
 
@@ -247,10 +244,8 @@ def show_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
     reply = _ask(args, "ShowModel", pb.ModelVersionRequest(name=args.name, version=args.version))
-    if reply is None:
-        return 1
     if args.json:
-        print(json.dumps(_plain(reply), indent=2))
+        print_json(_plain(reply))
         return 0
     _print_version(reply)
     return 0
@@ -283,13 +278,15 @@ def gate_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
     reply = _ask(args, "RunGate", pb.ModelVersionRequest(name=args.name, version=args.version))
-    if reply is None:
-        return 1
     if args.json:
-        print(json.dumps(_plain(reply), indent=2))
+        print_json(_plain(reply))
+    else:
+        _print_gate(reply)
+    if reply.gate_passed:
         return 0
-    _print_gate(reply)
-    return 0 if reply.gate_passed else 1
+    say(f"outrider: error: the evaluation gate of {reply.name} version {reply.version} failed; fix the model, or an "
+        "admin may promote it with --override-gate REASON")
+    return EXIT_FAILED
 
 
 # ------------------------------------------------------------------ stage, promote
@@ -300,10 +297,8 @@ def stage_command(args: argparse.Namespace) -> int:
 
     reply = _ask(args, "SetStage", pb.SetStageRequest(name=args.name, version=args.version, stage=args.stage,
                                                        reason=args.reason))
-    if reply is None:
-        return 1
     if args.json:
-        print(json.dumps(_plain(reply), indent=2))
+        print_json(_plain(reply))
         return 0
     print(f"{reply.name} version {reply.version} is now {reply.stage}")
     return 0
@@ -315,10 +310,8 @@ def promote_command(args: argparse.Namespace) -> int:
     reply = _ask(args, "RequestPromotion", pb.PromotionRequest(name=args.name, version=args.version,
                                                                 reason=args.reason,
                                                                 override_gate_reason=args.override_gate))
-    if reply is None:
-        return 1
     if args.json:
-        print(json.dumps(plain(reply), indent=2))
+        print_json(plain(reply))
         return 0
     print(f"promotion of {reply.model_name} version {reply.version} to production requested: approval {reply.id} "
           f"is pending; another approver runs: outrider approve {reply.id}")
@@ -331,10 +324,8 @@ def retire_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
     reply = _ask(args, "RetireModel", pb.RetireRequest(name=args.name, version=args.version, reason=args.reason))
-    if reply is None:
-        return 1
     if args.json:
-        print(json.dumps(_plain(reply), indent=2))
+        print_json(_plain(reply))
         return 0
     print(f"{reply.name} version {reply.version} is now retired: it can never be promoted or served again")
     return 0

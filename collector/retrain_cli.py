@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
-from collector.cli import _ask, _client_flags, _one_line_errors, age, plain, table
+from collector.cli import _ask, _ask_pages, _client_flags, age, listing, plain, print_json, table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,20 +30,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opened.add_argument("version", metavar="VERSION", help="the model version to retrain")
     opened.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the audit trail)")
     _client_flags(opened)
-    opened.set_defaults(func=_one_line_errors(open_command))
+    opened.set_defaults(func=open_command)
 
-    listing = actions.add_parser("list", help="list retraining requests",
-                                 description="List open and accepted retraining requests; --all for closed ones too.")
-    listing.add_argument("--all", action="store_true", help="completed, rejected and cancelled requests too")
-    listing.add_argument("--model", metavar="NAME", help="only requests about this model")
-    _client_flags(listing)
-    listing.set_defaults(func=_one_line_errors(list_command))
+    lister = actions.add_parser("list", help="list retraining requests",
+                                description="List open and accepted retraining requests; --all for closed ones too.")
+    lister.add_argument("--all", action="store_true", help="completed, rejected and cancelled requests too")
+    lister.add_argument("--model", metavar="NAME", help="only requests about this model")
+    _client_flags(lister)
+    lister.set_defaults(func=list_command, json_list="requests")
 
     show = actions.add_parser("show", help="show one request with its evidence",
                               description="Show retraining request ID with its evidence.")
     show.add_argument("id", type=int, metavar="ID", help="the request's id (outrider retrain list)")
     _client_flags(show)
-    show.set_defaults(func=_one_line_errors(show_command))
+    show.set_defaults(func=show_command)
 
     for action, method, text in (("accept", "AcceptRetraining", "accept an open request"),
                                  ("complete", "CompleteRetraining", "complete an accepted request with the new version"),
@@ -56,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--reason", required=action == "reject", default="", metavar="TEXT",
                        help="why (kept in the audit trail)" + ("" if action == "reject" else "; optional"))
         _client_flags(p)
-        p.set_defaults(func=_one_line_errors(_changer(method)), method=method)
+        p.set_defaults(func=_changer(method), method=method)
 
 
 def _plain(r: Any) -> dict[str, Any]:
@@ -84,10 +85,8 @@ def _print(r: Any) -> None:
 
 
 def _reply(args: argparse.Namespace, reply: Any) -> int:
-    if reply is None:
-        return 1
     if args.json:
-        print(json.dumps(_plain(reply), indent=2))
+        print_json(_plain(reply))
         return 0
     _print(reply)
     return 0
@@ -106,7 +105,7 @@ def show_command(args: argparse.Namespace) -> int:
     return _reply(args, _ask(args, "ShowRetraining", pb.RetrainingChange(id=args.id)))
 
 
-def _changer(method: str):
+def _changer(method: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from protos import collector_pb2 as pb
 
@@ -118,18 +117,16 @@ def _changer(method: str):
 def list_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
-    reply = _ask(args, "ListRetraining", pb.ListRetrainingRequest(include_closed=args.all,
-                                                                   model_name=args.model or ""))
-    if reply is None:
-        return 1
+    page = _ask_pages(args, "ListRetraining", pb.ListRetrainingRequest(include_closed=args.all,
+                                                                        model_name=args.model or ""), "requests")
     if args.json:
-        print(json.dumps([_plain(r) for r in reply.requests], indent=2))
+        print_json(listing("requests", [_plain(r) for r in page.items], page.next_page_token))
         return 0
-    if not reply.requests:
+    if not page.items:
         print("no open retraining requests" if not args.all else "no retraining requests")
         return 0
     now = time.time_ns()
     print(table(["ID", "MODEL", "VERSION", "STATE", "OPENED BY", "OPENED", "REASON", "CHANGED BY", "NEW VERSION"],
                 [[r.id, r.model_name, r.model_version, r.state, r.opened_by, age(r.opened_unix_nano, now), r.reason,
-                  r.decided_by or "-", r.completed_version or "-"] for r in reply.requests]))
+                  r.decided_by or "-", r.completed_version or "-"] for r in page.items]))
     return 0

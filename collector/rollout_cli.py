@@ -8,15 +8,16 @@ was sent to with its answer: pending, ok, or failed with the agent's error;
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from typing import Any
 
 from agent.cli import UsageError, add_flag
-from collector.cli import _ask, _client_flags, _one_line_errors, age, iso, non_negative, plain, table
+from agent.cli_contract import EXIT_FAILED, CommandError, say
+from collector.cli import (_ask, _ask_pages, _client_flags, add_paging, age, iso, listing, non_negative, plain,
+                           print_json, print_page, table)
 
 POLL_SECONDS = 0.5
+PAGE_LIMIT = 1000  # the most rollouts the collector gives per ListRollouts call (collector.rollout.MAX_LIST_LIMIT)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,16 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(rollback, "--wait", type=non_negative, default="0", metavar="SECONDS",
              help="wait up to SECONDS for every agent to answer (0: do not wait)")
     _client_flags(rollback)
-    rollback.set_defaults(func=_one_line_errors(rollback_command))
+    rollback.set_defaults(func=rollback_command)
 
     rollouts = subparsers.add_parser(
         "rollouts", help="list pushes of versions and shadows to agents, newest first",
         description="List rollouts (promotions, rollbacks, shadow changes) of NAME, or of every model, newest "
                     "first, with how many agents answered ok, failed or are pending.")
     rollouts.add_argument("name", nargs="?", default="", metavar="NAME", help="only this model")
-    rollouts.add_argument("--limit", type=int, default=0, metavar="N", help="most rollouts to list (default 50)")
+    add_paging(rollouts, 50, "rollouts, the newest")
     _client_flags(rollouts)
-    rollouts.set_defaults(func=_one_line_errors(list_command))
+    rollouts.set_defaults(func=list_command, json_list="rollouts")
 
     one = subparsers.add_parser("rollout", help="show one rollout and every agent's answer",
                                 description="Show a rollout: what was pushed, by whom and why, and each agent's "
@@ -53,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Show rollout ID and each agent's answer (pending, ok, failed).")
     show.add_argument("id", type=int, metavar="ID", help="the rollout's id (outrider rollouts)")
     _client_flags(show)
-    show.set_defaults(func=_one_line_errors(show_command))
+    show.set_defaults(func=show_command)
 
 
 # ------------------------------------------------------------------ output
@@ -110,9 +111,10 @@ def _wait(args: argparse.Namespace, made: Any) -> Any:
         if not any(a.state == "pending" for a in current.agents) or time.monotonic() >= deadline:
             return current
         time.sleep(POLL_SECONDS)
-        current = _ask(args, "ShowRollout", pb.ShowRolloutRequest(id=made.id))
-        if current is None:
-            raise UsageError(f"lost track of rollout {made.id}; see it with: outrider rollout show {made.id}")
+        try:
+            current = _ask(args, "ShowRollout", pb.ShowRolloutRequest(id=made.id))
+        except CommandError as exc:  # the rollback itself is made: say where to follow it
+            raise type(exc)(f"{exc}; the rollback was made, follow it with: outrider rollout show {made.id}") from None
 
 
 def rollback_command(args: argparse.Namespace) -> int:
@@ -121,55 +123,51 @@ def rollback_command(args: argparse.Namespace) -> int:
     if not 0 <= args.to < 2**32:
         raise UsageError(f"--to must be a version number (outrider models list {args.name}), got {args.to}")
     made = _ask(args, "Rollback", pb.RollbackRequest(model_name=args.name, to_version=args.to, reason=args.reason))
-    if made is None:
-        return 1
     if not args.json:
         print(f"rolled back {made.model_name} to version {made.version} (version {made.from_version} archived): "
               f"rollout {made.id}, sent to {len(made.agents)} agent(s)")
     if not args.wait:
         if args.json:
-            print(json.dumps(plain(made), indent=2))
+            print_json(plain(made))
         elif made.agents:
             print(f"follow the agents' answers with: outrider rollout show {made.id}")
         return 0
     final = _wait(args, made)
     counts = _counts(final)
     if args.json:
-        print(json.dumps(plain(final), indent=2))
+        print_json(plain(final))
     else:
         for a in final.agents:
             if a.state == "pending":
                 print(f"  {a.agent_id} run {a.run_id[:8]}: no answer within {args.wait:g} s")
         print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['pending']} without an answer")
     if counts["failed"] or counts["pending"]:
-        print(f"outrider: error: not every agent serves {final.model_name} version {final.version}; "
-              f"see: outrider rollout show {final.id}", file=sys.stderr, flush=True)
-        return 1
+        say(f"outrider: error: not every agent serves {final.model_name} version {final.version}; "
+            f"see: outrider rollout show {final.id}")
+        return EXIT_FAILED
     return 0
 
 
 def list_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
-    if not 0 <= args.limit < 2**32:
-        raise UsageError(f"--limit must be between 0 and 1000, got {args.limit}")
-    reply = _ask(args, "ListRollouts", pb.ListRolloutsRequest(model_name=args.name, limit=args.limit))
-    if reply is None:
-        return 1
+    page = _ask_pages(args, "ListRollouts", pb.ListRolloutsRequest(model_name=args.name), "rollouts",
+                      limit=args.limit, page_limit=PAGE_LIMIT)
     if args.json:
-        print(json.dumps([plain(r) for r in reply.rollouts], indent=2))
+        print_json(listing("rollouts", [plain(r) for r in page.items], page.next_page_token))
         return 0
-    if not reply.rollouts:
+    if not page.items:
         print("no rollouts" + (f" of {args.name}" if args.name else ""))
         return 0
     now = time.time_ns()
     rows = []
-    for r in reply.rollouts:
+    for r in page.items:
         c = _counts(r)
         rows.append([r.id, r.model_name, r.kind, r.version, r.from_version or "-", r.actor,
                      age(r.started_unix_nano, now), f"{c['ok']} ok, {c['failed']} failed, {c['pending']} pending",
                      r.reason])
     print(table(["ID", "MODEL", "KIND", "VERSION", "FROM", "BY", "STARTED", "AGENTS", "REASON"], rows))
+    print_page(args, page, len(rows))
     return 0
 
 
@@ -179,10 +177,8 @@ def show_command(args: argparse.Namespace) -> int:
     if not 0 < args.id < 2**63:
         raise UsageError(f"ID must be a rollout's id (outrider rollouts), got {args.id}")
     reply = _ask(args, "ShowRollout", pb.ShowRolloutRequest(id=args.id))
-    if reply is None:
-        return 1
     if args.json:
-        print(json.dumps(plain(reply), indent=2))
+        print_json(plain(reply))
         return 0
     _print_rollout(reply)
     return 0

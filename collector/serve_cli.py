@@ -8,8 +8,7 @@ from typing import Any
 
 from agent.cli import (UsageError, add_flag, add_log_level, check_listen, configure_logging, listen_address,
                        positive, stop_signals)
-from collector.cli import (COLLECTOR_ENV, DEFAULT_COLLECTOR, _first_line, _one_line_errors, _pem, non_negative,
-                           non_negative_int)
+from collector.cli import COLLECTOR_ENV, DEFAULT_COLLECTOR, _first_line, _pem, non_negative, non_negative_int
 
 
 def add_serve(commands: argparse._SubParsersAction) -> None:
@@ -78,7 +77,7 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
              help="serve the read-only web page (fleet, drift plots, registry, approvals, audit trail) at "
                   "http://HOST:PORT/ (default: none); with --auth-file it asks for an operator token (viewer or "
                   "above), without one HOST must be loopback")
-    serve.set_defaults(func=_one_line_errors(serve_command))
+    serve.set_defaults(func=serve_command)
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -9,11 +9,10 @@ Starting and stopping need the operator role; reading the report, viewer.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any
 
-from collector.cli import _ask, _client_flags, _one_line_errors, iso, plain, since_time, table
+from collector.cli import _ask, _client_flags, iso, plain, print_json, since_time, table
 
 
 def share(text: str) -> float:
@@ -43,14 +42,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="share of live requests the shadow also answers, in (0, 1] (default: 0.1)")
     start.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the audit trail)")
     _client_flags(start)
-    start.set_defaults(func=_one_line_errors(start_command))
+    start.set_defaults(func=start_command)
 
     stop = actions.add_parser("stop", help="stop the model's shadow (operator role)",
                               description="Stop the shadow of NAME on its managed agents.")
     stop.add_argument("name", metavar="NAME", help="model name")
     stop.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the audit trail)")
     _client_flags(stop)
-    stop.set_defaults(func=_one_line_errors(stop_command))
+    stop.set_defaults(func=stop_command)
 
     report = actions.add_parser(
         "report", help="production and shadow side by side",
@@ -63,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="windows ending at or after WHEN: a duration back from now (30m, 1h, 2d) or a time "
                              "(2026-11-26T10:00:00Z); default: since the shadow started")
     _client_flags(report)
-    report.set_defaults(func=_one_line_errors(report_command))
+    report.set_defaults(func=report_command)
 
 
 def _rollout_line(made: Any) -> str:
@@ -76,10 +75,8 @@ def start_command(args: argparse.Namespace) -> int:
 
     made = _ask(args, "SetShadow", pb.SetShadowRequest(model_name=args.name, version=args.version, share=args.share,
                                                        reason=args.reason))
-    if made is None:
-        return 1
     if args.json:
-        print(json.dumps(plain(made), indent=2))
+        print_json(plain(made))
         return 0
     print(f"shadow of {made.model_name}: version {made.version} on {made.share:.0%} of requests "
           f"({_rollout_line(made)})")
@@ -91,10 +88,8 @@ def stop_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
     made = _ask(args, "ClearShadow", pb.SetShadowRequest(model_name=args.name, reason=args.reason))
-    if made is None:
-        return 1
     if args.json:
-        print(json.dumps(plain(made), indent=2))
+        print_json(plain(made))
         return 0
     print(f"shadow of {made.model_name} (version {made.version}) stopped ({_rollout_line(made)})")
     return 0
@@ -118,11 +113,9 @@ def report_command(args: argparse.Namespace) -> int:
 
     reply = _ask(args, "ShadowReport", pb.ShadowReportRequest(model_name=args.name, version=args.version,
                                                              since_unix_nano=args.since or 0))
-    if reply is None:
-        return 1
     f = figures(reply)
     if args.json:
-        print(json.dumps({**plain(reply), "figures": f.to_dict()}, indent=2))
+        print_json({**plain(reply), "figures": f.to_dict()})
         return 0
     since = f"since {iso(args.since)}" if args.since else "since the shadow started"
     production = reply.production_version or "-"

@@ -187,7 +187,8 @@ def test_reject_keeps_the_stage_and_a_viewer_only_reads(collector):
     again = promote(ops, "alice", 1)  # a decided request does not block a new one
     listed = cli("approvals", "list", "--all", "--json", "--collector", address, "--token", TOKENS["dave"])
     assert listed.returncode == 0, listed.stderr
-    assert [(a["id"], a["state"]) for a in json.loads(listed.stdout)] == [(made.id, "rejected"), (again.id, "pending")]
+    assert [(a["id"], a["state"]) for a in json.loads(listed.stdout)["approvals"]] == [(made.id, "rejected"),
+                                                                                        (again.id, "pending")]
     own = cli("approve", str(again.id), "--collector", address, "--token", TOKENS["alice"])
     assert own.returncode != 0 and "needs approver" in own.stderr
     done = cli("approve", str(again.id), "--reason", "ok", "--collector", address, "--token", TOKENS["carol"])

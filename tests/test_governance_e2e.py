@@ -123,10 +123,10 @@ class Operators:
         assert says in result.stderr and not result.stderr.startswith("Traceback"), result.stderr
 
     def stages(self) -> dict[int, str]:
-        return {v["version"]: v["stage"] for v in self.json("viewer", "models", "list", MODEL)}
+        return {v["version"]: v["stage"] for v in self.json("viewer", "models", "list", MODEL)["versions"]}
 
     def pending(self) -> list[dict]:
-        return self.json("viewer", "approvals", "list")
+        return self.json("viewer", "approvals", "list")["approvals"]
 
     def changes(self) -> list[dict]:
         """Audited changes; refused calls add ``auth.failure`` rows and change nothing else."""

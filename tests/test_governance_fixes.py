@@ -117,8 +117,8 @@ def test_approvals_list_shows_the_kind_and_approving_a_rollback_says_so(ops_coll
     assert sorted(line.split()[:4] for line in lines[1:]) == sorted(
         [[str(rollback.id), "rollback", "churn", "1"], [str(promotion.id), "promote", "churn", "3"]])
     shown = cli("approvals", "list", "--json", "--collector", address, "--token", TOKENS["dave"])
-    assert {(a["id"], a["kind"]) for a in json.loads(shown.stdout)} == {(rollback.id, "rollback"),
-                                                                         (promotion.id, "promote")}
+    assert {(a["id"], a["kind"]) for a in json.loads(shown.stdout)["approvals"]} == {(rollback.id, "rollback"),
+                                                                                      (promotion.id, "promote")}
 
     done = cli("approve", str(rollback.id), "--reason", "agreed", "--collector", address, "--token", TOKENS["bob"])
     assert done.returncode == 0, done.stderr

@@ -212,8 +212,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=HANG_GUARD)
 
 
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+def one_line_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
@@ -358,5 +358,5 @@ def test_cli_attach(collector: CollectorServer, lr_profile: summary_pb2.Referenc
     (tmp_path / "junk.pb").write_bytes(b"\xff\xff not a profile")
     assert "not a reference profile" in one_line_error(cli("attach", "credit", "7", str(tmp_path / "junk.pb"), *flags))
     refused = one_line_error(cli("attach", "credit", "7", str(path), "--collector", collector.address,
-                                 "--token", VIEWER_TOKEN))
+                                 "--token", VIEWER_TOKEN), 1)
     assert "refused" in refused and "operator" in refused

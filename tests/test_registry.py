@@ -179,7 +179,7 @@ def test_a_viewer_lists_and_shows_but_cannot_register(files, collector):
     ops, db, address = collector
     assert register(files, address, "churn", "lr", *full(files)).returncode == 0
     refused = register(files, address, "churn", "lr", token=VIEWER_TOKEN)
-    assert refused.returncode == 2 and "viewer" in refused.stderr and "RegisterModel" in refused.stderr
+    assert refused.returncode == 1 and "viewer" in refused.stderr and "RegisterModel" in refused.stderr
     model = files["lr"].read_bytes()
     meta = pb.RegisterMetadata(name="churn", sha256=hashlib.sha256(model).hexdigest(), size=len(model))
     for call, request in (("RegisterModel", chunks(meta, model)),
@@ -190,7 +190,7 @@ def test_a_viewer_lists_and_shows_but_cannot_register(files, collector):
     assert cli("models", "list", "--collector", address, "--token", VIEWER_TOKEN).returncode == 0
     assert cli("models", "show", "churn", "1", "--collector", address, "--token", VIEWER_TOKEN).returncode == 0
     missing = cli("models", "show", "nope", "--collector", address, "--token", VIEWER_TOKEN)
-    assert missing.returncode == 2 and "not registered" in missing.stderr
+    assert missing.returncode == 1 and "not registered" in missing.stderr
     assert len(ops.ListModels(pb.ListModelsRequest(), metadata=bearer(VIEWER_TOKEN), timeout=HANG_GUARD).versions) == 1
 
 

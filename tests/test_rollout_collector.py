@@ -258,12 +258,12 @@ def test_rollback_to_the_previous_and_to_a_named_version_with_the_cli(collector)
 
     listed = cli("rollouts", "churn", "--json", "--collector", address, "--token", TOKENS["dave"])
     assert listed.returncode == 0, listed.stderr
-    kinds = [(r["kind"], r["version"], r["from_version"]) for r in json.loads(listed.stdout)]
+    kinds = [(r["kind"], r["version"], r["from_version"]) for r in json.loads(listed.stdout)["rollouts"]]
     assert kinds == [("rollback", 1, 2), ("rollback", 2, 3), ("promote", 3, 2), ("promote", 2, 1), ("promote", 1, 0)]
-    newest = json.loads(listed.stdout)[0]["id"]
+    newest = json.loads(listed.stdout)["rollouts"][0]["id"]
     shown = cli("rollout", "show", str(newest), "--collector", address, "--token", TOKENS["dave"])
     assert shown.returncode == 0 and "edge-1" in shown.stdout and " ok " in shown.stdout, shown.stderr
-    assert cli("rollout", "show", "999", "--collector", address, "--token", TOKENS["dave"]).returncode == 2
+    assert cli("rollout", "show", "999", "--collector", address, "--token", TOKENS["dave"]).returncode == 1
 
     trail = call(ops, "dave", "ListAudit", pb.ListAuditRequest(model_name="churn")).entries
     rolled = [(e.actor, json.loads(e.before), json.loads(e.after)["production"]) for e in trail
@@ -312,7 +312,7 @@ def test_rollback_to_a_retired_or_never_production_version_is_refused_and_change
     assert not [e for e in call(ops, "dave", "ListAudit", pb.ListAuditRequest()).entries if e.action == "model.rollback"]
 
     viewer = cli("rollback", "churn", "--reason", "x", "--collector", address, "--token", TOKENS["dave"])
-    assert viewer.returncode == 2 and "needs operator" in viewer.stderr
+    assert viewer.returncode == 1 and "needs operator" in viewer.stderr
     retired = cli("rollback", "churn", "--to", "1", "--reason", "x", "--collector", address,
                   "--token", TOKENS["alice"])
     assert retired.returncode == 1 and "retired" in retired.stderr and len(retired.stderr.splitlines()) == 1

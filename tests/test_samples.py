@@ -237,8 +237,8 @@ def test_jsonl_to_a_file_and_the_time_and_version_filters(served, tmp_path):
 
 def test_export_refuses_viewers_unknown_models_and_bad_ranges(served, tmp_path):
     c, _ = served
-    assert "vera" in one_line_error(export(c, "churn", token=VIEWER_TOKEN))
-    assert "no model named 'nope'" in one_line_error(export(c, "nope"))
+    assert "vera" in one_line_error(export(c, "churn", token=VIEWER_TOKEN), 1)  # refused by the collector
+    assert "no model named 'nope'" in one_line_error(export(c, "nope"), 1)
     assert "since" in one_line_error(export(c, "churn", "--since", "2100-01-01"))  # after now, the default until
     assert "--since is after --until" in one_line_error(export(c, "churn", "--since", "1m", "--until", "2h"))
     assert "neither a duration" in one_line_error(export(c, "churn", "--since", "yesterday"))
