@@ -30,6 +30,7 @@ from sqlite_utils import Database
 
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from collector import audit, rollout
+from collector.auth import LOCAL
 from protos import collector_pb2 as pb
 
 STAGES = ("candidate", "staging", "production", "archived", "retired")
@@ -169,8 +170,7 @@ def decide(db: Database, approval_id: int, actor: str, approve: bool, reason: st
                                  + (f" (by {a['decided_by']})" if a["decided_by"] else "")
                                  + "; only pending requests can be decided")
     if approve and a["requested_by"] == actor:
-        raise PermissionDenied("the requester cannot approve their own request: another approver must approve "
-                               f"approval {approval_id}")
+        raise PermissionDenied(own_request(approval_id, actor))
     name, version = a["model"], a["version"]
     state = "approved" if approve else "rejected"
     if approve and a["kind"] == "rollback":  # checked again now: the versions may have moved since the request
@@ -203,6 +203,17 @@ def decide(db: Database, approval_id: int, actor: str, approve: bool, reason: st
                  after={"state": state, "model": name, "version": version, "kind": a["kind"]}, reason=reason,
                  now_ns=now_ns)
     return get(db, approval_id)
+
+
+def own_request(approval_id: int, actor: str) -> str:
+    """Why ``actor`` may not approve approval ``approval_id``, their own request, and what to do."""
+    text = f"the requester cannot approve their own request: another approver must approve approval {approval_id}"
+    if actor == LOCAL.name:  # no auth file: everyone is 'local', so the second person can never come
+        text += ("; without --auth-file every caller is the same identity 'local', so nobody else can: for "
+                 "two-person approval run the collector with --auth-file listing two operator tokens, one with "
+                 "role approver, and have each person pass their own --token (see docs/governance.md, "
+                 "'One person, or two identities')")
+    return text
 
 
 def request_rollback(db: Database, name: str, to_version: int, actor: str, reason: str, now_ns: int) -> pb.Approval:
