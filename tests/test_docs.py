@@ -28,3 +28,20 @@ def test_readme_opens_with_the_two_commands():
     assert block[1].endswith(".venv/bin/python -m pytest")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert block[1] in ci  # CI runs the README's test command verbatim
+
+
+def test_cli_reference_opens_with_the_contract():
+    """docs/cli.md's contract table: every exit code, and every list command's JSON key, from the code itself."""
+    from agent.cli import build_parser
+    from agent.cli_contract import EXIT_CODES
+
+    text = cli_reference.render()
+    contract = text[text.index("## The contract"):text.index("## Commands")]
+    for code, meaning, _ in EXIT_CODES:
+        assert f"| {code} | {meaning} |" in contract
+    for name, parser in cli_reference.commands(build_parser()):
+        key = parser.get_default("json_list")
+        if key:
+            assert f"`{name.removeprefix('outrider ')}` → `{key}`" in contract
+    for variable in ("OUTRIDER_COLLECTOR", "OUTRIDER_TOKEN", "OUTRIDER_TLS_CA"):
+        assert f"`{variable}`" in contract
