@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import time
 from collections import Counter
@@ -301,7 +300,9 @@ def profile_command(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot write {out}: {exc.strerror or exc}; pass another --out") from None
     summary = describe(profile)
     if args.json:
-        print(json.dumps({**summary, "out": str(out)}, indent=2))
+        from agent.cli_contract import print_json
+
+        print_json({**summary, "out": str(out)})  # strict: an RMSE of NaN predictions prints null
         return 0
     perf = f", accuracy {summary['accuracy']:.4f}" if "accuracy" in summary else (
         f", RMSE {summary['rmse']:.4g}" if "rmse" in summary else "")
