@@ -519,6 +519,9 @@ def test_a_collector_that_repeats_its_page_token_is_refused_not_followed_for_eve
 
 def test_a_limit_beyond_one_page_of_the_real_collector_is_asked_for_in_pages(world: World):
     """The collector allows 10,000 windows or entries (1,000 rollouts) per call; --limit may be more."""
+    from collector import cli, rollout, rollout_cli, server
+
+    assert (cli.PAGE_LIMIT, rollout_cli.PAGE_LIMIT) == (server.MAX_LIST_LIMIT, rollout.MAX_LIST_LIMIT)
     for args in (("audit", "--limit", "20000"), ("rollouts", "--limit", "5000"), ("windows", "--model", "m",
                                                                                    "--limit", "20000")):
         ran = run(*args, "--json", token=TOKENS["dave"], collector=world.address)
