@@ -18,10 +18,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import IO, NamedTuple
 
 import grpc
 import numpy as np
+import pytest
 
 from protos import collector_pb2, collector_pb2_grpc
 from protos import open_inference_pb2 as pb
@@ -29,6 +31,9 @@ from protos import open_inference_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, VERSION = "m", "1"
+
+
+_started: list[subprocess.Popen] = []
 
 
 def start(args: list[str], pattern: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
@@ -41,12 +46,30 @@ def start(args: list[str], pattern: str, log: Path | None = None) -> tuple[subpr
     finally:
         if stderr is not None:
             stderr.close()  # the child has its own copy
+    _started.append(proc)
     for line in proc.stdout:
         match = re.search(pattern, line)
         if match:
             threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc, match.group(1)
     raise AssertionError(f"{args[:2]} exited with {proc.wait()} before it was ready")
+
+
+@pytest.fixture(autouse=True)
+def reap() -> Iterator[None]:
+    """After each test (import this fixture into a test module): kill what it started and left running,
+    so that a failed assertion leaves no collector or agent behind (a stopped one is continued first)."""
+    yield
+    reap_processes()
+
+
+def reap_processes() -> None:
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait()
 
 
 def exit_code(proc: subprocess.Popen, timeout: float = 60.0) -> int:
@@ -155,6 +178,34 @@ def stored_rows(address: str) -> int:
 
 def spool_files(spool: Path) -> list[Path]:
     return sorted(spool.glob("*.win"))
+
+
+def damage(path: Path, how: str) -> None:
+    """Damage a spool file the way disks and people do, leaving its header (HEADER_SIZE bytes) alone
+    unless ``how`` says so."""
+    from agent.spool import HEADER_SIZE
+
+    data = bytearray(path.read_bytes())
+    if how == "flip":  # a few bits of the body
+        for i in range(HEADER_SIZE + 3, len(data), 997):
+            data[i] ^= 0x10
+    elif how == "truncate":  # cut inside the body
+        del data[HEADER_SIZE + (len(data) - HEADER_SIZE) // 2:]
+    elif how == "body garbage":
+        data[HEADER_SIZE:] = os.urandom(len(data) - HEADER_SIZE)
+    elif how == "header garbage":
+        data[:HEADER_SIZE] = b"\x00" + b"\xff" * (HEADER_SIZE - 1)
+    else:
+        raise ValueError(how)
+    path.write_bytes(bytes(data))
+
+
+def children(pid: int) -> list[int]:
+    """The pids of a process's children (Linux)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
 
 
 class Books(NamedTuple):

@@ -26,7 +26,7 @@ import pytest
 from agent import checksum
 from agent.spool import decode
 from collector.auth import AuthConfig
-from faults_support import (Books, Load, agent, assert_balanced, collector, spool_files, status, stop,
+from faults_support import (Books, Load, agent, assert_balanced, collector, reap, spool_files, status, stop,  # noqa: F401
                             stored_rows, wait_until, windows)
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc

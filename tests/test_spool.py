@@ -8,6 +8,7 @@ import pytest
 
 from agent import checksum
 from agent.spool import HEADER_SIZE, Spool, SpoolBusy, encode
+from faults_support import damage
 from protos import summary_pb2
 
 
@@ -88,20 +89,6 @@ def test_a_smaller_limit_at_restart_drops_the_oldest(tmp_path):
     again = Spool(tmp_path, max_bytes=size)
     assert seqs(again) == [3]
     assert again.status().dropped_windows == 3
-
-
-def damage(path, how: str) -> None:
-    data = bytearray(path.read_bytes())
-    if how == "flip":  # a few bits in the body
-        for i in range(HEADER_SIZE + 3, len(data), 7):
-            data[i] ^= 0x10
-    elif how == "truncate":  # cut inside the body
-        del data[HEADER_SIZE + 4:]
-    elif how == "body garbage":
-        data[HEADER_SIZE:] = b"\xde\xad" * ((len(data) - HEADER_SIZE) // 2 + 1)
-    elif how == "header garbage":
-        data[:HEADER_SIZE] = b"\x00" + b"\xff" * (HEADER_SIZE - 1)
-    path.write_bytes(bytes(data))
 
 
 def test_damaged_files_at_start_cost_only_themselves_counted_with_their_rows(tmp_path, caplog):
