@@ -208,7 +208,9 @@ class Spool:
                 out.append((key, decode((self.directory / key).read_bytes())))
             except FileNotFoundError:
                 continue  # dropped or acked meanwhile
-            except (OSError, DamagedFile) as exc:  # damaged after it was written (disk, someone's editor)
+            except OSError as exc:  # e.g. out of file descriptors: not the file's fault, it is tried again later
+                log.error("cannot read spooled window %s: %s; trying again at the next connection", key, exc)
+            except DamagedFile as exc:  # damaged after it was written (disk, someone's editor)
                 with self._lock:
                     entry = self._forget(key)
                     if entry is not None:  # its rows as known since it was written or recovered

@@ -8,8 +8,8 @@ managed agents (``collector.rollout``) join the same reply queue at any time.
 Which windows a stream may carry: those of the Hello's agent id, any run
 (an agent restarted while the collector was down sends its earlier runs'
 windows from its spool on its new stream), for the Hello's model or one of
-its ``spooled_models``, each permitted to the caller's token
-(``hello_refusal`` checks the Hello itself), sealed intact
+its ``spooled_models`` (``hello_refusal`` checked that the caller's token
+may send for each of them), sealed intact
 (``agent.checksum``) and valid (``collector.ingest``). Anything else is acked
 REJECTED with the reason and counted; the ``(agent_id, run_id, seq)`` key
 stores each window once however often it comes.
@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent import futures
 from typing import TYPE_CHECKING, Any
 
@@ -120,7 +120,13 @@ def artifact_refusal(identity: Identity, model_name: str) -> str:
 
 
 def _token(identity: Identity) -> str:
-    return f"{identity.kind} token {identity.name!r}" if identity.kind != "local" else "this caller"
+    return f"{identity.kind} token {identity.name!r}"
+
+
+def _names(names: Iterable[str], most: int = 5) -> str:
+    listed = sorted(names)
+    more = f", ... ({len(listed)} in all)" if len(listed) > most else ""
+    return "[" + ", ".join(_shown(n) for n in listed[:most]) + more + "]"
 
 
 def _shown(name: str, limit: int = 80) -> str:
@@ -254,12 +260,9 @@ class AgentStream:
         if window.agent_id != self.hello.agent_id:
             return (f"window of agent {_shown(window.agent_id)} sent on the stream of agent "
                     f"{_shown(self.hello.agent_id)}: a stream carries only its own agent's windows")
-        if window.model_name not in self.models:
+        if window.model_name not in self.models:  # (hello_refusal checked the caller's token for each of them)
             return (f"window of model {_shown(window.model_name)} sent on a stream whose hello names "
-                    f"{_shown(self.hello.model_name)} and spooled models {sorted(self.models - {self.hello.model_name})}")
-        if not self.identity.may_send_for(window.model_name):
-            return (f"{_token(self.identity)} may not send windows of model {_shown(window.model_name)}; "
-                    "add it to models in the collector's auth file")
+                    f"{_shown(self.hello.model_name)} and spooled models {_names(self.hello.spooled_models)}")
         damage = check(window)
         if damage:
             return damage

@@ -26,8 +26,9 @@ import pytest
 from agent import checksum
 from agent.spool import decode
 from collector.auth import AuthConfig
-from faults_support import (Books, Load, agent, assert_balanced, collector, reap, spool_files, status, stop,  # noqa: F401
-                            stored_rows, wait_until, windows)
+from faults_support import reap  # noqa: F401  (kills what a failed test left running)
+from faults_support import (Books, Load, agent, assert_balanced, collector, spool_files, status, stop, stored_rows,
+                            wait_until, windows)
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from test_collector_server import AgentConn, batch, hello, running, window

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from agent.spool import decode
-from faults_support import (Load, agent, assert_balanced, children, collector, damage, free_port, reap,  # noqa: F401
-                            reap_processes, spool_files, status, stop, stored_rows, wait_until, windows)
+from faults_support import reap  # noqa: F401  (kills what a failed test left running)
+from faults_support import (Load, agent, assert_balanced, children, collector, damage, free_port, reap_processes,
+                            spool_files, status, stop, stored_rows, wait_until, windows)
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")]
 
