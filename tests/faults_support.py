@@ -55,16 +55,21 @@ def start(args: list[str], pattern: str, log: Path | None = None) -> tuple[subpr
     raise AssertionError(f"{args[:2]} exited with {proc.wait()} before it was ready")
 
 
+_test_started_at = [0]  # where the current test's processes begin in _started
+
+
 @pytest.fixture(autouse=True)
 def reap() -> Iterator[None]:
     """After each test (import this fixture into a test module): kill what it started and left running,
     so that a failed assertion leaves no collector or agent behind (a stopped one is continued first)."""
+    _test_started_at[0] = len(_started)
     yield
     reap_processes()
 
 
 def reap_processes() -> None:
-    while _started:
+    """Kill the processes the current test started (never those of other modules' fixtures)."""
+    while len(_started) > _test_started_at[0]:
         proc = _started.pop()
         if proc.poll() is None:
             proc.send_signal(signal.SIGCONT)

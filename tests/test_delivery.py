@@ -26,7 +26,8 @@ import pytest
 from agent import checksum
 from agent.spool import decode
 from collector.auth import AuthConfig
-from faults_support import reap  # noqa: F401  (kills what a failed test left running)
+# reap: kills what a failed test left running; ROOT, exit_code and start: other tests import them from here
+from faults_support import ROOT, exit_code, reap, start  # noqa: F401
 from faults_support import (Books, Load, agent, assert_balanced, collector, spool_files, status, stop, stored_rows,
                             wait_until, windows)
 from protos import collector_pb2 as pb
