@@ -60,6 +60,7 @@ def test_damaged_spool_files_cost_only_themselves_and_are_counted_with_their_row
     served = load.stop()
     stop(ag)
     files = spool_files(spool)
+    run = decode(files[0].read_bytes()).run_id
     victims = dict(zip(("flip", "truncate", "body garbage"), (files[1], files[2], files[4])))
     lost = {}
     for how, path in victims.items():  # damaged while the agent is stopped
@@ -75,7 +76,7 @@ def test_damaged_spool_files_cost_only_themselves_and_are_counted_with_their_row
 
     books = assert_balanced(address, served)
     assert (books.spool_dropped_windows, books.spool_dropped) == (3, sum(lost.values()))
-    stored = sorted(w.seq for w in windows(address))
+    stored = sorted(w.seq for w in windows(address) if w.run_id == run)  # (the idle second run may send empty ones)
     assert stored == sorted(set(range(len(files))) - set(lost)), "every other window stored, once"
     assert status(address).counters.windows_rejected == 0
     stop(col)
