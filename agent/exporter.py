@@ -7,6 +7,9 @@ windows oldest first (batched when behind), at most ``max_in_flight`` unacked.
 The collector acks only after its commit; an ack deletes the spooled file, so
 delivery is at-least-once and the collector's ``(agent_id, run_id, seq)`` key
 makes it effectively once (resends after a reconnect come back DUPLICATE).
+Windows left by earlier runs of this agent (same agent id, their own run ids)
+go out on the same stream, oldest first; the Hello names their models
+(``spooled_models``) so that the collector accepts them.
 
 Commands from the collector (managed agents: serve, shadow, unshadow) go to
 the ``on_command`` callback, which must only hand them on (it runs on the
@@ -51,6 +54,7 @@ RETRYABLE = frozenset({Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.RESOURCE_E
 MAX_RETRY_AFTER = 300.0
 MAX_PENDING_STATES = 64  # answers to commands waiting for a stream; older ones are dropped (and counted)
 BATCH_MAX_BYTES = 1 << 20  # well under gRPC's default 4 MiB receive limit
+MAX_SPOOLED_MODELS = 64  # models of earlier runs named in a Hello (a spool rarely holds more than one)
 Ack = collector_pb2.WindowAck
 
 
@@ -340,6 +344,12 @@ class CollectorExporter:
         """The stream's outgoing messages; iterated by gRPC's thread, one at a time (flow control)."""
         hello = self.hello()
         hello.spool.CopyFrom(self.spool.status())
+        # Windows of earlier runs (perhaps of another model) go out on this stream too: name their models.
+        others = [m for m in self.spool.models() if m != hello.model_name]
+        if len(others) > MAX_SPOOLED_MODELS:
+            log.warning("the spool %s holds windows of %d other models; naming %d, the collector refuses the "
+                        "windows of the rest", self.spool.directory, len(others), MAX_SPOOLED_MODELS)
+        hello.spooled_models[:] = others[:MAX_SPOOLED_MODELS]
         stream.status_sent = _counts(hello.spool)
         stream.next_status = time.monotonic() + self.status_seconds
         yield collector_pb2.AgentMessage(hello=hello)

@@ -2,7 +2,9 @@
 
 The Hello (ids, host, model, schema, versions) is built here for a
 ``MonitoredSession`` or a managed agent, and ``open_exporter`` finds a free
-spool directory for it; ``agent.exporter`` is the delivery itself.
+spool directory for it; ``agent.exporter`` is the delivery itself, and adds
+the spool's part to each Hello it sends (its status, and ``spooled_models``:
+the models of earlier runs' windows still waiting to be delivered).
 """
 from __future__ import annotations
 

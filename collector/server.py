@@ -24,13 +24,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent.errors import (InvalidArgument, NotFound, ResourceExhausted, Unavailable,
+from agent.errors import (InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable,
                           grpc_errors, grpc_stream_errors)
 from agent.hello import package_version
 from collector import alerts, audit
-from collector.auth import AuthConfig, AuthInterceptor, TLSFiles, current_identity
+from collector.auth import AGENT_SERVICE, LOCAL, AuthConfig, AuthInterceptor, Identity, TLSFiles, current_identity
 from collector.ingest import Limits, validate_hello, validate_model_key, validate_profile
-from collector.streams import AgentStream, LiveStreams, read_hello
+from collector.streams import AgentStream, LiveStreams, artifact_refusal, hello_refusal, read_hello
 from collector.rollup import RetentionPolicy
 from collector.evaluation import DriftEvaluator, EvaluationLoop
 from collector.gate import GatePolicy
@@ -57,9 +57,13 @@ DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 DEFAULT_RETIRED_ARTIFACT_RETENTION = 30 * 86400.0  # seconds a retired version's artifact is kept
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
+    """Agents' streams and artifact downloads. ``auth`` (the server's interceptor) records refusals
+    made here: a token used for an agent id or a model its auth-file entry does not name."""
+
     def __init__(self, store: Store, *, limits: Limits, max_agents: int, retry_after_ms: int,
-                 max_in_flight: int = 64) -> None:
+                 max_in_flight: int = 64, auth: AuthInterceptor | None = None) -> None:
         self.store = store
+        self.auth = auth
         self.limits = limits
         self.max_agents = max_agents
         self.max_in_flight = max_in_flight  # ack messages per stream not yet sent
@@ -109,26 +113,39 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         if hello is None:  # the client went away, or said nothing in time
             return
         validate_hello(hello, self.limits)
+        identity = current_identity() or LOCAL
+        self._permit(identity, hello_refusal(identity, hello), "Stream")
         try:
             self.store.record_hello(hello, time.time_ns())
         except ResourceExhausted as exc:
             raise self.retry_later(exc) from None
-        stream = AgentStream(self, hello, requests)
+        stream = AgentStream(self, hello, requests, identity)
         self.live.add(stream)
         if not context.add_callback(stream.gone):
             stream.close()
             return
-        identity = current_identity()
-        log.info("agent %s run %s (%s %s) connected as %s", hello.agent_id, hello.run_id, hello.model_name,
-                 hello.model_version, identity.name if identity else "?")
+        log.info("agent %s run %s (%s %s) connected as %s%s", hello.agent_id, hello.run_id, hello.model_name,
+                 hello.model_version, identity.name,
+                 f"; its spool also holds windows of {list(hello.spooled_models)}" if hello.spooled_models else "")
         if hello.managed:  # after live.add: a change committed from now on reaches this stream too
             self.rollouts.hello(stream)
         threading.Thread(target=stream.read, name=f"outrider-stream-{hello.agent_id}", daemon=True).start()
         yield from stream.replies()
 
+    def _permit(self, identity: Identity, refusal: str, method: str) -> None:
+        """Raise PermissionDenied (recorded like the interceptor's refusals) when ``refusal`` says why."""
+        if not refusal:
+            return
+        log.warning("refused AgentService/%s: %s", method, refusal)
+        if self.auth is not None:
+            self.auth.count_refusal(identity.name, f"rpc/{AGENT_SERVICE}/{method}", refusal)
+        raise PermissionDenied(refusal)
+
     @grpc_stream_errors
     def FetchArtifact(self, request: pb.FetchArtifactRequest,
                       context: grpc.ServicerContext) -> Iterator[pb.ArtifactChunk]:
+        identity = current_identity() or LOCAL
+        self._permit(identity, artifact_refusal(identity, request.model_name), "FetchArtifact")
         if self.artifacts is None:
             raise Unavailable("this collector keeps no model artifacts")
         yield from artifact_chunks(self.store.read(), self.artifacts, request.model_name, request.version,
@@ -384,7 +401,8 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
     store = store if store is not None else Store(db_path)
     try:
         interceptor = AuthInterceptor(auth, on_refusal=audit.AuthFailureLog(store.submit))
-        agents = AgentServicer(store, limits=limits or Limits(), max_agents=max_agents, retry_after_ms=retry_after_ms)
+        agents = AgentServicer(store, limits=limits or Limits(), max_agents=max_agents, retry_after_ms=retry_after_ms,
+                               auth=interceptor)
         if metrics is not None:
             metrics.watch(store, agents, interceptor)
         health_servicer = health.HealthServicer()

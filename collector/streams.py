@@ -4,6 +4,15 @@ An agent stream is read by its own thread while the handler thread sends
 replies, so acks (sent only once the store has committed the windows) never
 wait for the next request and reading never waits for a commit. Commands to
 managed agents (``collector.rollout``) join the same reply queue at any time.
+
+Which windows a stream may carry: those of the Hello's agent id, any run
+(an agent restarted while the collector was down sends its earlier runs'
+windows from its spool on its new stream), for the Hello's model or one of
+its ``spooled_models`` (``hello_refusal`` checked that the caller's token
+may send for each of them), sealed intact
+(``agent.checksum``) and valid (``collector.ingest``). Anything else is acked
+REJECTED with the reason and counted; the ``(agent_id, run_id, seq)`` key
+stores each window once however often it comes.
 """
 from __future__ import annotations
 
@@ -12,13 +21,15 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent import futures
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from agent.checksum import check
 from agent.errors import InvalidArgument, OutriderError, ResourceExhausted, Unavailable
+from collector.auth import LOCAL, Identity
 from collector.ingest import validate_window
 from collector.metrics import batch_acked, batch_received
 from protos import collector_pb2 as pb
@@ -86,6 +97,43 @@ class LiveStreams:
                 stream.drain()
 
 
+def hello_refusal(identity: Identity, hello: pb.Hello) -> str:
+    """Why ``identity`` may not open a stream with ``hello`` ("" if it may): its token must speak for
+    the agent id and send for the model and every model of the windows waiting in the agent's spool."""
+    if not identity.may_speak_for(hello.agent_id):
+        return (f"{_token(identity)} may speak for agent ids {list(identity.agent_ids)}, not "
+                f"{_shown(hello.agent_id)}; add it to agent_ids in the collector's auth file")
+    for model, whose in ((hello.model_name, ""), *((m, " (its spool holds windows of it)")
+                                                    for m in hello.spooled_models)):
+        if not identity.may_send_for(model):
+            return (f"{_token(identity)} may send for models {list(identity.models)}, not {_shown(model)}{whose}; "
+                    "add it to models in the collector's auth file")
+    return ""
+
+
+def artifact_refusal(identity: Identity, model_name: str) -> str:
+    """Why ``identity`` may not download ``model_name``'s artifacts ("" if it may)."""
+    if identity.may_send_for(model_name):
+        return ""
+    return (f"{_token(identity)} may fetch models {list(identity.models)}, not {_shown(model_name)}; "
+            "add it to models in the collector's auth file")
+
+
+def _token(identity: Identity) -> str:
+    return f"{identity.kind} token {identity.name!r}"
+
+
+def _names(names: Iterable[str], most: int = 5) -> str:
+    listed = sorted(names)
+    more = f", ... ({len(listed)} in all)" if len(listed) > most else ""
+    return "[" + ", ".join(_shown(n) for n in listed[:most]) + more + "]"
+
+
+def _shown(name: str, limit: int = 80) -> str:
+    """A caller's name fit for a message (not a megabyte of it)."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name)} characters)"
+
+
 def read_hello(requests: Iterator[pb.AgentMessage], context: grpc.ServicerContext,
                seconds: float) -> pb.Hello | None:
     """A new stream's Hello, which must come first and within ``seconds``; None if the client
@@ -116,10 +164,13 @@ def read_hello(requests: Iterator[pb.AgentMessage], context: grpc.ServicerContex
 class AgentStream:
     """One agent's open stream after its Hello: a reader thread and the reply generator."""
 
-    def __init__(self, servicer: AgentServicer, hello: pb.Hello, requests: Iterator[pb.AgentMessage]) -> None:
+    def __init__(self, servicer: AgentServicer, hello: pb.Hello, requests: Iterator[pb.AgentMessage],
+                 identity: Identity = LOCAL) -> None:
         self.servicer = servicer
         self.store = servicer.store
         self.hello = hello
+        self.identity = identity  # the caller; read here, since the reader thread has no gRPC context
+        self.models = frozenset({hello.model_name, *hello.spooled_models})  # windows of these are accepted
         self.key = (hello.agent_id, hello.run_id)
         self._requests = requests
         self._out: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
@@ -204,9 +255,17 @@ class AgentStream:
             self._room.notify()
 
     def _problem(self, window: summary_pb2.WindowSummary) -> str:
-        if (window.agent_id, window.run_id) != self.key:
-            return (f"window of agent {window.agent_id!r} run {window.run_id!r} sent on the stream of agent "
-                    f"{self.hello.agent_id!r} run {self.hello.run_id!r}")
+        """Why ``window`` may not be stored from this stream ("" if it may). Any run of the Hello's
+        agent is fine: windows of its earlier runs wait in its spool and come on this stream."""
+        if window.agent_id != self.hello.agent_id:
+            return (f"window of agent {_shown(window.agent_id)} sent on the stream of agent "
+                    f"{_shown(self.hello.agent_id)}: a stream carries only its own agent's windows")
+        if window.model_name not in self.models:  # (hello_refusal checked the caller's token for each of them)
+            return (f"window of model {_shown(window.model_name)} sent on a stream whose hello names "
+                    f"{_shown(self.hello.model_name)} and spooled models {_names(self.hello.spooled_models)}")
+        damage = check(window)
+        if damage:
+            return damage
         try:
             validate_window(window, self.servicer.limits)
         except InvalidArgument as exc:

@@ -159,7 +159,7 @@ def test_agent_streams_need_an_agent_token(secured):
         with pytest.raises(grpc.RpcError) as info:
             list(replies)
         assert info.value.code() == code
-    accepted = agents.Stream(iter([pb.AgentMessage(hello=pb.Hello(agent_id="a", run_id="r"))]),
+    accepted = agents.Stream(iter([pb.AgentMessage(hello=pb.Hello(agent_id="edge-1", run_id="r"))]),
                              metadata=bearer(AGENT_TOKEN), timeout=HANG_GUARD)
     assert list(accepted) == []  # hello, half-close, clean end
 

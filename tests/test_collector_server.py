@@ -174,10 +174,12 @@ def test_a_bad_window_is_rejected_with_its_reason_and_changes_nothing(collector)
 
 
 def test_a_window_of_another_agent_is_rejected(collector):
-    conn = collector.connect(hello(), batch(window(0, agent="someone-else"), window(1, run="run-2")))
+    # (a window of another run of the same agent is fine: tests/test_delivery.py)
+    conn = collector.connect(hello(), batch(window(0, agent="someone-else"), window(1, model="other")))
     acks = conn.acks(2)
     assert {ack.result for ack in acks} == {REJECTED}
-    assert all("sent on the stream of agent 'edge-1'" in ack.reason for ack in acks)
+    assert "window of agent 'someone-else' sent on the stream of agent 'edge-1'" in acks[0].reason
+    assert "window of model 'other' sent on a stream whose hello names 'credit'" in acks[1].reason
     conn.close()
     assert collector.windows(model_name="credit") == []
 

@@ -422,3 +422,29 @@ def test_session_rejects_both_sink_and_collector():
 
     with pytest.raises(ValueError, match="either sink or collector"):
         MonitoredSession(examples.logistic_regression(), sink=InMemorySink(), collector="127.0.0.1:1")
+
+
+def test_hello_names_the_models_of_earlier_runs_waiting_in_the_spool(tmp_path, make_exporter):
+    port = free_port()
+    spool = tmp_path / "spool"
+    first = make_exporter(f"127.0.0.1:{port}", spool_dir=spool)  # the collector is down
+    first.export(summary_pb2.WindowSummary(agent_id="agent1", run_id="run0", seq=0, rows=3, model_name="old"))
+    first.export(window(1, run_id="run0"))
+    first.close(timeout=5)
+
+    collector = Collector(port)
+    try:
+        second = make_exporter(collector.target, spool_dir=spool)
+        wait_until(lambda: collector.fake.unique() == 2)
+        hello = collector.fake.hellos[0]
+        assert (hello.run_id, hello.model_name, list(hello.spooled_models)) == ("run1", "m", ["old"])
+        wait_until(lambda: second.stats()["spool_windows"] == 0)
+        second.export(window(1))
+        wait_until(lambda: collector.fake.unique() == 3)
+        second.close(timeout=5)
+        third = make_exporter(collector.target, spool_dir=spool)
+        third.export(window(2))
+        wait_until(lambda: collector.fake.unique() == 4)
+        assert list(collector.fake.hellos[-1].spooled_models) == []  # nothing of another model waits now
+    finally:
+        collector.stop()

@@ -164,13 +164,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                    what="the agent's windows to be acked")
         before_raw = scrape(collector_url)
 
-        # A stream of our own: a stored window, its resend (duplicate), one of another run (rejected).
+        # A stream of our own: a stored window, its resend (duplicate), one of another agent (rejected).
         raw = AgentConn(cpb_grpc.AgentServiceStub(channel), metadata=bearer(AGENT_TOKEN))
         raw.send(hello(run="raw"), batch(window(1, run="raw")))
         assert [a.result for a in raw.acks(1)] == [cpb.WindowAck.STORED]
         raw.send(batch(window(1, run="raw")))
         assert [a.result for a in raw.acks(1)] == [cpb.WindowAck.DUPLICATE]
-        raw.send(batch(window(2, run="other")))
+        raw.send(batch(window(2, agent="edge-2", run="raw")))
         assert [a.result for a in raw.acks(1)] == [cpb.WindowAck.REJECTED]
         with pytest.raises(grpc.RpcError) as err:  # one refused call
             ops.Status(cpb.StatusRequest(), metadata=bearer("not-a-valid-token-at-all"), timeout=30)

@@ -27,7 +27,7 @@ from test_approvals import AUTH_TOML, HANG_GUARD, MODEL, TOKENS, call, cli, prom
 from test_collector_server import window
 
 AGENT_TOKEN = "edge-agent-token-0123456789"
-AUTH = AUTH_TOML + f'[[agent]]\nname = "edge"\ntoken = "{AGENT_TOKEN}"\n'
+AUTH = AUTH_TOML + f'[[agent]]\nname = "edge"\ntoken = "{AGENT_TOKEN}"\nagent_ids = ["*"]\n'
 AGENT_AUTH = (("authorization", f"Bearer {AGENT_TOKEN}"),)
 MiB = 1 << 20
 
