@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from agent import tensors
 from agent.dataplane import DataPlane, InferenceSessionLike
 from agent.errors import NotFound, Unavailable, Unimplemented, grpc_errors
+from agent.guard import DecodeGuard
 from agent.hello import package_version
 from agent.switch import LoadedVersion, ModelSwitch
 from protos import agent_pb2, agent_pb2_grpc
@@ -200,9 +201,12 @@ def serve_switch(switch: ModelSwitch, listen: str = "127.0.0.1:8001", *, owner: 
     if metrics is not None:
         metrics.bind(lambda: servicer.plane)  # whatever plane is served at the time (a rollout swaps it)
     health_servicer = health.HealthServicer()
+    guard = DecodeGuard()
+    # outermost first: metrics see every ModelInfer answer, refusals included
+    interceptors = ([metrics.interceptor] if metrics is not None else []) + [guard]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="outrider-infer"),
-        interceptors=[metrics.interceptor] if metrics is not None else None,
+        interceptors=interceptors,
         options=[
             # Oversized messages are refused by gRPC itself with RESOURCE_EXHAUSTED.
             ("grpc.max_receive_message_length", max_receive_bytes),
