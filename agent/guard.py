@@ -9,6 +9,12 @@ does not parse becomes a marker, and the handler around the servicer answers
 it with INVALID_ARGUMENT naming the message type, logs one line and counts it.
 The servicer never sees it.
 
+It also refuses, before decoding, a body larger than a per-method limit
+(``max_bytes``): gRPC's ``max_receive_message_length`` is one size for every
+method, but a method whose requests are small by nature (the agent's Feedback:
+at most 10,000 labels) should not have to parse, and hold as Python objects,
+a 64 MB message of them: RESOURCE_EXHAUSTED, with the limit in the message.
+
 It knows nothing of our services, so the collector's server can put it in its
 interceptors as well (after any that authenticate: a refused caller's body is
 then never parsed).
@@ -32,19 +38,22 @@ _BEHAVIOR_ATTRIBUTES = ("experimental_non_blocking", "experimental_thread_pool")
 
 
 class _Undecodable:
-    """What the safe deserializer returns for a body that does not parse."""
+    """What the safe deserializer returns for a body that does not parse (or is too large to)."""
 
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "size")
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, size: int = 0) -> None:
         self.reason = reason
+        self.size = size  # > 0: not parsed, larger than the method's limit
 
 
-def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _safe(deserializer: Callable[[bytes], Any] | None, limit: int | None) -> Callable[[bytes], Any] | None:
     if deserializer is None:  # the handler takes raw bytes: nothing can fail
         return None
 
     def deserialize(data: bytes) -> Any:
+        if limit is not None and len(data) > limit:
+            return _Undecodable("too large", len(data))
         try:
             return deserializer(data)
         except Exception as exc:  # DecodeError, or a string field that is not UTF-8 (also DecodeError)
@@ -61,11 +70,15 @@ def _message_type(deserializer: Callable[[bytes], Any] | None) -> str:
 
 
 class DecodeGuard(grpc.ServerInterceptor):
-    """Answers undecodable request bodies with INVALID_ARGUMENT (one log line, counted in ``refused``)."""
+    """Answers undecodable request bodies with INVALID_ARGUMENT, and bodies over their method's limit in
+    ``max_bytes`` ({"/package.Service/Method": bytes}) with RESOURCE_EXHAUSTED; one log line each,
+    counted in ``refused`` and ``too_large``."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: dict[str, int] | None = None) -> None:
+        self.max_bytes = dict(max_bytes or {})
         self._lock = threading.Lock()
         self._refused = 0
+        self._too_large = 0
         # method -> (the handler gRPC gave, its guarded copy): gRPC asks for the handler on every
         # call and gets the same object each time, so each is wrapped once, not per call.
         self._guarded: dict[str, tuple[Any, Any]] = {}
@@ -75,6 +88,12 @@ class DecodeGuard(grpc.ServerInterceptor):
         """Requests refused because their body could not be decoded."""
         with self._lock:
             return self._refused
+
+    @property
+    def too_large(self) -> int:
+        """Requests refused because their body was over their method's limit."""
+        with self._lock:
+            return self._too_large
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -90,6 +109,15 @@ class DecodeGuard(grpc.ServerInterceptor):
         return guarded
 
     def _refuse(self, method: str, what: str, undecodable: _Undecodable, context: grpc.ServicerContext) -> None:
+        if undecodable.size:
+            with self._lock:
+                self._too_large += 1
+            limit = self.max_bytes[method]
+            log.warning("refused %s from %s: a body of %d bytes, over its limit of %d", method, context.peer(),
+                        undecodable.size, limit)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"a {what} of {undecodable.size} bytes is over this server's limit of {limit} bytes "
+                          "for it; send less in each call")
         with self._lock:
             self._refused += 1
         log.warning("refused %s from %s: the body is not a valid %s (%s)", method, context.peer(), what,
@@ -101,7 +129,7 @@ class DecodeGuard(grpc.ServerInterceptor):
     def _guard(self, method: str, handler: Any) -> Any:
         what = _message_type(handler.request_deserializer)
         refuse = self._refuse
-        safe = _safe(handler.request_deserializer)
+        safe = _safe(handler.request_deserializer, self.max_bytes.get(method))
         if handler.request_streaming:
             behavior = handler.stream_stream or handler.stream_unary
 

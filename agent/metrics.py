@@ -238,8 +238,9 @@ class _MonitoringCollector:
 
     def collect(self) -> Iterator[Metric]:
         refused = CounterMetricFamily("outrider_agent_refused_calls", "calls on the agent's port refused before "
-                                      "any servicer ran: undecodable body, no or unknown token (unauthenticated), "
-                                      "a call the token may not make (permission_denied)", labels=["reason"])
+                                      "any servicer ran: undecodable body, body over its method's limit "
+                                      "(too_large), no or unknown token (unauthenticated), a call the token may "
+                                      "not make (permission_denied)", labels=["reason"])
         for reason, count in sorted((_call(self.metrics, "refusals") or {}).items()):
             refused.add_metric([reason], count)
         yield refused

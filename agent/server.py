@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "outrider"
 SERVICE_NAME = "inference.GRPCInferenceService"
 DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+FEEDBACK_METHOD = "/outrider.v1.FeedbackService/Feedback"
+# A Feedback call holds at most MAX_LABELS_PER_CALL (10,000) labels: with ids of 256 characters and
+# class names of 128 (the longest kept) that is under 5 MB, so a larger body is refused before it is
+# parsed into tens of thousands of Python objects.
+MAX_FEEDBACK_BYTES = 8 * 1024 * 1024
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -163,8 +168,10 @@ class InferenceServer:
         return f"{self.host}:{self.port}"
 
     def refusals(self) -> dict[str, int]:
-        """Calls refused before any servicer ran, by reason (undecodable, unauthenticated, permission_denied)."""
-        counts = {"undecodable": self.guard.refused if self.guard is not None else 0}
+        """Calls refused before any servicer ran, by reason (undecodable, too_large, unauthenticated,
+        permission_denied)."""
+        counts = {"undecodable": self.guard.refused if self.guard is not None else 0,
+                  "too_large": self.guard.too_large if self.guard is not None else 0}
         if self.access is not None:
             counts.update(self.access.refusals())
         return counts
@@ -218,7 +225,7 @@ def serve_switch(switch: ModelSwitch, listen: str = "127.0.0.1:8001", *, owner: 
     ``InvalidArgument`` when the TLS files cannot be read."""
     servicer = InferenceServicer(switch)
     health_servicer = health.HealthServicer()
-    guard = DecodeGuard()
+    guard = DecodeGuard({FEEDBACK_METHOD: MAX_FEEDBACK_BYTES})
     access = AccessInterceptor(auth) if auth is not None else None
     # Outermost first: metrics see every ModelInfer answer, refusals included; a caller the
     # access check refuses never has its body decoded.

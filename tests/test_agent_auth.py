@@ -201,7 +201,7 @@ def test_without_an_auth_file_anyone_may_call(lr_model):
     try:
         with grpc.insecure_channel(server.address) as channel:
             assert infer(channel).model_name == "lr"
-        assert server.refusals() == {"undecodable": 0}
+        assert server.refusals() == {"undecodable": 0, "too_large": 0}
     finally:
         server.stop(grace=0)
 

@@ -11,7 +11,7 @@ import pytest
 from agent import MonitoredSession, examples
 from agent.feedback import (ENTRY_OVERHEAD, OTHER_CLASS, FeedbackLimits, PredictionLog, class_name,
                             prediction_output)
-from agent.server import serve
+from agent.server import MAX_FEEDBACK_BYTES, serve
 from protos import agent_pb2, agent_pb2_grpc
 from protos import open_inference_pb2_grpc as pb_grpc
 from test_server import decode, raw_request, x_rows  # the wire helpers, written once
@@ -536,3 +536,16 @@ def test_a_request_with_a_megabyte_id_is_served_but_its_prediction_not_kept(serv
     assert len(session.predictions) == 0 and session.predictions.stats()["ids_too_long"] == 1
     reply = feedback.Feedback(agent_pb2.FeedbackRequest(labels=[agent_pb2.Label(request_id=long_id, class_label="1")]))
     assert (reply.matched, reply.unmatched) == (0, 1)
+
+
+def test_a_feedback_body_over_its_limit_is_refused_before_it_is_parsed(served):
+    session, infer, feedback = served
+    infer.ModelInfer(raw_request("lr", {"X": x_rows(1)}, id="a"))
+    labels = [agent_pb2.Label(request_id="a", class_label="c" * 5000)] * 2000  # 10 MB
+    with pytest.raises(grpc.RpcError) as info:
+        feedback.Feedback(agent_pb2.FeedbackRequest(labels=labels))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"over this server's limit of {MAX_FEEDBACK_BYTES} bytes" in info.value.details()
+    assert session.predictions.pending() == (0, 0)
+    reply = feedback.Feedback(agent_pb2.FeedbackRequest(labels=labels[:1000]))  # 5 MB: taken
+    assert (reply.matched, reply.unmatched) == (1000, 0)
