@@ -5,7 +5,8 @@ keeps what it predicted under the caller's request id for a bounded join
 window. The costs are placed where they hurt least:
 
 - ``record`` runs on the request thread, so it only stores a *reference* to
-  the label output array under the id (no conversion, no per-row work);
+  the label output array under the id (no conversion; no per-row work, but
+  for a string output, whose strings are sized for the byte budget);
 - ``label`` converts the one value it joins and counts it;
 - ``take_performance`` runs on the thread that closes windows and turns the
   counts into a ``summary_pb2.Performance`` for the window being closed.
@@ -28,8 +29,9 @@ kept silently:
   ones seen keep their names (for the log's life, not per window, so a name
   means the same in every window), later ones and names longer than
   ``max_class_chars`` or with unprintable characters are counted under
-  ``<other>`` (``other_class_labels`` counts the labels affected). Labels are
-  never refused for their name: the join still counts;
+  ``<other>`` (``other_class_labels`` counts the labels affected; a class
+  really named ``<other>`` shares that row). Labels are never refused for
+  their name: the join still counts;
 - regression: a label whose error would make the window's error sums infinite
   is unmatched (``out_of_range``), so a window is never refused for it.
 
