@@ -177,10 +177,14 @@ class _Counts:
             error_sum=self.error_sum, abs_error_sum=self.abs_error_sum, sq_error_sum=self.sq_error_sum)
 
 
+_ARRAY_HEADER = sys.getsizeof(np.empty(0))  # an ndarray object without its buffer
+
+
 def _array_bytes(prediction: np.ndarray) -> int:
-    """Memory a kept array holds: its buffer (the base's, for a view) and, for strings, each string."""
-    owner = prediction.base if isinstance(prediction.base, np.ndarray) else prediction
-    size = owner.nbytes + sys.getsizeof(owner) - (owner.nbytes if owner.flags.owndata else 0)
+    """Memory a kept array holds: its buffer (its base's, for a view: onnxruntime's outputs are views),
+    two array headers and, for strings, each string. On the request path: attribute reads only."""
+    base = prediction.base
+    size = (base.nbytes if type(base) is np.ndarray else prediction.nbytes) + 2 * _ARRAY_HEADER
     if prediction.dtype.kind == "O":  # a string output: per-row work, only for calls with a request id
         size += sum(map(sys.getsizeof, prediction.flat))
     return size
@@ -255,7 +259,8 @@ class PredictionLog:
             self._entries[request_id] = entry
             self._order.append((request_id, entry))
             self._bytes += cost
-            self._shrink(now)
+            if len(self._order) > limits.max_requests or self._bytes > limits.max_bytes:
+                self._shrink(now)
         return True
 
     def _shrink(self, now: float) -> None:
