@@ -195,7 +195,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(serve, "--max-request-id-chars", prefix=AGENT_ENV, default="256", type=positive(int), metavar="N",
              help="longest request id whose prediction is kept for feedback; a longer one is served as usual, "
                   "its prediction is not kept (counted)")
-    add_flag(serve, "--max-classes", prefix=AGENT_ENV, default="256", type=whole_number_from(2, 10_000),
+    add_flag(serve, "--max-classes", prefix=AGENT_ENV, default="256", type=whole_number_from(2, 1_000),
              metavar="N", help="class names per model in the confusion matrix, <other> included; labels of "
                                "further classes (and names over 128 characters) are counted under <other>")
     add_flag(serve, "--auth-file", prefix=AGENT_ENV, metavar="FILE",

@@ -68,6 +68,9 @@ OTHER_CLASS = "<other>"  # where labels and predictions of classes beyond the bo
 # What one kept prediction costs beyond its id and array: its dict slot, entry list and order pair
 # (measured with tracemalloc on CPython 3.11: about 230 bytes; rounded up).
 ENTRY_OVERHEAD = 320
+# A window's confusion matrix has classes x classes cells: 1,000 classes make a million, about a megabyte
+# of window; more would make windows the collector cannot take in one message.
+MOST_CLASSES = 1_000
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,8 @@ class FeedbackLimits:
         for name in ("max_requests", "max_bytes", "max_request_id_chars", "max_class_chars"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a whole number of at least 1, not {getattr(self, name)!r}")
-        if not isinstance(self.max_classes, int) or self.max_classes < 2:
-            raise ValueError(f"max_classes must be at least 2 (one class and {OTHER_CLASS}), "
+        if not isinstance(self.max_classes, int) or not 2 <= self.max_classes <= MOST_CLASSES:
+            raise ValueError(f"max_classes must be from 2 (one class and {OTHER_CLASS}) to {MOST_CLASSES}, "
                              f"not {self.max_classes!r}")
 
 

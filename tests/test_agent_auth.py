@@ -356,7 +356,7 @@ def test_cli_serves_with_an_auth_file_and_tls_from_the_environment(lr_model, pki
     (["--auth-file", "{bad}"], "calls must be a non-empty list"),
     (["--tls-cert", "{cert}"], "--tls-cert and --tls-key go together"),
     (["--tls-cert", "{cert}", "--tls-key", "{cert}"], "--tls-key"),
-    (["--max-classes", "1"], "whole number from 2 to 10000"),
+    (["--max-classes", "1"], "whole number from 2 to 1000"),
     (["--max-prediction-mb", "0"], "must be greater than 0"),
 ])
 def test_cli_refuses_bad_access_and_budget_flags_in_one_line(lr_model, pki, tmp_path, flags, words):

@@ -301,7 +301,8 @@ def test_a_regression_label_that_would_overflow_the_sums_is_unmatched_and_counte
 
 
 @pytest.mark.parametrize("change", [{"max_requests": 0}, {"max_bytes": 0}, {"max_request_id_chars": 0},
-                                    {"max_classes": 1}, {"max_class_chars": 0}, {"max_bytes": 1.5}])
+                                    {"max_classes": 1}, {"max_classes": 1001}, {"max_class_chars": 0},
+                                    {"max_bytes": 1.5}])
 def test_feedback_limits_are_checked(change):
     with pytest.raises(ValueError, match=next(iter(change))):
         FeedbackLimits(**change)
@@ -549,3 +550,14 @@ def test_a_feedback_body_over_its_limit_is_refused_before_it_is_parsed(served):
     assert session.predictions.pending() == (0, 0)
     reply = feedback.Feedback(agent_pb2.FeedbackRequest(labels=labels[:1000]))  # 5 MB: taken
     assert (reply.matched, reply.unmatched) == (1000, 0)
+
+
+def test_a_monitored_session_takes_its_feedback_limits(lr):
+    with monitored(lr, feedback_limits=FeedbackLimits(max_request_id_chars=4, max_classes=3)) as sess:
+        x = x_rows(4)
+        served = sess.run(None, {"X": x}, request_id="12345")  # one character too many: served, not kept
+        np.testing.assert_array_equal(served[0], ort.InferenceSession(lr, providers=PROVIDERS).run(None, {"X": x})[0])
+        assert len(sess.predictions) == 0 and sess.predictions.stats()["ids_too_long"] == 1
+        sess.run(None, {"X": x}, request_id="1234")
+        assert all(sess.feedback("1234", f"class-{row}", row=row) for row in range(4))
+        assert len(sess.predictions.take_performance().classes) == 3
