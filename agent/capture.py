@@ -145,7 +145,10 @@ def feature_names_for(option: Any, custom: dict[str, str], input_name: str,
     return None
 
 
-def zipmap_to_array(value: list[dict]) -> np.ndarray:
+def zipmap_to_array(value: list[dict], classes: int = 0) -> np.ndarray:
     """ZipMap rows -> float32 [N, classes], class order as the dicts give it
-    (the model's class-label order); used by the capture and the OIP endpoint."""
+    (the model's class-label order); used by the capture and the OIP endpoint.
+    No rows carry no class count: ``classes`` (if known) sizes the empty result."""
+    if not len(value):
+        return np.zeros((0, classes), dtype=np.float32)
     return np.array([list(row.values()) for row in value], dtype=np.float32).reshape(len(value), -1)

@@ -110,6 +110,17 @@ def whole_number(maximum: int) -> Callable[[str], int]:
     return convert
 
 
+def whole_number_from(minimum: int, maximum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``minimum`` to ``maximum``."""
+
+    def convert(text: str) -> int:
+        if not text.strip().isdigit() or not minimum <= int(text) <= maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {minimum} to {maximum}")
+        return int(text)
+
+    return convert
+
+
 def listen_address(text: str) -> str:
     """HOST:PORT (IPv6 hosts in brackets); port 0 lets the system pick."""
     host, sep, port = text.rpartition(":")
@@ -179,6 +190,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(serve, "--sample-rows", prefix=AGENT_ENV, default="0", type=whole_number(10_000), metavar="N",
              help="keep a uniform sample of N rows (inputs and outputs) of each window for 'outrider data export' "
                   "(0: none)")
+    add_flag(serve, "--max-predictions", prefix=AGENT_ENV, default="100000", type=positive(int), metavar="N",
+             help="most predictions kept for feedback (requests with an id); the oldest are evicted and counted")
+    add_flag(serve, "--max-prediction-mb", prefix=AGENT_ENV, default="32", type=positive(float), metavar="MB",
+             help="memory the predictions kept for feedback may take (ids, outputs, overhead); the oldest are "
+                  "evicted and counted")
+    add_flag(serve, "--max-request-id-chars", prefix=AGENT_ENV, default="256", type=positive(int), metavar="N",
+             help="longest request id whose prediction is kept for feedback; a longer one is served as usual, "
+                  "its prediction is not kept (counted)")
+    add_flag(serve, "--max-classes", prefix=AGENT_ENV, default="256", type=whole_number_from(2, 1_000),
+             metavar="N", help="class names per model in the confusion matrix, <other> included; labels of "
+                               "further classes (and names over 128 characters) are counted under <other>")
+    add_flag(serve, "--auth-file", prefix=AGENT_ENV, metavar="FILE",
+             help="TOML file of [[client]] entries (name, token or token_sha256, calls = ['inference', 'feedback']); "
+                  "callers of this port then need 'authorization: Bearer <token>' (health stays open). "
+                  "Default: none, anyone who can reach the port may call it")
+    add_flag(serve, "--tls-cert", prefix=AGENT_ENV, metavar="PEM", help="serve TLS with this certificate (needs --tls-key)")
+    add_flag(serve, "--tls-key", prefix=AGENT_ENV, metavar="PEM", help="the private key of --tls-cert")
+    add_flag(serve, "--tls-client-ca", prefix=AGENT_ENV, metavar="PEM",
+             help="require client certificates signed by this CA (mutual TLS)")
     serve.set_defaults(func=serve_command)
 
 
@@ -195,16 +225,17 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UsageError(f"model file {model} does not exist; pass --model PATH.onnx (or set OUTRIDER_AGENT_MODEL)")
     name = args.model_name or model.stem
     check_listen(args.listen)
+    access = _port_access(args)
     metrics = start_for_cli(AgentMetrics, args.metrics)  # before the model load: a bad address fails fast
 
     with stop_signals() as stop:  # before the (slow) model load
         session = _open_session(model, name, args.model_version, args.window_seconds, args.summarizer,
                                 agent_id=args.agent_id, collector=args.collector, spool_dir=args.spool_dir,
                                 collector_token=args.token, join_seconds=args.join_seconds,
-                                sample_rows=args.sample_rows)
+                                sample_rows=args.sample_rows, feedback_limits=_feedback_limits(args))
         try:
             running = serve(session, name, args.model_version, args.listen, workers=args.workers,
-                            max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics)
+                            max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics, **access)
         except OSError as exc:
             _close(session)
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
@@ -234,8 +265,9 @@ def _serve_managed(args: argparse.Namespace) -> int:
         raise UsageError("a managed agent (no --model) needs --model-name NAME: the registry model whose "
                          "production version the collector names")
     check_listen(args.listen)
+    access = _port_access(args)
     options = {"window_seconds": args.window_seconds, "summarizer": args.summarizer,
-               "join_seconds": args.join_seconds}
+               "join_seconds": args.join_seconds, "feedback_limits": _feedback_limits(args)}
     if getattr(args, "sample_rows", None):  # the same monitoring options as a served file gets
         options["sample_rows"] = args.sample_rows
     metrics = start_for_cli(AgentMetrics, getattr(args, "metrics", None))
@@ -251,7 +283,8 @@ def _serve_managed(args: argparse.Namespace) -> int:
             raise UsageError(f"{exc.strerror or exc}: {exc.filename}; check --spool-dir") from None
         try:
             running = serve_switch(agent.switch, args.listen, owner=agent, workers=args.workers,
-                                   max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics)
+                                   max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics,
+                                   **access)
         except OSError as exc:
             agent.close(0)
             _close(metrics)
@@ -266,6 +299,30 @@ def _serve_managed(args: argparse.Namespace) -> int:
             running.stop(args.grace_seconds)
             _close(metrics)
     return 0
+
+
+def _feedback_limits(args: argparse.Namespace) -> Any:
+    """The budgets of what callers can make the agent keep for feedback (agent.feedback)."""
+    from agent.feedback import FeedbackLimits
+
+    return FeedbackLimits(max_requests=args.max_predictions, max_bytes=int(args.max_prediction_mb * 1024 * 1024),
+                          max_request_id_chars=args.max_request_id_chars, max_classes=args.max_classes)
+
+
+def _port_access(args: argparse.Namespace) -> dict[str, Any]:
+    """``auth`` and ``tls`` for the agent's own port, read and checked before anything starts."""
+    from agent.errors import OutriderError
+    from agent.tokens import ClientAuth, TLSFiles
+
+    try:
+        auth = ClientAuth.from_file(args.auth_file) if args.auth_file else None
+    except OutriderError as exc:
+        raise UsageError(f"{exc}; fix --auth-file (see 'outrider agent serve --help')") from None
+    try:
+        tls = TLSFiles.from_paths(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except OutriderError as exc:
+        raise UsageError(str(exc)) from None
+    return {"auth": auth, "tls": tls}
 
 
 class StopRequest:

@@ -9,7 +9,8 @@ options output probabilities as a sequence of maps (one ``{class: p}`` dict
 per row). OIP has no map type, so such an output is served as an FP32 tensor
 ``[N, n_classes]`` whose columns follow the dict order, which is the model's
 class-label order. Its metadata shape is ``[-1, -1]``: the class count is not
-visible through the session interface.
+visible through the session interface, so a request with no rows gets
+``[0, k]`` with the k of the last request that had rows (``[0, 0]`` before any).
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ class DataPlane:
         self.inputs = [_input_spec(arg) for arg in session.get_inputs()]
         specs = [_output_spec(arg) for arg in session.get_outputs()]
         self.outputs = [spec for spec, _ in specs]
-        self._zipmap = {spec.name for spec, is_zipmap in specs if is_zipmap}
+        # ZipMap output -> its class count, learnt from the first answer with rows (0 until then)
+        self._zipmap = {spec.name: 0 for spec, is_zipmap in specs if is_zipmap}
         self._input_by_name = {spec.name: spec for spec in self.inputs}
         self._output_names = [spec.name for spec in self.outputs]
         self._feedback = getattr(session, "feedback", None)  # only sessions with it take request ids
@@ -182,7 +184,10 @@ class DataPlane:
 
     def _as_tensor(self, name: str, value: Any) -> np.ndarray:
         if name in self._zipmap:
-            return capture.zipmap_to_array(value)
+            array = capture.zipmap_to_array(value, self._zipmap[name])
+            if len(array):
+                self._zipmap[name] = array.shape[1]
+            return array
         return np.asarray(value)
 
 

@@ -3,6 +3,13 @@
 Plain-Python cores raise these; servicers are wrapped with ``grpc_errors``
 (``grpc_stream_errors`` for streaming replies) so that each becomes ``context.abort(code, message)`` in exactly one place.
 Anything else escaping a servicer is a bug: it is logged and answered INTERNAL.
+
+The message travels in the ``grpc-message`` trailer, percent-encoded, and
+clients refuse trailers beyond 8 KiB (gRPC's default metadata limit): a
+message that echoes a caller's 20,000-character model name would reach the
+caller as RESOURCE_EXHAUSTED "metadata too large" instead of its real status.
+So the one mapping sends only the start of a long message (``clip_details``:
+what went wrong comes first in our messages) and says how much was cut.
 """
 from __future__ import annotations
 
@@ -68,15 +75,39 @@ class Unavailable(OutriderError):
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Bytes of the percent-encoded grpc-message trailer a status message may take: far below the
+# 8 KiB clients accept for all metadata, and still room for a few hundred words.
+MAX_DETAILS_BYTES = 2048
+
+
+def clip_details(text: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """``text`` if its percent-encoded form fits in ``limit`` bytes, else its start and how much was cut.
+
+    Printable ASCII (but ``%``) travels as is, every other UTF-8 byte as ``%XX``;
+    only the kept start is looked at, so a megabyte of text costs no more than a short one.
+    """
+    if len(text) * 12 <= limit:  # a character costs at most 4 UTF-8 bytes x 3
+        return text
+    room = limit - 48  # the note on what was cut
+    cost, cut = 0, 0
+    for i, char in enumerate(text):
+        code = ord(char)
+        cost += 1 if 0x20 <= code < 0x7F and char != "%" else 3 * len(char.encode("utf-8", "replace"))
+        if cost <= room:
+            cut = i + 1
+        elif cost > limit:
+            return f"{text[:cut]}... ({len(text) - cut} more characters cut)"
+    return text
+
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: Callable[..., Any]) -> None:
     if isinstance(exc, OutriderError):
         if exc.trailing_metadata:
             context.set_trailing_metadata(exc.trailing_metadata)
-        context.abort(exc.code, str(exc))
+        context.abort(exc.code, clip_details(str(exc)))
     # a bug: keep serving, tell the caller plainly
     log.error("unhandled error in %s", method.__qualname__, exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    context.abort(grpc.StatusCode.INTERNAL, clip_details(f"internal error: {type(exc).__name__}: {exc}"))
 
 
 def grpc_errors(method: F) -> F:

@@ -102,12 +102,19 @@ class AgentMetrics(Endpoints):
                                  "request, failures included", ["model", "version"], buckets=LATENCY_BUCKETS,
                                  registry=self.registry)
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}  # labels() once per version, not per call
+        self._refusals: Callable[[], dict[str, int]] = dict
         self.interceptor = _RequestInterceptor(self)
         self.registry.register(_MonitoringCollector(self))
 
-    def bind(self, served: Served) -> None:
-        """Read what is served through ``served`` (called at every request and scrape)."""
+    def bind(self, served: Served, refusals: Callable[[], dict[str, int]] | None = None) -> None:
+        """Read what is served through ``served`` (called at every request and scrape), and the calls
+        the server refused before any servicer ran through ``refusals`` ({reason: count}, at scrape)."""
         self._served = served
+        if refusals is not None:
+            self._refusals = refusals
+
+    def refusals(self) -> dict[str, int]:
+        return self._refusals()
 
     def served(self) -> Any:
         return self._served()
@@ -193,6 +200,33 @@ _EXPORTER = (
 )
 
 
+# PredictionLog.stats() (agent.feedback) -> (family, label value) of what left early or was left out.
+_PREDICTIONS_DROPPED = (("evicted", "evicted"), ("expired", "expired"), ("ids_too_long", "id_too_long"),
+                        ("too_large", "too_large"))
+_LABEL_PROBLEMS = (("duplicate_labels", "duplicate"), ("other_class_labels", "other_class"),
+                   ("out_of_range_labels", "out_of_range"))
+
+
+def _feedback_families(stats: dict[str, int]) -> Iterator[Metric]:
+    yield GaugeMetricFamily("outrider_agent_predictions_held", "predictions kept for feedback by request id",
+                            value=stats.get("held", 0))
+    yield GaugeMetricFamily("outrider_agent_predictions_held_bytes", "bytes the predictions kept for feedback "
+                            "cost (ids, arrays, overhead), within the byte budget", value=stats.get("held_bytes", 0))
+    dropped = CounterMetricFamily("outrider_agent_predictions_dropped", "predictions not kept for feedback, or "
+                                  "dropped before a label came: evicted by the count or byte budget, expired after "
+                                  "the join window, id longer than the limit, larger than the whole byte budget",
+                                  labels=["reason"])
+    for key, reason in _PREDICTIONS_DROPPED:
+        dropped.add_metric([reason], stats.get(key, 0))
+    yield dropped
+    labels = CounterMetricFamily("outrider_agent_label_problems", "labels joined but not counted as sent: a second "
+                                 "label for a row (ignored), a class beyond the bound (counted as <other>), a "
+                                 "regression error out of range (unmatched)", labels=["reason"])
+    for key, reason in _LABEL_PROBLEMS:
+        labels.add_metric([reason], stats.get(key, 0))
+    yield labels
+
+
 class _MonitoringCollector:
     """Reads the served session's counters when scraped (prometheus_client's custom collector)."""
 
@@ -203,6 +237,13 @@ class _MonitoringCollector:
         return []  # names vary with the session; no registration-time collect
 
     def collect(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily("outrider_agent_refused_calls", "calls on the agent's port refused before "
+                                      "any servicer ran: undecodable body, body over its method's limit "
+                                      "(too_large), no or unknown token (unauthenticated), a call the token may "
+                                      "not make (permission_denied)", labels=["reason"])
+        for reason, count in sorted((_call(self.metrics, "refusals") or {}).items()):
+            refused.add_metric([reason], count)
+        yield refused
         try:
             served = self.metrics.served()
         except Exception:  # a scrape must not fail on a session being swapped
@@ -226,6 +267,9 @@ class _MonitoringCollector:
                 yield CounterMetricFamily(name, text, value=stats.get(key, 0))
             yield CounterMetricFamily("outrider_agent_window_sink_errors", "closed windows the sink failed to "
                                       "take (lost)", value=getattr(session, "export_failures", 0))
+        feedback = _call(getattr(session, "predictions", None), "stats")
+        if feedback is not None:  # a model whose predictions can be joined to labels
+            yield from _feedback_families(feedback)
         sink = getattr(session, "sink", None)
         # a managed agent's sessions share one exporter behind a renumbering sink (agent.rollout.AgentSink)
         exporter = _call(sink, "stats") or _call(getattr(sink, "target", None), "stats")

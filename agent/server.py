@@ -3,7 +3,11 @@
 The servicer is thin: it converts messages with ``agent.tensors`` and calls
 ``agent.dataplane``; ``grpc_errors`` turns their exceptions into statuses.
 ``serve`` starts it with the standard gRPC health service and the agent's
-``FeedbackService`` (ground truth by request id) beside it.
+``FeedbackService`` (ground truth by request id) beside it. Optional bearer
+tokens (``auth``: an ``agent.tokens.ClientAuth``) and TLS (``tls``: an
+``agent.tokens.TLSFiles``, mutual with a client CA) guard both; the health
+service stays open. Bodies that cannot be decoded are refused by
+``agent.guard.DecodeGuard`` before any servicer runs.
 
 Each request takes the model version it runs on from a ``ModelSwitch``
 (``agent.rollout``) and keeps it to the end, so a managed agent can swap
@@ -22,9 +26,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent import tensors
 from agent.dataplane import DataPlane, InferenceSessionLike
-from agent.errors import NotFound, Unavailable, Unimplemented, grpc_errors
+from agent.errors import InvalidArgument, NotFound, Unavailable, Unimplemented, grpc_errors
+from agent.guard import DecodeGuard
 from agent.hello import package_version
 from agent.switch import LoadedVersion, ModelSwitch
+from agent.tokens import AccessInterceptor, ClientAuth, TLSFiles
 from protos import agent_pb2, agent_pb2_grpc
 from protos import open_inference_pb2 as pb
 from protos import open_inference_pb2_grpc as pb_grpc
@@ -34,6 +40,11 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "outrider"
 SERVICE_NAME = "inference.GRPCInferenceService"
 DEFAULT_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+FEEDBACK_METHOD = "/outrider.v1.FeedbackService/Feedback"
+# A Feedback call holds at most MAX_LABELS_PER_CALL (10,000) labels: with ids of 256 characters and
+# class names of 128 (the longest kept) that is under 5 MB, so a larger body is refused before it is
+# parsed into tens of thousands of Python objects.
+MAX_FEEDBACK_BYTES = 8 * 1024 * 1024
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -138,7 +149,8 @@ class InferenceServer:
     """A running endpoint: its bound ``port``, and ``stop`` for a graceful shutdown."""
 
     def __init__(self, server: grpc.Server, servicer: InferenceServicer,
-                 health_servicer: health.HealthServicer, session: Any, host: str, port: int) -> None:
+                 health_servicer: health.HealthServicer, session: Any, host: str, port: int,
+                 guard: DecodeGuard | None = None, access: AccessInterceptor | None = None) -> None:
         # ``session``: what ``stop`` closes last (the served session, or a managed agent's controller)
         self.server = server
         self.servicer = servicer
@@ -146,12 +158,23 @@ class InferenceServer:
         self.session = session
         self.host = host
         self.port = port
+        self.guard = guard
+        self.access = access
         self._stop_lock = threading.Lock()
         self._stopped = False
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def refusals(self) -> dict[str, int]:
+        """Calls refused before any servicer ran, by reason (undecodable, too_large, unauthenticated,
+        permission_denied)."""
+        counts = {"undecodable": self.guard.refused if self.guard is not None else 0,
+                  "too_large": self.guard.too_large if self.guard is not None else 0}
+        if self.access is not None:
+            counts.update(self.access.refusals())
+        return counts
 
     def stop(self, grace: float | None = 5.0) -> None:
         """NOT_SERVING first (so balancers drain us), finish in-flight calls, then close the session."""
@@ -173,10 +196,12 @@ class InferenceServer:
 
 def serve(session: InferenceSessionLike, model_name: str, model_version: str,
           listen: str = "127.0.0.1:8001", *, workers: int = 8,
-          max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES, metrics: Any = None) -> InferenceServer:
+          max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES, metrics: Any = None,
+          auth: ClientAuth | None = None, tls: TLSFiles | None = None) -> InferenceServer:
     """Start serving ``session`` on ``listen`` (HOST:PORT; port 0 picks a free one).
 
     ``metrics`` (an ``agent.metrics.AgentMetrics``) counts and times requests and reads the served session.
+    ``auth``: callers need a token it names (None: anyone may call); ``tls``: serve TLS, not plaintext.
 
     Raises ``OSError`` when the address cannot be bound. Signal handling is
     left to the caller (the CLI installs it): a library must not take over
@@ -186,23 +211,29 @@ def serve(session: InferenceSessionLike, model_name: str, model_version: str,
     switch.swap(LoadedVersion(DataPlane(session, model_name, model_version), session, model_version,
                               getattr(session, "model_sha256", "")))
     running = serve_switch(switch, listen, owner=session, workers=workers, max_receive_bytes=max_receive_bytes,
-                           metrics=metrics)
+                           metrics=metrics, auth=auth, tls=tls)
     log.info("serving %s version %s on %s", model_name, model_version, running.address)
     return running
 
 
 def serve_switch(switch: ModelSwitch, listen: str = "127.0.0.1:8001", *, owner: Any = None, workers: int = 8,
-                 max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES, metrics: Any = None) -> InferenceServer:
+                 max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES, metrics: Any = None,
+                 auth: ClientAuth | None = None, tls: TLSFiles | None = None) -> InferenceServer:
     """Serve whichever version ``switch`` holds, request by request (``serve`` with a model that can
     change: a managed agent's). Health is NOT_SERVING while the switch holds no version;
-    ``owner.close()`` (if any) runs last in ``stop``."""
+    ``owner.close()`` (if any) runs last in ``stop``. Raises ``OSError`` when it cannot listen and
+    ``InvalidArgument`` when the TLS files cannot be read."""
     servicer = InferenceServicer(switch)
-    if metrics is not None:
-        metrics.bind(lambda: servicer.plane)  # whatever plane is served at the time (a rollout swaps it)
     health_servicer = health.HealthServicer()
+    guard = DecodeGuard({FEEDBACK_METHOD: MAX_FEEDBACK_BYTES})
+    access = AccessInterceptor(auth) if auth is not None else None
+    # Outermost first: metrics see every ModelInfer answer, refusals included; a caller the
+    # access check refuses never has its body decoded.
+    interceptors = [i for i in (metrics.interceptor if metrics is not None else None, access, guard) if i is not None]
+    credentials = _credentials(tls) if tls is not None else None
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="outrider-infer"),
-        interceptors=[metrics.interceptor] if metrics is not None else None,
+        interceptors=interceptors,
         options=[
             # Oversized messages are refused by gRPC itself with RESOURCE_EXHAUSTED.
             ("grpc.max_receive_message_length", max_receive_bytes),
@@ -214,8 +245,12 @@ def serve_switch(switch: ModelSwitch, listen: str = "127.0.0.1:8001", *, owner: 
     agent_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(switch), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = server.add_insecure_port(listen)
+        port = (server.add_secure_port(listen, credentials) if credentials is not None
+                else server.add_insecure_port(listen))
     except RuntimeError as exc:
+        if credentials is not None:  # gRPC says only "failed to bind" for a key that does not fit its certificate
+            raise OSError(f"cannot listen on {listen} with TLS ({exc}): the address is in use, or the TLS "
+                          "certificate and key do not match") from None
         raise OSError(f"cannot listen on {listen}: {exc}") from None
     if port == 0:  # older grpcio reports a failed bind as port 0
         raise OSError(f"cannot listen on {listen}")
@@ -227,5 +262,15 @@ def serve_switch(switch: ModelSwitch, listen: str = "127.0.0.1:8001", *, owner: 
             health_servicer.set(service, status)
 
     switch.on_change(health_of)  # a loaded model is SERVING from the first call on
+    running = InferenceServer(server, servicer, health_servicer, owner, host, port, guard, access)
+    if metrics is not None:  # whatever plane is served at the time (a rollout swaps it)
+        metrics.bind(lambda: servicer.plane, running.refusals)
     server.start()
-    return InferenceServer(server, servicer, health_servicer, owner, host, port)
+    return running
+
+
+def _credentials(tls: TLSFiles) -> grpc.ServerCredentials:
+    try:
+        return tls.server_credentials()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read TLS file {exc.filename}: {exc.strerror or exc}") from None

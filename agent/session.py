@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from agent import capture
 from agent.capture import Reduce, Slot
-from agent.feedback import Kind, PredictionLog, prediction_output
+from agent.feedback import FeedbackLimits, Kind, PredictionLog, prediction_output
 from agent.ring import (CALLS_HEAD, CALLS_TAIL, DROPPED, ERRORS, ROWS_HEAD, ROWS_TAIL, SKIPPED,
                         Ring, RingLayout, shared_memory_is_safe)
 from agent.sinks import InMemorySink, WindowSink
@@ -81,6 +81,10 @@ class MonitoredSession:
     join_seconds: how long a prediction made with ``run(..., request_id=...)``
         waits for its ground truth (``feedback``); labels joined are counted in
         the ``performance`` of the window that closes next.
+    feedback_limits: what those predictions and their labels may cost (an
+        ``agent.feedback.FeedbackLimits``: count and byte budgets, longest
+        request id, classes per model); what goes past a bound is counted in
+        ``predictions.stats()``.
     """
 
     def __init__(self, path_or_bytes: str | os.PathLike | bytes, sess_options: Any = None,
@@ -93,7 +97,7 @@ class MonitoredSession:
                  agent_id: str | None = None, collector: str | None = None,
                  spool_dir: str | os.PathLike | None = None, collector_token: str | None = None,
                  collector_tls: Any = None, join_seconds: float = 3600.0, run_id: str | None = None,
-                 sample_rows: int = 0, **kwargs: Any) -> None:
+                 sample_rows: int = 0, feedback_limits: FeedbackLimits | None = None, **kwargs: Any) -> None:
         if collector and sink is not None:
             raise ValueError("pass either sink or collector, not both")
         if isinstance(path_or_bytes, (bytes, bytearray)):
@@ -129,7 +133,7 @@ class MonitoredSession:
         self._label_index = found[0] if found else 0
         self.label_kind: Kind | None = found[1] if found else None  # what ``feedback`` expects
         # Filled only by calls that pass a request id; None when no output can be compared with a label.
-        self.predictions: PredictionLog | None = PredictionLog(join_seconds) if found else None
+        self.predictions: PredictionLog | None = PredictionLog(join_seconds, feedback_limits) if found else None
         self._ring: Ring | None = None
         self._capture: Any = None
         self._fast: Any = None  # the C copier, when used
@@ -214,7 +218,7 @@ class MonitoredSession:
         return self.predictions.label(request_id, value, row)
 
     def _record(self, request_id: str, outputs: list) -> None:
-        """Keep a reference to the label output; converted only if a label arrives."""
+        """Keep a reference to the label output (within the log's budgets); converted only if a label arrives."""
         predictions = self.predictions
         if predictions is not None:
             try:

@@ -9,8 +9,9 @@ import onnxruntime as ort
 import pytest
 
 from agent import MonitoredSession, examples
-from agent.feedback import PredictionLog, class_name, prediction_output
-from agent.server import serve
+from agent.feedback import (ENTRY_OVERHEAD, OTHER_CLASS, FeedbackLimits, PredictionLog, class_name,
+                            prediction_output)
+from agent.server import MAX_FEEDBACK_BYTES, serve
 from protos import agent_pb2, agent_pb2_grpc
 from protos import open_inference_pb2_grpc as pb_grpc
 from test_server import decode, raw_request, x_rows  # the wire helpers, written once
@@ -33,6 +34,11 @@ def confusion(perf) -> dict[tuple[str, str], int]:
     n = len(perf.classes)
     assert len(perf.confusion) == n * n
     return {(perf.classes[i // n], perf.classes[i % n]): c for i, c in enumerate(perf.confusion) if c}
+
+
+def held(log: PredictionLog) -> dict[str, int]:
+    stats = log.stats()
+    return {key: stats[key] for key in ("held", "evicted", "expired")}
 
 
 # --- PredictionLog ---------------------------------------------------------------------
@@ -125,14 +131,14 @@ def test_predictions_older_than_the_join_window_do_not_join_and_are_purged():
     assert log.label("new", "1")
     perf = log.take_performance()  # the window thread purges
     assert (perf.labeled, perf.unmatched) == (1, 1)
-    assert log.stats() == {"held": 1, "evicted": 0, "expired": 1, "duplicate_labels": 0}
+    assert held(log) == {"held": 1, "evicted": 0, "expired": 1}
     clock.now += 30
     assert log.stats()["held"] == 0 and log.stats()["expired"] == 2
 
 
 def test_at_most_max_requests_are_kept_oldest_evicted_first_and_counted():
     clock = Clock()
-    log = PredictionLog(join_seconds=60, max_requests=3, clock=clock)
+    log = PredictionLog(join_seconds=60, limits=FeedbackLimits(max_requests=3), clock=clock)
     for i in range(5):
         log.record(f"r{i}", np.array([i], dtype=np.int64))
     assert len(log) == 3
@@ -140,7 +146,7 @@ def test_at_most_max_requests_are_kept_oldest_evicted_first_and_counted():
     assert log.stats()["evicted"] == 2
     clock.now += 60  # all three expired; pushing one out now counts as expired, not evicted
     log.record("r5", np.array([5], dtype=np.int64))
-    assert log.stats() == {"held": 1, "evicted": 2, "expired": 3, "duplicate_labels": 0}
+    assert held(log) == {"held": 1, "evicted": 2, "expired": 3}
 
 
 def test_concurrent_record_label_and_take_lose_nothing():
@@ -194,6 +200,112 @@ def test_which_output_is_compared_with_labels():
     assert prediction_output(outputs(examples.linear_regression)) == (0, "regression")
     assert prediction_output(outputs(examples.image_scorer)) == (0, "regression")
     assert prediction_output(outputs(examples.typed_identity)) is None  # two values per row everywhere
+
+
+# --- budgets: what callers can add is bounded, and what goes past a bound is counted ----
+
+def test_the_byte_budget_evicts_the_oldest_and_the_bytes_held_stay_under_it():
+    clock = Clock()
+    row_bytes = np.zeros(1000, dtype=np.int64)
+    one = PredictionLog(limits=FeedbackLimits(max_bytes=10**9), clock=clock)
+    one.record("r0", row_bytes.copy())
+    cost = one.stats()["held_bytes"]
+    assert cost >= row_bytes.nbytes + ENTRY_OVERHEAD  # an entry costs its array, its id and the overhead
+    log = PredictionLog(limits=FeedbackLimits(max_bytes=cost * 3 + 10), clock=clock)
+    for i in range(10):
+        assert log.record(f"r{i}", row_bytes.copy())
+        assert log.stats()["held_bytes"] <= log.limits.max_bytes
+    assert held(log) == {"held": 3, "evicted": 7, "expired": 0}
+    assert [log.label(f"r{i}", "0") for i in range(10)] == [False] * 7 + [True] * 3
+
+
+def test_a_prediction_larger_than_the_whole_budget_is_not_kept_and_evicts_nothing():
+    log = PredictionLog(limits=FeedbackLimits(max_bytes=100_000), clock=Clock())
+    assert log.record("small", np.zeros(10, dtype=np.int64))
+    assert not log.record("huge", np.zeros(100_000, dtype=np.int64))
+    stats = log.stats()
+    assert (stats["held"], stats["too_large"], stats["evicted"]) == (1, 1, 0)
+    assert not log.label("huge", "0") and log.label("small", "0")
+
+
+def test_string_predictions_are_charged_for_their_strings():
+    log = PredictionLog(limits=FeedbackLimits(max_bytes=10**9), clock=Clock())
+    log.record("a", np.array(["x"] * 10, dtype=object))
+    small = log.stats()["held_bytes"]
+    log.record("b", np.array(["x" * 100_000] * 10, dtype=object))
+    assert log.stats()["held_bytes"] - small >= 10 * 100_000
+
+
+def test_a_reused_id_releases_the_bytes_of_the_prediction_it_replaces():
+    log = PredictionLog(limits=FeedbackLimits(max_bytes=10**9), clock=Clock())
+    for _ in range(100):
+        log.record("same", np.zeros(10_000, dtype=np.int64))
+    assert log.stats()["held_bytes"] < 2 * 80_000 + 100 * (ENTRY_OVERHEAD + 100)
+    assert len(log) == 1
+
+
+def test_labelled_rows_are_charged_to_their_prediction():
+    log = PredictionLog(limits=FeedbackLimits(max_bytes=10**9), clock=Clock())
+    log.record("batch", np.zeros(50_000, dtype=np.int64))
+    before = log.stats()["held_bytes"]
+    assert log.label("batch", "0", row=7)
+    assert log.stats()["held_bytes"] == before + 50_000  # one byte per row of the request
+    assert log.label("batch", "0", row=7) and log.stats()["duplicate_labels"] == 1
+
+
+def test_a_long_request_id_is_not_kept_and_is_counted():
+    log = PredictionLog(limits=FeedbackLimits(max_request_id_chars=8), clock=Clock())
+    assert log.record("12345678", np.array([1]))
+    assert not log.record("123456789", np.array([1]))
+    assert not log.record("x" * 10**6, np.array([1]))
+    stats = log.stats()
+    assert (stats["held"], stats["ids_too_long"]) == (1, 2)
+    assert not log.label("123456789", "1")
+
+
+def test_classes_beyond_the_bound_are_counted_as_other_in_every_window():
+    log = PredictionLog(limits=FeedbackLimits(max_classes=4), clock=Clock())
+    n = 1000
+    log.record("big", np.zeros(n, dtype=np.int64))  # predicts class "0" for every row
+    assert all(log.label("big", f"class-{i}", row=i) for i in range(n))
+    perf = log.take_performance()
+    assert list(perf.classes) == ["class-0", "0", "class-1", OTHER_CLASS]
+    assert len(perf.confusion) == 16 and sum(perf.confusion) == perf.labeled == n
+    assert confusion(perf) == {("class-0", "0"): 1, ("class-1", "0"): 1, (OTHER_CLASS, "0"): n - 2}
+    assert log.stats()["other_class_labels"] == n - 2
+    log.record("next", np.array(["class-1", "class-9"], dtype=object))
+    assert log.label("next", "class-1", row=0) and log.label("next", "class-0", row=1)
+    perf = log.take_performance()  # the names known stay known: a name means the same in every window
+    assert confusion(perf) == {("class-1", "class-1"): 1, ("class-0", OTHER_CLASS): 1}
+
+
+@pytest.mark.parametrize("name", ["x" * 129, "tab\there", "new\nline", "\x00"])
+def test_class_names_too_long_or_unprintable_are_counted_as_other(name):
+    log = PredictionLog(clock=Clock())
+    log.record("r", np.array([name, "ok"], dtype=object))
+    assert log.label("r", name, row=0) and log.label("r", "ok", row=1)
+    perf = log.take_performance()
+    assert confusion(perf) == {(OTHER_CLASS, OTHER_CLASS): 1, ("ok", "ok"): 1}
+    assert all(len(c) <= 128 and c.isprintable() for c in perf.classes)
+
+
+def test_a_regression_label_that_would_overflow_the_sums_is_unmatched_and_counted():
+    log = PredictionLog(clock=Clock())
+    log.record("r", np.array([[1.0], [2.0]]))
+    assert log.label("r", 1e150, row=0)
+    assert not log.label("r", -2e154, row=1)  # its square would make sq_error_sum infinite
+    perf = log.take_performance()
+    assert (perf.labeled, perf.unmatched) == (1, 1)
+    assert np.isfinite([perf.error_sum, perf.abs_error_sum, perf.sq_error_sum]).all()
+    assert log.stats()["out_of_range_labels"] == 1
+
+
+@pytest.mark.parametrize("change", [{"max_requests": 0}, {"max_bytes": 0}, {"max_request_id_chars": 0},
+                                    {"max_classes": 1}, {"max_classes": 1001}, {"max_class_chars": 0},
+                                    {"max_bytes": 1.5}])
+def test_feedback_limits_are_checked(change):
+    with pytest.raises(ValueError, match=next(iter(change))):
+        FeedbackLimits(**change)
 
 
 # --- MonitoredSession ------------------------------------------------------------------
@@ -413,3 +525,39 @@ def test_cli_serve_passes_join_seconds_to_the_session(lr_model):
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
+
+
+def test_a_request_with_a_megabyte_id_is_served_but_its_prediction_not_kept(served):
+    session, infer, feedback = served
+    long_id = "i" * (1 << 20)
+    feeds = {"X": x_rows(2)}
+    reply = infer.ModelInfer(raw_request("lr", feeds, id=long_id))
+    assert reply.id == long_id
+    np.testing.assert_array_equal(decode(reply)["label"], session.inference_session.run(None, feeds)[0])
+    assert len(session.predictions) == 0 and session.predictions.stats()["ids_too_long"] == 1
+    reply = feedback.Feedback(agent_pb2.FeedbackRequest(labels=[agent_pb2.Label(request_id=long_id, class_label="1")]))
+    assert (reply.matched, reply.unmatched) == (0, 1)
+
+
+def test_a_feedback_body_over_its_limit_is_refused_before_it_is_parsed(served):
+    session, infer, feedback = served
+    infer.ModelInfer(raw_request("lr", {"X": x_rows(1)}, id="a"))
+    labels = [agent_pb2.Label(request_id="a", class_label="c" * 5000)] * 2000  # 10 MB
+    with pytest.raises(grpc.RpcError) as info:
+        feedback.Feedback(agent_pb2.FeedbackRequest(labels=labels))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"over this server's limit of {MAX_FEEDBACK_BYTES} bytes" in info.value.details()
+    assert session.predictions.pending() == (0, 0)
+    reply = feedback.Feedback(agent_pb2.FeedbackRequest(labels=labels[:1000]))  # 5 MB: taken
+    assert (reply.matched, reply.unmatched) == (1000, 0)
+
+
+def test_a_monitored_session_takes_its_feedback_limits(lr):
+    with monitored(lr, feedback_limits=FeedbackLimits(max_request_id_chars=4, max_classes=3)) as sess:
+        x = x_rows(4)
+        served = sess.run(None, {"X": x}, request_id="12345")  # one character too many: served, not kept
+        np.testing.assert_array_equal(served[0], ort.InferenceSession(lr, providers=PROVIDERS).run(None, {"X": x})[0])
+        assert len(sess.predictions) == 0 and sess.predictions.stats()["ids_too_long"] == 1
+        sess.run(None, {"X": x}, request_id="1234")
+        assert all(sess.feedback("1234", f"class-{row}", row=row) for row in range(4))
+        assert len(sess.predictions.take_performance().classes) == 3

@@ -1,7 +1,9 @@
 """The Open Inference Protocol endpoint: real gRPC servers on loopback (the CLI: test_agent_cli.py)."""
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Iterator
+from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.dataplane import DataPlane
-from agent.errors import InvalidArgument
+from agent.errors import MAX_DETAILS_BYTES, InvalidArgument, clip_details
+from agent.guard import DecodeGuard
 from agent.server import SERVICE_NAME, InferenceServer, package_version, serve
 from agent.tensors import wire_inputs
 from protos import open_inference_pb2 as pb
@@ -379,3 +382,90 @@ def test_graceful_stop_goes_not_serving_then_closes_the_session(lr_model):
         with pytest.raises(grpc.RpcError) as info:
             served.stub.ServerLive(pb.ServerLiveRequest())
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# --- edge cases that once ended in INTERNAL ------------------------------------------
+
+def test_zero_rows_to_a_zipmap_model_answer_zero_rows(lr_zipmap):
+    empty = {"X": x_rows(0)}
+    got = decode(lr_zipmap.stub.ModelInfer(raw_request("lr_zipmap", empty)))
+    assert got["output_label"].shape == (0,)
+    assert got["output_probability"].shape[0] == 0
+    lr_zipmap.stub.ModelInfer(raw_request("lr_zipmap", {"X": x_rows(2)}))  # now the class count is known
+    got = decode(lr_zipmap.stub.ModelInfer(raw_request("lr_zipmap", empty)))
+    assert got["output_probability"].shape == (0, 2)
+
+
+@pytest.mark.parametrize("body", [b"\xff\xff\xff", b"\x0a\x05\xff\xfe\xfd\xfc\xfb", b"\x12\x02\x0a"])
+def test_an_undecodable_body_is_invalid_argument_in_one_log_line(lr, body, caplog):
+    channel = grpc.insecure_channel(f"127.0.0.1:{lr.server.port}")
+    try:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with caplog.at_level("WARNING"):
+            with pytest.raises(grpc.RpcError) as info:
+                call(body)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid inference.ModelInferRequest" in info.value.details()
+        assert [r.name for r in caplog.records] == ["agent.guard"]  # no traceback from gRPC
+        assert caplog.records[0].exc_info is None
+    finally:
+        channel.close()
+    feeds = {"X": x_rows()}
+    assert_matches_onnxruntime(lr, lr.stub.ModelInfer(raw_request("lr", feeds)), feeds)
+
+
+@pytest.mark.parametrize("name", ["n" * 20_000, "é" * 20_000])
+def test_a_huge_model_name_is_not_found_with_the_start_of_the_message(lr, name):
+    for call in (lambda: lr.stub.ModelInfer(raw_request(name, {"X": x_rows(1)})),
+                 lambda: lr.stub.ModelMetadata(pb.ModelMetadataRequest(name=name))):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert info.value.details().startswith(f"model '{name[:100]}")
+        assert info.value.details().endswith("more characters cut)")
+
+
+@pytest.mark.parametrize("text", ["short", "x" * 2048, "é" * 341, "%" * 682])
+def test_clip_details_keeps_a_message_that_fits(text):
+    assert clip_details(text) == text
+
+
+@pytest.mark.parametrize("text", ["x" * 2049, "é" * 342, "%" * 683, "model 'n" + "n" * 10**7 + "' is not served"])
+def test_clip_details_keeps_the_start_of_one_that_does_not(text):
+    clipped = clip_details(text)
+    encoded = urllib.parse.quote(clipped.encode(), safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+    assert len(encoded) <= MAX_DETAILS_BYTES
+    kept = clipped.rsplit("... (", 1)[0]
+    assert text.startswith(kept) and len(kept) > 100
+    assert clipped.endswith(f"({len(text) - len(kept)} more characters cut)")
+
+
+def test_decode_guard_refuses_a_bad_message_in_a_stream():
+    """The collector's agent stream is bidirectional: the guard works for streaming requests too."""
+    seen = []
+
+    def echo(requests, context):
+        for request in requests:
+            seen.append(request.model_name)
+            yield request
+
+    handler = grpc.method_handlers_generic_handler("test.Echo", {"Echo": grpc.stream_stream_rpc_method_handler(
+        echo, request_deserializer=pb.ModelInferRequest.FromString,
+        response_serializer=pb.ModelInferRequest.SerializeToString)})
+    guard = DecodeGuard()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler], interceptors=[guard])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream("/test.Echo/Echo", request_serializer=lambda b: b,
+                                         response_deserializer=pb.ModelInferRequest.FromString)
+            good = pb.ModelInferRequest(model_name="a").SerializeToString()
+            with pytest.raises(grpc.RpcError) as info:
+                list(call(iter([good, b"\xff\xff", good])))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid inference.ModelInferRequest" in info.value.details()
+    finally:
+        server.stop(0)
+    assert seen == ["a"] and guard.refused == 1
