@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import sqlite3
@@ -101,8 +102,21 @@ def _entry(r: dict[str, Any]) -> pb.AuditEntry:
 
 def entries(db: Database, model_name: str = "", limit: int = 1000) -> list[pb.AuditEntry]:
     """The newest ``limit`` rows (about ``model_name`` if given), newest first."""
-    where, params = ("WHERE model_name = ?", [model_name]) if model_name else ("", [])
-    return [_entry(r) for r in db.query(f"SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?", [*params, limit])]
+    return [entry for _, entry in itertools.islice(entry_rows(db, model_name, limit=limit), limit)]
+
+
+def entry_rows(db: Database, model_name: str = "", *, before_id: int = 0,
+               limit: int | None = None) -> Iterator[tuple[tuple[int], pb.AuditEntry]]:
+    """Rows newest first (about ``model_name`` if given), read lazily as ((id,), entry); ``before_id``:
+    only rows older than that one (a page token's cursor). ``limit`` only bounds SQLite's read-ahead."""
+    where, params = (["model_name = ?"], [model_name]) if model_name else ([], [])
+    if before_id:
+        where.append("id < ?")
+        params.append(before_id)
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    ahead = -1 if limit is None else limit + 1
+    for r in db.query(f"SELECT * FROM audit {clause} ORDER BY id DESC LIMIT ?", [*params, ahead]):
+        yield (r["id"],), _entry(r)
 
 
 @contextlib.contextmanager
