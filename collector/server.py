@@ -385,6 +385,7 @@ class CollectorServer:
             self.evaluation.stop()
         if self.webhook is not None:
             self.webhook.close()
+        self.auth.close()  # the refusals it holds become audit rows
         self.store.close()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -425,8 +426,9 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
     cannot be bound. Signal handling is left to the caller.
     """
     store = store if store is not None else Store(db_path)
+    refusals = audit.AuthFailureLog(store.submit)  # aggregated per caller and minute; flushed by its thread
     try:
-        interceptor = AuthInterceptor(auth, on_refusal=audit.AuthFailureLog(store.submit))
+        interceptor = AuthInterceptor(auth, on_refusal=refusals)
         agents = AgentServicer(store, limits=limits or Limits(), max_agents=max_agents, retry_after_ms=retry_after_ms)
         if metrics is not None:
             metrics.watch(store, agents, interceptor)
@@ -465,6 +467,7 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
         raise
     for service in ("", *SERVICES):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    refusals.start()
     server.start()
     rollup = RollupLoop(store, retention, rollup_interval,
                         housekeeping=lambda now: registry.remove_retired_artifacts(retired_artifact_retention, now))

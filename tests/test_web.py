@@ -264,6 +264,7 @@ def test_bad_tokens_are_refused_counted_and_audited(site):
         return [e for e in audit.entries(site.running.store.read(), limit=50)
                 if e.action == "auth.failure" and e.object == "http/"]
 
+    site.running.auth.on_refusal.flush(everything=True)  # at the end of the minute, or now
     wait_until(lambda: len(audited()) >= 2, timeout=60, what="the refusals in the audit trail")
     assert "edge-1" in {e.actor for e in audited()}
 
