@@ -24,7 +24,7 @@ from collector.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from protos import summary_pb2
-from test_delivery import collector, exit_code
+from test_delivery import exit_code, start
 
 NS = 1_000_000_000
 BUDGET = 64 * 1024
@@ -269,21 +269,22 @@ def _vm_kb(pid: int, field: str) -> int:
 @pytest.mark.slow
 def test_a_collector_process_answers_the_181_mb_listing_in_pages_with_bounded_memory(tmp_path):
     """10,000 windows of ~18 KB: one unpaged reply was 174 MiB and took `collector serve` to a VmHWM of
-    955 MB (measured on the code before paging). Now every reply is within the default budget."""
+    955 MB (measured on the code before paging). Now every reply is within --max-reply-mb."""
     db = tmp_path / "c.db"
     template = [window(i, 0, columns=13) for i in range(5)]
     with Store(db) as store:
-        for start in range(0, 10_000, 500):
+        for first in range(0, 10_000, 500):
             batch = []
-            for seq in range(start, start + 500):
+            for seq in range(first, first + 500):
                 w = summary_pb2.WindowSummary()
                 w.CopyFrom(template[seq % 5])
                 w.seq, w.end_unix_nano, w.start_unix_nano = seq, T0 + seq * NS, T0 + seq * NS - NS
                 batch.append(w)
             store.submit_windows(batch).result()
-    size = template[0].ByteSize()
+    size, budget = template[0].ByteSize(), 2 * 1024 * 1024
     assert 10_000 * size > 50 * paging.DEFAULT_MAX_REPLY_BYTES
-    proc, address = collector(db)
+    proc, address = start(["collector", "serve", "--db", str(db), "--listen", "127.0.0.1:0", "--drift-interval", "0",
+                           "--max-reply-mb", "2"], r"collector listening on (\S+)")
     try:
         before = _vm_kb(proc.pid, "VmHWM")
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]  # so an oversized reply would arrive
@@ -293,7 +294,7 @@ def test_a_collector_process_answers_the_181_mb_listing_in_pages_with_bounded_me
             while True:
                 reply = ops.ListWindows(pb.ListWindowsRequest(model_name="m", include_summaries=True, limit=10_000,
                                                               page_token=token), timeout=HANG_GUARD)
-                assert reply.ByteSize() <= paging.DEFAULT_MAX_REPLY_BYTES
+                assert reply.ByteSize() <= budget
                 pages += 1
                 seen.update(w.seq for w in reply.windows)
                 token = reply.next_page_token
