@@ -271,7 +271,7 @@ def test_a_collector_process_answers_the_181_mb_listing_in_pages_with_bounded_me
     """10,000 windows of ~18 KB: one unpaged reply was 174 MiB and took `collector serve` to a VmHWM of
     955 MB (measured on the code before paging). Now every reply is within --max-reply-mb."""
     db = tmp_path / "c.db"
-    template = [window(i, 0, columns=13) for i in range(5)]
+    template = [window(i, 0, columns=15) for i in range(5)]  # ~18 KB each: 181 MB in all
     with Store(db) as store:
         for first in range(0, 10_000, 500):
             batch = []
