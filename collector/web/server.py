@@ -118,6 +118,10 @@ class WebServer:
             sock.close()
             self.pool.shutdown()
             raise OSError(f"cannot serve the web page over TLS: {exc}") from None
+        # uvicorn's info lines speak of a server process ("Started server process [pid]"); here it is a
+        # thread of the collector, which says where the page is itself. Its warnings still show.
+        if logging.getLogger("uvicorn.error").level == logging.NOTSET:
+            logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="outrider-web",
                                         daemon=True)
@@ -128,6 +132,7 @@ class WebServer:
                 self.stop()
                 raise OSError(f"the web page on {listen} did not start; the log says why")
             time.sleep(0.01)
+        log.info("web page on %s", self.url)
 
     @property
     def access(self) -> WebAccess:
