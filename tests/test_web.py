@@ -443,7 +443,9 @@ def test_connections_past_the_bound_get_503_at_once(tmp_path):
         page = serve_web("127.0.0.1:0", store, WebAccess(None), protocol=guarded(max_connections=8))
         held = [_connect(page.url) for _ in range(8)]
         try:
-            time.sleep(0.2)  # let the server take them all (no assertion on time: only on what it answers)
+            # the server has taken them all (uvicorn's own count of open connections)
+            wait_until(lambda: len(page._server.server_state.connections) == 8, timeout=HANG_GUARD,
+                       what="8 open connections")
             extra = _connect(page.url)
             assert _read_all(extra).startswith(b"HTTP/1.1 503 ")
             extra.close()
