@@ -8,7 +8,9 @@ here it is only loaded and saved.
 """
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from google.protobuf import json_format
@@ -105,9 +107,17 @@ def _resolve(db: Database, evaluation: pb.DriftEvaluation, column: str, now_ns: 
 
 def history(db: Database, model_name: str, model_version: str, limit: int) -> list[pb.DriftEvaluation]:
     """The model version's evaluations, newest first."""
-    rows = db.execute("SELECT body FROM evaluations WHERE model_name = ? AND model_version = ?"
-                      " ORDER BY evaluated_ns DESC, id DESC LIMIT ?", [model_name, model_version, limit])
-    return [pb.DriftEvaluation.FromString(r[0]) for r in rows]
+    return [e for _, e in itertools.islice(history_rows(db, model_name, model_version, limit=limit), limit)]
+
+
+def history_rows(db: Database, model_name: str, model_version: str, *,
+                 limit: int | None = None) -> Iterator[tuple[tuple[int, int], pb.DriftEvaluation]]:
+    """The model version's evaluations, newest first, read lazily as ((evaluated_ns, id), evaluation)."""
+    rows = db.execute("SELECT evaluated_ns, id, body FROM evaluations WHERE model_name = ? AND model_version = ?"
+                      " ORDER BY evaluated_ns DESC, id DESC LIMIT ?",
+                      [model_name, model_version, -1 if limit is None else limit + 1])
+    for at, evaluation_id, body in rows:
+        yield (at, evaluation_id), pb.DriftEvaluation.FromString(body)
 
 
 # ------------------------------------------------------------ alerts
@@ -128,6 +138,15 @@ def _alert(r: dict[str, Any]) -> pb.Alert:
 
 
 def alerts(db: Database, model_name: str = "", include_resolved: bool = False, limit: int = 1000) -> list[pb.Alert]:
+    """The newest ``limit`` alerts (of ``model_name``; open and acknowledged only unless
+    ``include_resolved``), newest first."""
+    rows = alert_rows(db, model_name, include_resolved, limit=limit)
+    return [a for _, a in itertools.islice(rows, limit)]
+
+
+def alert_rows(db: Database, model_name: str = "", include_resolved: bool = False, *, before_id: int = 0,
+               limit: int | None = None) -> Iterator[tuple[tuple[int], pb.Alert]]:
+    """``alerts`` read lazily as ((id,), alert), newest first; ``before_id``: only older ones."""
     where, params = [], []
     if model_name:
         where.append("model_name = ?")
@@ -135,8 +154,12 @@ def alerts(db: Database, model_name: str = "", include_resolved: bool = False, l
     if not include_resolved:
         where.append("state != ?")
         params.append(RESOLVED)
+    if before_id:
+        where.append("id < ?")
+        params.append(before_id)
     sql = "SELECT * FROM alerts" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
-    return [_alert(r) for r in db.query(sql, [*params, limit])]
+    for r in db.query(sql, [*params, -1 if limit is None else limit + 1]):
+        yield (r["id"],), _alert(r)
 
 
 def acknowledge(db: Database, alert_id: int, actor: str, note: str, now_ns: int) -> pb.Alert:

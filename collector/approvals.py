@@ -24,6 +24,7 @@ and "not your own request" here, given the caller's identity.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from sqlite_utils import Database
@@ -244,14 +245,21 @@ def get(db: Database, approval_id: int) -> pb.Approval:
 
 
 def listing(db: Database, include_decided: bool = False, model_name: str = "") -> list[pb.Approval]:
-    where, params = [], []
+    """Pending requests (every request with ``include_decided``), of ``model_name`` if given, oldest first."""
+    return [a for _, a in listing_rows(db, include_decided, model_name)]
+
+
+def listing_rows(db: Database, include_decided: bool = False, model_name: str = "", *,
+                 after_id: int = 0) -> Iterator[tuple[tuple[int], pb.Approval]]:
+    """``listing`` read lazily as ((id,), approval); ``after_id``: only later requests."""
+    where, params = ["id > ?"], [after_id]
     if not include_decided:
         where.append("state = 'pending'")
     if model_name:
         where.append("model = ?")
         params.append(model_name)
-    clause = f"WHERE {' AND '.join(where)}" if where else ""
-    return [_message(r) for r in db.query(f"SELECT * FROM approvals {clause} ORDER BY id", params)]
+    for r in db.query(f"SELECT * FROM approvals WHERE {' AND '.join(where)} ORDER BY id", params):
+        yield (r["id"],), _message(r)
 
 
 def _message(r: dict[str, Any]) -> pb.Approval:

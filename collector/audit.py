@@ -23,12 +23,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from sqlite_utils import Database
@@ -101,8 +103,21 @@ def _entry(r: dict[str, Any]) -> pb.AuditEntry:
 
 def entries(db: Database, model_name: str = "", limit: int = 1000) -> list[pb.AuditEntry]:
     """The newest ``limit`` rows (about ``model_name`` if given), newest first."""
-    where, params = ("WHERE model_name = ?", [model_name]) if model_name else ("", [])
-    return [_entry(r) for r in db.query(f"SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?", [*params, limit])]
+    return [entry for _, entry in itertools.islice(entry_rows(db, model_name, limit=limit), limit)]
+
+
+def entry_rows(db: Database, model_name: str = "", *, before_id: int = 0,
+               limit: int | None = None) -> Iterator[tuple[tuple[int], pb.AuditEntry]]:
+    """Rows newest first (about ``model_name`` if given), read lazily as ((id,), entry); ``before_id``:
+    only rows older than that one (a page token's cursor). ``limit`` only bounds SQLite's read-ahead."""
+    where, params = (["model_name = ?"], [model_name]) if model_name else ([], [])
+    if before_id:
+        where.append("id < ?")
+        params.append(before_id)
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    ahead = -1 if limit is None else limit + 1
+    for r in db.query(f"SELECT * FROM audit {clause} ORDER BY id DESC LIMIT ?", [*params, ahead]):
+        yield (r["id"],), _entry(r)
 
 
 @contextlib.contextmanager
@@ -146,46 +161,126 @@ def verify(db: Database) -> Verification:
 
 # ------------------------------------------------------------ auth failures
 
+MINUTE_NS = 60 * 1_000_000_000
+MAX_OBJECTS = 8  # distinct objects (methods, pages) named per row; more are only counted
+
+
+@dataclass
+class _Refusals:
+    """The refusals of one (minute, peer, actor, reason): one audit row."""
+
+    first_ns: int
+    last_ns: int
+    count: int = 0
+    objects: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
+    more_objects: int = 0  # refusals of objects past the first MAX_OBJECTS
+
 
 class AuthFailureLog:
-    """Records refused calls in the audit trail without making the caller wait.
+    """Records refused calls in the audit trail, one row per (peer, actor, reason) and minute.
 
-    The interceptor runs on gRPC's threads before any handler: it queues the
-    row and returns, never waiting for a commit. At most ``max_pending`` rows
-    wait in the store's queue; past that a flood of failures is counted, not
-    queued (bounded memory), and the next row that is written says how many
-    were left out, so the trail still shows that they happened."""
+    A flood of refused calls must not grow the audit table (append-only:
+    rows are never deleted) or hold the caller: a refusal only adds to a
+    count in memory and returns. At the end of each minute (``start``: a
+    thread) and on ``close`` each key's row is appended, saying how many
+    refusals it stands for, the first and last time, the peer address and
+    the objects asked for. At most ``max_keys`` keys are kept; further
+    refusals fold into one row per minute ("various"), so memory is bounded
+    and every refusal is still counted."""
 
     def __init__(self, submit: Callable[[Callable[[Database], Any]], concurrent.futures.Future], *,
-                 max_pending: int = 1000, clock: Callable[[], int] = time.time_ns) -> None:
+                 max_keys: int = 1000, clock: Callable[[], int] = time.time_ns) -> None:
         self._submit = submit
-        self.max_pending = max_pending
+        self.max_keys = max_keys
         self._clock = clock
         self._lock = threading.Lock()
-        self._pending = 0
-        self._unrecorded = 0  # since the last row that was queued
-        self.skipped = 0  # in total
+        self._keys: dict[tuple[int, str, str, str], _Refusals] = {}
+        self._folded: dict[int, _Refusals] = {}  # minute -> refusals past max_keys
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def __call__(self, actor: str, obj: str, reason: str) -> None:
-        with self._lock:
-            if self._pending >= self.max_pending:
-                self._unrecorded += 1
-                self.skipped += 1
-                return
-            self._pending += 1
-            unrecorded, self._unrecorded = self._unrecorded, 0
-        after = {"unrecorded_failures_before": unrecorded} if unrecorded else None
+    def __call__(self, actor: str, obj: str, reason: str, peer: str = "") -> None:
         now = self._clock()
-        try:
-            future = self._submit(lambda db: append(db, actor or "anonymous", "auth.failure", obj, after=after,
-                                                    reason=reason, now_ns=now))
-        except OutriderError:  # the store is closing: nothing more will be written
-            self._done(None)
-            return
-        future.add_done_callback(self._done)
-
-    def _done(self, future: concurrent.futures.Future | None) -> None:
+        key = (now // MINUTE_NS, peer or "unknown", actor or "anonymous", reason)
         with self._lock:
-            self._pending -= 1
-        if future is not None and future.exception() is not None:
-            log.error("auth failure not recorded in the audit trail: %s", future.exception())
+            found = self._keys.get(key)
+            new = found is None
+            if new and len(self._keys) >= self.max_keys:
+                found = self._folded.setdefault(key[0], _Refusals(now, now))
+                new = found.count == 0
+            elif new:
+                found = self._keys[key] = _Refusals(now, now)
+            found.count += 1
+            found.last_ns = now
+            if obj in found.objects:
+                pass
+            elif len(found.objects) < MAX_OBJECTS:
+                found.objects[obj] = None
+            else:
+                found.more_objects += 1
+        if new:  # one line per key and minute: a flood does not flood the log too
+            log.warning("refused %s from %s (%s): %s", obj, key[1], key[2], reason)
+
+    def flush(self, everything: bool = False) -> int:
+        """Append the rows of every minute that has ended (all of them with ``everything``);
+        returns how many rows were queued. Never waits for the commit."""
+        minute = self._clock() // MINUTE_NS
+        with self._lock:
+            due = [k for k in self._keys if everything or k[0] < minute]
+            rows = [(*k, self._keys.pop(k)) for k in due]
+            for m in [m for m in self._folded if everything or m < minute]:
+                rows.append((m, "various", "various",
+                             f"more than {self.max_keys} different callers and reasons refused in this minute",
+                             self._folded.pop(m)))
+        if not rows:
+            return 0
+        rows.sort(key=lambda row: row[4].first_ns)
+        for _, peer, actor, reason, refused in rows:
+            if refused.count > 1:
+                log.warning("%d refused calls from %s (%s) in the minute from %s: %s", refused.count, peer,
+                            actor, time.strftime("%H:%M", time.gmtime(refused.first_ns // 1_000_000_000)), reason)
+        now = self._clock()
+
+        def write(db: Database) -> None:
+            for _, peer, actor, reason, refused in rows:
+                objects = list(refused.objects)
+                after = {"count": refused.count, "peer": peer, "first_unix_nano": refused.first_ns,
+                         "last_unix_nano": refused.last_ns, "objects": objects}
+                if refused.more_objects:
+                    after["refusals_of_other_objects"] = refused.more_objects
+                append(db, actor, "auth.failure", objects[0], after=after, reason=reason, now_ns=now)
+
+        total = sum(row[4].count for row in rows)
+        try:
+            future = self._submit(write)
+        except OutriderError as exc:  # the store is closing: say what is lost
+            log.error("%d auth failures (%d audit rows) not recorded in the audit trail: %s", total, len(rows), exc)
+            return 0
+
+        def done(f: concurrent.futures.Future) -> None:
+            if f.exception() is not None:
+                log.error("%d auth failures (%d audit rows) not recorded in the audit trail: %s", total, len(rows),
+                          f.exception())
+
+        future.add_done_callback(done)
+        return len(rows)
+
+    def start(self) -> AuthFailureLog:
+        """Flush each minute as it ends, on a thread of its own."""
+        self._thread = threading.Thread(target=self._run, name="outrider-auth-failures", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(MINUTE_NS / 1e9 - (self._clock() % MINUTE_NS) / 1e9 + 0.05):
+            try:
+                self.flush()
+            except Exception:  # keep flushing next minute
+                log.exception("recording auth failures failed")
+
+    def close(self) -> None:
+        """Stop the thread and queue every row held, before the store closes."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.flush(everything=True)

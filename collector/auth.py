@@ -227,10 +227,24 @@ def _globs(entry: dict[str, Any], key: str, default: list[str], where: str) -> t
     return tuple(v.strip() for v in value)
 
 
-def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that only answers ``code``."""
+def peer_address(peer: str) -> str:
+    """The address of a gRPC peer ("ipv4:10.0.0.5:51234", "ipv6:[::1]:51234") without its port: one
+    caller's calls come from many ports."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    if kind == "ipv6":
+        return rest.rpartition("]")[0].lstrip("[") or rest
+    return peer or "unknown"
+
+
+def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
+            record: Callable[[str], None]) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that records the refusal with the caller's address
+    (known here, in the call's context, not to the interceptor) and only answers ``code``."""
 
     def abort(request: Any, context: grpc.ServicerContext) -> None:
+        record(peer_address(context.peer()))
         context.abort(code, message)
 
     if handler.request_streaming and handler.response_streaming:
@@ -245,11 +259,11 @@ def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str)
 class AuthInterceptor(grpc.ServerInterceptor):
     """Checks every call's bearer token against ``config``; with no config every caller is ``LOCAL``.
 
-    Each refusal is counted and handed to ``on_refusal(actor, object, reason)``
-    (the audit trail's ``AuthFailureLog``), which must not block or raise."""
+    Each refusal is counted and handed to ``on_refusal(actor, object, reason, peer)``
+    (the audit trail's ``AuthFailureLog``, which aggregates them), which must not block or raise."""
 
     def __init__(self, config: AuthConfig | None, method_roles: Mapping[str, str] = OPS_METHOD_ROLES, *,
-                 on_refusal: Callable[[str, str, str], None] | None = None) -> None:
+                 on_refusal: Callable[[str, str, str, str], None] | None = None) -> None:
         self.config = config
         self.method_roles = method_roles
         self.on_refusal = on_refusal
@@ -274,23 +288,30 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return handler
         identity, refusal = self._check(service, method, details.invocation_metadata or ())
         if refusal is not None:
-            log.warning("refused %s: %s", details.method, refusal[1])
-            self.count_refusal(identity.name if identity else "anonymous", f"rpc{details.method}", refusal[1])
-            return _refuse(handler, *refusal)
+            actor, obj = identity.name if identity else "anonymous", f"rpc{details.method}"
+            return _refuse(handler, *refusal, lambda peer: self.count_refusal(actor, obj, refusal[1], peer))
         _identity.set(identity)
         return handler
 
-    def count_refusal(self, actor: str, obj: str, reason: str) -> None:
+    def count_refusal(self, actor: str, obj: str, reason: str, peer: str = "") -> None:
         """Count a refusal in the collector's one auth-failure counter and hand it to ``on_refusal``
         (the audit trail); for refusals made elsewhere too (the web page's, ``obj`` "http/PATH").
-        Never raises: recording must not turn a refusal into a crash."""
+        ``peer``: the caller's address. Never raises: recording must not turn a refusal into a crash."""
         with self._lock:
             self._failures += 1
-        if self.on_refusal is not None:
-            try:
-                self.on_refusal(actor, obj, reason)
-            except Exception:
-                log.exception("recording the refusal of %s failed", obj)
+        if self.on_refusal is None:
+            log.warning("refused %s from %s: %s", obj, peer or "unknown", reason)
+            return
+        try:
+            self.on_refusal(actor, obj, reason, peer)
+        except Exception:
+            log.exception("recording the refusal of %s failed", obj)
+
+    def close(self) -> None:
+        """Record what ``on_refusal`` still holds (its ``close``, if it has one): before the store closes."""
+        close = getattr(self.on_refusal, "close", None)
+        if close is not None:
+            close()
 
     def _check(self, service: str, method: str,
                metadata: Any) -> tuple[Identity | None, tuple[grpc.StatusCode, str] | None]:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import grpc
 
 from agent.errors import InvalidArgument, PermissionDenied, grpc_errors
-from collector import approvals, retraining
+from collector import approvals, paging, retraining
 from collector.auth import current_identity, role_at_least
 from collector.ingest import validate_model_key
 from protos import collector_pb2 as pb
@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 
 class GovernanceOps:
-    """Needs ``self.store``, ``self.registry``, ``self.agents`` (for the limits) and ``self.evaluator``
-    (whose webhook hears of retraining changes)."""
+    """Needs ``self.store``, ``self.registry``, ``self.agents`` (for the limits), ``self.evaluator``
+    (whose webhook hears of retraining changes) and ``self.max_reply_bytes`` (``collector.paging``)."""
 
     # --- registry --------------------------------------------------------------------------
 
@@ -34,7 +34,9 @@ class GovernanceOps:
 
     @grpc_errors
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(versions=self.registry.list(request.name))
+        after = paging.cursor("models", request.page_token, (str, int))
+        page = paging.take(self.registry.rows(request.name, after=after), "models", max_bytes=self.max_reply_bytes)
+        return pb.ListModelsResponse(versions=page.items, next_page_token=page.next_token)
 
     @grpc_errors
     def ShowModel(self, request: pb.ModelVersionRequest, context: grpc.ServicerContext) -> pb.ModelVersion:
@@ -78,8 +80,10 @@ class GovernanceOps:
     @grpc_errors
     def ListApprovals(self, request: pb.ListApprovalsRequest,
                       context: grpc.ServicerContext) -> pb.ListApprovalsResponse:
-        return pb.ListApprovalsResponse(approvals=approvals.listing(self.store.read(), request.include_decided,
-                                                                    request.model_name))
+        (after,) = paging.cursor("approvals", request.page_token, (int,)) or (0,)
+        rows = approvals.listing_rows(self.store.read(), request.include_decided, request.model_name, after_id=after)
+        page = paging.take(rows, "approvals", max_bytes=self.max_reply_bytes)
+        return pb.ListApprovalsResponse(approvals=page.items, next_page_token=page.next_token)
 
     @grpc_errors
     def Approve(self, request: pb.DecisionRequest, context: grpc.ServicerContext) -> pb.Approval:
@@ -141,8 +145,10 @@ class GovernanceOps:
     @grpc_errors
     def ListRetraining(self, request: pb.ListRetrainingRequest,
                        context: grpc.ServicerContext) -> pb.ListRetrainingResponse:
-        return pb.ListRetrainingResponse(requests=retraining.listing(self.store.read(), request.include_closed,
-                                                                     request.model_name))
+        (after,) = paging.cursor("retraining", request.page_token, (int,)) or (0,)
+        rows = retraining.listing_rows(self.store.read(), request.include_closed, request.model_name, after_id=after)
+        page = paging.take(rows, "retraining", max_bytes=self.max_reply_bytes)
+        return pb.ListRetrainingResponse(requests=page.items, next_page_token=page.next_token)
 
     @grpc_errors
     def ShowRetraining(self, request: pb.RetrainingChange, context: grpc.ServicerContext) -> pb.RetrainingRequest:

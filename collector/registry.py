@@ -23,7 +23,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,9 +231,19 @@ class Registry:
     # -------------------------------------------------------- reads
 
     def list(self, name: str = "") -> list[pb.ModelVersion]:
-        where, params = ("WHERE v.name = ?", [name]) if name else ("", [])
-        rows = self.store.read().query(f"{_SELECT} {where} ORDER BY v.name, v.version", params)
-        return [_message(r) for r in rows]
+        """Every version (of model ``name`` if given), by name and version."""
+        return [v for _, v in self.rows(name)]
+
+    def rows(self, name: str = "", *, after: tuple[str, int] | None = None
+             ) -> Iterator[tuple[tuple[str, int], pb.ModelVersion]]:
+        """``list`` read lazily as ((name, version), version); ``after``: only versions past that key."""
+        where, params = (["v.name = ?"], [name]) if name else ([], [])
+        if after is not None:
+            where.append("(v.name, v.version) > (?, ?)")
+            params.extend(after)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        for r in self.store.read().query(f"{_SELECT} {clause} ORDER BY v.name, v.version", params):
+            yield (r["name"], r["version"]), _message(r)
 
     def show(self, name: str, version: int = 0) -> pb.ModelVersion:
         return _message(self._row(self.store.read(), name, version))

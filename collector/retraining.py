@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from google.protobuf import json_format
@@ -39,14 +40,22 @@ def get(db: Database, request_id: int) -> pb.RetrainingRequest:
 
 
 def listing(db: Database, include_closed: bool = False, model_name: str = "") -> list[pb.RetrainingRequest]:
-    where, params = [], []
+    """Open and accepted requests (every request with ``include_closed``), of ``model_name`` if given,
+    oldest first."""
+    return [r for _, r in listing_rows(db, include_closed, model_name)]
+
+
+def listing_rows(db: Database, include_closed: bool = False, model_name: str = "", *,
+                 after_id: int = 0) -> Iterator[tuple[tuple[int], pb.RetrainingRequest]]:
+    """``listing`` read lazily as ((id,), request); ``after_id``: only later requests."""
+    where, params = ["id > ?"], [after_id]
     if not include_closed:
         where.append("state IN ('open', 'accepted')")
     if model_name:
         where.append("model = ?")
         params.append(model_name)
-    clause = f"WHERE {' AND '.join(where)}" if where else ""
-    return [_message(r) for r in db.query(f"SELECT * FROM retraining_requests {clause} ORDER BY id", params)]
+    for r in db.query(f"SELECT * FROM retraining_requests WHERE {' AND '.join(where)} ORDER BY id", params):
+        yield (r["id"],), _message(r)
 
 
 def active(db: Database, model: str, version: str) -> int | None:

@@ -29,6 +29,7 @@ through ``Store.read``); ``RolloutPusher`` sends after the commit.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -323,9 +324,19 @@ def get(db: Database, rollout_id: int) -> pb.Rollout:
 
 def listing(db: Database, model: str = "", limit: int = DEFAULT_LIST_LIMIT) -> list[pb.Rollout]:
     """The newest ``limit`` rollouts (of ``model``), newest first, with their acks."""
-    where, params = ("WHERE model = ?", [model]) if model else ("", [])
-    return [_message(db, r) for r in db.query(f"SELECT * FROM rollouts {where} ORDER BY id DESC LIMIT ?",
-                                              [*params, limit])]
+    return [r for _, r in itertools.islice(listing_rows(db, model, limit=limit), limit)]
+
+
+def listing_rows(db: Database, model: str = "", *, before_id: int = 0,
+                 limit: int | None = None) -> Iterator[tuple[tuple[int], pb.Rollout]]:
+    """``listing`` read lazily as ((id,), rollout); ``before_id``: only older rollouts."""
+    where, params = ["id < ?"], [before_id or 2**63 - 1]
+    if model:
+        where.append("model = ?")
+        params.append(model)
+    for r in db.query(f"SELECT * FROM rollouts WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+                      [*params, -1 if limit is None else limit + 1]):
+        yield (r["id"],), _message(db, r)
 
 
 def _message(db: Database, r: dict[str, Any]) -> pb.Rollout:

@@ -14,7 +14,7 @@ import time
 import grpc
 
 from agent.errors import InvalidArgument, grpc_errors
-from collector import approvals, rollout
+from collector import approvals, paging, rollout
 from collector.auth import current_identity
 from collector.ingest import validate_model_key
 from protos import collector_pb2 as pb
@@ -28,7 +28,8 @@ def _actor() -> str:
 
 
 class RolloutOps:
-    """Needs ``self.store`` and ``self.agents`` (its ``rollouts`` pusher and ``limits``)."""
+    """Needs ``self.store``, ``self.agents`` (its ``rollouts`` pusher and ``limits``) and
+    ``self.max_reply_bytes`` (``collector.paging``)."""
 
     def _pushed(self, rollout_id: int) -> pb.Rollout:
         reached = self.agents.rollouts.push_rollout(rollout_id)
@@ -53,8 +54,11 @@ class RolloutOps:
             raise InvalidArgument(f"limit {request.limit} is over the maximum of {rollout.MAX_LIST_LIMIT}")
         if request.model_name:
             validate_model_key(request.model_name, "-", self.agents.limits)
-        return pb.ListRolloutsResponse(rollouts=rollout.listing(self.store.read(), request.model_name,
-                                                                request.limit or rollout.DEFAULT_LIST_LIMIT))
+        (before,) = paging.cursor("rollouts", request.page_token, (int,)) or (0,)
+        limit = request.limit or rollout.DEFAULT_LIST_LIMIT
+        rows = rollout.listing_rows(self.store.read(), request.model_name, before_id=before, limit=limit)
+        page = paging.take(rows, "rollouts", max_bytes=self.max_reply_bytes, limit=limit)
+        return pb.ListRolloutsResponse(rollouts=page.items, next_page_token=page.next_token)
 
     @grpc_errors
     def ShowRollout(self, request: pb.ShowRolloutRequest, context: grpc.ServicerContext) -> pb.Rollout:

@@ -77,6 +77,9 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
              help="serve the read-only web page (fleet, drift plots, registry, approvals, audit trail) at "
                   "http://HOST:PORT/ (default: none); with --auth-file it asks for an operator token (viewer or "
                   "above), without one HOST must be loopback")
+    add_flag(serve, "--max-reply-mb", prefix=COLLECTOR_ENV, default="3", type=positive(float), metavar="MB",
+             help="largest reply to an operator's call, in MiB: list calls continue with page tokens past it "
+                  "(gRPC clients refuse replies over 4 MiB unless told otherwise)")
     serve.set_defaults(func=serve_command)
 
 
@@ -130,7 +133,8 @@ def serve_command(args: argparse.Namespace) -> int:
                                       retired_artifact_retention=args.retired_artifact_retention,
                                       retrain_after_evaluations=args.retrain_after_evaluations,
                                       rollback_watch_seconds=args.rollback_watch_seconds,
-                                      rollback_action=args.rollback_action, metrics=metrics, http=args.http)
+                                      rollback_action=args.rollback_action, metrics=metrics, http=args.http,
+                                      max_reply_bytes=int(args.max_reply_mb * 1024 * 1024))
         except OSError as exc:
             flag = "--http" if "web page" in str(exc) else "--listen"
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with {flag}") from None

@@ -12,6 +12,7 @@ wait for the next request and reading never waits for a commit.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -27,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from agent.errors import (InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable,
                           grpc_errors, grpc_stream_errors)
 from agent.hello import package_version
-from collector import alerts, audit
+from collector import alerts, audit, paging
 from collector.auth import AGENT_SERVICE, LOCAL, AuthConfig, AuthInterceptor, Identity, TLSFiles, current_identity
 from collector.ingest import Limits, validate_hello, validate_model_key, validate_profile
 from collector.streams import AgentStream, LiveStreams, artifact_refusal, hello_refusal, read_hello
@@ -153,23 +154,25 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
 
 class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServiceServicer):
+    """Every reply stays within ``max_reply_bytes``: list calls page (``collector.paging``), Status
+    and Drift leave out their least relevant entries (they have no page token)."""
+
     def __init__(self, store: Store, agents: AgentServicer, auth: AuthInterceptor,
-                 evaluator: DriftEvaluator, registry: Registry) -> None:
+                 evaluator: DriftEvaluator, registry: Registry, *,
+                 max_reply_bytes: int = paging.DEFAULT_MAX_REPLY_BYTES) -> None:
         self.store = store
         self.agents = agents
         self.auth = auth
         self.evaluator = evaluator
         self.registry = registry
+        self.max_reply_bytes = max_reply_bytes
         self._version = package_version()
 
     @grpc_errors
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
-        agents = self.store.agents()
-        for agent in agents:
-            agent.connected = self.agents.live.connected(agent.agent_id, agent.run_id)
         counters = self.store.counters
-        return pb.StatusResponse(
-            agents=agents, models=self.store.model_totals(), collector_version=self._version,
+        reply = pb.StatusResponse(
+            models=self.store.model_totals(), collector_version=self._version,
             counters=pb.CollectorCounters(
                 windows_stored=counters.get("windows_stored", 0),
                 windows_duplicate=counters.get("windows_duplicate", 0),
@@ -178,6 +181,16 @@ class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServ
                 write_queue_depth=self.store.queue_depth(),
             ),
         )
+        # Runs are never deleted: past the budget the oldest runs are left out (no page token here).
+        page = paging.take(self.store.agent_rows(), "agents", max_bytes=self.max_reply_bytes,
+                           used=reply.ByteSize())
+        if page.next_token:
+            log.warning("status lists the %d most recent agent runs; older runs are left out (reply budget "
+                        "%d bytes)", len(page.items), self.max_reply_bytes)
+        for agent in sorted(page.items, key=lambda a: (a.agent_id, a.restarts)):
+            agent.connected = self.agents.live.connected(agent.agent_id, agent.run_id)
+            reply.agents.append(agent)
+        return reply
 
     @grpc_errors
     def ListWindows(self, request: pb.ListWindowsRequest, context: grpc.ServicerContext) -> pb.ListWindowsResponse:
@@ -185,10 +198,12 @@ class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServ
             raise InvalidArgument("model_name is required (outrider windows --model NAME)")
         if request.limit > MAX_LIST_LIMIT:
             raise InvalidArgument(f"limit {request.limit} is over the maximum of {MAX_LIST_LIMIT}")
-        windows = self.store.windows(request.model_name, request.model_version, since_ns=request.since_unix_nano,
-                                     limit=request.limit or DEFAULT_LIST_LIMIT,
-                                     include_summaries=request.include_summaries)
-        return pb.ListWindowsResponse(windows=windows)
+        after = paging.cursor("windows", request.page_token, (int, int, int))
+        limit = request.limit or DEFAULT_LIST_LIMIT
+        rows = self.store.window_rows(request.model_name, request.model_version, request.since_unix_nano,
+                                      request.include_summaries, after=after, limit=limit)
+        page = paging.take(rows, "windows", max_bytes=self.max_reply_bytes, limit=limit)
+        return pb.ListWindowsResponse(windows=page.items, next_page_token=page.next_token)
 
     @grpc_errors
     def AttachProfile(self, request: pb.AttachProfileRequest,
@@ -222,14 +237,33 @@ class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServ
 
     @grpc_errors
     def Drift(self, request: pb.DriftRequest, context: grpc.ServicerContext) -> pb.DriftResponse:
-        reply = pb.DriftResponse()
+        """The latest evaluation of each version, then history, newest first, while it fits the reply
+        budget (history past it is left out: DriftResponse has no page token)."""
         db = self.store.read()
-        for version in self._versions(request.model_name, request.model_version):
-            past = alerts.history(db, request.model_name, version, (request.history or 20) + 1)
-            if not past:  # never evaluated yet: say why now, without recording
-                past = [self.evaluator.evaluate(request.model_name, version, record=False)]
-            reply.latest.append(past[0])
-            reply.history.extend(past[1:])
+        versions = self._versions(request.model_name, request.model_version)
+
+        def latest() -> Iterator[tuple[tuple, pb.DriftEvaluation]]:
+            for version in versions:
+                found = alerts.history(db, request.model_name, version, 1)
+                # never evaluated yet: say why now, without recording
+                yield (), found[0] if found else self.evaluator.evaluate(request.model_name, version, record=False)
+
+        page = paging.take(latest(), "drift", max_bytes=self.max_reply_bytes)
+        if page.next_token:
+            log.warning("drift of %s: the latest evaluations of %d of %d versions fit the reply budget (%d bytes)",
+                        request.model_name, len(page.items), len(versions), self.max_reply_bytes)
+            versions = versions[:len(page.items)]
+        reply = pb.DriftResponse(latest=page.items)
+        wanted = request.history or 20
+        for version in versions:
+            rows = itertools.islice(alerts.history_rows(db, request.model_name, version, limit=wanted + 1), 1, None)
+            page = paging.take(rows, "drift", max_bytes=self.max_reply_bytes, limit=wanted,
+                               used=reply.ByteSize(), at_least_one=False)
+            reply.history.extend(page.items)
+            if page.next_token and len(page.items) < wanted:
+                log.warning("drift of %s %s: %d of %d evaluations of history fit the reply budget (%d bytes)",
+                            request.model_name, version, len(page.items), wanted, self.max_reply_bytes)
+                break
         return reply
 
     @grpc_errors
@@ -241,8 +275,12 @@ class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServ
     def ListAlerts(self, request: pb.ListAlertsRequest, context: grpc.ServicerContext) -> pb.ListAlertsResponse:
         if request.limit > MAX_LIST_LIMIT:
             raise InvalidArgument(f"limit {request.limit} is over the maximum of {MAX_LIST_LIMIT}")
-        return pb.ListAlertsResponse(alerts=alerts.alerts(self.store.read(), request.model_name,
-                                                          request.include_resolved, request.limit or 1000))
+        (before,) = paging.cursor("alerts", request.page_token, (int,)) or (0,)
+        limit = request.limit or DEFAULT_LIST_LIMIT
+        rows = alerts.alert_rows(self.store.read(), request.model_name, request.include_resolved, before_id=before,
+                                 limit=limit)
+        page = paging.take(rows, "alerts", max_bytes=self.max_reply_bytes, limit=limit)
+        return pb.ListAlertsResponse(alerts=page.items, next_page_token=page.next_token)
 
     @grpc_errors
     def AckAlert(self, request: pb.AckAlertRequest, context: grpc.ServicerContext) -> pb.Alert:
@@ -278,8 +316,11 @@ class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServ
     def ListAudit(self, request: pb.ListAuditRequest, context: grpc.ServicerContext) -> pb.ListAuditResponse:
         if request.limit > MAX_LIST_LIMIT:
             raise InvalidArgument(f"limit {request.limit} is over the maximum of {MAX_LIST_LIMIT}")
-        return pb.ListAuditResponse(entries=audit.entries(self.store.read(), request.model_name,
-                                                          request.limit or DEFAULT_LIST_LIMIT))
+        (before,) = paging.cursor("audit", request.page_token, (int,)) or (0,)
+        limit = request.limit or DEFAULT_LIST_LIMIT
+        rows = audit.entry_rows(self.store.read(), request.model_name, before_id=before, limit=limit)
+        page = paging.take(rows, "audit", max_bytes=self.max_reply_bytes, limit=limit)
+        return pb.ListAuditResponse(entries=page.items, next_page_token=page.next_token)
 
     @grpc_errors
     def VerifyAudit(self, request: pb.VerifyAuditRequest, context: grpc.ServicerContext) -> pb.VerifyAuditResponse:
@@ -361,6 +402,7 @@ class CollectorServer:
             self.evaluation.stop()
         if self.webhook is not None:
             self.webhook.close()
+        self.auth.close()  # the refusals it holds become audit rows
         self.store.close()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -378,7 +420,8 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
                     retired_artifact_retention: float = DEFAULT_RETIRED_ARTIFACT_RETENTION,
                     retrain_after_evaluations: int = 10, rollback_watch_seconds: float = 3600.0,
                     rollback_action: str = "request", metrics: Any = None,
-                    http: str | None = None) -> CollectorServer:
+                    http: str | None = None,
+                    max_reply_bytes: int = paging.DEFAULT_MAX_REPLY_BYTES) -> CollectorServer:
     """Open the store at ``db_path`` (or take ``store``, which is then the server's to close)
     and serve on ``listen`` (port 0 picks one). ``metrics`` (a ``collector.metrics.CollectorMetrics``)
     is bound to this collector's parts, for its /metrics.
@@ -395,12 +438,14 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
 
     Without ``auth`` every caller is trusted: the caller (the CLI) makes sure
     ``listen`` is a loopback address then. ``http`` (HOST:PORT) also serves the read-only web
-    page there (``collector.web``; loopback only without ``auth``). Raises ``OSError`` when the address
+    page there (``collector.web``; loopback only without ``auth``). Operators' replies stay within
+    ``max_reply_bytes`` (list calls continue with page tokens: ``collector.paging``). Raises ``OSError`` when the address
     cannot be bound. Signal handling is left to the caller.
     """
     store = store if store is not None else Store(db_path)
+    refusals = audit.AuthFailureLog(store.submit)  # aggregated per caller and minute; flushed by its thread
     try:
-        interceptor = AuthInterceptor(auth, on_refusal=audit.AuthFailureLog(store.submit))
+        interceptor = AuthInterceptor(auth, on_refusal=refusals)
         agents = AgentServicer(store, limits=limits or Limits(), max_agents=max_agents, retry_after_ms=retry_after_ms,
                                auth=interceptor)
         if metrics is not None:
@@ -425,7 +470,8 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
         evaluator.push_rollout = agents.rollouts.push_rollout  # a rollback made by policy reaches the agents
         registry = Registry(store, policy=gate_policy, limits=agents.limits)
         agents.artifacts = registry.artifacts
-        pb_grpc.add_OpsServiceServicer_to_server(OpsServicer(store, agents, interceptor, evaluator, registry), server)
+        ops = OpsServicer(store, agents, interceptor, evaluator, registry, max_reply_bytes=max_reply_bytes)
+        pb_grpc.add_OpsServiceServicer_to_server(ops, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         try:
             port = (server.add_secure_port(listen, tls.server_credentials()) if tls
@@ -439,6 +485,7 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
         raise
     for service in ("", *SERVICES):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    refusals.start()
     server.start()
     rollup = RollupLoop(store, retention, rollup_interval,
                         housekeeping=lambda now: registry.remove_retired_artifacts(retired_artifact_retention, now))

@@ -22,6 +22,7 @@ writer.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 STORED = collector_pb2.WindowAck.STORED
 DUPLICATE = collector_pb2.WindowAck.DUPLICATE
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
+_RAW, _ROLLUP = 1, 0  # at the same end time, raw windows are listed before rollup rows
 
 
 class WindowResult(NamedTuple):
@@ -105,6 +107,19 @@ def _insert_windows(db: Database, rows: list[tuple], sha: list[str], now_ns: int
             if sample is not None:  # kept apart from the body, in the same transaction
                 samples.insert(db, sample)
     return results
+
+
+def _after(src: int, after: tuple[int, int, int] | None) -> tuple[str, list[int]]:
+    """The condition for the rows of one side (raw or rollup) that sort after the key ``after``
+    (end, src, id) in ``window_rows``' newest-first order."""
+    if after is None:
+        return "", []
+    end, cursor_src, rowid = after
+    if src < cursor_src:  # at the same end time this side comes after the cursor's
+        return " AND end_ns <= ?", [end]
+    if src > cursor_src:
+        return " AND end_ns < ?", [end]
+    return " AND (end_ns < ? OR (end_ns = ? AND rowid < ?))", [end, end, rowid]
 
 
 def _spool_columns(spool: collector_pb2.SpoolStatus) -> dict[str, int]:
@@ -341,19 +356,28 @@ class Store:
         """Every agent run, oldest run first per agent; ``restarts`` counts the
         same agent's earlier runs. Totals count every window ever stored for
         the run (kept on the run's row, so rollups do not change them)."""
+        return sorted((state for _, state in self.agent_rows()), key=lambda a: (a.agent_id, a.restarts))
+
+    def agent_rows(self) -> Iterator[tuple[tuple[int, int], collector_pb2.AgentState]]:
+        """``agents`` read lazily and most relevant first: each agent's latest run, then earlier runs,
+        each group by last contact, newest first; so a caller that stops early (a reply budget) leaves
+        out the oldest runs. Runs are never deleted, so this list only grows."""
         rows = self.read().query(
             "SELECT *, count(*) OVER (PARTITION BY agent_id ORDER BY started_ns, first_seen_ns, run_id"
-            " ROWS UNBOUNDED PRECEDING) - 1 AS restarts FROM agents ORDER BY agent_id, restarts")
-        return [collector_pb2.AgentState(
-            agent_id=r["agent_id"], run_id=r["run_id"], host=r["host"], model_name=r["model_name"],
-            model_version=r["model_version"], connected=bool(r["connected"]),
-            connected_unix_nano=r["connected_ns"], last_seen_unix_nano=r["last_seen_ns"],
-            last_window_end_unix_nano=r["last_window_end_ns"], windows=r["windows"], rows=r["rows"],
-            dropped_rows=r["dropped_rows"], restarts=r["restarts"],
-            spool=collector_pb2.SpoolStatus(**{f: r[f"spool_{f}"] for f in _SPOOL_FIELDS}),
-            managed=bool(r["managed"]), desired_version=r["desired_version"], model_error=r["model_error"],
-            shadow_version=r["shadow_version"], shadow_share=r["shadow_share"],
-        ) for r in rows]
+            " ROWS UNBOUNDED PRECEDING) - 1 AS restarts, row_number() OVER (PARTITION BY agent_id"
+            " ORDER BY started_ns DESC, first_seen_ns DESC, run_id DESC) = 1 AS latest"
+            " FROM agents ORDER BY latest DESC, last_seen_ns DESC, agent_id, run_id")
+        for r in rows:
+            yield (r["latest"], r["last_seen_ns"]), collector_pb2.AgentState(
+                agent_id=r["agent_id"], run_id=r["run_id"], host=r["host"], model_name=r["model_name"],
+                model_version=r["model_version"], connected=bool(r["connected"]),
+                connected_unix_nano=r["connected_ns"], last_seen_unix_nano=r["last_seen_ns"],
+                last_window_end_unix_nano=r["last_window_end_ns"], windows=r["windows"], rows=r["rows"],
+                dropped_rows=r["dropped_rows"], restarts=r["restarts"],
+                spool=collector_pb2.SpoolStatus(**{f: r[f"spool_{f}"] for f in _SPOOL_FIELDS}),
+                managed=bool(r["managed"]), desired_version=r["desired_version"], model_error=r["model_error"],
+                shadow_version=r["shadow_version"], shadow_share=r["shadow_share"],
+            )
 
     def model_totals(self) -> list[collector_pb2.ModelVersionTotals]:
         """Exact totals per model version over everything still stored: raw
@@ -375,21 +399,39 @@ class Store:
         """Raw windows and rollup rows of a model (all versions if
         ``model_version`` is empty) ending at or after ``since_ns``, newest first."""
         limit = limit if limit > 0 else 1000
+        rows = self.window_rows(model_name, model_version, since_ns, include_summaries, limit=limit)
+        try:
+            return [info for _, info in itertools.islice(rows, limit)]
+        finally:
+            rows.close()
+
+    def window_rows(self, model_name: str, model_version: str = "", since_ns: int = 0,
+                    include_summaries: bool = False, *, after: tuple[int, int, int] | None = None,
+                    limit: int | None = None) -> Iterator[tuple[tuple[int, int, int], collector_pb2.WindowInfo]]:
+        """``windows`` read lazily, as (sort key, WindowInfo) pairs: newest first by (end, raw before
+        rollup, row id), a total order, so ``after`` (the key of the last one a caller has) continues
+        exactly behind it. ``limit`` only bounds what SQLite reads ahead. One read snapshot for the
+        listing and its bodies, held until the generator is exhausted or closed."""
         where = "model_name = ? AND end_ns >= ?" + (" AND model_version = ?" if model_version else "")
         params = [model_name, since_ns, *([model_version] if model_version else [])]
         scalars = "rowid AS id, model_name, model_version, start_ns, end_ns, rows, calls, dropped_rows, errors"
+        ahead = -1 if limit is None else limit + 1  # -1: no LIMIT
+        raw_after, raw_params = _after(_RAW, after)
+        rollup_after, rollup_params = _after(_ROLLUP, after)
         # Each side is limited on its own (walking its covering index) before the merge;
         # bodies are read afterwards, only for the rows returned.
         db = self.read()
-        db.conn.execute("BEGIN")  # one snapshot for the listing and its bodies
+        db.conn.execute("BEGIN")
         try:
-            rows = list(db.query(
-                f"SELECT * FROM (SELECT 'raw' AS level, agent_id, run_id, seq, {scalars} FROM windows"
-                f" WHERE {where} ORDER BY end_ns DESC LIMIT ?)"
-                f" UNION ALL SELECT * FROM (SELECT level, '', '', 0, {scalars} FROM rollups"
-                f" WHERE {where} ORDER BY end_ns DESC LIMIT ?) ORDER BY end_ns DESC, seq DESC LIMIT ?",
-                [*params, limit, *params, limit, limit]))
-            return [self._window_info(db, r, include_summaries) for r in rows]
+            rows = db.query(
+                f"SELECT * FROM (SELECT 'raw' AS level, {_RAW} AS src, agent_id, run_id, seq, {scalars} FROM windows"
+                f" WHERE {where}{raw_after} ORDER BY end_ns DESC, rowid DESC LIMIT ?)"
+                f" UNION ALL SELECT * FROM (SELECT level, {_ROLLUP}, '', '', 0, {scalars} FROM rollups"
+                f" WHERE {where}{rollup_after} ORDER BY end_ns DESC, rowid DESC LIMIT ?)"
+                " ORDER BY end_ns DESC, src DESC, id DESC LIMIT ?",
+                [*params, *raw_params, ahead, *params, *rollup_params, ahead, ahead])
+            for r in rows:
+                yield (r["end_ns"], r["src"], r["id"]), self._window_info(db, r, include_summaries)
         finally:
             db.conn.execute("COMMIT")
 

@@ -19,8 +19,9 @@ from collector import alerts, audit
 from collector.auth import AuthConfig
 from collector.drift import DriftConfig
 from collector.schema import immediate
-from collector.server import serve_collector
+from collector.server import CollectorServer, serve_collector
 from collector.store import Store
+from agent.errors import Unavailable
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from test_evaluation import profile  # a reference profile that passes validation, written once
@@ -190,49 +191,126 @@ def test_alerts_opened_acknowledged_and_resolved_are_audited(tmp_path):
                                                                           {"state": "resolved"})
 
 
-def test_auth_failures_are_queued_without_waiting_and_bounded():
-    queued: list[concurrent.futures.Future] = []
-    tasks = []
+class FakeStore:
+    """The store's ``submit`` without a writer: tasks wait until ``run`` commits them to an in-memory trail."""
 
-    def submit(fn):
-        tasks.append(fn)
-        queued.append(concurrent.futures.Future())
-        return queued[-1]
+    def __init__(self) -> None:
+        self.tasks: list = []
+        self.db = Database(memory=True)
+        self.db.conn.isolation_level = None
+        audit.audit_trail(self.db)
 
-    log = audit.AuthFailureLog(submit, max_pending=2, clock=lambda: 7)
-    for _ in range(5):
-        log("anonymous", "rpc/outrider.v1.OpsService/Status", "missing token")  # returns at once: nothing commits
-    assert (len(tasks), log.skipped) == (2, 3)
-    queued[0].set_result(None)  # one committed: room for one more, which says what was left out
-    log("vera", "rpc/outrider.v1.OpsService/SetDriftConfig", "role viewer")
-    assert len(tasks) == 3
-    path_db = Database(memory=True)
-    path_db.conn.isolation_level = None
-    audit.audit_trail(path_db)
-    with immediate(path_db.conn):
-        entry = tasks[2](path_db)
-    assert (entry.actor, entry.action, entry.reason) == ("vera", "auth.failure", "role viewer")
-    assert json.loads(entry.after) == {"unrecorded_failures_before": 3}
+    def submit(self, fn) -> concurrent.futures.Future:
+        self.tasks.append(fn)
+        future = concurrent.futures.Future()
+        future.set_result(None)
+        return future
+
+    def run(self) -> list[pb.AuditEntry]:
+        """Commit the queued tasks; the rows they added, oldest first."""
+        seen = {e.id for e in audit.entries(self.db)}
+        with immediate(self.db.conn):
+            for task in self.tasks:
+                task(self.db)
+        self.tasks.clear()
+        return [e for e in audit.entries(self.db)[::-1] if e.id not in seen]
+
+
+MINUTE = audit.MINUTE_NS
+
+
+def test_refusals_become_one_row_per_peer_actor_reason_and_minute():
+    store, clock = FakeStore(), [10 * MINUTE + 5]
+    log = audit.AuthFailureLog(store.submit, clock=lambda: clock[0])
+    for i in range(500):  # returns at once: nothing is written per call
+        clock[0] += 1000
+        log("anonymous", "rpc/outrider.v1.OpsService/Status", "unknown token", "10.0.0.5")
+    log("anonymous", "rpc/outrider.v1.OpsService/ListAudit", "unknown token", "10.0.0.5")
+    log("vera", "rpc/outrider.v1.OpsService/SetDriftConfig", "role viewer", "10.0.0.5")
+    log("anonymous", "http/login", "unknown token", "10.0.0.6")
+    assert log.flush() == 0 and store.tasks == []  # the minute has not ended
+    clock[0] = 11 * MINUTE + 1
+    log("anonymous", "rpc/outrider.v1.OpsService/Status", "unknown token", "10.0.0.5")  # the next minute
+    assert log.flush() == 3 and len(store.tasks) == 1  # one write for the minute's rows
+    rows = store.run()
+    assert [(r.actor, r.object, r.reason) for r in rows] == [
+        ("anonymous", "rpc/outrider.v1.OpsService/Status", "unknown token"),
+        ("vera", "rpc/outrider.v1.OpsService/SetDriftConfig", "role viewer"),
+        ("anonymous", "http/login", "unknown token")]
+    first = json.loads(rows[0].after)
+    assert first == {"count": 501, "peer": "10.0.0.5", "first_unix_nano": 10 * MINUTE + 1005,
+                     "last_unix_nano": 10 * MINUTE + 5 + 500_000,
+                     "objects": ["rpc/outrider.v1.OpsService/Status", "rpc/outrider.v1.OpsService/ListAudit"]}
+    assert {r.action for r in rows} == {"auth.failure"} and rows[0].at_unix_nano == 11 * MINUTE + 1
+    log.close()  # the running minute too, on shutdown
+    [last] = store.run()
+    assert json.loads(last.after)["count"] == 1 and audit.verify(store.db).ok
+
+
+def test_refusal_keys_are_bounded_and_the_rest_still_counted():
+    store = FakeStore()
+    log = audit.AuthFailureLog(store.submit, max_keys=3, clock=lambda: 7)
+    for i in range(50):
+        for _ in range(2):
+            log("anonymous", f"rpc/outrider.v1.OpsService/M{i}", "unknown token", f"10.0.0.{i}")
+    log.close()
+    rows = store.run()
+    counts = [json.loads(r.after)["count"] for r in rows]
+    assert len(rows) == 4 and sum(counts) == 100 and counts[:3] == [2, 2, 2]
+    various = json.loads(rows[3].after)
+    assert (rows[3].actor, various["peer"], len(various["objects"]), various["refusals_of_other_objects"]) == (
+        "various", "various", audit.MAX_OBJECTS, (47 - audit.MAX_OBJECTS) * 2)
+    assert "more than 3" in rows[3].reason
+
+
+def test_refusals_held_when_the_store_closes_are_reported_not_raised(caplog):
+    def closed(fn):
+        raise Unavailable("store is closed")
+
+    log = audit.AuthFailureLog(closed, clock=lambda: 7)
+    log("anonymous", "rpc/x", "unknown token", "10.0.0.5")
+    log.close()
+    assert "1 auth failures (1 audit rows) not recorded" in caplog.text
 
 
 # ------------------------------------------------------------------ a real collector
 
 
 @pytest.fixture
-def secured(tmp_path) -> Iterator[tuple[pb_grpc.OpsServiceStub, Path, str]]:
+def secured(tmp_path) -> Iterator[tuple[pb_grpc.OpsServiceStub, Path, str, CollectorServer]]:
     db = tmp_path / "collector.db"
     server = serve_collector(db, "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML), drift_interval=0,
                              rollup_interval=3600)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:
-        yield pb_grpc.OpsServiceStub(channel), db, f"127.0.0.1:{server.port}"
+        yield pb_grpc.OpsServiceStub(channel), db, f"127.0.0.1:{server.port}", server
     finally:
         channel.close()
         server.stop(grace=0)
 
 
+def test_a_flood_of_refused_calls_adds_one_audit_row_per_caller_and_reason(secured):
+    ops, db, _, server = secured
+    for i in range(300):
+        with pytest.raises(grpc.RpcError) as info:
+            ops.Status(pb.StatusRequest(), metadata=bearer(f"wrong-token-{i:010d}"), timeout=HANG_GUARD)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    for _ in range(5):
+        with pytest.raises(grpc.RpcError):
+            ops.ListAudit(pb.ListAuditRequest(), timeout=HANG_GUARD)
+    status = ops.Status(pb.StatusRequest(), metadata=bearer(VIEWER_TOKEN), timeout=HANG_GUARD)
+    assert status.counters.auth_failures == 305  # the counter still counts every refusal
+    server.stop(grace=0)  # shutdown writes what the minute held
+    rows = [e for e in audit.entries(Database(sqlite3.connect(db)), limit=1000) if e.action == "auth.failure"]
+    found = {(e.reason.split(":")[0], e.object): json.loads(e.after) for e in rows}
+    assert len(rows) == 2 and {k: (v["count"], v["peer"]) for k, v in found.items()} == {
+        ("unknown token", "rpc/outrider.v1.OpsService/Status"): (300, "127.0.0.1"),
+        ("missing token", "rpc/outrider.v1.OpsService/ListAudit"): (5, "127.0.0.1")}
+    assert verify_file(db).ok
+
+
 def test_ops_changes_and_refusals_are_listed_with_their_actor(secured):
-    ops, _, _ = secured
+    ops, _, _, server = secured
     with pytest.raises(grpc.RpcError) as info:
         ops.Status(pb.StatusRequest(), timeout=HANG_GUARD)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -240,6 +318,7 @@ def test_ops_changes_and_refusals_are_listed_with_their_actor(secured):
         ops.SetDriftConfig(pb.DriftConfigRequest(model_name="m", config_json="{}"), metadata=bearer(VIEWER_TOKEN),
                            timeout=HANG_GUARD)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    server.auth.on_refusal.flush(everything=True)  # at the end of the minute, or now
     # The refusals were queued before these writes: the writer commits in order.
     reference = profile(np.random.default_rng(1))
     ops.AttachProfile(pb.AttachProfileRequest(model_name="m", model_version="1", profile=reference),
@@ -267,7 +346,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_lists_and_verifies_then_names_an_edited_row(secured):
-    ops, db, address = secured
+    ops, db, address, _ = secured
     for consecutive in (2, 4):
         ops.SetDriftConfig(pb.DriftConfigRequest(model_name="m", config_json=json.dumps({"consecutive": consecutive})),
                            metadata=bearer(ALICE_TOKEN), timeout=HANG_GUARD)

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.errors import InvalidArgument
 from collector.auth import (LOCAL, AuthConfig, AuthInterceptor, Identity, TLSFiles, client_credentials,
-                            current_identity, is_loopback, role_at_least)
+                            current_identity, is_loopback, peer_address, role_at_least)
 from collector.server import serve_collector
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
@@ -215,6 +215,27 @@ def test_an_unlisted_ops_method_needs_admin():
     with whoami_server(interceptor) as ops:
         assert status_error(ops, bearer(VIEWER_TOKEN)).code() == grpc.StatusCode.PERMISSION_DENIED
         assert ops.Status(pb.StatusRequest(), metadata=bearer(ADMIN_TOKEN), timeout=HANG_GUARD).collector_version
+
+
+def test_a_refusal_is_recorded_with_the_callers_address_once_per_call():
+    heard: list[tuple[str, str, str, str]] = []
+    interceptor = AuthInterceptor(AuthConfig.from_toml(AUTH_TOML), method_roles={"Status": "admin"},
+                                  on_refusal=lambda *refusal: heard.append(refusal))
+    with whoami_server(interceptor) as ops:
+        status_error(ops, ())
+        status_error(ops, bearer(VIEWER_TOKEN))
+    assert interceptor.failures == 2
+    assert [(actor, obj, reason.split(":")[0], peer) for actor, obj, reason, peer in heard] == [
+        ("anonymous", "rpc/outrider.v1.OpsService/Status", "missing token", "127.0.0.1"),
+        ("vera", "rpc/outrider.v1.OpsService/Status", "operator 'vera' has role viewer; OpsService/Status needs "
+                                                      "admin or above", "127.0.0.1")]
+
+
+@pytest.mark.parametrize("peer, address", [("ipv4:10.1.2.3:5678", "10.1.2.3"), ("ipv6:[::1]:5678", "::1"),
+                                           ("ipv6:[fe80::1%eth0]:80", "fe80::1%eth0"), ("unix:/tmp/s", "unix:/tmp/s"),
+                                           ("", "unknown")])
+def test_peer_address_drops_the_port(peer, address):
+    assert peer_address(peer) == address
 
 
 # ------------------------------------------------------------------ TLS

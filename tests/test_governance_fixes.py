@@ -155,10 +155,10 @@ def test_decisions_reach_agents_through_the_post_commit_hook(ops_collector, monk
 
 
 def test_count_refusal_counts_and_audits_and_never_raises():
-    heard: list[tuple[str, str, str]] = []
+    heard: list[tuple[str, str, str, str]] = []
     interceptor = AuthInterceptor(AuthConfig.from_toml(AUTH), on_refusal=lambda *a: heard.append(a))
-    interceptor.count_refusal("mallory", "http/", "unknown token")
-    assert interceptor.failures == 1 and heard == [("mallory", "http/", "unknown token")]
+    interceptor.count_refusal("mallory", "http/", "unknown token", "10.0.0.5")
+    assert interceptor.failures == 1 and heard == [("mallory", "http/", "unknown token", "10.0.0.5")]
 
     def broken(*args: str) -> None:
         raise RuntimeError("audit queue closed")

@@ -3,7 +3,10 @@ windows that drift, evaluations, alerts, approvals, a retraining request, a shad
 from __future__ import annotations
 
 import http.client
+import json
 import re
+import socket
+import ssl
 import tempfile
 import time
 from collections.abc import Iterator
@@ -19,7 +22,10 @@ from agent import examples, sketches
 from agent.errors import InvalidArgument
 from agent.profile import build_profile
 from collector import alerts, audit
-from collector.auth import AuthConfig
+from collector.auth import AuthConfig, AuthInterceptor, TLSFiles
+from collector.store import Store
+from collector.web import WebAccess, WebServer, serve_web, throttle
+from collector.web.guard import guarded
 from collector.drift import DriftConfig
 from collector.evaluation import DriftEvaluator
 from collector.server import CollectorServer, serve_collector
@@ -27,9 +33,11 @@ from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from protos import summary_pb2
 from test_collector_cli import cli, one_line_error
+from test_auth import pki  # noqa: F401  (a self-signed certificate, a CA and a client certificate)
 from test_delivery import start, wait_until
 
 NS = 1_000_000_000
+HANG_GUARD = 60
 CS = summary_pb2.ColumnSummary
 TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789", "vera": "vera-token-0123456789"}
 ROLES = {"alice": "operator", "bob": "approver", "vera": "viewer"}
@@ -264,8 +272,10 @@ def test_bad_tokens_are_refused_counted_and_audited(site):
         return [e for e in audit.entries(site.running.store.read(), limit=50)
                 if e.action == "auth.failure" and e.object == "http/"]
 
+    site.running.auth.on_refusal.flush(everything=True)  # at the end of the minute, or now
     wait_until(lambda: len(audited()) >= 2, timeout=60, what="the refusals in the audit trail")
     assert "edge-1" in {e.actor for e in audited()}
+    assert {json.loads(e.after)["peer"] for e in audited()} == {"127.0.0.1"}
 
 
 def test_login_sets_a_strict_http_only_cookie_that_opens_the_pages(site):
@@ -325,3 +335,190 @@ def test_cli_serves_the_page_and_refuses_a_public_one_without_tokens(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(60) == 0
+
+
+# ------------------------------------------------------------------ what callers cannot do to the page
+
+
+@pytest.mark.parametrize("method, path, form, status", [
+    ("GET", "/audit?before=99999999999999999999999", None, 400),  # past SQLite's INTEGER: was a 500
+    ("GET", "/audit?before=-1", None, 400),
+    ("GET", "/audit?before=%D9%A1%D9%A2", None, 400),  # Arabic-Indic digits: isdigit() says yes
+    ("GET", "/audit?model=%00%ff&before=9223372036854775807", None, 200),
+    ("GET", "/models/%00", None, 404),
+    ("GET", "/models/%ff%fe", None, 404),
+    ("GET", "/models/" + "m" * 20_000, None, 404),
+    ("GET", "/models/churn?version=%00", None, 200),
+    ("GET", "/models/churn?version=" + "9" * 30, None, 200),
+    ("GET", "/%2e%2e/%2e%2e/etc/passwd", None, 404),
+    ("OPTIONS", "/", None, 405),
+    ("PATCH", "/login", {}, 405),
+    ("POST", "/login", {"token": TOKENS["vera"], "next": "/\r\nSet-Cookie: x=1"}, 303),
+    ("POST", "/login", {"token": TOKENS["vera"], "next": "/caf\u00e9"}, 303),
+    ("POST", "/login", {"token": "t" * 9000}, 413),
+])
+def test_no_request_makes_the_page_fail(site, method, path, form, status):
+    got, headers, page = fetch(site.url, path, token=TOKENS["vera"], method=method, form=form)
+    assert got == status, page
+    if status == 303:
+        assert headers["location"] == "/"  # not a header of the caller's making
+
+
+def test_head_answers_the_headers_of_get_without_a_body(site):
+    address = site.url.split("://", 1)[1]
+    conn = http.client.HTTPConnection(address, timeout=60)
+    try:
+        conn.request("HEAD", "/approvals", headers={"Authorization": f"Bearer {TOKENS['vera']}"})
+        reply = conn.getresponse()
+        assert reply.status == 200 and reply.read() == b""
+        assert int(reply.getheader("content-length")) > 1000 and "default-src 'none'" in reply.getheader(
+            "content-security-policy")
+    finally:
+        conn.close()
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.split("://", 1)[1].rstrip("/").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=HANG_GUARD)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (the socket's timeout is the hang guard)."""
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def test_idle_and_half_sent_connections_do_not_starve_the_page(site):
+    """The old page (8 workers, each held by a connection that sent nothing) answered 503 to everyone
+    with 64 such connections open, and took 8.5 s with 8."""
+    idle = [_connect(site.url) for _ in range(100)]
+    try:
+        for i, sock in enumerate(idle):
+            if i % 2:  # half of them start a request and stop mid-headers
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ")
+        for path in ("/healthz", "/", "/models/churn"):
+            status, _, page = fetch(site.url, path, token=TOKENS["vera"])
+            assert status == 200, page
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+@pytest.fixture
+def bounded_page(tmp_path) -> Iterator[WebServer]:
+    """A page on its own, with bounds short enough to watch them act."""
+    with Store(tmp_path / "c.db") as store:
+        page = serve_web("127.0.0.1:0", store, WebAccess(None),
+                         protocol=guarded(request_seconds=0.5, max_connections=8))
+        try:
+            yield page
+        finally:
+            page.stop()
+
+
+def test_a_client_that_sends_nothing_or_trickles_is_closed(bounded_page):
+    silent = _connect(bounded_page.url)
+    trickle = _connect(bounded_page.url)
+    try:
+        assert _read_all(silent).startswith(b"HTTP/1.1 408 ")
+        request, answer = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 400, b""
+        for byte in request:  # one byte at a time, each within the deadline: the request never completes
+            try:
+                trickle.sendall(bytes([byte]))
+            except OSError:  # closed under us
+                break
+            time.sleep(0.05)
+        answer = _read_all(trickle)
+        assert answer.startswith(b"HTTP/1.1 408 ") or answer == b""
+        assert fetch(bounded_page.url, "/healthz")[0] == 200
+    finally:
+        silent.close()
+        trickle.close()
+
+
+def test_connections_past_the_bound_get_503_at_once(tmp_path):
+    with Store(tmp_path / "c.db") as store:
+        page = serve_web("127.0.0.1:0", store, WebAccess(None), protocol=guarded(max_connections=8))
+        held = [_connect(page.url) for _ in range(8)]
+        try:
+            # the server has taken them all (uvicorn's own count of open connections)
+            wait_until(lambda: len(page._server.server_state.connections) == 8, timeout=HANG_GUARD,
+                       what="8 open connections")
+            extra = _connect(page.url)
+            assert _read_all(extra).startswith(b"HTTP/1.1 503 ")
+            extra.close()
+            held.pop().close()
+            wait_until(lambda: fetch(page.url, "/healthz")[0] == 200, timeout=HANG_GUARD, what="a free slot")
+        finally:
+            for sock in held:
+                sock.close()
+            page.stop()
+
+
+def test_unknown_tokens_are_throttled_per_address(tmp_path):
+    with Store(tmp_path / "c.db") as store:
+        interceptor = AuthInterceptor(AuthConfig.from_toml(AUTH_TOML))
+        page = serve_web("127.0.0.1:0", store, WebAccess(interceptor.config, interceptor))
+        try:
+            for i in range(throttle.FAILED_LOGINS):
+                status, _, _ = fetch(page.url, "/login", method="POST", form={"token": f"guess-{i:020d}"})
+                assert status == 401
+            status, headers, body = fetch(page.url, "/login", method="POST", form={"token": TOKENS["vera"]})
+            assert status == 429 and 0 < int(headers["retry-after"]) <= 60 and "try again" in body
+            assert fetch(page.url, "/", token=TOKENS["vera"])[0] == 429  # the header path too; token not looked at
+            assert interceptor.failures == throttle.FAILED_LOGINS + 2
+        finally:
+            page.stop()
+
+
+def test_the_throttle_forgets_after_its_window_and_bounds_its_table():
+    clock = [0.0]
+    limit = throttle.LoginThrottle(limit=2, window=60, max_clients=100, clock=lambda: clock[0])
+    limit.failed("10.0.0.1")
+    assert limit.wait("10.0.0.1") == 0
+    clock[0] = 10.0
+    limit.failed("10.0.0.1")
+    assert limit.wait("10.0.0.1") == 50.0 and limit.wait("10.0.0.2") == 0
+    clock[0] = 61.0
+    assert limit.wait("10.0.0.1") == 0  # the first failure left the window
+    limit.failed("2001:db8::1")
+    limit.failed("2001:db8::2")  # the same /64
+    assert limit.wait("2001:db8::99") > 0 and limit.wait("2001:db8:0:1::1") == 0
+    for i in range(1000):
+        limit.failed(f"10.1.{i // 250}.{i % 250}")
+    assert len(limit) == 100
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
+def test_the_page_over_tls(tmp_path, pki, mutual):
+    tls = TLSFiles(pki["server_cert"], pki["server_key"], client_ca=pki["ca"] if mutual else None)
+    with Store(tmp_path / "c.db") as store:
+        page = serve_web("127.0.0.1:0", store, WebAccess(AuthConfig.from_toml(AUTH_TOML)), tls=tls)
+        try:
+            assert page.url.startswith("https://")
+            context = ssl.create_default_context(cafile=str(pki["server_cert"]))
+            if mutual:
+                context.load_cert_chain(pki["client_cert"], pki["client_key"])
+            conn = http.client.HTTPSConnection(page.address, timeout=HANG_GUARD, context=context)
+            try:
+                conn.request("POST", "/login", body=urlencode({"token": TOKENS["vera"]}),
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+                reply = conn.getresponse()
+                assert reply.status == 303 and "; Secure" in reply.getheader("set-cookie")
+            finally:
+                conn.close()
+            with pytest.raises(http.client.RemoteDisconnected):  # plain HTTP to a TLS port
+                fetch(page.url.replace("https://", "http://"), "/healthz")
+            if mutual:
+                without = ssl.create_default_context(cafile=str(pki["server_cert"]))
+                with pytest.raises((ssl.SSLError, ConnectionError)):
+                    conn = http.client.HTTPSConnection(page.address, timeout=HANG_GUARD, context=without)
+                    try:
+                        conn.request("GET", "/healthz")
+                        conn.getresponse()
+                    finally:
+                        conn.close()
+        finally:
+            page.stop()

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from collector import alerts
+from collector import alerts, paging
 from collector.store import Store
 from protos import collector_pb2 as pb
 from protos import summary_pb2
@@ -25,6 +25,7 @@ RATE_SECONDS = 300  # rows/s and recent drops are measured over the last five mi
 MAX_AGENTS = 500
 HISTORY = 60  # drift evaluations plotted
 MAX_WINDOWS = 300  # recent windows merged for the distributions and the shadow comparison
+WINDOW_BYTES = 32 * 1024 * 1024  # ... and at most this much of them
 
 
 def _rows(db: Database, sql: str, params: list[Any] | tuple = ()) -> list[dict[str, Any]]:
@@ -125,8 +126,11 @@ def evaluations(db: Database, name: str, version: str) -> list[pb.DriftEvaluatio
 
 
 def recent_windows(store: Store, name: str, version: str, since_ns: int) -> list[summary_pb2.WindowSummary]:
-    infos = store.windows(name, version, since_ns=since_ns, limit=MAX_WINDOWS, include_summaries=True)
-    return [i.summary for i in reversed(infos)]
+    """The newest windows since ``since_ns``, oldest first: at most MAX_WINDOWS and WINDOW_BYTES of them
+    (each of the page's workers holds what it merges)."""
+    rows = store.window_rows(name, version, since_ns, include_summaries=True, limit=MAX_WINDOWS)
+    page = paging.take(rows, "windows", max_bytes=WINDOW_BYTES, limit=MAX_WINDOWS)
+    return [i.summary for i in reversed(page.items)]
 
 
 def rollouts(db: Database, name: str = "", kind: str = "", limit: int = 20) -> list[dict[str, Any]]:

@@ -16,8 +16,10 @@ AUDIT_PAGE = 50
 
 
 def local_path(text: str) -> str:
-    """Where to go after logging in: a path on this server only (no open redirect)."""
-    return text if text.startswith("/") and not text.startswith("//") and "\\" not in text else "/"
+    """Where to go after logging in: a path on this server only (no open redirect), fit for a
+    Location header (printable ASCII)."""
+    local = text.startswith("/") and not text.startswith("//") and "\\" not in text
+    return text if local and text.isascii() and text.isprintable() else "/"
 
 
 def login_form(message: str, next_path: str) -> Markup:
