@@ -28,13 +28,21 @@ from typing import Any
 
 import grpc
 
-from agent.errors import clip_details
+from agent.errors import InvalidArgument, OutriderError, ResourceExhausted, clip_details
 
 log = logging.getLogger(__name__)
 
 # gRPC's experimental attributes of a behavior (e.g. the health service's non-blocking Watch):
 # a wrapped behavior keeps them, or it would change how gRPC calls it.
 _BEHAVIOR_ATTRIBUTES = ("experimental_non_blocking", "experimental_thread_pool")
+
+
+class UndecodableRequest(InvalidArgument):
+    """A request body that does not decode: what a streamed request's iterator raises."""
+
+
+class RequestTooLarge(ResourceExhausted):
+    """A request body over its method's limit: what a streamed request's iterator raises."""
 
 
 class _Undecodable:
@@ -108,45 +116,63 @@ class DecodeGuard(grpc.ServerInterceptor):
         self._guarded[method] = (handler, guarded)  # one assignment: threads see the old pair or the new
         return guarded
 
-    def _refuse(self, method: str, what: str, undecodable: _Undecodable, context: grpc.ServicerContext) -> None:
+    def _refusal(self, method: str, what: str, undecodable: _Undecodable, peer: str) -> OutriderError:
+        """Count and log one refused body; the error to answer it with."""
         if undecodable.size:
             with self._lock:
                 self._too_large += 1
             limit = self.max_bytes[method]
-            log.warning("refused %s from %s: a body of %d bytes, over its limit of %d", method, context.peer(),
+            log.warning("refused %s from %s: a body of %d bytes, over its limit of %d", method, peer,
                         undecodable.size, limit)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"a {what} of {undecodable.size} bytes is over this server's limit of {limit} bytes "
-                          "for it; send less in each call")
+            return RequestTooLarge(f"a {what} of {undecodable.size} bytes is over this server's limit of {limit} "
+                                     "bytes for it; send less in each call")
         with self._lock:
             self._refused += 1
-        log.warning("refused %s from %s: the body is not a valid %s (%s)", method, context.peer(), what,
-                    undecodable.reason)
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, clip_details(
-            f"the request body is not a valid {what} message ({undecodable.reason}); "
-            "check that client and server use the same .proto definitions"))
+        log.warning("refused %s from %s: the body is not a valid %s (%s)", method, peer, what, undecodable.reason)
+        return UndecodableRequest(f"the request body is not a valid {what} message ({undecodable.reason}); "
+                                  "check that client and server use the same .proto definitions")
 
     def _guard(self, method: str, handler: Any) -> Any:
         what = _message_type(handler.request_deserializer)
-        refuse = self._refuse
+        refusal = self._refusal
         safe = _safe(handler.request_deserializer, self.max_bytes.get(method))
+
+        def abort(context: grpc.ServicerContext, error: OutriderError) -> None:
+            context.abort(error.code, clip_details(str(error)))
+
         if handler.request_streaming:
-            behavior = handler.stream_stream or handler.stream_unary
+            # A streamed request that does not decode surfaces where the stream is read -- which may be
+            # another thread than the handler's (the collector reads agent streams on their own thread),
+            # where context.abort would be wrong: the iterator raises the refusal as an OutriderError,
+            # which our servicers' one mapping answers; a handler that lets it escape is answered here.
+            def checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+                for request in requests:
+                    if isinstance(request, _Undecodable):
+                        raise refusal(method, what, request, context.peer())
+                    yield request
 
-            def guarded(requests: Iterator[Any], context: grpc.ServicerContext, *args: Any, **kwargs: Any) -> Any:
-                def checked() -> Iterator[Any]:
-                    for request in requests:
-                        if isinstance(request, _Undecodable):
-                            refuse(method, what, request, context)  # sets the status, then raises
-                        yield request
+            if handler.response_streaming:
+                behavior = handler.stream_stream
 
-                return behavior(checked(), context, *args, **kwargs)
+                def guarded(requests: Iterator[Any], context: grpc.ServicerContext, *args: Any, **kwargs: Any) -> Any:
+                    try:
+                        yield from behavior(checked(requests, context), context, *args, **kwargs)
+                    except (UndecodableRequest, RequestTooLarge) as error:
+                        abort(context, error)
+            else:
+                behavior = handler.stream_unary
+
+                def guarded(requests: Iterator[Any], context: grpc.ServicerContext, *args: Any, **kwargs: Any) -> Any:
+                    try:
+                        return behavior(checked(requests, context), context, *args, **kwargs)
+                    except (UndecodableRequest, RequestTooLarge) as error:
+                        abort(context, error)
         else:
             behavior = handler.unary_unary or handler.unary_stream
 
             def guarded(request: Any, context: grpc.ServicerContext, *args: Any, **kwargs: Any) -> Any:
                 if isinstance(request, _Undecodable):
-                    refuse(method, what, request, context)
+                    abort(context, refusal(method, what, request, context.peer()))
                 return behavior(request, context, *args, **kwargs)
 
         for name in _BEHAVIOR_ATTRIBUTES:

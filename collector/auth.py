@@ -25,27 +25,24 @@ from __future__ import annotations
 
 import contextvars
 import fnmatch
-import hashlib
-import hmac
 import ipaddress
 import logging
 import socket
 import threading
-import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import grpc
 
 from agent.errors import InvalidArgument
+from agent.tokens import (MIN_TOKEN_CHARS, TLSFiles, TokenTable, check_keys, entry_name,  # noqa: F401  (re-exported)
+                          parse_toml, read_toml, tables, token_digest)
 from protos import collector_pb2
 
 log = logging.getLogger(__name__)
 
 ROLES = ("viewer", "operator", "approver", "admin")  # each can do what the ones before it can
-MIN_TOKEN_CHARS = 16
 
 _SERVICES = collector_pb2.DESCRIPTOR.services_by_name
 AGENT_SERVICE = _SERVICES["AgentService"].full_name
@@ -124,96 +121,52 @@ def role_at_least(role: str, needed: str) -> bool:
     return role in ROLES and ROLES.index(role) >= ROLES.index(needed)
 
 
-class _Credential(NamedTuple):
-    digest: bytes
-    identity: Identity
-
-
 class AuthConfig:
-    """The tokens of an auth file, kept only as SHA-256 digests."""
+    """The tokens of an auth file, kept only as SHA-256 digests. The entry format (``name``,
+    ``token`` or ``token_sha256``) and its reading are shared with the agent's own auth file
+    (``agent.tokens``); what is the collector's is the two kinds and their keys."""
 
-    def __init__(self, credentials: list[_Credential]) -> None:
-        self._credentials = credentials
+    def __init__(self, identities: TokenTable[Identity]) -> None:
+        self._identities = identities
 
     @classmethod
     def from_file(cls, path: str | Path) -> AuthConfig:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InvalidArgument(f"cannot read auth file {path}: {exc.strerror or exc}") from None
-        return cls.from_toml(text, source=str(path))
+        doc, source = read_toml(path)
+        return cls.from_doc(doc, source)
 
     @classmethod
     def from_toml(cls, text: str, source: str = "auth file") -> AuthConfig:
-        try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise InvalidArgument(f"{source} is not valid TOML: {exc}") from None
+        return cls.from_doc(parse_toml(text, source), source)
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any], source: str) -> AuthConfig:
         unknown = set(doc) - {"agent", "operator"}
         if unknown:
             raise InvalidArgument(f"{source}: unknown section(s) {sorted(unknown)}; use [[agent]] and [[operator]]")
-        credentials: list[_Credential] = []
-        for kind in ("agent", "operator"):
-            entries = doc.get(kind, [])
-            if not isinstance(entries, list):
-                raise InvalidArgument(f"{source}: write each {kind} as a [[{kind}]] table")
-            for number, entry in enumerate(entries, 1):
-                credentials.append(_credential(kind, entry, f"{source}: [[{kind}]] #{number}"))
-        if not credentials:
+        entries = [_credential(kind, entry, where)
+                   for kind in ("agent", "operator") for entry, where in tables(doc, kind, source)]
+        if not entries:
             raise InvalidArgument(f"{source} defines no [[agent]] or [[operator]]: nobody could connect")
-        seen: dict[bytes, Identity] = {}
-        for cred in credentials:
-            if cred.digest in seen:
-                raise InvalidArgument(f"{source}: {cred.identity.kind} {cred.identity.name!r} has the same token "
-                                      f"as {seen[cred.digest].kind} {seen[cred.digest].name!r}; give each its own")
-            seen[cred.digest] = cred.identity
-        return cls(credentials)
+        return cls(TokenTable(entries, source, lambda who: f"{who.kind} {who.name!r}"))
 
     def authenticate(self, token: str) -> Identity | None:
-        digest = hashlib.sha256(token.encode("utf-8")).digest()
-        found = None
-        for cred in self._credentials:  # no early exit: the time taken does not say which entry matched
-            if hmac.compare_digest(digest, cred.digest):
-                found = cred.identity
-        return found
+        return self._identities.authenticate(token)
 
 
-def _credential(kind: str, entry: Any, where: str) -> _Credential:
-    if not isinstance(entry, dict):
-        raise InvalidArgument(f"{where} must be a table")
-    allowed = {"name", "token", "token_sha256"} | ({"role"} if kind == "operator" else {"agent_ids", "models"})
-    unknown = set(entry) - allowed
-    if unknown:
-        raise InvalidArgument(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-    name = entry.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidArgument(f"{where} needs a name")
+def _credential(kind: str, entry: dict[str, Any], where: str) -> tuple[bytes, Identity]:
+    check_keys(entry, {"name", "token", "token_sha256"} | ({"role"} if kind == "operator" else {"agent_ids", "models"}),
+               where)
+    name = entry_name(entry, where)
     where = f"{where} ({name})"
-    if ("token" in entry) == ("token_sha256" in entry):
-        raise InvalidArgument(f"{where} needs exactly one of token or token_sha256")
-    if "token" in entry:
-        token = entry["token"]
-        if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
-            raise InvalidArgument(f"{where}: token must be at least {MIN_TOKEN_CHARS} characters; make one with "
-                                  "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
-        digest = hashlib.sha256(token.encode("utf-8")).digest()
-    else:
-        hexed = entry["token_sha256"]
-        try:
-            digest = bytes.fromhex(hexed) if isinstance(hexed, str) else b""
-        except ValueError:
-            digest = b""
-        if len(digest) != 32:
-            raise InvalidArgument(f"{where}: token_sha256 must be 64 hex digits (sha256sum of the token)")
+    digest = token_digest(entry, where)
     if kind == "operator":
         role = entry.get("role", "viewer")
         if role not in ROLES:
             raise InvalidArgument(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
-        return _Credential(digest, Identity(name, kind, role))
+        return digest, Identity(name, kind, role)
     agent_ids = _globs(entry, "agent_ids", [name], where)
     models = _globs(entry, "models", ["*"], where)
-    return _Credential(digest, Identity(name, kind, "", agent_ids, models))
+    return digest, Identity(name, kind, "", agent_ids, models)
 
 
 def _globs(entry: dict[str, Any], key: str, default: list[str], where: str) -> tuple[str, ...]:
@@ -348,20 +301,6 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
 
 # ------------------------------------------------------------------ TLS and listening
-
-
-@dataclass(frozen=True)
-class TLSFiles:
-    """PEM files: the server's certificate and key, and optionally the CA that signs client certificates."""
-
-    cert: Path
-    key: Path
-    client_ca: Path | None = None  # set: clients must present a certificate it signed (mutual TLS)
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        client_ca = self.client_ca.read_bytes() if self.client_ca else None
-        return grpc.ssl_server_credentials([(self.key.read_bytes(), self.cert.read_bytes())],
-                                           root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 def client_credentials(ca: str | Path | None = None, cert: str | Path | None = None,

@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.errors import (InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable,
                           grpc_errors, grpc_stream_errors)
+from agent.guard import DecodeGuard
 from agent.hello import package_version
 from collector import alerts, audit, paging
 from collector.auth import AGENT_SERVICE, LOCAL, AuthConfig, AuthInterceptor, Identity, TLSFiles, current_identity
@@ -453,7 +454,9 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
         health_servicer = health.HealthServicer()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_agents + OPS_THREADS, thread_name_prefix="outrider-collector"),
-            interceptors=[interceptor],
+            # Authenticate first, so a refused caller's body is never parsed; then bodies that do not
+            # decode are INVALID_ARGUMENT in one log line (agent.guard), not gRPC's traceback and INTERNAL.
+            interceptors=[interceptor, DecodeGuard()],
             options=[
                 ("grpc.max_receive_message_length", max_receive_bytes),
                 ("grpc.so_reuseport", 0),  # a second collector on a busy port must fail, not share it

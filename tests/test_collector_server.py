@@ -345,3 +345,25 @@ def test_the_rollup_loop_merges_old_windows(tmp_path):
         assert "raw" not in levels
         assert sum(w.rows for w in collector.windows(model_name="credit")) == 30
         assert collector.status().models[0].rows == 30
+
+
+def test_undecodable_bodies_are_invalid_argument_in_one_log_line_and_the_stream_keeps_what_it_acked(collector, caplog):
+    """A garbage message mid-stream (or a garbage ops request) is INVALID_ARGUMENT naming the message type,
+    logged in one line without a traceback; what was acked before it stays stored, the collector serves on."""
+    raw = collector.channel.stream_stream("/outrider.v1.AgentService/Stream", request_serializer=lambda b: b,
+                                          response_deserializer=pb.CollectorMessage.FromString)
+    good = [hello().SerializeToString(), batch(window(0)).SerializeToString()]
+    with caplog.at_level("WARNING"):
+        with pytest.raises(grpc.RpcError) as info:
+            list(raw(iter([*good, b"\xff\xff\xff"]), timeout=HANG_GUARD))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid outrider.v1.AgentMessage" in info.value.details()
+        unary = collector.channel.unary_unary("/outrider.v1.OpsService/Status", request_serializer=lambda b: b,
+                                              response_deserializer=pb.StatusResponse.FromString)
+        with pytest.raises(grpc.RpcError) as info:
+            unary(b"\x0a\xff", timeout=HANG_GUARD)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
+    assert [w.seq for w in collector.windows(model_name="credit")] in ([0], [])  # acked or not, never half
+    conn = collector.connect(hello(run="run-2"), batch(window(0, run="run-2")))
+    assert results(conn.acks(1)) == {0: STORED}
