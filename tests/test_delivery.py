@@ -149,6 +149,7 @@ def test_agent_tokens_speak_only_for_their_agent_ids_and_models(tmp_path):
             entries = c.ops.ListAudit(pb.ListAuditRequest(), metadata=admin, timeout=60).entries
             return [e for e in entries if e.action == "auth.failure"]
 
+        c.server.auth.on_refusal.flush(everything=True)  # refusals are aggregated per minute; write them now
         wait_until(lambda: len(audited()) == 5, timeout=30, what="the refusals in the audit trail")
         assert {e.actor for e in audited()} == {"web-1", "fleet"}
         assert any("not 'web-2'" in e.reason for e in audited())
