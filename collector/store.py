@@ -37,6 +37,7 @@ from sqlite_utils import Database
 
 from agent.errors import ResourceExhausted, Unavailable
 from collector import audit, samples
+from collector.ingest import Limits, clean_text, validate_spool
 from collector.rollup import RetentionPolicy, apply_retention
 from collector.schema import SPOOL_FIELDS as _SPOOL_FIELDS
 from collector.schema import immediate as _immediate
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 STORED = collector_pb2.WindowAck.STORED
 DUPLICATE = collector_pb2.WindowAck.DUPLICATE
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
+_MAX_INT64 = 2**63 - 1
 
 
 class WindowResult(NamedTuple):
@@ -80,8 +82,12 @@ _ADD_RUN_TOTALS = (
     "INSERT INTO agents (agent_id, run_id, model_name, model_version, model_sha256, started_ns,"
     " first_seen_ns, last_seen_ns, windows, rows, dropped_rows, errors, last_window_end_ns)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)"
-    " ON CONFLICT (agent_id, run_id) DO UPDATE SET windows = windows + 1, rows = rows + excluded.rows,"
-    " dropped_rows = dropped_rows + excluded.dropped_rows, errors = errors + excluded.errors,"
+    " ON CONFLICT (agent_id, run_id) DO UPDATE SET windows = windows + 1,"
+    # Saturating: an agent run that sent 2**23 windows of the largest allowed counts must not
+    # make every later window of the run fail with an integer overflow.
+    f" rows = min(rows + excluded.rows, {_MAX_INT64}),"
+    f" dropped_rows = min(dropped_rows + excluded.dropped_rows, {_MAX_INT64}),"
+    f" errors = min(errors + excluded.errors, {_MAX_INT64}),"
     " last_window_end_ns = max(last_window_end_ns, excluded.last_window_end_ns)"
 )
 
@@ -178,14 +184,18 @@ class Store:
             fields["started_ns"] = hello.started_unix_nano
         if hello.HasField("spool"):
             fields.update(_spool_columns(hello.spool))
+        if hello.HasField("spool"):
+            validate_spool(hello.spool, "hello spool")
         if hello.managed:  # what it serves now; the collector's commands follow (collector.rollout)
             state = hello.model_state
-            fields.update(managed=1, model_error="" if state.ok else state.error[:2000],
+            fields.update(managed=1, model_error="" if state.ok else clean_text(state.error, Limits.max_error_chars),
                           shadow_version=state.shadow_version, shadow_share=state.shadow_share)
         self._update_agent(hello.agent_id, hello.run_id, now_ns, fields)
 
     def record_spool(self, agent_id: str, run_id: str, spool: collector_pb2.SpoolStatus, now_ns: int) -> None:
-        """Store the agent's latest spool status; returns after commit."""
+        """Store the agent's latest spool status; returns after commit. InvalidArgument (changing
+        nothing) for counts that do not fit the table's signed 64-bit integers."""
+        validate_spool(spool)
         self._update_agent(agent_id, run_id, now_ns, {**_spool_columns(spool), "last_seen_ns": now_ns})
 
     def mark_disconnected(self, agent_id: str, run_id: str, now_ns: int) -> None:
@@ -359,12 +369,21 @@ class Store:
         """Exact totals per model version over everything still stored: raw
         windows plus rollups (rollups keep exact counts; only day buckets past
         ``day_seconds`` leave the totals)."""
-        rows = self.read().query(
-            "SELECT model_name, model_version, sum(n) AS windows, sum(rows) AS rows, sum(dropped_rows) AS dropped_rows,"
-            " sum(errors) AS errors, max(end_ns) AS end_ns FROM ("
-            " SELECT model_name, model_version, 1 AS n, rows, dropped_rows, errors, end_ns FROM windows UNION ALL"
-            " SELECT model_name, model_version, windows, rows, dropped_rows, errors, end_ns FROM rollups"
-            ") GROUP BY model_name, model_version ORDER BY model_name, model_version")
+        sql = ("SELECT model_name, model_version, sum(n) AS windows, sum(rows) AS rows,"
+               " sum(dropped_rows) AS dropped_rows, sum(errors) AS errors, max(end_ns) AS end_ns FROM ("
+               " SELECT model_name, model_version, 1 AS n, rows, dropped_rows, errors, end_ns FROM windows UNION ALL"
+               " SELECT model_name, model_version, windows, rows, dropped_rows, errors, end_ns FROM rollups"
+               ") GROUP BY model_name, model_version ORDER BY model_name, model_version")
+        try:
+            rows = list(self.read().query(sql))
+        except sqlite3.OperationalError as exc:
+            if "integer overflow" not in str(exc):
+                raise
+            # Only windows stored before ingest bounded counts can sum past int64: the totals
+            # of those versions show the largest int64 rather than failing every Status call.
+            log.warning("model totals overflow a 64-bit integer; showing them saturated")
+            rows = [{k: min(int(v), _MAX_INT64) if isinstance(v, float) else v for k, v in r.items()}
+                    for r in self.read().query(sql.replace("sum(", "total("))]
         return [collector_pb2.ModelVersionTotals(
             model_name=r["model_name"], model_version=r["model_version"], windows=r["windows"], rows=r["rows"],
             dropped_rows=r["dropped_rows"], errors=r["errors"], last_window_end_unix_nano=r["end_ns"],

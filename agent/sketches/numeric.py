@@ -19,6 +19,9 @@ from protos import summary_pb2
 
 DEFAULT_K = 200  # KLL k for agent windows: ~1.3% rank error, a few KB saturated
 REFERENCE_K = 800  # reference profiles are built once and compared often: buy accuracy
+# The largest KLL k taken from the wire: 5x the reference k. A larger k (the format allows 65535)
+# would make every merge into that column keep that many more items.
+MAX_K = 4096
 
 _F32_MAX = float(np.finfo(np.float32).max)
 # What the C++ deserialisers raise on malformed bytes (std exceptions as mapped by nanobind).
@@ -226,8 +229,13 @@ class NumericSketch:
         """Rebuild a sketch; raises InvalidArgument on corrupt or inconsistent input."""
         if msg.kind != summary_pb2.ColumnSummary.NUMERIC:
             raise InvalidArgument(f"column {msg.name!r} is not NUMERIC")
+        if msg.frequent_items or msg.distinct:
+            raise InvalidArgument(f"column {msg.name!r} is NUMERIC but carries categorical sketches")
         sketch = cls()
         if msg.kll:
+            k = kll_k(msg.kll)
+            if k > MAX_K:
+                raise InvalidArgument(f"column {msg.name!r}: KLL sketch has k = {k}, at most {MAX_K} allowed")
             sketch._kll = _deserialize(ds.kll_floats_sketch.deserialize, msg.kll, "KLL")
         if msg.missing + msg.infinite > msg.count:
             raise InvalidArgument(f"column {msg.name!r}: missing + infinite exceeds count")
@@ -236,9 +244,31 @@ class NumericSketch:
             raise InvalidArgument(
                 f"column {msg.name!r}: KLL holds {sketch._kll.n} values, counts say {sketch.finite_count}"
             )
+        check_moments(msg)
         if sketch.finite_count:
             sketch.mean, sketch.m2, sketch._min, sketch._max = msg.mean, msg.m2, msg.min, msg.max
         return sketch
+
+
+def kll_k(data: bytes) -> int:
+    """The k a serialised KLL sketch declares (bytes 4-5 of its preamble; 0 if too short to say)."""
+    return int.from_bytes(data[4:6], "little") if len(data) >= 8 else 0
+
+
+def check_moments(msg: summary_pb2.ColumnSummary) -> None:
+    """The moments of a numeric column mean something: a finite mean, an M2 that is not NaN or
+    negative (+inf is what the agent's float64 sums give for values beyond ~1e154), and finite
+    min <= max when there are finite values. Raises InvalidArgument naming the field."""
+    name = msg.name
+    if not math.isfinite(msg.mean):
+        raise InvalidArgument(f"column {name!r}: mean must be finite, got {msg.mean}")
+    if math.isnan(msg.m2) or msg.m2 < 0:
+        raise InvalidArgument(f"column {name!r}: m2 must be 0 or more, got {msg.m2}")
+    if msg.count - msg.missing - msg.infinite > 0:
+        if not (math.isfinite(msg.min) and math.isfinite(msg.max)):
+            raise InvalidArgument(f"column {name!r}: min and max must be finite, got {msg.min} and {msg.max}")
+        if msg.min > msg.max:
+            raise InvalidArgument(f"column {name!r}: min {msg.min} is greater than max {msg.max}")
 
 
 def _finite_moments(cols: np.ndarray) -> tuple[np.ndarray, ...]:
