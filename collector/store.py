@@ -136,7 +136,8 @@ class Store:
         self._closed = False
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        self.counters: dict[str, int] = {"windows_stored": 0, "windows_duplicate": 0}
+        self.counters: dict[str, int] = {"windows_stored": 0, "windows_duplicate": 0, "rollup_buckets_skipped": 0}
+        self._failed_buckets: set[tuple] = set()  # rollup buckets already logged as failing (collector.rollup)
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._writer = threading.Thread(target=self._write_loop, args=(ready,), name="outrider-store-writer",
                                         daemon=True)
@@ -213,8 +214,11 @@ class Store:
 
     def rollup(self, now_ns: int, policy: RetentionPolicy) -> dict[str, int]:
         """Apply the retention policy as of ``now_ns``, on the writer thread
-        (it writes), in one transaction; returns the counts per level."""
-        return self.write(lambda db: apply_retention(db, now_ns, policy))
+        (it writes), in one transaction; returns the counts per level. Buckets whose merge
+        failed are left as they were and counted (``rollup_buckets_skipped``; see collector.rollup)."""
+        counts = self.write(lambda db: apply_retention(db, now_ns, policy, self._failed_buckets))
+        self.counters["rollup_buckets_skipped"] += counts.get("buckets_skipped", 0)
+        return counts
 
     def attach_profile(self, model_name: str, model_version: str, profile: summary_pb2.ReferenceProfile,
                        actor: str, now_ns: int) -> bool:
