@@ -361,7 +361,7 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
                     retired_artifact_retention: float = DEFAULT_RETIRED_ARTIFACT_RETENTION,
                     retrain_after_evaluations: int = 10, rollback_watch_seconds: float = 3600.0,
                     rollback_action: str = "request", metrics: Any = None,
-                    http: str | None = None) -> CollectorServer:
+                    http: str | None = None, synchronous: str = "FULL") -> CollectorServer:
     """Open the store at ``db_path`` (or take ``store``, which is then the server's to close)
     and serve on ``listen`` (port 0 picks one). ``metrics`` (a ``collector.metrics.CollectorMetrics``)
     is bound to this collector's parts, for its /metrics.
@@ -376,12 +376,15 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
     ``rollback_watch_seconds`` of a promotion (0: never) requests a rollback, or makes it when
     ``rollback_action`` is "act" (``collector.rollback_policy``).
 
+    ``synchronous`` is the store's SQLite setting (``collector.store``): FULL (acked windows are on
+    disk) or NORMAL (may lose acked windows on power loss); it does not apply to a given ``store``.
+
     Without ``auth`` every caller is trusted: the caller (the CLI) makes sure
     ``listen`` is a loopback address then. ``http`` (HOST:PORT) also serves the read-only web
     page there (``collector.web``; loopback only without ``auth``). Raises ``OSError`` when the address
     cannot be bound. Signal handling is left to the caller.
     """
-    store = store if store is not None else Store(db_path)
+    store = store if store is not None else Store(db_path, synchronous=synchronous)
     try:
         interceptor = AuthInterceptor(auth, on_refusal=audit.AuthFailureLog(store.submit))
         agents = AgentServicer(store, limits=limits or Limits(), max_agents=max_agents, retry_after_ms=retry_after_ms)

@@ -9,12 +9,15 @@ each task inside its own savepoint so that one failing task fails alone.
 Futures resolve only after COMMIT, which is what lets the collector ack a
 window and the agent drop it from its spool.
 
-Durability: WAL with ``synchronous=NORMAL`` (the default) survives a crash of
-the process, kill -9 included; a crash of the OS or a power cut may lose the
-last few commits (WAL is synced at checkpoints, not at every commit). Those
-windows were acked, so the agents will not resend them. ``synchronous="FULL"``
-syncs the WAL at every commit and closes that gap at the cost of one fsync per
-group commit.
+Durability: an ack means the window is on disk. WAL with ``synchronous=FULL``
+(the default) fsyncs the WAL at every commit, so a window survives a crash of
+the OS, a power cut, or its file system going away, once it is acked; group
+commit pays that one fsync for every window of the batch
+(``benchmarks/ingest.py``). ``synchronous="NORMAL"`` (``collector serve
+--synchronous normal``) syncs the WAL only at checkpoints: it survives a crash
+of the process, kill -9 included, but a power cut may lose the last commits --
+windows that were acked, which the agents will not resend
+(``tests/test_durability.py`` shows both).
 
 Readers open their own connection (one per calling thread) and never block the
 writer.
@@ -121,7 +124,7 @@ class Store:
     """The collector's database. Thread-safe; every write goes through the writer thread."""
 
     def __init__(self, path: str | os.PathLike, *, batch_max: int = 512, queue_max: int = 20_000,
-                 synchronous: str = "NORMAL") -> None:
+                 synchronous: str = "FULL") -> None:
         if synchronous.upper() not in _SYNCHRONOUS:
             raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, got {synchronous!r}")
         if batch_max < 1 or queue_max < 1:

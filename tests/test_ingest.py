@@ -462,3 +462,40 @@ def test_on_a_real_stream_bad_messages_end_cleanly_and_change_nothing(tmp_path) 
         assert run5.model_error == ("\ufffd[2J" + "e" * 100_000)[:2000]
         conn.close()
         assert c.status().counters.windows_rejected == 1
+
+
+def test_collector_serve_takes_max_clock_skew_and_synchronous(tmp_path) -> None:
+    """The flags of a real 'outrider collector serve' process reach its ingest and its store."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import grpc
+    from test_collector_server import HANG_GUARD, REJECTED, STORED, AgentConn, batch, hello, window
+
+    from protos import collector_pb2_grpc as pb_grpc
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "agent.cli", "collector", "serve", "--db", str(tmp_path / "c.db"),
+               "--listen", "127.0.0.1:0"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    bad = subprocess.run([*command, "--synchronous", "sometimes"], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=HANG_GUARD)
+    assert bad.returncode == 2 and "--synchronous: invalid choice: 'sometimes'" in bad.stderr
+    proc = subprocess.Popen([*command, "--synchronous", "normal", "--max-clock-skew", "30"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        address = re.search(r"collector listening on (\S+)", proc.stdout.readline()).group(1)
+        with grpc.insecure_channel(address) as channel:
+            conn = AgentConn(pb_grpc.AgentServiceStub(channel))
+            now = time.time_ns()
+            conn.send(hello(), batch(window(0, end_ns=now + 60 * NS), window(1, end_ns=now + 20 * NS)))
+            acks = sorted(conn.acks(2), key=lambda a: a.seq)
+            assert [a.result for a in acks] == [REJECTED, STORED]
+            assert "s ahead of the collector's clock, more than the 30 s allowed" in acks[0].reason
+            conn.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(HANG_GUARD) == 0

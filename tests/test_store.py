@@ -76,9 +76,12 @@ def test_open_errors_surface_in_the_constructor(tmp_path: Path) -> None:
         Store(tmp_path / "x.db", synchronous="SOMETIMES")
 
 
-def test_synchronous_full_is_applied_to_the_writer(path: Path) -> None:
-    with Store(path, synchronous="full") as store:
+def test_acks_are_durable_by_default_and_normal_is_a_choice(path: Path) -> None:
+    """FULL (2) fsyncs the WAL at every commit: an ack means on disk (tests/test_durability.py)."""
+    with Store(path) as store:
         assert store.write(lambda db: db.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
+    with Store(path, synchronous="normal") as store:
+        assert store.write(lambda db: db.execute("PRAGMA synchronous").fetchone()[0]) == 1  # NORMAL
 
 
 def test_concurrent_submitters_all_resolve_with_exact_counts(path: Path, store: Store) -> None:
