@@ -194,7 +194,7 @@ BAD.update({
                                     "frequent-items sketch declares a map of 2**28 entries"),
     "HLL lg_k 30": (_set_header_byte(1, "distinct", 3, 30), "HLL sketch has lg_k = 30"),
     "KLL k 65535": (lambda w: (_set_header_byte(0, "kll", 4, 255)(w), _set_header_byte(0, "kll", 5, 255)(w)),
-                    "KLL sketch has k = 65535, at most 4096 allowed"),
+                    "columns[0] 'x': KLL sketch has k = 65535, at most 4096 allowed"),
     # latency: one numeric value per call, never negative
     "categorical latency": (_latency(["120", "80"], categorical=True), "latency 'latency_us' must be a NUMERIC column"),
     "latency count != calls": (_set("calls", 3), "latency 'latency_us' counts 2 values but calls is 3"),
@@ -499,3 +499,49 @@ def test_collector_serve_takes_max_clock_skew_and_synchronous(tmp_path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(HANG_GUARD) == 0
+
+
+def _forged_kll(change) -> summary_pb2.ColumnSummary:
+    sketch = NumericSketch()
+    sketch.update(np.random.default_rng(5).normal(size=1000))
+    column = sketch.to_proto("x", FEATURE, "X")
+    data = bytearray(column.kll)
+    change(data, data[18], 20 + 4 * data[18] + 8)  # (bytes, levels, offset of the items)
+    column.kll = bytes(data)
+    return column
+
+
+FORGED_KLL = {  # each was accepted by the deserialiser; the first made a merge or a quantile query segfault
+    "level offset flipped": (lambda d, levels, items: d.__setitem__(slice(24, 28), b"\xe9\x00\x00\x27"),
+                             "level offsets do not match its capacity and length"),
+    "n off by one": (lambda d, levels, items: d.__setitem__(8, d[8] + 1), "weights do not add up to its n"),
+    "NaN item": (lambda d, levels, items: d.__setitem__(slice(items, items + 4), b"\x00\x00\xc0\x7f"),
+                 "items, min or max that are not finite"),
+    "infinite max": (lambda d, levels, items: d.__setitem__(slice(items - 4, items), b"\x00\x00\x80\x7f"),
+                     "items, min or max that are not finite"),
+    "level 1 unsorted": (lambda d, levels, items: d.__setitem__(slice(len(d) - 8, len(d)), d[-4:] + d[-8:-4]),
+                         "a level that is not sorted"),
+    "m 9": (lambda d, levels, items: d.__setitem__(6, 9), "family 15 and m 9, expected 15 and 8"),
+    "62 levels": (lambda d, levels, items: d.__setitem__(18, 62), "62 levels in"),
+}
+
+
+@pytest.mark.parametrize("case", FORGED_KLL, ids=list(FORGED_KLL))
+def test_forged_kll_bytes_are_refused_before_they_reach_the_deserialiser(case: str) -> None:
+    change, message = FORGED_KLL[case]
+    column = _forged_kll(change)
+    w = good()
+    w.columns[0].CopyFrom(column)
+    w.rows = 1000
+    w.columns[1].CopyFrom(_categorical(1000))
+    with pytest.raises(InvalidArgument, match="corrupt KLL sketch") as info:
+        validate_window(w, now_ns=T)
+    assert message in str(info.value)
+    untouched = _forged_kll(lambda *_: None)
+    assert NumericSketch.from_proto(untouched).count == 1000  # the recipe itself is sound
+
+
+def _categorical(n: int) -> summary_pb2.ColumnSummary:
+    sketch = CategoricalSketch()
+    sketch.update(np.array(["a", "b"] * (n // 2), dtype=object))
+    return sketch.to_proto("city", FEATURE, "city")
