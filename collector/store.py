@@ -139,7 +139,8 @@ class Store:
         self._closed = False
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        self.counters: dict[str, int] = {"windows_stored": 0, "windows_duplicate": 0, "rollup_buckets_skipped": 0}
+        self.counters: dict[str, int] = {"windows_stored": 0, "windows_duplicate": 0, "rollup_buckets_skipped": 0,
+                                         "group_commits": 0}
         self._failed_buckets: set[tuple] = set()  # rollup buckets already logged as failing (collector.rollup)
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._writer = threading.Thread(target=self._write_loop, args=(ready,), name="outrider-store-writer",
@@ -327,6 +328,8 @@ class Store:
         except Exception as exc:  # BEGIN or COMMIT failed (disk full, I/O error): nothing is stored
             log.exception("store commit failed")
             outcomes = [(t, Unavailable(f"store write failed: {exc}"), False) for t in live]
+        else:
+            self.counters["group_commits"] += 1  # with synchronous=FULL: one WAL fsync each
         with self._lock:
             self._depth -= sum(t.weight for t in batch)
         for task, value, ok in outcomes:
