@@ -25,12 +25,11 @@ import time
 
 import grpc
 import numpy as np
-import pytest
 from google.protobuf.descriptor import FieldDescriptor as FD
 from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_collector_server import HANG_GUARD, REJECTED, STORED, Collector, batch, hello, running, window
+from test_collector_server import REJECTED, STORED, Collector, batch, hello, running, window
 
 from agent.errors import InvalidArgument
 from agent.sketches import CategoricalSketch, NumericSketch
@@ -272,7 +271,8 @@ def test_a_real_collector_survives_hostile_streams_and_stores_nothing_invalid(tm
                 for ack in acks:
                     assert ack.result != REJECTED or ack.reason, "a rejection says why"
             elif kind == "hello":
-                code, details, _ = _outcome(collector, pb.AgentMessage(hello=data.draw(mutated(valid_hello("fuzz", run)))))
+                first = pb.AgentMessage(hello=data.draw(mutated(valid_hello("fuzz", run))))
+                code, details, _ = _outcome(collector, first)
             elif kind == "status":
                 code, details, _ = _outcome(collector, pb.AgentMessage(hello=valid_hello("fuzz", run)),
                                             pb.AgentMessage(status=data.draw(mutated(pb.SpoolStatus(windows=1)))))
