@@ -1,7 +1,14 @@
 """Collector ingest: how many windows a second the SQLite store commits durably.
 
     python benchmarks/ingest.py [--windows 20000] [--threads 4] [--batch 64] [--inflight 4]
-                                [--synchronous NORMAL|FULL] [--path DIR] [--json]
+                                [--synchronous BOTH|NORMAL|FULL] [--rounds 2] [--cpu 0] [--path DIR] [--json]
+
+The whole process runs on one CPU (``--cpu``, ``sched_setaffinity``; -1: no pinning).
+With ``--synchronous BOTH`` (the default) it alternates rounds of NORMAL (fsync of
+the WAL at checkpoints only: what an ack meant before) and FULL (fsync at every
+group commit: an ack means on disk, the collector's default), ``--rounds`` of
+each, in one run, so both see the same disk and the same machine load; each
+mode's figures are the median of its rounds.
 
 The store alone, no gRPC. One realistic window is built with agent.sketches:
 20 numeric features, each a NumericSketch of 1,000 normal rows, plus a latency
@@ -11,8 +18,10 @@ windows, keeping at most ``--inflight`` batches unacknowledged, as an
 exporter does. A full write queue (ResourceExhausted) is retried after 1 ms.
 
 Reported: windows/s and MB/s of serialised WindowSummary bytes from the first
-submit to the last ack, and the ack latency of each batch (submit call to its
-future resolving, i.e. committed) at p50 and p99.
+submit to the last ack, the ack latency of each batch (submit call to its
+future resolving, i.e. committed) at p50 and p99, and the group commits (with
+FULL, one WAL fsync each): per second and windows per commit, which say what a
+disk with slower fsyncs would cost.
 
 Baseline, in the same run (before and after the store, averaged): bare
 sqlite3 inserting the same bytes into a two-column table, one thread, 512
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 import tempfile
@@ -50,10 +60,11 @@ FEATURES, ROWS, NS = 20, 1000, 1_000_000_000
 
 
 def realistic_window() -> summary_pb2.WindowSummary:
+    """Dated to end now (a collector refuses windows from its future)."""
     rng = np.random.default_rng(0)
+    end = time.time_ns() // NS * NS
     w = summary_pb2.WindowSummary(model_name="fraud", model_version="3", model_sha256="ab" * 32,
-                                  start_unix_nano=1_800_000_000 * NS, end_unix_nano=1_800_000_010 * NS,
-                                  rows=ROWS, calls=100)
+                                  start_unix_nano=end - 10 * NS, end_unix_nano=end, rows=ROWS, calls=100)
     for j in range(FEATURES):
         sketch = NumericSketch()
         sketch.update(rng.normal(j, 1 + j / 10, ROWS).astype(np.float32))
@@ -73,8 +84,8 @@ def submitter(store: Store, template: summary_pb2.WindowSummary, agent: int, cou
             w = summary_pb2.WindowSummary()
             w.CopyFrom(template)
             w.agent_id, w.run_id, w.seq = f"agent-{agent}", "run-1", seq
-            w.start_unix_nano += seq * 10 * NS  # 10 s tumbling windows
-            w.end_unix_nano += seq * 10 * NS
+            w.start_unix_nano -= (count - seq) * 10 * NS  # 10 s tumbling windows, the last ending now
+            w.end_unix_nano -= (count - seq) * 10 * NS
             windows.append(w)
         while len(pending) >= inflight:
             pending.popleft().result()
@@ -127,10 +138,10 @@ def run(windows: int, threads: int, batch: int, inflight: int, synchronous: str,
         for w in workers:
             w.join()
         elapsed = time.perf_counter() - start
-        stored = store.counters["windows_stored"]
+        stored, commits = store.counters["windows_stored"], store.counters["group_commits"]
         # Retention: every window is old enough to go into its minute bucket.
         t_rollup = time.perf_counter()
-        merged = store.rollup(template.end_unix_nano + (windows * 10 + 7200) * NS, RetentionPolicy())["raw_merged"]
+        merged = store.rollup(template.end_unix_nano + 7200 * NS, RetentionPolicy())["raw_merged"]
         rollup_s = time.perf_counter() - t_rollup
         store.close()
         db_mb = sum(p.stat().st_size for p in Path(tmp).iterdir()) / 1e6
@@ -141,10 +152,23 @@ def run(windows: int, threads: int, batch: int, inflight: int, synchronous: str,
         "window_bytes": size, "seconds": round(elapsed, 3), "windows_per_s": round(stored / elapsed),
         "mb_per_s": round(stored * size / elapsed / 1e6, 1), "ack_p50_ms": round(float(np.percentile(lat, 50)), 2),
         "ack_p99_ms": round(float(np.percentile(lat, 99)), 2), "queue_full_retries": len(retries),
+        "windows_per_commit": round(stored / commits), "commits_per_s": round(commits / elapsed),
         "db_mb": round(db_mb, 1), "bare_sqlite_windows_per_s": round(bare),
         "ratio_to_bare": round(stored / elapsed / bare, 3),
         "rollup_windows_per_s": round(merged / rollup_s),
     }
+
+
+def median_of(rounds: list[dict]) -> dict:
+    """Each numeric figure's median over the rounds of one mode (the other fields of the first)."""
+    out = dict(rounds[0])
+    for key, value in rounds[0].items():
+        if isinstance(value, (int, float)) and key not in ("threads", "batch", "inflight", "windows"):
+            median = float(np.median([r[key] for r in rounds]))
+            out[key] = round(median) if isinstance(value, int) else round(median, 3)
+    out["rounds"] = len(rounds)
+    out["windows_per_s_each_round"] = [r["windows_per_s"] for r in rounds]
+    return out
 
 
 def main() -> None:
@@ -153,23 +177,39 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--inflight", type=int, default=4)
-    parser.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL"])
+    parser.add_argument("--synchronous", default="BOTH", type=str.upper, choices=["BOTH", "NORMAL", "FULL"])
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of each mode, alternating")
+    parser.add_argument("--cpu", type=int, default=0, help="the one CPU this process runs on (-1: any)")
     parser.add_argument("--path", default=None, help="directory for the database (default: the temp dir)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    r = run(args.windows, args.threads, args.batch, args.inflight, args.synchronous, args.path)
+    if args.cpu >= 0:
+        os.sched_setaffinity(0, {args.cpu})
+    modes = ["NORMAL", "FULL"] if args.synchronous == "BOTH" else [args.synchronous]
+    rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
+    for _ in range(args.rounds):
+        for mode in modes:
+            rounds[mode].append(run(args.windows, args.threads, args.batch, args.inflight, mode, args.path))
+    results = [median_of(rounds[mode]) for mode in modes]
     if args.json:
-        print(json.dumps(r, indent=2))
+        print(json.dumps(results, indent=2))
         return
+    r = results[0]
+    cpus = sorted(os.sched_getaffinity(0))
     print(f"{r['windows']:,} windows of {FEATURES} features x {ROWS:,} rows ({r['window_bytes']:,} bytes each), "
-          f"{r['threads']} threads, batches of {r['batch']}, {r['inflight']} in flight, synchronous={r['synchronous']}")
-    print(f"{'windows/s':>10} {'MB/s':>7} {'ack p50 ms':>11} {'ack p99 ms':>11} {'queue full':>11} {'db MB':>7}"
-          f" {'bare sqlite w/s':>16} {'store/bare':>11}")
-    print(f"{r['windows_per_s']:>10,} {r['mb_per_s']:>7} {r['ack_p50_ms']:>11} {r['ack_p99_ms']:>11} "
-          f"{r['queue_full_retries']:>11} {r['db_mb']:>7} {r['bare_sqlite_windows_per_s']:>16,} "
-          f"{r['ratio_to_bare']:>11}")
-    print(f"rollup of all {r['windows']:,} windows into minute buckets: {r['rollup_windows_per_s']:,} windows/s "
-          f"(on the writer thread)")
+          f"{r['threads']} threads, batches of {r['batch']}, {r['inflight']} in flight, on CPU(s) {cpus}; "
+          f"median of {args.rounds} alternating round(s) per mode")
+    print(f"{'synchronous':>11} {'windows/s':>10} {'each round':>20} {'MB/s':>7} {'ack p50 ms':>11} {'ack p99 ms':>11}"
+          f" {'commits/s':>10} {'w/commit':>9} {'queue full':>11} {'db MB':>7} {'bare sqlite w/s':>16}"
+          f" {'store/bare':>11} {'rollup w/s':>11}")
+    for r in results:
+        each = "/".join(f"{n:,}" for n in r["windows_per_s_each_round"])
+        print(f"{r['synchronous']:>11} {r['windows_per_s']:>10,} {each:>20} {r['mb_per_s']:>7} {r['ack_p50_ms']:>11} "
+              f"{r['ack_p99_ms']:>11} {r['commits_per_s']:>10} {r['windows_per_commit']:>9} "
+              f"{r['queue_full_retries']:>11} {r['db_mb']:>7} {r['bare_sqlite_windows_per_s']:>16,} "
+              f"{r['ratio_to_bare']:>11} {r['rollup_windows_per_s']:>11,}")
+    if len(results) == 2:
+        print(f"FULL / NORMAL: {results[1]['windows_per_s'] / results[0]['windows_per_s']:.2f}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from sqlite_utils import Database
 
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, OutriderError
 from collector import approvals, audit
-from collector.ingest import Limits, validate_model_key
+from collector.ingest import Limits, clean_text, validate_model_key, validate_model_state
 from protos import collector_pb2 as pb
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 SERVE, SHADOW = "serve", "shadow"  # the two families of commands
 FAMILY = {"promote": SERVE, "rollback": SERVE, "shadow": SHADOW, "unshadow": SHADOW}
 CHUNK_BYTES = 1 << 20  # FetchArtifact's chunks
-MAX_ERROR_CHARS = 2000  # of an agent's error, as stored
+MAX_ERROR_CHARS = Limits.max_error_chars  # of an agent's error, as stored
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
 
@@ -156,18 +156,9 @@ def record_sent(db: Database, runs: Iterable[tuple[str, str]], planned: list[Pla
 # ------------------------------------------------------------------ answers
 
 
-def check_state(state: pb.ModelState, limits: Limits) -> None:
-    for field in ("command_id", "model_version", "model_sha256", "shadow_version"):
-        value = getattr(state, field)
-        if len(value) > limits.max_id_chars or not value.isprintable():
-            raise InvalidArgument(f"model_state {field} must be at most {limits.max_id_chars} printable characters")
-    if not (math.isfinite(state.shadow_share) and 0 <= state.shadow_share <= 1):
-        raise InvalidArgument(f"model_state shadow_share must be between 0 and 1, got {state.shadow_share}")
-
-
 def record_state(db: Database, agent_id: str, run_id: str, state: pb.ModelState, now_ns: int) -> None:
     """What the agent serves now, and its answer to the rollout the command belonged to."""
-    error = "" if state.ok else (state.error or "failed without saying why")[:MAX_ERROR_CHARS]
+    error = "" if state.ok else clean_text(state.error or "failed without saying why", MAX_ERROR_CHARS)
     db["agents"].insert({"agent_id": agent_id, "run_id": run_id, "first_seen_ns": now_ns}, ignore=True)
     db.execute("UPDATE agents SET model_version = ?, model_sha256 = ?, model_error = ?, shadow_version = ?,"
                " shadow_share = ?, last_seen_ns = ? WHERE agent_id = ? AND run_id = ?",
@@ -446,7 +437,7 @@ class RolloutPusher:
 
     def record(self, agent_id: str, run_id: str, state: pb.ModelState) -> None:
         """An agent's ModelState: what it serves now, and its answer to a command. Returns after commit."""
-        check_state(state, self.limits)
+        validate_model_state(state, self.limits)  # InvalidArgument ends the stream, changing nothing
         self.store.write(lambda db: record_state(db, agent_id, run_id, state, time.time_ns()))
         if not state.ok:
             log.warning("agent %s run %s: command %s failed: %s", agent_id, run_id, state.command_id, state.error)

@@ -10,10 +10,20 @@ A window's shadow comparison merges too; a bucket keeps one shadow version
 (the latest seen, see ``collector.shadow.ShadowMerger``).
 
 ``apply_retention`` runs on the store's writer thread, inside its transaction.
+Each bucket is merged in a savepoint of its own: a bucket whose merge fails (a
+row an older collector stored before ingest bounded every count, sums past
+SQLite's int64, a body that does not deserialise) is rolled back alone, logged
+once, counted (``buckets_skipped``) and tried again next pass, its rows left
+where they are; every other bucket, of that model or any other, goes on.
+Counts are summed as Python integers and checked against int64 before they are
+written; a bucket's confusion matrix keeps at most ``MAX_CLASSES`` classes (the
+rest are counted under ``OTHER_CLASS``), so merging windows that each name
+different classes cannot grow it without bound.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,10 +32,17 @@ from sqlite_utils import Database
 
 from agent import sketches
 from collector import samples
+from collector.ingest import Limits
 from collector.shadow import ShadowMerger
 from protos import summary_pb2
 
+log = logging.getLogger(__name__)
+
 NS = 1_000_000_000
+MAX_INT64 = 2**63 - 1
+MAX_CLASSES = Limits.max_classes  # of a merged confusion matrix; beyond, OTHER_CLASS
+OTHER_CLASS = "<other>"
+_MAX_LOGGED_FAILURES = 10_000  # failing buckets remembered (to log each once); beyond, each is logged again
 LEVELS: dict[str, int] = {"minute": 60 * NS, "hour": 3600 * NS, "day": 86400 * NS}  # bucket widths
 _NEXT = {"raw": "minute", "minute": "hour", "hour": "day"}
 _CHUNK = 256  # rows read (and bodies held in memory) at a time while merging a bucket
@@ -129,22 +146,34 @@ class WindowMerger:
 
 class PerformanceTotals:
     """Realised performance summed over windows: confusion counts by (true, predicted)
-    class name (windows may know different classes), error sums added."""
+    class name (windows may know different classes), error sums added. At most
+    ``max_classes`` classes are kept, first come first kept; labels of later ones are
+    counted under ``OTHER_CLASS`` (which takes one of the places)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_classes: int = MAX_CLASSES) -> None:
         self.labeled = self.unmatched = 0
+        self.max_classes = max(max_classes, 2)
         self.classes: dict[str, None] = {}  # insertion-ordered set
         self.confusion: dict[tuple[str, str], int] = {}
         self.error_sum = self.abs_error_sum = self.sq_error_sum = 0.0
+
+    def _class(self, name: str) -> str:
+        if name in self.classes:
+            return name
+        if len(self.classes) < self.max_classes - (OTHER_CLASS not in self.classes):
+            self.classes[name] = None
+            return name
+        self.classes[OTHER_CLASS] = None
+        return OTHER_CLASS
 
     def add(self, p: summary_pb2.Performance) -> None:
         self.labeled += p.labeled
         self.unmatched += p.unmatched
         n = len(p.classes)
-        self.classes.update(dict.fromkeys(p.classes))
         if len(p.confusion) == n * n:
-            for i, true in enumerate(p.classes):
-                for j, pred in enumerate(p.classes):
+            names = [self._class(c) for c in p.classes]
+            for i, true in enumerate(names):
+                for j, pred in enumerate(names):
                     if p.confusion[i * n + j]:
                         key = (true, pred)
                         self.confusion[key] = self.confusion.get(key, 0) + p.confusion[i * n + j]
@@ -173,15 +202,23 @@ def merge_windows(windows: Sequence[summary_pb2.WindowSummary]) -> summary_pb2.W
 # ------------------------------------------------------------ in the store
 
 
-def apply_retention(db: Database, now_ns: int, policy: RetentionPolicy) -> dict[str, int]:
+def apply_retention(db: Database, now_ns: int, policy: RetentionPolicy,
+                    failed: set[tuple] | None = None) -> dict[str, int]:
     """Run one retention pass inside the caller's (writer's) transaction.
 
     Returns how many rows of each level were merged upwards (``raw_merged``,
-    ``minute_merged``, ``hour_merged``) and how many day rows were deleted
-    (``day_deleted``). Levels run in order, so one pass carries a late window
-    as far up as its age allows."""
+    ``minute_merged``, ``hour_merged``), how many day rows were deleted
+    (``day_deleted``) and how many buckets failed to merge and were left as they
+    were (``buckets_skipped``). Levels run in order, so one pass carries a late
+    window as far up as its age allows. ``failed`` remembers the buckets already
+    logged as failing (pass the same set every time: each is logged once)."""
+    failed = set() if failed is None else failed
     ages = {"raw": policy.raw_seconds, "minute": policy.minute_seconds, "hour": policy.hour_seconds}
-    counts = {f"{level}_merged": _roll_level(db, level, now_ns - ages[level] * NS) for level in _NEXT}
+    counts = {"buckets_skipped": 0}
+    for level in _NEXT:
+        merged, skipped = _roll_level(db, level, now_ns - ages[level] * NS, failed)
+        counts[f"{level}_merged"] = merged
+        counts["buckets_skipped"] += skipped
     cursor = db.execute(
         "DELETE FROM rollups WHERE level = 'day' AND bucket_end_ns <= ?", [now_ns - policy.day_seconds * NS]
     )
@@ -190,8 +227,9 @@ def apply_retention(db: Database, now_ns: int, policy: RetentionPolicy) -> dict[
     return counts
 
 
-def _roll_level(db: Database, level: str, cutoff_ns: int) -> int:
-    """Merge every row of ``level`` that is old enough into its bucket of the next level."""
+def _roll_level(db: Database, level: str, cutoff_ns: int, failed: set[tuple]) -> tuple[int, int]:
+    """Merge every row of ``level`` that is old enough into its bucket of the next level;
+    (rows merged, buckets skipped)."""
     width = LEVELS[_NEXT[level]]
     if level == "raw":
         sql = "SELECT rowid, model_name, model_version, start_ns FROM windows WHERE end_ns <= ?"
@@ -204,12 +242,45 @@ def _roll_level(db: Database, level: str, cutoff_ns: int) -> int:
     buckets: dict[tuple[str, str, int], list[int]] = defaultdict(list)
     for rowid, name, version, start in db.execute(sql, params).fetchall():
         buckets[(name, version, start - start % width)].append(rowid)
+    merged = skipped = 0
     for (name, version, bucket), rowids in buckets.items():
-        _merge_into_bucket(db, level, name, version, bucket, width, rowids)
-    return sum(len(r) for r in buckets.values())
+        db.conn.execute("SAVEPOINT bucket")
+        try:
+            _merge_into_bucket(db, level, name, version, bucket, width, rowids)
+        except Exception as exc:  # this bucket's rows stay as they are; the pass goes on
+            if not db.conn.in_transaction:
+                raise  # the error ended the whole transaction (disk full, I/O): nothing to isolate
+            db.conn.execute("ROLLBACK TO bucket")
+            skipped += 1
+            _log_failure(failed, (level, name, version, bucket), len(rowids), exc)
+        else:
+            merged += len(rowids)
+            failed.discard((level, name, version, bucket))
+        finally:
+            if db.conn.in_transaction:
+                db.conn.execute("RELEASE bucket")
+    return merged, skipped
+
+
+def _log_failure(failed: set[tuple], key: tuple, rows: int, exc: Exception) -> None:
+    if key in failed:
+        return
+    if len(failed) < _MAX_LOGGED_FAILURES:
+        failed.add(key)
+    level, name, version, bucket = key
+    log.warning("rollup of %d %s row(s) of %s version %s into the %s bucket at %d failed; they stay %s rows and "
+                "are tried again each pass (logged once): %s: %s", rows, level, name, version, _NEXT[level],
+                bucket, level, type(exc).__name__, exc)
 
 
 _TOTALS = ("rows", "calls", "dropped_rows", "errors")
+
+
+def _checked_sum(totals: dict[str, int]) -> dict[str, int]:
+    for key, value in totals.items():
+        if not 0 <= value <= MAX_INT64:
+            raise OverflowError(f"the bucket's {key} total {value} does not fit a signed 64-bit integer")
+    return totals
 
 
 def _merge_into_bucket(db: Database, level: str, name: str, version: str, bucket: int, width: int,
@@ -231,6 +302,7 @@ def _merge_into_bucket(db: Database, level: str, name: str, version: str, bucket
             totals[key] += value
         merger.add(summary_pb2.WindowSummary.FromString(body))
     merged = merger.result()
+    _checked_sum(totals)
     row = {"windows": totals["windows"], **{k: totals[k] for k in _TOTALS},
            "start_ns": merged.start_unix_nano, "end_ns": merged.end_unix_nano,
            "body": merged.SerializeToString()}

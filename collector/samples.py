@@ -53,6 +53,9 @@ def check(sample: summary_pb2.RowSample, window_rows: int, limits: Limits) -> No
         if column.strings and max(map(len, column.strings)) > MAX_STRING_CHARS:
             raise InvalidArgument(f"sample column {column.name!r} has a value over {MAX_STRING_CHARS} characters")
     length = length or 0
+    if length * len(sample.columns) > limits.max_sample_values:
+        raise InvalidArgument(f"sample has {length * len(sample.columns)} values ({length} rows of "
+                              f"{len(sample.columns)} columns), at most {limits.max_sample_values} allowed")
     if length > min(sample.seen, limits.max_sample_rows):
         raise InvalidArgument(f"sample has {length} rows, more than the {sample.seen} it was drawn from or the "
                               f"limit of {limits.max_sample_rows}")

@@ -39,6 +39,13 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
              help="seconds day buckets are kept before they are deleted")
     add_flag(serve, "--sample-retention", prefix=COLLECTOR_ENV, default="604800", type=positive(int), metavar="S",
              help="seconds the rows agents sample (agent serve --sample-rows) are kept for 'outrider data export'")
+    add_flag(serve, "--synchronous", prefix=COLLECTOR_ENV, default="full", choices=("full", "normal"),
+             type=str.lower,
+             help="full: an ack means the window is on disk (the WAL is fsynced at every group commit); "
+                  "normal: fsync only at checkpoints, faster, but may lose acked windows on power loss")
+    add_flag(serve, "--max-clock-skew", prefix=COLLECTOR_ENV, default="600", type=positive(float), metavar="S",
+             help="refuse windows that end more than S seconds after the collector's clock (windows that start "
+                  "before --day-retention are refused too: they would be deleted at once)")
     add_flag(serve, "--rollup-interval", prefix=COLLECTOR_ENV, default="60", type=positive(float), metavar="S",
              help="seconds between retention passes")
     add_log_level(serve, COLLECTOR_ENV)
@@ -90,6 +97,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from agent.metrics import start_for_cli
     from collector.auth import AuthConfig, is_loopback
     from collector.gate import GatePolicy
+    from collector.ingest import Limits
     from collector.metrics import CollectorMetrics
     from collector.rollup import RetentionPolicy
     from collector.server import serve_collector
@@ -134,7 +142,10 @@ def serve_command(args: argparse.Namespace) -> int:
                                       retrain_after_evaluations=args.retrain_after_evaluations,
                                       rollback_watch_seconds=args.rollback_watch_seconds,
                                       rollback_action=args.rollback_action, metrics=metrics, http=args.http,
-                                      max_reply_bytes=int(args.max_reply_mb * 1024 * 1024))
+                                      max_reply_bytes=int(args.max_reply_mb * 1024 * 1024),
+                                      limits=Limits(max_clock_skew_seconds=args.max_clock_skew,
+                                                    max_window_age_seconds=float(args.day_retention)),
+                                      synchronous=args.synchronous.upper())
         except OSError as exc:
             flag = "--http" if "web page" in str(exc) else "--listen"
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with {flag}") from None

@@ -422,7 +422,8 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
                     retrain_after_evaluations: int = 10, rollback_watch_seconds: float = 3600.0,
                     rollback_action: str = "request", metrics: Any = None,
                     http: str | None = None,
-                    max_reply_bytes: int = paging.DEFAULT_MAX_REPLY_BYTES) -> CollectorServer:
+                    max_reply_bytes: int = paging.DEFAULT_MAX_REPLY_BYTES,
+                    synchronous: str = "FULL") -> CollectorServer:
     """Open the store at ``db_path`` (or take ``store``, which is then the server's to close)
     and serve on ``listen`` (port 0 picks one). ``metrics`` (a ``collector.metrics.CollectorMetrics``)
     is bound to this collector's parts, for its /metrics.
@@ -437,13 +438,16 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
     ``rollback_watch_seconds`` of a promotion (0: never) requests a rollback, or makes it when
     ``rollback_action`` is "act" (``collector.rollback_policy``).
 
+    ``synchronous`` is the store's SQLite setting (``collector.store``): FULL (acked windows are on
+    disk) or NORMAL (may lose acked windows on power loss); it does not apply to a given ``store``.
+
     Without ``auth`` every caller is trusted: the caller (the CLI) makes sure
     ``listen`` is a loopback address then. ``http`` (HOST:PORT) also serves the read-only web
     page there (``collector.web``; loopback only without ``auth``). Operators' replies stay within
     ``max_reply_bytes`` (list calls continue with page tokens: ``collector.paging``). Raises ``OSError`` when the address
     cannot be bound. Signal handling is left to the caller.
     """
-    store = store if store is not None else Store(db_path)
+    store = store if store is not None else Store(db_path, synchronous=synchronous)
     refusals = audit.AuthFailureLog(store.submit)  # aggregated per caller and minute; flushed by its thread
     try:
         interceptor = AuthInterceptor(auth, on_refusal=refusals)

@@ -9,12 +9,15 @@ each task inside its own savepoint so that one failing task fails alone.
 Futures resolve only after COMMIT, which is what lets the collector ack a
 window and the agent drop it from its spool.
 
-Durability: WAL with ``synchronous=NORMAL`` (the default) survives a crash of
-the process, kill -9 included; a crash of the OS or a power cut may lose the
-last few commits (WAL is synced at checkpoints, not at every commit). Those
-windows were acked, so the agents will not resend them. ``synchronous="FULL"``
-syncs the WAL at every commit and closes that gap at the cost of one fsync per
-group commit.
+Durability: an ack means the window is on disk. WAL with ``synchronous=FULL``
+(the default) fsyncs the WAL at every commit, so a window survives a crash of
+the OS, a power cut, or its file system going away, once it is acked; group
+commit pays that one fsync for every window of the batch
+(``benchmarks/ingest.py``). ``synchronous="NORMAL"`` (``collector serve
+--synchronous normal``) syncs the WAL only at checkpoints: it survives a crash
+of the process, kill -9 included, but a power cut may lose the last commits --
+windows that were acked, which the agents will not resend
+(``tests/test_durability.py`` shows both).
 
 Readers open their own connection (one per calling thread) and never block the
 writer.
@@ -38,6 +41,7 @@ from sqlite_utils import Database
 
 from agent.errors import ResourceExhausted, Unavailable
 from collector import audit, samples
+from collector.ingest import Limits, clean_text, validate_spool
 from collector.rollup import RetentionPolicy, apply_retention
 from collector.schema import SPOOL_FIELDS as _SPOOL_FIELDS
 from collector.schema import immediate as _immediate
@@ -50,6 +54,7 @@ STORED = collector_pb2.WindowAck.STORED
 DUPLICATE = collector_pb2.WindowAck.DUPLICATE
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
 _RAW, _ROLLUP = 1, 0  # at the same end time, raw windows are listed before rollup rows
+_MAX_INT64 = 2**63 - 1
 
 
 class WindowResult(NamedTuple):
@@ -82,8 +87,12 @@ _ADD_RUN_TOTALS = (
     "INSERT INTO agents (agent_id, run_id, model_name, model_version, model_sha256, started_ns,"
     " first_seen_ns, last_seen_ns, windows, rows, dropped_rows, errors, last_window_end_ns)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)"
-    " ON CONFLICT (agent_id, run_id) DO UPDATE SET windows = windows + 1, rows = rows + excluded.rows,"
-    " dropped_rows = dropped_rows + excluded.dropped_rows, errors = errors + excluded.errors,"
+    " ON CONFLICT (agent_id, run_id) DO UPDATE SET windows = windows + 1,"
+    # Saturating: an agent run that sent 2**23 windows of the largest allowed counts must not
+    # make every later window of the run fail with an integer overflow.
+    f" rows = min(rows + excluded.rows, {_MAX_INT64}),"
+    f" dropped_rows = min(dropped_rows + excluded.dropped_rows, {_MAX_INT64}),"
+    f" errors = min(errors + excluded.errors, {_MAX_INT64}),"
     " last_window_end_ns = max(last_window_end_ns, excluded.last_window_end_ns)"
 )
 
@@ -130,7 +139,7 @@ class Store:
     """The collector's database. Thread-safe; every write goes through the writer thread."""
 
     def __init__(self, path: str | os.PathLike, *, batch_max: int = 512, queue_max: int = 20_000,
-                 synchronous: str = "NORMAL") -> None:
+                 synchronous: str = "FULL") -> None:
         if synchronous.upper() not in _SYNCHRONOUS:
             raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, got {synchronous!r}")
         if batch_max < 1 or queue_max < 1:
@@ -145,7 +154,9 @@ class Store:
         self._closed = False
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        self.counters: dict[str, int] = {"windows_stored": 0, "windows_duplicate": 0}
+        self.counters: dict[str, int] = {"windows_stored": 0, "windows_duplicate": 0, "rollup_buckets_skipped": 0,
+                                         "group_commits": 0}
+        self._failed_buckets: set[tuple] = set()  # rollup buckets already logged as failing (collector.rollup)
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._writer = threading.Thread(target=self._write_loop, args=(ready,), name="outrider-store-writer",
                                         daemon=True)
@@ -193,14 +204,18 @@ class Store:
             fields["started_ns"] = hello.started_unix_nano
         if hello.HasField("spool"):
             fields.update(_spool_columns(hello.spool))
+        if hello.HasField("spool"):
+            validate_spool(hello.spool, "hello spool")
         if hello.managed:  # what it serves now; the collector's commands follow (collector.rollout)
             state = hello.model_state
-            fields.update(managed=1, model_error="" if state.ok else state.error[:2000],
+            fields.update(managed=1, model_error="" if state.ok else clean_text(state.error, Limits.max_error_chars),
                           shadow_version=state.shadow_version, shadow_share=state.shadow_share)
         self._update_agent(hello.agent_id, hello.run_id, now_ns, fields)
 
     def record_spool(self, agent_id: str, run_id: str, spool: collector_pb2.SpoolStatus, now_ns: int) -> None:
-        """Store the agent's latest spool status; returns after commit."""
+        """Store the agent's latest spool status; returns after commit. InvalidArgument (changing
+        nothing) for counts that do not fit the table's signed 64-bit integers."""
+        validate_spool(spool)
         self._update_agent(agent_id, run_id, now_ns, {**_spool_columns(spool), "last_seen_ns": now_ns})
 
     def mark_disconnected(self, agent_id: str, run_id: str, now_ns: int) -> None:
@@ -218,8 +233,11 @@ class Store:
 
     def rollup(self, now_ns: int, policy: RetentionPolicy) -> dict[str, int]:
         """Apply the retention policy as of ``now_ns``, on the writer thread
-        (it writes), in one transaction; returns the counts per level."""
-        return self.write(lambda db: apply_retention(db, now_ns, policy))
+        (it writes), in one transaction; returns the counts per level. Buckets whose merge
+        failed are left as they were and counted (``rollup_buckets_skipped``; see collector.rollup)."""
+        counts = self.write(lambda db: apply_retention(db, now_ns, policy, self._failed_buckets))
+        self.counters["rollup_buckets_skipped"] += counts.get("buckets_skipped", 0)
+        return counts
 
     def attach_profile(self, model_name: str, model_version: str, profile: summary_pb2.ReferenceProfile,
                        actor: str, now_ns: int) -> bool:
@@ -325,6 +343,8 @@ class Store:
         except Exception as exc:  # BEGIN or COMMIT failed (disk full, I/O error): nothing is stored
             log.exception("store commit failed")
             outcomes = [(t, Unavailable(f"store write failed: {exc}"), False) for t in live]
+        else:
+            self.counters["group_commits"] += 1  # with synchronous=FULL: one WAL fsync each
         with self._lock:
             self._depth -= sum(t.weight for t in batch)
         for task, value, ok in outcomes:
@@ -383,12 +403,21 @@ class Store:
         """Exact totals per model version over everything still stored: raw
         windows plus rollups (rollups keep exact counts; only day buckets past
         ``day_seconds`` leave the totals)."""
-        rows = self.read().query(
-            "SELECT model_name, model_version, sum(n) AS windows, sum(rows) AS rows, sum(dropped_rows) AS dropped_rows,"
-            " sum(errors) AS errors, max(end_ns) AS end_ns FROM ("
-            " SELECT model_name, model_version, 1 AS n, rows, dropped_rows, errors, end_ns FROM windows UNION ALL"
-            " SELECT model_name, model_version, windows, rows, dropped_rows, errors, end_ns FROM rollups"
-            ") GROUP BY model_name, model_version ORDER BY model_name, model_version")
+        sql = ("SELECT model_name, model_version, sum(n) AS windows, sum(rows) AS rows,"
+               " sum(dropped_rows) AS dropped_rows, sum(errors) AS errors, max(end_ns) AS end_ns FROM ("
+               " SELECT model_name, model_version, 1 AS n, rows, dropped_rows, errors, end_ns FROM windows UNION ALL"
+               " SELECT model_name, model_version, windows, rows, dropped_rows, errors, end_ns FROM rollups"
+               ") GROUP BY model_name, model_version ORDER BY model_name, model_version")
+        try:
+            rows = list(self.read().query(sql))
+        except sqlite3.OperationalError as exc:
+            if "integer overflow" not in str(exc):
+                raise
+            # Only windows stored before ingest bounded counts can sum past int64: the totals
+            # of those versions show the largest int64 rather than failing every Status call.
+            log.warning("model totals overflow a 64-bit integer; showing them saturated")
+            rows = [{k: min(int(v), _MAX_INT64) if isinstance(v, float) else v for k, v in r.items()}
+                    for r in self.read().query(sql.replace("sum(", "total("))]
         return [collector_pb2.ModelVersionTotals(
             model_name=r["model_name"], model_version=r["model_version"], windows=r["windows"], rows=r["rows"],
             dropped_rows=r["dropped_rows"], errors=r["errors"], last_window_end_unix_nano=r["end_ns"],

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.sketches import CategoricalSketch, NumericSketch, from_proto
-from collector.rollup import NS, RetentionPolicy, merge_windows
+from collector.rollup import NS, OTHER_CLASS, PerformanceTotals, RetentionPolicy, merge_windows
 from collector.store import Store
 from protos import summary_pb2
 
@@ -191,6 +191,83 @@ def test_day_buckets_are_deleted_after_day_seconds(tmp_path: Path) -> None:
     with Store(tmp_path / "s.db") as store:
         store.submit_windows([make_window(rng, seq=i, start=T0 + i * 3600 * NS)[0] for i in range(3)]).result()
         counts = store.rollup(T0 + 86400 * NS, policy)
-        assert counts == {"raw_merged": 3, "minute_merged": 3, "hour_merged": 3, "day_deleted": 0}
+        assert counts == {"raw_merged": 3, "minute_merged": 3, "hour_merged": 3, "day_deleted": 0,
+                          "buckets_skipped": 0}
         assert store.rollup(T0 + 2 * 86400 * NS, policy)["day_deleted"] == 1
         assert store.model_totals() == [] and store.windows("m") == []
+
+
+# ------------------------------------------------------------------ poisoned rows
+
+
+def insert_raw(path: Path, w: summary_pb2.WindowSummary, body: bytes | None = None, **scalars) -> None:
+    """A row put straight into SQLite, as an older collector (that checked less) could have stored it."""
+    row = {**dict(rows=w.rows, calls=w.calls, dropped_rows=w.dropped_rows, errors=w.errors), **scalars}
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO windows (agent_id, run_id, seq, model_name, model_version, start_ns, end_ns,"
+                     " rows, calls, dropped_rows, errors, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                     [w.agent_id, w.run_id, w.seq, w.model_name, w.model_version, w.start_unix_nano,
+                      w.end_unix_nano, row["rows"], row["calls"], row["dropped_rows"], row["errors"],
+                      w.SerializeToString() if body is None else body])
+
+
+def poisoned(rng: np.random.Generator, model: str, seq: int, kind: str) -> tuple[summary_pb2.WindowSummary, dict]:
+    w, _, _ = make_window(rng, agent="old", seq=seq, start=T0 + seq * 10 * NS)
+    w.model_name = model
+    scalars: dict = {}
+    if kind == "labeled":  # issue 10: two of these made every later pass fail with "Value out of range"
+        w.performance.labeled = 2**64 - 1
+    elif kind == "categorical count":  # a frequent-items weight of 2**63, forged consistently
+        cat = CategoricalSketch()
+        cat.update(np.array(["a"], dtype=object))
+        column = cat.to_proto("city", FEATURE, "city")
+        column.count, column.missing = 2**63, 2**63 - 1
+        del w.columns[:]
+        w.columns.append(column)
+    elif kind == "rows":  # the window table's own counts sum past int64
+        scalars["rows"] = 2**62 + 1
+    return w, scalars
+
+
+@pytest.mark.parametrize("kind", ["labeled", "categorical count", "rows", "garbage body"])
+def test_a_poisoned_bucket_is_skipped_and_never_stops_another_models_rollup(tmp_path: Path, kind: str,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(11)
+    path = tmp_path / "s.db"
+    policy = RetentionPolicy(raw_seconds=60, minute_seconds=60, hour_seconds=60, day_seconds=86400)
+    with Store(path) as store:
+        good = [make_window(rng, seq=i, start=T0 + i * 10 * NS)[0] for i in range(6)]
+        store.submit_windows(good).result()
+        for seq in range(2):
+            w, scalars = poisoned(rng, "poison", seq, kind)
+            insert_raw(path, w, b"\xff\x00garbage" if kind == "garbage body" else None, **scalars)
+        before = totals(store)
+        with caplog.at_level("WARNING", logger="collector.rollup"):
+            counts = store.rollup(T0 + 3 * 3600 * NS, policy)
+            again = store.rollup(T0 + 4 * 3600 * NS, policy)
+        assert counts["raw_merged"] == 6 and counts["buckets_skipped"] == 1
+        assert again["buckets_skipped"] == 1 and store.counters["rollup_buckets_skipped"] == 2
+        failures = [r for r in caplog.records if "poison" in r.getMessage()]
+        assert len(failures) == 1, "logged once, not at every pass"
+        assert "rollup of 2 raw row(s) of poison version 1" in failures[0].getMessage()
+        levels = {(w.model_name, level) for level, w in stored_bodies(path)} if kind != "garbage body" else None
+        if levels is not None:
+            assert levels == {("m", "day"), ("poison", "raw")}  # the good model went all the way up
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("SELECT count(*) FROM windows WHERE model_name = 'poison'").fetchone()[0] == 2
+        if kind != "rows":
+            assert totals(store) == before  # exact totals of both models are untouched
+        # the good model's day bucket is still deleted in its time: retention goes on
+        assert store.rollup(T0 + 2 * 86400 * NS, policy)["day_deleted"] == 1
+        assert [t.model_name for t in store.model_totals()] == ["poison"]
+
+
+def test_merged_confusion_matrices_keep_a_bounded_number_of_classes() -> None:
+    totals_ = PerformanceTotals(max_classes=4)
+    totals_.add(summary_pb2.Performance(labeled=3, classes=["a", "b"], confusion=[1, 1, 0, 1]))
+    totals_.add(summary_pb2.Performance(labeled=4, classes=["c", "d", "e"], confusion=[1, 0, 0, 0, 1, 1, 0, 0, 1]))
+    out = totals_.to_proto()
+    assert list(out.classes) == ["a", "b", "c", OTHER_CLASS]
+    assert sum(out.confusion) == out.labeled == 7
+    matrix = np.array(out.confusion).reshape(4, 4)
+    assert matrix[2, 2] == 1 and matrix[3, 3] == 3  # d->e and the diagonals of d and e are 'other'

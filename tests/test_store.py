@@ -76,9 +76,12 @@ def test_open_errors_surface_in_the_constructor(tmp_path: Path) -> None:
         Store(tmp_path / "x.db", synchronous="SOMETIMES")
 
 
-def test_synchronous_full_is_applied_to_the_writer(path: Path) -> None:
-    with Store(path, synchronous="full") as store:
+def test_acks_are_durable_by_default_and_normal_is_a_choice(path: Path) -> None:
+    """FULL (2) fsyncs the WAL at every commit: an ack means on disk (tests/test_durability.py)."""
+    with Store(path) as store:
         assert store.write(lambda db: db.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
+    with Store(path, synchronous="normal") as store:
+        assert store.write(lambda db: db.execute("PRAGMA synchronous").fetchone()[0]) == 1  # NORMAL
 
 
 def test_concurrent_submitters_all_resolve_with_exact_counts(path: Path, store: Store) -> None:
@@ -94,7 +97,9 @@ def test_concurrent_submitters_all_resolve_with_exact_counts(path: Path, store: 
     assert len(results) == threads * batches * per_batch
     assert all(r.result == STORED for r in results)
     assert count_rows(path) == len(results)
-    assert store.counters == {"windows_stored": len(results), "windows_duplicate": 0}
+    counters = dict(store.counters)
+    assert 1 <= counters.pop("group_commits") <= threads * batches
+    assert counters == {"windows_stored": len(results), "windows_duplicate": 0, "rollup_buckets_skipped": 0}
     assert store.queue_depth() == 0
     by_agent = {a.agent_id: a for a in store.agents()}
     assert {a: (s.windows, s.rows) for a, s in by_agent.items()} == {
@@ -107,7 +112,8 @@ def test_a_resend_is_duplicate_and_stored_once(path: Path, store: Store) -> None
     again = store.submit_windows([window(seq=1), window(seq=2), window(seq=2)]).result()
     assert [r.result for r in again] == [DUPLICATE, STORED, DUPLICATE]
     assert count_rows(path) == 3
-    assert store.counters == {"windows_stored": 3, "windows_duplicate": 2}
+    assert store.counters == {"windows_stored": 3, "windows_duplicate": 2, "rollup_buckets_skipped": 0,
+                              "group_commits": 2}
     assert store.agents()[0].windows == 3  # a resend does not count twice
     # Same seq under another run or agent is another window.
     assert [r.result for r in store.submit_windows([window(run="r2", seq=1), window("b", seq=1)]).result()] \

@@ -19,6 +19,22 @@ from agent.sketches.numeric import _deserialize
 from protos import summary_pb2
 
 
+# Bounds on sketches taken from the wire, read from their preambles before deserialising: the
+# frequent-items format lets a few bytes claim a map of 2**lg_cur entries, allocated at once
+# (a 2**28 map is gigabytes), and an HLL's lg_k sets the size of every union with it.
+MAX_FREQUENT_LG_MAX_K = 12  # agents use 7
+MIN_HLL_LG_K, MAX_HLL_LG_K = 4, 16  # agents use 11
+
+
+def _check_frequent_items_header(name: str, data: bytes) -> None:
+    if len(data) < 8:
+        return  # too short to be anything: the deserialiser says so
+    lg_max, lg_cur = data[3], data[4]
+    if lg_max > MAX_FREQUENT_LG_MAX_K or lg_cur > lg_max:
+        raise InvalidArgument(f"column {name!r}: frequent-items sketch declares a map of 2**{lg_cur} entries "
+                              f"(at most 2**{lg_max}); at most 2**{MAX_FREQUENT_LG_MAX_K} allowed")
+
+
 def _is_missing(item: Any) -> bool:
     if item is None or (isinstance(item, (str, bytes)) and not item):
         return True
@@ -126,14 +142,21 @@ class CategoricalSketch:
         """Rebuild a sketch; raises InvalidArgument on corrupt or inconsistent input."""
         if msg.kind != summary_pb2.ColumnSummary.CATEGORICAL:
             raise InvalidArgument(f"column {msg.name!r} is not CATEGORICAL")
+        if msg.kll or msg.infinite or msg.mean or msg.m2 or msg.min or msg.max:
+            raise InvalidArgument(f"column {msg.name!r} is CATEGORICAL but carries numeric fields "
+                                  "(kll, infinite, mean, m2, min or max)")
         if msg.missing > msg.count:
             raise InvalidArgument(f"column {msg.name!r}: missing exceeds count")
         sketch = cls()
         if msg.frequent_items:
+            _check_frequent_items_header(msg.name, msg.frequent_items)
             sketch._freq = _deserialize(ds.frequent_strings_sketch.deserialize, msg.frequent_items, "frequent-items")
             # The format does not carry lg_max_k; recover it from epsilon = 3.5 / 2**lg_max_k.
             sketch.lg_max_k = round(math.log2(3.5 / sketch._freq.epsilon))
         if msg.distinct:
+            if len(msg.distinct) >= 4 and not MIN_HLL_LG_K <= msg.distinct[3] <= MAX_HLL_LG_K:
+                raise InvalidArgument(f"column {msg.name!r}: HLL sketch has lg_k = {msg.distinct[3]}, "
+                                      f"from {MIN_HLL_LG_K} to {MAX_HLL_LG_K} allowed")
             sketch._hll = _deserialize(ds.hll_sketch.deserialize, msg.distinct, "HLL")
         if sketch._freq.total_weight != msg.count - msg.missing:
             raise InvalidArgument(

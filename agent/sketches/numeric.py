@@ -7,7 +7,9 @@ compaction for quantiles), so windows from any agents combine in any order.
 """
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -19,13 +21,17 @@ from protos import summary_pb2
 
 DEFAULT_K = 200  # KLL k for agent windows: ~1.3% rank error, a few KB saturated
 REFERENCE_K = 800  # reference profiles are built once and compared often: buy accuracy
+# The largest KLL k taken from the wire: 5x the reference k. A larger k (the format allows 65535)
+# would make every merge into that column keep that many more items.
+MAX_K = 4096
 
 _F32_MAX = float(np.finfo(np.float32).max)
 # What the C++ deserialisers raise on malformed bytes (std exceptions as mapped by nanobind).
 _DESERIALIZE_ERRORS = (ValueError, IndexError, RuntimeError, MemoryError, OverflowError)
 _T = TypeVar("_T")
 # Flags byte of the DataSketches KLL serial format (byte 3 of the preamble).
-_KLL_EMPTY, _KLL_SINGLE_ITEM = 1, 4
+_KLL_EMPTY, _KLL_SORTED_LEVEL_ZERO, _KLL_SINGLE_ITEM = 1, 2, 4
+_KLL_FAMILY, _KLL_M = 15, 8
 
 
 def _deserialize(fn: Callable[[bytes], _T], data: bytes, what: str) -> _T:
@@ -226,8 +232,11 @@ class NumericSketch:
         """Rebuild a sketch; raises InvalidArgument on corrupt or inconsistent input."""
         if msg.kind != summary_pb2.ColumnSummary.NUMERIC:
             raise InvalidArgument(f"column {msg.name!r} is not NUMERIC")
+        if msg.frequent_items or msg.distinct:
+            raise InvalidArgument(f"column {msg.name!r} is NUMERIC but carries categorical sketches")
         sketch = cls()
         if msg.kll:
+            check_kll(msg.kll)
             sketch._kll = _deserialize(ds.kll_floats_sketch.deserialize, msg.kll, "KLL")
         if msg.missing + msg.infinite > msg.count:
             raise InvalidArgument(f"column {msg.name!r}: missing + infinite exceeds count")
@@ -236,9 +245,95 @@ class NumericSketch:
             raise InvalidArgument(
                 f"column {msg.name!r}: KLL holds {sketch._kll.n} values, counts say {sketch.finite_count}"
             )
+        check_moments(msg)
         if sketch.finite_count:
             sketch.mean, sketch.m2, sketch._min, sketch._max = msg.mean, msg.m2, msg.min, msg.max
         return sketch
+
+
+@functools.lru_cache(maxsize=256)
+def _kll_capacity(k: int, m: int, num_levels: int) -> int:
+    """Items a KLL of ``num_levels`` levels holds (DataSketches' kll_helper::compute_total_capacity):
+    level h (of depth num_levels - h - 1) holds max(m, round(k * (2/3)**depth))."""
+    def shrink(k: int, depth: int) -> int:  # int_cap_aux_aux: pre-multiplied by 2 for rounding
+        return (((2 * k) << depth) // 3**depth + 1) >> 1
+
+    def level(depth: int) -> int:  # int_cap_aux
+        return shrink(k, depth) if depth <= 30 else shrink(shrink(k, depth // 2), depth - depth // 2)
+
+    return sum(max(m, level(num_levels - h - 1)) for h in range(num_levels))
+
+
+def check_kll(data: bytes) -> None:
+    """Raise InvalidArgument unless ``data`` is a structurally sound serialised KLL floats sketch.
+
+    The DataSketches deserialiser trusts the level offsets it reads: a flipped byte there is
+    accepted, then a merge or a quantile query reads out of bounds and kills the process. So
+    the layout is checked here first, from the documented format: preamble (family 15, m 8,
+    k, n, levels), level offsets in order up to the capacity k and the levels imply, a length
+    that matches them, finite items, min and max, the levels above 0 sorted (level 0 too when
+    the sorted flag says so), and item weights (2**level) that add up to n."""
+    def corrupt(why: str) -> InvalidArgument:
+        return InvalidArgument(f"corrupt KLL sketch: {why}")
+
+    if len(data) < 8:
+        raise corrupt(f"{len(data)} bytes is shorter than its preamble")
+    preamble_ints, version, family, flags = data[0], data[1], data[2], data[3]
+    k, m = int.from_bytes(data[4:6], "little"), data[6]
+    if family != _KLL_FAMILY or m != _KLL_M:
+        raise corrupt(f"family {family} and m {m}, expected {_KLL_FAMILY} and {_KLL_M}")
+    if k > MAX_K:
+        raise InvalidArgument(f"KLL sketch has k = {k}, at most {MAX_K} allowed")
+    if k < _KLL_M:
+        raise corrupt(f"k = {k} is below {_KLL_M}")
+    if flags & _KLL_EMPTY:
+        if (preamble_ints, len(data)) != (2, 8):
+            raise corrupt("an empty sketch with data")
+        return
+    if flags & _KLL_SINGLE_ITEM:
+        if (preamble_ints, version, len(data)) != (2, 2, 12) or not math.isfinite(struct.unpack_from("<f", data, 8)[0]):
+            raise corrupt("a single-item sketch that is not one finite item")
+        return
+    if (preamble_ints, version) != (5, 1) or len(data) < 20:
+        raise corrupt(f"preamble of {preamble_ints} ints, serial version {version}, {len(data)} bytes")
+    n, num_levels = struct.unpack_from("<Q", data, 8)[0], data[18]
+    header = 20 + 4 * num_levels + 8
+    if not 1 <= num_levels <= 61 or len(data) < header:
+        raise corrupt(f"{num_levels} levels in {len(data)} bytes")
+    # Plain Python on the few level offsets: this runs for every numeric column at ingest.
+    bounds = [*struct.unpack_from(f"<{num_levels}I", data, 20), _kll_capacity(k, m, num_levels)]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    if min(sizes) < 0 or len(data) != header + 4 * (bounds[-1] - bounds[0]):
+        raise corrupt("its level offsets do not match its capacity and length")
+    if sum(size << h for h, size in enumerate(sizes)) != n:
+        raise corrupt(f"its items' weights do not add up to its n = {n}")
+    low, high = struct.unpack_from("<ff", data, header - 8)
+    items = np.frombuffer(data, "<f4", offset=header)
+    # NaN would break the C++ sorts (not a strict weak order): one float64 sum finds NaN and inf alike.
+    if not (items.size and math.isfinite(low) and math.isfinite(high) and low <= high
+            and math.isfinite(np.add.reduce(items, dtype=np.float64))):
+        raise corrupt("items, min or max that are not finite")
+    # Every level above 0 is a sorted run (level 0 too when flagged): a descent may only start a level.
+    first = 0 if flags & _KLL_SORTED_LEVEL_ZERO else sizes[0]
+    descents = (items[first + 1:] < items[first:-1]).nonzero()[0]
+    if descents.size and not set((descents + (first + 1 + bounds[0])).tolist()) <= set(bounds[1:-1]):
+        raise corrupt("a level that is not sorted")
+
+
+def check_moments(msg: summary_pb2.ColumnSummary) -> None:
+    """The moments of a numeric column mean something: a finite mean, an M2 that is not NaN or
+    negative (+inf is what the agent's float64 sums give for values beyond ~1e154), and finite
+    min <= max when there are finite values. Raises InvalidArgument naming the field."""
+    name = msg.name
+    if not math.isfinite(msg.mean):
+        raise InvalidArgument(f"column {name!r}: mean must be finite, got {msg.mean}")
+    if math.isnan(msg.m2) or msg.m2 < 0:
+        raise InvalidArgument(f"column {name!r}: m2 must be 0 or more, got {msg.m2}")
+    if msg.count - msg.missing - msg.infinite > 0:
+        if not (math.isfinite(msg.min) and math.isfinite(msg.max)):
+            raise InvalidArgument(f"column {name!r}: min and max must be finite, got {msg.min} and {msg.max}")
+        if msg.min > msg.max:
+            raise InvalidArgument(f"column {name!r}: min {msg.min} is greater than max {msg.max}")
 
 
 def _finite_moments(cols: np.ndarray) -> tuple[np.ndarray, ...]:
