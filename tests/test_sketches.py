@@ -459,3 +459,21 @@ def test_ks_pvalue_separates_shift_from_noise() -> None:
     assert ks_pvalue(base, shifted) < 1e-12
     # Loose on purpose: D here is sampling noise plus up to ~0.013 of sketch error.
     assert ks_pvalue(base, same) > 1e-6
+
+
+def test_values_near_the_float64_limit_keep_a_finite_mean_that_the_collector_accepts():
+    """A float64 feature near 1e308 overflowed the sum behind the mean: the window carried mean inf and the
+    collector (rightly) refused it, losing the whole window. The mean is finite now, alone and merged."""
+    from agent.sketches.numeric import check_moments
+
+    huge = np.array([1e308, 1.5e308, 1.7e308, -1.2e308])
+    a, b = NumericSketch(), NumericSketch()
+    update_numeric_block([a], huge.reshape(-1, 1))
+    b.update(np.full(5, 1.7e308))
+    for sketch in (a, b):
+        assert np.isfinite(sketch.mean)
+        check_moments(sketch.to_proto("x", 1, "X"))
+    a.merge(b)
+    assert a.mean == pytest.approx((huge / 9).sum() + 5 * (1.7e308 / 9), rel=1e-12)
+    assert a.count == 9 and a.min == -1.2e308 and a.max == 1.7e308
+    check_moments(a.to_proto("x", 1, "X"))

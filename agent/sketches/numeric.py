@@ -147,9 +147,13 @@ class NumericSketch:
             self.mean, self.m2 = float(mean), float(m2)
         else:
             total = na + n
-            delta = float(mean) - self.mean
-            self.mean = (na * self.mean + n * float(mean)) / total
-            self.m2 = self.m2 + float(m2) + delta * delta * (na * n / total)
+            with np.errstate(over="ignore", invalid="ignore"):
+                delta = float(mean) - self.mean  # may overflow to inf: m2 then is +inf, as documented
+                merged = (na * self.mean + n * float(mean)) / total
+                if not math.isfinite(merged):  # means near the float64 limit: weigh them before adding
+                    merged = self.mean * (na / total) + float(mean) * (n / total)
+                self.mean = merged
+                self.m2 = self.m2 + float(m2) + delta * delta * (na * n / total)
         self._min = min(self._min, float(lo))
         self._max = max(self._max, float(hi))
 
@@ -345,8 +349,11 @@ def _finite_moments(cols: np.ndarray) -> tuple[np.ndarray, ...]:
     Beyond |x| ~ 1e154 (float64 input only) m2 overflows to inf, silently:
     a warning per block would flood the worker's log."""
     lows, highs = cols.min(axis=1), cols.max(axis=1)
-    mean = cols.sum(axis=1) / cols.shape[1]
     with np.errstate(over="ignore", invalid="ignore"):
+        mean = cols.sum(axis=1) / cols.shape[1]
+        wide = ~np.isfinite(mean)
+        if wide.any():  # values near the float64 limit: their sum overflowed, their mean need not (the
+            mean[wide] = (cols[wide] / cols.shape[1]).sum(axis=1)  # collector refuses a non-finite mean)
         np.subtract(cols, mean[:, None], out=cols)
         np.square(cols, out=cols)
     return mean, cols.sum(axis=1), lows, highs
