@@ -112,6 +112,9 @@ class _StateCollector:
                                   "or a missing permission", value=self.auth.failures)
         yield GaugeMetricFamily("outrider_collector_write_queue_depth", "windows and other writes queued for "
                                 "the database, not committed yet", value=self.store.queue_depth())
+        yield CounterMetricFamily("outrider_collector_rollup_buckets_skipped", "rollup buckets whose merge failed "
+                                  "(a window stored by an older collector that cannot be merged); retried each pass, "
+                                  "the other buckets roll up", value=counters.get("rollup_buckets_skipped", 0))
         yield GaugeMetricFamily("outrider_collector_agents_connected", "agent streams open now",
                                 value=len(self.agents.live))
         with self._lock:
@@ -147,7 +150,8 @@ class _StateCollector:
                                    "stored, by model version", labels=["model", "version"])
         dropped = CounterMetricFamily("outrider_collector_dropped_rows", "rows agents could not summarise "
                                       "(their ring was full), as their stored windows report", labels=["model", "version"])
-        for model, version, n, lost in db.execute("SELECT model_name, model_version, sum(rows), sum(dropped_rows)"
+        # total(), not sum(): a float never overflows, where sum() over runs stored by an older collector could
+        for model, version, n, lost in db.execute("SELECT model_name, model_version, total(rows), total(dropped_rows)"
                                                   " FROM agents GROUP BY model_name, model_version"):
             rows.add_metric([model, version], n or 0)
             dropped.add_metric([model, version], lost or 0)

@@ -54,7 +54,7 @@ COLLECTOR_FAMILIES = {
     "outrider_collector_dropped_rows": "counter", "outrider_collector_open_alerts": "gauge",
     "outrider_collector_drift_statistic": "gauge", "outrider_collector_drift_p_value": "gauge",
     "outrider_collector_drift_detected": "gauge", "outrider_collector_drift_evaluation_timestamp_seconds": "gauge",
-    "outrider_collector_ack_latency_seconds": "histogram",
+    "outrider_collector_ack_latency_seconds": "histogram", "outrider_collector_rollup_buckets_skipped": "counter",
 }
 
 
@@ -236,6 +236,7 @@ def test_collector_counts_windows_by_result_and_auth_failures(world):
     assert value(m, "outrider_collector_windows_total", result="rejected") == 1
     assert value(m, "outrider_collector_auth_failures_total") == 1
     assert value(m, "outrider_collector_write_queue_depth") == 0
+    assert value(m, "outrider_collector_rollup_buckets_skipped_total") == 0
     assert value(m, "outrider_collector_rows_total", model="m", version="1") == ROWS * GOOD
     assert value(m, "outrider_collector_rows_total", model="credit", version="1") == 10  # the raw stream's window
     assert value(m, "outrider_collector_dropped_rows_total", model="m", version="1") == 0
