@@ -197,10 +197,14 @@ def _calls(entry: dict[str, Any], where: str) -> frozenset[str]:
     return frozenset(value)
 
 
-def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that only answers ``code`` (its body is never decoded)."""
+def refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
+                     on_call: Callable[[grpc.ServicerContext], None] | None = None) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that only answers ``code`` (its body is never decoded).
+    ``on_call(context)`` runs first, where the caller's address (``context.peer()``) is known."""
 
     def abort(request: Any, context: grpc.ServicerContext) -> None:
+        if on_call is not None:
+            on_call(context)
         context.abort(code, message)
 
     if handler.request_streaming and handler.response_streaming:
@@ -242,7 +246,7 @@ class AccessInterceptor(grpc.ServerInterceptor):
         with self._lock:
             self._refusals[code.name.lower()] += 1
         log.warning("refused %s: %s", details.method, message)
-        return _refuse(handler, code, message)
+        return refusing_handler(handler, code, message)
 
     def _check(self, service: str, method: str, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
         token, why = bearer_token(metadata, "this agent")

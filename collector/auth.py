@@ -37,7 +37,7 @@ import grpc
 
 from agent.errors import InvalidArgument
 from agent.tokens import (MIN_TOKEN_CHARS, TLSFiles, TokenTable, check_keys, entry_name,  # noqa: F401  (re-exported)
-                          parse_toml, read_toml, tables, token_digest)
+                          parse_toml, read_toml, refusing_handler, tables, token_digest)
 from protos import collector_pb2
 
 log = logging.getLogger(__name__)
@@ -191,24 +191,6 @@ def peer_address(peer: str) -> str:
     return peer or "unknown"
 
 
-def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
-            record: Callable[[str], None]) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that records the refusal with the caller's address
-    (known here, in the call's context, not to the interceptor) and only answers ``code``."""
-
-    def abort(request: Any, context: grpc.ServicerContext) -> None:
-        record(peer_address(context.peer()))
-        context.abort(code, message)
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
-
-
 class AuthInterceptor(grpc.ServerInterceptor):
     """Checks every call's bearer token against ``config``; with no config every caller is ``LOCAL``.
 
@@ -242,7 +224,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
         identity, refusal = self._check(service, method, details.invocation_metadata or ())
         if refusal is not None:
             actor, obj = identity.name if identity else "anonymous", f"rpc{details.method}"
-            return _refuse(handler, *refusal, lambda peer: self.count_refusal(actor, obj, refusal[1], peer))
+            # recorded where the caller's address is known: in the call, not in this interceptor
+            return refusing_handler(handler, *refusal, lambda context: self.count_refusal(
+                actor, obj, refusal[1], peer_address(context.peer())))
         _identity.set(identity)
         return handler
 
