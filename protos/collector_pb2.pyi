@@ -481,7 +481,7 @@ class DriftRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., history: _Optional[int] = ...) -> None: ...
 
 class ColumnDrift(_message.Message):
-    __slots__ = ("name", "kind", "role", "drifted", "psi", "ks_d", "ks_p", "wasserstein", "chi2", "chi2_p", "js", "p_adjusted", "missing_rate", "reference_missing_rate", "rows", "reason")
+    __slots__ = ("name", "kind", "role", "drifted", "psi", "ks_d", "ks_p", "wasserstein", "chi2", "chi2_p", "js", "p_adjusted", "missing_rate", "reference_missing_rate", "rows", "reason", "missing_p", "missing_diff", "method", "span_seconds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -498,6 +498,10 @@ class ColumnDrift(_message.Message):
     REFERENCE_MISSING_RATE_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    MISSING_P_FIELD_NUMBER: _ClassVar[int]
+    MISSING_DIFF_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SPAN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: _summary_pb2.ColumnSummary.Kind
     role: _summary_pb2.ColumnSummary.Role
@@ -514,10 +518,14 @@ class ColumnDrift(_message.Message):
     reference_missing_rate: float
     rows: int
     reason: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[_summary_pb2.ColumnSummary.Kind, str]] = ..., role: _Optional[_Union[_summary_pb2.ColumnSummary.Role, str]] = ..., drifted: bool = ..., psi: _Optional[float] = ..., ks_d: _Optional[float] = ..., ks_p: _Optional[float] = ..., wasserstein: _Optional[float] = ..., chi2: _Optional[float] = ..., chi2_p: _Optional[float] = ..., js: _Optional[float] = ..., p_adjusted: _Optional[float] = ..., missing_rate: _Optional[float] = ..., reference_missing_rate: _Optional[float] = ..., rows: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    missing_p: float
+    missing_diff: float
+    method: str
+    span_seconds: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[_summary_pb2.ColumnSummary.Kind, str]] = ..., role: _Optional[_Union[_summary_pb2.ColumnSummary.Role, str]] = ..., drifted: bool = ..., psi: _Optional[float] = ..., ks_d: _Optional[float] = ..., ks_p: _Optional[float] = ..., wasserstein: _Optional[float] = ..., chi2: _Optional[float] = ..., chi2_p: _Optional[float] = ..., js: _Optional[float] = ..., p_adjusted: _Optional[float] = ..., missing_rate: _Optional[float] = ..., reference_missing_rate: _Optional[float] = ..., rows: _Optional[int] = ..., reason: _Optional[str] = ..., missing_p: _Optional[float] = ..., missing_diff: _Optional[float] = ..., method: _Optional[str] = ..., span_seconds: _Optional[float] = ...) -> None: ...
 
 class DriftEvaluation(_message.Message):
-    __slots__ = ("id", "model_name", "model_version", "evaluated_unix_nano", "window_start_unix_nano", "window_end_unix_nano", "rows", "evaluated", "reason", "columns", "accuracy", "reference_accuracy", "mae", "reference_mae")
+    __slots__ = ("id", "model_name", "model_version", "evaluated_unix_nano", "window_start_unix_nano", "window_end_unix_nano", "rows", "evaluated", "reason", "columns", "accuracy", "reference_accuracy", "mae", "reference_mae", "estimated_accuracy", "reference_estimated_accuracy", "not_compared")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -532,6 +540,9 @@ class DriftEvaluation(_message.Message):
     REFERENCE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     MAE_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_MAE_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ESTIMATED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    NOT_COMPARED_FIELD_NUMBER: _ClassVar[int]
     id: int
     model_name: str
     model_version: str
@@ -546,7 +557,10 @@ class DriftEvaluation(_message.Message):
     reference_accuracy: float
     mae: float
     reference_mae: float
-    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., evaluated_unix_nano: _Optional[int] = ..., window_start_unix_nano: _Optional[int] = ..., window_end_unix_nano: _Optional[int] = ..., rows: _Optional[int] = ..., evaluated: bool = ..., reason: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[ColumnDrift, _Mapping]]] = ..., accuracy: _Optional[float] = ..., reference_accuracy: _Optional[float] = ..., mae: _Optional[float] = ..., reference_mae: _Optional[float] = ...) -> None: ...
+    estimated_accuracy: float
+    reference_estimated_accuracy: float
+    not_compared: int
+    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., evaluated_unix_nano: _Optional[int] = ..., window_start_unix_nano: _Optional[int] = ..., window_end_unix_nano: _Optional[int] = ..., rows: _Optional[int] = ..., evaluated: bool = ..., reason: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[ColumnDrift, _Mapping]]] = ..., accuracy: _Optional[float] = ..., reference_accuracy: _Optional[float] = ..., mae: _Optional[float] = ..., reference_mae: _Optional[float] = ..., estimated_accuracy: _Optional[float] = ..., reference_estimated_accuracy: _Optional[float] = ..., not_compared: _Optional[int] = ...) -> None: ...
 
 class DriftResponse(_message.Message):
     __slots__ = ("latest", "history")

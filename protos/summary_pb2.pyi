@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ColumnSummary(_message.Message):
-    __slots__ = ("name", "kind", "role", "source", "count", "missing", "infinite", "mean", "m2", "min", "max", "kll", "frequent_items", "distinct")
+    __slots__ = ("name", "kind", "role", "source", "count", "missing", "infinite", "mean", "m2", "min", "max", "kll", "frequent_items", "distinct", "exact_values", "exact_counts", "exact_overflow")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[ColumnSummary.Kind]
@@ -39,6 +39,9 @@ class ColumnSummary(_message.Message):
     KLL_FIELD_NUMBER: _ClassVar[int]
     FREQUENT_ITEMS_FIELD_NUMBER: _ClassVar[int]
     DISTINCT_FIELD_NUMBER: _ClassVar[int]
+    EXACT_VALUES_FIELD_NUMBER: _ClassVar[int]
+    EXACT_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    EXACT_OVERFLOW_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ColumnSummary.Kind
     role: ColumnSummary.Role
@@ -53,7 +56,10 @@ class ColumnSummary(_message.Message):
     kll: bytes
     frequent_items: bytes
     distinct: bytes
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ColumnSummary.Kind, str]] = ..., role: _Optional[_Union[ColumnSummary.Role, str]] = ..., source: _Optional[str] = ..., count: _Optional[int] = ..., missing: _Optional[int] = ..., infinite: _Optional[int] = ..., mean: _Optional[float] = ..., m2: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., kll: _Optional[bytes] = ..., frequent_items: _Optional[bytes] = ..., distinct: _Optional[bytes] = ...) -> None: ...
+    exact_values: _containers.RepeatedScalarFieldContainer[float]
+    exact_counts: _containers.RepeatedScalarFieldContainer[int]
+    exact_overflow: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ColumnSummary.Kind, str]] = ..., role: _Optional[_Union[ColumnSummary.Role, str]] = ..., source: _Optional[str] = ..., count: _Optional[int] = ..., missing: _Optional[int] = ..., infinite: _Optional[int] = ..., mean: _Optional[float] = ..., m2: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., kll: _Optional[bytes] = ..., frequent_items: _Optional[bytes] = ..., distinct: _Optional[bytes] = ..., exact_values: _Optional[_Iterable[float]] = ..., exact_counts: _Optional[_Iterable[int]] = ..., exact_overflow: bool = ...) -> None: ...
 
 class WindowSummary(_message.Message):
     __slots__ = ("agent_id", "run_id", "seq", "model_name", "model_version", "model_sha256", "start_unix_nano", "end_unix_nano", "rows", "calls", "dropped_rows", "errors", "latency", "columns", "performance", "shadow", "sample", "crc32")
@@ -155,7 +161,14 @@ class Performance(_message.Message):
     def __init__(self, labeled: _Optional[int] = ..., unmatched: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., confusion: _Optional[_Iterable[int]] = ..., error_sum: _Optional[float] = ..., abs_error_sum: _Optional[float] = ..., sq_error_sum: _Optional[float] = ...) -> None: ...
 
 class ReferenceProfile(_message.Message):
-    __slots__ = ("model_name", "model_sha256", "data_sha256", "rows", "data_name", "created_unix_nano", "columns", "performance")
+    __slots__ = ("model_name", "model_sha256", "data_sha256", "rows", "data_name", "created_unix_nano", "columns", "performance", "feature_names", "projection", "calibration")
+    class FeatureNamesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ColumnNames
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ColumnNames, _Mapping]] = ...) -> None: ...
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     DATA_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +177,9 @@ class ReferenceProfile(_message.Message):
     CREATED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     PERFORMANCE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_sha256: str
     data_sha256: str
@@ -172,4 +188,41 @@ class ReferenceProfile(_message.Message):
     created_unix_nano: int
     columns: _containers.RepeatedCompositeFieldContainer[ColumnSummary]
     performance: Performance
-    def __init__(self, model_name: _Optional[str] = ..., model_sha256: _Optional[str] = ..., data_sha256: _Optional[str] = ..., rows: _Optional[int] = ..., data_name: _Optional[str] = ..., created_unix_nano: _Optional[int] = ..., columns: _Optional[_Iterable[_Union[ColumnSummary, _Mapping]]] = ..., performance: _Optional[_Union[Performance, _Mapping]] = ...) -> None: ...
+    feature_names: _containers.MessageMap[str, ColumnNames]
+    projection: Projection
+    calibration: Calibration
+    def __init__(self, model_name: _Optional[str] = ..., model_sha256: _Optional[str] = ..., data_sha256: _Optional[str] = ..., rows: _Optional[int] = ..., data_name: _Optional[str] = ..., created_unix_nano: _Optional[int] = ..., columns: _Optional[_Iterable[_Union[ColumnSummary, _Mapping]]] = ..., performance: _Optional[_Union[Performance, _Mapping]] = ..., feature_names: _Optional[_Mapping[str, ColumnNames]] = ..., projection: _Optional[_Union[Projection, _Mapping]] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ...) -> None: ...
+
+class ColumnNames(_message.Message):
+    __slots__ = ("names",)
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Projection(_message.Message):
+    __slots__ = ("columns", "mean", "scale", "components", "basis", "explained_variance")
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
+    EXPLAINED_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    columns: _containers.RepeatedScalarFieldContainer[str]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    scale: _containers.RepeatedScalarFieldContainer[float]
+    components: int
+    basis: _containers.RepeatedScalarFieldContainer[float]
+    explained_variance: float
+    def __init__(self, columns: _Optional[_Iterable[str]] = ..., mean: _Optional[_Iterable[float]] = ..., scale: _Optional[_Iterable[float]] = ..., components: _Optional[int] = ..., basis: _Optional[_Iterable[float]] = ..., explained_variance: _Optional[float] = ...) -> None: ...
+
+class Calibration(_message.Message):
+    __slots__ = ("confidence", "correct", "reference_accuracy", "reference_estimated_accuracy")
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ESTIMATED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    confidence: _containers.RepeatedScalarFieldContainer[float]
+    correct: _containers.RepeatedScalarFieldContainer[float]
+    reference_accuracy: float
+    reference_estimated_accuracy: float
+    def __init__(self, confidence: _Optional[_Iterable[float]] = ..., correct: _Optional[_Iterable[float]] = ..., reference_accuracy: _Optional[float] = ..., reference_estimated_accuracy: _Optional[float] = ...) -> None: ...
