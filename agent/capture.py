@@ -134,6 +134,18 @@ def plan_slots(inputs: Sequence[Any], outputs: Sequence[Any], names: dict[str, l
     return [s for s in slots if s]
 
 
+def repeated_columns(slots: Sequence[Slot]) -> list[str]:
+    """Column names that more than one column would carry (a feature named like an output, say):
+    the collector refuses such windows, so a plan with any is refused where it is made."""
+    seen: set[str] = set()
+    repeated = set()
+    for name in (c for s in slots for c in s.columns):
+        if name in seen:
+            repeated.add(name)
+        seen.add(name)
+    return sorted(repeated)
+
+
 def feature_names_for(option: Any, custom: dict[str, str], input_name: str,
                       n_inputs: int) -> list[str] | None:
     """Pick the names for one input: explicit option first, then model metadata."""

@@ -158,6 +158,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(serve, "--model-name", prefix=AGENT_ENV, metavar="NAME",
              help="name clients use (default: the file's stem); without --model, the registry model to serve")
     add_flag(serve, "--model-version", prefix=AGENT_ENV, default="1", metavar="V", help="version clients see")
+    add_flag(serve, "--feature-names", prefix=AGENT_ENV, metavar="NAMES",
+             help="names of the model's input columns, those of its reference profile ('outrider profile' prints "
+                  "them): A,B,C for a one-input model, JSON {\"input\": [names]} for several, or @FILE holding "
+                  "either (default: the model's feature_names metadata, else X[i]); managed agents get them from "
+                  "the registry")
     add_flag(serve, "--listen", prefix=AGENT_ENV, default="127.0.0.1:8001", type=listen_address, metavar="HOST:PORT",
              help="address to serve on; port 0 picks a free port")
     add_flag(serve, "--window-seconds", prefix=AGENT_ENV, default="10", type=positive(float), metavar="S",
@@ -224,6 +229,7 @@ def serve_command(args: argparse.Namespace) -> int:
     if not model.is_file():
         raise UsageError(f"model file {model} does not exist; pass --model PATH.onnx (or set OUTRIDER_AGENT_MODEL)")
     name = args.model_name or model.stem
+    names = _feature_names(args.feature_names)
     check_listen(args.listen)
     access = _port_access(args)
     metrics = start_for_cli(AgentMetrics, args.metrics)  # before the model load: a bad address fails fast
@@ -232,7 +238,8 @@ def serve_command(args: argparse.Namespace) -> int:
         session = _open_session(model, name, args.model_version, args.window_seconds, args.summarizer,
                                 agent_id=args.agent_id, collector=args.collector, spool_dir=args.spool_dir,
                                 collector_token=args.token, join_seconds=args.join_seconds,
-                                sample_rows=args.sample_rows, feedback_limits=_feedback_limits(args))
+                                sample_rows=args.sample_rows, feedback_limits=_feedback_limits(args),
+                                feature_names=names)
         try:
             running = serve(session, name, args.model_version, args.listen, workers=args.workers,
                             max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics, **access)
@@ -264,6 +271,10 @@ def _serve_managed(args: argparse.Namespace) -> int:
     if not args.model_name:
         raise UsageError("a managed agent (no --model) needs --model-name NAME: the registry model whose "
                          "production version the collector names")
+    if getattr(args, "feature_names", None):
+        raise UsageError("a managed agent (no --model) names its columns as the registry names them for each "
+                         "version; drop --feature-names (register the version with its named reference: "
+                         "outrider models register NAME --file M.onnx --reference DATA)")
     check_listen(args.listen)
     access = _port_access(args)
     options = {"window_seconds": args.window_seconds, "summarizer": args.summarizer,
@@ -299,6 +310,19 @@ def _serve_managed(args: argparse.Namespace) -> int:
             running.stop(args.grace_seconds)
             _close(metrics)
     return 0
+
+
+def _feature_names(text: str | None) -> Any:
+    """--feature-names read and checked as names (their fit to the model is checked when it loads)."""
+    from agent import feature_names
+    from agent.errors import InvalidArgument
+
+    if not text:
+        return None
+    try:
+        return feature_names.parse(text)
+    except InvalidArgument as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _feedback_limits(args: argparse.Namespace) -> Any:
@@ -393,11 +417,13 @@ def check_listen(listen: str) -> None:
 def _open_session(model: Path, name: str, version: str, window_seconds: float, summarizer: str,
                   **monitoring: Any) -> Any:
     from agent import MonitoredSession
-    from agent.errors import OutriderError
+    from agent.errors import InvalidArgument, OutriderError
 
     try:
         return MonitoredSession(str(model), model_name=name, model_version=version,
                                 window_seconds=window_seconds, summarizer=summarizer, **monitoring)
+    except InvalidArgument as exc:  # names that do not fit the model's inputs
+        raise UsageError(f"--feature-names: {exc}") from None
     except OutriderError as exc:  # e.g. the spool directory is in use by another agent
         raise UsageError(f"{exc}; pass another --spool-dir") from None
     except OSError as exc:  # e.g. a spool directory we may not create

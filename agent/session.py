@@ -24,7 +24,9 @@ import numpy as np
 import onnxruntime as ort
 
 from agent import capture
+from agent import feature_names as naming
 from agent.capture import Reduce, Slot
+from agent.errors import InvalidArgument
 from agent.feedback import FeedbackLimits, Kind, PredictionLog, prediction_output
 from agent.ring import (CALLS_HEAD, CALLS_TAIL, DROPPED, ERRORS, ROWS_HEAD, ROWS_TAIL, SKIPPED,
                         Ring, RingLayout, shared_memory_is_safe)
@@ -56,7 +58,10 @@ class MonitoredSession:
         file stem or graph name, and the first 12 hex digits of its sha256).
     feature_names: names of the columns of a 2-D input: a list (one input) or
         ``{input_name: [names]}``; otherwise the model's ``feature_names``
-        metadata, otherwise ``<input>[i]``.
+        metadata, otherwise ``<input>[i]``. Give the names of the reference
+        profile (its ``feature_names``), so that drift compares like with like.
+        Names that cannot apply (an unknown input, a count other than the
+        input's width) raise ``agent.errors.InvalidArgument`` here.
     sink: receives each closed ``WindowSummary`` (default: an InMemorySink,
         available as ``.sink``).
     window_seconds / window_rows: tumbling windows close after this long and/or
@@ -121,9 +126,10 @@ class MonitoredSession:
             raise ValueError(f"summarizer must be 'auto', 'thread' or 'process', not {summarizer!r}")
         self._mode = summarizer
         self._ring_rows, self._ring_bytes = ring_rows, ring_bytes
-        self._feature_names = feature_names
         self._lock = threading.Lock()
         self._inputs = self._sess.get_inputs()
+        # checked before anything starts: wrong names would make every window's columns miss the reference
+        self._feature_names = naming.for_inputs(self._inputs, feature_names)
         self._outputs = self._sess.get_outputs()
         self._output_index = {o.name: i for i, o in enumerate(self._outputs)}
         self._selections: dict[tuple[str, ...], list[int]] = {}
@@ -138,6 +144,7 @@ class MonitoredSession:
         self._capture: Any = None
         self._fast: Any = None  # the C copier, when used
         self._pending_errors = self._pending_dropped = 0
+        self._plan_failed = False  # columns named twice: every call's rows are dropped (said once)
         self._closed = False
         self._summarizer: ThreadSummarizer | ProcessSummarizer | None = None
         self.export_failures = 0
@@ -336,7 +343,18 @@ class MonitoredSession:
         custom = self._sess.get_modelmeta().custom_metadata_map
         names = {arg.name: capture.feature_names_for(self._feature_names, custom, arg.name, len(self._inputs))
                  for arg in self._inputs}
-        return capture.plan_slots(self._inputs, self._outputs, names, feed, outputs)
+        slots = capture.plan_slots(self._inputs, self._outputs, names, feed, outputs)
+        for slot in slots:  # an open width seen only now: the names given did not fit it
+            given = self._feature_names.get(slot.tensor)
+            if given is not None and not slot.is_output and slot.columns != given:
+                log.warning("%d feature names were given for input %r of %s, which has %d columns: its columns "
+                            "are named %s... instead", len(given), slot.tensor, self.model_name, len(slot.columns),
+                            slot.columns[0])
+        repeated = capture.repeated_columns(slots)
+        if repeated:
+            raise InvalidArgument(f"the column names {naming.few(repeated)} would be used twice (a feature named like "
+                                  "another column, an output's perhaps): give the features other names")
+        return slots
 
     def _resolve_then_capture(self, feed: dict, outputs: list, latency: int) -> None:
         """First call of a model with symbolic dimensions: size the ring from real values."""
@@ -344,7 +362,13 @@ class MonitoredSession:
             if self._ring is None and not self._closed:
                 if not all(len(v) for v in feed.values()):
                     return  # an empty batch tells us nothing about the shapes yet
-                self._start(self._plan(feed, outputs))
+                try:
+                    self._start(self._plan(feed, outputs))
+                except InvalidArgument as exc:  # on a request thread: said once, the rows counted as dropped
+                    if not self._plan_failed:
+                        log.error("model %s cannot be monitored: %s", self.model_name, exc)
+                    self._plan_failed = True
+                    raise
         if self._capture is not self._resolve_then_capture and self._capture is not None:
             self._capture(feed, outputs, latency)
 
