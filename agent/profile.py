@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from agent import capture, sketches
+from agent import feature_names as naming
 from agent.capture import Reduce, Slot
 from agent.errors import InvalidArgument
 from agent.reference_data import SUPPORTED, ReferenceData, file_sha256, load_data
@@ -40,9 +41,14 @@ def build_profile(model: str | os.PathLike | bytes, data: str | os.PathLike, *,
     """Run ``model`` over the data file ``data`` and summarise features and
     predictions exactly as a ``MonitoredSession`` of that model would.
 
-    ``feature_names`` are the names the agent is given (a list for a
-    one-input model, or ``{input: [names]}``); pass the same to both, or the
-    columns will not line up. ``label_column`` names the ground truth (a CSV
+    Columns are named by ``feature_names`` (a list for a one-input model, or
+    ``{input: [names]}``), else by the data (a table's header; an ``.npz``
+    array ``feature_names``): by name where the header holds the names the
+    model's metadata or ``<input>[i]`` give, else by position for a model with
+    one 2-D input as wide as the table; else by the model's metadata or
+    ``<input>[i]``. The names are recorded in ``profile.feature_names``: the
+    registry gives them to managed agents, static agents take them with
+    ``--feature-names``. ``label_column`` names the ground truth (a CSV
     or Parquet column, or an ``.npz`` array; ``.npz`` files use an array
     named ``label`` when there is one). Raises InvalidArgument, saying what to
     fix, on a bad model, file, column or shape. The data is read whole into
@@ -53,8 +59,9 @@ def build_profile(model: str | os.PathLike | bytes, data: str | os.PathLike, *,
     model_bytes, default_name = _read_model(model)
     session = _open_model(model_bytes)
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    names = _input_names(inputs, session.get_modelmeta().custom_metadata_map, feature_names)
-    loaded = load_data(data, inputs, names=names, label_column=label_column)
+    names, given = _input_names(inputs, session.get_modelmeta().custom_metadata_map, feature_names)
+    # the data's own column names (a header, .npz names) name the columns unless names were given
+    loaded = load_data(data, inputs, names=names, label_column=label_column, given=given)
     sha = hashlib.sha256(model_bytes).hexdigest()
     identity = Identity("profile", "", model_name or default_name or "model", "", sha)
     out_index = {o.name: i for i, o in enumerate(outputs)}
@@ -64,7 +71,12 @@ def build_profile(model: str | os.PathLike | bytes, data: str | os.PathLike, *,
         feed = {name: arr[start:start + batch_rows] for name, arr in loaded.features.items()}
         outs = _run(session, feed)
         if builder is None:  # planned from real values, as the agent does for symbolic shapes
-            slots = capture.plan_slots(inputs, outputs, names, feed, outs)
+            slots = capture.plan_slots(inputs, outputs, loaded.names, feed, outs)
+            repeated = capture.repeated_columns(slots)
+            if repeated:
+                raise InvalidArgument(f"the column names {naming.few(repeated)} would be used twice (a feature named "
+                                      "like another column, an output's perhaps): give the features other names "
+                                      "(or, if it is the ground truth, pass it with --label)")
             builder = WindowBuilder(tuple(slots), identity, k=k)
             if loaded.labels is not None:
                 scorer = _Scorer.for_slots(slots, outs, out_index, loaded.labels)
@@ -76,6 +88,7 @@ def build_profile(model: str | os.PathLike | bytes, data: str | os.PathLike, *,
     profile = summary_pb2.ReferenceProfile(
         model_name=identity.model_name, model_sha256=sha, data_sha256=file_sha256(data), rows=window.rows,
         data_name=Path(data).name, created_unix_nano=time.time_ns(), columns=window.columns)
+    _record_names(profile, builder.slots)
     if scorer is not None:
         profile.performance.CopyFrom(scorer.performance())
     return profile
@@ -111,27 +124,20 @@ def _run(session: Any, feed: dict[str, np.ndarray]) -> list[Any]:
 
 
 def _input_names(inputs: Sequence[Any], custom: Mapping[str, str],
-                 option: FeatureNames | None) -> dict[str, list[str] | None]:
-    """Column names per input, chosen as the agent chooses them. Explicit
-    names that could not apply are an error here, where the agent would
-    quietly fall back to ``<input>[i]``: a profile is built on purpose."""
-    if isinstance(option, Mapping):
-        unknown = set(option) - {a.name for a in inputs}
-        if unknown:
-            raise InvalidArgument(f"feature names given for {sorted(unknown)}, but the model's inputs are "
-                                  f"{[a.name for a in inputs]}")
-    elif option is not None and len(inputs) != 1:
-        raise InvalidArgument(f"a list of feature names applies to a model with one input; this one has "
-                              f"{len(inputs)} ({', '.join(a.name for a in inputs)}): name the columns per input")
-    names = {a.name: capture.feature_names_for(option, dict(custom), a.name, len(inputs)) for a in inputs}
-    for arg in inputs:
-        given = capture.feature_names_for(option, {}, arg.name, len(inputs))
-        dims = list(arg.shape or [])[1:]
-        width = (dims[0] if dims else 1) if len(dims) <= 1 else None
-        if given is not None and isinstance(width, int) and len(given) != width:
-            raise InvalidArgument(f"{len(given)} feature names given for input {arg.name!r}, which has {width} "
-                                  "columns: give one name per column")
-    return names
+                 option: FeatureNames | None) -> tuple[dict[str, list[str] | None], bool]:
+    """Column names per input, chosen as the agent chooses them (given names, else the model's
+    metadata), and whether they were given. Given names that could not apply are an error here,
+    where the agent would quietly fall back to ``<input>[i]``: a profile is built on purpose."""
+    given = naming.for_inputs(inputs, option)
+    names = {a.name: capture.feature_names_for(given, dict(custom), a.name, len(inputs)) for a in inputs}
+    return names, option is not None
+
+
+def _record_names(profile: summary_pb2.ReferenceProfile, slots: Sequence[Slot]) -> None:
+    """The names the profile's feature columns carry, per input, for the registry and the agents."""
+    for slot in slots:
+        if not slot.is_output and slot.reduce in (Reduce.NUMERIC, Reduce.CATEGORICAL):
+            profile.feature_names[slot.tensor].names.extend(slot.columns)
 
 
 def _block(slot: Slot, feed: Mapping[str, Any], outs: Sequence[Any], out_index: Mapping[str, int]) -> np.ndarray:
@@ -272,8 +278,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(p, "--out", prefix=env, required=True, metavar="PROFILE.pb", help="where to write the profile")
     add_flag(p, "--label", prefix=env, metavar="COLUMN",
              help="column (or .npz array) of ground truth: the profile then records the model's performance")
-    add_flag(p, "--feature-names", prefix=env, metavar="A,B,C",
-             help="names of the input's columns, as given to the agent (default: the model's metadata, else X[i])")
+    add_flag(p, "--feature-names", prefix=env, metavar="NAMES",
+             help="names of the input's columns: A,B,C, JSON {\"input\": [names]} for several inputs, or @FILE "
+                  "holding either (default: the data's header or .npz 'feature_names', else the model's "
+                  "metadata, else X[i])")
     add_flag(p, "--batch-rows", prefix=env, default=str(BLOCK_ROWS), type=positive(int), metavar="N",
              help="rows per model call")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -283,9 +291,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def profile_command(args: argparse.Namespace) -> int:
     from agent.cli import UsageError
 
-    names = [n.strip() for n in args.feature_names.split(",")] if args.feature_names else None
-    if names is not None and not all(names):
-        raise UsageError(f"--feature-names {args.feature_names!r} has an empty name; pass A,B,C")
+    try:
+        names = naming.parse(args.feature_names) if args.feature_names else None
+    except InvalidArgument as exc:
+        raise UsageError(str(exc)) from None
     if not Path(args.model).is_file():
         raise UsageError(f"model file {args.model} does not exist; pass --model PATH.onnx")
     try:
@@ -308,6 +317,11 @@ def profile_command(args: argparse.Namespace) -> int:
         f", RMSE {summary['rmse']:.4g}" if "rmse" in summary else "")
     print(f"profiled {summary['rows']} rows of {profile.data_name} (sha256 {profile.data_sha256[:16]}...): "
           f"{summary['features']} feature and {summary['predictions']} prediction columns{perf}; wrote {out}")
+    for name, names in summary["feature_names"].items():
+        print(f"  columns of input {name}: {', '.join(names)}")
+    if summary["feature_names"]:  # what lines the traffic up with this reference
+        print("  agents must name their columns alike: a version registered with this reference gives its names "
+              "to managed agents; a static agent takes them with 'outrider agent serve --feature-names'")
     return 0
 
 
@@ -319,6 +333,7 @@ def describe(profile: summary_pb2.ReferenceProfile) -> dict[str, Any]:
         "data_sha256": profile.data_sha256, "rows": profile.rows, "columns": len(profile.columns),
         "features": roles[summary_pb2.ColumnSummary.FEATURE],
         "predictions": roles[summary_pb2.ColumnSummary.PREDICTION],
+        "feature_names": {k: list(v.names) for k, v in profile.feature_names.items()},
     }
     perf = profile.performance
     if perf.labeled and perf.classes:

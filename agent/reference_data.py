@@ -1,10 +1,15 @@
 """Reading reference data for a profile: CSV, Parquet, ``.npy`` and ``.npz``, checked against the model.
 
-Tables (CSV, Parquet) hold one column per feature, named as the agent names
-them (``agent.capture``: the given feature names, the model's metadata, or
-``<input>[i]``), so that a profile's columns line up with live traffic;
-arrays (``.npy``, ``.npz``) hold whole input tensors. Every problem raises
-``InvalidArgument`` saying what to change, before the model runs.
+Tables (CSV, Parquet) hold one column per feature. Their columns are matched
+by name when the header holds the names the agent would use (``agent.capture``:
+the given feature names, the model's metadata, or ``<input>[i]``); otherwise,
+for a model with one 2-D input and no names given, by position, and the
+header's names become the columns' names. Arrays (``.npy``, ``.npz``) hold
+whole input tensors; an ``.npz`` may name a one-input model's columns with an
+array ``feature_names`` (``feature_names.<input>`` for one of several inputs).
+The names chosen are returned with the data, so that the profile records them
+and the agents can be given the same. Every problem raises ``InvalidArgument``
+saying what to change, before the model runs.
 """
 from __future__ import annotations
 
@@ -12,35 +17,40 @@ import csv
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agent import capture
+from agent import feature_names as naming
 from agent.errors import InvalidArgument
 
 SUPPORTED = (".csv", ".parquet", ".npy", ".npz")
 NPZ_LABEL = "label"  # the .npz array of ground truth when no other name is given
+NPZ_NAMES = "feature_names"  # the .npz array naming a one-input model's columns ("feature_names.<input>": one input's)
 
 
 @dataclass
 class ReferenceData:
-    """The model's input arrays (by input name), their row count, and the labels if any."""
+    """The model's input arrays (by input name), their row count, the labels if any, and the
+    column names per input (None: the agent's default names)."""
 
     features: dict[str, np.ndarray]
     rows: int
     labels: np.ndarray | None = None
+    names: dict[str, list[str] | None] = field(default_factory=dict)
 
 
 def load_data(path: str | os.PathLike, inputs: Sequence[Any], *,
               names: Mapping[str, list[str] | None] | None = None,
-              label_column: str | None = None) -> ReferenceData:
+              label_column: str | None = None, given: bool = False) -> ReferenceData:
     """Read ``path`` into arrays for the model ``inputs`` (onnxruntime NodeArgs:
     ``name``, ``type``, ``shape``), typed and shaped as the model takes them.
 
-    ``names`` are the table column names per input (default: ``<input>[i]``);
+    ``names`` are the column names per input (default: ``<input>[i]``); ``given``:
+    they were given on purpose, so the data's own names may not replace them;
     ``label_column`` the column (or ``.npz`` array) of ground truth."""
     path = Path(path)
     suffix = path.suffix.lower()
@@ -49,14 +59,16 @@ def load_data(path: str | os.PathLike, inputs: Sequence[Any], *,
                               "convert it, or rename it if its content is one of them")
     if not path.is_file():
         raise InvalidArgument(f"data file {path} does not exist; pass --data PATH ({', '.join(SUPPORTED)})")
-    names = names or {}
+    names = dict(names or {})
     if suffix in (".csv", ".parquet"):
         table = _read_csv(path) if suffix == ".csv" else _read_parquet(path)
-        features, labels = _from_table(table, inputs, names, label_column, path.name)
+        features, labels, names = _from_table(table, inputs, names, label_column, path.name, given)
     elif suffix == ".npy":
         features, labels = _from_npy(path, inputs, label_column), None
     else:
-        features, labels = _from_npz(path, inputs, label_column)
+        features, labels, named = _from_npz(path, inputs, label_column)
+        names = _merge_names(names, named, given, path.name)
+    _check_widths(features, names, inputs, path.name)
     counts = {name: len(a) for name, a in features.items()}
     if labels is not None:
         counts["labels"] = len(labels)
@@ -65,7 +77,28 @@ def load_data(path: str | os.PathLike, inputs: Sequence[Any], *,
     rows = next(iter(counts.values()), 0)
     if rows == 0:
         raise InvalidArgument(f"{path.name} has no rows: a profile needs reference data")
-    return ReferenceData(features, rows, labels)
+    return ReferenceData(features, rows, labels, names)
+
+
+def column_names(path: str | os.PathLike) -> list[str]:
+    """The names a data file holds without reading its rows: a table's columns, an .npz's arrays
+    ([] for .npy, or a file that cannot be read: ``load_data`` says why)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                return [h.strip() for h in next(csv.reader(f), [])]
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                return list(archive.files)
+    except Exception:  # unreadable: load_data reports it with the fix
+        return []
+    return []
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -121,45 +154,75 @@ def _read_parquet(path: Path) -> dict[str, np.ndarray]:
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
-def table_columns(arg: Any, names: list[str] | None) -> list[str]:
-    """The table columns that make up input ``arg``: the agent's names for its columns."""
+def table_columns(arg: Any, names: list[str] | None) -> list[str] | None:
+    """The table columns that make up input ``arg``: the agent's names for its columns; None when
+    its width is open and it has no names (only the table's own header can say)."""
     dims = list(arg.shape or [])[1:]
     if len(dims) > 1:
         raise InvalidArgument(f"input {arg.name!r} has shape {arg.shape}, which a table cannot hold; "
                               f"save the data as .npz with an array named {arg.name!r}")
     if dims and not isinstance(dims[0], int):
-        if names:
-            return list(names)
-        raise InvalidArgument(f"input {arg.name!r} has no fixed number of columns; name them with "
-                              "--feature-names, or save the data as .npz")
+        return list(names) if names else None
     slot = capture.plan_slot(arg, is_output=False, names=names)
     if slot is None:
         raise InvalidArgument(f"input {arg.name!r} of type {arg.type} cannot be read from a table; use .npz")
     return slot.columns
 
 
-def _from_table(table: dict[str, np.ndarray], inputs: Sequence[Any], names: Mapping[str, list[str] | None],
-                label_column: str | None, source: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    wanted = {arg.name: table_columns(arg, names.get(arg.name)) for arg in inputs}
-    expected = [c for cols in wanted.values() for c in cols]
+def _from_table(table: dict[str, np.ndarray], inputs: Sequence[Any], names: dict[str, list[str] | None],
+                label_column: str | None, source: str, given: bool
+                ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, list[str] | None]]:
+    """The inputs' arrays from the table's columns, the labels, and each input's column names."""
     if label_column is not None and label_column not in table:
         raise InvalidArgument(f"{source} has no label column {label_column!r}; its columns are "
                               f"{_few(list(table))}")
-    missing = [c for c in expected if c not in table]
-    extra = [c for c in table if c not in expected and c != label_column]
-    if missing or extra:
-        hint = "; name the features with --feature-names (and give the agent the same names)" if missing else ""
-        raise InvalidArgument(
-            f"{source} columns do not match the model's features: "
-            + "; ".join(p for p in (f"missing {_few(missing)}" if missing else "",
-                                    f"unexpected {_few(extra)} (drop them, or pass the label with --label)"
-                                    if extra else "") if p)
-            + f"; expected {_few(expected)}{hint}")
+    columns = [c for c in table if c != label_column]
+    wanted = {arg.name: table_columns(arg, names.get(arg.name)) for arg in inputs}
+    expected = [c for cols in wanted.values() for c in cols or []]
+    by_name = all(cols is not None for cols in wanted.values()) and set(expected) == set(columns)
+    if not by_name:
+        if given or not _by_position(inputs, columns):
+            raise InvalidArgument(_mismatch(inputs, wanted, expected, columns, label_column, source, given))
+        # one 2-D input as wide as the table: positions map to names, and the header's names are the columns'
+        wanted = {inputs[0].name: columns}
+        names = {inputs[0].name: columns}
     features = {}
     for arg in inputs:
         cols = [_column(table[c], arg, c, source) for c in wanted[arg.name]]
         features[arg.name] = conform(np.stack(cols, axis=1), arg, source)
-    return features, (table[label_column] if label_column is not None else None)
+    return features, (table[label_column] if label_column is not None else None), names
+
+
+def _by_position(inputs: Sequence[Any], columns: list[str]) -> bool:
+    """Whether the table's columns can be the columns of the model's only input, in order."""
+    if len(inputs) != 1 or not columns:
+        return False
+    arg = naming.Input.of(inputs[0])
+    return arg.per_column and (arg.width is None or arg.width == len(columns))
+
+
+def _mismatch(inputs: Sequence[Any], wanted: dict[str, list[str] | None], expected: list[str], columns: list[str],
+              label_column: str | None, source: str, given: bool) -> str:
+    besides = f" besides the label {label_column!r}" if label_column else ""
+    if len(inputs) == 1 and not given:
+        arg = naming.Input.of(inputs[0])
+        return (f"{source} has {len(columns)} columns{besides} ({_few(columns)}), but input {arg.name!r} takes "
+                f"{arg.width} columns: give one column per feature (drop the others, or name the label with "
+                "--label)")
+    have, want = set(columns), set(expected)
+    missing = [c for c in expected if c not in have]
+    extra = [c for c in columns if c not in want]
+    hint = ("; the --feature-names given must be the header's names" if given else
+            "; name each input's columns in the header as the model's metadata or <input>[i] do, or name them with "
+            "--feature-names '{\"input\": [names]}'")
+    open_width = [a for a, cols in wanted.items() if cols is None]
+    return (f"{source} columns do not match the model's features: "
+            + "; ".join(p for p in (f"missing {_few(missing)}" if missing else "",
+                                    f"unexpected {_few(extra)} (drop them, or pass the label with --label)"
+                                    if extra else "",
+                                    f"inputs {open_width} have no fixed number of columns" if open_width else "")
+                        if p)
+            + f"; expected {_few(expected)}{hint}")
 
 
 def _column(values: np.ndarray, arg: Any, name: str, source: str) -> np.ndarray:
@@ -197,13 +260,14 @@ def _from_npy(path: Path, inputs: Sequence[Any], label_column: str | None) -> di
     return {inputs[0].name: conform(array, inputs[0], path.name)}
 
 
-def _from_npz(path: Path, inputs: Sequence[Any],
-              label_column: str | None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def _from_npz(path: Path, inputs: Sequence[Any], label_column: str | None
+              ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, list[str]]]:
     archive = _load(np.load, path)
     if isinstance(archive, np.ndarray):
         raise InvalidArgument(f"{path.name} is one .npy array, not an .npz archive; name it .npy")
     with archive:
         arrays = {name: _load(archive.__getitem__, name) for name in archive.files}
+    named = _npz_names(arrays, inputs, path.name)
     label = label_column if label_column is not None else (NPZ_LABEL if NPZ_LABEL in arrays else None)
     wanted = [a.name for a in inputs]
     missing = [n for n in wanted if n not in arrays]
@@ -217,7 +281,52 @@ def _from_npz(path: Path, inputs: Sequence[Any],
     labels = arrays[label].reshape(-1) if label is not None else None
     if labels is not None and arrays[label].ndim > 1 and arrays[label].shape[1:] != (1,) * (arrays[label].ndim - 1):
         raise InvalidArgument(f"{path.name}: label array has shape {arrays[label].shape}; save one label per row")
-    return {a.name: conform(arrays[a.name], a, path.name) for a in inputs}, labels
+    return {a.name: conform(arrays[a.name], a, path.name) for a in inputs}, labels, named
+
+
+def _npz_names(arrays: dict[str, np.ndarray], inputs: Sequence[Any], source: str) -> dict[str, list[str]]:
+    """Take the names arrays out of ``arrays``: ``feature_names`` (a one-input model) or
+    ``feature_names.<input>``, each a 1-D array of strings."""
+    named: dict[str, list[str]] = {}
+    inputs_by_name = {a.name for a in inputs}
+    for key in [k for k in arrays if k == NPZ_NAMES or k.startswith(NPZ_NAMES + ".")]:
+        if key in inputs_by_name:
+            continue  # an input that happens to be called so
+        values = arrays.pop(key)
+        target = key[len(NPZ_NAMES) + 1:] if key != NPZ_NAMES else (inputs[0].name if len(inputs) == 1 else "")
+        if not target:
+            raise InvalidArgument(f"{source}: array {NPZ_NAMES!r} names the columns of a one-input model; this one "
+                                  f"has inputs {sorted(inputs_by_name)}: name them {NPZ_NAMES}.<input>")
+        if target not in inputs_by_name:
+            raise InvalidArgument(f"{source}: array {key!r} names the columns of input {target!r}, which the model "
+                                  f"does not have (its inputs: {sorted(inputs_by_name)})")
+        if values.ndim != 1 or values.dtype.kind not in "US":
+            raise InvalidArgument(f"{source}: array {key!r} must be a 1-D array of strings "
+                                  f"(np.array(names, dtype=str)), not {values.dtype} of shape {list(values.shape)}")
+        named[target] = naming.coerce(values.astype(str).tolist(), f"{source} array {key!r}")
+    return named
+
+
+def _merge_names(names: dict[str, list[str] | None], named: dict[str, list[str]], given: bool,
+                 source: str) -> dict[str, list[str] | None]:
+    """The data's names replace the model's metadata names; names given must agree with them."""
+    for key, value in named.items():
+        if given and names.get(key) is not None and names[key] != value:
+            raise InvalidArgument(f"the feature names given for input {key!r} differ from those {source} holds "
+                                  f"({_few(value)}); drop one of them")
+        names[key] = value
+    return names
+
+
+def _check_widths(features: dict[str, np.ndarray], names: dict[str, list[str] | None], inputs: Sequence[Any],
+                  source: str) -> None:
+    """Names for each column of the data: the agent would quietly fall back to ``<input>[i]``."""
+    for arg in inputs:
+        given = names.get(arg.name)
+        array = features[arg.name]
+        if given is not None and array.ndim == 2 and len(given) != array.shape[1]:
+            raise InvalidArgument(f"{len(given)} feature names for input {arg.name!r}, but {source} gives it "
+                                  f"{array.shape[1]} columns: give one name per column")
 
 
 def _load(fn: Any, what: Any) -> Any:

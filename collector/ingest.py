@@ -39,7 +39,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from agent import sketches
+from agent import feature_names, sketches
 from agent.errors import InvalidArgument
 from agent.worker import MAX_SAMPLE_ROWS
 from protos import collector_pb2, summary_pb2
@@ -358,4 +358,24 @@ def validate_profile(profile: summary_pb2.ReferenceProfile, limits: Limits = Lim
         if column.name in seen:
             raise InvalidArgument(f"column name {column.name!r} appears more than once")
         seen.add(column.name)
+    _check_feature_names(profile, limits)
     check_performance("performance", profile.performance, limits)
+
+
+def _check_feature_names(profile: summary_pb2.ReferenceProfile, limits: Limits) -> None:
+    """Each input's names are feature columns of the profile that come from that input, in order:
+    they become the version's column names, given to the agents."""
+    if len(profile.feature_names) > limits.max_tensors:
+        raise InvalidArgument(f"the profile names the columns of {len(profile.feature_names)} inputs, at most "
+                              f"{limits.max_tensors} allowed")
+    features = feature_names.columns_by_input(profile.columns)
+    for source, names in sorted(profile.feature_names.items()):
+        _check_text("profile feature_names input", source, limits.max_column_name_chars, required=True)
+        listed = list(names.names)
+        if not listed:
+            raise InvalidArgument(f"profile feature_names of input {source!r} is empty")
+        columns = features.get(source, [])
+        if listed != columns:  # names and columns were checked above: printable, bounded, unique
+            raise InvalidArgument(f"profile feature_names of input {source!r} ({len(listed)} names) are not the "
+                                  f"{len(columns)} feature columns that come from it, in order; build the profile "
+                                  "with 'outrider profile'")

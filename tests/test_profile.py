@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -154,6 +155,85 @@ def test_feature_names_name_the_columns_as_they_do_in_the_agent(lr_model: Path, 
         build_profile(lr_model, data, feature_names=["a", "b", "c"])
 
 
+# ------------------------------------------------------------------ the data's names name the columns
+
+NAMES = [f"feat_{i}" for i in range(20)]
+
+
+def test_a_named_header_names_the_columns_by_position(lr_model: Path, tmp_path: Path) -> None:
+    """The most common reference: a CSV whose header names the features, and a label column."""
+    x, y = examples.tabular_data(600, seed=12)
+    data = write_csv(tmp_path / "ref.csv", {"target": y, **dict(zip(NAMES, x.T))})  # label first: excluded
+    profile = build_profile(lr_model, data, label_column="target")
+    assert {k: list(v.names) for k, v in profile.feature_names.items()} == {"X": NAMES}
+    assert [c.name for c in profile.columns][:20] == NAMES and profile.performance.labeled == 600
+    # an agent given the same names summarises the traffic into the same columns
+    assert_same_columns(profile, agent_window(lr_model, [{"X": x}], feature_names=NAMES))
+
+
+def test_a_header_with_the_agents_names_is_matched_by_name_in_any_order(lr_model: Path, tmp_path: Path) -> None:
+    x, _ = examples.tabular_data(300, seed=13)
+    order = [7, 3, *[j for j in range(20) if j not in (7, 3)]]
+    data = write_csv(tmp_path / "ref.csv", {f"X[{j}]": x[:, j] for j in order})
+    profile = build_profile(lr_model, data)
+    assert list(profile.feature_names["X"].names) == [f"X[{i}]" for i in range(20)]  # as the agent names them
+    assert_same_columns(profile, agent_window(lr_model, [{"X": x}]))
+
+
+def test_npz_names_the_columns_with_a_feature_names_array(lr_model: Path, mixed_model: Path, tmp_path: Path) -> None:
+    x, y = examples.tabular_data(300, seed=14)
+    np.savez(tmp_path / "ref.npz", X=x, label=y, feature_names=np.array(NAMES))
+    profile = build_profile(lr_model, tmp_path / "ref.npz")
+    assert list(profile.feature_names["X"].names) == NAMES and profile.performance.labeled == 300
+    assert_same_columns(profile, agent_window(lr_model, [{"X": x}], feature_names=NAMES))
+    np.savez(tmp_path / "short.npz", X=x, feature_names=np.array(NAMES[:19]))
+    with pytest.raises(InvalidArgument, match="19 feature names for input 'X', but short.npz gives it 20 columns"):
+        build_profile(lr_model, tmp_path / "short.npz")
+    with pytest.raises(InvalidArgument, match="differ from those ref.npz holds"):
+        build_profile(lr_model, tmp_path / "ref.npz", feature_names=[f"f{i}" for i in range(20)])
+    # several inputs: one array per input, feature_names.<input>
+    num, city = np.zeros((10, 3), np.float32), np.array([["paris"]] * 10)
+    np.savez(tmp_path / "mixed.npz", num=num, city=city, **{"feature_names.num": np.array(["a", "b", "c"])})
+    profile = build_profile(mixed_model, tmp_path / "mixed.npz")
+    assert list(profile.feature_names["num"].names) == ["a", "b", "c"]
+    assert list(profile.feature_names["city"].names) == ["city"]
+    np.savez(tmp_path / "bad.npz", num=num, city=city, feature_names=np.array(["a", "b", "c"]))
+    with pytest.raises(InvalidArgument, match="name them feature_names.<input>"):
+        build_profile(mixed_model, tmp_path / "bad.npz")
+
+
+def test_parquet_column_names_name_the_columns(lr_model: Path, tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    x, _ = examples.tabular_data(200, seed=15)
+    pq.write_table(pa.table(dict(zip(NAMES, x.T))), tmp_path / "ref.parquet")
+    profile = build_profile(lr_model, tmp_path / "ref.parquet")
+    assert list(profile.feature_names["X"].names) == NAMES
+
+
+def test_names_that_do_not_fit_say_what_to_change(lr_model: Path, mixed_model: Path, tmp_path: Path) -> None:
+    x, _ = examples.tabular_data(100, seed=16)
+    named = write_csv(tmp_path / "named.csv", dict(zip(NAMES, x.T)))
+    with pytest.raises(InvalidArgument, match=r"missing \[f0, .*the --feature-names given must be the header's"):
+        build_profile(lr_model, named, feature_names=[f"f{i}" for i in range(20)])
+    narrow = write_csv(tmp_path / "narrow.csv", dict(zip(NAMES[:19], x.T)))
+    with pytest.raises(InvalidArgument, match="narrow.csv has 19 columns .* but input 'X' takes 20 columns"):
+        build_profile(lr_model, narrow)
+    # a feature named like an output column would be summarised twice under one name
+    clash = write_csv(tmp_path / "clash.csv", {**dict(zip(NAMES[:19], x.T)), "label": x[:, 19]})
+    with pytest.raises(InvalidArgument, match=r"\[label\] would be used twice"):
+        build_profile(lr_model, clash)
+    # several inputs are matched by name only: positions cannot say which input a column belongs to
+    rng = np.random.default_rng(3)
+    mixed = write_csv(tmp_path / "mixed.csv", {"town": rng.choice(examples.CITIES, 20),
+                                               **{f"n{i}": rng.standard_normal(20) for i in range(3)}})
+    with pytest.raises(InvalidArgument, match=r"missing \[num\[0\].*--feature-names '\{\"input\""):
+        build_profile(mixed_model, mixed)
+    profile = build_profile(mixed_model, mixed, feature_names={"num": ["n0", "n1", "n2"], "city": ["town"]})
+    assert [c.name for c in profile.columns][:4] == ["n0", "n1", "n2", "town"]
+
+
 def test_zipmap_probabilities_are_columns_per_class(lr_zipmap_model: Path, tmp_path: Path) -> None:
     x, _ = examples.tabular_data(800, seed=4)
     np.save(tmp_path / "ref.npy", x)
@@ -219,6 +299,22 @@ def one_line_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
     return lines[0]
 
 
+def test_cli_says_which_names_the_columns_got(lr_model: Path, tmp_path: Path) -> None:
+    x, y = examples.tabular_data(200, seed=17)
+    data = write_csv(tmp_path / "named.csv", {**dict(zip(NAMES, x.T)), "y": y})
+    out = tmp_path / "p.pb"
+    shown = cli("profile", "--model", str(lr_model), "--data", str(data), "--label", "y", "--out", str(out))
+    assert shown.returncode == 0, shown.stderr
+    assert f"columns of input X: {', '.join(NAMES)}" in shown.stdout and "--feature-names" in shown.stdout
+    # the names, from a file, as an agent would be given them
+    (tmp_path / "names.txt").write_text("\n".join(f"f{i}" for i in range(20)) + "\n")
+    write_csv(tmp_path / "f.csv", {f"f{i}": x[:, i] for i in range(20)})
+    as_json = cli("profile", "--model", str(lr_model), "--data", str(tmp_path / "f.csv"), "--out", str(out),
+                  "--feature-names", f"@{tmp_path / 'names.txt'}", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["feature_names"] == {"X": [f"f{i}" for i in range(20)]}
+
+
 def test_cli_writes_the_profile_and_says_what_it_holds(lr_model: Path, tmp_path: Path) -> None:
     x, y = examples.tabular_data(1000, seed=9)
     data = write_csv(tmp_path / "train.csv", lr_columns(x, y))
@@ -235,7 +331,7 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("bad")
     x, y = examples.tabular_data(50, seed=1)
     np.save(d / "narrow.npy", x[:, :10])
-    write_csv(d / "renamed.csv", {f"col{i}": x[:, i] for i in range(20)})
+    write_csv(d / "narrow.csv", {f"col{i}": x[:, i] for i in range(19)})
     cols = lr_columns(x)
     cols["X[4]"] = np.array(["oops"] + [str(v) for v in x[1:, 4]])
     write_csv(d / "text.csv", cols)
@@ -250,7 +346,11 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("case, words", [
     (("--data", "missing.csv"), "does not exist"),
     (("--data", "narrow.npy"), "takes shape [N, 20]"),
-    (("--data", "renamed.csv"), "missing [X[0]"),
+    (("--data", "narrow.csv"), "input 'X' takes 20 columns"),
+    (("--data", "ok.csv", "--feature-names", ",".join(f"f{i}" for i in range(20))), "missing [f0"),
+    (("--data", "ok.csv", "--feature-names", "a,,b"), "name 2 is empty"),
+    (("--data", "ok.csv", "--feature-names", "@no-such-names.txt"), "cannot read"),
+    (("--data", "ok.csv", "--feature-names", '{"X": ["a"], "Y": ["b"]}'), "the model's inputs are ['X']"),
     (("--data", "text.csv"), "'oops' is not a number"),
     (("--data", "ok.csv", "--label", "y"), "no label column 'y'"),
     (("--data", "other.npz"), "do not match the model's inputs ['X']"),
@@ -331,8 +431,12 @@ def test_a_bad_profile_is_invalid_argument_and_changes_nothing(collector: Collec
     twice = summary_pb2.ReferenceProfile()
     twice.CopyFrom(lr_profile)
     twice.columns.append(lr_profile.columns[0])
+    misnamed = summary_pb2.ReferenceProfile()
+    misnamed.CopyFrom(lr_profile)
+    misnamed.feature_names["X"].names[3] = "not-a-column"  # the names it would give the agents
     for bad, words in ((corrupt, "X[0]"), (twice, "appears more than once"),
-                       (summary_pb2.ReferenceProfile(rows=3), "no columns")):
+                       (summary_pb2.ReferenceProfile(rows=3), "no columns"),
+                       (misnamed, "feature_names of input 'X' (20 names) are not the 20 feature columns")):
         err = attach_error(collector, bad)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.details(), err.details()
     err = attach_error(collector, lr_profile, version="")
