@@ -310,19 +310,24 @@ def metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def _ask(args: argparse.Namespace, method: str, request: Any, channel: Any = None) -> Any:
     """Call OpsService ``method`` and return its reply; every failure raises the contract's error
-    (``rpc_failure``). Every operators' command asks through here (or ``_ask_pages``)."""
+    (``rpc_failure``); warnings the collector sends with a reply go to stderr, one line each.
+    Every operators' command asks through here (or ``_ask_pages``)."""
     import grpc
 
+    from agent.errors import received_warnings
     from protos import collector_pb2_grpc as pb_grpc
 
     if channel is None:
         with connect(args) as opened:
             return _ask(args, method, request, opened)
     try:
-        return getattr(pb_grpc.OpsServiceStub(channel), method)(request, metadata=metadata(args),
-                                                                timeout=CALL_TIMEOUT)
+        reply, call = getattr(pb_grpc.OpsServiceStub(channel), method).with_call(
+            request, metadata=metadata(args), timeout=CALL_TIMEOUT)
     except grpc.RpcError as exc:
         raise rpc_failure(args, exc) from None
+    for warning in received_warnings(call.trailing_metadata()):
+        say("outrider: warning: " + "".join(c if c.isprintable() else "?" for c in warning))
+    return reply
 
 
 class Page(NamedTuple):

@@ -41,8 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--reference", metavar="DATA", help="reference data to profile (csv, parquet, npy, npz)")
     source.add_argument("--profile", metavar="PROFILE.pb", help="a profile made by 'outrider profile'")
     reg.add_argument("--holdout", metavar="DATA", help="labelled holdout data for the version's metrics")
-    reg.add_argument("--label", metavar="COLUMN", help="the holdout's label column (.npz: array; default 'label')")
-    add_flag(reg, "--feature-names", metavar="A,B,C", help="names of the input's columns, as given to the agent")
+    reg.add_argument("--label", metavar="COLUMN",
+                     help="the label column of --holdout, and of --reference when it has one (.npz: array; "
+                          "default 'label')")
+    add_flag(reg, "--feature-names", metavar="NAMES",
+             help="names of the input's columns in --reference DATA (default: its header or .npz 'feature_names'): "
+                  "A,B,C, JSON {\"input\": [names]}, or @FILE; they become the version's column names, which "
+                  "managed agents are given")
     _client_flags(reg)
     reg.set_defaults(func=register_command)
 
@@ -111,14 +116,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _profile(args: argparse.Namespace, model: bytes) -> Any:
     from google.protobuf.message import DecodeError
 
+    from agent import feature_names
     from agent.errors import InvalidArgument
     from agent.profile import build_profile
+    from agent.reference_data import column_names
     from protos import summary_pb2
 
+    if args.feature_names and not args.reference:
+        raise UsageError("--feature-names names the columns of --reference DATA: pass --reference too (a --profile "
+                         "holds the names it was built with)")
     if args.reference:
-        names = [n.strip() for n in args.feature_names.split(",")] if args.feature_names else None
         try:
-            return build_profile(model, args.reference, feature_names=names, model_name=args.name)
+            names = feature_names.parse(args.feature_names) if args.feature_names else None
+        except InvalidArgument as exc:
+            raise UsageError(str(exc)) from None
+        # the reference's labels give the profile the model's performance on it; they are no feature
+        label = args.label if args.label and args.label in column_names(args.reference) else None
+        try:
+            return build_profile(model, args.reference, feature_names=names, label_column=label,
+                                 model_name=args.name)
         except InvalidArgument as exc:
             raise UsageError(f"--reference {args.reference}: {exc}") from None
     if args.profile:
@@ -165,8 +181,8 @@ def _chunks(metadata: Any, model: bytes) -> Iterator[Any]:
 def register_command(args: argparse.Namespace) -> int:
     from protos import collector_pb2 as pb
 
-    if args.label and not args.holdout:
-        raise UsageError("--label names the holdout's label column: pass --holdout DATA too")
+    if args.label and not (args.holdout or args.reference):
+        raise UsageError("--label names the label column of --holdout DATA (and --reference DATA): pass them too")
     path = Path(args.file)
     try:
         model = path.read_bytes()
@@ -198,6 +214,8 @@ def _plain(version: Any) -> dict[str, Any]:
     for field, key in (("schema_json", "schema"), ("metrics_json", "metrics"), ("gate_json", "gate")):
         text = out.pop(field, "")
         out[key] = json.loads(text) if text else None
+    # the version's column names travel in its schema (ModelVersion has no field for them)
+    out["feature_names"] = (out["schema"] or {}).pop("feature_names", {})
     return out
 
 
@@ -265,6 +283,11 @@ def _print_version(v: Any) -> None:
     print(f"  registered: by {v.registered_by}, {age(v.registered_unix_nano, time.time_ns())}")
     print(f"  inputs:     {args('inputs')}")
     print(f"  outputs:    {args('outputs')}")
+    names = schema.get("feature_names") or {}
+    for name, columns in names.items():
+        print(f"  columns of {name}: {', '.join(columns)}")
+    if not names:
+        print("  columns:    no names registered (agents name them by the model's metadata, else <input>[i])")
     print("  reference:  " + (f"{v.data_name} (sha256 {v.data_sha256}, {v.data_rows} rows)"
                                if v.has_profile else "none"))
     print(f"  metrics:    {_metrics(v.metrics_json)}")

@@ -3,9 +3,15 @@
 A version is registered once and never changes: its number (1, 2, ... per
 name), the ONNX file's sha256 and size, its input/output schema, its reference
 profile (kept in the ``profiles`` table as that version's drift reference, with
-the data's sha256 and row count: the lineage), its holdout metrics, who
-registered it and when. Only the gate's result is written again, when the gate
-is re-run on request.
+the data's sha256 and row count: the lineage), the names of its input columns
+(the profile's: managed agents are given them, so that traffic and reference
+line up), its holdout metrics, who registered it and when. Only the gate's
+result is written again, when the gate is re-run on request.
+
+A profile must fit the model it is registered with (``version_names``: its
+feature columns are the columns the model's inputs become under its names),
+and a profile attached later must fit the traffic it will be compared with
+(``Registry.profile_fit``).
 
 Artifacts live in a content-addressed store beside the database,
 ``<db dir>/<db stem>-artifacts/sha256/<hex>``: a file's name is its hash, so
@@ -29,6 +35,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from agent import feature_names as naming
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from collector import audit, gate
 from collector.ingest import Limits, validate_model_key, validate_profile
@@ -147,7 +154,8 @@ class Registry:
             path, created = self.artifacts.receive(data(), meta.size, meta.sha256)
             try:
                 schema = gate.read_schema(path.read_bytes())
-                version = self.store.write(lambda db: _insert(db, meta, schema, metrics, profile, actor,
+                names = version_names(schema, profile) if profile is not None else {}
+                version = self.store.write(lambda db: _insert(db, meta, schema, names, metrics, profile, actor,
                                                               time.time_ns()))
             except BaseException:
                 if created:  # no row refers to it: an orphan otherwise
@@ -228,6 +236,51 @@ class Registry:
                 log.info("artifact of retired model %s version %d removed (sha256 %s)", name, version, sha256[:16])
         return [(n, v) for n, v, _ in marked]
 
+    # -------------------------------------------------------- attaching a profile
+
+    def profile_fit(self, name: str, version: str, profile: summary_pb2.ReferenceProfile) -> list[str]:
+        """Whether ``profile`` describes the columns the version's traffic has: drift compares columns
+        by name, and a reference whose columns the traffic lacks compares nothing. Its feature columns
+        are checked against, in order: the names the version was registered with (what its managed
+        agents report), else the columns of the newest window agents sent for the version; and, for a
+        registered version, its inputs' widths. FailedPrecondition, saying what differs and how to fix
+        it, when they disagree; the warnings to give when nothing could be checked."""
+        got = naming.feature_columns(profile.columns)
+        row = self._registered(name, version)
+        if row is not None:
+            schema, names = json.loads(row["schema"]), json.loads(row["feature_names"] or "{}")
+            if names:
+                expected = naming.all_feature_columns(schema["inputs"], names)
+                if expected is not None:
+                    _refuse_unless_same(expected, got, f"the columns {name} version {version} was registered with",
+                                        "build the profile with those names (outrider profile --feature-names), or "
+                                        f"register a version with this reference (outrider models register {name} "
+                                        "--file M.onnx --reference DATA)")
+                    return []
+            _check_widths(schema["inputs"], naming.columns_by_input(profile.columns), name, version)
+        newest = self.store.windows(name, version, limit=1, include_summaries=True)
+        if newest:
+            window = newest[0].summary
+            who = f"agent {window.agent_id}" if window.agent_id else "the agents"
+            _refuse_unless_same(naming.feature_columns(window.columns), got,
+                                f"the columns {who} reported for {name} version {version}",
+                                "build the profile with the agents' names (outrider profile --feature-names), or "
+                                "restart the agents with the profile's (outrider agent serve --feature-names)")
+            return []
+        if row is not None:
+            return [f"{name} version {version} was registered without a reference, and no agent has reported it "
+                    f"yet: the profile's column names ({naming.few(got)}) could not be checked against its traffic"]
+        return [f"{name} version {version} is not registered and no agent has reported it yet: the profile's "
+                f"column names ({naming.few(got)}) could not be checked against its traffic; agents must name "
+                "their columns alike (outrider agent serve --feature-names)"]
+
+    def _registered(self, name: str, version: str) -> dict[str, Any] | None:
+        if not version.isdigit() or not 0 < int(version) < 2**31:
+            return None
+        rows = list(self.store.read().query("SELECT schema, feature_names FROM model_versions"
+                                            " WHERE name = ? AND version = ?", [name, int(version)]))
+        return rows[0] if rows else None
+
     # -------------------------------------------------------- reads
 
     def list(self, name: str = "") -> list[pb.ModelVersion]:
@@ -265,8 +318,8 @@ _SELECT = ("SELECT v.*, p.model_name IS NOT NULL AS has_profile FROM model_versi
            " ON p.model_name = v.name AND p.model_version = CAST(v.version AS TEXT)")
 
 
-def _insert(db: Database, meta: pb.RegisterMetadata, schema: dict[str, Any], metrics: dict[str, float],
-            profile: summary_pb2.ReferenceProfile | None, actor: str, now_ns: int) -> int:
+def _insert(db: Database, meta: pb.RegisterMetadata, schema: dict[str, Any], names: dict[str, list[str]],
+            metrics: dict[str, float], profile: summary_pb2.ReferenceProfile | None, actor: str, now_ns: int) -> int:
     version = db.execute("SELECT coalesce(max(version), 0) + 1 FROM model_versions WHERE name = ?",
                          [meta.name]).fetchone()[0]
     lineage = {"data_name": profile.data_name, "data_sha256": profile.data_sha256,
@@ -274,7 +327,8 @@ def _insert(db: Database, meta: pb.RegisterMetadata, schema: dict[str, Any], met
     db["model_versions"].insert({
         "name": meta.name, "version": version, "sha256": meta.sha256, "size": meta.size,
         "schema": json.dumps(schema), "metrics": json.dumps(metrics), "registered_by": actor,
-        "registered_ns": now_ns, "stage": "candidate", "stage_ns": now_ns, **lineage})
+        "registered_ns": now_ns, "stage": "candidate", "stage_ns": now_ns, "feature_names": naming.to_json(names),
+        **lineage})
     if profile is not None:  # the version's drift reference
         db["profiles"].insert({"model_name": meta.name, "model_version": str(version),
                                "body": profile.SerializeToString(), "data_sha256": profile.data_sha256,
@@ -287,10 +341,58 @@ def _insert(db: Database, meta: pb.RegisterMetadata, schema: dict[str, Any], met
 
 def _message(r: dict[str, Any]) -> pb.ModelVersion:
     return pb.ModelVersion(
-        name=r["name"], version=r["version"], sha256=r["sha256"], size=r["size"], schema_json=r["schema"],
+        name=r["name"], version=r["version"], sha256=r["sha256"], size=r["size"], schema_json=_schema_json(r),
         has_profile=bool(r["has_profile"]), data_name=r["data_name"], data_sha256=r["data_sha256"],
         data_rows=r["data_rows"], metrics_json=r["metrics"], registered_by=r["registered_by"],
         registered_unix_nano=r["registered_ns"], gate_passed=bool(r["gate_passed"]), gate_json=r["gate"],
         gated_unix_nano=r["gated_ns"], stage=r["stage"], stage_unix_nano=r["stage_ns"],
         retired_unix_nano=r["retired_ns"], retire_reason=r["retire_reason"],
         artifact_removed_unix_nano=r["artifact_removed_ns"])
+
+
+def _schema_json(r: dict[str, Any]) -> str:
+    """The schema as stored, plus the version's column names under "feature_names" when it has some
+    (ModelVersion has no field of its own for them)."""
+    names = json.loads(r["feature_names"] or "{}")
+    if not names:
+        return r["schema"]
+    return json.dumps({**json.loads(r["schema"]), "feature_names": names})
+
+
+# ------------------------------------------------------------------ names
+
+
+def _refuse_unless_same(expected: list[str], got: list[str], what: str, fix: str) -> None:
+    problem = naming.difference(expected, got, limit=3)
+    if problem:  # what is wrong, then the fix: the CLI shows the first 500 characters
+        common = len(set(expected) & set(got))
+        raise FailedPrecondition(f"the profile's feature columns are not {what}: {problem}; drift would compare "
+                                 f"{common} of its {len(got)}: {fix}")
+
+
+def _check_widths(inputs: list[dict[str, Any]], by_source: dict[str, list[str]], name: str, version: str) -> None:
+    for arg in naming.inputs_of(inputs):
+        columns = by_source.get(arg.name, [])
+        if arg.per_column and arg.width is not None and len(columns) != arg.width:
+            raise FailedPrecondition(f"the profile has {len(columns)} feature columns for input {arg.name!r}, which "
+                                     f"has {arg.width} in {name} version {version}: it was built for another model; "
+                                     "build it from this version's model (outrider profile --model M.onnx ...)")
+
+
+def version_names(schema: dict[str, Any], profile: summary_pb2.ReferenceProfile) -> dict[str, list[str]]:
+    """The names of a version's input columns, from the profile it is registered with. InvalidArgument,
+    registering nothing, when the profile's feature columns are not what the model's inputs become
+    under those names (names for an input it lacks, or as many as the input is wide, other columns)."""
+    inputs = schema["inputs"]
+    names = naming.from_profile(profile, inputs)
+    fix = "; build the profile from this model: outrider profile --model M.onnx --data DATA"
+    try:
+        naming.for_inputs(inputs, names, "feature names of the profile")
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"the profile does not fit the model: {exc}{fix}") from None
+    expected = naming.all_feature_columns(inputs, names)
+    got = naming.feature_columns(profile.columns)
+    problem = naming.difference(expected, got) if expected is not None else ""
+    if problem:
+        raise InvalidArgument(f"the profile's feature columns are not the model's input columns: {problem}{fix}")
+    return names

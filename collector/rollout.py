@@ -9,7 +9,10 @@ sent to has an ack row in ``rollout_acks`` (pending, then ok or failed) that
 the agent's ModelState answer settles.
 
 Commands come in two families that change independently: "serve" (promote,
-rollback) and "shadow"/"unshadow". A command carries the id "rollout-<id>" of
+rollback) and "shadow"/"unshadow". A command names its version by number,
+sha256, size and schema, and by the names of its input columns when the
+registry has them ("feature_names", JSON ``{input: [names]}``): the agent names
+its columns so, and its windows line up with the version's reference. A command carries the id "rollout-<id>" of
 the newest rollout of its family when that rollout still describes the state
 sent (so an agent connecting later is counted in that rollout too), otherwise
 "hello-<uuid>".
@@ -71,13 +74,13 @@ class Planned(NamedTuple):
 
 
 def production(db: Database, model: str) -> dict[str, Any] | None:
-    rows = list(db.query("SELECT version, sha256, size, schema FROM model_versions WHERE name = ?"
+    rows = list(db.query("SELECT version, sha256, size, schema, feature_names FROM model_versions WHERE name = ?"
                          " AND stage = 'production'", [model]))
     return rows[0] if rows else None
 
 
 def current_shadow(db: Database, model: str) -> dict[str, Any] | None:
-    rows = list(db.query("SELECT s.version, s.share, s.started_ns, s.actor, v.sha256, v.size, v.schema"
+    rows = list(db.query("SELECT s.version, s.share, s.started_ns, s.actor, v.sha256, v.size, v.schema, v.feature_names"
                          " FROM shadows s JOIN model_versions v ON v.name = s.model AND v.version = s.version"
                          " WHERE s.model = ?", [model]))
     return rows[0] if rows else None
@@ -91,8 +94,13 @@ def _latest(db: Database, model: str, family: str) -> dict[str, Any] | None:
 
 
 def _args(row: dict[str, Any]) -> dict[str, str]:
-    return {"version": str(row["version"]), "sha256": row["sha256"], "size": str(row["size"]),
+    """A version as a command names it; "feature_names" (JSON {input: [names]}) only when the registry has
+    the version's column names, so that an agent that predates them sees the same command as before."""
+    args = {"version": str(row["version"]), "sha256": row["sha256"], "size": str(row["size"]),
             "schema_json": row["schema"]}
+    if row.get("feature_names", "{}") not in ("", "{}"):
+        args["feature_names"] = row["feature_names"]
+    return args
 
 
 def _planned(kind: str, args: dict[str, str], rollout_id: int) -> Planned:

@@ -190,9 +190,17 @@ def row_samples(db: Database) -> None:
     db["row_samples"].create_index(["end_ns"])
 
 
+def version_feature_names(db: Database) -> None:
+    """Migration 10: the names of each model version's input columns, JSON ``{input: [names]}`` from the
+    reference profile it was registered with ('{}': none registered, agents name the columns by the
+    model's metadata or ``<input>[i]``). Managed agents are given them with the version they serve."""
+    db.conn.execute("ALTER TABLE model_versions ADD COLUMN feature_names TEXT NOT NULL DEFAULT '{}'")
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [initial_schema, reference_profiles, drift_evaluations_and_alerts,
                                                 audit_trail, model_registry, stages_and_approvals,
-                                                retirement_and_retraining, rollouts_and_shadow, row_samples]
+                                                retirement_and_retraining, rollouts_and_shadow, row_samples,
+                                                version_feature_names]
 
 
 def migrate(db: Database) -> None:

@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.errors import (InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable,
-                          grpc_errors, grpc_stream_errors)
+                          grpc_errors, grpc_stream_errors, send_warnings)
 from agent.guard import DecodeGuard
 from agent.hello import package_version
 from collector import alerts, audit, paging
@@ -213,12 +213,17 @@ class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServ
         if not request.HasField("profile"):
             raise InvalidArgument("profile is required (outrider attach MODEL VERSION PROFILE.pb)")
         validate_profile(request.profile, self.agents.limits)
+        # a profile whose columns the traffic lacks would compare nothing: refused here, changing nothing
+        warnings = self.registry.profile_fit(request.model_name, request.model_version, request.profile)
         identity = current_identity()
         replaced = self.store.attach_profile(request.model_name, request.model_version, request.profile,
                                              identity.name if identity else "unknown", time.time_ns())
         log.info("reference profile of %s %s attached by %s (%d columns, %d rows)%s", request.model_name,
                  request.model_version, identity.name if identity else "?", len(request.profile.columns),
                  request.profile.rows, ", replacing the previous one" if replaced else "")
+        for warning in warnings:
+            log.warning("reference profile of %s %s: %s", request.model_name, request.model_version, warning)
+        send_warnings(context, warnings)
         return pb.AttachProfileResponse(model_name=request.model_name, model_version=request.model_version,
                                         columns=len(request.profile.columns), replaced=replaced)
 

@@ -206,6 +206,152 @@ def test_the_audit_trail_lists_registrations_and_stays_intact(files, collector):
     assert json.loads(entries[1]["after"])["sha256"] == hashlib.sha256(files["lr"].read_bytes()).hexdigest()
 
 
+# ------------------------------------------------------------------ column names
+
+
+NAMES = [f"feat_{i}" for i in range(20)]
+
+
+def named_csv(path: Path, names: list[str] = NAMES, n: int = 400, seed: int = 3) -> Path:
+    import csv
+
+    x, y = examples.tabular_data(n, seed=seed)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*names, "y"])
+        writer.writerows([*(f"{v:.9g}" for v in row), int(label)] for row, label in zip(x.tolist(), y))
+    return path
+
+
+def test_the_references_names_become_the_versions_and_are_shown(files, collector, tmp_path):
+    ops, db, address = collector
+    data = named_csv(tmp_path / "ref.csv")
+    done = register(files, address, "churn", "lr", "--reference", str(data), "--label", "y")  # y: no feature
+    assert done.returncode == 0, done.stderr
+    v = show(ops, "churn", 1)
+    assert v.has_profile and v.data_name == "ref.csv"
+    schema = json.loads(v.schema_json)
+    assert schema["feature_names"] == {"X": NAMES} and schema["inputs"][0]["name"] == "X"
+    flags = ["--collector", address, "--token", VIEWER_TOKEN]
+    shown = cli("models", "show", "churn", "1", *flags)
+    assert f"columns of X: {', '.join(NAMES)}" in shown.stdout
+    as_json = json.loads(cli("models", "show", "churn", "1", "--json", *flags).stdout)
+    assert as_json["feature_names"] == {"X": NAMES} and "feature_names" not in as_json["schema"]
+    # a version registered without a reference has no names: its agents name the columns themselves
+    assert register(files, address, "churn", "lr").returncode == 0
+    assert "feature_names" not in json.loads(show(ops, "churn", 2).schema_json)
+    assert "no names registered" in cli("models", "show", "churn", "2", *flags).stdout
+
+
+def test_register_refuses_a_profile_whose_columns_do_not_fit_the_model(files, collector, tmp_path):
+    from agent.profile import build_profile
+
+    ops, db, address = collector
+    model = files["lr"].read_bytes()
+    narrow = tmp_path / "narrow.onnx"
+    narrow.write_bytes(examples.logistic_regression(n_features=5))
+    x, _ = examples.tabular_data(100, n_features=5)
+    np.save(tmp_path / "x5.npy", x)
+    other = build_profile(narrow, tmp_path / "x5.npy")  # 5 columns: not this model's 20
+    other.model_sha256 = ""
+    renamed = build_profile(files["lr"], files["ref"])
+    del renamed.feature_names["X"].names[-1]  # names that are not its columns
+    for profile, words in ((other, "the profile does not fit the model: 5 feature names"),
+                           (renamed, "feature_names of input 'X' (19 names) are not the 20 feature columns")):
+        meta = pb.RegisterMetadata(name="churn", sha256=hashlib.sha256(model).hexdigest(), size=len(model),
+                                   profile=profile)
+        with pytest.raises(grpc.RpcError) as info:
+            ops.RegisterModel(chunks(meta, model, 1 << 20), metadata=bearer(ALICE_TOKEN), timeout=HANG_GUARD)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in info.value.details(), \
+            info.value.details()
+    assert not ops.ListModels(pb.ListModelsRequest(), metadata=bearer(ALICE_TOKEN), timeout=HANG_GUARD).versions
+    assert not [p for p in artifacts_root(db).rglob("*") if p.is_file()]
+    alone = register(files, address, "churn", "lr", "--feature-names", "a,b")
+    assert alone.returncode == 2 and "pass --reference too" in alone.stderr
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A collector whose store a test can give windows, as agents would."""
+    server = serve_collector(tmp_path / "c.db", "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML), drift_interval=0,
+                             rollup_interval=3600)
+    try:
+        yield server, f"127.0.0.1:{server.port}"
+    finally:
+        server.stop(grace=0)
+
+
+def profile_file(model: Path, data: Path, out: Path, *extra: str) -> Path:
+    made = cli("profile", "--model", str(model), "--data", str(data), "--out", str(out), *extra)
+    assert made.returncode == 0, made.stderr
+    return out
+
+
+def attach(address: str, name: str, version: str, profile: Path) -> subprocess.CompletedProcess:
+    return cli("attach", name, version, str(profile), "--collector", address, "--token", ALICE_TOKEN)
+
+
+def send_window(server, model: Path, version: str, names: list[str] | None) -> None:
+    """One window of a static agent serving ``model`` with these column names."""
+    from agent.session import MonitoredSession
+
+    session = MonitoredSession(str(model), model_name="credit", model_version=version, feature_names=names,
+                               summarizer="thread", window_seconds=None, agent_id="web-1")
+    session.run(None, {"X": examples.tabular_data(50)[0]})
+    session.close()
+    server.store.submit_windows(session.sink.windows).result(timeout=HANG_GUARD)
+
+
+def test_attach_checks_the_columns_against_the_registered_names(files, served, tmp_path):
+    server, address = served
+    data = named_csv(tmp_path / "ref.csv")
+    assert register(files, address, "credit", "lr", "--reference", str(data), "--label", "y").returncode == 0
+    assert register(files, address, "credit", "lr").returncode == 0  # version 2: no names registered
+    named = profile_file(files["lr"], data, tmp_path / "named.pb", "--label", "y")
+    plain = profile_file(files["lr"], files["ref"], tmp_path / "plain.pb")  # X[0] ... X[19]
+
+    refused = attach(address, "credit", "1", plain)
+    assert refused.returncode == 1, refused.stdout
+    assert "not the columns credit version 1 was registered with" in refused.stderr
+    assert "missing [feat_0" in refused.stderr and "drift would compare 0 of its 20:" in refused.stderr
+    assert server.store.profile("credit", "1").data_name == "ref.csv"  # the registered one, unchanged
+    done = attach(address, "credit", "1", named)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+
+    # version 2: no names registered and no traffic yet: attached, and said to be unchecked
+    unchecked = attach(address, "credit", "2", named)
+    assert unchecked.returncode == 0
+    assert unchecked.stderr.startswith("outrider: warning: credit version 2 was registered without a reference")
+    # once an agent has reported it, its columns decide
+    send_window(server, files["lr"], "2", None)
+    refused = attach(address, "credit", "2", named)
+    assert refused.returncode == 1 and "not the columns agent web-1 reported for credit version 2" in refused.stderr
+    assert server.store.profile("credit", "2").data_name == "ref.csv"  # the one attached before stays
+    assert attach(address, "credit", "2", plain).returncode == 0
+
+
+def test_attach_checks_the_columns_against_the_agents_of_an_unregistered_version(files, served, tmp_path):
+    server, address = served
+    data = named_csv(tmp_path / "ref.csv")
+    named = profile_file(files["lr"], data, tmp_path / "named.pb", "--label", "y")
+    unchecked = attach(address, "credit", "7", named)
+    assert unchecked.returncode == 0 and "is not registered and no agent has reported it" in unchecked.stderr
+    send_window(server, files["lr"], "8", None)  # an agent without the names
+    refused = attach(address, "credit", "8", named)
+    assert refused.returncode == 1 and "outrider agent serve --feature-names" in refused.stderr
+    assert server.store.profile("credit", "8") is None
+    send_window(server, files["lr"], "9", NAMES)  # an agent given the reference's names
+    done = attach(address, "credit", "9", named)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    narrow = tmp_path / "narrow.onnx"
+    narrow.write_bytes(examples.logistic_regression(n_features=5))
+    x, _ = examples.tabular_data(100, n_features=5)
+    np.save(tmp_path / "x5.npy", x)
+    assert register(files | {"narrow": narrow}, address, "credit", "narrow").returncode == 0  # version 1
+    wrong = attach(address, "credit", "1", named)
+    assert wrong.returncode == 1 and "20 feature columns for input 'X', which has 5" in wrong.stderr
+
+
 # ------------------------------------------------------------------ the parts, directly
 
 
