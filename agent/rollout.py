@@ -7,8 +7,10 @@ command on its own thread (never gRPC's): fetch the artifact with
 ``AgentService.FetchArtifact`` (size and sha256 verified, cached as
 ``<spool_dir>/models/<sha256>.onnx`` by ``agent.artifacts.ArtifactCache``),
 load it as a ``MonitoredSession`` (same agent and run as the agent, windows
-numbered on through ``AgentSink``), check it against the registry's schema and
-warm it up (``agent.artifacts``), swap, answer with a ``ModelState``. Any
+numbered on through ``AgentSink``, columns named as the registry names them
+for that version: the command's ``feature_names``, those of the version's
+reference), check it against the registry's schema and warm it up
+(``agent.artifacts``), swap, answer with a ``ModelState``. Any
 failure answers ok=false with the reason and the old version keeps serving.
 The last good version is remembered in
 ``models/current.json``, so a restart serves it at once, collector or not.
@@ -34,6 +36,7 @@ from typing import Any
 
 import grpc
 
+from agent import feature_names
 from agent.artifacts import ArtifactCache, check_schema, warm_up, write_json
 from agent.dataplane import DataPlane
 from agent.errors import FailedPrecondition, InvalidArgument, OutriderError, Unavailable
@@ -117,6 +120,20 @@ class Wanted:
     sha256: str
     size: int
     schema_json: str
+    feature_names: dict[str, list[str]] | None = None  # the version's column names, per input
+
+
+def _names(text: str) -> dict[str, list[str]] | None:
+    """The command's ``feature_names``: JSON ``{input: [names]}``, or empty when the registry has none."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"command names feature_names {text[:80]!r}; expected a JSON object {{input: [names]}}")
+    return feature_names.coerce(value, "the command's feature_names")  # type: ignore[return-value]
 
 
 def _wanted(args: Any) -> Wanted:
@@ -131,7 +148,7 @@ def _wanted(args: Any) -> Wanted:
         raise InvalidArgument(f"command names size {args.get('size')!r}; expected a number of bytes") from None
     if size <= 0:
         raise InvalidArgument(f"command names size {size}; expected a positive number of bytes")
-    return Wanted(version, sha, size, args.get("schema_json", ""))
+    return Wanted(version, sha, size, args.get("schema_json", ""), _names(args.get("feature_names", "")))
 
 
 class RolloutController:
@@ -154,6 +171,9 @@ class RolloutController:
         self.agent_id = agent_id or socket.gethostname()
         self.run_id = uuid.uuid4().hex
         self.session_options = dict(session_options or {})
+        if "feature_names" in self.session_options:
+            raise ValueError("a managed agent's column names come from the registry with each version; "
+                             "do not pass feature_names in session_options")
         self.shadow_queue, self.fetch_timeout = shadow_queue, fetch_timeout
         hello = collector_pb2.Hello(
             agent_id=self.agent_id, run_id=self.run_id, host=socket.gethostname(), model_name=model_name,
@@ -273,9 +293,9 @@ class RolloutController:
     def _load(self, path: Path, wanted: Wanted) -> LoadedVersion:
         from agent import MonitoredSession
 
-        session = MonitoredSession(
+        session = MonitoredSession(  # names that do not fit the model fail the command (InvalidArgument)
             str(path), model_name=self.model_name, model_version=wanted.version, agent_id=self.agent_id,
-            run_id=self.run_id, sink=self.sink, **self.session_options)
+            run_id=self.run_id, sink=self.sink, feature_names=wanted.feature_names, **self.session_options)
         try:
             if session.model_sha256 != wanted.sha256:  # the cache checked it; a file changed under us
                 raise FailedPrecondition(f"{path} has sha256 {session.model_sha256}, expected {wanted.sha256}")
@@ -285,7 +305,8 @@ class RolloutController:
         except BaseException:
             session.close()  # not close(0): a summary process killed mid-start is reported as a crash
             raise
-        return LoadedVersion(plane, session, wanted.version, wanted.sha256, wanted.schema_json)
+        return LoadedVersion(plane, session, wanted.version, wanted.sha256, wanted.schema_json,
+                             feature_names=wanted.feature_names)
 
     def _swap(self, loaded: LoadedVersion) -> None:
         if self._closed:  # a load that outlived close(): nothing may serve it any more
@@ -304,7 +325,8 @@ class RolloutController:
         try:
             write_json(self.cache.directory / CURRENT_FILE, {
                 "model_name": self.model_name, "version": loaded.version, "sha256": loaded.sha256,
-                "schema_json": loaded.schema_json, "saved_unix_nano": time.time_ns()})
+                "schema_json": loaded.schema_json, "feature_names": loaded.feature_names,
+                "saved_unix_nano": time.time_ns()})
             shadow = self.switch.shadow
             self.cache.prune({loaded.sha256} | ({shadow.sha256} if shadow else set()))
         except OSError as exc:  # serving goes on; only a restart without the collector would miss it
@@ -405,7 +427,9 @@ class RolloutController:
         try:
             if saved.get("model_name") != self.model_name:
                 raise FailedPrecondition(f"it is for model {saved.get('model_name')!r}, not {self.model_name!r}")
-            wanted = Wanted(str(saved["version"]), str(saved["sha256"]), 0, saved.get("schema_json", ""))
+            names = saved.get("feature_names")
+            wanted = Wanted(str(saved["version"]), str(saved["sha256"]), 0, saved.get("schema_json", ""),
+                            feature_names.coerce(names, f"{CURRENT_FILE}'s feature_names") if names else None)
             artifact = self.cache.cached(wanted.sha256)
             if artifact is None:
                 raise FailedPrecondition(f"its file {self.cache.path(wanted.sha256).name} is missing")

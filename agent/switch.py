@@ -28,6 +28,7 @@ class LoadedVersion:
     version: str
     sha256: str = ""
     schema_json: str = ""
+    feature_names: dict[str, list[str]] | None = None  # as the registry named its columns (managed agents)
     active: int = 0        # requests running on it now (ModelSwitch's lock)
     retired: bool = False  # swapped out: closed once ``idle``
     idle: threading.Event = field(default_factory=threading.Event)

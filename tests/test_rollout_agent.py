@@ -291,6 +291,8 @@ def test_swap_under_load_fails_no_request_and_windows_number_on(collector, agent
     ("schema mismatch", "does not match its registry schema"),
     ("not registered", "cannot fetch churn version 9"),
     ("bad args", "expected a registry version number"),
+    ("names that do not fit", "3 feature names given for input 'X', which has 20 columns"),
+    ("names that are not JSON", "expected a JSON object {input: [names]}"),
 ])
 def test_a_version_that_fails_is_reported_and_the_old_one_keeps_serving(collector, agent, models, case, words):
     serve_v1(collector, models)
@@ -303,6 +305,8 @@ def test_a_version_that_fails_is_reported_and_the_old_one_keeps_serving(collecto
         "schema mismatch": serve_args(2, models["narrow"], schema_from=models["v1"]),
         "not registered": serve_args(9, v2),
         "bad args": serve_args(2, v2, version="two"),
+        "names that do not fit": serve_args(2, v2, feature_names='{"X": ["a", "b", "c"]}'),
+        "names that are not JSON": serve_args(2, v2, feature_names="a,b,c"),
     }[case]
     if case == "corrupt file":
         collector.corrupt.add(2)
@@ -317,6 +321,42 @@ def test_a_version_that_fails_is_reported_and_the_old_one_keeps_serving(collecto
     assert not list((agent.ctrl.cache.directory).glob("*.tmp"))
     if case in ("bad sha256", "corrupt file", "wrong size"):
         assert not agent.ctrl.cache.path(hashlib.sha256(v2).hexdigest()).exists()
+
+
+def feature_columns(windows: list, version: str) -> set[tuple[str, ...]]:
+    return {tuple(c.name for c in w.columns[:20]) for w in windows if w.model_version == version and w.rows}
+
+
+def test_the_versions_column_names_name_its_windows_and_survive_a_restart(collector, models, tmp_path):
+    """The registry names each version's columns (from its reference); the agent reports them so."""
+    names = {"1": [f"a{i}" for i in range(20)], "2": [f"b{i}" for i in range(20)]}
+    first = start_agent(collector.target, tmp_path / "spool")
+    try:
+        for number, model in ((1, models["v1"]), (2, models["v2"])):
+            collector.files[number] = model
+            state = collector.state(collector.command(
+                "serve", **serve_args(number, model, feature_names=json.dumps({"X": names[str(number)]}))))
+            assert state.ok, state.error
+            for seed in range(10):  # 40 rows: one window
+                assert first.infer(4, seed).model_version == str(number)
+            wait_until(lambda: feature_columns(collector.windows_received(), str(number)), what="a window")
+            assert feature_columns(collector.windows_received(), str(number)) == {tuple(names[str(number)])}
+        saved = json.loads((tmp_path / "spool" / "models" / CURRENT_FILE).read_text())
+        assert saved["feature_names"] == {"X": names["2"]}
+    finally:
+        first.stop()
+    again = start_agent(f"127.0.0.1:{free_port()}", tmp_path / "spool")  # no collector: serves what it had
+    try:
+        assert again.ctrl.restored and again.infer().model_version == "2"
+        assert again.ctrl.switch.current.session.slots[0].columns == names["2"]
+    finally:
+        again.stop()
+
+
+def test_a_managed_agent_takes_no_names_of_its_own(collector, tmp_path):
+    with pytest.raises(ValueError, match="come from the registry"):
+        RolloutController(NAME, collector.target, agent_id="agent-a", spool_dir=tmp_path / "spool",
+                          session_options={"feature_names": ["a"]})
 
 
 @pytest.mark.parametrize("build", [examples.mixed_inputs_classifier, examples.typed_identity,
