@@ -101,30 +101,6 @@ def clip_details(text: str, limit: int = MAX_DETAILS_BYTES) -> str:
     return text
 
 
-# Warnings that go with a successful reply (a reply message without a field for them): a JSON list of
-# sentences in the trailing metadata; the CLI prints each on stderr.
-WARNINGS_KEY = "outrider-warnings-bin"
-
-
-def send_warnings(context: grpc.ServicerContext, warnings: list[str]) -> None:
-    """Attach ``warnings`` to the reply, kept within the trailer's budget."""
-    if warnings:
-        kept = [clip_details(w, MAX_DETAILS_BYTES // 2) for w in warnings[:4]]
-        context.set_trailing_metadata(((WARNINGS_KEY, json.dumps(kept).encode("utf-8")),))
-
-
-def received_warnings(trailing_metadata: Any) -> list[str]:
-    """The warnings a reply's trailing metadata carries ([] for none, or for any that do not parse)."""
-    for key, value in trailing_metadata or ():
-        if key == WARNINGS_KEY:
-            try:
-                warnings = json.loads(bytes(value).decode("utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                return []
-            return [str(w) for w in warnings] if isinstance(warnings, list) else []
-    return []
-
-
 def _abort(context: grpc.ServicerContext, exc: Exception, method: Callable[..., Any]) -> None:
     if isinstance(exc, OutriderError):
         if exc.trailing_metadata:

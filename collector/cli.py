@@ -226,6 +226,8 @@ def attach_command(args: argparse.Namespace) -> int:
         raise UsageError(f"{path} is not a reference profile (it has no columns); make one with 'outrider profile'")
     request = pb.AttachProfileRequest(model_name=args.model_name, model_version=args.model_version, profile=profile)
     reply = _ask(args, "AttachProfile", request)
+    for warning in reply.warnings:  # what the collector could not check (stderr: stdout stays the result)
+        say("outrider: warning: " + "".join(c if c.isprintable() else "?" for c in warning))
     if args.json:
         print_json({**plain(reply), "rows": profile.rows, "data_sha256": profile.data_sha256,
                     "data_name": profile.data_name})
@@ -310,24 +312,19 @@ def metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def _ask(args: argparse.Namespace, method: str, request: Any, channel: Any = None) -> Any:
     """Call OpsService ``method`` and return its reply; every failure raises the contract's error
-    (``rpc_failure``); warnings the collector sends with a reply go to stderr, one line each.
-    Every operators' command asks through here (or ``_ask_pages``)."""
+    (``rpc_failure``). Every operators' command asks through here (or ``_ask_pages``)."""
     import grpc
 
-    from agent.errors import received_warnings
     from protos import collector_pb2_grpc as pb_grpc
 
     if channel is None:
         with connect(args) as opened:
             return _ask(args, method, request, opened)
     try:
-        reply, call = getattr(pb_grpc.OpsServiceStub(channel), method).with_call(
-            request, metadata=metadata(args), timeout=CALL_TIMEOUT)
+        return getattr(pb_grpc.OpsServiceStub(channel), method)(request, metadata=metadata(args),
+                                                                timeout=CALL_TIMEOUT)
     except grpc.RpcError as exc:
         raise rpc_failure(args, exc) from None
-    for warning in received_warnings(call.trailing_metadata()):
-        say("outrider: warning: " + "".join(c if c.isprintable() else "?" for c in warning))
-    return reply
 
 
 class Page(NamedTuple):

@@ -55,7 +55,10 @@ def plain(message: Any) -> dict[str, Any]:
     out = {}
     for field in message.DESCRIPTOR.fields:
         value = getattr(message, field.name)
-        if field.is_repeated:
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            entry = field.message_type.fields_by_name["value"]
+            out[field.name] = {key: _plain_value(entry, v) for key, v in value.items()}
+        elif field.is_repeated:
             out[field.name] = [_plain_value(field, v) for v in value]
         elif field.message_type is None or message.HasField(field.name):
             out[field.name] = _plain_value(field, value)

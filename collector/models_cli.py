@@ -214,8 +214,7 @@ def _plain(version: Any) -> dict[str, Any]:
     for field, key in (("schema_json", "schema"), ("metrics_json", "metrics"), ("gate_json", "gate")):
         text = out.pop(field, "")
         out[key] = json.loads(text) if text else None
-    # the version's column names travel in its schema (ModelVersion has no field for them)
-    out["feature_names"] = (out["schema"] or {}).pop("feature_names", {})
+    out["feature_names"] = {name: list(columns.names) for name, columns in version.feature_names.items()}
     return out
 
 
@@ -283,9 +282,9 @@ def _print_version(v: Any) -> None:
     print(f"  registered: by {v.registered_by}, {age(v.registered_unix_nano, time.time_ns())}")
     print(f"  inputs:     {args('inputs')}")
     print(f"  outputs:    {args('outputs')}")
-    names = schema.get("feature_names") or {}
+    names = v.feature_names
     for name, columns in names.items():
-        print(f"  columns of {name}: {', '.join(columns)}")
+        print(f"  columns of {name}: {', '.join(columns.names)}")
     if not names:
         print("  columns:    no names registered (agents name them by the model's metadata, else <input>[i])")
     print("  reference:  " + (f"{v.data_name} (sha256 {v.data_sha256}, {v.data_rows} rows)"

@@ -341,22 +341,14 @@ def _insert(db: Database, meta: pb.RegisterMetadata, schema: dict[str, Any], nam
 
 def _message(r: dict[str, Any]) -> pb.ModelVersion:
     return pb.ModelVersion(
-        name=r["name"], version=r["version"], sha256=r["sha256"], size=r["size"], schema_json=_schema_json(r),
+        name=r["name"], version=r["version"], sha256=r["sha256"], size=r["size"], schema_json=r["schema"],
         has_profile=bool(r["has_profile"]), data_name=r["data_name"], data_sha256=r["data_sha256"],
         data_rows=r["data_rows"], metrics_json=r["metrics"], registered_by=r["registered_by"],
         registered_unix_nano=r["registered_ns"], gate_passed=bool(r["gate_passed"]), gate_json=r["gate"],
         gated_unix_nano=r["gated_ns"], stage=r["stage"], stage_unix_nano=r["stage_ns"],
         retired_unix_nano=r["retired_ns"], retire_reason=r["retire_reason"],
-        artifact_removed_unix_nano=r["artifact_removed_ns"])
-
-
-def _schema_json(r: dict[str, Any]) -> str:
-    """The schema as stored, plus the version's column names under "feature_names" when it has some
-    (ModelVersion has no field of its own for them)."""
-    names = json.loads(r["feature_names"] or "{}")
-    if not names:
-        return r["schema"]
-    return json.dumps({**json.loads(r["schema"]), "feature_names": names})
+        artifact_removed_unix_nano=r["artifact_removed_ns"],
+        feature_names={i: summary_pb2.ColumnNames(names=n) for i, n in json.loads(r["feature_names"] or "{}").items()})
 
 
 # ------------------------------------------------------------------ names

@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.errors import (InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable,
-                          grpc_errors, grpc_stream_errors, send_warnings)
+                          grpc_errors, grpc_stream_errors)
 from agent.guard import DecodeGuard
 from agent.hello import package_version
 from collector import alerts, audit, paging
@@ -223,9 +223,9 @@ class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServ
                  request.profile.rows, ", replacing the previous one" if replaced else "")
         for warning in warnings:
             log.warning("reference profile of %s %s: %s", request.model_name, request.model_version, warning)
-        send_warnings(context, warnings)
         return pb.AttachProfileResponse(model_name=request.model_name, model_version=request.model_version,
-                                        columns=len(request.profile.columns), replaced=replaced)
+                                        columns=len(request.profile.columns), replaced=replaced,
+                                        warnings=warnings)
 
 
     # --- drift ---------------------------------------------------------------------------

@@ -459,16 +459,18 @@ class AttachProfileRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., profile: _Optional[_Union[_summary_pb2.ReferenceProfile, _Mapping]] = ...) -> None: ...
 
 class AttachProfileResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "columns", "replaced")
+    __slots__ = ("model_name", "model_version", "columns", "replaced", "warnings")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     REPLACED_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     columns: int
     replaced: bool
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., columns: _Optional[int] = ..., replaced: bool = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., columns: _Optional[int] = ..., replaced: bool = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DriftRequest(_message.Message):
     __slots__ = ("model_name", "model_version", "history")
@@ -725,7 +727,14 @@ class RegisterChunk(_message.Message):
     def __init__(self, metadata: _Optional[_Union[RegisterMetadata, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("name", "version", "sha256", "size", "schema_json", "has_profile", "data_name", "data_sha256", "data_rows", "metrics_json", "registered_by", "registered_unix_nano", "gate_passed", "gate_json", "gated_unix_nano", "stage", "stage_unix_nano", "retired_unix_nano", "retire_reason", "artifact_removed_unix_nano")
+    __slots__ = ("name", "version", "sha256", "size", "schema_json", "has_profile", "data_name", "data_sha256", "data_rows", "metrics_json", "registered_by", "registered_unix_nano", "gate_passed", "gate_json", "gated_unix_nano", "stage", "stage_unix_nano", "retired_unix_nano", "retire_reason", "artifact_removed_unix_nano", "feature_names")
+    class FeatureNamesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _summary_pb2.ColumnNames
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_summary_pb2.ColumnNames, _Mapping]] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -746,6 +755,7 @@ class ModelVersion(_message.Message):
     RETIRED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     RETIRE_REASON_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_REMOVED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     sha256: str
@@ -766,7 +776,8 @@ class ModelVersion(_message.Message):
     retired_unix_nano: int
     retire_reason: str
     artifact_removed_unix_nano: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., schema_json: _Optional[str] = ..., has_profile: bool = ..., data_name: _Optional[str] = ..., data_sha256: _Optional[str] = ..., data_rows: _Optional[int] = ..., metrics_json: _Optional[str] = ..., registered_by: _Optional[str] = ..., registered_unix_nano: _Optional[int] = ..., gate_passed: bool = ..., gate_json: _Optional[str] = ..., gated_unix_nano: _Optional[int] = ..., stage: _Optional[str] = ..., stage_unix_nano: _Optional[int] = ..., retired_unix_nano: _Optional[int] = ..., retire_reason: _Optional[str] = ..., artifact_removed_unix_nano: _Optional[int] = ...) -> None: ...
+    feature_names: _containers.MessageMap[str, _summary_pb2.ColumnNames]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., schema_json: _Optional[str] = ..., has_profile: bool = ..., data_name: _Optional[str] = ..., data_sha256: _Optional[str] = ..., data_rows: _Optional[int] = ..., metrics_json: _Optional[str] = ..., registered_by: _Optional[str] = ..., registered_unix_nano: _Optional[int] = ..., gate_passed: bool = ..., gate_json: _Optional[str] = ..., gated_unix_nano: _Optional[int] = ..., stage: _Optional[str] = ..., stage_unix_nano: _Optional[int] = ..., retired_unix_nano: _Optional[int] = ..., retire_reason: _Optional[str] = ..., artifact_removed_unix_nano: _Optional[int] = ..., feature_names: _Optional[_Mapping[str, _summary_pb2.ColumnNames]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("name", "page_token")

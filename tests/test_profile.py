@@ -413,6 +413,7 @@ def test_attach_stores_and_replaces_the_profile(collector: CollectorServer,
                                                 lr_profile: summary_pb2.ReferenceProfile) -> None:
     first = attach(collector, lr_profile)
     assert (first.model_name, first.model_version, first.columns, first.replaced) == ("credit", "3", 23, False)
+    assert len(first.warnings) == 1 and "could not be checked against its traffic" in first.warnings[0]
     assert collector.store.profile("credit", "3") == lr_profile
     newer = summary_pb2.ReferenceProfile()
     newer.CopyFrom(lr_profile)
@@ -457,6 +458,8 @@ def test_cli_attach(collector: CollectorServer, lr_profile: summary_pb2.Referenc
     result = cli("attach", "credit", "7", str(path), *flags)
     assert result.returncode == 0, result.stderr
     assert "credit version 7" in result.stdout and "23 columns" in result.stdout and "500 rows" in result.stdout
+    # nothing to check the names against yet (not registered, no traffic): attached, with a warning on stderr
+    assert result.stderr.startswith("outrider: warning: credit version 7 is not registered and no agent has")
     assert "replaced" in cli("attach", "credit", "7", str(path), *flags).stdout
     assert collector.store.profile("credit", "7") == lr_profile
     (tmp_path / "junk.pb").write_bytes(b"\xff\xff not a profile")

@@ -191,11 +191,10 @@ def test_approval_pushes_serve_to_every_managed_agent_and_tracks_their_acks(coll
     for agent in (one, two):
         command = agent.command()
         assert (command.id, command.kind) == (f"rollout-{made.id}", "serve")
-        schema = json.loads(v1.schema_json)
-        names = schema.pop("feature_names")  # the version's column names, from its reference
+        names = {i: list(c.names) for i, c in v1.feature_names.items()}  # the version's, from its reference
         assert names == {"X": [f"X[{i}]" for i in range(20)]}
         assert dict(command.args) == {"version": "1", "sha256": v1.sha256, "size": str(v1.size),
-                                      "schema_json": json.dumps(schema), "feature_names": json.dumps(
+                                      "schema_json": v1.schema_json, "feature_names": json.dumps(
                                           names, separators=(",", ":"))}
         agent.answer(command)
     wait_for(lambda: acks(ops, made.id) == {"edge-1": ("ok", ""), "edge-2": ("ok", "")})
