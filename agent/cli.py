@@ -209,6 +209,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(serve, "--tls-key", prefix=AGENT_ENV, metavar="PEM", help="the private key of --tls-cert")
     add_flag(serve, "--tls-client-ca", prefix=AGENT_ENV, metavar="PEM",
              help="require client certificates signed by this CA (mutual TLS)")
+    add_flag(serve, "--reference", prefix=AGENT_ENV, metavar="PROFILE.pb",
+             help="the model's reference profile ('outrider profile'): with its PCA projection every window gets "
+                  "the column @reconstruction_error (multivariate drift). With --collector the collector sends "
+                  "the one attached to this version (default: none until then)")
     serve.set_defaults(func=serve_command)
 
 
@@ -226,13 +230,15 @@ def serve_command(args: argparse.Namespace) -> int:
     name = args.model_name or model.stem
     check_listen(args.listen)
     access = _port_access(args)
+    reference = _reference(args)
     metrics = start_for_cli(AgentMetrics, args.metrics)  # before the model load: a bad address fails fast
 
     with stop_signals() as stop:  # before the (slow) model load
         session = _open_session(model, name, args.model_version, args.window_seconds, args.summarizer,
                                 agent_id=args.agent_id, collector=args.collector, spool_dir=args.spool_dir,
                                 collector_token=args.token, join_seconds=args.join_seconds,
-                                sample_rows=args.sample_rows, feedback_limits=_feedback_limits(args))
+                                sample_rows=args.sample_rows, feedback_limits=_feedback_limits(args),
+                                reference=reference)
         try:
             running = serve(session, name, args.model_version, args.listen, workers=args.workers,
                             max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics, **access)
@@ -264,6 +270,9 @@ def _serve_managed(args: argparse.Namespace) -> int:
     if not args.model_name:
         raise UsageError("a managed agent (no --model) needs --model-name NAME: the registry model whose "
                          "production version the collector names")
+    if getattr(args, "reference", None):
+        raise UsageError("--reference goes with --model: a managed agent is sent the reference of the version "
+                         f"it serves by the collector (outrider attach {args.model_name} VERSION PROFILE.pb)")
     check_listen(args.listen)
     access = _port_access(args)
     options = {"window_seconds": args.window_seconds, "summarizer": args.summarizer,
@@ -299,6 +308,23 @@ def _serve_managed(args: argparse.Namespace) -> int:
             running.stop(args.grace_seconds)
             _close(metrics)
     return 0
+
+
+def _reference(args: argparse.Namespace) -> Any:
+    """--reference's projection (None without one), read and checked before anything starts."""
+    from agent.errors import OutriderError
+    from agent.reference import load_projection
+
+    if not getattr(args, "reference", None):
+        return None
+    try:
+        projection = load_projection(args.reference)
+    except OutriderError as exc:
+        raise UsageError(f"--reference: {exc}") from None
+    if projection is None:
+        logging.getLogger(__name__).warning("--reference %s has no projection (its notes say why: outrider "
+                                            "profile); windows have no @reconstruction_error", args.reference)
+    return projection
 
 
 def _feedback_limits(args: argparse.Namespace) -> Any:
@@ -393,11 +419,13 @@ def check_listen(listen: str) -> None:
 def _open_session(model: Path, name: str, version: str, window_seconds: float, summarizer: str,
                   **monitoring: Any) -> Any:
     from agent import MonitoredSession
-    from agent.errors import OutriderError
+    from agent.errors import InvalidArgument, OutriderError
 
     try:
         return MonitoredSession(str(model), model_name=name, model_version=version,
                                 window_seconds=window_seconds, summarizer=summarizer, **monitoring)
+    except InvalidArgument as exc:  # e.g. a --reference whose columns this model does not have
+        raise UsageError(str(exc)) from None
     except OutriderError as exc:  # e.g. the spool directory is in use by another agent
         raise UsageError(f"{exc}; pass another --spool-dir") from None
     except OSError as exc:  # e.g. a spool directory we may not create
