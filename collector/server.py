@@ -129,8 +129,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         log.info("agent %s run %s (%s %s) connected as %s%s", hello.agent_id, hello.run_id, hello.model_name,
                  hello.model_version, identity.name,
                  f"; its spool also holds windows of {list(hello.spooled_models)}" if hello.spooled_models else "")
-        if hello.managed:  # after live.add: a change committed from now on reaches this stream too
-            self.rollouts.hello(stream)
+        # after live.add: a change committed from now on reaches this stream too
+        self.rollouts.hello(stream)  # managed: what to serve; any agent: its version's reference projection
         threading.Thread(target=stream.read, name=f"outrider-stream-{hello.agent_id}", daemon=True).start()
         yield from stream.replies()
 
@@ -219,6 +219,7 @@ class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServ
         log.info("reference profile of %s %s attached by %s (%d columns, %d rows)%s", request.model_name,
                  request.model_version, identity.name if identity else "?", len(request.profile.columns),
                  request.profile.rows, ", replacing the previous one" if replaced else "")
+        self.agents.rollouts.push_reference(request.model_name, request.model_version)
         return pb.AttachProfileResponse(model_name=request.model_name, model_version=request.model_version,
                                         columns=len(request.profile.columns), replaced=replaced)
 
