@@ -253,7 +253,8 @@ class WindowBuilder:
             for name, sk in zip(slot.columns, cols):
                 window.columns.append(sk.to_proto(name, slot.role, slot.tensor))
         if self._errors is not None:
-            window.columns.append(self._errors.to_proto(joint.RECONSTRUCTION_ERROR, capture.FEATURE, ""))
+            fingerprint = self._projection[0].fingerprint  # type: ignore[index]
+            window.columns.append(self._errors.to_proto(joint.RECONSTRUCTION_ERROR, capture.FEATURE, fingerprint))
         if self._confidences is not None:
             source = self.slots[self._confidence].tensor  # type: ignore[index]
             window.columns.append(self._confidences.to_proto(joint.CONFIDENCE, capture.PREDICTION, source))

@@ -197,6 +197,8 @@ def test_the_agents_error_column_is_the_projections_errors(model, profile) -> No
     reference = column(profile, joint.RECONSTRUCTION_ERROR)
     assert reference is not None and reference.role == summary_pb2.ColumnSummary.FEATURE
     assert reference.count == profile.rows
+    # the same projection computed both: the source says which
+    assert column(window, joint.RECONSTRUCTION_ERROR).source == reference.source == load_projection(profile).fingerprint
 
 
 def test_columns_read_in_another_order_or_from_several_inputs_are_gathered() -> None:

@@ -34,9 +34,10 @@ collector checks every field a profile or a command carries here
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -72,6 +73,9 @@ class Projection:
     scale: np.ndarray        # d, > 0
     basis: np.ndarray        # k x d, orthonormal rows
     explained_variance: float
+    # The @reconstruction_error column's ``source``: which projection computed it, so that the
+    # errors of windows summarised with another one (a profile attached since) can be told apart.
+    fingerprint: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         # The residual is z's part outside the kept components, i.e. z projected on the orthogonal
@@ -83,6 +87,9 @@ class Projection:
             complement = np.linalg.svd(self.basis, full_matrices=True)[2][k:].copy()
         object.__setattr__(self, "_complement", complement)
         object.__setattr__(self, "_inverse_scale", 1.0 / self.scale)
+        if k:  # (fit_projection's unfitted helper has none)
+            digest = hashlib.sha256(self.to_proto().SerializeToString()).hexdigest()
+            object.__setattr__(self, "fingerprint", f"projection:{digest[:16]}")
 
     @classmethod
     def from_proto(cls, msg: summary_pb2.Projection) -> Projection:
