@@ -185,6 +185,18 @@ def test_clean_traffic_leaves_the_reconstruction_error_alone(model, profile) -> 
     assert sum(r[joint.RECONSTRUCTION_ERROR].drifted for r in results) <= 1
 
 
+def test_a_small_reference_does_not_make_clean_traffic_look_drifted(model, tmp_path) -> None:
+    """The profile's error column is over rows its PCA was not fitted on: computed on the fitting
+    rows it is biased low, and a 2,000-row reference then flagged ~40 % of clean evaluations."""
+    data = tmp_path / "small.npz"
+    np.savez(data, X=rows(2000, RHO, np.random.default_rng(17)))
+    small = build_profile(model, data)
+    results = [evaluate(small, w) for w in windows_of(model, rows(20_000, RHO, np.random.default_rng(18)), "thread",
+                                                      reference=small)]
+    assert sum(r[joint.RECONSTRUCTION_ERROR].drifted for r in results) <= 1
+    assert median_effect(results, joint.RECONSTRUCTION_ERROR) < 0.08
+
+
 def test_the_agents_error_column_is_the_projections_errors(model, profile) -> None:
     x = rows(3000, 0.3, np.random.default_rng(7))
     x[10, 4] = np.nan
@@ -196,7 +208,7 @@ def test_the_agents_error_column_is_the_projections_errors(model, profile) -> No
     assert (sketch.min, sketch.max) == pytest.approx((errors.min(), errors.max()), rel=1e-9)
     reference = column(profile, joint.RECONSTRUCTION_ERROR)
     assert reference is not None and reference.role == summary_pb2.ColumnSummary.FEATURE
-    assert reference.count == profile.rows
+    assert reference.count == profile.rows - profile.rows // 2  # the rows the PCA was not fitted on
     # the same projection computed both: the source says which
     assert column(window, joint.RECONSTRUCTION_ERROR).source == reference.source == load_projection(profile).fingerprint
 
