@@ -114,6 +114,10 @@ def test_a_missing_value_counts_as_the_reference_mean_and_a_row_without_any_has_
     row[0, 5], filled[0, 5] = np.inf, projection.mean[5]
     assert projection.errors(row)[0] == pytest.approx(projection.errors(filled)[0], rel=1e-12)
     assert np.isnan(projection.errors(np.full((1, D), np.nan))[0])
+    huge = x[:3].copy()
+    huge[1, :] = 1e300  # finite, but its square is not: an infinite error (counted apart), not a missing one
+    errors = projection.errors(huge)
+    assert np.isfinite(errors[[0, 2]]).all() and errors[1] == np.inf
 
 
 def bad(change) -> summary_pb2.Projection:

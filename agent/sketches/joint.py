@@ -107,26 +107,43 @@ class Projection:
     def standardise(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(z, empty): ``x`` [n, d] standardised (a new float64 array), non-finite entries set to 0
         (the reference mean), and which rows had no finite value at all (None: every row had one)."""
-        z = np.array(x, dtype=np.float64)
-        z -= self.mean
-        z *= self._inverse_scale  # type: ignore[attr-defined]
-        finite = np.isfinite(z)
-        if finite.all():
-            return z, None
-        z[~finite] = 0.0
-        return z, ~finite.any(axis=1)
+        return _mean_for_gaps(self._scaled(x))
 
     def errors(self, x: np.ndarray) -> np.ndarray:
         """Each row's reconstruction error (float64 [n]) from ``x`` [n, d], columns in ``columns`` order.
         Values so large that their square overflows (|z| > 1e154) give an infinite error."""
-        z, empty = self.standardise(x)
+        z = self._scaled(x)
+        out = self._norms(z)
+        redo = ~np.isfinite(out)
+        if redo.any():  # a missing or infinite value in these rows (rare): again, with gaps as the mean
+            again, empty = _mean_for_gaps(z[redo])
+            fixed = self._norms(again)
+            if empty is not None:
+                fixed[empty] = np.nan
+            out[redo] = fixed
+        return out
+
+    def _scaled(self, x: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = np.subtract(x, self.mean, dtype=np.float64)  # one pass: the float64 copy and the centring
+            z *= self._inverse_scale  # type: ignore[attr-defined]
+        return z
+
+    def _norms(self, z: np.ndarray) -> np.ndarray:
         complement = self._complement  # type: ignore[attr-defined]
         with np.errstate(over="ignore", invalid="ignore"):
             residual = z @ complement.T if complement is not None else z - (z @ self.basis.T) @ self.basis
-            out = np.sqrt(np.einsum("ij,ij->i", residual, residual))
-        if empty is not None:
-            out[empty] = np.nan
-        return out
+            return np.sqrt(np.einsum("ij,ij->i", residual, residual))
+
+
+def _mean_for_gaps(z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``z`` (standardised, changed in place) with non-finite entries set to 0, the reference mean; and
+    which rows had no finite value at all (None: every row had one)."""
+    finite = np.isfinite(z)
+    if finite.all():
+        return z, None
+    z[~finite] = 0.0
+    return z, ~finite.any(axis=1)
 
 
 def fit_projection(x: np.ndarray, columns: Sequence[str], *, share: float = VARIANCE_SHARE,
