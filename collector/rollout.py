@@ -439,11 +439,16 @@ class RolloutPusher:
 
     def push_reference(self, model: str, version: str) -> int:
         """Send ``version``'s reference projection (or its absence) to every live agent of ``model``;
-        those that serve ``version`` use it. Returns how many streams it was sent to."""
-        with self._lock(model):
-            streams = self.live.of_model(model)
-            planned = reference_command(self.store.read(), model, version, always=True)
-            self._deliver(streams, [planned] if planned is not None else [])
+        those that serve ``version`` use it. Returns how many streams it was sent to. The profile is
+        stored already: a failure here is logged, not raised (agents hear on their next hello)."""
+        try:
+            with self._lock(model):
+                streams = self.live.of_model(model)
+                planned = reference_command(self.store.read(), model, version, always=True)
+                self._deliver(streams, [planned] if planned is not None else [])
+        except OutriderError as exc:
+            log.warning("cannot send the reference of %s %s to its agents: %s", model, version, exc)
+            return 0
         return len(streams)
 
     def push(self, model: str, family: str) -> int:
