@@ -15,6 +15,11 @@ Rules (documented in the README):
   summarised by three numeric columns ``<tensor>.mean``, ``.std`` and ``.l2``;
 - skl2onnx ZipMap outputs (a list of ``{class: probability}``): one numeric
   column per class, ``<output>[<class>]``.
+
+Derived columns, computed by the summary worker from the captured rows
+(``agent.sketches.joint``): ``@confidence`` (a classifier's largest class
+probability per row, role PREDICTION) and, once the agent has a reference
+projection, ``@reconstruction_error`` (role FEATURE).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from agent.errors import InvalidArgument
 from protos import summary_pb2
 
 STRING_WIDTH = 32
@@ -164,3 +170,40 @@ def zipmap_to_array(value: list[dict], classes: int = 0) -> np.ndarray:
     if not len(value):
         return np.zeros((0, classes), dtype=np.float32)
     return np.array([list(row.values()) for row in value], dtype=np.float32).reshape(len(value), -1)
+
+
+# ---------------------------------------------------------------- derived columns
+
+
+def confidence_slot(slots: Sequence[Slot]) -> int | None:
+    """The slot whose row maximum is ``@confidence``: the probabilities of a classifier, i.e.
+    a model with a class-label output (one integer or string value per row) and a ZipMap or a
+    float output of two or more columns (the first such). None for any other model."""
+    outputs = [(i, s) for i, s in enumerate(slots) if s.is_output]
+    if not any(s.reduce is Reduce.CATEGORICAL and len(s.columns) == 1 for _, s in outputs):
+        return None
+    for i, s in outputs:
+        if s.reduce is Reduce.ZIPMAP or (s.reduce is Reduce.NUMERIC and s.dtype.kind == "f" and len(s.columns) >= 2):
+            return i
+    return None
+
+
+def numeric_features(slots: Sequence[Slot]) -> list[tuple[int, int, str]]:
+    """(slot, column, name) of every numeric input column, in slot order: what a projection may read."""
+    return [(i, j, name) for i, s in enumerate(slots) if not s.is_output and s.reduce is Reduce.NUMERIC
+            for j, name in enumerate(s.columns)]
+
+
+def projection_sources(slots: Sequence[Slot], columns: Sequence[str]) -> list[tuple[int, int]]:
+    """Where each of a projection's ``columns`` is captured: (slot, column). Raises InvalidArgument
+    naming the columns this model's numeric inputs do not have (the names do not line up)."""
+    found = {name: (i, j) for i, j, name in numeric_features(slots)}
+    missing = [c for c in columns if c not in found]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        have = [name for *_, name in numeric_features(slots)]
+        raise InvalidArgument(f"the reference's projection reads column(s) {shown}, which this model's numeric "
+                         f"inputs do not have (they are {', '.join(have[:5]) or 'none'}"
+                         f"{', ...' if len(have) > 5 else ''}): give the agent the feature names the "
+                         "profile was built with")
+    return [found[c] for c in columns]

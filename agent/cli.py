@@ -214,6 +214,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(serve, "--tls-key", prefix=AGENT_ENV, metavar="PEM", help="the private key of --tls-cert")
     add_flag(serve, "--tls-client-ca", prefix=AGENT_ENV, metavar="PEM",
              help="require client certificates signed by this CA (mutual TLS)")
+    add_flag(serve, "--reference", prefix=AGENT_ENV, metavar="PROFILE.pb",
+             help="the model's reference profile ('outrider profile'): with its PCA projection every window gets "
+                  "the column @reconstruction_error (multivariate drift). With --collector the collector sends "
+                  "the one attached to this version (default: none until then)")
     serve.set_defaults(func=serve_command)
 
 
@@ -232,6 +236,7 @@ def serve_command(args: argparse.Namespace) -> int:
     names = _feature_names(args.feature_names)
     check_listen(args.listen)
     access = _port_access(args)
+    reference = _reference(args)
     metrics = start_for_cli(AgentMetrics, args.metrics)  # before the model load: a bad address fails fast
 
     with stop_signals() as stop:  # before the (slow) model load
@@ -239,7 +244,7 @@ def serve_command(args: argparse.Namespace) -> int:
                                 agent_id=args.agent_id, collector=args.collector, spool_dir=args.spool_dir,
                                 collector_token=args.token, join_seconds=args.join_seconds,
                                 sample_rows=args.sample_rows, feedback_limits=_feedback_limits(args),
-                                feature_names=names)
+                                feature_names=names, reference=reference)
         try:
             running = serve(session, name, args.model_version, args.listen, workers=args.workers,
                             max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics, **access)
@@ -275,6 +280,9 @@ def _serve_managed(args: argparse.Namespace) -> int:
         raise UsageError("a managed agent (no --model) names its columns as the registry names them for each "
                          "version; drop --feature-names (register the version with its named reference: "
                          "outrider models register NAME --file M.onnx --reference DATA)")
+    if getattr(args, "reference", None):
+        raise UsageError("--reference goes with --model: a managed agent is sent the reference of the version "
+                         f"it serves by the collector (outrider attach {args.model_name} VERSION PROFILE.pb)")
     check_listen(args.listen)
     access = _port_access(args)
     options = {"window_seconds": args.window_seconds, "summarizer": args.summarizer,
@@ -323,6 +331,23 @@ def _feature_names(text: str | None) -> Any:
         return feature_names.parse(text)
     except InvalidArgument as exc:
         raise UsageError(str(exc)) from None
+
+
+def _reference(args: argparse.Namespace) -> Any:
+    """--reference's projection (None without one), read and checked before anything starts."""
+    from agent.errors import OutriderError
+    from agent.reference import load_projection
+
+    if not getattr(args, "reference", None):
+        return None
+    try:
+        projection = load_projection(args.reference)
+    except OutriderError as exc:
+        raise UsageError(f"--reference: {exc}") from None
+    if projection is None:
+        logging.getLogger(__name__).warning("--reference %s has no projection (its notes say why: outrider "
+                                            "profile); windows have no @reconstruction_error", args.reference)
+    return projection
 
 
 def _feedback_limits(args: argparse.Namespace) -> Any:
@@ -422,8 +447,9 @@ def _open_session(model: Path, name: str, version: str, window_seconds: float, s
     try:
         return MonitoredSession(str(model), model_name=name, model_version=version,
                                 window_seconds=window_seconds, summarizer=summarizer, **monitoring)
-    except InvalidArgument as exc:  # names that do not fit the model's inputs
-        raise UsageError(f"--feature-names: {exc}") from None
+    except InvalidArgument as exc:  # names that do not fit the inputs, or a --reference whose columns do not
+        flag = "--feature-names: " if monitoring.get("feature_names") and not monitoring.get("reference") else ""
+        raise UsageError(f"{flag}{exc}") from None
     except OutriderError as exc:  # e.g. the spool directory is in use by another agent
         raise UsageError(f"{exc}; pass another --spool-dir") from None
     except OSError as exc:  # e.g. a spool directory we may not create

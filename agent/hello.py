@@ -50,10 +50,11 @@ def hello_for(session: Any) -> collector_pb2.Hello:
 
 
 def exporter_for(session: Any, collector: str, spool_dir: str | os.PathLike | None = None,
-                 token: str | None = None, tls: TLS = None) -> CollectorExporter:
+                 token: str | None = None, tls: TLS = None, **options: Any) -> CollectorExporter:
     """The session's exporter. Without ``spool_dir``: ``./outrider-spool/<agent_id>-<model_name>``,
-    or ``...-2``, ``-3`` ... when another process on this host already uses it."""
-    return open_exporter(collector, hello_for(session), spool_dir, token, tls)
+    or ``...-2``, ``-3`` ... when another process on this host already uses it. ``options`` go to
+    ``CollectorExporter`` (e.g. ``on_command``)."""
+    return open_exporter(collector, hello_for(session), spool_dir, token, tls, **options)
 
 
 def open_exporter(collector: str, hello: collector_pb2.Hello, spool_dir: str | os.PathLike | None = None,

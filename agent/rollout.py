@@ -14,6 +14,10 @@ reference), check it against the registry's schema and warm it up
 failure answers ok=false with the reason and the old version keeps serving.
 The last good version is remembered in
 ``models/current.json``, so a restart serves it at once, collector or not.
+A ``reference`` command (``agent.reference``) carries a version's reference
+projection: kept per version, given to that version's session when it loads,
+and to the running session at once (from its next window) when it is the one
+served.
 The switch the OIP servicer reads per request is ``agent.switch.ModelSwitch``;
 a replaced version is closed once its last request has finished, by a thread
 of its own (``RolloutController._retire``), never by a request.
@@ -41,13 +45,16 @@ from agent.artifacts import ArtifactCache, check_schema, warm_up, write_json
 from agent.dataplane import DataPlane
 from agent.errors import FailedPrecondition, InvalidArgument, OutriderError, Unavailable
 from agent.feedback import PredictionLog
+from agent.reference import REFERENCE, from_command
 from agent.shadow import DEFAULT_QUEUE, ShadowRunner
+from agent.sketches import joint
 from agent.switch import LoadedVersion, ModelSwitch
 from protos import collector_pb2, collector_pb2_grpc, summary_pb2
 
 log = logging.getLogger(__name__)
 
 CURRENT_FILE = "current.json"
+MAX_REFERENCES = 8  # versions whose reference projection is kept (production, shadow, the next promotion...)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DIGITS = re.compile(r"^[0-9]{1,10}$")
 
@@ -193,6 +200,7 @@ class RolloutController:
         self._stats = {"commands": 0, "failed": 0, "swaps": 0}
         self._last_state = collector_pb2.ModelState()
         self._retiring: list[threading.Thread] = []
+        self._references: dict[str, joint.Projection | None] = {}  # version -> projection, oldest first
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._fetch_call: Any = None
         self._closed = False
@@ -230,7 +238,8 @@ class RolloutController:
             self._carry_out(command)
 
     def _carry_out(self, command: collector_pb2.Command) -> None:
-        handlers = {"serve": self._serve, "shadow": self._shadow, "unshadow": self._unshadow}
+        handlers = {"serve": self._serve, "shadow": self._shadow, "unshadow": self._unshadow,
+                    REFERENCE: self._reference}
         error = ""
         try:
             handler = handlers.get(command.kind)
@@ -293,9 +302,19 @@ class RolloutController:
     def _load(self, path: Path, wanted: Wanted) -> LoadedVersion:
         from agent import MonitoredSession
 
-        session = MonitoredSession(  # names that do not fit the model fail the command (InvalidArgument)
-            str(path), model_name=self.model_name, model_version=wanted.version, agent_id=self.agent_id,
-            run_id=self.run_id, sink=self.sink, feature_names=wanted.feature_names, **self.session_options)
+        # names that do not fit the model fail the command (InvalidArgument), the old version serving on
+        options = dict(model_name=self.model_name, model_version=wanted.version, agent_id=self.agent_id,
+                       run_id=self.run_id, sink=self.sink, feature_names=wanted.feature_names, **self.session_options)
+        projection = self._references.get(wanted.version)
+        try:
+            session = MonitoredSession(str(path), reference=projection, **options)
+        except InvalidArgument as exc:
+            if projection is None:
+                raise
+            # the names or the projection do not fit: without the projection (names that do not fit fail again,
+            # and so does the command); a projection whose columns are not this model's only loses its column
+            log.error("%s version %s: %s", self.model_name, wanted.version, exc)
+            session = MonitoredSession(str(path), **options)
         try:
             if session.model_sha256 != wanted.sha256:  # the cache checked it; a file changed under us
                 raise FailedPrecondition(f"{path} has sha256 {session.model_sha256}, expected {wanted.sha256}")
@@ -365,6 +384,20 @@ class RolloutController:
         finally:
             self._fetch_call = None
             channel.close()
+
+    # --- reference --------------------------------------------------------------------
+    def _reference(self, args: Any) -> None:
+        """Keep the version's projection; the session serving that version uses it from its next window."""
+        version, projection = from_command(args)
+        self._references.pop(version, None)
+        self._references[version] = projection
+        while len(self._references) > MAX_REFERENCES:
+            del self._references[next(iter(self._references))]
+        current = self.switch.current
+        if current is not None and current.version == version:
+            current.session.set_reference(projection)  # InvalidArgument: the answer says why
+            log.info("reference projection of %s version %s %s", self.model_name, version,
+                     "installed" if projection is not None else "removed")
 
     # --- shadow -----------------------------------------------------------------------
     def _shadow(self, args: Any) -> None:

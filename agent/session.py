@@ -28,6 +28,7 @@ from agent import feature_names as naming
 from agent.capture import Reduce, Slot
 from agent.errors import InvalidArgument
 from agent.feedback import FeedbackLimits, Kind, PredictionLog, prediction_output
+from agent.reference import REFERENCE, Reference, from_command, load_projection
 from agent.ring import (CALLS_HEAD, CALLS_TAIL, DROPPED, ERRORS, ROWS_HEAD, ROWS_TAIL, SKIPPED,
                         Ring, RingLayout, shared_memory_is_safe)
 from agent.sinks import InMemorySink, WindowSink
@@ -90,6 +91,12 @@ class MonitoredSession:
         ``agent.feedback.FeedbackLimits``: count and byte budgets, longest
         request id, classes per model); what goes past a bound is counted in
         ``predictions.stats()``.
+    reference: the model version's reference profile (a ``ReferenceProfile``
+        or its file from ``outrider profile``): with its PCA projection every
+        window gets the column ``@reconstruction_error`` (multivariate drift).
+        Its columns must be this session's feature names (InvalidArgument
+        otherwise). ``set_reference`` changes it later; with ``collector``,
+        the collector sends the one attached to this model version.
     """
 
     def __init__(self, path_or_bytes: str | os.PathLike | bytes, sess_options: Any = None,
@@ -102,7 +109,8 @@ class MonitoredSession:
                  agent_id: str | None = None, collector: str | None = None,
                  spool_dir: str | os.PathLike | None = None, collector_token: str | None = None,
                  collector_tls: Any = None, join_seconds: float = 3600.0, run_id: str | None = None,
-                 sample_rows: int = 0, feedback_limits: FeedbackLimits | None = None, **kwargs: Any) -> None:
+                 sample_rows: int = 0, feedback_limits: FeedbackLimits | None = None,
+                 reference: Reference = None, **kwargs: Any) -> None:
         if collector and sink is not None:
             raise ValueError("pass either sink or collector, not both")
         if isinstance(path_or_bytes, (bytes, bytearray)):
@@ -131,6 +139,12 @@ class MonitoredSession:
         # checked before anything starts: wrong names would make every window's columns miss the reference
         self._feature_names = naming.for_inputs(self._inputs, feature_names)
         self._outputs = self._sess.get_outputs()
+        self._projection = load_projection(reference)
+        self.slots: list[Slot] | None = None  # planned at start (at the first call, for symbolic shapes)
+        if self._projection is not None:  # the feature columns are known now unless their shapes are symbolic
+            inputs = self._plan_inputs()
+            if inputs is not None:
+                capture.projection_sources(inputs, self._projection.columns)
         self._output_index = {o.name: i for i, o in enumerate(self._outputs)}
         self._selections: dict[tuple[str, ...], list[int]] = {}
         if not join_seconds > 0:
@@ -154,7 +168,8 @@ class MonitoredSession:
         if collector:
             from agent.hello import exporter_for
 
-            self.sink = self._exporter = exporter_for(self, collector, spool_dir, collector_token, collector_tls)
+            self.sink = self._exporter = exporter_for(self, collector, spool_dir, collector_token, collector_tls,
+                                                      on_command=self._on_command)
         try:
             if self._all_static():
                 self._start(self._plan(None, None))
@@ -208,6 +223,43 @@ class MonitoredSession:
         if output_names:
             return self._select(outputs, output_names, input_feed, run_options)
         return outputs
+
+    # --- the reference ----------------------------------------------------------------
+    def set_reference(self, reference: Reference) -> None:
+        """Use ``reference``'s projection (a ReferenceProfile, its file or a Projection; None: none)
+        from the next window on. Raises InvalidArgument, changing nothing, when it reads
+        columns this session's model does not have."""
+        projection = load_projection(reference)
+        with self._lock:
+            if projection is not None and self.slots is not None:
+                capture.projection_sources(self.slots, projection.columns)
+            self._projection = projection
+            summarizer = None if self._closed else self._summarizer
+        if summarizer is not None:  # outside the lock: the helper's pipe may take a moment
+            summarizer.set_projection(projection)
+
+    def _on_command(self, command: Any) -> None:
+        """The collector's commands to a session it does not manage: only ``reference`` applies. Runs
+        on the exporter's stream loop, so the work goes to a thread of its own."""
+        if command.kind != REFERENCE:
+            log.warning("collector command %r (%s) ignored: this agent was started with a model file, "
+                        "not managed by the collector", command.kind, command.id)
+            return
+        threading.Thread(target=self._take_reference, args=(command,), name="outrider-reference",
+                         daemon=True).start()
+
+    def _take_reference(self, command: Any) -> None:
+        try:
+            version, projection = from_command(command.args)
+            if version != self.model_version:
+                log.info("reference of %s version %s not used: this agent serves version %s", self.model_name,
+                         version, self.model_version)
+                return
+            self.set_reference(projection)
+            log.info("reference projection of %s version %s %s from the collector", self.model_name, version,
+                     "installed" if projection is not None else "removed")
+        except InvalidArgument as exc:
+            log.error("cannot use the reference the collector sent for %s: %s", self.model_name, exc)
 
     # --- ground truth -----------------------------------------------------------------
     def feedback(self, request_id: str, value: str | float, row: int = 0) -> bool:
@@ -339,11 +391,13 @@ class MonitoredSession:
                 return False
         return True
 
-    def _plan(self, feed: dict | None, outputs: list | None) -> list[Slot]:
+    def _names(self) -> dict[str, list[str] | None]:
         custom = self._sess.get_modelmeta().custom_metadata_map
-        names = {arg.name: capture.feature_names_for(self._feature_names, custom, arg.name, len(self._inputs))
-                 for arg in self._inputs}
-        slots = capture.plan_slots(self._inputs, self._outputs, names, feed, outputs)
+        return {arg.name: capture.feature_names_for(self._feature_names, custom, arg.name, len(self._inputs))
+                for arg in self._inputs}
+
+    def _plan(self, feed: dict | None, outputs: list | None) -> list[Slot]:
+        slots = capture.plan_slots(self._inputs, self._outputs, self._names(), feed, outputs)
         for slot in slots:  # an open width seen only now: the names given did not fit it
             given = self._feature_names.get(slot.tensor)
             if given is not None and not slot.is_output and slot.columns != given:
@@ -355,6 +409,14 @@ class MonitoredSession:
             raise InvalidArgument(f"the column names {naming.few(repeated)} would be used twice (a feature named like "
                                   "another column, an output's perhaps): give the features other names")
         return slots
+
+    def _plan_inputs(self) -> list[Slot] | None:
+        """The input slots when they can be planned without a call (no symbolic feature dimensions)."""
+        for arg in self._inputs:
+            dims = list(arg.shape or [])[1:]
+            if not all(isinstance(d, int) for d in dims):
+                return None
+        return capture.plan_slots(self._inputs, [], self._names())
 
     def _resolve_then_capture(self, feed: dict, outputs: list, latency: int) -> None:
         """First call of a model with symbolic dimensions: size the ring from real values."""
@@ -376,12 +438,19 @@ class MonitoredSession:
         layout = RingLayout.fit(slots, self._ring_rows, self._ring_bytes)
         self.slots = slots
         args = (self.identity, self._policy, self._export, self._started_ns)
+        projection = self._projection
+        if projection is not None:
+            try:
+                capture.projection_sources(slots, projection.columns)
+            except InvalidArgument as exc:  # planned at a request (symbolic shapes): log it, never raise there
+                log.error("%s; windows of %s have no %s", exc, self.model_name, "@reconstruction_error")
+                projection = self._projection = None
         if self._mode == "process":
             ring = Ring.shared(layout)
-            self._summarizer = ProcessSummarizer(ring, *args)
+            self._summarizer = ProcessSummarizer(ring, *args, projection=projection)
         else:
             ring = Ring(layout)
-            self._summarizer = ThreadSummarizer(ring, *args)
+            self._summarizer = ThreadSummarizer(ring, *args, projection=projection)
         ring.hdr[ERRORS] += self._pending_errors
         ring.hdr[DROPPED] += self._pending_dropped
         self._ring = ring

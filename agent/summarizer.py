@@ -2,10 +2,14 @@
 
 The helper process is a plain ``python -m agent.summary_process`` child (not
 ``multiprocessing``: spawn re-imports the user's ``__main__``, which breaks
-scripts without a main guard, and fork does not mix with gRPC). It gets its
-configuration pickled on stdin and returns windows as length-prefixed frames
-on stdout. It stops when the ring says CLOSED or its stdin closes (the serving
-process is gone, even after SIGKILL).
+scripts without a main guard, and fork does not mix with gRPC). It gets
+length-prefixed frames on stdin: its configuration (pickled), then the
+reference projection to start with, then each later one (a serialised
+``summary_pb2.Projection``, empty for none), which it uses from its next window
+on. It returns windows as length-prefixed frames on stdout. It stops when the
+ring says CLOSED or its stdin closes (the serving process is gone, even after
+SIGKILL). One thread of ours writes its stdin, so a helper that stops reading
+(SIGSTOP) can hold up no one but that thread.
 
 If the helper dies, the session keeps serving: a thread takes over the same
 ring, the rows the helper had taken but not yet reported are counted as
@@ -24,27 +28,42 @@ from pathlib import Path
 from typing import Callable
 
 from agent.ring import CLOSE, CLOSE_FLUSH_ALWAYS, CLOSED, ROWS_TAIL, SKIPPED, Ring
+from agent.sketches import joint
 from agent.worker import Drainer, Identity, WindowBuilder, WindowPolicy
 from protos import summary_pb2
 
 log = logging.getLogger(__name__)
 
 Export = Callable[[summary_pb2.WindowSummary], None]
-FRAME_HEADER = 4  # little-endian length of each serialised window on the helper's stdout
+FRAME_HEADER = 4  # little-endian length of each frame on the helper's stdin and stdout
+
+
+def frame(body: bytes) -> bytes:
+    return len(body).to_bytes(FRAME_HEADER, "little") + body
+
+
+def projection_bytes(projection: joint.Projection | None) -> bytes:
+    return projection.to_proto().SerializeToString() if projection is not None else b""
 
 
 class ThreadSummarizer:
     """The worker as a daemon thread of the serving process."""
 
     def __init__(self, ring: Ring, identity: Identity, policy: WindowPolicy, export: Export,
-                 start_ns: int, *, seq: int = 0, dropped_seen: int = 0, errors_seen: int = 0) -> None:
-        builder = WindowBuilder(ring.layout.slots, identity, start_ns=start_ns, sample_rows=policy.sample_rows)
+                 start_ns: int, *, seq: int = 0, dropped_seen: int = 0, errors_seen: int = 0,
+                 projection: joint.Projection | None = None) -> None:
+        builder = WindowBuilder(ring.layout.slots, identity, start_ns=start_ns, sample_rows=policy.sample_rows,
+                                projection=projection)
         builder.seq = seq
         self._drainer = Drainer(ring, builder, policy, export, dropped_seen, errors_seen)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drainer.loop, args=(self._stop.is_set, self._stop.wait),
                                         name="outrider-summary", daemon=True)
         self._thread.start()
+
+    def set_projection(self, projection: joint.Projection | None) -> None:
+        """From the next window on (InvalidArgument if it reads columns the model does not have)."""
+        self._drainer.builder.set_projection(projection)
 
     def close(self, timeout: float, flush_always: bool = False) -> None:
         if flush_always:
@@ -57,10 +76,16 @@ class ProcessSummarizer:
     """The worker in a helper process; windows come back through a reader thread."""
 
     def __init__(self, ring: Ring, identity: Identity, policy: WindowPolicy, export: Export,
-                 start_ns: int) -> None:
+                 start_ns: int, *, projection: joint.Projection | None = None) -> None:
         self.ring, self.identity, self.policy, self.export = ring, identity, policy, export
         self._received = {"windows": 0, "rows": 0, "dropped": 0, "errors": 0}
         self._fallback: ThreadSummarizer | None = None
+        # The projection (the helper's, and a fallback thread's), and frames for the stdin writer.
+        self._lock = threading.Condition()
+        self.projection = projection
+        config = (ring.layout, ring.shm_name, identity, policy, start_ns, os.getpid())
+        self._frames: list[bytes] = [frame(pickle.dumps(config)), frame(projection_bytes(projection))]
+        self._stdin_done = False
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.summary_process"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env(),
@@ -68,14 +93,48 @@ class ProcessSummarizer:
             # the helper in order; the helper also ignores SIGINT/SIGTERM sent to it directly.
             process_group=0,
         )
-        config = (ring.layout, ring.shm_name, identity, policy, start_ns, os.getpid())
-        try:
-            self.proc.stdin.write(pickle.dumps(config))  # type: ignore[union-attr]
-            self.proc.stdin.flush()  # type: ignore[union-attr]
-        except OSError:
-            pass  # the reader sees the helper gone and falls back to a thread
+        self._writer = threading.Thread(target=self._write, name="outrider-summary-stdin", daemon=True)
+        self._writer.start()
         self._reader = threading.Thread(target=self._read, name="outrider-windows", daemon=True)
         self._reader.start()
+
+    def set_projection(self, projection: joint.Projection | None) -> None:
+        """The helper (or the thread that replaced it) uses ``projection`` from its next window on.
+        Checked here first: InvalidArgument if it reads columns the model does not have."""
+        from agent import capture
+
+        if projection is not None:
+            capture.projection_sources(self.ring.layout.slots, projection.columns)
+        with self._lock:
+            self.projection = projection
+            fallback = self._fallback
+            if fallback is None:
+                self._frames.append(frame(projection_bytes(projection)))
+                self._lock.notify_all()
+        if fallback is not None:
+            fallback.set_projection(projection)
+
+    def _write(self) -> None:
+        """The helper's stdin: every frame in order, then its end (at close)."""
+        stdin = self.proc.stdin
+        try:
+            while True:
+                with self._lock:
+                    self._lock.wait_for(lambda: self._frames or self._stdin_done)
+                    frames, self._frames = self._frames, []
+                    done = self._stdin_done
+                for data in frames:
+                    stdin.write(data)  # type: ignore[union-attr]
+                stdin.flush()  # type: ignore[union-attr]
+                if done and not frames:
+                    break
+        except (OSError, ValueError):
+            pass  # the helper is gone: the reader falls back to a thread
+        finally:
+            try:
+                stdin.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
 
     def _read(self) -> None:
         out = self.proc.stdout
@@ -111,15 +170,16 @@ class ProcessSummarizer:
         hdr[SKIPPED] += lost
         log.error("summary process exited with code %s; %d rows of its open window are counted as dropped; "
                   "summarising in a thread from now on", self.proc.returncode, lost)
-        self._fallback = ThreadSummarizer(self.ring, self.identity, self.policy, self.export, time.time_ns(),
-                                          seq=r["windows"], dropped_seen=r["dropped"], errors_seen=r["errors"])
+        with self._lock:  # a projection set from now on goes to the thread
+            self._fallback = ThreadSummarizer(self.ring, self.identity, self.policy, self.export, time.time_ns(),
+                                              seq=r["windows"], dropped_seen=r["dropped"], errors_seen=r["errors"],
+                                              projection=self.projection)
 
     def close(self, timeout: float, flush_always: bool = False) -> None:
         self.ring.hdr[CLOSED] = CLOSE_FLUSH_ALWAYS if flush_always else CLOSE
-        try:
-            self.proc.stdin.close()  # type: ignore[union-attr]
-        except OSError:
-            pass
+        with self._lock:  # the writer ends the helper's stdin once the frames before are written
+            self._stdin_done = True
+            self._lock.notify_all()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

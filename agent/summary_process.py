@@ -1,9 +1,11 @@
 """The summary helper process: ``python -m agent.summary_process`` (started by ``agent.summarizer``).
 
-Reads its configuration (pickled) from stdin, attaches the ring's shared
-memory, drains it, and writes each closed window to stdout as a 4-byte
-little-endian length and the serialised ``WindowSummary``. Stops when the ring
-is CLOSED or stdin reaches end of file (the serving process closed it or died);
+Reads frames (a 4-byte little-endian length, then the body) from stdin: its
+configuration (pickled), the reference projection to start with, and later
+projections, each used from the next window on (``agent.summarizer``). Attaches
+the ring's shared memory, drains it, and writes each closed window to stdout
+as a frame holding the serialised ``WindowSummary``. Stops when the ring is
+CLOSED or stdin reaches end of file (the serving process closed it or died);
 SIGINT and SIGTERM are ignored (SIGKILL is not).
 """
 from __future__ import annotations
@@ -16,9 +18,36 @@ import sys
 import threading
 
 from agent.ring import Ring
+from agent.sketches import joint
 from agent.summarizer import FRAME_HEADER
 from agent.worker import Drainer, WindowBuilder
 from protos import summary_pb2
+
+log = logging.getLogger("agent.summary_process")
+
+
+def read_frame(fd: int) -> bytes | None:
+    """One frame's body from ``fd`` (raw reads: no buffered reader for a daemon thread to sit in);
+    None at end of file."""
+    header = _read_exactly(fd, FRAME_HEADER)
+    if header is None:
+        return None
+    return _read_exactly(fd, int.from_bytes(header, "little"))
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    parts, left = [], size
+    while left:
+        part = os.read(fd, min(left, 1 << 20))
+        if not part:
+            return None
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def projection_from(body: bytes) -> joint.Projection | None:
+    return joint.Projection.from_proto(summary_pb2.Projection.FromString(body)) if body else None
 
 
 def main() -> int:
@@ -29,21 +58,25 @@ def main() -> int:
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="outrider-summary: %(levelname)s %(message)s")
     stdin_fd = sys.stdin.fileno()
-    with os.fdopen(os.dup(stdin_fd), "rb", buffering=0) as config:
-        layout, shm_name, identity, policy, start_ns, parent = pickle.load(config)
+    config, first = read_frame(stdin_fd), read_frame(stdin_fd)
+    if config is None or first is None:
+        return 0  # the serving process died before it told us what to do
+    layout, shm_name, identity, policy, start_ns, parent = pickle.loads(config)
+    projection = projection_from(first)
     # Frames get a private copy of stdout; anything else printing goes to stderr.
     frames = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     stop = threading.Event()
 
-    def watch_stdin() -> None:
-        # Raw reads until EOF (the serving process closed the pipe or died). Not
+    def watch_stdin(builder: WindowBuilder) -> None:
+        # Frames until EOF (the serving process closed the pipe or died). Not
         # sys.stdin: a daemon thread inside its buffered reader aborts shutdown.
-        while os.read(stdin_fd, 4096):
-            pass
+        while (body := read_frame(stdin_fd)) is not None:
+            try:
+                builder.set_projection(projection_from(body))
+            except Exception:  # the serving process checked it; never end the helper over one
+                log.exception("cannot use the reference projection sent")
         stop.set()
-
-    threading.Thread(target=watch_stdin, daemon=True).start()
 
     def should_stop() -> bool:
         # stdin may stay open after the serving process died if it forked
@@ -60,7 +93,9 @@ def main() -> int:
     except FileNotFoundError:
         return 0  # the serving process died before we attached, and its block went with it
     try:
-        builder = WindowBuilder(layout.slots, identity, start_ns=start_ns, sample_rows=policy.sample_rows)
+        builder = WindowBuilder(layout.slots, identity, start_ns=start_ns, sample_rows=policy.sample_rows,
+                                projection=projection)
+        threading.Thread(target=watch_stdin, args=(builder,), daemon=True).start()
         Drainer(ring, builder, policy, emit).loop(should_stop, stop.wait)
     except BrokenPipeError:
         return 0  # the serving process is gone: nobody to report to

@@ -7,14 +7,16 @@ attached to the ring's shared memory (``agent/summarizer.py`` starts either).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from agent import sketches
+from agent import capture, sketches
 from agent.capture import Reduce, Slot
+from agent.sketches import joint
 from agent.ring import (CALLS_HEAD, CALLS_TAIL, CLOSE_FLUSH_ALWAYS, CLOSED, DROPPED, ERRORS, ROWS_HEAD, ROWS_TAIL,
                         SKIPPED,
                         Ring)
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_ROWS = 8192
 MAX_SAMPLE_ROWS = 10_000  # the collector rejects larger samples (collector.ingest.Limits.max_sample_rows)
+_UNCHANGED = object()  # no projection waiting for the next window
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,13 @@ class RowReservoir:
                 (column.strings if strings else column.numbers).extend(values)
 
 
+def _as_slice(indices: list[int]) -> slice | np.ndarray:
+    """``indices`` as a slice when they are consecutive and ascending (a view, not a fancy-index copy)."""
+    if indices == list(range(indices[0], indices[0] + len(indices))):
+        return slice(indices[0], indices[0] + len(indices))
+    return np.array(indices)
+
+
 def _sample_dtype(slot: Slot) -> np.dtype:
     """How kept rows are held: strings as captured, per-sample statistics as float64, numbers as they came."""
     return np.dtype(np.float64) if slot.reduce is Reduce.SAMPLE_STATS else slot.dtype
@@ -122,21 +132,64 @@ class WindowBuilder:
     """Sketches of one open window; pure Python + numpy, no threads.
 
     With ``sample_rows`` the window also keeps a uniform sample of that many of
-    its rows (every column, as a ``RowSample``); ``seed`` makes it repeatable."""
+    its rows (every column, as a ``RowSample``); ``seed`` makes it repeatable.
+
+    Derived columns (``agent.sketches.joint``): a classifier's windows have
+    ``@confidence``; with a ``projection`` (a ``joint.Projection`` of a reference
+    profile) they have ``@reconstruction_error`` too. ``set_projection`` (from
+    any thread) changes the projection from the next window on."""
 
     def __init__(self, slots: tuple[Slot, ...], identity: Identity, k: int = sketches.DEFAULT_K,
-                 start_ns: int | None = None, *, sample_rows: int = 0, seed: int | None = None) -> None:
+                 start_ns: int | None = None, *, sample_rows: int = 0, seed: int | None = None,
+                 projection: joint.Projection | None = None) -> None:
         self.slots, self.identity, self.k = slots, identity, k
         self.seq = 0
         sample_rows = check_sample_rows(sample_rows)
         self.reservoir = RowReservoir(slots, sample_rows, np.random.default_rng(seed)) if sample_rows else None
+        taken = set(joint.DERIVED_COLUMNS) & {c for s in slots for c in s.columns}
+        if taken:  # a model's own column by that name: the window must not carry two
+            log.warning("the model has column(s) named %s; no derived columns are computed", sorted(taken))
+        self._derive = not taken
+        self._confidence = capture.confidence_slot(slots) if self._derive else None
+        self._lock = threading.Lock()  # the projection waiting for the next window
+        self._pending: object = _UNCHANGED
+        self._projection = self._plan(projection)
         self._reset(start_ns or time.time_ns())
+
+    def set_projection(self, projection: joint.Projection | None) -> None:
+        """Use ``projection`` from the next window on (None: no reconstruction error). Raises
+        InvalidArgument when it reads columns this model does not have, changing nothing."""
+        planned = self._plan(projection)
+        with self._lock:
+            self._pending = planned
+
+    def _plan(self, projection: joint.Projection | None) -> tuple[joint.Projection, list, int | None] | None:
+        """The projection; per slot it reads, (slot, its columns, their places in the projection), as
+        slices where they run in order; and the one slot it reads whole, in order, if so (the usual
+        case: a single input, which then needs no gathering)."""
+        if projection is None or not self._derive:
+            return None
+        sources = capture.projection_sources(self.slots, projection.columns)
+        groups: dict[int, tuple[list[int], list[int]]] = {}
+        for place, (slot, column) in enumerate(sources):
+            columns, places = groups.setdefault(slot, ([], []))
+            columns.append(column)
+            places.append(place)
+        (first, (columns, places)), *others = groups.items()
+        whole = not others and columns == places == list(range(len(self.slots[first].columns)))
+        return projection, [(slot, _as_slice(c), _as_slice(p)) for slot, (c, p) in groups.items()], \
+            first if whole else None
 
     def _reset(self, start_ns: int) -> None:
         self.start_ns = start_ns
         self.rows = self.calls = 0
         if self.reservoir is not None:
             self.reservoir.reset()
+        with self._lock:
+            if self._pending is not _UNCHANGED:
+                self._projection, self._pending = self._pending, _UNCHANGED  # type: ignore[assignment]
+        self._errors = sketches.NumericSketch(self.k) if self._projection else None
+        self._confidences = sketches.NumericSketch(self.k) if self._confidence is not None else None
         self.latency = sketches.NumericSketch(self.k)
         self.columns: list[list] = []
         for s in self.slots:
@@ -167,6 +220,17 @@ class WindowBuilder:
                 block2 = block.reshape(n, -1)
                 sketches.update_numeric_block(cols, block2)
             columns.append(block2)
+        if self._errors is not None:
+            projection, groups, whole = self._projection  # type: ignore[misc]
+            if whole is not None:
+                x = columns[whole]
+            else:
+                x = np.empty((n, len(projection.columns)))
+                for slot, cols, places in groups:
+                    x[:, places] = columns[slot][:, cols]
+            self._errors.update(projection.errors(x))
+        if self._confidences is not None:
+            self._confidences.update(joint.confidence(columns[self._confidence]))  # type: ignore[index]
         if self.reservoir is not None:
             self.reservoir.add(columns)
         self.rows += n
@@ -188,6 +252,12 @@ class WindowBuilder:
         for slot, cols in zip(self.slots, self.columns):
             for name, sk in zip(slot.columns, cols):
                 window.columns.append(sk.to_proto(name, slot.role, slot.tensor))
+        if self._errors is not None:
+            fingerprint = self._projection[0].fingerprint  # type: ignore[index]
+            window.columns.append(self._errors.to_proto(joint.RECONSTRUCTION_ERROR, capture.FEATURE, fingerprint))
+        if self._confidences is not None:
+            source = self.slots[self._confidence].tensor  # type: ignore[index]
+            window.columns.append(self._confidences.to_proto(joint.CONFIDENCE, capture.PREDICTION, source))
         if self.reservoir is not None and self.reservoir.seen:  # absent when off or when no row came
             self.reservoir.write(window.sample)
         self.seq += 1

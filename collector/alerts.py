@@ -82,7 +82,7 @@ def record(db: Database, evaluation: pb.DriftEvaluation, k: int, now_ns: int) ->
 
 def _open(db: Database, evaluation: pb.DriftEvaluation, column: str, now_ns: int) -> pb.Alert:
     col = next(c for c in evaluation.columns if c.name == column)
-    kind = "performance" if column == "performance" else "drift"
+    kind = column if column in ("performance", "estimated_performance") else "drift"
     alert_id = db["alerts"].insert({
         "model_name": evaluation.model_name, "model_version": evaluation.model_version, "column": column,
         "kind": kind, "state": OPEN, "opened_ns": now_ns, "summary": col.reason,

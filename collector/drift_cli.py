@@ -63,7 +63,7 @@ def sparkline(values: list[float]) -> str:
 
 def _effect(column: Any, config: dict[str, float]) -> float:
     """The column's main effect size as a fraction of its threshold."""
-    if column.name == "performance":
+    if column.name in ("performance", "estimated_performance"):
         return 2.0 if column.drifted else 0.0
     if column.kind == 1:  # NUMERIC
         return max(column.wasserstein / config["wasserstein_threshold"], column.psi / config["numeric_psi_threshold"])
@@ -104,6 +104,10 @@ def drift_command(args: argparse.Namespace) -> int:
         if not math.isnan(latest.accuracy) or not math.isnan(latest.mae):
             print(f"realised performance: accuracy {_num(latest.accuracy)} (reference "
                   f"{_num(latest.reference_accuracy)}), MAE {_num(latest.mae)} (reference {_num(latest.reference_mae)})")
+        if any(c.name == "estimated_performance" for c in latest.columns):  # the profile has a calibration
+            print(f"estimated accuracy (from confidence, no labels): {_num(latest.estimated_accuracy)} (reference "
+                  f"{_num(latest.reference_estimated_accuracy)})"
+                  + (f"; realised {_num(latest.accuracy)}" if not math.isnan(latest.accuracy) else ""))
         print()
     return 0
 

@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from agent import sketches
-from collector import alerts, drift, retraining, rollback_policy
+from collector import alerts, drift, estimate, retraining, rollback_policy
 from collector.rollback_policy import RollbackPolicy
 from collector.rollup import merge_windows
 from collector.store import Store
@@ -100,6 +100,7 @@ class DriftEvaluator:
         evaluation = pb.DriftEvaluation(model_name=model_name, model_version=model_version,
                                         evaluated_unix_nano=now, accuracy=math.nan, reference_accuracy=math.nan,
                                         mae=math.nan, reference_mae=math.nan)
+        evaluation.estimated_accuracy = evaluation.reference_estimated_accuracy = math.nan
         profile = self.store.profile(model_name, model_version)
         if profile is None:
             evaluation.reason = (f"no reference profile for {model_name} {model_version}: "
@@ -129,6 +130,11 @@ class DriftEvaluator:
         if perf is not None:
             evaluation.columns.append(perf)
             evaluation.evaluated = evaluation.evaluated or not math.isnan(perf.p_adjusted)
+        estimated, reference_estimated, est = estimate.estimated_performance(current, profile, config)
+        evaluation.estimated_accuracy, evaluation.reference_estimated_accuracy = estimated, reference_estimated
+        if est is not None:  # label-free, beside the realised one: the same alert machine
+            evaluation.columns.append(est)
+            evaluation.evaluated = evaluation.evaluated or not math.isnan(est.p_adjusted)
         evaluation.accuracy, evaluation.mae = accuracy(current.performance), mae(current.performance)
         evaluation.reference_accuracy = accuracy(profile.performance)
         evaluation.reference_mae = mae(profile.performance)

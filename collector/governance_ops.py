@@ -30,7 +30,10 @@ class GovernanceOps:
     @grpc_errors
     def RegisterModel(self, request_iterator: Iterator[pb.RegisterChunk],
                       context: grpc.ServicerContext) -> pb.ModelVersion:
-        return self.registry.register(request_iterator, _actor())
+        version = self.registry.register(request_iterator, _actor())
+        if version.has_profile:  # agents already serving that version number (static ones) get its projection
+            self.agents.rollouts.push_reference(version.name, str(version.version))
+        return version
 
     @grpc_errors
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:

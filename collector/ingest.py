@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from agent import feature_names, sketches
 from agent.errors import InvalidArgument
+from agent.sketches import joint
 from agent.worker import MAX_SAMPLE_ROWS
 from protos import collector_pb2, summary_pb2
 
@@ -360,6 +361,7 @@ def validate_profile(profile: summary_pb2.ReferenceProfile, limits: Limits = Lim
         seen.add(column.name)
     _check_feature_names(profile, limits)
     check_performance("performance", profile.performance, limits)
+    _check_joint(profile, limits)
 
 
 def _check_feature_names(profile: summary_pb2.ReferenceProfile, limits: Limits) -> None:
@@ -379,3 +381,21 @@ def _check_feature_names(profile: summary_pb2.ReferenceProfile, limits: Limits) 
             raise InvalidArgument(f"profile feature_names of input {source!r} ({len(listed)} names) are not the "
                                   f"{len(columns)} feature columns that come from it, in order; build the profile "
                                   "with 'outrider profile'")
+
+
+def _check_joint(profile: summary_pb2.ReferenceProfile, limits: Limits) -> None:
+    """The projection and the calibration (``agent.sketches.joint``): bounded and consistent; the
+    projection reads numeric columns the profile has, the calibration's map goes with a confidence column."""
+    numeric = {c.name for c in profile.columns if c.kind == summary_pb2.ColumnSummary.NUMERIC}
+    if profile.HasField("projection"):
+        projection = profile.projection
+        joint.check_projection(projection)  # first: it bounds the number of columns
+        for i, name in enumerate(projection.columns):
+            _check_text(f"projection columns[{i}]", name, limits.max_column_name_chars)
+        absent = [name for name in projection.columns if name not in numeric]
+        if absent:
+            raise InvalidArgument(f"projection reads {absent[0]!r}, which is not a numeric column of the profile")
+    if profile.HasField("calibration"):
+        joint.check_calibration(profile.calibration)
+        if joint.CONFIDENCE not in numeric:
+            raise InvalidArgument(f"the profile has a calibration but no numeric {joint.CONFIDENCE!r} column")

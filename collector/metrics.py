@@ -182,6 +182,10 @@ class _StateCollector:
                                      labels=labels)
         evaluated = GaugeMetricFamily("outrider_collector_drift_evaluation_timestamp_seconds", "when the latest "
                                       "drift evaluation with enough rows ran", labels=["model", "version"])
+        accuracy = GaugeMetricFamily("outrider_collector_accuracy", "a classifier's accuracy in the latest "
+                                     "evaluation's span: realised (from labels), estimated (from the predictions' "
+                                     "confidence through the reference's calibration, no labels needed), and the "
+                                     "reference's own of each", labels=["model", "version", "kind"])
         for model, version in db.execute("SELECT model_name, model_version FROM profiles ORDER BY 1, 2").fetchall():
             row = db.execute("SELECT body FROM evaluations WHERE model_name = ? AND model_version = ?"
                              " AND evaluated = 1 ORDER BY evaluated_ns DESC LIMIT 1", [model, version]).fetchone()
@@ -189,6 +193,13 @@ class _StateCollector:
                 continue
             evaluation = pb.DriftEvaluation.FromString(row[0])
             evaluated.add_metric([model, version], evaluation.evaluated_unix_nano / 1e9)
+            estimated = any(c.name == "estimated_performance" for c in evaluation.columns)  # else unset, not 0
+            for kind, value, present in (("realised", evaluation.accuracy, True),
+                                         ("reference", evaluation.reference_accuracy, True),
+                                         ("estimated", evaluation.estimated_accuracy, estimated),
+                                         ("reference_estimated", evaluation.reference_estimated_accuracy, estimated)):
+                if present and math.isfinite(value):
+                    accuracy.add_metric([model, version, kind], value)
             for column in evaluation.columns:
                 key = [model, version, column.name]
                 detected.add_metric(key, int(column.drifted))
@@ -198,4 +209,4 @@ class _StateCollector:
                     value = getattr(column, field)
                     if math.isfinite(value):  # NaN: not computed (e.g. no reference bins)
                         statistic.add_metric([*key, method], value)
-        return [statistic, p_value, detected, evaluated]
+        return [statistic, p_value, detected, evaluated, accuracy]

@@ -27,6 +27,13 @@ shadow is stopped (``approvals.set_stage`` / ``retire`` refuse, saying how).
 Rollouts started in one transaction share its clock reading (``started_ns``)
 and are pushed together (``RolloutPusher.push_started``).
 
+Reference projections (``agent.reference``): every agent of a model, managed or
+not, is sent a ``reference`` command for the version it serves when it says
+hello (a managed agent: for the production version, before its "serve"), and
+every live agent of the model when a profile is attached to one of its versions
+(``RolloutPusher.push_reference``); an agent uses it only if it serves that
+version. These commands settle no rollout: their ids are "reference-<uuid>".
+
 The functions taking ``db`` run inside the store writer's transaction (or read
 through ``Store.read``); ``RolloutPusher`` sends after the commit.
 """
@@ -44,10 +51,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlite_utils import Database
 
+from agent import reference
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, OutriderError
 from collector import approvals, audit
 from collector.ingest import Limits, clean_text, validate_model_key, validate_model_state
 from protos import collector_pb2 as pb
+from protos import summary_pb2
 
 if TYPE_CHECKING:
     from collector.registry import ArtifactStore
@@ -133,18 +142,39 @@ def shadow_command(db: Database, model: str, shadow_running: bool = True) -> Pla
     return _planned("unshadow", {}, latest["id"] if unshadowed else 0)
 
 
+def reference_command(db: Database, model: str, version: str, *, always: bool = False) -> Planned | None:
+    """"reference": the projection of ``version``'s profile; None when it has none (unless ``always``:
+    an empty projection then tells agents to stop using the one they have)."""
+    row = db.execute("SELECT body FROM profiles WHERE model_name = ? AND model_version = ?",
+                     [model, version]).fetchone()
+    profile = summary_pb2.ReferenceProfile.FromString(row[0]) if row else None
+    projection = profile.projection if profile is not None and profile.HasField("projection") else None
+    if projection is None and not always:
+        return None
+    command = pb.Command(id=f"reference-{uuid.uuid4().hex}", kind=reference.REFERENCE,
+                         args=reference.command_args(version, projection))
+    return Planned(command, 0)
+
+
 def hello_commands(db: Database, hello: pb.Hello) -> list[Planned]:
     """What a managed agent is told when it says hello: serve production (if any), and its shadow
     (or unshadow when its Hello says a shadow runs but none is set)."""
     running = hello.HasField("model_state") and bool(hello.model_state.shadow_version)
     planned = [serve_command(db, hello.model_name), shadow_command(db, hello.model_name, running)]
-    return [p for p in planned if p is not None]
+    return _with_reference(db, hello.model_name, [p for p in planned if p is not None])
 
 
 def family_commands(db: Database, model: str, family: str) -> list[Planned]:
     """What every live managed agent of ``model`` is told after a change in ``family``."""
     planned = serve_command(db, model) if family == SERVE else shadow_command(db, model)
-    return [planned] if planned is not None else []
+    return _with_reference(db, model, [planned] if planned is not None else [])
+
+
+def _with_reference(db: Database, model: str, planned: list[Planned]) -> list[Planned]:
+    """The served version's reference first, so that its session has the projection from its first window."""
+    serve = next((p for p in planned if p.command.kind == "serve"), None)
+    first = reference_command(db, model, serve.command.args["version"]) if serve is not None else None
+    return [first, *planned] if first is not None else planned
 
 
 def record_sent(db: Database, runs: Iterable[tuple[str, str]], planned: list[Planned]) -> None:
@@ -400,13 +430,34 @@ class RolloutPusher:
             return self._locks.setdefault(model, threading.Lock())
 
     def hello(self, stream: AgentStream) -> None:
-        """Queue a managed agent's commands after its Hello was recorded (and its stream is live)."""
+        """Queue an agent's commands after its Hello was recorded (and its stream is live): a managed
+        agent's rollout, and for any agent the reference projection of the version it serves."""
         model = stream.hello.model_name
         try:
             with self._lock(model):
-                self._deliver([stream], hello_commands(self.store.read(), stream.hello))
+                db = self.store.read()
+                if stream.hello.managed:
+                    planned = hello_commands(db, stream.hello)
+                else:
+                    found = reference_command(db, model, stream.hello.model_version)
+                    planned = [found] if found is not None else []
+                self._deliver([stream], planned)
         except OutriderError as exc:  # the store is closing: the agent hears again when it reconnects
             log.warning("cannot tell agent %s what to serve: %s", stream.hello.agent_id, exc)
+
+    def push_reference(self, model: str, version: str) -> int:
+        """Send ``version``'s reference projection (or its absence) to every live agent of ``model``;
+        those that serve ``version`` use it. Returns how many streams it was sent to. The profile is
+        stored already: a failure here is logged, not raised (agents hear on their next hello)."""
+        try:
+            with self._lock(model):
+                streams = self.live.of_model(model)
+                planned = reference_command(self.store.read(), model, version, always=True)
+                self._deliver(streams, [planned] if planned is not None else [])
+        except OutriderError as exc:
+            log.warning("cannot send the reference of %s %s to its agents: %s", model, version, exc)
+            return 0
+        return len(streams)
 
     def push(self, model: str, family: str) -> int:
         """Send the current state of ``family`` (SERVE or SHADOW) to every live managed agent of ``model``;

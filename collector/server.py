@@ -129,8 +129,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         log.info("agent %s run %s (%s %s) connected as %s%s", hello.agent_id, hello.run_id, hello.model_name,
                  hello.model_version, identity.name,
                  f"; its spool also holds windows of {list(hello.spooled_models)}" if hello.spooled_models else "")
-        if hello.managed:  # after live.add: a change committed from now on reaches this stream too
-            self.rollouts.hello(stream)
+        # after live.add: a change committed from now on reaches this stream too
+        self.rollouts.hello(stream)  # managed: what to serve; any agent: its version's reference projection
         threading.Thread(target=stream.read, name=f"outrider-stream-{hello.agent_id}", daemon=True).start()
         yield from stream.replies()
 
@@ -223,6 +223,7 @@ class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServ
                  request.profile.rows, ", replacing the previous one" if replaced else "")
         for warning in warnings:
             log.warning("reference profile of %s %s: %s", request.model_name, request.model_version, warning)
+        self.agents.rollouts.push_reference(request.model_name, request.model_version)
         return pb.AttachProfileResponse(model_name=request.model_name, model_version=request.model_version,
                                         columns=len(request.profile.columns), replaced=replaced,
                                         warnings=warnings)

@@ -79,7 +79,7 @@ def connect(agents) -> AgentConn:
 def serve_command(conn: AgentConn, version: str) -> pb.Command:
     """The next command to serve ``version`` (acks and the Hello's own commands are passed over)."""
     for reply in conn.replies:
-        if reply.HasField("command") and reply.command.args.get("version") == version:
+        if reply.HasField("command") and reply.command.kind == "serve" and reply.command.args.get("version") == version:
             return reply.command
     raise AssertionError(f"the stream ended without a command to serve version {version}")
 

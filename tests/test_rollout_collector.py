@@ -80,6 +80,7 @@ class FakeAgent:
         self.stub = pb_grpc.AgentServiceStub(self.channel)
         self._out: queue.Queue = queue.Queue()
         self.inbox: queue.Queue = queue.Queue()
+        self.references: queue.Queue = queue.Queue()  # "reference" commands (their projections), kept apart
         state = pb.ModelState(model_version=serving, ok=True, shadow_version=shadow, shadow_share=0.5 if shadow else 0)
         self._out.put(pb.AgentMessage(hello=pb.Hello(
             agent_id=agent_id, run_id=self.run_id, host="box", model_name=model, model_version=serving,
@@ -90,7 +91,9 @@ class FakeAgent:
     def _read(self) -> None:
         try:
             for message in self.replies:
-                if message.HasField("command") and self.auto is not None:
+                if message.HasField("command") and message.command.kind == "reference":
+                    self.references.put(message.command)  # tests/test_joint.py checks these
+                elif message.HasField("command") and self.auto is not None:
                     self.answer(message.command, self.auto(message.command))
                 else:
                     self.inbox.put(message)

@@ -107,7 +107,7 @@ def test_windows_by_rows_account_for_every_row_and_close_flushes(lr):
     assert {w.run_id for w in windows} == {sess.identity.run_id}
     assert all(w.dropped_rows == 0 and w.model_sha256 == sess.model_sha256 for w in windows)
     names = [c.name for c in windows[0].columns]
-    assert names == [f"X[{i}]" for i in range(20)] + ["label", "probabilities[0]", "probabilities[1]"]
+    assert names == [f"X[{i}]" for i in range(20)] + ["label", "probabilities[0]", "probabilities[1]", "@confidence"]
     label = windows[0].columns[20]
     assert label.kind == summary_pb2.ColumnSummary.CATEGORICAL and label.role == summary_pb2.ColumnSummary.PREDICTION
     assert windows[0].columns[0].role == summary_pb2.ColumnSummary.FEATURE
@@ -319,5 +319,5 @@ def test_helper_process_handles_strings_and_zipmap(build, feed):
     if "city" in names:
         assert dict(merged([window], "city").frequent_items()) == {"lyon": 20, "nice": 20}
     else:
-        assert names[-2:] == ["output_probability[0]", "output_probability[1]"]
+        assert names[-3:] == ["output_probability[0]", "output_probability[1]", "@confidence"]
         assert merged([window], "output_probability[1]").count == 40

@@ -214,7 +214,7 @@ def test_every_page_loads_for_a_viewer_with_its_plots(site, path, words, plots):
 def test_the_model_page_shows_the_drifted_feature_and_one_series_per_column(site):
     _, _, page = fetch(site.url, "/models/churn", token=TOKENS["vera"])
     series = {i for i in svg_ids(page) if i.startswith("series-")}
-    assert len(series) == 23  # 20 features, label, two probabilities
+    assert len(series) == 25  # 20 features, label, two probabilities, @reconstruction_error, @confidence
     heat = page[page.index('<svg id="heatmap"'):]
     heat = heat[:heat.index("</svg>")]
     assert "X[3] at" in heat and "drifted" in heat

@@ -10,6 +10,9 @@ DataSketches binary formats, so other tools can read them.
 One package, one home: ``numeric`` (NumericSketch and the worker's block
 update), ``categorical`` (CategoricalSketch), ``compare`` (every comparison
 between two sketches). Import from here; the split is an implementation detail.
+``joint`` (``from agent.sketches import joint``) is the math across columns:
+the reference's PCA projection and reconstruction error, and the confidence
+calibration behind the label-free accuracy estimate.
 """
 from __future__ import annotations
 

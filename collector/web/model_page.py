@@ -114,7 +114,7 @@ def model_page(store: Store, name: str, asked_version: str, now_ns: int) -> tupl
         el("h2", "Drift heat map"), el("div", heat, class_="plot"),
         el("h2", "Drift per column"), el("div", *series, class_="plots"),
         el("h2", "Predictions now vs reference"), el("div", *prediction_plots(profile, windows), class_="plots"),
-        el("h2", "Realised performance"), performance_plot(history, windows, config),
+        el("h2", "Performance: realised, and estimated without labels"), performance_plot(history, windows, config),
         el("h2", "Shadow comparison"), *_shadow_section(db, name, windows),
         el("h2", "Registry: versions, stages and gate results"), _registry_table(name, registry, version),
         el("h2", "Rollouts"), rollouts_table(data.rollouts(db, name)),

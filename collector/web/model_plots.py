@@ -15,6 +15,7 @@ import numpy as np
 
 from agent import sketches
 from collector.drift import DriftConfig
+from collector.estimate import ESTIMATED_PERFORMANCE
 from collector.evaluation import PERFORMANCE, accuracy, mae
 from collector.web import svg
 from collector.web.html import Markup, clock, el, num
@@ -54,7 +55,8 @@ def drift_plots(history: Sequence[pb.DriftEvaluation], config: DriftConfig) -> t
     done = [e for e in history if e.evaluated]
     if not done:
         return el("p", "no drift evaluation with enough rows yet", class_="muted"), []
-    names = list(dict.fromkeys(c.name for e in done for c in e.columns if c.name != PERFORMANCE))
+    names = list(dict.fromkeys(c.name for e in done for c in e.columns
+                               if c.name not in (PERFORMANCE, ESTIMATED_PERFORMANCE)))
     times = [float(e.evaluated_unix_nano) for e in done]
     cols = [{c.name: c for c in e.columns} for e in done]
     values = [[ratio(by[n], config) if n in by else math.nan for by in cols] for n in names]
@@ -75,23 +77,38 @@ def drift_plots(history: Sequence[pb.DriftEvaluation], config: DriftConfig) -> t
     return heat, series
 
 
+def _estimated(evaluation: pb.DriftEvaluation) -> float:
+    """The label-free accuracy estimate, NaN when the evaluation made none (no calibration)."""
+    made = any(c.name == ESTIMATED_PERFORMANCE for c in evaluation.columns)
+    return evaluation.estimated_accuracy if made else math.nan
+
+
 def performance_plot(history: Sequence[pb.DriftEvaluation], windows: Sequence[summary_pb2.WindowSummary],
                      config: DriftConfig) -> Markup:
-    """Realised accuracy (or MAE) per evaluation against the reference's tolerance; per window when
-    no evaluation had enough labels."""
-    points = [e for e in history if math.isfinite(e.accuracy) or math.isfinite(e.mae)]
+    """Realised accuracy (or MAE) per evaluation against the reference's tolerance, with the
+    label-free estimate beside it (classifiers with a calibrated profile); per window when no
+    evaluation had enough labels or an estimate."""
+    points = [e for e in history if math.isfinite(e.accuracy) or math.isfinite(e.mae)
+              or math.isfinite(_estimated(e))]
     if points:
-        classify = any(math.isfinite(e.accuracy) for e in points)
+        classify = any(math.isfinite(e.accuracy) or math.isfinite(_estimated(e)) for e in points)
         xs = [float(e.evaluated_unix_nano) for e in points]
         ys = [e.accuracy if classify else e.mae for e in points]
         ref = [e.reference_accuracy if classify else e.reference_mae for e in points]
+        estimated = [_estimated(e) for e in points]
+        if classify and not any(math.isfinite(r) for r in ref):  # no labels yet: the estimate's own reference
+            ref = [e.reference_estimated_accuracy if math.isfinite(_estimated(e)) else math.nan for e in points]
         last = next((r for r in reversed(ref) if math.isfinite(r)), math.nan)
         threshold = last - config.accuracy_drop if classify else last * (1 + config.mae_increase)
-        marks = [any(c.name == PERFORMANCE and c.drifted for c in e.columns) for e in points]
+        marks = [any(c.name in (PERFORMANCE, ESTIMATED_PERFORMANCE) and c.drifted for c in e.columns)
+                 for e in points]
         label = "accuracy" if classify else "MAE"
+        series = [(label, ys), ("reference", ref)]
+        if any(math.isfinite(v) for v in estimated):
+            series.insert(1, ("estimated (no labels)", estimated))
         return el("div", _plot(f"realised {label} per evaluation (threshold: reference {num(last)} "
                      f"{'-' if classify else '×'} tolerance)",
-                     svg.line_chart("performance", f"realised {label}", xs, [(label, ys), ("reference", ref)],
+                     svg.line_chart("performance", f"realised {label}", xs, series,
                                     threshold=threshold if math.isfinite(threshold) else None, marks=marks,
                                     x_label=clock, width=640)), class_="plots")
     labelled = [w for w in windows if w.performance.labeled]
