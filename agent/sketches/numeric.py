@@ -202,6 +202,12 @@ class NumericSketch:
         if other._exact_values.size == 0:
             return
         mine, theirs = (self._exact_values, self._exact_counts), (other._exact_values, other._exact_counts)
+        if mine[0].size == 0:  # the arrays are read-only, so they can be shared
+            self._exact_values, self._exact_counts = theirs
+            return
+        if mine[0].size == theirs[0].size and np.array_equal(mine[0], theirs[0]):  # the usual case: same values
+            self._set_exact(mine[0], mine[1] + theirs[1])
+            return
         values = np.union1d(mine[0], theirs[0])
         if values.size > MAX_EXACT_VALUES:
             self._overflow()
@@ -255,7 +261,8 @@ class NumericSketch:
         """Fold ``other`` into this sketch in place; ``other`` is unchanged."""
         other_kll = other._kll.__copy__() if other is self else other._kll
         count, missing, infinite = other.count, other.missing, other.infinite  # other may be self
-        self._merge_exact(other)
+        if not self.exact_overflow:  # a continuous column's merges skip even the call
+            self._merge_exact(other)
         self._absorb(other.finite_count, other.mean, other.m2, other._min, other._max)
         self.count += count
         self.missing += missing
@@ -461,19 +468,20 @@ def check_exact(msg: summary_pb2.ColumnSummary) -> None:
     MAX_EXACT_VALUES finite values, strictly ascending (so distinct), one positive count each,
     counts adding up to the column's finite values, the first and last value its min and max;
     both lists empty when ``exact_overflow`` is set. Raises InvalidArgument naming the field."""
-    name, values, counts = msg.name, msg.exact_values, msg.exact_counts
-    if not values and not counts:
+    if not msg.exact_values and not msg.exact_counts:
         return
+    name, values, counts = msg.name, list(msg.exact_values), list(msg.exact_counts)
+    # Plain Python on at most MAX_EXACT_VALUES items: cheaper than building arrays, and this runs for every
+    # discrete column of every window at ingest and in every merge of the collector.
     if msg.exact_overflow:
         raise InvalidArgument(f"column {name!r}: exact_overflow is set but exact_values or exact_counts are not empty")
     if len(values) != len(counts):
         raise InvalidArgument(f"column {name!r}: {len(values)} exact_values but {len(counts)} exact_counts")
     if len(values) > MAX_EXACT_VALUES:
         raise InvalidArgument(f"column {name!r}: {len(values)} exact_values, at most {MAX_EXACT_VALUES} allowed")
-    array = np.array(values, np.float64)
-    if not np.isfinite(array).all():
+    if not all(map(math.isfinite, values)):
         raise InvalidArgument(f"column {name!r}: exact_values must be finite")
-    if np.any(array[1:] <= array[:-1]):
+    if any(b <= a for a, b in zip(values, values[1:])):
         raise InvalidArgument(f"column {name!r}: exact_values must be distinct and in ascending order")
     if min(counts) < 1:
         raise InvalidArgument(f"column {name!r}: exact_counts must be positive")
@@ -481,8 +489,8 @@ def check_exact(msg: summary_pb2.ColumnSummary) -> None:
     if sum(counts) != finite:
         raise InvalidArgument(f"column {name!r}: exact_counts add up to {sum(counts)}, "
                               f"the column has {finite} finite values")
-    if (array[0], array[-1]) != (msg.min, msg.max):
-        raise InvalidArgument(f"column {name!r}: exact_values run from {array[0]} to {array[-1]}, "
+    if (values[0], values[-1]) != (msg.min, msg.max):
+        raise InvalidArgument(f"column {name!r}: exact_values run from {values[0]} to {values[-1]}, "
                               f"min and max are {msg.min} and {msg.max}")
 
 
