@@ -82,19 +82,19 @@ def served(db: Database, model_name: str, model_version: str, now_ns: int, conne
                           since).fetchone() for table in ("windows", "rollups"))
 
 
-def record(db: Database, evaluation: pb.DriftEvaluation, k: int, now_ns: int,
-           connected: Connected | None = None) -> list[pb.Alert]:
+def record(db: Database, evaluation: pb.DriftEvaluation, k: int, now_ns: int, *,
+           is_served: bool = True) -> list[pb.Alert]:
     """Store one evaluation, step the model version's alert machine with it, and
     open or resolve alerts; returns the alerts that changed (for the webhook).
-    A version no longer served (``served``) does not step its machine: its open
-    alerts are resolved with that reason (``resolve_unserved``)."""
+    A version no longer served (``is_served`` False: see ``served``) does not step
+    its machine: its open alerts are resolved with that reason (``resolve_unserved``)."""
     drifted = sum(c.drifted for c in evaluation.columns)
     evaluation.id = db["evaluations"].insert({
         "model_name": evaluation.model_name, "model_version": evaluation.model_version,
         "evaluated_ns": evaluation.evaluated_unix_nano, "evaluated": int(evaluation.evaluated),
         "drifted_columns": drifted, "body": b""}).last_pk
     db["evaluations"].update(evaluation.id, {"body": evaluation.SerializeToString()})
-    if not served(db, evaluation.model_name, evaluation.model_version, now_ns, connected):
+    if not is_served:
         return resolve_unserved(db, evaluation.model_name, evaluation.model_version, now_ns)
     if not evaluation.evaluated:
         return []

@@ -176,7 +176,8 @@ class DriftEvaluator:
     def _record(self, evaluation: pb.DriftEvaluation, config: drift.DriftConfig) -> None:
         def write(db):  # alerts and policy-opened retraining and rollback requests: one transaction
             now = self.clock()
-            changed = alerts.record(db, evaluation, config.consecutive, now, self.connected)
+            served = alerts.served(db, evaluation.model_name, evaluation.model_version, now, self.connected)
+            changed = alerts.record(db, evaluation, config.consecutive, now, is_served=served)
             return (changed, retraining.policy(db, evaluation, self.retrain_after_evaluations, now),
                     rollback_policy.apply(db, evaluation, self.rollback, now))
 
