@@ -5,12 +5,22 @@ writer thread (``Store.write(fn)``), readers on a read connection
 (``Store.read()``). Every change is audited (``collector.audit``) in the same
 transaction. The alert machine itself is ``collector.drift.AlertTracker``;
 here it is only loaded and saved.
+
+Alerts follow their model version's life: a version that is no longer served
+(``served``: no connected agent reports it and none of its windows ended in the
+last UNSERVED_SECONDS) gets its open alerts resolved with that reason at its next
+evaluation, and its alert machine is reset and no longer stepped, so the
+page stops listing version 1's alerts once version 2 has replaced it. The
+alerts stay in the history (``outrider alerts --all``), with the reason in
+their summary and in the audit trail. 15 minutes rides out an agent's or the
+collector's restart (agents reconnect within seconds to a minute) and is short
+against the hour the default span still holds the old version's windows.
 """
 from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from google.protobuf import json_format
@@ -22,6 +32,7 @@ from collector.drift import AlertTracker, DriftConfig
 from protos import collector_pb2 as pb
 
 OPEN, ACKNOWLEDGED, RESOLVED = "open", "acknowledged", "resolved"
+UNSERVED_SECONDS = 900.0  # no connected agent and no window of a version for this long: no longer served
 
 
 # ------------------------------------------------------------ drift policy
@@ -53,15 +64,38 @@ def set_config(db: Database, model_name: str, config: DriftConfig, actor: str, n
 
 # ------------------------------------------------------------ evaluations
 
-def record(db: Database, evaluation: pb.DriftEvaluation, k: int, now_ns: int) -> list[pb.Alert]:
+Connected = Callable[[str, str], bool]  # (agent_id, run_id) -> its stream is open now
+
+
+def served(db: Database, model_name: str, model_version: str, now_ns: int, connected: Connected | None = None,
+           quiet_seconds: float = UNSERVED_SECONDS) -> bool:
+    """Whether a version is still served: a connected agent reports it, or one of its windows
+    (raw or rolled up) ended within the last ``quiet_seconds``. ``connected`` (the collector's
+    open streams) confirms the agents table, whose flag outlives a collector killed mid-stream."""
+    key = [model_name, model_version]
+    runs = db.execute("SELECT agent_id, run_id FROM agents WHERE model_name = ? AND model_version = ?"
+                      " AND connected = 1", key).fetchall()
+    if any(connected is None or connected(agent_id, run_id) for agent_id, run_id in runs):
+        return True
+    since = [*key, now_ns - int(quiet_seconds * 1e9)]
+    return any(db.execute(f"SELECT 1 FROM {table} WHERE model_name = ? AND model_version = ? AND end_ns >= ? LIMIT 1",
+                          since).fetchone() for table in ("windows", "rollups"))
+
+
+def record(db: Database, evaluation: pb.DriftEvaluation, k: int, now_ns: int, *,
+           is_served: bool = True) -> list[pb.Alert]:
     """Store one evaluation, step the model version's alert machine with it, and
-    open or resolve alerts; returns the alerts that changed (for the webhook)."""
+    open or resolve alerts; returns the alerts that changed (for the webhook).
+    A version no longer served (``is_served`` False: see ``served``) does not step
+    its machine: its open alerts are resolved with that reason (``resolve_unserved``)."""
     drifted = sum(c.drifted for c in evaluation.columns)
     evaluation.id = db["evaluations"].insert({
         "model_name": evaluation.model_name, "model_version": evaluation.model_version,
         "evaluated_ns": evaluation.evaluated_unix_nano, "evaluated": int(evaluation.evaluated),
         "drifted_columns": drifted, "body": b""}).last_pk
     db["evaluations"].update(evaluation.id, {"body": evaluation.SerializeToString()})
+    if not is_served:
+        return resolve_unserved(db, evaluation.model_name, evaluation.model_version, now_ns)
     if not evaluation.evaluated:
         return []
     key = (evaluation.model_name, evaluation.model_version)
@@ -103,6 +137,23 @@ def _resolve(db: Database, evaluation: pb.DriftEvaluation, column: str, now_ns: 
         audit.append(db, audit.COLLECTOR, "alert.resolve", f"alert/{alert_id}", model_name=evaluation.model_name,
                      before={"state": state}, after={"state": RESOLVED}, reason=reason, now_ns=now_ns)
     return [alert(db, i) for i, _ in rows]
+
+
+def resolve_unserved(db: Database, model_name: str, model_version: str, now_ns: int,
+                     quiet_seconds: float = UNSERVED_SECONDS) -> list[pb.Alert]:
+    """Resolve every open or acknowledged alert of a version that is no longer served, saying
+    so (in the alert's summary and the audit trail), and reset its alert machine."""
+    rows = db.execute("SELECT id, state, summary FROM alerts WHERE model_name = ? AND model_version = ?"
+                      " AND state != ?", [model_name, model_version, RESOLVED]).fetchall()
+    db.execute("DELETE FROM alert_trackers WHERE model_name = ? AND model_version = ?", [model_name, model_version])
+    reason = (f"version {model_version} of {model_name} is no longer served: no connected agent reports it and "
+              f"none of its windows ended in the last {quiet_seconds / 60:g} min")
+    for alert_id, state, summary in rows:
+        db["alerts"].update(alert_id, {"state": RESOLVED, "resolved_ns": now_ns,
+                                       "summary": f"{summary} [resolved: {reason}]"})
+        audit.append(db, audit.COLLECTOR, "alert.resolve", f"alert/{alert_id}", model_name=model_name,
+                     before={"state": state}, after={"state": RESOLVED}, reason=reason, now_ns=now_ns)
+    return [alert(db, i) for i, _, _ in rows]
 
 
 def history(db: Database, model_name: str, model_version: str, limit: int) -> list[pb.DriftEvaluation]:

@@ -2,37 +2,82 @@
 
 The statistics live in ``agent.sketches`` (one home of summary math); this
 module only decides. A column drifts when an *effect size* passes its
-threshold AND its test is *significant* after Benjamini-Hochberg across the
-model's columns. Both are needed: with thousands of rows a test finds
-differences nobody cares about (and the sketches' own ~1% rank error
-becomes "significant" past ~10^5 rows), while an effect size alone on a
-small sample is noise.
+threshold AND its test is *significant* after Benjamini-Hochberg. Both are
+needed: with thousands of rows a test finds differences nobody cares about
+(and the sketches' own ~1% rank error becomes "significant" past ~10^5 rows),
+while an effect size alone on a small sample is noise.
 
-Defaults (``DriftConfig``) are the issue's, kept because calibration met the
-targets with them (tests/test_drift.py: 20 columns, 100k-row reference, span
-of three 1,000-row windows):
+What is tested, per column and per span (``compare_column``):
 
-- numeric: normalised Wasserstein >= 0.1 or PSI >= 0.2. 0.1 is Evidently's
-  default for Wasserstein/std; PSI 0.2 is the common "significant shift"
-  line (0.1-0.2 "moderate"). A 0.25 sigma mean shift reads W ~0.25 and is
-  caught once two of the three windows in the span carry it (W ~0.17);
-  over 1,000 clean evaluations the worst W was ~0.08 and the worst PSI
-  ~0.015. Wasserstein is trimmed to ranks [1%, 99%] (see
+- numeric: normalised Wasserstein >= 0.1 or PSI >= 0.2, with the KS test.
+  0.1 is Evidently's default for Wasserstein/std; PSI 0.2 the common
+  "significant shift" line. Wasserstein is trimmed to ranks [1%, 99%] (see
   ``agent.sketches.wasserstein``): untrimmed, the sketches' own tail error
   pushed clean lognormal columns to 0.1-0.5.
-- categorical: Jensen-Shannon distance (base 2) >= 0.1 or PSI >= 0.2 over
-  the same cells. One category going from 30% to 45% reads JS ~0.14 once the
-  span is all new traffic (~0.09 with two of three windows, so it is
-  flagged after 2 or 3 windows); clean traffic stayed below ~0.035.
-  From these figures JS ~0.07 would likely catch it a window earlier with
-  clean traffic still well below; not changed, the target is met as is.
-- q = 0.05 false discovery rate; the p-value is KS for numeric columns and
-  chi-square (homogeneity, 2 x cells) for categorical ones.
-- k = 3 consecutive verdicts to open an alert and 3 to resolve it, so one
-  noisy evaluation neither pages anyone nor clears a real problem.
-- span 1 hour, at least 1,000 current rows per column.
+- categorical: Jensen-Shannon distance (base 2) >= 0.08 or PSI >= 0.2 over
+  the same cells, with the chi-square homogeneity test.
+- discrete: a numeric column whose reference has exact counts of at most
+  DISCRETE_MAX_VALUES values (integer codes, flags, small counts) is judged
+  as numeric AND by its frequencies like a categorical one (chi-square, JS,
+  PSI over its values; values the reference never had pool in "<unseen>").
+  The issue's P(0) 40 -> 30 %, P(1) 25 -> 35 % in a 0-4 column reads JS
+  ~0.106 with all rows changed; sampling noise at 1,000 rows puts 5 % of
+  evaluations below 0.088, hence 0.08 (0.1 caught 73 % at 1,000 rows).
+- missing rate (missing + infinite values, any column): Cohen's h >= 0.2
+  (0 -> 1 %, 10 -> 17 %, 50 -> 60 %) with the two-proportion z-test. h's
+  noise does not depend on the rate, so one threshold serves a column that
+  is never missing and one that is missing 30 % of the time. A column that
+  goes entirely missing is drift (h = pi), not "no data".
 
-Missing-value rates are reported with every verdict but do not decide it.
+Spans: each evaluation compares the last ``short_span_seconds`` (300) and the
+last ``span_seconds`` (3600) with the reference, and every test of every
+span is one Benjamini-Hochberg family (``decide``): looking twice is paid for
+in the correction. The short span sees a change within minutes (at 1,000
+rows a minute it holds 5,000 rows, plenty for these effect sizes); the hour
+sees slow drifts and low-traffic models (a span with fewer than min_rows rows
+is skipped). ``span_seconds`` of each column names the span that decided.
+
+Defaults (``DriftConfig``), chosen with benchmarks/drift_quality.py (its
+``--grid`` replays candidate policies over one run's statistics; 2026-12-06,
+2-core VM). 20 mixed columns, one agent window and one evaluation a minute,
+10 runs per change with a 50,000-row reference at 1,000 rows a minute;
+minutes from the change to the alert, median (range), in the final run:
+
+    change                 shipped (5 min + 1 h, q 0.01, k 2)   before (1 h, q 0.05, k 3)
+    mean +0.5 sd           2 (2-3)                              15 (14-17)
+    row selection          3 (3-4)                              27 (22-30)
+    mean +0.25 sd          3 (3-4)                              27 (25-31)
+    variance x1.5          4 (4-5)                              38 (37-40)
+    category 30 -> 45 %    4 (4-5)                              49 (46-49)
+    missing 0 -> 10 %      2 (2-2)                              never
+    small integer          5 (5-6)                              never
+    heavy tail             5 (4-6)                              45 (34-54)
+
+no column flagged that did not change (the grid's run of the same policy
+read up to a minute later where the first minute's effect sits at its
+threshold: the KLL's compaction is random). Clean traffic, references of 500
+and 50,000 rows (10 draws each) at 1,000 and 10,000 rows a minute: no
+evaluation of 12,000 flagged, no alert (the grid's run: 1 flagged, no alert;
+before: 20 flagged, 1 alert, all against 500-row references). In the grid,
+q = 0.05 flagged 25-27 of those evaluations and opened 3 alerts: a 500-row
+reference's own sampling error, shared by every evaluation against it, puts
+clean columns at W ~0.1 with KS p_adjusted 0.03-0.04. q = 0.001 flagged none
+but caught variance x1.5 in 25 % of single 1,000-row evaluations instead of
+62 %. Short spans of 3 minutes were a minute faster and flagged 3 clean
+evaluations; 10 minutes missed the 10-minute target for variance and
+category. k = 3 (a minute later) put row selection at the 5-minute target;
+k = 2 opened no clean alert either. Per single evaluation of 1,000 rows (one
+span) against a 50,000-row reference: missing 0 -> 10 % 100/100, the
+small-integer shift 99/100 (100/100 at 10,000 rows; before 47 and 7), clean
+traffic flagged 2/100 (5/100 before); variance x1.5, whose KS p-value at
+1,000 rows is marginal, 60/100 (87/100 before, at q 0.05), a heavier tail
+93/100 (98/100): the price of q 0.01 on single small evaluations.
+
+A column that cannot be compared says why in its reason, which starts "not
+compared:" for a reference column (no such column in traffic, a changed
+kind, too few rows); it has no verdict (NaN p_adjusted), so the alert machine
+neither opens nor clears on it, and ``summary`` never calls an evaluation
+"no drift" while a reference column went uncompared.
 """
 from __future__ import annotations
 
@@ -56,34 +101,54 @@ OK, ALERTING = "ok", "alerting"
 OPENED, RESOLVED = "opened", "resolved"
 
 
+# How a column is judged (ColumnDrift.method).
+NUMERIC, CATEGORICAL, DISCRETE = "numeric", "categorical", "discrete"
+# A numeric reference column with at most this many distinct values (exact counts in the
+# profile) is judged by its frequencies as well: integer codes, flags, small counts.
+DISCRETE_MAX_VALUES = 20
+NOT_IN_TRAFFIC = "not compared: no such column in traffic"
+NOT_IN_REFERENCE = "not in the reference profile"
+
+
 @dataclass(frozen=True)
 class DriftConfig:
     """One model's drift policy; stored as JSON via ``to_dict``/``from_dict``."""
 
     wasserstein_threshold: float = 0.1  # numeric: W1 / reference std
     numeric_psi_threshold: float = 0.2
-    js_threshold: float = 0.1  # categorical: Jensen-Shannon distance, base 2
+    js_threshold: float = 0.08  # categorical and discrete: Jensen-Shannon distance, base 2
     categorical_psi_threshold: float = 0.2
-    q: float = 0.05  # Benjamini-Hochberg false discovery rate across the model's columns
-    consecutive: int = 3  # k: verdicts in a row to open, and to resolve, an alert
-    span_seconds: float = 3600.0  # recent windows merged into the current sketch
-    min_rows: int = 1000  # fewer current rows in a column: not evaluated
+    missing_threshold: float = 0.2  # missing (+ infinite) rate: Cohen's h (0 -> 1 %, 10 -> 17 %, 50 -> 60 %)
+    q: float = 0.01  # Benjamini-Hochberg false discovery rate across every test of every span
+    consecutive: int = 2  # k: verdicts in a row to open, and to resolve, an alert
+    span_seconds: float = 3600.0  # the longest span: recent windows merged into the current sketch
+    short_span_seconds: float = 300.0  # evaluated too, in the same BH family (0: only span_seconds)
+    min_rows: int = 1000  # fewer current rows in a span (or a column): not evaluated
     psi_bins: int = 10  # numeric PSI: equal-mass bins of the reference
     accuracy_drop: float = 0.05  # realised accuracy this far below the reference's opens a performance alert
     mae_increase: float = 0.2  # regression: realised MAE this much above the reference's (relative)
 
     def __post_init__(self) -> None:
-        for name in ("wasserstein_threshold", "numeric_psi_threshold", "js_threshold",
-                     "categorical_psi_threshold", "span_seconds", "accuracy_drop", "mae_increase"):
+        for name in ("wasserstein_threshold", "numeric_psi_threshold", "js_threshold", "categorical_psi_threshold",
+                     "missing_threshold", "span_seconds", "accuracy_drop", "mae_increase"):
             value = getattr(self, name)
             if not _is_number(value) or not 0 < value < math.inf:
                 raise InvalidArgument(f"drift config: {name} must be a positive number, got {value!r}")
+        if not _is_number(self.short_span_seconds) or not 0 <= self.short_span_seconds < math.inf:
+            raise InvalidArgument("drift config: short_span_seconds must be 0 (off) or a positive number, "
+                                  f"got {self.short_span_seconds!r}")
         if not _is_number(self.q) or not 0 < self.q <= 1:
             raise InvalidArgument(f"drift config: q must lie in (0, 1], got {self.q!r}")
         for name, low, high in (("consecutive", 1, 1000), ("min_rows", 1, 10**12), ("psi_bins", 2, 1000)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise InvalidArgument(f"drift config: {name} must be an integer in [{low}, {high}], got {value!r}")
+
+    def spans(self) -> tuple[float, ...]:
+        """The spans evaluated, shortest first: the short span when it is shorter than the long one."""
+        if 0 < self.short_span_seconds < self.span_seconds:
+            return (self.short_span_seconds, self.span_seconds)
+        return (self.span_seconds,)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,23 +197,17 @@ def benjamini_hochberg(pvalues: Sequence[float]) -> np.ndarray:
     return out
 
 
-def _not_evaluated(ref: Sketch | None, cur: Sketch | None, config: DriftConfig) -> str:
-    """Why a column cannot be compared, or "" if it can."""
-    if ref is None:
-        return "not in the reference profile"
-    if cur is None:
-        return "no current data"
-    if type(ref) is not type(cur):
-        return f"kind changed: reference {_kind_name(ref)}, current {_kind_name(cur)}"
-    if cur.count < config.min_rows:
-        return f"only {cur.count} current rows (min_rows {config.min_rows})"
-    present = (lambda s: s.finite_count) if isinstance(ref, sketches.NumericSketch) else (lambda s: s.present)
-    word = "finite" if isinstance(ref, sketches.NumericSketch) else "present"
-    if present(ref) == 0:
-        return f"no {word} values in the reference"
-    if present(cur) == 0:
-        return f"no {word} values in the current data"
-    return ""
+# ---------------------------------------------------------------- statistics of one span
+
+
+@dataclass
+class Compared:
+    """One column compared over one span: its statistics (``drift``, no verdict yet) and the
+    missing-rate effect size, which ColumnDrift does not carry (Cohen's h; NaN: not compared)."""
+
+    drift: collector_pb2.ColumnDrift
+    missing_effect: float = math.nan
+    reference_not_finite: float = math.nan  # the reference's missing + infinite rate (ColumnDrift's is missing only)
 
 
 def _kind(sketch: Sketch) -> int:
@@ -159,73 +218,247 @@ def _kind_name(sketch: Sketch) -> str:
     return CS.Kind.Name(_kind(sketch))
 
 
+def is_discrete(reference: Sketch) -> bool:
+    """A numeric reference column with exact counts of at most DISCRETE_MAX_VALUES values."""
+    if not isinstance(reference, sketches.NumericSketch):
+        return False
+    exact = reference.exact_counts
+    return exact is not None and 0 < exact[0].size <= DISCRETE_MAX_VALUES
+
+
+def _not_comparable(ref: Sketch | None, cur: Sketch | None, config: DriftConfig) -> str:
+    """Why a column cannot be compared at all in this span, or "" if it can."""
+    if ref is None:
+        return NOT_IN_REFERENCE
+    if cur is None:
+        return NOT_IN_TRAFFIC
+    if type(ref) is not type(cur):
+        return f"not compared: kind changed: reference {_kind_name(ref)}, current {_kind_name(cur)}"
+    if cur.count < config.min_rows:
+        return f"not compared: only {cur.count} current rows (min_rows {config.min_rows})"
+    return ""
+
+
+def _distribution_gap(ref: Sketch, cur: Sketch) -> str:
+    """Why the values' distributions cannot be compared (the missing rates still can), or ""."""
+    numeric = isinstance(ref, sketches.NumericSketch)
+    present = (lambda s: s.finite_count) if numeric else (lambda s: s.present)
+    word = "finite" if numeric else "present"
+    if present(ref) == 0:
+        return f"no {word} values in the reference"
+    if present(cur) == 0:
+        return f"no {word} values in the current data"
+    return ""
+
+
+def compare_column(name: str, ref: Sketch | None, cur: Sketch | None, config: DriftConfig,
+                   role: int = CS.FEATURE, span_seconds: float = 0.0) -> Compared:
+    """Every statistic of one column over one span; ``drift.drifted`` is left False and
+    ``p_adjusted`` NaN (``decide`` sets them). A column that cannot be compared gets a reason."""
+    nan = math.nan
+    some = ref if ref is not None else cur
+    assert some is not None
+    col = collector_pb2.ColumnDrift(
+        name=name, kind=_kind(some), role=role,
+        psi=nan, ks_d=nan, ks_p=nan, wasserstein=nan, chi2=nan, chi2_p=nan, js=nan, p_adjusted=nan,
+        missing_rate=sketches.missing_rate(cur) if cur is not None else nan,
+        reference_missing_rate=sketches.missing_rate(ref) if ref is not None else nan,
+        rows=cur.count if cur is not None else 0, missing_p=nan, missing_diff=nan, span_seconds=span_seconds,
+    )
+    out = Compared(col)
+    col.reason = _not_comparable(ref, cur, config)
+    if col.reason:
+        return out
+    assert ref is not None and cur is not None
+    missing = sketches.compare_missing(ref, cur)
+    col.missing_p, col.missing_diff, out.missing_effect = missing.p, missing.difference, missing.effect
+    out.reference_not_finite = sketches.not_finite(ref) / ref.count if ref.count else math.nan
+    gap = _distribution_gap(ref, cur)
+    if gap:
+        compared = not math.isnan(missing.p)
+        col.method = (NUMERIC if isinstance(ref, sketches.NumericSketch) else CATEGORICAL) if compared else ""
+        col.reason = f"distribution not compared: {gap}" if compared else f"not compared: {gap}"
+        return out
+    if isinstance(ref, sketches.NumericSketch):
+        assert isinstance(cur, sketches.NumericSketch)
+        num = sketches.compare_numeric(ref, cur, bins=config.psi_bins)
+        col.ks_d, col.ks_p, col.psi, col.wasserstein = num.ks_d, num.ks_p, num.psi, num.wasserstein
+        col.method = NUMERIC
+        discrete = sketches.compare_discrete(ref, cur) if is_discrete(ref) else None
+        if discrete is not None:  # None: the current has more distinct values than it counts exactly
+            col.method = DISCRETE
+            col.chi2, col.chi2_p, col.js, col.psi = discrete.chi2, discrete.chi2_p, discrete.js, discrete.psi
+    else:
+        assert isinstance(cur, sketches.CategoricalSketch)
+        cat = sketches.compare_categorical(ref, cur)
+        col.chi2, col.chi2_p, col.js, col.psi = cat.chi2, cat.chi2_p, cat.js, cat.psi
+        col.method = CATEGORICAL
+    return out
+
+
+def compare(reference: Mapping[str, Sketch], current: Mapping[str, Sketch], config: DriftConfig,
+            roles: Mapping[str, int] | None = None, span_seconds: float = 0.0) -> list[Compared]:
+    """``compare_column`` for every column of either side, reference order first."""
+    roles = roles or {}
+    return [compare_column(name, reference.get(name), current.get(name), config, roles.get(name, CS.FEATURE),
+                           span_seconds)
+            for name in dict.fromkeys([*reference, *current])]
+
+
+# ---------------------------------------------------------------- verdicts
+
+
+@dataclass
+class _Test:
+    """One hypothesis test of one column in one span, and the effect sizes past their thresholds."""
+
+    span: int  # index into the spans
+    name: str  # column
+    label: str  # "KS", "chi2", "missing-rate"
+    p: float
+    passed: list[str]
+    adjusted: float = math.nan
+
+
+def _tests(span: int, compared: Compared, config: DriftConfig) -> list[_Test]:
+    col = compared.drift
+    out = []
+    if not math.isnan(col.ks_p):
+        passed = []
+        if col.wasserstein >= config.wasserstein_threshold:
+            passed.append(f"wasserstein {col.wasserstein:.3g} >= {config.wasserstein_threshold:g}")
+        if col.method == NUMERIC and col.psi >= config.numeric_psi_threshold:
+            passed.append(f"psi {col.psi:.3g} >= {config.numeric_psi_threshold:g}")
+        out.append(_Test(span, col.name, "KS", col.ks_p, passed))
+    if not math.isnan(col.chi2_p):
+        passed = []
+        if col.js >= config.js_threshold:
+            passed.append(f"js {col.js:.3g} >= {config.js_threshold:g}")
+        if col.psi >= config.categorical_psi_threshold:
+            passed.append(f"psi {col.psi:.3g} >= {config.categorical_psi_threshold:g}")
+        out.append(_Test(span, col.name, "chi2", col.chi2_p, passed))
+    if not math.isnan(col.missing_p):
+        passed = []
+        if compared.missing_effect >= config.missing_threshold:
+            before = compared.reference_not_finite
+            passed.append(f"missing {_percent(before)} -> {_percent(before + col.missing_diff)}"
+                          f" (h {compared.missing_effect:.2g} >= {config.missing_threshold:g})")
+        out.append(_Test(span, col.name, "missing-rate", col.missing_p, passed))
+    return out
+
+
+def _percent(rate: float) -> str:
+    return f"{rate * 100:.3g} %"
+
+
+def _span_words(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
+
+
+def decide(spans: Sequence[Sequence[Compared]], config: DriftConfig) -> list[collector_pb2.ColumnDrift]:
+    """The verdicts, one ColumnDrift per column, from the comparisons of one or more spans
+    (``spans``, shortest first, each from ``compare``).
+
+    Every test of every span (KS, chi-square, missing-rate; NaN ones are not tests) is one
+    family for Benjamini-Hochberg at ``config.q``, so looking at several spans is paid for in
+    the correction rather than in more false alarms. A test drifts when one of its effect
+    sizes passes its threshold and its adjusted p-value is <= q; a column drifts when any of
+    its tests does. A drifted column is reported from the shortest span that drifted (its
+    statistics, ``span_seconds`` and the adjusted p of its strongest drifted test); any other
+    column from the longest span that has it, with the smallest adjusted p of its tests there
+    (NaN when none could be run: the alert machine then neither opens nor clears)."""
+    tests = [t for i, span in enumerate(spans) for c in span for t in _tests(i, c, config)]
+    for test, adjusted in zip(tests, benjamini_hochberg([t.p for t in tests])):
+        test.adjusted = float(adjusted)
+    by_column: dict[str, list[_Test]] = {}
+    for test in tests:
+        by_column.setdefault(test.name, []).append(test)
+    found: dict[str, dict[int, Compared]] = {}
+    for i, span in enumerate(spans):
+        for compared in span:
+            found.setdefault(compared.drift.name, {})[i] = compared
+    out = []
+    for name, per_span in found.items():
+        column_tests = by_column.get(name, [])
+        drifted = [t for t in column_tests if t.passed and t.adjusted <= config.q]
+        if drifted:
+            span = min(t.span for t in drifted)
+            deciding = sorted((t for t in drifted if t.span == span), key=lambda t: t.adjusted)
+            col = collector_pb2.ColumnDrift()
+            col.CopyFrom(per_span[span].drift)
+            col.drifted = True
+            col.p_adjusted = deciding[0].adjusted
+            why = " | ".join(f"{', '.join(t.passed)}; {t.label} p_adjusted {t.adjusted:.2g} <= q {config.q:g}"
+                             for t in deciding)
+            note = f"; {col.reason}" if col.reason else ""
+            col.reason = f"{why} (last {_span_words(col.span_seconds)}){note}"
+        else:
+            span = max(per_span)
+            col = collector_pb2.ColumnDrift()
+            col.CopyFrom(per_span[span].drift)
+            own = [t.adjusted for t in column_tests if t.span == span]
+            col.p_adjusted = min(own) if own else math.nan
+        out.append(col)
+    return out
+
+
+def evaluate_spans(reference: Mapping[str, Sketch], currents: Sequence[tuple[float, Mapping[str, Sketch]]],
+                   config: DriftConfig | None = None,
+                   roles: Mapping[str, int] | None = None) -> list[collector_pb2.ColumnDrift]:
+    """Compare ``reference`` with the current sketches of each span (``(span_seconds,
+    columns)``, shortest first) and decide (``decide``). Keep the reference sketches between
+    calls: each caches its sorted view."""
+    config = config or DriftConfig()
+    return decide([compare(reference, current, config, roles, span) for span, current in currents], config)
+
+
 def evaluate(
     reference: Mapping[str, Sketch],
     current: Mapping[str, Sketch],
     config: DriftConfig | None = None,
     roles: Mapping[str, int] | None = None,
 ) -> list[collector_pb2.ColumnDrift]:
-    """Compare every column of ``current`` (the span's windows merged) with
-    ``reference``; one ``ColumnDrift`` per column of either, reference order
-    first. Kinds come from the sketch types; ``roles`` maps a name to a
-    ``ColumnSummary.Role`` (FEATURE if absent).
+    """Compare every column of ``current`` (one span's windows merged) with ``reference``; one
+    ``ColumnDrift`` per column of either, reference order first. Kinds come from the sketch
+    types; ``roles`` maps a name to a ``ColumnSummary.Role`` (FEATURE if absent).
 
-    A column that cannot be compared gets a ``reason``, ``drifted`` False and
-    NaN statistics and ``p_adjusted``, and is left out of BH's m. Keep the
-    reference sketches between calls: each caches its sorted view.
-    """
+    A column that cannot be compared gets a ``reason``, ``drifted`` False and NaN statistics
+    and ``p_adjusted``, and is left out of BH's m."""
     config = config or DriftConfig()
-    roles = roles or {}
-    out: list[collector_pb2.ColumnDrift] = []
-    effects: list[list[str]] = []
-    pvalues: list[float] = []
-    nan = math.nan
-    for name in dict.fromkeys([*reference, *current]):
-        ref, cur = reference.get(name), current.get(name)
-        some = ref if ref is not None else cur
-        assert some is not None
-        col = collector_pb2.ColumnDrift(
-            name=name, kind=_kind(some), role=roles.get(name, CS.FEATURE),
-            psi=nan, ks_d=nan, ks_p=nan, wasserstein=nan, chi2=nan, chi2_p=nan, js=nan, p_adjusted=nan,
-            missing_rate=sketches.missing_rate(cur) if cur is not None else nan,
-            reference_missing_rate=sketches.missing_rate(ref) if ref is not None else nan,
-            rows=cur.count if cur is not None else 0,
-        )
-        col.reason = _not_evaluated(ref, cur, config)
-        passed: list[str] = []
-        p = nan
-        if col.reason:
-            pass
-        elif isinstance(ref, sketches.NumericSketch):
-            assert isinstance(cur, sketches.NumericSketch)
-            num = sketches.compare_numeric(ref, cur, bins=config.psi_bins)
-            col.ks_d, col.ks_p, col.psi, col.wasserstein = num.ks_d, num.ks_p, num.psi, num.wasserstein
-            p = num.ks_p
-            if num.wasserstein >= config.wasserstein_threshold:
-                passed.append(f"wasserstein {num.wasserstein:.3g} >= {config.wasserstein_threshold:g}")
-            if num.psi >= config.numeric_psi_threshold:
-                passed.append(f"psi {num.psi:.3g} >= {config.numeric_psi_threshold:g}")
-        else:
-            assert isinstance(ref, sketches.CategoricalSketch) and isinstance(cur, sketches.CategoricalSketch)
-            cat = sketches.compare_categorical(ref, cur)
-            col.chi2, col.chi2_p, col.js, col.psi = cat.chi2, cat.chi2_p, cat.js, cat.psi
-            p = cat.chi2_p
-            if cat.js >= config.js_threshold:
-                passed.append(f"js {cat.js:.3g} >= {config.js_threshold:g}")
-            if cat.psi >= config.categorical_psi_threshold:
-                passed.append(f"psi {cat.psi:.3g} >= {config.categorical_psi_threshold:g}")
-        out.append(col)
-        effects.append(passed)
-        pvalues.append(p)
-    for col, passed, p_adjusted in zip(out, effects, benjamini_hochberg(pvalues)):
-        col.p_adjusted = p_adjusted
-        if passed and p_adjusted <= config.q:
-            test = "KS" if col.kind == CS.NUMERIC else "chi2"
-            col.drifted = True
-            col.reason = f"{', '.join(passed)}; {test} p_adjusted {p_adjusted:.2g} <= q {config.q:g}"
-    return out
+    return evaluate_spans(reference, [(config.span_seconds, current)], config, roles)
 
 
+def not_compared(columns: Iterable[collector_pb2.ColumnDrift], reference: Iterable[str]) -> list[
+        collector_pb2.ColumnDrift]:
+    """The reference's columns that got no verdict (no test could be run; each reason says why)."""
+    names = set(reference)
+    return [c for c in columns if c.name in names and math.isnan(c.p_adjusted)]
+
+
+def summary(columns: Sequence[collector_pb2.ColumnDrift], reference: Iterable[str], shown: int = 5) -> str:
+    """One line for an evaluation: what drifted, and loudly what could not be compared. It never
+    says "no drift" while a reference column went uncompared."""
+    drifted = [c.name for c in columns if c.drifted]
+    missing = not_compared(columns, reference)
+    compared = sum(1 for c in columns if not math.isnan(c.p_adjusted))
+    parts = [f"drift in {', '.join(drifted)}"] if drifted else []
+    if missing:
+        reasons: dict[str, list[str]] = {}
+        for c in missing:
+            reasons.setdefault(c.reason.removeprefix("not compared: "), []).append(c.name)
+        listed = "; ".join(f"{why}: {', '.join(names[:shown])}" + (f" and {len(names) - shown} more"
+                                                                  if len(names) > shown else "")
+                           for why, names in reasons.items())
+        parts.append(f"NOT COMPARED: {len(missing)} reference column{'s' if len(missing) != 1 else ''} ({listed})")
+        if not drifted:
+            parts.append(f"none of the {compared} compared column{'s' if compared != 1 else ''} drifted")
+    elif not drifted:
+        parts.append("no drift")
+    return "; ".join(parts)
 # ---------------------------------------------------------------- alerts
 
 
@@ -233,6 +466,16 @@ def verdict(column: collector_pb2.ColumnDrift) -> bool | None:
     """The column's verdict for the alert machine: None when it was not
     evaluated (NaN p_adjusted), which must neither open nor clear an alert."""
     return None if math.isnan(column.p_adjusted) else column.drifted
+
+
+def verdict_label(column: collector_pb2.ColumnDrift) -> str:
+    """For people: DRIFT, ok, NOT COMPARED (no test could be run; its reason says why), or "-"
+    (a traffic column the reference does not have, a pseudo-column without enough labels)."""
+    if column.drifted:
+        return "DRIFT"
+    if not math.isnan(column.p_adjusted):
+        return "ok"
+    return "NOT COMPARED" if column.reason.startswith("not compared") else "-"
 
 
 def next_state(state: str, streak: int, drifted: bool | None, k: int) -> tuple[str, int, str | None]:

@@ -62,12 +62,33 @@ def sparkline(values: list[float]) -> str:
 
 
 def _effect(column: Any, config: dict[str, float]) -> float:
-    """The column's main effect size as a fraction of its threshold."""
+    """The column's main effect size as a fraction of its threshold (NaN when it was not compared)."""
     if column.name in ("performance", "estimated_performance"):
         return 2.0 if column.drifted else 0.0
-    if column.kind == 1:  # NUMERIC
-        return max(column.wasserstein / config["wasserstein_threshold"], column.psi / config["numeric_psi_threshold"])
-    return max(column.js / config["js_threshold"], column.psi / config["categorical_psi_threshold"])
+    if column.method == "discrete":
+        found = [column.wasserstein / config["wasserstein_threshold"], column.js / config["js_threshold"],
+                 column.psi / config["categorical_psi_threshold"]]
+    elif column.kind == 1:  # NUMERIC
+        found = [column.wasserstein / config["wasserstein_threshold"], column.psi / config["numeric_psi_threshold"]]
+    else:
+        found = [column.js / config["js_threshold"], column.psi / config["categorical_psi_threshold"]]
+    found = [f for f in found if not math.isnan(f)]
+    if column.drifted and not found:  # only its missing rate moved
+        return 2.0
+    return max(found) if found else math.nan
+
+
+def _missing(column: Any) -> str:
+    """Missing-value rates, reference -> current (infinite values are counted in the test, not here)."""
+    if math.isnan(column.missing_rate) or math.isnan(column.reference_missing_rate):
+        return "-"
+    return f"{column.reference_missing_rate:.1%}→{column.missing_rate:.1%}"
+
+
+def _span(seconds: float) -> str:
+    if not seconds:
+        return "-"
+    return f"{seconds / 60:g}m" if seconds % 60 == 0 else f"{seconds:g}s"
 
 
 def _num(value: float, digits: int = 3) -> str:
@@ -75,6 +96,7 @@ def _num(value: float, digits: int = 3) -> str:
 
 
 def drift_command(args: argparse.Namespace) -> int:
+    from collector.drift import verdict_label  # late: numpy and the sketches only for this command
     from protos import collector_pb2 as pb
 
     request = pb.DriftRequest(model_name=args.model, model_version=args.version or "", history=args.history)
@@ -96,11 +118,14 @@ def drift_command(args: argparse.Namespace) -> int:
         for col in latest.columns:
             series = [next((_effect(c, config) for c in e.columns if c.name == col.name), math.nan)
                       if e.evaluated else math.nan for e in history]
-            verdict = "DRIFT" if col.drifted else ("-" if math.isnan(col.p_adjusted) else "ok")
-            rows.append([col.name, verdict, _num(col.psi), _num(col.ks_d), _num(col.ks_p, 2),
-                         _num(col.wasserstein), _num(col.js), _num(col.p_adjusted, 2), col.rows, sparkline(series)])
-        print(table(["COLUMN", "VERDICT", "PSI", "KS D", "KS P", "WASSERSTEIN", "JS", "P ADJ", "ROWS", "HISTORY"],
-                    rows))
+            rows.append([col.name, verdict_label(col), col.method or "-", _span(col.span_seconds), _num(col.psi),
+                         _num(col.ks_d), _num(col.ks_p, 2), _num(col.wasserstein), _num(col.js), _missing(col),
+                         _num(col.p_adjusted, 2), col.rows, sparkline(series)])
+        print(table(["COLUMN", "VERDICT", "METHOD", "SPAN", "PSI", "KS D", "KS P", "WASSERSTEIN", "JS", "MISSING",
+                     "P ADJ", "ROWS", "HISTORY"], rows))
+        for col in latest.columns:  # why: every drift, and every reference column left uncompared
+            if col.drifted or verdict_label(col) == "NOT COMPARED":
+                print(f"  {col.name}: {col.reason}")
         if not math.isnan(latest.accuracy) or not math.isnan(latest.mae):
             print(f"realised performance: accuracy {_num(latest.accuracy)} (reference "
                   f"{_num(latest.reference_accuracy)}), MAE {_num(latest.mae)} (reference {_num(latest.reference_mae)})")

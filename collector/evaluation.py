@@ -1,13 +1,18 @@
 """The drift evaluation: recent windows of a model version against its reference.
 
 For each model version with a reference profile, the windows of every agent
-over the policy's span (raw and rolled-up) are merged into one current
-summary, compared column by column (``collector.drift.evaluate``), and the
-realised performance (labels joined by the agents) is compared with the
-profile's. Every evaluation is stored, so its history can be plotted; the
-alert machine steps with it, and alerts that open or resolve go to the
-webhook. A loop thread runs this on a schedule; ``EvaluateDrift`` runs it on
-demand.
+over the policy's spans (raw and rolled-up; by default the last 5 minutes and
+the last hour) are merged into one current summary per span, compared column
+by column (``collector.drift.evaluate_spans``: one Benjamini-Hochberg family
+over every span), and the realised performance (labels joined by the agents)
+over the longest span is compared with the profile's. The windows are read
+once, for the longest span, newest first, and merged once: each shorter
+span's summary is taken from the same merge as it passes that span's start
+(``merge_spans``). Every evaluation is stored, so its history can be plotted;
+the alert machine steps with it, and alerts that open or resolve go to the
+webhook. Alerts of a version that is no longer served are resolved with that
+reason (``collector.alerts.resolve_unserved``). A loop thread runs this on a
+schedule; ``EvaluateDrift`` runs it on demand.
 """
 from __future__ import annotations
 
@@ -15,12 +20,13 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from typing import Callable
 
 from agent import sketches
 from collector import alerts, drift, estimate, retraining, rollback_policy
 from collector.rollback_policy import RollbackPolicy
-from collector.rollup import merge_windows
+from collector.rollup import WindowMerger
 from collector.store import Store
 from collector.webhook import Webhook
 from protos import collector_pb2 as pb
@@ -42,6 +48,25 @@ def accuracy(perf: summary_pb2.Performance) -> float:
 
 def mae(perf: summary_pb2.Performance) -> float:
     return perf.abs_error_sum / perf.labeled if perf.labeled and not perf.classes else math.nan
+
+
+def merge_spans(windows: Sequence[summary_pb2.WindowSummary], now_ns: int,
+                spans: Sequence[float]) -> list[summary_pb2.WindowSummary | None]:
+    """One merged summary per span (``spans`` in seconds, shortest first): the windows that
+    ended within it (``end >= now - span``), as ``store.windows`` selects them for the longest.
+
+    ``windows`` must be newest first (as the store returns them). They are folded into one
+    merge, newest first, and each span's summary is taken as the merge passes its start, so
+    every window is parsed and merged once whatever the number of spans. None: no window; the
+    same object as the previous span's when no window lies between the two spans' starts."""
+    merger, out, i = WindowMerger(), [], 0
+    for span in spans:
+        since, before = now_ns - int(span * 1e9), i
+        while i < len(windows) and windows[i].end_unix_nano >= since:
+            merger.add(windows[i])
+            i += 1
+        out.append(out[-1] if out and i == before else (merger.result() if i else None))
+    return out
 
 
 def performance_drift(current: summary_pb2.Performance, reference: summary_pb2.Performance,
@@ -78,6 +103,7 @@ class DriftEvaluator:
         self.store, self.webhook, self.clock = store, webhook, clock
         self.rollback = rollback  # severe degradation soon after a promotion: request (or make) a rollback
         self.push_rollout: Callable[[int], object] | None = None  # tells the agents of a rollback made by policy
+        self.connected: alerts.Connected | None = None  # whose streams are open (the server's); else the table
         # a drift alert open this many consecutive evaluations opens a retraining request (0: never)
         self.retrain_after_evaluations = retrain_after_evaluations
         # Reference sketches are parsed once per profile (they cache their sorted views).
@@ -106,13 +132,15 @@ class DriftEvaluator:
             evaluation.reason = (f"no reference profile for {model_name} {model_version}: "
                                  f"outrider profile ..., then outrider attach {model_name} {model_version} PROFILE")
             return evaluation  # nothing to record: the loop only visits versions with a profile
-        since = now - int(config.span_seconds * 1e9)
+        spans = config.spans()
+        since = now - int(spans[-1] * 1e9)
         infos = self.store.windows(model_name, model_version, since_ns=since, limit=MAX_WINDOWS,
                                    include_summaries=True)
         if len(infos) == MAX_WINDOWS:
             log.warning("%s %s: more than %d windows in the span; the oldest are left out", model_name,
                         model_version, MAX_WINDOWS)
-        current = merge_windows([i.summary for i in infos]) if infos else summary_pb2.WindowSummary()
+        merged = merge_spans([i.summary for i in infos], now, spans)
+        current = merged[-1] or summary_pb2.WindowSummary()
         evaluation.rows = current.rows
         evaluation.window_start_unix_nano = current.start_unix_nano
         evaluation.window_end_unix_nano = current.end_unix_nano
@@ -121,11 +149,20 @@ class DriftEvaluator:
                                  f"at least {config.min_rows} needed")
         else:
             reference, roles = self._reference(model_name, model_version, profile)
-            columns = {c.name: sketches.from_proto(c) for c in current.columns}
-            evaluation.columns.extend(drift.evaluate(reference, columns, config, roles))
+            currents, previous = [], None
+            for span, summary in zip(spans, merged):
+                # A shorter span with too few rows is not compared; nor one that holds the same
+                # windows as the next longer span (the same test twice): the longer one stands for it.
+                if summary is None or summary.rows < config.min_rows:
+                    continue
+                if summary is previous:
+                    currents.pop()
+                currents.append((span, {c.name: sketches.from_proto(c) for c in summary.columns}))
+                previous = summary
+            evaluation.columns.extend(drift.evaluate_spans(reference, currents, config, roles))
             evaluation.evaluated = True
-            drifted = [c.name for c in evaluation.columns if c.drifted]
-            evaluation.reason = f"drift in {', '.join(drifted)}" if drifted else "no drift"
+            evaluation.not_compared = len(drift.not_compared(evaluation.columns, reference))
+            evaluation.reason = drift.summary(evaluation.columns, reference)
         perf = performance_drift(current.performance, profile.performance, config)
         if perf is not None:
             evaluation.columns.append(perf)
@@ -145,7 +182,8 @@ class DriftEvaluator:
     def _record(self, evaluation: pb.DriftEvaluation, config: drift.DriftConfig) -> None:
         def write(db):  # alerts and policy-opened retraining and rollback requests: one transaction
             now = self.clock()
-            changed = alerts.record(db, evaluation, config.consecutive, now)
+            served = alerts.served(db, evaluation.model_name, evaluation.model_version, now, self.connected)
+            changed = alerts.record(db, evaluation, config.consecutive, now, is_served=served)
             return (changed, retraining.policy(db, evaluation, self.retrain_after_evaluations, now),
                     rollback_policy.apply(db, evaluation, self.rollback, now))
 

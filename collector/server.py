@@ -481,6 +481,7 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
         evaluator = DriftEvaluator(store, webhook, retrain_after_evaluations=retrain_after_evaluations,
                                    rollback=RollbackPolicy(rollback_watch_seconds, rollback_action))
         evaluator.push_rollout = agents.rollouts.push_rollout  # a rollback made by policy reaches the agents
+        evaluator.connected = agents.live.connected  # which agents serve a version now (alerts of unserved ones)
         registry = Registry(store, policy=gate_policy, limits=agents.limits)
         agents.artifacts = registry.artifacts
         ops = OpsServicer(store, agents, interceptor, evaluator, registry, max_reply_bytes=max_reply_bytes)

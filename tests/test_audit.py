@@ -160,17 +160,18 @@ def test_append_refuses_to_run_outside_a_transaction(tmp_path):
 def test_a_failing_change_leaves_no_audit_row(tmp_path):
     with Store(tmp_path / "c.db") as store:
         def change_then_fail(db: Database) -> None:
-            alerts.set_config(db, "m", DriftConfig(consecutive=2), "alice", 1)
+            alerts.set_config(db, "m", DriftConfig(consecutive=5), "alice", 1)
             raise ValueError("the rest of the change failed")
 
         with pytest.raises(ValueError):
             store.write(change_then_fail)
         assert audit.entries(store.read()) == []
         assert alerts.get_config(store.read(), "m") == (DriftConfig(), True)
-        store.write(lambda db: alerts.set_config(db, "m", DriftConfig(consecutive=2), "alice", 2))
+        store.write(lambda db: alerts.set_config(db, "m", DriftConfig(consecutive=5), "alice", 2))
         [entry] = audit.entries(store.read())
         assert (entry.actor, entry.action, entry.object) == ("alice", "drift_config.set", "model/m")
-        assert json.loads(entry.before)["consecutive"] == 3 and json.loads(entry.after)["consecutive"] == 2
+        assert json.loads(entry.before)["consecutive"] == DriftConfig().consecutive
+        assert json.loads(entry.after)["consecutive"] == 5
 
 
 def test_alerts_opened_acknowledged_and_resolved_are_audited(tmp_path):

@@ -42,12 +42,17 @@ from collector.drift import (
     OPENED,
     RESOLVED,
     AlertTracker,
+    Compared,
     DriftConfig,
     benjamini_hochberg,
+    decide,
     evaluate,
     next_state,
+    not_compared,
+    verdict_label,
 )
-from protos import summary_pb2
+from collector.drift import summary as drift_summary
+from protos import collector_pb2, summary_pb2
 
 CS = summary_pb2.ColumnSummary
 WINDOW, SPAN, REFERENCE_ROWS = 1000, 3, 100_000
@@ -419,31 +424,49 @@ def test_columns_that_cannot_be_compared_say_why(clean: Stream) -> None:
     current.pop("normal0")
     current["extra"] = current.pop("normal1")
     current["normal2"] = cats(["a"] * 3000)
-    current["normal3"] = sketch(np.full(3000, np.nan))
     current["uniform"] = sketch(np.zeros(10))
     result = {c.name: c for c in evaluate(clean.reference, current, roles={"five": CS.PREDICTION})}
     reasons = {name: c.reason for name, c in result.items() if not c.drifted and c.reason}
     assert reasons == {
-        "normal0": "no current data",
-        "normal1": "no current data",
+        "normal0": "not compared: no such column in traffic",
+        "normal1": "not compared: no such column in traffic",
         "extra": "not in the reference profile",
-        "normal2": "kind changed: reference NUMERIC, current CATEGORICAL",
-        "normal3": "no finite values in the current data",
-        "uniform": "only 10 current rows (min_rows 1000)",
+        "normal2": "not compared: kind changed: reference NUMERIC, current CATEGORICAL",
+        "uniform": "not compared: only 10 current rows (min_rows 1000)",
     }
-    assert all(math.isnan(result[n].p_adjusted) and not result[n].drifted for n in reasons)
-    assert result["normal3"].missing_rate == 1.0 and result["normal3"].reference_missing_rate == 0.0
+    assert all(math.isnan(result[n].p_adjusted) and not result[n].drifted and result[n].method == ""
+               for n in reasons)
+    assert [verdict_label(result[n]) for n in ("normal0", "extra", "normal4")] == ["NOT COMPARED", "-", "ok"]
+    assert [c.name for c in not_compared(result.values(), clean.reference)] == ["normal0", "normal1", "normal2",
+                                                                                 "uniform"]
     assert result["five"].role == CS.PREDICTION and result["normal4"].role == CS.FEATURE
     assert result["five"].kind == CS.CATEGORICAL and result["five"].rows == 3000
+    assert result["five"].method == "categorical" and result["normal4"].method == "numeric"
     tested = [c.p_adjusted for c in result.values() if not math.isnan(c.p_adjusted)]
-    assert len(tested) == len(result) - len(reasons) == 15  # BH's m counts only the columns compared
+    assert len(tested) == len(result) - len(reasons) == 16  # BH's m counts only the columns compared
+
+
+def test_an_evaluation_with_uncompared_reference_columns_never_says_no_drift(clean: Stream) -> None:
+    """The issue's silent false negative: a reference with named columns against traffic named X[0]..:
+    only the outputs were compared, and the evaluation read "no drift"."""
+    current = {f"X[{i}]": s for i, s in enumerate(merged(clean.windows[:3]).values())}
+    current["five"] = merged(clean.windows[:3])["five"]  # the one column both sides name alike
+    result = evaluate(clean.reference, current)
+    line = drift_summary(result, clean.reference)
+    assert "no drift" not in line
+    assert line.startswith("NOT COMPARED: 19 reference columns (no such column in traffic: normal0, normal1, "
+                           "normal2, normal3, normal4 and 14 more)")
+    assert line.endswith("none of the 1 compared column drifted")
+    compared = {name: s for name, s in merged(clean.windows[:3]).items()}
+    assert drift_summary(evaluate(clean.reference, compared), clean.reference) == "no drift"
 
 
 def test_drift_config_defaults_validation_and_storage() -> None:
     config = DriftConfig()
     assert (config.wasserstein_threshold, config.numeric_psi_threshold, config.js_threshold,
-            config.categorical_psi_threshold, config.q, config.consecutive, config.span_seconds,
-            config.min_rows) == (0.1, 0.2, 0.1, 0.2, 0.05, 3, 3600.0, 1000)
+            config.categorical_psi_threshold, config.missing_threshold, config.q, config.consecutive,
+            config.span_seconds, config.short_span_seconds, config.min_rows) == (
+        0.1, 0.2, 0.08, 0.2, 0.2, 0.01, 2, 3600.0, 300.0, 1000)
     assert DriftConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert DriftConfig.from_dict({"q": 0.1, "consecutive": 5.0}) == DriftConfig(q=0.1, consecutive=5)
     for bad in ({"q": 0}, {"q": 1.5}, {"js_threshold": -0.1}, {"wasserstein_threshold": math.inf},
@@ -487,3 +510,125 @@ def test_alert_tracker_persists(clean: Stream) -> None:
     for bad in ({"k": 0}, {"columns": {"x": ["open", 1]}}, {"columns": {"x": "ok"}}):
         with pytest.raises(InvalidArgument):
             AlertTracker.from_dict(bad)
+
+
+# ---------------------------------------------------------------- missing rates, discrete columns, spans
+
+
+def with_missing(values: np.ndarray, share: float, fill: float = np.nan) -> np.ndarray:
+    values = values.astype(np.float64)
+    values[: int(round(share * values.size))] = fill
+    return values
+
+
+def test_missing_rates_are_tested_and_a_dead_column_is_drift(clean: Stream) -> None:
+    rng = np.random.default_rng(31)
+    current = merged(clean.windows[:3])  # 3,000 rows
+    current["normal5"] = sketch(with_missing(NUMERIC["normal5"](rng, 3000), 0.10))  # 0 -> 10 % missing
+    current["normal6"] = sketch(np.full(3000, np.nan))  # a dead upstream feature
+    current["normal7"] = sketch(with_missing(NUMERIC["normal7"](rng, 3000), 0.10, np.inf))  # infinite: not finite
+    current["normal8"] = sketch(with_missing(NUMERIC["normal8"](rng, 3000), 0.003))  # 0 -> 0.3 %: too small to matter
+    current["five"] = cat_sketch(np.where(np.arange(3000) < 300, "", categorical(FIVE)(rng, 3000)))
+    result = {c.name: c for c in evaluate(clean.reference, current)}
+    assert {name for name, c in result.items() if c.drifted} == {"normal5", "normal6", "normal7", "five"}
+    assert result["normal5"].reason.startswith("missing 0 % -> 10 % (h 0.64 >= 0.2); missing-rate p_adjusted")
+    assert result["normal5"].missing_diff == pytest.approx(0.1) and result["normal5"].missing_p < 1e-20
+    dead = result["normal6"]
+    assert dead.method == "numeric" and dead.missing_rate == 1.0 and math.isnan(dead.ks_p)
+    assert dead.reason.startswith("missing 0 % -> 100 % (h 3.1 >= 0.2)")
+    assert dead.reason.endswith("distribution not compared: no finite values in the current data")
+    assert result["normal7"].missing_rate == 0.0 and result["normal7"].missing_diff == pytest.approx(0.1)
+    small = result["normal8"]
+    assert small.missing_p < 1e-6 and not small.drifted  # significant, but an effect nobody needs paging for
+    assert math.isnan(result["normal0"].missing_p)  # nothing missing on either side: not a test
+    tracker = AlertTracker(k=3)
+    events = [tracker.observe(evaluate(clean.reference, current)) for _ in range(3)]
+    assert ("normal6", OPENED) in events[2]  # before: a NaN p-value, and the alert machine never moved
+
+
+def test_a_missing_rate_that_stays_put_is_not_drift() -> None:
+    rng = np.random.default_rng(32)
+    reference = {"x": sketch(with_missing(rng.normal(size=REFERENCE_ROWS), 0.3)[rng.permutation(REFERENCE_ROWS)],
+                             REFERENCE_K)}
+    flagged = 0
+    for _ in range(200):
+        current = {"x": sketch(rng.permutation(with_missing(rng.normal(size=1000), rng.binomial(1000, 0.3) / 1000)))}
+        flagged += evaluate(reference, current)[0].drifted
+    assert flagged == 0
+
+
+def codes_sketch(rng: np.random.Generator, n: int, p: np.ndarray, k: int = 200) -> NumericSketch:
+    return sketch(rng.choice(5, n, p=p).astype(np.float32), k)
+
+
+CODES = np.array([0.40, 0.25, 0.15, 0.12, 0.08])
+CODES_SHIFTED = np.array([0.30, 0.35, 0.15, 0.12, 0.08])
+
+
+def test_a_small_integer_column_is_judged_by_its_frequencies() -> None:
+    """The issue's case: P(0) 40 -> 30 %, P(1) 25 -> 35 % in a 0-4 column reads Wasserstein/std 0.084 and
+    PSI 0.062 (under both thresholds): it slipped through, more so with more rows. Judged by its exact
+    counts (chi-square, Jensen-Shannon) it is caught; clean traffic is not flagged."""
+    rng = np.random.default_rng(33)
+    reference = {"codes": codes_sketch(rng, 50_000, CODES, REFERENCE_K)}
+    for rows in (1000, 10_000):
+        shifted = [evaluate(reference, {"codes": codes_sketch(rng, rows, CODES_SHIFTED)})[0] for _ in range(40)]
+        clean = [evaluate(reference, {"codes": codes_sketch(rng, rows, CODES)})[0] for _ in range(40)]
+        assert all(c.method == "discrete" for c in shifted + clean)
+        assert sum(c.drifted for c in shifted) >= 38, (rows, [round(c.js, 3) for c in shifted])
+        assert not any(c.drifted for c in clean)
+        assert max(c.psi for c in shifted) < 0.2  # PSI alone (0.06 here) stays under its threshold
+    caught = next(c for c in shifted if c.drifted)
+    assert caught.reason.startswith("js 0.1") and "chi2 p_adjusted" in caught.reason
+    assert caught.chi2_p < 1e-20 and caught.js > 0.09
+
+
+def test_discrete_needs_few_values_in_the_reference_and_exact_counts_on_both_sides() -> None:
+    rng = np.random.default_rng(34)
+    many = sketch(rng.integers(0, 25, 50_000).astype(np.float64), REFERENCE_K)  # 25 values: more than 20
+    few = codes_sketch(rng, 50_000, CODES, REFERENCE_K)
+    overflowing = codes_sketch(rng, 2000, CODES)
+    overflowing.merge(sketch(np.arange(100.0, 140.0)))  # 40 new values: no longer counted exactly
+    result = evaluate({"many": many, "few": few}, {"many": sketch(rng.integers(0, 25, 2000).astype(np.float64)),
+                                                   "few": overflowing})
+    assert [c.method for c in result] == ["numeric", "numeric"]
+    new_value = codes_sketch(rng, 2000, CODES)
+    new_value.merge(sketch(np.full(200, 7.0)))  # a code the reference never had: its own "<unseen>" cell
+    (col,) = evaluate({"few": few}, {"few": new_value})
+    assert col.method == "discrete" and col.drifted and col.chi2_p < 1e-20
+
+
+def compared(name: str, span: float, p: float, w: float = 0.5) -> Compared:
+    nan = math.nan
+    col = collector_pb2.ColumnDrift(name=name, kind=CS.NUMERIC, method="numeric", ks_p=p, wasserstein=w, psi=0.0,
+                                    chi2_p=nan, js=nan, missing_p=nan, p_adjusted=nan, span_seconds=span)
+    return Compared(col)
+
+
+def test_every_span_is_one_benjamini_hochberg_family() -> None:
+    config = DriftConfig(q=0.05)
+    short = [compared("a", 300, 0.02), compared("b", 300, 0.5)]
+    long = [compared("a", 3600, 0.3, w=0.05), compared("b", 3600, 0.011)]
+    # m = 4 tests: sorted 0.011, 0.02, 0.3, 0.5 -> x 4, 2, 4/3, 1 -> 0.044, 0.04, 0.4, 0.5 -> monotone 0.04, 0.04
+    a, b = decide([short, long], config)
+    assert a.drifted and a.span_seconds == 300 and a.p_adjusted == pytest.approx(0.04)
+    assert a.reason.endswith("KS p_adjusted 0.04 <= q 0.05 (last 5 min)")
+    assert b.drifted and b.span_seconds == 3600 and b.p_adjusted == pytest.approx(0.04)
+    # Alone, one span is a family of 2: the same p-values read smaller
+    (alone, _) = decide([short], config)
+    assert alone.p_adjusted == pytest.approx(0.04) and alone.drifted
+    # Not drifted: reported from the longest span, with the smallest adjusted p of its tests there.
+    quiet = decide([[compared("a", 300, 0.9)], [compared("a", 3600, 0.8, w=0.01)]], config)[0]
+    assert not quiet.drifted and quiet.span_seconds == 3600 and quiet.p_adjusted == pytest.approx(0.9)
+    # Significant in the long span but too small an effect there, big in the short one but not significant.
+    mixed = decide([[compared("a", 300, 0.2)], [compared("a", 3600, 1e-9, w=0.05)]], config)[0]
+    assert not mixed.drifted
+
+
+def test_drift_config_spans() -> None:
+    assert DriftConfig().spans() == (300.0, 3600.0)
+    assert DriftConfig(short_span_seconds=0).spans() == (3600.0,)
+    assert DriftConfig(span_seconds=30).spans() == (30.0,)  # a short span no shorter than the span: only the span
+    for bad in ({"short_span_seconds": -1}, {"short_span_seconds": math.inf}, {"missing_threshold": 0}):
+        with pytest.raises(InvalidArgument):
+            DriftConfig.from_dict(bad)

@@ -195,16 +195,16 @@ def test_ops_calls(served):
         ops.AckAlert(pb.AckAlertRequest(id=99), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     config = json.loads(ops.GetDriftConfig(pb.DriftConfigRequest(model_name="m"), timeout=10).config_json)
-    assert config["consecutive"] == 3
-    ops.SetDriftConfig(pb.DriftConfigRequest(model_name="m", config_json='{"consecutive": 2}'), timeout=10)
+    assert config["consecutive"] == 2
+    ops.SetDriftConfig(pb.DriftConfigRequest(model_name="m", config_json='{"consecutive": 3}'), timeout=10)
     got = ops.GetDriftConfig(pb.DriftConfigRequest(model_name="m"), timeout=10)
-    assert json.loads(got.config_json)["consecutive"] == 2 and not got.is_default
+    assert json.loads(got.config_json)["consecutive"] == 3 and not got.is_default
     for bad in ('{"consecutve": 2}', '{"q": 7}', "not json"):
         with pytest.raises(grpc.RpcError) as err:
             ops.SetDriftConfig(pb.DriftConfigRequest(model_name="m", config_json=bad), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert json.loads(ops.GetDriftConfig(pb.DriftConfigRequest(model_name="m"), timeout=10)
-                      .config_json)["consecutive"] == 2  # a refused change changes nothing
+                      .config_json)["consecutive"] == 3  # a refused change changes nothing
 
 
 def cli(*args: str, address: str) -> subprocess.CompletedProcess:
@@ -253,3 +253,149 @@ def test_performance_survives_merges_and_rollups_exactly():
     assert list(merged.confusion) == [2, 1, 0,
                                       0, 3, 1,
                                       0, 0, 2]
+
+
+# --- spans, loud "not compared", and alerts across versions (issue 11) ------------------------------------------
+
+
+def summary(end_s: int, rows: int, shift: float = 0.0, rng=None) -> summary_pb2.WindowSummary:
+    rng = rng or np.random.default_rng(end_s)
+    return summary_pb2.WindowSummary(model_name="m", model_version="1", start_unix_nano=(end_s - 10) * S,
+                                     end_unix_nano=end_s * S, rows=rows, calls=rows,
+                                     columns=columns(rng, rows, shift=shift))
+
+
+def test_merge_spans_merges_each_window_once_into_every_span_it_belongs_to():
+    from collector.evaluation import merge_spans
+    from collector.rollup import merge_windows
+
+    windows = [summary(t, 100 + t) for t in (1000, 990, 980, 700, 400)]  # newest first, as the store lists them
+    spans = merge_spans(windows, 1000 * S, [25, 310, 599, 700])
+    assert [s.rows for s in spans] == [3270, 4070, 4070, 4570]  # windows ending at or after now - span
+    assert spans[1] is spans[2]  # nothing between 310 s and 599 s: the same merge, compared once
+    for got, upto in zip(spans, (3, 4, 4, 5)):
+        alone = merge_windows(windows[:upto])
+        assert (got.start_unix_nano, got.end_unix_nano) == (alone.start_unix_nano, alone.end_unix_nano)
+        assert [(c.name, c.count, c.mean) for c in got.columns] == [(c.name, c.count, c.mean) for c in alone.columns]
+    assert merge_spans(windows, 2000 * S, [60, 3600])[0] is None  # no window in the last minute
+    assert merge_spans([], 1000 * S, [60]) == [None]
+
+
+def test_a_recent_shift_is_flagged_by_the_short_span_before_the_long_one_would(setup):
+    from collector import alerts
+    from collector.drift import DriftConfig
+
+    store, evaluator, clock, hook, send, rng = setup
+    store.attach_profile("m", "1", profile(rng), "test", clock.now)
+    store.write(lambda db: alerts.set_config(db, "m", DriftConfig(span_seconds=600, short_span_seconds=60), "t", 0))
+    for _ in range(54):
+        send()
+    for _ in range(6):  # the last minute: x moved by half a sigma
+        send(shift=0.5)
+    e = evaluator.evaluate("m", "1")
+    assert e.rows == 60_000 and e.evaluated  # the evaluation's rows and window: the longest span
+    by = {c.name: c for c in e.columns}
+    assert by["x"].drifted and by["x"].span_seconds == 60 and by["x"].reason.endswith("(last 1 min)")
+    assert by["x"].rows == 6000  # its statistics are the short span's
+    assert not by["y"].drifted and by["y"].span_seconds == 600 and by["y"].rows == 60_000
+    assert e.reason == "drift in x" and e.not_compared == 0
+    alone = DriftConfig(span_seconds=600, short_span_seconds=0)  # the hour alone (here: 10 min) misses it
+    store.write(lambda db: alerts.set_config(db, "m", alone, "t", 0))
+    assert not any(c.drifted for c in evaluator.evaluate("m", "1").columns)
+
+
+def named_profile(rng: np.random.Generator) -> summary_pb2.ReferenceProfile:
+    p = profile(rng)
+    p.columns[0].name, p.columns[1].name = "age", "income"  # the reference names its features...
+    return p
+
+
+def test_reference_columns_missing_from_traffic_are_loudly_not_compared(setup):
+    store, evaluator, clock, hook, send, rng = setup
+    store.attach_profile("m", "1", named_profile(rng), "test", clock.now)  # ... the agents send x and y
+    set_span(store, 30)
+    for _ in range(3):
+        send()
+    e = evaluator.evaluate("m", "1")
+    assert e.evaluated and e.not_compared == 2
+    assert e.reason == ("NOT COMPARED: 2 reference columns (no such column in traffic: age, income); "
+                        "none of the 1 compared column drifted")
+    by = {c.name: c for c in e.columns}
+    assert by["age"].reason == "not compared: no such column in traffic" and by["x"].reason == (
+        "not in the reference profile")
+
+
+def test_cli_drift_never_says_no_drift_when_reference_columns_were_not_compared(served):
+    running, ops = served
+    rng = np.random.default_rng(6)
+    ops.AttachProfile(pb.AttachProfileRequest(model_name="m", model_version="1", profile=named_profile(rng)),
+                      timeout=10)
+    now = time.time_ns()
+    running.store.submit_windows([summary_pb2.WindowSummary(
+        agent_id="a", run_id="r", seq=i, model_name="m", model_version="1", start_unix_nano=now - (i + 2) * S,
+        end_unix_nano=now - (i + 1) * S, rows=1000, calls=10, columns=columns(rng, 1000)) for i in range(3)]).result()
+    shown = cli("drift", "m", "--now", address=running.address)
+    assert shown.returncode == 0, shown.stderr
+    assert "no drift" not in shown.stdout.lower()
+    assert "NOT COMPARED: 2 reference columns (no such column in traffic: age, income)" in shown.stdout
+    rows = {line.split()[0]: line for line in shown.stdout.splitlines() if line.split()}
+    assert rows["age"].split()[1:3] == ["NOT", "COMPARED"] and rows["city"].split()[1:3] == ["ok", "categorical"]
+    assert "  age: not compared: no such column in traffic" in shown.stdout
+    data = json.loads(cli("drift", "m", "--json", address=running.address).stdout)
+    (latest,) = data["latest"]
+    assert latest["not_compared"] == 2 and "no drift" not in latest["reason"]
+    assert {c["name"]: c["method"] for c in latest["columns"]}["city"] == "categorical"
+
+
+def test_alerts_of_a_version_no_longer_served_are_resolved_and_kept(setup):
+    from collector import alerts
+    from collector.drift import DriftConfig
+    from collector.web.model_page import model_page
+
+    store, evaluator, clock, hook, send, rng = setup
+    store.attach_profile("m", "1", profile(rng), "test", clock.now)
+    set_span(store, 30)
+    for _ in range(6):
+        send(shift=0.8)
+        evaluator.evaluate("m", "1")
+    (opened,) = alerts.alerts(store.read(), "m")
+    assert opened.model_version == "1" and opened.column == "x"
+    # Version 2 replaces version 1: no window of version 1 any more. Within 15 minutes it still counts as served.
+    clock.now += 14 * 60 * S
+    evaluator.evaluate("m", "1")
+    assert [a.id for a in alerts.alerts(store.read(), "m")] == [opened.id]
+    clock.now += 2 * 60 * S
+    evaluator.evaluate("m", "1")
+    assert alerts.alerts(store.read(), "m") == []  # the page's and the CLI's open alerts
+    (kept,) = alerts.alerts(store.read(), "m", include_resolved=True)
+    assert kept.state == "resolved" and "[resolved: version 1 of m is no longer served" in kept.summary
+    assert hook.events[-1]["event"] == "alert.resolved"
+    trail = [r for r in store.read().query("SELECT action, reason FROM audit WHERE object = ?", [f"alert/{kept.id}"])]
+    assert [r["action"] for r in trail] == ["alert.open", "alert.resolve"] and "no longer served" in trail[-1]["reason"]
+    _, page = model_page(store, "m", "1", clock.now)
+    open_section = page.split("Open alerts")[1].split("Latest verdicts")[0]
+    assert "no open alerts" in open_section
+    # Served again with the same drift: a fresh alert machine, so k verdicts open a new alert.
+    k = DriftConfig().consecutive
+    for i in range(k):
+        send(shift=0.8)
+        evaluator.evaluate("m", "1")
+        assert len(alerts.alerts(store.read(), "m")) == (1 if i == k - 1 else 0)
+
+
+def test_a_connected_agent_keeps_its_version_served_without_windows(setup):
+    from collector import alerts
+
+    store, evaluator, clock, hook, send, rng = setup
+    store.attach_profile("m", "1", profile(rng), "test", clock.now)
+    set_span(store, 30)
+    for _ in range(6):
+        send(shift=0.8)
+        evaluator.evaluate("m", "1")
+    store.record_hello(pb.Hello(agent_id="a", run_id="r2", model_name="m", model_version="1"), clock.now)
+    clock.now += 3600 * S  # an idle agent (windows by rows only) that stays connected
+    evaluator.evaluate("m", "1")
+    assert len(alerts.alerts(store.read(), "m")) == 1
+    evaluator.connected = lambda agent_id, run_id: False  # the table says connected; the open streams do not
+    evaluator.evaluate("m", "1")
+    assert alerts.alerts(store.read(), "m") == []

@@ -227,6 +227,45 @@ BAD.update({
 })
 
 
+def _exact(values: list[float] | None = None, counts: list[int] | None = None,
+           overflow: bool | None = None) -> Callable[[summary_pb2.WindowSummary], None]:
+    """Change column 0's exact counts (it holds 1.0 and 2.0 once each, a NaN and an inf)."""
+    def change(w: summary_pb2.WindowSummary) -> None:
+        column = w.columns[0]
+        if values is not None:
+            column.exact_values[:] = values
+        if counts is not None:
+            column.exact_counts[:] = counts
+        if overflow is not None:
+            column.exact_overflow = overflow
+    return change
+
+
+def _categorical_with_exact(w: summary_pb2.WindowSummary) -> None:
+    w.columns[1].exact_values[:] = [1.0]
+    w.columns[1].exact_counts[:] = [3]
+
+
+# Exact counts of a numeric column's few distinct values (issue 11): what the drift engine judges
+# discrete columns by, so they must be what an agent's NumericSketch writes.
+BAD.update({
+    "exact values out of order": (_exact([2.0, 1.0]), "exact_values must be distinct and in ascending order"),
+    "exact values repeated": (_exact([1.0, 1.0]), "exact_values must be distinct and in ascending order"),
+    "NaN exact value": (_exact([1.0, NAN]), "exact_values must be finite"),
+    "infinite exact value": (_exact([1.0, INF]), "exact_values must be finite"),
+    "exact counts that do not add up": (_exact(counts=[1, 5]),
+                                        "exact_counts add up to 6, the column has 2 finite values"),
+    "zero exact count": (_exact([1.0, 1.5, 2.0], [1, 0, 1]), "exact_counts must be positive"),
+    "more exact values than counts": (_exact([1.0, 1.5, 2.0]), "3 exact_values but 2 exact_counts"),
+    "33 exact values": (lambda w: (_exact([float(i) for i in range(33)], [1] * 33)(w),
+                                   setattr(w.columns[0], "count", 4)),
+                        "33 exact_values, at most 32 allowed"),
+    "exact values beyond min and max": (_exact([1.0, 3.0]), "exact_values run from 1.0 to 3.0, min and max are"),
+    "overflowed with values": (_exact(overflow=True), "exact_overflow is set but exact_values"),
+    "categorical column with exact counts": (_categorical_with_exact, "'city' is CATEGORICAL but carries numeric"),
+})
+
+
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_each_bad_window_is_rejected_with_a_precise_message(case: str) -> None:
     change, message = BAD[case]

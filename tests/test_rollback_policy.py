@@ -112,7 +112,7 @@ def test_a_performance_drop_after_a_promotion_requests_one_rollback_that_an_appr
     two_promotions(c.ops)
     conn = connect(c.agents)
     poor_accuracy(conn)
-    for _ in range(2):  # k = 3 evaluations before the performance alert opens
+    for _ in range(DriftConfig().consecutive - 1):  # k evaluations before the performance alert opens
         assert evaluate(c.ops).evaluated and not rollback_requests(c.ops)
     evaluate(c.ops)
     (alert,) = call(c.ops, "dave", "ListAlerts", pb.ListAlertsRequest(model_name="churn")).alerts

@@ -21,6 +21,7 @@ from scipy import stats
 from agent.errors import InvalidArgument
 from agent.sketches import (
     DEFAULT_K,
+    MAX_EXACT_VALUES,
     CategoricalSketch,
     NumericSketch,
     from_proto,
@@ -80,6 +81,27 @@ def assert_numeric_identical(a: NumericSketch, b: NumericSketch) -> None:
     assert (a.count, a.missing, a.infinite) == (b.count, b.missing, b.infinite)
     for name in ("min", "max", "mean", "m2"):
         assert same_float(getattr(a, name), getattr(b, name)), name
+    assert_same_exact(a, b)
+
+
+def assert_same_exact(a: NumericSketch, b: NumericSketch) -> None:
+    ea, eb = a.exact_counts, b.exact_counts
+    assert (ea is None) == (eb is None)
+    if ea is not None and eb is not None:
+        np.testing.assert_array_equal(ea[0], eb[0])
+        np.testing.assert_array_equal(ea[1], eb[1])
+
+
+def assert_exact_matches_data(sketch: NumericSketch, values: np.ndarray) -> None:
+    """Exact counts of the finite values while there are at most MAX_EXACT_VALUES distinct ones, none after."""
+    finite = np.asarray(values)[np.isfinite(values)].astype(np.float64)
+    uniq, counts = np.unique(finite, return_counts=True)
+    if uniq.size > MAX_EXACT_VALUES:
+        assert sketch.exact_counts is None and sketch.exact_overflow
+        return
+    assert sketch.exact_counts is not None
+    np.testing.assert_array_equal(sketch.exact_counts[0], uniq)
+    np.testing.assert_array_equal(sketch.exact_counts[1], counts)
 
 
 def assert_matches_data(sketch: NumericSketch, values: np.ndarray) -> None:
@@ -90,6 +112,7 @@ def assert_matches_data(sketch: NumericSketch, values: np.ndarray) -> None:
     assert sketch.missing == int(np.isnan(values).sum())
     assert sketch.infinite == int(np.isinf(values).sum())
     assert sketch.finite_count == finite.size
+    assert_exact_matches_data(sketch, values)
     if finite.size == 0:
         assert math.isnan(sketch.min) and math.isnan(sketch.max) and math.isnan(sketch.variance)
         assert np.isnan(sketch.quantiles([0.5])).all()
@@ -477,3 +500,74 @@ def test_values_near_the_float64_limit_keep_a_finite_mean_that_the_collector_acc
     assert a.mean == pytest.approx((huge / 9).sum() + 5 * (1.7e308 / 9), rel=1e-12)
     assert a.count == 9 and a.min == -1.2e308 and a.max == 1.7e308
     check_moments(a.to_proto("x", 1, "X"))
+
+
+# ---------------------------------------------------------------- exact counts of few distinct values
+
+# Small domains (integer codes, flags) with NaN and inf mixed in; up to 40 distinct values, so some
+# columns overflow MAX_EXACT_VALUES (32) and some do not, alone or only once merged.
+small_domain = hnp.arrays(np.float32, st.integers(0, 300), elements=st.one_of(
+    st.integers(-3, 36).map(float), st.sampled_from([0.5, -0.0, 1e6]), st.sampled_from(SPECIAL)))
+
+
+@given(small_domain)
+def test_exact_counts_match_the_data(values: np.ndarray) -> None:
+    sketch = sketch_of(values)
+    assert_exact_matches_data(sketch, values)
+    by_blocks = sketch_of(*np.array_split(values, 7))  # new values arriving block after block
+    assert_same_exact(by_blocks, sketch)
+
+
+@given(small_domain, small_domain, small_domain)
+def test_exact_counts_merge_commutatively_and_associatively(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> None:
+    a, b, c = sketch_of(x), sketch_of(y), sketch_of(z)
+    everything = np.concatenate([x, y, z])
+    for combined in (merged(merged(a, b), c), merged(a, merged(b, c)), merged(c, b, a), merged(b, a, c)):
+        assert_exact_matches_data(combined, everything)  # the same whatever the order: the data's own counts
+    overflowed = sketch_of(np.arange(MAX_EXACT_VALUES + 1.0))
+    for combined in (merged(a, overflowed), merged(overflowed, a)):
+        assert combined.exact_counts is None  # sticky: a column that had more values never counts again
+
+
+def test_overflow_is_decided_by_all_the_values_merged() -> None:
+    low, high = sketch_of(np.arange(20.0)), sketch_of(np.arange(12.0, 32.0))
+    both = merged(low, high)  # 32 distinct values in all: still exact
+    assert both.exact_counts is not None and both.exact_counts[0].size == MAX_EXACT_VALUES
+    assert list(both.exact_counts[1]) == [1] * 12 + [2] * 8 + [1] * 12
+    assert merged(both, sketch_of(np.array([99.0]))).exact_counts is None  # one more: overflow
+    both.update(np.array([5.0, 5.0, np.nan]))  # known values keep counting
+    assert both.exact_counts[1][5] == 3
+
+
+def test_a_continuous_column_stops_counting_after_its_first_block() -> None:
+    rng = np.random.default_rng(3)
+    sketches = [NumericSketch() for _ in range(3)]
+    block = np.column_stack([rng.normal(size=8192), rng.integers(0, 5, 8192), rng.random(8192) < 0.1])
+    update_numeric_block(sketches, block.astype(np.float32))
+    continuous, codes, flag = sketches
+    assert continuous.exact_overflow and continuous.exact_counts is None
+    assert list(codes.exact_counts[0]) == [0.0, 1.0, 2.0, 3.0, 4.0] and codes.exact_counts[1].sum() == 8192
+    assert list(flag.exact_counts[0]) == [0.0, 1.0]
+    # A block whose first values repeat (sorted data) is counted whole before it overflows.
+    ramp = NumericSketch()
+    ramp.update(np.repeat(np.arange(40.0), 10))
+    assert ramp.exact_overflow
+
+
+def test_exact_counts_round_trip_and_older_agents_read_as_overflowed() -> None:
+    codes = sketch_of(np.array([3.0, 1.0, 3.0, np.nan, np.inf]))
+    msg = codes.to_proto("code", CS.FEATURE, "X")
+    assert (list(msg.exact_values), list(msg.exact_counts), msg.exact_overflow) == ([1.0, 3.0], [1, 2], False)
+    back = NumericSketch.from_proto(CS.FromString(msg.SerializeToString()))
+    assert_same_exact(back, codes)
+    continuous = sketch_of(np.linspace(0, 1, 100)).to_proto("x", CS.FEATURE, "X")
+    assert continuous.exact_overflow and not continuous.exact_values
+    older = CS()
+    older.CopyFrom(msg)
+    older.ClearField("exact_values")
+    older.ClearField("exact_counts")  # a window from an agent that predates exact counts: unknown
+    assert NumericSketch.from_proto(older).exact_counts is None
+    empty = NumericSketch.from_proto(NumericSketch().to_proto("x", CS.FEATURE, "X"))
+    assert empty.exact_counts is not None and empty.exact_counts[0].size == 0  # nothing seen yet: still exact
+    empty.update(np.array([2.0]))
+    assert list(empty.exact_counts[0]) == [2.0]

@@ -61,6 +61,7 @@ class CategoricalSketch:
         self.lg_max_k = lg_max_k
         self._freq = ds.frequent_strings_sketch(lg_max_k)
         self._hll = ds.hll_sketch(hll_lg_k, ds.HLL_8)
+        self._listing: list[tuple[str, int]] | None = None  # frequent_items(), until the next update or merge
 
     @property
     def present(self) -> int:
@@ -87,6 +88,7 @@ class CategoricalSketch:
                 weights["" if _is_missing(item) else _as_text(item)] += n
         else:
             raise ValueError(f"categorical sketches do not take dtype {values.dtype}")
+        self._listing = None
         self.count += values.size
         self.missing += weights.pop("", 0)
         for item, n in weights.items():
@@ -95,6 +97,7 @@ class CategoricalSketch:
 
     def merge(self, other: CategoricalSketch) -> None:
         """Fold ``other`` into this sketch in place; ``other`` is unchanged."""
+        self._listing = None
         self.count += other.count
         self.missing += other.missing
         self._freq.merge(other._freq.__copy__() if other is self else other._freq)
@@ -107,9 +110,12 @@ class CategoricalSketch:
         """(item, estimated count), most frequent first, ties by item.
 
         NO_FALSE_NEGATIVES: every item whose true count exceeds the sketch's
-        error bound is listed (and possibly a few that do not)."""
-        rows = self._freq.get_frequent_items(ds.NO_FALSE_NEGATIVES)
-        return sorted(((row[0], int(row[1])) for row in rows), key=lambda r: (-r[1], r[0]))
+        error bound is listed (and possibly a few that do not). Cached until the
+        next update or merge: a reference profile lists its items once."""
+        if self._listing is None:
+            rows = self._freq.get_frequent_items(ds.NO_FALSE_NEGATIVES)
+            self._listing = sorted(((row[0], int(row[1])) for row in rows), key=lambda r: (-r[1], r[0]))
+        return list(self._listing)
 
     def estimate(self, item: str) -> int:
         """Estimated count of one category: exact while the sketch is not full
@@ -142,9 +148,10 @@ class CategoricalSketch:
         """Rebuild a sketch; raises InvalidArgument on corrupt or inconsistent input."""
         if msg.kind != summary_pb2.ColumnSummary.CATEGORICAL:
             raise InvalidArgument(f"column {msg.name!r} is not CATEGORICAL")
-        if msg.kll or msg.infinite or msg.mean or msg.m2 or msg.min or msg.max:
+        if (msg.kll or msg.infinite or msg.mean or msg.m2 or msg.min or msg.max or msg.exact_values
+                or msg.exact_counts or msg.exact_overflow):
             raise InvalidArgument(f"column {msg.name!r} is CATEGORICAL but carries numeric fields "
-                                  "(kll, infinite, mean, m2, min or max)")
+                                  "(kll, infinite, mean, m2, min, max or exact counts)")
         if msg.missing > msg.count:
             raise InvalidArgument(f"column {msg.name!r}: missing exceeds count")
         sketch = cls()

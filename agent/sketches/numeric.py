@@ -1,9 +1,12 @@
 """Numeric columns: ``NumericSketch`` and the summary worker's block update.
 
-Counts, NaN/inf tallies, moments (Chan's merge), min, max and an Apache
-DataSketches KLL of the finite values. Every field merges associatively and
-commutatively (up to float rounding, and up to the KLL's randomised
-compaction for quantiles), so windows from any agents combine in any order.
+Counts, NaN/inf tallies, moments (Chan's merge), min, max, an Apache
+DataSketches KLL of the finite values and, while a column has at most
+MAX_EXACT_VALUES distinct finite values, their exact counts (integer codes,
+flags, small counts: the drift engine judges such a column by its
+frequencies). Every field merges associatively and commutatively (up to float
+rounding, and up to the KLL's randomised compaction for quantiles), so
+windows from any agents combine in any order.
 """
 from __future__ import annotations
 
@@ -24,6 +27,20 @@ REFERENCE_K = 800  # reference profiles are built once and compared often: buy a
 # The largest KLL k taken from the wire: 5x the reference k. A larger k (the format allows 65535)
 # would make every merge into that column keep that many more items.
 MAX_K = 4096
+# Exact counts are kept while a column has at most this many distinct finite values (sticky
+# overflow beyond). The drift engine judges a column by its frequencies when the reference has
+# at most 20 (collector.drift.DISCRETE_MAX_VALUES); the room above that lets traffic bring a
+# dozen new values and still be counted exactly.
+MAX_EXACT_VALUES = 32
+# A block's first values are probed before the whole block is counted: a continuous column shows
+# more than MAX_EXACT_VALUES distinct values among its first few, and stops being tracked for
+# ~10 us instead of a sort of the whole block.
+_EXACT_PROBE = 4 * MAX_EXACT_VALUES
+# Up to this many known values, counting each by an equality scan beats a binary search per value.
+_EQUALITY_SCAN = 8
+_NO_VALUES = np.empty(0, np.float64)
+_NO_COUNTS = np.empty(0, np.int64)
+_NO_VALUES.flags.writeable = _NO_COUNTS.flags.writeable = False  # shared by every empty sketch
 
 _F32_MAX = float(np.finfo(np.float32).max)
 # What the C++ deserialisers raise on malformed bytes (std exceptions as mapped by nanobind).
@@ -81,8 +98,10 @@ def _kll_items_and_weights(kll: ds.kll_floats_sketch) -> tuple[np.ndarray, np.nd
 
 class NumericSketch:
     """One numeric column: count, missing (NaN), infinite (±inf), moments (mean,
-    m2 via Chan's parallel merge), min, max over finite values, and an Apache
-    DataSketches ``kll_floats_sketch`` of the finite values.
+    m2 via Chan's parallel merge), min, max over finite values, an Apache
+    DataSketches ``kll_floats_sketch`` of the finite values, and the exact
+    count of each finite value while there are at most MAX_EXACT_VALUES
+    distinct ones (``exact_counts``).
 
     Moments are float64 over the values as given (float64 inputs keep their
     precision); the KLL stores float32, which is plenty for quantiles. With no
@@ -100,6 +119,11 @@ class NumericSketch:
         self._max = -math.inf
         self._kll = ds.kll_floats_sketch(k)
         self._view: tuple[ds.kll_floats_sketch, int, np.ndarray, np.ndarray] | None = None
+        self._edges: dict[int, np.ndarray] = {}  # bin_edges, valid with _view
+        # Exact counts: distinct finite values ascending (float64) and their counts, until
+        # ``exact_overflow`` (then both stay empty for good).
+        self._exact_values, self._exact_counts = _NO_VALUES, _NO_COUNTS
+        self.exact_overflow = False
 
     @property
     def k(self) -> int:
@@ -116,6 +140,82 @@ class NumericSketch:
     @property
     def max(self) -> float:
         return self._max if self.finite_count else math.nan
+
+    @property
+    def exact_counts(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(values ascending, counts) of the finite values, exact, while the column has had at
+        most MAX_EXACT_VALUES distinct ones here and in everything merged in; None after that
+        (or when unknown: a window from an agent that predates exact counts). Read-only arrays."""
+        if self.exact_overflow:
+            return None
+        return self._exact_values, self._exact_counts
+
+    def _overflow(self) -> None:
+        self.exact_overflow = True
+        self._exact_values, self._exact_counts = _NO_VALUES, _NO_COUNTS
+
+    def _set_exact(self, values: np.ndarray, counts: np.ndarray) -> None:
+        values.flags.writeable = counts.flags.writeable = False  # handed out by exact_counts
+        self._exact_values, self._exact_counts = values, counts
+
+    def _count_exact(self, values: np.ndarray) -> None:
+        """Add a 1-D array of finite values (any real dtype) to the exact counts.
+
+        The hot loop of a discrete column compares a contiguous float64 copy of the
+        block with each of the few known values (or, past _EQUALITY_SCAN of them,
+        searches them and bincounts); only values not seen before are sorted (np.unique)."""
+        if self.exact_overflow or values.size == 0:
+            return
+        known, counts = self._exact_values, self._exact_counts
+        if known.size:
+            values = np.asarray(values, dtype=np.float64, order="C")
+            if known.size <= _EQUALITY_SCAN:
+                found = np.array([np.count_nonzero(values == v) for v in known.tolist()], np.int64)
+                if found.sum() == values.size:
+                    self._set_exact(known, counts + found)
+                    return
+            at = np.searchsorted(known, values)
+            np.minimum(at, known.size - 1, out=at)
+            hit = known[at] == values
+            if hit.all():
+                self._set_exact(known, counts + np.bincount(at, minlength=known.size))
+                return
+            counts = counts + np.bincount(at[hit], minlength=known.size)
+            values = values[~hit]
+        if values.size > _EXACT_PROBE and known.size + np.unique(values[:_EXACT_PROBE]).size > MAX_EXACT_VALUES:
+            self._overflow()
+            return
+        new, new_counts = np.unique(values, return_counts=True)
+        if known.size + new.size > MAX_EXACT_VALUES:
+            self._overflow()
+            return
+        merged = np.concatenate((known, new.astype(np.float64)))
+        order = np.argsort(merged, kind="stable")
+        self._set_exact(merged[order], np.concatenate((counts, new_counts.astype(np.int64)))[order])
+
+    def _merge_exact(self, other: NumericSketch) -> None:
+        if self.exact_overflow:
+            return
+        if other.exact_overflow:
+            self._overflow()
+            return
+        if other._exact_values.size == 0:
+            return
+        mine, theirs = (self._exact_values, self._exact_counts), (other._exact_values, other._exact_counts)
+        if mine[0].size == 0:  # the arrays are read-only, so they can be shared
+            self._exact_values, self._exact_counts = theirs
+            return
+        if mine[0].size == theirs[0].size and np.array_equal(mine[0], theirs[0]):  # the usual case: same values
+            self._set_exact(mine[0], mine[1] + theirs[1])
+            return
+        values = np.union1d(mine[0], theirs[0])
+        if values.size > MAX_EXACT_VALUES:
+            self._overflow()
+            return
+        counts = np.zeros(values.size, np.int64)
+        for part_values, part_counts in (mine, theirs):
+            counts[np.searchsorted(values, part_values)] += part_counts
+        self._set_exact(values, counts)
 
     @property
     def variance(self) -> float:
@@ -161,6 +261,8 @@ class NumericSketch:
         """Fold ``other`` into this sketch in place; ``other`` is unchanged."""
         other_kll = other._kll.__copy__() if other is self else other._kll
         count, missing, infinite = other.count, other.missing, other.infinite  # other may be self
+        if not self.exact_overflow:  # a continuous column's merges skip even the call
+            self._merge_exact(other)
         self._absorb(other.finite_count, other.mean, other.m2, other._min, other._max)
         self.count += count
         self.missing += missing
@@ -212,7 +314,21 @@ class NumericSketch:
         items, cdf = items[last], cumulative[last] / max(kll.n, 1)
         items.flags.writeable = cdf.flags.writeable = False  # shared by every caller
         self._view = (kll, kll.n, items, cdf)
+        self._edges = {}
         return items, cdf
+
+    def bin_edges(self, bins: int) -> np.ndarray:
+        """The retained items at ranks 1/bins .. (bins-1)/bins, duplicates dropped (a point mass
+        keeps one edge): the edges of ``bins`` equal-mass bins, as PSI reads them. Cached with
+        the sorted view, so a reference profile pays for them once."""
+        items, cdf = self.sorted_view()
+        edges = self._edges.get(bins)
+        if edges is None:
+            at = np.minimum(np.searchsorted(cdf, np.arange(1, bins) / bins), items.size - 1)
+            edges = np.unique(items[at]) if items.size else items
+            edges.flags.writeable = False
+            self._edges[bins] = edges
+        return edges
 
     def rank_error(self) -> float:
         """The KLL's normalised single-sided rank error (99th percentile bound)."""
@@ -229,6 +345,8 @@ class NumericSketch:
             mean=self.mean, m2=self.m2,
             min=self._min if has_finite else 0.0, max=self._max if has_finite else 0.0,
             kll=self._kll.serialize(),
+            exact_values=self._exact_values.tolist(), exact_counts=self._exact_counts.tolist(),
+            exact_overflow=self.exact_overflow,
         )
 
     @classmethod
@@ -252,6 +370,11 @@ class NumericSketch:
         check_moments(msg)
         if sketch.finite_count:
             sketch.mean, sketch.m2, sketch._min, sketch._max = msg.mean, msg.m2, msg.min, msg.max
+        check_exact(msg)
+        if msg.exact_overflow or (sketch.finite_count and not msg.exact_values):
+            sketch._overflow()  # the second case: a window from an agent that predates exact counts
+        elif msg.exact_values:
+            sketch._set_exact(np.array(msg.exact_values, np.float64), np.array(msg.exact_counts, np.int64))
         return sketch
 
 
@@ -340,6 +463,37 @@ def check_moments(msg: summary_pb2.ColumnSummary) -> None:
             raise InvalidArgument(f"column {name!r}: min {msg.min} is greater than max {msg.max}")
 
 
+def check_exact(msg: summary_pb2.ColumnSummary) -> None:
+    """The exact counts of a numeric column are what ``NumericSketch`` writes: at most
+    MAX_EXACT_VALUES finite values, strictly ascending (so distinct), one positive count each,
+    counts adding up to the column's finite values, the first and last value its min and max;
+    both lists empty when ``exact_overflow`` is set. Raises InvalidArgument naming the field."""
+    if not msg.exact_values and not msg.exact_counts:
+        return
+    name, values, counts = msg.name, list(msg.exact_values), list(msg.exact_counts)
+    # Plain Python on at most MAX_EXACT_VALUES items: cheaper than building arrays, and this runs for every
+    # discrete column of every window at ingest and in every merge of the collector.
+    if msg.exact_overflow:
+        raise InvalidArgument(f"column {name!r}: exact_overflow is set but exact_values or exact_counts are not empty")
+    if len(values) != len(counts):
+        raise InvalidArgument(f"column {name!r}: {len(values)} exact_values but {len(counts)} exact_counts")
+    if len(values) > MAX_EXACT_VALUES:
+        raise InvalidArgument(f"column {name!r}: {len(values)} exact_values, at most {MAX_EXACT_VALUES} allowed")
+    if not all(map(math.isfinite, values)):
+        raise InvalidArgument(f"column {name!r}: exact_values must be finite")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise InvalidArgument(f"column {name!r}: exact_values must be distinct and in ascending order")
+    if min(counts) < 1:
+        raise InvalidArgument(f"column {name!r}: exact_counts must be positive")
+    finite = msg.count - msg.missing - msg.infinite
+    if sum(counts) != finite:
+        raise InvalidArgument(f"column {name!r}: exact_counts add up to {sum(counts)}, "
+                              f"the column has {finite} finite values")
+    if (values[0], values[-1]) != (msg.min, msg.max):
+        raise InvalidArgument(f"column {name!r}: exact_values run from {values[0]} to {values[-1]}, "
+                              f"min and max are {msg.min} and {msg.max}")
+
+
 def _finite_moments(cols: np.ndarray) -> tuple[np.ndarray, ...]:
     """(mean, m2, min, max) of each row of a C-contiguous float64 [columns, rows]
     array, which is overwritten (no second buffer in the hot loop). Rows are
@@ -391,6 +545,7 @@ def update_numeric_block(sketches: Sequence[NumericSketch], block: np.ndarray) -
                 cols = np.array(values.reshape(1, -1), dtype=np.float64, order="C")
                 sketch._absorb(values.size, *(s[0] for s in _finite_moments(cols)))
                 sketch._kll.update(kll_values[keep, j])
+                sketch._count_exact(values)
             sketch.count += rows
             sketch.missing += int(nans[j])
             sketch.infinite += rows - int(nans[j]) - values.size
@@ -403,5 +558,6 @@ def update_numeric_block(sketches: Sequence[NumericSketch], block: np.ndarray) -
             sketch._absorb(rows, means[i], m2s[i], lows[i], highs[i])
             sketch.count += rows
             sketch._kll.update(kll_values[:, j])
+            sketch._count_exact(block[:, j])
 
 

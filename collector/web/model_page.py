@@ -5,10 +5,11 @@ from typing import Any
 
 from agent.errors import NotFound
 from collector import alerts
+from collector.drift import verdict_label
 from collector.store import Store
 from collector.web import data
 from collector.web.html import NS, Markup, ago, el, href, join, num, table, verdict, when
-from collector.web.model_plots import drift_plots, performance_plot, prediction_plots, shadow_plots
+from collector.web.model_plots import drift_plots, performance_plot, prediction_plots, ratio, shadow_plots
 
 
 def _pick_version(db: Any, name: str, asked: str, registry: list[dict[str, Any]]) -> tuple[str, list[str]]:
@@ -67,6 +68,31 @@ def _alerts_table(db: Any, name: str, now_ns: int) -> Markup:
     return table(["ID", "VERSION", "COLUMN", "KIND", "STATE", "OPENED", "SUMMARY"], rows, empty="no open alerts")
 
 
+def _rate(value: float) -> str:
+    return "-" if value != value else f"{value * 100:.1f} %"
+
+
+def _verdicts_table(latest: Any, config: Any) -> Markup:
+    """The latest evaluation's verdict per column: how it was judged, over which span, its missing
+    rates and why (a drift, or loudly a column that could not be compared)."""
+    if latest is None or not latest.columns:
+        return el("p", "no evaluation with enough rows yet", class_="muted")
+    rows = []
+    for c in latest.columns:
+        word = verdict_label(c)
+        shown = el("span", word, class_="bad" if word in ("DRIFT", "NOT COMPARED") else
+                   ("good" if word == "ok" else "muted"))
+        span = f"{c.span_seconds / 60:g} min" if c.span_seconds else "-"
+        rows.append([c.name, shown, c.method or "-", span, num(ratio(c, config)),
+                     f"{_rate(c.reference_missing_rate)} → {_rate(c.missing_rate)}", num(c.p_adjusted), c.reason])
+    notice = []
+    if latest.not_compared:
+        notice.append(el("p", f"{latest.not_compared} reference column{'s' if latest.not_compared != 1 else ''} "
+                              "not compared: no verdict, drift or not, is given for them", class_="bad"))
+    return el("div", *notice, table(["COLUMN", "VERDICT", "METHOD", "SPAN", "EFFECT / THRESHOLD",
+                                     "MISSING (REFERENCE → NOW)", "P ADJUSTED", "WHY"], rows))
+
+
 def _shadow_section(db: Any, name: str, windows: list) -> list[Markup]:
     running = data.shadow(db, name)
     totals, plots = shadow_plots(windows)
@@ -108,9 +134,11 @@ def model_page(store: Store, name: str, asked_version: str, now_ns: int) -> tupl
            join(others, " ") if others else "-", " · ", summary),
         el("p", "thresholds: Wasserstein/std ", num(config.wasserstein_threshold), ", numeric PSI ",
            num(config.numeric_psi_threshold), ", Jensen-Shannon ", num(config.js_threshold), ", categorical PSI ",
-           num(config.categorical_psi_threshold), f"; q {num(config.q)}, {config.consecutive} evaluations in a row "
-           f"open or clear an alert, span {config.span_seconds:g} s", class_="muted"),
+           num(config.categorical_psi_threshold), ", missing rate (Cohen's h) ", num(config.missing_threshold),
+           f"; q {num(config.q)}, {config.consecutive} evaluations in a row open or clear an alert, spans "
+           f"{' and '.join(f'{s:g} s' for s in config.spans())}", class_="muted"),
         el("h2", "Open alerts"), _alerts_table(db, name, now_ns),
+        el("h2", "Latest verdicts"), _verdicts_table(latest if latest and latest.evaluated else None, config),
         el("h2", "Drift heat map"), el("div", heat, class_="plot"),
         el("h2", "Drift per column"), el("div", *series, class_="plots"),
         el("h2", "Predictions now vs reference"), el("div", *prediction_plots(profile, windows), class_="plots"),

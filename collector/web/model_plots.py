@@ -32,17 +32,25 @@ def _nan(x: float) -> float:
 
 
 def main_statistic(col: pb.ColumnDrift, config: DriftConfig) -> tuple[str, float, float]:
-    """(name, value, threshold) of the effect size the column is judged by first."""
-    if col.kind == CS.CATEGORICAL:
+    """(name, value, threshold) of the effect size the column is judged by first: Jensen-Shannon for
+    categorical columns and for numeric ones judged by their frequencies ("discrete")."""
+    if col.kind == CS.CATEGORICAL or col.method == "discrete":
         return "Jensen-Shannon", _nan(col.js), config.js_threshold
     return "Wasserstein / std", _nan(col.wasserstein), config.wasserstein_threshold
 
 
 def ratio(col: pb.ColumnDrift, config: DriftConfig) -> float:
-    """The larger effect size over its threshold: 1 is the line; NaN when not evaluated."""
-    psi_threshold = config.categorical_psi_threshold if col.kind == CS.CATEGORICAL else config.numeric_psi_threshold
+    """The largest effect size over its threshold: 1 is the line; NaN when not evaluated. A column
+    that drifted by its missing rate alone reads 2 (its effect size is not stored)."""
+    frequencies = col.kind == CS.CATEGORICAL or col.method == "discrete"
+    psi_threshold = config.categorical_psi_threshold if frequencies else config.numeric_psi_threshold
     _, value, threshold = main_statistic(col, config)
-    found = [v for v in (value / threshold, _nan(col.psi) / psi_threshold) if math.isfinite(v)]
+    candidates = [value / threshold, _nan(col.psi) / psi_threshold]
+    if col.method == "discrete":
+        candidates.append(_nan(col.wasserstein) / config.wasserstein_threshold)
+    found = [v for v in candidates if math.isfinite(v)]
+    if col.drifted and not any(v >= 1 for v in found):
+        return 2.0
     return max(found) if found else math.nan
 
 
