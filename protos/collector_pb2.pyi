@@ -483,7 +483,7 @@ class DriftRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., history: _Optional[int] = ...) -> None: ...
 
 class ColumnDrift(_message.Message):
-    __slots__ = ("name", "kind", "role", "drifted", "psi", "ks_d", "ks_p", "wasserstein", "chi2", "chi2_p", "js", "p_adjusted", "missing_rate", "reference_missing_rate", "rows", "reason", "missing_p", "missing_diff", "method", "span_seconds")
+    __slots__ = ("name", "kind", "role", "drifted", "psi", "ks_d", "ks_p", "wasserstein", "chi2", "chi2_p", "js", "p_adjusted", "missing_rate", "reference_missing_rate", "rows", "reason", "missing_p", "missing_diff", "method", "span_seconds", "missing_effect")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -504,6 +504,7 @@ class ColumnDrift(_message.Message):
     MISSING_DIFF_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SPAN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_EFFECT_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: _summary_pb2.ColumnSummary.Kind
     role: _summary_pb2.ColumnSummary.Role
@@ -524,7 +525,8 @@ class ColumnDrift(_message.Message):
     missing_diff: float
     method: str
     span_seconds: float
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[_summary_pb2.ColumnSummary.Kind, str]] = ..., role: _Optional[_Union[_summary_pb2.ColumnSummary.Role, str]] = ..., drifted: bool = ..., psi: _Optional[float] = ..., ks_d: _Optional[float] = ..., ks_p: _Optional[float] = ..., wasserstein: _Optional[float] = ..., chi2: _Optional[float] = ..., chi2_p: _Optional[float] = ..., js: _Optional[float] = ..., p_adjusted: _Optional[float] = ..., missing_rate: _Optional[float] = ..., reference_missing_rate: _Optional[float] = ..., rows: _Optional[int] = ..., reason: _Optional[str] = ..., missing_p: _Optional[float] = ..., missing_diff: _Optional[float] = ..., method: _Optional[str] = ..., span_seconds: _Optional[float] = ...) -> None: ...
+    missing_effect: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[_summary_pb2.ColumnSummary.Kind, str]] = ..., role: _Optional[_Union[_summary_pb2.ColumnSummary.Role, str]] = ..., drifted: bool = ..., psi: _Optional[float] = ..., ks_d: _Optional[float] = ..., ks_p: _Optional[float] = ..., wasserstein: _Optional[float] = ..., chi2: _Optional[float] = ..., chi2_p: _Optional[float] = ..., js: _Optional[float] = ..., p_adjusted: _Optional[float] = ..., missing_rate: _Optional[float] = ..., reference_missing_rate: _Optional[float] = ..., rows: _Optional[int] = ..., reason: _Optional[str] = ..., missing_p: _Optional[float] = ..., missing_diff: _Optional[float] = ..., method: _Optional[str] = ..., span_seconds: _Optional[float] = ..., missing_effect: _Optional[float] = ...) -> None: ...
 
 class DriftEvaluation(_message.Message):
     __slots__ = ("id", "model_name", "model_version", "evaluated_unix_nano", "window_start_unix_nano", "window_end_unix_nano", "rows", "evaluated", "reason", "columns", "accuracy", "reference_accuracy", "mae", "reference_mae", "estimated_accuracy", "reference_estimated_accuracy", "not_compared")
@@ -573,7 +575,7 @@ class DriftResponse(_message.Message):
     def __init__(self, latest: _Optional[_Iterable[_Union[DriftEvaluation, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[DriftEvaluation, _Mapping]]] = ...) -> None: ...
 
 class Alert(_message.Message):
-    __slots__ = ("id", "model_name", "model_version", "column", "kind", "state", "opened_unix_nano", "resolved_unix_nano", "acknowledged_unix_nano", "acknowledged_by", "summary", "evaluation_id")
+    __slots__ = ("id", "model_name", "model_version", "column", "kind", "state", "opened_unix_nano", "resolved_unix_nano", "acknowledged_unix_nano", "acknowledged_by", "summary", "evaluation_id", "resolved_reason")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -586,6 +588,7 @@ class Alert(_message.Message):
     ACKNOWLEDGED_BY_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_REASON_FIELD_NUMBER: _ClassVar[int]
     id: int
     model_name: str
     model_version: str
@@ -598,7 +601,8 @@ class Alert(_message.Message):
     acknowledged_by: str
     summary: str
     evaluation_id: int
-    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., column: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., opened_unix_nano: _Optional[int] = ..., resolved_unix_nano: _Optional[int] = ..., acknowledged_unix_nano: _Optional[int] = ..., acknowledged_by: _Optional[str] = ..., summary: _Optional[str] = ..., evaluation_id: _Optional[int] = ...) -> None: ...
+    resolved_reason: str
+    def __init__(self, id: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., column: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., opened_unix_nano: _Optional[int] = ..., resolved_unix_nano: _Optional[int] = ..., acknowledged_unix_nano: _Optional[int] = ..., acknowledged_by: _Optional[str] = ..., summary: _Optional[str] = ..., evaluation_id: _Optional[int] = ..., resolved_reason: _Optional[str] = ...) -> None: ...
 
 class ListAlertsRequest(_message.Message):
     __slots__ = ("model_name", "include_resolved", "limit", "page_token")
