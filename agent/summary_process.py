@@ -67,18 +67,24 @@ def main() -> int:
     frames = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     stop = threading.Event()
+    sent: list[bytes] = []  # projections read, not yet handed to the builder (by the draining thread)
 
-    def watch_stdin(builder: WindowBuilder) -> None:
+    def watch_stdin() -> None:
         # Frames until EOF (the serving process closed the pipe or died). Not
         # sys.stdin: a daemon thread inside its buffered reader aborts shutdown.
+        # It holds no sketch: a daemon thread still reading at exit would keep the
+        # builder alive through interpreter shutdown (nanobind then lists every
+        # DataSketches object as leaked on stderr).
         while (body := read_frame(stdin_fd)) is not None:
-            try:
-                builder.set_projection(projection_from(body))
-            except Exception:  # the serving process checked it; never end the helper over one
-                log.exception("cannot use the reference projection sent")
+            sent.append(body)
         stop.set()
 
     def should_stop() -> bool:
+        while sent:  # the draining thread owns the builder: projections are installed here
+            try:
+                builder.set_projection(projection_from(sent.pop(0)))
+            except Exception:  # the serving process checked it; never end the helper over one
+                log.exception("cannot use the reference projection sent")
         # stdin may stay open after the serving process died if it forked
         # children that inherited the pipe; being re-parented tells us too.
         return stop.is_set() or os.getppid() != parent
@@ -95,7 +101,7 @@ def main() -> int:
     try:
         builder = WindowBuilder(layout.slots, identity, start_ns=start_ns, sample_rows=policy.sample_rows,
                                 projection=projection)
-        threading.Thread(target=watch_stdin, args=(builder,), daemon=True).start()
+        threading.Thread(target=watch_stdin, daemon=True).start()
         Drainer(ring, builder, policy, emit).loop(should_stop, stop.wait)
     except BrokenPipeError:
         return 0  # the serving process is gone: nobody to report to
