@@ -257,19 +257,23 @@ def test_a_real_collector_survives_hostile_streams_and_stores_nothing_invalid(tm
     logging.getLogger().addHandler(tracebacks)
     with running(tmp_path / "fuzz.db", drift_interval=0) as collector:
 
-        @settings(FUZZ, max_examples=120)
+        @settings(FUZZ, max_examples=120, derandomize=True)  # CI must not depend on the draw
         @given(kind=st.sampled_from(["windows", "hello", "status", "model_state"]), data=st.data())
         def case(kind: str, data: st.DataObject) -> None:
             run = f"run-{next(runs)}"
             if kind == "windows":
-                windows = [data.draw(mutated(valid_window("fuzz", run, seq))) for seq in range(data.draw(
-                    st.integers(1, 3)))]
+                # a valid window leads, so the check below that stored windows are valid is never vacuous
+                # and a hostile neighbour must not cost it
+                windows = [valid_window("fuzz", run, 0)] + [data.draw(mutated(valid_window("fuzz", run, seq)))
+                                                            for seq in range(1, data.draw(st.integers(2, 4)))]
                 code, details, acks = _outcome(collector, pb.AgentMessage(hello=valid_hello("fuzz", run)),
                                                batch(*windows))
                 if code == grpc.StatusCode.OK:
                     assert len(acks) == len(windows)
                 for ack in acks:
                     assert ack.result != REJECTED or ack.reason, "a rejection says why"
+                leader = [ack.result for ack in acks if (ack.run_id, ack.seq) == (run, 0)]
+                assert not acks or STORED in leader, acks
             elif kind == "hello":
                 first = pb.AgentMessage(hello=data.draw(mutated(valid_hello("fuzz", run))))
                 code, details, _ = _outcome(collector, first)
