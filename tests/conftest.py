@@ -5,12 +5,20 @@ so nothing needs to be installed.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from agent import examples
+
+# On CI (.ci/run sets CI=true) the property tests draw the same examples every run: a landing must not
+# depend on the draw. Locally they explore new examples each run (and print how to reproduce a failure).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def _write(factory: pytest.TempPathFactory, name: str, build: Callable[[], bytes]) -> Path:
