@@ -25,6 +25,7 @@ from protos import summary_pb2
 log = logging.getLogger(__name__)
 
 BLOCK_ROWS = 8192
+BURST_ROWS_PER_S = 500_000  # a sudden burst the ring must absorb between two wake-ups (Drainer.pause)
 MAX_SAMPLE_ROWS = 10_000  # the collector rejects larger samples (collector.ingest.Limits.max_sample_rows)
 _UNCHANGED = object()  # no projection waiting for the next window
 
@@ -35,7 +36,11 @@ class WindowPolicy:
 
     seconds: float | None = 10.0
     rows: int | None = None
+    # The worker sleeps between drains from poll_seconds (a busy ring) to max_poll_seconds (idle):
+    # each wake-up costs a fixed ~0.1-0.5 ms whatever it finds, so waking every 2 ms to find a few
+    # rows cost ~100x the summary itself. See Drainer.pause.
     poll_seconds: float = 0.002
+    max_poll_seconds: float = 0.05
     sample_rows: int = 0  # size of each window's reservoir sample of rows; 0: no sample
 
 
@@ -311,10 +316,29 @@ class Drainer:
         self._dropped_seen, self._errors_seen = dropped, errors
         self.emit(b.close(time.time_ns(), d, e))
 
+    def pause(self, filled: int, seconds: float) -> float:
+        """How long to sleep after a drain that found ``filled`` rows (or calls) published over the
+        last ``seconds``: until the ring would be a quarter full at that rate, within the policy's
+        bounds (and never past the open window's end). Rows beyond the ring are dropped, so the
+        quarter leaves room for a burst 4x the rate just seen before the next wake-up."""
+        p = self.policy
+        # A burst after a quiet spell must fit too: the ring holds that long at BURST_ROWS_PER_S.
+        pause = min(p.max_poll_seconds, self.ring.layout.rows / BURST_ROWS_PER_S)
+        if filled > 0 and seconds > 0:
+            pause = min(pause, self.ring.layout.rows / 4 / (filled / seconds))
+        if p.seconds:
+            pause = min(pause, self.builder.start_ns / 1e9 + p.seconds - time.time())
+        return max(p.poll_seconds, pause)
+
     def loop(self, should_stop: Callable[[], bool], wait: Callable[[float], object]) -> None:
         """Drain until told to stop, then drain the rest and flush the last window."""
+        hdr = self.ring.hdr
+        last = time.monotonic()
         while True:
-            stopping = should_stop() or self.ring.hdr[CLOSED]
+            stopping = should_stop() or hdr[CLOSED]
+            now = time.monotonic()
+            filled = max(hdr[ROWS_HEAD] - hdr[ROWS_TAIL], hdr[CALLS_HEAD] - hdr[CALLS_TAIL])
+            seconds, last = now - last, now
             try:
                 self.drain()
                 if self.due(time.time_ns()):
@@ -328,4 +352,4 @@ class Drainer:
             if stopping:
                 self.close_window(final=True)
                 return
-            wait(self.policy.poll_seconds)
+            wait(self.pause(filled, seconds))
