@@ -218,7 +218,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="the model's reference profile ('outrider profile'): with its PCA projection every window gets "
                   "the column @reconstruction_error (multivariate drift). With --collector the collector sends "
                   "the one attached to this version (default: none until then)")
+    add_flag(serve, "--intra-op-threads", prefix=AGENT_ENV, default="1", type=whole_number(1024), metavar="N",
+             help="onnxruntime threads one request's operators may use (0: one per core). Requests already run "
+                  "side by side on --workers threads; raise it for large batches at low concurrency")
+    add_flag(serve, "--inter-op-threads", prefix=AGENT_ENV, default="1", type=whole_number(1024), metavar="N",
+             help="onnxruntime threads for independent branches of the graph (0: one per core)")
+    add_flag(serve, "--providers", prefix=AGENT_ENV, default="cpu", type=_providers, metavar="LIST",
+             help="onnxruntime execution providers in order of preference, comma-separated (cpu, cuda, tensorrt, "
+                  "openvino, ... or full names); ones this onnxruntime build lacks are skipped with a warning, "
+                  "and the CPU is always the last fallback")
+    add_flag(serve, "--graph-optimization", prefix=AGENT_ENV, default="all",
+             choices=["disable", "basic", "extended", "all"], help="onnxruntime graph optimisation level")
+    serve.add_argument("--no-monitoring", action="store_true",
+                       help="serve the model as plain onnxruntime and summarise nothing (no windows, no feedback; "
+                            "not with --collector): the baseline for measuring what monitoring costs")
     serve.set_defaults(func=serve_command)
+
+
+def _providers(text: str) -> tuple[str, ...]:
+    """An argparse type: --providers as onnxruntime names them (agent.runtime)."""
+    from agent.errors import InvalidArgument
+    from agent.runtime import parse_providers
+
+    try:
+        return tuple(parse_providers(text))
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _runtime(args: argparse.Namespace) -> Any:
+    """The onnxruntime options of every session this agent opens (agent.runtime)."""
+    from agent.runtime import RuntimeOptions
+
+    return RuntimeOptions(intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads,
+                          providers=args.providers, graph_optimization=args.graph_optimization)
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -237,6 +270,10 @@ def serve_command(args: argparse.Namespace) -> int:
     check_listen(args.listen)
     access = _port_access(args)
     reference = _reference(args)
+    runtime = _runtime(args)
+    if args.no_monitoring and args.collector:
+        raise UsageError("--no-monitoring summarises nothing, so there is nothing to send to a collector: drop "
+                         "--collector (or --no-monitoring)")
     metrics = start_for_cli(AgentMetrics, args.metrics)  # before the model load: a bad address fails fast
 
     with stop_signals() as stop:  # before the (slow) model load
@@ -244,7 +281,10 @@ def serve_command(args: argparse.Namespace) -> int:
                                 agent_id=args.agent_id, collector=args.collector, spool_dir=args.spool_dir,
                                 collector_token=args.token, join_seconds=args.join_seconds,
                                 sample_rows=args.sample_rows, feedback_limits=_feedback_limits(args),
-                                feature_names=names, reference=reference)
+                                feature_names=names, reference=reference, monitoring=not args.no_monitoring,
+                                **runtime.session_kwargs())
+        logging.getLogger(__name__).info("%s%s", runtime.describe(),
+                                         "; monitoring off (--no-monitoring)" if args.no_monitoring else "")
         try:
             running = serve(session, name, args.model_version, args.listen, workers=args.workers,
                             max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics, **access)
@@ -283,10 +323,14 @@ def _serve_managed(args: argparse.Namespace) -> int:
     if getattr(args, "reference", None):
         raise UsageError("--reference goes with --model: a managed agent is sent the reference of the version "
                          f"it serves by the collector (outrider attach {args.model_name} VERSION PROFILE.pb)")
+    if getattr(args, "no_monitoring", False):
+        raise UsageError("--no-monitoring goes with --model: a managed agent reports to its collector")
     check_listen(args.listen)
     access = _port_access(args)
+    runtime = _runtime(args)
     options = {"window_seconds": args.window_seconds, "summarizer": args.summarizer,
-               "join_seconds": args.join_seconds, "feedback_limits": _feedback_limits(args)}
+               "join_seconds": args.join_seconds, "feedback_limits": _feedback_limits(args),
+               "runtime": runtime}
     if getattr(args, "sample_rows", None):  # the same monitoring options as a served file gets
         options["sample_rows"] = args.sample_rows
     metrics = start_for_cli(AgentMetrics, getattr(args, "metrics", None))

@@ -45,6 +45,7 @@ from agent.artifacts import ArtifactCache, check_schema, warm_up, write_json
 from agent.dataplane import DataPlane
 from agent.errors import FailedPrecondition, InvalidArgument, OutriderError, Unavailable
 from agent.feedback import PredictionLog
+from agent.runtime import RuntimeOptions
 from agent.reference import REFERENCE, from_command
 from agent.shadow import DEFAULT_QUEUE, ShadowRunner
 from agent.sketches import joint
@@ -162,7 +163,8 @@ class RolloutController:
     """A managed agent's model: its exporter, ``switch``, artifact cache and command thread.
 
     ``session_options`` go to every ``MonitoredSession`` (window_seconds,
-    summarizer, join_seconds, ...). Serve ``switch`` with
+    summarizer, join_seconds, ...); its ``runtime`` (an ``agent.runtime.RuntimeOptions``)
+    sets how onnxruntime runs every version, shadowed ones too. Serve ``switch`` with
     ``agent.server.serve_switch(controller.switch, ..., owner=controller)``.
     """
 
@@ -178,6 +180,8 @@ class RolloutController:
         self.agent_id = agent_id or socket.gethostname()
         self.run_id = uuid.uuid4().hex
         self.session_options = dict(session_options or {})
+        # onnxruntime's options (agent.runtime): also for a shadowed candidate, which is not monitored
+        self.runtime: RuntimeOptions = self.session_options.pop("runtime", None) or RuntimeOptions()
         if "feature_names" in self.session_options:
             raise ValueError("a managed agent's column names come from the registry with each version; "
                              "do not pass feature_names in session_options")
@@ -304,7 +308,8 @@ class RolloutController:
 
         # names that do not fit the model fail the command (InvalidArgument), the old version serving on
         options = dict(model_name=self.model_name, model_version=wanted.version, agent_id=self.agent_id,
-                       run_id=self.run_id, sink=self.sink, feature_names=wanted.feature_names, **self.session_options)
+                       run_id=self.run_id, sink=self.sink, feature_names=wanted.feature_names, **self.session_options,
+                       **self.runtime.session_kwargs())
         projection = self._references.get(wanted.version)
         try:
             session = MonitoredSession(str(path), reference=projection, **options)
@@ -415,7 +420,8 @@ class RolloutController:
             running.share = share  # read per request: takes effect at once
             return
         path = self._artifact(wanted)
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        kwargs = self.runtime.session_kwargs()
+        session = onnxruntime.InferenceSession(str(path), kwargs["sess_options"], kwargs["providers"])
         check_schema(session, wanted.schema_json)
         warm_up(session)
         runner = ShadowRunner(session, wanted.version, wanted.sha256, share, queue_size=self.shadow_queue)

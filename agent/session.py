@@ -91,6 +91,9 @@ class MonitoredSession:
         ``agent.feedback.FeedbackLimits``: count and byte budgets, longest
         request id, classes per model); what goes past a bound is counted in
         ``predictions.stats()``.
+    monitoring: False serves the model as plain onnxruntime, summarising
+        nothing (no ring, no worker, no window, no feedback): the baseline of
+        an A/B measurement of what monitoring costs (``agent serve --no-monitoring``).
     reference: the model version's reference profile (a ``ReferenceProfile``
         or its file from ``outrider profile``): with its PCA projection every
         window gets the column ``@reconstruction_error`` (multivariate drift).
@@ -110,9 +113,12 @@ class MonitoredSession:
                  spool_dir: str | os.PathLike | None = None, collector_token: str | None = None,
                  collector_tls: Any = None, join_seconds: float = 3600.0, run_id: str | None = None,
                  sample_rows: int = 0, feedback_limits: FeedbackLimits | None = None,
-                 reference: Reference = None, **kwargs: Any) -> None:
+                 reference: Reference = None, monitoring: bool = True, **kwargs: Any) -> None:
         if collector and sink is not None:
             raise ValueError("pass either sink or collector, not both")
+        if not monitoring and collector:
+            raise ValueError("monitoring=False summarises nothing, so there is nothing to send: drop collector")
+        self.monitoring = monitoring
         if isinstance(path_or_bytes, (bytes, bytearray)):
             model_bytes = bytes(path_or_bytes)
             default_name = None
@@ -153,7 +159,8 @@ class MonitoredSession:
         self._label_index = found[0] if found else 0
         self.label_kind: Kind | None = found[1] if found else None  # what ``feedback`` expects
         # Filled only by calls that pass a request id; None when no output can be compared with a label.
-        self.predictions: PredictionLog | None = PredictionLog(join_seconds, feedback_limits) if found else None
+        self.predictions: PredictionLog | None = (PredictionLog(join_seconds, feedback_limits)
+                                                  if found and monitoring else None)
         self._ring: Ring | None = None
         self._capture: Any = None
         self._fast: Any = None  # the C copier, when used
@@ -171,7 +178,9 @@ class MonitoredSession:
             self.sink = self._exporter = exporter_for(self, collector, spool_dir, collector_token, collector_tls,
                                                       on_command=self._on_command)
         try:
-            if self._all_static():
+            if not monitoring:
+                pass  # served as plain onnxruntime: no ring, no worker, no window
+            elif self._all_static():
                 self._start(self._plan(None, None))
             else:
                 self._capture = self._resolve_then_capture
@@ -271,6 +280,9 @@ class MonitoredSession:
         Raises ValueError when the model has no output a label can be compared
         with, or ``value`` is not a number for a regression model.
         """
+        if not self.monitoring:
+            raise ValueError(f"model {self.model_name!r} is served without monitoring (--no-monitoring): "
+                             "no window would carry the label")
         if self.predictions is None:
             raise ValueError(f"model {self.model_name!r} has no class-label output and no float output "
                              "with one value per row: there is no prediction to compare ground truth with")

@@ -430,3 +430,23 @@ def test_cli_managed_agent_waits_then_serves(collector, models, tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_every_version_runs_with_the_agents_onnxruntime_options(collector, models, tmp_path):
+    import onnxruntime as ort
+
+    from agent.runtime import RuntimeOptions
+
+    runtime = RuntimeOptions(intra_op_threads=2, inter_op_threads=3, graph_optimization="basic")
+    options = {"summarizer": "thread", "window_seconds": None, "window_rows": 40, "runtime": runtime}
+    ctrl = RolloutController(NAME, collector.target, agent_id="agent-a", spool_dir=tmp_path / "spool",
+                             session_options=options, exporter_options=FAST)
+    server = serve_switch(ctrl.switch, "127.0.0.1:0", owner=ctrl)
+    try:
+        serve_v1(collector, models)
+        used = ctrl.switch.current.session.inference_session.get_session_options()
+        assert (used.intra_op_num_threads, used.inter_op_num_threads) == (2, 3)
+        assert used.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        assert used.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    finally:
+        server.stop(grace=5)
