@@ -149,9 +149,14 @@ def alerts_command(args: argparse.Namespace) -> int:
         print("no open alerts" if not args.all else "no alerts")
         return 0
     now = time.time_ns()
-    print(table(["ID", "STATE", "MODEL", "COLUMN", "KIND", "OPENED", "BY", "SUMMARY"],
-                [[a.id, a.state, f"{a.model_name}@{a.model_version}", a.column, a.kind,
-                  age(a.opened_unix_nano, now), a.acknowledged_by or "-", a.summary] for a in page.items]))
+    headers = ["ID", "STATE", "MODEL", "COLUMN", "KIND", "OPENED", "BY", "SUMMARY"]
+    rows = [[a.id, a.state, f"{a.model_name}@{a.model_version}", a.column, a.kind, age(a.opened_unix_nano, now),
+             a.acknowledged_by or "-", a.summary] for a in page.items]
+    if any(a.resolved_reason for a in page.items):  # --all: when and why each resolved one was resolved
+        headers += ["RESOLVED", "WHY RESOLVED"]
+        for row, a in zip(rows, page.items):
+            row += [age(a.resolved_unix_nano, now), a.resolved_reason or "-"]
+    print(table(headers, rows))
     return 0
 
 
