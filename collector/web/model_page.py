@@ -6,10 +6,11 @@ from typing import Any
 from agent.errors import NotFound
 from collector import alerts
 from collector.drift import verdict_label
+from collector.effect import ratio
 from collector.store import Store
 from collector.web import data
 from collector.web.html import NS, Markup, ago, el, href, join, num, table, verdict, when
-from collector.web.model_plots import drift_plots, performance_plot, prediction_plots, ratio, shadow_plots
+from collector.web.model_plots import drift_plots, performance_plot, prediction_plots, shadow_plots
 
 RESOLVED_SHOWN = 10  # the rest: outrider alerts --all
 
