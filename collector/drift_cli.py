@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     alerts = subparsers.add_parser(
         "alerts", help="list drift and performance alerts; 'alerts ack ID' acknowledges one",
-        description="List open (and acknowledged) alerts, newest first; --all includes resolved ones.")
+        description="List open (and acknowledged) alerts, newest first; --all includes resolved ones, with when "
+                    "and why each was resolved (RESOLVED, WHY RESOLVED; resolved_reason in --json).")
     actions = alerts.add_subparsers(dest="alerts_action", metavar="ACTION")
     alerts.add_argument("--model", metavar="NAME", help="only this model's alerts")
     alerts.add_argument("--all", action="store_true", help="include resolved alerts")
