@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 
 import collector.schema as schema_module
@@ -21,7 +20,8 @@ from test_evaluation import S, cli, profile, served  # noqa: F401 (a fixture)
 PREVIOUS = 10  # migrations of the collector before resolved_reason
 
 
-def evaluation(db, drifted: bool, evaluation_id: int = 0) -> pb.DriftEvaluation:
+def evaluation(drifted: bool) -> pb.DriftEvaluation:
+    """One evaluation of column x, drifted or clean (``alerts.record`` gives it its id)."""
     e = pb.DriftEvaluation(model_name="m", model_version="1", evaluated=True, evaluated_unix_nano=1)
     e.columns.add(name="x", drifted=drifted, p_adjusted=0.001 if drifted else 0.5, reason="wasserstein 0.3 >= 0.1")
     return e
@@ -31,18 +31,18 @@ def test_every_resolution_says_why_and_the_summary_stays_what_was_seen(tmp_path:
     with Store(tmp_path / "c.db") as store:
         k = 2
         for drifted in (True, True, False, False):  # k drifted verdicts open it, k clean ones resolve it
-            changed = store.write(lambda db, d=drifted: alerts.record(db, evaluation(db, d), k, 10))
+            changed = store.write(lambda db, d=drifted: alerts.record(db, evaluation(d), k, 10))
         (done,) = changed
         assert done.state == "resolved" and done.summary == "wasserstein 0.3 >= 0.1"
         last = alerts.history(store.read(), "m", "1", 1)[0].id
         assert done.resolved_reason == f"x clean for 2 evaluations in a row (the last: evaluation {last})"
         for drifted in (True, True):
-            store.write(lambda db, d=drifted: alerts.record(db, evaluation(db, d), k, 20))
-        (gone,) = store.write(lambda db: alerts.record(db, evaluation(db, True), k, 30, is_served=False))
+            store.write(lambda db, d=drifted: alerts.record(db, evaluation(d), k, 20))
+        (gone,) = store.write(lambda db: alerts.record(db, evaluation(True), k, 30, is_served=False))
         assert gone.resolved_reason.startswith("version 1 of m is no longer served")
         assert gone.summary == "wasserstein 0.3 >= 0.1"  # the reason is no longer appended to what was seen
-        (still_open,) = [a for a in alerts.alerts(store.read(), "m", include_resolved=True) if a.id == gone.id]
-        assert still_open.resolved_reason == gone.resolved_reason
+        (listed,) = [a for a in alerts.alerts(store.read(), "m", include_resolved=True) if a.id == gone.id]
+        assert listed.resolved_reason == gone.resolved_reason
         trail = {r["object"]: r["reason"] for r in store.read().query(
             "SELECT object, reason FROM audit WHERE action = 'alert.resolve'")}
         assert trail == {f"alert/{done.id}": done.resolved_reason, f"alert/{gone.id}": gone.resolved_reason}
@@ -83,8 +83,8 @@ def test_a_database_of_the_previous_schema_upgrades_in_place(tmp_path: Path, mon
         assert (got[opened].resolved_reason, got[opened].summary) == ("", "psi 0.4 [resolved: a] of its own")
         assert audit.verify(db).ok  # the trail is read, never rewritten
         # and the upgraded file keeps working: a new resolution fills the new column
-        store.write(lambda db: alerts.record(db, evaluation(db, True), 1, 10))
-        (done,) = store.write(lambda db: alerts.record(db, evaluation(db, False), 1, 11))
+        store.write(lambda db: alerts.record(db, evaluation(True), 1, 10))
+        (done,) = store.write(lambda db: alerts.record(db, evaluation(False), 1, 11))
         assert done.resolved_reason.startswith("x clean for 1 evaluation (the last: evaluation")
 
 
@@ -94,7 +94,7 @@ def test_list_alerts_cli_and_page_show_why_an_alert_was_resolved(served) -> None
     ops.AttachProfile(pb.AttachProfileRequest(model_name="m", model_version="1", profile=profile(rng)), timeout=10)
     store, k, now = running.store, DriftConfig().consecutive, time.time_ns()
     for drifted in [True] * k + [False] * k:
-        store.write(lambda db, d=drifted: alerts.record(db, evaluation(db, d), k, now - 60 * S))
+        store.write(lambda db, d=drifted: alerts.record(db, evaluation(d), k, now - 60 * S))
     (listed,) = ops.ListAlerts(pb.ListAlertsRequest(include_resolved=True), timeout=10).alerts
     assert listed.state == "resolved" and listed.resolved_reason.startswith(f"x clean for {k} evaluations in a row")
     shown = json.loads(cli("alerts", "--all", "--json", address=running.address).stdout)["alerts"]
