@@ -205,11 +205,13 @@ def alert_resolved_reason(db: Database) -> None:
     resolved before take the reason their ``alert.resolve`` audit entry recorded, and the reason a
     collector at migration 10 appended to a summary (``RESOLVED_SUFFIX``) is taken off it."""
     db.conn.execute("ALTER TABLE alerts ADD COLUMN resolved_reason TEXT NOT NULL DEFAULT ''")
-    # One pass over the audit's resolutions (the newest per alert), not one audit scan per alert.
-    db.conn.execute(
-        "UPDATE alerts SET resolved_reason = r.reason FROM"
-        " (SELECT object, reason, max(id) FROM audit WHERE action = 'alert.resolve' GROUP BY object) AS r"
-        " WHERE alerts.state = 'resolved' AND r.object = 'alert/' || alerts.id")
+    # One pass over the audit's resolutions (the newest per alert wins), not one audit scan per alert
+    # (object is not indexed); UPDATE ... FROM would need SQLite 3.33.
+    reasons = dict(db.conn.execute("SELECT object, reason FROM audit WHERE action = 'alert.resolve' ORDER BY id"))
+    for (alert_id,) in db.conn.execute("SELECT id FROM alerts WHERE state = 'resolved'").fetchall():
+        if reasons.get(f"alert/{alert_id}"):
+            db.conn.execute("UPDATE alerts SET resolved_reason = ? WHERE id = ?", [reasons[f"alert/{alert_id}"],
+                                                                                    alert_id])
     rows = db.conn.execute("SELECT id, summary FROM alerts WHERE state = 'resolved' AND instr(summary, ?) > 0",
                            [RESOLVED_SUFFIX]).fetchall()
     for alert_id, summary in rows:
