@@ -6,13 +6,16 @@ writer thread (``Store.write(fn)``), readers on a read connection
 transaction. The alert machine itself is ``collector.drift.AlertTracker``;
 here it is only loaded and saved.
 
+Every resolution says why in the alert's ``resolved_reason`` (and its audit entry): the
+column was clean for k evaluations in a row, or its version is no longer served.
+
 Alerts follow their model version's life: a version that is no longer served
 (``served``: no connected agent reports it and none of its windows ended in the
 last UNSERVED_SECONDS) gets its open alerts resolved with that reason at its next
 evaluation, and its alert machine is reset and no longer stepped, so the
 page stops listing version 1's alerts once version 2 has replaced it. The
 alerts stay in the history (``outrider alerts --all``), with the reason in
-their summary and in the audit trail. 15 minutes rides out an agent's or the
+their ``resolved_reason`` and in the audit trail. 15 minutes rides out an agent's or the
 collector's restart (agents reconnect within seconds to a minute) and is short
 against the hour the default span still holds the old version's windows.
 """
@@ -108,7 +111,7 @@ def record(db: Database, evaluation: pb.DriftEvaluation, k: int, now_ns: int, *,
         if event == "opened":
             changed.append(_open(db, evaluation, column, now_ns))
         else:
-            changed.extend(_resolve(db, evaluation, column, now_ns))
+            changed.extend(_resolve(db, evaluation, column, k, now_ns))
     db["alert_trackers"].insert({"model_name": key[0], "model_version": key[1],
                                  "state": json.dumps(tracker.to_dict())}, replace=True)
     return changed
@@ -127,33 +130,40 @@ def _open(db: Database, evaluation: pb.DriftEvaluation, column: str, now_ns: int
     return alert(db, alert_id)
 
 
-def _resolve(db: Database, evaluation: pb.DriftEvaluation, column: str, now_ns: int) -> list[pb.Alert]:
+def _resolve(db: Database, evaluation: pb.DriftEvaluation, column: str, k: int, now_ns: int) -> list[pb.Alert]:
     rows = db.execute(
         "SELECT id, state FROM alerts WHERE model_name = ? AND model_version = ? AND column = ? AND state != ?",
         [evaluation.model_name, evaluation.model_version, column, RESOLVED]).fetchall()
-    reason = f"{column} no longer drifts (evaluation {evaluation.id})"
+    reason = clean_reason(column, k, evaluation.id)
     for alert_id, state in rows:
-        db["alerts"].update(alert_id, {"state": RESOLVED, "resolved_ns": now_ns})
-        audit.append(db, audit.COLLECTOR, "alert.resolve", f"alert/{alert_id}", model_name=evaluation.model_name,
-                     before={"state": state}, after={"state": RESOLVED}, reason=reason, now_ns=now_ns)
+        _resolve_one(db, alert_id, state, evaluation.model_name, reason, now_ns)
     return [alert(db, i) for i, _ in rows]
+
+
+def clean_reason(column: str, k: int, evaluation_id: int) -> str:
+    """Why an alert resolved by itself: its column's last ``k`` verdicts were clean."""
+    times = "1 evaluation" if k == 1 else f"{k} evaluations in a row"
+    return f"{column} clean for {times} (the last: evaluation {evaluation_id})"
+
+
+def _resolve_one(db: Database, alert_id: int, state: str, model_name: str, reason: str, now_ns: int) -> None:
+    db["alerts"].update(alert_id, {"state": RESOLVED, "resolved_ns": now_ns, "resolved_reason": reason})
+    audit.append(db, audit.COLLECTOR, "alert.resolve", f"alert/{alert_id}", model_name=model_name,
+                 before={"state": state}, after={"state": RESOLVED}, reason=reason, now_ns=now_ns)
 
 
 def resolve_unserved(db: Database, model_name: str, model_version: str, now_ns: int,
                      quiet_seconds: float = UNSERVED_SECONDS) -> list[pb.Alert]:
     """Resolve every open or acknowledged alert of a version that is no longer served, saying
-    so (in the alert's summary and the audit trail), and reset its alert machine."""
-    rows = db.execute("SELECT id, state, summary FROM alerts WHERE model_name = ? AND model_version = ?"
+    so (in the alert's ``resolved_reason`` and the audit trail), and reset its alert machine."""
+    rows = db.execute("SELECT id, state FROM alerts WHERE model_name = ? AND model_version = ?"
                       " AND state != ?", [model_name, model_version, RESOLVED]).fetchall()
     db.execute("DELETE FROM alert_trackers WHERE model_name = ? AND model_version = ?", [model_name, model_version])
     reason = (f"version {model_version} of {model_name} is no longer served: no connected agent reports it and "
               f"none of its windows ended in the last {quiet_seconds / 60:g} min")
-    for alert_id, state, summary in rows:
-        db["alerts"].update(alert_id, {"state": RESOLVED, "resolved_ns": now_ns,
-                                       "summary": f"{summary} [resolved: {reason}]"})
-        audit.append(db, audit.COLLECTOR, "alert.resolve", f"alert/{alert_id}", model_name=model_name,
-                     before={"state": state}, after={"state": RESOLVED}, reason=reason, now_ns=now_ns)
-    return [alert(db, i) for i, _, _ in rows]
+    for alert_id, state in rows:
+        _resolve_one(db, alert_id, state, model_name, reason, now_ns)
+    return [alert(db, i) for i, _ in rows]
 
 
 def history(db: Database, model_name: str, model_version: str, limit: int) -> list[pb.DriftEvaluation]:
@@ -185,7 +195,7 @@ def _alert(r: dict[str, Any]) -> pb.Alert:
                     kind=r["kind"], state=r["state"], opened_unix_nano=r["opened_ns"],
                     resolved_unix_nano=r["resolved_ns"], acknowledged_unix_nano=r["acknowledged_ns"],
                     acknowledged_by=r["acknowledged_by"], summary=r["summary"],
-                    evaluation_id=r["evaluation_id"] or 0)
+                    evaluation_id=r["evaluation_id"] or 0, resolved_reason=r["resolved_reason"])
 
 
 def alerts(db: Database, model_name: str = "", include_resolved: bool = False, limit: int = 1000) -> list[pb.Alert]:
@@ -193,6 +203,13 @@ def alerts(db: Database, model_name: str = "", include_resolved: bool = False, l
     ``include_resolved``), newest first."""
     rows = alert_rows(db, model_name, include_resolved, limit=limit)
     return [a for _, a in itertools.islice(rows, limit)]
+
+
+def resolved(db: Database, model_name: str, limit: int) -> list[pb.Alert]:
+    """The model's ``limit`` most recently resolved alerts, newest resolution first."""
+    rows = db.query("SELECT * FROM alerts WHERE state = ? AND model_name = ? ORDER BY resolved_ns DESC, id DESC"
+                    " LIMIT ?", [RESOLVED, model_name, limit])
+    return [_alert(r) for r in rows]
 
 
 def alert_rows(db: Database, model_name: str = "", include_resolved: bool = False, *, before_id: int = 0,

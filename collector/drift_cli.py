@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     alerts = subparsers.add_parser(
         "alerts", help="list drift and performance alerts; 'alerts ack ID' acknowledges one",
-        description="List open (and acknowledged) alerts, newest first; --all includes resolved ones.")
+        description="List open (and acknowledged) alerts, newest first; --all includes resolved ones, with when "
+                    "and why each was resolved (RESOLVED, WHY RESOLVED; resolved_reason in --json).")
     actions = alerts.add_subparsers(dest="alerts_action", metavar="ACTION")
     alerts.add_argument("--model", metavar="NAME", help="only this model's alerts")
     alerts.add_argument("--all", action="store_true", help="include resolved alerts")
@@ -61,23 +62,6 @@ def sparkline(values: list[float]) -> str:
                    for v in values)
 
 
-def _effect(column: Any, config: dict[str, float]) -> float:
-    """The column's main effect size as a fraction of its threshold (NaN when it was not compared)."""
-    if column.name in ("performance", "estimated_performance"):
-        return 2.0 if column.drifted else 0.0
-    if column.method == "discrete":
-        found = [column.wasserstein / config["wasserstein_threshold"], column.js / config["js_threshold"],
-                 column.psi / config["categorical_psi_threshold"]]
-    elif column.kind == 1:  # NUMERIC
-        found = [column.wasserstein / config["wasserstein_threshold"], column.psi / config["numeric_psi_threshold"]]
-    else:
-        found = [column.js / config["js_threshold"], column.psi / config["categorical_psi_threshold"]]
-    found = [f for f in found if not math.isnan(f)]
-    if column.drifted and not found:  # only its missing rate moved
-        return 2.0
-    return max(found) if found else math.nan
-
-
 def _missing(column: Any) -> str:
     """Missing-value rates, reference -> current (infinite values are counted in the test, not here)."""
     if math.isnan(column.missing_rate) or math.isnan(column.reference_missing_rate):
@@ -97,6 +81,7 @@ def _num(value: float, digits: int = 3) -> str:
 
 def drift_command(args: argparse.Namespace) -> int:
     from collector.drift import verdict_label  # late: numpy and the sketches only for this command
+    from collector.effect import config_of, ratio
     from protos import collector_pb2 as pb
 
     request = pb.DriftRequest(model_name=args.model, model_version=args.version or "", history=args.history)
@@ -106,7 +91,8 @@ def drift_command(args: argparse.Namespace) -> int:
     if args.json:
         print_json(plain(reply))
         return 0
-    config = json.loads(_ask(args, "GetDriftConfig", pb.DriftConfigRequest(model_name=args.model)).config_json)
+    config = config_of(json.loads(_ask(args, "GetDriftConfig", pb.DriftConfigRequest(model_name=args.model))
+                                  .config_json))
     now = time.time_ns()
     for latest in reply.latest:
         history = [e for e in reply.history if e.model_version == latest.model_version][::-1] + [latest]
@@ -116,7 +102,7 @@ def drift_command(args: argparse.Namespace) -> int:
             continue
         rows = []
         for col in latest.columns:
-            series = [next((_effect(c, config) for c in e.columns if c.name == col.name), math.nan)
+            series = [next((ratio(c, config) for c in e.columns if c.name == col.name), math.nan)
                       if e.evaluated else math.nan for e in history]
             rows.append([col.name, verdict_label(col), col.method or "-", _span(col.span_seconds), _num(col.psi),
                          _num(col.ks_d), _num(col.ks_p, 2), _num(col.wasserstein), _num(col.js), _missing(col),
@@ -149,9 +135,14 @@ def alerts_command(args: argparse.Namespace) -> int:
         print("no open alerts" if not args.all else "no alerts")
         return 0
     now = time.time_ns()
-    print(table(["ID", "STATE", "MODEL", "COLUMN", "KIND", "OPENED", "BY", "SUMMARY"],
-                [[a.id, a.state, f"{a.model_name}@{a.model_version}", a.column, a.kind,
-                  age(a.opened_unix_nano, now), a.acknowledged_by or "-", a.summary] for a in page.items]))
+    headers = ["ID", "STATE", "MODEL", "COLUMN", "KIND", "OPENED", "BY", "SUMMARY"]
+    rows = [[a.id, a.state, f"{a.model_name}@{a.model_version}", a.column, a.kind, age(a.opened_unix_nano, now),
+             a.acknowledged_by or "-", a.summary] for a in page.items]
+    if any(a.resolved_reason for a in page.items):  # --all: when and why each resolved one was resolved
+        headers += ["RESOLVED", "WHY RESOLVED"]
+        for row, a in zip(rows, page.items):
+            row += [age(a.resolved_unix_nano, now), a.resolved_reason or "-"]
+    print(table(headers, rows))
     return 0
 
 

@@ -34,9 +34,16 @@ log = logging.getLogger(__name__)
 # Group commits take milliseconds; a backed-up writer or a slow disk, seconds.
 ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 NUMERIC, CATEGORICAL = summary_pb2.ColumnSummary.NUMERIC, summary_pb2.ColumnSummary.CATEGORICAL
-# The statistics each kind of column is judged by (collector.drift), as (method label, ColumnDrift field).
-METHODS = {NUMERIC: (("psi", "psi"), ("ks", "ks_d"), ("wasserstein", "wasserstein")),
-           CATEGORICAL: (("psi", "psi"), ("chi2", "chi2"), ("js", "js"))}
+# The statistics each way of judging a column uses (ColumnDrift.method, collector.drift), as (method label,
+# ColumnDrift field); a discrete column is judged as numeric and by its frequencies. Evaluations stored
+# before ColumnDrift.method existed name it by the column's kind.
+NUMERIC_STATISTICS = (("psi", "psi"), ("ks", "ks_d"), ("wasserstein", "wasserstein"))
+FREQUENCY_STATISTICS = (("chi2", "chi2"), ("js", "js"))
+METHODS = {"numeric": NUMERIC_STATISTICS, "discrete": (*NUMERIC_STATISTICS, *FREQUENCY_STATISTICS),
+           "categorical": (("psi", "psi"), *FREQUENCY_STATISTICS)}
+BY_KIND = {NUMERIC: "numeric", CATEGORICAL: "categorical"}
+# Each test's own p-value, before Benjamini-Hochberg, as (test label, ColumnDrift field).
+TESTS = (("ks", "ks_p"), ("chi2", "chi2_p"), ("missing_rate", "missing_p"))
 ALERT_STATES = ("open", "acknowledged")
 _RECEIVED = "outrider_received"  # attribute a batch's future carries from arrival to ack
 
@@ -174,7 +181,17 @@ class _StateCollector:
         statistic = GaugeMetricFamily("outrider_collector_drift_statistic", "the latest drift evaluation's effect "
                                       "size per column: psi, ks (D), wasserstein (normalised by the reference "
                                       "std) for numeric columns; psi, chi2, js (Jensen-Shannon distance) for "
-                                      "categorical ones", labels=[*labels, "method"])
+                                      "categorical ones; all five for discrete ones (few distinct numeric values, "
+                                      "judged by their frequencies too); and for every compared column its missing "
+                                      "rate's change (missing_diff, current - reference) and Cohen's h "
+                                      "(missing_effect)", labels=[*labels, "method"])
+        test_p = GaugeMetricFamily("outrider_collector_drift_test_p_value", "the latest evaluation's p-value of "
+                                   "each test per column before the Benjamini-Hochberg adjustment: ks, chi2 "
+                                   "(categorical and discrete columns), missing_rate (two-proportion z-test)",
+                                   labels=[*labels, "test"])
+        not_compared = GaugeMetricFamily("outrider_collector_drift_not_compared", "reference columns the latest "
+                                         "evaluation could not compare (no verdict, drift or not; outrider drift "
+                                         "says why)", labels=["model", "version"])
         p_value = GaugeMetricFamily("outrider_collector_drift_p_value", "the latest evaluation's p-value per "
                                     "column, Benjamini-Hochberg adjusted across the model's columns", labels=labels)
         detected = GaugeMetricFamily("outrider_collector_drift_detected", "1 when the latest evaluation found the "
@@ -193,6 +210,7 @@ class _StateCollector:
                 continue
             evaluation = pb.DriftEvaluation.FromString(row[0])
             evaluated.add_metric([model, version], evaluation.evaluated_unix_nano / 1e9)
+            not_compared.add_metric([model, version], evaluation.not_compared)
             estimated = any(c.name == "estimated_performance" for c in evaluation.columns)  # else unset, not 0
             for kind, value, present in (("realised", evaluation.accuracy, True),
                                          ("reference", evaluation.reference_accuracy, True),
@@ -203,10 +221,28 @@ class _StateCollector:
             for column in evaluation.columns:
                 key = [model, version, column.name]
                 detected.add_metric(key, int(column.drifted))
-                if math.isfinite(column.p_adjusted) and column.kind in METHODS:
+                if math.isfinite(column.p_adjusted) and column.kind in BY_KIND:
                     p_value.add_metric(key, column.p_adjusted)
-                for method, field in METHODS.get(column.kind, ()):
+                for method, value in _statistics(column):
+                    statistic.add_metric([*key, method], value)
+                for test, field in TESTS:
                     value = getattr(column, field)
-                    if math.isfinite(value):  # NaN: not computed (e.g. no reference bins)
-                        statistic.add_metric([*key, method], value)
-        return [statistic, p_value, detected, evaluated, accuracy]
+                    if math.isfinite(value) and column.kind in BY_KIND:
+                        test_p.add_metric([*key, test], value)
+        return [statistic, test_p, p_value, detected, evaluated, not_compared, accuracy]
+
+
+def _statistics(column: pb.ColumnDrift) -> Iterator[tuple[str, float]]:
+    """(method label, value) of each statistic the column was judged by; NaN ones were not computed."""
+    method = column.method or BY_KIND.get(column.kind, "")
+    for label, field in METHODS.get(method, ()):
+        value = getattr(column, field)
+        if math.isfinite(value):  # NaN: not computed (e.g. no reference bins)
+            yield label, value
+    if not column.method or not math.isfinite(column.missing_diff):
+        return  # the missing rates were not compared (or the evaluation predates the test)
+    yield "missing_diff", column.missing_diff
+    # h is 0 exactly when the rates are equal; 0 beside a change is an unset field (an evaluation
+    # stored before missing_effect was filled), not an effect of 0
+    if math.isfinite(column.missing_effect) and (column.missing_effect > 0 or column.missing_diff == 0):
+        yield "missing_effect", column.missing_effect

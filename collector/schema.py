@@ -197,10 +197,34 @@ def version_feature_names(db: Database) -> None:
     db.conn.execute("ALTER TABLE model_versions ADD COLUMN feature_names TEXT NOT NULL DEFAULT '{}'")
 
 
+RESOLVED_SUFFIX = " [resolved: "  # how migration 10's collectors appended a resolution's reason to the summary
+
+
+def alert_resolved_reason(db: Database) -> None:
+    """Migration 11: why each alert was resolved ('' while it is not), a field of its own. Alerts
+    resolved before take the reason their ``alert.resolve`` audit entry recorded, and the reason a
+    collector at migration 10 appended to a summary (``RESOLVED_SUFFIX``) is taken off it."""
+    db.conn.execute("ALTER TABLE alerts ADD COLUMN resolved_reason TEXT NOT NULL DEFAULT ''")
+    # One pass over the audit's resolutions (the newest per alert wins), not one audit scan per alert
+    # (object is not indexed); UPDATE ... FROM would need SQLite 3.33.
+    reasons = dict(db.conn.execute("SELECT object, reason FROM audit WHERE action = 'alert.resolve' ORDER BY id"))
+    for (alert_id,) in db.conn.execute("SELECT id FROM alerts WHERE state = 'resolved'").fetchall():
+        if reasons.get(f"alert/{alert_id}"):
+            db.conn.execute("UPDATE alerts SET resolved_reason = ? WHERE id = ?", [reasons[f"alert/{alert_id}"],
+                                                                                    alert_id])
+    rows = db.conn.execute("SELECT id, summary FROM alerts WHERE state = 'resolved' AND instr(summary, ?) > 0",
+                           [RESOLVED_SUFFIX]).fetchall()
+    for alert_id, summary in rows:
+        kept, _, reason = summary.rpartition(RESOLVED_SUFFIX)
+        db.conn.execute("UPDATE alerts SET summary = ?,"
+                        " resolved_reason = CASE resolved_reason WHEN '' THEN ? ELSE resolved_reason END"
+                        " WHERE id = ?", [kept, reason.removesuffix("]"), alert_id])
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [initial_schema, reference_profiles, drift_evaluations_and_alerts,
                                                 audit_trail, model_registry, stages_and_approvals,
                                                 retirement_and_retraining, rollouts_and_shadow, row_samples,
-                                                version_feature_names]
+                                                version_feature_names, alert_resolved_reason]
 
 
 def migrate(db: Database) -> None:

@@ -34,6 +34,7 @@ from test_delivery import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS, GOOD, NOT_FOUND, INVALID = 50, 10, 2, 3  # rows per request; requests of each outcome
+DISCRETE, MISSING = 5, 7  # features: small integers in reference and traffic; 20 % missing in traffic only
 
 AGENT_FAMILIES = {
     "outrider_agent_requests": "counter", "outrider_agent_request_failures": "counter",
@@ -54,6 +55,7 @@ COLLECTOR_FAMILIES = {
     "outrider_collector_dropped_rows": "counter", "outrider_collector_open_alerts": "gauge",
     "outrider_collector_drift_statistic": "gauge", "outrider_collector_drift_p_value": "gauge",
     "outrider_collector_drift_detected": "gauge", "outrider_collector_drift_evaluation_timestamp_seconds": "gauge",
+    "outrider_collector_drift_test_p_value": "gauge", "outrider_collector_drift_not_compared": "gauge",
     "outrider_collector_ack_latency_seconds": "histogram", "outrider_collector_rollup_buckets_skipped": "counter",
 }
 
@@ -119,6 +121,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     model = tmp / "m.onnx"
     model.write_bytes(examples.logistic_regression())
     x_ref, _ = examples.tabular_data(n=5000, seed=1)
+    x_ref[:, DISCRETE] = np.random.default_rng(1).integers(0, 5, len(x_ref))  # a small-integer feature
     np.savez(tmp / "ref.npz", X=x_ref)
 
     collector_metrics = CollectorMetrics()
@@ -128,9 +131,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     channel = grpc.insecure_channel(collector.address)
     ops = cpb_grpc.OpsServiceStub(channel)
     admin = bearer(ADMIN_TOKEN)
-    ops.AttachProfile(cpb.AttachProfileRequest(model_name="m", model_version="1",
-                                               profile=build_profile(model, tmp / "ref.npz", model_name="m")),
-                      metadata=admin, timeout=60)
+    reference = build_profile(model, tmp / "ref.npz", model_name="m")
+    gone = reference.columns.add()
+    gone.CopyFrom(reference.columns[0])
+    gone.name, gone.source = "gone", "extra"  # a reference column no traffic column matches: not compared
+    attached = ops.AttachProfile(cpb.AttachProfileRequest(model_name="m", model_version="1", profile=reference),
+                                 metadata=admin, timeout=60)
+    assert attached.columns == len(reference.columns)
     ops.SetDriftConfig(cpb.DriftConfigRequest(model_name="m", config_json='{"min_rows": 200, "consecutive": 1}'),
                        metadata=admin, timeout=60)
 
@@ -146,6 +153,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     try:
         x, _ = examples.tabular_data(n=ROWS * GOOD, seed=2)
         x[:, 3] += 3.0  # traffic that drifts in X[3]
+        x[:, DISCRETE] = np.random.default_rng(2).integers(0, 5, len(x))
+        x[::5, MISSING] = np.nan  # and goes 20 % missing in X[7]
         for i in range(GOOD):
             stub.ModelInfer(request(x[i * ROWS:(i + 1) * ROWS]), timeout=30)
         bad = [(request(x[:5], model="other"), grpc.StatusCode.NOT_FOUND)] * NOT_FOUND + [
@@ -265,9 +274,10 @@ def test_drift_gauges_are_the_latest_evaluation(world):
                 if s.labels["model"] == "m" and s.labels["version"] == "1"}
     assert detected == {c.name: float(c.drifted) for c in evaluation.columns}
     assert detected["X[3]"] == 1
-    fields = {"psi": "psi", "ks": "ks_d", "wasserstein": "wasserstein", "chi2": "chi2", "js": "js"}
+    fields = {"psi": "psi", "ks": "ks_d", "wasserstein": "wasserstein", "chi2": "chi2", "js": "js",
+              "missing_diff": "missing_diff", "missing_effect": "missing_effect"}
     statistics = samples(m, "outrider_collector_drift_statistic")
-    assert {s.labels["method"] for s in statistics} >= {"psi", "ks", "wasserstein"}
+    assert {s.labels["method"] for s in statistics} >= {"psi", "ks", "wasserstein", "chi2", "js", "missing_diff"}
     by_name = {c.name: c for c in evaluation.columns}
     for s in statistics:
         assert s.value == pytest.approx(getattr(by_name[s.labels["feature"]], fields[s.labels["method"]]))
@@ -276,6 +286,40 @@ def test_drift_gauges_are_the_latest_evaluation(world):
         assert s.value == pytest.approx(by_name[s.labels["feature"]].p_adjusted)
     assert value(m, "outrider_collector_drift_evaluation_timestamp_seconds", model="m", version="1") == \
         pytest.approx(evaluation.evaluated_unix_nano / 1e9)
+
+
+def methods(families: dict, feature: str) -> set[str]:
+    return {s.labels["method"] for s in samples(families, "outrider_collector_drift_statistic")
+            if s.labels["feature"] == feature}
+
+
+def test_what_the_drift_engine_decides_with_is_exported(world):
+    m, by_name = world.collector, {c.name: c for c in world.evaluation.columns}
+    # a discrete column: judged as numeric and by its frequencies, all five statistics out
+    discrete, missing, plain = by_name[f"X[{DISCRETE}]"], by_name[f"X[{MISSING}]"], by_name["X[0]"]
+    assert discrete.method == "discrete" and methods(m, discrete.name) >= {"psi", "ks", "wasserstein", "chi2", "js"}
+    assert methods(m, plain.name) & {"chi2", "js"} == set()  # a continuous one: no frequencies
+    # the missing rate of every compared column, and its test's own p-value
+    assert value(m, "outrider_collector_drift_statistic", feature=missing.name, method="missing_diff") == \
+        pytest.approx(0.2, abs=0.01)
+    assert value(m, "outrider_collector_drift_statistic", feature=plain.name, method="missing_diff") == 0
+    assert value(m, "outrider_collector_drift_test_p_value", feature=missing.name, test="missing_rate") == \
+        pytest.approx(missing.missing_p) and missing.missing_p < 1e-6
+    if missing.missing_effect:  # Cohen's h, once collector.drift fills it
+        assert value(m, "outrider_collector_drift_statistic", feature=missing.name, method="missing_effect") == \
+            pytest.approx(missing.missing_effect)
+    else:  # unset beside a change: not exported as an effect of 0
+        assert "missing_effect" not in methods(m, missing.name)
+    tests = {(s.labels["feature"], s.labels["test"]): s.value for s in samples(m, "outrider_collector_drift_test_p_value")
+             if s.labels["model"] == "m"}
+    assert tests[(discrete.name, "chi2")] == pytest.approx(discrete.chi2_p)
+    assert tests[(plain.name, "ks")] == pytest.approx(plain.ks_p)
+    assert (plain.name, "missing_rate") not in tests  # nothing missing on either side: no test
+    assert not any(feature == "gone" for feature, _ in tests)
+    # the reference column the traffic lacks: counted, and no statistic of it
+    assert world.evaluation.not_compared == 1 and by_name["gone"].reason.startswith("not compared")
+    assert value(m, "outrider_collector_drift_not_compared", model="m", version="1") == 1
+    assert methods(m, "gone") == set()
 
 
 def test_open_alerts_by_model_and_state(world):

@@ -522,3 +522,32 @@ def test_the_page_over_tls(tmp_path, pki, mutual):
                         conn.close()
         finally:
             page.stop()
+
+
+def missing_drift(effect: float) -> pb.ColumnDrift:
+    """A column that drifted by its missing rate alone (0 -> 10 %): its distribution barely moved."""
+    nan = float("nan")
+    return pb.ColumnDrift(name="income", kind=summary_pb2.ColumnSummary.NUMERIC, method="numeric", drifted=True,
+                          psi=0.01, ks_d=0.02, ks_p=0.4, wasserstein=0.02, chi2=nan, chi2_p=nan, js=nan,
+                          p_adjusted=1e-9, missing_rate=0.1, reference_missing_rate=0.0, missing_p=1e-12,
+                          missing_diff=0.1, missing_effect=effect, span_seconds=300,
+                          reason="missing 0 % -> 10 % (h 0.644 >= 0.2); missing-rate p_adjusted 1e-09 <= q 0.01")
+
+
+def test_a_missing_rate_verdict_shows_its_effect_over_the_missing_threshold():
+    from collector.effect import ratio
+    from collector.web.model_page import _verdicts_table
+
+    config = DriftConfig(missing_threshold=0.2)
+    assert ratio(missing_drift(0.644), config) == pytest.approx(0.644 / 0.2)  # Cohen's h over its threshold
+    assert ratio(missing_drift(0.644), DriftConfig(missing_threshold=0.4)) == pytest.approx(0.644 / 0.4)
+    assert ratio(missing_drift(0.0), config) == 2.0  # stored before the field existed: "past it", no figure
+    clean = missing_drift(0.1)
+    clean.drifted = False
+    assert ratio(clean, config) == pytest.approx(0.5)  # the largest effect, the missing rate's included
+    untouched = pb.ColumnDrift(name="old", kind=summary_pb2.ColumnSummary.NUMERIC, psi=float("nan"),
+                               wasserstein=float("nan"), p_adjusted=float("nan"))
+    assert np.isnan(ratio(untouched, config))  # not compared, its unset missing fields read nothing
+    latest = pb.DriftEvaluation(model_name="m", model_version="1", evaluated=True, columns=[missing_drift(0.644)])
+    row = re.search(r"<tr><td>income</td>.*?</tr>", str(_verdicts_table(latest, config)), re.S).group(0)
+    assert "<td>3.22</td>" in row

@@ -6,10 +6,13 @@ from typing import Any
 from agent.errors import NotFound
 from collector import alerts
 from collector.drift import verdict_label
+from collector.effect import ratio
 from collector.store import Store
 from collector.web import data
 from collector.web.html import NS, Markup, ago, el, href, join, num, table, verdict, when
-from collector.web.model_plots import drift_plots, performance_plot, prediction_plots, ratio, shadow_plots
+from collector.web.model_plots import drift_plots, performance_plot, prediction_plots, shadow_plots
+
+RESOLVED_SHOWN = 10  # the rest: outrider alerts --all
 
 
 def _pick_version(db: Any, name: str, asked: str, registry: list[dict[str, Any]]) -> tuple[str, list[str]]:
@@ -66,6 +69,14 @@ def _alerts_table(db: Any, name: str, now_ns: int) -> Markup:
     rows = [[a.id, a.model_version, a.column, a.kind, a.state, ago(a.opened_unix_nano, now_ns), a.summary]
             for a in alerts.alerts(db, name)]
     return table(["ID", "VERSION", "COLUMN", "KIND", "STATE", "OPENED", "SUMMARY"], rows, empty="no open alerts")
+
+
+def _resolved_table(db: Any, name: str, now_ns: int) -> Markup:
+    rows = [[a.id, a.model_version, a.column, a.kind, ago(a.opened_unix_nano, now_ns),
+             ago(a.resolved_unix_nano, now_ns), a.summary, a.resolved_reason or "-"]
+            for a in alerts.resolved(db, name, RESOLVED_SHOWN)]
+    return table(["ID", "VERSION", "COLUMN", "KIND", "OPENED", "RESOLVED", "SUMMARY", "WHY RESOLVED"], rows,
+                  empty="no resolved alerts")
 
 
 def _rate(value: float) -> str:
@@ -138,6 +149,7 @@ def model_page(store: Store, name: str, asked_version: str, now_ns: int) -> tupl
            f"; q {num(config.q)}, {config.consecutive} evaluations in a row open or clear an alert, spans "
            f"{' and '.join(f'{s:g} s' for s in config.spans())}", class_="muted"),
         el("h2", "Open alerts"), _alerts_table(db, name, now_ns),
+        el("h2", "Recently resolved alerts"), _resolved_table(db, name, now_ns),
         el("h2", "Latest verdicts"), _verdicts_table(latest if latest and latest.evaluated else None, config),
         el("h2", "Drift heat map"), el("div", heat, class_="plot"),
         el("h2", "Drift per column"), el("div", *series, class_="plots"),

@@ -15,6 +15,7 @@ import numpy as np
 
 from agent import sketches
 from collector.drift import DriftConfig
+from collector.effect import main_statistic, ratio
 from collector.estimate import ESTIMATED_PERFORMANCE
 from collector.evaluation import PERFORMANCE, accuracy, mae
 from collector.web import svg
@@ -25,33 +26,6 @@ from protos import summary_pb2
 CS = summary_pb2.ColumnSummary
 BINS = 20
 TOP_CATEGORIES = 10
-
-
-def _nan(x: float) -> float:
-    return x if math.isfinite(x) else math.nan
-
-
-def main_statistic(col: pb.ColumnDrift, config: DriftConfig) -> tuple[str, float, float]:
-    """(name, value, threshold) of the effect size the column is judged by first: Jensen-Shannon for
-    categorical columns and for numeric ones judged by their frequencies ("discrete")."""
-    if col.kind == CS.CATEGORICAL or col.method == "discrete":
-        return "Jensen-Shannon", _nan(col.js), config.js_threshold
-    return "Wasserstein / std", _nan(col.wasserstein), config.wasserstein_threshold
-
-
-def ratio(col: pb.ColumnDrift, config: DriftConfig) -> float:
-    """The largest effect size over its threshold: 1 is the line; NaN when not evaluated. A column
-    that drifted by its missing rate alone reads 2 (its effect size is not stored)."""
-    frequencies = col.kind == CS.CATEGORICAL or col.method == "discrete"
-    psi_threshold = config.categorical_psi_threshold if frequencies else config.numeric_psi_threshold
-    _, value, threshold = main_statistic(col, config)
-    candidates = [value / threshold, _nan(col.psi) / psi_threshold]
-    if col.method == "discrete":
-        candidates.append(_nan(col.wasserstein) / config.wasserstein_threshold)
-    found = [v for v in candidates if math.isfinite(v)]
-    if col.drifted and not any(v >= 1 for v in found):
-        return 2.0
-    return max(found) if found else math.nan
 
 
 def _plot(title: str, chart: Markup) -> Markup:
