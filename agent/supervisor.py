@@ -228,9 +228,8 @@ class Supervisor:
         others = [self._start(i) for i in range(1, self.processes)]
         if self._wait_ready(others, stop) is not None:
             failed = next(c for c in others if c.exited() is not None)
-            self._stop_all()
-            raise CommandError(f"process {failed.index} {describe(failed.exited() or 0)} while starting (its error "
-                               "is above); stopped the others")
+            self._stop_all_after(f"process {failed.index} {describe(failed.exited() or 0)} while starting (its "
+                                 "error is above); stopped the others")
         if stop.signum is None:
             print(first.serving_line, flush=True)
             log.info("%d processes serving on %s (pids %s)", self.processes, self.listen,
@@ -239,9 +238,16 @@ class Supervisor:
                 child.reported = True
             failure = self._watch(stop)
             if failure:
-                self._stop_all()
-                raise CommandError(failure)
+                self._stop_all_after(failure)
         return self._stop_all()
+
+    def _stop_all_after(self, failure: str) -> None:
+        """Stop every child because of ``failure``, and raise it (with what went wrong stopping them)."""
+        try:
+            self._stop_all()
+        except CommandError as exc:
+            failure = f"{failure}; then {exc}"
+        raise CommandError(failure)
 
     def _wait_ready(self, children: list[Child], stop: Any) -> int | None:
         """Until every one of ``children`` is serving (None), one exited first (its exit code), or a stop."""
