@@ -79,8 +79,10 @@ def add_log_level(parser: argparse.ArgumentParser, prefix: str) -> None:
 def configure_logging(level: str) -> None:
     """A server's log: one line per event on stderr, with time and level. Only the servers
     configure logging; the library (MonitoredSession in someone's process) leaves it to its host."""
+    group = supervisor.member()  # one of `agent serve --processes N`'s: whose line it is, in the shared stderr
+    tag = f" [process {group[0]}]" if group is not None else ""
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s{tag} %(name)s: %(message)s")
 
 
 def positive(kind: type[int] | type[float]) -> Callable[[str], Any]:

@@ -173,6 +173,7 @@ def test_a_killed_process_is_restarted_and_the_port_keeps_serving(lr_model, tmp_
     assert set(requests_by_process(metrics_url)) == {"0", "1"}
     log = (tmp_path / "agent.log").read_text()
     assert f"process 0 (pid {victim}, agent id edge/0) was killed by SIGKILL; restarting it" in log, log
+    assert "[process 1] agent.server: serving m version 1" in log  # whose line each is, in the shared stderr
     proc.send_signal(signal.SIGTERM)
     assert exit_code(proc) == 0
 
