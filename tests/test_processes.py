@@ -247,3 +247,42 @@ def test_managed_processes_each_swap_before_the_rollout_is_acked(tmp_path):
                 proc.kill()
                 proc.wait()
             proc.stdout.close()
+
+
+class Group:
+    """What ProcessMetrics reads of a supervisor (agent.supervisor.Supervisor): whom to scrape, and counts."""
+
+    def __init__(self, targets: list[tuple[int, str]]) -> None:
+        self.targets, self.restarts = targets, 3
+
+    def scrape_targets(self) -> list[tuple[int, str]]:
+        return self.targets
+
+    def serving(self) -> int:
+        return len(self.targets)
+
+
+def test_one_metrics_page_labels_each_process_and_counts_a_process_it_cannot_read():
+    from agent.metrics import AgentMetrics, ProcessMetrics
+
+    parts = [AgentMetrics(), AgentMetrics()]
+    for calls, part in zip((2, 5), parts):
+        for _ in range(calls):
+            part.observe(0.001, None)
+    endpoints = [part.start_http("127.0.0.1:0") for part in parts]
+    with socket.socket() as closed:  # a port nobody listens on: a process stopping under the scrape
+        closed.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}/metrics"
+    merged = ProcessMetrics(Group([(0, endpoints[0].url), (1, endpoints[1].url), (2, dead)]))
+    try:
+        page = metrics(merged.start_http("127.0.0.1:0").url)
+    finally:
+        merged.close()
+        for part in parts:
+            part.close()
+    assert page["outrider_agent_requests_total"] == {(("model", ""), ("process", "0"), ("version", "")): 2,
+                                                     (("model", ""), ("process", "1"), ("version", "")): 5}
+    assert page["outrider_agent_inference_latency_seconds_count"][(("model", ""), ("process", "1"),
+                                                                   ("version", ""))] == 5
+    assert page["outrider_agent_processes"][()] == 3 and page["outrider_agent_process_restarts_total"][()] == 3
+    assert page["outrider_agent_process_scrape_failures_total"][()] == 1
