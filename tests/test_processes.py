@@ -286,3 +286,12 @@ def test_one_metrics_page_labels_each_process_and_counts_a_process_it_cannot_rea
                                                                    ("version", ""))] == 5
     assert page["outrider_agent_processes"][()] == 3 and page["outrider_agent_process_restarts_total"][()] == 3
     assert page["outrider_agent_process_scrape_failures_total"][()] == 1
+
+
+def test_without_load_balanced_so_reuseport_more_than_one_process_is_a_usage_error(monkeypatch):
+    from agent import supervisor
+
+    supervisor.check_platform()  # Linux, where the suite runs
+    monkeypatch.setattr(sys, "platform", "darwin")  # has SO_REUSEPORT, but the last listener takes every connection
+    with pytest.raises(supervisor.UsageError, match=r"needs SO_REUSEPORT with load balancing \(Linux\).*--processes 1"):
+        supervisor.check_platform()
