@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from agent import cli_contract
+from agent import cli_contract, supervisor
+from agent.supervisor import MAX_PROCESSES, MAX_RESTARTS, RESTART_WINDOW
 from agent.cli_contract import EXIT_USAGE, UsageError  # noqa: F401  (commands import them from here)
 
 AGENT_ENV = "OUTRIDER_AGENT_"  # environment prefix of `outrider agent serve`'s flags
@@ -78,8 +79,10 @@ def add_log_level(parser: argparse.ArgumentParser, prefix: str) -> None:
 def configure_logging(level: str) -> None:
     """A server's log: one line per event on stderr, with time and level. Only the servers
     configure logging; the library (MonitoredSession in someone's process) leaves it to its host."""
+    group = supervisor.member()  # one of `agent serve --processes N`'s: whose line it is, in the shared stderr
+    tag = f" [process {group[0]}]" if group is not None else ""
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s{tag} %(name)s: %(message)s")
 
 
 def positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
@@ -229,6 +232,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                   "and the CPU is always the last fallback")
     add_flag(serve, "--graph-optimization", prefix=AGENT_ENV, default="all",
              choices=["disable", "basic", "extended", "all"], help="onnxruntime graph optimisation level")
+    add_flag(serve, "--processes", prefix=AGENT_ENV, default="1", type=whole_number_from(1, MAX_PROCESSES),
+             metavar="N", help="serving processes sharing --listen's port (SO_REUSEPORT, Linux), to use N cores: each "
+                               "a whole agent with its own ring, summaries, agent id (AGENT_ID/I) and spool "
+                               "(SPOOL_DIR/I); one /metrics for all, labelled process=\"I\". A process that dies is "
+                               f"restarted, at most {MAX_RESTARTS} times in {RESTART_WINDOW / 60:.0f} minutes, then all "
+                               "stop (exit 1)")
     serve.add_argument("--no-monitoring", action="store_true",
                        help="serve the model as plain onnxruntime and summarise nothing (no windows, no feedback; "
                             "not with --collector): the baseline for measuring what monitoring costs")
@@ -267,16 +276,20 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UsageError(f"model file {model} does not exist; pass --model PATH.onnx (or set OUTRIDER_AGENT_MODEL)")
     name = args.model_name or model.stem
     names = _feature_names(args.feature_names)
-    check_listen(args.listen)
+    shared = _check_listen(args.listen)
     access = _port_access(args)
     reference = _reference(args)
     runtime = _runtime(args)
     if args.no_monitoring and args.collector:
         raise UsageError("--no-monitoring summarises nothing, so there is nothing to send to a collector: drop "
                          "--collector (or --no-monitoring)")
+    if getattr(args, "processes", 1) > 1:  # the arguments are checked: run N serving processes, watch them
+        return supervisor.supervise(args)
     metrics = start_for_cli(AgentMetrics, args.metrics)  # before the model load: a bad address fails fast
 
     with stop_signals() as stop:  # before the (slow) model load
+        if shared:
+            supervisor.stop_when_orphaned(stop)
         session = _open_session(model, name, args.model_version, args.window_seconds, args.summarizer,
                                 agent_id=args.agent_id, collector=args.collector, spool_dir=args.spool_dir,
                                 collector_token=args.token, join_seconds=args.join_seconds,
@@ -287,7 +300,8 @@ def serve_command(args: argparse.Namespace) -> int:
                                          "; monitoring off (--no-monitoring)" if args.no_monitoring else "")
         try:
             running = serve(session, name, args.model_version, args.listen, workers=args.workers,
-                            max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics, **access)
+                            max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics,
+                            reuse_port=shared, **access)
         except OSError as exc:
             _close(session)
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
@@ -325,9 +339,11 @@ def _serve_managed(args: argparse.Namespace) -> int:
                          f"it serves by the collector (outrider attach {args.model_name} VERSION PROFILE.pb)")
     if getattr(args, "no_monitoring", False):
         raise UsageError("--no-monitoring goes with --model: a managed agent reports to its collector")
-    check_listen(args.listen)
+    shared = _check_listen(args.listen)
     access = _port_access(args)
     runtime = _runtime(args)
+    if getattr(args, "processes", 1) > 1:  # the arguments are checked: run N serving processes, watch them
+        return supervisor.supervise(args)
     options = {"window_seconds": args.window_seconds, "summarizer": args.summarizer,
                "join_seconds": args.join_seconds, "feedback_limits": _feedback_limits(args),
                "runtime": runtime}
@@ -335,6 +351,8 @@ def _serve_managed(args: argparse.Namespace) -> int:
         options["sample_rows"] = args.sample_rows
     metrics = start_for_cli(AgentMetrics, getattr(args, "metrics", None))
     with stop_signals() as stop:
+        if shared:
+            supervisor.stop_when_orphaned(stop)
         try:
             agent = RolloutController(args.model_name, args.collector, agent_id=args.agent_id,
                                       spool_dir=args.spool_dir, token=args.token, session_options=options)
@@ -347,7 +365,7 @@ def _serve_managed(args: argparse.Namespace) -> int:
         try:
             running = serve_switch(agent.switch, args.listen, owner=agent, workers=args.workers,
                                    max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics,
-                                   **access)
+                                   reuse_port=shared, **access)
         except OSError as exc:
             agent.close(0)
             _close(metrics)
@@ -362,6 +380,15 @@ def _serve_managed(args: argparse.Namespace) -> int:
             running.stop(args.grace_seconds)
             _close(metrics)
     return 0
+
+
+def _check_listen(listen: str) -> bool:
+    """Bind-test --listen, unless this process is one of ``--processes N``'s (agent.supervisor): its siblings
+    hold the port and the supervisor tested it. Whether this process shares the port with them."""
+    if supervisor.member() is not None:
+        return True
+    check_listen(listen)
+    return False
 
 
 def _feature_names(text: str | None) -> Any:
@@ -548,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> int:
         try:
             args = build_parser().parse_args(argv)
+            args.argv = list(sys.argv[1:] if argv is None else argv)  # what `agent serve --processes` repeats
         except SystemExit:  # --help, --version, a usage error: what they printed must reach a closed pipe here
             sys.stdout.flush()
             raise

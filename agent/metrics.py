@@ -15,6 +15,7 @@ import logging
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +30,8 @@ INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 # (sum by (le)); they span a small tabular model's ~50 us to a slow model's 10 s.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+SCRAPE_SECONDS = 2.0  # how long the supervisor of --processes waits for one child's /metrics
 
 # What is served now: an object with ``session``, ``model_name`` and ``model_version``
 # (an ``agent.dataplane.DataPlane``), or None before anything is.
@@ -280,6 +283,57 @@ class _MonitoringCollector:
             yield family(name, text, value=exporter.get(key, 0))
         yield GaugeMetricFamily("outrider_agent_collector_connected", "1 while the stream to the collector "
                                 "is open", value=int(bool(exporter.get("connected"))))
+
+
+class ProcessMetrics(Endpoints):
+    """/metrics of ``outrider agent serve --processes N`` (``agent.supervisor``): each child's own metrics,
+    read from its loopback endpoint when Prometheus scrapes, every sample labelled ``process="I"``, and the
+    supervisor's own. Labelled rather than summed: gauges such as ``outrider_agent_model_info`` do not add
+    up, and ``sum without (process) (...)`` gives the sum for those that do."""
+
+    def __init__(self, group: Any, *, registry: CollectorRegistry | None = None,
+                 timeout: float = SCRAPE_SECONDS) -> None:
+        super().__init__(registry if registry is not None else CollectorRegistry(), "agent")
+        self.registry.register(_ProcessesCollector(group, timeout))
+
+
+class _ProcessesCollector:
+    def __init__(self, group: Any, timeout: float) -> None:
+        self.group, self.timeout = group, timeout
+        self.failed_scrapes = 0
+        self._lock = threading.Lock()  # scrapes may run side by side
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        merged: dict[str, Metric] = {}
+        for index, url in self.group.scrape_targets():
+            try:
+                with urllib.request.urlopen(url, timeout=self.timeout) as reply:
+                    families = list(text_string_to_metric_families(reply.read().decode()))
+            except Exception as exc:  # a child stopping or restarting: its part is missing this once (counted)
+                with self._lock:
+                    self.failed_scrapes += 1
+                log.warning("cannot read the metrics of process %d at %s: %s", index, url, exc)
+                continue
+            for family in families:
+                into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type,
+                                                             family.unit))
+                for sample in family.samples:
+                    into.add_sample(sample.name, {**sample.labels, "process": str(index)}, sample.value,
+                                    sample.timestamp, sample.exemplar)
+        yield from merged.values()
+        yield GaugeMetricFamily("outrider_agent_processes", "serving processes sharing the agent's port "
+                                "(agent serve --processes); fewer than asked while one restarts",
+                                value=self.group.serving())
+        yield CounterMetricFamily("outrider_agent_process_restarts", "serving processes that exited on their own "
+                                  "and were started again", value=self.group.restarts)
+        yield CounterMetricFamily("outrider_agent_process_scrape_failures", "times a serving process's metrics "
+                                  "could not be read for a scrape (its samples were missing from it)",
+                                  value=self.failed_scrapes)
 
 
 def _call(obj: Any, method: str) -> dict[str, Any] | None:

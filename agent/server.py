@@ -197,11 +197,12 @@ class InferenceServer:
 def serve(session: InferenceSessionLike, model_name: str, model_version: str,
           listen: str = "127.0.0.1:8001", *, workers: int = 8,
           max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES, metrics: Any = None,
-          auth: ClientAuth | None = None, tls: TLSFiles | None = None) -> InferenceServer:
+          auth: ClientAuth | None = None, tls: TLSFiles | None = None, reuse_port: bool = False) -> InferenceServer:
     """Start serving ``session`` on ``listen`` (HOST:PORT; port 0 picks a free one).
 
     ``metrics`` (an ``agent.metrics.AgentMetrics``) counts and times requests and reads the served session.
     ``auth``: callers need a token it names (None: anyone may call); ``tls``: serve TLS, not plaintext.
+    ``reuse_port``: share the port with other processes that set it too (``agent serve --processes``).
 
     Raises ``OSError`` when the address cannot be bound. Signal handling is
     left to the caller (the CLI installs it): a library must not take over
@@ -211,14 +212,15 @@ def serve(session: InferenceSessionLike, model_name: str, model_version: str,
     switch.swap(LoadedVersion(DataPlane(session, model_name, model_version), session, model_version,
                               getattr(session, "model_sha256", "")))
     running = serve_switch(switch, listen, owner=session, workers=workers, max_receive_bytes=max_receive_bytes,
-                           metrics=metrics, auth=auth, tls=tls)
+                           metrics=metrics, auth=auth, tls=tls, reuse_port=reuse_port)
     log.info("serving %s version %s on %s", model_name, model_version, running.address)
     return running
 
 
 def serve_switch(switch: ModelSwitch, listen: str = "127.0.0.1:8001", *, owner: Any = None, workers: int = 8,
                  max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES, metrics: Any = None,
-                 auth: ClientAuth | None = None, tls: TLSFiles | None = None) -> InferenceServer:
+                 auth: ClientAuth | None = None, tls: TLSFiles | None = None,
+                 reuse_port: bool = False) -> InferenceServer:
     """Serve whichever version ``switch`` holds, request by request (``serve`` with a model that can
     change: a managed agent's). Health is NOT_SERVING while the switch holds no version;
     ``owner.close()`` (if any) runs last in ``stop``. Raises ``OSError`` when it cannot listen and
@@ -237,8 +239,9 @@ def serve_switch(switch: ModelSwitch, listen: str = "127.0.0.1:8001", *, owner: 
         options=[
             # Oversized messages are refused by gRPC itself with RESOURCE_EXHAUSTED.
             ("grpc.max_receive_message_length", max_receive_bytes),
-            # Without this a second server on a busy port binds too and steals half the traffic.
-            ("grpc.so_reuseport", 0),
+            # Off unless asked for (the processes of one `agent serve --processes N`): otherwise a second
+            # server on a busy port binds too and steals half the traffic.
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
