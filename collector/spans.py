@@ -286,12 +286,16 @@ class _Version:
     def answer(self, store: Store, name: str, version: str, now_ns: int) -> list[Span | None]:
         current = now_ns // self.width
         oldest = current - max(self.lengths)
-        with store.span_snapshot(self.generation) as snap:
-            if self.current < 0 or current < self.current or snap.passes is None:
-                self._build(snap, name, version, oldest)
-            else:
-                self._catch_up(snap, name, version, oldest)
-            self.generation = snap.generation
+        try:
+            with store.span_snapshot(self.generation) as snap:
+                if self.current < 0 or current < self.current or snap.passes is None:
+                    self._build(snap, name, version, oldest)
+                else:
+                    self._catch_up(snap, name, version, oldest)
+                self.generation = snap.generation
+        except BaseException:  # e.g. a body that does not parse: half merged, so start again next time
+            self.current, self.buckets = -1, {}
+            raise
         self.current = current
         for b in [b for b in self.buckets if b < oldest]:
             del self.buckets[b]

@@ -279,3 +279,19 @@ def test_a_sketch_copy_is_independent_of_its_original():
         again = sketches.from_proto(a.columns[i])
         assert original.to_proto("c", 0, "") == again.to_proto("c", 0, "")  # untouched by the copy's merge
         assert copy.count == 100 and original.count == 50
+
+
+def test_a_body_that_does_not_parse_fails_the_evaluation_and_leaves_no_half_merged_state(world):
+    store, clock, cached, oracle = world
+    rng = np.random.default_rng(8)
+    store.attach_profile("m", "1", profile(rng), "test", T0)
+    config = configure(store, span_seconds=300, short_span_seconds=60)
+    store.submit_windows([window(rng, "a", i, clock.now - i * 10 * S, 3) for i in range(10)]).result()
+    check(store, clock, cached, oracle, config)
+    store.submit_windows([window(rng, "b", i, clock.now - i * 10 * S, 3) for i in range(10)]).result()
+    bad = store.read().execute("SELECT rowid FROM windows WHERE agent_id = 'b' AND seq = 5").fetchone()[0]  # a middle one
+    store.write(lambda db: db.execute("UPDATE windows SET body = ? WHERE rowid = ?", [b"\x0a\xff", bad]))
+    with pytest.raises(Exception):
+        cached.evaluate("m", "1", record=False)  # some of agent b's windows were merged before it failed
+    store.write(lambda db: db.execute("DELETE FROM windows WHERE rowid = ?", [bad]))
+    check(store, clock, cached, oracle, config)
