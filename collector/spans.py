@@ -154,12 +154,12 @@ class _Sliding:
 
     def __init__(self, length: int) -> None:
         self.length = length
-        self.front = self.mid = self.end = 0
-        self.suffix: list[Partial] = []
+        self.front = self.mid = self.end = self.lo = 0
+        self.suffix: list[Partial | None] = []  # None: a suffix the span has left behind (freed)
         self.back = Partial()
 
     def _flip(self, buckets: dict[int, Partial], lo: int, current: int) -> None:
-        self.front, self.mid, self.end = lo, current, current
+        self.front, self.mid, self.end, self.lo = lo, current, current, lo
         self.suffix, acc = [Partial()] * (current - lo), Partial()
         for b in range(current - 1, lo - 1, -1):
             bucket = buckets.get(b)
@@ -182,7 +182,11 @@ class _Sliding:
         self.end = current
         if lo >= self.mid:
             self._flip(buckets, lo, current)
-        out = self.suffix[lo - self.front].copy() if lo < self.mid else Partial()
+        for i in range(max(0, self.lo - self.front), lo - self.front):
+            self.suffix[i] = None
+        self.lo = lo
+        held = self.suffix[lo - self.front] if lo < self.mid else None
+        out = held.copy() if held is not None else Partial()
         out.merge(self.back)
         for b in sorted(k for k in buckets if k >= current):
             out.merge(buckets[b])
@@ -201,11 +205,11 @@ class _Sliding:
         after = self.suffix[held] if bucket + 1 < self.mid else None
         unshared = after.copy() if after is not None and self.suffix[held - 1] is after else None
         seen: set[int] = set()
-        for i in range(held):
+        for i in range(max(0, self.lo - self.front), held):
             if self.suffix[i] is after:  # an empty bucket shared its successor's merge: no longer
                 self.suffix[i] = unshared  # type: ignore[assignment]
             target = self.suffix[i]
-            if id(target) not in seen:
+            if target is not None and id(target) not in seen:
                 seen.add(id(target))
                 target.merge(part)
 
@@ -219,11 +223,11 @@ class _Sliding:
                 if b in buckets:
                     self.back.merge(buckets[b])
             return
-        for b in range(min(bucket, self.mid - 1), self.front - 1, -1):
+        for b in range(min(bucket, self.mid - 1), max(self.front, self.lo) - 1, -1):
             after = self.suffix[b - self.front + 1] if b + 1 < self.mid else Partial()
             if b in buckets:
                 acc = buckets[b].copy()
-                acc.merge(after)
+                acc.merge(after)  # type: ignore[arg-type]  # a suffix at or after lo is held
                 self.suffix[b - self.front] = acc
             else:
                 self.suffix[b - self.front] = after
