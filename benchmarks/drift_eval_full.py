@@ -10,17 +10,28 @@ summary of 1,000 rows of 20 columns (17 numeric of several shapes, one small-int
 categorical), drawn from a pool of 32 distinct windows, re-stamped per agent and time. The model
 version has a 100,000-row reference profile built the same way.
 
-Timed, median and p90 of ``--repeats`` calls: ``DriftEvaluator.evaluate(record=False)`` (the
-shipped spans, 5 min and 1 h), and apart, its three parts: the database read of the span's
-windows with their bodies (``Store.windows``), their merge into one summary per span
-(``merge_spans``) and the tests (``drift.evaluate_spans``). The evaluator reads at most
-``evaluation.MAX_WINDOWS`` windows; when the span holds more, the oldest are left out, which the
-table says.
+Timed, ``DriftEvaluator.evaluate(record=False)`` with the shipped spans (5 min and 1 h), whose
+spans' summaries are kept in memory between evaluations (``collector.spans``):
+- cold: the first evaluation of a fresh evaluator (a collector's first after a start: it reads
+  and merges the whole hour), ``--cold-repeats`` times;
+- idle: again at the same time, nothing new stored;
+- steady: after 60 s more of windows from every agent (``--drift-interval 60`` as shipped), the
+  clock 60 s on; "+ rollup 3600": the same, with the shipped rollup pass (raw windows kept
+  3,600 s) run first, which rolls windows of the hour's oldest minute into minute rows, so that
+  minute is read again; "+ rollup 3660": raw windows kept a minute longer than the span, so the
+  pass touches nothing the spans hold;
+- flip: the hourly rebuild of the hour's suffix merges (``_Sliding._flip``), once per hour of
+  evaluations, not in the steady figure.
+Apart, the uncached path's parts as before: the database read of the hour's windows with their
+bodies, their merge into one summary per span, and the tests (``drift.evaluate_spans``). Memory:
+the serialised size of every sketch one model version's cache holds (buckets, suffix merges, running
+merges), close to what the C++ sketches hold in memory. The load average is printed with the figures.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -34,8 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent import sketches  # noqa: E402
 from agent.capture import Reduce, Slot  # noqa: E402
 from agent.worker import BLOCK_ROWS, Identity, WindowBuilder  # noqa: E402
-from collector import drift, evaluation  # noqa: E402
+from collector import drift  # noqa: E402
 from collector.evaluation import DriftEvaluator, merge_spans  # noqa: E402
+from collector.rollup import RetentionPolicy  # noqa: E402
+from collector.spans import span_starts  # noqa: E402
 from collector.store import Store  # noqa: E402
 from protos import summary_pb2  # noqa: E402
 
@@ -66,25 +79,32 @@ def summary(rng: np.random.Generator, n: int) -> summary_pb2.WindowSummary:
     return builder.close(time.time_ns(), 0, 0)
 
 
-def fill(store: Store, agents: int, minutes: int, now: int) -> int:
-    rng = np.random.default_rng(1)
-    pool = [summary(rng, 1000) for _ in range(32)]
-    windows, count = [], 0
-    for a in range(agents):
-        for seq in range(minutes * 6):
-            w = summary_pb2.WindowSummary()
-            w.CopyFrom(pool[(a * 7 + seq) % len(pool)])
-            w.agent_id, w.run_id, w.seq = f"agent-{a}", "run-1", seq
-            w.end_unix_nano = now - (minutes * 6 - 1 - seq) * 10 * NS
-            w.start_unix_nano = w.end_unix_nano - 10 * NS
-            windows.append(w)
-            if len(windows) == 500:
-                store.submit_windows(windows).result()
-                count, windows = count + len(windows), []
-    if windows:
-        store.submit_windows(windows).result()
-        count += len(windows)
-    return count
+class Fleet:
+    """The agents' windows, stamped as they go: ``send(upto)`` stores every window ending by ``upto``."""
+
+    def __init__(self, store: Store, agents: int, first_end: int) -> None:
+        rng = np.random.default_rng(1)
+        self.pool = [summary(rng, 1000) for _ in range(32)]
+        self.store, self.agents, self.next_end, self.seq = store, agents, first_end, 0
+
+    def send(self, upto: int) -> int:
+        windows, count = [], 0
+        while self.next_end <= upto:
+            for a in range(self.agents):
+                w = summary_pb2.WindowSummary()
+                w.CopyFrom(self.pool[(a * 7 + self.seq) % len(self.pool)])
+                w.agent_id, w.run_id, w.seq = f"agent-{a}", "run-1", self.seq
+                w.end_unix_nano, w.start_unix_nano = self.next_end, self.next_end - 10 * NS
+                windows.append(w)
+                if len(windows) == 500:
+                    self.store.submit_windows(windows).result()
+                    count, windows = count + len(windows), []
+            self.seq += 1
+            self.next_end += 10 * NS
+        if windows:
+            self.store.submit_windows(windows).result()
+            count += len(windows)
+        return count
 
 
 def timed(fn, repeats: int) -> tuple[float, float, object]:
@@ -96,36 +116,94 @@ def timed(fn, repeats: int) -> tuple[float, float, object]:
     return statistics.median(times), float(np.percentile(times, 90)), result
 
 
-def measure(agents: int, minutes: int, repeats: int, directory: str) -> dict:
+def held_mb(evaluator: DriftEvaluator) -> float:
+    """Serialised size of every sketch one version's cache holds (buckets, suffixes, running merges)."""
+    version = next(iter(evaluator.spans._versions.values()))
+    partials = {id(p): p for p in version.buckets.values()}
+    for sliding in version.sliding:
+        partials.update({id(p): p for p in (*sliding.suffix, sliding.back) if p is not None})
+    size = sum(len(c.sketch.to_proto("c", 0, "").SerializeToString()) for p in partials.values()
+               for c in p.columns.values())
+    return size / 2**20
+
+
+def measure(agents: int, minutes: int, repeats: int, cold_repeats: int, directory: str) -> dict:
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         store = Store(Path(tmp) / "fleet.db")
         try:
-            now = time.time_ns() // NS * NS
-            stored = fill(store, agents, minutes, now)
+            clock = [time.time_ns() // NS * NS]
+            fleet = Fleet(store, agents, clock[0] - (minutes * 6 - 1) * 10 * NS)
+            stored = fleet.send(clock[0])
             reference = summary(np.random.default_rng(2), 100_000)
             profile = summary_pb2.ReferenceProfile(model_name=MODEL, model_sha256="ab" * 32, data_sha256="cd" * 32,
                                                    rows=reference.rows, columns=reference.columns)
-            store.attach_profile(MODEL, VERSION, profile, "bench", now)
-            evaluator = DriftEvaluator(store, clock=lambda: now)
-            evaluator.evaluate(MODEL, VERSION, record=False)  # the reference's parsed sketches are cached
-            whole = timed(lambda: evaluator.evaluate(MODEL, VERSION, record=False), repeats)
+            store.attach_profile(MODEL, VERSION, profile, "bench", clock[0])
+
+            def fresh() -> DriftEvaluator:
+                return DriftEvaluator(store, clock=lambda: clock[0])
+
+            warm = fresh()
+            warm._reference(MODEL, VERSION, profile)  # the reference's parsed sketches stay cached
+            evaluators = []
+
+            def cold_once():
+                e = fresh()
+                e._references = warm._references
+                evaluators.append(e)
+                return e.evaluate(MODEL, VERSION, record=False)
+
+            cold = timed(cold_once, cold_repeats)
+            evaluator = evaluators[-1]
+            del evaluators[:-1]
+            idle = timed(lambda: evaluator.evaluate(MODEL, VERSION, record=False), repeats)
+
+            def steady_once(raw_seconds: int = 0):
+                clock[0] += 60 * NS
+                fleet.send(clock[0])
+                if raw_seconds:
+                    store.rollup(clock[0], RetentionPolicy(raw_seconds=raw_seconds))
+                t0 = time.perf_counter()
+                result = evaluator.evaluate(MODEL, VERSION, record=False)
+                return (time.perf_counter() - t0) * 1e3, result
+
+            steady = [steady_once()[0] for _ in range(repeats)]
+            rolled = [steady_once(3600)[0] for _ in range(repeats)]
+            # Raw windows kept a minute longer than the span: the pass never touches the span's buckets.
+            rolled_later = [steady_once(3660)[0] for _ in range(repeats)]
+            result = evaluator.evaluate(MODEL, VERSION, record=False)
+            version = next(iter(evaluator.spans._versions.values()))
+            hour = version.sliding[-1]
+            current = clock[0] // version.width
+            flip = timed(lambda: hour._flip(version.buckets, current - hour.length, current), min(repeats, 5))
+            memory = held_mb(evaluator)
+            # The uncached path's parts, over the hour now in the store.
             config = drift.DriftConfig()
             spans = config.spans()
-            since = now - int(spans[-1] * 1e9)
-            read = timed(lambda: store.windows(MODEL, VERSION, since_ns=since, limit=evaluation.MAX_WINDOWS,
-                                               include_summaries=True), repeats)
+            since = span_starts(clock[0], spans)[-1]
+            read = timed(lambda: store.windows(MODEL, VERSION, since_ns=since, limit=10**9, include_summaries=True),
+                         min(repeats, 3))
             infos = read[2]
-            merge = timed(lambda: merge_spans([i.summary for i in infos], now, spans), repeats)
+            merge = timed(lambda: merge_spans([i.summary for i in infos], clock[0], spans), min(repeats, 3))
             ref = {c.name: sketches.from_proto(c) for c in profile.columns}
-            currents = [(span, {c.name: sketches.from_proto(c) for c in s.columns})
-                        for span, s in zip(spans, merge[2]) if s is not None]
-            tests = timed(lambda: drift.evaluate_spans(ref, currents, config), repeats)
-            result = whole[2]
+            times = []
+            for _ in range(repeats):  # fresh current sketches each time, as every evaluation has (none cached)
+                currents = [(span, {c.name: sketches.from_proto(c) for c in s.columns})
+                            for span, s in zip(spans, merge[2]) if s is not None]
+                t0 = time.perf_counter()
+                drift.evaluate_spans(ref, currents, config)
+                times.append((time.perf_counter() - t0) * 1e3)
+            tests = (statistics.median(times), float(np.percentile(times, 90)))
         finally:
             store.close()
-    return {"agents": agents, "windows_stored": stored, "windows_read": len(infos),
-            "left_out": stored - len(infos), "rows_compared": result.rows, "evaluated": result.evaluated,
-            "whole_ms": whole[:2], "read_ms": read[:2], "merge_ms": merge[:2], "tests_ms": tests[:2]}
+    return {"agents": agents, "windows_stored": stored, "windows_in_hour": len(infos),
+            "rows_compared": result.rows, "evaluated": result.evaluated,
+            "cold_ms": cold[:2], "idle_ms": idle[:2],
+            "steady_ms": (statistics.median(steady), float(np.percentile(steady, 90))),
+            "steady_rollup_ms": (statistics.median(rolled), float(np.percentile(rolled, 90))),
+            "steady_rollup_3660_ms": (statistics.median(rolled_later), float(np.percentile(rolled_later, 90))),
+            "new_windows_per_step": agents * 6, "flip_ms": flip[:2],
+            "read_ms": read[:2], "merge_ms": merge[:2], "tests_ms": tests[:2],
+            "cache_sketches_mb": memory}
 
 
 def main() -> int:
@@ -133,20 +211,33 @@ def main() -> int:
     parser.add_argument("--agents", default="10,100", help="fleet sizes, comma-separated (default 10,100)")
     parser.add_argument("--minutes", type=int, default=60, help="minutes of 10-s windows per agent (default 60)")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--cold-repeats", type=int, default=3, help="cold evaluations timed (default 3)")
     parser.add_argument("--path", default=None, help="directory for the databases (default: the system's temp)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = [measure(int(a), args.minutes, args.repeats, args.path) for a in args.agents.split(",")]
+    load = os.getloadavg()
+    results = [measure(int(a), args.minutes, args.repeats, args.cold_repeats, args.path)
+               for a in args.agents.split(",")]
+    load = [max(a, b) for a, b in zip(load, os.getloadavg())]
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"load_average_max": load, "results": results}, indent=2))
         return 0
-    print(f"{args.minutes} min of 10-s windows per agent, 20 columns, {args.repeats} repeats; median / p90 ms")
-    print(f"{'agents':>6} {'stored':>7} {'read':>6} {'left out':>8} {'whole':>15} {'db read':>15} {'merge':>15} "
-          f"{'tests':>13}")
+    print(f"{args.minutes} min of 10-s windows per agent, 20 columns, {args.repeats} repeats "
+          f"({args.cold_repeats} cold); median / p90 ms; one process, load average (1, 5, 15 min, the larger of "
+          f"start and end) {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
+    cell = "{:8.1f} /{:7.1f}"
+    print(f"{'agents':>6} {'in hour':>7} {'cold':>17} {'idle':>17} {'steady (new)':>23} {'+ rollup 3600':>17} "
+          f"{'+ rollup 3660':>17} {'hourly flip':>17}")
     for r in results:
-        cells = [f"{r[k][0]:7.1f} /{r[k][1]:6.1f}" for k in ("whole_ms", "read_ms", "merge_ms")]
-        print(f"{r['agents']:>6} {r['windows_stored']:>7} {r['windows_read']:>6} {r['left_out']:>8} "
-              f"{cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {r['tests_ms'][0]:6.1f} /{r['tests_ms'][1]:5.1f}")
+        steady = cell.format(*r["steady_ms"]) + f" ({r['new_windows_per_step']:>4})"
+        print(f"{r['agents']:>6} {r['windows_in_hour']:>7} {cell.format(*r['cold_ms']):>17} "
+              f"{cell.format(*r['idle_ms']):>17} {steady:>23} {cell.format(*r['steady_rollup_ms']):>17} "
+              f"{cell.format(*r['steady_rollup_3660_ms']):>17} {cell.format(*r['flip_ms']):>17}")
+    print("uncached parts over the hour (what a cold evaluation pays), and memory of one model version's cache:")
+    print(f"{'agents':>6} {'db read':>17} {'merge':>17} {'tests':>17} {'sketches MB':>11}")
+    for r in results:
+        print(f"{r['agents']:>6} {cell.format(*r['read_ms']):>17} {cell.format(*r['merge_ms']):>17} "
+              f"{cell.format(*r['tests_ms']):>17} {r['cache_sketches_mb']:>11.1f}")
     return 0
 
 

@@ -2,13 +2,15 @@
 
 For each model version with a reference profile, the windows of every agent
 over the policy's spans (raw and rolled-up; by default the last 5 minutes and
-the last hour) are merged into one current summary per span, compared column
-by column (``collector.drift.evaluate_spans``: one Benjamini-Hochberg family
-over every span), and the realised performance (labels joined by the agents)
-over the longest span is compared with the profile's. The windows are read
-once, for the longest span, newest first, and merged once: each shorter
-span's summary is taken from the same merge as it passes that span's start
-(``merge_spans``). Every evaluation is stored, so its history can be plotted;
+the last hour, each counted in whole minutes: the last N minutes plus the
+current one, see ``collector.spans``) are merged into one current summary per
+span, compared column by column (``collector.drift.evaluate_spans``: one
+Benjamini-Hochberg family over every span), and the realised performance
+(labels joined by the agents) over the longest span is compared with the
+profile's. The spans' summaries are kept in memory between evaluations
+(``collector.spans.SpanCache``): each evaluation reads and merges only the
+windows stored since the last one, so its cost does not grow with the span or
+the fleet; the first one after a start reads the whole span. Every evaluation is stored, so its history can be plotted;
 the alert machine steps with it, and alerts that open or resolve go to the
 webhook. Alerts of a version that is no longer served are resolved with that
 reason (``collector.alerts.resolve_unserved``). A loop thread runs this on a
@@ -25,8 +27,8 @@ from typing import Callable
 
 from agent import sketches
 from collector import alerts, drift, estimate, retraining, rollback_policy
+from collector.spans import SpanCache, merge_since
 from collector.rollback_policy import RollbackPolicy
-from collector.rollup import WindowMerger
 from collector.store import Store
 from collector.webhook import Webhook
 from protos import collector_pb2 as pb
@@ -34,7 +36,6 @@ from protos import summary_pb2
 
 log = logging.getLogger(__name__)
 
-MAX_WINDOWS = 20_000  # per evaluation: beyond it the oldest windows of the span are left out (logged)
 MIN_LABELS = 100      # labelled rows in the span before realised performance is judged
 PERFORMANCE = "performance"
 
@@ -53,20 +54,13 @@ def mae(perf: summary_pb2.Performance) -> float:
 def merge_spans(windows: Sequence[summary_pb2.WindowSummary], now_ns: int,
                 spans: Sequence[float]) -> list[summary_pb2.WindowSummary | None]:
     """One merged summary per span (``spans`` in seconds, shortest first): the windows that
-    ended within it (``end >= now - span``), as ``store.windows`` selects them for the longest.
+    ended within it (``end >= now - span``, not counted in whole buckets as evaluations are).
 
     ``windows`` must be newest first (as the store returns them). They are folded into one
     merge, newest first, and each span's summary is taken as the merge passes its start, so
     every window is parsed and merged once whatever the number of spans. None: no window; the
     same object as the previous span's when no window lies between the two spans' starts."""
-    merger, out, i = WindowMerger(), [], 0
-    for span in spans:
-        since, before = now_ns - int(span * 1e9), i
-        while i < len(windows) and windows[i].end_unix_nano >= since:
-            merger.add(windows[i])
-            i += 1
-        out.append(out[-1] if out and i == before else (merger.result() if i else None))
-    return out
+    return [summary for summary, _ in merge_since(windows, [now_ns - int(s * 1e9) for s in spans])]
 
 
 def performance_drift(current: summary_pb2.Performance, reference: summary_pb2.Performance,
@@ -108,6 +102,7 @@ class DriftEvaluator:
         self.retrain_after_evaluations = retrain_after_evaluations
         # Reference sketches are parsed once per profile (they cache their sorted views).
         self._references: dict[tuple[str, str], tuple[bytes, dict, dict]] = {}
+        self.spans = SpanCache(store)  # the spans' current summaries, kept between evaluations
         self._lock = threading.Lock()
 
     def _reference(self, name: str, version: str, profile: summary_pb2.ReferenceProfile) -> tuple[dict, dict]:
@@ -132,15 +127,9 @@ class DriftEvaluator:
             evaluation.reason = (f"no reference profile for {model_name} {model_version}: "
                                  f"outrider profile ..., then outrider attach {model_name} {model_version} PROFILE")
             return evaluation  # nothing to record: the loop only visits versions with a profile
-        spans = config.spans()
-        since = now - int(spans[-1] * 1e9)
-        infos = self.store.windows(model_name, model_version, since_ns=since, limit=MAX_WINDOWS,
-                                   include_summaries=True)
-        if len(infos) == MAX_WINDOWS:
-            log.warning("%s %s: more than %d windows in the span; the oldest are left out", model_name,
-                        model_version, MAX_WINDOWS)
-        merged = merge_spans([i.summary for i in infos], now, spans)
-        current = merged[-1] or summary_pb2.WindowSummary()
+        spans_seconds = config.spans()
+        merged = self.spans.read(model_name, model_version, now, spans_seconds)
+        current = merged[-1].summary if merged[-1] is not None else summary_pb2.WindowSummary()
         evaluation.rows = current.rows
         evaluation.window_start_unix_nano = current.start_unix_nano
         evaluation.window_end_unix_nano = current.end_unix_nano
@@ -150,15 +139,15 @@ class DriftEvaluator:
         else:
             reference, roles = self._reference(model_name, model_version, profile)
             currents, previous = [], None
-            for span, summary in zip(spans, merged):
+            for seconds, span in zip(spans_seconds, merged):
                 # A shorter span with too few rows is not compared; nor one that holds the same
                 # windows as the next longer span (the same test twice): the longer one stands for it.
-                if summary is None or summary.rows < config.min_rows:
+                if span is None or span.summary.rows < config.min_rows:
                     continue
-                if summary is previous:
+                if previous is not None and span.windows == previous.windows:
                     currents.pop()
-                currents.append((span, {c.name: sketches.from_proto(c) for c in summary.columns}))
-                previous = summary
+                currents.append((seconds, span.columns))
+                previous = span
             evaluation.columns.extend(drift.evaluate_spans(reference, currents, config, roles))
             evaluation.evaluated = True
             evaluation.not_compared = len(drift.not_compared(evaluation.columns, reference))
@@ -202,8 +191,9 @@ class DriftEvaluator:
             rollback_policy.announce(rolled, self.webhook, self.push_rollout)
 
     def evaluate_all(self) -> list[pb.DriftEvaluation]:
-        done = []
-        for name, version in self.store.profiles():
+        done, profiles = [], self.store.profiles()
+        self.spans.forget(profiles)  # versions no longer evaluated free their memory
+        for name, version in profiles:
             try:
                 done.append(self.evaluate(name, version))
             except Exception:  # one model's failure must not stop the others

@@ -16,7 +16,9 @@ SQLite's int64, a body that does not deserialise) is rolled back alone, logged
 once, counted (``buckets_skipped``) and tried again next pass, its rows left
 where they are; every other bucket, of that model or any other, goes on.
 Counts are summed as Python integers and checked against int64 before they are
-written; a bucket's confusion matrix keeps at most ``MAX_CLASSES`` classes (the
+written; every bucket merged and every day row deleted is reported as a ``RolledRows`` (which rows
+left or changed, by end time), so the drift evaluator's memory of recent windows
+(``collector.spans``) can follow the store; a bucket's confusion matrix keeps at most ``MAX_CLASSES`` classes (the
 rest are counted under ``OTHER_CLASS``), so merging windows that each name
 different classes cannot grow it without bound.
 """
@@ -64,6 +66,21 @@ class RetentionPolicy:
         for name in ("raw_seconds", "minute_seconds", "hour_seconds", "day_seconds", "sample_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RetentionPolicy.{name} must be positive")
+
+
+@dataclass(frozen=True)
+class RolledRows:
+    """What one bucket's merge (or the day rows' deletion) changed for a model version: rows
+    ending from ``first_end_ns`` to ``last_end_ns`` were deleted, and a rollup row ending in that
+    range was written (unless ``removed``: rows deleted, nothing written). ``newest_raw_rowid``: the
+    largest rowid of the raw windows merged (0: none), so a reader knows whether it had seen them."""
+
+    model_name: str
+    model_version: str
+    first_end_ns: int
+    last_end_ns: int
+    newest_raw_rowid: int = 0
+    removed: bool = False
 
 
 class _Column:
@@ -203,7 +220,7 @@ def merge_windows(windows: Sequence[summary_pb2.WindowSummary]) -> summary_pb2.W
 
 
 def apply_retention(db: Database, now_ns: int, policy: RetentionPolicy,
-                    failed: set[tuple] | None = None) -> dict[str, int]:
+                    failed: set[tuple] | None = None, rolled: list[RolledRows] | None = None) -> dict[str, int]:
     """Run one retention pass inside the caller's (writer's) transaction.
 
     Returns how many rows of each level were merged upwards (``raw_merged``,
@@ -211,23 +228,28 @@ def apply_retention(db: Database, now_ns: int, policy: RetentionPolicy,
     (``day_deleted``) and how many buckets failed to merge and were left as they
     were (``buckets_skipped``). Levels run in order, so one pass carries a late
     window as far up as its age allows. ``failed`` remembers the buckets already
-    logged as failing (pass the same set every time: each is logged once)."""
+    logged as failing (pass the same set every time: each is logged once). ``rolled``, if given,
+    receives a ``RolledRows`` for every bucket merged and every model version whose day rows were deleted."""
     failed = set() if failed is None else failed
+    rolled = [] if rolled is None else rolled
     ages = {"raw": policy.raw_seconds, "minute": policy.minute_seconds, "hour": policy.hour_seconds}
     counts = {"buckets_skipped": 0}
     for level in _NEXT:
-        merged, skipped = _roll_level(db, level, now_ns - ages[level] * NS, failed)
+        merged, skipped = _roll_level(db, level, now_ns - ages[level] * NS, failed, rolled)
         counts[f"{level}_merged"] = merged
         counts["buckets_skipped"] += skipped
-    cursor = db.execute(
-        "DELETE FROM rollups WHERE level = 'day' AND bucket_end_ns <= ?", [now_ns - policy.day_seconds * NS]
-    )
+    day_cutoff = now_ns - policy.day_seconds * NS
+    rolled.extend(RolledRows(name, version, first, last, removed=True) for name, version, first, last in db.execute(
+        "SELECT model_name, model_version, min(end_ns), max(end_ns) FROM rollups WHERE level = 'day'"
+        " AND bucket_end_ns <= ? GROUP BY model_name, model_version", [day_cutoff]).fetchall())
+    cursor = db.execute("DELETE FROM rollups WHERE level = 'day' AND bucket_end_ns <= ?", [day_cutoff])
     counts["day_deleted"] = cursor.rowcount
     samples.delete_older(db, now_ns - policy.sample_seconds * NS)  # agents' row samples past their retention
     return counts
 
 
-def _roll_level(db: Database, level: str, cutoff_ns: int, failed: set[tuple]) -> tuple[int, int]:
+def _roll_level(db: Database, level: str, cutoff_ns: int, failed: set[tuple],
+                rolled: list[RolledRows]) -> tuple[int, int]:
     """Merge every row of ``level`` that is old enough into its bucket of the next level;
     (rows merged, buckets skipped)."""
     width = LEVELS[_NEXT[level]]
@@ -246,7 +268,7 @@ def _roll_level(db: Database, level: str, cutoff_ns: int, failed: set[tuple]) ->
     for (name, version, bucket), rowids in buckets.items():
         db.conn.execute("SAVEPOINT bucket")
         try:
-            _merge_into_bucket(db, level, name, version, bucket, width, rowids)
+            change = _merge_into_bucket(db, level, name, version, bucket, width, rowids)
         except Exception as exc:  # this bucket's rows stay as they are; the pass goes on
             if not db.conn.in_transaction:
                 raise  # the error ended the whole transaction (disk full, I/O): nothing to isolate
@@ -256,6 +278,7 @@ def _roll_level(db: Database, level: str, cutoff_ns: int, failed: set[tuple]) ->
         else:
             merged += len(rowids)
             failed.discard((level, name, version, bucket))
+            rolled.append(change)
         finally:
             if db.conn.in_transaction:
                 db.conn.execute("RELEASE bucket")
@@ -284,22 +307,24 @@ def _checked_sum(totals: dict[str, int]) -> dict[str, int]:
 
 
 def _merge_into_bucket(db: Database, level: str, name: str, version: str, bucket: int, width: int,
-                       rowids: list[int]) -> None:
+                       rowids: list[int]) -> RolledRows:
     target = _NEXT[level]
     merger = WindowMerger()
     totals = dict.fromkeys(("windows", *_TOTALS), 0)
     existing = db.execute(
-        "SELECT rowid, windows, rows, calls, dropped_rows, errors, body FROM rollups"
+        "SELECT rowid, windows, rows, calls, dropped_rows, errors, end_ns, body FROM rollups"
         " WHERE model_name = ? AND model_version = ? AND level = ? AND bucket_start_ns = ?",
         [name, version, target, bucket],
     ).fetchone()
     sources: Iterable[tuple] = _source_rows(db, level, rowids)
     if existing is not None:
         sources = itertools.chain([existing[1:]], sources)
-    for windows, *counts, body in sources:
+    ends = []
+    for windows, *counts, end, body in sources:
         totals["windows"] += windows
         for key, value in zip(_TOTALS, counts):
             totals[key] += value
+        ends.append(end)
         merger.add(summary_pb2.WindowSummary.FromString(body))
     merged = merger.result()
     _checked_sum(totals)
@@ -314,14 +339,16 @@ def _merge_into_bucket(db: Database, level: str, name: str, version: str, bucket
     table = "windows" if level == "raw" else "rollups"
     for chunk in _chunks(rowids):
         db.execute(f"DELETE FROM {table} WHERE rowid IN ({','.join('?' * len(chunk))})", chunk)
+    # The new row's end is the largest of its sources' ends, so the range covers it too.
+    return RolledRows(name, version, min(ends), max(ends), max(rowids) if level == "raw" else 0)
 
 
 def _source_rows(db: Database, level: str, rowids: list[int]) -> Iterator[tuple]:
-    """(windows, rows, calls, dropped_rows, errors, body) of each source, a chunk at a time."""
+    """(windows, rows, calls, dropped_rows, errors, end_ns, body) of each source, a chunk at a time."""
     if level == "raw":
-        sql = "SELECT 1, rows, calls, dropped_rows, errors, body FROM windows WHERE rowid IN ({})"
+        sql = "SELECT 1, rows, calls, dropped_rows, errors, end_ns, body FROM windows WHERE rowid IN ({})"
     else:
-        sql = "SELECT windows, rows, calls, dropped_rows, errors, body FROM rollups WHERE rowid IN ({})"
+        sql = "SELECT windows, rows, calls, dropped_rows, errors, end_ns, body FROM rollups WHERE rowid IN ({})"
     for chunk in _chunks(rowids):
         yield from db.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
 

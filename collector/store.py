@@ -24,7 +24,9 @@ writer.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
 import itertools
 import json
 import logging
@@ -42,7 +44,7 @@ from sqlite_utils import Database
 from agent.errors import ResourceExhausted, Unavailable
 from collector import audit, samples
 from collector.ingest import Limits, clean_text, validate_spool
-from collector.rollup import RetentionPolicy, apply_retention
+from collector.rollup import RetentionPolicy, RolledRows, apply_retention
 from collector.schema import SPOOL_FIELDS as _SPOOL_FIELDS
 from collector.schema import immediate as _immediate
 from collector.schema import migrate
@@ -55,6 +57,7 @@ DUPLICATE = collector_pb2.WindowAck.DUPLICATE
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
 _RAW, _ROLLUP = 1, 0  # at the same end time, raw windows are listed before rollup rows
 _MAX_INT64 = 2**63 - 1
+_ROLLUP_PASSES_KEPT = 1000  # rollup passes remembered for span readers (collector.spans); older: they rebuild
 
 
 class WindowResult(NamedTuple):
@@ -135,6 +138,38 @@ def _spool_columns(spool: collector_pb2.SpoolStatus) -> dict[str, int]:
     return {f"spool_{f}": getattr(spool, f) for f in _SPOOL_FIELDS}
 
 
+class RollupPass(NamedTuple):
+    generation: int
+    windows_top_rowid: int  # the largest rowid left in the windows table after the pass (0: empty)
+    rolled: list[RolledRows]
+
+
+class SpanSnapshot:
+    """One read snapshot of the windows and rollups tables, and the rollup passes committed in
+    it that a reader which last looked at ``generation`` has not seen (None: too many to list).
+    Made by ``Store.span_snapshot``; for ``collector.spans``."""
+
+    def __init__(self, db: Database, generation: int, passes: list[RollupPass] | None, top_rowid: int) -> None:
+        self._db, self.generation, self.passes, self.top_rowid = db, generation, passes, top_rowid
+
+    def rows(self, model_name: str, model_version: str, first_end_ns: int,
+             last_end_ns: int = _MAX_INT64) -> Iterator[tuple[int, bytes]]:
+        """(end_ns, body) of every raw window and rollup row of the model version ending in
+        [first_end_ns, last_end_ns], in no particular order."""
+        for table in ("windows", "rollups"):
+            yield from self._db.execute(
+                f"SELECT end_ns, body FROM {table} WHERE model_name = ? AND model_version = ?"
+                " AND end_ns BETWEEN ? AND ?", [model_name, model_version, first_end_ns, last_end_ns])
+
+    def windows_after(self, model_name: str, model_version: str, rowid: int) -> Iterator[tuple[int, int, bytes]]:
+        """(rowid, end_ns, body) of the model version's raw windows stored with a rowid above ``rowid``."""
+        # The unary + keeps SQLite off the model's index (a walk of every window the model has):
+        # a rowid range reads only what was stored since.
+        return iter(self._db.execute(
+            "SELECT rowid, end_ns, body FROM windows WHERE rowid > ? AND +model_name = ? AND +model_version = ?",
+            [rowid, model_name, model_version]))
+
+
 class Store:
     """The collector's database. Thread-safe; every write goes through the writer thread."""
 
@@ -157,6 +192,12 @@ class Store:
         self.counters: dict[str, int] = {"windows_stored": 0, "windows_duplicate": 0, "rollup_buckets_skipped": 0,
                                          "group_commits": 0}
         self._failed_buckets: set[tuple] = set()  # rollup buckets already logged as failing (collector.rollup)
+        # What rollup passes changed, for readers that keep recent windows in memory (collector.spans).
+        # The lock is held from a pass's write to its record here, and by span_snapshot while its snapshot
+        # begins, so a snapshot holds a pass's changes exactly when the pass is listed for it.
+        self._rollup_lock = threading.Lock()
+        self._rollup_passes: collections.deque[RollupPass] = collections.deque(maxlen=_ROLLUP_PASSES_KEPT)
+        self._rollup_generation = 0
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._writer = threading.Thread(target=self._write_loop, args=(ready,), name="outrider-store-writer",
                                         daemon=True)
@@ -235,9 +276,40 @@ class Store:
         """Apply the retention policy as of ``now_ns``, on the writer thread
         (it writes), in one transaction; returns the counts per level. Buckets whose merge
         failed are left as they were and counted (``rollup_buckets_skipped``; see collector.rollup)."""
-        counts = self.write(lambda db: apply_retention(db, now_ns, policy, self._failed_buckets))
+        def run(db: Database) -> tuple[dict[str, int], list[RolledRows], int]:
+            rolled: list[RolledRows] = []
+            counts = apply_retention(db, now_ns, policy, self._failed_buckets, rolled)
+            return counts, rolled, db.execute("SELECT max(rowid) FROM windows").fetchone()[0] or 0
+
+        with self._rollup_lock:
+            counts, rolled, top = self.write(run)
+            if rolled:
+                self._rollup_generation += 1
+                self._rollup_passes.append(RollupPass(self._rollup_generation, top, rolled))
         self.counters["rollup_buckets_skipped"] += counts.get("buckets_skipped", 0)
         return counts
+
+    @contextlib.contextmanager
+    def span_snapshot(self, since_generation: int) -> Iterator[SpanSnapshot]:
+        """A read snapshot with the rollup passes after ``since_generation`` that it holds (see
+        ``SpanSnapshot``). No rollup commits while the snapshot begins; held until the block ends."""
+        db = self.read()
+        with self._rollup_lock:
+            passes: list[RollupPass] | None = [p for p in self._rollup_passes if p.generation > since_generation]
+            oldest = passes[0].generation if passes else self._rollup_generation + 1
+            if oldest > since_generation + 1:
+                passes = None  # forgotten: the reader starts again from the tables
+            db.conn.execute("BEGIN")
+            try:  # the snapshot begins with this first read
+                top = db.execute("SELECT max(rowid) FROM windows").fetchone()[0] or 0
+            except BaseException:
+                db.conn.execute("COMMIT")
+                raise
+            generation = self._rollup_generation
+        try:
+            yield SpanSnapshot(db, generation, passes, top)
+        finally:
+            db.conn.execute("COMMIT")
 
     def attach_profile(self, model_name: str, model_version: str, profile: summary_pb2.ReferenceProfile,
                        actor: str, now_ns: int) -> bool:

@@ -106,6 +106,15 @@ class CategoricalSketch:
         union.update(other._hll)
         self._hll = union.get_result(ds.HLL_8)
 
+    def copy(self) -> CategoricalSketch:
+        """An independent copy (merges mutate their target: copy an aggregate before sharing it)."""
+        out = CategoricalSketch.__new__(CategoricalSketch)
+        out.__dict__.update(self.__dict__)
+        out._freq = self._freq.__copy__()
+        out._hll = ds.hll_sketch.deserialize(self._hll.serialize_updatable())
+        out._listing = None
+        return out
+
     def frequent_items(self) -> list[tuple[str, int]]:
         """(item, estimated count), most frequent first, ties by item.
 

@@ -269,6 +269,14 @@ class NumericSketch:
         self.infinite += infinite
         self._kll.merge(other_kll)
 
+    def copy(self) -> NumericSketch:
+        """An independent copy (merges mutate their target: copy an aggregate before sharing it)."""
+        out = NumericSketch.__new__(NumericSketch)
+        out.__dict__.update(self.__dict__)  # scalars, and the read-only exact arrays (shared, never written)
+        out._kll = self._kll.__copy__()
+        out._view, out._edges = None, {}
+        return out
+
     def quantiles(self, qs: Sequence[float]) -> np.ndarray:
         """Values at normalised ranks ``qs``: the smallest retained x with
         P(X <= x) >= q. NaN for every q when there are no finite values."""

@@ -1,0 +1,297 @@
+"""The spans' summaries kept in memory (collector.spans) against the oracle that reads every window again.
+
+Every scenario stores windows in a real SQLite store, moves a clock, and after every step compares the
+cache's answer (and a whole drift evaluation through it) with ``read_uncached``. Windows carry few rows,
+so no KLL compacts (it keeps every value, in any merge order) and the statistics must agree exactly;
+moments are float sums merged in another order, so they agree to rounding.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from agent import sketches
+from collector import alerts
+from collector.drift import DriftConfig
+from collector.evaluation import DriftEvaluator
+from collector.rollup import RetentionPolicy
+from collector.spans import SpanCache, bucket_width, read_uncached, span_starts
+from collector.store import Store
+from protos import summary_pb2
+
+CS = summary_pb2.ColumnSummary
+S = 1_000_000_000
+T0 = 1_800_000_000 * S + 17 * S  # not on a minute: spans start on whole buckets anyway
+CITIES = np.array(["paris", "lyon", "nice", "oslo"])
+
+
+def window(rng: np.random.Generator, agent: str, seq: int, end_ns: int, rows: int, shift: float = 0.0,
+           length_ns: int = 10 * S) -> summary_pb2.WindowSummary:
+    x, z, city = sketches.NumericSketch(), sketches.NumericSketch(), sketches.CategoricalSketch()
+    x.update(rng.normal(shift, 1.0, rows))
+    z.update(rng.integers(0, 4, rows).astype(np.float64))
+    city.update(rng.choice(CITIES, rows))
+    right = int(rng.integers(0, rows + 1))
+    return summary_pb2.WindowSummary(
+        agent_id=agent, run_id="r", seq=seq, model_name="m", model_version="1", start_unix_nano=end_ns - length_ns,
+        end_unix_nano=end_ns, rows=rows, calls=rows, dropped_rows=int(rng.integers(0, 2)), errors=0,
+        columns=[x.to_proto("x", CS.FEATURE, "X"), z.to_proto("z", CS.FEATURE, "X"),
+                 city.to_proto("city", CS.FEATURE, "c")],
+        performance=summary_pb2.Performance(labeled=rows, classes=["0", "1"],
+                                            confusion=[right, 0, rows - right, 0]))
+
+
+def profile(rng: np.random.Generator, shift: float = 0.0, sha: str = "ab") -> summary_pb2.ReferenceProfile:
+    big = window(rng, "ref", 0, T0, 5000, shift)
+    return summary_pb2.ReferenceProfile(model_name="m", rows=5000, data_sha256=sha * 32, columns=big.columns)
+
+
+def same_sketch(a, b) -> None:
+    assert type(a) is type(b)
+    assert (a.count, a.missing) == (b.count, b.missing)
+    if isinstance(a, sketches.NumericSketch):
+        assert a.infinite == b.infinite and a.exact_overflow == b.exact_overflow
+        assert a.mean == pytest.approx(b.mean, rel=1e-9, abs=1e-12)
+        assert a.m2 == pytest.approx(b.m2, rel=1e-9, abs=1e-9)
+        assert (a.min, a.max) == (b.min, b.max) or (math.isnan(a.min) and math.isnan(b.min))
+        for x, y in zip(a.sorted_view(), b.sorted_view()):
+            np.testing.assert_array_equal(x, y)
+        if a.exact_counts is not None:
+            np.testing.assert_array_equal(a.exact_counts[0], b.exact_counts[0])
+            np.testing.assert_array_equal(a.exact_counts[1], b.exact_counts[1])
+    else:
+        assert a.frequent_items() == b.frequent_items()
+        assert a.distinct_estimate() == b.distinct_estimate()
+
+
+def same_spans(got, want) -> None:
+    assert [g is None for g in got] == [w is None for w in want]
+    for g, w in zip(got, want):
+        if g is None:
+            continue
+        for field in ("rows", "calls", "dropped_rows", "errors", "start_unix_nano", "end_unix_nano"):
+            assert getattr(g.summary, field) == getattr(w.summary, field), field
+        assert g.summary.performance == w.summary.performance
+        assert sorted(g.columns) == sorted(w.columns)
+        for name in g.columns:
+            same_sketch(g.columns[name], w.columns[name])
+
+
+def same_evaluation(got, want) -> None:
+    for field in ("rows", "window_start_unix_nano", "window_end_unix_nano", "evaluated", "not_compared", "reason"):
+        assert getattr(got, field) == getattr(want, field), field
+    for field in ("accuracy", "mae"):
+        assert getattr(got, field) == pytest.approx(getattr(want, field), nan_ok=True)
+    assert [c.name for c in got.columns] == [c.name for c in want.columns]
+    for g, w in zip(got.columns, want.columns):
+        for f in g.DESCRIPTOR.fields:
+            a, b = getattr(g, f.name), getattr(w, f.name)
+            if isinstance(a, float):
+                assert a == pytest.approx(b, rel=1e-9, abs=1e-12, nan_ok=True), (g.name, f.name)
+            else:
+                assert a == b, (g.name, f.name)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class Uncached:
+    """The oracle in SpanCache's place, for a whole DriftEvaluator."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def read(self, name, version, now, spans):
+        return read_uncached(self.store, name, version, now, spans)
+
+    def forget(self, keep) -> None:
+        pass
+
+
+@pytest.fixture
+def world(tmp_path):
+    store = Store(tmp_path / "c.db")
+    clock = Clock()
+    cached = DriftEvaluator(store, clock=clock)
+    oracle = DriftEvaluator(store, clock=clock)
+    oracle.spans = Uncached(store)
+    yield store, clock, cached, oracle
+    store.close()
+
+
+def configure(store: Store, **fields) -> DriftConfig:
+    config = DriftConfig(min_rows=20, **fields)
+    store.write(lambda db: alerts.set_config(db, "m", config, "test", 0))
+    return config
+
+
+def check(store: Store, clock: Clock, cached: DriftEvaluator, oracle: DriftEvaluator, config: DriftConfig):
+    spans = config.spans()
+    same_spans(cached.spans.read("m", "1", clock.now, spans), read_uncached(store, "m", "1", clock.now, spans))
+    got, want = cached.evaluate("m", "1", record=False), oracle.evaluate("m", "1", record=False)
+    same_evaluation(got, want)
+    return got
+
+
+def test_span_starts_are_whole_buckets_before_the_current_one():
+    assert bucket_width((300, 3600)) == 60 * S and bucket_width((30, 600)) == 10 * S
+    assert bucket_width((2.5,)) == S and bucket_width((86400 * 7,)) == 86400 * 7 // 360 * S
+    now = 1_800_000_000 * S + 17 * S + 5  # 17 s into a minute
+    assert span_starts(now, (300, 3600)) == [now - 17 * S - 5 - 300 * S, now - 17 * S - 5 - 3600 * S]
+    assert span_starts(now, (30,)) == [now - 7 * S - 5 - 30 * S]
+
+
+def test_late_windows_and_agents_joining_and_leaving_match_the_uncached_evaluation(world):
+    store, clock, cached, oracle = world
+    rng = np.random.default_rng(1)
+    store.attach_profile("m", "1", profile(rng), "test", T0)
+    config = configure(store, span_seconds=300, short_span_seconds=60)
+    seqs: dict[str, int] = {}
+    evaluated = 0
+    for step in range(40):
+        agents = [f"a{i}" for i in range(step // 8, step // 8 + 3)]  # every 8 steps one leaves, one joins
+        batch = []
+        for agent in agents:
+            seqs[agent] = seqs.get(agent, 0) + 1
+            late = rng.random() < 0.3  # into a bucket that is complete already, some into the suffixes
+            end = clock.now - (int(rng.integers(60, 290)) * S if late else int(rng.integers(0, 20)) * S)
+            batch.append(window(rng, agent, seqs[agent], end, int(rng.integers(1, 4)), shift=step / 20))
+        if step % 9 != 4:  # now and then nothing arrives
+            store.submit_windows(batch).result()
+        clock.now += int(rng.choice([7, 13, 30, 61])) * S
+        evaluated += check(store, clock, cached, oracle, config).evaluated
+    assert evaluated > 10  # the evaluations compared statistics, not only "too few rows"
+
+
+def test_rollups_inside_the_span_are_neither_counted_twice_nor_lost(world):
+    """Raw windows kept 120 s, so the rollup pass rolls windows of the 300-s span into minute rows
+    (their merge straddles two buckets), late windows land in rolled minutes, and the newest rowid
+    is deleted (so SQLite hands it out again)."""
+    store, clock, cached, oracle = world
+    rng = np.random.default_rng(2)
+    store.attach_profile("m", "1", profile(rng), "test", T0)
+    config = configure(store, span_seconds=300, short_span_seconds=60)
+    policy = RetentionPolicy(raw_seconds=120)
+    seq = 0
+    for step in range(45):
+        batch = []
+        for agent in ("a", "b"):
+            seq += 1
+            back = int(rng.integers(100, 280)) * S if rng.random() < 0.25 else int(rng.integers(0, 15)) * S
+            batch.append(window(rng, agent, seq, clock.now - back, int(rng.integers(1, 3))))
+        if step % 11 == 5:  # an old window alone, then a rollup that deletes it: the newest rowid goes
+            batch = [window(rng, "late", seq, clock.now - 200 * S, 2)]
+        store.submit_windows(batch).result()
+        if step % 2 == 0:
+            check(store, clock, cached, oracle, config)  # sometimes two rollups between evaluations
+        clock.now += int(rng.choice([10, 20, 45])) * S
+        assert store.rollup(clock.now, policy) is not None
+        check(store, clock, cached, oracle, config)
+    rolled = store.read().execute("SELECT count(*) FROM rollups WHERE end_ns >= ?", [clock.now - 300 * S])
+    assert rolled.fetchone()[0] > 0  # rollup rows were inside the span
+
+
+def test_an_idle_hour_rolls_every_window_and_new_rowids_start_again(world):
+    store, clock, cached, oracle = world
+    rng = np.random.default_rng(3)
+    store.attach_profile("m", "1", profile(rng), "test", T0)
+    config = configure(store, span_seconds=3600, short_span_seconds=300)
+    policy = RetentionPolicy(raw_seconds=600)
+    for i in range(30):
+        store.submit_windows([window(rng, "a", i, clock.now - i * 10 * S, 2)]).result()
+    check(store, clock, cached, oracle, config)
+    clock.now += 700 * S
+    for start in (30, 40):
+        store.rollup(clock.now, policy)  # every raw window goes: the table is empty, rowids restart at 1
+        assert store.read().execute("SELECT count(*) FROM windows").fetchone()[0] == 0
+        for i in range(start, start + 10):  # rowids the cache has seen already (the first time round)
+            store.submit_windows([window(rng, "a", i, clock.now - (i - start) * S, 3)]).result()
+        check(store, clock, cached, oracle, config)
+        clock.now += 700 * S
+
+
+def test_span_boundaries_move_with_time_across_gaps_and_config_changes(world):
+    store, clock, cached, oracle = world
+    rng = np.random.default_rng(4)
+    store.attach_profile("m", "1", profile(rng), "test", T0)
+    config = configure(store, span_seconds=300, short_span_seconds=60)
+    for step, gap in enumerate([0, 1, 59, 60, 61, 299, 300, 301, 0, 900, 5, 3600, 17]):
+        clock.now += gap * S
+        store.submit_windows([window(rng, "a", step * 3 + j, clock.now - j * 20 * S, 3) for j in range(3)]).result()
+        check(store, clock, cached, oracle, config)
+        if step == 6:  # 10-s buckets now (a span of 30 s), then back
+            config = configure(store, span_seconds=120, short_span_seconds=30)
+        if step == 9:
+            config = configure(store, span_seconds=300, short_span_seconds=60)
+    store.submit_windows([window(rng, "a", 100, clock.now + 90 * S, 3)]).result()  # an agent's clock ahead
+    check(store, clock, cached, oracle, config)
+    clock.now += 120 * S
+    check(store, clock, cached, oracle, config)
+    clock.now -= 400 * S  # a clock that went back: the cache starts again
+    check(store, clock, cached, oracle, config)
+
+
+def test_a_reattached_profile_and_a_restart_give_the_uncached_evaluation(world):
+    store, clock, cached, oracle = world
+    rng = np.random.default_rng(5)
+    store.attach_profile("m", "1", profile(rng), "test", T0)
+    config = configure(store, span_seconds=300, short_span_seconds=60)
+    for i in range(20):
+        store.submit_windows([window(rng, "a", i, clock.now - i * 15 * S, 3, shift=1.0)]).result()
+    before = check(store, clock, cached, oracle, config)
+    store.attach_profile("m", "1", profile(rng, shift=1.0, sha="cd"), "test", T0)  # the shifted data is the reference
+    after = check(store, clock, cached, oracle, config)
+    assert [c.drifted for c in before.columns] != [c.drifted for c in after.columns]
+    restarted = DriftEvaluator(store, clock=clock)  # memory only: built again from the store
+    same_evaluation(restarted.evaluate("m", "1", record=False), oracle.evaluate("m", "1", record=False))
+
+
+def test_memory_holds_only_the_longest_span_and_forgotten_versions_go(world):
+    store, clock, cached, oracle = world
+    rng = np.random.default_rng(6)
+    cache = SpanCache(store)
+    for step in range(50):
+        store.submit_windows([window(rng, "a", step, clock.now, 1)]).result()
+        cache.read("m", "1", clock.now, (60, 300))
+        clock.now += 30 * S
+    version = cache._versions[("m", "1")]
+    assert len(version.buckets) <= 5 + 1  # the 5 complete buckets of the longest span, and the current one
+    assert all(len(s.suffix) <= s.length for s in version.sliding)
+    cache.forget([("m", "2")])
+    assert not cache._versions
+
+
+def test_a_sketch_copy_is_independent_of_its_original():
+    rng = np.random.default_rng(7)
+    a = window(rng, "a", 0, T0, 50)
+    b = window(rng, "a", 1, T0, 50)
+    for i in range(3):
+        original = sketches.from_proto(a.columns[i])
+        copy = original.copy()
+        copy.merge(sketches.from_proto(b.columns[i]))
+        again = sketches.from_proto(a.columns[i])
+        assert original.to_proto("c", 0, "") == again.to_proto("c", 0, "")  # untouched by the copy's merge
+        assert copy.count == 100 and original.count == 50
+
+
+def test_a_body_that_does_not_parse_fails_the_evaluation_and_leaves_no_half_merged_state(world):
+    store, clock, cached, oracle = world
+    rng = np.random.default_rng(8)
+    store.attach_profile("m", "1", profile(rng), "test", T0)
+    config = configure(store, span_seconds=300, short_span_seconds=60)
+    store.submit_windows([window(rng, "a", i, clock.now - i * 10 * S, 3) for i in range(10)]).result()
+    check(store, clock, cached, oracle, config)
+    store.submit_windows([window(rng, "b", i, clock.now - i * 10 * S, 3) for i in range(10)]).result()
+    bad = store.read().execute("SELECT rowid FROM windows WHERE agent_id = 'b' AND seq = 5").fetchone()[0]  # a middle one
+    store.write(lambda db: db.execute("UPDATE windows SET body = ? WHERE rowid = ?", [b"\x0a\xff", bad]))
+    with pytest.raises(Exception):
+        cached.evaluate("m", "1", record=False)  # some of agent b's windows were merged before it failed
+    store.write(lambda db: db.execute("DELETE FROM windows WHERE rowid = ?", [bad]))
+    check(store, clock, cached, oracle, config)
