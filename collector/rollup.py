@@ -56,7 +56,7 @@ Sketch = sketches.NumericSketch | sketches.CategoricalSketch
 class RetentionPolicy:
     """How long each level is kept before it is merged into the next (seconds)."""
 
-    raw_seconds: int = 3600
+    raw_seconds: int = 3660  # a minute past the drift span: rollups then never touch a span's minutes
     minute_seconds: int = 86400
     hour_seconds: int = 30 * 86400
     day_seconds: int = 400 * 86400  # then deleted

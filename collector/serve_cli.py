@@ -29,8 +29,9 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     add_flag(serve, "--tls-key", prefix=COLLECTOR_ENV, metavar="PEM", help="the private key of --tls-cert")
     add_flag(serve, "--tls-client-ca", prefix=COLLECTOR_ENV, metavar="PEM",
              help="require client certificates signed by this CA (mutual TLS)")
-    add_flag(serve, "--raw-retention", prefix=COLLECTOR_ENV, default="3600", type=positive(int), metavar="S",
-             help="seconds raw windows are kept before they are merged into minutes")
+    add_flag(serve, "--raw-retention", prefix=COLLECTOR_ENV, default="3660", type=positive(int), metavar="S",
+             help="seconds raw windows are kept before they are merged into minutes; keep it at least a minute "
+                  "longer than the drift span (1 h), or every evaluation re-reads the minute a rollup pass changed")
     add_flag(serve, "--minute-retention", prefix=COLLECTOR_ENV, default="86400", type=positive(int), metavar="S",
              help="seconds minute buckets are kept before they are merged into hours")
     add_flag(serve, "--hour-retention", prefix=COLLECTOR_ENV, default="2592000", type=positive(int), metavar="S",
