@@ -202,12 +202,13 @@ def benjamini_hochberg(pvalues: Sequence[float]) -> np.ndarray:
 
 @dataclass
 class Compared:
-    """One column compared over one span: its statistics (``drift``, no verdict yet) and the
-    missing-rate effect size, which ColumnDrift does not carry (Cohen's h; NaN: not compared)."""
+    """One column compared over one span: its statistics (``drift``, no verdict yet) and those
+    ColumnDrift does not carry: the Anderson-Darling p-value of a numeric column (NaN: none) and
+    the reference's rate of values that are not finite."""
 
     drift: collector_pb2.ColumnDrift
-    missing_effect: float = math.nan
     reference_not_finite: float = math.nan  # the reference's missing + infinite rate (ColumnDrift's is missing only)
+    ad_p: float = math.nan
 
 
 def _kind(sketch: Sketch) -> int:
@@ -263,7 +264,8 @@ def compare_column(name: str, ref: Sketch | None, cur: Sketch | None, config: Dr
         psi=nan, ks_d=nan, ks_p=nan, wasserstein=nan, chi2=nan, chi2_p=nan, js=nan, p_adjusted=nan,
         missing_rate=sketches.missing_rate(cur) if cur is not None else nan,
         reference_missing_rate=sketches.missing_rate(ref) if ref is not None else nan,
-        rows=cur.count if cur is not None else 0, missing_p=nan, missing_diff=nan, span_seconds=span_seconds,
+        rows=cur.count if cur is not None else 0, missing_p=nan, missing_diff=nan, missing_effect=nan,
+        span_seconds=span_seconds,
     )
     out = Compared(col)
     col.reason = _not_comparable(ref, cur, config)
@@ -271,7 +273,7 @@ def compare_column(name: str, ref: Sketch | None, cur: Sketch | None, config: Dr
         return out
     assert ref is not None and cur is not None
     missing = sketches.compare_missing(ref, cur)
-    col.missing_p, col.missing_diff, out.missing_effect = missing.p, missing.difference, missing.effect
+    col.missing_p, col.missing_diff, col.missing_effect = missing.p, missing.difference, missing.effect
     out.reference_not_finite = sketches.not_finite(ref) / ref.count if ref.count else math.nan
     gap = _distribution_gap(ref, cur)
     if gap:
@@ -283,6 +285,7 @@ def compare_column(name: str, ref: Sketch | None, cur: Sketch | None, config: Dr
         assert isinstance(cur, sketches.NumericSketch)
         num = sketches.compare_numeric(ref, cur, bins=config.psi_bins)
         col.ks_d, col.ks_p, col.psi, col.wasserstein = num.ks_d, num.ks_p, num.psi, num.wasserstein
+        out.ad_p = num.ad_p
         col.method = NUMERIC
         discrete = sketches.compare_discrete(ref, cur) if is_discrete(ref) else None
         if discrete is not None:  # None: the current has more distinct values than it counts exactly
@@ -314,10 +317,22 @@ class _Test:
 
     span: int  # index into the spans
     name: str  # column
-    label: str  # "KS", "chi2", "missing-rate"
+    label: str  # "KS/AD", "chi2", "missing-rate"
     p: float
     passed: list[str]
     adjusted: float = math.nan
+
+
+def sidak_min(pvalues: Sequence[float]) -> float:
+    """One p-value for several tests of one hypothesis: the smallest, Sidak-corrected for how
+    many there were (1 - (1 - min p)^n; NaN ones are not tests). Exact for independent tests and
+    conservative for positively dependent ones such as KS and Anderson-Darling on the same
+    values, so the column enters Benjamini-Hochberg once and the family does not grow."""
+    tested = [p for p in pvalues if not math.isnan(p)]
+    if not tested:
+        return math.nan
+    smallest = min(tested)
+    return 1.0 if smallest >= 1 else max(0.0, -math.expm1(len(tested) * math.log1p(-smallest)))
 
 
 def _tests(span: int, compared: Compared, config: DriftConfig) -> list[_Test]:
@@ -329,7 +344,8 @@ def _tests(span: int, compared: Compared, config: DriftConfig) -> list[_Test]:
             passed.append(f"wasserstein {col.wasserstein:.3g} >= {config.wasserstein_threshold:g}")
         if col.method == NUMERIC and col.psi >= config.numeric_psi_threshold:
             passed.append(f"psi {col.psi:.3g} >= {config.numeric_psi_threshold:g}")
-        out.append(_Test(span, col.name, "KS", col.ks_p, passed))
+        # KS and Anderson-Darling test the same hypothesis (the same values): one entry in the family
+        out.append(_Test(span, col.name, "KS/AD", sidak_min([col.ks_p, compared.ad_p]), passed))
     if not math.isnan(col.chi2_p):
         passed = []
         if col.js >= config.js_threshold:
@@ -339,10 +355,10 @@ def _tests(span: int, compared: Compared, config: DriftConfig) -> list[_Test]:
         out.append(_Test(span, col.name, "chi2", col.chi2_p, passed))
     if not math.isnan(col.missing_p):
         passed = []
-        if compared.missing_effect >= config.missing_threshold:
+        if col.missing_effect >= config.missing_threshold:
             before = compared.reference_not_finite
             passed.append(f"missing {_percent(before)} -> {_percent(before + col.missing_diff)}"
-                          f" (h {compared.missing_effect:.2g} >= {config.missing_threshold:g})")
+                          f" (h {col.missing_effect:.2g} >= {config.missing_threshold:g})")
         out.append(_Test(span, col.name, "missing-rate", col.missing_p, passed))
     return out
 

@@ -60,12 +60,12 @@ def test_a_correlation_break_is_flagged_on_the_multivariate_column_only(big: dq.
 
 @pytest.mark.parametrize(("scenario", "rows", "at_least"), [
     ("missing 0 -> 10 %", 1_000, 20), ("small integer", 1_000, 19), ("small integer", 10_000, 20),
-    ("mean +0.25 sd", 1_000, 20), ("category 30 -> 45 %", 1_000, 20),
+    ("mean +0.25 sd", 1_000, 20), ("category 30 -> 45 %", 1_000, 20), ("variance x1.5", 1_000, 19),
     ("correlation 0.9 -> 0", 1_000, 20), ("correlation 0.9 -> 0", 10_000, 20)])
 def test_per_evaluation_detection(big: dq.Reference, scenario: str, rows: int, at_least: int) -> None:
     """The issue: at 1,000 rows against a 50k reference, missing 0 -> 10 % and the correlation break are caught
     every time, the small-integer shift in >= 95 % of evaluations at 1k and 10k rows; what was caught before
-    still is."""
+    still is (variance x1.5: 60/100 with KS alone at q 0.01, 87/100 before; with Anderson-Darling 100/100)."""
     change = dq.CHANGES[scenario]
     evaluations = dq.static(big, rows, seed=12, change=change, evaluations=20, with_scipy=False)
     score = dq.score([[e] for e in evaluations], flags, change.columns, 10**6)
