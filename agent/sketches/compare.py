@@ -183,21 +183,23 @@ def ks_pvalue(a: NumericSketch, b: NumericSketch) -> float:
 def _ad_statistic(merged: Merged, n_a: int, n_b: int) -> float:
     """Two-sample Anderson-Darling A2 of the two step CDFs: Scholz and Stephens' (1987) A2_akN
     for k = 2, the version for ties (midranks; scipy's ``anderson_ksamp`` default), with each
-    side's counts read from its CDF. Under the null its mean is 1 whatever the sizes."""
+    side's counts read from its CDF. Under the null its mean is 1 whatever the sizes. With two
+    samples the second side's term is the first's with its sign flipped (the midranks add up),
+    so one is computed and weighed by 1/n_a + 1/n_b."""
     _, fa, fb = merged
     n = n_a + n_b
-    ma, mb = fa * n_a, fb * n_b  # values at or before each point, per side
-    both = ma + mb
-    ties = both - np.concatenate(([0.0], both[:-1]))
-    mid = both - ties / 2
-    denominator = mid * (n - mid) - n * ties / 4
-    keep = denominator > 0  # a point holding every value (one distinct value in all) says nothing
-    total = 0.0
-    for m, size in ((ma, n_a), (mb, n_b)):
-        jumps = m - np.concatenate(([0.0], m[:-1]))
-        gap = n * (m - jumps / 2) - size * mid
-        total += float(np.dot(ties[keep], gap[keep] ** 2 / denominator[keep])) / size
-    return (n - 1) / n**2 * total
+    ma = fa * n_a  # values of a at or before each point
+    both = ma + fb * n_b
+    ties = np.empty_like(both)
+    ties[0], ties[1:] = both[0], both[1:] - both[:-1]
+    mid = both - 0.5 * ties
+    denominator = mid * (n - mid) - 0.25 * n * ties
+    jumps = np.empty_like(ma)
+    jumps[0], jumps[1:] = ma[0], ma[1:] - ma[:-1]
+    gap = n * (ma - 0.5 * jumps) - n_a * mid
+    # a point holding every value (one distinct value in all) has no denominator: it says nothing
+    weight = ties / np.where(denominator > 0, denominator, np.inf)
+    return (n - 1) / n**2 * (1 / n_a + 1 / n_b) * float(np.dot(weight, gap * gap))
 
 
 def ad_pvalue(a2: float) -> float:
