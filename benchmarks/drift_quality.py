@@ -449,9 +449,10 @@ def selected(name: str, only: Sequence[str]) -> bool:
 
 
 def measure(suite: Suite, *, scipy: bool = True, log: Callable[[str], None] = print, only: Sequence[str] = (),
-            kinds: Sequence[str] = ("timeline", "static")) -> dict:
+            kinds: Sequence[str] = ("timeline", "static"), spans: Sequence[float] = STAT_SPANS) -> dict:
     """The timeline and static runs of the report (those of the scenarios ``only`` selects, of
-    the ``kinds`` asked for); returns their evaluations, keyed."""
+    the ``kinds`` asked for), each timeline keeping the statistics of ``spans``; returns their
+    evaluations, keyed."""
     started = time.perf_counter()
     data: dict = {"clean": {}, "change": {}, "static": {}}
     refs: dict[tuple[int, int], Reference] = {}
@@ -467,7 +468,7 @@ def measure(suite: Suite, *, scipy: bool = True, log: Callable[[str], None] = pr
         if not timelines or not selected("clean", only):
             break
         runs = [timeline(ref(suite.seed + r, ref_rows), rate, suite.seed + 100 + r, None, suite.clean_minutes,
-                         scipy_every=(10 if rate == 1_000 else 50) if scipy else 0, scipy_spans=short)
+                         spans=spans, scipy_every=(10 if rate == 1_000 else 50) if scipy else 0, scipy_spans=short)
                 for r in range(suite.clean_references)]
         data["clean"][(ref_rows, rate)] = runs
         log(f"clean, reference {ref_rows:,}, {rate:,} rows/min: {sum(map(len, runs))} evaluations "
@@ -476,7 +477,7 @@ def measure(suite: Suite, *, scipy: bool = True, log: Callable[[str], None] = pr
         if not timelines or not selected(name, only):
             continue
         runs = [timeline(ref(suite.seed + r, 50_000), 1_000, suite.seed + 200 + r, change, suite.change_minutes,
-                         scipy_every=1 if scipy else 0, scipy_spans=short, scipy_until=20)
+                         spans=spans, scipy_every=1 if scipy else 0, scipy_spans=short, scipy_until=20)
                 for r in range(suite.runs)]
         data["change"][name] = runs
         log(f"{name}: {suite.runs} timelines ({time.perf_counter() - started:.0f} s)")
@@ -613,6 +614,9 @@ def main() -> int:
                              "'correlation'...; repeatable)")
     parser.add_argument("--kinds", default="timeline,static",
                         help="which runs: timeline, static or both (comma-separated; default both)")
+    parser.add_argument("--shipped-spans", action="store_true",
+                        help="keep only the shipped spans' statistics (a third of the work; --grid over them "
+                             "then replays only those spans)")
     parser.add_argument("--no-scipy", action="store_true", help="skip the scipy side (faster)")
     parser.add_argument("--grid", action="store_true", help="replay candidate policies (how the defaults were chosen)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -631,7 +635,7 @@ def main() -> int:
         if args.only and not any(selected(name, args.only) for name in ["clean", *CHANGES]):
             parser.error(f"--only {args.only!r} matches no scenario: choose among clean, {', '.join(CHANGES)}")
         data = measure(suite, scipy=not args.no_scipy and not args.grid, log=lambda m: print(m, file=sys.stderr),
-                       only=args.only, kinds=kinds)
+                       only=args.only, kinds=kinds, spans=SHIPPED.spans() if args.shipped_spans else STAT_SPANS)
     if args.save:
         with open(args.save, "wb") as f:
             pickle.dump(data, f)
