@@ -162,6 +162,7 @@ CHANGES: dict[str, Change] = {
         "corr_b", lambda rng, r: rng.standard_normal(r["corr_b"].size))),
 }
 
+
 def rows(rng: np.random.Generator, n: int, change: Change | None = None) -> dict[str, np.ndarray]:
     """``n`` rows, changed by ``change`` (a selection draws more rows, keeps ``n``)."""
     if change is None:
@@ -442,6 +443,9 @@ class Suite:
     seed: int = 11
 
 
+CLEAN_CONFIGS = tuple(itertools.product((500, 50_000), (1_000, 10_000)))  # (reference rows, rows a minute)
+
+
 def selected(name: str, only: Sequence[str]) -> bool:
     """Whether scenario ``name`` ("clean" or a CHANGES key) is among ``only`` (case-insensitive
     substrings; empty: every scenario)."""
@@ -449,7 +453,8 @@ def selected(name: str, only: Sequence[str]) -> bool:
 
 
 def measure(suite: Suite, *, scipy: bool = True, log: Callable[[str], None] = print, only: Sequence[str] = (),
-            kinds: Sequence[str] = ("timeline", "static"), spans: Sequence[float] = STAT_SPANS) -> dict:
+            kinds: Sequence[str] = ("timeline", "static"), spans: Sequence[float] = STAT_SPANS,
+            clean_configs: Sequence[tuple[int, int]] = CLEAN_CONFIGS) -> dict:
     """The timeline and static runs of the report (those of the scenarios ``only`` selects, of
     the ``kinds`` asked for), each timeline keeping the statistics of ``spans``; returns their
     evaluations, keyed."""
@@ -464,7 +469,7 @@ def measure(suite: Suite, *, scipy: bool = True, log: Callable[[str], None] = pr
 
     short = SHIPPED.spans()
     timelines = "timeline" in kinds
-    for ref_rows, rate in itertools.product((500, 50_000), (1_000, 10_000)):
+    for ref_rows, rate in clean_configs:
         if not timelines or not selected("clean", only):
             break
         runs = [timeline(ref(suite.seed + r, ref_rows), rate, suite.seed + 100 + r, None, suite.clean_minutes,
@@ -614,6 +619,9 @@ def main() -> int:
                              "'correlation'...; repeatable)")
     parser.add_argument("--kinds", default="timeline,static",
                         help="which runs: timeline, static or both (comma-separated; default both)")
+    parser.add_argument("--clean-configs", default=",".join(f"{r}/{n}" for r, n in CLEAN_CONFIGS),
+                        help="clean timelines of these REFERENCE_ROWS/ROWS_PER_MINUTE pairs (comma-separated; "
+                             "default: all four)")
     parser.add_argument("--shipped-spans", action="store_true",
                         help="keep only the shipped spans' statistics (a third of the work; --grid over them "
                              "then replays only those spans)")
@@ -634,8 +642,15 @@ def main() -> int:
             parser.error(f"--kinds takes timeline, static or both, got {args.kinds!r}")
         if args.only and not any(selected(name, args.only) for name in ["clean", *CHANGES]):
             parser.error(f"--only {args.only!r} matches no scenario: choose among clean, {', '.join(CHANGES)}")
+        try:
+            clean_configs = [tuple(int(x) for x in pair.split("/")) for pair in args.clean_configs.split(",")]
+        except ValueError:
+            parser.error(f"--clean-configs takes REFERENCE_ROWS/ROWS_PER_MINUTE pairs, got {args.clean_configs!r}")
+        if not clean_configs or any(len(pair) != 2 or min(pair) < 1 for pair in clean_configs):
+            parser.error(f"--clean-configs takes REFERENCE_ROWS/ROWS_PER_MINUTE pairs, got {args.clean_configs!r}")
         data = measure(suite, scipy=not args.no_scipy and not args.grid, log=lambda m: print(m, file=sys.stderr),
-                       only=args.only, kinds=kinds, spans=SHIPPED.spans() if args.shipped_spans else STAT_SPANS)
+                       only=args.only, kinds=kinds, spans=SHIPPED.spans() if args.shipped_spans else STAT_SPANS,
+                       clean_configs=clean_configs)
     if args.save:
         with open(args.save, "wb") as f:
             pickle.dump(data, f)
