@@ -3,6 +3,7 @@
     python -m benchmarks.drift_quality [--runs 10] [--clean-references 10] [--clean-minutes 300] [--json]
     python -m benchmarks.drift_quality --grid      # the measurement that chose the shipped defaults
     python -m benchmarks.drift_quality --only correlation --kinds static   # one scenario, one kind of run
+    python -m benchmarks.drift_quality --no-scipy --shipped-spans --only clean --clean-configs 500/1000 --save a.pkl
 
 Everything goes through Outrider's own code path: 20 mixed columns are summarised by the agent's
 ``WindowBuilder`` (a reference profile at REFERENCE_K like ``outrider profile``, and one window per
@@ -13,7 +14,11 @@ the alert machine. Nothing is re-implemented here but the data.
 The columns (``COLUMNS``): normal, standard normal, uniform, lognormal, Pareto (alpha 3), Student t
 (2 degrees of freedom), exponential, zero-inflated lognormal, Poisson(3), small-integer codes 0-4, a
 0/1 flag, Zipf counts, rounded ages, two columns with 5 % and 30 % missing values, a correlated pair
-(rho 0.9), and three categorical ones (5 colours, yes/no, a 500-value Zipf product).
+(rho 0.9), and three categorical ones (5 colours, yes/no, a 500-value Zipf product). The agent adds
+"@reconstruction_error" (``RECONSTRUCTION_ERROR``): the reference's PCA projection is fitted as
+``outrider profile`` fits it (``agent.profile.reference_projection``: on a random half of the
+reference, the profile's column sketched over the other half), and every traffic window gets the
+column from the ``WindowBuilder`` holding that projection, as an agent given the profile does.
 
 Two kinds of run:
 
