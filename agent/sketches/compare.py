@@ -45,6 +45,12 @@ _KS_EXACT_BELOW = 500
 # agent window's KLL (DEFAULT_K), below which its tail quantiles are noise.
 WASSERSTEIN_TRIM = 0.01
 UNSEEN, OTHER = "<unseen>", "<other>"
+# Anderson-Darling's p-value is that of continuous values: with a point mass the statistic's null
+# spread is wider and the p-value too small (clean samples of 500 vs 2,000 values: a 0/1 column read
+# p < 0.01 in 5.2 % of them, a column 60 % zeros in 3.6 %; values rounded so that one value holds
+# 10 % of them, 1.3 %). Where one value holds more than this share of both sides' finite values
+# there is no AD p-value: KS alone (conservative with ties) and, for few values, chi-square.
+AD_MAX_TIE_SHARE = 0.1
 # A full frequent-items sketch knows a count only within its error bound; a
 # category gets a cell of its own only if that bound is at most this share of it.
 CELL_TOLERANCE = 0.1
@@ -183,7 +189,8 @@ def ks_pvalue(a: NumericSketch, b: NumericSketch) -> float:
 def _ad_statistic(merged: Merged, n_a: int, n_b: int) -> float:
     """Two-sample Anderson-Darling A2 of the two step CDFs: Scholz and Stephens' (1987) A2_akN
     for k = 2, the version for ties (midranks; scipy's ``anderson_ksamp`` default), with each
-    side's counts read from its CDF. Under the null its mean is 1 whatever the sizes. With two
+    side's counts read from its CDF; NaN where one value holds more than AD_MAX_TIE_SHARE of
+    them. Under the null its mean is 1 whatever the sizes. With two
     samples the second side's term is the first's with its sign flipped (the midranks add up),
     so one is computed and weighed by 1/n_a + 1/n_b."""
     _, fa, fb = merged
@@ -198,6 +205,8 @@ def _ad_statistic(merged: Merged, n_a: int, n_b: int) -> float:
     jumps[0], jumps[1:] = ma[0], ma[1:] - ma[:-1]
     gap = n * (ma - 0.5 * jumps) - n_a * mid
     # a point holding every value (one distinct value in all) has no denominator: it says nothing
+    if float(ties.max()) > AD_MAX_TIE_SHARE * n:
+        return math.nan  # a point mass: see AD_MAX_TIE_SHARE
     weight = ties / np.where(denominator > 0, denominator, np.inf)
     return (n - 1) / n**2 * (1 / n_a + 1 / n_b) * float(np.dot(weight, gap * gap))
 
@@ -223,7 +232,8 @@ def ad_pvalue(a2: float) -> float:
 
 def ad_test(a: NumericSketch, b: NumericSketch) -> tuple[float, float]:
     """(A2, p) of the two-sample Anderson-Darling test between the finite values of two sketches;
-    (NaN, NaN) if either side has none. Beside KS because KS reads only the largest CDF gap,
+    (NaN, NaN) if either side has none or one value holds more than AD_MAX_TIE_SHARE of them
+    (AD's p-value is for continuous values). Beside KS because KS reads only the largest CDF gap,
     near the middle: a change of spread (variance x1.5 moved D to ~0.06, p ~2e-4 at 1,000 rows)
     or of a tail is where Anderson-Darling, which weighs the whole CDF and its tails, is far
     stronger (p ~1e-20 on the same rows). Like KS, it reads the sketches' rank error as
