@@ -90,7 +90,7 @@ def build_profile(model: str | os.PathLike | bytes, data: str | os.PathLike, *,
     builder: WindowBuilder | None = None
     scorer: _Scorer | None = None
     projection: joint.Projection | None = None
-    held_out = np.empty((0, 0))
+    errors: summary_pb2.ColumnSummary | None = None
     confidences: _Confidences | None = None
     for start in range(0, loaded.rows, batch_rows):
         feed = {name: arr[start:start + batch_rows] for name, arr in loaded.features.items()}
@@ -102,7 +102,7 @@ def build_profile(model: str | os.PathLike | bytes, data: str | os.PathLike, *,
                 raise InvalidArgument(f"the column names {naming.few(repeated)} would be used twice (a feature named "
                                       "like another column, an output's perhaps): give the features other names "
                                       "(or, if it is the ground truth, pass it with --label)")
-            projection, held_out = _fit_projection(slots, loaded.features, notes)
+            projection, errors = reference_projection(slots, loaded.features, k, notes)
             builder = WindowBuilder(tuple(slots), identity, k=k)
             if loaded.labels is not None:
                 scorer = _Scorer.for_slots(slots, outs, out_index, loaded.labels)
@@ -116,9 +116,9 @@ def build_profile(model: str | os.PathLike | bytes, data: str | os.PathLike, *,
     assert builder is not None  # load_data refuses empty data
     window = builder.close(time.time_ns(), 0, 0)
     columns = list(window.columns)
-    if projection is not None:  # where the agent's windows have it: after the captured columns
+    if errors is not None:  # where the agent's windows have it: after the captured columns
         at = next((i for i, c in enumerate(columns) if c.name == joint.CONFIDENCE), len(columns))
-        columns.insert(at, _held_out_errors(projection, held_out, k))
+        columns.insert(at, errors)
     profile = summary_pb2.ReferenceProfile(
         model_name=identity.model_name, model_sha256=sha, data_sha256=file_sha256(data), rows=window.rows,
         data_name=Path(data).name, created_unix_nano=time.time_ns(), columns=columns)
@@ -132,6 +132,18 @@ def build_profile(model: str | os.PathLike | bytes, data: str | os.PathLike, *,
         if calibration is not None:
             profile.calibration.CopyFrom(calibration)
     return profile
+
+
+def reference_projection(slots: Sequence[Slot], features: Mapping[str, np.ndarray], k: int,
+                         notes: list[str]) -> tuple[joint.Projection | None, summary_pb2.ColumnSummary | None]:
+    """The reference's projection and its ``@reconstruction_error`` column, as a profile has them:
+    the PCA of the numeric feature columns of ``slots`` (``joint.fit_projection``) fitted on a random
+    half of the rows of ``features`` (tensor name -> the whole reference's values), the column
+    sketched at ``k`` over the other half. (None, None) with a note saying why when there is none."""
+    projection, held_out = _fit_projection(slots, features, notes)
+    if projection is None:
+        return None, None
+    return projection, _held_out_errors(projection, held_out, k)
 
 
 def _fit_projection(slots: Sequence[Slot], features: Mapping[str, np.ndarray],
@@ -468,4 +480,4 @@ def describe(profile: summary_pb2.ReferenceProfile) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ReferenceData", "build_profile", "describe", "load_data", "register"]
+__all__ = ["ReferenceData", "build_profile", "describe", "load_data", "reference_projection", "register"]

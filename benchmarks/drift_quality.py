@@ -2,6 +2,8 @@
 
     python -m benchmarks.drift_quality [--runs 10] [--clean-references 10] [--clean-minutes 300] [--json]
     python -m benchmarks.drift_quality --grid      # the measurement that chose the shipped defaults
+    python -m benchmarks.drift_quality --only correlation --kinds static   # one scenario, one kind of run
+    python -m benchmarks.drift_quality --no-scipy --shipped-spans --only clean --clean-configs 500/1000 --save a.pkl
 
 Everything goes through Outrider's own code path: 20 mixed columns are summarised by the agent's
 ``WindowBuilder`` (a reference profile at REFERENCE_K like ``outrider profile``, and one window per
@@ -12,7 +14,11 @@ the alert machine. Nothing is re-implemented here but the data.
 The columns (``COLUMNS``): normal, standard normal, uniform, lognormal, Pareto (alpha 3), Student t
 (2 degrees of freedom), exponential, zero-inflated lognormal, Poisson(3), small-integer codes 0-4, a
 0/1 flag, Zipf counts, rounded ages, two columns with 5 % and 30 % missing values, a correlated pair
-(rho 0.9), and three categorical ones (5 colours, yes/no, a 500-value Zipf product).
+(rho 0.9), and three categorical ones (5 colours, yes/no, a 500-value Zipf product). The agent adds
+"@reconstruction_error" (``RECONSTRUCTION_ERROR``): the reference's PCA projection is fitted as
+``outrider profile`` fits it (``agent.profile.reference_projection``: on a random half of the
+reference, the profile's column sketched over the other half), and every traffic window gets the
+column from the ``WindowBuilder`` holding that projection, as an agent given the profile does.
 
 Two kinds of run:
 
@@ -54,6 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent import sketches  # noqa: E402
 from agent.capture import Reduce, Slot  # noqa: E402
+from agent.profile import reference_projection  # noqa: E402
+from agent.sketches import joint  # noqa: E402
 from agent.worker import BLOCK_ROWS, Identity, WindowBuilder  # noqa: E402
 from collector import drift  # noqa: E402
 from collector.drift import AlertTracker, Compared, DriftConfig  # noqa: E402
@@ -79,6 +87,8 @@ NUMERIC = ["normal", "standard", "uniform", "lognormal", "pareto", "student_t2",
            "poisson", "codes", "flag", "zipf_count", "age", "missing5", "missing30", "corr_a", "corr_b"]
 CATEGORICAL = ["colour", "member", "product"]
 COLUMNS = NUMERIC + CATEGORICAL
+RECONSTRUCTION_ERROR = joint.RECONSTRUCTION_ERROR  # computed by the agent's worker from the numeric columns
+ALL_COLUMNS = [*COLUMNS, RECONSTRUCTION_ERROR]
 
 
 def _with_missing(rng: np.random.Generator, values: np.ndarray, share: float) -> np.ndarray:
@@ -152,16 +162,10 @@ CHANGES: dict[str, Change] = {
     "heavy tail (Pareto 3 -> 2.5)": Change(frozenset({"pareto"}), _set(
         "pareto", lambda rng, r: rng.pareto(2.5, r["pareto"].size) + 1.0)),
     "row selection": Change(frozenset({"corr_a", "corr_b"}), _select),
-    # Marginals unchanged: only a multivariate column ("@reconstruction_error", see DERIVED) can see it.
-    "correlation 0.9 -> 0": Change(frozenset({"@reconstruction_error"}), _set(
+    # Marginals unchanged: only the multivariate column (RECONSTRUCTION_ERROR) can see it.
+    "correlation 0.9 -> 0": Change(frozenset({RECONSTRUCTION_ERROR}), _set(
         "corr_b", lambda rng, r: rng.standard_normal(r["corr_b"].size))),
 }
-
-# Derived numeric columns the agent adds to every window and to the profile, computed from the
-# rows: name -> fn(reference rows) -> fn(rows) -> values. Empty until the agent computes
-# "@reconstruction_error" (issue 11, item 4); wire it here with the agent's own function so the
-# correlation scenario is judged through it, e.g. DERIVED["@reconstruction_error"] = fit.
-DERIVED: dict[str, Callable[[dict[str, np.ndarray]], Callable[[dict[str, np.ndarray]], np.ndarray]]] = {}
 
 
 def rows(rng: np.random.Generator, n: int, change: Change | None = None) -> dict[str, np.ndarray]:
@@ -179,24 +183,28 @@ def rows(rng: np.random.Generator, n: int, change: Change | None = None) -> dict
 
 
 class Summariser:
-    """Rows -> the agent's WindowSummary, by ``WindowBuilder`` (with the derived columns, if any)."""
+    """Rows -> the agent's WindowSummary, by ``WindowBuilder``; with the reference's ``projection``
+    its windows carry ``@reconstruction_error`` as the agent's do (the worker computes it)."""
 
-    def __init__(self, reference_rows: dict[str, np.ndarray] | None = None) -> None:
-        self.derived = {name: fit(reference_rows) for name, fit in DERIVED.items()} if reference_rows else {}
-        numeric = NUMERIC + list(self.derived)
-        self.slots = (
-            Slot("X", CS.FEATURE, Reduce.NUMERIC, np.dtype(np.float32), (len(numeric),), numeric),
-            Slot("C", CS.FEATURE, Reduce.CATEGORICAL, np.dtype("<U8"), (len(CATEGORICAL),), CATEGORICAL),
-        )
+    slots = (Slot("X", CS.FEATURE, Reduce.NUMERIC, np.dtype(np.float32), (len(NUMERIC),), NUMERIC),
+             Slot("C", CS.FEATURE, Reduce.CATEGORICAL, np.dtype("<U8"), (len(CATEGORICAL),), CATEGORICAL))
+
+    def __init__(self, projection: joint.Projection | None = None) -> None:
+        self.projection = projection
+
+    @classmethod
+    def features(cls, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's inputs (tensor name -> [rows, columns]) as a client would send them."""
+        return {"X": np.column_stack([data[name] for name in NUMERIC]).astype(np.float32),
+                "C": np.column_stack([data[name] for name in CATEGORICAL]).astype("<U8")}
 
     def window(self, data: dict[str, np.ndarray], start_ns: int, end_ns: int,
                k: int = sketches.DEFAULT_K) -> summary_pb2.WindowSummary:
-        builder = WindowBuilder(self.slots, Identity("bench", "run", "m", "1", ""), k=k, start_ns=start_ns)
-        data = {**data, **{name: fn(data) for name, fn in self.derived.items()}}
-        numeric = np.column_stack([data[name] for name in self.slots[0].columns]).astype(np.float32)
-        categorical = np.column_stack([data[name] for name in CATEGORICAL]).astype("<U8")
-        for i in range(0, len(numeric), BLOCK_ROWS):
-            builder.add_rows([numeric[i:i + BLOCK_ROWS], categorical[i:i + BLOCK_ROWS]])
+        builder = WindowBuilder(self.slots, Identity("bench", "run", "m", "1", ""), k=k, start_ns=start_ns,
+                                projection=self.projection)
+        inputs = self.features(data)
+        for i in range(0, len(inputs["X"]), BLOCK_ROWS):
+            builder.add_rows([inputs["X"][i:i + BLOCK_ROWS], inputs["C"][i:i + BLOCK_ROWS]])
         return builder.close(end_ns, 0, 0)
 
 
@@ -212,16 +220,25 @@ class Reference:
 
 
 def reference(seed: int, n: int) -> Reference:
+    """A profile of ``n`` clean rows as ``outrider profile`` builds one (``agent.profile``): the
+    captured columns at REFERENCE_K, and the projection fitted on a random half of the rows with
+    its ``@reconstruction_error`` column sketched over the other half. The traffic's windows are
+    then summarised with that projection, as an agent given this profile summarises them."""
     rng = np.random.default_rng([seed, n, 1])
     raw = clean_rows(rng, n)
-    summariser = Summariser(raw)
-    profile = summariser.window(raw, T0 - NS, T0, k=sketches.REFERENCE_K)
+    notes: list[str] = []
+    projection, errors = reference_projection(Summariser.slots, Summariser.features(raw), sketches.REFERENCE_K,
+                                              notes)
+    assert projection is not None and errors is not None, notes
+    profile = Summariser().window(raw, T0 - NS, T0, k=sketches.REFERENCE_K)
+    profile.columns.append(errors)
     built = {c.name: sketches.from_proto(c) for c in profile.columns}
-    legacy = {c.name: sketches.from_proto(c) for c in profile.columns}
+    # the policy before issue 11 had neither exact counts nor the multivariate column
+    legacy = {c.name: sketches.from_proto(c) for c in profile.columns if c.name != RECONSTRUCTION_ERROR}
     for sketch in legacy.values():
         if isinstance(sketch, sketches.NumericSketch):
             sketch._overflow()  # noqa: SLF001 - "unknown", as a profile built before exact counts
-    return Reference(built, legacy, raw, summariser)
+    return Reference(built, legacy, raw, Summariser(projection))
 
 
 def _sketches(summary: summary_pb2.WindowSummary) -> Sketches:
@@ -317,8 +334,9 @@ def timeline(ref: Reference, rate: int, seed: int, change: Change | None, minute
             continue
         merged = merge_spans(list(windows), end + 30 * NS, spans)
         evaluation = Evaluation(minute, {}, {})
-        for span, summary in zip(spans, merged):
-            if summary is None or summary.rows < config.min_rows:
+        for span, summary, longer in zip(spans, merged, [*merged[1:], None]):
+            # as the evaluator: a span holding the same windows as the next longer one is not a test of its own
+            if summary is None or summary.rows < config.min_rows or summary is longer:
                 continue
             current = _sketches(summary)
             evaluation.spans[span] = drift.compare(ref.sketches, current, config, span_seconds=span)
@@ -398,7 +416,7 @@ def score(runs: Iterable[list[Evaluation]], flags: Callable[[Evaluation], list[s
                 out.wrong_columns[name] = out.wrong_columns.get(name, 0) + 1
             if hit and first_flag is None:
                 first_flag = evaluation.minute
-            verdicts = [_verdict(name, name in names) for name in [*COLUMNS, *DERIVED]]
+            verdicts = [_verdict(name, name in names) for name in ALL_COLUMNS]
             for name, event in tracker.observe(verdicts):
                 if event == drift.OPENED and (name in changed or not changed):
                     out.alerts += 1
@@ -430,8 +448,21 @@ class Suite:
     seed: int = 11
 
 
-def measure(suite: Suite, *, scipy: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Every timeline and static run of the report; returns their evaluations, keyed."""
+CLEAN_CONFIGS = tuple(itertools.product((500, 50_000), (1_000, 10_000)))  # (reference rows, rows a minute)
+
+
+def selected(name: str, only: Sequence[str]) -> bool:
+    """Whether scenario ``name`` ("clean" or a CHANGES key) is among ``only`` (case-insensitive
+    substrings; empty: every scenario)."""
+    return not only or any(word.lower() in name.lower() for word in only)
+
+
+def measure(suite: Suite, *, scipy: bool = True, log: Callable[[str], None] = print, only: Sequence[str] = (),
+            kinds: Sequence[str] = ("timeline", "static"), spans: Sequence[float] = STAT_SPANS,
+            clean_configs: Sequence[tuple[int, int]] = CLEAN_CONFIGS) -> dict:
+    """The timeline and static runs of the report (those of the scenarios ``only`` selects, of
+    the ``kinds`` asked for), each timeline keeping the statistics of ``spans``; returns their
+    evaluations, keyed."""
     started = time.perf_counter()
     data: dict = {"clean": {}, "change": {}, "static": {}}
     refs: dict[tuple[int, int], Reference] = {}
@@ -442,20 +473,27 @@ def measure(suite: Suite, *, scipy: bool = True, log: Callable[[str], None] = pr
         return refs[(seed, n)]
 
     short = SHIPPED.spans()
-    for ref_rows, rate in itertools.product((500, 50_000), (1_000, 10_000)):
+    timelines = "timeline" in kinds
+    for ref_rows, rate in clean_configs:
+        if not timelines or not selected("clean", only):
+            break
         runs = [timeline(ref(suite.seed + r, ref_rows), rate, suite.seed + 100 + r, None, suite.clean_minutes,
-                         scipy_every=(10 if rate == 1_000 else 50) if scipy else 0, scipy_spans=short)
+                         spans=spans, scipy_every=(10 if rate == 1_000 else 50) if scipy else 0, scipy_spans=short)
                 for r in range(suite.clean_references)]
         data["clean"][(ref_rows, rate)] = runs
         log(f"clean, reference {ref_rows:,}, {rate:,} rows/min: {sum(map(len, runs))} evaluations "
             f"({time.perf_counter() - started:.0f} s)")
     for name, change in CHANGES.items():
+        if not timelines or not selected(name, only):
+            continue
         runs = [timeline(ref(suite.seed + r, 50_000), 1_000, suite.seed + 200 + r, change, suite.change_minutes,
-                         scipy_every=1 if scipy else 0, scipy_spans=short, scipy_until=20)
+                         spans=spans, scipy_every=1 if scipy else 0, scipy_spans=short, scipy_until=20)
                 for r in range(suite.runs)]
         data["change"][name] = runs
         log(f"{name}: {suite.runs} timelines ({time.perf_counter() - started:.0f} s)")
     for name, change in [("clean", None), *CHANGES.items()]:
+        if "static" not in kinds or not selected(name, only):
+            continue
         for n in (1_000, 10_000):
             data["static"][(name, n)] = static(ref(suite.seed, 50_000), n, suite.seed + 300, change,
                                                suite.static_evaluations, with_scipy=scipy)
@@ -581,6 +619,17 @@ def main() -> int:
     parser.add_argument("--clean-minutes", type=int, default=300, help="evaluations per clean timeline")
     parser.add_argument("--change-minutes", type=int, default=60, help="evaluations after each change")
     parser.add_argument("--static", type=int, default=100, help="evaluations per static case")
+    parser.add_argument("--only", action="append", default=[], metavar="SCENARIO",
+                        help="run only the scenarios whose name contains SCENARIO ('clean', 'variance', "
+                             "'correlation'...; repeatable)")
+    parser.add_argument("--kinds", default="timeline,static",
+                        help="which runs: timeline, static or both (comma-separated; default both)")
+    parser.add_argument("--clean-configs", default=",".join(f"{r}/{n}" for r, n in CLEAN_CONFIGS),
+                        help="clean timelines of these REFERENCE_ROWS/ROWS_PER_MINUTE pairs (comma-separated; "
+                             "default: all four)")
+    parser.add_argument("--shipped-spans", action="store_true",
+                        help="keep only the shipped spans' statistics (a third of the work; --grid over them "
+                             "then replays only those spans)")
     parser.add_argument("--no-scipy", action="store_true", help="skip the scipy side (faster)")
     parser.add_argument("--grid", action="store_true", help="replay candidate policies (how the defaults were chosen)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -593,7 +642,20 @@ def main() -> int:
         with open(args.load, "rb") as f:
             data = pickle.load(f)  # noqa: S301 - a file this script wrote
     else:
-        data = measure(suite, scipy=not args.no_scipy and not args.grid, log=lambda m: print(m, file=sys.stderr))
+        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+        if not kinds or set(kinds) - {"timeline", "static"}:
+            parser.error(f"--kinds takes timeline, static or both, got {args.kinds!r}")
+        if args.only and not any(selected(name, args.only) for name in ["clean", *CHANGES]):
+            parser.error(f"--only {args.only!r} matches no scenario: choose among clean, {', '.join(CHANGES)}")
+        try:
+            clean_configs = [tuple(int(x) for x in pair.split("/")) for pair in args.clean_configs.split(",")]
+        except ValueError:
+            parser.error(f"--clean-configs takes REFERENCE_ROWS/ROWS_PER_MINUTE pairs, got {args.clean_configs!r}")
+        if not clean_configs or any(len(pair) != 2 or min(pair) < 1 for pair in clean_configs):
+            parser.error(f"--clean-configs takes REFERENCE_ROWS/ROWS_PER_MINUTE pairs, got {args.clean_configs!r}")
+        data = measure(suite, scipy=not args.no_scipy and not args.grid, log=lambda m: print(m, file=sys.stderr),
+                       only=args.only, kinds=kinds, spans=SHIPPED.spans() if args.shipped_spans else STAT_SPANS,
+                       clean_configs=clean_configs)
     if args.save:
         with open(args.save, "wb") as f:
             pickle.dump(data, f)

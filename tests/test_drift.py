@@ -25,6 +25,8 @@ from agent.sketches import (
     REFERENCE_K,
     CategoricalSketch,
     NumericSketch,
+    ad_pvalue,
+    ad_test,
     categorical_cells,
     chi2,
     compare_numeric,
@@ -45,10 +47,12 @@ from collector.drift import (
     Compared,
     DriftConfig,
     benjamini_hochberg,
+    compare,
     decide,
     evaluate,
     next_state,
     not_compared,
+    sidak_min,
     verdict_label,
 )
 from collector.drift import summary as drift_summary
@@ -368,6 +372,63 @@ def test_ks_pvalue_fast_path_agrees_with_scipy() -> None:
         assert ks_pvalue(a, b) == pytest.approx(exact, rel=0.02)
 
 
+@pytest.mark.filterwarnings("ignore:p-value capped")
+def test_anderson_darling_from_sketches_matches_scipy() -> None:
+    """A2 from exact sketches (fewer values than k) and its p-value against scipy's anderson_ksamp on the raw
+    values, ties included (midranks). scipy caps its p-value to [0.001, 0.25]: compared where it does not."""
+    rng = np.random.default_rng(41)
+    checked = 0
+    for rounded in (False, True):
+        for scale in (1.0, 1.1, 1.15, 1.2, 1.25):
+            a, b = rng.normal(0.0, 2.0, 600), rng.normal(0.0, 2.0 * scale, 400)
+            if rounded:  # ties: about 5 % of the values at the commonest one
+                a, b = np.round(4 * a), np.round(4 * b)
+            a2, p = ad_test(sketch(a, 4096), sketch(b, 4096))
+            expected = stats.anderson_ksamp([a, b], variant="midrank").pvalue
+            if 0.001 < expected < 0.25:
+                # scipy interpolates tables of finite-sample critical values: within a few per cent of the limit
+                assert p == pytest.approx(expected, rel=0.05), (rounded, scale, a2)
+                checked += 1
+    assert checked >= 4
+    # Known quantiles of the limiting distribution: 5 % at 2.492, 1 % at 3.878 (Marsaglia and Marsaglia 2004).
+    assert ad_pvalue(2.492) == pytest.approx(0.05, abs=5e-4) and ad_pvalue(3.878) == pytest.approx(0.01, abs=1e-4)
+    tail = [ad_pvalue(z) for z in np.linspace(0.05, 80.0, 4000)]
+    assert all(x >= y for x, y in zip(tail, tail[1:])) and 0 < ad_pvalue(20.0) < 1e-9 and ad_pvalue(0.0) == 1.0
+    assert math.isnan(ad_test(sketch(np.array([1.0])), NumericSketch())[1])
+    # A point mass (a 0/1 flag, a column mostly zeros): the continuous limit's p-value would be too small
+    flag = (rng.random(3000) < 0.1).astype(np.float64)
+    assert math.isnan(ad_test(sketch(flag[:500], 4096), sketch(flag[500:], 4096))[1])
+    mostly_zero = np.where(rng.random(3000) < 0.6, 0.0, rng.lognormal(size=3000))
+    assert math.isnan(ad_test(sketch(mostly_zero[:500], 4096), sketch(mostly_zero[500:], 4096))[1])
+
+
+def test_a_change_of_spread_is_caught_where_ks_alone_misses_it(clean: Stream) -> None:
+    """Variance x1.5 in one of 20 columns, 1,000 rows against the 100k reference: KS reads only the largest CDF
+    gap, which a change of spread keeps small (p ~1e-4, not significant among ~20 tests at q 0.01 about half of
+    the time); Anderson-Darling weighs the whole CDF and sees it every time. One entry per column in the family
+    (min of the two, Sidak), so the clean columns' family is no larger than with KS alone."""
+    rng = np.random.default_rng(43)
+    config = DriftConfig()
+    with_ad = ks_only = 0
+    for i in range(20):
+        current = dict(clean.windows[i])
+        current["normal3"] = sketch(30.0 + (NUMERIC["normal3"](rng, WINDOW) - 30.0) * math.sqrt(1.5))
+        spans = [compare(clean.reference, current, config, span_seconds=3600.0)]
+        flagged = {c.name for c in decide(spans, config) if c.drifted}
+        assert flagged <= {"normal3"}
+        with_ad += flagged == {"normal3"}
+        for c in spans[0]:
+            c.ad_p = math.nan  # the engine before Anderson-Darling
+        ks_only += any(c.drifted and c.name == "normal3" for c in decide(spans, config))
+    assert with_ad == 20 and ks_only < 18, (with_ad, ks_only)
+
+
+def test_sidak_min() -> None:
+    assert sidak_min([0.01, 0.5]) == pytest.approx(1 - 0.99**2) and sidak_min([0.3]) == pytest.approx(0.3)
+    assert sidak_min([1e-30, 0.2]) == pytest.approx(2e-30) and sidak_min([math.nan, 0.04]) == pytest.approx(0.04)
+    assert math.isnan(sidak_min([math.nan])) and sidak_min([1.0, 1.0]) == 1.0 and sidak_min([0.0, 0.5]) == 0.0
+
+
 def test_sorted_view_is_the_sketch_cdf_and_follows_updates() -> None:
     rng = np.random.default_rng(6)
     s = sketch(rng.normal(size=5000).round(2))
@@ -416,7 +477,7 @@ def test_verdict_needs_effect_and_significance() -> None:
     many = evaluate(reference, {"x": sketch(rng.normal(0.03, 1.0, 500_000))}, config)[0]
     assert many.wasserstein < 0.1 and many.p_adjusted < 1e-6 and not many.drifted
     both = evaluate(reference, {"x": sketch(rng.normal(0.3, 1.0, 3000))}, config)[0]
-    assert both.drifted and both.reason.startswith("wasserstein 0.") and "KS p_adjusted" in both.reason
+    assert both.drifted and both.reason.startswith("wasserstein 0.") and "KS/AD p_adjusted" in both.reason
 
 
 def test_columns_that_cannot_be_compared_say_why(clean: Stream) -> None:
@@ -435,7 +496,7 @@ def test_columns_that_cannot_be_compared_say_why(clean: Stream) -> None:
         "uniform": "not compared: only 10 current rows (min_rows 1000)",
     }
     assert all(math.isnan(result[n].p_adjusted) and not result[n].drifted and result[n].method == ""
-               for n in reasons)
+               and math.isnan(result[n].missing_effect) for n in reasons)
     assert [verdict_label(result[n]) for n in ("normal0", "extra", "normal4")] == ["NOT COMPARED", "-", "ok"]
     assert [c.name for c in not_compared(result.values(), clean.reference)] == ["normal0", "normal1", "normal2",
                                                                                  "uniform"]
@@ -533,6 +594,9 @@ def test_missing_rates_are_tested_and_a_dead_column_is_drift(clean: Stream) -> N
     assert {name for name, c in result.items() if c.drifted} == {"normal5", "normal6", "normal7", "five"}
     assert result["normal5"].reason.startswith("missing 0 % -> 10 % (h 0.64 >= 0.2); missing-rate p_adjusted")
     assert result["normal5"].missing_diff == pytest.approx(0.1) and result["normal5"].missing_p < 1e-20
+    # Cohen's h of the rates, the effect the threshold reads: 2 asin(sqrt(0.1)) - 2 asin(0)
+    assert result["normal5"].missing_effect == pytest.approx(2 * math.asin(math.sqrt(0.1)), rel=1e-9)
+    assert result["normal0"].missing_effect == 0.0 and result["normal6"].missing_effect == pytest.approx(math.pi)
     dead = result["normal6"]
     assert dead.method == "numeric" and dead.missing_rate == 1.0 and math.isnan(dead.ks_p)
     assert dead.reason.startswith("missing 0 % -> 100 % (h 3.1 >= 0.2)")
@@ -612,7 +676,7 @@ def test_every_span_is_one_benjamini_hochberg_family() -> None:
     # m = 4 tests: sorted 0.011, 0.02, 0.3, 0.5 -> x 4, 2, 4/3, 1 -> 0.044, 0.04, 0.4, 0.5 -> monotone 0.04, 0.04
     a, b = decide([short, long], config)
     assert a.drifted and a.span_seconds == 300 and a.p_adjusted == pytest.approx(0.04)
-    assert a.reason.endswith("KS p_adjusted 0.04 <= q 0.05 (last 5 min)")
+    assert a.reason.endswith("KS/AD p_adjusted 0.04 <= q 0.05 (last 5 min)")
     assert b.drifted and b.span_seconds == 3600 and b.p_adjusted == pytest.approx(0.04)
     # Alone, one span is a family of 2: the same p-values read smaller
     (alone, _) = decide([short], config)

@@ -45,6 +45,12 @@ _KS_EXACT_BELOW = 500
 # agent window's KLL (DEFAULT_K), below which its tail quantiles are noise.
 WASSERSTEIN_TRIM = 0.01
 UNSEEN, OTHER = "<unseen>", "<other>"
+# Anderson-Darling's p-value is that of continuous values: with a point mass the statistic's null
+# spread is wider and the p-value too small (clean samples of 500 vs 2,000 values: a 0/1 column read
+# p < 0.01 in 5.2 % of them, a column 60 % zeros in 3.6 %; values rounded so that one value holds
+# 10 % of them, 1.3 %). Where one value holds more than this share of both sides' finite values
+# there is no AD p-value: KS alone (conservative with ties) and, for few values, chi-square.
+AD_MAX_TIE_SHARE = 0.1
 # A full frequent-items sketch knows a count only within its error bound; a
 # category gets a cell of its own only if that bound is at most this share of it.
 CELL_TOLERANCE = 0.1
@@ -55,6 +61,8 @@ class NumericComparison(NamedTuple):
     ks_p: float
     psi: float
     wasserstein: float  # W1 divided by the reference's standard deviation
+    ad: float = math.nan  # two-sample Anderson-Darling A2 (Scholz-Stephens, midranks)
+    ad_p: float = math.nan  # its asymptotic p-value (``ad_pvalue``)
 
 
 class CategoricalComparison(NamedTuple):
@@ -178,6 +186,65 @@ def ks_pvalue(a: NumericSketch, b: NumericSketch) -> float:
     return _ks_pvalue_from(ks_statistic(a, b), a.finite_count, b.finite_count)
 
 
+def _ad_statistic(merged: Merged, n_a: int, n_b: int) -> float:
+    """Two-sample Anderson-Darling A2 of the two step CDFs: Scholz and Stephens' (1987) A2_akN
+    for k = 2, the version for ties (midranks; scipy's ``anderson_ksamp`` default), with each
+    side's counts read from its CDF; NaN where one value holds more than AD_MAX_TIE_SHARE of
+    them. Under the null its mean is 1 whatever the sizes. With two
+    samples the second side's term is the first's with its sign flipped (the midranks add up),
+    so one is computed and weighed by 1/n_a + 1/n_b."""
+    _, fa, fb = merged
+    n = n_a + n_b
+    ma = fa * n_a  # values of a at or before each point
+    both = ma + fb * n_b
+    ties = np.empty_like(both)
+    ties[0], ties[1:] = both[0], both[1:] - both[:-1]
+    mid = both - 0.5 * ties
+    denominator = mid * (n - mid) - 0.25 * n * ties
+    jumps = np.empty_like(ma)
+    jumps[0], jumps[1:] = ma[0], ma[1:] - ma[:-1]
+    gap = n * (ma - 0.5 * jumps) - n_a * mid
+    # a point holding every value (one distinct value in all) has no denominator: it says nothing
+    if float(ties.max()) > AD_MAX_TIE_SHARE * n:
+        return math.nan  # a point mass: see AD_MAX_TIE_SHARE
+    weight = ties / np.where(denominator > 0, denominator, np.inf)
+    return (n - 1) / n**2 * (1 / n_a + 1 / n_b) * float(np.dot(weight, gap * gap))
+
+
+def ad_pvalue(a2: float) -> float:
+    """P(A2 >= a2) under the null, from the limiting distribution of the Anderson-Darling
+    statistic (the two-sample A2 for k = 2 has the one-sample limit): Marsaglia and Marsaglia's
+    (2004) ``ADinf``, within 2e-6 of the CDF everywhere; its upper branch models
+    log(-log(CDF)), so p-values far below 1e-6 keep their relative accuracy. scipy's
+    ``anderson_ksamp`` caps its p-value to [0.001, 0.25], useless in a Benjamini-Hochberg family."""
+    if math.isnan(a2):
+        return math.nan
+    if a2 <= 0:
+        return 1.0
+    z = a2
+    if z < 2:
+        cdf = math.exp(-1.2337141 / z) / math.sqrt(z) * (
+            2.00012 + (.247105 - (.0649821 - (.0347962 - (.011672 - .00168691 * z) * z) * z) * z) * z)
+        return min(1.0, max(0.0, 1.0 - cdf))
+    exponent = 1.0776 - (2.30695 - (.43424 - (.082433 - (.008056 - .0003146 * z) * z) * z) * z) * z
+    return -math.expm1(-math.exp(exponent))
+
+
+def ad_test(a: NumericSketch, b: NumericSketch) -> tuple[float, float]:
+    """(A2, p) of the two-sample Anderson-Darling test between the finite values of two sketches;
+    (NaN, NaN) if either side has none or one value holds more than AD_MAX_TIE_SHARE of them
+    (AD's p-value is for continuous values). Beside KS because KS reads only the largest CDF gap,
+    near the middle: a change of spread (variance x1.5 moved D to ~0.06, p ~2e-4 at 1,000 rows)
+    or of a tail is where Anderson-Darling, which weighs the whole CDF and its tails, is far
+    stronger (p ~1e-20 on the same rows). Like KS, it reads the sketches' rank error as
+    difference once the counts are large: decisions need an effect size as well."""
+    merged = _merged_cdfs(a, b)
+    if merged is None:
+        return math.nan, math.nan
+    a2 = _ad_statistic(merged, a.finite_count, b.finite_count)
+    return a2, ad_pvalue(a2)
+
+
 def _normalised_w1(merged: Merged, reference: NumericSketch, trim: float) -> float:
     """The area between the two CDFs inside the band trim <= F <= 1 - trim,
     over the reference std. That band's area is the integral of
@@ -239,11 +306,14 @@ def compare_numeric(
     if merged is None:
         return NumericComparison(math.nan, math.nan, math.nan, math.nan)
     d = float(np.max(np.abs(merged[1] - merged[2])))
+    a2 = _ad_statistic(merged, reference.finite_count, current.finite_count)
     return NumericComparison(
         ks_d=d,
         ks_p=_ks_pvalue_from(d, reference.finite_count, current.finite_count),
         psi=_numeric_psi(merged, reference, bins),
         wasserstein=_normalised_w1(merged, reference, trim),
+        ad=a2,
+        ad_p=ad_pvalue(a2),
     )
 
 
