@@ -41,7 +41,9 @@ What is tested, per column and per span (``compare_column``):
   goes entirely missing is drift (h = pi), not "no data".
 
 Spans: each evaluation compares the last ``short_span_seconds`` (300) and the
-last ``span_seconds`` (3600) with the reference, and every test of every
+last ``span_seconds`` (3600) with the reference (counted in whole buckets by
+the evaluator's span cache, ``collector.spans``: the last 5 or 60 whole minutes
+plus the current one), and every test of every
 span is one Benjamini-Hochberg family (``decide``): looking twice is paid for
 in the correction. The short span sees a change within minutes (at 1,000
 rows a minute it holds 5,000 rows, plenty for these effect sizes); the hour
