@@ -36,11 +36,12 @@ class WindowPolicy:
 
     seconds: float | None = 10.0
     rows: int | None = None
-    # The worker sleeps between drains from poll_seconds (a busy ring) to max_poll_seconds (idle):
+    # The worker sleeps between drains from poll_seconds (a busy ring) to max_poll_seconds (idle;
+    # the default ring bounds it at 0.13 s, see BURST_ROWS_PER_S):
     # each wake-up costs a fixed ~0.1-0.5 ms whatever it finds, so waking every 2 ms to find a few
     # rows cost ~100x the summary itself. See Drainer.pause.
     poll_seconds: float = 0.002
-    max_poll_seconds: float = 0.05
+    max_poll_seconds: float = 0.1
     sample_rows: int = 0  # size of each window's reservoir sample of rows; 0: no sample
 
 
