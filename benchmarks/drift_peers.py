@@ -152,10 +152,11 @@ def write_cases(folder: Path, picked: Sequence[str], runs: int,
 
 
 def start_worker(venv: Path, manifest: Path, log: Path) -> subprocess.Popen:
+    # absolute: the worker runs in the cases' folder, where a relative --venv means nothing
     env = {**os.environ, "NML_DISABLE_USAGE_LOGGING": "1", "DO_NOT_TRACK": "1", "PYTHONPATH": ""}
     with open(log, "w") as err:
-        return subprocess.Popen([str(venv_python(venv)), str(WORKER), str(manifest)], stdout=subprocess.PIPE,
-                                stderr=err, text=True, env=env, cwd=manifest.parent)
+        return subprocess.Popen([str(venv_python(venv.absolute())), str(WORKER), str(manifest)],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=manifest.parent)
 
 
 def peer_verdicts(answer: dict, cases: Sequence[Case]) -> dict[str, dict[Case, Verdict]]:
