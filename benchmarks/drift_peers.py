@@ -20,7 +20,7 @@ flagged columns as JSON. Its docstring says exactly which calculators and verdic
 Reported per tool, scenario, reference and window size: flagged evaluations per 100 (clean: any
 column flagged = false alarms; a change: one of its changed columns flagged; for the correlation
 break, whose marginals do not move, the multivariate verdict: Outrider's "@reconstruction_error"
-column when drift_quality wires it, NannyML's PCA reconstruction error, Evidently's dataset-level
+column (drift_quality computes it as the agent does), NannyML's PCA reconstruction error, Evidently's dataset-level
 verdict), wrong columns flagged per evaluation (columns the change did not touch), and the
 multivariate / dataset-level verdict per 100.
 """
@@ -178,7 +178,7 @@ def outrider_verdicts(picked: Sequence[str], runs: int, references: dict[int, dq
                 evaluations = dq.static(ref, n, SEED + 300, dq.CHANGES.get(scenario), runs, with_scipy=False)
                 for run, evaluation in enumerate(evaluations):
                     names = set(dq.decide(evaluation, dq.SHIPPED))
-                    multivariate = (MULTIVARIATE in names) if MULTIVARIATE in dq.DERIVED else None
+                    multivariate = MULTIVARIATE in names  # drift_quality's windows carry the column
                     out[Case(scenario, size, n, run)] = Verdict({c for c in names if not c.startswith("@")},
                                                                 multivariate)
         log(f"outrider: {scenario}")

@@ -109,3 +109,11 @@ def test_peer_worker_contract_on_a_tiny_case(tmp_path):
     assert isinstance(got["evidently"]["dataset"], bool)
     assert "normal" in got["nannyml"]["columns"] and set(got["nannyml"]["columns"]) <= set(dq.COLUMNS)
     assert got["nannyml"]["multivariate"] in (True, False, None)
+
+
+def test_outriders_side_judges_the_correlation_break_by_its_multivariate_column():
+    scenario = next(s for s in dq.CHANGES if s.startswith("correlation"))
+    verdicts = dp.outrider_verdicts([scenario], 2, {50_000: dq.reference(dp.SEED, 50_000)}, lambda _: None)
+    assert len(verdicts) == 2 * len(dp.WINDOW_ROWS)
+    assert all(v.multivariate is True for v in verdicts.values()), verdicts
+    assert not any(v.columns for v in verdicts.values())  # the marginals did not move
