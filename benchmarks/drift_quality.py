@@ -33,7 +33,7 @@ Beside Outrider's shipped defaults, each table shows "before" (the policy before
 only, no missing-rate test, numeric columns never judged by their frequencies) and scipy's
 two-sample KS (numeric, finite values) and chi-square (categorical) on the raw rows of the same
 spans with a Bonferroni correction over every test (alpha 0.05), alert after the same k.
-Evidently and NannyML are not run here (they are not installed in this environment).
+Evidently and NannyML run on the same rows in a venv of their own: ``benchmarks/drift_peers.py``.
 
 ``--grid`` runs the same timelines once, keeps every span's statistics, and replays
 ``collector.drift.decide`` and the alert machine under candidate policies (spans, q, thresholds, k).
