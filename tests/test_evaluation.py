@@ -347,17 +347,23 @@ def test_cli_drift_never_says_no_drift_when_reference_columns_were_not_compared(
     assert {c["name"]: c["method"] for c in latest["columns"]}["city"] == "categorical"
 
 
+def drift_until_alert(setup) -> None:
+    """Version 1 of m with a profile and a 30-s span, drifted for 6 evaluations: its alert is open."""
+    store, evaluator, clock, _, send, rng = setup
+    store.attach_profile("m", "1", profile(rng), "test", clock.now)
+    set_span(store, 30)
+    for _ in range(6):
+        send(shift=0.8)
+        evaluator.evaluate("m", "1")
+
+
 def test_alerts_of_a_version_no_longer_served_are_resolved_and_kept(setup):
     from collector import alerts
     from collector.drift import DriftConfig
     from collector.web.model_page import model_page
 
     store, evaluator, clock, hook, send, rng = setup
-    store.attach_profile("m", "1", profile(rng), "test", clock.now)
-    set_span(store, 30)
-    for _ in range(6):
-        send(shift=0.8)
-        evaluator.evaluate("m", "1")
+    drift_until_alert(setup)
     (opened,) = alerts.alerts(store.read(), "m")
     assert opened.model_version == "1" and opened.column == "x"
     # Version 2 replaces version 1: no window of version 1 any more. Within 15 minutes it still counts as served.
@@ -388,11 +394,7 @@ def test_a_connected_agent_keeps_its_version_served_without_windows(setup):
     from collector import alerts
 
     store, evaluator, clock, hook, send, rng = setup
-    store.attach_profile("m", "1", profile(rng), "test", clock.now)
-    set_span(store, 30)
-    for _ in range(6):
-        send(shift=0.8)
-        evaluator.evaluate("m", "1")
+    drift_until_alert(setup)
     store.record_hello(pb.Hello(agent_id="a", run_id="r2", model_name="m", model_version="1"), clock.now)
     clock.now += 3600 * S  # an idle agent (windows by rows only) that stays connected
     evaluator.evaluate("m", "1")
