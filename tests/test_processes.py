@@ -72,8 +72,15 @@ def gone(pid: int) -> bool:
         return True
 
 
-def agent_id_of(pid: int) -> str:
-    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+def agent_id_of(pid: int) -> str | None:
+    """The last --agent-id of a process's command line; None for one that has exited (a zombie's command line
+    is empty) or is still between fork and exec."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if b"--agent-id" not in args:
+        return None
     return args[len(args) - 1 - args[::-1].index(b"--agent-id") + 1].decode()
 
 
@@ -164,7 +171,8 @@ def test_a_killed_process_is_restarted_and_the_port_keeps_serving(lr_model, tmp_
     replaced = wait_for(lambda: (len(now := children(proc.pid)) == 2 and victim not in now and now),
                         "a new process 0")
     newcomer = next(p for p in replaced if p not in first)
-    assert agent_id_of(newcomer) == "edge/0"
+    # between fork and exec the newcomer still shows the supervisor's command line
+    wait_for(lambda: agent_id_of(newcomer) == "edge/0", "the new process's own command line")
     wait_for(lambda: metrics(metrics_url)["outrider_agent_processes"][()] == 2, "both processes serving")
     assert metrics(metrics_url)["outrider_agent_process_restarts_total"][()] == 1
     feeds = {"X": x_rows()}
