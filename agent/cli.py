@@ -37,7 +37,7 @@ AGENT_ENV = "OUTRIDER_AGENT_"  # environment prefix of `outrider agent serve`'s 
 OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli", "agent.profile", "collector.drift_cli",
                                        "collector.audit_cli", "collector.models_cli",
                                        "collector.approvals_cli", "collector.retrain_cli", "collector.rollout_cli",
-                                       "collector.shadow_cli", "collector.data_cli")
+                                       "collector.shadow_cli", "collector.data_cli", "agent.health_cli")
 
 
 class Parser(argparse.ArgumentParser):

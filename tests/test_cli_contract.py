@@ -223,6 +223,7 @@ CASES: dict[str, Case] = {
     "outrider agent serve": Case(("agent", "serve", "--model", "{model}"), who=None),
     "outrider collector serve": Case(("collector", "serve"), who=None),
     "outrider demo": Case(("demo",), who=None),
+    "outrider health": Case(("health",), who=None),
     "outrider profile": Case(("profile", "--model", "{model}", "--data", "{data}", "--out", "{out}"), who=None),
     "outrider status": Case(("status",)),
     "outrider windows": Case(("windows", "--model", "m"), lists="windows"),
