@@ -372,7 +372,7 @@ def test_ks_pvalue_fast_path_agrees_with_scipy() -> None:
         assert ks_pvalue(a, b) == pytest.approx(exact, rel=0.02)
 
 
-@pytest.mark.filterwarnings("ignore:p-value capped")
+@pytest.mark.filterwarnings("ignore:p-value capped", "ignore:p-value floored")
 def test_anderson_darling_from_sketches_matches_scipy() -> None:
     """A2 from exact sketches (fewer values than k) and its p-value against scipy's anderson_ksamp on the raw
     values, ties included (midranks). scipy caps its p-value to [0.001, 0.25]: compared where it does not."""
