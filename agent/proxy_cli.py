@@ -50,13 +50,13 @@ def proxy_command(args: argparse.Namespace) -> int:
     from agent.proxy_grpc import serve_proxy
 
     configure_logging(args.log_level)
+    if args.upstream == args.listen:
+        raise UsageError(f"--upstream {args.upstream} is the proxy's own --listen address; give the inference "
+                         "server's address")
     names = _feature_names(args.feature_names)
     check_listen(args.listen)
     access = _port_access(args)
     reference = _reference(args)
-    if args.upstream == args.listen:
-        raise UsageError(f"--upstream {args.upstream} is the proxy's own --listen address; give the inference "
-                         "server's address")
     limits = _feedback_limits(args)
 
     def open_session(model: Any, version: str) -> Any:
