@@ -354,3 +354,27 @@ def test_cli_bad_input_exits_2_in_one_line(upstream: Any):
     assert busy.code == 2 and f"cannot listen on {upstream.address}" in busy.one_line()
     loop = run_cli("agent", "proxy", "--upstream", "127.0.0.1:8001", "--model-name", "m", "--listen", "127.0.0.1:8001")
     assert loop.code == 2 and "own --listen" in loop.one_line()
+
+
+def test_a_model_reloaded_with_other_tensors_is_monitored_afresh(lr_model: Path, tmp_path: Path):
+    first = serve(ort.InferenceSession(str(lr_model)), "m", "1", "127.0.0.1:0")
+    address = first.address
+    running = serve_proxy(address, "m", in_memory, "127.0.0.1:0")
+    try:
+        assert [a.shape for a in running.monitor.session.get_inputs()] == [[None, 20]]
+        first.stop(grace=0)
+        narrow = tmp_path / "narrow.onnx"
+        narrow.write_bytes(examples.logistic_regression(n_features=5))
+        second = serve(ort.InferenceSession(str(narrow)), "m", "2", address)  # the same address, reloaded
+        try:
+            wait_until(lambda: running.monitor.session.model_version == "2", timeout=HANG_GUARD,
+                       what="the proxy to read the new schema")
+            assert [a.shape for a in running.monitor.session.get_inputs()] == [[None, 5]]
+            x = examples.tabular_data(4, n_features=5, seed=9)[0]
+            assert Raw(running.address).call("ModelInfer", infer_request(x, "n"))[0] == "OK"
+            idle(running)
+            assert running.monitor.session.stats()["calls"] == 1
+        finally:
+            second.stop(grace=0)
+    finally:
+        running.stop(grace=0)
