@@ -378,3 +378,29 @@ def test_a_model_reloaded_with_other_tensors_is_monitored_afresh(lr_model: Path,
             second.stop(grace=0)
     finally:
         running.stop(grace=0)
+
+
+def test_request_metadata_reaches_the_upstream_and_its_refusals_come_back(lr_model: Path):
+    """The upstream checks bearer tokens: the client's header must pass through the proxy, and the
+    upstream's UNAUTHENTICATED come back as it said it."""
+    from agent.tokens import ClientAuth
+
+    auth = ClientAuth.from_toml('[[client]]\nname = "web"\ntoken = "a-long-random-token-0123"\n')
+    upstream = serve(ort.InferenceSession(str(lr_model)), "m", "1", "127.0.0.1:0", auth=auth)
+    running = serve_proxy(upstream.address, "m", in_memory, "127.0.0.1:0")
+    try:
+        x = examples.tabular_data(2, seed=10)[0]
+        body = infer_request(x, "t").SerializeToString()
+        results = []
+        for address in (upstream.address, running.address):
+            caller = grpc.insecure_channel(address).unary_unary(INFER)
+            results.append(caller(body, metadata=(("authorization", "Bearer a-long-random-token-0123"),),
+                                  timeout=HANG_GUARD))
+            with pytest.raises(grpc.RpcError) as refused:
+                caller(body, timeout=HANG_GUARD)
+            results.append((refused.value.code(), refused.value.details()))
+        assert results[:2] == results[2:]
+        assert results[1][0] == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        running.stop(grace=0)
+        upstream.stop(grace=0)
