@@ -4,8 +4,9 @@
 The proxy's front (``agent.proxy_grpc`` for gRPC; REST slots in beside it) forwards each call to
 the upstream server unchanged and hands ``ProxyMonitor.offer`` a *decoder*: a function that,
 called later on the monitor's own thread, parses a copy of the call into an ``ObservedCall``
-(inputs and outputs as OIP tensors). So the request thread pays for one bounded-queue put, never
-for parsing; a full queue drops the call from monitoring and counts it.
+(inputs and outputs as OIP tensors). So the request thread pays for one append to a bounded
+deque, never for parsing nor for waking a thread (the monitor drains the deque every
+``DRAIN_SECONDS``); a full deque drops the call from monitoring and counts it.
 
 What is monitored: one model (``--model-name``), in the version its schema was read for. Its
 schema comes from the upstream's ModelMetadata (``UpstreamModel``): the inputs and outputs as
@@ -18,8 +19,8 @@ schema could be read, a call that does not decode against the schema.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 OIP_TO_ONNX = {oip: onnx for onnx, oip in tensors.ONNX_TO_OIP.items()}
 # Why a call passed through without being summarised (the label of outrider_proxy_unmonitored_calls).
 UNMONITORED = ("other_model", "other_version", "no_schema", "partial_outputs", "undecodable", "queue_full")
-DEFAULT_QUEUE_CALLS = 1024
+DEFAULT_QUEUE_CALLS = 4096
+DRAIN_SECONDS = 0.005  # how long a call may wait to be summarised; a wake-up per call would cost more
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,10 @@ class ProxyMonitor:
         self.switch = ModelSwitch(model_name)  # the session now (None until the schema is read): Feedback's
         self._open_session = open_session
         self._pinned_version = model_version
-        self._queue: queue.Queue[Decoder | None] = queue.Queue(queue_calls)
+        self._pending: deque[Decoder] = deque()
+        self._capacity = queue_calls
+        self._busy = False  # the monitor's thread holds calls taken off the deque
+        self._stop = threading.Event()
         self._lock = threading.Lock()
         self._counts = {reason: 0 for reason in UNMONITORED}
         self.captured = 0          # calls summarised
@@ -129,10 +134,12 @@ class ProxyMonitor:
     # --- the request path -----------------------------------------------------------
     def offer(self, decode: Decoder) -> None:
         """Hand over a call to summarise later; never blocks: a full queue counts it as ``queue_full``."""
-        try:
-            self._queue.put_nowait(decode)
-        except queue.Full:
+        # len and append are each atomic; between them other threads may append too, so the deque can
+        # pass its capacity by at most the number of request threads: still bounded.
+        if len(self._pending) >= self._capacity:
             self._count("queue_full")
+        else:
+            self._pending.append(decode)
 
     # --- the schema -----------------------------------------------------------------
     @property
@@ -160,18 +167,20 @@ class ProxyMonitor:
 
     # --- the monitor's thread -------------------------------------------------------
     def _drain(self) -> None:
+        pending = self._pending
         while True:
-            decode = self._queue.get()
-            if decode is None:
+            stopping = self._stop.wait(DRAIN_SECONDS)
+            self._busy = True
+            while pending:
+                try:
+                    self._observe(pending.popleft())
+                except Exception:  # a bug here must not stop monitoring, nor reach any reply
+                    with self._lock:
+                        self.capture_failures += 1
+                    log.exception("could not summarise a proxied call")
+            self._busy = False
+            if stopping:
                 return
-            try:
-                self._observe(decode)
-            except Exception:  # a bug here must not stop monitoring, nor reach any reply
-                with self._lock:
-                    self.capture_failures += 1
-                log.exception("could not summarise a proxied call")
-            finally:
-                self._queue.task_done()
 
     def _observe(self, decode: Decoder) -> None:
         try:
@@ -228,12 +237,12 @@ class ProxyMonitor:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {"captured": self.captured, "upstream_errors": self.upstream_errors,
-                    "capture_failures": self.capture_failures, "queued": self._queue.qsize(),
+                    "capture_failures": self.capture_failures, "queued": len(self._pending),
                     "unmonitored": dict(self._counts)}
 
     def idle(self) -> bool:
         """Every call offered so far is summarised or counted (tests wait for it before sending labels)."""
-        return self._queue.unfinished_tasks == 0
+        return not self._busy and not self._pending
 
     def close(self, timeout: float = 10.0) -> None:
         """Summarise what is queued, stop the thread, flush the session's last window."""
@@ -241,10 +250,7 @@ class ProxyMonitor:
             if self._closed:
                 return
             self._closed = True
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
+        self._stop.set()
         self._thread.join(timeout)
         session = self.session
         if session is not None:
