@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
@@ -404,3 +402,29 @@ def test_request_metadata_reaches_the_upstream_and_its_refusals_come_back(lr_mod
     finally:
         running.stop(grace=0)
         upstream.stop(grace=0)
+
+
+def test_upstream_errors_and_unmonitored_calls_are_counted_in_prometheus(upstream: Any):
+    from agent.metrics import AgentMetrics
+
+    metrics = AgentMetrics()
+    endpoint = metrics.start_http("127.0.0.1:0")
+    running = serve_proxy(upstream.address, "m", in_memory, "127.0.0.1:0", metrics=metrics)
+    try:
+        through = Raw(running.address)
+        x = examples.tabular_data(3, seed=11)[0]
+        assert through.call("ModelInfer", infer_request(x, "ok"))[0] == "OK"
+        assert through.call("ModelInfer", infer_request(x, model="other"))[0] == "NOT_FOUND"
+        assert through.call("ModelInfer", infer_request(x, "sub", outputs=("probabilities",)))[0] == "OK"
+        idle(running)
+        page = urllib.request.urlopen(endpoint.url, timeout=HANG_GUARD).read().decode()
+    finally:
+        running.stop(grace=0)
+        metrics.close()
+    assert 'outrider_proxy_calls_total{code="OK",method="ModelInfer"} 2.0' in page
+    assert 'outrider_proxy_calls_total{code="NOT_FOUND",method="ModelInfer"} 1.0' in page
+    assert 'outrider_proxy_unmonitored_calls_total{reason="other_model"} 1.0' in page
+    assert 'outrider_proxy_unmonitored_calls_total{reason="partial_outputs"} 1.0' in page
+    assert "outrider_proxy_captured_calls_total 1.0" in page
+    assert "outrider_agent_rows_captured_total 3.0" in page  # the agent's own monitoring families, for the proxy
+    assert "outrider_proxy_upstream_ready 1.0" in page
