@@ -428,3 +428,33 @@ def test_upstream_errors_and_unmonitored_calls_are_counted_in_prometheus(upstrea
     assert "outrider_proxy_captured_calls_total 1.0" in page
     assert "outrider_agent_rows_captured_total 3.0" in page  # the agent's own monitoring families, for the proxy
     assert "outrider_proxy_upstream_ready 1.0" in page
+
+
+@pytest.mark.slow
+def test_an_upstream_killed_mid_traffic_is_unavailable_then_served_again_when_back(tmp_path: Path, lr_model: Path):
+    def upstream_process(listen: str) -> tuple[subprocess.Popen, str]:
+        return start(["agent", "serve", "--model", str(lr_model), "--model-name", "m", "--listen", listen,
+                      "--spool-dir", str(tmp_path / "up")], r"serving m version 1 on (\S+)")
+
+    first, address = upstream_process("127.0.0.1:0")
+    running = serve_proxy(address, "m", in_memory, "127.0.0.1:0")
+    second = None
+    try:
+        through = Raw(running.address)
+        x = examples.tabular_data(2, seed=12)[0]
+        assert through.call("ModelInfer", infer_request(x, "before"))[0] == "OK"
+        first.send_signal(signal.SIGKILL)
+        first.wait(HANG_GUARD)
+        code, details, _, _ = through.call("ModelInfer", infer_request(x, "down"))  # hang guard: HANG_GUARD
+        assert code == "UNAVAILABLE" and address in details
+        second, _ = upstream_process(address)
+        wait_until(lambda: through.call("ModelInfer", infer_request(x, "after"))[0] == "OK", timeout=HANG_GUARD,
+                   what="the proxy to reach the restarted upstream")
+        idle(running)
+        assert running.monitor.stats()["captured"] >= 2 and running.monitor.stats()["capture_failures"] == 0
+    finally:
+        running.stop(grace=0)
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(HANG_GUARD)
