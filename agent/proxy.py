@@ -114,7 +114,7 @@ class ProxyMonitor:
     def __init__(self, model_name: str, open_session: SessionFactory, *, model_version: str | None = None,
                  queue_calls: int = DEFAULT_QUEUE_CALLS) -> None:
         self.model_name = model_name
-        self.switch = ModelSwitch(model_name)  # the session now (None until the schema is read): Feedback's
+        self.switch = _UpstreamSwitch(model_name)  # the session now (None until the schema is read): Feedback's
         self._open_session = open_session
         self._pinned_version = model_version
         self._pending: deque[Decoder] = deque()
@@ -255,6 +255,12 @@ class ProxyMonitor:
         session = self.session
         if session is not None:
             session.close(timeout)
+
+
+class _UpstreamSwitch(ModelSwitch):
+    def waiting_message(self) -> str:
+        return (f"model '{self.model_name}' is not monitored yet: the proxy waits for the upstream's metadata "
+                "of it (is the upstream up, and is the model loaded there?)")
 
 
 def _spec(specs: Sequence[TensorSpec], name: str) -> TensorSpec:

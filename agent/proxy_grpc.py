@@ -39,7 +39,7 @@ from agent.dataplane import ModelMetadata
 from agent.errors import OutriderError
 from agent.guard import DecodeGuard
 from agent.proxy import ObservedCall, ProxyMonitor
-from agent.server import FEEDBACK_METHOD, MAX_FEEDBACK_BYTES, SERVICE_NAME, FeedbackServicer
+from agent.server import FEEDBACK_METHOD, MAX_FEEDBACK_BYTES, SERVICE_NAME, FeedbackServicer, _credentials
 from agent.tokens import AccessInterceptor, ClientAuth, TLSFiles
 from protos import agent_pb2_grpc
 from protos import open_inference_pb2 as pb
@@ -370,8 +370,13 @@ def serve_proxy(upstream: str, model_name: str, open_session: Callable[..., Any]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_generic_rpc_handlers((Forwarder(link, monitor, calls, strip_auth=auth is not None),))
     try:
-        port = (server.add_secure_port(listen, tls.server_credentials()) if tls is not None
+        credentials = _credentials(tls) if tls is not None else None  # InvalidArgument for unreadable files
+        port = (server.add_secure_port(listen, credentials) if credentials is not None
                 else server.add_insecure_port(listen))
+    except OutriderError:
+        monitor.close(0)
+        link.close()
+        raise
     except RuntimeError as exc:
         monitor.close(0)
         link.close()

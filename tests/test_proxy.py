@@ -191,6 +191,11 @@ def test_an_unreachable_upstream_is_unavailable_naming_it_and_the_proxy_is_not_s
         status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=HANG_GUARD).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert running.monitor.session is None  # no schema yet: nothing to summarise
+        with pytest.raises(grpc.RpcError) as refused:
+            agent_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(running.address)).Feedback(
+                agent_pb2.FeedbackRequest(labels=[agent_pb2.Label(request_id="a", class_label="1")]), timeout=HANG_GUARD)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "waits for the upstream's metadata" in refused.value.details()
     finally:
         running.stop(grace=0)
 
