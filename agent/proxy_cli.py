@@ -82,6 +82,10 @@ def proxy_command(args: argparse.Namespace) -> int:
         except (InvalidArgument, OutriderError) as exc:
             _close(metrics)
             raise UsageError(str(exc)) from None
+        if running.refused:  # read at start from a live upstream: a flag of ours does not fit the model
+            running.stop(0)
+            _close(metrics)
+            raise UsageError(f"cannot monitor {args.model_name}: {running.refused}")
         session = running.monitor.session
         state = (f"monitoring version {session.model_version}" if session is not None
                  else "waiting for the upstream's metadata")

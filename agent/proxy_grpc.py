@@ -249,6 +249,11 @@ class ProxyServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def refused(self) -> str | None:
+        """Why the model's schema, read from the upstream, could not be monitored (None: it is, or not read yet)."""
+        return self._watch.refused
+
     def stop(self, grace: float | None = 5.0) -> None:
         """NOT_SERVING first, finish in-flight calls, then summarise what is queued and flush the last window."""
         if self._stopped:
@@ -270,6 +275,7 @@ class _Watch:
                  version: str = "") -> None:
         self.upstream, self.monitor, self.health, self.version = upstream, monitor, health_servicer, version
         self.ready = False
+        self.refused: str | None = None  # why the upstream's schema could not be monitored, if it could not
         self._schema: ModelMetadata | None = None
         self._failed: str | None = None
         self._stop = threading.Event()
@@ -305,8 +311,12 @@ class _Watch:
         try:
             schema = self.upstream.metadata(name, self.version)
             if schema != self._schema:
-                self.monitor.monitor(schema)
-                self._schema = schema
+                try:
+                    self.monitor.monitor(schema)
+                except OutriderError as exc:  # ours to fix (feature names that do not fit, a busy spool)
+                    self.refused = str(exc)
+                    raise
+                self._schema, self.refused = schema, None
             self._failed = None
         except OutriderError as exc:
             if str(exc) != self._failed:  # said once per reason, not every second

@@ -355,6 +355,9 @@ def test_cli_bad_input_exits_2_in_one_line(upstream: Any):
     assert bad.code == 2 and "is not HOST:PORT" in bad.one_line()
     busy = run_cli("agent", "proxy", "--upstream", "127.0.0.1:1", "--model-name", "m", "--listen", upstream.address)
     assert busy.code == 2 and f"cannot listen on {upstream.address}" in busy.one_line()
+    names = run_cli("agent", "proxy", "--upstream", upstream.address, "--model-name", "m", "--listen", "127.0.0.1:0",
+                    "--feature-names", "a,b,c", "--summarizer", "thread")
+    assert names.code == 2 and "cannot monitor m" in names.one_line() and "3" in names.one_line()
     loop = run_cli("agent", "proxy", "--upstream", "127.0.0.1:8001", "--model-name", "m", "--listen", "127.0.0.1:8001")
     assert loop.code == 2 and "own --listen" in loop.one_line()
 
