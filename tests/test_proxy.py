@@ -476,3 +476,25 @@ def test_the_overhead_benchmark_measures_both_sides_and_no_request_fails():
     assert row["direct"]["failed"] == 0 and row["proxy"]["failed"] == 0
     assert row["direct"]["rps"] > 0 and row["proxy"]["rps"] > 0 and row["proxy"]["proxy_cpu_ms_per_1k"] > 0
     assert row["ratio_p50"] > 0 and row["ratio_rps"] > 0
+
+
+def test_a_streaming_call_passes_through_unmonitored():
+    """Triton's ModelStreamInfer (not in our protos): the proxy relays the stream both ways, bytes as they are."""
+
+    class Echo(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> Any:
+            if details.method != "/inference.GRPCInferenceService/ModelStreamInfer":
+                return None
+            return grpc.stream_stream_rpc_method_handler(lambda requests, context: (b"echo:" + r for r in requests))
+
+    echo = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=(Echo(),))
+    port = echo.add_insecure_port("127.0.0.1:0")
+    echo.start()
+    running = serve_proxy(f"127.0.0.1:{port}", "m", in_memory, "127.0.0.1:0")
+    try:
+        stream = grpc.insecure_channel(running.address).stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        assert list(stream(iter([b"a", b"\x00\x01"]), timeout=HANG_GUARD)) == [b"echo:a", b"echo:\x00\x01"]
+        assert running.monitor.stats()["captured"] == 0
+    finally:
+        running.stop(grace=0)
+        echo.stop(0)
