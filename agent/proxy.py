@@ -193,10 +193,11 @@ class ProxyMonitor:
         if call.model_name != self.model_name:
             self._count("other_model")
             return
-        session = self.session
-        if session is None:
+        current = self.switch.current  # read once: the watch thread may swap in a new schema meanwhile
+        if current is None:
             self._count("no_schema")
             return
+        session, plane = current.session, current.plane
         if call.model_version not in ("", session.model_version):
             self._count("other_version", f"the upstream answered with version {call.model_version!r}; "
                                          f"this proxy summarises version {session.model_version!r}")
@@ -206,7 +207,6 @@ class ProxyMonitor:
             with self._lock:
                 self.upstream_errors += 1
             return
-        plane: DataPlane = self.switch.current.plane  # type: ignore[union-attr]
         try:
             feed = {t.name: tensors.to_array(t, _spec(plane.inputs, t.name)) for t in call.inputs}
             by_name = {t.name: t for t in call.outputs}
