@@ -158,8 +158,15 @@ class ProxyMonitor:
                 raise OutriderError("the proxy is stopping")
         old = self.switch.current
         if old is not None:  # its spool directory is free again only once it is closed
+            self.switch.clear()
             old.session.close()
-        session = self._open_session(model, version)
+        try:
+            session = self._open_session(model, version)
+        except OutriderError:
+            raise
+        except (OSError, ValueError) as exc:  # e.g. a spool directory that cannot be written
+            raise OutriderError(f"cannot monitor {self.model_name}: {getattr(exc, 'strerror', None) or exc}"
+                                f"{': ' + str(exc.filename) if getattr(exc, 'filename', None) else ''}") from None
         self.switch.swap(LoadedVersion(DataPlane(session, self.model_name, version), session, version))
         log.info("monitoring %s version %s: %d inputs, %d outputs from the upstream's metadata", self.model_name,
                  version, len(meta.inputs), len(meta.outputs))
@@ -258,6 +265,11 @@ class ProxyMonitor:
 
 
 class _UpstreamSwitch(ModelSwitch):
+    def clear(self) -> None:
+        """No session until the next schema's opens (the old one is being closed)."""
+        with self._lock:
+            self.current = None
+
     def waiting_message(self) -> str:
         return (f"model '{self.model_name}' is not monitored yet: the proxy waits for the upstream's metadata "
                 "of it (is the upstream up, and is the model loaded there?)")

@@ -348,7 +348,7 @@ def test_the_cli_proxy_answers_tritonclient_as_the_upstream_does(tmp_path: Path,
             assert proc.wait(HANG_GUARD) == 0
 
 
-def test_cli_bad_input_exits_2_in_one_line(upstream: Any):
+def test_cli_bad_input_exits_2_in_one_line(upstream: Any, tmp_path: Path):
     missing = run_cli("agent", "proxy", "--model-name", "m")
     assert missing.code == 2 and "--upstream" in missing.one_line()
     bad = run_cli("agent", "proxy", "--upstream", "nowhere", "--model-name", "m")
@@ -358,6 +358,11 @@ def test_cli_bad_input_exits_2_in_one_line(upstream: Any):
     names = run_cli("agent", "proxy", "--upstream", upstream.address, "--model-name", "m", "--listen", "127.0.0.1:0",
                     "--feature-names", "a,b,c", "--summarizer", "thread")
     assert names.code == 2 and "cannot monitor m" in names.one_line() and "3" in names.one_line()
+    (tmp_path / "a-file").write_text("")
+    spool = run_cli("agent", "proxy", "--upstream", upstream.address, "--model-name", "m", "--listen", "127.0.0.1:0",
+                    "--collector", "127.0.0.1:1", "--spool-dir", str(tmp_path / "a-file" / "spool"),
+                    "--summarizer", "thread")
+    assert spool.code == 2 and "cannot monitor m" in spool.one_line() and "a-file" in spool.one_line()
     loop = run_cli("agent", "proxy", "--upstream", "127.0.0.1:8001", "--model-name", "m", "--listen", "127.0.0.1:8001")
     assert loop.code == 2 and "own --listen" in loop.one_line()
 
