@@ -165,7 +165,7 @@ class ProxyMonitor:
         except OutriderError:
             raise
         except (OSError, ValueError) as exc:  # e.g. a spool directory that cannot be written
-            raise OutriderError(f"cannot monitor {self.model_name}: {getattr(exc, 'strerror', None) or exc}"
+            raise OutriderError(f"{getattr(exc, 'strerror', None) or exc}"
                                 f"{': ' + str(exc.filename) if getattr(exc, 'filename', None) else ''}") from None
         self.switch.swap(LoadedVersion(DataPlane(session, self.model_name, version), session, version))
         log.info("monitoring %s version %s: %d inputs, %d outputs from the upstream's metadata", self.model_name,
