@@ -242,6 +242,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="serve the model as plain onnxruntime and summarise nothing (no windows, no feedback; "
                             "not with --collector): the baseline for measuring what monitoring costs")
     serve.set_defaults(func=serve_command)
+    from agent import proxy_cli  # `agent proxy`: the agent in front of an inference server, with serve's flags
+
+    proxy_cli.register(commands, serve)
+
+
+def share_flags(source: argparse.ArgumentParser, target: argparse.ArgumentParser, flags: tuple[str, ...]) -> None:
+    """Give ``target`` the very flags ``source`` defines (one definition, two commands), as argparse's
+    own ``parents=`` does: the same Action objects, added to ``target``."""
+    actions = {option: action for action in source._actions for option in action.option_strings}
+    for flag in flags:
+        target._add_action(actions[flag])
 
 
 def _providers(text: str) -> tuple[str, ...]:

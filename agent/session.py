@@ -122,14 +122,20 @@ class MonitoredSession:
         if isinstance(path_or_bytes, (bytes, bytearray)):
             model_bytes = bytes(path_or_bytes)
             default_name = None
-        else:
+        elif isinstance(path_or_bytes, (str, os.PathLike)):
             model_bytes = Path(path_or_bytes).read_bytes()
             default_name = Path(path_or_bytes).stem
-        self._sess = ort.InferenceSession(model_bytes, sess_options, providers, provider_options, **kwargs)
-        self.model_sha256 = hashlib.sha256(model_bytes).hexdigest()
+        else:  # a model that runs elsewhere (agent.proxy's upstream): its calls come in through ``observe``
+            model_bytes, default_name = None, None
+        if model_bytes is None:
+            self._sess = path_or_bytes
+            self.model_sha256 = getattr(path_or_bytes, "model_sha256", "")
+        else:
+            self._sess = ort.InferenceSession(model_bytes, sess_options, providers, provider_options, **kwargs)
+            self.model_sha256 = hashlib.sha256(model_bytes).hexdigest()
         meta = self._sess.get_modelmeta()
         self.model_name = model_name or default_name or meta.graph_name or "model"
-        self.model_version = model_version or self.model_sha256[:12]
+        self.model_version = model_version or self.model_sha256[:12] or "1"
         self.sink: WindowSink = sink if sink is not None else InMemorySink()
         self.identity = Identity(agent_id or socket.gethostname(), run_id or uuid.uuid4().hex,
                                  self.model_name, self.model_version, self.model_sha256)
@@ -232,6 +238,24 @@ class MonitoredSession:
         if output_names:
             return self._select(outputs, output_names, input_feed, run_options)
         return outputs
+
+    def observe(self, input_feed: dict[str, Any], outputs: list, latency_ns: int, *,
+                request_id: str | None = None) -> None:
+        """Capture a call the model made elsewhere (``run`` without running it): ``outputs`` in
+        ``get_outputs()`` order, ``latency_ns`` as the caller measured it. For a proxy in front of
+        a server that runs the model (agent.proxy); like ``run``, it never raises for monitoring."""
+        cap = self._capture
+        if cap is not None:
+            try:
+                cap(input_feed, outputs, latency_ns)
+            except Exception:
+                self._count_dropped(input_feed)
+        if request_id:
+            self._record(request_id, outputs)
+
+    def observe_error(self) -> None:
+        """Count a call the model, run elsewhere, failed (``run``'s errors)."""
+        self._count(ERRORS, 1)
 
     # --- the reference ----------------------------------------------------------------
     def set_reference(self, reference: Reference) -> None:

@@ -221,6 +221,7 @@ def _alert(w: World) -> dict[str, str]:
 
 CASES: dict[str, Case] = {
     "outrider agent serve": Case(("agent", "serve", "--model", "{model}"), who=None),
+    "outrider agent proxy": Case(("agent", "proxy", "--upstream", "127.0.0.1:1", "--model-name", "m"), who=None),
     "outrider collector serve": Case(("collector", "serve"), who=None),
     "outrider demo": Case(("demo",), who=None),
     "outrider health": Case(("health",), who=None),

@@ -1,0 +1,282 @@
+"""Monitoring in front of an inference server that runs the model: the transport-free core of
+``outrider agent proxy``.
+
+The proxy's front (``agent.proxy_grpc`` for gRPC; REST slots in beside it) forwards each call to
+the upstream server unchanged and hands ``ProxyMonitor.offer`` a *decoder*: a function that,
+called later on the monitor's own thread, parses a copy of the call into an ``ObservedCall``
+(inputs and outputs as OIP tensors). So the request thread pays for one append to a bounded
+deque, never for parsing nor for waking a thread (the monitor drains the deque every
+``DRAIN_SECONDS``); a full deque drops the call from monitoring and counts it.
+
+What is monitored: one model (``--model-name``), in the version its schema was read for. Its
+schema comes from the upstream's ModelMetadata (``UpstreamModel``): the inputs and outputs as
+OIP tensors, which ``MonitoredSession`` takes in place of an onnxruntime session, so the ring,
+summaries, windows, spool, exporter and feedback are the agent's own. Everything else passes
+through and is counted by reason (``UNMONITORED``): another model, another version, a reply
+that lacks some of the model's outputs (the client asked for a subset), a call before the
+schema could be read, a call that does not decode against the schema.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import tensors
+from agent.dataplane import DataPlane, ModelMetadata
+from agent.errors import OutriderError
+from agent.switch import LoadedVersion, ModelSwitch
+from agent.tensors import TensorSpec, WireTensor
+
+log = logging.getLogger(__name__)
+
+# OIP datatype -> the onnxruntime type string MonitoredSession plans its capture from.
+OIP_TO_ONNX = {oip: onnx for onnx, oip in tensors.ONNX_TO_OIP.items()}
+# Why a call passed through without being summarised (the label of outrider_proxy_unmonitored_calls).
+UNMONITORED = ("other_model", "other_version", "no_schema", "partial_outputs", "undecodable", "queue_full")
+DEFAULT_QUEUE_CALLS = 4096
+DRAIN_SECONDS = 0.005  # how long a call may wait to be summarised; a wake-up per call would cost more
+
+
+@dataclass(frozen=True)
+class TensorArg:
+    """An upstream tensor as onnxruntime's NodeArg shows one (what capture planning reads)."""
+
+    name: str
+    type: str
+    shape: list[Any]
+
+
+@dataclass(frozen=True)
+class _ModelMeta:
+    graph_name: str
+    custom_metadata_map: dict[str, str] = field(default_factory=dict)
+
+
+class UpstreamModel:
+    """The surface of an ``onnxruntime.InferenceSession`` for a model the upstream runs, built from
+    its ModelMetadata: enough for ``MonitoredSession`` (planning, Hello, feedback), never run here."""
+
+    model_sha256 = ""  # the upstream's model file is not ours to hash
+
+    def __init__(self, meta: ModelMetadata) -> None:
+        unknown = [f"{s.name} ({s.datatype})" for s in (*meta.inputs, *meta.outputs) if s.datatype not in OIP_TO_ONNX]
+        if unknown:
+            raise OutriderError(f"model '{meta.name}' has tensors of datatypes OIP does not define: "
+                                f"{', '.join(unknown)}")
+        if not meta.inputs or not meta.outputs:
+            raise OutriderError(f"model '{meta.name}': its metadata lists no inputs or no outputs")
+        self.meta = meta
+        self._inputs = [_arg(s) for s in meta.inputs]
+        self._outputs = [_arg(s) for s in meta.outputs]
+
+    def get_inputs(self) -> list[TensorArg]:
+        return self._inputs
+
+    def get_outputs(self) -> list[TensorArg]:
+        return self._outputs
+
+    def get_modelmeta(self) -> _ModelMeta:
+        return _ModelMeta(self.meta.name)
+
+    def run(self, output_names: Sequence[str] | None, input_feed: Any, run_options: Any = None) -> list[Any]:
+        raise OutriderError(f"model '{self.meta.name}' runs on the upstream server; the proxy only observes it")
+
+
+def _arg(spec: TensorSpec) -> TensorArg:
+    return TensorArg(spec.name, OIP_TO_ONNX[spec.datatype], [d if d >= 0 else None for d in spec.shape])
+
+
+@dataclass
+class ObservedCall:
+    """One inference call as the upstream answered it, decoded from whichever transport carried it."""
+
+    model_name: str
+    model_version: str        # of the reply ("" when the upstream does not say)
+    request_id: str           # the client's id, or the one the proxy assigned ("" for none)
+    inputs: list[WireTensor]
+    outputs: list[WireTensor] | None  # None: the upstream answered with an error
+    latency_ns: int
+
+
+# A decoder, run on the monitor's thread: the call, or None when it is not an inference call.
+Decoder = Callable[[], ObservedCall | None]
+# Opens the MonitoredSession for a schema (the CLI's collector, spool, window options).
+SessionFactory = Callable[[UpstreamModel, str], Any]
+
+
+class ProxyMonitor:
+    """Summarises the calls of one upstream model; ``offer`` is all the request path does."""
+
+    def __init__(self, model_name: str, open_session: SessionFactory, *, model_version: str | None = None,
+                 queue_calls: int = DEFAULT_QUEUE_CALLS) -> None:
+        self.model_name = model_name
+        self.switch = _UpstreamSwitch(model_name)  # the session now (None until the schema is read): Feedback's
+        self._open_session = open_session
+        self._pinned_version = model_version
+        self._pending: deque[Decoder] = deque()
+        self._capacity = queue_calls
+        self._busy = False  # the monitor's thread holds calls taken off the deque
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._counts = {reason: 0 for reason in UNMONITORED}
+        self.captured = 0          # calls summarised
+        self.upstream_errors = 0   # calls of the model the upstream answered with an error (in the windows' errors)
+        self.capture_failures = 0  # bugs: a decoder or capture that raised (counted, the reply was already sent)
+        self._warned: set[str] = set()
+        self._closed = False
+        self._thread = threading.Thread(target=self._drain, name="outrider-proxy-capture", daemon=True)
+        self._thread.start()
+
+    # --- the request path -----------------------------------------------------------
+    def offer(self, decode: Decoder) -> None:
+        """Hand over a call to summarise later; never blocks: a full queue counts it as ``queue_full``."""
+        # len and append are each atomic; between them other threads may append too, so the deque can
+        # pass its capacity by at most the number of request threads: still bounded.
+        if len(self._pending) >= self._capacity:
+            self._count("queue_full")
+        else:
+            self._pending.append(decode)
+
+    # --- the schema -----------------------------------------------------------------
+    @property
+    def session(self) -> Any:
+        current = self.switch.current
+        return current.session if current is not None else None
+
+    def monitor(self, meta: ModelMetadata) -> Any:
+        """Start summarising the model whose upstream metadata is ``meta`` (replacing any earlier
+        schema: its last window is flushed first). Raises ``OutriderError`` for a schema that
+        cannot be monitored; then calls keep passing through, counted as ``no_schema``."""
+        model = UpstreamModel(meta)
+        version = self._pinned_version or (meta.versions[-1] if meta.versions else "") or "1"
+        with self._lock:
+            if self._closed:
+                raise OutriderError("the proxy is stopping")
+        old = self.switch.current
+        if old is not None:  # its spool directory is free again only once it is closed
+            self.switch.clear()
+            old.session.close()
+        try:
+            session = self._open_session(model, version)
+        except OutriderError:
+            raise
+        except (OSError, ValueError) as exc:  # e.g. a spool directory that cannot be written
+            raise OutriderError(f"{getattr(exc, 'strerror', None) or exc}"
+                                f"{': ' + str(exc.filename) if getattr(exc, 'filename', None) else ''}") from None
+        self.switch.swap(LoadedVersion(DataPlane(session, self.model_name, version), session, version))
+        log.info("monitoring %s version %s: %d inputs, %d outputs from the upstream's metadata", self.model_name,
+                 version, len(meta.inputs), len(meta.outputs))
+        return session
+
+    # --- the monitor's thread -------------------------------------------------------
+    def _drain(self) -> None:
+        pending = self._pending
+        while True:
+            stopping = self._stop.wait(DRAIN_SECONDS)
+            self._busy = True
+            while pending:
+                try:
+                    self._observe(pending.popleft())
+                except Exception:  # a bug here must not stop monitoring, nor reach any reply
+                    with self._lock:
+                        self.capture_failures += 1
+                    log.exception("could not summarise a proxied call")
+            self._busy = False
+            if stopping:
+                return
+
+    def _observe(self, decode: Decoder) -> None:
+        try:
+            call = decode()
+        except OutriderError as exc:
+            self._count("undecodable", str(exc))
+            return
+        if call is None:
+            return
+        if call.model_name != self.model_name:
+            self._count("other_model")
+            return
+        current = self.switch.current  # read once: the watch thread may swap in a new schema meanwhile
+        if current is None:
+            self._count("no_schema")
+            return
+        session, plane = current.session, current.plane
+        if call.model_version not in ("", session.model_version):
+            self._count("other_version", f"the upstream answered with version {call.model_version!r}; "
+                                         f"this proxy summarises version {session.model_version!r}")
+            return
+        if call.outputs is None:
+            session.observe_error()
+            with self._lock:
+                self.upstream_errors += 1
+            return
+        try:
+            feed = {t.name: tensors.to_array(t, _spec(plane.inputs, t.name)) for t in call.inputs}
+            by_name = {t.name: t for t in call.outputs}
+            if any(spec.name not in by_name for spec in plane.outputs):
+                self._count("partial_outputs")
+                return
+            outputs = [tensors.to_array(by_name[spec.name], spec) for spec in plane.outputs]
+        except OutriderError as exc:
+            self._count("undecodable", str(exc))
+            return
+        if set(feed) != {spec.name for spec in plane.inputs}:
+            self._count("undecodable", "a call lacks some of the model's inputs")
+            return
+        session.observe(feed, outputs, call.latency_ns, request_id=call.request_id or None)
+        with self._lock:
+            self.captured += 1
+
+    def _count(self, reason: str, why: str = "") -> None:
+        with self._lock:
+            self._counts[reason] += 1
+            first = reason not in self._warned
+            self._warned.add(reason)
+        if first and why:
+            log.warning("proxied calls of %s pass through unmonitored (%s): %s; counted in "
+                        "outrider_proxy_unmonitored_calls", self.model_name, reason, why)
+
+    # --- for operators, metrics and tests --------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"captured": self.captured, "upstream_errors": self.upstream_errors,
+                    "capture_failures": self.capture_failures, "queued": len(self._pending),
+                    "unmonitored": dict(self._counts)}
+
+    def idle(self) -> bool:
+        """Every call offered so far is summarised or counted (tests wait for it before sending labels)."""
+        return not self._busy and not self._pending
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Summarise what is queued, stop the thread, flush the session's last window."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        self._thread.join(timeout)
+        session = self.session
+        if session is not None:
+            session.close(timeout)
+
+
+class _UpstreamSwitch(ModelSwitch):
+    def clear(self) -> None:
+        """No session until the next schema's opens (the old one is being closed)."""
+        with self._lock:
+            self.current = None
+
+    def waiting_message(self) -> str:
+        return (f"model '{self.model_name}' is not monitored yet: the proxy waits for the upstream's metadata "
+                "of it (is the upstream up, and is the model loaded there?)")
+
+
+def _spec(specs: Sequence[TensorSpec], name: str) -> TensorSpec:
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise OutriderError(f"tensor '{name}' is not in the model's metadata")

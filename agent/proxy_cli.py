@@ -1,0 +1,99 @@
+"""``outrider agent proxy``: the agent in front of an existing Open Inference Protocol server.
+
+Its collector, spool, window, feedback, metrics, token and TLS flags are ``agent serve``'s own
+(``agent.cli.share_flags``); only the upstream and the model it watches are its own.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from agent.cli import (AGENT_ENV, UsageError, _close, _feature_names, _feedback_limits, _first_line, _port_access,
+                       _reference, add_flag, check_listen, collector_address, configure_logging, positive,
+                       share_flags, stop_signals)
+
+# `agent serve`'s flags that mean the same for a proxy.
+SHARED_FLAGS = ("--feature-names", "--listen", "--window-seconds", "--summarizer", "--agent-id", "--collector",
+                "--spool-dir", "--token", "--workers", "--max-message-mb", "--log-level", "--grace-seconds",
+                "--join-seconds", "--metrics", "--sample-rows", "--max-predictions", "--max-prediction-mb",
+                "--max-request-id-chars", "--max-classes", "--auth-file", "--tls-cert", "--tls-key",
+                "--tls-client-ca", "--reference")
+
+
+def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParser) -> None:
+    proxy = commands.add_parser(
+        "proxy", help="monitor a model an existing OIP server (Triton, MLServer, KServe) serves, from in front of it",
+        description="Forward Open Inference Protocol (gRPC) calls to an existing inference server unchanged, "
+                    "summarising one model's traffic for the collector as 'agent serve' does. Calls of other "
+                    "models pass through unmonitored (counted). A request without an id is kept for feedback "
+                    "under the id in the reply's 'outrider-request-id' metadata. Stops gracefully on "
+                    "SIGTERM/SIGINT.",
+    )
+    add_flag(proxy, "--upstream", prefix=AGENT_ENV, required=True, type=collector_address, metavar="HOST:PORT",
+             help="the inference server's OIP gRPC address (plaintext)")
+    add_flag(proxy, "--model-name", prefix=AGENT_ENV, required=True, metavar="NAME",
+             help="the upstream model to monitor; its schema is read from the upstream's ModelMetadata")
+    add_flag(proxy, "--model-version", prefix=AGENT_ENV, metavar="V",
+             help="the version to monitor (default: the last the upstream's metadata lists, else 1); replies "
+                  "of other versions pass through unmonitored (counted)")
+    add_flag(proxy, "--upstream-timeout-seconds", prefix=AGENT_ENV, default="30", type=positive(float), metavar="S",
+             help="longest a forwarded call waits for the upstream when the client's deadline is longer or unset; "
+                  "then UNAVAILABLE (a refused connection is UNAVAILABLE at once)")
+    share_flags(serve, proxy, SHARED_FLAGS)
+    proxy.set_defaults(func=proxy_command)
+
+
+def proxy_command(args: argparse.Namespace) -> int:
+    from agent.errors import InvalidArgument, OutriderError
+    from agent.metrics import AgentMetrics, start_for_cli
+    from agent.proxy_grpc import serve_proxy
+
+    configure_logging(args.log_level)
+    if args.upstream == args.listen:
+        raise UsageError(f"--upstream {args.upstream} is the proxy's own --listen address; give the inference "
+                         "server's address")
+    names = _feature_names(args.feature_names)
+    check_listen(args.listen)
+    access = _port_access(args)
+    reference = _reference(args)
+    limits = _feedback_limits(args)
+
+    def open_session(model: Any, version: str) -> Any:
+        from agent import MonitoredSession
+
+        return MonitoredSession(model, model_name=args.model_name, model_version=version,
+                                window_seconds=args.window_seconds, summarizer=args.summarizer,
+                                agent_id=args.agent_id, collector=args.collector, spool_dir=args.spool_dir,
+                                collector_token=args.token, join_seconds=args.join_seconds,
+                                sample_rows=args.sample_rows, feedback_limits=limits, feature_names=names,
+                                reference=reference)
+
+    metrics = start_for_cli(AgentMetrics, args.metrics)
+    with stop_signals() as stop:
+        try:
+            running = serve_proxy(args.upstream, args.model_name, open_session, args.listen,
+                                  model_version=args.model_version, workers=args.workers,
+                                  upstream_timeout=args.upstream_timeout_seconds,
+                                  max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics, **access)
+        except OSError as exc:
+            _close(metrics)
+            raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
+        except (InvalidArgument, OutriderError) as exc:
+            _close(metrics)
+            raise UsageError(str(exc)) from None
+        if running.refused:  # read at start from a live upstream: a flag of ours does not fit the model
+            running.stop(0)
+            _close(metrics)
+            raise UsageError(f"cannot monitor {args.model_name}: {running.refused}")
+        session = running.monitor.session
+        state = (f"monitoring version {session.model_version}" if session is not None
+                 else "waiting for the upstream's metadata")
+        print(f"proxying {args.upstream} on {running.address} ({args.model_name}: {state})", flush=True)
+        logging.getLogger(__name__).info("proxy for %s on %s", args.upstream, running.address)
+        try:
+            stop.wait()
+        finally:
+            running.stop(args.grace_seconds)
+            _close(metrics)
+    return 0

@@ -1,0 +1,160 @@
+"""What ``outrider agent proxy`` costs: the same clients straight to the upstream and through the proxy.
+
+    python benchmarks/proxy.py [--clients 1,16] [--batches 1,64] [--seconds 10] [--rounds 2] [--json]
+
+The upstream is a real ``outrider agent serve`` (20-feature logistic regression, monitored, summary
+helper process, no collector); the proxy a real ``outrider agent proxy`` in front of it (monitoring
+the model: summary helper process, no collector). For each (clients, batch) a client process with
+that many threads (each on its own connection) calls ModelInfer back to back for ``--seconds``,
+once at the upstream ("direct") and once through the proxy, alternating over ``--rounds``. Reported
+per configuration (medians of rounds): requests/s, p50 and p99 latency at the clients, failed
+requests, CPU seconds per 1,000 requests of the upstream and of the proxy (each process with its
+helpers), and the ratios proxy / direct. Everything shares the machine's cores: the figures are
+ratios under the same load, not the machine's ceiling.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent import examples  # noqa: E402
+from benchmarks.processes import tree_cpu  # noqa: E402
+
+CLIENT = r"""
+import sys, threading, time
+import grpc
+import numpy as np
+from protos import open_inference_pb2 as pb, open_inference_pb2_grpc as pb_grpc
+address, threads, seconds, batch = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+x = np.random.default_rng(0).standard_normal((batch, 20)).astype("<f4").tobytes()
+request = pb.ModelInferRequest(model_name="bench", id="b")
+request.inputs.add(name="X", datatype="FP32", shape=[batch, 20])
+request.raw_input_contents.append(x)
+latencies, failed = [], [0]
+start = threading.Barrier(threads + 1)
+def run():
+    with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(request, timeout=30)
+        mine = []
+        start.wait()
+        end = time.monotonic() + seconds
+        while (t0 := time.monotonic()) < end:
+            try:
+                stub.ModelInfer(request, timeout=30)
+                mine.append(time.monotonic() - t0)
+            except grpc.RpcError:
+                failed[0] += 1
+        latencies.extend(mine)
+workers = [threading.Thread(target=run) for _ in range(threads)]
+for w in workers: w.start()
+start.wait()
+for w in workers: w.join()
+print(failed[0])
+print(" ".join(f"{v:.6f}" for v in latencies))
+"""
+
+
+def start(args: list[str], marker: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for line in proc.stdout:
+        if line.startswith(marker):
+            return proc, line.split(" on ", 1)[1].split()[0]
+    raise RuntimeError(f"{args[:2]} did not start")
+
+
+def clients(address: str, threads: int, seconds: float, batch: int) -> tuple[list[float], int]:
+    done = subprocess.run([sys.executable, "-c", CLIENT, address, str(threads), str(seconds), str(batch)],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          timeout=seconds + 120)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr)
+    failed, latencies = done.stdout.split("\n", 1)
+    return sorted(float(v) for v in latencies.split()), int(failed)
+
+
+def pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def run(client_counts: list[int], batches: list[int], seconds: float, rounds: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "bench.onnx"
+        model.write_bytes(examples.logistic_regression())
+        upstream, upstream_address = start(["agent", "serve", "--model", str(model), "--model-name", "bench",
+                                            "--listen", "127.0.0.1:0", "--workers", "16",
+                                            "--spool-dir", str(Path(tmp) / "up")], "serving ")
+        proxy, proxy_address = start(["agent", "proxy", "--upstream", upstream_address, "--model-name", "bench",
+                                      "--listen", "127.0.0.1:0", "--workers", "16"], "proxying ")
+        results = []
+        try:
+            for threads in client_counts:
+                for batch in batches:
+                    seen: dict[str, list[dict]] = {"direct": [], "proxy": []}
+                    for _ in range(rounds):
+                        for via, address in (("direct", upstream_address), ("proxy", proxy_address)):
+                            cpu0 = (tree_cpu(upstream.pid), tree_cpu(proxy.pid))
+                            latencies, failed = clients(address, threads, seconds, batch)
+                            cpu1 = (tree_cpu(upstream.pid), tree_cpu(proxy.pid))
+                            n = max(len(latencies), 1)
+                            seen[via].append({"rps": len(latencies) / seconds, "p50": pct(latencies, 0.5) * 1e3,
+                                              "p99": pct(latencies, 0.99) * 1e3, "failed": failed,
+                                              "upstream_cpu_ms_per_1k": (cpu1[0] - cpu0[0]) / n * 1e6,
+                                              "proxy_cpu_ms_per_1k": (cpu1[1] - cpu0[1]) / n * 1e6})
+                    row: dict = {"clients": threads, "batch": batch}
+                    for via, runs in seen.items():
+                        row[via] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                        row[via]["failed"] = sum(r["failed"] for r in runs)
+                    row["ratio_p50"] = row["proxy"]["p50"] / row["direct"]["p50"]
+                    row["ratio_rps"] = row["proxy"]["rps"] / row["direct"]["rps"]
+                    results.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+        finally:
+            for proc in (proxy, upstream):
+                proc.send_signal(signal.SIGTERM)
+            for proc in (proxy, upstream):
+                proc.wait(60)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", default="1,16")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    load = os.getloadavg()
+    results = run([int(c) for c in args.clients.split(",")], [int(b) for b in args.batches.split(",")],
+                  args.seconds, args.rounds)
+    if args.json:
+        print(json.dumps({"load_average_before": load, "results": results}, indent=2))
+        return
+    print(f"load average before: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; after: {os.getloadavg()[0]:.1f}")
+    print("| clients | batch | direct req/s | proxy req/s | direct p50 ms | proxy p50 ms | direct p99 ms | "
+          "proxy p99 ms | failed | upstream CPU ms/1k req (direct, proxied) | proxy CPU ms/1k req | "
+          "p50 ratio | throughput ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        d, p = r["direct"], r["proxy"]
+        print(f"| {r['clients']} | {r['batch']} | {d['rps']:,.0f} | {p['rps']:,.0f} | {d['p50']:.2f} | {p['p50']:.2f} "
+              f"| {d['p99']:.2f} | {p['p99']:.2f} | {d['failed'] + p['failed']} | {d['upstream_cpu_ms_per_1k']:.0f}, "
+              f"{p['upstream_cpu_ms_per_1k']:.0f} | {p['proxy_cpu_ms_per_1k']:.0f} | {r['ratio_p50']:.2f}x | "
+              f"{r['ratio_rps']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
