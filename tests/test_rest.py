@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import queue
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +25,7 @@ from agent.rest import RestServer, SwitchBackend, serve_rest
 from agent.server import InferenceServer, package_version, serve
 from agent.tokens import ClientAuth
 from protos import agent_pb2, agent_pb2_grpc
-from test_agent_cli import ROOT, cli, cli_env, read_line
+from test_agent_cli import ROOT, cli, cli_env
 from test_server import x_rows
 
 PROVIDERS = ["CPUExecutionProvider"]
@@ -429,14 +431,27 @@ def _subclasses(cls):
 
 # --- the CLI ------------------------------------------------------------------------------
 
+def lines_until_serving(proc: subprocess.Popen) -> list[str]:
+    """What ``agent serve`` printed up to its "serving ..." line (a reader thread: the timeout is a hang guard)."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen: list[str] = []
+    while not seen or not seen[-1].startswith("serving "):
+        try:
+            seen.append(lines.get(timeout=HANG_GUARD))
+        except queue.Empty:
+            proc.kill()
+            pytest.fail(f"no 'serving' line from outrider agent serve: {seen}")
+    return seen
+
+
 def test_agent_serve_http_listen_serves_rest_beside_grpc(lr_model):
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "serve", "--model", str(lr_model),
                              "--model-name", "credit", "--listen", "127.0.0.1:0"],
                             cwd=ROOT, env=cli_env(OUTRIDER_AGENT_HTTP_LISTEN="127.0.0.1:0"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        first = read_line(proc)
-        second = proc.stdout.readline()  # printed right after the first: already in the reader's buffer
+        first, second = lines_until_serving(proc)
         assert first.startswith("rest on http://127.0.0.1:"), (first, second)
         assert second.startswith("serving credit version 1 on 127.0.0.1:"), second
         url = first.split()[-1]
@@ -461,3 +476,36 @@ def test_a_busy_http_port_is_one_line_exit_2(lr_model):
                      "--http-listen", f"127.0.0.1:{served.port}")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "Address already in use" in result.stderr and "--http-listen" in result.stderr
+
+
+@pytest.mark.slow
+def test_processes_share_the_http_port(lr_model, tmp_path):
+    from test_processes import requests_by_process, wait_for
+
+    with open(tmp_path / "agent.log", "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "serve", "--model", str(lr_model),
+                                 "--model-name", "lr", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+                                 "--processes", "2", "--metrics", "127.0.0.1:0", "--summarizer", "thread",
+                                 "--spool-dir", str(tmp_path / "spool")],
+                                cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        lines = lines_until_serving(proc)
+        assert len(lines) == 3, lines
+        assert lines[0].startswith("metrics on ") and lines[2].startswith("serving lr version 1 on "), lines
+        assert lines[1].startswith("rest on http://127.0.0.1:") and not lines[1].endswith(":0\n"), lines
+        url, metrics_url = lines[1].split()[-1], lines[0].split()[-1]
+        x = x_rows(n=1)
+        body = json.dumps({"inputs": [{"name": "X", "shape": [1, 20], "datatype": "FP32", "data": x.tolist()}]})
+        for _ in range(40):  # urllib opens a connection per request: the kernel spreads them over both
+            request = urllib.request.Request(f"{url}/v2/models/lr/infer", data=body.encode(), method="POST")
+            with urllib.request.urlopen(request, timeout=HANG_GUARD) as reply:
+                assert reply.status == 200
+        by_process = wait_for(lambda: (counts := requests_by_process(metrics_url)) and sum(counts.values()) == 40
+                              and counts, "both processes' counts")
+        assert set(by_process) == {"0", "1"} and all(n > 0 for n in by_process.values()), by_process
+        proc.terminate()
+        assert proc.wait(timeout=HANG_GUARD) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
