@@ -509,3 +509,12 @@ def test_processes_share_the_http_port(lr_model, tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["json", "binary"])
+def test_the_rest_benchmark_runs_its_clients_against_a_real_agent(lr_model, protocol):
+    from benchmarks import rest as bench
+
+    result = bench.one(lr_model, protocol, clients=1, threads=2, seconds=1.0, batch=3)
+    assert result["protocol"] == protocol and result["requests"] > 0 and result["agent_cpu_us_per_request"] > 0
