@@ -26,6 +26,7 @@ from agent.server import InferenceServer, package_version, serve
 from agent.tokens import ClientAuth
 from protos import agent_pb2, agent_pb2_grpc
 from test_agent_cli import ROOT, cli, cli_env
+from test_auth import pki  # noqa: F401  (a fixture: certificates made on the fly)
 from test_server import x_rows
 
 PROVIDERS = ["CPUExecutionProvider"]
@@ -518,3 +519,48 @@ def test_the_rest_benchmark_runs_its_clients_against_a_real_agent(lr_model, prot
 
     result = bench.one(lr_model, protocol, clients=1, threads=2, seconds=1.0, batch=3)
     assert result["protocol"] == protocol and result["requests"] > 0 and result["agent_cpu_us_per_request"] > 0
+
+
+# --- TLS, and a managed agent before its first version ------------------------------------
+
+
+def test_tls_as_on_the_grpc_port_with_client_certificates_when_a_ca_is_given(lr_model, pki):  # noqa: F811
+    import ssl
+
+    from agent.tokens import TLSFiles
+
+    tls = TLSFiles(pki["server_cert"], pki["server_key"], pki["ca"])
+    with running(ort.InferenceSession(str(lr_model)), "lr", tls=tls) as served:
+        assert served.rest.url.startswith("https://")
+        context = ssl.create_default_context(cafile=str(pki["server_cert"]))
+        context.check_hostname = False
+        context.load_cert_chain(pki["client_cert"], pki["client_key"])
+        conn = http.client.HTTPSConnection("127.0.0.1", served.port, context=context, timeout=HANG_GUARD)
+        conn.request("GET", "/v2/models/lr/ready")
+        assert conn.getresponse().status == 200
+        conn.close()
+        without = ssl.create_default_context(cafile=str(pki["server_cert"]))
+        without.check_hostname = False
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # no client certificate: the handshake fails
+            conn = http.client.HTTPSConnection("127.0.0.1", served.port, context=without, timeout=HANG_GUARD)
+            conn.request("GET", "/v2/models/lr/ready")
+            conn.getresponse()
+        with pytest.raises((http.client.HTTPException, ConnectionError)):  # plaintext is not served
+            call(served.port, "GET", "/v2/health/live")
+
+
+def test_a_switch_with_no_version_yet_is_not_ready_and_answers_503():
+    from agent.switch import ModelSwitch
+
+    rest = serve_rest(SwitchBackend(ModelSwitch("churn")), "127.0.0.1:0")
+    try:
+        assert get(rest.port, "/v2/health/live") == (200, {"live": True})
+        assert get(rest.port, "/v2/health/ready") == (503, {"ready": False})
+        status, body = get(rest.port, "/v2/models/churn/ready")
+        assert status == 503 and "is not loaded yet" in body["error"]
+        status, _, reply = infer(rest.port, {"inputs": [{"name": "X", "shape": [1, 1], "datatype": "FP32",
+                                                         "data": [0.0]}]}, model="churn")
+        assert status == 503 and "waits for the collector" in json.loads(reply)["error"]
+        assert get(rest.port, "/v2/models/other")[0] == 404
+    finally:
+        rest.stop()
