@@ -240,6 +240,21 @@ def test_every_datatype_round_trips(typed, binary):
         np.testing.assert_array_equal(out[f"{key}_out"], feeds[f"{key}_in"])
 
 
+def test_nan_and_infinity_travel_as_null_in_json_and_as_themselves_in_binary(typed):
+    values = np.array([[np.nan, np.inf], [-np.inf, 1.5]], np.float32)
+    inputs = typed_inputs(fp32_in={"data": None, "parameters": {"binary_data_size": values.nbytes}})
+    del inputs[1]["data"]
+    for binary in (False, True):
+        doc = {"inputs": inputs, "outputs": [{"name": "fp32_out", "parameters": {"binary_data": binary}}]}
+        status, headers, body = infer(typed.port, doc, model="typed", binary=values.tobytes())
+        assert status == 200, body
+        reply, out = outputs_of(headers, body) if binary else (json.loads(body), None)
+        if binary:
+            np.testing.assert_array_equal(out["fp32_out"], values)
+        else:
+            assert reply["outputs"][0]["data"] == [None, None, None, 1.5]
+
+
 def typed_inputs(**override) -> list[dict]:
     inputs = [{"name": f"{k}_in", "shape": [2, 2], "datatype": d, "data": v} for k, (d, _, v) in TYPED.items()]
     for entry in inputs:
@@ -253,6 +268,8 @@ BAD = {  # what is sent -> words of the 400's error
     "not json": ("{", None, "not valid JSON"),
     "not an object": ("[1]", None, "must be a JSON object"),
     "no inputs": ({"inputs": []}, None, "'inputs' must be a non-empty list"),
+    "NaN is not JSON": ('{"inputs": [{"name": "X", "shape": [1, 1], "datatype": "FP32", "data": [NaN]}]}', None,
+                        "not valid JSON"),
     "unknown input": ({"inputs": [{"name": "Y", "shape": [1, 20], "datatype": "FP32", "data": X20}]}, None,
                       "unknown input 'Y'; the model's inputs are: X"),
     "wrong datatype": ({"inputs": [{"name": "X", "shape": [1, 20], "datatype": "FP64", "data": X20}]}, None,

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 START_SECONDS = 30.0  # a hang guard: uvicorn starts in well under a second
 BACKLOG = 2048
+# A request arriving while this many connections are open (or requests in flight) is answered with
+# uvicorn's plain-text 503 instead of being run: with the app's body budgets, a bound on what a crowd
+# of clients can make the agent hold (an idle connection costs a socket and its small buffers).
+MAX_CONNECTIONS = 1000
 
 
 class RestServer:
@@ -49,6 +53,7 @@ class RestServer:
                                ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE)
         config = uvicorn.Config(self.app, http="auto", loop="asyncio", lifespan="off", log_config=None,
                                 access_log=False, server_header=False, date_header=False, backlog=BACKLOG,
+                                limit_concurrency=MAX_CONNECTIONS,
                                 timeout_graceful_shutdown=5, **tls_options)
         try:
             config.load()  # certificate errors here, in the caller's thread
