@@ -22,7 +22,11 @@ from agent.tensors import WireTensor
 
 
 class Backend(Protocol):
-    """The calls of the Open Inference Protocol, transport-free; errors are ``agent.errors``'."""
+    """The calls of the Open Inference Protocol, transport-free; errors are ``agent.errors``'.
+
+    ``ready``, ``model_ready``, ``metadata`` and ``served`` run on the event loop and must answer at once
+    (from memory: a backend that asks an upstream server keeps a recent answer); ``infer`` runs on a
+    worker thread and may block."""
 
     def ready(self) -> bool: ...
     def model_ready(self, name: str, version: str) -> bool: ...
