@@ -168,6 +168,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                   "the registry")
     add_flag(serve, "--listen", prefix=AGENT_ENV, default="127.0.0.1:8001", type=listen_address, metavar="HOST:PORT",
              help="address to serve on; port 0 picks a free port")
+    add_flag(serve, "--http-listen", prefix=AGENT_ENV, type=listen_address, metavar="HOST:PORT",
+             help="also serve the Open Inference Protocol over HTTP/REST here (/v2/...: JSON tensors and the binary "
+                  "tensor extension), on the same model, checks, monitoring, auth file and TLS as --listen "
+                  "(default: none; Triton's HTTP port is 8000)")
     add_flag(serve, "--window-seconds", prefix=AGENT_ENV, default="10", type=positive(float), metavar="S",
              help="length of each summary window")
     add_flag(serve, "--summarizer", prefix=AGENT_ENV, default="auto", choices=["auto", "process", "thread"],
@@ -287,7 +291,7 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UsageError(f"model file {model} does not exist; pass --model PATH.onnx (or set OUTRIDER_AGENT_MODEL)")
     name = args.model_name or model.stem
     names = _feature_names(args.feature_names)
-    shared = _check_listen(args.listen)
+    shared = _check_listen(args.listen, getattr(args, "http_listen", None))
     access = _port_access(args)
     reference = _reference(args)
     runtime = _runtime(args)
@@ -319,11 +323,12 @@ def serve_command(args: argparse.Namespace) -> int:
         except OutriderError as exc:  # e.g. an input or output type OIP cannot carry
             _close(session)
             raise UsageError(f"cannot serve {model}: {exc}") from None
+        rest = _start_rest(args, running, metrics, access, shared)
         print(f"serving {name} version {args.model_version} on {running.address}", flush=True)
         try:
             stop.wait()
         finally:
-            running.stop(args.grace_seconds)
+            _stop(running, rest, args.grace_seconds)
             _close(metrics)
     return 0
 
@@ -350,7 +355,7 @@ def _serve_managed(args: argparse.Namespace) -> int:
                          f"it serves by the collector (outrider attach {args.model_name} VERSION PROFILE.pb)")
     if getattr(args, "no_monitoring", False):
         raise UsageError("--no-monitoring goes with --model: a managed agent reports to its collector")
-    shared = _check_listen(args.listen)
+    shared = _check_listen(args.listen, getattr(args, "http_listen", None))
     access = _port_access(args)
     runtime = _runtime(args)
     if getattr(args, "processes", 1) > 1:  # the arguments are checked: run N serving processes, watch them
@@ -381,6 +386,7 @@ def _serve_managed(args: argparse.Namespace) -> int:
             agent.close(0)
             _close(metrics)
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
+        rest = _start_rest(args, running, metrics, access, shared)
         current = agent.switch.current
         what = (f"version {current.version} as last time, until the collector names one" if current
                 else "waiting for the collector to name the version")
@@ -388,18 +394,59 @@ def _serve_managed(args: argparse.Namespace) -> int:
         try:
             stop.wait()
         finally:
-            running.stop(args.grace_seconds)
+            _stop(running, rest, args.grace_seconds)
             _close(metrics)
     return 0
 
 
-def _check_listen(listen: str) -> bool:
-    """Bind-test --listen, unless this process is one of ``--processes N``'s (agent.supervisor): its siblings
-    hold the port and the supervisor tested it. Whether this process shares the port with them."""
+def _check_listen(listen: str, http_listen: str | None = None) -> bool:
+    """Bind-test --listen (and --http-listen), unless this process is one of ``--processes N``'s
+    (agent.supervisor): its siblings hold the ports and the supervisor tested them. Whether this process
+    shares the ports with them."""
     if supervisor.member() is not None:
         return True
     check_listen(listen)
+    if http_listen:
+        check_listen(http_listen, "--http-listen")
     return False
+
+
+def _start_rest(args: argparse.Namespace, running: Any, metrics: Any, access: dict[str, Any], shared: bool) -> Any:
+    """--http-listen's REST endpoint on what ``running`` (the gRPC server) serves; None without the flag.
+    Prints where it is (before the "serving" line, which the supervisor of --processes waits for)."""
+    from agent.rest import SwitchBackend, serve_rest
+
+    if not getattr(args, "http_listen", None):
+        return None
+    servicer = running.servicer
+    try:
+        rest = serve_rest(SwitchBackend(servicer.switch, servicer.shutting_down), args.http_listen,
+                          workers=args.workers, max_body_bytes=int(args.max_message_mb * 1024 * 1024),
+                          metrics=metrics, reuse_port=shared, **access)
+    except OSError as exc:
+        running.stop(0)
+        _close(metrics)
+        raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --http-listen") from None
+    if metrics is not None:  # refused calls of both ports, under one name
+        metrics.bind(lambda: servicer.plane, lambda: _add_counts(running.refusals(), rest.refusals()))
+    print(f"rest on {rest.url}", flush=True)
+    return rest
+
+
+def _add_counts(*counts: dict[str, int]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for each in counts:
+        for key, value in each.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def _stop(running: Any, rest: Any, grace: float) -> None:
+    """Drain REST too before the session closes: not ready first, then its requests in flight."""
+    if rest is not None:
+        running.servicer.shutting_down.set()
+        rest.stop()
+    running.stop(grace)
 
 
 def _feature_names(text: str | None) -> Any:
@@ -498,7 +545,7 @@ def stop_signals() -> Iterator[StopRequest]:
             signal.signal(sig, old)
 
 
-def check_listen(listen: str) -> None:
+def check_listen(listen: str, flag: str = "--listen") -> None:
     """Bind-test HOST:PORT first: a bad address is then one clear line, not gRPC's log output."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
@@ -506,7 +553,7 @@ def check_listen(listen: str) -> None:
         infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise UsageError(f"cannot listen on {listen}: host {host!r} does not resolve ({exc.strerror}); "
-                         "use a local IP address or host name with --listen") from None
+                         f"use a local IP address or host name with {flag}") from None
     reasons = []
     for family, kind, proto, _, address in infos:
         with socket.socket(family, kind, proto) as probe:
@@ -518,7 +565,7 @@ def check_listen(listen: str) -> None:
             except OSError as exc:
                 reasons.append(exc.strerror or str(exc))
     raise UsageError(f"cannot listen on {listen}: {reasons[0] if reasons else 'no address'}; "
-                     "pick a free port on a local address with --listen")
+                     f"pick a free port on a local address with {flag}")
 
 
 def _open_session(model: Path, name: str, version: str, window_seconds: float, summarizer: str,

@@ -1,4 +1,4 @@
-"""The one error hierarchy of Outrider, and its one mapping to gRPC.
+"""The one error hierarchy of Outrider, and its one mapping to gRPC (and to HTTP).
 
 Plain-Python cores raise these; servicers are wrapped with ``grpc_errors``
 (``grpc_stream_errors`` for streaming replies) so that each becomes ``context.abort(code, message)`` in exactly one place.
@@ -10,6 +10,10 @@ message that echoes a caller's 20,000-character model name would reach the
 caller as RESOURCE_EXHAUSTED "metadata too large" instead of its real status.
 So the one mapping sends only the start of a long message (``clip_details``:
 what went wrong comes first in our messages) and says how much was cut.
+
+The agent's Open Inference Protocol over HTTP/REST (``agent.rest``) answers the
+same errors with the HTTP status ``http_status`` reads from ``HTTP_STATUS``
+and a JSON ``{"error": message}`` body (``http_error``).
 """
 from __future__ import annotations
 
@@ -74,6 +78,27 @@ class Unavailable(OutriderError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class PayloadTooLarge(ResourceExhausted):
+    """A request body over its byte budget (gRPC refuses those itself with RESOURCE_EXHAUSTED)."""
+
+
+# The one HTTP mapping: the most specific class of an error that is listed here gives its status.
+# 400 for what the caller must change (KServe's REST errors are 400 or 404); 503 for what passes.
+HTTP_STATUS: dict[type[OutriderError], int] = {
+    InvalidArgument: 400,
+    FailedPrecondition: 400,
+    NotFound: 404,
+    AlreadyExists: 409,
+    Unauthenticated: 401,
+    PermissionDenied: 403,
+    ResourceExhausted: 429,
+    PayloadTooLarge: 413,
+    Unimplemented: 501,
+    Unavailable: 503,
+    OutriderError: 500,
+}
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Bytes of the percent-encoded grpc-message trailer a status message may take: far below the
@@ -99,6 +124,32 @@ def clip_details(text: str, limit: int = MAX_DETAILS_BYTES) -> str:
         elif cost > limit:
             return f"{text[:cut]}... ({len(text) - cut} more characters cut)"
     return text
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status of ``exc``: from ``HTTP_STATUS`` for our errors, 500 for anything else (a bug)."""
+    for cls in type(exc).__mro__:
+        status = HTTP_STATUS.get(cls)  # type: ignore[call-overload]
+        if status is not None:
+            return status
+    return 500
+
+
+def http_error(exc: BaseException) -> tuple[int, bytes, list[tuple[str, str]]]:
+    """(status, JSON ``{"error": message}`` body, extra headers) answering ``exc`` over HTTP.
+
+    The message is clipped as gRPC's is, so both transports say the same; anything but our
+    errors is a bug: logged, and answered 500 with its type."""
+    if isinstance(exc, OutriderError):
+        message, headers = str(exc), []
+        retry = dict(exc.trailing_metadata).get("retry-after-ms")
+        if retry is not None:  # HTTP counts whole seconds
+            headers.append(("retry-after", str(max(1, -(-int(retry) // 1000)))))
+    else:
+        log.error("unhandled error answering an HTTP request", exc_info=exc)
+        message, headers = f"internal error: {type(exc).__name__}: {exc}", []
+    body = json.dumps({"error": clip_details(message)}).encode()
+    return http_status(exc), body, headers
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: Callable[..., Any]) -> None:

@@ -7,8 +7,9 @@ argument, then ``supervise`` holds the port with an SO_REUSEPORT socket that
 never listens (port 0 becomes a concrete port, and nobody else can take the
 port while a child restarts) and starts each child as ``python -m agent.cli
 <the same arguments> --processes 1 --listen HOST:PORT --agent-id ID/I
-[--spool-dir DIR/I] [--metrics 127.0.0.1:0]``. It prints one "serving ..."
-line once every child has printed its own.
+[--spool-dir DIR/I] [--metrics 127.0.0.1:0] [--http-listen HOST:PORT]``. It
+prints one "serving ..." line once every child has printed its own. The REST
+port of ``--http-listen`` is held and shared the same way.
 
 Each child is a whole agent: its own ring, summaries, spool and exporter, and
 its own agent id ``ID/I`` (the collector counts the runs of one agent id as its
@@ -102,7 +103,7 @@ def check_platform() -> None:
                          f"({sys.platform}) lacks it: run one agent per port, or --processes 1")
 
 
-def hold_port(listen: str) -> tuple[socket.socket, str]:
+def hold_port(listen: str, flag: str = "--listen") -> tuple[socket.socket, str]:
     """An SO_REUSEPORT socket bound (never listening) to ``listen``, and HOST:PORT with the concrete port."""
     host, _, port = listen.rpartition(":")
     family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM,
@@ -114,7 +115,7 @@ def hold_port(listen: str) -> tuple[socket.socket, str]:
     except OSError as exc:
         held.close()
         raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}; pick a free port on a local "
-                         "address with --listen") from None
+                         f"address with {flag}") from None
     return held, f"{host}:{held.getsockname()[1]}"
 
 
@@ -126,6 +127,7 @@ class Child:
         self.ready = threading.Event()
         self.serving_line = ""
         self.metrics_url: str | None = None
+        self.rest_url: str | None = None
         self.reported = False  # its readiness was logged
         # stdin: a pipe the child reads to notice our death (stop_when_orphaned); stderr: ours, for its log
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
@@ -138,6 +140,8 @@ class Child:
             line = line.rstrip("\n")
             if line.startswith("metrics on "):
                 self.metrics_url = line[len("metrics on "):]
+            elif line.startswith("rest on "):
+                self.rest_url = line[len("rest on "):]
             elif line.startswith("serving "):
                 self.serving_line = line
                 self.ready.set()
@@ -176,8 +180,9 @@ class Supervisor:
     """N children serving one port; ``run`` until a stop signal (see the module's text for the policy)."""
 
     def __init__(self, argv: list[str], processes: int, listen: str, agent_id: str,
-                 spool_dir: str | None, metrics: bool, grace_seconds: float) -> None:
+                 spool_dir: str | None, metrics: bool, grace_seconds: float, http_listen: str | None = None) -> None:
         self.argv, self.processes, self.listen = list(argv), processes, listen
+        self.http_listen = http_listen
         self.agent_id, self.spool_dir, self.metrics = agent_id, spool_dir, metrics
         self.grace_seconds = grace_seconds
         self.children: list[Child | None] = [None] * processes
@@ -194,6 +199,8 @@ class Supervisor:
             ours += ["--spool-dir", str(Path(self.spool_dir) / str(index))]
         if self.metrics:
             ours += ["--metrics", "127.0.0.1:0"]
+        if self.http_listen:
+            ours += ["--http-listen", self.http_listen]
         return [sys.executable, "-m", "agent.cli", *self.argv, *ours]
 
     def _start(self, index: int) -> Child:
@@ -231,6 +238,8 @@ class Supervisor:
             self._stop_all_after(f"process {failed.index} {describe(failed.exited() or 0)} while starting (its "
                                  "error is above); stopped the others")
         if stop.signum is None:
+            if self.http_listen:
+                print(f"rest on {first.rest_url or 'http://' + self.http_listen}", flush=True)
             print(first.serving_line, flush=True)
             log.info("%d processes serving on %s (pids %s)", self.processes, self.listen,
                      " ".join(str(c.pid) for c in self.live()))
@@ -334,14 +343,19 @@ def supervise(args: argparse.Namespace) -> int:
 
     check_platform()
     held, listen = hold_port(args.listen)
+    held_http, http_listen = None, None
     metrics = None
     try:
+        if getattr(args, "http_listen", None):
+            held_http, http_listen = hold_port(args.http_listen, "--http-listen")
         group = Supervisor(getattr(args, "argv", None) or sys.argv[1:], args.processes, listen,
                            args.agent_id or socket.gethostname(), args.spool_dir, bool(args.metrics),
-                           args.grace_seconds)
+                           args.grace_seconds, http_listen)
         metrics = start_for_cli(lambda: ProcessMetrics(group), args.metrics)
         with stop_signals() as stop:
             return group.run(stop)
     finally:
         _close(metrics)
         held.close()
+        if held_http is not None:
+            held_http.close()

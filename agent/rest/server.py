@@ -1,0 +1,118 @@
+"""uvicorn serving ``agent.rest.app.RestApp`` on a thread of the agent.
+
+uvicorn parses HTTP with httptools (C, llhttp) when it is installed, h11 (pure
+Python) otherwise; its event loop holds every connection, and the app hands
+each request to a fixed pool of worker threads. The socket is ours, bound
+before uvicorn starts, so a bad address fails in the caller with OSError, port
+0 becomes a concrete port, and SO_REUSEPORT lets the processes of
+``agent serve --processes N`` share it.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+from agent.rest.app import RestApp
+from agent.rest.backend import Backend
+from agent.tokens import ClientAuth, TLSFiles
+
+log = logging.getLogger(__name__)
+
+START_SECONDS = 30.0  # a hang guard: uvicorn starts in well under a second
+BACKLOG = 2048
+# A request arriving while this many connections are open (or requests in flight) is answered with
+# uvicorn's plain-text 503 instead of being run: with the app's body budgets, a bound on what a crowd
+# of clients can make the agent hold (an idle connection costs a socket and its small buffers).
+MAX_CONNECTIONS = 1000
+
+
+class RestServer:
+    """The running REST endpoint: ``port``, ``url``, ``refusals()``, ``stop()``."""
+
+    def __init__(self, backend: Backend, listen: str, *, workers: int = 8, max_body_bytes: int = 64 * 1024 * 1024,
+                 metrics: Any = None, auth: ClientAuth | None = None, tls: TLSFiles | None = None,
+                 reuse_port: bool = False) -> None:
+        host, _, port = listen.rpartition(":")
+        self.host = host.strip("[]")
+        self.tls = tls
+        sock = _bind(self.host, int(port), reuse_port, listen)
+        self.port: int = sock.getsockname()[1]
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="outrider-rest")
+        self.app = RestApp(backend, self.pool, max_body_bytes=max_body_bytes, metrics=metrics, auth=auth)
+        tls_options: dict[str, Any] = {}
+        if tls is not None:
+            tls_options = dict(ssl_certfile=str(tls.cert), ssl_keyfile=str(tls.key),
+                               ssl_ca_certs=str(tls.client_ca) if tls.client_ca else None,
+                               ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE)
+        config = uvicorn.Config(self.app, http="auto", loop="asyncio", lifespan="off", log_config=None,
+                                access_log=False, server_header=False, date_header=False, backlog=BACKLOG,
+                                limit_concurrency=MAX_CONNECTIONS,
+                                timeout_graceful_shutdown=5, **tls_options)
+        try:
+            config.load()  # certificate errors here, in the caller's thread
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            self.pool.shutdown()
+            raise OSError(f"cannot serve REST over TLS on {listen}: {exc}") from None
+        # uvicorn's info lines speak of a server process; the agent says where REST is itself
+        if logging.getLogger("uvicorn.error").level == logging.NOTSET:
+            logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
+                                        name="outrider-rest", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + START_SECONDS
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise OSError(f"the REST endpoint on {listen} did not start; the log says why")
+            time.sleep(0.01)
+        self._stopped = False
+        log.info("Open Inference Protocol over HTTP on %s", self.url)
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls is not None else 'http'}://{self.address}"
+
+    def refusals(self) -> dict[str, int]:
+        return self.app.refusals()
+
+    def stop(self) -> None:
+        """Stop accepting, finish the requests in flight (uvicorn's graceful shutdown), then the pool."""
+        if getattr(self, "_stopped", False):
+            return
+        self._stopped = True
+        self._server.should_exit = True
+        self._thread.join(10)
+        self.pool.shutdown(wait=True)
+
+
+def _bind(host: str, port: int, reuse_port: bool, listen: str) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # only when asked (--processes): else a second agent on a busy port steals half its traffic
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot serve REST on {listen}: {exc.strerror or exc}") from None
+    return sock
+
+
+def serve_rest(backend: Backend, listen: str, **options: Any) -> RestServer:
+    """Start the REST endpoint for ``backend`` on ``listen`` (HOST:PORT; port 0 picks one); OSError if it cannot."""
+    return RestServer(backend, listen, **options)
