@@ -156,18 +156,19 @@ class DataPlane:
 
     def _feed(self, inputs: Sequence[WireTensor]) -> dict[str, np.ndarray]:
         feed: dict[str, np.ndarray] = {}
-        expected = ", ".join(self._input_by_name)
         for tensor in inputs:
             spec = self._input_by_name.get(tensor.name)
             if spec is None:
-                raise InvalidArgument(f"unknown input '{tensor.name}'; the model's inputs are: {expected}")
+                raise InvalidArgument(f"unknown input '{tensor.name}'; the model's inputs are: "
+                                      f"{', '.join(self._input_by_name)}")
             if tensor.name in feed:
                 raise InvalidArgument(f"input '{tensor.name}' is given more than once")
             feed[tensor.name] = tensors.to_array(tensor, spec)
-        missing = [name for name in self._input_by_name if name not in feed]
-        if missing:
+        if len(feed) != len(self._input_by_name):  # names are unique and known by now: some are missing
+            missing = [name for name in self._input_by_name if name not in feed]
             raise InvalidArgument(
-                f"missing input(s) {', '.join(repr(m) for m in missing)}; the model's inputs are: {expected}"
+                f"missing input(s) {', '.join(repr(m) for m in missing)}; the model's inputs are: "
+                f"{', '.join(self._input_by_name)}"
             )
         return feed
 

@@ -41,3 +41,39 @@ def test_metrics_benchmark_counts_every_measured_call(model):
     assert result["counted_by_metrics"] == 100  # only the two servers with the interceptor count
     assert result["without_p50_us"] > 0 and result["with_p50_us"] > 0
     assert metrics_overhead.in_process(calls=200)["calls"] == 200
+
+
+def test_serving_benchmark_measures_floor_and_agent_and_skips_a_missing_mlserver(tmp_path, monkeypatch):
+    from benchmarks import serving
+
+    monkeypatch.setenv("OUTRIDER_MLSERVER_VENV", str(tmp_path / "no-venv"))
+    said: list[str] = []
+    result = serving.run(["lr"], [1], [1], ["floor", "agent", "mlserver"], seconds=0.5, rounds=1, log=said.append)
+    assert "mlserver" in result["skipped"] and "--setup" in result["skipped"]["mlserver"]
+    assert said[0] == result["skipped"]["mlserver"]  # one line saying so, before anything runs
+    assert [(r["variant"], r["model"], r["batch"], r["clients"]) for r in result["rows"]] == [
+        ("floor", "lr", 1, 1), ("agent", "lr", 1, 1)]
+    for row in result["rows"]:
+        assert row["errors"] == 0 and row["requests"] > 0 and row["cpu_us_per_request"] > 0
+        assert row["p50_ms"] <= row["p99_ms"] and row["load_average"] >= 0
+    floor, agent = result["rows"]
+    assert floor["dropped_rows"] is None  # no /metrics to read
+    assert agent["dropped_rows"] == 0  # read from the agent's /metrics at a trickle of load
+    summary = {s["variant"]: s for s in result["summary"]}
+    assert summary["floor"]["ratio_to_floor"] == 1.0
+    assert summary["agent"]["ratio_to_floor"] == agent["requests_per_s"] / floor["requests_per_s"]
+    assert result["conditions"]["cores"] and result["conditions"]["cpu"]
+    assert "vs floor" in serving.table(result)
+
+
+@pytest.mark.slow
+def test_serving_benchmark_runs_mlserver_when_its_venv_is_there():
+    from benchmarks import mlserver_env, serving
+
+    reason = mlserver_env.missing()
+    if reason:
+        pytest.skip(reason)
+    result = serving.run(["lr"], [1], [1], ["mlserver"], seconds=0.5, rounds=1, log=lambda _: None)
+    (row,) = result["rows"]
+    assert row["variant"] == "mlserver" and row["errors"] == 0 and row["requests"] > 0
+    assert row["cpu_us_per_request_children"] > 0  # its inference-pool worker is counted

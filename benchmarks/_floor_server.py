@@ -1,0 +1,86 @@
+"""The floor for benchmarks/serving.py: a plain grpcio server that only runs onnxruntime.
+
+    python benchmarks/_floor_server.py MODEL.onnx NAME [--listen 127.0.0.1:0] [--workers 8]
+
+What any competent server of one ONNX model over the Open Inference Protocol must do and nothing
+more: our generated OIP protos, ``np.frombuffer`` on the raw input bytes, one ``session.run`` with
+``agent serve``'s default session options (agent.runtime), raw little-endian outputs in the reply.
+No checks beyond what onnxruntime makes, no monitoring, no metrics, no interceptors: what
+``agent serve`` is compared with. Prints ``listening on HOST:PORT`` once it serves; SIGTERM stops it.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent.runtime import RuntimeOptions  # noqa: E402
+from protos import open_inference_pb2 as pb  # noqa: E402
+from protos import open_inference_pb2_grpc as pb_grpc  # noqa: E402
+
+DTYPES = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "BOOL": "?", "UINT8": "u1"}
+DATATYPE = {np.dtype(v).newbyteorder("=").str: k for k, v in DTYPES.items()}
+
+
+class Floor(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, path: str, name: str) -> None:
+        options = RuntimeOptions()
+        self.session = ort.InferenceSession(path, options.session_options(), providers=options.usable_providers())
+        self.name = name
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=True)
+
+    def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=request.name == self.name)
+
+    def ModelInfer(self, request, context):
+        feed = {tensor.name: np.frombuffer(raw, DTYPES[tensor.datatype]).reshape(tensor.shape)
+                for tensor, raw in zip(request.inputs, request.raw_input_contents)}
+        try:
+            results = self.session.run(None, feed)
+        except Exception as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        reply = pb.ModelInferResponse(model_name=self.name, id=request.id)
+        for name, value in zip(self.outputs, results):
+            reply.outputs.add(name=name, datatype=DATATYPE[value.dtype.str], shape=value.shape)
+            reply.raw_output_contents.append(value.tobytes())
+        return reply
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("name")
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    parser.add_argument("--workers", type=int, default=8)
+    args = parser.parse_args()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Floor(args.model, args.name), server)
+    port = server.add_insecure_port(args.listen)
+    server.start()
+    print(f"listening on {args.listen.rsplit(':', 1)[0]}:{port}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.stop(2).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
