@@ -35,6 +35,7 @@ class Invocation:
     env: dict[str, str] = field(default_factory=dict)
     container: dict = field(default_factory=dict)
     annotations: dict = field(default_factory=dict)
+    siblings: dict[int, str] = field(default_factory=dict)  # port -> the other container of the pod that has it
 
 
 def parse(argv: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
@@ -80,14 +81,17 @@ def manifest_invocations() -> list[Invocation]:
     for path in MANIFESTS:
         for doc in yaml.safe_load_all(path.read_text()):
             template = (doc or {}).get("spec", {}).get("template", {})
-            for container in template.get("spec", {}).get("containers", []):
+            containers = template.get("spec", {}).get("containers", [])
+            for container in containers:
                 if not container.get("image", "").startswith("outrider:"):
                     continue
+                siblings = {port["containerPort"]: other["name"] for other in containers if other is not container
+                            for port in other.get("ports", [])}
                 argv = container.get("command", [])[1:] + container.get("args", [])
                 # valueFrom (a Secret, the pod's name) is known only in the cluster: any printable value
                 env = {e["name"]: e.get("value", "from-the-cluster") for e in container.get("env", [])}
                 found.append(Invocation(f"{path.name}: {container['name']}", argv, env, container,
-                                        template.get("metadata", {}).get("annotations", {})))
+                                        template.get("metadata", {}).get("annotations", {}), siblings))
     return found
 
 
@@ -96,8 +100,8 @@ INVOCATIONS = dockerfile_invocations() + manifest_invocations()
 
 def test_there_is_something_to_check():
     assert MANIFESTS and len(INVOCATIONS) >= 4
-    assert {command_parser(i.argv)[0] for i in INVOCATIONS} >= {"outrider agent serve", "outrider collector serve",
-                                                                 "outrider health"}
+    assert {command_parser(i.argv)[0] for i in INVOCATIONS} >= {"outrider agent serve", "outrider agent proxy",
+                                                                 "outrider collector serve", "outrider health"}
 
 
 @pytest.mark.parametrize("inv", INVOCATIONS, ids=lambda i: i.where)
@@ -149,3 +153,13 @@ def test_the_image_healthcheck_asks_the_default_command_s_server(monkeypatch):
     served = parse(cmd.argv, cmd.env, monkeypatch)
     asked = parse(check.argv, check.env, monkeypatch)
     assert port_of(asked.address) == port_of(served.listen)
+
+
+@pytest.mark.parametrize("inv", [i for i in INVOCATIONS if command_parser(i.argv)[0] == "outrider agent proxy"],
+                         ids=lambda i: i.where)
+def test_a_sidecar_proxy_points_at_its_pod_s_server(inv: Invocation, monkeypatch):
+    """The proxy's --upstream is a port another container of the same pod serves, on loopback."""
+    args = parse(inv.argv, inv.env, monkeypatch)
+    host, port = args.upstream.rsplit(":", 1)
+    assert host in ("127.0.0.1", "localhost"), f"{inv.where}: a sidecar reaches its server on loopback"
+    assert int(port) in inv.siblings, f"{inv.where}: no other container of the pod serves port {port}"
