@@ -22,7 +22,7 @@ between rounds. Per cell: requests/s, p50/p99 seen by the clients, CPU per reque
 whole process tree (main process and children: the agent's helpers and processes, MLServer's
 inference-pool workers) from /proc, its ratio to the floor of the same round, rows dropped (the
 agent's ``outrider_agent_rows_dropped`` on /metrics, before vs after the cell) and the 1-minute load
-average. The summary gives medians over rounds (ratios: the median of per-round ratios). Clients
+average (this benchmark's own clients and servers included: compare it with the load before the run). The summary gives medians over rounds (ratios: the median of per-round ratios). Clients
 and servers share the machine's cores: the figures compare servers under the same load; they are
 not the machine's ceiling.
 """

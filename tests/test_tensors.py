@@ -42,6 +42,14 @@ def test_raw_round_trip(datatype):
     np.testing.assert_array_equal(back, array)
 
 
+def test_outputs_go_out_little_endian_and_row_major_whatever_their_layout():
+    values = np.arange(6, dtype=np.int32).reshape(2, 3)
+    wire = values.astype("<i4").tobytes()
+    for array in (values.astype(">i4"), np.asfortranarray(values), values.T.copy().T):
+        datatype, shape, raw = tensors.to_raw(array)
+        assert (datatype, shape, raw) == ("INT32", [2, 3], wire), array.dtype
+
+
 def test_bytes_round_trip_decodes_to_str():
     array = np.array([["paris", ""], ["zürich", "東京"]], dtype=object)
     datatype, shape, raw = tensors.to_raw(array)
