@@ -35,7 +35,9 @@ MAX_BUCKETS = 360  # per span: a longer span gets wider buckets, so memory stays
 # Offered windows remembered per version between two evaluations (an int each): ~1 h of 100
 # agents' 10-s windows at 3 MB. Past it the version starts again from the store.
 MAX_OFFERED = 50_000
-OFFER_WAIT = 0.05  # s an offer waits for a version busy in an evaluation; then the evaluation reads it
+# Offered windows waiting for a version busy in an evaluation (or another offer's merge): their
+# parsed sketches, ~30 KB a window of 20 columns. Past it offers are not taken (the evaluation reads them).
+MAX_PENDING = 1_000
 _WIDTHS = (60, 10, 1)  # seconds, the widest that divides every span is taken
 _NUMERIC = summary_pb2.ColumnSummary.NUMERIC
 
@@ -252,11 +254,24 @@ class _Version:
         # Windows above the cursor merged already, offered by ingest: rowid -> bucket.
         self.offered: dict[int, int] = {}
         self.windows_read = 0  # windows above the cursor read from the store (not offered)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held to change the buckets: by an answer, or by merging offers
+        # Offers waiting for the lock: (rowid, window, sketches, rollup generation before its commit).
+        self.pending: list[tuple[int, summary_pb2.WindowSummary, Sequence[Sketch], int]] = []
+        self.pending_lock = threading.Lock()
 
     def reset(self) -> None:
         """Forget everything: the next answer reads the whole span from the store."""
         self.current, self.buckets, self.offered = -1, {}, {}
+
+    def merge_pending(self, store: Store) -> tuple[int, int]:
+        """Merge the waiting offers (the caller holds ``lock``); (offers seen, taken)."""
+        with self.pending_lock:
+            items, self.pending = self.pending, []
+        # Read under the version's lock: a rollup pass counted after this is seen by an answer after
+        # these merges, which reads again the buckets it changed. One counted since an offer's commit
+        # may have deleted its window and handed its rowid out again: such offers are not taken.
+        generation = store.rollup_generation
+        return len(items), sum(self.offer(rowid, w, parsed) for rowid, w, parsed, gen in items if gen == generation)
 
     def offer(self, rowid: int, w: summary_pb2.WindowSummary, parsed: Sequence[Sketch]) -> bool:
         """Merge a window just stored with ``rowid`` into its bucket; False if not taken (the next
@@ -379,6 +394,7 @@ class SpanCache:
             if cached is None or cached.spans != spans:
                 cached = self._versions[key] = _Version(spans)
         with cached.lock:
+            self._merge_pending(cached)  # offers that waited for an evaluation or a build
             return cached.answer(self.store, model_name, model_version, now_ns)
 
     def wants(self, model_name: str, model_version: str) -> bool:
@@ -388,31 +404,40 @@ class SpanCache:
     def offer(self, stored: Iterable[tuple[int, summary_pb2.WindowSummary, Sequence[Sketch]]],
               generation: int) -> None:
         """Windows this process has just committed (rowid, the window, its columns' sketches as
-        ingest's validation parsed them): each is merged now into its cached version's bucket, so
-        the next evaluation only lists its id. ``generation``: ``Store.rollup_generation`` read
-        before they were submitted; after a later rollup pass they are not taken (the pass may
-        have deleted them and handed their rowids out again). Not taken either: a version not
-        cached or busy in an evaluation for over ``OFFER_WAIT``, a window too old for any span.
-        The evaluation reads what was not taken from the store, as it does every window stored
-        by another process. Counted in ``counters``."""
+        ingest's validation parsed them), merged into their cached version's buckets so that the
+        next evaluation only lists their ids. ``generation``: ``Store.rollup_generation`` read
+        before they were submitted (a later rollup pass may have deleted them: not taken then).
+
+        Never waits: when the version is busy (an evaluation, another thread's offers) they wait
+        in its bounded ``pending`` list, merged by whichever holds the lock next. Not taken: a
+        version not cached, a full pending list, a window too old for any span; the evaluation
+        reads those from the store, as it does every window stored by another process. Counted
+        in ``counters``."""
         by_version: dict[tuple[str, str], list] = {}
-        for item in stored:
-            by_version.setdefault((item[1].model_name, item[1].model_version), []).append(item)
+        for rowid, w, parsed in stored:
+            by_version.setdefault((w.model_name, w.model_version), []).append((rowid, w, parsed, generation))
         for key, items in by_version.items():
             with self._lock:
                 cached = self._versions.get(key)
-            taken = 0
-            if cached is not None and cached.lock.acquire(timeout=OFFER_WAIT):
+                self.counters["windows_offered"] += len(items)
+            if cached is None:
+                continue
+            with cached.pending_lock:
+                if len(cached.pending) + len(items) > MAX_PENDING:
+                    continue
+                cached.pending.extend(items)
+            # Whoever holds the lock merges what waits; looking again after releasing it catches
+            # offers that came while this thread merged.
+            while cached.pending and cached.lock.acquire(blocking=False):
                 try:
-                    # Read under the version's lock: a pass counted after this is seen by an answer
-                    # after these offers, which reads again the buckets it changed.
-                    if self.store.rollup_generation == generation:
-                        taken = sum(cached.offer(rowid, w, parsed) for rowid, w, parsed in items)
+                    self._merge_pending(cached)
                 finally:
                     cached.lock.release()
-            with self._lock:
-                self.counters["windows_offered"] += len(items)
-                self.counters["windows_merged_at_ingest"] += taken
+
+    def _merge_pending(self, cached: _Version) -> None:
+        _, taken = cached.merge_pending(self.store)
+        with self._lock:
+            self.counters["windows_merged_at_ingest"] += taken
 
     def forget(self, keep: Iterable[tuple[str, str]]) -> None:
         """Drop the versions not in ``keep`` (those no longer evaluated)."""

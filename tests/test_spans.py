@@ -421,3 +421,23 @@ def test_offers_racing_evaluations_from_many_threads_match_the_uncached_evaluati
         same_spans(cache.read("m", "1", clock.now, (60, 300)), read_uncached(store, "m", "1", clock.now, (60, 300)))
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("world", ["offered"], indirect=True)
+def test_offers_to_a_busy_version_wait_bounded_and_the_next_evaluation_merges_them(world, monkeypatch):
+    store, clock, cached, oracle = world
+    monkeypatch.setattr(spans_module, "MAX_PENDING", 6)
+    rng = np.random.default_rng(11)
+    store.attach_profile("m", "1", profile(rng), "test", T0)
+    config = configure(store, span_seconds=300, short_span_seconds=60)
+    store.submit_windows([window(rng, "a", i, clock.now - i * 10 * S, 3) for i in range(5)]).result()
+    check(store, clock, cached, oracle, config)
+    version = cached.spans._versions[("m", "1")]
+    with version.lock:  # as during an evaluation: the offers neither wait nor merge
+        store.submit_windows([window(rng, "b", i, clock.now - i * 10 * S, 3) for i in range(4)]).result()
+        store.submit_windows([window(rng, "c", i, clock.now - i * 10 * S, 3) for i in range(4)]).result()
+    assert len(version.pending) == 4 and cached.spans.counters["windows_merged_at_ingest"] == 0  # c: no room
+    read = version.windows_read
+    check(store, clock, cached, oracle, config)
+    assert cached.spans.counters["windows_merged_at_ingest"] == 4 and version.windows_read == read + 4
+    assert not version.pending
