@@ -287,12 +287,15 @@ class _Version:
         b = w.end_unix_nano // self.width
         if b < self.current - max(self.lengths):
             return False  # too old for any span: the answer skips it by its end time
-        part = Partial()
-        part.add(w, parsed)
         try:
-            self.buckets.setdefault(b, Partial()).merge(part)
-            for sliding in self.sliding:
-                sliding.late(b, part)
+            if all(b >= sliding.end for sliding in self.sliding):  # the usual case: only its bucket holds it
+                self.buckets.setdefault(b, Partial()).add(w, parsed)
+            else:
+                part = Partial()
+                part.add(w, parsed)
+                self.buckets.setdefault(b, Partial()).merge(part)
+                for sliding in self.sliding:
+                    sliding.late(b, part)
         except BaseException:  # half merged: start again from the store
             self.reset()
             raise
