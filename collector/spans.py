@@ -7,11 +7,23 @@ ours). So "the last hour" is the last 60 whole minutes plus the current minute s
 
 ``SpanCache`` keeps, per model version, one merged ``Partial`` per bucket (parsed sketches, never
 protos), built once from its windows, and per span a sliding aggregate of its complete buckets (two
-stacks: suffix merges of the older buckets, a running merge of the newer), so an evaluation reads
-only what was stored since the last one, merges each new window once into its bucket (a late window
-also into the aggregates that already hold its bucket) and answers each span with a few merges. The
-store lists what its rollup passes changed (``Store.span_snapshot``): a merge whose rows all lie in
-one bucket changes nothing a span can see; otherwise the buckets it touched are read again.
+stacks: suffix merges of the older buckets, a running merge of the newer), so each new window is
+merged once into its bucket (a late window also into the aggregates that already hold its bucket)
+and an evaluation answers each span with a few merges.
+
+Where a new window is merged: windows this collector stores are merged at ingest (``offer``), from
+the sketches its validation parsed, once they are committed (after their ack, on the stream's
+thread); the evaluation then lists only the ids (and end times) of the windows stored since its
+high-water mark rowid (``cursor``) and reads and parses the bodies of those nobody offered: windows
+another process stored (several collectors on one database), offers that came while the version
+was not built, or that found no room. An offer at or below the cursor is ignored (the evaluation
+read it already); one committed before a rollup pass counted since is not taken (the pass may have
+deleted its window and handed the rowid out again). So the evaluation's cost no longer grows with
+the traffic of its own collector, while ingest pays the merge (``benchmarks/ingest.py --offer``).
+
+The store lists what its rollup passes changed (``Store.span_snapshot``): a merge whose rows all lie
+in one bucket changes nothing a span can see if the cache held them all; otherwise the buckets it
+touched are read again (and the offers merged into them forgotten: read again with them, or later).
 Buckets older than the longest span are dropped: ~5 MB of sketches per model version of 20
 columns with the shipped spans, for 10 agents or 100 (``benchmarks/drift_eval_full.py``). The cache is memory only: the first evaluation of a
 version after a start (or after its spans change, or a clock that went back) reads the whole span

@@ -165,8 +165,11 @@ class SpanSnapshot:
                 " AND end_ns BETWEEN ? AND ?", [model_name, model_version, first_end_ns, last_end_ns])
 
     def window_ids_after(self, model_name: str, model_version: str, rowid: int) -> list[tuple[int, int]]:
-        """(rowid, end_ns) of the model version's raw windows stored with a rowid above ``rowid``:
-        ``windows_after`` without the bodies, whose pages are then never read."""
+        """(rowid, end_ns) of the model version's raw windows stored with a rowid above ``rowid``.
+        No body is read (a body lies in overflow pages, which SQLite reads only when asked for it);
+        the reader asks ``window_bodies`` for those it has not merged already."""
+        # The unary + keeps SQLite off the model's index (a walk of every window the model has):
+        # a rowid range reads only what was stored since.
         return self._db.execute(
             "SELECT rowid, end_ns FROM windows WHERE rowid > ? AND +model_name = ? AND +model_version = ?",
             [rowid, model_name, model_version]).fetchall()
@@ -177,14 +180,6 @@ class SpanSnapshot:
             chunk = list(rowids[i:i + 500])
             yield from self._db.execute(
                 f"SELECT rowid, end_ns, body FROM windows WHERE rowid IN ({','.join('?' * len(chunk))})", chunk)
-
-    def windows_after(self, model_name: str, model_version: str, rowid: int) -> Iterator[tuple[int, int, bytes]]:
-        """(rowid, end_ns, body) of the model version's raw windows stored with a rowid above ``rowid``."""
-        # The unary + keeps SQLite off the model's index (a walk of every window the model has):
-        # a rowid range reads only what was stored since.
-        return iter(self._db.execute(
-            "SELECT rowid, end_ns, body FROM windows WHERE rowid > ? AND +model_name = ? AND +model_version = ?",
-            [rowid, model_name, model_version]))
 
 
 class Store:

@@ -12,7 +12,10 @@ its ``spooled_models`` (``hello_refusal`` checked that the caller's token
 may send for each of them), sealed intact
 (``agent.checksum``) and valid (``collector.ingest``). Anything else is acked
 REJECTED with the reason and counted; the ``(agent_id, run_id, seq)`` key
-stores each window once however often it comes.
+stores each window once however often it comes. Once a batch is committed and
+acked, its windows' sketches, parsed by the validation, are offered to the drift
+evaluator's span cache (``collector.spans.SpanCache.offer``), so the evaluation
+need not read and parse them again.
 """
 from __future__ import annotations
 
