@@ -31,6 +31,7 @@ from the store, at the cost of ``read_uncached``, which is also the oracle the t
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Iterable, Sequence
@@ -41,6 +42,8 @@ from agent.sketches import joint
 from collector.rollup import PerformanceTotals, WindowMerger
 from collector.store import SpanSnapshot, Store
 from protos import summary_pb2
+
+log = logging.getLogger(__name__)
 
 NS = 1_000_000_000
 MAX_BUCKETS = 360  # per span: a longer span gets wider buckets, so memory stays bounded
@@ -275,15 +278,15 @@ class _Version:
         """Forget everything: the next answer reads the whole span from the store."""
         self.current, self.buckets, self.offered = -1, {}, {}
 
-    def merge_pending(self, store: Store) -> tuple[int, int]:
-        """Merge the waiting offers (the caller holds ``lock``); (offers seen, taken)."""
+    def merge_pending(self, store: Store) -> int:
+        """Merge the waiting offers (the caller holds ``lock``); how many were taken."""
         with self.pending_lock:
             items, self.pending = self.pending, []
         # Read under the version's lock: a rollup pass counted after this is seen by an answer after
         # these merges, which reads again the buckets it changed. One counted since an offer's commit
         # may have deleted its window and handed its rowid out again: such offers are not taken.
         generation = store.rollup_generation
-        return len(items), sum(self.offer(rowid, w, parsed) for rowid, w, parsed, gen in items if gen == generation)
+        return sum(self.offer(rowid, w, parsed) for rowid, w, parsed, gen in items if gen == generation)
 
     def offer(self, rowid: int, w: summary_pb2.WindowSummary, parsed: Sequence[Sketch]) -> bool:
         """Merge a window just stored with ``rowid`` into its bucket; False if not taken (the next
@@ -450,7 +453,11 @@ class SpanCache:
                     cached.lock.release()
 
     def _merge_pending(self, cached: _Version) -> None:
-        _, taken = cached.merge_pending(self.store)
+        try:
+            taken = cached.merge_pending(self.store)
+        except Exception:  # the version was reset: its next answer reads everything from the store
+            log.exception("merging offered windows into the span cache failed; the evaluation reads them")
+            return
         with self._lock:
             self.counters["windows_merged_at_ingest"] += taken
 

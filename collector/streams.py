@@ -292,11 +292,11 @@ class AgentStream:
         if offer is None or future.exception() is not None or self.servicer.spans is None:
             return
         valid, parsed, rowids, generation = offer
-        try:
+        try:  # a bug here must not end the agent's stream
             self.servicer.spans.offer(((rowid, w, p) for w, p, rowid in zip(valid, parsed, rowids)
                                        if rowid and p is not None), generation)
         except Exception:
-            log.exception("merging stored windows into the span cache failed; the evaluation reads them")
+            log.exception("offering stored windows to the span cache failed; the evaluation reads them")
 
     # ---------------------------------------------------------------- reply generator
 

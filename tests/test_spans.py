@@ -441,3 +441,21 @@ def test_offers_to_a_busy_version_wait_bounded_and_the_next_evaluation_merges_th
     check(store, clock, cached, oracle, config)
     assert cached.spans.counters["windows_merged_at_ingest"] == 4 and version.windows_read == read + 4
     assert not version.pending
+
+
+@pytest.mark.parametrize("world", ["offered"], indirect=True)
+def test_an_offer_that_fails_to_merge_is_logged_and_the_version_is_read_again(world, caplog):
+    store, clock, cached, oracle = world
+    rng = np.random.default_rng(12)
+    store.attach_profile("m", "1", profile(rng), "test", T0)
+    config = configure(store, span_seconds=300, short_span_seconds=60)
+    store.submit_windows([window(rng, "a", i, clock.now - i * 10 * S, 3) for i in range(5)]).result()
+    check(store, clock, cached, oracle, config)
+    store.ingest = "read"
+    ids: list[int] = []
+    w = window(rng, "b", 0, clock.now, 3)
+    store.submit_windows([w], ids).result()
+    wrong = [sketches.CategoricalSketch(), sketches.NumericSketch(), sketches.NumericSketch()]  # x is numeric
+    cached.spans.offer([(ids[0], w, wrong)], store.rollup_generation)  # raises nothing
+    assert "span cache failed" in caplog.text and cached.spans._versions[("m", "1")].current < 0
+    check(store, clock, cached, oracle, config)
