@@ -16,10 +16,14 @@ spans' summaries are kept in memory between evaluations (``collector.spans``):
   and merges the whole hour), ``--cold-repeats`` times;
 - idle: again at the same time, nothing new stored;
 - steady: after 60 s more of windows from every agent (``--drift-interval 60`` as shipped), the
-  clock 60 s on; "+ rollup 3600": the same, with the shipped rollup pass (raw windows kept
-  3,600 s) run first, which rolls windows of the hour's oldest minute into minute rows, so that
-  minute is read again; "+ rollup 3660": raw windows kept a minute longer than the span, so the
-  pass touches nothing the spans hold;
+  clock 60 s on. The windows take the collector's ingest path: validated (which parses their
+  sketches), stored, and offered to the span cache (``SpanCache.offer``), whose merge into the
+  minute buckets ingest then pays, timed apart ("ingest extra": per step and per window);
+  "steady, not offered": windows another collector stored (the evaluation reads them), steps
+  alternating with the offered ones; "+ rollup 3600": offered, with the shipped rollup pass
+  (raw windows kept 3,600 s) run first, which rolls windows of the hour's oldest minute into
+  minute rows, so that minute is read again; "+ rollup 3660": raw windows kept a minute longer
+  than the span, so the pass touches nothing the spans hold;
 - flip: the hourly rebuild of the hour's suffix merges (``_Sliding._flip``), once per hour of
   evaluations, not in the steady figure.
 Apart, the uncached path's parts as before: the database read of the hour's windows with their
@@ -47,8 +51,9 @@ from agent.capture import Reduce, Slot  # noqa: E402
 from agent.worker import BLOCK_ROWS, Identity, WindowBuilder  # noqa: E402
 from collector import drift  # noqa: E402
 from collector.evaluation import DriftEvaluator, merge_spans  # noqa: E402
+from collector.ingest import validate_window  # noqa: E402
 from collector.rollup import RetentionPolicy  # noqa: E402
-from collector.spans import span_starts  # noqa: E402
+from collector.spans import SpanCache, span_starts  # noqa: E402
 from collector.store import Store  # noqa: E402
 from protos import summary_pb2  # noqa: E402
 
@@ -87,8 +92,22 @@ class Fleet:
         self.pool = [summary(rng, 1000) for _ in range(32)]
         self.store, self.agents, self.next_end, self.seq = store, agents, first_end, 0
 
-    def send(self, upto: int) -> int:
-        windows, count = [], 0
+    def send(self, upto: int, cache: SpanCache | None = None) -> tuple[int, float]:
+        """(windows stored, seconds spent offering them to ``cache``). With a cache, each agent's
+        windows go as a collector's stream takes them: validated, stored, then offered."""
+        windows, count, offering = [], 0, 0.0
+
+        def store(batch: list[summary_pb2.WindowSummary]) -> None:
+            nonlocal offering
+            parsed = [validate_window(w, now_ns=upto) for w in batch] if cache is not None else []
+            rowids: list[int] = []
+            generation = self.store.rollup_generation
+            self.store.submit_windows(batch, rowids).result()
+            if cache is not None:
+                t0 = time.perf_counter()
+                cache.offer(((r, w, p) for r, w, p in zip(rowids, batch, parsed) if r), generation)
+                offering += time.perf_counter() - t0
+
         while self.next_end <= upto:
             for a in range(self.agents):
                 w = summary_pb2.WindowSummary()
@@ -97,14 +116,14 @@ class Fleet:
                 w.end_unix_nano, w.start_unix_nano = self.next_end, self.next_end - 10 * NS
                 windows.append(w)
                 if len(windows) == 500:
-                    self.store.submit_windows(windows).result()
+                    store(windows)
                     count, windows = count + len(windows), []
             self.seq += 1
             self.next_end += 10 * NS
         if windows:
-            self.store.submit_windows(windows).result()
+            store(windows)
             count += len(windows)
-        return count
+        return count, offering
 
 
 def timed(fn, repeats: int) -> tuple[float, float, object]:
@@ -133,7 +152,7 @@ def measure(agents: int, minutes: int, repeats: int, cold_repeats: int, director
         try:
             clock = [time.time_ns() // NS * NS]
             fleet = Fleet(store, agents, clock[0] - (minutes * 6 - 1) * 10 * NS)
-            stored = fleet.send(clock[0])
+            stored, _ = fleet.send(clock[0])
             reference = summary(np.random.default_rng(2), 100_000)
             profile = summary_pb2.ReferenceProfile(model_name=MODEL, model_sha256="ab" * 32, data_sha256="cd" * 32,
                                                    rows=reference.rows, columns=reference.columns)
@@ -157,21 +176,30 @@ def measure(agents: int, minutes: int, repeats: int, cold_repeats: int, director
             del evaluators[:-1]
             idle = timed(lambda: evaluator.evaluate(MODEL, VERSION, record=False), repeats)
 
-            def steady_once(raw_seconds: int = 0):
+            offers: list[tuple[int, float]] = []  # (windows, seconds offering them) per offered step
+
+            def steady_once(raw_seconds: int = 0, offered: bool = True):
                 clock[0] += 60 * NS
-                fleet.send(clock[0])
+                sent, offering = fleet.send(clock[0], evaluator.spans if offered else None)
+                if offered:
+                    offers.append((sent, offering))
                 if raw_seconds:
                     store.rollup(clock[0], RetentionPolicy(raw_seconds=raw_seconds))
                 t0 = time.perf_counter()
                 result = evaluator.evaluate(MODEL, VERSION, record=False)
                 return (time.perf_counter() - t0) * 1e3, result
 
-            steady = [steady_once()[0] for _ in range(repeats)]
+            steady, not_offered = [], []
+            for _ in range(repeats):  # alternating: the machine's load falls on both alike
+                steady.append(steady_once()[0])
+                not_offered.append(steady_once(offered=False)[0])
             rolled = [steady_once(3600)[0] for _ in range(repeats)]
             # Raw windows kept a minute longer than the span: the pass never touches the span's buckets.
             rolled_later = [steady_once(3660)[0] for _ in range(repeats)]
-            result = evaluator.evaluate(MODEL, VERSION, record=False)
             version = next(iter(evaluator.spans._versions.values()))
+            merged_at_ingest = evaluator.spans.counters["windows_merged_at_ingest"]
+            offered_total = evaluator.spans.counters["windows_offered"]
+            result = evaluator.evaluate(MODEL, VERSION, record=False)
             hour = version.sliding[-1]
             current = clock[0] // version.width
             flip = timed(lambda: hour._flip(version.buckets, current - hour.length, current), min(repeats, 5))
@@ -199,6 +227,11 @@ def measure(agents: int, minutes: int, repeats: int, cold_repeats: int, director
             "rows_compared": result.rows, "evaluated": result.evaluated,
             "cold_ms": cold[:2], "idle_ms": idle[:2],
             "steady_ms": (statistics.median(steady), float(np.percentile(steady, 90))),
+            "steady_not_offered_ms": (statistics.median(not_offered), float(np.percentile(not_offered, 90))),
+            "ingest_extra_ms_per_step": (statistics.median(t * 1e3 for _, t in offers),
+                                         float(np.percentile([t * 1e3 for _, t in offers], 90))),
+            "ingest_extra_us_per_window": sum(t for _, t in offers) / sum(n for n, _ in offers) * 1e6,
+            "windows_offered": offered_total, "windows_merged_at_ingest": merged_at_ingest,
             "steady_rollup_ms": (statistics.median(rolled), float(np.percentile(rolled, 90))),
             "steady_rollup_3660_ms": (statistics.median(rolled_later), float(np.percentile(rolled_later, 90))),
             "new_windows_per_step": agents * 6, "flip_ms": flip[:2],
@@ -226,13 +259,20 @@ def main() -> int:
           f"({args.cold_repeats} cold); median / p90 ms; one process, load average (1, 5, 15 min, the larger of "
           f"start and end) {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
     cell = "{:8.1f} /{:7.1f}"
-    print(f"{'agents':>6} {'in hour':>7} {'cold':>17} {'idle':>17} {'steady (new)':>23} {'+ rollup 3600':>17} "
-          f"{'+ rollup 3660':>17} {'hourly flip':>17}")
+    print(f"{'agents':>6} {'in hour':>7} {'cold':>17} {'idle':>17} {'steady (new)':>23} {'not offered':>17} "
+          f"{'+ rollup 3600':>17} {'+ rollup 3660':>17} {'hourly flip':>17}")
     for r in results:
         steady = cell.format(*r["steady_ms"]) + f" ({r['new_windows_per_step']:>4})"
         print(f"{r['agents']:>6} {r['windows_in_hour']:>7} {cell.format(*r['cold_ms']):>17} "
-              f"{cell.format(*r['idle_ms']):>17} {steady:>23} {cell.format(*r['steady_rollup_ms']):>17} "
+              f"{cell.format(*r['idle_ms']):>17} {steady:>23} {cell.format(*r['steady_not_offered_ms']):>17} "
+              f"{cell.format(*r['steady_rollup_ms']):>17} "
               f"{cell.format(*r['steady_rollup_3660_ms']):>17} {cell.format(*r['flip_ms']):>17}")
+    print("what ingest pays extra for it (the offers' merges, on the storing thread):")
+    print(f"{'agents':>6} {'per step ms':>17} {'per window us':>13} {'merged at ingest':>22}")
+    for r in results:
+        merged = f"{r['windows_merged_at_ingest']:,} of {r['windows_offered']:,}"
+        print(f"{r['agents']:>6} {cell.format(*r['ingest_extra_ms_per_step']):>17} "
+              f"{r['ingest_extra_us_per_window']:>13.0f} {merged:>22}")
     print("uncached parts over the hour (what a cold evaluation pays), and memory of one model version's cache:")
     print(f"{'agents':>6} {'db read':>17} {'merge':>17} {'tests':>17} {'sketches MB':>11}")
     for r in results:

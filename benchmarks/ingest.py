@@ -31,6 +31,15 @@ totals, savepoints, futures, serialising) on top of what the disk allows.
 
 Then one retention pass rolls every window into its minute bucket (windows are
 10 s apart per agent), timed: windows merged per second on the writer thread.
+
+``--offer``: what the span cache costs ingest (``collector.spans.SpanCache.offer``). FULL
+only; rounds alternate "validated" (each submitter validates its windows as a collector's
+stream does, ``collector.ingest.validate_window``, then stores them) and "validated + offered"
+(the same, and once a batch is committed its windows' parsed sketches are merged into a cached
+model version's minute buckets, on the submitter's thread, as a stream's handler thread does
+after the ack). Windows are 10 s apart per agent within the last hour (they wrap), so every
+offer is merged into a bucket the drift spans hold. Also printed: the offer alone per window,
+on this thread, without the store.
 """
 from __future__ import annotations
 
@@ -52,7 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.errors import ResourceExhausted  # noqa: E402
 from agent.sketches import NumericSketch  # noqa: E402
+from collector.ingest import validate_window  # noqa: E402
 from collector.rollup import RetentionPolicy  # noqa: E402
+from collector.spans import SpanCache  # noqa: E402
 from collector.store import Store  # noqa: E402
 from protos import summary_pb2  # noqa: E402
 
@@ -75,32 +86,67 @@ def realistic_window() -> summary_pb2.WindowSummary:
     return w
 
 
+WRAP = 360  # --offer: windows per agent within the last hour, then the times start again
+
+
 def submitter(store: Store, template: summary_pb2.WindowSummary, agent: int, count: int, batch: int,
-              inflight: int, latencies: list[int], retries: list[int]) -> None:
-    pending: deque[Future] = deque()
+              inflight: int, latencies: list[int], retries: list[int], ingest: str = "",
+              cache: SpanCache | None = None) -> None:
+    pending: deque[tuple[Future, list, list, list, int]] = deque()
+
+    def done(future: Future, windows: list, parsed: list, rowids: list, generation: int) -> None:
+        future.result()
+        if cache is not None:
+            cache.offer(((r, w, p) for r, w, p in zip(rowids, windows, parsed) if r), generation)
+
     for first in range(0, count, batch):
         windows = []
         for seq in range(first, min(first + batch, count)):
             w = summary_pb2.WindowSummary()
             w.CopyFrom(template)
             w.agent_id, w.run_id, w.seq = f"agent-{agent}", "run-1", seq
-            w.start_unix_nano -= (count - seq) * 10 * NS  # 10 s tumbling windows, the last ending now
-            w.end_unix_nano -= (count - seq) * 10 * NS
+            back = (count - seq) % WRAP if ingest else count - seq
+            w.start_unix_nano -= back * 10 * NS  # 10 s tumbling windows, the last ending now
+            w.end_unix_nano -= back * 10 * NS
             windows.append(w)
+        parsed = [validate_window(w) for w in windows] if ingest else []
         while len(pending) >= inflight:
-            pending.popleft().result()
+            done(*pending.popleft())
+        rowids: list[int] = []
+        generation = store.rollup_generation
         while True:
             t0 = time.perf_counter_ns()
             try:
-                future = store.submit_windows(windows)
+                future = store.submit_windows(windows, rowids)
                 break
             except ResourceExhausted:
                 retries.append(1)
                 time.sleep(0.001)
         future.add_done_callback(lambda f, t0=t0: latencies.append(time.perf_counter_ns() - t0))
-        pending.append(future)
-    for future in pending:
-        future.result()
+        pending.append((future, windows, parsed, rowids, generation))
+    for item in pending:
+        done(*item)
+
+
+def offer_alone(directory: str | None, windows: int = 2000) -> float:
+    """Microseconds per window of ``SpanCache.offer`` alone (one window per call, each in the
+    current minute of a cached version), on this thread."""
+    template = summary_pb2.WindowSummary(agent_id="agent-0", run_id="run-1")
+    template.MergeFrom(realistic_window())
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        store = Store(Path(tmp) / "offer.db")
+        try:
+            cache = SpanCache(store)
+            cache.read(template.model_name, template.model_version, template.end_unix_nano, (300, 3600))
+            parsed = [validate_window(template) for _ in range(windows)]
+            start = time.perf_counter()
+            for i, p in enumerate(parsed):
+                cache.offer([(i + 1, template, p)], 0)
+            elapsed = time.perf_counter() - start
+            assert cache.counters["windows_merged_at_ingest"] == windows
+        finally:
+            store.close()
+    return elapsed / windows * 1e6
 
 
 def bare_sqlite(body: bytes, windows: int, synchronous: str, directory: str) -> float:
@@ -121,7 +167,9 @@ def bare_sqlite(body: bytes, windows: int, synchronous: str, directory: str) -> 
     return windows / elapsed
 
 
-def run(windows: int, threads: int, batch: int, inflight: int, synchronous: str, directory: str) -> dict:
+def run(windows: int, threads: int, batch: int, inflight: int, synchronous: str, directory: str,
+        ingest: str = "") -> dict:
+    """One round; ``ingest``: "" (the store alone), "validated" or "validated + offered" (--offer)."""
     template = realistic_window()
     size = template.ByteSize() + 40  # + the ids set per window
     latencies: list[int] = []
@@ -129,9 +177,17 @@ def run(windows: int, threads: int, batch: int, inflight: int, synchronous: str,
     bare = bare_sqlite(template.SerializeToString(), windows, synchronous, directory)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         store = Store(Path(tmp) / "ingest.db", synchronous=synchronous)
+        cache = None
+        if ingest.endswith("offered"):  # the version cached, as after the collector's first evaluation
+            cache = SpanCache(store)
+            # evaluated last at the hour's start: no window is late (each goes into its bucket only,
+            # as windows arriving in time do; a late one is also merged into the spans holding it)
+            cache.read(template.model_name, template.model_version, template.end_unix_nano - WRAP * 10 * NS,
+                       (300, 3600))
         shares = [windows // threads + (t < windows % threads) for t in range(threads)]
         workers = [threading.Thread(target=submitter, args=(store, template, t, n, batch, inflight,
-                                                            latencies, retries)) for t, n in enumerate(shares)]
+                                                            latencies, retries, ingest, cache))
+                   for t, n in enumerate(shares)]
         start = time.perf_counter()
         for w in workers:
             w.start()
@@ -139,6 +195,7 @@ def run(windows: int, threads: int, batch: int, inflight: int, synchronous: str,
             w.join()
         elapsed = time.perf_counter() - start
         stored, commits = store.counters["windows_stored"], store.counters["group_commits"]
+        merged_at_ingest = cache.counters["windows_merged_at_ingest"] if cache is not None else 0
         # Retention: every window is old enough to go into its minute bucket.
         t_rollup = time.perf_counter()
         merged = store.rollup(template.end_unix_nano + 7200 * NS, RetentionPolicy())["raw_merged"]
@@ -149,6 +206,7 @@ def run(windows: int, threads: int, batch: int, inflight: int, synchronous: str,
     lat = np.array(latencies) / 1e6
     return {
         "windows": stored, "threads": threads, "batch": batch, "inflight": inflight, "synchronous": synchronous,
+        "ingest": ingest or "store alone", "merged_at_ingest": merged_at_ingest,
         "window_bytes": size, "seconds": round(elapsed, 3), "windows_per_s": round(stored / elapsed),
         "mb_per_s": round(stored * size / elapsed / 1e6, 1), "ack_p50_ms": round(float(np.percentile(lat, 50)), 2),
         "ack_p99_ms": round(float(np.percentile(lat, 99)), 2), "queue_full_retries": len(retries),
@@ -163,7 +221,8 @@ def median_of(rounds: list[dict]) -> dict:
     """Each numeric figure's median over the rounds of one mode (the other fields of the first)."""
     out = dict(rounds[0])
     for key, value in rounds[0].items():
-        if isinstance(value, (int, float)) and key not in ("threads", "batch", "inflight", "windows"):
+        if isinstance(value, (int, float)) and key not in ("threads", "batch", "inflight", "windows",
+                                                           "merged_at_ingest"):
             median = float(np.median([r[key] for r in rounds]))
             out[key] = round(median) if isinstance(value, int) else round(median, 3)
     out["rounds"] = len(rounds)
@@ -181,34 +240,51 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each mode, alternating")
     parser.add_argument("--cpu", type=int, default=0, help="the one CPU this process runs on (-1: any)")
     parser.add_argument("--path", default=None, help="directory for the database (default: the temp dir)")
+    parser.add_argument("--offer", action="store_true",
+                        help="FULL, alternating validated and validated + offered to the span cache")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})
-    modes = ["NORMAL", "FULL"] if args.synchronous == "BOTH" else [args.synchronous]
+    load = os.getloadavg()
+    if args.offer:
+        modes = ["validated", "validated + offered"]
+    else:
+        modes = ["NORMAL", "FULL"] if args.synchronous == "BOTH" else [args.synchronous]
     rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
     for _ in range(args.rounds):
         for mode in modes:
-            rounds[mode].append(run(args.windows, args.threads, args.batch, args.inflight, mode, args.path))
+            sync, ingest = ("FULL", mode) if args.offer else (mode, "")
+            rounds[mode].append(run(args.windows, args.threads, args.batch, args.inflight, sync, args.path, ingest))
     results = [median_of(rounds[mode]) for mode in modes]
+    alone = offer_alone(args.path) if args.offer else None
+    load = [max(a, b) for a, b in zip(load, os.getloadavg())]
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"results": results, "offer_alone_us": alone, "load_average_max": load}, indent=2))
         return
     r = results[0]
     cpus = sorted(os.sched_getaffinity(0))
     print(f"{r['windows']:,} windows of {FEATURES} features x {ROWS:,} rows ({r['window_bytes']:,} bytes each), "
           f"{r['threads']} threads, batches of {r['batch']}, {r['inflight']} in flight, on CPU(s) {cpus}; "
-          f"median of {args.rounds} alternating round(s) per mode")
-    print(f"{'synchronous':>11} {'windows/s':>10} {'each round':>20} {'MB/s':>7} {'ack p50 ms':>11} {'ack p99 ms':>11}"
+          f"median of {args.rounds} alternating round(s) per mode; load average (1, 5, 15 min, the larger of "
+          f"start and end) {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"{'mode':>19} {'windows/s':>10} {'each round':>20} {'MB/s':>7} {'ack p50 ms':>11} {'ack p99 ms':>11}"
           f" {'commits/s':>10} {'w/commit':>9} {'queue full':>11} {'db MB':>7} {'bare sqlite w/s':>16}"
           f" {'store/bare':>11} {'rollup w/s':>11}")
     for r in results:
         each = "/".join(f"{n:,}" for n in r["windows_per_s_each_round"])
-        print(f"{r['synchronous']:>11} {r['windows_per_s']:>10,} {each:>20} {r['mb_per_s']:>7} {r['ack_p50_ms']:>11} "
+        name = r["ingest"] if args.offer else r["synchronous"]
+        print(f"{name:>19} {r['windows_per_s']:>10,} {each:>20} {r['mb_per_s']:>7} {r['ack_p50_ms']:>11} "
               f"{r['ack_p99_ms']:>11} {r['commits_per_s']:>10} {r['windows_per_commit']:>9} "
               f"{r['queue_full_retries']:>11} {r['db_mb']:>7} {r['bare_sqlite_windows_per_s']:>16,} "
               f"{r['ratio_to_bare']:>11} {r['rollup_windows_per_s']:>11,}")
-    if len(results) == 2:
+    if args.offer:
+        before, after = (1e6 / r["windows_per_s"] for r in results)
+        print(f"per window on one CPU: validated {before:.0f} us, validated + offered {after:.0f} us "
+              f"(+{after - before:.0f} us; merged at ingest: {results[1]['merged_at_ingest']:,} of "
+              f"{results[1]['windows']:,} in the median's first round); the offer alone on this thread: "
+              f"{alone:.0f} us per window")
+    elif len(results) == 2:
         print(f"FULL / NORMAL: {results[1]['windows_per_s'] / results[0]['windows_per_s']:.2f}")
 
 

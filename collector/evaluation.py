@@ -8,9 +8,11 @@ span, compared column by column (``collector.drift.evaluate_spans``: one
 Benjamini-Hochberg family over every span), and the realised performance
 (labels joined by the agents) over the longest span is compared with the
 profile's. The spans' summaries are kept in memory between evaluations
-(``collector.spans.SpanCache``): each evaluation reads and merges only the
-windows stored since the last one, so its cost does not grow with the span or
-the fleet; the first one after a start reads the whole span. Every evaluation is stored, so its history can be plotted;
+(``collector.spans.SpanCache``): windows this collector stores are merged into
+them at ingest, so each evaluation lists only the ids stored since the last one
+and reads and merges just the windows stored elsewhere; its cost grows neither
+with the span nor with the fleet; the first one after a start reads the whole
+span. Every evaluation is stored, so its history can be plotted;
 the alert machine steps with it, and alerts that open or resolve go to the
 webhook. Alerts of a version that is no longer served are resolved with that
 reason (``collector.alerts.resolve_unserved``). A loop thread runs this on a

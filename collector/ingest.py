@@ -144,9 +144,12 @@ def _check_column(where: str, column: summary_pb2.ColumnSummary, limits: Limits)
 # ------------------------------------------------------------------ windows
 
 
-def validate_window(w: summary_pb2.WindowSummary, limits: Limits = Limits(), *, now_ns: int | None = None) -> None:
+def validate_window(w: summary_pb2.WindowSummary, limits: Limits = Limits(), *,
+                    now_ns: int | None = None) -> list[sketches.NumericSketch | sketches.CategoricalSketch]:
     """Raise InvalidArgument, naming the field and the problem, unless ``w`` is fit to store.
-    ``now_ns``: the collector's clock (default: now), for the window's time bounds."""
+    ``now_ns``: the collector's clock (default: now), for the window's time bounds. Returns the
+    sketches of ``w.columns``, in order, as parsed here: the span cache merges them once the window
+    is stored (``collector.spans.SpanCache.offer``) rather than parse its body again."""
     for field in ("agent_id", "run_id", "model_name"):
         _check_id(field, getattr(w, field), limits)
     _check_id("model_version", w.model_version, limits, required=False)
@@ -158,8 +161,9 @@ def validate_window(w: summary_pb2.WindowSummary, limits: Limits = Limits(), *, 
     if len(w.columns) > limits.max_columns:
         raise InvalidArgument(f"window has {len(w.columns)} columns, at most {limits.max_columns} allowed")
     seen: set[str] = set()
+    parsed = []
     for i, column in enumerate(w.columns):
-        _check_column(f"columns[{i}]", column, limits)
+        parsed.append(_check_column(f"columns[{i}]", column, limits))
         if column.name in seen:
             raise InvalidArgument(f"column name {column.name!r} appears more than once")
         seen.add(column.name)
@@ -176,6 +180,7 @@ def validate_window(w: summary_pb2.WindowSummary, limits: Limits = Limits(), *, 
         from collector import samples  # imports this module's Limits only for its type
 
         samples.check(w.sample, w.rows, limits)
+    return parsed
 
 
 def _check_times(w: summary_pb2.WindowSummary, limits: Limits, now_ns: int) -> None:

@@ -43,6 +43,7 @@ from collector.rollout_ops import RolloutOps
 from collector.rollback_policy import RollbackPolicy
 from collector.shadow_ops import ShadowOps
 from collector.registry import ArtifactStore, Registry
+from collector.spans import SpanCache
 from collector.store import Store
 from collector.webhook import Webhook
 from protos import collector_pb2 as pb
@@ -73,6 +74,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self.live = LiveStreams()
         self.rollouts = RolloutPusher(store, self.live, limits)  # commands to managed agents
         self.artifacts: ArtifactStore | None = None  # the registry's, for FetchArtifact (set by serve_collector)
+        self.spans: SpanCache | None = None  # the evaluator's: stored windows are offered to it (collector.spans)
         self.shutting_down = threading.Event()
         self._lock = threading.Lock()
         self._rejected = 0
@@ -482,6 +484,7 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
                                    rollback=RollbackPolicy(rollback_watch_seconds, rollback_action))
         evaluator.push_rollout = agents.rollouts.push_rollout  # a rollback made by policy reaches the agents
         evaluator.connected = agents.live.connected  # which agents serve a version now (alerts of unserved ones)
+        agents.spans = evaluator.spans  # windows stored here are merged at ingest, not read again
         registry = Registry(store, policy=gate_policy, limits=agents.limits)
         agents.artifacts = registry.artifacts
         ops = OpsServicer(store, agents, interceptor, evaluator, registry, max_reply_bytes=max_reply_bytes)

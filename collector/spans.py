@@ -7,11 +7,23 @@ ours). So "the last hour" is the last 60 whole minutes plus the current minute s
 
 ``SpanCache`` keeps, per model version, one merged ``Partial`` per bucket (parsed sketches, never
 protos), built once from its windows, and per span a sliding aggregate of its complete buckets (two
-stacks: suffix merges of the older buckets, a running merge of the newer), so an evaluation reads
-only what was stored since the last one, merges each new window once into its bucket (a late window
-also into the aggregates that already hold its bucket) and answers each span with a few merges. The
-store lists what its rollup passes changed (``Store.span_snapshot``): a merge whose rows all lie in
-one bucket changes nothing a span can see; otherwise the buckets it touched are read again.
+stacks: suffix merges of the older buckets, a running merge of the newer), so each new window is
+merged once into its bucket (a late window also into the aggregates that already hold its bucket)
+and an evaluation answers each span with a few merges.
+
+Where a new window is merged: windows this collector stores are merged at ingest (``offer``), from
+the sketches its validation parsed, once they are committed (after their ack, on the stream's
+thread); the evaluation then lists only the ids (and end times) of the windows stored since its
+high-water mark rowid (``cursor``) and reads and parses the bodies of those nobody offered: windows
+another process stored (several collectors on one database), offers that came while the version
+was not built, or that found no room. An offer at or below the cursor is ignored (the evaluation
+read it already); one committed before a rollup pass counted since is not taken (the pass may have
+deleted its window and handed the rowid out again). So the evaluation's cost no longer grows with
+the traffic of its own collector, while ingest pays the merge (``benchmarks/ingest.py --offer``).
+
+The store lists what its rollup passes changed (``Store.span_snapshot``): a merge whose rows all lie
+in one bucket changes nothing a span can see if the cache held them all; otherwise the buckets it
+touched are read again (and the offers merged into them forgotten: read again with them, or later).
 Buckets older than the longest span are dropped: ~5 MB of sketches per model version of 20
 columns with the shipped spans, for 10 agents or 100 (``benchmarks/drift_eval_full.py``). The cache is memory only: the first evaluation of a
 version after a start (or after its spans change, or a clock that went back) reads the whole span
@@ -19,6 +31,7 @@ from the store, at the cost of ``read_uncached``, which is also the oracle the t
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Iterable, Sequence
@@ -30,8 +43,16 @@ from collector.rollup import PerformanceTotals, WindowMerger
 from collector.store import SpanSnapshot, Store
 from protos import summary_pb2
 
+log = logging.getLogger(__name__)
+
 NS = 1_000_000_000
 MAX_BUCKETS = 360  # per span: a longer span gets wider buckets, so memory stays bounded
+# Offered windows remembered per version between two evaluations (an int each): ~1 h of 100
+# agents' 10-s windows at 3 MB. Past it the version starts again from the store.
+MAX_OFFERED = 50_000
+# Offered windows waiting for a version busy in an evaluation (or another offer's merge): their
+# parsed sketches, ~30 KB a window of 20 columns. Past it offers are not taken (the evaluation reads them).
+MAX_PENDING = 1_000
 _WIDTHS = (60, 10, 1)  # seconds, the widest that divides every span is taken
 _NUMERIC = summary_pb2.ColumnSummary.NUMERIC
 
@@ -94,15 +115,16 @@ class Partial:
             self.start, self.end = min(self.start, start), max(self.end, end)
         self.windows += windows
 
-    def add(self, w: summary_pb2.WindowSummary) -> None:
-        """Parse one stored window (or rollup row) and merge it in."""
+    def add(self, w: summary_pb2.WindowSummary, parsed: Sequence[Sketch] | None = None) -> None:
+        """Merge one stored window (or rollup row) in, its sketches parsed from ``w`` unless
+        ``parsed`` has them (one per ``w.columns``, in order; this Partial takes them over)."""
         self._span(1, w.start_unix_nano, w.end_unix_nano)
         self.rows += w.rows
         self.calls += w.calls
         self.dropped_rows += w.dropped_rows
         self.errors += w.errors
-        for msg in w.columns:
-            sketch, key = sketches.from_proto(msg), (msg.name, msg.kind)
+        for i, msg in enumerate(w.columns):
+            sketch, key = sketches.from_proto(msg) if parsed is None else parsed[i], (msg.name, msg.kind)
             column = self.columns.get(key)
             if column is None:
                 self.columns[key] = _Column(msg.role, msg.source, sketch)
@@ -244,7 +266,56 @@ class _Version:
         self.sliding = [_Sliding(n) for n in self.lengths]
         self.cursor = self.generation = 0
         self.current = -1  # the current bucket of the last evaluation (-1: never built)
-        self.lock = threading.Lock()
+        # Windows above the cursor merged already, offered by ingest: rowid -> bucket.
+        self.offered: dict[int, int] = {}
+        self.windows_read = 0  # windows above the cursor read from the store (not offered)
+        self.lock = threading.Lock()  # held to change the buckets: by an answer, or by merging offers
+        # Offers waiting for the lock: (rowid, window, sketches, rollup generation before its commit).
+        self.pending: list[tuple[int, summary_pb2.WindowSummary, Sequence[Sketch], int]] = []
+        self.pending_lock = threading.Lock()
+
+    def reset(self) -> None:
+        """Forget everything: the next answer reads the whole span from the store."""
+        self.current, self.buckets, self.offered = -1, {}, {}
+
+    def merge_pending(self, store: Store) -> int:
+        """Merge the waiting offers (the caller holds ``lock``); how many were taken."""
+        with self.pending_lock:
+            items, self.pending = self.pending, []
+        # Read under the version's lock: a rollup pass counted after this is seen by an answer after
+        # these merges, which reads again the buckets it changed. One counted since an offer's commit
+        # may have deleted its window and handed its rowid out again: such offers are not taken.
+        generation = store.rollup_generation
+        return sum(self.offer(rowid, w, parsed) for rowid, w, parsed, gen in items if gen == generation)
+
+    def offer(self, rowid: int, w: summary_pb2.WindowSummary, parsed: Sequence[Sketch]) -> bool:
+        """Merge a window just stored with ``rowid`` into its bucket; False if not taken (the next
+        answer reads it from the store, or needs it in no span)."""
+        if self.current < 0 or rowid <= self.cursor:
+            return False  # not built (the build will read it), or read from the store already
+        if rowid in self.offered or len(self.offered) >= MAX_OFFERED:
+            # A rowid handed out again (a rollup deleted the newest windows; their buckets are
+            # rebuilt at the next answer, which this offer cannot wait for), or no evaluation
+            # for a long while: start again from the store rather than guess or grow.
+            self.reset()
+            return False
+        b = w.end_unix_nano // self.width
+        if b < self.current - max(self.lengths):
+            return False  # too old for any span: the answer skips it by its end time
+        try:
+            if all(b >= sliding.end for sliding in self.sliding):  # the usual case: only its bucket holds it
+                self.buckets.setdefault(b, Partial()).add(w, parsed)
+            else:
+                part = Partial()
+                part.add(w, parsed)
+                self.buckets.setdefault(b, Partial()).merge(part)
+                for sliding in self.sliding:
+                    sliding.late(b, part)
+        except BaseException:  # half merged: start again from the store
+            self.reset()
+            raise
+        self.offered[rowid] = b
+        return True
 
     def _bucket_rows(self, rows: Iterable[tuple[int, bytes]]) -> dict[int, Partial]:
         built: dict[int, Partial] = {}
@@ -253,6 +324,7 @@ class _Version:
         return built
 
     def _build(self, snap: SpanSnapshot, name: str, version: str, oldest: int) -> None:
+        self.offered = {}  # merged into the buckets dropped here; those above top_rowid are read next time
         self.buckets = self._bucket_rows(snap.rows(name, version, oldest * self.width))
         self.sliding = [_Sliding(n) for n in self.lengths]
         self.cursor = snap.top_rowid
@@ -269,6 +341,11 @@ class _Version:
                     stale.update(range(max(first, oldest), last + 1))
             # Deleting the newest windows lets SQLite hand their rowids out again.
             self.cursor = min(self.cursor, rollup.windows_top_rowid)
+        # An offered window of a bucket read again is in it if this snapshot holds it, else it is
+        # read next time (its rowid is above top_rowid); one too old for any span is skipped anyway.
+        # A window a rollup deleted while offered lies in a stale bucket, so a rowid handed out
+        # again is never taken for it.
+        self.offered = {r: b for r, b in self.offered.items() if b >= oldest and b not in stale}
         for b in sorted(stale):
             fresh = self._bucket_rows(snap.rows(name, version, b * self.width, (b + 1) * self.width - 1))
             if b in fresh:
@@ -277,16 +354,21 @@ class _Version:
                 self.buckets.pop(b, None)
             for sliding in self.sliding:
                 sliding.replaced(self.buckets, b)
-        for _, end, body in snap.windows_after(name, version, self.cursor):
+        unread = []
+        for rowid, end in snap.window_ids_after(name, version, self.cursor):
             b = end // self.width
-            if b < oldest or b in stale:
-                continue  # too old for any span, or just read with its bucket
+            if self.offered.pop(rowid, None) is None and b >= oldest and b not in stale:
+                unread.append(rowid)  # not offered (stored by another process, or missed), new, in a span
+        self.windows_read += len(unread)
+        for _, end, body in snap.window_bodies(unread):
+            b = end // self.width
             part = Partial()
             part.add(summary_pb2.WindowSummary.FromString(body))
             self.buckets.setdefault(b, Partial()).merge(part)
             for sliding in self.sliding:
                 sliding.late(b, part)
         self.cursor = snap.top_rowid
+        self.offered = {r: b for r, b in self.offered.items() if r > self.cursor}  # committed after the snapshot
 
     def answer(self, store: Store, name: str, version: str, now_ns: int) -> list[Span | None]:
         current = now_ns // self.width
@@ -299,7 +381,7 @@ class _Version:
                     self._catch_up(snap, name, version, oldest)
                 self.generation = snap.generation
         except BaseException:  # e.g. a body that does not parse: half merged, so start again next time
-            self.current, self.buckets = -1, {}
+            self.reset()
             raise
         self.current = current
         for b in [b for b in self.buckets if b < oldest]:
@@ -319,6 +401,8 @@ class SpanCache:
         self.store = store
         self._versions: dict[tuple[str, str], _Version] = {}
         self._lock = threading.Lock()
+        # windows offered by ingest, and those of them merged then (the rest are read by an evaluation)
+        self.counters = {"windows_offered": 0, "windows_merged_at_ingest": 0}
 
     def read(self, model_name: str, model_version: str, now_ns: int, spans: Sequence[float]) -> list[Span | None]:
         """One ``Span`` (or None: no window) per span (seconds, shortest first), as of ``now_ns``."""
@@ -328,7 +412,54 @@ class SpanCache:
             if cached is None or cached.spans != spans:
                 cached = self._versions[key] = _Version(spans)
         with cached.lock:
+            self._merge_pending(cached)  # offers that waited for an evaluation or a build
             return cached.answer(self.store, model_name, model_version, now_ns)
+
+    def wants(self, model_name: str, model_version: str) -> bool:
+        """Whether windows of this version are worth offering (it is cached)."""
+        return (model_name, model_version) in self._versions
+
+    def offer(self, stored: Iterable[tuple[int, summary_pb2.WindowSummary, Sequence[Sketch]]],
+              generation: int) -> None:
+        """Windows this process has just committed (rowid, the window, its columns' sketches as
+        ingest's validation parsed them), merged into their cached version's buckets so that the
+        next evaluation only lists their ids. ``generation``: ``Store.rollup_generation`` read
+        before they were submitted (a later rollup pass may have deleted them: not taken then).
+
+        Never waits: when the version is busy (an evaluation, another thread's offers) they wait
+        in its bounded ``pending`` list, merged by whichever holds the lock next. Not taken: a
+        version not cached, a full pending list, a window too old for any span; the evaluation
+        reads those from the store, as it does every window stored by another process. Counted
+        in ``counters``."""
+        by_version: dict[tuple[str, str], list] = {}
+        for rowid, w, parsed in stored:
+            by_version.setdefault((w.model_name, w.model_version), []).append((rowid, w, parsed, generation))
+        for key, items in by_version.items():
+            with self._lock:
+                cached = self._versions.get(key)
+                self.counters["windows_offered"] += len(items)
+            if cached is None:
+                continue
+            with cached.pending_lock:
+                if len(cached.pending) + len(items) > MAX_PENDING:
+                    continue
+                cached.pending.extend(items)
+            # Whoever holds the lock merges what waits; looking again after releasing it catches
+            # offers that came while this thread merged.
+            while cached.pending and cached.lock.acquire(blocking=False):
+                try:
+                    self._merge_pending(cached)
+                finally:
+                    cached.lock.release()
+
+    def _merge_pending(self, cached: _Version) -> None:
+        try:
+            taken = cached.merge_pending(self.store)
+        except Exception:  # the version was reset: its next answer reads everything from the store
+            log.exception("merging offered windows into the span cache failed; the evaluation reads them")
+            return
+        with self._lock:
+            self.counters["windows_merged_at_ingest"] += taken
 
     def forget(self, keep: Iterable[tuple[str, str]]) -> None:
         """Drop the versions not in ``keep`` (those no longer evaluated)."""

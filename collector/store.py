@@ -106,12 +106,15 @@ def _window_row(w: summary_pb2.WindowSummary, body: bytes) -> tuple:
 
 
 def _insert_windows(db: Database, rows: list[tuple], sha: list[str], now_ns: int,
-                    sampled: Sequence[tuple | None] = ()) -> list[WindowResult]:
+                    sampled: Sequence[tuple | None] = (), rowids: list[int] | None = None) -> list[WindowResult]:
     results = []
     for row, model_sha256, sample in zip(rows, sha, sampled or [None] * len(rows)):
         # One statement per window: rowcount tells a new window from a resend.
-        stored = db.conn.execute(_INSERT_WINDOW, row).rowcount == 1
+        cursor = db.conn.execute(_INSERT_WINDOW, row)
+        stored = cursor.rowcount == 1
         results.append(WindowResult(row[1], row[2], STORED if stored else DUPLICATE))
+        if rowids is not None:
+            rowids.append(cursor.lastrowid if stored else 0)
         if stored:
             agent_id, run_id, _, name, version, start, end, nrows, _, dropped, errors, _ = row
             db.conn.execute(_ADD_RUN_TOTALS, (agent_id, run_id, name, version, model_sha256, start, now_ns, now_ns,
@@ -161,13 +164,22 @@ class SpanSnapshot:
                 f"SELECT end_ns, body FROM {table} WHERE model_name = ? AND model_version = ?"
                 " AND end_ns BETWEEN ? AND ?", [model_name, model_version, first_end_ns, last_end_ns])
 
-    def windows_after(self, model_name: str, model_version: str, rowid: int) -> Iterator[tuple[int, int, bytes]]:
-        """(rowid, end_ns, body) of the model version's raw windows stored with a rowid above ``rowid``."""
+    def window_ids_after(self, model_name: str, model_version: str, rowid: int) -> list[tuple[int, int]]:
+        """(rowid, end_ns) of the model version's raw windows stored with a rowid above ``rowid``.
+        No body is read (a body lies in overflow pages, which SQLite reads only when asked for it);
+        the reader asks ``window_bodies`` for those it has not merged already."""
         # The unary + keeps SQLite off the model's index (a walk of every window the model has):
         # a rowid range reads only what was stored since.
-        return iter(self._db.execute(
-            "SELECT rowid, end_ns, body FROM windows WHERE rowid > ? AND +model_name = ? AND +model_version = ?",
-            [rowid, model_name, model_version]))
+        return self._db.execute(
+            "SELECT rowid, end_ns FROM windows WHERE rowid > ? AND +model_name = ? AND +model_version = ?",
+            [rowid, model_name, model_version]).fetchall()
+
+    def window_bodies(self, rowids: Sequence[int]) -> Iterator[tuple[int, int, bytes]]:
+        """(rowid, end_ns, body) of the raw windows ``rowids`` (those still stored)."""
+        for i in range(0, len(rowids), 500):
+            chunk = list(rowids[i:i + 500])
+            yield from self._db.execute(
+                f"SELECT rowid, end_ns, body FROM windows WHERE rowid IN ({','.join('?' * len(chunk))})", chunk)
 
 
 class Store:
@@ -212,18 +224,21 @@ class Store:
 
     # -------------------------------------------------------- writes
 
-    def submit_windows(self, windows: Sequence[summary_pb2.WindowSummary]) -> concurrent.futures.Future:
+    def submit_windows(self, windows: Sequence[summary_pb2.WindowSummary],
+                       rowids: list[int] | None = None) -> concurrent.futures.Future:
         """Queue windows for the next group commit. The future gives one
         WindowResult per window, in order, once they are committed: only then
         may the agent forget them. A full queue raises ResourceExhausted at
         once (back-pressure: the agent keeps its spool and retries later).
-        Callbacks on the future run on the writer thread: keep them short."""
+        Callbacks on the future run on the writer thread: keep them short.
+        ``rowids``, if given, is filled with each window's rowid (0: a duplicate) before the
+        future resolves (for ``collector.spans.SpanCache.offer``)."""
         bodies = [samples.split(w) for w in windows]  # serialise here, in the caller's thread; samples apart
         rows = [_window_row(w, body) for w, (body, _) in zip(windows, bodies)]
         sampled = [sample for _, sample in bodies]
         sha = [w.model_sha256 for w in windows]
         now_ns = time.time_ns()  # first_seen of a run that sent windows before its Hello
-        task = _Task(lambda db: _insert_windows(db, rows, sha, now_ns, sampled), concurrent.futures.Future(),
+        task = _Task(lambda db: _insert_windows(db, rows, sha, now_ns, sampled, rowids), concurrent.futures.Future(),
                      weight=len(rows), windows=True)
         if not rows:
             task.future.set_result([])
@@ -288,6 +303,11 @@ class Store:
                 self._rollup_passes.append(RollupPass(self._rollup_generation, top, rolled))
         self.counters["rollup_buckets_skipped"] += counts.get("buckets_skipped", 0)
         return counts
+
+    @property
+    def rollup_generation(self) -> int:
+        """How many rollup passes changed rows since the store opened (for ``collector.spans``)."""
+        return self._rollup_generation
 
     @contextlib.contextmanager
     def span_snapshot(self, since_generation: int) -> Iterator[SpanSnapshot]:

@@ -12,7 +12,10 @@ its ``spooled_models`` (``hello_refusal`` checked that the caller's token
 may send for each of them), sealed intact
 (``agent.checksum``) and valid (``collector.ingest``). Anything else is acked
 REJECTED with the reason and counted; the ``(agent_id, run_id, seq)`` key
-stores each window once however often it comes.
+stores each window once however often it comes. Once a batch is committed and
+acked, its windows' sketches, parsed by the validation, are offered to the drift
+evaluator's span cache (``collector.spans.SpanCache.offer``), so the evaluation
+need not read and parse them again.
 """
 from __future__ import annotations
 
@@ -179,6 +182,7 @@ class AgentStream:
         self._in_flight = 0  # ack messages queued or being sent: bounded, so a client that stops
                              # reading its acks stops being read too (HTTP/2 flow control does the rest)
         self._outstanding: set[futures.Future] = set()  # submitted to the store, not yet acked
+        self._offers: dict[futures.Future, tuple] = {}  # their windows' parsed sketches, for the span cache
         self._draining = False
         self._closed = False
 
@@ -211,14 +215,18 @@ class AgentStream:
         if len(windows) > limit:
             raise InvalidArgument(f"a batch of {len(windows)} windows is over the limit of {limit}; "
                                   f"send at most {limit} windows per message")
-        rejected, valid = [], []
+        rejected, valid, parsed = [], [], []
+        spans = self.servicer.spans
         for window in windows:
-            reason = self._problem(window)
+            reason, sketches = self._problem(window)
             if reason:
                 rejected.append(pb.WindowAck(run_id=window.run_id, seq=window.seq,
                                              result=pb.WindowAck.REJECTED, reason=reason))
             else:
                 valid.append(window)
+                # kept until the commit only for the versions the span cache holds (a few)
+                parsed.append(sketches if spans is not None and spans.wants(window.model_name,
+                                                                            window.model_version) else None)
         if rejected:
             self.servicer.count_rejected(len(rejected))
             log.info("rejected %d window(s) from agent %s: %s", len(rejected), self.hello.agent_id, rejected[0].reason)
@@ -229,12 +237,16 @@ class AgentStream:
             return True
         if not self._reserve():
             return False
+        rowids: list[int] = []
+        generation = self.store.rollup_generation  # before the commit (SpanCache.offer)
         with self._lock:
             try:
-                future = self.store.submit_windows(valid)
+                future = self.store.submit_windows(valid, rowids)
             except ResourceExhausted as exc:
                 raise self.servicer.retry_later(exc) from None
             self._outstanding.add(future)
+            if any(p is not None for p in parsed):
+                self._offers[future] = (valid, parsed, rowids, generation)
         batch_received(future)  # the ack latency's start (collector.metrics)
         future.add_done_callback(lambda done: self._out.put((_DONE, done)))
         return True
@@ -254,23 +266,37 @@ class AgentStream:
             self._in_flight -= 1
             self._room.notify()
 
-    def _problem(self, window: summary_pb2.WindowSummary) -> str:
-        """Why ``window`` may not be stored from this stream ("" if it may). Any run of the Hello's
-        agent is fine: windows of its earlier runs wait in its spool and come on this stream."""
+    def _problem(self, window: summary_pb2.WindowSummary) -> tuple[str, list | None]:
+        """Why ``window`` may not be stored from this stream ("" if it may), and its columns'
+        sketches as validation parsed them. Any run of the Hello's agent is fine: windows of its
+        earlier runs wait in its spool and come on this stream."""
         if window.agent_id != self.hello.agent_id:
             return (f"window of agent {_shown(window.agent_id)} sent on the stream of agent "
-                    f"{_shown(self.hello.agent_id)}: a stream carries only its own agent's windows")
+                    f"{_shown(self.hello.agent_id)}: a stream carries only its own agent's windows"), None
         if window.model_name not in self.models:  # (hello_refusal checked the caller's token for each of them)
             return (f"window of model {_shown(window.model_name)} sent on a stream whose hello names "
-                    f"{_shown(self.hello.model_name)} and spooled models {_names(self.hello.spooled_models)}")
+                    f"{_shown(self.hello.model_name)} and spooled models {_names(self.hello.spooled_models)}"), None
         damage = check(window)
         if damage:
-            return damage
+            return damage, None
         try:
-            validate_window(window, self.servicer.limits)
+            return "", validate_window(window, self.servicer.limits)
         except InvalidArgument as exc:
-            return str(exc)
-        return ""
+            return str(exc), None
+
+    def _offer(self, future: futures.Future) -> None:
+        """Hand the span cache the sketches of the windows ``future`` stored (after their ack:
+        the merge never delays it); a failure costs the evaluation a read, never an ack."""
+        with self._lock:
+            offer = self._offers.pop(future, None)
+        if offer is None or future.exception() is not None or self.servicer.spans is None:
+            return
+        valid, parsed, rowids, generation = offer
+        try:  # a bug here must not end the agent's stream
+            self.servicer.spans.offer(((rowid, w, p) for w, p, rowid in zip(valid, parsed, rowids)
+                                       if rowid and p is not None), generation)
+        except Exception:
+            log.exception("offering stored windows to the span cache failed; the evaluation reads them")
 
     # ---------------------------------------------------------------- reply generator
 
@@ -288,6 +314,7 @@ class AgentStream:
                     yield self._committed(item)
                     batch_acked(self.servicer, item)
                     self._sent()
+                    self._offer(item)
                 elif kind == _EOF:
                     eof = True
                 elif kind == _ERROR:
@@ -348,6 +375,7 @@ class AgentStream:
             if self._closed:
                 return
             self._closed = True
+            self._offers.clear()  # not acked here: the evaluation reads them if they were stored
             self._room.notify_all()
         if self.servicer.live.remove(self):
             try:

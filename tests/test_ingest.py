@@ -586,3 +586,45 @@ def _categorical(n: int) -> summary_pb2.ColumnSummary:
     sketch = CategoricalSketch()
     sketch.update(np.array(["a", "b"] * (n // 2), dtype=object))
     return sketch.to_proto("city", FEATURE, "city")
+
+
+def test_windows_a_collector_stores_are_merged_at_ingest_and_another_collectors_are_read(tmp_path) -> None:
+    """Two real collectors on one database: the first evaluates. Windows it stores reach its span cache
+    from the sketches validation parsed (its evaluation lists their ids and reads no body); windows the
+    other collector stores are read from the database; the answer is the uncached one either way."""
+    from test_collector_server import HANG_GUARD, STORED, batch, hello, running, window
+    from test_spans import same_spans
+
+    from collector.drift import DriftConfig
+    from collector.spans import read_uncached
+
+    profile = summary_pb2.ReferenceProfile(model_name="credit", rows=10, data_sha256="cd" * 32,
+                                           columns=window(0).columns)
+    spans = DriftConfig().spans()
+
+    def send(conn, seqs: range, **kw) -> None:
+        conn.send(batch(*(window(s, **kw) for s in seqs)))
+        assert [a.result for a in conn.acks(len(seqs))] == [STORED] * len(seqs)
+
+    with running(tmp_path / "c.db", drift_interval=0) as a, running(tmp_path / "c.db", drift_interval=0) as b:
+        a.server.store.attach_profile("credit", "1", profile, "test", time.time_ns())
+        here, there = a.connect(hello()), b.connect(hello(agent="edge-2"))
+        send(here, range(0, 5))
+        send(there, range(0, 5), agent="edge-2")
+        a.ops.EvaluateDrift(pb.DriftRequest(model_name="credit"), timeout=HANG_GUARD)  # builds the cache
+        cache = a.server.agents.spans
+        version = cache._versions[("credit", "1")]
+        send(here, range(5, 25))
+        send(there, range(5, 12), agent="edge-2")
+        deadline = time.monotonic() + HANG_GUARD
+        while cache.counters["windows_offered"] < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)  # offered just after the ack is sent
+        assert cache.counters["windows_merged_at_ingest"] == 20
+        assert b.server.agents.spans.counters["windows_offered"] == 0  # b evaluates nothing: caches nothing
+        [evaluation] = a.ops.EvaluateDrift(pb.DriftRequest(model_name="credit"), timeout=HANG_GUARD).latest
+        assert evaluation.rows == 10 * 37
+        assert version.windows_read == 7  # the other collector's, and only those
+        now = time.time_ns()
+        same_spans(cache.read("credit", "1", now, spans), read_uncached(a.server.store, "credit", "1", now, spans))
+        here.close()
+        there.close()

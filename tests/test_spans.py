@@ -15,7 +15,9 @@ import pytest
 from agent import sketches
 from collector import alerts
 from collector.drift import DriftConfig
+from collector import spans as spans_module
 from collector.evaluation import DriftEvaluator
+from collector.ingest import validate_window
 from collector.rollup import RetentionPolicy
 from collector.spans import SpanCache, bucket_width, read_uncached, span_starts
 from collector.store import Store
@@ -115,11 +117,47 @@ class Uncached:
         pass
 
 
-@pytest.fixture
-def world(tmp_path):
-    store = Store(tmp_path / "c.db")
+class IngestStore(Store):
+    """A store whose ``submit_windows`` takes the collector's ingest path (``collector.streams``):
+    each window validated (which parses its sketches), stored, then offered to ``cache`` with its
+    rowid. ``ingest``: "read" offers nothing (windows stored by another process: the evaluation
+    reads them); "offered" offers every window at once; "mixed" offers some at once, some only at
+    the next store (often after an evaluation has read them: a late offer) and some never."""
+
+    def __init__(self, path, clock: Clock, ingest: str) -> None:
+        super().__init__(path)
+        self.clock, self.ingest, self.cache = clock, ingest, None
+        self.rng = np.random.default_rng(99)
+        self.deferred: list = []
+
+    def submit_windows(self, windows, rowids=None):
+        parsed = [validate_window(w, now_ns=self.clock.now) for w in windows]
+        ids: list[int] = []
+        generation = self.rollup_generation
+        future = super().submit_windows(windows, ids)
+        future.result()
+        if rowids is not None:
+            rowids.extend(ids)
+        stored = [(rowid, w, p) for rowid, w, p in zip(ids, windows, parsed) if rowid]
+        if self.ingest != "read" and self.cache is not None:
+            late, self.deferred = self.deferred, []
+            now: list = []
+            for item in stored:
+                pick = 0 if self.ingest == "offered" else int(self.rng.integers(0, 3))
+                (now, self.deferred, [])[pick].append(item)
+            for offer, gen in late:
+                self.cache.offer(offer, gen)
+            self.cache.offer(now, generation)
+            self.deferred = [(self.deferred, generation)] if self.deferred else []
+        return future
+
+
+@pytest.fixture(params=["read", "offered", "mixed"])
+def world(request, tmp_path):
     clock = Clock()
+    store = IngestStore(tmp_path / "c.db", clock, request.param)
     cached = DriftEvaluator(store, clock=clock)
+    store.cache = cached.spans
     oracle = DriftEvaluator(store, clock=clock)
     oracle.spans = Uncached(store)
     yield store, clock, cached, oracle
@@ -168,6 +206,13 @@ def test_late_windows_and_agents_joining_and_leaving_match_the_uncached_evaluati
         clock.now += int(rng.choice([7, 13, 30, 61])) * S
         evaluated += check(store, clock, cached, oracle, config).evaluated
     assert evaluated > 10  # the evaluations compared statistics, not only "too few rows"
+    version, counters = cached.spans._versions[("m", "1")], cached.spans.counters
+    if store.ingest == "offered":  # every window after the first evaluation merged at ingest, none read
+        assert version.windows_read == 0 and counters["windows_merged_at_ingest"] > 50
+    elif store.ingest == "read":
+        assert version.windows_read > 50 and counters["windows_offered"] == 0
+    else:
+        assert version.windows_read > 10 and counters["windows_merged_at_ingest"] > 10
 
 
 def test_rollups_inside_the_span_are_neither_counted_twice_nor_lost(world):
@@ -281,6 +326,7 @@ def test_a_sketch_copy_is_independent_of_its_original():
         assert copy.count == 100 and original.count == 50
 
 
+@pytest.mark.parametrize("world", ["read"], indirect=True)
 def test_a_body_that_does_not_parse_fails_the_evaluation_and_leaves_no_half_merged_state(world):
     store, clock, cached, oracle = world
     rng = np.random.default_rng(8)
@@ -294,4 +340,122 @@ def test_a_body_that_does_not_parse_fails_the_evaluation_and_leaves_no_half_merg
     with pytest.raises(Exception):
         cached.evaluate("m", "1", record=False)  # some of agent b's windows were merged before it failed
     store.write(lambda db: db.execute("DELETE FROM windows WHERE rowid = ?", [bad]))
+    check(store, clock, cached, oracle, config)
+
+
+@pytest.mark.parametrize("world", ["offered"], indirect=True)
+def test_an_offer_after_its_window_was_read_and_one_before_the_evaluation_are_each_counted_once(world):
+    store, clock, cached, oracle = world
+    rng = np.random.default_rng(9)
+    store.attach_profile("m", "1", profile(rng), "test", T0)
+    config = configure(store, span_seconds=300, short_span_seconds=60)
+    store.submit_windows([window(rng, "a", i, clock.now - i * 10 * S, 3) for i in range(10)]).result()
+    check(store, clock, cached, oracle, config)
+    store.ingest = "read"  # stored, then read by an evaluation before ingest offers them
+    ids: list[int] = []
+    late = [window(rng, "b", i, clock.now - i * 10 * S, 3) for i in range(10)]
+    store.submit_windows(late, ids).result()
+    clock.now += 5 * S
+    check(store, clock, cached, oracle, config)
+    cached.spans.offer(((rowid, w, validate_window(w, now_ns=clock.now)) for rowid, w in zip(ids, late)),
+                       store.rollup_generation)
+    assert cached.spans.counters["windows_merged_at_ingest"] == 0  # at or below the high-water mark
+    check(store, clock, cached, oracle, config)
+    version = cached.spans._versions[("m", "1")]
+    read = version.windows_read
+    store.ingest = "offered"
+    store.submit_windows([window(rng, "c", i, clock.now - i * 7 * S, 3) for i in range(10)]).result()
+    check(store, clock, cached, oracle, config)
+    assert version.windows_read == read and not version.offered  # listed by id, skipped, forgotten
+
+
+@pytest.mark.parametrize("world", ["offered"], indirect=True)
+def test_offers_past_the_bound_between_evaluations_start_the_version_again(world, monkeypatch):
+    store, clock, cached, oracle = world
+    monkeypatch.setattr(spans_module, "MAX_OFFERED", 5)
+    rng = np.random.default_rng(10)
+    store.attach_profile("m", "1", profile(rng), "test", T0)
+    config = configure(store, span_seconds=300, short_span_seconds=60)
+    store.submit_windows([window(rng, "a", i, clock.now - i * 10 * S, 3) for i in range(5)]).result()
+    check(store, clock, cached, oracle, config)
+    version = cached.spans._versions[("m", "1")]
+    store.submit_windows([window(rng, "b", i, clock.now - i * 10 * S, 3) for i in range(5)]).result()
+    assert len(version.offered) == 5 and version.current >= 0
+    store.submit_windows([window(rng, "c", 0, clock.now, 3)]).result()
+    assert not version.offered and version.current < 0  # forgotten: the next evaluation reads the span
+    store.submit_windows([window(rng, "c", 1, clock.now, 3)]).result()  # not built: not taken
+    check(store, clock, cached, oracle, config)
+
+
+def test_offers_racing_evaluations_from_many_threads_match_the_uncached_evaluation(tmp_path):
+    """Stream threads offer while an evaluation thread answers (``OFFER_WAIT`` may pass: then the
+    evaluation reads those windows); afterwards the cache holds every window exactly once."""
+    import threading
+
+    clock = Clock()
+    store = IngestStore(tmp_path / "c.db", clock, "offered")
+    try:
+        cache = store.cache = SpanCache(store)
+        cache.read("m", "1", clock.now, (60, 300))
+        stop = threading.Event()
+
+        def agent(name: str) -> None:
+            rng = np.random.default_rng(abs(hash(name)) % 2**32)
+            for seq in range(25):  # 100 values in all: no KLL compacts, so any merge order agrees
+                store.submit_windows([window(rng, name, seq, clock.now - int(rng.integers(0, 200)) * S, 1)])
+
+        def evaluations() -> None:
+            while not stop.is_set():
+                cache.read("m", "1", clock.now, (60, 300))
+
+        evaluator = threading.Thread(target=evaluations)
+        evaluator.start()
+        agents = [threading.Thread(target=agent, args=(f"a{i}",)) for i in range(4)]
+        for t in agents:
+            t.start()
+        for t in agents:
+            t.join(timeout=120)
+        stop.set()
+        evaluator.join(timeout=120)
+        assert cache.counters["windows_offered"] == 100 and cache.counters["windows_merged_at_ingest"] > 0
+        same_spans(cache.read("m", "1", clock.now, (60, 300)), read_uncached(store, "m", "1", clock.now, (60, 300)))
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("world", ["offered"], indirect=True)
+def test_offers_to_a_busy_version_wait_bounded_and_the_next_evaluation_merges_them(world, monkeypatch):
+    store, clock, cached, oracle = world
+    monkeypatch.setattr(spans_module, "MAX_PENDING", 6)
+    rng = np.random.default_rng(11)
+    store.attach_profile("m", "1", profile(rng), "test", T0)
+    config = configure(store, span_seconds=300, short_span_seconds=60)
+    store.submit_windows([window(rng, "a", i, clock.now - i * 10 * S, 3) for i in range(5)]).result()
+    check(store, clock, cached, oracle, config)
+    version = cached.spans._versions[("m", "1")]
+    with version.lock:  # as during an evaluation: the offers neither wait nor merge
+        store.submit_windows([window(rng, "b", i, clock.now - i * 10 * S, 3) for i in range(4)]).result()
+        store.submit_windows([window(rng, "c", i, clock.now - i * 10 * S, 3) for i in range(4)]).result()
+    assert len(version.pending) == 4 and cached.spans.counters["windows_merged_at_ingest"] == 0  # c: no room
+    read = version.windows_read
+    check(store, clock, cached, oracle, config)
+    assert cached.spans.counters["windows_merged_at_ingest"] == 4 and version.windows_read == read + 4
+    assert not version.pending
+
+
+@pytest.mark.parametrize("world", ["offered"], indirect=True)
+def test_an_offer_that_fails_to_merge_is_logged_and_the_version_is_read_again(world, caplog):
+    store, clock, cached, oracle = world
+    rng = np.random.default_rng(12)
+    store.attach_profile("m", "1", profile(rng), "test", T0)
+    config = configure(store, span_seconds=300, short_span_seconds=60)
+    store.submit_windows([window(rng, "a", i, clock.now - i * 10 * S, 3) for i in range(5)]).result()
+    check(store, clock, cached, oracle, config)
+    store.ingest = "read"
+    ids: list[int] = []
+    w = window(rng, "b", 0, clock.now, 3)
+    store.submit_windows([w], ids).result()
+    wrong = [sketches.CategoricalSketch(), sketches.NumericSketch(), sketches.NumericSketch()]  # x is numeric
+    cached.spans.offer([(ids[0], w, wrong)], store.rollup_generation)  # raises nothing
+    assert "span cache failed" in caplog.text and cached.spans._versions[("m", "1")].current < 0
     check(store, clock, cached, oracle, config)
