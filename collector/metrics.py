@@ -124,6 +124,17 @@ class _StateCollector:
                                   "the other buckets roll up", value=counters.get("rollup_buckets_skipped", 0))
         yield GaugeMetricFamily("outrider_collector_agents_connected", "agent streams open now",
                                 value=len(self.agents.live))
+        spans = getattr(self.agents, "spans", None)
+        if spans is not None:
+            merged = spans.counters["windows_merged_at_ingest"]
+            cache = CounterMetricFamily("outrider_collector_span_cache_windows", "windows stored here, by where "
+                                        "drift evaluation merges them: at ingest (from the sketches validation "
+                                        "parsed), or otherwise read from the database by the next evaluation of "
+                                        "their version (one not evaluated yet, a busy or full cache)",
+                                        labels=["merged"])
+            cache.add_metric(["at_ingest"], merged)
+            cache.add_metric(["by_evaluation"], max(0, counters.get("windows_stored", 0) - merged))
+            yield cache
         with self._lock:
             try:
                 db = self._db()

@@ -57,6 +57,7 @@ COLLECTOR_FAMILIES = {
     "outrider_collector_drift_detected": "gauge", "outrider_collector_drift_evaluation_timestamp_seconds": "gauge",
     "outrider_collector_drift_test_p_value": "gauge", "outrider_collector_drift_not_compared": "gauge",
     "outrider_collector_ack_latency_seconds": "histogram", "outrider_collector_rollup_buckets_skipped": "counter",
+    "outrider_collector_span_cache_windows": "counter",
 }
 
 
@@ -249,6 +250,9 @@ def test_collector_counts_windows_by_result_and_auth_failures(world):
     assert value(m, "outrider_collector_rows_total", model="m", version="1") == ROWS * GOOD
     assert value(m, "outrider_collector_rows_total", model="credit", version="1") == 10  # the raw stream's window
     assert value(m, "outrider_collector_dropped_rows_total", model="m", version="1") == 0
+    # the first evaluation came after every window: none was merged at ingest, each is read by an evaluation
+    assert value(m, "outrider_collector_span_cache_windows_total", merged="at_ingest") == 0
+    assert value(m, "outrider_collector_span_cache_windows_total", merged="by_evaluation") == agent_windows + 1
 
 
 def test_ack_latency_counts_each_committed_batch(world):
