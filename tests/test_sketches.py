@@ -199,7 +199,8 @@ def test_block_update_is_identical_to_per_column_update(block: np.ndarray) -> No
 
 def test_block_update_on_large_dirty_blocks() -> None:
     rng = np.random.default_rng(7)
-    blocks = [(rng.normal(size=(8192, 20)) * 10 + 100).astype(np.float32) for _ in range(3)]
+    # rows fed to the KLL in sorted runs of 512: whole runs, whole runs and a rest, a rest alone
+    blocks = [(rng.normal(size=(rows, 20)) * 10 + 100).astype(np.float32) for rows in (8192, 8492, 300)]
     blocks[1][::97, 3] = np.nan
     blocks[1][5, 7] = np.inf
     blocks[2][:, 11] = np.nan
