@@ -191,3 +191,12 @@ def test_windows_at_the_collector_hold_every_row_and_the_drift_is_found(tmp_path
         assert "X[3]" in drifted and not drifted & {f"X[{j}]" for j in range(20) if j != 3}
     finally:
         collector.stop(grace=0)
+
+
+def test_the_overhead_benchmark_runs_with_mlserver_as_the_upstream(mlserver_venv: Path):
+    from benchmarks import proxy as bench
+
+    (row,) = bench.run([2], [3], seconds=0.5, rounds=1, upstream_kind="mlserver")
+    assert row["upstream"] == "mlserver" and row["direct"]["failed"] == 0 and row["proxy"]["failed"] == 0
+    assert row["direct"]["rps"] > 0 and row["proxy"]["rps"] > 0
+    assert row["direct"]["upstream_cpu_ms_per_1k"] > 0 and row["proxy"]["proxy_cpu_ms_per_1k"] > 0
