@@ -220,7 +220,7 @@ class ProxyMonitor:
             if any(spec.name not in by_name for spec in plane.outputs):
                 self._count("partial_outputs")
                 return
-            outputs = [tensors.to_array(by_name[spec.name], spec) for spec in plane.outputs]
+            outputs = [tensors.to_array(_fit(by_name[spec.name], spec), spec) for spec in plane.outputs]
         except OutriderError as exc:
             self._count("undecodable", str(exc))
             return
@@ -273,6 +273,14 @@ class _UpstreamSwitch(ModelSwitch):
     def waiting_message(self) -> str:
         return (f"model '{self.model_name}' is not monitored yet: the proxy waits for the upstream's metadata "
                 "of it (is the upstream up, and is the model loaded there?)")
+
+
+def _fit(tensor: WireTensor, spec: TensorSpec) -> WireTensor:
+    """The reply's tensor in its metadata's rank when it only adds a trailing 1: MLServer's NumpyCodec
+    sends a 1-D output ([N] in its metadata) as [N, 1]. The values are the same."""
+    if len(tensor.shape) == len(spec.shape) + 1 and tensor.shape[-1] == 1:
+        return tensor._replace(shape=tuple(tensor.shape[:-1]))
+    return tensor
 
 
 def _spec(specs: Sequence[TensorSpec], name: str) -> TensorSpec:

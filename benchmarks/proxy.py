@@ -1,9 +1,11 @@
 """What ``outrider agent proxy`` costs: the same clients straight to the upstream and through the proxy.
 
-    python benchmarks/proxy.py [--clients 1,16] [--batches 1,64] [--seconds 10] [--rounds 2] [--json]
+    python benchmarks/proxy.py [--upstream agent|mlserver] [--clients 1,16] [--batches 1,64] [--seconds 10]
+                               [--rounds 2] [--json]
 
-The upstream is a real ``outrider agent serve`` (20-feature logistic regression, monitored, summary
-helper process, no collector); the proxy a real ``outrider agent proxy`` in front of it (monitoring
+The upstream (20-feature logistic regression) is a real ``outrider agent serve`` (monitored, summary
+helper process, no collector) or a real MLServer 1.7.1 (``benchmarks/mlserver_env.py``: its venv, the
+custom ONNX runtime, MLServer's default settings); the proxy a real ``outrider agent proxy`` in front of it (monitoring
 the model: summary helper process, no collector). For each (clients, batch) a client process with
 that many threads (each on its own connection) calls ModelInfer back to back for ``--seconds``,
 once at the upstream ("direct") and once through the proxy, alternating over ``--rounds``. Reported
@@ -23,13 +25,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent import examples  # noqa: E402
+from benchmarks import mlserver_env  # noqa: E402
 from benchmarks.processes import tree_cpu  # noqa: E402
+
+UPSTREAMS = ("agent", "mlserver")
 
 CLIENT = r"""
 import sys, threading, time
@@ -89,15 +95,37 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def run(client_counts: list[int], batches: list[int], seconds: float, rounds: int) -> list[dict]:
+def start_upstream(kind: str, tmp: Path, model: Path) -> tuple[subprocess.Popen, str, Callable[[], None]]:
+    """The upstream's process (the root of its tree, for CPU), gRPC address and how to stop it."""
+    if kind == "mlserver":
+        reason = mlserver_env.missing()
+        if reason:
+            raise RuntimeError(reason)
+        server = mlserver_env.start(tmp / "mlserver", model, "bench")
+        return server.process, server.grpc_address, server.stop
+    upstream, address = start(["agent", "serve", "--model", str(model), "--model-name", "bench",
+                               "--listen", "127.0.0.1:0", "--workers", "16", "--spool-dir", str(tmp / "up")],
+                              "serving ")
+
+    def stop() -> None:
+        upstream.send_signal(signal.SIGTERM)
+        upstream.wait(60)
+
+    return upstream, address, stop
+
+
+def run(client_counts: list[int], batches: list[int], seconds: float, rounds: int,
+        upstream_kind: str = "agent") -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "bench.onnx"
         model.write_bytes(examples.logistic_regression())
-        upstream, upstream_address = start(["agent", "serve", "--model", str(model), "--model-name", "bench",
-                                            "--listen", "127.0.0.1:0", "--workers", "16",
-                                            "--spool-dir", str(Path(tmp) / "up")], "serving ")
-        proxy, proxy_address = start(["agent", "proxy", "--upstream", upstream_address, "--model-name", "bench",
+        upstream, upstream_address, stop_upstream = start_upstream(upstream_kind, Path(tmp), model)
+        try:
+            proxy, proxy_address = start(["agent", "proxy", "--upstream", upstream_address, "--model-name", "bench",
                                       "--listen", "127.0.0.1:0", "--workers", "16"], "proxying ")
+        except BaseException:
+            stop_upstream()
+            raise
         results = []
         try:
             for threads in client_counts:
@@ -113,7 +141,7 @@ def run(client_counts: list[int], batches: list[int], seconds: float, rounds: in
                                               "p99": pct(latencies, 0.99) * 1e3, "failed": failed,
                                               "upstream_cpu_ms_per_1k": (cpu1[0] - cpu0[0]) / n * 1e6,
                                               "proxy_cpu_ms_per_1k": (cpu1[1] - cpu0[1]) / n * 1e6})
-                    row: dict = {"clients": threads, "batch": batch}
+                    row: dict = {"upstream": upstream_kind, "clients": threads, "batch": batch}
                     for via, runs in seen.items():
                         row[via] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                         row[via]["failed"] = sum(r["failed"] for r in runs)
@@ -122,15 +150,16 @@ def run(client_counts: list[int], batches: list[int], seconds: float, rounds: in
                     results.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
         finally:
-            for proc in (proxy, upstream):
-                proc.send_signal(signal.SIGTERM)
-            for proc in (proxy, upstream):
-                proc.wait(60)
+            proxy.send_signal(signal.SIGTERM)
+            proxy.wait(60)
+            stop_upstream()
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--upstream", choices=UPSTREAMS, default="agent",
+                        help="the inference server behind the proxy (mlserver: its venv, see mlserver_env.py)")
     parser.add_argument("--clients", default="1,16")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -139,11 +168,12 @@ def main() -> None:
     args = parser.parse_args()
     load = os.getloadavg()
     results = run([int(c) for c in args.clients.split(",")], [int(b) for b in args.batches.split(",")],
-                  args.seconds, args.rounds)
+                  args.seconds, args.rounds, args.upstream)
     if args.json:
         print(json.dumps({"load_average_before": load, "results": results}, indent=2))
         return
-    print(f"load average before: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; after: {os.getloadavg()[0]:.1f}")
+    print(f"upstream: {args.upstream}; load average before: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; "
+          f"after: {os.getloadavg()[0]:.1f}")
     print("| clients | batch | direct req/s | proxy req/s | direct p50 ms | proxy p50 ms | direct p99 ms | "
           "proxy p99 ms | failed | upstream CPU ms/1k req (direct, proxied) | proxy CPU ms/1k req | "
           "p50 ratio | throughput ratio |")
