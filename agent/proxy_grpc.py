@@ -350,10 +350,17 @@ class _ProxyCollector:
                                 value=int(self.watch.ready))
 
 
+def proxy_calls_counter(registry: Any) -> Counter:
+    return Counter("outrider_proxy_calls", "calls forwarded to the upstream, by OIP method and the status it "
+                   "answered: gRPC's code name, REST's HTTP status (UNREACHABLE: it could not be reached or did not "
+                   "answer in time)", ["method", "code"], registry=registry)
+
+
 def serve_proxy(upstream: str, model_name: str, open_session: Callable[..., Any], listen: str = "127.0.0.1:8001",
                 *, model_version: str | None = None, workers: int = 16,
                 upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT, max_receive_bytes: int = 64 * 1024 * 1024,
-                metrics: Any = None, auth: ClientAuth | None = None, tls: TLSFiles | None = None) -> ProxyServer:
+                metrics: Any = None, auth: ClientAuth | None = None, tls: TLSFiles | None = None,
+                calls: Counter | None = None) -> ProxyServer:
     """Proxy ``listen`` to the OIP server at ``upstream`` (HOST:PORT), summarising ``model_name``'s calls
     through the sessions ``open_session(model, version)`` opens (``agent.proxy.SessionFactory``).
 
@@ -364,9 +371,8 @@ def serve_proxy(upstream: str, model_name: str, open_session: Callable[..., Any]
     link = Upstream(upstream, timeout=upstream_timeout, max_message_bytes=max_receive_bytes)
     monitor = ProxyMonitor(model_name, open_session, model_version=model_version)
     registry = metrics.registry if metrics is not None else CollectorRegistry()
-    calls = Counter("outrider_proxy_calls", "calls forwarded to the upstream, by method and the status it answered "
-                    "(UNREACHABLE: it could not be reached or did not answer in time)", ["method", "code"],
-                    registry=registry)
+    if calls is None:  # else the REST front's: both count in one family
+        calls = proxy_calls_counter(registry)
     health_servicer = health.HealthServicer()
     guard = DecodeGuard({FEEDBACK_METHOD: MAX_FEEDBACK_BYTES})
     access = AccessInterceptor(auth) if auth is not None else None
