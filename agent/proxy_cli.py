@@ -32,8 +32,9 @@ def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParse
                     "windows (an id the proxy assigns comes back in the 'outrider-request-id' response header). "
                     "Stops gracefully on SIGTERM/SIGINT.",
     )
-    add_flag(proxy, "--upstream", prefix=AGENT_ENV, required=True, type=collector_address, metavar="HOST:PORT",
-             help="the inference server's OIP gRPC address (plaintext)")
+    add_flag(proxy, "--upstream", prefix=AGENT_ENV, type=collector_address, metavar="HOST:PORT",
+             help="the inference server's OIP gRPC address (plaintext), forwarded to from --listen; without it "
+                  "--listen serves only feedback and health, and the model's schema is read over REST")
     add_flag(proxy, "--upstream-http", prefix=AGENT_ENV, type=collector_address, metavar="HOST:PORT",
              help="the inference server's OIP HTTP/REST address (plain HTTP), forwarded to from --http-listen")
     add_flag(proxy, "--http-listen", prefix=AGENT_ENV, type=listen_address, metavar="HOST:PORT",
@@ -57,11 +58,15 @@ def proxy_command(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
     from agent.proxy_grpc import proxy_calls_counter, serve_proxy
+    from agent.proxy_rest import RestUpstream, serve_proxy_rest
 
     configure_logging(args.log_level)
     if args.upstream == args.listen:
         raise UsageError(f"--upstream {args.upstream} is the proxy's own --listen address; give the inference "
                          "server's address")
+    if args.upstream is None and args.upstream_http is None:
+        raise UsageError("give the inference server's address: --upstream HOST:PORT (gRPC), or --upstream-http "
+                         "HOST:PORT with --http-listen HOST:PORT (REST), or both")
     if (args.http_listen is None) != (args.upstream_http is None):
         raise UsageError("--http-listen and --upstream-http go together: give both to forward OIP over REST, "
                          "or neither")
@@ -90,11 +95,12 @@ def proxy_command(args: argparse.Namespace) -> int:
     calls = proxy_calls_counter(metrics.registry if metrics is not None else CollectorRegistry())
     with stop_signals() as stop:
         try:
-            running = serve_proxy(args.upstream, args.model_name, open_session, args.listen,
+            watched = None if args.upstream else RestUpstream(args.upstream_http, args.upstream_timeout_seconds)
+            running = serve_proxy(args.upstream or args.upstream_http, args.model_name, open_session, args.listen,
                                   model_version=args.model_version, workers=args.workers,
                                   upstream_timeout=args.upstream_timeout_seconds,
                                   max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics,
-                                  calls=calls, **access)
+                                  calls=calls, watched=watched, **access)
         except OSError as exc:
             _close(metrics)
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
@@ -107,8 +113,6 @@ def proxy_command(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot monitor {args.model_name}: {running.refused}")
         rest = None
         if args.http_listen is not None:
-            from agent.proxy_rest import serve_proxy_rest
-
             try:
                 rest = serve_proxy_rest(args.upstream_http, running.monitor, calls, args.http_listen,
                                         upstream_timeout=args.upstream_timeout_seconds, workers=args.workers,
@@ -122,8 +126,9 @@ def proxy_command(args: argparse.Namespace) -> int:
         state = (f"monitoring version {session.model_version}" if session is not None
                  else "waiting for the upstream's metadata")
         also = f"; REST {args.upstream_http} on {rest.url}" if rest is not None else ""
-        print(f"proxying {args.upstream} on {running.address} ({args.model_name}: {state}){also}", flush=True)
-        logging.getLogger(__name__).info("proxy for %s on %s%s", args.upstream, running.address, also)
+        grpc_side = args.upstream or "feedback"  # without --upstream, --listen serves feedback and health only
+        print(f"proxying {grpc_side} on {running.address} ({args.model_name}: {state}){also}", flush=True)
+        logging.getLogger(__name__).info("proxy for %s on %s%s", grpc_side, running.address, also)
         try:
             stop.wait()
         finally:

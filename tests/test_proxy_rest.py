@@ -389,19 +389,31 @@ def tritonclient(address: str) -> dict:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None, reason="needs the test extra (tritonclient)")
-def test_the_cli_proxy_answers_tritonclient_http_as_the_upstream_does(tmp_path: Path, lr_model: Path):
+@pytest.mark.parametrize("fronts", ["rest", "grpc+rest"])
+def test_the_cli_proxy_answers_tritonclient_http_as_the_upstream_does(tmp_path: Path, lr_model: Path, fronts: str):
     up_grpc = free_address()
     upstream, up_rest = start(["agent", "serve", "--model", str(lr_model), "--model-name", "m",
                                "--listen", up_grpc, "--http-listen", "127.0.0.1:0",
                                "--spool-dir", str(tmp_path / "up")], r"rest on http://(\S+)")
     proxy = None
     try:
-        proxy, rest_url = start(["agent", "proxy", "--upstream", up_grpc, "--upstream-http", up_rest,
-                                 "--http-listen", "127.0.0.1:0", "--model-name", "m", "--listen", "127.0.0.1:0"],
-                                r"proxying \S+ on \S+ \(m: monitoring version 1\); REST \S+ on (\S+)")
+        grpc_flags = ["--upstream", up_grpc] if fronts == "grpc+rest" else []
+        proxy, addresses = start(["agent", "proxy", *grpc_flags, "--upstream-http", up_rest, "--http-listen",
+                                  "127.0.0.1:0", "--model-name", "m", "--listen", "127.0.0.1:0"],
+                                 r"proxying \S+ on (\S+ \(m: monitoring version 1\); REST \S+ on \S+)")
+        grpc_address, rest_url = addresses.split()[0], addresses.split()[-1]
         direct, through = tritonclient(up_rest), tritonclient(rest_url.removeprefix("http://"))
         assert through == direct
         assert through["bad"][0] == "400" and through["replyt-2"][0]["id"] == "t-2"
+        # feedback by the id the proxy assigned, on its gRPC port whichever fronts forward
+        x, y = examples.tabular_data(3, seed=13)
+        status, headers, _ = call(int(rest_url.rsplit(":", 1)[1]), "POST", "/v2/models/m/infer", *infer_body(x))
+        assert status == 200
+        labels = [agent_pb2.Label(request_id=dict(headers)[REQUEST_ID_HEADER], row=i, class_label=str(int(y[i])))
+                  for i in range(3)]
+        feedback = agent_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(grpc_address))
+        wait_until(lambda: feedback.Feedback(agent_pb2.FeedbackRequest(labels=labels), timeout=HANG_GUARD).matched == 3,
+                   timeout=HANG_GUARD, what="the proxy to keep the call for feedback")
     finally:
         for proc in (proxy, upstream):
             if proc is not None:
@@ -415,6 +427,8 @@ def test_cli_bad_input_exits_2_in_one_line(upstream: Upstream):
     up = upstream.grpc.address
     alone = run_cli("agent", "proxy", "--upstream", up, "--model-name", "m", "--http-listen", "127.0.0.1:0")
     assert alone.code == 2 and "--http-listen and --upstream-http go together" in alone.one_line()
+    neither = run_cli("agent", "proxy", "--model-name", "m")
+    assert neither.code == 2 and "--upstream HOST:PORT (gRPC), or --upstream-http" in neither.one_line()
     bad = run_cli("agent", "proxy", "--upstream", up, "--model-name", "m", "--upstream-http", "nowhere",
                   "--http-listen", "127.0.0.1:0")
     assert bad.code == 2 and "is not HOST:PORT" in bad.one_line()
