@@ -187,6 +187,7 @@ class ProxyRestApp(RestApp):
                if k not in self._drop and k not in connection]
         assert self._session is not None  # opened at lifespan startup, before the first request
         started = time.perf_counter_ns()
+        replying = False  # the reply's status line is sent: an upstream failure now can only cut it short
         try:
             async with self._session.request(scope["method"], URL(url, encoded=True), data=body or None,
                                              headers=out, allow_redirects=False) as reply:
@@ -197,9 +198,16 @@ class ProxyRestApp(RestApp):
                 size = reply.content_length
                 whole = size is not None and size <= self.max_body_bytes
                 data = await reply.read() if whole else None
-                latency = time.perf_counter_ns() - started
-                if assigned and status == 200:
-                    back.append((REQUEST_ID_HEADER.encode(), assigned.encode()))
+                self._count(method, str(status))
+                if infer:  # before the reply goes: a client may send labels as soon as it has it
+                    if assigned and status == 200:
+                        back.append((REQUEST_ID_HEADER.encode(), assigned.encode()))
+                    reply_length = next((v.decode("latin-1") for k, v in back
+                                         if k.lower() == b"inference-header-content-length"), None)
+                    self.monitor.offer(_decoder(infer_model, body, header_length, status, data, reply_length,
+                                                time.perf_counter_ns() - started, assigned if status == 200 else "",
+                                                monitored))
+                replying = True
                 await send({"type": "http.response.start", "status": status, "headers": back})
                 if data is not None:
                     await send({"type": "http.response.body", "body": data})
@@ -207,22 +215,20 @@ class ProxyRestApp(RestApp):
                     async for chunk in reply.content.iter_any():
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     await send({"type": "http.response.body", "body": b""})
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-            if isinstance(exc, asyncio.TimeoutError) or isinstance(exc, aiohttp.ServerTimeoutError):
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as exc:
+            self._count(method, "UNREACHABLE")
+            if replying:  # uvicorn closes the connection: the client sees a reply cut short, never a wrong one
+                log.warning("upstream %s failed in the middle of a reply to %s (%s); the reply was cut short",
+                            self.upstream, scope["path"], exc)
+                return
+            if isinstance(exc, asyncio.TimeoutError):
                 why = f"did not answer within {self.timeout:g} s (--upstream-timeout-seconds)"
             else:
                 why = f"is unreachable ({exc}); check --upstream-http and that the inference server is running"
-            self._count(method, "UNREACHABLE")
             if infer:
                 self.monitor.offer(_decoder(infer_model, body, header_length, 503, None, None,
                                             time.perf_counter_ns() - started, "", monitored))
             raise Unavailable(f"upstream {self.upstream} {why}") from None
-        self._count(method, str(status))
-        if infer:
-            reply_length = next((v.decode("latin-1") for k, v in back
-                                 if k.lower() == b"inference-header-content-length"), None)
-            self.monitor.offer(_decoder(infer_model, body, header_length, status, data, reply_length, latency,
-                                        assigned if status == 200 else "", monitored))
 
     def _count(self, method: str, code: str) -> None:
         child = self._counters.get((method, code))

@@ -5,13 +5,16 @@ request; windows go to a real collector (SQLite file) and its drift engine; the 
 """
 from __future__ import annotations
 
+import gzip
 import http.client
+import http.server
 import importlib.util
 import json
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +162,64 @@ def test_replies_and_errors_are_the_upstreams_bytes(upstream: Upstream, proxy: P
     assert stats["unmonitored"]["partial_outputs"] == 1 and stats["unmonitored"]["other_model"] == 2
     assert stats["upstream_errors"] == 3 and stats["capture_failures"] == 0  # bad, empty, not json
     assert proxy.monitor.session.stats()["errors"] == 3
+
+
+class Echo(http.server.BaseHTTPRequestHandler):
+    """An HTTP upstream that answers with what it received, gzip-encoded, and some hop-by-hop headers."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        seen = {"method": self.command, "path": self.path, "body": body.decode("latin-1"),
+                "headers": [[k.lower(), v] for k, v in self.headers.items()]}
+        reply = gzip.compress(json.dumps(seen).encode(), mtime=0)
+        self.send_response(207)
+        for key, value in (("Content-Type", "application/json"), ("Content-Encoding", "gzip"),
+                           ("X-Upstream", "echo"), ("Keep-Alive", "timeout=5"), ("Connection", "keep-alive, X-Hop"),
+                           ("X-Hop", "only-this-hop"), ("Content-Length", str(len(reply)))):
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("proxy_auth", [False, True])
+def test_method_path_query_body_and_end_to_end_headers_pass_both_ways_hop_by_hop_ones_do_not(proxy_auth: bool):
+    from agent.proxy import ProxyMonitor
+    from agent.tokens import ClientAuth
+
+    echo = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    monitor = ProxyMonitor("m", in_memory)
+    auth = ClientAuth.from_toml('[[client]]\nname = "web"\ntoken = "a-long-random-token-0123"\n') if proxy_auth \
+        else None
+    rest = serve_proxy_rest(f"127.0.0.1:{echo.server_port}", monitor, proxy_calls_counter(CollectorRegistry()),
+                            "127.0.0.1:0", auth=auth)
+    try:
+        body = b"\x00binary\xffbody"
+        status, headers, reply = call(rest.port, "POST", "/v2/models/m/versions/1/anything?b=%2F&a=1", body, {
+            "X-Custom": "kept", "Authorization": "Bearer a-long-random-token-0123", "Keep-Alive": "timeout=9",
+            "Connection": "keep-alive, X-Private", "X-Private": "hop", "TE": "trailers",
+            "Content-Type": "application/x-anything"})
+        assert status == 207
+        assert dict(headers)["x-upstream"] == "echo" and dict(headers)["content-encoding"] == "gzip"
+        assert not {"keep-alive", "x-hop"} & dict(headers).keys()
+        seen = json.loads(gzip.decompress(reply))  # passed on compressed, as the upstream sent it
+        assert seen["method"] == "POST" and seen["path"] == "/v2/models/m/versions/1/anything?b=%2F&a=1"
+        assert seen["body"].encode("latin-1") == body
+        sent = dict(seen["headers"])
+        assert sent["x-custom"] == "kept" and sent["content-type"] == "application/x-anything"
+        assert not {"keep-alive", "x-private", "te", "user-agent"} & sent.keys()
+        assert ("authorization" in sent) is not proxy_auth  # the proxy's own token is not the upstream's
+        assert sent["accept-encoding"] == "identity"  # http.client's, not one the proxy added
+    finally:
+        rest.stop()
+        monitor.close()
+        echo.shutdown()
+        echo.server_close()
 
 
 def test_paths_outside_v2_are_the_proxys_404(proxy: Proxy):
