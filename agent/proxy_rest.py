@@ -30,6 +30,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from urllib.parse import unquote
 from collections.abc import Callable
 from typing import Any
 
@@ -70,7 +71,7 @@ def _route(parts: list[str]) -> tuple[str, str, str]:
         rest = parts[5:] if len(parts) >= 5 and parts[3] == "versions" else parts[3:]
         if len(rest) <= 1 and (not rest or rest[0] in ("ready", "infer")):
             action = rest[0] if rest else ""
-            return ROUTES["model", action], parts[2], action
+            return ROUTES["model", action], unquote(parts[2]), action
     return "other", "", ""
 
 

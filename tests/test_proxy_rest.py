@@ -174,6 +174,14 @@ class Echo(http.server.BaseHTTPRequestHandler):
         seen = {"method": self.command, "path": self.path, "body": body.decode("latin-1"),
                 "headers": [[k.lower(), v] for k, v in self.headers.items()]}
         reply = gzip.compress(json.dumps(seen).encode(), mtime=0)
+        if "chunked" in self.path:  # of no stated length: the proxy streams it on
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for part in (reply[:7], reply[7:]):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+            return
         self.send_response(207)
         for key, value in (("Content-Type", "application/json"), ("Content-Encoding", "gzip"),
                            ("X-Upstream", "echo"), ("Keep-Alive", "timeout=5"), ("Connection", "keep-alive, X-Hop"),
@@ -215,6 +223,9 @@ def test_method_path_query_body_and_end_to_end_headers_pass_both_ways_hop_by_hop
         assert not {"keep-alive", "x-private", "te", "user-agent"} & sent.keys()
         assert ("authorization" in sent) is not proxy_auth  # the proxy's own token is not the upstream's
         assert sent["accept-encoding"] == "identity"  # http.client's, not one the proxy added
+        status, headers, streamed = call(rest.port, "POST", "/v2/chunked", body,
+                                         {"Authorization": "Bearer a-long-random-token-0123"})
+        assert status == 200 and json.loads(gzip.decompress(streamed))["body"].encode("latin-1") == body
     finally:
         rest.stop()
         monitor.close()
@@ -459,8 +470,10 @@ def test_the_cli_proxy_answers_tritonclient_http_as_the_upstream_does(tmp_path: 
     proxy = None
     try:
         grpc_flags = ["--upstream", up_grpc] if fronts == "grpc+rest" else []
+        metrics = free_address()
         proxy, addresses = start(["agent", "proxy", *grpc_flags, "--upstream-http", up_rest, "--http-listen",
-                                  "127.0.0.1:0", "--model-name", "m", "--listen", "127.0.0.1:0"],
+                                  "127.0.0.1:0", "--model-name", "m", "--listen", "127.0.0.1:0",
+                                  "--metrics", metrics, "--max-message-mb", "0.05"],
                                  r"proxying \S+ on (\S+ \(m: monitoring version 1\); REST \S+ on \S+)")
         grpc_address, rest_url = addresses.split()[0], addresses.split()[-1]
         direct, through = tritonclient(up_rest), tritonclient(rest_url.removeprefix("http://"))
@@ -475,6 +488,12 @@ def test_the_cli_proxy_answers_tritonclient_http_as_the_upstream_does(tmp_path: 
         feedback = agent_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(grpc_address))
         wait_until(lambda: feedback.Feedback(agent_pb2.FeedbackRequest(labels=labels), timeout=HANG_GUARD).matched == 3,
                    timeout=HANG_GUARD, what="the proxy to keep the call for feedback")
+        # a body over --max-message-mb: 413, counted with the agent's refused calls
+        big = infer_body(examples.tabular_data(300, seed=14)[0])
+        assert call(int(rest_url.rsplit(":", 1)[1]), "POST", "/v2/models/m/infer", *big)[0] == 413
+        page = call(int(metrics.rsplit(":", 1)[1]), "GET", "/metrics")[2].decode()
+        assert 'outrider_agent_refused_calls_total{reason="too_large"} 1.0' in page
+        assert 'outrider_proxy_calls_total{code="200",method="ModelInfer"}' in page
     finally:
         for proc in (proxy, upstream):
             if proc is not None:
@@ -499,3 +518,12 @@ def test_cli_bad_input_exits_2_in_one_line(upstream: Upstream):
     taken = run_cli("agent", "proxy", "--upstream", up, "--model-name", "m", "--upstream-http", "127.0.0.1:1",
                     "--http-listen", upstream.rest.address, "--listen", "127.0.0.1:0")
     assert taken.code == 2 and "--http-listen" in taken.one_line() and upstream.rest.address in taken.one_line()
+
+
+@pytest.mark.slow
+def test_the_overhead_benchmark_measures_rest_both_ways_and_no_request_fails():
+    from benchmarks import proxy as bench
+
+    (row,) = bench.run([2], [3], seconds=0.5, rounds=1, protocols=("rest",))
+    assert row["protocol"] == "rest" and row["direct"]["failed"] == 0 and row["proxy"]["failed"] == 0
+    assert row["direct"]["rps"] > 0 and row["proxy"]["rps"] > 0 and row["proxy"]["proxy_cpu_ms_per_1k"] > 0
