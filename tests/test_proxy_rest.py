@@ -267,6 +267,25 @@ def test_a_request_without_an_id_keeps_its_reply_and_gets_the_proxys_id_for_feed
     channel.close()
 
 
+def test_a_capture_that_fails_never_changes_a_reply(upstream: Upstream):
+    class Broken(MonitoredSession):
+        def observe(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("a bug in the capture")
+
+    running = start_proxy(upstream, lambda model, version: Broken(
+        model, model_name="m", model_version=version, window_seconds=3600, summarizer="thread"))
+    try:
+        x = examples.tabular_data(3, seed=5)[0]
+        for binary in (False, True, False):
+            body, headers = infer_body(x, "a", binary=binary, binary_outputs=binary)
+            assert call(running.rest.port, "POST", "/v2/models/m/infer", body, headers) == \
+                call(upstream.rest.port, "POST", "/v2/models/m/infer", body, headers)
+        idle(running)
+        assert running.monitor.stats()["capture_failures"] == 3
+    finally:
+        running.stop()
+
+
 def test_request_headers_reach_the_upstream_and_its_refusals_come_back(lr_model: Path):
     """The upstream checks bearer tokens: the client's Authorization must pass through, its 401 come back."""
     from agent.tokens import ClientAuth
