@@ -101,7 +101,7 @@ def _decoder(name: str, body: bytes, header_length: str | None, status: int, rep
                 return ObservedCall(name, "", assigned, [], None, latency_ns)
         request = codec.parse_infer(body, header_length)
         if reply is None:
-            raise OutriderError("the reply was larger than the proxy's --max-message-mb and passed through unread")
+            raise OutriderError("a reply of no stated length, or over --max-message-mb, passed through unsummarised")
         _, version, outputs = codec.parse_reply(reply, reply_length)
         return ObservedCall(name, version, request.request_id or assigned, request.inputs, outputs, latency_ns)
 
@@ -118,7 +118,10 @@ class ProxyRestApp(RestApp):
         self._base = f"http://{upstream}"
         self._calls = calls
         self._counters: dict[tuple[str, str], Any] = {}
-        self._drop = HOP_BY_HOP | {b"host", b"content-length"} | ({b"authorization"} if auth is not None else set())
+        # host and length are the new hop's; Expect: 100-continue was answered on the client's hop (the whole
+        # body is here before it is sent on)
+        self._drop = HOP_BY_HOP | {b"host", b"content-length", b"expect"} | \
+            ({b"authorization"} if auth is not None else set())
         self._session: aiohttp.ClientSession | None = None
         self._ids = itertools.count(1)
         self._id_prefix = uuid.uuid4().hex[:12]
