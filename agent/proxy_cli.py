@@ -10,8 +10,8 @@ import logging
 from typing import Any
 
 from agent.cli import (AGENT_ENV, UsageError, _close, _feature_names, _feedback_limits, _first_line, _port_access,
-                       _reference, add_flag, check_listen, collector_address, configure_logging, positive,
-                       share_flags, stop_signals)
+                       _reference, add_flag, check_listen, collector_address, configure_logging, listen_address,
+                       positive, share_flags, stop_signals)
 
 # `agent serve`'s flags that mean the same for a proxy.
 SHARED_FLAGS = ("--feature-names", "--listen", "--window-seconds", "--summarizer", "--agent-id", "--collector",
@@ -27,11 +27,19 @@ def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParse
         description="Forward Open Inference Protocol (gRPC) calls to an existing inference server unchanged, "
                     "summarising one model's traffic for the collector as 'agent serve' does. Calls of other "
                     "models pass through unmonitored (counted). A request without an id is kept for feedback "
-                    "under the id in the reply's 'outrider-request-id' metadata. Stops gracefully on "
-                    "SIGTERM/SIGINT.",
+                    "under the id in the reply's 'outrider-request-id' metadata. With --http-listen and "
+                    "--upstream-http, OIP over HTTP/REST (/v2/...) is forwarded too, monitored into the same "
+                    "windows (an id the proxy assigns comes back in the 'outrider-request-id' response header). "
+                    "Stops gracefully on SIGTERM/SIGINT.",
     )
-    add_flag(proxy, "--upstream", prefix=AGENT_ENV, required=True, type=collector_address, metavar="HOST:PORT",
-             help="the inference server's OIP gRPC address (plaintext)")
+    add_flag(proxy, "--upstream", prefix=AGENT_ENV, type=collector_address, metavar="HOST:PORT",
+             help="the inference server's OIP gRPC address (plaintext), forwarded to from --listen; without it "
+                  "--listen serves only feedback and health, and the model's schema is read over REST")
+    add_flag(proxy, "--upstream-http", prefix=AGENT_ENV, type=collector_address, metavar="HOST:PORT",
+             help="the inference server's OIP HTTP/REST address (plain HTTP), forwarded to from --http-listen")
+    add_flag(proxy, "--http-listen", prefix=AGENT_ENV, type=listen_address, metavar="HOST:PORT",
+             help="also forward OIP over HTTP/REST (every /v2/... path) on this address to --upstream-http, "
+                  "with the gRPC port's --auth-file and TLS; port 0 picks a free port")
     add_flag(proxy, "--model-name", prefix=AGENT_ENV, required=True, metavar="NAME",
              help="the upstream model to monitor; its schema is read from the upstream's ModelMetadata")
     add_flag(proxy, "--model-version", prefix=AGENT_ENV, metavar="V",
@@ -39,7 +47,7 @@ def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParse
                   "of other versions pass through unmonitored (counted)")
     add_flag(proxy, "--upstream-timeout-seconds", prefix=AGENT_ENV, default="30", type=positive(float), metavar="S",
              help="longest a forwarded call waits for the upstream when the client's deadline is longer or unset; "
-                  "then UNAVAILABLE (a refused connection is UNAVAILABLE at once)")
+                  "then UNAVAILABLE, or 503 over REST (a refused connection is answered so at once)")
     share_flags(serve, proxy, SHARED_FLAGS)
     proxy.set_defaults(func=proxy_command)
 
@@ -47,14 +55,28 @@ def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParse
 def proxy_command(args: argparse.Namespace) -> int:
     from agent.errors import InvalidArgument, OutriderError
     from agent.metrics import AgentMetrics, start_for_cli
-    from agent.proxy_grpc import serve_proxy
+    from prometheus_client import CollectorRegistry
+
+    from agent.proxy_grpc import proxy_calls_counter, serve_proxy
+    from agent.proxy_rest import RestUpstream, serve_proxy_rest
 
     configure_logging(args.log_level)
     if args.upstream == args.listen:
         raise UsageError(f"--upstream {args.upstream} is the proxy's own --listen address; give the inference "
                          "server's address")
+    if args.upstream is None and args.upstream_http is None:
+        raise UsageError("give the inference server's address: --upstream HOST:PORT (gRPC), or --upstream-http "
+                         "HOST:PORT with --http-listen HOST:PORT (REST), or both")
+    if (args.http_listen is None) != (args.upstream_http is None):
+        raise UsageError("--http-listen and --upstream-http go together: give both to forward OIP over REST, "
+                         "or neither")
+    if args.http_listen is not None and args.upstream_http == args.http_listen:
+        raise UsageError(f"--upstream-http {args.upstream_http} is the proxy's own --http-listen address; give the "
+                         "inference server's REST address")
     names = _feature_names(args.feature_names)
     check_listen(args.listen)
+    if args.http_listen is not None:
+        check_listen(args.http_listen, "--http-listen")
     access = _port_access(args)
     reference = _reference(args)
     limits = _feedback_limits(args)
@@ -70,12 +92,15 @@ def proxy_command(args: argparse.Namespace) -> int:
                                 reference=reference)
 
     metrics = start_for_cli(AgentMetrics, args.metrics)
+    calls = proxy_calls_counter(metrics.registry if metrics is not None else CollectorRegistry())
     with stop_signals() as stop:
         try:
-            running = serve_proxy(args.upstream, args.model_name, open_session, args.listen,
+            watched = None if args.upstream else RestUpstream(args.upstream_http, args.upstream_timeout_seconds)
+            running = serve_proxy(args.upstream or args.upstream_http, args.model_name, open_session, args.listen,
                                   model_version=args.model_version, workers=args.workers,
                                   upstream_timeout=args.upstream_timeout_seconds,
-                                  max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics, **access)
+                                  max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics,
+                                  calls=calls, watched=watched, **access)
         except OSError as exc:
             _close(metrics)
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
@@ -86,14 +111,35 @@ def proxy_command(args: argparse.Namespace) -> int:
             running.stop(0)
             _close(metrics)
             raise UsageError(f"cannot monitor {args.model_name}: {running.refused}")
+        rest = None
+        if args.http_listen is not None:
+            try:
+                rest = serve_proxy_rest(args.upstream_http, running.monitor, calls, args.http_listen,
+                                        upstream_timeout=args.upstream_timeout_seconds, workers=args.workers,
+                                        max_body_bytes=int(args.max_message_mb * 1024 * 1024), **access)
+            except OSError as exc:
+                running.stop(0)
+                _close(metrics)
+                raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --http-listen") \
+                    from None
+            if metrics is not None:  # refused calls of both ports under one name, as agent serve counts them
+                from agent.cli import _add_counts
+
+                switch, on_grpc = running.monitor.switch, metrics._refusals
+                metrics.bind(lambda: switch.current.plane if switch.current is not None else None,
+                             lambda: _add_counts(on_grpc(), rest.refusals()))
         session = running.monitor.session
         state = (f"monitoring version {session.model_version}" if session is not None
                  else "waiting for the upstream's metadata")
-        print(f"proxying {args.upstream} on {running.address} ({args.model_name}: {state})", flush=True)
-        logging.getLogger(__name__).info("proxy for %s on %s", args.upstream, running.address)
+        also = f"; REST {args.upstream_http} on {rest.url}" if rest is not None else ""
+        grpc_side = args.upstream or "feedback"  # without --upstream, --listen serves feedback and health only
+        print(f"proxying {grpc_side} on {running.address} ({args.model_name}: {state}){also}", flush=True)
+        logging.getLogger(__name__).info("proxy for %s on %s%s", grpc_side, running.address, also)
         try:
             stop.wait()
         finally:
+            if rest is not None:  # first: its calls are offered to the monitor the gRPC side closes
+                rest.stop()
             running.stop(args.grace_seconds)
             _close(metrics)
     return 0

@@ -350,23 +350,33 @@ class _ProxyCollector:
                                 value=int(self.watch.ready))
 
 
+def proxy_calls_counter(registry: Any) -> Counter:
+    return Counter("outrider_proxy_calls", "calls forwarded to the upstream, by OIP method and the status it "
+                   "answered: gRPC's code name, REST's HTTP status (UNREACHABLE: it could not be reached or did not "
+                   "answer in time)", ["method", "code"], registry=registry)
+
+
 def serve_proxy(upstream: str, model_name: str, open_session: Callable[..., Any], listen: str = "127.0.0.1:8001",
                 *, model_version: str | None = None, workers: int = 16,
                 upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT, max_receive_bytes: int = 64 * 1024 * 1024,
-                metrics: Any = None, auth: ClientAuth | None = None, tls: TLSFiles | None = None) -> ProxyServer:
+                metrics: Any = None, auth: ClientAuth | None = None, tls: TLSFiles | None = None,
+                calls: Counter | None = None, watched: Any = None) -> ProxyServer:
     """Proxy ``listen`` to the OIP server at ``upstream`` (HOST:PORT), summarising ``model_name``'s calls
     through the sessions ``open_session(model, version)`` opens (``agent.proxy.SessionFactory``).
 
     Starts whether or not the upstream answers yet: until it does, the proxy's health is
-    NOT_SERVING and calls get UNAVAILABLE naming it. Raises ``OSError`` when it cannot listen."""
+    NOT_SERVING and calls get UNAVAILABLE naming it. Raises ``OSError`` when it cannot listen.
+
+    ``watched``: the upstream to read readiness and metadata from instead of a gRPC one (``agent.proxy_rest``'s
+    ``RestUpstream``, when only REST is forwarded); the port then forwards nothing, serving feedback and health."""
     from prometheus_client import CollectorRegistry
 
-    link = Upstream(upstream, timeout=upstream_timeout, max_message_bytes=max_receive_bytes)
+    link = watched if watched is not None else Upstream(upstream, timeout=upstream_timeout,
+                                                        max_message_bytes=max_receive_bytes)
     monitor = ProxyMonitor(model_name, open_session, model_version=model_version)
     registry = metrics.registry if metrics is not None else CollectorRegistry()
-    calls = Counter("outrider_proxy_calls", "calls forwarded to the upstream, by method and the status it answered "
-                    "(UNREACHABLE: it could not be reached or did not answer in time)", ["method", "code"],
-                    registry=registry)
+    if calls is None:  # else the REST front's: both count in one family
+        calls = proxy_calls_counter(registry)
     health_servicer = health.HealthServicer()
     guard = DecodeGuard({FEEDBACK_METHOD: MAX_FEEDBACK_BYTES})
     access = AccessInterceptor(auth) if auth is not None else None
@@ -378,7 +388,8 @@ def serve_proxy(upstream: str, model_name: str, open_session: Callable[..., Any]
     # The proxy's own services first: the forwarder takes whatever they do not know.
     agent_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(monitor.switch), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_generic_rpc_handlers((Forwarder(link, monitor, calls, strip_auth=auth is not None),))
+    if watched is None:
+        server.add_generic_rpc_handlers((Forwarder(link, monitor, calls, strip_auth=auth is not None),))
     try:
         credentials = _credentials(tls) if tls is not None else None  # InvalidArgument for unreadable files
         port = (server.add_secure_port(listen, credentials) if credentials is not None

@@ -1,6 +1,7 @@
 """What ``outrider agent proxy`` costs: the same clients straight to the upstream and through the proxy.
 
-    python benchmarks/proxy.py [--upstream agent|mlserver] [--clients 1,16] [--batches 1,64] [--seconds 10]
+    python benchmarks/proxy.py [--upstream agent|mlserver] [--protocols grpc,rest] [--clients 1,16]
+                               [--batches 1,64] [--seconds 10]
                                [--rounds 2] [--json]
 
 The upstream (20-feature logistic regression) is a real ``outrider agent serve`` (monitored, summary
@@ -11,12 +12,17 @@ that many threads (each on its own connection) calls ModelInfer back to back for
 once at the upstream ("direct") and once through the proxy, alternating over ``--rounds``. Reported
 per configuration (medians of rounds): requests/s, p50 and p99 latency at the clients, failed
 requests, CPU seconds per 1,000 requests of the upstream and of the proxy (each process with its
-helpers), and the ratios proxy / direct. Everything shares the machine's cores: the figures are
-ratios under the same load, not the machine's ceiling.
+helpers), and the ratios proxy / direct. ``rest`` rows are the same over HTTP/REST: the upstream's
+``--http-listen`` directly and the proxy's ``--http-listen`` (``--upstream-http``), with the binary
+tensor extension both ways from ``benchmarks/rest.py``'s plain ``http.client`` client (one kept-alive
+connection per thread; a client exits on a non-200 reply, so its failures are 0 or the run fails).
+Everything shares the machine's cores: the figures are ratios under the same load, not the machine's
+ceiling.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -72,22 +78,35 @@ print(" ".join(f"{v:.6f}" for v in latencies))
 """
 
 
-def start(args: list[str], marker: str) -> tuple[subprocess.Popen, str]:
+def start(args: list[str], marker: str) -> tuple[subprocess.Popen, str, str]:
+    """The process, its gRPC address and its REST URL ("" without --http-listen)."""
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    url = ""
     for line in proc.stdout:
+        if line.startswith("rest on "):  # agent serve --http-listen says so first
+            url = line.split()[-1]
         if line.startswith(marker):
-            return proc, line.split(" on ", 1)[1].split()[0]
+            if "; REST " in line:  # agent proxy --http-listen: on its one line
+                url = line.split()[-1]
+            return proc, line.split(" on ", 1)[1].split()[0], url
     raise RuntimeError(f"{args[:2]} did not start")
 
 
-def clients(address: str, threads: int, seconds: float, batch: int) -> tuple[list[float], int]:
-    done = subprocess.run([sys.executable, "-c", CLIENT, address, str(threads), str(seconds), str(batch)],
+def clients(address: str, threads: int, seconds: float, batch: int,
+            protocol: str = "grpc") -> tuple[list[float], int]:
+    if protocol == "rest":
+        from benchmarks.rest import REST_CLIENT
+
+        command = [REST_CLIENT, address, str(threads), str(seconds), str(batch), "20", "binary"]
+    else:
+        command = [CLIENT, address, str(threads), str(seconds), str(batch)]
+    done = subprocess.run([sys.executable, "-c", *command],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           timeout=seconds + 120)
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
-    failed, latencies = done.stdout.split("\n", 1)
+    failed, latencies = done.stdout.split("\n", 1) if protocol == "grpc" else ("0", done.stdout)
     return sorted(float(v) for v in latencies.split()), int(failed)
 
 
@@ -95,60 +114,67 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def start_upstream(kind: str, tmp: Path, model: Path) -> tuple[subprocess.Popen, str, Callable[[], None]]:
-    """The upstream's process (the root of its tree, for CPU), gRPC address and how to stop it."""
+def start_upstream(kind: str, tmp: Path, model: Path, rest: bool) -> tuple[subprocess.Popen, str, str,
+                                                                              Callable[[], None]]:
+    """The upstream's process (the root of its tree, for CPU), gRPC address, REST URL ("" without REST)
+    and how to stop it."""
     if kind == "mlserver":
         reason = mlserver_env.missing()
         if reason:
             raise RuntimeError(reason)
         server = mlserver_env.start(tmp / "mlserver", model, "bench")
-        return server.process, server.grpc_address, server.stop
-    upstream, address = start(["agent", "serve", "--model", str(model), "--model-name", "bench",
-                               "--listen", "127.0.0.1:0", "--workers", "16", "--spool-dir", str(tmp / "up")],
-                              "serving ")
+        return server.process, server.grpc_address, f"http://{server.http_address}", server.stop
+    upstream, address, url = start(["agent", "serve", "--model", str(model), "--model-name", "bench",
+                                    "--listen", "127.0.0.1:0", "--workers", "16", "--spool-dir", str(tmp / "up"),
+                                    *(["--http-listen", "127.0.0.1:0"] if rest else [])], "serving ")
 
     def stop() -> None:
         upstream.send_signal(signal.SIGTERM)
         upstream.wait(60)
 
-    return upstream, address, stop
+    return upstream, address, url, stop
 
 
 def run(client_counts: list[int], batches: list[int], seconds: float, rounds: int,
-        upstream_kind: str = "agent") -> list[dict]:
+        protocols: tuple[str, ...] = ("grpc",), upstream_kind: str = "agent") -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "bench.onnx"
         model.write_bytes(examples.logistic_regression())
-        upstream, upstream_address, stop_upstream = start_upstream(upstream_kind, Path(tmp), model)
+        rest = "rest" in protocols
+        upstream, upstream_address, upstream_url, stop_upstream = start_upstream(upstream_kind, Path(tmp), model, rest)
         try:
-            proxy, proxy_address = start(["agent", "proxy", "--upstream", upstream_address, "--model-name", "bench",
-                                      "--listen", "127.0.0.1:0", "--workers", "16"], "proxying ")
+            proxy, proxy_address, proxy_url = start(
+                ["agent", "proxy", "--upstream", upstream_address, "--model-name", "bench", "--listen", "127.0.0.1:0",
+                 "--workers", "16",
+                 *(["--upstream-http", upstream_url.split("//", 1)[1], "--http-listen", "127.0.0.1:0"] if rest
+                   else [])],
+                "proxying ")
         except BaseException:
             stop_upstream()
             raise
         results = []
         try:
-            for threads in client_counts:
-                for batch in batches:
-                    seen: dict[str, list[dict]] = {"direct": [], "proxy": []}
-                    for _ in range(rounds):
-                        for via, address in (("direct", upstream_address), ("proxy", proxy_address)):
-                            cpu0 = (tree_cpu(upstream.pid), tree_cpu(proxy.pid))
-                            latencies, failed = clients(address, threads, seconds, batch)
-                            cpu1 = (tree_cpu(upstream.pid), tree_cpu(proxy.pid))
-                            n = max(len(latencies), 1)
-                            seen[via].append({"rps": len(latencies) / seconds, "p50": pct(latencies, 0.5) * 1e3,
-                                              "p99": pct(latencies, 0.99) * 1e3, "failed": failed,
-                                              "upstream_cpu_ms_per_1k": (cpu1[0] - cpu0[0]) / n * 1e6,
-                                              "proxy_cpu_ms_per_1k": (cpu1[1] - cpu0[1]) / n * 1e6})
-                    row: dict = {"upstream": upstream_kind, "clients": threads, "batch": batch}
-                    for via, runs in seen.items():
-                        row[via] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                        row[via]["failed"] = sum(r["failed"] for r in runs)
-                    row["ratio_p50"] = row["proxy"]["p50"] / row["direct"]["p50"]
-                    row["ratio_rps"] = row["proxy"]["rps"] / row["direct"]["rps"]
-                    results.append(row)
-                    print(json.dumps(row), file=sys.stderr, flush=True)
+            for protocol, threads, batch in itertools.product(protocols, client_counts, batches):
+                targets = (upstream_address, proxy_address) if protocol == "grpc" else (upstream_url, proxy_url)
+                seen: dict[str, list[dict]] = {"direct": [], "proxy": []}
+                for _ in range(rounds):
+                    for via, address in zip(("direct", "proxy"), targets):
+                        cpu0 = (tree_cpu(upstream.pid), tree_cpu(proxy.pid))
+                        latencies, failed = clients(address, threads, seconds, batch, protocol)
+                        cpu1 = (tree_cpu(upstream.pid), tree_cpu(proxy.pid))
+                        n = max(len(latencies), 1)
+                        seen[via].append({"rps": len(latencies) / seconds, "p50": pct(latencies, 0.5) * 1e3,
+                                          "p99": pct(latencies, 0.99) * 1e3, "failed": failed,
+                                          "upstream_cpu_ms_per_1k": (cpu1[0] - cpu0[0]) / n * 1e6,
+                                          "proxy_cpu_ms_per_1k": (cpu1[1] - cpu0[1]) / n * 1e6})
+                row: dict = {"upstream": upstream_kind, "protocol": protocol, "clients": threads, "batch": batch}
+                for via, runs in seen.items():
+                    row[via] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                    row[via]["failed"] = sum(r["failed"] for r in runs)
+                row["ratio_p50"] = row["proxy"]["p50"] / row["direct"]["p50"]
+                row["ratio_rps"] = row["proxy"]["rps"] / row["direct"]["rps"]
+                results.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
         finally:
             proxy.send_signal(signal.SIGTERM)
             proxy.wait(60)
@@ -160,6 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", choices=UPSTREAMS, default="agent",
                         help="the inference server behind the proxy (mlserver: its venv, see mlserver_env.py)")
+    parser.add_argument("--protocols", default="grpc,rest")
     parser.add_argument("--clients", default="1,16")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -168,19 +195,20 @@ def main() -> None:
     args = parser.parse_args()
     load = os.getloadavg()
     results = run([int(c) for c in args.clients.split(",")], [int(b) for b in args.batches.split(",")],
-                  args.seconds, args.rounds, args.upstream)
+                  args.seconds, args.rounds, tuple(args.protocols.split(",")), args.upstream)
     if args.json:
         print(json.dumps({"load_average_before": load, "results": results}, indent=2))
         return
     print(f"upstream: {args.upstream}; load average before: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; "
           f"after: {os.getloadavg()[0]:.1f}")
-    print("| clients | batch | direct req/s | proxy req/s | direct p50 ms | proxy p50 ms | direct p99 ms | "
-          "proxy p99 ms | failed | upstream CPU ms/1k req (direct, proxied) | proxy CPU ms/1k req | "
+    print("| protocol | clients | batch | direct req/s | proxy req/s | direct p50 ms | proxy p50 ms | "
+          "direct p99 ms | proxy p99 ms | failed | upstream CPU ms/1k req (direct, proxied) | proxy CPU ms/1k req | "
           "p50 ratio | throughput ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         d, p = r["direct"], r["proxy"]
-        print(f"| {r['clients']} | {r['batch']} | {d['rps']:,.0f} | {p['rps']:,.0f} | {d['p50']:.2f} | {p['p50']:.2f} "
+        print(f"| {r['protocol']} | {r['clients']} | {r['batch']} | {d['rps']:,.0f} | {p['rps']:,.0f} "
+              f"| {d['p50']:.2f} | {p['p50']:.2f} "
               f"| {d['p99']:.2f} | {p['p99']:.2f} | {d['failed'] + p['failed']} | {d['upstream_cpu_ms_per_1k']:.0f}, "
               f"{p['upstream_cpu_ms_per_1k']:.0f} | {p['proxy_cpu_ms_per_1k']:.0f} | {r['ratio_p50']:.2f}x | "
               f"{r['ratio_rps']:.2f}x |")

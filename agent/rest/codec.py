@@ -215,3 +215,28 @@ def _flag(params: dict[str, Any], key: str, where: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidArgument(f"{where}: {key} must be true or false")
     return value
+
+
+def parse_reply(body: bytes, header_length: str | None) -> tuple[str, str, list[WireTensor]]:
+    """A REST infer reply -> (model name, model version, outputs as WireTensors with raw bytes): what
+    ``agent proxy`` reads of an upstream's answer. Outputs take the same form as inputs (JSON ``data``
+    or ``binary_data_size`` after the JSON part), so they decode the same way; InvalidArgument if malformed."""
+    head, binary = body, b""
+    if header_length is not None:
+        if not header_length.strip().isdigit() or int(header_length) > len(body):
+            raise InvalidArgument(f"the reply's Inference-Header-Content-Length {header_length!r} does not fit its "
+                                  f"{len(body)} bytes")
+        head, binary = body[:int(header_length)], body[int(header_length):]
+    try:
+        doc = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"the reply is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("outputs"), list):
+        raise InvalidArgument("the reply is not a JSON object with 'outputs'")
+    outputs, used = [], 0
+    for i, entry in enumerate(doc["outputs"]):
+        tensor, size = _input(entry, i, binary, used)
+        outputs.append(tensor)
+        used += size
+    name, version = doc.get("model_name", ""), doc.get("model_version", "")
+    return (name if isinstance(name, str) else "", version if isinstance(version, str) else "", outputs)

@@ -15,6 +15,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -38,20 +39,24 @@ class RestServer:
 
     def __init__(self, backend: Backend, listen: str, *, workers: int = 8, max_body_bytes: int = 64 * 1024 * 1024,
                  metrics: Any = None, auth: ClientAuth | None = None, tls: TLSFiles | None = None,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False, app: Callable[[concurrent.futures.Executor], Any] | None = None) -> None:
         host, _, port = listen.rpartition(":")
         self.host = host.strip("[]")
         self.tls = tls
         sock = _bind(self.host, int(port), reuse_port, listen)
         self.port: int = sock.getsockname()[1]
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="outrider-rest")
-        self.app = RestApp(backend, self.pool, max_body_bytes=max_body_bytes, metrics=metrics, auth=auth)
+        # ``app``: another ASGI app on the same server (agent proxy's); it takes the lifespan events, to open
+        # and close what it holds on the event loop
+        self.app = (RestApp(backend, self.pool, max_body_bytes=max_body_bytes, metrics=metrics, auth=auth)
+                    if app is None else app(self.pool))
         tls_options: dict[str, Any] = {}
         if tls is not None:
             tls_options = dict(ssl_certfile=str(tls.cert), ssl_keyfile=str(tls.key),
                                ssl_ca_certs=str(tls.client_ca) if tls.client_ca else None,
                                ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE)
-        config = uvicorn.Config(self.app, http="auto", loop="asyncio", lifespan="off", log_config=None,
+        config = uvicorn.Config(self.app, http="auto", loop="asyncio", lifespan="off" if app is None else "on",
+                                log_config=None,
                                 access_log=False, server_header=False, date_header=False, backlog=BACKLOG,
                                 limit_concurrency=MAX_CONNECTIONS,
                                 timeout_graceful_shutdown=5, **tls_options)
