@@ -130,6 +130,8 @@ def test_probes_and_scrapes_point_at_the_ports_served(inv: Invocation, monkeypat
     listen, metrics = port_of(args.listen), port_of(getattr(args, "metrics", None))
     declared = {p["containerPort"] for p in inv.container.get("ports", [])}
     assert listen in declared, f"{inv.where}: --listen's port {listen} is not among the container's ports"
+    http = port_of(getattr(args, "http_listen", None))
+    assert http is None or http in declared, f"{inv.where}: --http-listen's port {http} is not declared"
     for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
         probe = inv.container.get(kind)
         if probe is None:
@@ -160,6 +162,9 @@ def test_the_image_healthcheck_asks_the_default_command_s_server(monkeypatch):
 def test_a_sidecar_proxy_points_at_its_pod_s_server(inv: Invocation, monkeypatch):
     """The proxy's --upstream is a port another container of the same pod serves, on loopback."""
     args = parse(inv.argv, inv.env, monkeypatch)
-    host, port = args.upstream.rsplit(":", 1)
-    assert host in ("127.0.0.1", "localhost"), f"{inv.where}: a sidecar reaches its server on loopback"
-    assert int(port) in inv.siblings, f"{inv.where}: no other container of the pod serves port {port}"
+    for upstream in (args.upstream, args.upstream_http):
+        if upstream is None:
+            continue
+        host, port = upstream.rsplit(":", 1)
+        assert host in ("127.0.0.1", "localhost"), f"{inv.where}: a sidecar reaches its server on loopback"
+        assert int(port) in inv.siblings, f"{inv.where}: no other container of the pod serves port {port}"
