@@ -428,17 +428,10 @@ def _start_rest(args: argparse.Namespace, running: Any, metrics: Any, access: di
         _close(metrics)
         raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --http-listen") from None
     if metrics is not None:  # refused calls of both ports, under one name
-        metrics.bind(lambda: servicer.plane, lambda: _add_counts(running.refusals(), rest.refusals()))
+        metrics.bind(lambda: servicer.plane, running.refusals)
+        metrics.add_refusals(rest.refusals)
     print(f"rest on {rest.url}", flush=True)
     return rest
-
-
-def _add_counts(*counts: dict[str, int]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for each in counts:
-        for key, value in each.items():
-            total[key] = total.get(key, 0) + value
-    return total
 
 
 def _stop(running: Any, rest: Any, grace: float) -> None:

@@ -119,6 +119,19 @@ class AgentMetrics(Endpoints):
     def refusals(self) -> dict[str, int]:
         return self._refusals()
 
+    def add_refusals(self, more: Callable[[], dict[str, int]]) -> None:
+        """Also count the calls another front refused (a REST port beside the gRPC one), under the same
+        reasons: the page shows one ``outrider_agent_refused_calls`` whatever the protocol."""
+        first = self._refusals
+
+        def both() -> dict[str, int]:
+            total = dict(first())
+            for reason, count in more().items():
+                total[reason] = total.get(reason, 0) + count
+            return total
+
+        self._refusals = both
+
     def served(self) -> Any:
         return self._served()
 

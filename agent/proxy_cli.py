@@ -123,11 +123,9 @@ def proxy_command(args: argparse.Namespace) -> int:
                 raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --http-listen") \
                     from None
             if metrics is not None:  # refused calls of both ports under one name, as agent serve counts them
-                from agent.cli import _add_counts
-
-                switch, on_grpc = running.monitor.switch, metrics._refusals
-                metrics.bind(lambda: switch.current.plane if switch.current is not None else None,
-                             lambda: _add_counts(on_grpc(), rest.refusals()))
+                switch = running.monitor.switch
+                metrics.bind(lambda: switch.current.plane if switch.current is not None else None)
+                metrics.add_refusals(rest.refusals)
         session = running.monitor.session
         state = (f"monitoring version {session.model_version}" if session is not None
                  else "waiting for the upstream's metadata")

@@ -126,7 +126,7 @@ def serve_command(args: argparse.Namespace) -> int:
                          "it could read everything; pass --auth-file FILE or use loopback (e.g. 127.0.0.1:8080)")
     if args.http:
         try:
-            check_listen(args.http)
+            check_listen(args.http, "--http")
         except UsageError as exc:
             raise UsageError(str(exc).replace("with --listen", "with --http")) from None
     metrics = start_for_cli(CollectorMetrics, args.metrics)

@@ -129,3 +129,17 @@ def test_every_cli_command_has_help():
 
     walk(build_parser(), ["outrider"])
     assert cli("agent", "serve", "--help").returncode == 0
+
+
+def test_collector_web_page_port_in_use_names_its_flag(tmp_path):
+    """The bind check names the flag to change: --http for the web page, not --listen."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = cli("collector", "serve", "--db", str(tmp_path / "c.db"), "--listen", "127.0.0.1:0",
+                     "--http", f"127.0.0.1:{busy.getsockname()[1]}")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Address already in use" in result.stderr, result.stderr
+    assert "--http" in result.stderr and "--listen" not in result.stderr, result.stderr
