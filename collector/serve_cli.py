@@ -125,10 +125,7 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UsageError(f"refusing to serve the web page on {args.http} without --auth-file: anyone who can reach "
                          "it could read everything; pass --auth-file FILE or use loopback (e.g. 127.0.0.1:8080)")
     if args.http:
-        try:
-            check_listen(args.http, "--http")
-        except UsageError as exc:
-            raise UsageError(str(exc).replace("with --listen", "with --http")) from None
+        check_listen(args.http, "--http")
     metrics = start_for_cli(CollectorMetrics, args.metrics)
 
     with stop_signals() as stop:
