@@ -200,3 +200,41 @@ def test_the_overhead_benchmark_runs_with_mlserver_as_the_upstream(mlserver_venv
     assert row["upstream"] == "mlserver" and row["direct"]["failed"] == 0 and row["proxy"]["failed"] == 0
     assert row["direct"]["rps"] > 0 and row["proxy"]["rps"] > 0
     assert row["direct"]["upstream_cpu_ms_per_1k"] > 0 and row["proxy"]["proxy_cpu_ms_per_1k"] > 0
+
+
+def test_rest_replies_and_errors_through_the_proxy_are_mlservers_own(mlserver: Any):
+    """The REST front before MLServer's own REST port: status and body bytes as MLServer gives them,
+    the monitored model's calls summarised."""
+    from prometheus_client import CollectorRegistry
+
+    from agent.proxy_grpc import proxy_calls_counter
+    from agent.proxy_rest import serve_proxy_rest
+    from test_proxy_rest import call, infer_body
+
+    calls = proxy_calls_counter(CollectorRegistry())
+    running = serve_proxy(mlserver.grpc_address, "m", in_memory, "127.0.0.1:0", calls=calls)
+    rest = serve_proxy_rest(mlserver.http_address, running.monitor, calls, "127.0.0.1:0")
+    try:
+        wait_until(lambda: running.monitor.session is not None, timeout=HANG_GUARD,
+                   what="the proxy to read MLServer's metadata of the model")
+        direct_port, proxy_port = int(mlserver.http_address.rsplit(":", 1)[1]), rest.port
+        x = examples.tabular_data(6, seed=5)[0]
+        cases = [("POST", "/v2/models/m/infer", *infer_body(x, "j-1")),
+                 ("POST", "/v2/models/m/infer", *infer_body(x[:2], "j-2", outputs=("label",))),
+                 ("POST", "/v2/models/nope/infer", *infer_body(x, "j-3")),       # MLServer: unknown model
+                 ("POST", "/v2/models/m/infer", b'{"inputs": "not a list"}', {"Content-Type": "application/json"}),
+                 ("GET", "/v2/models/m", None, {}),
+                 ("GET", "/v2/models/m/ready", None, {}),
+                 ("GET", "/v2/health/ready", None, {})]
+        for method, path, body, headers in cases:
+            status, _, reply = call(proxy_port, method, path, body, headers)
+            direct_status, _, direct_reply = call(direct_port, method, path, body, headers)
+            assert (status, reply) == (direct_status, direct_reply), (path, body[:60] if body else None)
+        assert call(direct_port, *cases[2][:2], cases[2][2], cases[2][3])[0] == 404
+        wait_until(running.monitor.idle, timeout=HANG_GUARD, what="the proxy's monitor to catch up")
+        stats = running.monitor.stats()
+        assert stats["captured"] == 2, stats  # j-1 and j-2 (MLServer answers every output)
+        assert stats["unmonitored"]["other_model"] == 1 and stats["capture_failures"] == 0
+    finally:
+        rest.stop()
+        running.stop(grace=0)
