@@ -187,7 +187,10 @@ class MonitoredSession:
             if not monitoring:
                 pass  # served as plain onnxruntime: no ring, no worker, no window
             elif self._all_static():
-                self._start(self._plan(None, None))
+                # Under the lock: the exporter above may already be taking a reference from the collector
+                # (set_reference), which must either reach the summarizer started here or be read by it.
+                with self._lock:
+                    self._start(self._plan(None, None))
             else:
                 self._capture = self._resolve_then_capture
         except BaseException:
