@@ -99,9 +99,9 @@ def collector(db: Path, listen: str = "127.0.0.1:0", log: Path | None = None) ->
 
 
 def agent(model: Path, collector_addr: str, spool: Path, agent_id: str = "a1",
-          log: Path | None = None) -> tuple[subprocess.Popen, str]:
+          log: Path | None = None, window_seconds: float = 0.3) -> tuple[subprocess.Popen, str]:
     return start(["agent", "serve", "--model", str(model), "--model-name", MODEL, "--model-version", VERSION,
-                  "--listen", "127.0.0.1:0", "--window-seconds", "0.3", "--collector", collector_addr,
+                  "--listen", "127.0.0.1:0", "--window-seconds", str(window_seconds), "--collector", collector_addr,
                   "--spool-dir", str(spool), "--agent-id", agent_id, "--summarizer", "process"],
                  rf"serving {MODEL} version {VERSION} on (\S+)", log)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -136,9 +137,13 @@ def test_agent_spool_disk_full_drops_and_counts_what_it_cannot_keep(tmp_path: Pa
 def test_summary_helper_killed_mid_load_counts_its_open_window_as_dropped(tmp_path: Path, lr_model: Path):
     log = tmp_path / "agent.log"
     col, address = collector(tmp_path / "c.db")
-    ag, agent_address = agent(lr_model, address, tmp_path / "spool", log=log)
+    # The helper drains the ring every 2-100 ms, so right after a window closes its new one may still be empty:
+    # kill it half a window after the first one was stored, when the open window has held rows for ~1.5 s.
+    window = 3.0
+    ag, agent_address = agent(lr_model, address, tmp_path / "spool", log=log, window_seconds=window)
     load = Load(agent_address)
     wait_until(lambda: stored_rows(address) > 0, what="first windows stored")
+    time.sleep(window / 2)
     (helper,) = [pid for pid in children(ag.pid)
                  if b"agent.summary_process" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     os.kill(helper, signal.SIGKILL)
