@@ -12,21 +12,16 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import socket
-import ssl
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-import uvicorn
-
+from agent import http_thread
 from agent.rest.app import RestApp
 from agent.rest.backend import Backend
 from agent.tokens import ClientAuth, TLSFiles
 
 log = logging.getLogger(__name__)
 
-START_SECONDS = 30.0  # a hang guard: uvicorn starts in well under a second
 BACKLOG = 2048
 # A request arriving while this many connections are open (or requests in flight) is answered with
 # uvicorn's plain-text 503 instead of being run: with the app's body budgets, a bound on what a crowd
@@ -50,35 +45,10 @@ class RestServer:
         # and close what it holds on the event loop
         self.app = (RestApp(backend, self.pool, max_body_bytes=max_body_bytes, metrics=metrics, auth=auth)
                     if app is None else app(self.pool))
-        tls_options: dict[str, Any] = {}
-        if tls is not None:
-            tls_options = dict(ssl_certfile=str(tls.cert), ssl_keyfile=str(tls.key),
-                               ssl_ca_certs=str(tls.client_ca) if tls.client_ca else None,
-                               ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE)
-        config = uvicorn.Config(self.app, http="auto", loop="asyncio", lifespan="off" if app is None else "on",
-                                log_config=None,
-                                access_log=False, server_header=False, date_header=False, backlog=BACKLOG,
-                                limit_concurrency=MAX_CONNECTIONS,
-                                timeout_graceful_shutdown=5, **tls_options)
-        try:
-            config.load()  # certificate errors here, in the caller's thread
-        except (OSError, ssl.SSLError) as exc:
-            sock.close()
-            self.pool.shutdown()
-            raise OSError(f"cannot serve REST over TLS on {listen}: {exc}") from None
-        # uvicorn's info lines speak of a server process; the agent says where REST is itself
-        if logging.getLogger("uvicorn.error").level == logging.NOTSET:
-            logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name="outrider-rest", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + START_SECONDS
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise OSError(f"the REST endpoint on {listen} did not start; the log says why")
-            time.sleep(0.01)
+        self._server, self._thread = http_thread.start(
+            self.app, sock, self.pool, what=f"REST on {listen}", thread_name="outrider-rest", tls=tls, http="auto",
+            lifespan="off" if app is None else "on", date_header=False, backlog=BACKLOG,
+            limit_concurrency=MAX_CONNECTIONS)
         self._stopped = False
         log.info("Open Inference Protocol over HTTP on %s", self.url)
 

@@ -14,14 +14,10 @@ import asyncio
 import concurrent.futures
 import logging
 import socket
-import ssl
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-import uvicorn
-
+from agent import http_thread
 from agent.errors import InvalidArgument
 from collector.auth import TLSFiles, is_loopback
 from collector.store import Store
@@ -32,7 +28,6 @@ from collector.web.site import MAX_FORM_BYTES, Request, Response, Site, respond
 log = logging.getLogger(__name__)
 
 WORKERS = 8
-START_SECONDS = 30.0  # a hang guard: uvicorn starts in well under a second
 
 
 class WebApp:
@@ -104,34 +99,9 @@ class WebServer:
             raise OSError(f"cannot serve the web page on {listen}: {exc.strerror or exc}") from None
         self.port = sock.getsockname()[1]
         self.pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="outrider-web")
-        tls_options: dict[str, Any] = {}
-        if tls is not None:
-            tls_options = dict(ssl_certfile=str(tls.cert), ssl_keyfile=str(tls.key), ssl_ciphers="",
-                               ssl_ca_certs=str(tls.client_ca) if tls.client_ca else None,
-                               ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE)
-        config = uvicorn.Config(WebApp(self.site, self.pool), http=protocol, loop="asyncio", lifespan="off",
-                                log_config=None, access_log=False, server_header=False, timeout_graceful_shutdown=5,
-                                **tls_options)
-        try:
-            config.load()  # certificate errors here, in the caller's thread
-        except (OSError, ssl.SSLError) as exc:
-            sock.close()
-            self.pool.shutdown()
-            raise OSError(f"cannot serve the web page over TLS: {exc}") from None
-        # uvicorn's info lines speak of a server process ("Started server process [pid]"); here it is a
-        # thread of the collector, which says where the page is itself. Its warnings still show.
-        if logging.getLogger("uvicorn.error").level == logging.NOTSET:
-            logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="outrider-web",
-                                        daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + START_SECONDS
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise OSError(f"the web page on {listen} did not start; the log says why")
-            time.sleep(0.01)
+        self._server, self._thread = http_thread.start(
+            WebApp(self.site, self.pool), sock, self.pool, what=f"the web page on {listen}",
+            thread_name="outrider-web", tls=tls, http=protocol, lifespan="off")
         log.info("web page on %s", self.url)
 
     @property
