@@ -144,6 +144,14 @@ def collector_address(text: str) -> str:
     return text
 
 
+def collector_addresses(text: str) -> str:
+    """One collector or several, comma-separated (the agent fails over between them)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty address; give HOST:PORT[,HOST:PORT...]")
+    return ",".join(collector_address(part) for part in parts)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """``outrider agent serve``."""
     agent = subparsers.add_parser("agent", help="run the monitoring agent beside a model",
@@ -179,8 +187,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                   "serving process's GIL free), a thread, or auto (process on x86-64)")
     add_flag(serve, "--agent-id", prefix="OUTRIDER_", metavar="ID",
              help="this agent's name at the collector (default: the host name); keep it across restarts")
-    add_flag(serve, "--collector", prefix=AGENT_ENV, type=collector_address, metavar="HOST:PORT",
-             help="send summaries to the collector at this address (default: none, summaries stay local)")
+    add_flag(serve, "--collector", prefix=AGENT_ENV, type=collector_addresses, metavar="HOST:PORT[,...]",
+             help="send summaries to the collector at this address (default: none, summaries stay local); "
+                  "several, comma-separated, or a name resolving to several: the agent streams to one and "
+                  "moves with its spool to the next when it dies")
     add_flag(serve, "--spool-dir", prefix=AGENT_ENV, metavar="DIR",
              help="where windows wait until the collector acknowledges them; survives restarts "
                   "(default: ./outrider-spool/AGENT_ID-MODEL_NAME)")

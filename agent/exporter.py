@@ -16,6 +16,15 @@ the ``on_command`` callback, which must only hand them on (it runs on the
 stream's reading loop); answers go back with ``send_model_state``, and
 ``update_hello`` keeps the Hello of the next reconnect current.
 
+Several collectors (``target`` "a:4317,b:4317", or a list): the agent streams to one at a time,
+starting at the one its agent id hashes to (so a fleet spreads over them), and moves on to the next
+when its stream ends or cannot be set up -- at once while there are others not tried since the
+last success, with backoff once every one has failed. The spool moves with it: windows in flight
+and unacked are resent to the next collector, whose ``(agent_id, run_id, seq)`` key (one database
+behind every collector) answers DUPLICATE for any the dead one had stored. A gRPC target that
+resolves to several addresses (``dns:///collectors.example:4317``) is one entry: gRPC's resolver
+gives every address and ``pick_first``, shuffled, spreads agents and skips dead ones.
+
 Back-pressure: gRPC's flow control holds a write until the collector reads,
 the in-flight limit holds further windows until acks come, and a
 ``retry-after-ms`` trailer on RESOURCE_EXHAUSTED sets the next wait. Whatever
@@ -24,13 +33,15 @@ and serving goes on.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import zlib
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -43,7 +54,12 @@ from protos import collector_pb2, collector_pb2_grpc, summary_pb2
 log = logging.getLogger(__name__)
 
 KEEPALIVE = [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
-             ("grpc.keepalive_permit_without_calls", 1)]
+             ("grpc.keepalive_permit_without_calls", 1),
+             # A name that resolves to several collectors: each agent picks one at random (not all the
+             # first), and a dead address is skipped. Ignored for a single address.
+             ("grpc.service_config", json.dumps({"loadBalancingConfig": [
+                 {"pick_first": {"shuffleAddressList": True}}]}))]
+FAILOVER_DELAY = (0.05, 0.25)  # seconds before trying the next collector, while some are untried
 
 Code = grpc.StatusCode
 # Worth retrying soon: the collector is restarting, overloaded, or the network blinked.
@@ -97,7 +113,8 @@ class _Stream:
 
 
 class CollectorExporter:
-    """A window sink that spools windows and streams them to the collector at ``target`` (HOST:PORT).
+    """A window sink that spools windows and streams them to the collector at ``target`` (HOST:PORT;
+    several, comma-separated or a sequence: failover, see the module's docstring).
 
     ``token`` is sent as ``authorization: Bearer <token>``; ``tls`` is a
     ``TLSConfig`` (or a dict of its fields, or True for the system CAs), None for
@@ -107,7 +124,7 @@ class CollectorExporter:
     (so that the first Hello can describe a model loaded after the spool was opened).
     """
 
-    def __init__(self, target: str, *, hello: collector_pb2.Hello, spool_dir: str | os.PathLike,
+    def __init__(self, target: str | Sequence[str], *, hello: collector_pb2.Hello, spool_dir: str | os.PathLike,
                  token: str | None = None, tls: TLS = None, max_in_flight: int = 64, batch_max: int = 32,
                  max_spool_bytes: int = DEFAULT_MAX_BYTES, status_seconds: float = 30.0,
                  initial_backoff: float = 1.0, max_backoff: float = 30.0,
@@ -117,7 +134,9 @@ class CollectorExporter:
                             ("max_backoff", max_backoff)):
             if value <= 0:
                 raise ValueError(f"{name} must be greater than 0, not {value}")
-        self.target = target
+        self.targets = split_targets(target)
+        # Agents of one fleet start at different collectors; one agent always starts at the same one.
+        self._target_index = zlib.crc32(hello.agent_id.encode()) % len(self.targets)
         self.max_in_flight, self.batch_max = max_in_flight, batch_max
         self.status_seconds = status_seconds
         self.initial_backoff, self.max_backoff = initial_backoff, max_backoff
@@ -137,7 +156,7 @@ class CollectorExporter:
         self._stream: _Stream | None = None
         self._failures = 0         # consecutive, for the backoff exponent
         self._reported: tuple[Any, str] | None = None  # the operator-level error already logged
-        self._stats = {"windows_sent": 0, "windows_acked": 0, "windows_rejected": 0, "retries": 0,
+        self._stats = {"windows_sent": 0, "windows_acked": 0, "windows_rejected": 0, "retries": 0, "failovers": 0,
                        "export_errors": 0, "commands": 0, "model_states_sent": 0, "model_states_dropped": 0}
         self.on_command = on_command
         self._states: deque[collector_pb2.ModelState] = deque()
@@ -189,6 +208,11 @@ class CollectorExporter:
             hello = collector_pb2.Hello()
             hello.CopyFrom(self._hello)
         return hello
+
+    @property
+    def target(self) -> str:
+        """The collector this agent streams to now (or tries next)."""
+        return self.targets[self._target_index]
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -276,6 +300,9 @@ class CollectorExporter:
                 delay = self._delay(error)
                 with self._cond:
                     self._stats["retries"] += 1
+                    if len(self.targets) > 1:
+                        self._target_index = (self._target_index + 1) % len(self.targets)
+                        self._stats["failovers"] += 1
                 self._closing.wait(delay)
         except Exception:  # a bug; windows wait in the spool for the next start
             log.exception("exporter to %s stopped", self.target)
@@ -423,27 +450,44 @@ class CollectorExporter:
             self._cond.notify_all()
 
     def _delay(self, error: BaseException | None) -> float:
-        """Seconds until the next attempt, and the one log line it deserves."""
+        """Seconds until the next attempt, and the one log line it deserves. With several collectors
+        the next one is tried at once while some have not been tried since the last success; the
+        backoff (or the refusal's slow pace) applies once every one has failed."""
         code = error.code() if isinstance(error, grpc.RpcError) else None
         details = (error.details() if isinstance(error, grpc.RpcError) else str(error or "")) or ""
+        failures, self._failures = self._failures, self._failures + 1
+        untried = (failures + 1) % len(self.targets) != 0
         if error is not None and code not in RETRYABLE:
             if self._reported != (code, details):
                 self._reported = (code, details)
                 log.error("collector %s refused the stream: %s %s; windows wait in the spool %s; "
                           "retrying every %.0f s", self.target, getattr(code, "name", type(error).__name__),
                           details, self.spool.directory, self.max_backoff)
-            return self.max_backoff
-        n = min(self._failures, 32)
-        self._failures += 1
+            return random.uniform(*FAILOVER_DELAY) if untried else self.max_backoff
+        n = min(failures // len(self.targets), 32)  # rounds over every collector
         delay = min(self.max_backoff, self.initial_backoff * 2 ** n * random.uniform(0.8, 1.2))
         if code is Code.RESOURCE_EXHAUSTED:
             retry_after = _retry_after(error)
             if retry_after is not None:
                 delay = retry_after
-        level = logging.WARNING if n == 0 else logging.DEBUG
-        log.log(level, "collector %s: stream ended (%s%s); retrying in %.1f s", self.target,
-                getattr(code, "name", "closed by the collector"), f": {details}" if details else "", delay)
+        if untried:
+            delay = random.uniform(*FAILOVER_DELAY)
+        level = logging.WARNING if failures == 0 else logging.DEBUG
+        following = f"; trying {self.targets[(self._target_index + 1) % len(self.targets)]}" if len(
+            self.targets) > 1 else ""
+        log.log(level, "collector %s: stream ended (%s%s)%s in %.1f s", self.target,
+                getattr(code, "name", "closed by the collector"), f": {details}" if details else "",
+                following or "; retrying", delay)
         return delay
+
+
+def split_targets(target: str | Sequence[str]) -> list[str]:
+    """The collectors of ``target``: "a:1,b:2" or a sequence of addresses; at least one."""
+    parts = target.split(",") if isinstance(target, str) else list(target)
+    targets = [t.strip() for t in parts if t.strip()]
+    if not targets:
+        raise ValueError("no collector address given")
+    return targets
 
 
 def _counts(status: collector_pb2.SpoolStatus) -> tuple[int, ...]:

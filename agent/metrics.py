@@ -205,6 +205,8 @@ _EXPORTER = (
      "windows the collector refused for good (invalid); dropped from the spool"),
     ("retries", "outrider_agent_stream_retries", "counter",
      "new streams to the collector after one failed; un-acked windows are resent on them"),
+    ("failovers", "outrider_agent_collector_failovers", "counter",
+     "moves to the next of several collectors (--collector A,B,...) after a stream to one ended"),
     ("export_errors", "outrider_agent_spool_write_errors", "counter", "windows that could not be spooled (lost)"),
     ("in_flight", "outrider_agent_windows_in_flight", "gauge", "windows sent and not acknowledged yet"),
     ("spool_windows", "outrider_agent_spool_windows", "gauge", "windows waiting in the spool for an ack"),
