@@ -135,9 +135,10 @@ class UpstreamRepository:
                 found = [m for m in entries if m.version == version]
                 if not found:
                     held = sorted({m.version for m in entries if m.version}) or ["none"]
-                    raise FailedPrecondition(f"upstream {self.address} loaded model '{name}' but its repository "
-                                             f"has no version {version!r} of it (versions: {', '.join(held)}); "
-                                             "add it there, or map registry versions with --upstream-version")
+                    raise FailedPrecondition(f"upstream {self.address} loaded model '{name}' but lists no version "
+                                             f"{version!r} of it (it lists: {', '.join(held)}); add it to the "
+                                             "upstream's repository (Triton: and to its version_policy), or map "
+                                             "registry versions with --upstream-version")
                 if found[0].state.upper() == "UNAVAILABLE" and found[0].reason:
                     raise FailedPrecondition(f"upstream {self.address} could not load model '{name}' version "
                                              f"{version}: {found[0].reason}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import signal
 import tempfile
 from collections import Counter
@@ -148,6 +149,13 @@ def test_promotion_rollback_and_a_failed_load_through_mlserver(tmp_path: Path, m
             shown = agent_state(ops, AGENT)
             assert (shown.model_version, shown.desired_version) == ("1", "3") and shown.model_error == error
             assert traffic.send() == {"1"}  # the version before goes on, served and monitored
+
+            # version 4: in the registry, not in MLServer's repository (a load of "m" succeeds without it)
+            shutil.rmtree(mlserver.folder / "m-v3")
+            register(ops, examples.random_forest(n_trees=4))
+            state, error = answered(ops, make_production(ops, 4))
+            assert state == "failed" and "lists no version '4' of it (it lists: 1, 2)" in error, error
+            assert traffic.send() == {"1"}
         finally:
             proxy.send_signal(signal.SIGTERM)
             assert proxy.wait(HANG_GUARD) == 0  # the last window flushed and delivered
