@@ -194,9 +194,15 @@ class ProxyMonitor:
         except (OSError, ValueError) as exc:  # e.g. a spool directory that cannot be written
             raise OutriderError(f"{getattr(exc, 'strerror', None) or exc}"
                                 f"{': ' + str(exc.filename) if getattr(exc, 'filename', None) else ''}") from None
+        previous = getattr(old.session, "predictions", None) if old is not None and upstream_version else None
+        if previous is not None and getattr(session, "predictions", None) is not None:
+            session.predictions.replaces(previous)  # labels of the replaced version's calls still join them
         self.switch.swap(MonitoredVersion(DataPlane(session, self.model_name, version), session, version,
                                           upstream_version=upstream_version))
         if old is not None and upstream_version:
+            replaced = getattr(old.session.sink, "replaced", None)  # agent.rollout.AgentSink: sends what they add up to
+            if previous is not None and replaced is not None:
+                replaced(old.version, old.sha256, previous)
             self._retire(old.session)
         log.info("monitoring %s version %s: %d inputs, %d outputs from the upstream's metadata", self.model_name,
                  version, len(meta.inputs), len(meta.outputs))

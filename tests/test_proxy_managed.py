@@ -20,12 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
 from agent import examples
 from agent.profile import build_profile
 from benchmarks import mlserver_env
+from protos import agent_pb2, agent_pb2_grpc
 from protos import collector_pb2 as cpb
 from protos import open_inference_pb2 as pb
 from test_approvals import TOKENS, call, cli, promote
@@ -91,11 +93,14 @@ class Traffic:
         self.raw, self.rest_port = Raw(grpc_address), rest_port
         self.rows: Counter[str] = Counter()
         self.rng = np.random.default_rng(5)
+        self.ids = iter(range(1, 1_000_000))
+        self.last_id = ""  # of the last gRPC call (7 rows)
 
     def send(self) -> set[str]:
         """One gRPC and one REST call; the versions that answered."""
         x = self.rng.standard_normal((7, 20)).astype(np.float32)
-        code, reply, _, _ = self.raw.call("ModelInfer", infer_request(x, "g"))
+        self.last_id = f"g-{next(self.ids)}"
+        code, reply, _, _ = self.raw.call("ModelInfer", infer_request(x, self.last_id))
         assert code == "OK", reply
         grpc_version = pb.ModelInferResponse.FromString(reply).model_version
         status, _, body = rest_call(self.rest_port, "POST", "/v2/models/m/infer", *infer_body(x[:3], "r"))
@@ -129,9 +134,16 @@ def test_promotion_rollback_and_a_failed_load_through_mlserver(tmp_path: Path, m
             assert pb.ModelInferResponse.FromString(direct[1]).model_version == "2"  # MLServer's own default
             assert traffic.send() == {"1"}  # pinned to the registry's production version
 
+            served_by_1 = traffic.last_id
             promoted = make_production(ops, 2)
             assert answered(ops, promoted) == ("ok", "")
             assert traffic.send() == {"2"}
+            # labels of a call version 1 answered still join it after the switch, as on a managed agent
+            labels = [agent_pb2.Label(request_id=served_by_1, row=j, class_label="1") for j in range(7)]
+            with grpc.insecure_channel(grpc_address) as channel:
+                joined = agent_pb2_grpc.FeedbackServiceStub(channel).Feedback(
+                    agent_pb2.FeedbackRequest(labels=labels), timeout=HANG_GUARD)
+            assert (joined.matched, joined.unmatched) == (7, 0)
             shown = cli("rollout", "show", str(promoted), "--collector", address, "--token", TOKENS["dave"])
             assert shown.returncode == 0 and AGENT in shown.stdout and " ok " in shown.stdout, shown.stdout
 
