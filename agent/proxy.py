@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,7 +200,7 @@ class ProxyMonitor:
         self.switch.swap(MonitoredVersion(DataPlane(session, self.model_name, version), session, version,
                                           upstream_version=upstream_version))
         if old is not None and upstream_version:
-            replaced = getattr(old.session.sink, "replaced", None)  # agent.rollout.AgentSink: sends what they add up to
+            replaced = getattr(old.session.sink, "replaced", None)  # agent.rollout.AgentSink: their late labels
             if previous is not None and replaced is not None:
                 replaced(old.version, old.sha256, previous)
             self._retire(old.session)

@@ -55,7 +55,7 @@ def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParse
                        help="the collector names the version (promotions, rollbacks): load it on the upstream with "
                             "RepositoryModelLoad over --upstream (gRPC), wait until it is ready, then monitor it and "
                             "pin calls naming no version to it; answers like a managed agent ('outrider rollout "
-                            "status'). Needs --collector and --upstream; replaces --model-version")
+                            "show', 'outrider status'). Needs --collector and --upstream; replaces --model-version")
     add_flag(proxy, "--upstream-version", prefix=AGENT_ENV, default="{version}", metavar="TEMPLATE",
              help="with --managed: the upstream's version string for a registry version, {version} (and {model}) "
                   "filled in, e.g. 'v{version}'; the upstream's repository must hold it as a version of --model-name "
