@@ -15,11 +15,16 @@ summaries, windows, spool, exporter and feedback are the agent's own. Everything
 through and is counted by reason (``UNMONITORED``): another model, another version, a reply
 that lacks some of the model's outputs (the client asked for a subset), a call before the
 schema could be read, a call that does not decode against the schema.
+
+A managed proxy (``agent.proxy_rollout``) is told the version by the collector: ``monitor`` is
+then given the registry's version and the upstream's name for it (``upstream_version``), which
+``pin`` hands the fronts, so that inference calls of the model that name no version go to it.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -104,8 +109,17 @@ class ObservedCall:
 
 # A decoder, run on the monitor's thread: the call, or None when it is not an inference call.
 Decoder = Callable[[], ObservedCall | None]
-# Opens the MonitoredSession for a schema (the CLI's collector, spool, window options).
-SessionFactory = Callable[[UpstreamModel, str], Any]
+# Opens the MonitoredSession for a schema (the CLI's collector, spool, window options); a managed proxy
+# also passes feature_names and reference, as the registry has them for the version.
+SessionFactory = Callable[..., Any]
+
+
+@dataclass(eq=False)
+class MonitoredVersion(LoadedVersion):
+    """The version monitored, and the upstream's name for it ("" when the proxy is not managed: then the
+    replies' own version is compared with ``version``, and no call is pinned)."""
+
+    upstream_version: str = ""
 
 
 class ProxyMonitor:
@@ -120,6 +134,7 @@ class ProxyMonitor:
         self._pending: deque[Decoder] = deque()
         self._capacity = queue_calls
         self._busy = False  # the monitor's thread holds calls taken off the deque
+        self._passes = 0    # drain passes done: a session swapped out is idle after two more
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._counts = {reason: 0 for reason in UNMONITORED}
@@ -147,30 +162,60 @@ class ProxyMonitor:
         current = self.switch.current
         return current.session if current is not None else None
 
-    def monitor(self, meta: ModelMetadata) -> Any:
-        """Start summarising the model whose upstream metadata is ``meta`` (replacing any earlier
-        schema: its last window is flushed first). Raises ``OutriderError`` for a schema that
-        cannot be monitored; then calls keep passing through, counted as ``no_schema``."""
+    @property
+    def pin(self) -> str:
+        """The upstream's version that inference calls of the model naming none are sent to ("" : none)."""
+        current = self.switch.current
+        return current.upstream_version if current is not None else ""  # type: ignore[attr-defined]
+
+    def monitor(self, meta: ModelMetadata, *, version: str | None = None, upstream_version: str = "",
+                **options: Any) -> Any:
+        """Start summarising the model whose upstream metadata is ``meta``, replacing any earlier
+        schema. Raises ``OutriderError`` for a schema that cannot be monitored.
+
+        Not managed (no ``upstream_version``): the old session closes first (its spool directory is
+        free again only then), so a failure leaves calls passing through, counted as ``no_schema``.
+        Managed: ``version`` is the registry's, ``options`` (feature_names, reference) go to the
+        session factory; the new session opens first (the sessions share the proxy's one exporter)
+        and a failure leaves the old one monitoring, nothing switched."""
         model = UpstreamModel(meta)
-        version = self._pinned_version or (meta.versions[-1] if meta.versions else "") or "1"
+        version = version or self._pinned_version or (meta.versions[-1] if meta.versions else "") or "1"
         with self._lock:
             if self._closed:
                 raise OutriderError("the proxy is stopping")
         old = self.switch.current
-        if old is not None:  # its spool directory is free again only once it is closed
+        if old is not None and not upstream_version:
             self.switch.clear()
             old.session.close()
         try:
-            session = self._open_session(model, version)
+            session = self._open_session(model, version, **options)
         except OutriderError:
             raise
         except (OSError, ValueError) as exc:  # e.g. a spool directory that cannot be written
             raise OutriderError(f"{getattr(exc, 'strerror', None) or exc}"
                                 f"{': ' + str(exc.filename) if getattr(exc, 'filename', None) else ''}") from None
-        self.switch.swap(LoadedVersion(DataPlane(session, self.model_name, version), session, version))
+        previous = getattr(old.session, "predictions", None) if old is not None and upstream_version else None
+        if previous is not None and getattr(session, "predictions", None) is not None:
+            session.predictions.replaces(previous)  # labels of the replaced version's calls still join them
+        self.switch.swap(MonitoredVersion(DataPlane(session, self.model_name, version), session, version,
+                                          upstream_version=upstream_version))
+        if old is not None and upstream_version:
+            replaced = getattr(old.session.sink, "replaced", None)  # agent.rollout.AgentSink: their late labels
+            if previous is not None and replaced is not None:
+                replaced(old.version, old.sha256, previous)
+            self._retire(old.session)
         log.info("monitoring %s version %s: %d inputs, %d outputs from the upstream's metadata", self.model_name,
                  version, len(meta.inputs), len(meta.outputs))
         return session
+
+    def _retire(self, session: Any, timeout: float = 10.0) -> None:
+        """Close a swapped-out session once the monitor's thread can no longer be observing into it: a
+        pass that started before the swap may still hold it, the one after cannot."""
+        passes = self._passes
+        deadline = time.monotonic() + timeout
+        while self._passes < passes + 2 and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(DRAIN_SECONDS)
+        session.close()
 
     # --- the monitor's thread -------------------------------------------------------
     def _drain(self) -> None:
@@ -186,6 +231,7 @@ class ProxyMonitor:
                         self.capture_failures += 1
                     log.exception("could not summarise a proxied call")
             self._busy = False
+            self._passes += 1
             if stopping:
                 return
 
@@ -205,9 +251,10 @@ class ProxyMonitor:
             self._count("no_schema")
             return
         session, plane = current.session, current.plane
-        if call.model_version not in ("", session.model_version):
+        answered_as = current.upstream_version or session.model_version  # type: ignore[attr-defined]
+        if call.model_version not in ("", answered_as):
             self._count("other_version", f"the upstream answered with version {call.model_version!r}; "
-                                         f"this proxy summarises version {session.model_version!r}")
+                                         f"this proxy summarises version {answered_as!r}")
             return
         if call.outputs is None:
             session.observe_error()

@@ -1,7 +1,8 @@
 """``outrider agent proxy``: the agent in front of an existing Open Inference Protocol server.
 
 Its collector, spool, window, feedback, metrics, token and TLS flags are ``agent serve``'s own
-(``agent.cli.share_flags``); only the upstream and the model it watches are its own.
+(``agent.cli.share_flags``); only the upstream and the model it watches are its own. With
+``--managed`` the collector names the version (``agent.proxy_rollout``).
 """
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParse
                     "under the id in the reply's 'outrider-request-id' metadata. With --http-listen and "
                     "--upstream-http, OIP over HTTP/REST (/v2/...) is forwarded too, monitored into the same "
                     "windows (an id the proxy assigns comes back in the 'outrider-request-id' response header). "
+                    "With --managed, a promotion or rollback in the collector's registry loads that version on "
+                    "the upstream through the OIP model-repository extension (Triton, MLServer), and the proxy "
+                    "then monitors it and pins the model's inference calls that name no version to it (the one "
+                    "change a managed proxy makes to a request: the upstream's own default is its newest version "
+                    "loaded, which a rollback would not move); calls naming a version pass unchanged. "
                     "Stops gracefully on SIGTERM/SIGINT.",
     )
     add_flag(proxy, "--upstream", prefix=AGENT_ENV, type=collector_address, metavar="HOST:PORT",
@@ -45,6 +51,18 @@ def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParse
     add_flag(proxy, "--model-version", prefix=AGENT_ENV, metavar="V",
              help="the version to monitor (default: the last the upstream's metadata lists, else 1); replies "
                   "of other versions pass through unmonitored (counted)")
+    proxy.add_argument("--managed", action="store_true",
+                       help="the collector names the version (promotions, rollbacks): load it on the upstream with "
+                            "RepositoryModelLoad over --upstream (gRPC), wait until it is ready, then monitor it and "
+                            "pin calls naming no version to it; answers like a managed agent ('outrider rollout "
+                            "show', 'outrider status'). Needs --collector and --upstream; replaces --model-version")
+    add_flag(proxy, "--upstream-version", prefix=AGENT_ENV, default="{version}", metavar="TEMPLATE",
+             help="with --managed: the upstream's version string for a registry version, {version} (and {model}) "
+                  "filled in, e.g. 'v{version}'; the upstream's repository must hold it as a version of --model-name "
+                  "(MLServer: parameters.version in a model-settings.json; Triton: a numbered folder)")
+    add_flag(proxy, "--upstream-load-timeout-seconds", prefix=AGENT_ENV, default="300", type=positive(float),
+             metavar="S", help="with --managed: longest a version may take to load and become ready on the upstream; "
+                               "then the rollout is answered failed and the version before stays")
     add_flag(proxy, "--upstream-timeout-seconds", prefix=AGENT_ENV, default="30", type=positive(float), metavar="S",
              help="longest a forwarded call waits for the upstream when the client's deadline is longer or unset; "
                   "then UNAVAILABLE, or 503 over REST (a refused connection is answered so at once)")
@@ -73,23 +91,41 @@ def proxy_command(args: argparse.Namespace) -> int:
     if args.http_listen is not None and args.upstream_http == args.http_listen:
         raise UsageError(f"--upstream-http {args.upstream_http} is the proxy's own --http-listen address; give the "
                          "inference server's REST address")
+    if args.managed:
+        from agent.proxy_rollout import check_template
+
+        if args.collector is None or args.upstream is None:
+            raise UsageError("--managed needs --collector (it names the version) and --upstream (the inference "
+                             "server's gRPC address, where versions are loaded)")
+        if args.model_version is not None:
+            raise UsageError("--managed and --model-version exclude each other: the collector names the version")
+        try:
+            check_template(args.upstream_version)
+        except InvalidArgument as exc:
+            raise UsageError(str(exc)) from None
     names = _feature_names(args.feature_names)
     check_listen(args.listen)
     if args.http_listen is not None:
         check_listen(args.http_listen, "--http-listen")
     access = _port_access(args)
-    reference = _reference(args)
+    reference_flag = _reference(args)
     limits = _feedback_limits(args)
 
-    def open_session(model: Any, version: str) -> Any:
+    rollout = None  # with --managed: the exporter every version's session shares, and the commands
+
+    def open_session(model: Any, version: str, feature_names: Any = None, reference: Any = None) -> Any:
         from agent import MonitoredSession
 
+        if rollout is not None:  # one run, one window sequence across versions; columns named as the registry does
+            delivery = {**rollout.session_options(), "feature_names": feature_names or names,
+                        "reference": reference if reference is not None else reference_flag}
+        else:
+            delivery = {"agent_id": args.agent_id, "collector": args.collector, "spool_dir": args.spool_dir,
+                        "collector_token": args.token, "feature_names": names, "reference": reference_flag}
         return MonitoredSession(model, model_name=args.model_name, model_version=version,
                                 window_seconds=args.window_seconds, summarizer=args.summarizer,
-                                agent_id=args.agent_id, collector=args.collector, spool_dir=args.spool_dir,
-                                collector_token=args.token, join_seconds=args.join_seconds,
-                                sample_rows=args.sample_rows, feedback_limits=limits, feature_names=names,
-                                reference=reference)
+                                join_seconds=args.join_seconds, sample_rows=args.sample_rows,
+                                feedback_limits=limits, **delivery)
 
     metrics = start_for_cli(AgentMetrics, args.metrics)
     calls = proxy_calls_counter(metrics.registry if metrics is not None else CollectorRegistry())
@@ -100,13 +136,25 @@ def proxy_command(args: argparse.Namespace) -> int:
                                   model_version=args.model_version, workers=args.workers,
                                   upstream_timeout=args.upstream_timeout_seconds,
                                   max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics,
-                                  calls=calls, watched=watched, **access)
+                                  calls=calls, watched=watched, managed=args.managed, **access)
         except OSError as exc:
             _close(metrics)
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
         except (InvalidArgument, OutriderError) as exc:
             _close(metrics)
             raise UsageError(str(exc)) from None
+        if args.managed:
+            from agent.proxy_rollout import ProxyRollout
+
+            try:
+                rollout = ProxyRollout(args.model_name, args.collector, running.monitor, running.upstream,
+                                       agent_id=args.agent_id, spool_dir=args.spool_dir, token=args.token,
+                                       version_template=args.upstream_version,
+                                       load_timeout=args.upstream_load_timeout_seconds)
+            except (OSError, OutriderError) as exc:  # e.g. a spool directory in use or unwritable
+                running.stop(0)
+                _close(metrics)
+                raise UsageError(f"{_first_line(exc)}; pick another --spool-dir") from None
         if running.refused:  # read at start from a live upstream: a flag of ours does not fit the model
             running.stop(0)
             _close(metrics)
@@ -119,6 +167,7 @@ def proxy_command(args: argparse.Namespace) -> int:
                                         max_body_bytes=int(args.max_message_mb * 1024 * 1024), **access)
             except OSError as exc:
                 running.stop(0)
+                _close(rollout)
                 _close(metrics)
                 raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --http-listen") \
                     from None
@@ -128,6 +177,7 @@ def proxy_command(args: argparse.Namespace) -> int:
                 metrics.add_refusals(rest.refusals)
         session = running.monitor.session
         state = (f"monitoring version {session.model_version}" if session is not None
+                 else "waiting for the collector to name a version" if rollout is not None
                  else "waiting for the upstream's metadata")
         also = f"; REST {args.upstream_http} on {rest.url}" if rest is not None else ""
         grpc_side = args.upstream or "feedback"  # without --upstream, --listen serves feedback and health only
@@ -139,5 +189,7 @@ def proxy_command(args: argparse.Namespace) -> int:
             if rest is not None:  # first: its calls are offered to the monitor the gRPC side closes
                 rest.stop()
             running.stop(args.grace_seconds)
+            if rollout is not None:  # after the proxy: the sessions' last windows go out through its exporter
+                rollout.close(args.grace_seconds)
             _close(metrics)
     return 0

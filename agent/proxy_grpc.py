@@ -13,6 +13,10 @@ proxy keeps the prediction under an id of its own, sent in the reply's initial m
 ``outrider-request-id``: the one place a client that wants to send labels can read it without
 the reply changing.
 
+A managed proxy (``agent.proxy_rollout``) pins a ModelInfer call of the monitored model that names
+no version to the version the registry named (``ProxyMonitor.pin``): the request's bytes are
+forwarded with ``model_version`` appended (protobuf's last-field-wins; nothing else changes).
+
 Failures of the upstream are the upstream's answer, passed on and counted
 (``outrider_proxy_calls{code}``). An upstream that cannot be reached is UNAVAILABLE naming it, at
 once when the connection is refused and after ``upstream_timeout`` at most otherwise (the client's
@@ -104,6 +108,19 @@ class Upstream:
         self.channel.close()
 
 
+def _with_version(request: bytes, version: str) -> bytes:
+    """``request`` (a ModelInferRequest naming no version) naming ``version``: field 2 appended, as a parse,
+    set and serialise would give it, without either."""
+    value = version.encode()
+    size, length = len(value), bytearray()
+    while True:  # varint
+        byte, size = size & 0x7F, size >> 7
+        length.append(byte | (0x80 if size else 0))
+        if not size:
+            break
+    return request + b"\x12" + bytes(length) + value
+
+
 def _decoder(request: pb.ModelInferRequest, reply: bytes | None, latency_ns: int,
              request_id: str) -> Callable[[], ObservedCall]:
     """Parses the reply (a copy of its bytes) on the monitor's thread, not the request's."""
@@ -164,8 +181,12 @@ class Forwarder(grpc.GenericRpcHandler):
                     parsed = pb.ModelInferRequest.FromString(request)
                 except Exception:  # the upstream says what is wrong with it; nothing to summarise
                     parsed = None
-                if parsed is not None and not parsed.id and parsed.model_name == monitor.model_name:
-                    assigned = f"{self._id_prefix}-{next(self._ids)}"
+                if parsed is not None and parsed.model_name == monitor.model_name:
+                    if not parsed.id:
+                        assigned = f"{self._id_prefix}-{next(self._ids)}"
+                    pin = monitor.pin
+                    if pin and not parsed.model_version:  # managed: the registry's version, not the upstream's default
+                        request = _with_version(request, pin)
             timeout, ours = self._timeout(context)
             started = time.perf_counter_ns()
             try:
@@ -272,8 +293,9 @@ class _Watch:
     with other tensors or versions) is monitored afresh."""
 
     def __init__(self, upstream: Upstream, monitor: ProxyMonitor, health_servicer: health.HealthServicer,
-                 version: str = "") -> None:
+                 version: str = "", *, managed: bool = False) -> None:
         self.upstream, self.monitor, self.health, self.version = upstream, monitor, health_servicer, version
+        self.managed = managed  # the collector names the version (agent.proxy_rollout): readiness only here
         self.ready = False
         self.refused: str | None = None  # why the upstream's schema could not be monitored, if it could not
         self._schema: ModelMetadata | None = None
@@ -306,7 +328,7 @@ class _Watch:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)
-        if not ready:
+        if not ready or self.managed:
             return
         try:
             schema = self.upstream.metadata(name, self.version)
@@ -360,7 +382,7 @@ def serve_proxy(upstream: str, model_name: str, open_session: Callable[..., Any]
                 *, model_version: str | None = None, workers: int = 16,
                 upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT, max_receive_bytes: int = 64 * 1024 * 1024,
                 metrics: Any = None, auth: ClientAuth | None = None, tls: TLSFiles | None = None,
-                calls: Counter | None = None, watched: Any = None) -> ProxyServer:
+                calls: Counter | None = None, watched: Any = None, managed: bool = False) -> ProxyServer:
     """Proxy ``listen`` to the OIP server at ``upstream`` (HOST:PORT), summarising ``model_name``'s calls
     through the sessions ``open_session(model, version)`` opens (``agent.proxy.SessionFactory``).
 
@@ -368,7 +390,9 @@ def serve_proxy(upstream: str, model_name: str, open_session: Callable[..., Any]
     NOT_SERVING and calls get UNAVAILABLE naming it. Raises ``OSError`` when it cannot listen.
 
     ``watched``: the upstream to read readiness and metadata from instead of a gRPC one (``agent.proxy_rest``'s
-    ``RestUpstream``, when only REST is forwarded); the port then forwards nothing, serving feedback and health."""
+    ``RestUpstream``, when only REST is forwarded); the port then forwards nothing, serving feedback and health.
+    ``managed``: the schema is not read by the proxy but set by ``agent.proxy_rollout.ProxyRollout`` for each
+    version the collector names."""
     from prometheus_client import CollectorRegistry
 
     link = watched if watched is not None else Upstream(upstream, timeout=upstream_timeout,
@@ -406,7 +430,7 @@ def serve_proxy(upstream: str, model_name: str, open_session: Callable[..., Any]
         monitor.close(0)
         link.close()
         raise OSError(f"cannot listen on {listen}")
-    watch = _Watch(link, monitor, health_servicer, model_version or "")
+    watch = _Watch(link, monitor, health_servicer, model_version or "", managed=managed)
     registry.register(_ProxyCollector(monitor, watch))
     if metrics is not None:
         metrics.bind(lambda: monitor.switch.current.plane if monitor.switch.current is not None else None,

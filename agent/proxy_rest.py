@@ -15,6 +15,10 @@ under it; one without is forwarded unchanged, and the proxy's own id comes back 
 ``outrider-request-id`` response header. (Whether a body has an id is read without parsing when
 ``"id"`` does not occur in its JSON part, the common case; else its JSON part is parsed once.)
 
+A managed proxy (``agent.proxy_rollout``) pins ``POST /v2/models/{name}/infer`` of the monitored model
+to the version the registry named (``ProxyMonitor.pin``): forwarded as ``/v2/models/{name}/versions/{v}/infer``,
+the body and headers unchanged.
+
 An upstream that cannot be reached, or does not answer within ``upstream_timeout``, is a 503
 ``{"error": ...}`` naming it; every other answer is the upstream's, counted in
 ``outrider_proxy_calls{method, code}`` with the HTTP status as the code (gRPC's are names).
@@ -30,7 +34,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 from collections.abc import Callable
 from typing import Any
 
@@ -183,7 +187,12 @@ class ProxyRestApp(RestApp):
             head = body[:int(length)] if length is not None and length.isdigit() else body
             if not _has_id(head):
                 assigned = f"{self._id_prefix}-{next(self._ids)}"
-        url = self._base + raw_path.decode("latin-1")
+        path = raw_path.decode("latin-1")
+        pin = self.monitor.pin if monitored else ""
+        if pin and len(raw_path.strip(b"/").split(b"/")) == 4:  # /v2/models/{name}/infer names no version:
+            # managed, so the registry's version, not the upstream's default
+            path = f"{path.rstrip('/').rsplit('/', 1)[0]}/versions/{quote(pin, safe='')}/infer"
+        url = self._base + path
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
         connection = {t.strip().lower() for t in named.get(b"connection", b"").split(b",")}

@@ -83,21 +83,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_model_folder(folder: Path, model: bytes | Path, name: str, *, grpc_port: int, http_port: int,
+def write_model_folder(folder: Path, model: bytes | Path | None, name: str, *, grpc_port: int, http_port: int,
                        metrics_port: int) -> Path:
     """``folder`` with settings.json (ports only: everything else MLServer's defaults), the model's
-    model-settings.json (our runtime) and the model file. Returns ``folder``."""
+    model-settings.json (our runtime) and the model file (none when ``model`` is None). Returns ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(RUNTIME, folder / RUNTIME.name)
+    (folder / "settings.json").write_text(json.dumps({
+        "host": "127.0.0.1", "grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port}))
+    if model is not None:
+        _write_settings(folder, model, name, {})
+    return folder
+
+
+def write_version(folder: Path, model: bytes | Path, name: str, version: str) -> Path:
+    """Version ``version`` of model ``name`` in MLServer's repository ``folder``: a folder of its own with a
+    model-settings.json naming the version (``parameters.version``), as MLServer reads several versions of
+    one model. MLServer's RepositoryModelLoad of ``name`` reads the repository again. Returns that folder."""
+    return _write_settings(folder / f"{name}-v{version}", model, name, {"version": version})
+
+
+def _write_settings(folder: Path, model: bytes | Path, name: str, parameters: dict[str, str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{name}.onnx"
     if isinstance(model, bytes):
         target.write_bytes(model)
     else:
         shutil.copyfile(model, target)
-    shutil.copyfile(RUNTIME, folder / RUNTIME.name)
-    (folder / "settings.json").write_text(json.dumps({
-        "host": "127.0.0.1", "grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port}))
     (folder / "model-settings.json").write_text(json.dumps({
-        "name": name, "implementation": f"{RUNTIME.stem}.OnnxRuntime", "parameters": {"uri": f"./{target.name}"}}))
+        "name": name, "implementation": f"{RUNTIME.stem}.OnnxRuntime",
+        "parameters": {"uri": f"./{target.name}", **parameters}}))
     return folder
 
 
@@ -122,13 +137,16 @@ class MLServer:
             self.process.wait(10)
 
 
-def start(folder: Path, model: bytes | Path, name: str, *, venv: Path | None = None,
-          timeout: float = 120.0) -> MLServer:
+def start(folder: Path, model: bytes | Path | None, name: str, *, venv: Path | None = None,
+          timeout: float = 120.0, versions: dict[str, bytes | Path] | None = None) -> MLServer:
     """Write the model folder and start MLServer on it; returns once the model answers ModelReady over
-    gRPC. Raises RuntimeError (with the log's tail) when it exits or is not ready within ``timeout``."""
+    gRPC. ``versions``: versions of ``name`` to serve (``write_version``), instead of or beside ``model``.
+    Raises RuntimeError (with the log's tail) when it exits or is not ready within ``timeout``."""
     python = venv_python(venv)
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     write_model_folder(folder, model, name, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port)
+    for version, data in (versions or {}).items():
+        write_version(folder, data, name, version)
     log = folder / "mlserver.log"
     env = {**os.environ, "PYTHONPATH": str(folder)}  # the runtime module, for the pool workers as well
     with log.open("wb") as out:
