@@ -33,11 +33,12 @@ AGENT_ENV = "OUTRIDER_AGENT_"  # environment prefix of `outrider agent serve`'s 
 # Modules that add subcommands through their own ``register(subparsers)``.
 # >>> Other subcommands register here. <<<
 #   agent.demo      -> ``outrider demo``        (not written yet; skipped while absent)
-#   collector.cli   -> ``outrider collector ...`` (later)
-OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli", "agent.profile", "collector.drift_cli",
-                                       "collector.audit_cli", "collector.models_cli",
-                                       "collector.approvals_cli", "collector.retrain_cli", "collector.rollout_cli",
-                                       "collector.shadow_cli", "collector.data_cli", "agent.health_cli")
+#   collector.cli.cli -> ``outrider collector ...``
+OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli.cli", "agent.profile", "collector.cli.drift_cli",
+                                       "collector.cli.audit_cli", "collector.cli.models_cli",
+                                       "collector.cli.approvals_cli", "collector.cli.retrain_cli",
+                                       "collector.cli.rollout_cli", "collector.cli.shadow_cli", "collector.cli.data_cli",
+                                       "agent.health_cli")
 
 
 class Parser(argparse.ArgumentParser):

@@ -11,7 +11,7 @@ import os
 
 from agent.cli import add_flag, positive
 from agent.cli_contract import Refused, Unreachable, UsageError, print_json
-from collector.cli import collector_address
+from collector.cli.cli import collector_address
 
 DEFAULT_ADDRESS = "127.0.0.1:8001"  # `agent serve`'s default --listen
 
@@ -44,8 +44,8 @@ def health_command(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from collector.auth import client_credentials
-    from collector.cli import _pem
+    from collector.base.auth import client_credentials
+    from collector.cli.cli import _pem
 
     cert, key = args.tls_client_cert, args.tls_client_key
     if bool(cert) != bool(key):

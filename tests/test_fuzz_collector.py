@@ -33,9 +33,9 @@ from test_collector_server import REJECTED, STORED, Collector, batch, hello, run
 
 from agent.errors import InvalidArgument
 from agent.sketches import CategoricalSketch, NumericSketch
-from collector import samples
-from collector.ingest import Limits, validate_hello, validate_model_state, validate_spool, validate_window
-from collector.rollup import merge_windows
+from collector.store import samples
+from collector.base.ingest import Limits, validate_hello, validate_model_state, validate_spool, validate_window
+from collector.store.rollup import merge_windows
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 
