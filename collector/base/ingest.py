@@ -47,6 +47,7 @@ from protos import collector_pb2, summary_pb2
 
 MAX_INT64 = 2**63 - 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_SAMPLE_STRING_CHARS = 4096  # one sampled string value; agents capture at most 32 characters
 _ROLES = frozenset(summary_pb2.ColumnSummary.Role.values())
 
 
@@ -177,10 +178,43 @@ def validate_window(w: summary_pb2.WindowSummary, limits: Limits = Limits(), *,
     if w.HasField("shadow"):
         _check_shadow(w.shadow, limits)
     if w.HasField("sample"):
-        from collector.store import samples  # imports this module's Limits only for its type
-
-        samples.check(w.sample, w.rows, limits)
+        check_sample(w.sample, w.rows, limits)
     return parsed
+
+
+def check_sample(sample: summary_pb2.RowSample, window_rows: int, limits: Limits) -> None:
+    """Raise InvalidArgument unless ``sample`` is a well-formed sample of a window of ``window_rows`` rows."""
+    if sample.seen > window_rows:
+        raise InvalidArgument(f"sample drawn from {sample.seen} rows but the window has {window_rows}")
+    if len(sample.columns) > limits.max_columns:
+        raise InvalidArgument(f"sample has {len(sample.columns)} columns, at most {limits.max_columns} allowed")
+    names: set[str] = set()
+    length = None
+    for i, column in enumerate(sample.columns):
+        where = f"sample column {i}"
+        if not column.name or len(column.name) > limits.max_column_name_chars or not column.name.isprintable():
+            raise InvalidArgument(f"{where} needs a printable name of 1 to {limits.max_column_name_chars} characters")
+        if column.name in names:
+            raise InvalidArgument(f"sample column name {column.name!r} appears more than once")
+        names.add(column.name)
+        if column.numbers and column.strings:
+            raise InvalidArgument(f"sample column {column.name!r} has both numbers and strings; it must have one kind")
+        n = len(column.numbers) or len(column.strings)
+        if length is not None and n != length:
+            raise InvalidArgument(f"sample column {column.name!r} has {n} values but the columns before it "
+                                  f"have {length}: every column needs one value per sampled row")
+        length = n
+        if column.strings and max(map(len, column.strings)) > MAX_SAMPLE_STRING_CHARS:
+            raise InvalidArgument(f"sample column {column.name!r} has a value over {MAX_SAMPLE_STRING_CHARS} characters")
+    length = length or 0
+    if length * len(sample.columns) > limits.max_sample_values:
+        raise InvalidArgument(f"sample has {length * len(sample.columns)} values ({length} rows of "
+                              f"{len(sample.columns)} columns), at most {limits.max_sample_values} allowed")
+    if length > min(sample.seen, limits.max_sample_rows):
+        raise InvalidArgument(f"sample has {length} rows, more than the {sample.seen} it was drawn from or the "
+                              f"limit of {limits.max_sample_rows}")
+    if sample.seen and sample.columns and not length:
+        raise InvalidArgument(f"sample drawn from {sample.seen} rows has no values")
 
 
 def _check_times(w: summary_pb2.WindowSummary, limits: Limits, now_ns: int) -> None:

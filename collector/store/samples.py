@@ -1,4 +1,6 @@
-"""The agents' reservoir samples of rows: checked, stored apart from the windows, exported, expired.
+"""The agents' reservoir samples of rows: stored apart from the windows, exported, expired.
+
+They are checked with the rest of the window (``collector.base.ingest.check_sample``).
 
 A window may carry a ``RowSample`` (agents run with ``--sample-rows``). The
 store keeps it in ``row_samples`` (migration 9), not in the window body, so
@@ -9,7 +11,6 @@ by the rollup pass. ``export`` reads it back for ``outrider data export``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from sqlite_utils import Database
 
@@ -17,50 +18,11 @@ from agent.errors import InvalidArgument, NotFound
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 
-if TYPE_CHECKING:
-    from collector.base.ingest import Limits
-
 DEFAULT_RETENTION_SECONDS = 7 * 86400
-MAX_STRING_CHARS = 4096  # one sampled string value; agents capture at most 32 characters
 EXPORT_PAGE = 64  # windows read per query while exporting: short reads, so the writer's checkpoints go on
 
 _INSERT = ("INSERT INTO row_samples (agent_id, run_id, seq, model_name, model_version, end_ns, rows, body)"
            " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (agent_id, run_id, seq) DO NOTHING")
-
-
-def check(sample: summary_pb2.RowSample, window_rows: int, limits: Limits) -> None:
-    """Raise InvalidArgument unless ``sample`` is a well-formed sample of a window of ``window_rows`` rows."""
-    if sample.seen > window_rows:
-        raise InvalidArgument(f"sample drawn from {sample.seen} rows but the window has {window_rows}")
-    if len(sample.columns) > limits.max_columns:
-        raise InvalidArgument(f"sample has {len(sample.columns)} columns, at most {limits.max_columns} allowed")
-    names: set[str] = set()
-    length = None
-    for i, column in enumerate(sample.columns):
-        where = f"sample column {i}"
-        if not column.name or len(column.name) > limits.max_column_name_chars or not column.name.isprintable():
-            raise InvalidArgument(f"{where} needs a printable name of 1 to {limits.max_column_name_chars} characters")
-        if column.name in names:
-            raise InvalidArgument(f"sample column name {column.name!r} appears more than once")
-        names.add(column.name)
-        if column.numbers and column.strings:
-            raise InvalidArgument(f"sample column {column.name!r} has both numbers and strings; it must have one kind")
-        n = len(column.numbers) or len(column.strings)
-        if length is not None and n != length:
-            raise InvalidArgument(f"sample column {column.name!r} has {n} values but the columns before it "
-                                  f"have {length}: every column needs one value per sampled row")
-        length = n
-        if column.strings and max(map(len, column.strings)) > MAX_STRING_CHARS:
-            raise InvalidArgument(f"sample column {column.name!r} has a value over {MAX_STRING_CHARS} characters")
-    length = length or 0
-    if length * len(sample.columns) > limits.max_sample_values:
-        raise InvalidArgument(f"sample has {length * len(sample.columns)} values ({length} rows of "
-                              f"{len(sample.columns)} columns), at most {limits.max_sample_values} allowed")
-    if length > min(sample.seen, limits.max_sample_rows):
-        raise InvalidArgument(f"sample has {length} rows, more than the {sample.seen} it was drawn from or the "
-                              f"limit of {limits.max_sample_rows}")
-    if sample.seen and sample.columns and not length:
-        raise InvalidArgument(f"sample drawn from {sample.seen} rows has no values")
 
 
 def split(w: summary_pb2.WindowSummary) -> tuple[bytes, tuple | None]:
