@@ -30,7 +30,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from collector.lifecycle import rollout
+from collector.lifecycle import rollout, stages
 from collector.store import audit
 from collector.base.auth import LOCAL
 from protos import collector_pb2 as pb
@@ -50,24 +50,6 @@ def check_reason(reason: str, what: str, required: bool = True) -> str:
     return reason
 
 
-def _version(db: Database, name: str, version: int) -> dict[str, Any]:
-    if not version:
-        raise InvalidArgument("a version number is required")
-    rows = list(db.query("SELECT name, version, stage, gate, gate_passed FROM model_versions"
-                         " WHERE name = ? AND version = ?", [name, version]))
-    if not rows:
-        raise NotFound(f"model {name!r} has no version {version}")
-    return rows[0]
-
-
-def _move(db: Database, name: str, version: int, before: str, after: str, actor: str, reason: str,
-          now_ns: int) -> None:
-    db.execute("UPDATE model_versions SET stage = ?, stage_ns = ? WHERE name = ? AND version = ?",
-               [after, now_ns, name, version])
-    audit.append(db, actor, "model.stage", f"model/{name}/{version}", model_name=name,
-                 before={"stage": before}, after={"stage": after}, reason=reason, now_ns=now_ns)
-
-
 def set_stage(db: Database, name: str, version: int, stage: str, actor: str, reason: str, now_ns: int) -> None:
     """candidate ↔ staging; any other move has its own command."""
     if stage not in STAGES:
@@ -78,7 +60,7 @@ def set_stage(db: Database, name: str, version: int, stage: str, actor: str, rea
                "archived": "a version is archived when another one is promoted to production",
                "retired": "retire archived versions with: outrider models retire"}[stage]
         raise FailedPrecondition(f"cannot set stage {stage} directly: {how}")
-    row = _version(db, name, version)
+    row = stages.version(db, name, version)
     _not_retired(row)
     if row["stage"] not in REQUESTABLE:
         raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only candidate and staging "
@@ -86,7 +68,7 @@ def set_stage(db: Database, name: str, version: int, stage: str, actor: str, rea
     if row["stage"] == stage:
         raise FailedPrecondition(f"{name} version {version} is already {stage}")
     _not_shadowed(db, name, version, f"moving it to {stage}")
-    _move(db, name, version, row["stage"], stage, actor, reason, now_ns)
+    stages.move(db, name, version, row["stage"], stage, actor, reason, now_ns)
 
 
 def _not_shadowed(db: Database, name: str, version: int, doing: str) -> None:
@@ -105,7 +87,7 @@ def retire(db: Database, name: str, version: int, actor: str, reason: str, now_n
     """archived → retired, for good: the version can never be promoted, served or restaged again
     (also enforced by a trigger); its record and audit rows stay, its artifact may be removed
     after the retention period (``Registry.remove_retired_artifacts``)."""
-    row = _version(db, name, version)
+    row = stages.version(db, name, version)
     if row["stage"] != "archived":
         raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only archived versions can be "
                                  "retired" + (" (it already is)" if row["stage"] == "retired" else ""))
@@ -126,7 +108,7 @@ def request(db: Database, name: str, version: int, actor: str, reason: str, over
             now_ns: int) -> pb.Approval:
     """A pending request to make ``version`` production. ``override`` (non-empty only when an
     admin asked) lets a version whose gate did not pass be requested."""
-    row = _version(db, name, version)
+    row = stages.version(db, name, version)
     _not_retired(row)
     if row["stage"] not in REQUESTABLE:
         raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only candidate and staging "
@@ -178,7 +160,7 @@ def decide(db: Database, approval_id: int, actor: str, approve: bool, reason: st
     if approve and a["kind"] == "rollback":  # checked again now: the versions may have moved since the request
         rollout.rollback(db, name, version, actor, f"approval {approval_id}: {a['reason']}", now_ns)
     elif approve:
-        row = _version(db, name, version)
+        row = stages.version(db, name, version)
         _not_retired(row, "; reject this request")
         if row["stage"] not in REQUESTABLE:
             raise FailedPrecondition(f"{name} version {version} is now {row['stage']}; only candidate and staging "
@@ -189,9 +171,9 @@ def decide(db: Database, approval_id: int, actor: str, approve: bool, reason: st
         previous = 0
         for (previous,) in db.execute("SELECT version FROM model_versions WHERE name = ? AND stage = 'production'",
                                       [name]).fetchall():
-            _move(db, name, previous, "production", "archived", actor,
+            stages.move(db, name, previous, "production", "archived", actor,
                   f"replaced by version {version} (approval {approval_id})", now_ns)
-        _move(db, name, version, row["stage"], "production", actor, f"approval {approval_id}: {a['reason']}", now_ns)
+        stages.move(db, name, version, row["stage"], "production", actor, f"approval {approval_id}: {a['reason']}", now_ns)
         # the caller pushes it to the agents after the commit (RolloutPusher.push_started)
         rollout.start_rollout(db, name, version, "promote", actor, f"approval {approval_id}: {a['reason']}", now_ns,
                               from_version=previous)

@@ -45,15 +45,15 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from sqlite_utils import Database
 
 from agent import reference
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, OutriderError
-from collector.lifecycle import approvals
+from collector.lifecycle import stages
 from collector.store import audit
 from collector.base.ingest import Limits, clean_text, validate_model_key, validate_model_state
 from protos import collector_pb2 as pb
@@ -61,7 +61,6 @@ from protos import summary_pb2
 
 if TYPE_CHECKING:
     from collector.lifecycle.registry import ArtifactStore
-    from collector.api.streams import AgentStream, LiveStreams
 
 log = logging.getLogger(__name__)
 
@@ -274,9 +273,9 @@ def rollback(db: Database, name: str, to_version: int, actor: str, reason: str, 
     write transaction with its audit row; returns the rollout id (push it after the commit).
     ``to_version`` 0: the version that was production before the current one."""
     current, target = rollback_target(db, name, to_version)
-    approvals._move(db, name, current, "production", "archived", actor, f"rolled back to version {target}: {reason}",
+    stages.move(db, name, current, "production", "archived", actor, f"rolled back to version {target}: {reason}",
                     now_ns)
-    approvals._move(db, name, target, "archived", "production", actor, f"rollback from version {current}: {reason}",
+    stages.move(db, name, target, "archived", "production", actor, f"rollback from version {current}: {reason}",
                     now_ns)
     rollout_id = start_rollout(db, name, target, "rollback", actor, reason, now_ns, from_version=current)
     audit.append(db, actor, "model.rollback", f"model/{name}", model_name=name, before={"production": current},
@@ -296,7 +295,7 @@ def check_share(share: float) -> float:
 def set_shadow(db: Database, name: str, version: int, share: float, actor: str, reason: str, now_ns: int) -> int:
     """Put staging ``version`` in shadow on the model's agents (replacing any shadow); returns the rollout id."""
     check_share(share)
-    row = approvals._version(db, name, version)
+    row = stages.version(db, name, version)
     if row["stage"] != "staging":
         raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only a staging version can run in "
                                  f"shadow (outrider models stage {name} {version} staging --reason TEXT)")
@@ -412,6 +411,22 @@ def artifact_chunks(db: Database, artifacts: ArtifactStore, name: str, version: 
 # ------------------------------------------------------------------ pushing
 
 
+class AgentLink(Protocol):
+    """One live agent stream, as the pusher needs it (``collector.api.streams.AgentStream`` is one):
+    this room only plans commands, the api room owns the streams and passes them in."""
+
+    hello: pb.Hello
+    key: tuple[str, str]
+
+    def send(self, message: pb.CollectorMessage) -> bool: ...  # False once the stream has ended
+
+
+class LiveAgents(Protocol):
+    """The agent streams open now (``collector.api.streams.LiveStreams`` is one)."""
+
+    def of_model(self, model_name: str, managed: bool = False) -> Sequence[AgentLink]: ...
+
+
 class RolloutPusher:
     """Tells managed agents' live streams what to serve, after the change is committed.
 
@@ -419,7 +434,7 @@ class RolloutPusher:
     so a Hello racing a change can never leave an agent on the older state: whichever takes the
     lock second reads (and sends) the newer one. Agents answer the same command twice harmlessly."""
 
-    def __init__(self, store: Any, live: LiveStreams, limits: Limits = Limits()) -> None:
+    def __init__(self, store: Any, live: LiveAgents, limits: Limits = Limits()) -> None:
         self.store = store
         self.live = live
         self.limits = limits
@@ -430,7 +445,7 @@ class RolloutPusher:
         with self._guard:
             return self._locks.setdefault(model, threading.Lock())
 
-    def hello(self, stream: AgentStream) -> None:
+    def hello(self, stream: AgentLink) -> None:
         """Queue an agent's commands after its Hello was recorded (and its stream is live): a managed
         agent's rollout, and for any agent the reference projection of the version it serves."""
         model = stream.hello.model_name
@@ -484,7 +499,7 @@ class RolloutPusher:
         families = {FAMILY[k] for k in kinds if k in FAMILY}
         return max((self.push(model, family) for family in (SERVE, SHADOW) if family in families), default=0)
 
-    def _deliver(self, streams: list[AgentStream], planned: list[Planned]) -> None:
+    def _deliver(self, streams: Sequence[AgentLink], planned: list[Planned]) -> None:
         if not streams or not planned:
             return
         runs = sorted({s.key for s in streams})
