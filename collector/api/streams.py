@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent import futures
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
@@ -39,7 +39,10 @@ from protos import collector_pb2 as pb
 from protos import summary_pb2
 
 if TYPE_CHECKING:
-    from collector.api.server import AgentServicer
+    from collector.base.ingest import Limits
+    from collector.lifecycle.rollout import RolloutPusher
+    from collector.monitoring.spans import SpanCache
+    from collector.store.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +167,26 @@ def read_hello(requests: Iterator[pb.AgentMessage], context: grpc.ServicerContex
     return first.hello
 
 
+class StreamHost(Protocol):
+    """What a stream needs from the servicer that opened it (``collector.api.server.AgentServicer``
+    is the one): the server wires the streams, so the streams name only this."""
+
+    store: Store
+    limits: Limits
+    max_in_flight: int
+    live: LiveStreams
+    rollouts: RolloutPusher
+    spans: SpanCache | None
+
+    def count_rejected(self, n: int) -> None: ...
+
+    def retry_later(self, exc: ResourceExhausted) -> ResourceExhausted: ...
+
+
 class AgentStream:
     """One agent's open stream after its Hello: a reader thread and the reply generator."""
 
-    def __init__(self, servicer: AgentServicer, hello: pb.Hello, requests: Iterator[pb.AgentMessage],
+    def __init__(self, servicer: StreamHost, hello: pb.Hello, requests: Iterator[pb.AgentMessage],
                  identity: Identity = LOCAL) -> None:
         self.servicer = servicer
         self.store = servicer.store
