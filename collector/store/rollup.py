@@ -7,7 +7,7 @@ calls, dropped rows, errors, windows) are integers summed exactly at every
 level; sketches are merged with ``agent.sketches``, so a day bucket answers
 the same questions as the windows it came from, within the sketches' error.
 A window's shadow comparison merges too; a bucket keeps one shadow version
-(the latest seen, see ``collector.monitoring.shadow.ShadowMerger``).
+(the latest seen, see ``collector.store.shadow_merge.ShadowMerger``).
 
 ``apply_retention`` runs on the store's writer thread, inside its transaction.
 Each bucket is merged in a savepoint of its own: a bucket whose merge fails (a
@@ -35,7 +35,7 @@ from sqlite_utils import Database
 from agent import sketches
 from collector.store import samples
 from collector.base.ingest import Limits
-from collector.monitoring.shadow import ShadowMerger
+from collector.store.shadow_merge import ShadowMerger
 from protos import summary_pb2
 
 log = logging.getLogger(__name__)
