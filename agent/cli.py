@@ -33,9 +33,9 @@ AGENT_ENV = "OUTRIDER_AGENT_"  # environment prefix of `outrider agent serve`'s 
 # Modules that add subcommands through their own ``register(subparsers)``.
 # >>> Other subcommands register here. <<<
 #   agent.demo      -> ``outrider demo``        (not written yet; skipped while absent)
-#   collector.cli.cli -> ``outrider collector ...``
-OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli.cli", "agent.profile", "collector.cli.drift_cli",
-                                       "collector.cli.audit_cli", "collector.cli.models_cli",
+#   collector.cli.serve_cli -> ``outrider collector serve``; collector.cli.cli -> ``outrider status`` ...
+OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli.serve_cli", "collector.cli.cli", "agent.profile",
+                                       "collector.cli.drift_cli", "collector.cli.audit_cli", "collector.cli.models_cli",
                                        "collector.cli.approvals_cli", "collector.cli.retrain_cli",
                                        "collector.cli.rollout_cli", "collector.cli.shadow_cli", "collector.cli.data_cli",
                                        "agent.health_cli")
@@ -143,6 +143,32 @@ def collector_address(text: str) -> str:
             f"{text!r} is not HOST:PORT; use e.g. 127.0.0.1:4317 ([::1]:4317 for IPv6)"
         )
     return text
+
+
+def pem_path(flag: str, value: str | None) -> Path | None:
+    """``value`` as the path of a readable PEM file given to ``flag`` (None when not given); UsageError otherwise."""
+    if not value:
+        return None
+    path = Path(value)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in text:
+        raise UsageError(f"{flag} {path} is not a PEM file (no '-----BEGIN' line)")
+    return path
+
+
+def client_credentials(ca: str | Path | None = None, cert: str | Path | None = None,
+                       key: str | Path | None = None) -> Any:
+    """TLS for a gRPC client (``grpc.ChannelCredentials``): trust ``ca`` (default: the system roots),
+    present ``cert``/``key`` for mutual TLS. Shared by the commands that call an agent or a collector."""
+    import grpc  # here: commands that never connect start without loading gRPC
+
+    def read(path: str | Path | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -287,16 +287,6 @@ class AuthInterceptor(grpc.ServerInterceptor):
 # ------------------------------------------------------------------ TLS and listening
 
 
-def client_credentials(ca: str | Path | None = None, cert: str | Path | None = None,
-                       key: str | Path | None = None) -> grpc.ChannelCredentials:
-    """TLS for a client: trust ``ca`` (default: the system roots), present ``cert``/``key`` for mutual TLS."""
-
-    def read(path: str | Path | None) -> bytes | None:
-        return Path(path).read_bytes() if path else None
-
-    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert))
-
-
 def is_loopback(listen: str) -> bool:
     """True when every address HOST of HOST:PORT stands for is a loopback address."""
     host = listen.rpartition(":")[0].strip("[]")

@@ -10,7 +10,7 @@ from typing import Any
 
 from agent.cli_contract import EXIT_FAILED, say
 from collector.cli.cli import (PAGE_LIMIT, _ask, _ask_pages, _client_flags, add_paging, iso, listing, plain, print_json,
-                           print_page, table)
+                               print_page, table)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,5 +1,5 @@
-"""``outrider collector`` (its ``serve`` is in ``collector.cli.serve_cli``), the operators' ``outrider status`` /
-``windows`` / ``attach``, and what every operators' command module shares (flags, asking, errors).
+"""The operators' ``outrider status`` / ``windows`` / ``attach``, and what every operators' command module
+shares (flags, asking, errors); ``outrider collector serve`` is ``collector.cli.serve_cli``.
 
 The query commands talk only to the collector's OpsService over gRPC (never
 to its database), so they work from any machine the collector lets in.
@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from agent.cli import add_flag, positive
+from agent.cli import add_flag, client_credentials, pem_path, positive
 from agent.cli_contract import CommandError, Refused, Unreachable, UsageError, print_json, say
 from collector.cli.cli_format import age, iso, listing, plain, rollout_state, table  # noqa: F401  (other command modules import them from here)
 
@@ -32,13 +32,6 @@ COLLECTOR_ENV = "OUTRIDER_COLLECTOR_"  # environment prefix of `outrider collect
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    collector = subparsers.add_parser("collector", help="run the collector that agents stream to",
-                                      description="Run the collector: it stores agents' windows and answers operators.")
-    commands = collector.add_subparsers(dest="collector_command", metavar="COMMAND", required=True)
-    from collector.cli.serve_cli import add_serve  # it imports this module, so not at the top
-
-    add_serve(commands)
-
     status = subparsers.add_parser(
         "status", help="show agents, model versions and collector counters",
         description="Show the agents the collector knows, totals per model version, and its counters.")
@@ -125,19 +118,6 @@ def since_time(text: str) -> int:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
-
-
-def _pem(flag: str, value: str | None) -> Path | None:
-    if not value:
-        return None
-    path = Path(value)
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
-    if b"-----BEGIN " not in text:
-        raise UsageError(f"{flag} {path} is not a PEM file (no '-----BEGIN' line)")
-    return path
 
 
 # ------------------------------------------------------------------ the operators' commands
@@ -288,8 +268,6 @@ def connect(args: argparse.Namespace, options: Sequence[tuple[str, Any]] = ()) -
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's own log lines would break the one-line errors
     import grpc
 
-    from collector.base.auth import client_credentials
-
     cert, key = args.tls_client_cert, args.tls_client_key
     if bool(cert) != bool(key):
         raise UsageError("--tls-client-cert and --tls-client-key go together: pass both PEM files")
@@ -298,7 +276,7 @@ def connect(args: argparse.Namespace, options: Sequence[tuple[str, Any]] = ()) -
                          "collector's auth file")
     if args.tls_ca or cert:
         for flag, value in (("--tls-ca", args.tls_ca), ("--tls-client-cert", cert), ("--tls-client-key", key)):
-            _pem(flag, value)
+            pem_path(flag, value)
         channel = grpc.secure_channel(args.collector, client_credentials(args.tls_ca, cert, key), list(options))
     else:
         channel = grpc.insecure_channel(args.collector, list(options))

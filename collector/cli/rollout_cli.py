@@ -14,7 +14,7 @@ from typing import Any
 from agent.cli import UsageError, add_flag
 from agent.cli_contract import EXIT_FAILED, CommandError, say
 from collector.cli.cli import (_ask, _ask_pages, _client_flags, add_paging, age, iso, listing, non_negative, plain,
-                           print_json, print_page, table)
+                               print_json, print_page, table)
 
 POLL_SECONDS = 0.5
 PAGE_LIMIT = 1000  # the most rollouts the collector gives per ListRollouts call (collector.lifecycle.rollout.MAX_LIST_LIMIT)

@@ -1,4 +1,8 @@
-"""``outrider collector serve``: its flags, and starting and stopping the collector."""
+"""``outrider collector serve``: its flags, and starting and stopping the collector.
+
+It registers the ``outrider collector`` group itself (listed in ``agent.cli.OPTIONAL_COMMANDS`` before
+``collector.cli.cli``, keeping the help's order), so it uses the operators' helpers and nothing uses it.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +10,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.cli import (UsageError, add_flag, add_log_level, check_listen, configure_logging, listen_address,
+from agent.cli import (UsageError, add_flag, add_log_level, check_listen, configure_logging, listen_address, pem_path,
                        positive, stop_signals)
-from collector.cli.cli import COLLECTOR_ENV, DEFAULT_COLLECTOR, _first_line, _pem, non_negative, non_negative_int
+from collector.cli.cli import COLLECTOR_ENV, DEFAULT_COLLECTOR, _first_line, non_negative, non_negative_int
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    collector = subparsers.add_parser("collector", help="run the collector that agents stream to",
+                                      description="Run the collector: it stores agents' windows and answers operators.")
+    commands = collector.add_subparsers(dest="collector_command", metavar="COMMAND", required=True)
+    add_serve(commands)
 
 
 def add_serve(commands: argparse._SubParsersAction) -> None:
@@ -186,6 +197,6 @@ def _server_tls(args: argparse.Namespace) -> Any:
         return None
     if not (args.tls_cert and args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together: pass both PEM files")
-    paths = [_pem(flag, value) for flag, value in
+    paths = [pem_path(flag, value) for flag, value in
              (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-client-ca", args.tls_client_ca))]
     return TLSFiles(*paths)
