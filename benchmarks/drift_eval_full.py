@@ -49,11 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent import sketches  # noqa: E402
 from agent.capture import Reduce, Slot  # noqa: E402
 from agent.worker import BLOCK_ROWS, Identity, WindowBuilder  # noqa: E402
+from collector.base.ingest import validate_window  # noqa: E402
 from collector.monitoring import drift  # noqa: E402
 from collector.monitoring.evaluation import DriftEvaluator, merge_spans  # noqa: E402
-from collector.base.ingest import validate_window  # noqa: E402
-from collector.store.rollup import RetentionPolicy  # noqa: E402
 from collector.monitoring.spans import SpanCache, span_starts  # noqa: E402
+from collector.store.rollup import RetentionPolicy  # noqa: E402
 from collector.store.store import Store  # noqa: E402
 from protos import summary_pb2  # noqa: E402
 

@@ -62,8 +62,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.errors import ResourceExhausted  # noqa: E402
 from agent.sketches import NumericSketch  # noqa: E402
 from collector.base.ingest import validate_window  # noqa: E402
-from collector.store.rollup import RetentionPolicy  # noqa: E402
 from collector.monitoring.spans import SpanCache  # noqa: E402
+from collector.store.rollup import RetentionPolicy  # noqa: E402
 from collector.store.store import Store  # noqa: E402
 from protos import summary_pb2  # noqa: E402
 

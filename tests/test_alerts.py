@@ -11,8 +11,8 @@ import pytest
 
 import collector.store.schema as schema_module
 from collector.monitoring import alerts
-from collector.store import audit
 from collector.monitoring.drift import DriftConfig
+from collector.store import audit
 from collector.store.store import Store
 from collector.web.model_page import model_page
 from protos import collector_pb2 as pb

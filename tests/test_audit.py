@@ -17,13 +17,13 @@ from sqlite_utils import Database
 
 from collector.monitoring import alerts
 
-from collector.store import audit
+from agent.errors import Unavailable
+from collector.api.server import CollectorServer, serve_collector
 from collector.base.auth import AuthConfig
 from collector.monitoring.drift import DriftConfig
+from collector.store import audit
 from collector.store.schema import immediate
-from collector.api.server import CollectorServer, serve_collector
 from collector.store.store import Store
-from agent.errors import Unavailable
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from test_evaluation import profile  # a reference profile that passes validation, written once

@@ -32,8 +32,8 @@ import pytest
 from agent import examples
 from agent.cli import build_parser, main
 from agent.cli_reference import commands
-from collector.base.auth import AuthConfig
 from collector.api.server import serve_collector
+from collector.base.auth import AuthConfig
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from protos import summary_pb2

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from agent import sketches
-from collector.monitoring.evaluation import DriftEvaluator
 from collector.api.server import serve_collector
+from collector.monitoring.evaluation import DriftEvaluator
 from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc

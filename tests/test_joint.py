@@ -26,8 +26,8 @@ from agent.profile import build_profile
 from agent.reference import command_args, from_command, load_projection
 from agent.sinks import InMemorySink
 from agent.sketches import joint
-from collector.monitoring import drift
 from collector.base.ingest import validate_profile
+from collector.monitoring import drift
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc, summary_pb2
 

@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 import pytest
 
-from collector.lifecycle import retraining
-from collector.base.auth import AuthConfig
-from collector.monitoring.evaluation import DriftEvaluator
 from collector.api.server import serve_collector
+from collector.base.auth import AuthConfig
+from collector.lifecycle import retraining
+from collector.monitoring.evaluation import DriftEvaluator
 from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc

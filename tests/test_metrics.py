@@ -21,9 +21,9 @@ from agent import MonitoredSession, examples
 from agent.metrics import LATENCY_BUCKETS, AgentMetrics
 from agent.profile import build_profile
 from agent.server import serve
-from collector.base.auth import AuthConfig
 from collector.api.metrics import ACK_BUCKETS, CollectorMetrics
 from collector.api.server import serve_collector
+from collector.base.auth import AuthConfig
 from protos import collector_pb2 as cpb
 from protos import collector_pb2_grpc as cpb_grpc
 from protos import open_inference_pb2 as pb

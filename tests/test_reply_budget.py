@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from agent.sketches import NumericSketch
+from collector.api.server import CollectorServer, serve_collector
 from collector.store import audit, paging
 from collector.store.rollup import RetentionPolicy
-from collector.api.server import CollectorServer, serve_collector
 from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc

@@ -16,12 +16,12 @@ import pytest
 
 from collector.lifecycle import approvals
 
-from collector.monitoring import alerts
+from collector.api.server import CollectorServer, serve_collector
 from collector.base.auth import AuthConfig
+from collector.lifecycle.rollback_policy import RollbackPolicy
+from collector.monitoring import alerts
 from collector.monitoring.drift import DriftConfig
 from collector.monitoring.evaluation import DriftEvaluator
-from collector.lifecycle.rollback_policy import RollbackPolicy
-from collector.api.server import CollectorServer, serve_collector
 from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc

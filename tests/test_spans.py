@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from agent import sketches
-from collector.monitoring import alerts
-from collector.monitoring.drift import DriftConfig
-from collector.monitoring import spans as spans_module
-from collector.monitoring.evaluation import DriftEvaluator
 from collector.base.ingest import validate_window
-from collector.store.rollup import RetentionPolicy
+from collector.monitoring import alerts
+from collector.monitoring import spans as spans_module
+from collector.monitoring.drift import DriftConfig
+from collector.monitoring.evaluation import DriftEvaluator
 from collector.monitoring.spans import SpanCache, bucket_width, read_uncached, span_starts
+from collector.store.rollup import RetentionPolicy
 from collector.store.store import Store
 from protos import summary_pb2
 

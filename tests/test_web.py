@@ -21,15 +21,15 @@ import pytest
 from agent import examples, sketches
 from agent.errors import InvalidArgument
 from agent.profile import build_profile
-from collector.monitoring import alerts
-from collector.store import audit
+from collector.api.server import CollectorServer, serve_collector
 from collector.base.auth import AuthConfig, AuthInterceptor, TLSFiles
+from collector.monitoring import alerts
+from collector.monitoring.drift import DriftConfig
+from collector.monitoring.evaluation import DriftEvaluator
+from collector.store import audit
 from collector.store.store import Store
 from collector.web import WebAccess, WebServer, serve_web, throttle
 from collector.web.guard import guarded
-from collector.monitoring.drift import DriftConfig
-from collector.monitoring.evaluation import DriftEvaluator
-from collector.api.server import CollectorServer, serve_collector
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from protos import summary_pb2

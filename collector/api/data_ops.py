@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import grpc
 
 from agent.errors import grpc_stream_errors
-from collector.store import samples
 from collector.base.auth import current_identity
 from collector.base.ingest import validate_model_key
+from collector.store import samples
 from protos import collector_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import grpc
 
 from agent.errors import InvalidArgument, PermissionDenied, grpc_errors
-from collector.lifecycle import approvals, retraining
-from collector.store import paging
 from collector.base.auth import current_identity, role_at_least
 from collector.base.ingest import validate_model_key
+from collector.lifecycle import approvals, retraining
+from collector.store import paging
 from protos import collector_pb2 as pb
 
 log = logging.getLogger(__name__)

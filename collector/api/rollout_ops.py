@@ -14,10 +14,10 @@ import time
 import grpc
 
 from agent.errors import InvalidArgument, grpc_errors
-from collector.lifecycle import approvals, rollout
-from collector.store import paging
 from collector.base.auth import current_identity
 from collector.base.ingest import validate_model_key
+from collector.lifecycle import approvals, rollout
+from collector.store import paging
 from protos import collector_pb2 as pb
 
 log = logging.getLogger(__name__)

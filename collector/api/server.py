@@ -29,24 +29,24 @@ from agent.errors import (InvalidArgument, NotFound, PermissionDenied, ResourceE
                           grpc_errors, grpc_stream_errors)
 from agent.guard import DecodeGuard
 from agent.hello import package_version
-from collector.monitoring import alerts
-from collector.store import audit, paging
-from collector.base.auth import AGENT_SERVICE, LOCAL, AuthConfig, AuthInterceptor, Identity, TLSFiles, current_identity
-from collector.base.ingest import Limits, validate_hello, validate_model_key, validate_profile
-from collector.api.streams import AgentStream, LiveStreams, artifact_refusal, hello_refusal, read_hello
-from collector.store.rollup import RetentionPolicy
-from collector.monitoring.evaluation import DriftEvaluator, EvaluationLoop
-from collector.lifecycle.gate import GatePolicy
 from collector.api.data_ops import DataOps
 from collector.api.governance_ops import GovernanceOps
-from collector.lifecycle.rollout import RolloutPusher, artifact_chunks
 from collector.api.rollout_ops import RolloutOps
-from collector.lifecycle.rollback_policy import RollbackPolicy
 from collector.api.shadow_ops import ShadowOps
+from collector.api.streams import AgentStream, LiveStreams, artifact_refusal, hello_refusal, read_hello
+from collector.base.auth import AGENT_SERVICE, LOCAL, AuthConfig, AuthInterceptor, Identity, TLSFiles, current_identity
+from collector.base.ingest import Limits, validate_hello, validate_model_key, validate_profile
+from collector.lifecycle.gate import GatePolicy
 from collector.lifecycle.registry import ArtifactStore, Registry
+from collector.lifecycle.rollback_policy import RollbackPolicy
+from collector.lifecycle.rollout import RolloutPusher, artifact_chunks
+from collector.monitoring import alerts
+from collector.monitoring.evaluation import DriftEvaluator, EvaluationLoop
 from collector.monitoring.spans import SpanCache
-from collector.store.store import Store
 from collector.monitoring.webhook import Webhook
+from collector.store import audit, paging
+from collector.store.rollup import RetentionPolicy
+from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 

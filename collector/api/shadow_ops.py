@@ -11,11 +11,11 @@ import time
 import grpc
 
 from agent.errors import grpc_errors
-from collector.lifecycle import approvals
-from collector.monitoring import shadow
-from collector.lifecycle.approval_cancel import cancel
 from collector.base.auth import current_identity, role_at_least
 from collector.base.ingest import validate_model_key
+from collector.lifecycle import approvals
+from collector.lifecycle.approval_cancel import cancel
+from collector.monitoring import shadow
 from protos import collector_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -32,9 +32,9 @@ import grpc
 
 from agent.checksum import check
 from agent.errors import InvalidArgument, OutriderError, ResourceExhausted, Unavailable
+from collector.api.metrics import batch_acked, batch_received
 from collector.base.auth import LOCAL, Identity
 from collector.base.ingest import validate_window
-from collector.api.metrics import batch_acked, batch_received
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 

@@ -107,12 +107,12 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from agent.errors import OutriderError
     from agent.metrics import start_for_cli
-    from collector.base.auth import AuthConfig, is_loopback
-    from collector.lifecycle.gate import GatePolicy
-    from collector.base.ingest import Limits
     from collector.api.metrics import CollectorMetrics
-    from collector.store.rollup import RetentionPolicy
     from collector.api.server import serve_collector
+    from collector.base.auth import AuthConfig, is_loopback
+    from collector.base.ingest import Limits
+    from collector.lifecycle.gate import GatePolicy
+    from collector.store.rollup import RetentionPolicy
 
     configure_logging(args.log_level)
     auth = None

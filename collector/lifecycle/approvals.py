@@ -30,9 +30,9 @@ from typing import Any
 from sqlite_utils import Database
 
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from collector.base.auth import LOCAL
 from collector.lifecycle import rollout, stages
 from collector.store import audit
-from collector.base.auth import LOCAL
 from protos import collector_pb2 as pb
 
 STAGES = ("candidate", "staging", "production", "archived", "retired")

@@ -37,9 +37,9 @@ from sqlite_utils import Database
 
 from agent import feature_names as naming
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from collector.base.ingest import Limits, validate_model_key, validate_profile
 from collector.lifecycle import gate
 from collector.store import audit
-from collector.base.ingest import Limits, validate_model_key, validate_profile
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 

@@ -53,9 +53,9 @@ from sqlite_utils import Database
 
 from agent import reference
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, OutriderError
+from collector.base.ingest import Limits, clean_text, validate_model_key, validate_model_state
 from collector.lifecycle import stages
 from collector.store import audit
-from collector.base.ingest import Limits, clean_text, validate_model_key, validate_model_state
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 

@@ -30,8 +30,8 @@ from google.protobuf import json_format
 from sqlite_utils import Database
 
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound
-from collector.store import audit
 from collector.monitoring.drift import AlertTracker, DriftConfig
+from collector.store import audit
 from protos import collector_pb2 as pb
 
 OPEN, ACKNOWLEDGED, RESOLVED = "open", "acknowledged", "resolved"

@@ -29,11 +29,11 @@ from typing import Callable
 
 from agent import sketches
 from collector.lifecycle import retraining, rollback_policy
+from collector.lifecycle.rollback_policy import RollbackPolicy
 from collector.monitoring import alerts, drift, estimate
 from collector.monitoring.spans import SpanCache, merge_since
-from collector.lifecycle.rollback_policy import RollbackPolicy
-from collector.store.store import Store
 from collector.monitoring.webhook import Webhook
+from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from sqlite_utils import Database
 
 from agent import sketches
-from collector.store import samples
 from collector.base.ingest import Limits
+from collector.store import samples
 from collector.store.shadow_merge import ShadowMerger
 from protos import summary_pb2
 

@@ -42,8 +42,8 @@ from typing import Any, NamedTuple
 from sqlite_utils import Database
 
 from agent.errors import ResourceExhausted, Unavailable
-from collector.store import audit, samples
 from collector.base.ingest import Limits, clean_text, validate_spool
+from collector.store import audit, samples
 from collector.store.rollup import RetentionPolicy, RolledRows, apply_retention
 from collector.store.schema import SPOOL_FIELDS as _SPOOL_FIELDS
 from collector.store.schema import immediate as _immediate
