@@ -37,8 +37,8 @@ AGENT_ENV = "OUTRIDER_AGENT_"  # environment prefix of `outrider agent serve`'s 
 OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli.serve_cli", "collector.cli.cli", "agent.profile",
                                        "collector.cli.drift_cli", "collector.cli.audit_cli", "collector.cli.models_cli",
                                        "collector.cli.approvals_cli", "collector.cli.retrain_cli",
-                                       "collector.cli.rollout_cli", "collector.cli.shadow_cli", "collector.cli.data_cli",
-                                       "agent.health_cli")
+                                       "collector.cli.rollout_cli", "collector.cli.shadow_cli",
+                                       "collector.cli.data_cli", "agent.health_cli")
 
 
 class Parser(argparse.ArgumentParser):

@@ -420,14 +420,14 @@ def test_attach_stores_and_replaces_the_profile(collector: CollectorServer,
     first = attach(collector, lr_profile)
     assert (first.model_name, first.model_version, first.columns, first.replaced) == ("credit", "3", 25, False)
     assert len(first.warnings) == 1 and "could not be checked against its traffic" in first.warnings[0]
-    assert collector.store.store.profile("credit", "3") == lr_profile
+    assert collector.store.profile("credit", "3") == lr_profile
     newer = summary_pb2.ReferenceProfile()
     newer.CopyFrom(lr_profile)
     newer.rows, newer.data_name = 499, "other.npz"
     assert attach(collector, newer).replaced is True
-    assert collector.store.store.profile("credit", "3") == newer
-    assert collector.store.store.profile("credit", "4") is None
-    assert collector.store.store.profiles() == [("credit", "3")]
+    assert collector.store.profile("credit", "3") == newer
+    assert collector.store.profile("credit", "4") is None
+    assert collector.store.profiles() == [("credit", "3")]
 
 
 def test_a_bad_profile_is_invalid_argument_and_changes_nothing(collector: CollectorServer,
@@ -448,13 +448,13 @@ def test_a_bad_profile_is_invalid_argument_and_changes_nothing(collector: Collec
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.details(), err.details()
     err = attach_error(collector, lr_profile, version="")
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "model_version" in err.details()
-    assert collector.store.store.profiles() == []
+    assert collector.store.profiles() == []
 
 
 def test_a_viewer_may_not_attach(collector: CollectorServer, lr_profile: summary_pb2.ReferenceProfile) -> None:
     err = attach_error(collector, lr_profile, token=VIEWER_TOKEN)
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "operator" in err.details()
-    assert collector.store.store.profiles() == []
+    assert collector.store.profiles() == []
 
 
 def test_cli_attach(collector: CollectorServer, lr_profile: summary_pb2.ReferenceProfile, tmp_path: Path) -> None:
@@ -467,7 +467,7 @@ def test_cli_attach(collector: CollectorServer, lr_profile: summary_pb2.Referenc
     # nothing to check the names against yet (not registered, no traffic): attached, with a warning on stderr
     assert result.stderr.startswith("outrider: warning: credit version 7 is not registered and no agent has")
     assert "replaced" in cli("attach", "credit", "7", str(path), *flags).stdout
-    assert collector.store.store.profile("credit", "7") == lr_profile
+    assert collector.store.profile("credit", "7") == lr_profile
     (tmp_path / "junk.pb").write_bytes(b"\xff\xff not a profile")
     assert "not a reference profile" in one_line_error(cli("attach", "credit", "7", str(tmp_path / "junk.pb"), *flags))
     refused = one_line_error(cli("attach", "credit", "7", str(path), "--collector", collector.address,

@@ -205,7 +205,8 @@ def check_sample(sample: summary_pb2.RowSample, window_rows: int, limits: Limits
                                   f"have {length}: every column needs one value per sampled row")
         length = n
         if column.strings and max(map(len, column.strings)) > MAX_SAMPLE_STRING_CHARS:
-            raise InvalidArgument(f"sample column {column.name!r} has a value over {MAX_SAMPLE_STRING_CHARS} characters")
+            raise InvalidArgument(f"sample column {column.name!r} has a value over {MAX_SAMPLE_STRING_CHARS} "
+                                  "characters")
     length = length or 0
     if length * len(sample.columns) > limits.max_sample_values:
         raise InvalidArgument(f"sample has {length * len(sample.columns)} values ({length} rows of "
@@ -295,7 +296,7 @@ def _check_shadow(shadow: summary_pb2.ShadowSummary, limits: Limits) -> None:
             continue
         column = getattr(shadow, field)
         if column.kind == summary_pb2.ColumnSummary.KIND_UNSPECIFIED and not column.count:
-            continue  # an empty column sent without a kind: nothing to merge (as collector.monitoring.shadow reads it)
+            continue  # an empty column sent without a kind: nothing to merge (as collector.store.shadow_merge reads it)
         if field == "latency":
             _check_latency("shadow latency", column, shadow.calls, "shadow calls", limits)
         elif not isinstance(_check_column(f"shadow {field}", column, limits), sketches.NumericSketch):

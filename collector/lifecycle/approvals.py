@@ -172,8 +172,9 @@ def decide(db: Database, approval_id: int, actor: str, approve: bool, reason: st
         for (previous,) in db.execute("SELECT version FROM model_versions WHERE name = ? AND stage = 'production'",
                                       [name]).fetchall():
             stages.move(db, name, previous, "production", "archived", actor,
-                  f"replaced by version {version} (approval {approval_id})", now_ns)
-        stages.move(db, name, version, row["stage"], "production", actor, f"approval {approval_id}: {a['reason']}", now_ns)
+                        f"replaced by version {version} (approval {approval_id})", now_ns)
+        stages.move(db, name, version, row["stage"], "production", actor, f"approval {approval_id}: {a['reason']}",
+                    now_ns)
         # the caller pushes it to the agents after the commit (RolloutPusher.push_started)
         rollout.start_rollout(db, name, version, "promote", actor, f"approval {approval_id}: {a['reason']}", now_ns,
                               from_version=previous)

@@ -274,9 +274,9 @@ def rollback(db: Database, name: str, to_version: int, actor: str, reason: str, 
     ``to_version`` 0: the version that was production before the current one."""
     current, target = rollback_target(db, name, to_version)
     stages.move(db, name, current, "production", "archived", actor, f"rolled back to version {target}: {reason}",
-                    now_ns)
+                now_ns)
     stages.move(db, name, target, "archived", "production", actor, f"rollback from version {current}: {reason}",
-                    now_ns)
+                now_ns)
     rollout_id = start_rollout(db, name, target, "rollback", actor, reason, now_ns, from_version=current)
     audit.append(db, actor, "model.rollback", f"model/{name}", model_name=name, before={"production": current},
                  after={"production": target, "rollout": rollout_id}, reason=reason, now_ns=now_ns)

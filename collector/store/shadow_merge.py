@@ -61,7 +61,8 @@ class ShadowTotals:
 
     def add(self, s: summary_pb2.ShadowSummary) -> None:
         """Raises InvalidArgument (changing nothing) when a sketch does not deserialise."""
-        parsed = {f: (getattr(s, f), numeric_sketch(getattr(s, f), f)) for f in ("score_diff", "latency") if s.HasField(f)}
+        parsed = {f: (getattr(s, f), numeric_sketch(getattr(s, f), f))
+                  for f in ("score_diff", "latency") if s.HasField(f)}
         parsed = {f: pair for f, pair in parsed.items() if pair[1] is not None}
         self.sha256 = s.model_sha256 if not self.sha256 or self.sha256 == s.model_sha256 else "mixed"
         for field in _COUNTS:
