@@ -33,11 +33,12 @@ AGENT_ENV = "OUTRIDER_AGENT_"  # environment prefix of `outrider agent serve`'s 
 # Modules that add subcommands through their own ``register(subparsers)``.
 # >>> Other subcommands register here. <<<
 #   agent.demo      -> ``outrider demo``        (not written yet; skipped while absent)
-#   collector.cli   -> ``outrider collector ...`` (later)
-OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli", "agent.profile", "collector.drift_cli",
-                                       "collector.audit_cli", "collector.models_cli",
-                                       "collector.approvals_cli", "collector.retrain_cli", "collector.rollout_cli",
-                                       "collector.shadow_cli", "collector.data_cli", "agent.health_cli")
+#   collector.cli.serve_cli -> ``outrider collector serve``; collector.cli.cli -> ``outrider status`` ...
+OPTIONAL_COMMANDS: tuple[str, ...] = ("agent.demo", "collector.cli.serve_cli", "collector.cli.cli", "agent.profile",
+                                       "collector.cli.drift_cli", "collector.cli.audit_cli", "collector.cli.models_cli",
+                                       "collector.cli.approvals_cli", "collector.cli.retrain_cli",
+                                       "collector.cli.rollout_cli", "collector.cli.shadow_cli",
+                                       "collector.cli.data_cli", "agent.health_cli")
 
 
 class Parser(argparse.ArgumentParser):
@@ -150,6 +151,32 @@ def collector_addresses(text: str) -> str:
     if not all(parts):
         raise argparse.ArgumentTypeError(f"{text!r} has an empty address; give HOST:PORT[,HOST:PORT...]")
     return ",".join(collector_address(part) for part in parts)
+
+
+def pem_path(flag: str, value: str | None) -> Path | None:
+    """``value`` as the path of a readable PEM file given to ``flag`` (None when not given); UsageError otherwise."""
+    if not value:
+        return None
+    path = Path(value)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in text:
+        raise UsageError(f"{flag} {path} is not a PEM file (no '-----BEGIN' line)")
+    return path
+
+
+def client_credentials(ca: str | Path | None = None, cert: str | Path | None = None,
+                       key: str | Path | None = None) -> Any:
+    """TLS for a gRPC client (``grpc.ChannelCredentials``): trust ``ca`` (default: the system roots),
+    present ``cert``/``key`` for mutual TLS. Shared by the commands that call an agent or a collector."""
+    import grpc  # here: commands that never connect start without loading gRPC
+
+    def read(path: str | Path | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

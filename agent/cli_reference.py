@@ -39,7 +39,7 @@ def _cell(text: str) -> str:
 def contract(parser: argparse.ArgumentParser) -> list[str]:
     """docs/cli.md's table of what every command promises, from the constants that make it so."""
     from agent.cli_contract import EXIT_CODES, EXIT_FAILED, EXIT_PIPE, EXIT_UNREACHABLE
-    from collector.cli import RPC_OUTCOMES
+    from collector.cli.cli import RPC_OUTCOMES
 
     out = ["## The contract", "",
            "What every command promises, whatever it does (`agent.cli_contract`; `tests/test_cli_contract.py`",
@@ -49,7 +49,7 @@ def contract(parser: argparse.ArgumentParser) -> list[str]:
     by_code: dict[int, list[str]] = {}
     for name, (kind, _) in RPC_OUTCOMES.items():
         by_code.setdefault(kind.exit_code, []).append(f"`{name}`")
-    out += ["", "The collector's answers, as exit codes (one place: `collector.cli.RPC_OUTCOMES`): "
+    out += ["", "The collector's answers, as exit codes (one place: `collector.cli.cli.RPC_OUTCOMES`): "
             + "; ".join(f"{', '.join(names)} → {code}" for code, names in sorted(by_code.items(), reverse=True))
             + f"; any other status (`INTERNAL`, `UNKNOWN`, ...) → {EXIT_FAILED}. The line on stderr says what the "
               "collector said, in words, and for "

@@ -25,7 +25,7 @@ from typing import Any, Union
 from agent.errors import InvalidArgument
 
 Names = Union[list[str], dict[str, list[str]]]
-# The collector refuses longer column names (collector.ingest.Limits.max_column_name_chars): an agent
+# The collector refuses longer column names (collector.base.ingest.Limits.max_column_name_chars): an agent
 # given one would have every window refused, so such a name is refused where it is given.
 MAX_NAME_CHARS = 256
 MAX_NAMES = 4096  # columns per profile or window (Limits.max_columns)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from agent.cli import add_flag, positive
+from agent.cli import add_flag, client_credentials, collector_address, pem_path, positive
 from agent.cli_contract import Refused, Unreachable, UsageError, print_json
-from collector.cli import collector_address
 
 DEFAULT_ADDRESS = "127.0.0.1:8001"  # `agent serve`'s default --listen
 
@@ -44,15 +43,12 @@ def health_command(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from collector.auth import client_credentials
-    from collector.cli import _pem
-
     cert, key = args.tls_client_cert, args.tls_client_key
     if bool(cert) != bool(key):
         raise UsageError("--tls-client-cert and --tls-client-key go together: pass both PEM files")
     if args.tls_ca or cert:
         for flag, value in (("--tls-ca", args.tls_ca), ("--tls-client-cert", cert), ("--tls-client-key", key)):
-            _pem(flag, value)
+            pem_path(flag, value)
         channel = grpc.secure_channel(args.address, client_credentials(args.tls_ca, cert, key))
     else:
         channel = grpc.insecure_channel(args.address)

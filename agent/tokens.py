@@ -18,7 +18,7 @@ and counted (``AccessInterceptor.refusals``). Without an auth file nothing is
 checked: every caller may call everything, as before tokens existed.
 
 Tokens are kept only as SHA-256 digests and compared in constant time. The
-entry format is the collector's (``collector/auth.py``: ``name``, ``token`` or
+entry format is the collector's (``collector/base/auth.py``: ``name``, ``token`` or
 ``token_sha256``, at least 16 characters), and its reading is written to be
 shared: ``read_toml``, ``entry_name``, ``token_digest``, ``check_keys`` and
 ``TokenTable`` know nothing of the agent, nor does ``TLSFiles``.

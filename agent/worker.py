@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_ROWS = 8192
 BURST_ROWS_PER_S = 500_000  # a sudden burst the ring must absorb between two wake-ups (Drainer.pause)
-MAX_SAMPLE_ROWS = 10_000  # the collector rejects larger samples (collector.ingest.Limits.max_sample_rows)
+MAX_SAMPLE_ROWS = 10_000  # the collector rejects larger samples (collector.base.ingest.Limits.max_sample_rows)
 _UNCHANGED = object()  # no projection waiting for the next window
 
 

@@ -11,7 +11,7 @@ up to 10^4 rows, 10,000-row windows beyond; a pool of 16 distinct windows per
 column is merged round-robin, which gives a KLL of the same size and shape
 as distinct windows would).
 
-Only ``collector.drift.evaluate`` is timed. Before every timed call the
+Only ``collector.monitoring.drift.evaluate`` is timed. Before every timed call the
 current sketches are rebuilt from their serialised form (untimed), as after
 a fresh merge, so each evaluation pays for reading their retained items.
 Two reference cases: "warm" (the profile's sketches kept in memory between
@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent import sketches  # noqa: E402
-from collector.drift import evaluate  # noqa: E402
+from collector.monitoring.drift import evaluate  # noqa: E402
 from protos import summary_pb2  # noqa: E402
 
 CS = summary_pb2.ColumnSummary

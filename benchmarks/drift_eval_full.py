@@ -3,7 +3,7 @@
     python benchmarks/drift_eval_full.py [--agents 10,100] [--minutes 60] [--repeats 15] [--json]
 
 ``drift_eval.py`` times the statistics alone; this is what the collector's evaluation loop pays.
-A real SQLite store (``collector.store.Store``, FULL synchronous) is filled through its ingest
+A real SQLite store (``collector.store.store.Store``, FULL synchronous) is filled through its ingest
 path with ``--agents`` agents each sending a 10-s window for every 10 s of the last ``--minutes``
 minutes (an hour of 10 agents: 3,600 windows). Each window is the agent's own ``WindowBuilder``
 summary of 1,000 rows of 20 columns (17 numeric of several shapes, one small-integer, 2
@@ -11,7 +11,7 @@ categorical), drawn from a pool of 32 distinct windows, re-stamped per agent and
 version has a 100,000-row reference profile built the same way.
 
 Timed, ``DriftEvaluator.evaluate(record=False)`` with the shipped spans (5 min and 1 h), whose
-spans' summaries are kept in memory between evaluations (``collector.spans``):
+spans' summaries are kept in memory between evaluations (``collector.monitoring.spans``):
 - cold: the first evaluation of a fresh evaluator (a collector's first after a start: it reads
   and merges the whole hour), ``--cold-repeats`` times;
 - idle: again at the same time, nothing new stored;
@@ -49,12 +49,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent import sketches  # noqa: E402
 from agent.capture import Reduce, Slot  # noqa: E402
 from agent.worker import BLOCK_ROWS, Identity, WindowBuilder  # noqa: E402
-from collector import drift  # noqa: E402
-from collector.evaluation import DriftEvaluator, merge_spans  # noqa: E402
-from collector.ingest import validate_window  # noqa: E402
-from collector.rollup import RetentionPolicy  # noqa: E402
-from collector.spans import SpanCache, span_starts  # noqa: E402
-from collector.store import Store  # noqa: E402
+from collector.base.ingest import validate_window  # noqa: E402
+from collector.monitoring import drift  # noqa: E402
+from collector.monitoring.evaluation import DriftEvaluator, merge_spans  # noqa: E402
+from collector.monitoring.spans import SpanCache, span_starts  # noqa: E402
+from collector.store.rollup import RetentionPolicy  # noqa: E402
+from collector.store.store import Store  # noqa: E402
 from protos import summary_pb2  # noqa: E402
 
 NS = 1_000_000_000

@@ -7,8 +7,8 @@
 
 Everything goes through Outrider's own code path: 20 mixed columns are summarised by the agent's
 ``WindowBuilder`` (a reference profile at REFERENCE_K like ``outrider profile``, and one window per
-minute of traffic), the collector merges the windows of each span (``collector.evaluation.merge_spans``,
-the evaluator's own function), ``collector.drift`` compares and decides, and ``AlertTracker`` steps
+minute of traffic), the collector merges the windows of each span (``collector.monitoring.evaluation.merge_spans``,
+the evaluator's own function), ``collector.monitoring.drift`` compares and decides, and ``AlertTracker`` steps
 the alert machine. Nothing is re-implemented here but the data.
 
 The columns (``COLUMNS``): normal, standard normal, uniform, lognormal, Pareto (alpha 3), Student t
@@ -36,7 +36,7 @@ spans with a Bonferroni correction over every test (alpha 0.05), alert after the
 Evidently and NannyML run on the same rows in a venv of their own: ``benchmarks/drift_peers.py``.
 
 ``--grid`` runs the same timelines once, keeps every span's statistics, and replays
-``collector.drift.decide`` and the alert machine under candidate policies (spans, q, thresholds, k).
+``collector.monitoring.drift.decide`` and the alert machine under candidate policies (spans, q, thresholds, k).
 """
 from __future__ import annotations
 
@@ -63,9 +63,9 @@ from agent.capture import Reduce, Slot  # noqa: E402
 from agent.profile import reference_projection  # noqa: E402
 from agent.sketches import joint  # noqa: E402
 from agent.worker import BLOCK_ROWS, Identity, WindowBuilder  # noqa: E402
-from collector import drift  # noqa: E402
-from collector.drift import AlertTracker, Compared, DriftConfig  # noqa: E402
-from collector.evaluation import merge_spans  # noqa: E402
+from collector.monitoring import drift  # noqa: E402
+from collector.monitoring.drift import AlertTracker, Compared, DriftConfig  # noqa: E402
+from collector.monitoring.evaluation import merge_spans  # noqa: E402
 from protos import summary_pb2  # noqa: E402
 
 CS = summary_pb2.ColumnSummary
@@ -276,7 +276,7 @@ class Evaluation:
 
 def decide(evaluation: Evaluation, config: DriftConfig, *, old: bool = False,
            spans: Sequence[float] | None = None) -> list[str]:
-    """The columns ``collector.drift.decide`` flags in this evaluation under ``config``."""
+    """The columns ``collector.monitoring.drift.decide`` flags in this evaluation under ``config``."""
     chosen = spans if spans is not None else config.spans()
     source = evaluation.legacy if old else evaluation.spans
     per_span = [source[s] for s in chosen if s in source]

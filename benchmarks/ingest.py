@@ -32,9 +32,9 @@ totals, savepoints, futures, serialising) on top of what the disk allows.
 Then one retention pass rolls every window into its minute bucket (windows are
 10 s apart per agent), timed: windows merged per second on the writer thread.
 
-``--offer``: what the span cache costs ingest (``collector.spans.SpanCache.offer``). FULL
+``--offer``: what the span cache costs ingest (``collector.monitoring.spans.SpanCache.offer``). FULL
 only; rounds alternate "validated" (each submitter validates its windows as a collector's
-stream does, ``collector.ingest.validate_window``, then stores them) and "validated + offered"
+stream does, ``collector.base.ingest.validate_window``, then stores them) and "validated + offered"
 (the same, and once a batch is committed its windows' parsed sketches are merged into a cached
 model version's minute buckets, on the submitter's thread, as a stream's handler thread does
 after the ack). Windows are 10 s apart per agent within the last hour (they wrap), so every
@@ -61,10 +61,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.errors import ResourceExhausted  # noqa: E402
 from agent.sketches import NumericSketch  # noqa: E402
-from collector.ingest import validate_window  # noqa: E402
-from collector.rollup import RetentionPolicy  # noqa: E402
-from collector.spans import SpanCache  # noqa: E402
-from collector.store import Store  # noqa: E402
+from collector.base.ingest import validate_window  # noqa: E402
+from collector.monitoring.spans import SpanCache  # noqa: E402
+from collector.store.rollup import RetentionPolicy  # noqa: E402
+from collector.store.store import Store  # noqa: E402
 from protos import summary_pb2  # noqa: E402
 
 FEATURES, ROWS, NS = 20, 1000, 1_000_000_000

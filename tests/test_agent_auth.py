@@ -93,7 +93,7 @@ def test_a_bad_auth_file_is_refused_with_a_clear_message(text, words):
 
 def test_token_entries_read_like_the_collectors():
     """The shared reader gives the digest the collector's auth file would (same entry, same token)."""
-    from collector.auth import AuthConfig
+    from collector.base.auth import AuthConfig
 
     entry = {"name": "edge-1", "token": "a-long-random-agent-token"}
     config = AuthConfig.from_toml("[[agent]]\nname = 'edge-1'\ntoken = 'a-long-random-agent-token'\n")

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import collector.schema as schema_module
-from collector import alerts, audit
-from collector.drift import DriftConfig
-from collector.store import Store
+import collector.store.schema as schema_module
+from collector.monitoring import alerts
+from collector.monitoring.drift import DriftConfig
+from collector.store import audit
+from collector.store.store import Store
 from collector.web.model_page import model_page
 from protos import collector_pb2 as pb
 from test_evaluation import S, cli, profile, served  # noqa: F401 (a fixture)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from agent import examples
-from collector.auth import AuthConfig
-from collector.server import serve_collector
+from collector.api.server import serve_collector
+from collector.base.auth import AuthConfig
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 

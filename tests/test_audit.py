@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 from sqlite_utils import Database
 
-from collector import alerts, audit
-from collector.auth import AuthConfig
-from collector.drift import DriftConfig
-from collector.schema import immediate
-from collector.server import CollectorServer, serve_collector
-from collector.store import Store
+from collector.monitoring import alerts
+
 from agent.errors import Unavailable
+from collector.api.server import CollectorServer, serve_collector
+from collector.base.auth import AuthConfig
+from collector.monitoring.drift import DriftConfig
+from collector.store import audit
+from collector.store.schema import immediate
+from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from test_evaluation import profile  # a reference profile that passes validation, written once

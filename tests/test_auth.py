@@ -17,10 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agent.cli import client_credentials
 from agent.errors import InvalidArgument
-from collector.auth import (LOCAL, AuthConfig, AuthInterceptor, Identity, TLSFiles, client_credentials,
-                            current_identity, is_loopback, peer_address, role_at_least)
-from collector.server import serve_collector
+from collector.api.server import serve_collector
+from collector.base.auth import (LOCAL, AuthConfig, AuthInterceptor, Identity, TLSFiles,
+                                 current_identity, is_loopback, peer_address, role_at_least)
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 

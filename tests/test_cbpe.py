@@ -25,12 +25,12 @@ from agent.errors import InvalidArgument
 from agent.profile import build_profile
 from agent.sinks import InMemorySink
 from agent.sketches import joint
-from collector import estimate
-from collector.drift import DriftConfig
-from collector.ingest import validate_profile
-from collector.metrics import CollectorMetrics
-from collector.rollup import merge_windows
-from collector.server import serve_collector
+from collector.api.metrics import CollectorMetrics
+from collector.api.server import serve_collector
+from collector.base.ingest import validate_profile
+from collector.monitoring import estimate
+from collector.monitoring.drift import DriftConfig
+from collector.store.rollup import merge_windows
 from collector.web.model_plots import performance_plot
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc

@@ -32,8 +32,8 @@ import pytest
 from agent import examples
 from agent.cli import build_parser, main
 from agent.cli_reference import commands
-from collector.auth import AuthConfig
-from collector.server import serve_collector
+from collector.api.server import serve_collector
+from collector.base.auth import AuthConfig
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from protos import summary_pb2
@@ -521,7 +521,9 @@ def test_a_collector_that_repeats_its_page_token_is_refused_not_followed_for_eve
 
 def test_a_limit_beyond_one_page_of_the_real_collector_is_asked_for_in_pages(world: World):
     """The collector allows 10,000 windows or entries (1,000 rollouts) per call; --limit may be more."""
-    from collector import cli, rollout, rollout_cli, server
+    from collector.api import server
+    from collector.cli import cli, rollout_cli
+    from collector.lifecycle import rollout
 
     assert (cli.PAGE_LIMIT, rollout_cli.PAGE_LIMIT) == (server.MAX_LIST_LIMIT, rollout.MAX_LIST_LIMIT)
     for args in (("audit", "--limit", "20000"), ("rollouts", "--limit", "5000"), ("windows", "--model", "m",

@@ -142,7 +142,7 @@ def test_the_server_logs_events_with_time_and_level(tmp_path, level, logged):
         served.proc.send_signal(signal.SIGTERM)
         _, stderr = served.proc.communicate(timeout=HANG_GUARD)
     assert served.proc.returncode == 0, stderr
-    event = re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO collector.server: collector listening on ", stderr,
+    event = re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO collector.api.server: collector listening on ", stderr,
                       re.MULTILINE)
     assert bool(event) == logged, stderr
 

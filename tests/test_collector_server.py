@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from collector.ingest import Limits
-from collector.rollup import RetentionPolicy
-from collector.server import CollectorServer, serve_collector
-from collector.store import Store
+from agent.sketches import NumericSketch
+from collector.api.server import CollectorServer, serve_collector
+from collector.base.ingest import Limits
+from collector.store.rollup import RetentionPolicy
+from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from protos import summary_pb2
-from agent.sketches import NumericSketch
 
 STORED, DUPLICATE, REJECTED = pb.WindowAck.STORED, pb.WindowAck.DUPLICATE, pb.WindowAck.REJECTED
 HANG_GUARD = 60  # seconds: a deadline so that a bug fails the test instead of hanging it

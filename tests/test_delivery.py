@@ -25,7 +25,7 @@ import pytest
 
 from agent import checksum
 from agent.spool import decode
-from collector.auth import AuthConfig
+from collector.base.auth import AuthConfig
 # reap: kills what a failed test left running; ROOT, exit_code and start: other tests import them from here
 from faults_support import ROOT, exit_code, reap, start  # noqa: F401
 from faults_support import (Books, Load, agent, assert_balanced, collector, spool_files, status, stop, stored_rows,

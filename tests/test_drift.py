@@ -1,4 +1,4 @@
-"""Calibration and correctness of the drift engine: agent.sketches.compare + collector/drift.py.
+"""Calibration and correctness of the drift engine: agent.sketches.compare + collector/monitoring/drift.py.
 
 Seeded synthetic streams, summarised as the agent does: a reference profile
 of 100k rows (REFERENCE_K) and windows of 1,000 rows (DEFAULT_K) merged over
@@ -38,7 +38,7 @@ from agent.sketches import (
     update_numeric_block,
     wasserstein,
 )
-from collector.drift import (
+from collector.monitoring.drift import (
     ALERTING,
     OK,
     OPENED,
@@ -55,7 +55,7 @@ from collector.drift import (
     sidak_min,
     verdict_label,
 )
-from collector.drift import summary as drift_summary
+from collector.monitoring.drift import summary as drift_summary
 from protos import collector_pb2, summary_pb2
 
 CS = summary_pb2.ColumnSummary

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from agent import examples
-from collector.webhook import SIGNATURE_HEADER, verify
+from collector.monitoring.webhook import SIGNATURE_HEADER, verify
 from protos import agent_pb2, agent_pb2_grpc
 from protos import open_inference_pb2 as pb
 from protos import open_inference_pb2_grpc as pb_grpc

@@ -1,5 +1,5 @@
 """Drift quality with the shipped defaults, through Outrider's real code path (benchmarks/drift_quality.py's
-harness: the agent's WindowBuilder -> the collector's span merge -> collector.drift -> the alert machine).
+harness: the agent's WindowBuilder -> the collector's span merge -> collector.monitoring.drift -> the alert machine).
 
 The benchmark measures rates over thousands of evaluations; these tests pin the behaviour on fixed seeds with
 margin: clean traffic is not flagged, each change alerts within the issue's target minutes at 1,000 rows a

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from agent import sketches
-from collector.evaluation import DriftEvaluator
-from collector.server import serve_collector
-from collector.store import Store
+from collector.api.server import serve_collector
+from collector.monitoring.evaluation import DriftEvaluator
+from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from protos import summary_pb2
@@ -97,8 +97,8 @@ def setup(tmp_path):
 
 
 def set_span(store: Store, seconds: float) -> None:
-    from collector import alerts
-    from collector.drift import DriftConfig
+    from collector.monitoring import alerts
+    from collector.monitoring.drift import DriftConfig
 
     store.write(lambda db: alerts.set_config(db, "m", DriftConfig(span_seconds=seconds), "test", 0))
 
@@ -133,7 +133,7 @@ def test_a_shift_opens_an_alert_after_k_evaluations_and_clean_traffic_resolves_i
     assert all(v <= {"x"} for v in verdicts) and verdicts[-1] == {"x"}  # only the shifted column
     (opened,) = [ev for ev in hook.events if ev["event"] == "alert.opened"]
     assert opened["alert"]["column"] == "x" and opened["alert"]["state"] == "open"
-    from collector import alerts
+    from collector.monitoring import alerts
 
     (alert,) = alerts.alerts(store.read(), "m")
     assert alert.column == "x" and alert.kind == "drift"
@@ -242,7 +242,7 @@ def test_cli_drift_alerts_and_config(served):
 
 
 def test_performance_survives_merges_and_rollups_exactly():
-    from collector.rollup import merge_windows
+    from collector.store.rollup import merge_windows
 
     a = summary_pb2.WindowSummary(model_name="m", start_unix_nano=1, end_unix_nano=2, performance=summary_pb2.Performance(
         labeled=5, unmatched=1, classes=["0", "1"], confusion=[2, 1, 0, 2]))
@@ -266,8 +266,8 @@ def summary(end_s: int, rows: int, shift: float = 0.0, rng=None) -> summary_pb2.
 
 
 def test_merge_spans_merges_each_window_once_into_every_span_it_belongs_to():
-    from collector.evaluation import merge_spans
-    from collector.rollup import merge_windows
+    from collector.monitoring.evaluation import merge_spans
+    from collector.store.rollup import merge_windows
 
     windows = [summary(t, 100 + t) for t in (1000, 990, 980, 700, 400)]  # newest first, as the store lists them
     spans = merge_spans(windows, 1000 * S, [25, 310, 599, 700])
@@ -282,8 +282,8 @@ def test_merge_spans_merges_each_window_once_into_every_span_it_belongs_to():
 
 
 def test_a_recent_shift_is_flagged_by_the_short_span_before_the_long_one_would(setup):
-    from collector import alerts
-    from collector.drift import DriftConfig
+    from collector.monitoring import alerts
+    from collector.monitoring.drift import DriftConfig
 
     store, evaluator, clock, hook, send, rng = setup
     store.attach_profile("m", "1", profile(rng), "test", clock.now)
@@ -358,8 +358,8 @@ def drift_until_alert(setup) -> None:
 
 
 def test_alerts_of_a_version_no_longer_served_are_resolved_and_kept(setup):
-    from collector import alerts
-    from collector.drift import DriftConfig
+    from collector.monitoring import alerts
+    from collector.monitoring.drift import DriftConfig
     from collector.web.model_page import model_page
 
     store, evaluator, clock, hook, send, rng = setup
@@ -391,7 +391,7 @@ def test_alerts_of_a_version_no_longer_served_are_resolved_and_kept(setup):
 
 
 def test_a_connected_agent_keeps_its_version_served_without_windows(setup):
-    from collector import alerts
+    from collector.monitoring import alerts
 
     store, evaluator, clock, hook, send, rng = setup
     drift_until_alert(setup)

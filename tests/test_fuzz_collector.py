@@ -12,7 +12,7 @@ bytes, lists emptied, duplicated or grown past their limits).
   (INVALID_ARGUMENT, with a message) or acks (a REJECTED one with its reason):
   never INTERNAL or UNKNOWN, never a traceback in the log; the collector answers
   Status after every case; at the end every stored window body and sample passes
-  ``validate_window`` / ``samples.check`` again, and a valid window sent after
+  ``validate_window`` / ``check_sample`` again, and a valid window sent after
   all that is stored.
 """
 from __future__ import annotations
@@ -33,9 +33,8 @@ from test_collector_server import REJECTED, STORED, Collector, batch, hello, run
 
 from agent.errors import InvalidArgument
 from agent.sketches import CategoricalSketch, NumericSketch
-from collector import samples
-from collector.ingest import Limits, validate_hello, validate_model_state, validate_spool, validate_window
-from collector.rollup import merge_windows
+from collector.base.ingest import Limits, check_sample, validate_hello, validate_model_state, validate_spool, validate_window
+from collector.store.rollup import merge_windows
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 
@@ -310,7 +309,7 @@ def test_a_real_collector_survives_hostile_streams_and_stores_nothing_invalid(tm
     for (body,) in bodies:
         validate_window(summary_pb2.WindowSummary.FromString(body), now_ns=now)
     for body, rows in sampled:
-        samples.check(summary_pb2.RowSample.FromString(body), rows, Limits())
+        check_sample(summary_pb2.RowSample.FromString(body), rows, Limits())
     for spool_windows, spool_bytes, schema_chars, error_chars in agents:
         assert 0 <= spool_windows < 2**63 and 0 <= spool_bytes < 2**63
         assert schema_chars <= 2 * Limits().max_schema_bytes and (error_chars or 0) <= Limits().max_error_chars

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from agent.feedback import PredictionLog
-from collector import approvals
-from collector.auth import AuthConfig, AuthInterceptor
-from collector.rollout_ops import RolloutOps
+from collector.api.rollout_ops import RolloutOps
+from collector.base.auth import AuthConfig, AuthInterceptor
+from collector.lifecycle import approvals
 from protos import agent_pb2, agent_pb2_grpc
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc

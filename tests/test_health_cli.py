@@ -9,7 +9,7 @@ import pytest
 from agent.cli import main
 from agent.server import SERVICE_NAME, serve, serve_switch
 from agent.switch import ModelSwitch
-from collector.server import serve_collector
+from collector.api.server import serve_collector
 
 
 @pytest.fixture(scope="module")

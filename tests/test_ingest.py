@@ -10,7 +10,7 @@ import pytest
 
 from agent.errors import InvalidArgument
 from agent.sketches import CategoricalSketch, NumericSketch
-from collector.ingest import Limits, clean_text, validate_hello, validate_model_state, validate_spool, validate_window
+from collector.base.ingest import Limits, clean_text, validate_hello, validate_model_state, validate_spool, validate_window
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 
@@ -595,8 +595,8 @@ def test_windows_a_collector_stores_are_merged_at_ingest_and_another_collectors_
     from test_collector_server import HANG_GUARD, STORED, batch, hello, running, window
     from test_spans import same_spans
 
-    from collector.drift import DriftConfig
-    from collector.spans import read_uncached
+    from collector.monitoring.drift import DriftConfig
+    from collector.monitoring.spans import read_uncached
 
     profile = summary_pb2.ReferenceProfile(model_name="credit", rows=10, data_sha256="cd" * 32,
                                            columns=window(0).columns)

@@ -2,7 +2,7 @@
 and how agents get the projection (library, CLI, collector pushes to static and managed agents).
 
 Everything is the real path: profiles from ``build_profile`` on files, ``MonitoredSession`` in
-thread and helper-process modes, ``collector.drift.evaluate`` on what the agent sent, a real
+thread and helper-process modes, ``collector.monitoring.drift.evaluate`` on what the agent sent, a real
 collector on loopback, the CLI as a subprocess.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ from agent.profile import build_profile
 from agent.reference import command_args, from_command, load_projection
 from agent.sinks import InMemorySink
 from agent.sketches import joint
-from collector import drift
-from collector.ingest import validate_profile
+from collector.base.ingest import validate_profile
+from collector.monitoring import drift
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc, summary_pb2
 
@@ -394,7 +394,7 @@ def wait_until(condition, what: str) -> None:
 
 
 def test_the_collector_sends_the_attached_projection_to_static_agents(model, profile, tmp_path) -> None:
-    from collector.server import serve_collector
+    from collector.api.server import serve_collector
 
     server = serve_collector(tmp_path / "c.db", "127.0.0.1:0", drift_interval=0, rollup_interval=3600)
     address = f"127.0.0.1:{server.port}"

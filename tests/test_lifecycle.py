@@ -12,11 +12,11 @@ import numpy as np
 import onnx
 import pytest
 
-from collector import retraining
-from collector.auth import AuthConfig
-from collector.evaluation import DriftEvaluator
-from collector.server import serve_collector
-from collector.store import Store
+from collector.api.server import serve_collector
+from collector.base.auth import AuthConfig
+from collector.lifecycle import retraining
+from collector.monitoring.evaluation import DriftEvaluator
+from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from test_approvals import AUTH_TOML, MODEL, call, refused, reference_profile, stages
@@ -242,7 +242,7 @@ def test_a_drift_alert_open_for_k_evaluations_opens_one_retraining_request(tmp_p
         evaluator.evaluate("m", "1")
         assert [r.state for r in retraining.listing(store.read(), include_closed=True)] == ["cancelled"]
 
-        from collector import audit
+        from collector.store import audit
 
         assert audit.verify(store.read()).ok
     finally:

@@ -21,9 +21,9 @@ from agent import MonitoredSession, examples
 from agent.metrics import LATENCY_BUCKETS, AgentMetrics
 from agent.profile import build_profile
 from agent.server import serve
-from collector.auth import AuthConfig
-from collector.metrics import ACK_BUCKETS, CollectorMetrics
-from collector.server import serve_collector
+from collector.api.metrics import ACK_BUCKETS, CollectorMetrics
+from collector.api.server import serve_collector
+from collector.base.auth import AuthConfig
 from protos import collector_pb2 as cpb
 from protos import collector_pb2_grpc as cpb_grpc
 from protos import open_inference_pb2 as pb
@@ -309,7 +309,7 @@ def test_what_the_drift_engine_decides_with_is_exported(world):
     assert value(m, "outrider_collector_drift_statistic", feature=plain.name, method="missing_diff") == 0
     assert value(m, "outrider_collector_drift_test_p_value", feature=missing.name, test="missing_rate") == \
         pytest.approx(missing.missing_p) and missing.missing_p < 1e-6
-    if missing.missing_effect:  # Cohen's h, once collector.drift fills it
+    if missing.missing_effect:  # Cohen's h, once collector.monitoring.drift fills it
         assert value(m, "outrider_collector_drift_statistic", feature=missing.name, method="missing_effect") == \
             pytest.approx(missing.missing_effect)
     else:  # unset beside a change: not exported as an effect of 0

@@ -18,12 +18,12 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix
 
 from agent import examples, sketches
-from agent.sketches import joint
 from agent.errors import InvalidArgument
 from agent.profile import build_profile
 from agent.session import MonitoredSession
-from collector.auth import AuthConfig
-from collector.server import CollectorServer, serve_collector
+from agent.sketches import joint
+from collector.api.server import CollectorServer, serve_collector
+from collector.base.auth import AuthConfig
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from protos import summary_pb2

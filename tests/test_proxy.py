@@ -28,7 +28,7 @@ from agent import MonitoredSession, examples
 from agent.profile import build_profile
 from agent.proxy_grpc import REQUEST_ID_HEADER, ProxyServer, serve_proxy
 from agent.server import serve
-from collector.server import serve_collector
+from collector.api.server import serve_collector
 from protos import agent_pb2, agent_pb2_grpc
 from protos import collector_pb2 as cpb
 from protos import collector_pb2_grpc as cpb_grpc

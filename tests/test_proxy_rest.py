@@ -32,7 +32,7 @@ from agent.proxy_grpc import ProxyServer, proxy_calls_counter, serve_proxy
 from agent.proxy_rest import REQUEST_ID_HEADER, serve_proxy_rest
 from agent.rest import RestServer, SwitchBackend, serve_rest
 from agent.server import serve
-from collector.server import serve_collector
+from collector.api.server import serve_collector
 from protos import agent_pb2, agent_pb2_grpc
 from protos import collector_pb2 as cpb
 from protos import collector_pb2_grpc as cpb_grpc

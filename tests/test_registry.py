@@ -15,10 +15,10 @@ import pytest
 
 from agent import examples
 from agent.errors import InvalidArgument
-from collector import gate
-from collector.auth import AuthConfig
-from collector.registry import ArtifactStore, artifacts_root
-from collector.server import serve_collector
+from collector.api.server import serve_collector
+from collector.base.auth import AuthConfig
+from collector.lifecycle import gate
+from collector.lifecycle.registry import ArtifactStore, artifacts_root
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from test_audit import ALICE_TOKEN, AUTH_TOML, VIEWER_TOKEN, bearer  # one operator and one viewer

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from agent.sketches import NumericSketch
-from collector import audit, paging
-from collector.rollup import RetentionPolicy
-from collector.server import CollectorServer, serve_collector
-from collector.store import Store
+from collector.api.server import CollectorServer, serve_collector
+from collector.store import audit, paging
+from collector.store.rollup import RetentionPolicy
+from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from protos import summary_pb2

@@ -14,13 +14,15 @@ import grpc
 import numpy as np
 import pytest
 
-from collector import alerts, approvals
-from collector.auth import AuthConfig
-from collector.drift import DriftConfig
-from collector.evaluation import DriftEvaluator
-from collector.rollback_policy import RollbackPolicy
-from collector.server import CollectorServer, serve_collector
-from collector.store import Store
+from collector.lifecycle import approvals
+
+from collector.api.server import CollectorServer, serve_collector
+from collector.base.auth import AuthConfig
+from collector.lifecycle.rollback_policy import RollbackPolicy
+from collector.monitoring import alerts
+from collector.monitoring.drift import DriftConfig
+from collector.monitoring.evaluation import DriftEvaluator
+from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from protos import summary_pb2

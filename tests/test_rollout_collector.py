@@ -17,10 +17,10 @@ import onnx
 import pytest
 
 from agent.errors import FailedPrecondition
-from collector import approvals
-from collector.auth import AuthConfig
-from collector.registry import artifacts_root
-from collector.server import serve_collector
+from collector.api.server import serve_collector
+from collector.base.auth import AuthConfig
+from collector.lifecycle import approvals
+from collector.lifecycle.registry import artifacts_root
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from test_approvals import AUTH_TOML, HANG_GUARD, MODEL, TOKENS, call, cli, promote, reference_profile, refused, stages

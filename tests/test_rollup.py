@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.sketches import CategoricalSketch, NumericSketch, from_proto
-from collector.rollup import NS, OTHER_CLASS, PerformanceTotals, RetentionPolicy, merge_windows
-from collector.store import Store
+from collector.store.rollup import NS, OTHER_CLASS, PerformanceTotals, RetentionPolicy, merge_windows
+from collector.store.store import Store
 from protos import summary_pb2
 
 FEATURE = summary_pb2.ColumnSummary.FEATURE
@@ -242,7 +242,7 @@ def test_a_poisoned_bucket_is_skipped_and_never_stops_another_models_rollup(tmp_
             w, scalars = poisoned(rng, "poison", seq, kind)
             insert_raw(path, w, b"\xff\x00garbage" if kind == "garbage body" else None, **scalars)
         before = totals(store)
-        with caplog.at_level("WARNING", logger="collector.rollup"):
+        with caplog.at_level("WARNING", logger="collector.store.rollup"):
             counts = store.rollup(T0 + 3 * 3600 * NS, policy)
             again = store.rollup(T0 + 4 * 3600 * NS, policy)
         assert counts["raw_merged"] == 6 and counts["buckets_skipped"] == 1

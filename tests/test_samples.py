@@ -18,10 +18,10 @@ from agent.capture import FEATURE, PREDICTION, Reduce, Slot
 from agent.errors import InvalidArgument
 from agent.sinks import InMemorySink
 from agent.worker import MAX_SAMPLE_ROWS, Identity, WindowBuilder
-from collector.auth import AuthConfig
-from collector.ingest import Limits, validate_window
-from collector.rollup import RetentionPolicy
-from collector.store import Store
+from collector.base.auth import AuthConfig
+from collector.base.ingest import Limits, validate_window
+from collector.store.rollup import RetentionPolicy
+from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 from test_audit import ALICE_TOKEN, AUTH_TOML, VIEWER_TOKEN, bearer  # alice: operator, vera: viewer

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from agent.sketches import NumericSketch, from_proto
-from collector.auth import AuthConfig
-from collector.rollup import RetentionPolicy, WindowMerger, merge_windows
-from collector.server import serve_collector
-from collector.shadow import figures
+from collector.api.server import serve_collector
+from collector.base.auth import AuthConfig
+from collector.monitoring.shadow import figures
+from collector.store.rollup import RetentionPolicy, WindowMerger, merge_windows
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from protos import summary_pb2

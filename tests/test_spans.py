@@ -1,4 +1,4 @@
-"""The spans' summaries kept in memory (collector.spans) against the oracle that reads every window again.
+"""The spans' summaries kept in memory (collector.monitoring.spans) against the oracle that reads every window again.
 
 Every scenario stores windows in a real SQLite store, moves a clock, and after every step compares the
 cache's answer (and a whole drift evaluation through it) with ``read_uncached``. Windows carry few rows,
@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from agent import sketches
-from collector import alerts
-from collector.drift import DriftConfig
-from collector import spans as spans_module
-from collector.evaluation import DriftEvaluator
-from collector.ingest import validate_window
-from collector.rollup import RetentionPolicy
-from collector.spans import SpanCache, bucket_width, read_uncached, span_starts
-from collector.store import Store
+from collector.base.ingest import validate_window
+from collector.monitoring import alerts
+from collector.monitoring import spans as spans_module
+from collector.monitoring.drift import DriftConfig
+from collector.monitoring.evaluation import DriftEvaluator
+from collector.monitoring.spans import SpanCache, bucket_width, read_uncached, span_starts
+from collector.store.rollup import RetentionPolicy
+from collector.store.store import Store
 from protos import summary_pb2
 
 CS = summary_pb2.ColumnSummary
@@ -118,7 +118,7 @@ class Uncached:
 
 
 class IngestStore(Store):
-    """A store whose ``submit_windows`` takes the collector's ingest path (``collector.streams``):
+    """A store whose ``submit_windows`` takes the collector's ingest path (``collector.api.streams``):
     each window validated (which parses its sketches), stored, then offered to ``cache`` with its
     rowid. ``ingest``: "read" offers nothing (windows stored by another process: the evaluation
     reads them); "offered" offers every window at once; "mixed" offers some at once, some only at

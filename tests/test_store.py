@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import collector.schema as schema_module
+import collector.store.schema as schema_module
 from agent.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from agent.sketches import NumericSketch
-from collector.rollup import NS, RetentionPolicy
-from collector.store import DUPLICATE, STORED, Store, WindowResult
+from collector.store.rollup import NS, RetentionPolicy
+from collector.store.store import DUPLICATE, STORED, Store, WindowResult
 from protos import collector_pb2, summary_pb2
 
 T0 = 1_800_000_000 * NS - (1_800_000_000 * NS) % (86400 * NS)

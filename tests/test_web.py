@@ -21,14 +21,15 @@ import pytest
 from agent import examples, sketches
 from agent.errors import InvalidArgument
 from agent.profile import build_profile
-from collector import alerts, audit
-from collector.auth import AuthConfig, AuthInterceptor, TLSFiles
-from collector.store import Store
+from collector.api.server import CollectorServer, serve_collector
+from collector.base.auth import AuthConfig, AuthInterceptor, TLSFiles
+from collector.monitoring import alerts
+from collector.monitoring.drift import DriftConfig
+from collector.monitoring.evaluation import DriftEvaluator
+from collector.store import audit
+from collector.store.store import Store
 from collector.web import WebAccess, WebServer, serve_web, throttle
 from collector.web.guard import guarded
-from collector.drift import DriftConfig
-from collector.evaluation import DriftEvaluator
-from collector.server import CollectorServer, serve_collector
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from protos import summary_pb2
@@ -535,7 +536,7 @@ def missing_drift(effect: float) -> pb.ColumnDrift:
 
 
 def test_a_missing_rate_verdict_shows_its_effect_over_the_missing_threshold():
-    from collector.effect import ratio
+    from collector.monitoring.effect import ratio
     from collector.web.model_page import _verdicts_table
 
     config = DriftConfig(missing_threshold=0.2)

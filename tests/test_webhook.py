@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from collector.webhook import SIGNATURE_HEADER, Webhook, verify
+from collector.monitoring.webhook import SIGNATURE_HEADER, Webhook, verify
 
 
 class Receiver:

@@ -29,7 +29,7 @@ REFERENCE_K = 800  # reference profiles are built once and compared often: buy a
 MAX_K = 4096
 # Exact counts are kept while a column has at most this many distinct finite values (sticky
 # overflow beyond). The drift engine judges a column by its frequencies when the reference has
-# at most 20 (collector.drift.DISCRETE_MAX_VALUES); the room above that lets traffic bring a
+# at most 20 (collector.monitoring.drift.DISCRETE_MAX_VALUES); the room above that lets traffic bring a
 # dozen new values and still be counted exactly.
 MAX_EXACT_VALUES = 32
 # A block's first values are probed before the whole block is counted: a continuous column shows

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from collector.auth import AuthConfig, AuthInterceptor, TLSFiles
-from collector.store import Store
+from collector.base.auth import AuthConfig, AuthInterceptor, TLSFiles
+from collector.store.store import Store
 from collector.web.access import WebAccess
 from collector.web.server import WebServer, serve_web
 

@@ -1,5 +1,5 @@
 """Who may read the web page: the collector's operator tokens (viewer or above), checked by
-``collector.auth``; a login form trades a token for a session cookie.
+``collector.base.auth``; a login form trades a token for a session cookie.
 
 A bearer header works for scripts; browsers log in once and carry an HttpOnly,
 SameSite=Strict cookie naming a random session kept here in memory (the token
@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from collector.auth import LOCAL, AuthConfig, AuthInterceptor, Identity, role_at_least
+from collector.base.auth import LOCAL, AuthConfig, AuthInterceptor, Identity, role_at_least
 from collector.web.throttle import LoginThrottle
 
 log = logging.getLogger(__name__)

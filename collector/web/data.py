@@ -15,8 +15,10 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from collector import alerts, paging
-from collector.store import Store
+from collector.monitoring import alerts
+
+from collector.store import paging
+from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 from agent.errors import NotFound
-from collector import alerts
-from collector.drift import verdict_label
-from collector.effect import ratio
-from collector.store import Store
+from collector.monitoring import alerts
+from collector.monitoring.drift import verdict_label
+from collector.monitoring.effect import ratio
+from collector.store.store import Store
 from collector.web import data
 from collector.web.html import NS, Markup, ago, el, href, join, num, table, verdict, when
 from collector.web.model_plots import drift_plots, performance_plot, prediction_plots, shadow_plots

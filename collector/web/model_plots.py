@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from agent import sketches
-from collector.drift import DriftConfig
-from collector.effect import main_statistic, ratio
-from collector.estimate import ESTIMATED_PERFORMANCE
-from collector.evaluation import PERFORMANCE, accuracy, mae
+from collector.monitoring.drift import DriftConfig
+from collector.monitoring.effect import main_statistic, ratio
+from collector.monitoring.estimate import ESTIMATED_PERFORMANCE
+from collector.monitoring.evaluation import PERFORMANCE, accuracy, mae
 from collector.web import svg
 from collector.web.html import Markup, clock, el, num
 from protos import collector_pb2 as pb

@@ -6,8 +6,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from collector import alerts
-from collector.store import Store
+from collector.monitoring import alerts
+from collector.store.store import Store
 from collector.web import data, svg
 from collector.web.html import Markup, ago, el, href, num, table, when
 from collector.web.model_page import rollouts_table

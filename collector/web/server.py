@@ -19,8 +19,8 @@ from typing import Any
 
 from agent import http_thread
 from agent.errors import InvalidArgument
-from collector.auth import TLSFiles, is_loopback
-from collector.store import Store
+from collector.base.auth import TLSFiles, is_loopback
+from collector.store.store import Store
 from collector.web.access import WebAccess
 from collector.web.guard import GuardedH11Protocol
 from collector.web.site import MAX_FORM_BYTES, Request, Response, Site, respond

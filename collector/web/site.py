@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from agent.errors import InvalidArgument, NotFound, Unavailable
-from collector.store import Store
+from collector.store.store import Store
 from collector.web.access import COOKIE, SESSION_SECONDS, Refusal, WebAccess
 from collector.web.html import CSS, Markup, el, layout
 from collector.web.model_page import model_page

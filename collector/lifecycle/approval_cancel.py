@@ -1,0 +1,38 @@
+"""Withdrawing a pending request (a promotion, or a rollback opened by the rollback policy).
+
+Only whoever asked may withdraw a request, or an admin (a policy-opened
+rollback request was asked by the collector itself, so only an admin can
+withdraw it; an approver who disagrees rejects it instead). The request moves
+``pending → cancelled``, with who, when and why, audited in the same
+transaction. Runs inside ``Store.write``; the caller (the servicer) says
+whether the caller is an admin.
+"""
+from __future__ import annotations
+
+from sqlite_utils import Database
+
+from agent.errors import FailedPrecondition, NotFound, PermissionDenied
+from collector.lifecycle import approvals
+from collector.store import audit
+from protos import collector_pb2 as pb
+
+
+def cancel(db: Database, approval_id: int, actor: str, reason: str, now_ns: int, *,
+           admin: bool = False) -> pb.Approval:
+    found = db.execute("SELECT model, version, requested_by, state, decided_by FROM approvals WHERE id = ?",
+                       [approval_id]).fetchone()
+    if found is None:
+        raise NotFound(f"there is no approval {approval_id}; list them with: outrider approvals list --all")
+    model, version, requested_by, state, decided_by = found
+    if state != "pending":
+        raise FailedPrecondition(f"approval {approval_id} is already {state}" + (f" (by {decided_by})" if decided_by
+                                 else "") + "; only pending requests can be cancelled")
+    if requested_by != actor and not admin:
+        raise PermissionDenied(f"approval {approval_id} was requested by {requested_by}; only they or an admin may "
+                               "cancel it (an approver may reject it: outrider reject ID --reason TEXT)")
+    db.execute("UPDATE approvals SET state = 'cancelled', decided_by = ?, decided_at = ?, decision_reason = ?"
+               " WHERE id = ?", [actor, now_ns, reason, approval_id])
+    audit.append(db, actor, "approval.cancel", f"approval/{approval_id}", model_name=model,
+                 before={"state": "pending"}, after={"state": "cancelled", "model": model, "version": version},
+                 reason=reason, now_ns=now_ns)
+    return approvals.get(db, approval_id)

@@ -1,0 +1,254 @@
+"""Model versions' stages and the two-person approval of promotions to production.
+
+Stages: ``candidate`` (on register) → ``staging`` → ``production`` →
+``archived`` → ``retired``. Operators move a version between candidate and
+staging themselves (``set_stage``). Production is reached only through a
+request (``request``) that another person with the approver role approves
+(``decide``): the version becomes production and the previous production
+version archived, in one transaction with the request's new state and their
+audit rows. A version whose gate did not pass can be requested only with an
+admin's written override, itself audited. A request may also be a rollback
+(kind 'rollback', opened by the rollback policy with ``request_rollback``):
+approved, it is carried out by ``collector.lifecycle.rollout.rollback``.
+
+A shadow runs a staging version only (rules in ``collector.lifecycle.rollout``): promoting
+the shadowed version stops its shadow in the same transaction; moving it back
+to candidate, or retiring a version still in shadow, is refused until the
+shadow is stopped.
+
+Every function here takes the writer's ``db`` and runs inside ``Store.write``
+(or reads through ``Store.read``); who may call which is checked by the
+caller (the servicer): roles by the auth interceptor, the admin-only override
+and "not your own request" here, given the caller's identity.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from sqlite_utils import Database
+
+from agent.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from collector.base.auth import LOCAL
+from collector.lifecycle import rollout, stages
+from collector.store import audit
+from protos import collector_pb2 as pb
+
+STAGES = ("candidate", "staging", "production", "archived", "retired")
+REQUESTABLE = ("candidate", "staging")  # stages a promotion can be requested from
+STATES = ("pending", "approved", "rejected", "cancelled")
+MAX_REASON_CHARS = 2000
+
+
+def check_reason(reason: str, what: str, required: bool = True) -> str:
+    reason = reason.strip()
+    if required and not reason:
+        raise InvalidArgument(f"{what} needs a reason (--reason TEXT): say why, for the audit trail")
+    if len(reason) > MAX_REASON_CHARS:
+        raise InvalidArgument(f"the reason is {len(reason)} characters; at most {MAX_REASON_CHARS} are kept")
+    return reason
+
+
+def set_stage(db: Database, name: str, version: int, stage: str, actor: str, reason: str, now_ns: int) -> None:
+    """candidate ↔ staging; any other move has its own command."""
+    if stage not in STAGES:
+        raise InvalidArgument(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+    if stage not in REQUESTABLE:
+        how = {"production": f"request it with: outrider models promote {name} {version} --reason TEXT "
+                             "(another approver must approve)",
+               "archived": "a version is archived when another one is promoted to production",
+               "retired": "retire archived versions with: outrider models retire"}[stage]
+        raise FailedPrecondition(f"cannot set stage {stage} directly: {how}")
+    row = stages.version(db, name, version)
+    _not_retired(row)
+    if row["stage"] not in REQUESTABLE:
+        raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only candidate and staging "
+                                 "versions move between candidate and staging")
+    if row["stage"] == stage:
+        raise FailedPrecondition(f"{name} version {version} is already {stage}")
+    _not_shadowed(db, name, version, f"moving it to {stage}")
+    stages.move(db, name, version, row["stage"], stage, actor, reason, now_ns)
+
+
+def _not_shadowed(db: Database, name: str, version: int, doing: str) -> None:
+    if rollout.shadowed(db, name, version):
+        raise FailedPrecondition(f"{name} version {version} runs in shadow; stop the shadow before {doing}: "
+                                 f"outrider shadow stop {name} --reason TEXT")
+
+
+def _not_retired(row: dict[str, Any], then: str = "") -> None:
+    if row["stage"] == "retired":
+        raise FailedPrecondition(f"{row['name']} version {row['version']} is retired; a retired version can never "
+                                 f"be promoted, served or given another stage{then}")
+
+
+def retire(db: Database, name: str, version: int, actor: str, reason: str, now_ns: int) -> None:
+    """archived → retired, for good: the version can never be promoted, served or restaged again
+    (also enforced by a trigger); its record and audit rows stay, its artifact may be removed
+    after the retention period (``Registry.remove_retired_artifacts``)."""
+    row = stages.version(db, name, version)
+    if row["stage"] != "archived":
+        raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only archived versions can be "
+                                 "retired" + (" (it already is)" if row["stage"] == "retired" else ""))
+    _not_shadowed(db, name, version, "retiring it")
+    db.execute("UPDATE model_versions SET stage = 'retired', stage_ns = ?, retired_ns = ?, retire_reason = ?"
+               " WHERE name = ? AND version = ?", [now_ns, now_ns, reason, name, version])
+    audit.append(db, actor, "model.retire", f"model/{name}/{version}", model_name=name,
+                 before={"stage": "archived"}, after={"stage": "retired"}, reason=reason, now_ns=now_ns)
+
+
+def _failed_checks(row: dict[str, Any]) -> list[str]:
+    if not row["gate"]:
+        return ["not run"]
+    return [c["name"] for c in json.loads(row["gate"]).get("checks", []) if not c["passed"]]
+
+
+def request(db: Database, name: str, version: int, actor: str, reason: str, override: str,
+            now_ns: int) -> pb.Approval:
+    """A pending request to make ``version`` production. ``override`` (non-empty only when an
+    admin asked) lets a version whose gate did not pass be requested."""
+    row = stages.version(db, name, version)
+    _not_retired(row)
+    if row["stage"] not in REQUESTABLE:
+        raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only candidate and staging "
+                                 "versions can be promoted")
+    pending = db.execute("SELECT id FROM approvals WHERE model = ? AND version = ? AND state = 'pending'",
+                         [name, version]).fetchone()
+    if pending:
+        raise FailedPrecondition(f"{name} version {version} already has a pending promotion request "
+                                 f"(approval {pending[0]})")
+    passed = bool(row["gate"]) and bool(row["gate_passed"])
+    if passed and override:
+        raise InvalidArgument(f"the gate of {name} version {version} passed: there is nothing to override")
+    if not passed and not override:
+        raise FailedPrecondition(
+            f"the evaluation gate of {name} version {version} has not passed ({', '.join(_failed_checks(row))}); "
+            "fix the model, or an admin may override with --override-gate REASON")
+    cursor = db.execute("INSERT INTO approvals (model, version, requested_by, requested_at, reason, state,"
+                        " gate_override) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                        [name, version, actor, now_ns, reason, override])
+    approval_id = cursor.lastrowid
+    if override:
+        audit.append(db, actor, "model.gate_override", f"model/{name}/{version}", model_name=name,
+                     before={"gate_passed": False, "failed": _failed_checks(row)},
+                     after={"approval": approval_id}, reason=override, now_ns=now_ns)
+    audit.append(db, actor, "approval.request", f"approval/{approval_id}", model_name=name, before=None,
+                 after={"state": "pending", "model": name, "version": version, "stage": "production",
+                        **({"gate_override": True} if override else {})}, reason=reason, now_ns=now_ns)
+    return get(db, approval_id)
+
+
+def decide(db: Database, approval_id: int, actor: str, approve: bool, reason: str, now_ns: int) -> pb.Approval:
+    """Approve (the version becomes production, the previous production version archived, and a
+    rollout starts: kind "promote", or "rollback" for a rollback request) or reject a pending
+    request. Nobody decides their own request. A shadow of the promoted version stops in the same
+    transaction (an unshadow rollout). The caller pushes the rollouts after the commit (they share
+    ``now_ns``, the approval's ``decided_unix_nano``: ``RolloutPusher.push_started``)."""
+    found = list(db.query("SELECT * FROM approvals WHERE id = ?", [approval_id]))
+    if not found:
+        raise NotFound(f"there is no approval {approval_id}; list them with: outrider approvals list --all")
+    a = found[0]
+    if a["state"] != "pending":
+        raise FailedPrecondition(f"approval {approval_id} is already {a['state']}"
+                                 + (f" (by {a['decided_by']})" if a["decided_by"] else "")
+                                 + "; only pending requests can be decided")
+    if approve and a["requested_by"] == actor:
+        raise PermissionDenied(own_request(approval_id, actor))
+    name, version = a["model"], a["version"]
+    state = "approved" if approve else "rejected"
+    if approve and a["kind"] == "rollback":  # checked again now: the versions may have moved since the request
+        rollout.rollback(db, name, version, actor, f"approval {approval_id}: {a['reason']}", now_ns)
+    elif approve:
+        row = stages.version(db, name, version)
+        _not_retired(row, "; reject this request")
+        if row["stage"] not in REQUESTABLE:
+            raise FailedPrecondition(f"{name} version {version} is now {row['stage']}; only candidate and staging "
+                                     "versions can be promoted (reject this request)")
+        if not (row["gate"] and row["gate_passed"]) and not a["gate_override"]:
+            raise FailedPrecondition(f"the evaluation gate of {name} version {version} no longer passes "
+                                     f"({', '.join(_failed_checks(row))}); reject this request")
+        previous = 0
+        for (previous,) in db.execute("SELECT version FROM model_versions WHERE name = ? AND stage = 'production'",
+                                      [name]).fetchall():
+            stages.move(db, name, previous, "production", "archived", actor,
+                        f"replaced by version {version} (approval {approval_id})", now_ns)
+        stages.move(db, name, version, row["stage"], "production", actor, f"approval {approval_id}: {a['reason']}",
+                    now_ns)
+        # the caller pushes it to the agents after the commit (RolloutPusher.push_started)
+        rollout.start_rollout(db, name, version, "promote", actor, f"approval {approval_id}: {a['reason']}", now_ns,
+                              from_version=previous)
+        # a shadow runs staging versions only: it stops with the promotion (pushed with it, same started_ns)
+        rollout.clear_shadow_of(db, name, [version], actor, "promoted to production", now_ns)
+        rollout.clear_shadow_of(db, name, [previous], actor, f"archived: replaced by version {version}", now_ns)
+    db.execute("UPDATE approvals SET state = ?, decided_by = ?, decided_at = ?, decision_reason = ? WHERE id = ?",
+               [state, actor, now_ns, reason, approval_id])
+    audit.append(db, actor, f"approval.{'approve' if approve else 'reject'}", f"approval/{approval_id}",
+                 model_name=name, before={"state": "pending"},
+                 after={"state": state, "model": name, "version": version, "kind": a["kind"]}, reason=reason,
+                 now_ns=now_ns)
+    return get(db, approval_id)
+
+
+def own_request(approval_id: int, actor: str) -> str:
+    """Why ``actor`` may not approve approval ``approval_id``, their own request, and what to do."""
+    text = f"the requester cannot approve their own request: another approver must approve approval {approval_id}"
+    if actor == LOCAL.name:  # no auth file: everyone is 'local', so the second person can never come
+        text += ("; without --auth-file every caller is the same identity 'local', so nobody else can: for "
+                 "two-person approval run the collector with --auth-file listing two operator tokens, one with "
+                 "role approver, and have each person pass their own --token (see docs/governance.md, "
+                 "'One person, or two identities')")
+    return text
+
+
+def request_rollback(db: Database, name: str, to_version: int, actor: str, reason: str, now_ns: int) -> pb.Approval:
+    """A pending request (kind 'rollback') to make archived ``to_version`` production again (0: the
+    version production before the current one, resolved now so that the approver sees which);
+    ``decide`` carries it out when another person approves it. For the rollback policy, whose
+    actor is ``audit.COLLECTOR``."""
+    current, target = rollout.rollback_target(db, name, to_version)
+    pending = db.execute("SELECT id FROM approvals WHERE model = ? AND kind = 'rollback' AND state = 'pending'",
+                         [name]).fetchone()
+    if pending:
+        raise FailedPrecondition(f"{name} already has a pending rollback request (approval {pending[0]})")
+    cursor = db.execute("INSERT INTO approvals (model, version, requested_by, requested_at, reason, state,"
+                        " gate_override, kind) VALUES (?, ?, ?, ?, ?, 'pending', '', 'rollback')",
+                        [name, target, actor, now_ns, reason])
+    approval_id = cursor.lastrowid
+    audit.append(db, actor, "approval.request", f"approval/{approval_id}", model_name=name, before=None,
+                 after={"state": "pending", "model": name, "version": target, "stage": "production",
+                        "kind": "rollback", "from_version": current}, reason=reason, now_ns=now_ns)
+    return get(db, approval_id)
+
+
+def get(db: Database, approval_id: int) -> pb.Approval:
+    rows = list(db.query("SELECT * FROM approvals WHERE id = ?", [approval_id]))
+    if not rows:
+        raise NotFound(f"there is no approval {approval_id}")
+    return _message(rows[0])
+
+
+def listing(db: Database, include_decided: bool = False, model_name: str = "") -> list[pb.Approval]:
+    """Pending requests (every request with ``include_decided``), of ``model_name`` if given, oldest first."""
+    return [a for _, a in listing_rows(db, include_decided, model_name)]
+
+
+def listing_rows(db: Database, include_decided: bool = False, model_name: str = "", *,
+                 after_id: int = 0) -> Iterator[tuple[tuple[int], pb.Approval]]:
+    """``listing`` read lazily as ((id,), approval); ``after_id``: only later requests."""
+    where, params = ["id > ?"], [after_id]
+    if not include_decided:
+        where.append("state = 'pending'")
+    if model_name:
+        where.append("model = ?")
+        params.append(model_name)
+    for r in db.query(f"SELECT * FROM approvals WHERE {' AND '.join(where)} ORDER BY id", params):
+        yield (r["id"],), _message(r)
+
+
+def _message(r: dict[str, Any]) -> pb.Approval:
+    return pb.Approval(id=r["id"], model_name=r["model"], version=r["version"], requested_by=r["requested_by"],
+                       requested_unix_nano=r["requested_at"], reason=r["reason"], state=r["state"],
+                       decided_by=r["decided_by"], decided_unix_nano=r["decided_at"],
+                       decision_reason=r["decision_reason"], gate_override_reason=r["gate_override"],
+                       kind=r["kind"])

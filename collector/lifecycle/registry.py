@@ -1,0 +1,391 @@
+"""The model registry: immutable, numbered versions of each model, their artifacts and gate results.
+
+A version is registered once and never changes: its number (1, 2, ... per
+name), the ONNX file's sha256 and size, its input/output schema, its reference
+profile (kept in the ``profiles`` table as that version's drift reference, with
+the data's sha256 and row count: the lineage), the names of its input columns
+(the profile's: managed agents are given them, so that traffic and reference
+line up), its holdout metrics, who registered it and when. Only the gate's
+result is written again, when the gate is re-run on request.
+
+A profile must fit the model it is registered with (``version_names``: its
+feature columns are the columns the model's inputs become under its names),
+and a profile attached later must fit the traffic it will be compared with
+(``Registry.profile_fit``).
+
+Artifacts live in a content-addressed store beside the database,
+``<db dir>/<db stem>-artifacts/sha256/<hex>``: a file's name is its hash, so
+identical uploads share one file and no name given by a caller ever becomes a
+path. An upload is written to a temporary file, its size and sha256 checked,
+and only then renamed into place; a bad upload leaves nothing behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from agent import feature_names as naming
+from agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from collector.base.ingest import Limits, validate_model_key, validate_profile
+from collector.lifecycle import gate
+from collector.store import audit
+from protos import collector_pb2 as pb
+from protos import summary_pb2
+
+log = logging.getLogger(__name__)
+
+CHUNK_MAX = 1 << 20  # bytes of artifact per RegisterChunk
+DEFAULT_MAX_ARTIFACT_BYTES = 1 << 30
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def artifacts_root(db_path: str | os.PathLike) -> Path:
+    """Where the artifacts of the database at ``db_path`` live."""
+    db = Path(db_path).resolve()
+    return db.parent / f"{db.stem}-artifacts"
+
+
+class ArtifactStore:
+    """Files named by their sha256 under ``root/sha256/``; written atomically, never overwritten."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.objects = self.root / "sha256"
+        self.incoming = self.root / "incoming"
+
+    def path(self, sha256: str) -> Path:
+        if not _HEX64.match(sha256):  # the only way a name becomes a path: 64 lowercase hex digits
+            raise InvalidArgument(f"sha256 must be 64 lowercase hex digits, got {sha256[:80]!r}")
+        return self.objects / sha256
+
+    def receive(self, chunks: Iterable[bytes], size: int, sha256: str) -> tuple[Path, bool]:
+        """Write ``chunks`` to the store if they are ``size`` bytes hashing to ``sha256``;
+        returns (path, created). Raises InvalidArgument, leaving nothing behind, if they are not."""
+        final = self.path(sha256)
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.incoming, prefix="upload-")
+        try:
+            digest, received = hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    if len(chunk) > CHUNK_MAX:
+                        raise InvalidArgument(f"a data chunk of {len(chunk)} bytes is over the {CHUNK_MAX} byte limit")
+                    received += len(chunk)
+                    if received > size:
+                        raise InvalidArgument(f"the upload is longer than its declared size of {size} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if received != size:
+                raise InvalidArgument(f"the upload is truncated: {received} of {size} declared bytes arrived")
+            if digest.hexdigest() != sha256:
+                raise InvalidArgument(f"sha256 mismatch: the upload hashes to {digest.hexdigest()}, "
+                                      f"not the declared {sha256}")
+            if final.exists():  # the same bytes are already stored
+                os.unlink(tmp)
+                return final, False
+            os.replace(tmp, final)
+            dir_fd = os.open(self.objects, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            return final, True
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+class Registry:
+    """Registers versions (from RegisterModel's stream), lists them, runs their gate."""
+
+    def __init__(self, store: Any, artifacts: ArtifactStore | None = None, *,
+                 policy: gate.GatePolicy = gate.GatePolicy(), limits: Limits = Limits(),
+                 max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> None:
+        self.store = store
+        self.artifacts = artifacts or ArtifactStore(artifacts_root(store.path))
+        self.policy = policy
+        self.limits = limits
+        self.max_artifact_bytes = max_artifact_bytes
+        self._lock = threading.Lock()  # placing an artifact and committing its row, one upload at a time
+
+    # -------------------------------------------------------- register
+
+    def register(self, chunks: Iterable[pb.RegisterChunk], actor: str) -> pb.ModelVersion:
+        """Store the version the stream describes, then run its gate. InvalidArgument, with
+        nothing stored, for a bad stream (no metadata first, wrong size or hash, not ONNX)."""
+        stream = iter(chunks)
+        first = next(stream, None)
+        if first is None or first.WhichOneof("kind") != "metadata":
+            raise InvalidArgument("the first RegisterChunk must carry the metadata")
+        meta = first.metadata
+        validate_model_key(meta.name, "-", self.limits)
+        self.artifacts.path(meta.sha256)  # checks the form of the hash
+        if not 0 < meta.size <= self.max_artifact_bytes:
+            raise InvalidArgument(f"size must be between 1 and {self.max_artifact_bytes} bytes, got {meta.size}")
+        metrics = gate.parse_metrics(meta.metrics_json)
+        profile = meta.profile if meta.HasField("profile") else None
+        if profile is not None:
+            validate_profile(profile, self.limits)
+            if profile.model_sha256 and profile.model_sha256 != meta.sha256:
+                raise InvalidArgument(f"the profile was built with another model (sha256 {profile.model_sha256[:16]}"
+                                      f"...), not this artifact ({meta.sha256[:16]}...)")
+
+        def data() -> Iterable[bytes]:
+            for chunk in stream:
+                if chunk.WhichOneof("kind") != "data":
+                    raise InvalidArgument("only the first RegisterChunk may carry metadata")
+                yield chunk.data
+
+        with self._lock:
+            path, created = self.artifacts.receive(data(), meta.size, meta.sha256)
+            try:
+                schema = gate.read_schema(path.read_bytes())
+                names = version_names(schema, profile) if profile is not None else {}
+                version = self.store.write(lambda db: _insert(db, meta, schema, names, metrics, profile, actor,
+                                                              time.time_ns()))
+            except BaseException:
+                if created:  # no row refers to it: an orphan otherwise
+                    path.unlink(missing_ok=True)
+                raise
+        log.info("model %s version %d registered by %s (sha256 %s, %d bytes)", meta.name, version, actor,
+                 meta.sha256[:16], meta.size)
+        return self.run_gate(meta.name, version, actor)
+
+    # -------------------------------------------------------- gate
+
+    def run_gate(self, name: str, version: int, actor: str) -> pb.ModelVersion:
+        """(Re-)run the gate on a stored version and record its result."""
+        row = self._row(self.store.read(), name, version)
+        if row["stage"] == "retired":
+            raise FailedPrecondition(f"{name} version {row['version']} is retired: its gate is not run again")
+        # The baseline is what clients get now: the production version; before there is one, the newest
+        # earlier version that passed (so a series of candidates cannot drift down one tolerance at a time).
+        baseline = self.store.read().execute(
+            "SELECT version, schema, metrics FROM model_versions WHERE name = ? AND version != ?"
+            " AND (stage = 'production' OR (version < ? AND gate_passed = 1))"
+            " ORDER BY stage = 'production' DESC, version DESC LIMIT 1",
+            [name, row["version"], row["version"]]).fetchone()
+        base = {"version": baseline[0], "schema": json.loads(baseline[1]),
+                "metrics": json.loads(baseline[2])} if baseline else None
+        model = self.artifacts.path(row["sha256"]).read_bytes()
+        profile = self.store.profile(name, str(row["version"]))
+        result = gate.run_gate(model, json.loads(row["schema"]), json.loads(row["metrics"]), profile, base,
+                               self.policy)
+        now = time.time_ns()
+
+        def save(db: Database) -> None:
+            before = db.execute("SELECT gate_passed, gate FROM model_versions WHERE name = ? AND version = ?",
+                                [name, row["version"]]).fetchone()
+            db.execute("UPDATE model_versions SET gate = ?, gate_passed = ?, gated_ns = ? WHERE name = ? AND version = ?",
+                       [json.dumps(result), int(result["passed"]), now, name, row["version"]])
+            audit.append(db, actor, "model.gate", f"model/{name}/{row['version']}", model_name=name,
+                         before={"passed": bool(before[0])} if before[1] else None,
+                         after={"passed": result["passed"],
+                                "failed": [c["name"] for c in result["checks"] if not c["passed"]]}, now_ns=now)
+
+        self.store.write(save)
+        log.info("gate of model %s version %d: %s", name, row["version"], "passed" if result["passed"] else "failed")
+        return self.show(name, row["version"])
+
+    # -------------------------------------------------------- retired artifacts
+
+    def remove_retired_artifacts(self, retention_seconds: float, now_ns: int) -> list[tuple[str, int]]:
+        """Delete the artifact files of versions retired more than ``retention_seconds`` before
+        ``now_ns``, unless a version that is not retired shares the file (same sha256). Each
+        removal is marked on the version (``artifact_removed_ns``) and audited; the record stays.
+        Returns the (name, version) pairs marked. Called by the collector's rollup loop."""
+        cutoff = now_ns - int(retention_seconds * 1e9)
+
+        def mark(db: Database) -> list[tuple[str, int, str]]:
+            due = db.execute("SELECT name, version, sha256, retired_ns FROM model_versions WHERE stage = 'retired'"
+                             " AND artifact_removed_ns = 0 AND retired_ns <= ? ORDER BY name, version",
+                             [cutoff]).fetchall()
+            marked = []
+            for name, version, sha256, retired_ns in due:
+                shared = db.execute("SELECT name, version FROM model_versions WHERE sha256 = ? AND stage != 'retired'"
+                                    " LIMIT 1", [sha256]).fetchone()
+                if shared:  # still needed: kept, and looked at again next pass
+                    continue
+                db.execute("UPDATE model_versions SET artifact_removed_ns = ? WHERE name = ? AND version = ?",
+                           [now_ns, name, version])
+                audit.append(db, audit.COLLECTOR, "model.artifact_removed", f"model/{name}/{version}",
+                             model_name=name, before={"artifact": sha256},
+                             after={"artifact": None, "retired_ns": retired_ns},
+                             reason=f"retired more than {retention_seconds:g} s ago", now_ns=now_ns)
+                marked.append((name, version, sha256))
+            return marked
+
+        with self._lock:  # no upload of the same bytes can land between the check and the unlink
+            marked = self.store.write(mark)
+            for name, version, sha256 in marked:
+                self.artifacts.path(sha256).unlink(missing_ok=True)
+                log.info("artifact of retired model %s version %d removed (sha256 %s)", name, version, sha256[:16])
+        return [(n, v) for n, v, _ in marked]
+
+    # -------------------------------------------------------- attaching a profile
+
+    def profile_fit(self, name: str, version: str, profile: summary_pb2.ReferenceProfile) -> list[str]:
+        """Whether ``profile`` describes the columns the version's traffic has: drift compares columns
+        by name, and a reference whose columns the traffic lacks compares nothing. Its feature columns
+        are checked against, in order: the names the version was registered with (what its managed
+        agents report), else the columns of the newest window agents sent for the version; and, for a
+        registered version, its inputs' widths. FailedPrecondition, saying what differs and how to fix
+        it, when they disagree; the warnings to give when nothing could be checked."""
+        got = naming.feature_columns(profile.columns)
+        row = self._registered(name, version)
+        if row is not None:
+            schema, names = json.loads(row["schema"]), json.loads(row["feature_names"] or "{}")
+            if names:
+                expected = naming.all_feature_columns(schema["inputs"], names)
+                if expected is not None:
+                    _refuse_unless_same(expected, got, f"the columns {name} version {version} was registered with",
+                                        "build the profile with those names (outrider profile --feature-names), or "
+                                        f"register a version with this reference (outrider models register {name} "
+                                        "--file M.onnx --reference DATA)")
+                    return []
+            _check_widths(schema["inputs"], naming.columns_by_input(profile.columns), name, version)
+        newest = self.store.windows(name, version, limit=1, include_summaries=True)
+        if newest:
+            window = newest[0].summary
+            who = f"agent {window.agent_id}" if window.agent_id else "the agents"
+            _refuse_unless_same(naming.feature_columns(window.columns), got,
+                                f"the columns {who} reported for {name} version {version}",
+                                "build the profile with the agents' names (outrider profile --feature-names), or "
+                                "restart the agents with the profile's (outrider agent serve --feature-names)")
+            return []
+        if row is not None:
+            return [f"{name} version {version} was registered without a reference, and no agent has reported it "
+                    f"yet: the profile's column names ({naming.few(got)}) could not be checked against its traffic"]
+        return [f"{name} version {version} is not registered and no agent has reported it yet: the profile's "
+                f"column names ({naming.few(got)}) could not be checked against its traffic; agents must name "
+                "their columns alike (outrider agent serve --feature-names)"]
+
+    def _registered(self, name: str, version: str) -> dict[str, Any] | None:
+        if not version.isdigit() or not 0 < int(version) < 2**31:
+            return None
+        rows = list(self.store.read().query("SELECT schema, feature_names FROM model_versions"
+                                            " WHERE name = ? AND version = ?", [name, int(version)]))
+        return rows[0] if rows else None
+
+    # -------------------------------------------------------- reads
+
+    def list(self, name: str = "") -> list[pb.ModelVersion]:
+        """Every version (of model ``name`` if given), by name and version."""
+        return [v for _, v in self.rows(name)]
+
+    def rows(self, name: str = "", *, after: tuple[str, int] | None = None
+             ) -> Iterator[tuple[tuple[str, int], pb.ModelVersion]]:
+        """``list`` read lazily as ((name, version), version); ``after``: only versions past that key."""
+        where, params = (["v.name = ?"], [name]) if name else ([], [])
+        if after is not None:
+            where.append("(v.name, v.version) > (?, ?)")
+            params.extend(after)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        for r in self.store.read().query(f"{_SELECT} {clause} ORDER BY v.name, v.version", params):
+            yield (r["name"], r["version"]), _message(r)
+
+    def show(self, name: str, version: int = 0) -> pb.ModelVersion:
+        return _message(self._row(self.store.read(), name, version))
+
+    def _row(self, db: Database, name: str, version: int) -> dict[str, Any]:
+        validate_model_key(name, "-", self.limits)
+        if version:
+            rows = list(db.query(f"{_SELECT} WHERE v.name = ? AND v.version = ?", [name, version]))
+        else:
+            rows = list(db.query(f"{_SELECT} WHERE v.name = ? ORDER BY v.version DESC LIMIT 1", [name]))
+        if not rows:
+            raise NotFound(f"model {name!r} has no version {version}" if version else
+                           f"model {name!r} is not registered; register it with: outrider models register {name} "
+                           "--file MODEL.onnx")
+        return rows[0]
+
+
+_SELECT = ("SELECT v.*, p.model_name IS NOT NULL AS has_profile FROM model_versions v LEFT JOIN profiles p"
+           " ON p.model_name = v.name AND p.model_version = CAST(v.version AS TEXT)")
+
+
+def _insert(db: Database, meta: pb.RegisterMetadata, schema: dict[str, Any], names: dict[str, list[str]],
+            metrics: dict[str, float], profile: summary_pb2.ReferenceProfile | None, actor: str, now_ns: int) -> int:
+    version = db.execute("SELECT coalesce(max(version), 0) + 1 FROM model_versions WHERE name = ?",
+                         [meta.name]).fetchone()[0]
+    lineage = {"data_name": profile.data_name, "data_sha256": profile.data_sha256,
+               "data_rows": profile.rows} if profile is not None else {}
+    db["model_versions"].insert({
+        "name": meta.name, "version": version, "sha256": meta.sha256, "size": meta.size,
+        "schema": json.dumps(schema), "metrics": json.dumps(metrics), "registered_by": actor,
+        "registered_ns": now_ns, "stage": "candidate", "stage_ns": now_ns, "feature_names": naming.to_json(names),
+        **lineage})
+    if profile is not None:  # the version's drift reference
+        db["profiles"].insert({"model_name": meta.name, "model_version": str(version),
+                               "body": profile.SerializeToString(), "data_sha256": profile.data_sha256,
+                               "rows": profile.rows, "attached_ns": now_ns, "attached_by": actor}, replace=True)
+    audit.append(db, actor, "model.register", f"model/{meta.name}/{version}", model_name=meta.name,
+                 after={"version": version, "sha256": meta.sha256, "size": meta.size, "metrics": metrics,
+                        **lineage}, now_ns=now_ns)
+    return version
+
+
+def _message(r: dict[str, Any]) -> pb.ModelVersion:
+    return pb.ModelVersion(
+        name=r["name"], version=r["version"], sha256=r["sha256"], size=r["size"], schema_json=r["schema"],
+        has_profile=bool(r["has_profile"]), data_name=r["data_name"], data_sha256=r["data_sha256"],
+        data_rows=r["data_rows"], metrics_json=r["metrics"], registered_by=r["registered_by"],
+        registered_unix_nano=r["registered_ns"], gate_passed=bool(r["gate_passed"]), gate_json=r["gate"],
+        gated_unix_nano=r["gated_ns"], stage=r["stage"], stage_unix_nano=r["stage_ns"],
+        retired_unix_nano=r["retired_ns"], retire_reason=r["retire_reason"],
+        artifact_removed_unix_nano=r["artifact_removed_ns"],
+        feature_names={i: summary_pb2.ColumnNames(names=n) for i, n in json.loads(r["feature_names"] or "{}").items()})
+
+
+# ------------------------------------------------------------------ names
+
+
+def _refuse_unless_same(expected: list[str], got: list[str], what: str, fix: str) -> None:
+    problem = naming.difference(expected, got, limit=3)
+    if problem:  # what is wrong, then the fix: the CLI shows the first 500 characters
+        common = len(set(expected) & set(got))
+        raise FailedPrecondition(f"the profile's feature columns are not {what}: {problem}; drift would compare "
+                                 f"{common} of its {len(got)}: {fix}")
+
+
+def _check_widths(inputs: list[dict[str, Any]], by_source: dict[str, list[str]], name: str, version: str) -> None:
+    for arg in naming.inputs_of(inputs):
+        columns = by_source.get(arg.name, [])
+        if arg.per_column and arg.width is not None and len(columns) != arg.width:
+            raise FailedPrecondition(f"the profile has {len(columns)} feature columns for input {arg.name!r}, which "
+                                     f"has {arg.width} in {name} version {version}: it was built for another model; "
+                                     "build it from this version's model (outrider profile --model M.onnx ...)")
+
+
+def version_names(schema: dict[str, Any], profile: summary_pb2.ReferenceProfile) -> dict[str, list[str]]:
+    """The names of a version's input columns, from the profile it is registered with. InvalidArgument,
+    registering nothing, when the profile's feature columns are not what the model's inputs become
+    under those names (names for an input it lacks, or as many as the input is wide, other columns)."""
+    inputs = schema["inputs"]
+    names = naming.from_profile(profile, inputs)
+    fix = "; build the profile from this model: outrider profile --model M.onnx --data DATA"
+    try:
+        naming.for_inputs(inputs, names, "feature names of the profile")
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"the profile does not fit the model: {exc}{fix}") from None
+    expected = naming.all_feature_columns(inputs, names)
+    got = naming.feature_columns(profile.columns)
+    problem = naming.difference(expected, got) if expected is not None else ""
+    if problem:
+        raise InvalidArgument(f"the profile's feature columns are not the model's input columns: {problem}{fix}")
+    return names

@@ -1,0 +1,184 @@
+"""Retraining requests: opened by an operator or by the drift policy, decided by operators.
+
+States: ``open`` → ``accepted`` → ``completed`` (linked to the new registry
+version that answers it), or ``open | accepted`` → ``rejected`` (with a
+reason) | ``cancelled``. At most one open or accepted request per model
+version (a partial unique index). Each request carries its evidence as JSON:
+the drifted features, their statistics, the window range and the model
+version. Every change is audited in the same transaction; the servicer (or
+the evaluator, for policy-opened requests) tells the webhook afterwards
+(``event``).
+
+Every function here takes the writer's ``db`` and runs inside ``Store.write``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from google.protobuf import json_format
+from sqlite_utils import Database
+
+from agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from collector.store import audit
+from protos import collector_pb2 as pb
+
+OPEN, ACCEPTED, COMPLETED, REJECTED, CANCELLED = "open", "accepted", "completed", "rejected", "cancelled"
+STATES = (OPEN, ACCEPTED, COMPLETED, REJECTED, CANCELLED)
+ACTIVE = (OPEN, ACCEPTED)
+STATS = ("rows", "p_adjusted", "psi", "ks_d", "ks_p", "wasserstein", "chi2", "chi2_p", "js",
+         "missing_rate", "reference_missing_rate")
+
+
+def get(db: Database, request_id: int) -> pb.RetrainingRequest:
+    rows = list(db.query("SELECT * FROM retraining_requests WHERE id = ?", [request_id]))
+    if not rows:
+        raise NotFound(f"there is no retraining request {request_id}; list them with: outrider retrain list --all")
+    return _message(rows[0])
+
+
+def listing(db: Database, include_closed: bool = False, model_name: str = "") -> list[pb.RetrainingRequest]:
+    """Open and accepted requests (every request with ``include_closed``), of ``model_name`` if given,
+    oldest first."""
+    return [r for _, r in listing_rows(db, include_closed, model_name)]
+
+
+def listing_rows(db: Database, include_closed: bool = False, model_name: str = "", *,
+                 after_id: int = 0) -> Iterator[tuple[tuple[int], pb.RetrainingRequest]]:
+    """``listing`` read lazily as ((id,), request); ``after_id``: only later requests."""
+    where, params = ["id > ?"], [after_id]
+    if not include_closed:
+        where.append("state IN ('open', 'accepted')")
+    if model_name:
+        where.append("model = ?")
+        params.append(model_name)
+    for r in db.query(f"SELECT * FROM retraining_requests WHERE {' AND '.join(where)} ORDER BY id", params):
+        yield (r["id"],), _message(r)
+
+
+def active(db: Database, model: str, version: str) -> int | None:
+    row = db.execute("SELECT id FROM retraining_requests WHERE model = ? AND version = ?"
+                     " AND state IN ('open', 'accepted')", [model, version]).fetchone()
+    return row[0] if row else None
+
+
+def open_request(db: Database, model: str, version: str, actor: str, reason: str, evidence: dict[str, Any],
+                 now_ns: int) -> pb.RetrainingRequest:
+    existing = active(db, model, version)
+    if existing is not None:
+        raise FailedPrecondition(f"{model} version {version} already has an active retraining request "
+                                 f"({existing}, {get(db, existing).state})")
+    evidence = {"model_version": version, **evidence}
+    request_id = db.execute(
+        "INSERT INTO retraining_requests (model, version, state, opened_by, opened_ns, reason, evidence)"
+        " VALUES (?, ?, 'open', ?, ?, ?, ?)", [model, version, actor, now_ns, reason, json.dumps(evidence)]).lastrowid
+    audit.append(db, actor, "retraining.open", f"retraining/{request_id}", model_name=model, before=None,
+                 after={"state": OPEN, "model": model, "version": version}, reason=reason, now_ns=now_ns)
+    return get(db, request_id)
+
+
+def _registered_versions(db: Database, model: str) -> dict[int, int]:
+    return dict(db.execute("SELECT version, registered_ns FROM model_versions WHERE name = ?", [model]).fetchall())
+
+
+def change(db: Database, request_id: int, state: str, actor: str, reason: str, now_ns: int,
+           completed_version: int = 0) -> pb.RetrainingRequest:
+    """Move a request to ``state`` (accepted, completed, rejected, cancelled) if the machine allows it."""
+    current = get(db, request_id)
+    allowed = {ACCEPTED: (OPEN,), COMPLETED: (ACCEPTED,), REJECTED: ACTIVE, CANCELLED: ACTIVE}[state]
+    if current.state not in allowed:
+        hint = " (accept it first)" if state == COMPLETED and current.state == OPEN else ""
+        raise FailedPrecondition(f"retraining request {request_id} is {current.state}; only "
+                                 f"{' or '.join(allowed)} requests can be {state}{hint}")
+    after: dict[str, Any] = {"state": state}
+    if state == COMPLETED:
+        if not completed_version:
+            raise InvalidArgument("completing a retraining request needs the new version (--version N)")
+        versions = _registered_versions(db, current.model_name)
+        if completed_version not in versions:
+            raise FailedPrecondition(f"model {current.model_name!r} has no registered version {completed_version}; "
+                                     "register the retrained model first (outrider models register)")
+        old = current.model_version
+        newer = (completed_version > int(old) if old.isdigit()
+                 else versions[completed_version] > current.opened_unix_nano)
+        if not newer:
+            raise FailedPrecondition(f"version {completed_version} is not newer than version {old} of the request")
+        after["completed_version"] = completed_version
+    elif completed_version:
+        raise InvalidArgument(f"--version is only for completing a request, not for {state}")
+    db.execute("UPDATE retraining_requests SET state = ?, decided_by = ?, decided_ns = ?, completed_version = ?,"
+               " note = ? WHERE id = ?", [state, actor, now_ns, completed_version or current.completed_version,
+                                         reason, request_id])
+    audit.append(db, actor, f"retraining.{state}", f"retraining/{request_id}", model_name=current.model_name,
+                 before={"state": current.state}, after=after, reason=reason, now_ns=now_ns)
+    return get(db, request_id)
+
+
+def _finite(x: float) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def drift_evidence(evaluation: pb.DriftEvaluation, alert_ids: list[int]) -> dict[str, Any]:
+    """The evidence of a policy-opened request: the evaluation's drifted columns and their statistics."""
+    drifted = [c for c in evaluation.columns if c.drifted]
+    return {"features": [c.name for c in drifted],
+            "statistics": {c.name: {**{s: _finite(getattr(c, s)) for s in STATS}, "reason": c.reason}
+                           for c in drifted},
+            "window": {"start_unix_nano": evaluation.window_start_unix_nano,
+                       "end_unix_nano": evaluation.window_end_unix_nano, "rows": evaluation.rows},
+            "evaluation_id": evaluation.id, "alerts": alert_ids}
+
+
+def policy(db: Database, evaluation: pb.DriftEvaluation, after_evaluations: int,
+           now_ns: int) -> pb.RetrainingRequest | None:
+    """Open a request for the evaluated model version when one of its drift alerts has stayed
+    open (or acknowledged) for ``after_evaluations`` consecutive evaluations, unless one is
+    already open or accepted. 0 disables."""
+    if after_evaluations <= 0 or not evaluation.evaluated:
+        return None
+    model, version = evaluation.model_name, evaluation.model_version
+    if _replaced(db, model, version):
+        return None  # retraining a version nobody serves any more helps nobody
+    # Alerts opened before the newest request of this version were that request's evidence: once it is
+    # closed (completed, rejected, cancelled) the same alerts must not open another one.
+    last = db.execute("SELECT max(opened_ns) FROM retraining_requests WHERE model = ? AND version = ?",
+                      [model, version]).fetchone()[0] or 0
+    alerts = db.execute("SELECT id, evaluation_id FROM alerts WHERE model_name = ? AND model_version = ?"
+                        " AND kind = 'drift' AND state != 'resolved' AND opened_ns > ? ORDER BY id",
+                        [model, version, last]).fetchall()
+    long_open = []
+    for alert_id, opened_by in alerts:
+        # evaluations since (and with) the one that opened the alert; it has been open through all of them
+        count = db.execute("SELECT count(*) FROM evaluations WHERE model_name = ? AND model_version = ?"
+                           " AND evaluated = 1 AND id >= ?", [model, version, opened_by or 0]).fetchone()[0]
+        if count >= after_evaluations:
+            long_open.append(alert_id)
+    if not long_open or active(db, model, version) is not None:
+        return None
+    reason = (f"drift alert{'s' if len(long_open) > 1 else ''} {', '.join(map(str, long_open))} open for "
+              f"{after_evaluations} or more evaluations")
+    return open_request(db, model, version, audit.COLLECTOR, reason, drift_evidence(evaluation, long_open), now_ns)
+
+
+def _replaced(db: Database, model: str, version: str) -> bool:
+    """A registered version that is no longer production while another one is."""
+    if not version.isdigit():
+        return False  # served from a file, not from the registry: its stage is unknown
+    stages = dict(db.execute("SELECT version, stage FROM model_versions WHERE name = ?", [model]).fetchall())
+    return int(version) in stages and stages[int(version)] != "production" and "production" in stages.values()
+
+
+def event(request: pb.RetrainingRequest) -> dict[str, Any]:
+    """The webhook body for a request that changed state."""
+    return {"event": f"retraining.{request.state}",
+            "retraining": json_format.MessageToDict(request, preserving_proto_field_name=True)}
+
+
+def _message(r: dict[str, Any]) -> pb.RetrainingRequest:
+    return pb.RetrainingRequest(id=r["id"], model_name=r["model"], model_version=r["version"], state=r["state"],
+                                opened_by=r["opened_by"], opened_unix_nano=r["opened_ns"], reason=r["reason"],
+                                evidence_json=r["evidence"], decided_by=r["decided_by"],
+                                decided_unix_nano=r["decided_ns"], completed_version=r["completed_version"],
+                                note=r["note"])

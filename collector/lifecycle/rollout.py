@@ -1,0 +1,518 @@
+"""Rollout: what a model's managed agents should serve, telling them, and what they answered.
+
+The desired state of a model is its production version (``model_versions.stage``)
+and its shadow (the ``shadows`` table). A managed agent learns it as Commands on
+its stream (``Command`` in protos/collector.proto): on its Hello, and whenever the
+production version or the shadow changes. Every change is a rollout (a row in
+``rollouts``: promote, rollback, shadow, unshadow), and every agent run it is
+sent to has an ack row in ``rollout_acks`` (pending, then ok or failed) that
+the agent's ModelState answer settles.
+
+Commands come in two families that change independently: "serve" (promote,
+rollback) and "shadow"/"unshadow". A command names its version by number,
+sha256, size and schema, and by the names of its input columns when the
+registry has them ("feature_names", JSON ``{input: [names]}``): the agent names
+its columns so, and its windows line up with the version's reference. A command carries the id "rollout-<id>" of
+the newest rollout of its family when that rollout still describes the state
+sent (so an agent connecting later is counted in that rollout too), otherwise
+"hello-<uuid>".
+
+A shadow runs a staging version only, so it never outlives its version's
+leaving staging: a promotion of the shadowed version (``approvals.decide``)
+clears it in the same transaction (audit ``model.unshadow``, reason "promoted
+to production", and an unshadow rollout); a rollback clears a shadow naming
+either version it moves (possible only for a shadow set before that rule); a
+version in shadow cannot be moved back to candidate or retired until its
+shadow is stopped (``approvals.set_stage`` / ``retire`` refuse, saying how).
+Rollouts started in one transaction share its clock reading (``started_ns``)
+and are pushed together (``RolloutPusher.push_started``).
+
+Reference projections (``agent.reference``): every agent of a model, managed or
+not, is sent a ``reference`` command for the version it serves when it says
+hello (a managed agent: for the production version, before its "serve"), and
+every live agent of the model when a profile is attached to one of its versions
+(``RolloutPusher.push_reference``); an agent uses it only if it serves that
+version. These commands settle no rollout: their ids are "reference-<uuid>".
+
+The functions taking ``db`` run inside the store writer's transaction (or read
+through ``Store.read``); ``RolloutPusher`` sends after the commit.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+from sqlite_utils import Database
+
+from agent import reference
+from agent.errors import FailedPrecondition, InvalidArgument, NotFound, OutriderError
+from collector.base.ingest import Limits, clean_text, validate_model_key, validate_model_state
+from collector.lifecycle import stages
+from collector.store import audit
+from protos import collector_pb2 as pb
+from protos import summary_pb2
+
+if TYPE_CHECKING:
+    from collector.lifecycle.registry import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+SERVE, SHADOW = "serve", "shadow"  # the two families of commands
+FAMILY = {"promote": SERVE, "rollback": SERVE, "shadow": SHADOW, "unshadow": SHADOW}
+CHUNK_BYTES = 1 << 20  # FetchArtifact's chunks
+MAX_ERROR_CHARS = Limits.max_error_chars  # of an agent's error, as stored
+DEFAULT_LIST_LIMIT = 50
+MAX_LIST_LIMIT = 1000
+
+
+class Planned(NamedTuple):
+    """A command to send, and the rollout whose ack it settles (0: none)."""
+
+    command: pb.Command
+    rollout_id: int
+
+
+# ------------------------------------------------------------------ desired state
+
+
+def production(db: Database, model: str) -> dict[str, Any] | None:
+    rows = list(db.query("SELECT version, sha256, size, schema, feature_names FROM model_versions WHERE name = ?"
+                         " AND stage = 'production'", [model]))
+    return rows[0] if rows else None
+
+
+def current_shadow(db: Database, model: str) -> dict[str, Any] | None:
+    rows = list(db.query("SELECT s.version, s.share, s.started_ns, s.actor, v.sha256, v.size, v.schema, v.feature_names"
+                         " FROM shadows s JOIN model_versions v ON v.name = s.model AND v.version = s.version"
+                         " WHERE s.model = ?", [model]))
+    return rows[0] if rows else None
+
+
+def _latest(db: Database, model: str, family: str) -> dict[str, Any] | None:
+    kinds = [k for k, f in FAMILY.items() if f == family]
+    rows = list(db.query(f"SELECT * FROM rollouts WHERE model = ? AND kind IN ({', '.join('?' * len(kinds))})"
+                         " ORDER BY id DESC LIMIT 1", [model, *kinds]))
+    return rows[0] if rows else None
+
+
+def _args(row: dict[str, Any]) -> dict[str, str]:
+    """A version as a command names it; "feature_names" (JSON {input: [names]}) only when the registry has
+    the version's column names, so that an agent that predates them sees the same command as before."""
+    args = {"version": str(row["version"]), "sha256": row["sha256"], "size": str(row["size"]),
+            "schema_json": row["schema"]}
+    if row.get("feature_names", "{}") not in ("", "{}"):
+        args["feature_names"] = row["feature_names"]
+    return args
+
+
+def _planned(kind: str, args: dict[str, str], rollout_id: int) -> Planned:
+    command_id = f"rollout-{rollout_id}" if rollout_id else f"hello-{uuid.uuid4().hex}"
+    return Planned(pb.Command(id=command_id, kind=kind, args=args), rollout_id)
+
+
+def serve_command(db: Database, model: str) -> Planned | None:
+    """"serve" the production version; None while the model has none."""
+    prod = production(db, model)
+    if prod is None:
+        return None
+    latest = _latest(db, model, SERVE)
+    rollout_id = latest["id"] if latest and latest["version"] == prod["version"] else 0
+    return _planned("serve", _args(prod), rollout_id)
+
+
+def shadow_command(db: Database, model: str, shadow_running: bool = True) -> Planned | None:
+    """"shadow" the model's shadow version; else "unshadow" when ``shadow_running`` (or when the
+    newest shadow-family rollout was an unshadow); None when there is nothing to say."""
+    latest = _latest(db, model, SHADOW)
+    shadow = current_shadow(db, model)
+    if shadow is not None:
+        current = latest and latest["kind"] == "shadow" and latest["version"] == shadow["version"]
+        return _planned("shadow", {**_args(shadow), "share": repr(float(shadow["share"]))},
+                        latest["id"] if current else 0)
+    unshadowed = latest is not None and latest["kind"] == "unshadow"
+    if not (shadow_running or unshadowed):
+        return None
+    return _planned("unshadow", {}, latest["id"] if unshadowed else 0)
+
+
+def reference_command(db: Database, model: str, version: str, *, always: bool = False) -> Planned | None:
+    """"reference": the projection of ``version``'s profile; None when it has none (unless ``always``:
+    an empty projection then tells agents to stop using the one they have)."""
+    row = db.execute("SELECT body FROM profiles WHERE model_name = ? AND model_version = ?",
+                     [model, version]).fetchone()
+    profile = summary_pb2.ReferenceProfile.FromString(row[0]) if row else None
+    projection = profile.projection if profile is not None and profile.HasField("projection") else None
+    if projection is None and not always:
+        return None
+    command = pb.Command(id=f"reference-{uuid.uuid4().hex}", kind=reference.REFERENCE,
+                         args=reference.command_args(version, projection))
+    return Planned(command, 0)
+
+
+def hello_commands(db: Database, hello: pb.Hello) -> list[Planned]:
+    """What a managed agent is told when it says hello: serve production (if any), and its shadow
+    (or unshadow when its Hello says a shadow runs but none is set)."""
+    running = hello.HasField("model_state") and bool(hello.model_state.shadow_version)
+    planned = [serve_command(db, hello.model_name), shadow_command(db, hello.model_name, running)]
+    return _with_reference(db, hello.model_name, [p for p in planned if p is not None])
+
+
+def family_commands(db: Database, model: str, family: str) -> list[Planned]:
+    """What every live managed agent of ``model`` is told after a change in ``family``."""
+    planned = serve_command(db, model) if family == SERVE else shadow_command(db, model)
+    return _with_reference(db, model, [planned] if planned is not None else [])
+
+
+def _with_reference(db: Database, model: str, planned: list[Planned]) -> list[Planned]:
+    """The served version's reference first, so that its session has the projection from its first window."""
+    serve = next((p for p in planned if p.command.kind == "serve"), None)
+    first = reference_command(db, model, serve.command.args["version"]) if serve is not None else None
+    return [first, *planned] if first is not None else planned
+
+
+def record_sent(db: Database, runs: Iterable[tuple[str, str]], planned: list[Planned]) -> None:
+    """A pending ack per run for each rollout command, and the runs' desired version."""
+    serve = next((p for p in planned if p.command.kind == "serve"), None)
+    for agent_id, run_id in runs:
+        for p in planned:
+            if p.rollout_id:  # an answer already recorded (a resend) is kept
+                db.execute("INSERT INTO rollout_acks (rollout_id, agent_id, run_id, state, error, at_ns)"
+                           " VALUES (?, ?, ?, 'pending', '', 0) ON CONFLICT DO NOTHING",
+                           [p.rollout_id, agent_id, run_id])
+        if serve is not None:
+            db.execute("UPDATE agents SET desired_version = ? WHERE agent_id = ? AND run_id = ?",
+                       [serve.command.args["version"], agent_id, run_id])
+
+
+# ------------------------------------------------------------------ answers
+
+
+def record_state(db: Database, agent_id: str, run_id: str, state: pb.ModelState, now_ns: int) -> None:
+    """What the agent serves now, and its answer to the rollout the command belonged to."""
+    error = "" if state.ok else clean_text(state.error or "failed without saying why", MAX_ERROR_CHARS)
+    db["agents"].insert({"agent_id": agent_id, "run_id": run_id, "first_seen_ns": now_ns}, ignore=True)
+    db.execute("UPDATE agents SET model_version = ?, model_sha256 = ?, model_error = ?, shadow_version = ?,"
+               " shadow_share = ?, last_seen_ns = ? WHERE agent_id = ? AND run_id = ?",
+               [state.model_version, state.model_sha256, error, state.shadow_version, state.shadow_share, now_ns,
+                agent_id, run_id])
+    prefix, _, number = state.command_id.partition("-")
+    if prefix != "rollout" or not number.isdigit():
+        return  # a hello command, or unprompted: no rollout waits for it
+    if db.execute("SELECT 1 FROM rollouts WHERE id = ?", [int(number)]).fetchone() is None:
+        log.warning("agent %s answered unknown command %s", agent_id, state.command_id)
+        return
+    db.execute("INSERT INTO rollout_acks (rollout_id, agent_id, run_id, state, error, at_ns) VALUES (?, ?, ?, ?, ?, ?)"
+               " ON CONFLICT DO UPDATE SET state = excluded.state, error = excluded.error, at_ns = excluded.at_ns",
+               [int(number), agent_id, run_id, "ok" if state.ok else "failed", error, now_ns])
+
+
+# ------------------------------------------------------------------ changes
+
+
+def start_rollout(db: Database, model: str, version: int, kind: str, actor: str, reason: str, now_ns: int,
+                  from_version: int = 0, share: float = 0.0) -> int:
+    """Record a rollout (inside the caller's write transaction); push it after the commit."""
+    if kind not in FAMILY:
+        raise InvalidArgument(f"rollout kind {kind!r} is not one of {', '.join(FAMILY)}")
+    cursor = db.execute("INSERT INTO rollouts (model, version, kind, actor, reason, started_ns, from_version, share)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [model, version, kind, actor, reason, now_ns, from_version, share])
+    return cursor.lastrowid
+
+
+def previous_production(db: Database, name: str, current: int) -> int:
+    """The version that was production before ``current``: the from_version of the rollout that made
+    it production (or, for promotions older than rollouts, the version archived most recently)."""
+    made = db.execute("SELECT from_version FROM rollouts WHERE model = ? AND version = ? AND kind IN"
+                      " ('promote', 'rollback') ORDER BY id DESC LIMIT 1", [name, current]).fetchone()
+    if made is not None:
+        return made[0]
+    archived = db.execute("SELECT version FROM model_versions WHERE name = ? AND stage = 'archived'"
+                          " ORDER BY stage_ns DESC, version DESC LIMIT 1", [name]).fetchone()
+    return archived[0] if archived else 0
+
+
+def rollback_target(db: Database, name: str, to_version: int) -> tuple[int, int]:
+    """(current production, target) of a rollback, checked: the target is archived, never retired."""
+    known = db.execute("SELECT 1 FROM model_versions WHERE name = ? LIMIT 1", [name]).fetchone()
+    if known is None:
+        raise NotFound(f"model {name!r} is not registered")
+    prod = production(db, name)
+    if prod is None:
+        raise FailedPrecondition(f"{name} has no production version: there is nothing to roll back")
+    current = prod["version"]
+    target = to_version or previous_production(db, name, current)
+    if not target:
+        raise FailedPrecondition(f"no version of {name} was production before version {current}; name an archived "
+                                 f"version with --to VERSION (outrider models list {name})")
+    if target == current:
+        raise FailedPrecondition(f"{name} version {target} is already production")
+    rows = list(db.query("SELECT stage FROM model_versions WHERE name = ? AND version = ?", [name, target]))
+    if not rows:
+        raise NotFound(f"model {name!r} has no version {target}")
+    stage = rows[0]["stage"]
+    if stage == "retired":
+        raise FailedPrecondition(f"{name} version {target} is retired and can never be served again; roll back to "
+                                 f"another archived version with --to VERSION (outrider models list {name})")
+    if stage != "archived":
+        raise FailedPrecondition(f"{name} version {target} is {stage} and was never production: only archived "
+                                 f"versions can be rolled back to; to make it production request a promotion "
+                                 f"(outrider models promote {name} {target} --reason TEXT)")
+    return current, target
+
+
+def rollback(db: Database, name: str, to_version: int, actor: str, reason: str, now_ns: int) -> int:
+    """Make an archived version production again at once (the current one archived), in the caller's
+    write transaction with its audit row; returns the rollout id (push it after the commit).
+    ``to_version`` 0: the version that was production before the current one."""
+    current, target = rollback_target(db, name, to_version)
+    stages.move(db, name, current, "production", "archived", actor, f"rolled back to version {target}: {reason}",
+                now_ns)
+    stages.move(db, name, target, "archived", "production", actor, f"rollback from version {current}: {reason}",
+                now_ns)
+    rollout_id = start_rollout(db, name, target, "rollback", actor, reason, now_ns, from_version=current)
+    audit.append(db, actor, "model.rollback", f"model/{name}", model_name=name, before={"production": current},
+                 after={"production": target, "rollout": rollout_id}, reason=reason, now_ns=now_ns)
+    clear_shadow_of(db, name, (current, target), actor, f"rolled back from version {current} to version {target}",
+                    now_ns)
+    return rollout_id
+
+
+def check_share(share: float) -> float:
+    if not (math.isfinite(share) and 0 < share <= 1):
+        raise InvalidArgument(f"share must be more than 0 and at most 1 (0.25: a quarter of the requests), "
+                              f"got {share}")
+    return share
+
+
+def set_shadow(db: Database, name: str, version: int, share: float, actor: str, reason: str, now_ns: int) -> int:
+    """Put staging ``version`` in shadow on the model's agents (replacing any shadow); returns the rollout id."""
+    check_share(share)
+    row = stages.version(db, name, version)
+    if row["stage"] != "staging":
+        raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only a staging version can run in "
+                                 f"shadow (outrider models stage {name} {version} staging --reason TEXT)")
+    before = current_shadow(db, name)
+    db.execute("INSERT INTO shadows (model, version, share, started_ns, actor) VALUES (?, ?, ?, ?, ?)"
+               " ON CONFLICT (model) DO UPDATE SET version = excluded.version, share = excluded.share,"
+               " started_ns = excluded.started_ns, actor = excluded.actor", [name, version, share, now_ns, actor])
+    rollout_id = start_rollout(db, name, version, "shadow", actor, reason, now_ns, share=share)
+    audit.append(db, actor, "model.shadow", f"model/{name}/{version}", model_name=name,
+                 before={"shadow": before["version"], "share": before["share"]} if before else None,
+                 after={"shadow": version, "share": share, "rollout": rollout_id}, reason=reason, now_ns=now_ns)
+    return rollout_id
+
+
+def clear_shadow(db: Database, name: str, actor: str, reason: str, now_ns: int) -> int:
+    """Stop the model's shadow on its agents; returns the rollout id."""
+    before = current_shadow(db, name)
+    if before is None:
+        raise FailedPrecondition(f"no shadow runs for model {name!r}: there is nothing to clear")
+    return _unshadow(db, name, before, actor, reason, now_ns)
+
+
+def clear_shadow_of(db: Database, name: str, versions: Iterable[int], actor: str, reason: str, now_ns: int) -> int:
+    """Stop the model's shadow if it runs one of ``versions`` (which are leaving staging); returns the
+    unshadow rollout's id (push it after the commit), or 0 when no such shadow runs."""
+    before = current_shadow(db, name)
+    if before is None or before["version"] not in set(versions):
+        return 0
+    return _unshadow(db, name, before, actor, reason, now_ns)
+
+
+def shadowed(db: Database, name: str, version: int) -> bool:
+    row = db.execute("SELECT 1 FROM shadows WHERE model = ? AND version = ?", [name, version]).fetchone()
+    return row is not None
+
+
+def _unshadow(db: Database, name: str, before: dict[str, Any], actor: str, reason: str, now_ns: int) -> int:
+    db.execute("DELETE FROM shadows WHERE model = ?", [name])
+    rollout_id = start_rollout(db, name, before["version"], "unshadow", actor, reason, now_ns)
+    audit.append(db, actor, "model.unshadow", f"model/{name}/{before['version']}", model_name=name,
+                 before={"shadow": before["version"], "share": before["share"]},
+                 after={"shadow": None, "rollout": rollout_id}, reason=reason, now_ns=now_ns)
+    return rollout_id
+
+
+# ------------------------------------------------------------------ reads
+
+
+def get(db: Database, rollout_id: int) -> pb.Rollout:
+    rows = list(db.query("SELECT * FROM rollouts WHERE id = ?", [rollout_id]))
+    if not rows:
+        raise NotFound(f"there is no rollout {rollout_id}; list them with: outrider rollouts")
+    return _message(db, rows[0])
+
+
+def listing(db: Database, model: str = "", limit: int = DEFAULT_LIST_LIMIT) -> list[pb.Rollout]:
+    """The newest ``limit`` rollouts (of ``model``), newest first, with their acks."""
+    return [r for _, r in itertools.islice(listing_rows(db, model, limit=limit), limit)]
+
+
+def listing_rows(db: Database, model: str = "", *, before_id: int = 0,
+                 limit: int | None = None) -> Iterator[tuple[tuple[int], pb.Rollout]]:
+    """``listing`` read lazily as ((id,), rollout); ``before_id``: only older rollouts."""
+    where, params = ["id < ?"], [before_id or 2**63 - 1]
+    if model:
+        where.append("model = ?")
+        params.append(model)
+    for r in db.query(f"SELECT * FROM rollouts WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+                      [*params, -1 if limit is None else limit + 1]):
+        yield (r["id"],), _message(db, r)
+
+
+def _message(db: Database, r: dict[str, Any]) -> pb.Rollout:
+    acks = [pb.Rollout.AgentAck(agent_id=a["agent_id"], run_id=a["run_id"], state=a["state"], error=a["error"],
+                                unix_nano=a["at_ns"])
+            for a in db.query("SELECT * FROM rollout_acks WHERE rollout_id = ? ORDER BY agent_id, run_id", [r["id"]])]
+    return pb.Rollout(id=r["id"], model_name=r["model"], version=r["version"], kind=r["kind"], actor=r["actor"],
+                      reason=r["reason"], started_unix_nano=r["started_ns"], from_version=r["from_version"],
+                      agents=acks, share=r["share"])
+
+
+def artifact_chunks(db: Database, artifacts: ArtifactStore, name: str, version: int,
+                    limits: Limits = Limits()) -> Iterator[pb.ArtifactChunk]:
+    """A version's artifact in CHUNK_BYTES chunks, the first with its size and sha256. Every check
+    happens before the first chunk, so a refusal is a clean status."""
+    validate_model_key(name, "-", limits)
+    rows = list(db.query("SELECT sha256, size, stage, artifact_removed_ns FROM model_versions"
+                         " WHERE name = ? AND version = ?", [name, version]))
+    if not rows:
+        raise NotFound(f"model {name!r} has no version {version}")
+    row = rows[0]
+    if row["stage"] == "retired":
+        raise FailedPrecondition(f"{name} version {version} is retired and can never be served")
+    path: Path = artifacts.path(row["sha256"])
+    try:
+        file = path.open("rb")
+    except FileNotFoundError:
+        file = None
+    if row["artifact_removed_ns"] or file is None:
+        raise FailedPrecondition(f"the artifact of {name} version {version} has been removed")
+
+    def chunks() -> Iterator[pb.ArtifactChunk]:
+        with file:
+            first = True
+            while data := file.read(CHUNK_BYTES):
+                yield (pb.ArtifactChunk(data=data, total_size=row["size"], sha256=row["sha256"]) if first
+                       else pb.ArtifactChunk(data=data))
+                first = False
+
+    return chunks()
+
+
+# ------------------------------------------------------------------ pushing
+
+
+class AgentLink(Protocol):
+    """One live agent stream, as the pusher needs it (``collector.api.streams.AgentStream`` is one):
+    this room only plans commands, the api room owns the streams and passes them in."""
+
+    hello: pb.Hello
+    key: tuple[str, str]
+
+    def send(self, message: pb.CollectorMessage) -> bool: ...  # False once the stream has ended
+
+
+class LiveAgents(Protocol):
+    """The agent streams open now (``collector.api.streams.LiveStreams`` is one)."""
+
+    def of_model(self, model_name: str, managed: bool = False) -> Sequence[AgentLink]: ...
+
+
+class RolloutPusher:
+    """Tells managed agents' live streams what to serve, after the change is committed.
+
+    One lock per model orders the reading of the desired state with the queueing of its commands,
+    so a Hello racing a change can never leave an agent on the older state: whichever takes the
+    lock second reads (and sends) the newer one. Agents answer the same command twice harmlessly."""
+
+    def __init__(self, store: Any, live: LiveAgents, limits: Limits = Limits()) -> None:
+        self.store = store
+        self.live = live
+        self.limits = limits
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def _lock(self, model: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(model, threading.Lock())
+
+    def hello(self, stream: AgentLink) -> None:
+        """Queue an agent's commands after its Hello was recorded (and its stream is live): a managed
+        agent's rollout, and for any agent the reference projection of the version it serves."""
+        model = stream.hello.model_name
+        try:
+            with self._lock(model):
+                db = self.store.read()
+                if stream.hello.managed:
+                    planned = hello_commands(db, stream.hello)
+                else:
+                    found = reference_command(db, model, stream.hello.model_version)
+                    planned = [found] if found is not None else []
+                self._deliver([stream], planned)
+        except OutriderError as exc:  # the store is closing: the agent hears again when it reconnects
+            log.warning("cannot tell agent %s what to serve: %s", stream.hello.agent_id, exc)
+
+    def push_reference(self, model: str, version: str) -> int:
+        """Send ``version``'s reference projection (or its absence) to every live agent of ``model``;
+        those that serve ``version`` use it. Returns how many streams it was sent to. The profile is
+        stored already: a failure here is logged, not raised (agents hear on their next hello)."""
+        try:
+            with self._lock(model):
+                streams = self.live.of_model(model)
+                planned = reference_command(self.store.read(), model, version, always=True)
+                self._deliver(streams, [planned] if planned is not None else [])
+        except OutriderError as exc:
+            log.warning("cannot send the reference of %s %s to its agents: %s", model, version, exc)
+            return 0
+        return len(streams)
+
+    def push(self, model: str, family: str) -> int:
+        """Send the current state of ``family`` (SERVE or SHADOW) to every live managed agent of ``model``;
+        returns how many streams it was sent to."""
+        with self._lock(model):
+            streams = self.live.of_model(model, managed=True)
+            self._deliver(streams, family_commands(self.store.read(), model, family))
+        return len(streams)
+
+    def push_rollout(self, rollout_id: int) -> int:
+        """Push the rollout and any started in the same transaction (a rollback's unshadow)."""
+        found = self.store.read().execute("SELECT model, started_ns FROM rollouts WHERE id = ?",
+                                          [rollout_id]).fetchone()
+        if found is None:
+            raise NotFound(f"there is no rollout {rollout_id}")
+        return self.push_started(found[0], found[1])
+
+    def push_started(self, model: str, started_ns: int) -> int:
+        """Push every family in which a rollout of ``model`` started at ``started_ns`` (one transaction's
+        clock reading), serve before shadow; returns how many streams they were sent to."""
+        kinds = {k for (k,) in self.store.read().execute(
+            "SELECT kind FROM rollouts WHERE model = ? AND started_ns = ?", [model, started_ns]).fetchall()}
+        families = {FAMILY[k] for k in kinds if k in FAMILY}
+        return max((self.push(model, family) for family in (SERVE, SHADOW) if family in families), default=0)
+
+    def _deliver(self, streams: Sequence[AgentLink], planned: list[Planned]) -> None:
+        if not streams or not planned:
+            return
+        runs = sorted({s.key for s in streams})
+        self.store.write(lambda db: record_sent(db, runs, planned))  # acks exist before any answer can
+        for stream in streams:
+            for p in planned:
+                stream.send(pb.CollectorMessage(command=p.command))
+        log.info("sent %s to %d agent stream(s) of %s", ", ".join(f"{p.command.kind} {p.command.id}" for p in planned),
+                 len(streams), streams[0].hello.model_name)
+
+    def record(self, agent_id: str, run_id: str, state: pb.ModelState) -> None:
+        """An agent's ModelState: what it serves now, and its answer to a command. Returns after commit."""
+        validate_model_state(state, self.limits)  # InvalidArgument ends the stream, changing nothing
+        self.store.write(lambda db: record_state(db, agent_id, run_id, state, time.time_ns()))
+        if not state.ok:
+            log.warning("agent %s run %s: command %s failed: %s", agent_id, run_id, state.command_id, state.error)
