@@ -261,3 +261,46 @@ def test_the_server_is_stopped_when_the_session_ends_or_dies(postgres_server, ho
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sums_and_averages_come_back_as_numbers_not_decimals(conn: Conn) -> None:
+    for n in (2**40, 2**40, 1):
+        conn.insert("log", {"k": "a", "v": n})
+    total, average, half, none = conn.execute(
+        "SELECT sum(v), avg(v), sum(v) / 2.0, sum(v) FILTER (WHERE v < 0) FROM log").fetchone()
+    assert (total, type(total)) == (2**41 + 1, int)
+    assert (average, type(average)) == ((2**41 + 1) / 3, float)
+    assert (half, type(half)) == ((2**41 + 1) / 2, float) and none is None
+
+
+def test_counters_saturate_instead_of_failing(conn: Conn) -> None:
+    top = 2**63 - 1
+    conn.insert("things", {"name": "a", "n": top - 1})
+    grow = f"UPDATE things SET n = {conn.dialect.saturating_add('n', '?')} WHERE name = 'a'"
+    conn.execute(grow, [5])
+    assert conn.execute("SELECT n FROM things").fetchone() == (top,)
+    conn.execute(grow, [top])
+    assert conn.execute("SELECT n FROM things").fetchone() == (top,)
+
+
+def test_out_of_range_integers_are_value_errors(conn: Conn) -> None:
+    from collector.store.engine import StoreValueError
+
+    with pytest.raises(StoreValueError):
+        conn.insert("things", {"name": "a", "n": 2**63})
+    assert conn.execute("SELECT count(*) FROM things").fetchone() == (0,)
+    assert isinstance(StoreValueError("x"), InvalidArgument)
+
+
+def test_a_lost_connection_is_store_unavailable(postgres_url: str) -> None:
+    engine = open_engine(postgres_url)
+    victim, killer = engine.connect(), engine.connect()
+    pid = victim.execute("SELECT pg_backend_pid()").fetchone()[0]
+    killer.execute("SELECT pg_terminate_backend(?)", [pid])
+    with pytest.raises(StoreUnavailable):
+        victim.execute("SELECT 1")
+    with engine.reader() as r:  # the pool's connections are unaffected
+        assert r.execute("SELECT 1").fetchone() == (1,)
+    for c in (victim, killer):
+        c.close()
+    engine.close()

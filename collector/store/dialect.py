@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 ColumnType = Literal["int", "text", "float", "bytes"]
+MAX_INT64 = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ class Dialect:
     def instr(self, haystack: str, needle: str) -> str:
         """1-based position of ``needle`` in ``haystack``, 0 if absent."""
         return f"instr({haystack}, {needle})"
+
+    def saturating_add(self, a: str, b: str, limit: int = MAX_INT64) -> str:
+        """``a + b``, at most ``limit``, without failing past the 64-bit range (a counter that would
+        overflow stays at the top; SQLite turns the overflowing sum into a float, which min() caps)."""
+        return f"min({a} + {b}, {limit})"
 
     # ------------------------------------------------ DDL
 
@@ -131,6 +137,9 @@ class PostgresDialect(Dialect):
 
     def instr(self, haystack: str, needle: str) -> str:
         return f"strpos({haystack}, {needle})"
+
+    def saturating_add(self, a: str, b: str, limit: int = MAX_INT64) -> str:
+        return f"LEAST({a}::NUMERIC + {b}, {limit})::BIGINT"  # BIGINT + BIGINT raises on overflow
 
     def column_sql(self, column: Column, *, primary_key: bool = False, identity: bool = False,
                    autoincrement: bool = False) -> str:

@@ -16,6 +16,7 @@ SQLite (``query_only``), one from the pool on PostgreSQL.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import re
@@ -43,6 +44,11 @@ class StoreIntegrityError(StoreError, FailedPrecondition):
     the append-only audit). Domain code turns it into its own message where it expects one."""
 
 
+class StoreValueError(StoreError, InvalidArgument):
+    """A value the column cannot hold (an integer past the signed 64-bit range); nothing was changed.
+    Validation should have refused it first (collector.ingest)."""
+
+
 class StoreUnavailable(StoreError, Unavailable):
     """The database cannot be reached or is busy past the timeout; the change was not made."""
 
@@ -54,6 +60,8 @@ def _from_sqlite(exc: sqlite3.Error) -> StoreError:
     text = str(exc)
     if isinstance(exc, sqlite3.IntegrityError):
         return StoreIntegrityError(text)
+    if text == "integer overflow":  # sum() past 64 bits
+        return StoreValueError(f"SQLite: {text}")
     if isinstance(exc, sqlite3.OperationalError) and any(s in text.lower() for s in _SQLITE_UNAVAILABLE):
         return StoreUnavailable(f"SQLite: {text}")
     return StoreError(text)
@@ -66,6 +74,8 @@ def _from_psycopg(exc: Exception) -> StoreError:
     text = (diag.message_primary if diag is not None else None) or str(exc).strip().splitlines()[0]
     if isinstance(exc, psycopg.IntegrityError):
         return StoreIntegrityError(text)
+    if isinstance(exc, psycopg.DataError):
+        return StoreValueError(text)
     if isinstance(exc, psycopg.OperationalError) or type(exc).__name__ == "PoolTimeout":
         return StoreUnavailable(f"PostgreSQL: {text}")
     return StoreError(text)
@@ -242,6 +252,8 @@ class SQLiteConn(Conn):
             yield
         except sqlite3.Error as exc:
             raise _from_sqlite(exc) from exc
+        except OverflowError as exc:  # the driver's own refusal of an int past 64 bits
+            raise StoreValueError(f"SQLite: {exc}") from exc
 
     @property
     def in_transaction(self) -> bool:
@@ -291,6 +303,27 @@ class PostgresConn(Conn):
         if not self.in_transaction:
             raise RuntimeError("Conn.lock is held until the transaction ends: call it inside conn.transaction()")
         self.execute("SELECT pg_advisory_xact_lock(hashtext(?))", [name])
+
+
+def _configure(raw: Any) -> Any:
+    """A new psycopg connection, made to load values as sqlite3 does: SUM() and AVG() of integers are
+    NUMERIC on PostgreSQL, which psycopg would give as Decimal; here a whole number (no decimal point)
+    is an int, anything else a float."""
+    raw.adapters.register_loader("numeric", _numeric_loader())
+    return raw
+
+
+@functools.cache
+def _numeric_loader() -> type:
+    from psycopg.adapt import Loader
+
+    class NumericAsNumber(Loader):
+        # Text format: "123" (a sum of integers) or "41.5000" (an average, a division), as sqlite3 gives.
+        def load(self, data: Any) -> int | float:
+            text = bytes(data)
+            return int(text) if text.lstrip(b"-").isdigit() else float(text)
+
+    return NumericAsNumber
 
 
 # ------------------------------------------------------------ engines
@@ -391,14 +424,14 @@ class PostgresEngine(Engine):
             raise StoreUnavailable(f"cannot connect to PostgreSQL at {where} (database"
                                    f" {params.get('dbname', '?')}): {_one_line(exc)}") from exc
         self._pool = psycopg_pool.ConnectionPool(url, min_size=1, max_size=pool_max, kwargs=self._kwargs,
-                                                 timeout=connect_timeout, open=True,
+                                                 timeout=connect_timeout, open=True, configure=_configure,
                                                  name="outrider-readers", check=psycopg_pool.ConnectionPool.check_connection)
 
     def connect(self) -> Conn:
         import psycopg
 
         try:
-            return PostgresConn(psycopg.connect(self._conninfo, **self._kwargs))
+            return PostgresConn(_configure(psycopg.connect(self._conninfo, **self._kwargs)))
         except psycopg.Error as exc:
             raise _from_psycopg(exc) from exc
 
