@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def conn(db_url: str):
     engine = open_engine(db_url)
     c = engine.writer()
-    c.dialect.create_table  # noqa: B018 -- both engines expose their dialect
     for sql in c.dialect.create_table("things", [Column("id", "int"), Column("name", "text", True),
                                                  Column("n", "int", True, "0"), Column("body", "bytes"),
                                                  Column("x", "float")], pk=("id",)):
@@ -152,11 +151,14 @@ def test_readers_see_committed_rows(db_url: str) -> None:
         engine.close()
 
 
-def test_sqlite_readers_cannot_write(tmp_path: Path) -> None:
-    engine = open_engine(tmp_path / "c.db")
-    engine.writer().execute("CREATE TABLE t (v INTEGER)")
+def test_readers_cannot_write(db_url: str) -> None:
+    engine = open_engine(db_url)
+    writer = engine.writer()
+    writer.execute("CREATE TABLE t (v INTEGER)")
     with engine.reader() as r, pytest.raises(StoreError):
         r.execute("INSERT INTO t VALUES (1)")
+    assert writer.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    writer.close()
     engine.close()
 
 

@@ -313,6 +313,11 @@ def _configure(raw: Any) -> Any:
     return raw
 
 
+def _configure_reader(raw: Any) -> None:
+    """A pooled reader: read-only, as SQLite's readers are (query_only)."""
+    _configure(raw).execute("SET default_transaction_read_only = on")
+
+
 @functools.cache
 def _numeric_loader() -> type:
     from psycopg.adapt import Loader
@@ -424,8 +429,9 @@ class PostgresEngine(Engine):
             raise StoreUnavailable(f"cannot connect to PostgreSQL at {where} (database"
                                    f" {params.get('dbname', '?')}): {_one_line(exc)}") from exc
         self._pool = psycopg_pool.ConnectionPool(url, min_size=1, max_size=pool_max, kwargs=self._kwargs,
-                                                 timeout=connect_timeout, open=True, configure=_configure,
-                                                 name="outrider-readers", check=psycopg_pool.ConnectionPool.check_connection)
+                                                 timeout=connect_timeout, open=True, configure=_configure_reader,
+                                                 name="outrider-readers",
+                                                 check=psycopg_pool.ConnectionPool.check_connection)
 
     def connect(self) -> Conn:
         import psycopg
@@ -440,16 +446,13 @@ class PostgresEngine(Engine):
         import psycopg_pool
 
         try:
-            cm = self._pool.connection()
-            raw = cm.__enter__()
+            raw = self._pool.getconn()
         except psycopg_pool.PoolTimeout as exc:
-            raise StoreUnavailable(f"PostgreSQL: no connection within the timeout ({self.url})") from exc
+            raise StoreUnavailable(f"PostgreSQL: no connection free within the timeout ({self.url})") from exc
         try:
             yield PostgresConn(raw)
-        except BaseException as exc:
-            cm.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        cm.__exit__(None, None, None)
+        finally:
+            self._pool.putconn(raw)  # rolled back first if the block left a transaction open
 
     def close(self) -> None:
         self._pool.close()
