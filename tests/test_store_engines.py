@@ -306,3 +306,21 @@ def test_a_lost_connection_is_store_unavailable(postgres_url: str) -> None:
     for c in (victim, killer):
         c.close()
     engine.close()
+
+
+_WITHOUT_BINARIES = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import pg_support
+pg_support.find_bindir = lambda: None  # as on a machine without Debian's postgresql package
+import pytest
+sys.exit(pytest.main([sys.argv[2], "-k", "fresh_database", "-p", "no:cacheprovider", "-q", "-rs"]))
+"""
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_without_the_server_binaries_tests_skip_saying_how_to_install_but_fail_on_ci(ci: str) -> None:
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_BINARIES, str(ROOT / "tests"), __file__], cwd=ROOT,
+                          env={**os.environ, "CI": ci}, capture_output=True, text=True, timeout=300)
+    assert "apt-get install postgresql" in done.stdout
+    assert (done.returncode, "1 skipped" in done.stdout) == ((1, False) if ci else (0, True)), done.stdout
