@@ -49,3 +49,40 @@ def mixed_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def typed_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One Identity per OIP dtype: ``<t>_in`` -> ``<t>_out``, shape [N, 2]."""
     return _write(tmp_path_factory, "typed", examples.typed_identity)
+
+
+# ------------------------------------------------------------ PostgreSQL (tests/pg_support.py)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the session, started on first use, stopped at the end.
+    Skipped (one line on how to install it) when the binaries are missing; on CI that fails."""
+    import pg_support
+
+    bindir, reason = pg_support.server_or_reason()
+    if bindir is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    server = pg_support.PostgresServer(bindir)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database of its own for each test: its postgresql:// URL (unix socket)."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The test once per engine: a SQLite file path, then a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "collector.db")
+    return request.getfixturevalue("postgres_url")
