@@ -11,7 +11,7 @@ import pytest
 from sqlite_utils import Database
 
 from agent.errors import FailedPrecondition
-from collector import schema
+from collector.store import schema
 from collector.store.engine import Conn, StoreIntegrityError, open_engine
 from collector.store.migrations import MIGRATIONS, migrate
 
