@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import collector.store.schema as schema_module
+import collector.store.migrations as schema_module
 from collector.monitoring import alerts
 from collector.monitoring.drift import DriftConfig
 from collector.store import audit
@@ -60,19 +60,19 @@ def test_a_database_of_the_previous_schema_upgrades_in_place(tmp_path: Path, mon
         when the version was no longer served."""
         row = {"model_name": "m", "model_version": "1", "column": "x", "kind": "drift", "opened_ns": 1,
                "summary": "wasserstein 0.3 >= 0.1"}
-        clean = db["alerts"].insert({**row, "state": "resolved", "resolved_ns": 2}).last_pk
+        clean = db.insert("alerts", {**row, "state": "resolved", "resolved_ns": 2}, returning="id")
         audit.append(db, audit.COLLECTOR, "alert.resolve", f"alert/{clean}", model_name="m",
                      reason="x no longer drifts (evaluation 7)", now_ns=2)
         why = "version 1 of m is no longer served: no connected agent reports it"
-        gone = db["alerts"].insert({**row, "state": "resolved", "resolved_ns": 3,
-                                    "summary": f"wasserstein 0.3 >= 0.1 [resolved: {why}]"}).last_pk
+        gone = db.insert("alerts", {**row, "state": "resolved", "resolved_ns": 3,
+                                    "summary": f"wasserstein 0.3 >= 0.1 [resolved: {why}]"}, returning="id")
         audit.append(db, audit.COLLECTOR, "alert.resolve", f"alert/{gone}", model_name="m", reason=why, now_ns=3)
-        opened = db["alerts"].insert({**row, "column": "z", "state": "open", "summary": "psi 0.4 [resolved: a] of its own"}).last_pk
+        opened = db.insert("alerts", {**row, "column": "z", "state": "open", "summary": "psi 0.4 [resolved: a] of its own"}, returning="id")
         return clean, gone, opened, why
 
     with Store(path) as store:
         clean, gone, opened, why = store.write(old_collector)
-        assert "resolved_reason" not in store.read()["alerts"].columns_dict
+        assert "resolved_reason" not in [d[0] for d in store.read().execute("SELECT * FROM alerts").description]
     monkeypatch.setattr(schema_module, "MIGRATIONS", full)
     with Store(path) as store:
         db = store.read()

@@ -13,7 +13,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from sqlite_utils import Database
 
 from collector.monitoring import alerts
 
@@ -22,7 +21,8 @@ from collector.api.server import CollectorServer, serve_collector
 from collector.base.auth import AuthConfig
 from collector.monitoring.drift import DriftConfig
 from collector.store import audit
-from collector.store.schema import immediate
+from collector.store.engine import open_engine
+from collector.store.migrations import migrate
 from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
@@ -62,11 +62,11 @@ def tamper(path: Path, *statements: str) -> None:
 
 
 def verify_file(path: Path) -> audit.Verification:
-    db = Database(sqlite3.connect(path, isolation_level=None))
+    db = open_engine(path).connect()
     try:
         return audit.verify(db)
     finally:
-        db.conn.close()
+        db.close()
 
 
 @pytest.fixture
@@ -147,13 +147,13 @@ def test_deleted_newest_rows_are_detected_and_ids_are_not_reused(trail):
 
 def test_append_refuses_to_run_outside_a_transaction(tmp_path):
     Store(tmp_path / "c.db").close()
-    db = Database(sqlite3.connect(tmp_path / "c.db", isolation_level=None))
+    db = open_engine(tmp_path / "c.db").connect()
     with pytest.raises(RuntimeError, match="inside the store writer's transaction"):
         audit.append(db, "alice", "test.step", "thing/1", now_ns=1)
-    with immediate(db.conn):
+    with db.transaction():
         audit.append(db, "alice", "test.step", "thing/1", now_ns=1)
     assert audit.verify(db) == (True, 1, 0, "")
-    db.conn.close()
+    db.close()
 
 
 # ------------------------------------------------------------------ audited changes
@@ -161,7 +161,7 @@ def test_append_refuses_to_run_outside_a_transaction(tmp_path):
 
 def test_a_failing_change_leaves_no_audit_row(tmp_path):
     with Store(tmp_path / "c.db") as store:
-        def change_then_fail(db: Database) -> None:
+        def change_then_fail(db) -> None:
             alerts.set_config(db, "m", DriftConfig(consecutive=5), "alice", 1)
             raise ValueError("the rest of the change failed")
 
@@ -199,9 +199,8 @@ class FakeStore:
 
     def __init__(self) -> None:
         self.tasks: list = []
-        self.db = Database(memory=True)
-        self.db.conn.isolation_level = None
-        audit.audit_trail(self.db)
+        self.db = open_engine(":memory:").connect()
+        migrate(self.db)
 
     def submit(self, fn) -> concurrent.futures.Future:
         self.tasks.append(fn)
@@ -212,7 +211,7 @@ class FakeStore:
     def run(self) -> list[pb.AuditEntry]:
         """Commit the queued tasks; the rows they added, oldest first."""
         seen = {e.id for e in audit.entries(self.db)}
-        with immediate(self.db.conn):
+        with self.db.transaction():
             for task in self.tasks:
                 task(self.db)
         self.tasks.clear()
@@ -304,7 +303,7 @@ def test_a_flood_of_refused_calls_adds_one_audit_row_per_caller_and_reason(secur
     status = ops.Status(pb.StatusRequest(), metadata=bearer(VIEWER_TOKEN), timeout=HANG_GUARD)
     assert status.counters.auth_failures == 305  # the counter still counts every refusal
     server.stop(grace=0)  # shutdown writes what the minute held
-    rows = [e for e in audit.entries(Database(sqlite3.connect(db)), limit=1000) if e.action == "auth.failure"]
+    rows = [e for e in audit.entries(open_engine(db).connect(), limit=1000) if e.action == "auth.failure"]
     found = {(e.reason.split(":")[0], e.object): json.loads(e.after) for e in rows}
     assert len(rows) == 2 and {k: (v["count"], v["peer"]) for k, v in found.items()} == {
         ("unknown token", "rpc/outrider.v1.OpsService/Status"): (300, "127.0.0.1"),

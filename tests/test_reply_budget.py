@@ -67,7 +67,8 @@ def populate(store: Store) -> None:
                        " VALUES ('m', ?, ?, 'alice', ?, ?)", [str(i), "open" if i % 2 else "rejected", T0 + i,
                                                                reason])
             rollout = db.execute("INSERT INTO rollouts (model, version, kind, actor, reason, started_ns)"
-                                 " VALUES ('m', ?, 'promote', 'bob', ?, ?)", [i, reason, T0 + i]).lastrowid
+                                 " VALUES ('m', ?, 'promote', 'bob', ?, ?) RETURNING id",
+                                 [i, reason, T0 + i]).fetchone()[0]
             db.execute("INSERT INTO rollout_acks (rollout_id, agent_id, run_id, state) VALUES (?, 'edge-1', 'r', 'ok')",
                        [rollout])
 

@@ -178,10 +178,10 @@ def store_with_promotion(tmp_path, clock: Clock) -> Store:
 
     def write(db) -> None:
         for version, stage in ((1, "archived"), (2, "production")):
-            db["model_versions"].insert({"name": "m", "version": version, "sha256": f"{version}" * 64, "size": 1,
+            db.insert("model_versions", {"name": "m", "version": version, "sha256": f"{version}" * 64, "size": 1,
                                          "schema": "{}", "registered_by": "t", "registered_ns": clock.now,
                                          "stage": stage, "stage_ns": clock.now})
-        db["rollouts"].insert({"model": "m", "version": 2, "kind": "promote", "actor": "bob", "reason": "v2",
+        db.insert("rollouts", {"model": "m", "version": 2, "kind": "promote", "actor": "bob", "reason": "v2",
                                "started_ns": clock.now, "from_version": 1})
         alerts.set_config(db, "m", DriftConfig(span_seconds=30), "test", clock.now)  # the last three windows
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import collector.store.schema as schema_module
+import collector.store.migrations as schema_module
 from agent.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from agent.sketches import NumericSketch
+from collector.store.engine import StoreUnavailable, StoreValueError
 from collector.store.rollup import NS, RetentionPolicy
 from collector.store.store import DUPLICATE, STORED, Store, WindowResult
 from protos import collector_pb2, summary_pb2
@@ -70,7 +71,7 @@ def test_wal_and_every_migration_once(path: Path, store: Store) -> None:
 
 
 def test_open_errors_surface_in_the_constructor(tmp_path: Path) -> None:
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StoreUnavailable, match="unable to open"):
         Store(tmp_path / "no-such-dir" / "x.db")
     with pytest.raises(ValueError, match="synchronous"):
         Store(tmp_path / "x.db", synchronous="SOMETIMES")
@@ -180,7 +181,7 @@ def test_one_failing_write_does_not_fail_its_group(path: Path, store: Store) -> 
     good2 = store.submit_windows([window(seq=3)])
     lock.release()
     assert good.result()[0].result == STORED and good2.result()[0].result == STORED
-    with pytest.raises(OverflowError):
+    with pytest.raises(StoreValueError):
         bad.result()
     assert count_rows(path) == 2  # the bad batch left nothing behind, not even seq 2
 
@@ -195,7 +196,7 @@ def test_reopen_keeps_data_and_skips_applied_migrations(path: Path, monkeypatch:
         raise AssertionError("an applied migration ran twice")
 
     def add_notes(db) -> None:
-        db["notes"].create({"id": int, "text": str}, pk="id")
+        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
 
     known = len(applied)
     monkeypatch.setattr(schema_module, "MIGRATIONS", [must_not_run] * known + [add_notes])

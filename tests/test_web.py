@@ -143,8 +143,8 @@ def populate(running: CollectorServer, ops: pb_grpc.OpsServiceStub) -> None:
                    " VALUES ('churn', 2, 0.25, ?, 'alice')", [now])
         for kind, version, before in (("promote", 1, 0), ("rollback", 1, 2)):
             rid = db.execute("INSERT INTO rollouts (model, version, kind, actor, reason, started_ns, from_version,"
-                             " share) VALUES ('churn', ?, ?, 'bob', ?, ?, ?, 0)",
-                             [version, kind, f"{kind} test", now, before]).lastrowid
+                             " share) VALUES ('churn', ?, ?, 'bob', ?, ?, ?, 0) RETURNING id",
+                             [version, kind, f"{kind} test", now, before]).fetchone()[0]
             db.execute("INSERT INTO rollout_acks (rollout_id, agent_id, run_id, state, error, at_ns)"
                        " VALUES (?, 'edge-1', 'run-1', 'ok', '', ?)", [rid, now])
 

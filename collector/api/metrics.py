@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.metrics import Endpoints
+from collector.store.engine import Conn, StoreError
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 
@@ -93,7 +93,7 @@ class _StateCollector:
     def __init__(self, store: Any, agents: Any, auth: Any) -> None:
         self.store, self.agents, self.auth = store, agents, auth
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Conn | None = None
         self._closed = False
 
     def describe(self) -> list[Metric]:
@@ -139,20 +139,19 @@ class _StateCollector:
             try:
                 db = self._db()
                 families = [self._agent_info(db), *self._fleet_rows(db), self._alerts(db), *self._drift(db)]
-            except sqlite3.Error:  # e.g. the file went away: the live counters above still go out
+            except StoreError:  # e.g. the file went away: the live counters above still go out
                 log.exception("cannot read the collector's database for metrics")
                 families = []
         yield from families
 
-    def _db(self) -> sqlite3.Connection:
+    def _db(self) -> Conn:
         if self._closed:
-            raise sqlite3.ProgrammingError("collector metrics are closed")
-        if self._conn is None:
-            self._conn = sqlite3.connect(self.store.path, isolation_level=None, timeout=5, check_same_thread=False)
-            self._conn.execute("PRAGMA query_only=1")
+            raise StoreError("collector metrics are closed")
+        if self._conn is None:  # its own reader: a scrape never waits for a request's thread-local one
+            self._conn = self.store.engine.connect_reader()
         return self._conn
 
-    def _agent_info(self, db: sqlite3.Connection) -> Metric:
+    def _agent_info(self, db: Conn) -> Metric:
         info = GaugeMetricFamily("outrider_collector_agent_info", "1 per agent run connected now, with the "
                                  "model version it serves (and, if managed, the version it was told to serve)",
                                  labels=["agent_id", "model", "version", "managed", "desired_version"])
@@ -163,19 +162,21 @@ class _StateCollector:
                 info.add_metric([agent_id, model, version, "true" if managed else "false", desired], 1)
         return info
 
-    def _fleet_rows(self, db: sqlite3.Connection) -> list[Metric]:
+    def _fleet_rows(self, db: Conn) -> list[Metric]:
         rows = CounterMetricFamily("outrider_collector_rows", "rows summarised by agents in the windows "
                                    "stored, by model version", labels=["model", "version"])
         dropped = CounterMetricFamily("outrider_collector_dropped_rows", "rows agents could not summarise "
                                       "(their ring was full), as their stored windows report", labels=["model", "version"])
         # total(), not sum(): a float never overflows, where sum() over runs stored by an older collector could
-        for model, version, n, lost in db.execute("SELECT model_name, model_version, total(rows), total(dropped_rows)"
-                                                  " FROM agents GROUP BY model_name, model_version"):
+        d = db.dialect
+        for model, version, n, lost in db.execute(f"SELECT model_name, model_version, {d.total('rows')},"
+                                                  f" {d.total('dropped_rows')} FROM agents"
+                                                  " GROUP BY model_name, model_version"):
             rows.add_metric([model, version], n or 0)
             dropped.add_metric([model, version], lost or 0)
         return [rows, dropped]
 
-    def _alerts(self, db: sqlite3.Connection) -> Metric:
+    def _alerts(self, db: Conn) -> Metric:
         family = GaugeMetricFamily("outrider_collector_open_alerts", "alerts not resolved yet, by model and "
                                    "state (open, or acknowledged by an operator)", labels=["model", "state"])
         counts = {(m, s): n for m, s, n in db.execute(
@@ -187,7 +188,7 @@ class _StateCollector:
                 family.add_metric([model, state], counts.get((model, state), 0))
         return family
 
-    def _drift(self, db: sqlite3.Connection) -> list[Metric]:
+    def _drift(self, db: Conn) -> list[Metric]:
         labels = ["model", "version", "feature"]
         statistic = GaugeMetricFamily("outrider_collector_drift_statistic", "the latest drift evaluation's effect "
                                       "size per column: psi, ks (D), wasserstein (normalised by the reference "

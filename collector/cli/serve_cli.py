@@ -103,8 +103,6 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    import sqlite3
-
     from agent.errors import OutriderError
     from agent.metrics import start_for_cli
     from collector.api.metrics import CollectorMetrics
@@ -158,7 +156,7 @@ def serve_command(args: argparse.Namespace) -> int:
         except OSError as exc:
             flag = "--http" if "web page" in str(exc) else "--listen"
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with {flag}") from None
-        except (OutriderError, sqlite3.Error) as exc:
+        except OutriderError as exc:  # the store's errors too (collector.store.engine)
             raise UsageError(f"cannot use {db} as the collector's database: {_first_line(exc)}; "
                              "pass another --db") from None
         if auth is None:

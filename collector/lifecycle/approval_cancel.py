@@ -9,7 +9,7 @@ whether the caller is an admin.
 """
 from __future__ import annotations
 
-from sqlite_utils import Database
+from collector.store.engine import Conn
 
 from agent.errors import FailedPrecondition, NotFound, PermissionDenied
 from collector.lifecycle import approvals
@@ -17,7 +17,7 @@ from collector.store import audit
 from protos import collector_pb2 as pb
 
 
-def cancel(db: Database, approval_id: int, actor: str, reason: str, now_ns: int, *,
+def cancel(db: Conn, approval_id: int, actor: str, reason: str, now_ns: int, *,
            admin: bool = False) -> pb.Approval:
     found = db.execute("SELECT model, version, requested_by, state, decided_by FROM approvals WHERE id = ?",
                        [approval_id]).fetchone()

@@ -27,7 +27,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from sqlite_utils import Database
+from collector.store.engine import Conn
 
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from collector.base.auth import LOCAL
@@ -50,7 +50,7 @@ def check_reason(reason: str, what: str, required: bool = True) -> str:
     return reason
 
 
-def set_stage(db: Database, name: str, version: int, stage: str, actor: str, reason: str, now_ns: int) -> None:
+def set_stage(db: Conn, name: str, version: int, stage: str, actor: str, reason: str, now_ns: int) -> None:
     """candidate ↔ staging; any other move has its own command."""
     if stage not in STAGES:
         raise InvalidArgument(f"stage {stage!r} is not one of {', '.join(STAGES)}")
@@ -71,7 +71,7 @@ def set_stage(db: Database, name: str, version: int, stage: str, actor: str, rea
     stages.move(db, name, version, row["stage"], stage, actor, reason, now_ns)
 
 
-def _not_shadowed(db: Database, name: str, version: int, doing: str) -> None:
+def _not_shadowed(db: Conn, name: str, version: int, doing: str) -> None:
     if rollout.shadowed(db, name, version):
         raise FailedPrecondition(f"{name} version {version} runs in shadow; stop the shadow before {doing}: "
                                  f"outrider shadow stop {name} --reason TEXT")
@@ -83,7 +83,7 @@ def _not_retired(row: dict[str, Any], then: str = "") -> None:
                                  f"be promoted, served or given another stage{then}")
 
 
-def retire(db: Database, name: str, version: int, actor: str, reason: str, now_ns: int) -> None:
+def retire(db: Conn, name: str, version: int, actor: str, reason: str, now_ns: int) -> None:
     """archived → retired, for good: the version can never be promoted, served or restaged again
     (also enforced by a trigger); its record and audit rows stay, its artifact may be removed
     after the retention period (``Registry.remove_retired_artifacts``)."""
@@ -104,7 +104,7 @@ def _failed_checks(row: dict[str, Any]) -> list[str]:
     return [c["name"] for c in json.loads(row["gate"]).get("checks", []) if not c["passed"]]
 
 
-def request(db: Database, name: str, version: int, actor: str, reason: str, override: str,
+def request(db: Conn, name: str, version: int, actor: str, reason: str, override: str,
             now_ns: int) -> pb.Approval:
     """A pending request to make ``version`` production. ``override`` (non-empty only when an
     admin asked) lets a version whose gate did not pass be requested."""
@@ -125,10 +125,9 @@ def request(db: Database, name: str, version: int, actor: str, reason: str, over
         raise FailedPrecondition(
             f"the evaluation gate of {name} version {version} has not passed ({', '.join(_failed_checks(row))}); "
             "fix the model, or an admin may override with --override-gate REASON")
-    cursor = db.execute("INSERT INTO approvals (model, version, requested_by, requested_at, reason, state,"
-                        " gate_override) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
-                        [name, version, actor, now_ns, reason, override])
-    approval_id = cursor.lastrowid
+    approval_id = db.execute("INSERT INTO approvals (model, version, requested_by, requested_at, reason, state,"
+                             " gate_override) VALUES (?, ?, ?, ?, ?, 'pending', ?) RETURNING id",
+                             [name, version, actor, now_ns, reason, override]).fetchone()[0]
     if override:
         audit.append(db, actor, "model.gate_override", f"model/{name}/{version}", model_name=name,
                      before={"gate_passed": False, "failed": _failed_checks(row)},
@@ -139,7 +138,7 @@ def request(db: Database, name: str, version: int, actor: str, reason: str, over
     return get(db, approval_id)
 
 
-def decide(db: Database, approval_id: int, actor: str, approve: bool, reason: str, now_ns: int) -> pb.Approval:
+def decide(db: Conn, approval_id: int, actor: str, approve: bool, reason: str, now_ns: int) -> pb.Approval:
     """Approve (the version becomes production, the previous production version archived, and a
     rollout starts: kind "promote", or "rollback" for a rollback request) or reject a pending
     request. Nobody decides their own request. A shadow of the promoted version stops in the same
@@ -201,7 +200,7 @@ def own_request(approval_id: int, actor: str) -> str:
     return text
 
 
-def request_rollback(db: Database, name: str, to_version: int, actor: str, reason: str, now_ns: int) -> pb.Approval:
+def request_rollback(db: Conn, name: str, to_version: int, actor: str, reason: str, now_ns: int) -> pb.Approval:
     """A pending request (kind 'rollback') to make archived ``to_version`` production again (0: the
     version production before the current one, resolved now so that the approver sees which);
     ``decide`` carries it out when another person approves it. For the rollback policy, whose
@@ -211,29 +210,28 @@ def request_rollback(db: Database, name: str, to_version: int, actor: str, reaso
                          [name]).fetchone()
     if pending:
         raise FailedPrecondition(f"{name} already has a pending rollback request (approval {pending[0]})")
-    cursor = db.execute("INSERT INTO approvals (model, version, requested_by, requested_at, reason, state,"
-                        " gate_override, kind) VALUES (?, ?, ?, ?, ?, 'pending', '', 'rollback')",
-                        [name, target, actor, now_ns, reason])
-    approval_id = cursor.lastrowid
+    approval_id = db.execute("INSERT INTO approvals (model, version, requested_by, requested_at, reason, state,"
+                             " gate_override, kind) VALUES (?, ?, ?, ?, ?, 'pending', '', 'rollback') RETURNING id",
+                             [name, target, actor, now_ns, reason]).fetchone()[0]
     audit.append(db, actor, "approval.request", f"approval/{approval_id}", model_name=name, before=None,
                  after={"state": "pending", "model": name, "version": target, "stage": "production",
                         "kind": "rollback", "from_version": current}, reason=reason, now_ns=now_ns)
     return get(db, approval_id)
 
 
-def get(db: Database, approval_id: int) -> pb.Approval:
+def get(db: Conn, approval_id: int) -> pb.Approval:
     rows = list(db.query("SELECT * FROM approvals WHERE id = ?", [approval_id]))
     if not rows:
         raise NotFound(f"there is no approval {approval_id}")
     return _message(rows[0])
 
 
-def listing(db: Database, include_decided: bool = False, model_name: str = "") -> list[pb.Approval]:
+def listing(db: Conn, include_decided: bool = False, model_name: str = "") -> list[pb.Approval]:
     """Pending requests (every request with ``include_decided``), of ``model_name`` if given, oldest first."""
     return [a for _, a in listing_rows(db, include_decided, model_name)]
 
 
-def listing_rows(db: Database, include_decided: bool = False, model_name: str = "", *,
+def listing_rows(db: Conn, include_decided: bool = False, model_name: str = "", *,
                  after_id: int = 0) -> Iterator[tuple[tuple[int], pb.Approval]]:
     """``listing`` read lazily as ((id,), approval); ``after_id``: only later requests."""
     where, params = ["id > ?"], [after_id]

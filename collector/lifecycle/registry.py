@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlite_utils import Database
+from collector.store.engine import Conn
 
 from agent import feature_names as naming
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -188,7 +188,7 @@ class Registry:
                                self.policy)
         now = time.time_ns()
 
-        def save(db: Database) -> None:
+        def save(db: Conn) -> None:
             before = db.execute("SELECT gate_passed, gate FROM model_versions WHERE name = ? AND version = ?",
                                 [name, row["version"]]).fetchone()
             db.execute("UPDATE model_versions SET gate = ?, gate_passed = ?, gated_ns = ? WHERE name = ? AND version = ?",
@@ -211,7 +211,7 @@ class Registry:
         Returns the (name, version) pairs marked. Called by the collector's rollup loop."""
         cutoff = now_ns - int(retention_seconds * 1e9)
 
-        def mark(db: Database) -> list[tuple[str, int, str]]:
+        def mark(db: Conn) -> list[tuple[str, int, str]]:
             due = db.execute("SELECT name, version, sha256, retired_ns FROM model_versions WHERE stage = 'retired'"
                              " AND artifact_removed_ns = 0 AND retired_ns <= ? ORDER BY name, version",
                              [cutoff]).fetchall()
@@ -302,7 +302,7 @@ class Registry:
     def show(self, name: str, version: int = 0) -> pb.ModelVersion:
         return _message(self._row(self.store.read(), name, version))
 
-    def _row(self, db: Database, name: str, version: int) -> dict[str, Any]:
+    def _row(self, db: Conn, name: str, version: int) -> dict[str, Any]:
         validate_model_key(name, "-", self.limits)
         if version:
             rows = list(db.query(f"{_SELECT} WHERE v.name = ? AND v.version = ?", [name, version]))
@@ -319,21 +319,22 @@ _SELECT = ("SELECT v.*, p.model_name IS NOT NULL AS has_profile FROM model_versi
            " ON p.model_name = v.name AND p.model_version = CAST(v.version AS TEXT)")
 
 
-def _insert(db: Database, meta: pb.RegisterMetadata, schema: dict[str, Any], names: dict[str, list[str]],
+def _insert(db: Conn, meta: pb.RegisterMetadata, schema: dict[str, Any], names: dict[str, list[str]],
             metrics: dict[str, float], profile: summary_pb2.ReferenceProfile | None, actor: str, now_ns: int) -> int:
     version = db.execute("SELECT coalesce(max(version), 0) + 1 FROM model_versions WHERE name = ?",
                          [meta.name]).fetchone()[0]
     lineage = {"data_name": profile.data_name, "data_sha256": profile.data_sha256,
                "data_rows": profile.rows} if profile is not None else {}
-    db["model_versions"].insert({
+    db.insert("model_versions", {
         "name": meta.name, "version": version, "sha256": meta.sha256, "size": meta.size,
         "schema": json.dumps(schema), "metrics": json.dumps(metrics), "registered_by": actor,
         "registered_ns": now_ns, "stage": "candidate", "stage_ns": now_ns, "feature_names": naming.to_json(names),
         **lineage})
     if profile is not None:  # the version's drift reference
-        db["profiles"].insert({"model_name": meta.name, "model_version": str(version),
+        db.upsert("profiles", {"model_name": meta.name, "model_version": str(version),
                                "body": profile.SerializeToString(), "data_sha256": profile.data_sha256,
-                               "rows": profile.rows, "attached_ns": now_ns, "attached_by": actor}, replace=True)
+                               "rows": profile.rows, "attached_ns": now_ns, "attached_by": actor},
+                  key=["model_name", "model_version"])
     audit.append(db, actor, "model.register", f"model/{meta.name}/{version}", model_name=meta.name,
                  after={"version": version, "sha256": meta.sha256, "size": meta.size, "metrics": metrics,
                         **lineage}, now_ns=now_ns)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from google.protobuf import json_format
-from sqlite_utils import Database
+from collector.store.engine import Conn
 
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from collector.store import audit
@@ -32,20 +32,20 @@ STATS = ("rows", "p_adjusted", "psi", "ks_d", "ks_p", "wasserstein", "chi2", "ch
          "missing_rate", "reference_missing_rate")
 
 
-def get(db: Database, request_id: int) -> pb.RetrainingRequest:
+def get(db: Conn, request_id: int) -> pb.RetrainingRequest:
     rows = list(db.query("SELECT * FROM retraining_requests WHERE id = ?", [request_id]))
     if not rows:
         raise NotFound(f"there is no retraining request {request_id}; list them with: outrider retrain list --all")
     return _message(rows[0])
 
 
-def listing(db: Database, include_closed: bool = False, model_name: str = "") -> list[pb.RetrainingRequest]:
+def listing(db: Conn, include_closed: bool = False, model_name: str = "") -> list[pb.RetrainingRequest]:
     """Open and accepted requests (every request with ``include_closed``), of ``model_name`` if given,
     oldest first."""
     return [r for _, r in listing_rows(db, include_closed, model_name)]
 
 
-def listing_rows(db: Database, include_closed: bool = False, model_name: str = "", *,
+def listing_rows(db: Conn, include_closed: bool = False, model_name: str = "", *,
                  after_id: int = 0) -> Iterator[tuple[tuple[int], pb.RetrainingRequest]]:
     """``listing`` read lazily as ((id,), request); ``after_id``: only later requests."""
     where, params = ["id > ?"], [after_id]
@@ -58,13 +58,13 @@ def listing_rows(db: Database, include_closed: bool = False, model_name: str = "
         yield (r["id"],), _message(r)
 
 
-def active(db: Database, model: str, version: str) -> int | None:
+def active(db: Conn, model: str, version: str) -> int | None:
     row = db.execute("SELECT id FROM retraining_requests WHERE model = ? AND version = ?"
                      " AND state IN ('open', 'accepted')", [model, version]).fetchone()
     return row[0] if row else None
 
 
-def open_request(db: Database, model: str, version: str, actor: str, reason: str, evidence: dict[str, Any],
+def open_request(db: Conn, model: str, version: str, actor: str, reason: str, evidence: dict[str, Any],
                  now_ns: int) -> pb.RetrainingRequest:
     existing = active(db, model, version)
     if existing is not None:
@@ -73,17 +73,18 @@ def open_request(db: Database, model: str, version: str, actor: str, reason: str
     evidence = {"model_version": version, **evidence}
     request_id = db.execute(
         "INSERT INTO retraining_requests (model, version, state, opened_by, opened_ns, reason, evidence)"
-        " VALUES (?, ?, 'open', ?, ?, ?, ?)", [model, version, actor, now_ns, reason, json.dumps(evidence)]).lastrowid
+        " VALUES (?, ?, 'open', ?, ?, ?, ?) RETURNING id",
+        [model, version, actor, now_ns, reason, json.dumps(evidence)]).fetchone()[0]
     audit.append(db, actor, "retraining.open", f"retraining/{request_id}", model_name=model, before=None,
                  after={"state": OPEN, "model": model, "version": version}, reason=reason, now_ns=now_ns)
     return get(db, request_id)
 
 
-def _registered_versions(db: Database, model: str) -> dict[int, int]:
+def _registered_versions(db: Conn, model: str) -> dict[int, int]:
     return dict(db.execute("SELECT version, registered_ns FROM model_versions WHERE name = ?", [model]).fetchall())
 
 
-def change(db: Database, request_id: int, state: str, actor: str, reason: str, now_ns: int,
+def change(db: Conn, request_id: int, state: str, actor: str, reason: str, now_ns: int,
            completed_version: int = 0) -> pb.RetrainingRequest:
     """Move a request to ``state`` (accepted, completed, rejected, cancelled) if the machine allows it."""
     current = get(db, request_id)
@@ -131,7 +132,7 @@ def drift_evidence(evaluation: pb.DriftEvaluation, alert_ids: list[int]) -> dict
             "evaluation_id": evaluation.id, "alerts": alert_ids}
 
 
-def policy(db: Database, evaluation: pb.DriftEvaluation, after_evaluations: int,
+def policy(db: Conn, evaluation: pb.DriftEvaluation, after_evaluations: int,
            now_ns: int) -> pb.RetrainingRequest | None:
     """Open a request for the evaluated model version when one of its drift alerts has stayed
     open (or acknowledged) for ``after_evaluations`` consecutive evaluations, unless one is
@@ -162,7 +163,7 @@ def policy(db: Database, evaluation: pb.DriftEvaluation, after_evaluations: int,
     return open_request(db, model, version, audit.COLLECTOR, reason, drift_evidence(evaluation, long_open), now_ns)
 
 
-def _replaced(db: Database, model: str, version: str) -> bool:
+def _replaced(db: Conn, model: str, version: str) -> bool:
     """A registered version that is no longer production while another one is."""
     if not version.isdigit():
         return False  # served from a file, not from the registry: its stage is unknown

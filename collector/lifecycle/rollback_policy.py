@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import json_format
-from sqlite_utils import Database
+from collector.store.engine import Conn
 
 from agent.errors import InvalidArgument, OutriderError
 from collector.lifecycle import approvals, rollout
@@ -79,7 +78,7 @@ class RollbackOutcome:
     rollout_id: int = 0
 
 
-def _promotion(db: Database, model: str, version: str) -> tuple[int, int] | None:
+def _promotion(db: Conn, model: str, version: str) -> tuple[int, int] | None:
     """(production version, promoted_ns) when ``version`` is production and a promotion made it so."""
     prod = db.execute("SELECT version, stage_ns FROM model_versions WHERE name = ? AND stage = 'production'",
                       [model]).fetchone()
@@ -98,7 +97,7 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _severe_alerts(db: Database, evaluation: pb.DriftEvaluation, since_ns: int) -> list[dict[str, Any]]:
+def _severe_alerts(db: Conn, evaluation: pb.DriftEvaluation, since_ns: int) -> list[dict[str, Any]]:
     predictions = {c.name for c in evaluation.columns if c.role == summary_pb2.ColumnSummary.PREDICTION}
     rows = db.execute("SELECT id, kind, column, summary, opened_ns, evaluation_id FROM alerts WHERE model_name = ?"
                       " AND model_version = ? AND state != 'resolved' AND opened_ns >= ? ORDER BY id",
@@ -109,12 +108,12 @@ def _severe_alerts(db: Database, evaluation: pb.DriftEvaluation, since_ns: int) 
             if kind == "performance" or column in predictions]
 
 
-def _already_asked(db: Database, model: str, promoted_ns: int) -> bool:
+def _already_asked(db: Conn, model: str, promoted_ns: int) -> bool:
     return db.execute("SELECT 1 FROM approvals WHERE model = ? AND kind = 'rollback' AND (state = 'pending'"
                       " OR requested_at >= ?) LIMIT 1", [model, promoted_ns]).fetchone() is not None
 
 
-def apply(db: Database, evaluation: pb.DriftEvaluation, policy: RollbackPolicy,
+def apply(db: Conn, evaluation: pb.DriftEvaluation, policy: RollbackPolicy,
           now_ns: int) -> RollbackOutcome | None:
     """Inside the writer's transaction, after ``alerts.record``: request or make a rollback when the
     policy says so (see the module doc). A rollback that cannot be made (e.g. the previous version
@@ -157,13 +156,13 @@ def apply(db: Database, evaluation: pb.DriftEvaluation, policy: RollbackPolicy,
         audit.append(db, audit.COLLECTOR, "rollback.policy", f"model/{model}/{current}", model_name=model,
                      before={"production": current}, after={"action": policy.action, **made, "evidence": evidence},
                      reason=reason, now_ns=now_ns)
-    except (OutriderError, sqlite3.IntegrityError) as exc:
-        db.execute("ROLLBACK TO rollback_policy")
+    except OutriderError as exc:  # the store's integrity errors (collector.store.engine) are OutriderErrors
+        db.execute("ROLLBACK TO SAVEPOINT rollback_policy")
         log.warning("rollback policy for %s version %d could not %s: %s", model, current,
                     "roll back" if policy.action == "act" else "request a rollback", exc)
         return None
     finally:
-        db.execute("RELEASE rollback_policy")
+        db.execute("RELEASE SAVEPOINT rollback_policy")
     return outcome
 
 

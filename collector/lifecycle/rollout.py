@@ -49,7 +49,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from sqlite_utils import Database
+from collector.store.dialect import NO_LIMIT
+from collector.store.engine import Conn
 
 from agent import reference
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, OutriderError
@@ -82,20 +83,20 @@ class Planned(NamedTuple):
 # ------------------------------------------------------------------ desired state
 
 
-def production(db: Database, model: str) -> dict[str, Any] | None:
+def production(db: Conn, model: str) -> dict[str, Any] | None:
     rows = list(db.query("SELECT version, sha256, size, schema, feature_names FROM model_versions WHERE name = ?"
                          " AND stage = 'production'", [model]))
     return rows[0] if rows else None
 
 
-def current_shadow(db: Database, model: str) -> dict[str, Any] | None:
+def current_shadow(db: Conn, model: str) -> dict[str, Any] | None:
     rows = list(db.query("SELECT s.version, s.share, s.started_ns, s.actor, v.sha256, v.size, v.schema, v.feature_names"
                          " FROM shadows s JOIN model_versions v ON v.name = s.model AND v.version = s.version"
                          " WHERE s.model = ?", [model]))
     return rows[0] if rows else None
 
 
-def _latest(db: Database, model: str, family: str) -> dict[str, Any] | None:
+def _latest(db: Conn, model: str, family: str) -> dict[str, Any] | None:
     kinds = [k for k, f in FAMILY.items() if f == family]
     rows = list(db.query(f"SELECT * FROM rollouts WHERE model = ? AND kind IN ({', '.join('?' * len(kinds))})"
                          " ORDER BY id DESC LIMIT 1", [model, *kinds]))
@@ -117,7 +118,7 @@ def _planned(kind: str, args: dict[str, str], rollout_id: int) -> Planned:
     return Planned(pb.Command(id=command_id, kind=kind, args=args), rollout_id)
 
 
-def serve_command(db: Database, model: str) -> Planned | None:
+def serve_command(db: Conn, model: str) -> Planned | None:
     """"serve" the production version; None while the model has none."""
     prod = production(db, model)
     if prod is None:
@@ -127,7 +128,7 @@ def serve_command(db: Database, model: str) -> Planned | None:
     return _planned("serve", _args(prod), rollout_id)
 
 
-def shadow_command(db: Database, model: str, shadow_running: bool = True) -> Planned | None:
+def shadow_command(db: Conn, model: str, shadow_running: bool = True) -> Planned | None:
     """"shadow" the model's shadow version; else "unshadow" when ``shadow_running`` (or when the
     newest shadow-family rollout was an unshadow); None when there is nothing to say."""
     latest = _latest(db, model, SHADOW)
@@ -142,7 +143,7 @@ def shadow_command(db: Database, model: str, shadow_running: bool = True) -> Pla
     return _planned("unshadow", {}, latest["id"] if unshadowed else 0)
 
 
-def reference_command(db: Database, model: str, version: str, *, always: bool = False) -> Planned | None:
+def reference_command(db: Conn, model: str, version: str, *, always: bool = False) -> Planned | None:
     """"reference": the projection of ``version``'s profile; None when it has none (unless ``always``:
     an empty projection then tells agents to stop using the one they have)."""
     row = db.execute("SELECT body FROM profiles WHERE model_name = ? AND model_version = ?",
@@ -156,7 +157,7 @@ def reference_command(db: Database, model: str, version: str, *, always: bool = 
     return Planned(command, 0)
 
 
-def hello_commands(db: Database, hello: pb.Hello) -> list[Planned]:
+def hello_commands(db: Conn, hello: pb.Hello) -> list[Planned]:
     """What a managed agent is told when it says hello: serve production (if any), and its shadow
     (or unshadow when its Hello says a shadow runs but none is set)."""
     running = hello.HasField("model_state") and bool(hello.model_state.shadow_version)
@@ -164,20 +165,20 @@ def hello_commands(db: Database, hello: pb.Hello) -> list[Planned]:
     return _with_reference(db, hello.model_name, [p for p in planned if p is not None])
 
 
-def family_commands(db: Database, model: str, family: str) -> list[Planned]:
+def family_commands(db: Conn, model: str, family: str) -> list[Planned]:
     """What every live managed agent of ``model`` is told after a change in ``family``."""
     planned = serve_command(db, model) if family == SERVE else shadow_command(db, model)
     return _with_reference(db, model, [planned] if planned is not None else [])
 
 
-def _with_reference(db: Database, model: str, planned: list[Planned]) -> list[Planned]:
+def _with_reference(db: Conn, model: str, planned: list[Planned]) -> list[Planned]:
     """The served version's reference first, so that its session has the projection from its first window."""
     serve = next((p for p in planned if p.command.kind == "serve"), None)
     first = reference_command(db, model, serve.command.args["version"]) if serve is not None else None
     return [first, *planned] if first is not None else planned
 
 
-def record_sent(db: Database, runs: Iterable[tuple[str, str]], planned: list[Planned]) -> None:
+def record_sent(db: Conn, runs: Iterable[tuple[str, str]], planned: list[Planned]) -> None:
     """A pending ack per run for each rollout command, and the runs' desired version."""
     serve = next((p for p in planned if p.command.kind == "serve"), None)
     for agent_id, run_id in runs:
@@ -194,10 +195,10 @@ def record_sent(db: Database, runs: Iterable[tuple[str, str]], planned: list[Pla
 # ------------------------------------------------------------------ answers
 
 
-def record_state(db: Database, agent_id: str, run_id: str, state: pb.ModelState, now_ns: int) -> None:
+def record_state(db: Conn, agent_id: str, run_id: str, state: pb.ModelState, now_ns: int) -> None:
     """What the agent serves now, and its answer to the rollout the command belonged to."""
     error = "" if state.ok else clean_text(state.error or "failed without saying why", MAX_ERROR_CHARS)
-    db["agents"].insert({"agent_id": agent_id, "run_id": run_id, "first_seen_ns": now_ns}, ignore=True)
+    db.insert("agents", {"agent_id": agent_id, "run_id": run_id, "first_seen_ns": now_ns}, ignore=True)
     db.execute("UPDATE agents SET model_version = ?, model_sha256 = ?, model_error = ?, shadow_version = ?,"
                " shadow_share = ?, last_seen_ns = ? WHERE agent_id = ? AND run_id = ?",
                [state.model_version, state.model_sha256, error, state.shadow_version, state.shadow_share, now_ns,
@@ -209,25 +210,24 @@ def record_state(db: Database, agent_id: str, run_id: str, state: pb.ModelState,
         log.warning("agent %s answered unknown command %s", agent_id, state.command_id)
         return
     db.execute("INSERT INTO rollout_acks (rollout_id, agent_id, run_id, state, error, at_ns) VALUES (?, ?, ?, ?, ?, ?)"
-               " ON CONFLICT DO UPDATE SET state = excluded.state, error = excluded.error, at_ns = excluded.at_ns",
+               " ON CONFLICT (rollout_id, agent_id, run_id) DO UPDATE SET state = excluded.state, error = excluded.error, at_ns = excluded.at_ns",
                [int(number), agent_id, run_id, "ok" if state.ok else "failed", error, now_ns])
 
 
 # ------------------------------------------------------------------ changes
 
 
-def start_rollout(db: Database, model: str, version: int, kind: str, actor: str, reason: str, now_ns: int,
+def start_rollout(db: Conn, model: str, version: int, kind: str, actor: str, reason: str, now_ns: int,
                   from_version: int = 0, share: float = 0.0) -> int:
     """Record a rollout (inside the caller's write transaction); push it after the commit."""
     if kind not in FAMILY:
         raise InvalidArgument(f"rollout kind {kind!r} is not one of {', '.join(FAMILY)}")
-    cursor = db.execute("INSERT INTO rollouts (model, version, kind, actor, reason, started_ns, from_version, share)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        [model, version, kind, actor, reason, now_ns, from_version, share])
-    return cursor.lastrowid
+    return db.execute("INSERT INTO rollouts (model, version, kind, actor, reason, started_ns, from_version, share)"
+                      " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                      [model, version, kind, actor, reason, now_ns, from_version, share]).fetchone()[0]
 
 
-def previous_production(db: Database, name: str, current: int) -> int:
+def previous_production(db: Conn, name: str, current: int) -> int:
     """The version that was production before ``current``: the from_version of the rollout that made
     it production (or, for promotions older than rollouts, the version archived most recently)."""
     made = db.execute("SELECT from_version FROM rollouts WHERE model = ? AND version = ? AND kind IN"
@@ -239,7 +239,7 @@ def previous_production(db: Database, name: str, current: int) -> int:
     return archived[0] if archived else 0
 
 
-def rollback_target(db: Database, name: str, to_version: int) -> tuple[int, int]:
+def rollback_target(db: Conn, name: str, to_version: int) -> tuple[int, int]:
     """(current production, target) of a rollback, checked: the target is archived, never retired."""
     known = db.execute("SELECT 1 FROM model_versions WHERE name = ? LIMIT 1", [name]).fetchone()
     if known is None:
@@ -268,7 +268,7 @@ def rollback_target(db: Database, name: str, to_version: int) -> tuple[int, int]
     return current, target
 
 
-def rollback(db: Database, name: str, to_version: int, actor: str, reason: str, now_ns: int) -> int:
+def rollback(db: Conn, name: str, to_version: int, actor: str, reason: str, now_ns: int) -> int:
     """Make an archived version production again at once (the current one archived), in the caller's
     write transaction with its audit row; returns the rollout id (push it after the commit).
     ``to_version`` 0: the version that was production before the current one."""
@@ -292,7 +292,7 @@ def check_share(share: float) -> float:
     return share
 
 
-def set_shadow(db: Database, name: str, version: int, share: float, actor: str, reason: str, now_ns: int) -> int:
+def set_shadow(db: Conn, name: str, version: int, share: float, actor: str, reason: str, now_ns: int) -> int:
     """Put staging ``version`` in shadow on the model's agents (replacing any shadow); returns the rollout id."""
     check_share(share)
     row = stages.version(db, name, version)
@@ -310,7 +310,7 @@ def set_shadow(db: Database, name: str, version: int, share: float, actor: str, 
     return rollout_id
 
 
-def clear_shadow(db: Database, name: str, actor: str, reason: str, now_ns: int) -> int:
+def clear_shadow(db: Conn, name: str, actor: str, reason: str, now_ns: int) -> int:
     """Stop the model's shadow on its agents; returns the rollout id."""
     before = current_shadow(db, name)
     if before is None:
@@ -318,7 +318,7 @@ def clear_shadow(db: Database, name: str, actor: str, reason: str, now_ns: int) 
     return _unshadow(db, name, before, actor, reason, now_ns)
 
 
-def clear_shadow_of(db: Database, name: str, versions: Iterable[int], actor: str, reason: str, now_ns: int) -> int:
+def clear_shadow_of(db: Conn, name: str, versions: Iterable[int], actor: str, reason: str, now_ns: int) -> int:
     """Stop the model's shadow if it runs one of ``versions`` (which are leaving staging); returns the
     unshadow rollout's id (push it after the commit), or 0 when no such shadow runs."""
     before = current_shadow(db, name)
@@ -327,12 +327,12 @@ def clear_shadow_of(db: Database, name: str, versions: Iterable[int], actor: str
     return _unshadow(db, name, before, actor, reason, now_ns)
 
 
-def shadowed(db: Database, name: str, version: int) -> bool:
+def shadowed(db: Conn, name: str, version: int) -> bool:
     row = db.execute("SELECT 1 FROM shadows WHERE model = ? AND version = ?", [name, version]).fetchone()
     return row is not None
 
 
-def _unshadow(db: Database, name: str, before: dict[str, Any], actor: str, reason: str, now_ns: int) -> int:
+def _unshadow(db: Conn, name: str, before: dict[str, Any], actor: str, reason: str, now_ns: int) -> int:
     db.execute("DELETE FROM shadows WHERE model = ?", [name])
     rollout_id = start_rollout(db, name, before["version"], "unshadow", actor, reason, now_ns)
     audit.append(db, actor, "model.unshadow", f"model/{name}/{before['version']}", model_name=name,
@@ -344,19 +344,19 @@ def _unshadow(db: Database, name: str, before: dict[str, Any], actor: str, reaso
 # ------------------------------------------------------------------ reads
 
 
-def get(db: Database, rollout_id: int) -> pb.Rollout:
+def get(db: Conn, rollout_id: int) -> pb.Rollout:
     rows = list(db.query("SELECT * FROM rollouts WHERE id = ?", [rollout_id]))
     if not rows:
         raise NotFound(f"there is no rollout {rollout_id}; list them with: outrider rollouts")
     return _message(db, rows[0])
 
 
-def listing(db: Database, model: str = "", limit: int = DEFAULT_LIST_LIMIT) -> list[pb.Rollout]:
+def listing(db: Conn, model: str = "", limit: int = DEFAULT_LIST_LIMIT) -> list[pb.Rollout]:
     """The newest ``limit`` rollouts (of ``model``), newest first, with their acks."""
     return [r for _, r in itertools.islice(listing_rows(db, model, limit=limit), limit)]
 
 
-def listing_rows(db: Database, model: str = "", *, before_id: int = 0,
+def listing_rows(db: Conn, model: str = "", *, before_id: int = 0,
                  limit: int | None = None) -> Iterator[tuple[tuple[int], pb.Rollout]]:
     """``listing`` read lazily as ((id,), rollout); ``before_id``: only older rollouts."""
     where, params = ["id < ?"], [before_id or 2**63 - 1]
@@ -364,11 +364,11 @@ def listing_rows(db: Database, model: str = "", *, before_id: int = 0,
         where.append("model = ?")
         params.append(model)
     for r in db.query(f"SELECT * FROM rollouts WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
-                      [*params, -1 if limit is None else limit + 1]):
+                      [*params, NO_LIMIT if limit is None else limit + 1]):
         yield (r["id"],), _message(db, r)
 
 
-def _message(db: Database, r: dict[str, Any]) -> pb.Rollout:
+def _message(db: Conn, r: dict[str, Any]) -> pb.Rollout:
     acks = [pb.Rollout.AgentAck(agent_id=a["agent_id"], run_id=a["run_id"], state=a["state"], error=a["error"],
                                 unix_nano=a["at_ns"])
             for a in db.query("SELECT * FROM rollout_acks WHERE rollout_id = ? ORDER BY agent_id, run_id", [r["id"]])]
@@ -377,7 +377,7 @@ def _message(db: Database, r: dict[str, Any]) -> pb.Rollout:
                       agents=acks, share=r["share"])
 
 
-def artifact_chunks(db: Database, artifacts: ArtifactStore, name: str, version: int,
+def artifact_chunks(db: Conn, artifacts: ArtifactStore, name: str, version: int,
                     limits: Limits = Limits()) -> Iterator[pb.ArtifactChunk]:
     """A version's artifact in CHUNK_BYTES chunks, the first with its size and sha256. Every check
     happens before the first chunk, so a refusal is a clean status."""

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlite_utils import Database
+from collector.store.engine import Conn
 
 from agent.errors import InvalidArgument, NotFound
 from collector.store import audit
 
 
-def version(db: Database, name: str, version: int) -> dict[str, Any]:
+def version(db: Conn, name: str, version: int) -> dict[str, Any]:
     """The row of ``version`` of ``name`` (stage and gate); NotFound when there is none."""
     if not version:
         raise InvalidArgument("a version number is required")
@@ -25,7 +25,7 @@ def version(db: Database, name: str, version: int) -> dict[str, Any]:
     return rows[0]
 
 
-def move(db: Database, name: str, version: int, before: str, after: str, actor: str, reason: str,
+def move(db: Conn, name: str, version: int, before: str, after: str, actor: str, reason: str,
          now_ns: int) -> None:
     """Move ``version`` of ``name`` from stage ``before`` to ``after``, with its audit row."""
     db.execute("UPDATE model_versions SET stage = ?, stage_ns = ? WHERE name = ? AND version = ?",

@@ -1,6 +1,6 @@
 """Drift policies, evaluations, alert machines and alerts in the collector's SQLite file.
 
-Plain functions over a sqlite-utils ``Database``: writers run on the store's
+Plain functions over a store connection (``collector.store.engine.Conn``): writers run on the store's
 writer thread (``Store.write(fn)``), readers on a read connection
 (``Store.read()``). Every change is audited (``collector.store.audit``) in the same
 transaction. The alert machine itself is ``collector.monitoring.drift.AlertTracker``;
@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from google.protobuf import json_format
-from sqlite_utils import Database
+from collector.store.dialect import NO_LIMIT
+from collector.store.engine import Conn
 
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from collector.monitoring.drift import AlertTracker, DriftConfig
@@ -40,7 +41,7 @@ UNSERVED_SECONDS = 900.0  # no connected agent and no window of a version for th
 
 # ------------------------------------------------------------ drift policy
 
-def get_config(db: Database, model_name: str) -> tuple[DriftConfig, bool]:
+def get_config(db: Conn, model_name: str) -> tuple[DriftConfig, bool]:
     """The model's policy and whether it is the default (nothing stored)."""
     row = db.execute("SELECT config FROM drift_configs WHERE model_name = ?", [model_name]).fetchone()
     if row is None:
@@ -56,11 +57,11 @@ def parse_config(text: str) -> DriftConfig:
     return DriftConfig.from_dict(data)
 
 
-def set_config(db: Database, model_name: str, config: DriftConfig, actor: str, now_ns: int) -> None:
+def set_config(db: Conn, model_name: str, config: DriftConfig, actor: str, now_ns: int) -> None:
     """Replace the model's policy, audited (before: the policy in force, defaults included)."""
     before, _ = get_config(db, model_name)
-    db["drift_configs"].insert({"model_name": model_name, "config": json.dumps(config.to_dict()),
-                                "updated_ns": now_ns, "updated_by": actor}, replace=True)
+    db.upsert("drift_configs", {"model_name": model_name, "config": json.dumps(config.to_dict()),
+                                "updated_ns": now_ns, "updated_by": actor}, key=["model_name"])
     audit.append(db, actor, "drift_config.set", f"model/{model_name}", model_name=model_name,
                  before=before.to_dict(), after=config.to_dict(), now_ns=now_ns)
 
@@ -70,7 +71,7 @@ def set_config(db: Database, model_name: str, config: DriftConfig, actor: str, n
 Connected = Callable[[str, str], bool]  # (agent_id, run_id) -> its stream is open now
 
 
-def served(db: Database, model_name: str, model_version: str, now_ns: int, connected: Connected | None = None,
+def served(db: Conn, model_name: str, model_version: str, now_ns: int, connected: Connected | None = None,
            quiet_seconds: float = UNSERVED_SECONDS) -> bool:
     """Whether a version is still served: a connected agent reports it, or one of its windows
     (raw or rolled up) ended within the last ``quiet_seconds``. ``connected`` (the collector's
@@ -85,18 +86,18 @@ def served(db: Database, model_name: str, model_version: str, now_ns: int, conne
                           since).fetchone() for table in ("windows", "rollups"))
 
 
-def record(db: Database, evaluation: pb.DriftEvaluation, k: int, now_ns: int, *,
+def record(db: Conn, evaluation: pb.DriftEvaluation, k: int, now_ns: int, *,
            is_served: bool = True) -> list[pb.Alert]:
     """Store one evaluation, step the model version's alert machine with it, and
     open or resolve alerts; returns the alerts that changed (for the webhook).
     A version no longer served (``is_served`` False: see ``served``) does not step
     its machine: its open alerts are resolved with that reason (``resolve_unserved``)."""
     drifted = sum(c.drifted for c in evaluation.columns)
-    evaluation.id = db["evaluations"].insert({
+    evaluation.id = db.insert("evaluations", {
         "model_name": evaluation.model_name, "model_version": evaluation.model_version,
         "evaluated_ns": evaluation.evaluated_unix_nano, "evaluated": int(evaluation.evaluated),
-        "drifted_columns": drifted, "body": b""}).last_pk
-    db["evaluations"].update(evaluation.id, {"body": evaluation.SerializeToString()})
+        "drifted_columns": drifted, "body": b""}, returning="id")
+    db.update("evaluations", {"id": evaluation.id}, {"body": evaluation.SerializeToString()})
     if not is_served:
         return resolve_unserved(db, evaluation.model_name, evaluation.model_version, now_ns)
     if not evaluation.evaluated:
@@ -112,25 +113,25 @@ def record(db: Database, evaluation: pb.DriftEvaluation, k: int, now_ns: int, *,
             changed.append(_open(db, evaluation, column, now_ns))
         else:
             changed.extend(_resolve(db, evaluation, column, k, now_ns))
-    db["alert_trackers"].insert({"model_name": key[0], "model_version": key[1],
-                                 "state": json.dumps(tracker.to_dict())}, replace=True)
+    db.upsert("alert_trackers", {"model_name": key[0], "model_version": key[1],
+                                 "state": json.dumps(tracker.to_dict())}, key=["model_name", "model_version"])
     return changed
 
 
-def _open(db: Database, evaluation: pb.DriftEvaluation, column: str, now_ns: int) -> pb.Alert:
+def _open(db: Conn, evaluation: pb.DriftEvaluation, column: str, now_ns: int) -> pb.Alert:
     col = next(c for c in evaluation.columns if c.name == column)
     kind = column if column in ("performance", "estimated_performance") else "drift"
-    alert_id = db["alerts"].insert({
+    alert_id = db.insert("alerts", {
         "model_name": evaluation.model_name, "model_version": evaluation.model_version, "column": column,
         "kind": kind, "state": OPEN, "opened_ns": now_ns, "summary": col.reason,
-        "evaluation_id": evaluation.id}).last_pk
+        "evaluation_id": evaluation.id}, returning="id")
     audit.append(db, audit.COLLECTOR, "alert.open", f"alert/{alert_id}", model_name=evaluation.model_name,
                  after={"state": OPEN, "model_version": evaluation.model_version, "column": column, "kind": kind,
                         "evaluation_id": evaluation.id}, reason=col.reason, now_ns=now_ns)
     return alert(db, alert_id)
 
 
-def _resolve(db: Database, evaluation: pb.DriftEvaluation, column: str, k: int, now_ns: int) -> list[pb.Alert]:
+def _resolve(db: Conn, evaluation: pb.DriftEvaluation, column: str, k: int, now_ns: int) -> list[pb.Alert]:
     rows = db.execute(
         "SELECT id, state FROM alerts WHERE model_name = ? AND model_version = ? AND column = ? AND state != ?",
         [evaluation.model_name, evaluation.model_version, column, RESOLVED]).fetchall()
@@ -146,13 +147,13 @@ def clean_reason(column: str, k: int, evaluation_id: int) -> str:
     return f"{column} clean for {times} (the last: evaluation {evaluation_id})"
 
 
-def _resolve_one(db: Database, alert_id: int, state: str, model_name: str, reason: str, now_ns: int) -> None:
-    db["alerts"].update(alert_id, {"state": RESOLVED, "resolved_ns": now_ns, "resolved_reason": reason})
+def _resolve_one(db: Conn, alert_id: int, state: str, model_name: str, reason: str, now_ns: int) -> None:
+    db.update("alerts", {"id": alert_id}, {"state": RESOLVED, "resolved_ns": now_ns, "resolved_reason": reason})
     audit.append(db, audit.COLLECTOR, "alert.resolve", f"alert/{alert_id}", model_name=model_name,
                  before={"state": state}, after={"state": RESOLVED}, reason=reason, now_ns=now_ns)
 
 
-def resolve_unserved(db: Database, model_name: str, model_version: str, now_ns: int,
+def resolve_unserved(db: Conn, model_name: str, model_version: str, now_ns: int,
                      quiet_seconds: float = UNSERVED_SECONDS) -> list[pb.Alert]:
     """Resolve every open or acknowledged alert of a version that is no longer served, saying
     so (in the alert's ``resolved_reason`` and the audit trail), and reset its alert machine."""
@@ -166,24 +167,24 @@ def resolve_unserved(db: Database, model_name: str, model_version: str, now_ns: 
     return [alert(db, i) for i, _ in rows]
 
 
-def history(db: Database, model_name: str, model_version: str, limit: int) -> list[pb.DriftEvaluation]:
+def history(db: Conn, model_name: str, model_version: str, limit: int) -> list[pb.DriftEvaluation]:
     """The model version's evaluations, newest first."""
     return [e for _, e in itertools.islice(history_rows(db, model_name, model_version, limit=limit), limit)]
 
 
-def history_rows(db: Database, model_name: str, model_version: str, *,
+def history_rows(db: Conn, model_name: str, model_version: str, *,
                  limit: int | None = None) -> Iterator[tuple[tuple[int, int], pb.DriftEvaluation]]:
     """The model version's evaluations, newest first, read lazily as ((evaluated_ns, id), evaluation)."""
     rows = db.execute("SELECT evaluated_ns, id, body FROM evaluations WHERE model_name = ? AND model_version = ?"
                       " ORDER BY evaluated_ns DESC, id DESC LIMIT ?",
-                      [model_name, model_version, -1 if limit is None else limit + 1])
+                      [model_name, model_version, NO_LIMIT if limit is None else limit + 1])
     for at, evaluation_id, body in rows:
         yield (at, evaluation_id), pb.DriftEvaluation.FromString(body)
 
 
 # ------------------------------------------------------------ alerts
 
-def alert(db: Database, alert_id: int) -> pb.Alert:
+def alert(db: Conn, alert_id: int) -> pb.Alert:
     rows = list(db.query("SELECT * FROM alerts WHERE id = ?", [alert_id]))
     if not rows:
         raise NotFound(f"no alert {alert_id}; list them with: outrider alerts")
@@ -198,21 +199,21 @@ def _alert(r: dict[str, Any]) -> pb.Alert:
                     evaluation_id=r["evaluation_id"] or 0, resolved_reason=r["resolved_reason"])
 
 
-def alerts(db: Database, model_name: str = "", include_resolved: bool = False, limit: int = 1000) -> list[pb.Alert]:
+def alerts(db: Conn, model_name: str = "", include_resolved: bool = False, limit: int = 1000) -> list[pb.Alert]:
     """The newest ``limit`` alerts (of ``model_name``; open and acknowledged only unless
     ``include_resolved``), newest first."""
     rows = alert_rows(db, model_name, include_resolved, limit=limit)
     return [a for _, a in itertools.islice(rows, limit)]
 
 
-def resolved(db: Database, model_name: str, limit: int) -> list[pb.Alert]:
+def resolved(db: Conn, model_name: str, limit: int) -> list[pb.Alert]:
     """The model's ``limit`` most recently resolved alerts, newest resolution first."""
     rows = db.query("SELECT * FROM alerts WHERE state = ? AND model_name = ? ORDER BY resolved_ns DESC, id DESC"
                     " LIMIT ?", [RESOLVED, model_name, limit])
     return [_alert(r) for r in rows]
 
 
-def alert_rows(db: Database, model_name: str = "", include_resolved: bool = False, *, before_id: int = 0,
+def alert_rows(db: Conn, model_name: str = "", include_resolved: bool = False, *, before_id: int = 0,
                limit: int | None = None) -> Iterator[tuple[tuple[int], pb.Alert]]:
     """``alerts`` read lazily as ((id,), alert), newest first; ``before_id``: only older ones."""
     where, params = [], []
@@ -226,19 +227,19 @@ def alert_rows(db: Database, model_name: str = "", include_resolved: bool = Fals
         where.append("id < ?")
         params.append(before_id)
     sql = "SELECT * FROM alerts" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
-    for r in db.query(sql, [*params, -1 if limit is None else limit + 1]):
+    for r in db.query(sql, [*params, NO_LIMIT if limit is None else limit + 1]):
         yield (r["id"],), _alert(r)
 
 
-def acknowledge(db: Database, alert_id: int, actor: str, note: str, now_ns: int) -> pb.Alert:
+def acknowledge(db: Conn, alert_id: int, actor: str, note: str, now_ns: int) -> pb.Alert:
     """An operator has seen it: open -> acknowledged (it still resolves by itself)."""
     current = alert(db, alert_id)
     if current.state == RESOLVED:
         raise FailedPrecondition(f"alert {alert_id} is already resolved")
     if current.state == ACKNOWLEDGED:
         raise FailedPrecondition(f"alert {alert_id} was already acknowledged by {current.acknowledged_by}")
-    db["alerts"].update(alert_id, {"state": ACKNOWLEDGED, "acknowledged_ns": now_ns, "acknowledged_by": actor,
-                                   "note": note})
+    db.update("alerts", {"id": alert_id}, {"state": ACKNOWLEDGED, "acknowledged_ns": now_ns,
+                                           "acknowledged_by": actor, "note": note})
     audit.append(db, actor, "alert.ack", f"alert/{alert_id}", model_name=current.model_name,
                  before={"state": current.state}, after={"state": ACKNOWLEDGED}, reason=note, now_ns=now_ns)
     return alert(db, alert_id)

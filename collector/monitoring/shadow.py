@@ -19,7 +19,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlite_utils import Database
+from collector.store.engine import Conn
 
 from agent import sketches
 from agent.errors import InvalidArgument, NotFound
@@ -35,7 +35,7 @@ MAX_WINDOWS = 50_000  # bodies read per report: beyond it the oldest windows of 
 # ------------------------------------------------------------------ the report
 
 
-def _shadow_start(db: Database, model: str, version: int) -> tuple[int, int]:
+def _shadow_start(db: Conn, model: str, version: int) -> tuple[int, int]:
     """(version, started_ns) of the current shadow, else of the latest shadow rollout (of ``version``
     if given); (version, 0) when neither is known."""
     row = db.execute("SELECT version, started_ns FROM shadows WHERE model = ?", [model]).fetchone()
@@ -50,7 +50,7 @@ def _shadow_start(db: Database, model: str, version: int) -> tuple[int, int]:
     return (row[0], row[1]) if row else (version, 0)
 
 
-def report(db: Database, model_name: str, version: int = 0, since_ns: int = 0,
+def report(db: Conn, model_name: str, version: int = 0, since_ns: int = 0,
            max_windows: int = MAX_WINDOWS) -> pb.ShadowReportResponse:
     """The shadow ``version`` of ``model_name`` (0: the current shadow, else the latest one set, else the
     latest seen in the windows) against production, over windows ending at or after ``since_ns``
@@ -65,11 +65,10 @@ def report(db: Database, model_name: str, version: int = 0, since_ns: int = 0,
     totals: ShadowTotals | None = None
     latency: NamedSketch | None = None
     production: set[str] = set()
-    db.conn.execute("BEGIN")  # one snapshot: a rollup moving windows meanwhile must not count them twice
-    try:
+    with db.snapshot():  # one snapshot: a rollup moving windows meanwhile must not count them twice
         keys = db.execute(
             "SELECT * FROM (SELECT 'windows' AS t, rowid, end_ns FROM windows WHERE model_name = ? AND end_ns >= ?"
-            " UNION ALL SELECT 'rollups', rowid, end_ns FROM rollups WHERE model_name = ? AND end_ns >= ?)"
+            " UNION ALL SELECT 'rollups', rowid, end_ns FROM rollups WHERE model_name = ? AND end_ns >= ?) AS stored"
             " ORDER BY end_ns DESC LIMIT ?", [model_name, since, model_name, since, max_windows]).fetchall()
         if len(keys) == max_windows:
             log.warning("shadow report of %s: more than %d windows since %d; the oldest are left out", model_name,
@@ -95,8 +94,6 @@ def report(db: Database, model_name: str, version: int = 0, since_ns: int = 0,
                 else:
                     latency.sketch.merge(sketch)
             production.add(w.model_version)
-    finally:
-        db.conn.execute("COMMIT")
     if not wanted:
         raise NotFound(f"model {model_name!r} has no shadow version to report on; start one with: "
                        f"outrider shadow start {model_name} VERSION --share 0.1 --reason TEXT")

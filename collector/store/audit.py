@@ -26,14 +26,14 @@ import hashlib
 import itertools
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from sqlite_utils import Database
+from collector.store.dialect import NO_LIMIT
+from collector.store.engine import Conn
 
 from agent.errors import OutriderError
 from protos import collector_pb2 as pb
@@ -43,20 +43,6 @@ log = logging.getLogger(__name__)
 GENESIS = "0" * 64  # the prev_hash of the first row
 COLLECTOR = "collector"  # the actor of changes the collector makes by itself (alerts opening, resolving)
 _FIELDS = ("id", "at_ns", "actor", "action", "object", "model_name", "before", "after", "reason", "prev_hash")
-
-
-def audit_trail(db: Database) -> None:
-    """Migration 4: the ``audit`` table, its model index, and the append-only triggers."""
-    db.conn.execute(
-        "CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at_ns INTEGER NOT NULL,"
-        " actor TEXT NOT NULL, action TEXT NOT NULL, object TEXT NOT NULL, model_name TEXT NOT NULL DEFAULT '',"
-        " before TEXT NOT NULL DEFAULT '', after TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '',"
-        " prev_hash TEXT NOT NULL, hash TEXT NOT NULL)")
-    db.conn.execute("CREATE INDEX audit_by_model ON audit (model_name, id)")
-    for verb in ("UPDATE", "DELETE"):
-        db.conn.execute(
-            f"CREATE TRIGGER audit_no_{verb.lower()} BEFORE {verb} ON audit"
-            f" BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only: {verb} refused'); END")
 
 
 class Verification(NamedTuple):
@@ -76,22 +62,23 @@ def row_hash(row: dict[str, Any]) -> str:
     return hashlib.sha256(_json({f: row[f] for f in _FIELDS}).encode("utf-8")).hexdigest()
 
 
-def append(db: Database, actor: str, action: str, obj: str, *, model_name: str = "", before: Any = None,
+def append(db: Conn, actor: str, action: str, obj: str, *, model_name: str = "", before: Any = None,
            after: Any = None, reason: str = "", now_ns: int) -> pb.AuditEntry:
     """Append one row; call it inside the writer's transaction, beside the change it records.
 
     ``before``/``after`` are JSON-ready values (None: nothing). The id is taken
     from the AUTOINCREMENT counter rather than ``max(id) + 1`` so that a deleted
     newest row leaves a gap that ``verify`` reports."""
-    if not db.conn.in_transaction:
+    if not db.in_transaction:
         raise RuntimeError("audit.append must run inside the store writer's transaction (Store.write)")
-    seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
+    db.lock("audit")  # several collectors on one PostgreSQL append one chain, in turn
+    seq = _high_water(db)
     last = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-    row = {"id": max(seq[0] if seq else 0, last[0] if last else 0) + 1, "at_ns": now_ns, "actor": actor,
+    row = {"id": max(seq, last[0] if last else 0) + 1, "at_ns": now_ns, "actor": actor,
            "action": action, "object": obj, "model_name": model_name, "before": _json(before),
            "after": _json(after), "reason": reason, "prev_hash": last[1] if last else GENESIS}
     row["hash"] = row_hash(row)
-    db.conn.execute(f"INSERT INTO audit ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+    db.execute(f"INSERT INTO audit ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
     return _entry(row)
 
 
@@ -101,12 +88,12 @@ def _entry(r: dict[str, Any]) -> pb.AuditEntry:
                          hash=r["hash"])
 
 
-def entries(db: Database, model_name: str = "", limit: int = 1000) -> list[pb.AuditEntry]:
+def entries(db: Conn, model_name: str = "", limit: int = 1000) -> list[pb.AuditEntry]:
     """The newest ``limit`` rows (about ``model_name`` if given), newest first."""
     return [entry for _, entry in itertools.islice(entry_rows(db, model_name, limit=limit), limit)]
 
 
-def entry_rows(db: Database, model_name: str = "", *, before_id: int = 0,
+def entry_rows(db: Conn, model_name: str = "", *, before_id: int = 0,
                limit: int | None = None) -> Iterator[tuple[tuple[int], pb.AuditEntry]]:
     """Rows newest first (about ``model_name`` if given), read lazily as ((id,), entry); ``before_id``:
     only rows older than that one (a page token's cursor). ``limit`` only bounds SQLite's read-ahead."""
@@ -115,32 +102,26 @@ def entry_rows(db: Database, model_name: str = "", *, before_id: int = 0,
         where.append("id < ?")
         params.append(before_id)
     clause = f"WHERE {' AND '.join(where)}" if where else ""
-    ahead = -1 if limit is None else limit + 1
+    ahead = NO_LIMIT if limit is None else limit + 1
     for r in db.query(f"SELECT * FROM audit {clause} ORDER BY id DESC LIMIT ?", [*params, ahead]):
         yield (r["id"],), _entry(r)
 
 
-@contextlib.contextmanager
-def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
-    """One read transaction for the whole walk (a writer appending meanwhile is not seen half-way)."""
-    if conn.in_transaction:
-        yield
-        return
-    conn.execute("BEGIN")
-    try:
-        yield
-    finally:
-        conn.execute("COMMIT")
+def _high_water(db: Conn) -> int:
+    """The highest audit id ever given out (0: none, or an engine that keeps no counter)."""
+    sql = db.dialect.autoincrement_high_water("audit")
+    found = db.execute(sql).fetchone() if sql else None
+    return found[0] if found else 0
 
 
-def verify(db: Database) -> Verification:
+def verify(db: Conn) -> Verification:
     """Walk the chain in id order; the first row that breaks it, and why.
 
     A row breaks the chain when its hash does not match its contents (edited),
     when its prev_hash is not the previous row's hash, or when ids are missing
     before it (deleted rows)."""
     count, prev_id, prev_hash = 0, 0, GENESIS
-    with _snapshot(db.conn):
+    with db.snapshot():  # one read transaction: a writer appending meanwhile is not seen half-way
         for r in db.query("SELECT * FROM audit ORDER BY id"):
             count += 1
             if r["id"] != prev_id + 1:
@@ -152,9 +133,9 @@ def verify(db: Database) -> Verification:
             if row_hash(r) != r["hash"]:
                 return Verification(False, count, r["id"], "its contents do not match its hash (edited)")
             prev_id, prev_hash = r["id"], r["hash"]
-        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
-    if seq and seq[0] > prev_id:
-        missing = f"row {seq[0]}" if seq[0] == prev_id + 1 else f"rows {prev_id + 1}-{seq[0]}"
+        seq = _high_water(db)
+    if seq > prev_id:
+        missing = f"row {seq}" if seq == prev_id + 1 else f"rows {prev_id + 1}-{seq}"
         return Verification(False, count, prev_id + 1, f"{missing} at the end are missing (deleted)")
     return Verification(True, count, 0, "")
 
@@ -188,7 +169,7 @@ class AuthFailureLog:
     refusals fold into one row per minute ("various"), so memory is bounded
     and every refusal is still counted."""
 
-    def __init__(self, submit: Callable[[Callable[[Database], Any]], concurrent.futures.Future], *,
+    def __init__(self, submit: Callable[[Callable[[Conn], Any]], concurrent.futures.Future], *,
                  max_keys: int = 1000, clock: Callable[[], int] = time.time_ns) -> None:
         self._submit = submit
         self.max_keys = max_keys
@@ -241,7 +222,7 @@ class AuthFailureLog:
                             actor, time.strftime("%H:%M", time.gmtime(refused.first_ns // 1_000_000_000)), reason)
         now = self._clock()
 
-        def write(db: Database) -> None:
+        def write(db: Conn) -> None:
             for _, peer, actor, reason, refused in rows:
                 objects = list(refused.objects)
                 after = {"count": refused.count, "peer": peer, "first_unix_nano": refused.first_ns,

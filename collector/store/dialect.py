@@ -17,6 +17,7 @@ from typing import Literal
 
 ColumnType = Literal["int", "text", "float", "bytes"]
 MAX_INT64 = 2**63 - 1
+NO_LIMIT = MAX_INT64  # LIMIT ? for "all rows" on both engines (SQLite\'s -1 is an error on PostgreSQL)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,13 @@ class Dialect:
         return [f"CREATE TRIGGER {quote(trigger)} BEFORE {event} ON {quote(table)}{cond}"
                 f" BEGIN SELECT RAISE(ABORT, {literal(message)}); END"]
 
+    def autoincrement_high_water(self, table: str) -> str | None:
+        """A query for the highest id ever handed out in ``table`` (deleted rows included), when the
+        engine keeps one apart from the table: SQLite's ``sqlite_sequence``. None on PostgreSQL, where
+        ids are assigned under a lock as max(id) + 1 instead (an identity would leave gaps for rolled
+        back transactions, which the audit chain would take for deleted rows)."""
+        return f"SELECT seq FROM sqlite_sequence WHERE name = {literal(table)}"
+
     # ------------------------------------------------ placeholders
 
     def translate(self, sql: str) -> str:
@@ -128,6 +136,9 @@ class PostgresDialect(Dialect):
 
     def least(self, a: str, b: str) -> str:
         return f"LEAST({a}, {b})"
+
+    def autoincrement_high_water(self, table: str) -> str | None:
+        return None
 
     def greatest(self, a: str, b: str) -> str:
         return f"GREATEST({a}, {b})"

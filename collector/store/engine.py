@@ -305,6 +305,72 @@ class PostgresConn(Conn):
         self.execute("SELECT pg_advisory_xact_lock(hashtext(?))", [name])
 
 
+class _Fetched:
+    """A finished statement's rows, read before its connection went back to the pool."""
+
+    def __init__(self, cursor: Any) -> None:
+        self.description = cursor.description
+        self.rowcount = cursor.rowcount
+        self._rows = cursor.fetchall() if cursor.description is not None else []
+        self._next = 0
+
+    def fetchone(self) -> tuple | None:
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def fetchall(self) -> list[tuple]:
+        rows, self._next = self._rows[self._next:], len(self._rows)
+        return rows
+
+    def __iter__(self) -> Iterator[tuple]:
+        while (row := self.fetchone()) is not None:
+            yield row
+
+
+class PooledReader(PostgresConn):
+    """``Store.read()`` on PostgreSQL: one object for every reading thread. Each statement borrows a
+    connection from the engine's pool and gives it back with the rows read (so results are fetched
+    whole: callers bound them with LIMIT); a ``snapshot`` block keeps one connection, for reads that
+    must see one committed state."""
+
+    def __init__(self, engine: PostgresEngine) -> None:
+        super().__init__(None)
+        self._engine = engine
+        self._pinned = threading.local()
+
+    def _cursor(self, sql: str, params: Sequence[Any] | None) -> Any:
+        pinned = getattr(self._pinned, "conn", None)
+        if pinned is not None:
+            return pinned._cursor(sql, params)
+        with self._engine.reader() as conn:
+            return _Fetched(conn._cursor(sql, params))
+
+    @property
+    def in_transaction(self) -> bool:
+        pinned = getattr(self._pinned, "conn", None)
+        return pinned is not None and pinned.in_transaction
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Conn]:
+        if getattr(self._pinned, "conn", None) is not None:
+            yield self
+            return
+        with self._engine.reader() as conn, conn.snapshot():
+            self._pinned.conn = conn
+            try:
+                yield self
+            finally:
+                self._pinned.conn = None
+
+    def transaction(self) -> contextlib.AbstractContextManager:
+        raise RuntimeError("Store.read() is for reads: write through Store.write")
+
+    def close(self) -> None:
+        """Nothing of its own to close: the engine's pool is closed with the engine."""
+
+
 def _configure(raw: Any) -> Any:
     """A new psycopg connection, made to load values as sqlite3 does: SUM() and AVG() of integers are
     NUMERIC on PostgreSQL, which psycopg would give as Decimal; here a whole number (no decimal point)
@@ -354,6 +420,10 @@ class Engine:
         raise NotImplementedError
         yield
 
+    def connect_reader(self) -> Conn:
+        """A new read-only connection of the caller's own (close it): a thread that keeps one."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Close every connection this engine keeps (not those handed out by ``connect``)."""
 
@@ -383,6 +453,11 @@ class SQLiteEngine(Engine):
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         return conn
+
+    def connect_reader(self) -> Conn:
+        raw = self._raw()
+        raw.execute("PRAGMA query_only=1")
+        return SQLiteConn(raw)
 
     @contextlib.contextmanager
     def reader(self) -> Iterator[Conn]:
@@ -440,6 +515,11 @@ class PostgresEngine(Engine):
             return PostgresConn(_configure(psycopg.connect(self._conninfo, **self._kwargs)))
         except psycopg.Error as exc:
             raise _from_psycopg(exc) from exc
+
+    def connect_reader(self) -> Conn:
+        """A reader that borrows a pooled connection per statement (per ``snapshot`` block), so that
+        any number of threads reading share the pool's few connections."""
+        return PooledReader(self)
 
     @contextlib.contextmanager
     def reader(self) -> Iterator[Conn]:

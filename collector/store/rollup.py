@@ -30,7 +30,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from sqlite_utils import Database
+from collector.store.engine import Conn
 
 from agent import sketches
 from collector.base.ingest import Limits
@@ -219,7 +219,7 @@ def merge_windows(windows: Sequence[summary_pb2.WindowSummary]) -> summary_pb2.W
 # ------------------------------------------------------------ in the store
 
 
-def apply_retention(db: Database, now_ns: int, policy: RetentionPolicy,
+def apply_retention(db: Conn, now_ns: int, policy: RetentionPolicy,
                     failed: set[tuple] | None = None, rolled: list[RolledRows] | None = None) -> dict[str, int]:
     """Run one retention pass inside the caller's (writer's) transaction.
 
@@ -248,7 +248,7 @@ def apply_retention(db: Database, now_ns: int, policy: RetentionPolicy,
     return counts
 
 
-def _roll_level(db: Database, level: str, cutoff_ns: int, failed: set[tuple],
+def _roll_level(db: Conn, level: str, cutoff_ns: int, failed: set[tuple],
                 rolled: list[RolledRows]) -> tuple[int, int]:
     """Merge every row of ``level`` that is old enough into its bucket of the next level;
     (rows merged, buckets skipped)."""
@@ -266,13 +266,13 @@ def _roll_level(db: Database, level: str, cutoff_ns: int, failed: set[tuple],
         buckets[(name, version, start - start % width)].append(rowid)
     merged = skipped = 0
     for (name, version, bucket), rowids in buckets.items():
-        db.conn.execute("SAVEPOINT bucket")
+        db.execute("SAVEPOINT bucket")
         try:
             change = _merge_into_bucket(db, level, name, version, bucket, width, rowids)
         except Exception as exc:  # this bucket's rows stay as they are; the pass goes on
-            if not db.conn.in_transaction:
+            if not db.in_transaction:
                 raise  # the error ended the whole transaction (disk full, I/O): nothing to isolate
-            db.conn.execute("ROLLBACK TO bucket")
+            db.execute("ROLLBACK TO SAVEPOINT bucket")
             skipped += 1
             _log_failure(failed, (level, name, version, bucket), len(rowids), exc)
         else:
@@ -280,8 +280,8 @@ def _roll_level(db: Database, level: str, cutoff_ns: int, failed: set[tuple],
             failed.discard((level, name, version, bucket))
             rolled.append(change)
         finally:
-            if db.conn.in_transaction:
-                db.conn.execute("RELEASE bucket")
+            if db.in_transaction:
+                db.execute("RELEASE SAVEPOINT bucket")
     return merged, skipped
 
 
@@ -306,7 +306,7 @@ def _checked_sum(totals: dict[str, int]) -> dict[str, int]:
     return totals
 
 
-def _merge_into_bucket(db: Database, level: str, name: str, version: str, bucket: int, width: int,
+def _merge_into_bucket(db: Conn, level: str, name: str, version: str, bucket: int, width: int,
                        rowids: list[int]) -> RolledRows:
     target = _NEXT[level]
     merger = WindowMerger()
@@ -332,10 +332,10 @@ def _merge_into_bucket(db: Database, level: str, name: str, version: str, bucket
            "start_ns": merged.start_unix_nano, "end_ns": merged.end_unix_nano,
            "body": merged.SerializeToString()}
     if existing is None:
-        db["rollups"].insert({"model_name": name, "model_version": version, "level": target,
+        db.insert("rollups", {"model_name": name, "model_version": version, "level": target,
                               "bucket_start_ns": bucket, "bucket_end_ns": bucket + width, **row})
     else:
-        db["rollups"].update(existing[0], row)
+        db.update("rollups", {"rowid": existing[0]}, row)
     table = "windows" if level == "raw" else "rollups"
     for chunk in _chunks(rowids):
         db.execute(f"DELETE FROM {table} WHERE rowid IN ({','.join('?' * len(chunk))})", chunk)
@@ -343,7 +343,7 @@ def _merge_into_bucket(db: Database, level: str, name: str, version: str, bucket
     return RolledRows(name, version, min(ends), max(ends), max(rowids) if level == "raw" else 0)
 
 
-def _source_rows(db: Database, level: str, rowids: list[int]) -> Iterator[tuple]:
+def _source_rows(db: Conn, level: str, rowids: list[int]) -> Iterator[tuple]:
     """(windows, rows, calls, dropped_rows, errors, end_ns, body) of each source, a chunk at a time."""
     if level == "raw":
         sql = "SELECT 1, rows, calls, dropped_rows, errors, end_ns, body FROM windows WHERE rowid IN ({})"

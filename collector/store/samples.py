@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from sqlite_utils import Database
+from collector.store.engine import Conn
 
 from agent.errors import InvalidArgument, NotFound
 from protos import collector_pb2 as pb
@@ -44,17 +44,17 @@ def row_count(sample: summary_pb2.RowSample) -> int:
     return len(sample.columns[0].numbers) or len(sample.columns[0].strings)
 
 
-def insert(db: Database, row: tuple) -> None:
+def insert(db: Conn, row: tuple) -> None:
     """Store a window's sample; call in the transaction that stores the window."""
-    db.conn.execute(_INSERT, row)
+    db.execute(_INSERT, row)
 
 
-def delete_older(db: Database, cutoff_ns: int) -> int:
+def delete_older(db: Conn, cutoff_ns: int) -> int:
     """Delete samples of windows that ended at or before ``cutoff_ns``; how many went."""
     return db.execute("DELETE FROM row_samples WHERE end_ns <= ?", [cutoff_ns]).rowcount
 
 
-def model_known(db: Database, model_name: str) -> bool:
+def model_known(db: Conn, model_name: str) -> bool:
     """Has the collector heard of the model: from an agent, or in the registry."""
     return db.execute("SELECT EXISTS (SELECT 1 FROM agents WHERE model_name = ?)"
                       " OR EXISTS (SELECT 1 FROM model_versions WHERE name = ?)"
@@ -62,7 +62,7 @@ def model_known(db: Database, model_name: str) -> bool:
                       [model_name, model_name, model_name]).fetchone()[0] == 1
 
 
-def export(db: Database, model_name: str, model_version: str, since_ns: int,
+def export(db: Conn, model_name: str, model_version: str, since_ns: int,
            until_ns: int) -> Iterator[pb.ExportDataChunk]:
     """The samples of the model's windows (one version, or all with ``""``) that ended in
     ``[since_ns, until_ns]``, oldest first, one chunk per window.

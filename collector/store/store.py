@@ -32,22 +32,21 @@ import json
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from sqlite_utils import Database
 
 from agent.errors import ResourceExhausted, Unavailable
 from collector.base.ingest import Limits, clean_text, validate_spool
 from collector.store import audit, samples
 from collector.store.rollup import RetentionPolicy, RolledRows, apply_retention
-from collector.store.schema import SPOOL_FIELDS as _SPOOL_FIELDS
-from collector.store.schema import immediate as _immediate
-from collector.store.schema import migrate
+from collector.store.dialect import NO_LIMIT, Dialect
+from collector.store.engine import Conn, Engine, StoreValueError, open_engine
+from collector.store.migrations import SPOOL_FIELDS as _SPOOL_FIELDS
+from collector.store.migrations import migrate
 from protos import collector_pb2, summary_pb2
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ class WindowResult(NamedTuple):
 
 @dataclass
 class _Task:
-    run: Callable[[Database], Any]
+    run: Callable[[Conn], Any]
     future: concurrent.futures.Future
     weight: int  # queue slots it holds: its windows, or 1
     windows: bool = False
@@ -82,22 +81,20 @@ _STOP = object()
 _INSERT_WINDOW = (
     "INSERT INTO windows (agent_id, run_id, seq, model_name, model_version, start_ns, end_ns,"
     " rows, calls, dropped_rows, errors, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-    " ON CONFLICT (agent_id, run_id, seq) DO NOTHING"
+    " ON CONFLICT (agent_id, run_id, seq) DO NOTHING RETURNING rowid"
 )
 # Windows may arrive before (or without) a Hello: the run's row is created
 # from the window, and a later Hello fills in the rest.
-_ADD_RUN_TOTALS = (
-    "INSERT INTO agents (agent_id, run_id, model_name, model_version, model_sha256, started_ns,"
-    " first_seen_ns, last_seen_ns, windows, rows, dropped_rows, errors, last_window_end_ns)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)"
-    " ON CONFLICT (agent_id, run_id) DO UPDATE SET windows = windows + 1,"
+def _add_run_totals(d: Dialect) -> str:
     # Saturating: an agent run that sent 2**23 windows of the largest allowed counts must not
     # make every later window of the run fail with an integer overflow.
-    f" rows = min(rows + excluded.rows, {_MAX_INT64}),"
-    f" dropped_rows = min(dropped_rows + excluded.dropped_rows, {_MAX_INT64}),"
-    f" errors = min(errors + excluded.errors, {_MAX_INT64}),"
-    " last_window_end_ns = max(last_window_end_ns, excluded.last_window_end_ns)"
-)
+    return ("INSERT INTO agents (agent_id, run_id, model_name, model_version, model_sha256, started_ns,"
+            " first_seen_ns, last_seen_ns, windows, rows, dropped_rows, errors, last_window_end_ns)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)"
+            " ON CONFLICT (agent_id, run_id) DO UPDATE SET windows = agents.windows + 1,"
+            + ",".join(f" {c} = {d.saturating_add(f'agents.{c}', f'excluded.{c}')}"
+                       for c in ("rows", "dropped_rows", "errors"))
+            + f", last_window_end_ns = {d.greatest('agents.last_window_end_ns', 'excluded.last_window_end_ns')}")
 
 
 def _window_row(w: summary_pb2.WindowSummary, body: bytes) -> tuple:
@@ -105,19 +102,20 @@ def _window_row(w: summary_pb2.WindowSummary, body: bytes) -> tuple:
             w.rows, w.calls, w.dropped_rows, w.errors, body)
 
 
-def _insert_windows(db: Database, rows: list[tuple], sha: list[str], now_ns: int,
+def _insert_windows(db: Conn, rows: list[tuple], sha: list[str], now_ns: int,
                     sampled: Sequence[tuple | None] = (), rowids: list[int] | None = None) -> list[WindowResult]:
     results = []
+    add_run_totals = _add_run_totals(db.dialect)
     for row, model_sha256, sample in zip(rows, sha, sampled or [None] * len(rows)):
-        # One statement per window: rowcount tells a new window from a resend.
-        cursor = db.conn.execute(_INSERT_WINDOW, row)
-        stored = cursor.rowcount == 1
+        # One statement per window: a row back (its rowid) tells a new window from a resend.
+        inserted = db.execute(_INSERT_WINDOW, row).fetchone()
+        stored = inserted is not None
         results.append(WindowResult(row[1], row[2], STORED if stored else DUPLICATE))
         if rowids is not None:
-            rowids.append(cursor.lastrowid if stored else 0)
+            rowids.append(inserted[0] if stored else 0)
         if stored:
             agent_id, run_id, _, name, version, start, end, nrows, _, dropped, errors, _ = row
-            db.conn.execute(_ADD_RUN_TOTALS, (agent_id, run_id, name, version, model_sha256, start, now_ns, now_ns,
+            db.execute(add_run_totals, (agent_id, run_id, name, version, model_sha256, start, now_ns, now_ns,
                                               nrows, dropped, errors, end))
             if sample is not None:  # kept apart from the body, in the same transaction
                 samples.insert(db, sample)
@@ -152,7 +150,7 @@ class SpanSnapshot:
     it that a reader which last looked at ``generation`` has not seen (None: too many to list).
     Made by ``Store.span_snapshot``; for ``collector.monitoring.spans``."""
 
-    def __init__(self, db: Database, generation: int, passes: list[RollupPass] | None, top_rowid: int) -> None:
+    def __init__(self, db: Conn, generation: int, passes: list[RollupPass] | None, top_rowid: int) -> None:
         self._db, self.generation, self.passes, self.top_rowid = db, generation, passes, top_rowid
 
     def rows(self, model_name: str, model_version: str, first_end_ns: int,
@@ -187,20 +185,21 @@ class Store:
 
     def __init__(self, path: str | os.PathLike, *, batch_max: int = 512, queue_max: int = 20_000,
                  synchronous: str = "FULL") -> None:
+        """``path``: a SQLite file, or a ``postgresql://`` URL (``collector.store.engine``)."""
         if synchronous.upper() not in _SYNCHRONOUS:
             raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, got {synchronous!r}")
         if batch_max < 1 or queue_max < 1:
             raise ValueError("batch_max and queue_max must be positive")
-        self.path = os.fspath(path)
+        self.engine: Engine = open_engine(path, synchronous=synchronous)
+        self.path = os.fspath(path)  # the SQLite file (artifacts live beside it), or the URL
         self._batch_max = batch_max
         self._queue_max = queue_max
-        self._synchronous = synchronous.upper()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._depth = 0  # windows (and other tasks) queued or being written
         self._closed = False
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        self._readers: list[Conn] = []
         self.counters: dict[str, int] = {"windows_stored": 0, "windows_duplicate": 0, "rollup_buckets_skipped": 0,
                                          "group_commits": 0}
         self._failed_buckets: set[tuple] = set()  # rollup buckets already logged as failing (collector.store.rollup)
@@ -281,9 +280,9 @@ class Store:
             [now_ns, agent_id, run_id]))
 
     def _update_agent(self, agent_id: str, run_id: str, now_ns: int, fields: dict[str, Any]) -> None:
-        def run(db: Database) -> None:
-            db["agents"].insert({"agent_id": agent_id, "run_id": run_id, "first_seen_ns": now_ns}, ignore=True)
-            db["agents"].update((agent_id, run_id), fields)
+        def run(db: Conn) -> None:
+            db.insert("agents", {"agent_id": agent_id, "run_id": run_id, "first_seen_ns": now_ns}, ignore=True)
+            db.update("agents", {"agent_id": agent_id, "run_id": run_id}, fields)
 
         self.write(run)
 
@@ -291,7 +290,7 @@ class Store:
         """Apply the retention policy as of ``now_ns``, on the writer thread
         (it writes), in one transaction; returns the counts per level. Buckets whose merge
         failed are left as they were and counted (``rollup_buckets_skipped``; see collector.store.rollup)."""
-        def run(db: Database) -> tuple[dict[str, int], list[RolledRows], int]:
+        def run(db: Conn) -> tuple[dict[str, int], list[RolledRows], int]:
             rolled: list[RolledRows] = []
             counts = apply_retention(db, now_ns, policy, self._failed_buckets, rolled)
             return counts, rolled, db.execute("SELECT max(rowid) FROM windows").fetchone()[0] or 0
@@ -319,17 +318,18 @@ class Store:
             oldest = passes[0].generation if passes else self._rollup_generation + 1
             if oldest > since_generation + 1:
                 passes = None  # forgotten: the reader starts again from the tables
-            db.conn.execute("BEGIN")
+            snapshot = db.snapshot()
+            snapshot.__enter__()
             try:  # the snapshot begins with this first read
                 top = db.execute("SELECT max(rowid) FROM windows").fetchone()[0] or 0
-            except BaseException:
-                db.conn.execute("COMMIT")
+            except BaseException as exc:
+                snapshot.__exit__(type(exc), exc, exc.__traceback__)
                 raise
             generation = self._rollup_generation
         try:
             yield SpanSnapshot(db, generation, passes, top)
         finally:
-            db.conn.execute("COMMIT")
+            snapshot.__exit__(None, None, None)
 
     def attach_profile(self, model_name: str, model_version: str, profile: summary_pb2.ReferenceProfile,
                        actor: str, now_ns: int) -> bool:
@@ -339,10 +339,10 @@ class Store:
                "data_sha256": profile.data_sha256, "rows": profile.rows, "attached_ns": now_ns,
                "attached_by": actor}
 
-        def run(db: Database) -> bool:
+        def run(db: Conn) -> bool:
             previous = db.execute("SELECT data_sha256, rows FROM profiles WHERE model_name = ? AND model_version = ?",
                                   [model_name, model_version]).fetchone()
-            db["profiles"].insert(row, replace=True)
+            db.upsert("profiles", row, key=["model_name", "model_version"])
             audit.append(db, actor, "profile.attach", f"model/{model_name}/{model_version}", model_name=model_name,
                          before={"data_sha256": previous[0], "rows": previous[1]} if previous else None,
                          after={"data_sha256": profile.data_sha256, "rows": profile.rows}, now_ns=now_ns)
@@ -350,12 +350,12 @@ class Store:
 
         return self.write(run)
 
-    def write(self, fn: Callable[[Database], Any]) -> Any:
+    def write(self, fn: Callable[[Conn], Any]) -> Any:
         """Run ``fn`` on the writer and wait for its commit; its result is returned.
         Control tasks are few and small, so they are never refused for a full queue."""
         return self.submit(fn).result()
 
-    def submit(self, fn: Callable[[Database], Any]) -> concurrent.futures.Future:
+    def submit(self, fn: Callable[[Conn], Any]) -> concurrent.futures.Future:
         """``write`` without the wait: the future resolves after the commit. For
         callers that must not block (the auth interceptor); they bound how many
         they leave queued. Callbacks on the future run on the writer thread."""
@@ -382,16 +382,14 @@ class Store:
     # -------------------------------------------------------- the writer
 
     def _write_loop(self, ready: concurrent.futures.Future) -> None:
-        conn = None
+        db = None
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            db = Database(conn)
+            db = self.engine.writer()
             migrate(db)
         except BaseException as exc:  # e.g. no such directory, a newer schema: raised by the constructor
-            if conn is not None:
-                conn.close()
+            if db is not None:
+                db.close()
+            self.engine.close()
             ready.set_exception(exc)
             return
         ready.set_result(None)
@@ -415,23 +413,23 @@ class Store:
                 if task is not _STOP and task.future.set_running_or_notify_cancel():
                     task.future.set_exception(Unavailable("store writer failed"))
         finally:
-            conn.close()
+            db.close()
 
-    def _commit(self, db: Database, batch: list[_Task]) -> None:
+    def _commit(self, db: Conn, batch: list[_Task]) -> None:
         live = [t for t in batch if t.future.set_running_or_notify_cancel()]
         outcomes: list[tuple[_Task, Any, bool]] = []
         try:
-            with _immediate(db.conn):
+            with db.transaction():
                 for task in live:
-                    db.conn.execute("SAVEPOINT task")
+                    db.execute("SAVEPOINT task")
                     try:
                         outcomes.append((task, task.run(db), True))
                     except Exception as exc:
-                        if not db.conn.in_transaction:
+                        if not db.in_transaction:
                             raise  # the error ended the whole transaction: all fail below
-                        db.conn.execute("ROLLBACK TO task")
+                        db.execute("ROLLBACK TO SAVEPOINT task")
                         outcomes.append((task, exc, False))
-                    db.conn.execute("RELEASE task")
+                    db.execute("RELEASE SAVEPOINT task")
         except Exception as exc:  # BEGIN or COMMIT failed (disk full, I/O error): nothing is stored
             log.exception("store commit failed")
             outcomes = [(t, Unavailable(f"store write failed: {exc}"), False) for t in live]
@@ -451,17 +449,16 @@ class Store:
 
     # -------------------------------------------------------- reads
 
-    def read(self) -> Database:
-        """This thread's read-only connection (WAL readers never block the writer)."""
+    def read(self) -> Conn:
+        """This thread's read-only connection (readers never block the writer: SQLite's WAL,
+        PostgreSQL's MVCC). One per reading thread, kept: the gRPC and web thread pools bound them."""
         if self._closed:
             raise Unavailable("store is closed")
         db = getattr(self._local, "db", None)
         if db is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
-            conn.execute("PRAGMA query_only=1")
-            db = self._local.db = Database(conn)
+            db = self._local.db = self.engine.connect_reader()
             with self._lock:
-                self._readers.append(conn)
+                self._readers.append(db)
         return db
 
     def agents(self) -> list[collector_pb2.AgentState]:
@@ -499,17 +496,15 @@ class Store:
                " sum(dropped_rows) AS dropped_rows, sum(errors) AS errors, max(end_ns) AS end_ns FROM ("
                " SELECT model_name, model_version, 1 AS n, rows, dropped_rows, errors, end_ns FROM windows UNION ALL"
                " SELECT model_name, model_version, windows, rows, dropped_rows, errors, end_ns FROM rollups"
-               ") GROUP BY model_name, model_version ORDER BY model_name, model_version")
+               ") AS stored GROUP BY model_name, model_version ORDER BY model_name, model_version")
         try:
             rows = list(self.read().query(sql))
-        except sqlite3.OperationalError as exc:
-            if "integer overflow" not in str(exc):
-                raise
+        except StoreValueError:  # SQLite's sum() past 64 bits (PostgreSQL sums into NUMERIC)
             # Only windows stored before ingest bounded counts can sum past int64: the totals
             # of those versions show the largest int64 rather than failing every Status call.
             log.warning("model totals overflow a 64-bit integer; showing them saturated")
             rows = [{k: min(int(v), _MAX_INT64) if isinstance(v, float) else v for k, v in r.items()}
-                    for r in self.read().query(sql.replace("sum(", "total("))]
+                    for r in self.read().query(sql.replace("sum(", "total("))]  # SQLite only
         return [collector_pb2.ModelVersionTotals(
             model_name=r["model_name"], model_version=r["model_version"], windows=r["windows"], rows=r["rows"],
             dropped_rows=r["dropped_rows"], errors=r["errors"], last_window_end_unix_nano=r["end_ns"],
@@ -536,28 +531,25 @@ class Store:
         where = "model_name = ? AND end_ns >= ?" + (" AND model_version = ?" if model_version else "")
         params = [model_name, since_ns, *([model_version] if model_version else [])]
         scalars = "rowid AS id, model_name, model_version, start_ns, end_ns, rows, calls, dropped_rows, errors"
-        ahead = -1 if limit is None else limit + 1  # -1: no LIMIT
+        ahead = NO_LIMIT if limit is None else limit + 1
         raw_after, raw_params = _after(_RAW, after)
         rollup_after, rollup_params = _after(_ROLLUP, after)
         # Each side is limited on its own (walking its covering index) before the merge;
         # bodies are read afterwards, only for the rows returned.
         db = self.read()
-        db.conn.execute("BEGIN")
-        try:
+        with db.snapshot():
             rows = db.query(
                 f"SELECT * FROM (SELECT 'raw' AS level, {_RAW} AS src, agent_id, run_id, seq, {scalars} FROM windows"
-                f" WHERE {where}{raw_after} ORDER BY end_ns DESC, rowid DESC LIMIT ?)"
+                f" WHERE {where}{raw_after} ORDER BY end_ns DESC, rowid DESC LIMIT ?) AS raw"
                 f" UNION ALL SELECT * FROM (SELECT level, {_ROLLUP}, '', '', 0, {scalars} FROM rollups"
-                f" WHERE {where}{rollup_after} ORDER BY end_ns DESC, rowid DESC LIMIT ?)"
+                f" WHERE {where}{rollup_after} ORDER BY end_ns DESC, rowid DESC LIMIT ?) AS rolled"
                 " ORDER BY end_ns DESC, src DESC, id DESC LIMIT ?",
                 [*params, *raw_params, ahead, *params, *rollup_params, ahead, ahead])
             for r in rows:
                 yield (r["end_ns"], r["src"], r["id"]), self._window_info(db, r, include_summaries)
-        finally:
-            db.conn.execute("COMMIT")
 
     @staticmethod
-    def _window_info(db: Database, r: dict[str, Any], include_summary: bool) -> collector_pb2.WindowInfo:
+    def _window_info(db: Conn, r: dict[str, Any], include_summary: bool) -> collector_pb2.WindowInfo:
         info = collector_pb2.WindowInfo(
             agent_id=r["agent_id"], run_id=r["run_id"], seq=r["seq"], model_name=r["model_name"],
             model_version=r["model_version"], start_unix_nano=r["start_ns"], end_unix_nano=r["end_ns"],
@@ -595,3 +587,4 @@ class Store:
             readers, self._readers = self._readers, []
         for conn in readers:
             conn.close()
+        self.engine.close()

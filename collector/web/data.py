@@ -9,11 +9,10 @@ features still being built are read tolerantly: empty is fine.
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlite_utils import Database
+from collector.store.engine import Conn, StoreError
 
 from collector.monitoring import alerts
 
@@ -30,12 +29,12 @@ MAX_WINDOWS = 300  # recent windows merged for the distributions and the shadow 
 WINDOW_BYTES = 32 * 1024 * 1024  # ... and at most this much of them
 
 
-def _rows(db: Database, sql: str, params: list[Any] | tuple = ()) -> list[dict[str, Any]]:
+def _rows(db: Conn, sql: str, params: list[Any] | tuple = ()) -> list[dict[str, Any]]:
     """Rows as dicts; [] when a table is not there (an older file, or a feature not yet migrated)."""
     try:
         return list(db.query(sql, list(params)))
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc) or "no such column" in str(exc):
+    except StoreError as exc:
+        if any(s in str(exc) for s in ("no such table", "no such column", "does not exist")):
             return []
         raise
 
@@ -53,13 +52,13 @@ class ModelLine:
     open_alerts: int = 0
 
 
-def model_names(db: Database) -> list[str]:
+def model_names(db: Conn) -> list[str]:
     return [r["name"] for r in _rows(db, "SELECT name FROM model_versions UNION SELECT model_name FROM profiles"
                                          " UNION SELECT model_name FROM agents WHERE model_name != ''"
                                          " UNION SELECT DISTINCT model_name FROM windows ORDER BY 1")]
 
 
-def latest_agents(db: Database) -> list[dict[str, Any]]:
+def latest_agents(db: Conn) -> list[dict[str, Any]]:
     """The newest run of each agent, with how many runs came before it."""
     return _rows(db, "SELECT a.*, (SELECT count(*) - 1 FROM agents b WHERE b.agent_id = a.agent_id) AS restarts"
                      " FROM agents a WHERE NOT EXISTS (SELECT 1 FROM agents b WHERE b.agent_id = a.agent_id AND"
@@ -99,7 +98,7 @@ def fleet(store: Store, now_ns: int, agents: list[dict[str, Any]]) -> list[Model
 # ------------------------------------------------------------ one model
 
 
-def versions(db: Database, name: str) -> list[dict[str, Any]]:
+def versions(db: Conn, name: str) -> list[dict[str, Any]]:
     """The registry's versions of ``name``, newest first, with the gate result parsed."""
     out = _rows(db, "SELECT * FROM model_versions WHERE name = ? ORDER BY version DESC", [name])
     for r in out:
@@ -111,7 +110,7 @@ def versions(db: Database, name: str) -> list[dict[str, Any]]:
     return out
 
 
-def monitored_versions(db: Database, name: str) -> list[str]:
+def monitored_versions(db: Conn, name: str) -> list[str]:
     """Versions with traffic, a profile or evaluations, newest evaluation first."""
     rows = _rows(db, "SELECT model_version AS v, max(at) AS at FROM ("
                      " SELECT model_version, evaluated_ns AS at FROM evaluations WHERE model_name = ?"
@@ -122,7 +121,7 @@ def monitored_versions(db: Database, name: str) -> list[str]:
     return [r["v"] for r in rows]
 
 
-def evaluations(db: Database, name: str, version: str) -> list[pb.DriftEvaluation]:
+def evaluations(db: Conn, name: str, version: str) -> list[pb.DriftEvaluation]:
     """The latest evaluations, oldest first (the plots' time order)."""
     return list(reversed(alerts.history(db, name, version, HISTORY)))
 
@@ -135,7 +134,7 @@ def recent_windows(store: Store, name: str, version: str, since_ns: int) -> list
     return [i.summary for i in reversed(page.items)]
 
 
-def rollouts(db: Database, name: str = "", kind: str = "", limit: int = 20) -> list[dict[str, Any]]:
+def rollouts(db: Conn, name: str = "", kind: str = "", limit: int = 20) -> list[dict[str, Any]]:
     """Pushes of a version (or a shadow) to the agents, newest first, each with its agents' acks."""
     where, params = [], []
     if name:
@@ -151,7 +150,7 @@ def rollouts(db: Database, name: str = "", kind: str = "", limit: int = 20) -> l
     return out
 
 
-def shadow(db: Database, name: str) -> dict[str, Any] | None:
+def shadow(db: Conn, name: str) -> dict[str, Any] | None:
     found = _rows(db, "SELECT * FROM shadows WHERE model = ?", [name])
     return found[0] if found else None
 
@@ -159,17 +158,17 @@ def shadow(db: Database, name: str) -> dict[str, Any] | None:
 # ------------------------------------------------------------ governance
 
 
-def approvals(db: Database, pending: bool, limit: int = 50) -> list[dict[str, Any]]:
+def approvals(db: Conn, pending: bool, limit: int = 50) -> list[dict[str, Any]]:
     where = "state = 'pending'" if pending else "state != 'pending'"
     return _rows(db, f"SELECT * FROM approvals WHERE {where} ORDER BY id DESC LIMIT ?", [limit])
 
 
-def retraining(db: Database, active: bool, limit: int = 50) -> list[dict[str, Any]]:
+def retraining(db: Conn, active: bool, limit: int = 50) -> list[dict[str, Any]]:
     where = "state IN ('open', 'accepted')" if active else "state NOT IN ('open', 'accepted')"
     return _rows(db, f"SELECT * FROM retraining_requests WHERE {where} ORDER BY id DESC LIMIT ?", [limit])
 
 
-def audit_page(db: Database, model: str, before: int, limit: int) -> list[dict[str, Any]]:
+def audit_page(db: Conn, model: str, before: int, limit: int) -> list[dict[str, Any]]:
     """``limit`` rows older than id ``before`` (0: the newest), newest first."""
     where, params = [], []
     if model:
