@@ -13,25 +13,25 @@ from collector.store.engine import Conn
 
 from agent.errors import FailedPrecondition, NotFound, PermissionDenied
 from collector.lifecycle import approvals
-from collector.store import audit
+from collector.store import audit, governance, versions
 from protos import collector_pb2 as pb
 
 
 def cancel(db: Conn, approval_id: int, actor: str, reason: str, now_ns: int, *,
            admin: bool = False) -> pb.Approval:
-    found = db.execute("SELECT model, version, requested_by, state, decided_by FROM approvals WHERE id = ?",
-                       [approval_id]).fetchone()
+    versions.lock_model(db)  # read the request as another collector's decision left it
+    found = governance.approval(db, approval_id)
     if found is None:
         raise NotFound(f"there is no approval {approval_id}; list them with: outrider approvals list --all")
-    model, version, requested_by, state, decided_by = found
+    model, version, requested_by, state, decided_by = (found[k] for k in ("model", "version", "requested_by",
+                                                                          "state", "decided_by"))
     if state != "pending":
         raise FailedPrecondition(f"approval {approval_id} is already {state}" + (f" (by {decided_by})" if decided_by
                                  else "") + "; only pending requests can be cancelled")
     if requested_by != actor and not admin:
         raise PermissionDenied(f"approval {approval_id} was requested by {requested_by}; only they or an admin may "
                                "cancel it (an approver may reject it: outrider reject ID --reason TEXT)")
-    db.execute("UPDATE approvals SET state = 'cancelled', decided_by = ?, decided_at = ?, decision_reason = ?"
-               " WHERE id = ?", [actor, now_ns, reason, approval_id])
+    governance.decide_approval(db, approval_id, "cancelled", actor, now_ns, reason)
     audit.append(db, actor, "approval.cancel", f"approval/{approval_id}", model_name=model,
                  before={"state": "pending"}, after={"state": "cancelled", "model": model, "version": version},
                  reason=reason, now_ns=now_ns)

@@ -32,7 +32,7 @@ from collector.store.engine import Conn
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from collector.base.auth import LOCAL
 from collector.lifecycle import rollout, stages
-from collector.store import audit
+from collector.store import audit, governance, versions
 from protos import collector_pb2 as pb
 
 STAGES = ("candidate", "staging", "production", "archived", "retired")
@@ -60,6 +60,7 @@ def set_stage(db: Conn, name: str, version: int, stage: str, actor: str, reason:
                "archived": "a version is archived when another one is promoted to production",
                "retired": "retire archived versions with: outrider models retire"}[stage]
         raise FailedPrecondition(f"cannot set stage {stage} directly: {how}")
+    versions.lock_model(db)
     row = stages.version(db, name, version)
     _not_retired(row)
     if row["stage"] not in REQUESTABLE:
@@ -87,13 +88,13 @@ def retire(db: Conn, name: str, version: int, actor: str, reason: str, now_ns: i
     """archived → retired, for good: the version can never be promoted, served or restaged again
     (also enforced by a trigger); its record and audit rows stay, its artifact may be removed
     after the retention period (``Registry.remove_retired_artifacts``)."""
+    versions.lock_model(db)
     row = stages.version(db, name, version)
     if row["stage"] != "archived":
         raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only archived versions can be "
                                  "retired" + (" (it already is)" if row["stage"] == "retired" else ""))
     _not_shadowed(db, name, version, "retiring it")
-    db.execute("UPDATE model_versions SET stage = 'retired', stage_ns = ?, retired_ns = ?, retire_reason = ?"
-               " WHERE name = ? AND version = ?", [now_ns, now_ns, reason, name, version])
+    versions.retire(db, name, version, reason, now_ns)
     audit.append(db, actor, "model.retire", f"model/{name}/{version}", model_name=name,
                  before={"stage": "archived"}, after={"stage": "retired"}, reason=reason, now_ns=now_ns)
 
@@ -108,16 +109,16 @@ def request(db: Conn, name: str, version: int, actor: str, reason: str, override
             now_ns: int) -> pb.Approval:
     """A pending request to make ``version`` production. ``override`` (non-empty only when an
     admin asked) lets a version whose gate did not pass be requested."""
+    versions.lock_model(db)
     row = stages.version(db, name, version)
     _not_retired(row)
     if row["stage"] not in REQUESTABLE:
         raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only candidate and staging "
                                  "versions can be promoted")
-    pending = db.execute("SELECT id FROM approvals WHERE model = ? AND version = ? AND state = 'pending'",
-                         [name, version]).fetchone()
+    pending = governance.pending_promotion(db, name, version)
     if pending:
         raise FailedPrecondition(f"{name} version {version} already has a pending promotion request "
-                                 f"(approval {pending[0]})")
+                                 f"(approval {pending})")
     passed = bool(row["gate"]) and bool(row["gate_passed"])
     if passed and override:
         raise InvalidArgument(f"the gate of {name} version {version} passed: there is nothing to override")
@@ -125,9 +126,7 @@ def request(db: Conn, name: str, version: int, actor: str, reason: str, override
         raise FailedPrecondition(
             f"the evaluation gate of {name} version {version} has not passed ({', '.join(_failed_checks(row))}); "
             "fix the model, or an admin may override with --override-gate REASON")
-    approval_id = db.execute("INSERT INTO approvals (model, version, requested_by, requested_at, reason, state,"
-                             " gate_override) VALUES (?, ?, ?, ?, ?, 'pending', ?) RETURNING id",
-                             [name, version, actor, now_ns, reason, override]).fetchone()[0]
+    approval_id = governance.insert_approval(db, name, version, actor, now_ns, reason, gate_override=override)
     if override:
         audit.append(db, actor, "model.gate_override", f"model/{name}/{version}", model_name=name,
                      before={"gate_passed": False, "failed": _failed_checks(row)},
@@ -144,10 +143,10 @@ def decide(db: Conn, approval_id: int, actor: str, approve: bool, reason: str, n
     request. Nobody decides their own request. A shadow of the promoted version stops in the same
     transaction (an unshadow rollout). The caller pushes the rollouts after the commit (they share
     ``now_ns``, the approval's ``decided_unix_nano``: ``RolloutPusher.push_started``)."""
-    found = list(db.query("SELECT * FROM approvals WHERE id = ?", [approval_id]))
-    if not found:
+    versions.lock_model(db)  # two collectors deciding at once: the second reads what the first committed
+    a = governance.approval(db, approval_id)
+    if a is None:
         raise NotFound(f"there is no approval {approval_id}; list them with: outrider approvals list --all")
-    a = found[0]
     if a["state"] != "pending":
         raise FailedPrecondition(f"approval {approval_id} is already {a['state']}"
                                  + (f" (by {a['decided_by']})" if a["decided_by"] else "")
@@ -167,9 +166,9 @@ def decide(db: Conn, approval_id: int, actor: str, approve: bool, reason: str, n
         if not (row["gate"] and row["gate_passed"]) and not a["gate_override"]:
             raise FailedPrecondition(f"the evaluation gate of {name} version {version} no longer passes "
                                      f"({', '.join(_failed_checks(row))}); reject this request")
-        previous = 0
-        for (previous,) in db.execute("SELECT version FROM model_versions WHERE name = ? AND stage = 'production'",
-                                      [name]).fetchall():
+        current = versions.production(db, name)
+        previous = current["version"] if current else 0
+        if previous:
             stages.move(db, name, previous, "production", "archived", actor,
                         f"replaced by version {version} (approval {approval_id})", now_ns)
         stages.move(db, name, version, row["stage"], "production", actor, f"approval {approval_id}: {a['reason']}",
@@ -180,8 +179,7 @@ def decide(db: Conn, approval_id: int, actor: str, approve: bool, reason: str, n
         # a shadow runs staging versions only: it stops with the promotion (pushed with it, same started_ns)
         rollout.clear_shadow_of(db, name, [version], actor, "promoted to production", now_ns)
         rollout.clear_shadow_of(db, name, [previous], actor, f"archived: replaced by version {version}", now_ns)
-    db.execute("UPDATE approvals SET state = ?, decided_by = ?, decided_at = ?, decision_reason = ? WHERE id = ?",
-               [state, actor, now_ns, reason, approval_id])
+    governance.decide_approval(db, approval_id, state, actor, now_ns, reason)
     audit.append(db, actor, f"approval.{'approve' if approve else 'reject'}", f"approval/{approval_id}",
                  model_name=name, before={"state": "pending"},
                  after={"state": state, "model": name, "version": version, "kind": a["kind"]}, reason=reason,
@@ -205,14 +203,12 @@ def request_rollback(db: Conn, name: str, to_version: int, actor: str, reason: s
     version production before the current one, resolved now so that the approver sees which);
     ``decide`` carries it out when another person approves it. For the rollback policy, whose
     actor is ``audit.COLLECTOR``."""
+    versions.lock_model(db)
     current, target = rollout.rollback_target(db, name, to_version)
-    pending = db.execute("SELECT id FROM approvals WHERE model = ? AND kind = 'rollback' AND state = 'pending'",
-                         [name]).fetchone()
+    pending = governance.pending_rollback(db, name)
     if pending:
-        raise FailedPrecondition(f"{name} already has a pending rollback request (approval {pending[0]})")
-    approval_id = db.execute("INSERT INTO approvals (model, version, requested_by, requested_at, reason, state,"
-                             " gate_override, kind) VALUES (?, ?, ?, ?, ?, 'pending', '', 'rollback') RETURNING id",
-                             [name, target, actor, now_ns, reason]).fetchone()[0]
+        raise FailedPrecondition(f"{name} already has a pending rollback request (approval {pending})")
+    approval_id = governance.insert_approval(db, name, target, actor, now_ns, reason, kind="rollback")
     audit.append(db, actor, "approval.request", f"approval/{approval_id}", model_name=name, before=None,
                  after={"state": "pending", "model": name, "version": target, "stage": "production",
                         "kind": "rollback", "from_version": current}, reason=reason, now_ns=now_ns)
@@ -220,10 +216,10 @@ def request_rollback(db: Conn, name: str, to_version: int, actor: str, reason: s
 
 
 def get(db: Conn, approval_id: int) -> pb.Approval:
-    rows = list(db.query("SELECT * FROM approvals WHERE id = ?", [approval_id]))
-    if not rows:
+    row = governance.approval(db, approval_id)
+    if row is None:
         raise NotFound(f"there is no approval {approval_id}")
-    return _message(rows[0])
+    return _message(row)
 
 
 def listing(db: Conn, include_decided: bool = False, model_name: str = "") -> list[pb.Approval]:
@@ -234,13 +230,7 @@ def listing(db: Conn, include_decided: bool = False, model_name: str = "") -> li
 def listing_rows(db: Conn, include_decided: bool = False, model_name: str = "", *,
                  after_id: int = 0) -> Iterator[tuple[tuple[int], pb.Approval]]:
     """``listing`` read lazily as ((id,), approval); ``after_id``: only later requests."""
-    where, params = ["id > ?"], [after_id]
-    if not include_decided:
-        where.append("state = 'pending'")
-    if model_name:
-        where.append("model = ?")
-        params.append(model_name)
-    for r in db.query(f"SELECT * FROM approvals WHERE {' AND '.join(where)} ORDER BY id", params):
+    for r in governance.approvals(db, include_decided, model_name, after_id):
         yield (r["id"],), _message(r)
 
 

@@ -39,7 +39,7 @@ from agent import feature_names as naming
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from collector.base.ingest import Limits, validate_model_key, validate_profile
 from collector.lifecycle import gate
-from collector.store import audit
+from collector.store import audit, versions
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 
@@ -175,11 +175,7 @@ class Registry:
             raise FailedPrecondition(f"{name} version {row['version']} is retired: its gate is not run again")
         # The baseline is what clients get now: the production version; before there is one, the newest
         # earlier version that passed (so a series of candidates cannot drift down one tolerance at a time).
-        baseline = self.store.read().execute(
-            "SELECT version, schema, metrics FROM model_versions WHERE name = ? AND version != ?"
-            " AND (stage = 'production' OR (version < ? AND gate_passed = 1))"
-            " ORDER BY stage = 'production' DESC, version DESC LIMIT 1",
-            [name, row["version"], row["version"]]).fetchone()
+        baseline = versions.gate_baseline(self.store.read(), name, row["version"])
         base = {"version": baseline[0], "schema": json.loads(baseline[1]),
                 "metrics": json.loads(baseline[2])} if baseline else None
         model = self.artifacts.path(row["sha256"]).read_bytes()
@@ -189,12 +185,10 @@ class Registry:
         now = time.time_ns()
 
         def save(db: Conn) -> None:
-            before = db.execute("SELECT gate_passed, gate FROM model_versions WHERE name = ? AND version = ?",
-                                [name, row["version"]]).fetchone()
-            db.execute("UPDATE model_versions SET gate = ?, gate_passed = ?, gated_ns = ? WHERE name = ? AND version = ?",
-                       [json.dumps(result), int(result["passed"]), now, name, row["version"]])
+            before = versions.stage_row(db, name, row["version"])
+            versions.set_gate(db, name, row["version"], json.dumps(result), result["passed"], now)
             audit.append(db, actor, "model.gate", f"model/{name}/{row['version']}", model_name=name,
-                         before={"passed": bool(before[0])} if before[1] else None,
+                         before={"passed": bool(before["gate_passed"])} if before["gate"] else None,
                          after={"passed": result["passed"],
                                 "failed": [c["name"] for c in result["checks"] if not c["passed"]]}, now_ns=now)
 
@@ -212,17 +206,11 @@ class Registry:
         cutoff = now_ns - int(retention_seconds * 1e9)
 
         def mark(db: Conn) -> list[tuple[str, int, str]]:
-            due = db.execute("SELECT name, version, sha256, retired_ns FROM model_versions WHERE stage = 'retired'"
-                             " AND artifact_removed_ns = 0 AND retired_ns <= ? ORDER BY name, version",
-                             [cutoff]).fetchall()
             marked = []
-            for name, version, sha256, retired_ns in due:
-                shared = db.execute("SELECT name, version FROM model_versions WHERE sha256 = ? AND stage != 'retired'"
-                                    " LIMIT 1", [sha256]).fetchone()
-                if shared:  # still needed: kept, and looked at again next pass
+            for name, version, sha256, retired_ns in versions.retired_before(db, cutoff):
+                if versions.artifact_in_use(db, sha256):  # still needed: kept, and looked at again next pass
                     continue
-                db.execute("UPDATE model_versions SET artifact_removed_ns = ? WHERE name = ? AND version = ?",
-                           [now_ns, name, version])
+                versions.mark_artifact_removed(db, name, version, now_ns)
                 audit.append(db, audit.COLLECTOR, "model.artifact_removed", f"model/{name}/{version}",
                              model_name=name, before={"artifact": sha256},
                              after={"artifact": None, "retired_ns": retired_ns},
@@ -278,9 +266,7 @@ class Registry:
     def _registered(self, name: str, version: str) -> dict[str, Any] | None:
         if not version.isdigit() or not 0 < int(version) < 2**31:
             return None
-        rows = list(self.store.read().query("SELECT schema, feature_names FROM model_versions"
-                                            " WHERE name = ? AND version = ?", [name, int(version)]))
-        return rows[0] if rows else None
+        return versions.schema_and_names(self.store.read(), name, int(version))
 
     # -------------------------------------------------------- reads
 
@@ -291,12 +277,7 @@ class Registry:
     def rows(self, name: str = "", *, after: tuple[str, int] | None = None
              ) -> Iterator[tuple[tuple[str, int], pb.ModelVersion]]:
         """``list`` read lazily as ((name, version), version); ``after``: only versions past that key."""
-        where, params = (["v.name = ?"], [name]) if name else ([], [])
-        if after is not None:
-            where.append("(v.name, v.version) > (?, ?)")
-            params.extend(after)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        for r in self.store.read().query(f"{_SELECT} {clause} ORDER BY v.name, v.version", params):
+        for r in versions.listing(self.store.read(), name, after):
             yield (r["name"], r["version"]), _message(r)
 
     def show(self, name: str, version: int = 0) -> pb.ModelVersion:
@@ -304,37 +285,29 @@ class Registry:
 
     def _row(self, db: Conn, name: str, version: int) -> dict[str, Any]:
         validate_model_key(name, "-", self.limits)
-        if version:
-            rows = list(db.query(f"{_SELECT} WHERE v.name = ? AND v.version = ?", [name, version]))
-        else:
-            rows = list(db.query(f"{_SELECT} WHERE v.name = ? ORDER BY v.version DESC LIMIT 1", [name]))
-        if not rows:
+        row = versions.get(db, name, version)
+        if row is None:
             raise NotFound(f"model {name!r} has no version {version}" if version else
                            f"model {name!r} is not registered; register it with: outrider models register {name} "
                            "--file MODEL.onnx")
-        return rows[0]
-
-
-_SELECT = ("SELECT v.*, p.model_name IS NOT NULL AS has_profile FROM model_versions v LEFT JOIN profiles p"
-           " ON p.model_name = v.name AND p.model_version = CAST(v.version AS TEXT)")
+        return row
 
 
 def _insert(db: Conn, meta: pb.RegisterMetadata, schema: dict[str, Any], names: dict[str, list[str]],
             metrics: dict[str, float], profile: summary_pb2.ReferenceProfile | None, actor: str, now_ns: int) -> int:
-    version = db.execute("SELECT coalesce(max(version), 0) + 1 FROM model_versions WHERE name = ?",
-                         [meta.name]).fetchone()[0]
+    versions.lock_model(db)  # two collectors registering the same name number their versions in turn
+    version = versions.next_version(db, meta.name)
     lineage = {"data_name": profile.data_name, "data_sha256": profile.data_sha256,
                "data_rows": profile.rows} if profile is not None else {}
-    db.insert("model_versions", {
+    versions.insert(db, {
         "name": meta.name, "version": version, "sha256": meta.sha256, "size": meta.size,
         "schema": json.dumps(schema), "metrics": json.dumps(metrics), "registered_by": actor,
         "registered_ns": now_ns, "stage": "candidate", "stage_ns": now_ns, "feature_names": naming.to_json(names),
         **lineage})
     if profile is not None:  # the version's drift reference
-        db.upsert("profiles", {"model_name": meta.name, "model_version": str(version),
-                               "body": profile.SerializeToString(), "data_sha256": profile.data_sha256,
-                               "rows": profile.rows, "attached_ns": now_ns, "attached_by": actor},
-                  key=["model_name", "model_version"])
+        versions.save_profile(db, {"model_name": meta.name, "model_version": str(version),
+                                   "body": profile.SerializeToString(), "data_sha256": profile.data_sha256,
+                                   "rows": profile.rows, "attached_ns": now_ns, "attached_by": actor})
     audit.append(db, actor, "model.register", f"model/{meta.name}/{version}", model_name=meta.name,
                  after={"version": version, "sha256": meta.sha256, "size": meta.size, "metrics": metrics,
                         **lineage}, now_ns=now_ns)

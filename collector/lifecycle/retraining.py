@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from collector.store.engine import Conn
 
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound
-from collector.store import audit
+from collector.store import audit, governance, versions
 from protos import collector_pb2 as pb
 
 OPEN, ACCEPTED, COMPLETED, REJECTED, CANCELLED = "open", "accepted", "completed", "rejected", "cancelled"
@@ -33,10 +33,10 @@ STATS = ("rows", "p_adjusted", "psi", "ks_d", "ks_p", "wasserstein", "chi2", "ch
 
 
 def get(db: Conn, request_id: int) -> pb.RetrainingRequest:
-    rows = list(db.query("SELECT * FROM retraining_requests WHERE id = ?", [request_id]))
-    if not rows:
+    row = governance.retraining_request(db, request_id)
+    if row is None:
         raise NotFound(f"there is no retraining request {request_id}; list them with: outrider retrain list --all")
-    return _message(rows[0])
+    return _message(row)
 
 
 def listing(db: Conn, include_closed: bool = False, model_name: str = "") -> list[pb.RetrainingRequest]:
@@ -48,45 +48,32 @@ def listing(db: Conn, include_closed: bool = False, model_name: str = "") -> lis
 def listing_rows(db: Conn, include_closed: bool = False, model_name: str = "", *,
                  after_id: int = 0) -> Iterator[tuple[tuple[int], pb.RetrainingRequest]]:
     """``listing`` read lazily as ((id,), request); ``after_id``: only later requests."""
-    where, params = ["id > ?"], [after_id]
-    if not include_closed:
-        where.append("state IN ('open', 'accepted')")
-    if model_name:
-        where.append("model = ?")
-        params.append(model_name)
-    for r in db.query(f"SELECT * FROM retraining_requests WHERE {' AND '.join(where)} ORDER BY id", params):
+    for r in governance.retraining_requests(db, include_closed, model_name, after_id):
         yield (r["id"],), _message(r)
 
 
 def active(db: Conn, model: str, version: str) -> int | None:
-    row = db.execute("SELECT id FROM retraining_requests WHERE model = ? AND version = ?"
-                     " AND state IN ('open', 'accepted')", [model, version]).fetchone()
-    return row[0] if row else None
+    return governance.active_retraining(db, model, version)
 
 
 def open_request(db: Conn, model: str, version: str, actor: str, reason: str, evidence: dict[str, Any],
                  now_ns: int) -> pb.RetrainingRequest:
+    versions.lock_model(db)  # another collector's request, committed meanwhile, is seen here
     existing = active(db, model, version)
     if existing is not None:
         raise FailedPrecondition(f"{model} version {version} already has an active retraining request "
                                  f"({existing}, {get(db, existing).state})")
     evidence = {"model_version": version, **evidence}
-    request_id = db.execute(
-        "INSERT INTO retraining_requests (model, version, state, opened_by, opened_ns, reason, evidence)"
-        " VALUES (?, ?, 'open', ?, ?, ?, ?) RETURNING id",
-        [model, version, actor, now_ns, reason, json.dumps(evidence)]).fetchone()[0]
+    request_id = governance.insert_retraining(db, model, version, actor, now_ns, reason, json.dumps(evidence))
     audit.append(db, actor, "retraining.open", f"retraining/{request_id}", model_name=model, before=None,
                  after={"state": OPEN, "model": model, "version": version}, reason=reason, now_ns=now_ns)
     return get(db, request_id)
 
 
-def _registered_versions(db: Conn, model: str) -> dict[int, int]:
-    return dict(db.execute("SELECT version, registered_ns FROM model_versions WHERE name = ?", [model]).fetchall())
-
-
 def change(db: Conn, request_id: int, state: str, actor: str, reason: str, now_ns: int,
            completed_version: int = 0) -> pb.RetrainingRequest:
     """Move a request to ``state`` (accepted, completed, rejected, cancelled) if the machine allows it."""
+    versions.lock_model(db)
     current = get(db, request_id)
     allowed = {ACCEPTED: (OPEN,), COMPLETED: (ACCEPTED,), REJECTED: ACTIVE, CANCELLED: ACTIVE}[state]
     if current.state not in allowed:
@@ -97,21 +84,20 @@ def change(db: Conn, request_id: int, state: str, actor: str, reason: str, now_n
     if state == COMPLETED:
         if not completed_version:
             raise InvalidArgument("completing a retraining request needs the new version (--version N)")
-        versions = _registered_versions(db, current.model_name)
-        if completed_version not in versions:
+        registered = versions.registered_ns(db, current.model_name)
+        if completed_version not in registered:
             raise FailedPrecondition(f"model {current.model_name!r} has no registered version {completed_version}; "
                                      "register the retrained model first (outrider models register)")
         old = current.model_version
         newer = (completed_version > int(old) if old.isdigit()
-                 else versions[completed_version] > current.opened_unix_nano)
+                 else registered[completed_version] > current.opened_unix_nano)
         if not newer:
             raise FailedPrecondition(f"version {completed_version} is not newer than version {old} of the request")
         after["completed_version"] = completed_version
     elif completed_version:
         raise InvalidArgument(f"--version is only for completing a request, not for {state}")
-    db.execute("UPDATE retraining_requests SET state = ?, decided_by = ?, decided_ns = ?, completed_version = ?,"
-               " note = ? WHERE id = ?", [state, actor, now_ns, completed_version or current.completed_version,
-                                         reason, request_id])
+    governance.update_retraining(db, request_id, state, actor, now_ns, completed_version or current.completed_version,
+                                 reason)
     audit.append(db, actor, f"retraining.{state}", f"retraining/{request_id}", model_name=current.model_name,
                  before={"state": current.state}, after=after, reason=reason, now_ns=now_ns)
     return get(db, request_id)
@@ -144,18 +130,12 @@ def policy(db: Conn, evaluation: pb.DriftEvaluation, after_evaluations: int,
         return None  # retraining a version nobody serves any more helps nobody
     # Alerts opened before the newest request of this version were that request's evidence: once it is
     # closed (completed, rejected, cancelled) the same alerts must not open another one.
-    last = db.execute("SELECT max(opened_ns) FROM retraining_requests WHERE model = ? AND version = ?",
-                      [model, version]).fetchone()[0] or 0
-    alerts = db.execute("SELECT id, evaluation_id FROM alerts WHERE model_name = ? AND model_version = ?"
-                        " AND kind = 'drift' AND state != 'resolved' AND opened_ns > ? ORDER BY id",
-                        [model, version, last]).fetchall()
+    last = governance.last_retraining_opened(db, model, version)
     long_open = []
-    for alert_id, opened_by in alerts:
+    for alert in governance.unresolved_alerts(db, model, version, opened_after_ns=last, kind="drift"):
         # evaluations since (and with) the one that opened the alert; it has been open through all of them
-        count = db.execute("SELECT count(*) FROM evaluations WHERE model_name = ? AND model_version = ?"
-                           " AND evaluated = 1 AND id >= ?", [model, version, opened_by or 0]).fetchone()[0]
-        if count >= after_evaluations:
-            long_open.append(alert_id)
+        if governance.evaluations_since(db, model, version, alert["evaluation_id"] or 0) >= after_evaluations:
+            long_open.append(alert["id"])
     if not long_open or active(db, model, version) is not None:
         return None
     reason = (f"drift alert{'s' if len(long_open) > 1 else ''} {', '.join(map(str, long_open))} open for "
@@ -167,7 +147,7 @@ def _replaced(db: Conn, model: str, version: str) -> bool:
     """A registered version that is no longer production while another one is."""
     if not version.isdigit():
         return False  # served from a file, not from the registry: its stage is unknown
-    stages = dict(db.execute("SELECT version, stage FROM model_versions WHERE name = ?", [model]).fetchall())
+    stages = versions.stages(db, model)
     return int(version) in stages and stages[int(version)] != "production" and "production" in stages.values()
 
 

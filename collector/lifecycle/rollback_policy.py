@@ -39,7 +39,7 @@ from collector.store.engine import Conn
 
 from agent.errors import InvalidArgument, OutriderError
 from collector.lifecycle import approvals, rollout
-from collector.store import audit
+from collector.store import audit, governance, rollouts, versions
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 
@@ -80,17 +80,15 @@ class RollbackOutcome:
 
 def _promotion(db: Conn, model: str, version: str) -> tuple[int, int] | None:
     """(production version, promoted_ns) when ``version`` is production and a promotion made it so."""
-    prod = db.execute("SELECT version, stage_ns FROM model_versions WHERE name = ? AND stage = 'production'",
-                      [model]).fetchone()
-    if prod is None or str(prod[0]) != version:
+    prod = versions.production(db, model)
+    if prod is None or str(prod["version"]) != version:
         return None
-    last = db.execute("SELECT kind, version, started_ns FROM rollouts WHERE model = ? AND kind IN"
-                      " ('promote', 'rollback') ORDER BY id DESC LIMIT 1", [model]).fetchone()
+    last = rollouts.latest(db, model, ("promote", "rollback"))
     if last is None:  # promoted before rollouts were recorded: the stage change is the promotion
-        return prod[0], prod[1]
-    if last[0] != "promote" or last[1] != prod[0]:
+        return prod["version"], prod["stage_ns"]
+    if last["kind"] != "promote" or last["version"] != prod["version"]:
         return None
-    return prod[0], last[2]
+    return prod["version"], last["started_ns"]
 
 
 def _finite(x: float) -> float | None:
@@ -99,18 +97,15 @@ def _finite(x: float) -> float | None:
 
 def _severe_alerts(db: Conn, evaluation: pb.DriftEvaluation, since_ns: int) -> list[dict[str, Any]]:
     predictions = {c.name for c in evaluation.columns if c.role == summary_pb2.ColumnSummary.PREDICTION}
-    rows = db.execute("SELECT id, kind, column, summary, opened_ns, evaluation_id FROM alerts WHERE model_name = ?"
-                      " AND model_version = ? AND state != 'resolved' AND opened_ns >= ? ORDER BY id",
-                      [evaluation.model_name, evaluation.model_version, since_ns]).fetchall()
-    return [{"id": i, "kind": kind, "column": column, "summary": summary, "opened_unix_nano": opened,
-             "evaluation_id": evaluation_id or 0}
-            for i, kind, column, summary, opened, evaluation_id in rows
-            if kind == "performance" or column in predictions]
+    rows = governance.unresolved_alerts(db, evaluation.model_name, evaluation.model_version,
+                                        opened_since_ns=since_ns)
+    return [{"id": a["id"], "kind": a["kind"], "column": a["column"], "summary": a["summary"],
+             "opened_unix_nano": a["opened_ns"], "evaluation_id": a["evaluation_id"] or 0}
+            for a in rows if a["kind"] == "performance" or a["column"] in predictions]
 
 
 def _already_asked(db: Conn, model: str, promoted_ns: int) -> bool:
-    return db.execute("SELECT 1 FROM approvals WHERE model = ? AND kind = 'rollback' AND (state = 'pending'"
-                      " OR requested_at >= ?) LIMIT 1", [model, promoted_ns]).fetchone() is not None
+    return governance.rollback_asked_since(db, model, promoted_ns)
 
 
 def apply(db: Conn, evaluation: pb.DriftEvaluation, policy: RollbackPolicy,
@@ -143,26 +138,24 @@ def apply(db: Conn, evaluation: pb.DriftEvaluation, policy: RollbackPolicy,
                                                    "end_unix_nano": evaluation.window_end_unix_nano},
                 **{k: _finite(getattr(evaluation, k)) for k in ("accuracy", "reference_accuracy", "mae",
                                                                 "reference_mae")}}
-    db.execute("SAVEPOINT rollback_policy")  # a refused rollback must not undo the evaluation's alerts
     try:
-        if policy.action == "act":
-            outcome = RollbackOutcome(model, current, target, "act", reason, evidence,
-                                      rollout_id=rollout.rollback(db, model, target, audit.COLLECTOR, reason, now_ns))
-        else:
-            outcome = RollbackOutcome(model, current, target, "request", reason, evidence,
-                                      approval=approvals.request_rollback(db, model, target, audit.COLLECTOR, reason,
-                                                                          now_ns))
-        made = ({"rollout": outcome.rollout_id} if outcome.rollout_id else {"approval": outcome.approval.id})
-        audit.append(db, audit.COLLECTOR, "rollback.policy", f"model/{model}/{current}", model_name=model,
-                     before={"production": current}, after={"action": policy.action, **made, "evidence": evidence},
-                     reason=reason, now_ns=now_ns)
+        with db.savepoint():  # a refused rollback must not undo the evaluation's alerts
+            if policy.action == "act":
+                outcome = RollbackOutcome(model, current, target, "act", reason, evidence,
+                                          rollout_id=rollout.rollback(db, model, target, audit.COLLECTOR, reason,
+                                                                      now_ns))
+            else:
+                outcome = RollbackOutcome(model, current, target, "request", reason, evidence,
+                                          approval=approvals.request_rollback(db, model, target, audit.COLLECTOR,
+                                                                              reason, now_ns))
+            made = ({"rollout": outcome.rollout_id} if outcome.rollout_id else {"approval": outcome.approval.id})
+            audit.append(db, audit.COLLECTOR, "rollback.policy", f"model/{model}/{current}", model_name=model,
+                         before={"production": current},
+                         after={"action": policy.action, **made, "evidence": evidence}, reason=reason, now_ns=now_ns)
     except OutriderError as exc:  # the store's integrity errors (collector.store.engine) are OutriderErrors
-        db.execute("ROLLBACK TO SAVEPOINT rollback_policy")
         log.warning("rollback policy for %s version %d could not %s: %s", model, current,
                     "roll back" if policy.action == "act" else "request a rollback", exc)
         return None
-    finally:
-        db.execute("RELEASE SAVEPOINT rollback_policy")
     return outcome
 
 

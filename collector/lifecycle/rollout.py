@@ -49,14 +49,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from collector.store.dialect import NO_LIMIT
 from collector.store.engine import Conn
 
 from agent import reference
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, OutriderError
 from collector.base.ingest import Limits, clean_text, validate_model_key, validate_model_state
 from collector.lifecycle import stages
-from collector.store import audit
+from collector.store import audit, rollouts, versions
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 
@@ -84,23 +83,15 @@ class Planned(NamedTuple):
 
 
 def production(db: Conn, model: str) -> dict[str, Any] | None:
-    rows = list(db.query("SELECT version, sha256, size, schema, feature_names FROM model_versions WHERE name = ?"
-                         " AND stage = 'production'", [model]))
-    return rows[0] if rows else None
+    return versions.production(db, model)
 
 
 def current_shadow(db: Conn, model: str) -> dict[str, Any] | None:
-    rows = list(db.query("SELECT s.version, s.share, s.started_ns, s.actor, v.sha256, v.size, v.schema, v.feature_names"
-                         " FROM shadows s JOIN model_versions v ON v.name = s.model AND v.version = s.version"
-                         " WHERE s.model = ?", [model]))
-    return rows[0] if rows else None
+    return rollouts.shadow(db, model)
 
 
 def _latest(db: Conn, model: str, family: str) -> dict[str, Any] | None:
-    kinds = [k for k, f in FAMILY.items() if f == family]
-    rows = list(db.query(f"SELECT * FROM rollouts WHERE model = ? AND kind IN ({', '.join('?' * len(kinds))})"
-                         " ORDER BY id DESC LIMIT 1", [model, *kinds]))
-    return rows[0] if rows else None
+    return rollouts.latest(db, model, [k for k, f in FAMILY.items() if f == family])
 
 
 def _args(row: dict[str, Any]) -> dict[str, str]:
@@ -146,9 +137,8 @@ def shadow_command(db: Conn, model: str, shadow_running: bool = True) -> Planned
 def reference_command(db: Conn, model: str, version: str, *, always: bool = False) -> Planned | None:
     """"reference": the projection of ``version``'s profile; None when it has none (unless ``always``:
     an empty projection then tells agents to stop using the one they have)."""
-    row = db.execute("SELECT body FROM profiles WHERE model_name = ? AND model_version = ?",
-                     [model, version]).fetchone()
-    profile = summary_pb2.ReferenceProfile.FromString(row[0]) if row else None
+    body = versions.profile_body(db, model, version)
+    profile = summary_pb2.ReferenceProfile.FromString(body) if body is not None else None
     projection = profile.projection if profile is not None and profile.HasField("projection") else None
     if projection is None and not always:
         return None
@@ -184,12 +174,9 @@ def record_sent(db: Conn, runs: Iterable[tuple[str, str]], planned: list[Planned
     for agent_id, run_id in runs:
         for p in planned:
             if p.rollout_id:  # an answer already recorded (a resend) is kept
-                db.execute("INSERT INTO rollout_acks (rollout_id, agent_id, run_id, state, error, at_ns)"
-                           " VALUES (?, ?, ?, 'pending', '', 0) ON CONFLICT DO NOTHING",
-                           [p.rollout_id, agent_id, run_id])
+                rollouts.add_pending_ack(db, p.rollout_id, agent_id, run_id)
         if serve is not None:
-            db.execute("UPDATE agents SET desired_version = ? WHERE agent_id = ? AND run_id = ?",
-                       [serve.command.args["version"], agent_id, run_id])
+            rollouts.set_desired_version(db, agent_id, run_id, serve.command.args["version"])
 
 
 # ------------------------------------------------------------------ answers
@@ -198,20 +185,16 @@ def record_sent(db: Conn, runs: Iterable[tuple[str, str]], planned: list[Planned
 def record_state(db: Conn, agent_id: str, run_id: str, state: pb.ModelState, now_ns: int) -> None:
     """What the agent serves now, and its answer to the rollout the command belonged to."""
     error = "" if state.ok else clean_text(state.error or "failed without saying why", MAX_ERROR_CHARS)
-    db.insert("agents", {"agent_id": agent_id, "run_id": run_id, "first_seen_ns": now_ns}, ignore=True)
-    db.execute("UPDATE agents SET model_version = ?, model_sha256 = ?, model_error = ?, shadow_version = ?,"
-               " shadow_share = ?, last_seen_ns = ? WHERE agent_id = ? AND run_id = ?",
-               [state.model_version, state.model_sha256, error, state.shadow_version, state.shadow_share, now_ns,
-                agent_id, run_id])
+    rollouts.set_served_state(db, agent_id, run_id, {
+        "model_version": state.model_version, "model_sha256": state.model_sha256, "model_error": error,
+        "shadow_version": state.shadow_version, "shadow_share": state.shadow_share}, now_ns)
     prefix, _, number = state.command_id.partition("-")
     if prefix != "rollout" or not number.isdigit():
         return  # a hello command, or unprompted: no rollout waits for it
-    if db.execute("SELECT 1 FROM rollouts WHERE id = ?", [int(number)]).fetchone() is None:
+    if not rollouts.exists(db, int(number)):
         log.warning("agent %s answered unknown command %s", agent_id, state.command_id)
         return
-    db.execute("INSERT INTO rollout_acks (rollout_id, agent_id, run_id, state, error, at_ns) VALUES (?, ?, ?, ?, ?, ?)"
-               " ON CONFLICT (rollout_id, agent_id, run_id) DO UPDATE SET state = excluded.state, error = excluded.error, at_ns = excluded.at_ns",
-               [int(number), agent_id, run_id, "ok" if state.ok else "failed", error, now_ns])
+    rollouts.set_ack(db, int(number), agent_id, run_id, "ok" if state.ok else "failed", error, now_ns)
 
 
 # ------------------------------------------------------------------ changes
@@ -222,27 +205,19 @@ def start_rollout(db: Conn, model: str, version: int, kind: str, actor: str, rea
     """Record a rollout (inside the caller's write transaction); push it after the commit."""
     if kind not in FAMILY:
         raise InvalidArgument(f"rollout kind {kind!r} is not one of {', '.join(FAMILY)}")
-    return db.execute("INSERT INTO rollouts (model, version, kind, actor, reason, started_ns, from_version, share)"
-                      " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                      [model, version, kind, actor, reason, now_ns, from_version, share]).fetchone()[0]
+    return rollouts.insert(db, model, version, kind, actor, reason, now_ns, from_version, share)
 
 
 def previous_production(db: Conn, name: str, current: int) -> int:
     """The version that was production before ``current``: the from_version of the rollout that made
     it production (or, for promotions older than rollouts, the version archived most recently)."""
-    made = db.execute("SELECT from_version FROM rollouts WHERE model = ? AND version = ? AND kind IN"
-                      " ('promote', 'rollback') ORDER BY id DESC LIMIT 1", [name, current]).fetchone()
-    if made is not None:
-        return made[0]
-    archived = db.execute("SELECT version FROM model_versions WHERE name = ? AND stage = 'archived'"
-                          " ORDER BY stage_ns DESC, version DESC LIMIT 1", [name]).fetchone()
-    return archived[0] if archived else 0
+    made = rollouts.made_production_from(db, name, current)
+    return made if made is not None else versions.newest_archived(db, name)
 
 
 def rollback_target(db: Conn, name: str, to_version: int) -> tuple[int, int]:
     """(current production, target) of a rollback, checked: the target is archived, never retired."""
-    known = db.execute("SELECT 1 FROM model_versions WHERE name = ? LIMIT 1", [name]).fetchone()
-    if known is None:
+    if not versions.known(db, name):
         raise NotFound(f"model {name!r} is not registered")
     prod = production(db, name)
     if prod is None:
@@ -254,10 +229,10 @@ def rollback_target(db: Conn, name: str, to_version: int) -> tuple[int, int]:
                                  f"version with --to VERSION (outrider models list {name})")
     if target == current:
         raise FailedPrecondition(f"{name} version {target} is already production")
-    rows = list(db.query("SELECT stage FROM model_versions WHERE name = ? AND version = ?", [name, target]))
-    if not rows:
+    row = versions.stage_row(db, name, target)
+    if row is None:
         raise NotFound(f"model {name!r} has no version {target}")
-    stage = rows[0]["stage"]
+    stage = row["stage"]
     if stage == "retired":
         raise FailedPrecondition(f"{name} version {target} is retired and can never be served again; roll back to "
                                  f"another archived version with --to VERSION (outrider models list {name})")
@@ -272,6 +247,7 @@ def rollback(db: Conn, name: str, to_version: int, actor: str, reason: str, now_
     """Make an archived version production again at once (the current one archived), in the caller's
     write transaction with its audit row; returns the rollout id (push it after the commit).
     ``to_version`` 0: the version that was production before the current one."""
+    versions.lock_model(db)
     current, target = rollback_target(db, name, to_version)
     stages.move(db, name, current, "production", "archived", actor, f"rolled back to version {target}: {reason}",
                 now_ns)
@@ -295,14 +271,13 @@ def check_share(share: float) -> float:
 def set_shadow(db: Conn, name: str, version: int, share: float, actor: str, reason: str, now_ns: int) -> int:
     """Put staging ``version`` in shadow on the model's agents (replacing any shadow); returns the rollout id."""
     check_share(share)
+    versions.lock_model(db)
     row = stages.version(db, name, version)
     if row["stage"] != "staging":
         raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only a staging version can run in "
                                  f"shadow (outrider models stage {name} {version} staging --reason TEXT)")
     before = current_shadow(db, name)
-    db.execute("INSERT INTO shadows (model, version, share, started_ns, actor) VALUES (?, ?, ?, ?, ?)"
-               " ON CONFLICT (model) DO UPDATE SET version = excluded.version, share = excluded.share,"
-               " started_ns = excluded.started_ns, actor = excluded.actor", [name, version, share, now_ns, actor])
+    rollouts.set_shadow(db, name, version, share, now_ns, actor)
     rollout_id = start_rollout(db, name, version, "shadow", actor, reason, now_ns, share=share)
     audit.append(db, actor, "model.shadow", f"model/{name}/{version}", model_name=name,
                  before={"shadow": before["version"], "share": before["share"]} if before else None,
@@ -312,6 +287,7 @@ def set_shadow(db: Conn, name: str, version: int, share: float, actor: str, reas
 
 def clear_shadow(db: Conn, name: str, actor: str, reason: str, now_ns: int) -> int:
     """Stop the model's shadow on its agents; returns the rollout id."""
+    versions.lock_model(db)
     before = current_shadow(db, name)
     if before is None:
         raise FailedPrecondition(f"no shadow runs for model {name!r}: there is nothing to clear")
@@ -328,12 +304,11 @@ def clear_shadow_of(db: Conn, name: str, versions: Iterable[int], actor: str, re
 
 
 def shadowed(db: Conn, name: str, version: int) -> bool:
-    row = db.execute("SELECT 1 FROM shadows WHERE model = ? AND version = ?", [name, version]).fetchone()
-    return row is not None
+    return rollouts.shadowed(db, name, version)
 
 
 def _unshadow(db: Conn, name: str, before: dict[str, Any], actor: str, reason: str, now_ns: int) -> int:
-    db.execute("DELETE FROM shadows WHERE model = ?", [name])
+    rollouts.delete_shadow(db, name)
     rollout_id = start_rollout(db, name, before["version"], "unshadow", actor, reason, now_ns)
     audit.append(db, actor, "model.unshadow", f"model/{name}/{before['version']}", model_name=name,
                  before={"shadow": before["version"], "share": before["share"]},
@@ -345,10 +320,10 @@ def _unshadow(db: Conn, name: str, before: dict[str, Any], actor: str, reason: s
 
 
 def get(db: Conn, rollout_id: int) -> pb.Rollout:
-    rows = list(db.query("SELECT * FROM rollouts WHERE id = ?", [rollout_id]))
-    if not rows:
+    row = rollouts.get(db, rollout_id)
+    if row is None:
         raise NotFound(f"there is no rollout {rollout_id}; list them with: outrider rollouts")
-    return _message(db, rows[0])
+    return _message(db, row)
 
 
 def listing(db: Conn, model: str = "", limit: int = DEFAULT_LIST_LIMIT) -> list[pb.Rollout]:
@@ -359,19 +334,14 @@ def listing(db: Conn, model: str = "", limit: int = DEFAULT_LIST_LIMIT) -> list[
 def listing_rows(db: Conn, model: str = "", *, before_id: int = 0,
                  limit: int | None = None) -> Iterator[tuple[tuple[int], pb.Rollout]]:
     """``listing`` read lazily as ((id,), rollout); ``before_id``: only older rollouts."""
-    where, params = ["id < ?"], [before_id or 2**63 - 1]
-    if model:
-        where.append("model = ?")
-        params.append(model)
-    for r in db.query(f"SELECT * FROM rollouts WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
-                      [*params, NO_LIMIT if limit is None else limit + 1]):
+    for r in rollouts.listing(db, model, before_id, None if limit is None else limit + 1):
         yield (r["id"],), _message(db, r)
 
 
 def _message(db: Conn, r: dict[str, Any]) -> pb.Rollout:
     acks = [pb.Rollout.AgentAck(agent_id=a["agent_id"], run_id=a["run_id"], state=a["state"], error=a["error"],
                                 unix_nano=a["at_ns"])
-            for a in db.query("SELECT * FROM rollout_acks WHERE rollout_id = ? ORDER BY agent_id, run_id", [r["id"]])]
+            for a in rollouts.acks(db, r["id"])]
     return pb.Rollout(id=r["id"], model_name=r["model"], version=r["version"], kind=r["kind"], actor=r["actor"],
                       reason=r["reason"], started_unix_nano=r["started_ns"], from_version=r["from_version"],
                       agents=acks, share=r["share"])
@@ -382,11 +352,9 @@ def artifact_chunks(db: Conn, artifacts: ArtifactStore, name: str, version: int,
     """A version's artifact in CHUNK_BYTES chunks, the first with its size and sha256. Every check
     happens before the first chunk, so a refusal is a clean status."""
     validate_model_key(name, "-", limits)
-    rows = list(db.query("SELECT sha256, size, stage, artifact_removed_ns FROM model_versions"
-                         " WHERE name = ? AND version = ?", [name, version]))
-    if not rows:
+    row = versions.artifact(db, name, version)
+    if row is None:
         raise NotFound(f"model {name!r} has no version {version}")
-    row = rows[0]
     if row["stage"] == "retired":
         raise FailedPrecondition(f"{name} version {version} is retired and can never be served")
     path: Path = artifacts.path(row["sha256"])
@@ -485,17 +453,15 @@ class RolloutPusher:
 
     def push_rollout(self, rollout_id: int) -> int:
         """Push the rollout and any started in the same transaction (a rollback's unshadow)."""
-        found = self.store.read().execute("SELECT model, started_ns FROM rollouts WHERE id = ?",
-                                          [rollout_id]).fetchone()
+        found = rollouts.get(self.store.read(), rollout_id)
         if found is None:
             raise NotFound(f"there is no rollout {rollout_id}")
-        return self.push_started(found[0], found[1])
+        return self.push_started(found["model"], found["started_ns"])
 
     def push_started(self, model: str, started_ns: int) -> int:
         """Push every family in which a rollout of ``model`` started at ``started_ns`` (one transaction's
         clock reading), serve before shadow; returns how many streams they were sent to."""
-        kinds = {k for (k,) in self.store.read().execute(
-            "SELECT kind FROM rollouts WHERE model = ? AND started_ns = ?", [model, started_ns]).fetchall()}
+        kinds = rollouts.kinds_started(self.store.read(), model, started_ns)
         families = {FAMILY[k] for k in kinds if k in FAMILY}
         return max((self.push(model, family) for family in (SERVE, SHADOW) if family in families), default=0)
 
