@@ -137,6 +137,56 @@ def agent_imports_of_collector(root: Path) -> list[str]:
     return wrong
 
 
+# Rooms whose modules hold no SQL: they call the store room's functions (docs/architecture.md).
+NO_SQL_ROOMS = ("lifecycle",)
+_SQL_WORDS = ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "SAVEPOINT", "ROLLBACK", "RELEASE", "CREATE", "DROP")
+_CONN_METHODS = ("execute", "executemany", "query", "upsert")  # Conn's statements (insert/update: by table name)
+
+
+def sql_outside_store(root: Path, rooms: tuple[str, ...] = NO_SQL_ROOMS) -> list[str]:
+    """Where a module of ``rooms`` holds SQL text (a string starting with an SQL keyword, f-strings
+    included) or runs a statement itself (``x.execute(...)``, ``.query``, ``.upsert``, or ``.insert`` /
+    ``.update`` given a table name)."""
+    wrong = []
+    for name, path in modules(root, "collector").items():
+        if room(name) not in rooms:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                words = node.value.split(None, 1)
+                if words and words[0].upper() in _SQL_WORDS and words[0].isupper():
+                    wrong.append(f"{name} (line {node.lineno}) holds SQL {node.value[:40]!r}: move it into a "
+                                 "function of collector/store/")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                table_call = (node.func.attr in ("insert", "update") and node.args
+                              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str))
+                if node.func.attr in _CONN_METHODS or table_call:
+                    wrong.append(f"{name} (line {node.lineno}) runs a statement (.{node.func.attr}): call a "
+                                 "function of collector/store/ instead")
+    return wrong
+
+
+def test_lifecycle_holds_no_sql() -> None:
+    wrong = sql_outside_store(ROOT)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_sql_check_finds_sql(tmp_path: Path) -> None:
+    """Plain and f-string SQL, and statements run on a connection, in a lifecycle module are found."""
+    (tmp_path / "collector/lifecycle").mkdir(parents=True)
+    (tmp_path / "collector/__init__.py").write_text("")
+    (tmp_path / "collector/lifecycle/__init__.py").write_text("")
+    (tmp_path / "collector/lifecycle/a.py").write_text(
+        "def f(db, t):\n"
+        "    db.execute(\"SELECT 1\")\n"
+        "    x = f\"DELETE FROM {t}\"\n"
+        "    db.insert(\"agents\", {})\n"
+        "    return 'Selected versions', {}.update(a=1)\n")
+    wrong = sql_outside_store(tmp_path)
+    assert sorted(w.split(")")[0] for w in wrong) == ["collector.lifecycle.a (line 2"] * 2 + [
+        "collector.lifecycle.a (line 3", "collector.lifecycle.a (line 4"], wrong
+
+
 def test_rooms_import_only_downward() -> None:
     wrong = upward_imports(ROOT)
     assert not wrong, "\n".join(wrong)
