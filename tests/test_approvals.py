@@ -42,8 +42,10 @@ def reference_profile() -> object:
 
 
 @pytest.fixture
-def collector(tmp_path) -> Iterator[tuple[pb_grpc.OpsServiceStub, str]]:
-    server = serve_collector(tmp_path / "collector.db", "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML),
+def collector(db_url, tmp_path, monkeypatch) -> Iterator[tuple[pb_grpc.OpsServiceStub, str]]:
+    """A collector on each engine (a SQLite file, then PostgreSQL)."""
+    monkeypatch.chdir(tmp_path)  # on PostgreSQL the artifacts' directory is made relative to the working one
+    server = serve_collector(db_url, "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML),
                              drift_interval=0, rollup_interval=3600)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:

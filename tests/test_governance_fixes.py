@@ -28,9 +28,11 @@ from test_server import decode, raw_request, x_rows
 
 
 @pytest.fixture
-def ops_collector(tmp_path) -> Iterator[tuple]:
-    """As test_rollout_collector's ``collector``: the server, an OpsService stub, its address, connect()."""
-    with running_collector(tmp_path) as parts:
+def ops_collector(db_url, tmp_path, monkeypatch) -> Iterator[tuple]:
+    """As test_rollout_collector's ``collector``: the server, an OpsService stub, its address, connect();
+    on each engine."""
+    monkeypatch.chdir(tmp_path)  # on PostgreSQL the artifacts' directory is made relative to the working one
+    with running_collector(tmp_path, db_url) as parts:
         yield parts
 
 

@@ -16,6 +16,7 @@ from collector.api.server import serve_collector
 from collector.base.auth import AuthConfig
 from collector.lifecycle import retraining
 from collector.monitoring.evaluation import DriftEvaluator
+from collector.store.dialect import SQLITE
 from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
@@ -32,9 +33,11 @@ OTHER_MODEL = _other.SerializeToString()
 
 
 @pytest.fixture
-def served(tmp_path) -> Iterator[tuple[pb_grpc.OpsServiceStub, object, Recorder]]:
+def served(db_url, tmp_path, monkeypatch) -> Iterator[tuple[pb_grpc.OpsServiceStub, object, Recorder]]:
+    """A collector on each engine (a SQLite file, then PostgreSQL), telling ``Recorder`` what it would post."""
+    monkeypatch.chdir(tmp_path)  # on PostgreSQL the artifacts' directory is made relative to the working one
     hook = Recorder()
-    server = serve_collector(tmp_path / "collector.db", "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML),
+    server = serve_collector(db_url, "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML),
                              drift_interval=0, rollup_interval=3600, webhook=hook)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -196,9 +199,18 @@ def test_manual_retraining_request_flow(served):
     assert call(ops, "dave", "VerifyAudit", pb.VerifyAuditRequest()).ok
 
 
-def test_a_drift_alert_open_for_k_evaluations_opens_one_retraining_request(tmp_path):
+def drift_on_postgresql_pending(request: pytest.FixtureRequest, db_url: str) -> None:
+    """Drift evaluation on PostgreSQL needs the store branch's portable span reads (``Store.window_ids_after``
+    spelled through ``dialect.unindexed``; SQLite's unary + is an error on PostgreSQL). Until that is merged
+    the PostgreSQL run is an expected failure; once it is, this marker does nothing and can go."""
+    if not db_url.startswith("sqlite") and "://" in db_url and not hasattr(SQLITE, "unindexed"):
+        request.applymarker(pytest.mark.xfail(strict=True, reason="drift on PostgreSQL needs the store branch"))
+
+
+def test_a_drift_alert_open_for_k_evaluations_opens_one_retraining_request(db_url, request):
+    drift_on_postgresql_pending(request, db_url)
     rng = np.random.default_rng(7)
-    store = Store(tmp_path / "c.db")
+    store = Store(db_url)
     clock, hook = Clock(), Recorder()
     evaluator = DriftEvaluator(store, hook, clock=clock, retrain_after_evaluations=3)
     try:
@@ -249,9 +261,10 @@ def test_a_drift_alert_open_for_k_evaluations_opens_one_retraining_request(tmp_p
         store.close()
 
 
-def test_the_policy_can_be_disabled(tmp_path):
+def test_the_policy_can_be_disabled(db_url, request):
+    drift_on_postgresql_pending(request, db_url)
     rng = np.random.default_rng(3)
-    store = Store(tmp_path / "c.db")
+    store = Store(db_url)
     clock = Clock()
     evaluator = DriftEvaluator(store, Recorder(), clock=clock, retrain_after_evaluations=0)
     try:

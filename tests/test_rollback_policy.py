@@ -29,6 +29,7 @@ from protos import summary_pb2
 from test_approvals import TOKENS, call, cli, promote, refused, register, stages
 from test_collector_server import AgentConn, batch, window
 from test_evaluation import Clock, Recorder, columns, performance, profile
+from test_lifecycle import drift_on_postgresql_pending
 from test_shadow_report import AGENT_TOKEN, AUTH
 
 S = 1_000_000_000
@@ -44,12 +45,14 @@ class Running:
 
 
 @pytest.fixture
-def start(tmp_path) -> Iterator:
+def start(db_url, tmp_path, monkeypatch) -> Iterator:
+    """run(action) starts a collector: the first on the test's engine (SQLite, then PostgreSQL)."""
+    monkeypatch.chdir(tmp_path)  # on PostgreSQL the artifacts' directory is made relative to the working one
     made: list[tuple[CollectorServer, grpc.Channel]] = []
 
     def run(action: str = "request") -> Running:
         hook = Recorder()
-        server = serve_collector(tmp_path / f"c{len(made)}.db", "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH),
+        server = serve_collector(tmp_path / f"c{len(made)}.db" if made else db_url, "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH),
                                  drift_interval=0, rollup_interval=3600, webhook=hook, rollback_action=action)
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         made.append((server, channel))
@@ -109,7 +112,8 @@ def audit_actions(ops) -> list[tuple[str, str]]:
     return [(e.actor, e.action) for e in reversed(entries)]
 
 
-def test_a_performance_drop_after_a_promotion_requests_one_rollback_that_an_approver_carries_out(start):
+def test_a_performance_drop_after_a_promotion_requests_one_rollback_that_an_approver_carries_out(start, db_url, request):
+    drift_on_postgresql_pending(request, db_url)
     c = start("request")
     two_promotions(c.ops)
     conn = connect(c.agents)
@@ -143,7 +147,8 @@ def test_a_performance_drop_after_a_promotion_requests_one_rollback_that_an_appr
     conn.close()
 
 
-def test_in_act_mode_the_previous_version_is_production_again_and_the_agents_are_told(start):
+def test_in_act_mode_the_previous_version_is_production_again_and_the_agents_are_told(start, db_url, request):
+    drift_on_postgresql_pending(request, db_url)
     c = start("act")
     two_promotions(c.ops)
     conn = connect(c.agents)
@@ -170,10 +175,10 @@ def test_in_act_mode_the_previous_version_is_production_again_and_the_agents_are
 # ------------------------------------------------------------------ prediction drift, and the watch period
 
 
-def store_with_promotion(tmp_path, clock: Clock) -> Store:
+def store_with_promotion(db_url: str, clock: Clock) -> Store:
     """Model m: version 1 archived, version 2 promoted from it now (rows written as the registry
     and the rollout code would); version 2's reference has one prediction column, ``city``."""
-    store = Store(tmp_path / "m.db")
+    store = Store(db_url)
     rng = np.random.default_rng(5)
 
     def write(db) -> None:
@@ -193,9 +198,10 @@ def store_with_promotion(tmp_path, clock: Clock) -> Store:
 
 
 @pytest.mark.parametrize("later", [0, 7200], ids=["within-the-watch", "after-the-watch"])
-def test_prediction_drift_requests_a_rollback_within_the_watch_and_feature_drift_never(tmp_path, later):
+def test_prediction_drift_requests_a_rollback_within_the_watch_and_feature_drift_never(db_url, later, request):
+    drift_on_postgresql_pending(request, db_url)
     clock, hook = Clock(), Recorder()
-    store = store_with_promotion(tmp_path, clock)
+    store = store_with_promotion(db_url, clock)
     clock.now += later * S
     evaluator = DriftEvaluator(store, hook, clock=clock, rollback=RollbackPolicy(watch_seconds=3600))
     rng = np.random.default_rng(9)

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import onnx
@@ -136,15 +137,18 @@ class FakeAgent:
 
 
 @pytest.fixture
-def collector(tmp_path) -> Iterator[tuple]:
-    with running_collector(tmp_path) as parts:
+def collector(db_url, tmp_path, monkeypatch) -> Iterator[tuple]:
+    """A collector on each engine (a SQLite file, then PostgreSQL)."""
+    monkeypatch.chdir(tmp_path)  # on PostgreSQL the artifacts' directory is made relative to the working one
+    with running_collector(tmp_path, db_url) as parts:
         yield parts
 
 
 @contextlib.contextmanager
-def running_collector(tmp_path) -> Iterator[tuple]:
-    """A collector with AUTH: the server, an OpsService stub, its address, connect(agent_id) -> FakeAgent."""
-    server = serve_collector(tmp_path / "collector.db", "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH),
+def running_collector(tmp_path, db: str | Path | None = None) -> Iterator[tuple]:
+    """A collector with AUTH: the server, an OpsService stub, its address, connect(agent_id) -> FakeAgent.
+    ``db``: a SQLite path or a PostgreSQL URL (default: collector.db in ``tmp_path``)."""
+    server = serve_collector(db or tmp_path / "collector.db", "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH),
                              drift_interval=0, rollup_interval=3600)
     address = f"127.0.0.1:{server.port}"
     channel = grpc.insecure_channel(address)
