@@ -1,4 +1,5 @@
-"""Two collectors deciding at once on one PostgreSQL: governance changes take turns, and the second sees the first.
+"""Two collectors deciding at once on one PostgreSQL: governance changes take turns, and the second sees the first;
+and below the lifecycle's checks, both engines' indexes and triggers refuse the same things.
 
 Two ``Store``s on one database stand for two collectors. The first decision is held open (its transaction
 not yet committed) until the second is seen waiting on a lock in ``pg_stat_activity``, so the two really
@@ -19,7 +20,8 @@ import pytest
 
 from agent.errors import FailedPrecondition
 from collector.lifecycle import approvals, retraining
-from collector.store import audit, versions
+from collector.store import audit, governance, versions
+from collector.store.engine import StoreIntegrityError
 from collector.store.store import Store
 
 HANG_GUARD = 60.0
@@ -132,3 +134,31 @@ def test_one_retraining_request_per_version_across_collectors(two_stores):
     assert opened.state == "open"
     assert isinstance(refused, FailedPrecondition), refused
     assert str(refused) == f"m version 1 already has an active retraining request ({opened.id}, open)"
+
+
+def test_the_database_itself_refuses_what_the_lifecycle_checks_on_both_engines(db_url):
+    """Below the lifecycle's own checks, each engine's indexes and triggers refuse the same things:
+    a second production version, a second pending request, a second active retraining request, a
+    retired version changing stage (with the trigger's words on both)."""
+    store = Store(db_url)
+    try:
+        ids = seed(store, (2,))
+        store.write(lambda db: retraining.open_request(db, "m", "1", "alice", "drift", {}, 3))
+        attempts = {
+            "second production": lambda db: versions.set_stage(db, "m", 2, "production", 4),
+            "second pending": lambda db: governance.insert_approval(db, "m", 2, "alice", 4, "again"),
+            "second active retraining": lambda db: governance.insert_retraining(db, "m", "1", "bob", 4, "", "{}"),
+        }
+        for what, attempt in attempts.items():
+            with pytest.raises(StoreIntegrityError):
+                store.write(attempt)
+                pytest.fail(f"{what} was stored")
+        store.write(lambda db: (versions.set_stage(db, "m", 1, "archived", 5), versions.retire(db, "m", 1, "old", 6)))
+        with pytest.raises(StoreIntegrityError, match="a retired model version cannot change stage"):
+            store.write(lambda db: versions.set_stage(db, "m", 1, "archived", 7))
+        db = store.read()
+        assert versions.stages(db, "m") == {1: "retired", 2: "staging"}
+        assert [a.id for a in approvals.listing(db)] == [ids[2]]
+        assert len(retraining.listing(db)) == 1
+    finally:
+        store.close()
