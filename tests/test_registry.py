@@ -41,8 +41,11 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def collector(tmp_path) -> Iterator[tuple[pb_grpc.OpsServiceStub, Path, str]]:
-    db = tmp_path / "collector.db"
+def collector(db_url, tmp_path, monkeypatch) -> Iterator[tuple[pb_grpc.OpsServiceStub, str, str]]:
+    """A collector on each engine: its OpsService stub, its database (a SQLite path or a PostgreSQL URL),
+    its address."""
+    monkeypatch.chdir(tmp_path)  # on PostgreSQL the artifacts' directory is made relative to the working one
+    db = db_url
     server = serve_collector(db, "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML), drift_interval=0,
                              rollup_interval=3600)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
@@ -271,9 +274,10 @@ def test_register_refuses_a_profile_whose_columns_do_not_fit_the_model(files, co
 
 
 @pytest.fixture
-def served(tmp_path):
-    """A collector whose store a test can give windows, as agents would."""
-    server = serve_collector(tmp_path / "c.db", "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML), drift_interval=0,
+def served(db_url, tmp_path, monkeypatch):
+    """A collector whose store a test can give windows, as agents would; on each engine."""
+    monkeypatch.chdir(tmp_path)  # on PostgreSQL the artifacts' directory is made relative to the working one
+    server = serve_collector(db_url, "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML), drift_interval=0,
                              rollup_interval=3600)
     try:
         yield server, f"127.0.0.1:{server.port}"
