@@ -3,7 +3,7 @@ and below the lifecycle's checks, both engines' indexes and triggers refuse the 
 
 Two ``Store``s on one database stand for two collectors. The first decision is held open (its transaction
 not yet committed) until the second is seen waiting on a lock in ``pg_stat_activity``, so the two really
-overlap; without the lock the lifecycle takes before reading (``store.versions.lock_model``) both would read
+overlap; without the lock the lifecycle takes before reading (``store.governance.take_turn``) both would read
 the same state, and both approve one request, or the second trip over the one-production index with
 PostgreSQL's own message.
 """

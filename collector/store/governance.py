@@ -1,4 +1,4 @@
-"""Governance rows: approvals (promotion and rollback requests), retraining requests, and the alerts and
+"""Governance rows and their turn-taking: approvals (promotion and rollback requests), retraining requests, and the alerts and
 evaluations the lifecycle's policies read as evidence.
 
 Plain reads and writes for ``collector.lifecycle`` (approvals, approval_cancel, retraining,
@@ -11,6 +11,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from collector.store.engine import Conn
+
+
+def take_turn(db: Conn) -> None:
+    """Take, until the transaction ends, the lock every audited change takes (``audit.append``'s), before
+    reading the state a governance change depends on: two collectors on one PostgreSQL then decide in
+    turn, each seeing what the other committed (READ COMMITTED re-reads per statement). One lock, not
+    one per model, so that it can never be taken in two orders; on SQLite ``BEGIN IMMEDIATE`` already
+    serialises every writer."""
+    db.lock("audit")
+
 
 # ------------------------------------------------------------ approvals
 

@@ -16,15 +16,6 @@ _WITH_PROFILE = ("SELECT v.*, p.model_name IS NOT NULL AS has_profile FROM model
                  " ON p.model_name = v.name AND p.model_version = CAST(v.version AS TEXT)")
 
 
-def lock_model(db: Conn) -> None:
-    """Take, until the transaction ends, the lock every audited change takes (``audit.append``'s), before
-    reading the state a governance change depends on: two collectors on one PostgreSQL then decide in
-    turn, each seeing what the other committed (READ COMMITTED re-reads per statement). One lock, not
-    one per model, so that it can never be taken in two orders; on SQLite ``BEGIN IMMEDIATE`` already
-    serialises every writer."""
-    db.lock("audit")
-
-
 # ------------------------------------------------------------ one version
 
 
