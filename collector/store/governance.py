@@ -1,5 +1,5 @@
-"""Governance rows and their turn-taking: approvals (promotion and rollback requests), retraining requests, and the alerts and
-evaluations the lifecycle's policies read as evidence.
+"""Governance rows and their turn-taking: approvals (promotion and rollback requests), retraining requests,
+and the alerts and evaluations the lifecycle's policies read as evidence.
 
 Plain reads and writes for ``collector.lifecycle`` (approvals, approval_cancel, retraining,
 rollback_policy): the rules, messages and audit rows stay there. The one-pending-approval and
@@ -11,6 +11,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from collector.store.engine import Conn
+
+
+def _one(rows: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first row, reading them all (so that no statement stays open on the connection)."""
+    found = list(rows)
+    return found[0] if found else None
 
 
 def take_turn(db: Conn) -> None:
@@ -26,7 +32,7 @@ def take_turn(db: Conn) -> None:
 
 
 def approval(db: Conn, approval_id: int) -> dict[str, Any] | None:
-    return next(iter(db.query("SELECT * FROM approvals WHERE id = ?", [approval_id])), None)
+    return _one(db.query("SELECT * FROM approvals WHERE id = ?", [approval_id]))
 
 
 def pending_promotion(db: Conn, model: str, version: int) -> int | None:
@@ -77,7 +83,7 @@ def approvals(db: Conn, include_decided: bool = False, model: str = "", after_id
 
 
 def retraining_request(db: Conn, request_id: int) -> dict[str, Any] | None:
-    return next(iter(db.query("SELECT * FROM retraining_requests WHERE id = ?", [request_id])), None)
+    return _one(db.query("SELECT * FROM retraining_requests WHERE id = ?", [request_id]))
 
 
 def active_retraining(db: Conn, model: str, version: str) -> int | None:

@@ -11,6 +11,13 @@ from typing import Any
 from collector.store.dialect import NO_LIMIT
 from collector.store.engine import Conn
 
+
+def _one(rows: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first row, reading them all (so that no statement stays open on the connection)."""
+    found = list(rows)
+    return found[0] if found else None
+
+
 # ------------------------------------------------------------ rollouts
 
 
@@ -23,7 +30,7 @@ def insert(db: Conn, model: str, version: int, kind: str, actor: str, reason: st
 
 
 def get(db: Conn, rollout_id: int) -> dict[str, Any] | None:
-    return next(iter(db.query("SELECT * FROM rollouts WHERE id = ?", [rollout_id])), None)
+    return _one(db.query("SELECT * FROM rollouts WHERE id = ?", [rollout_id]))
 
 
 def exists(db: Conn, rollout_id: int) -> bool:
@@ -33,8 +40,8 @@ def exists(db: Conn, rollout_id: int) -> bool:
 def latest(db: Conn, model: str, kinds: Iterable[str]) -> dict[str, Any] | None:
     """The model's newest rollout of one of ``kinds``."""
     kinds = list(kinds)
-    return next(iter(db.query(f"SELECT * FROM rollouts WHERE model = ? AND kind IN ({', '.join('?' * len(kinds))})"
-                              " ORDER BY id DESC LIMIT 1", [model, *kinds])), None)
+    return _one(db.query(f"SELECT * FROM rollouts WHERE model = ? AND kind IN ({', '.join('?' * len(kinds))})"
+                         " ORDER BY id DESC LIMIT 1", [model, *kinds]))
 
 
 def made_production_from(db: Conn, model: str, version: int) -> int | None:
@@ -84,9 +91,9 @@ def set_ack(db: Conn, rollout_id: int, agent_id: str, run_id: str, state: str, e
 def shadow(db: Conn, model: str) -> dict[str, Any] | None:
     """The model's shadow with its version's artifact: version, share, started_ns, actor, sha256, size,
     schema, feature_names."""
-    return next(iter(db.query("SELECT s.version, s.share, s.started_ns, s.actor, v.sha256, v.size, v.schema,"
-                              " v.feature_names FROM shadows s JOIN model_versions v"
-                              " ON v.name = s.model AND v.version = s.version WHERE s.model = ?", [model])), None)
+    return _one(db.query("SELECT s.version, s.share, s.started_ns, s.actor, v.sha256, v.size, v.schema,"
+                         " v.feature_names FROM shadows s JOIN model_versions v"
+                         " ON v.name = s.model AND v.version = s.version WHERE s.model = ?", [model]))
 
 
 def shadowed(db: Conn, model: str, version: int) -> bool:

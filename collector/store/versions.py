@@ -11,6 +11,13 @@ from typing import Any
 
 from collector.store.engine import Conn
 
+
+def _one(rows: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first row, reading them all (so that no statement stays open on the connection)."""
+    found = list(rows)
+    return found[0] if found else None
+
+
 # a version with whether it has a profile (a comparison is a bool on PostgreSQL, 0/1 on SQLite)
 _WITH_PROFILE = ("SELECT v.*, p.model_name IS NOT NULL AS has_profile FROM model_versions v LEFT JOIN profiles p"
                  " ON p.model_name = v.name AND p.model_version = CAST(v.version AS TEXT)")
@@ -25,24 +32,24 @@ def get(db: Conn, name: str, version: int = 0) -> dict[str, Any] | None:
         rows = db.query(f"{_WITH_PROFILE} WHERE v.name = ? AND v.version = ?", [name, version])
     else:
         rows = db.query(f"{_WITH_PROFILE} WHERE v.name = ? ORDER BY v.version DESC LIMIT 1", [name])
-    return next(iter(rows), None)
+    return _one(rows)
 
 
 def stage_row(db: Conn, name: str, version: int) -> dict[str, Any] | None:
     """name, version, stage, gate, gate_passed of one version."""
-    return next(iter(db.query("SELECT name, version, stage, gate, gate_passed FROM model_versions"
-                              " WHERE name = ? AND version = ?", [name, version])), None)
+    return _one(db.query("SELECT name, version, stage, gate, gate_passed FROM model_versions"
+                         " WHERE name = ? AND version = ?", [name, version]))
 
 
 def schema_and_names(db: Conn, name: str, version: int) -> dict[str, Any] | None:
-    return next(iter(db.query("SELECT schema, feature_names FROM model_versions WHERE name = ? AND version = ?",
-                              [name, version])), None)
+    return _one(db.query("SELECT schema, feature_names FROM model_versions WHERE name = ? AND version = ?",
+                         [name, version]))
 
 
 def artifact(db: Conn, name: str, version: int) -> dict[str, Any] | None:
     """sha256, size, stage, artifact_removed_ns of one version."""
-    return next(iter(db.query("SELECT sha256, size, stage, artifact_removed_ns FROM model_versions"
-                              " WHERE name = ? AND version = ?", [name, version])), None)
+    return _one(db.query("SELECT sha256, size, stage, artifact_removed_ns FROM model_versions"
+                         " WHERE name = ? AND version = ?", [name, version]))
 
 
 def known(db: Conn, name: str) -> bool:
@@ -64,8 +71,8 @@ def listing(db: Conn, name: str = "", after: tuple[str, int] | None = None) -> I
 
 def production(db: Conn, name: str) -> dict[str, Any] | None:
     """version, sha256, size, schema, feature_names, stage_ns of the model's production version."""
-    return next(iter(db.query("SELECT version, sha256, size, schema, feature_names, stage_ns FROM model_versions"
-                              " WHERE name = ? AND stage = 'production'", [name])), None)
+    return _one(db.query("SELECT version, sha256, size, schema, feature_names, stage_ns FROM model_versions"
+                         " WHERE name = ? AND stage = 'production'", [name]))
 
 
 def stages(db: Conn, name: str) -> dict[int, str]:
