@@ -7,6 +7,7 @@ passes in; it never imports upward, not even for a type.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +26,10 @@ ALLOWED: dict[str, set[str]] = {
     "api": {"web", "monitoring", "lifecycle", "store", "base"},
     "cli": {"api", "web", "monitoring", "lifecycle", "store", "base"},
 }
+
+# SQL lives in collector/store/ (issue 14): these rooms call the store's functions and hold no SQL text.
+SQL_FREE_ROOMS = ["monitoring", "api", "web"]
+SQL_START = re.compile(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)\s")  # upper case: prose ("Update the...") is not SQL
 
 # agent/ never imports collector/ (the collector may import the agent's shared pieces), except:
 AGENT_EXCEPTIONS: dict[str, str] = {
@@ -137,6 +142,22 @@ def agent_imports_of_collector(root: Path) -> list[str]:
     return wrong
 
 
+def sql_texts(root: Path, rooms: list[str]) -> list[str]:
+    """Every string constant (f-strings' text included) in the modules of ``rooms`` that starts like an
+    SQL statement, as "module (line n): text"."""
+    found = []
+    for name, path in modules(root, "collector").items():
+        if room(name) not in rooms:
+            continue
+        lines = {}  # an f-string's text is walked as its own constant too: one report per line
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and SQL_START.match(node.value):
+                lines.setdefault(node.lineno, node.value.strip()[:60])
+        found += [f"{name} (line {n}): {text!r}: move it to a function in collector/store/"
+                  for n, text in sorted(lines.items())]
+    return found
+
+
 def test_rooms_import_only_downward() -> None:
     wrong = upward_imports(ROOT)
     assert not wrong, "\n".join(wrong)
@@ -151,6 +172,22 @@ def test_agent_never_imports_collector() -> None:
     wrong = agent_imports_of_collector(ROOT)
     assert not wrong, "\n".join(wrong)
     assert set(AGENT_EXCEPTIONS) <= set(modules(ROOT, "agent")), "an exception names a module that is gone"
+
+
+def test_sql_lives_in_the_store() -> None:
+    wrong = sql_texts(ROOT, SQL_FREE_ROOMS)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_sql_check_sees_strings_and_f_strings(tmp_path: Path) -> None:
+    (tmp_path / "collector/web").mkdir(parents=True)
+    (tmp_path / "collector/store").mkdir(parents=True)
+    (tmp_path / "collector/web/a.py").write_text(
+        '"""Update the page: SELECTs only."""\nQ = "SELECT 1"\n\n\ndef f(t):\n    return f"DELETE FROM {t}"\n'
+        'U = ("UPDATE x"\n     " SET y = 1")\nOK = "selected: none"\n')
+    (tmp_path / "collector/store/b.py").write_text('Q = "SELECT 1"\n')
+    assert [w.split(":")[0] for w in sql_texts(tmp_path, ["web"])] == [
+        "collector.web.a (line 2)", "collector.web.a (line 6)", "collector.web.a (line 7)"]
 
 
 def test_the_checks_see_every_kind_of_import(tmp_path: Path) -> None:
