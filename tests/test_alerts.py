@@ -28,8 +28,8 @@ def evaluation(drifted: bool) -> pb.DriftEvaluation:
     return e
 
 
-def test_every_resolution_says_why_and_the_summary_stays_what_was_seen(tmp_path: Path) -> None:
-    with Store(tmp_path / "c.db") as store:
+def test_every_resolution_says_why_and_the_summary_stays_what_was_seen(db_url: str) -> None:
+    with Store(db_url) as store:
         k = 2
         for drifted in (True, True, False, False):  # k drifted verdicts open it, k clean ones resolve it
             changed = store.write(lambda db, d=drifted: alerts.record(db, evaluation(d), k, 10))
@@ -50,8 +50,8 @@ def test_every_resolution_says_why_and_the_summary_stays_what_was_seen(tmp_path:
         assert [a.id for a in alerts.resolved(store.read(), "m", 10)] == [gone.id, done.id]  # newest first
 
 
-def test_a_database_of_the_previous_schema_upgrades_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "c.db"
+def test_a_database_of_the_previous_schema_upgrades_in_place(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = db_url
     full = list(schema_module.MIGRATIONS)
     monkeypatch.setattr(schema_module, "MIGRATIONS", full[:PREVIOUS])
 

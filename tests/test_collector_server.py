@@ -110,8 +110,8 @@ def running(db, **kw) -> Iterator[Collector]:
 
 
 @pytest.fixture
-def collector(tmp_path) -> Iterator[Collector]:
-    with running(tmp_path / "collector.db") as c:
+def collector(db_url) -> Iterator[Collector]:
+    with running(db_url) as c:
         yield c
 
 

@@ -133,4 +133,6 @@ def retraining(db: Conn, active: bool, limit: int = 50) -> list[dict[str, Any]]:
 
 def audit_page(db: Conn, model: str, before: int, limit: int) -> list[dict[str, Any]]:
     """``limit`` rows older than id ``before`` (0: the newest), newest first."""
+    if not model.isprintable():  # no stored name is (ingest refuses them), and PostgreSQL cannot compare a NUL
+        return []
     return listings.audit_page(db, model, before, limit)
