@@ -148,6 +148,37 @@ def test_two_collectors_recording_the_same_verdict_open_one_alert(db_url: str) -
         assert len(alerts.history(first.read(), "m", "1", 10)) == 2  # both evaluations are kept
 
 
+def test_two_collectors_acknowledging_one_alert_at_once_ack_it_once(db_url: str) -> None:
+    """Collector A has acknowledged the alert, not committed yet, when collector B acknowledges it
+    too: B waits for A's turn, then finds it acknowledged (FailedPrecondition) and changes nothing."""
+    from agent.errors import FailedPrecondition
+
+    a_acked, b_done = threading.Event(), threading.Event()
+    with Store(db_url) as first, Store(db_url) as second:
+        (opened,) = first.write(lambda db: alerts.record(db, evaluation(True), 1, 10))
+
+        def turn_a(db) -> bool:
+            alerts.acknowledge(db, opened.id, "alice", "looking", 20)
+            a_acked.set()
+            return b_done.wait(2)
+
+        def turn_b(db) -> pb.Alert:
+            try:
+                return alerts.acknowledge(db, opened.id, "bob", "mine", 21)
+            finally:
+                b_done.set()
+
+        a = first.submit(turn_a)
+        assert a_acked.wait(60)
+        b = second.submit(turn_b)
+        assert a.result(timeout=60) is False  # B could not finish inside A's turn
+        with pytest.raises(FailedPrecondition, match="already acknowledged by alice"):
+            b.result(timeout=60)
+        assert alerts.alert(first.read(), opened.id).acknowledged_by == "alice"
+        acks = second.read().execute("SELECT count(*) FROM audit WHERE action = 'alert.ack'").fetchone()[0]
+        assert acks == 1
+
+
 @pytest.mark.slow
 def test_two_evaluators_on_one_postgresql_evaluating_the_same_drifted_span_open_one_alert(postgres_url: str) -> None:
     """Two collectors' evaluators over one PostgreSQL database evaluate the same drifted windows at

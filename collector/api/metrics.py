@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.metrics import Endpoints
-from collector.store import alerts as alert_rows
+from collector.store import alerts as alert_store
 from collector.store import fleet
 from collector.store.engine import Conn, StoreError
 from protos import collector_pb2 as pb
@@ -175,7 +175,7 @@ class _StateCollector:
     def _alerts(self, db: Conn) -> Metric:
         family = GaugeMetricFamily("outrider_collector_open_alerts", "alerts not resolved yet, by model and "
                                    "state (open, or acknowledged by an operator)", labels=["model", "state"])
-        counts = alert_rows.counts_by_model_and_state(db, ALERT_STATES)
+        counts = alert_store.counts_by_model_and_state(db, ALERT_STATES)
         models = fleet.profiled_models(db) | {m for m, _ in counts}
         for model in sorted(models):  # zeros for models watched for drift: "no alert" is a value too
             for state in ALERT_STATES:
@@ -210,7 +210,7 @@ class _StateCollector:
                                      "confidence through the reference's calibration, no labels needed), and the "
                                      "reference's own of each", labels=["model", "version", "kind"])
         for model, version in fleet.profiled_versions(db):
-            body = alert_rows.latest_evaluated_body(db, model, version)
+            body = alert_store.latest_evaluated_body(db, model, version)
             if body is None:
                 continue
             evaluation = pb.DriftEvaluation.FromString(body)

@@ -32,12 +32,12 @@ from google.protobuf import json_format
 
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from collector.monitoring.drift import AlertTracker, DriftConfig
-from collector.store import alerts as rows_of
+from collector.store import alerts as alert_store
 from collector.store import audit, fleet
 from collector.store.engine import Conn
 from protos import collector_pb2 as pb
 
-OPEN, ACKNOWLEDGED, RESOLVED = "open", "acknowledged", rows_of.RESOLVED
+OPEN, ACKNOWLEDGED, RESOLVED = "open", "acknowledged", alert_store.RESOLVED
 UNSERVED_SECONDS = 900.0  # no connected agent and no window of a version for this long: no longer served
 
 
@@ -45,7 +45,7 @@ UNSERVED_SECONDS = 900.0  # no connected agent and no window of a version for th
 
 def get_config(db: Conn, model_name: str) -> tuple[DriftConfig, bool]:
     """The model's policy and whether it is the default (nothing stored)."""
-    stored = rows_of.drift_config(db, model_name)
+    stored = alert_store.drift_config(db, model_name)
     if stored is None:
         return DriftConfig(), True
     return DriftConfig.from_dict(json.loads(stored)), False
@@ -62,7 +62,7 @@ def parse_config(text: str) -> DriftConfig:
 def set_config(db: Conn, model_name: str, config: DriftConfig, actor: str, now_ns: int) -> None:
     """Replace the model's policy, audited (before: the policy in force, defaults included)."""
     before, _ = get_config(db, model_name)
-    rows_of.put_drift_config(db, model_name, json.dumps(config.to_dict()), actor, now_ns)
+    alert_store.put_drift_config(db, model_name, json.dumps(config.to_dict()), actor, now_ns)
     audit.append(db, actor, "drift_config.set", f"model/{model_name}", model_name=model_name,
                  before=before.to_dict(), after=config.to_dict(), now_ns=now_ns)
 
@@ -90,17 +90,17 @@ def record(db: Conn, evaluation: pb.DriftEvaluation, k: int, now_ns: int, *,
     A version no longer served (``is_served`` False: see ``served``) does not step
     its machine: its open alerts are resolved with that reason (``resolve_unserved``)."""
     drifted = sum(c.drifted for c in evaluation.columns)
-    evaluation.id = rows_of.insert_evaluation(db, evaluation.model_name, evaluation.model_version,
+    evaluation.id = alert_store.insert_evaluation(db, evaluation.model_name, evaluation.model_version,
                                               evaluation.evaluated_unix_nano, evaluation.evaluated, drifted)
-    rows_of.set_evaluation_body(db, evaluation.id, evaluation.SerializeToString())
+    alert_store.set_evaluation_body(db, evaluation.id, evaluation.SerializeToString())
     # several collectors on one database: the machine's read, step and write are one turn per version
-    rows_of.lock_model_version(db, evaluation.model_name, evaluation.model_version)
+    alert_store.lock_model_version(db, evaluation.model_name, evaluation.model_version)
     if not is_served:
         return resolve_unserved(db, evaluation.model_name, evaluation.model_version, now_ns)
     if not evaluation.evaluated:
         return []
     key = (evaluation.model_name, evaluation.model_version)
-    state = rows_of.tracker_state(db, *key)
+    state = alert_store.tracker_state(db, *key)
     tracker = AlertTracker.from_dict(json.loads(state)) if state else AlertTracker(k=k)
     tracker.k = k  # a changed policy applies from the next step on
     changed = []
@@ -109,14 +109,14 @@ def record(db: Conn, evaluation: pb.DriftEvaluation, k: int, now_ns: int, *,
             changed.append(_open(db, evaluation, column, now_ns))
         else:
             changed.extend(_resolve(db, evaluation, column, k, now_ns))
-    rows_of.save_tracker(db, *key, json.dumps(tracker.to_dict()))
+    alert_store.save_tracker(db, *key, json.dumps(tracker.to_dict()))
     return changed
 
 
 def _open(db: Conn, evaluation: pb.DriftEvaluation, column: str, now_ns: int) -> pb.Alert:
     col = next(c for c in evaluation.columns if c.name == column)
     kind = column if column in ("performance", "estimated_performance") else "drift"
-    alert_id = rows_of.insert_alert(db, {
+    alert_id = alert_store.insert_alert(db, {
         "model_name": evaluation.model_name, "model_version": evaluation.model_version, "column": column,
         "kind": kind, "state": OPEN, "opened_ns": now_ns, "summary": col.reason,
         "evaluation_id": evaluation.id})
@@ -127,7 +127,7 @@ def _open(db: Conn, evaluation: pb.DriftEvaluation, column: str, now_ns: int) ->
 
 
 def _resolve(db: Conn, evaluation: pb.DriftEvaluation, column: str, k: int, now_ns: int) -> list[pb.Alert]:
-    rows = rows_of.unresolved(db, evaluation.model_name, evaluation.model_version, column)
+    rows = alert_store.unresolved(db, evaluation.model_name, evaluation.model_version, column)
     reason = clean_reason(column, k, evaluation.id)
     for alert_id, state in rows:
         _resolve_one(db, alert_id, state, evaluation.model_name, reason, now_ns)
@@ -141,7 +141,7 @@ def clean_reason(column: str, k: int, evaluation_id: int) -> str:
 
 
 def _resolve_one(db: Conn, alert_id: int, state: str, model_name: str, reason: str, now_ns: int) -> None:
-    rows_of.update_alert(db, alert_id, {"state": RESOLVED, "resolved_ns": now_ns, "resolved_reason": reason})
+    alert_store.update_alert(db, alert_id, {"state": RESOLVED, "resolved_ns": now_ns, "resolved_reason": reason})
     audit.append(db, audit.COLLECTOR, "alert.resolve", f"alert/{alert_id}", model_name=model_name,
                  before={"state": state}, after={"state": RESOLVED}, reason=reason, now_ns=now_ns)
 
@@ -150,8 +150,8 @@ def resolve_unserved(db: Conn, model_name: str, model_version: str, now_ns: int,
                      quiet_seconds: float = UNSERVED_SECONDS) -> list[pb.Alert]:
     """Resolve every open or acknowledged alert of a version that is no longer served, saying
     so (in the alert's ``resolved_reason`` and the audit trail), and reset its alert machine."""
-    rows = rows_of.unresolved(db, model_name, model_version)
-    rows_of.delete_tracker(db, model_name, model_version)
+    rows = alert_store.unresolved(db, model_name, model_version)
+    alert_store.delete_tracker(db, model_name, model_version)
     reason = (f"version {model_version} of {model_name} is no longer served: no connected agent reports it and "
               f"none of its windows ended in the last {quiet_seconds / 60:g} min")
     for alert_id, state in rows:
@@ -167,7 +167,7 @@ def history(db: Conn, model_name: str, model_version: str, limit: int) -> list[p
 def history_rows(db: Conn, model_name: str, model_version: str, *,
                  limit: int | None = None) -> Iterator[tuple[tuple[int, int], pb.DriftEvaluation]]:
     """The model version's evaluations, newest first, read lazily as ((evaluated_ns, id), evaluation)."""
-    rows = rows_of.evaluation_rows(db, model_name, model_version, None if limit is None else limit + 1)
+    rows = alert_store.evaluation_rows(db, model_name, model_version, None if limit is None else limit + 1)
     for at, evaluation_id, body in rows:
         yield (at, evaluation_id), pb.DriftEvaluation.FromString(body)
 
@@ -175,7 +175,7 @@ def history_rows(db: Conn, model_name: str, model_version: str, *,
 # ------------------------------------------------------------ alerts
 
 def alert(db: Conn, alert_id: int) -> pb.Alert:
-    row = rows_of.alert_row(db, alert_id)
+    row = alert_store.alert_row(db, alert_id)
     if row is None:
         raise NotFound(f"no alert {alert_id}; list them with: outrider alerts")
     return _alert(row)
@@ -198,26 +198,30 @@ def alerts(db: Conn, model_name: str = "", include_resolved: bool = False, limit
 
 def resolved(db: Conn, model_name: str, limit: int) -> list[pb.Alert]:
     """The model's ``limit`` most recently resolved alerts, newest resolution first."""
-    return [_alert(r) for r in rows_of.resolved_rows(db, model_name, limit)]
+    return [_alert(r) for r in alert_store.resolved_rows(db, model_name, limit)]
 
 
 def alert_rows(db: Conn, model_name: str = "", include_resolved: bool = False, *, before_id: int = 0,
                limit: int | None = None) -> Iterator[tuple[tuple[int], pb.Alert]]:
     """``alerts`` read lazily as ((id,), alert), newest first; ``before_id``: only older ones."""
-    for r in rows_of.alert_rows(db, model_name, include_resolved, before_id=before_id,
+    for r in alert_store.alert_rows(db, model_name, include_resolved, before_id=before_id,
                                 limit=None if limit is None else limit + 1):
         yield (r["id"],), _alert(r)
 
 
 def acknowledge(db: Conn, alert_id: int, actor: str, note: str, now_ns: int) -> pb.Alert:
     """An operator has seen it: open -> acknowledged (it still resolves by itself)."""
+    found = alert(db, alert_id)
+    # the version's turn, as for ``record``: two collectors acking at once (or one resolving it) take turns,
+    # and the state is read again once it is ours
+    alert_store.lock_model_version(db, found.model_name, found.model_version)
     current = alert(db, alert_id)
     if current.state == RESOLVED:
         raise FailedPrecondition(f"alert {alert_id} is already resolved")
     if current.state == ACKNOWLEDGED:
         raise FailedPrecondition(f"alert {alert_id} was already acknowledged by {current.acknowledged_by}")
-    rows_of.update_alert(db, alert_id, {"state": ACKNOWLEDGED, "acknowledged_ns": now_ns,
-                                         "acknowledged_by": actor, "note": note})
+    alert_store.update_alert(db, alert_id, {"state": ACKNOWLEDGED, "acknowledged_ns": now_ns,
+                                            "acknowledged_by": actor, "note": note})
     audit.append(db, actor, "alert.ack", f"alert/{alert_id}", model_name=current.model_name,
                  before={"state": current.state}, after={"state": ACKNOWLEDGED}, reason=note, now_ns=now_ns)
     return alert(db, alert_id)
