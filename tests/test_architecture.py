@@ -7,7 +7,6 @@ passes in; it never imports upward, not even for a type.
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,10 +25,6 @@ ALLOWED: dict[str, set[str]] = {
     "api": {"web", "monitoring", "lifecycle", "store", "base"},
     "cli": {"api", "web", "monitoring", "lifecycle", "store", "base"},
 }
-
-# SQL lives in collector/store/ (issue 14): these rooms call the store's functions and hold no SQL text.
-SQL_FREE_ROOMS = ["monitoring", "api", "web"]
-SQL_START = re.compile(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)\s")  # upper case: prose ("Update the...") is not SQL
 
 # agent/ never imports collector/ (the collector may import the agent's shared pieces), except:
 AGENT_EXCEPTIONS: dict[str, str] = {
@@ -142,20 +137,54 @@ def agent_imports_of_collector(root: Path) -> list[str]:
     return wrong
 
 
-def sql_texts(root: Path, rooms: list[str]) -> list[str]:
-    """Every string constant (f-strings' text included) in the modules of ``rooms`` that starts like an
-    SQL statement, as "module (line n): text"."""
-    found = []
+# Rooms whose modules hold no SQL: they call the store room's functions (docs/architecture.md).
+NO_SQL_ROOMS = ("monitoring", "api", "web")
+_SQL_WORDS = ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "SAVEPOINT", "ROLLBACK", "RELEASE", "CREATE", "DROP")
+_CONN_METHODS = ("execute", "executemany", "query", "upsert")  # Conn's statements (insert/update: by table name)
+
+
+def sql_outside_store(root: Path, rooms: tuple[str, ...] = NO_SQL_ROOMS) -> list[str]:
+    """Where a module of ``rooms`` holds SQL text (a string starting with an SQL keyword, f-strings
+    included) or runs a statement itself (``x.execute(...)``, ``.query``, ``.upsert``, or ``.insert`` /
+    ``.update`` given a table name)."""
+    wrong = []
     for name, path in modules(root, "collector").items():
         if room(name) not in rooms:
             continue
-        lines = {}  # an f-string's text is walked as its own constant too: one report per line
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and SQL_START.match(node.value):
-                lines.setdefault(node.lineno, node.value.strip()[:60])
-        found += [f"{name} (line {n}): {text!r}: move it to a function in collector/store/"
-                  for n, text in sorted(lines.items())]
-    return found
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                words = node.value.split(None, 1)
+                if words and words[0].upper() in _SQL_WORDS and words[0].isupper():
+                    wrong.append(f"{name} (line {node.lineno}) holds SQL {node.value[:40]!r}: move it into a "
+                                 "function of collector/store/")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                table_call = (node.func.attr in ("insert", "update") and node.args
+                              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str))
+                if node.func.attr in _CONN_METHODS or table_call:
+                    wrong.append(f"{name} (line {node.lineno}) runs a statement (.{node.func.attr}): call a "
+                                 "function of collector/store/ instead")
+    return wrong
+
+
+def test_rooms_above_the_store_hold_no_sql() -> None:
+    wrong = sql_outside_store(ROOT)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_sql_check_finds_sql(tmp_path: Path) -> None:
+    """Plain and f-string SQL, and statements run on a connection, in a lifecycle module are found."""
+    (tmp_path / "collector/lifecycle").mkdir(parents=True)
+    (tmp_path / "collector/__init__.py").write_text("")
+    (tmp_path / "collector/lifecycle/__init__.py").write_text("")
+    (tmp_path / "collector/lifecycle/a.py").write_text(
+        "def f(db, t):\n"
+        "    db.execute(\"SELECT 1\")\n"
+        "    x = f\"DELETE FROM {t}\"\n"
+        "    db.insert(\"agents\", {})\n"
+        "    return 'Selected versions', {}.update(a=1)\n")
+    wrong = sql_outside_store(tmp_path, ("lifecycle",))
+    assert sorted(w.split(")")[0] for w in wrong) == ["collector.lifecycle.a (line 2"] * 2 + [
+        "collector.lifecycle.a (line 3", "collector.lifecycle.a (line 4"], wrong
 
 
 def test_rooms_import_only_downward() -> None:
@@ -172,22 +201,6 @@ def test_agent_never_imports_collector() -> None:
     wrong = agent_imports_of_collector(ROOT)
     assert not wrong, "\n".join(wrong)
     assert set(AGENT_EXCEPTIONS) <= set(modules(ROOT, "agent")), "an exception names a module that is gone"
-
-
-def test_sql_lives_in_the_store() -> None:
-    wrong = sql_texts(ROOT, SQL_FREE_ROOMS)
-    assert not wrong, "\n".join(wrong)
-
-
-def test_the_sql_check_sees_strings_and_f_strings(tmp_path: Path) -> None:
-    (tmp_path / "collector/web").mkdir(parents=True)
-    (tmp_path / "collector/store").mkdir(parents=True)
-    (tmp_path / "collector/web/a.py").write_text(
-        '"""Update the page: SELECTs only."""\nQ = "SELECT 1"\n\n\ndef f(t):\n    return f"DELETE FROM {t}"\n'
-        'U = ("UPDATE x"\n     " SET y = 1")\nOK = "selected: none"\n')
-    (tmp_path / "collector/store/b.py").write_text('Q = "SELECT 1"\n')
-    assert [w.split(":")[0] for w in sql_texts(tmp_path, ["web"])] == [
-        "collector.web.a (line 2)", "collector.web.a (line 6)", "collector.web.a (line 7)"]
 
 
 def test_the_checks_see_every_kind_of_import(tmp_path: Path) -> None:
