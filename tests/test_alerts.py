@@ -119,7 +119,7 @@ def test_list_alerts_cli_and_page_show_why_an_alert_was_resolved(served) -> None
 def test_two_collectors_recording_the_same_verdict_open_one_alert(db_url: str) -> None:
     """Collector A has stepped the version's alert machine and opened an alert, not committed yet, when
     collector B records the same drifted verdict: B waits for A's turn to end, then reads the machine
-    A left (the alert already open) and opens nothing. Without the per-version lock B read the machine
+    A left (the alert already open) and opens nothing. Without taking turns B read the machine
     as it was before A (READ COMMITTED) and opened a second alert."""
     a_stepped, b_done = threading.Event(), threading.Event()
     with Store(db_url) as first, Store(db_url) as second:

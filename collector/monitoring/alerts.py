@@ -5,8 +5,8 @@ writer thread (``Store.write(fn)``), readers on a read connection
 (``Store.read()``). Every change is audited (``collector.store.audit``) in the same
 transaction. The alert machine itself is ``collector.monitoring.drift.AlertTracker``;
 here it is only loaded and saved; the SQL is ``collector.store.alerts``. One evaluation's tracker
-read, step and write run under a per-version lock, so several collectors on one PostgreSQL open
-an alert once.
+read, step and write run in turn across collectors (``collector.store.alerts.take_turn``), so
+several collectors on one PostgreSQL open an alert once.
 
 Every resolution says why in the alert's ``resolved_reason`` (and its audit entry): the
 column was clean for k evaluations in a row, or its version is no longer served.
@@ -93,8 +93,8 @@ def record(db: Conn, evaluation: pb.DriftEvaluation, k: int, now_ns: int, *,
     evaluation.id = alert_store.insert_evaluation(db, evaluation.model_name, evaluation.model_version,
                                               evaluation.evaluated_unix_nano, evaluation.evaluated, drifted)
     alert_store.set_evaluation_body(db, evaluation.id, evaluation.SerializeToString())
-    # several collectors on one database: the machine's read, step and write are one turn per version
-    alert_store.lock_model_version(db, evaluation.model_name, evaluation.model_version)
+    # several collectors on one database: the machine's read, step and write are one turn
+    alert_store.take_turn(db)
     if not is_served:
         return resolve_unserved(db, evaluation.model_name, evaluation.model_version, now_ns)
     if not evaluation.evaluated:
@@ -211,10 +211,9 @@ def alert_rows(db: Conn, model_name: str = "", include_resolved: bool = False, *
 
 def acknowledge(db: Conn, alert_id: int, actor: str, note: str, now_ns: int) -> pb.Alert:
     """An operator has seen it: open -> acknowledged (it still resolves by itself)."""
-    found = alert(db, alert_id)
-    # the version's turn, as for ``record``: two collectors acking at once (or one resolving it) take turns,
-    # and the state is read again once it is ours
-    alert_store.lock_model_version(db, found.model_name, found.model_version)
+    # as in ``record``: two collectors acking at once (or one resolving it) take turns, reading the state
+    # once it is theirs
+    alert_store.take_turn(db)
     current = alert(db, alert_id)
     if current.state == RESOLVED:
         raise FailedPrecondition(f"alert {alert_id} is already resolved")

@@ -15,11 +15,14 @@ from collector.store.engine import Conn
 RESOLVED = "resolved"
 
 
-def lock_model_version(db: Conn, model_name: str, model_version: str) -> None:
-    """Until this transaction ends, no other collector steps this version's alert machine: the
-    tracker read, its step and the alerts it opens are one turn (a no-op on SQLite, whose
-    ``BEGIN IMMEDIATE`` already serialises writers)."""
-    db.lock(f"alerts:{model_name}/{model_version}")
+def take_turn(db: Conn) -> None:
+    """Take, until the transaction ends, the lock every audited change takes (``audit.append``'s), before
+    reading an alert machine or an alert's state: two collectors on one PostgreSQL then step a version's
+    machine in turn, each seeing what the other committed (READ COMMITTED re-reads per statement). One
+    lock, not one per model version: an evaluation's transaction also appends to the audit chain and
+    runs the retraining and rollback policies, so a second lock could be taken in two orders (a
+    deadlock). On SQLite ``BEGIN IMMEDIATE`` already serialises every writer."""
+    db.lock("audit")
 
 
 # ------------------------------------------------------------ drift policy
