@@ -225,9 +225,10 @@ def scrape(url: str) -> dict[tuple[str, str], float]:
 
 
 @pytest.mark.slow
-def test_a_drop_in_estimated_accuracy_opens_an_alert_and_is_shown_beside_realised(model, profile, tmp_path) -> None:
+def test_a_drop_in_estimated_accuracy_opens_an_alert_and_is_shown_beside_realised(model, profile, tmp_path,
+                                                                                  db_url) -> None:
     metrics = CollectorMetrics()
-    server = serve_collector(tmp_path / "c.db", "127.0.0.1:0", drift_interval=0, rollup_interval=3600,
+    server = serve_collector(db_url, "127.0.0.1:0", drift_interval=0, rollup_interval=3600,
                              metrics=metrics)
     url = metrics.start_http("127.0.0.1:0").url
     try:

@@ -110,8 +110,8 @@ def running(db, **kw) -> Iterator[Collector]:
 
 
 @pytest.fixture
-def collector(tmp_path) -> Iterator[Collector]:
-    with running(tmp_path / "collector.db") as c:
+def collector(db_url) -> Iterator[Collector]:
+    with running(db_url) as c:
         yield c
 
 
@@ -242,9 +242,9 @@ def test_a_batch_over_the_limit_is_invalid_argument(tmp_path):
         assert collector.windows(model_name="credit") == []
 
 
-def test_a_full_write_queue_ends_the_stream_with_resource_exhausted_and_retry_after(tmp_path):
-    store = Store(tmp_path / "c.db", queue_max=1)  # a batch of two windows can never fit
-    with running(tmp_path / "c.db", store=store, retry_after_ms=250) as collector:
+def test_a_full_write_queue_ends_the_stream_with_resource_exhausted_and_retry_after(db_url):
+    store = Store(db_url, queue_max=1)  # a batch of two windows can never fit
+    with running(db_url, store=store, retry_after_ms=250) as collector:
         conn = collector.connect(hello(), batch(window(0), window(1)))
         error = conn.error()
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -303,8 +303,8 @@ def test_list_windows_filters_by_version_and_time(collector):
     assert collector.windows(model_name="other") == []
 
 
-def test_health_is_serving_then_graceful_stop_ends_agent_streams_and_commits(tmp_path):
-    db = tmp_path / "c.db"
+def test_health_is_serving_then_graceful_stop_ends_agent_streams_and_commits(db_url):
+    db = db_url
     server = serve_collector(db, "127.0.0.1:0", rollup_interval=3600)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -331,10 +331,10 @@ def test_health_is_serving_then_graceful_stop_ends_agent_streams_and_commits(tmp
         assert not agent.connected
 
 
-def test_the_rollup_loop_merges_old_windows(tmp_path):
+def test_the_rollup_loop_merges_old_windows(db_url):
     old = time.time_ns() - 3 * 3600 * NS
     policy = RetentionPolicy(raw_seconds=3600)
-    with running(tmp_path / "c.db", retention=policy, rollup_interval=0.05) as collector:
+    with running(db_url, retention=policy, rollup_interval=0.05) as collector:
         conn = collector.connect(hello(), batch(*[window(i, end_ns=old + i * 10 * NS) for i in range(3)]))
         conn.acks(3)
         conn.close()

@@ -74,9 +74,9 @@ class Recorder:
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(db_url):
     rng = np.random.default_rng(7)
-    store = Store(tmp_path / "c.db")
+    store = Store(db_url)
     clock, hook = Clock(), Recorder()
     evaluator = DriftEvaluator(store, hook, clock=clock)
     seq = [0]
@@ -171,8 +171,8 @@ def test_realised_accuracy_drop_opens_a_performance_alert(setup):
 # --- over gRPC and through the CLI ---------------------------------------------------------
 
 @pytest.fixture
-def served(tmp_path):
-    running = serve_collector(tmp_path / "c.db", "127.0.0.1:0", drift_interval=0)
+def served(db_url):
+    running = serve_collector(db_url, "127.0.0.1:0", drift_interval=0)
     channel = grpc.insecure_channel(running.address)
     yield running, pb_grpc.OpsServiceStub(channel)
     channel.close()

@@ -117,7 +117,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("metrics")
     model = tmp / "m.onnx"
     model.write_bytes(examples.logistic_regression())
@@ -126,7 +126,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     np.savez(tmp / "ref.npz", X=x_ref)
 
     collector_metrics = CollectorMetrics()
-    collector = serve_collector(tmp / "c.db", "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML), drift_interval=0,
+    collector = serve_collector(module_db_url, "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML), drift_interval=0,
                                 rollup_interval=3600, metrics=collector_metrics)
     collector_url = collector_metrics.start_http("127.0.0.1:0").url
     channel = grpc.insecure_channel(collector.address)

@@ -55,7 +55,7 @@ def populate(store: Store) -> None:
     def rows(db) -> None:
         for i in range(200):
             audit.append(db, "alice", "test.entry", f"thing/{i}", model_name="m", reason=reason, now_ns=T0 + i)
-            db.execute("INSERT INTO alerts (model_name, model_version, column, kind, state, opened_ns, summary)"
+            db.execute("INSERT INTO alerts (model_name, model_version, \"column\", kind, state, opened_ns, summary)"
                        " VALUES ('m', '1', ?, 'drift', ?, ?, ?)", [f"x{i}", "open" if i % 2 else "resolved",
                                                                    T0 + i, reason])
             db.execute("INSERT INTO model_versions (name, version, sha256, size, schema, registered_by,"
@@ -82,8 +82,8 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Iterator[Site]:
-    store = Store(tmp_path_factory.mktemp("budget") / "c.db")
+def site(module_db_url: str) -> Iterator[Site]:
+    store = Store(module_db_url)
     populate(store)
     running = serve_collector(store.path, "127.0.0.1:0", store=store, drift_interval=0, rollup_interval=3600,
                               max_reply_bytes=BUDGET)

@@ -87,8 +87,8 @@ def test_shadows_of_one_version_merge_and_a_mixed_bucket_keeps_the_latest_versio
 
 
 @pytest.fixture
-def collector(tmp_path) -> Iterator[tuple]:
-    server = serve_collector(tmp_path / "collector.db", "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH),
+def collector(db_url) -> Iterator[tuple]:
+    server = serve_collector(db_url, "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH),
                              drift_interval=0, rollup_interval=3600)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:

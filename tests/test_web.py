@@ -152,9 +152,8 @@ def populate(running: CollectorServer, ops: pb_grpc.OpsServiceStub) -> None:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Iterator[Site]:
-    db = tmp_path_factory.mktemp("web") / "collector.db"
-    running = serve_collector(db, "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML), drift_interval=0,
+def site(module_db_url: str) -> Iterator[Site]:
+    running = serve_collector(module_db_url, "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML), drift_interval=0,
                               rollup_interval=3600, http="127.0.0.1:0")
     channel = grpc.insecure_channel(running.address)
     try:

@@ -25,6 +25,8 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.metrics import Endpoints
+from collector.store import alerts as alert_store
+from collector.store import fleet
 from collector.store.engine import Conn, StoreError
 from protos import collector_pb2 as pb
 from protos import summary_pb2
@@ -155,9 +157,7 @@ class _StateCollector:
         info = GaugeMetricFamily("outrider_collector_agent_info", "1 per agent run connected now, with the "
                                  "model version it serves (and, if managed, the version it was told to serve)",
                                  labels=["agent_id", "model", "version", "managed", "desired_version"])
-        rows = db.execute("SELECT agent_id, run_id, model_name, model_version, managed, desired_version"
-                          " FROM agents WHERE connected = 1").fetchall()
-        for agent_id, run_id, model, version, managed, desired in rows:
+        for agent_id, run_id, model, version, managed, desired in fleet.connected_agents(db):
             if self.agents.live.connected(agent_id, run_id):  # the table can lag a crash; the streams cannot
                 info.add_metric([agent_id, model, version, "true" if managed else "false", desired], 1)
         return info
@@ -167,22 +167,16 @@ class _StateCollector:
                                    "stored, by model version", labels=["model", "version"])
         dropped = CounterMetricFamily("outrider_collector_dropped_rows", "rows agents could not summarise "
                                       "(their ring was full), as their stored windows report", labels=["model", "version"])
-        # total(), not sum(): a float never overflows, where sum() over runs stored by an older collector could
-        d = db.dialect
-        for model, version, n, lost in db.execute(f"SELECT model_name, model_version, {d.total('rows')},"
-                                                  f" {d.total('dropped_rows')} FROM agents"
-                                                  " GROUP BY model_name, model_version"):
-            rows.add_metric([model, version], n or 0)
-            dropped.add_metric([model, version], lost or 0)
+        for model, version, n, lost in fleet.run_totals(db):
+            rows.add_metric([model, version], n)
+            dropped.add_metric([model, version], lost)
         return [rows, dropped]
 
     def _alerts(self, db: Conn) -> Metric:
         family = GaugeMetricFamily("outrider_collector_open_alerts", "alerts not resolved yet, by model and "
                                    "state (open, or acknowledged by an operator)", labels=["model", "state"])
-        counts = {(m, s): n for m, s, n in db.execute(
-            "SELECT model_name, state, count(*) FROM alerts WHERE state IN (?, ?) GROUP BY model_name, state",
-            ALERT_STATES)}
-        models = {m for (m,) in db.execute("SELECT DISTINCT model_name FROM profiles")} | {m for m, _ in counts}
+        counts = alert_store.counts_by_model_and_state(db, ALERT_STATES)
+        models = fleet.profiled_models(db) | {m for m, _ in counts}
         for model in sorted(models):  # zeros for models watched for drift: "no alert" is a value too
             for state in ALERT_STATES:
                 family.add_metric([model, state], counts.get((model, state), 0))
@@ -215,12 +209,11 @@ class _StateCollector:
                                      "evaluation's span: realised (from labels), estimated (from the predictions' "
                                      "confidence through the reference's calibration, no labels needed), and the "
                                      "reference's own of each", labels=["model", "version", "kind"])
-        for model, version in db.execute("SELECT model_name, model_version FROM profiles ORDER BY 1, 2").fetchall():
-            row = db.execute("SELECT body FROM evaluations WHERE model_name = ? AND model_version = ?"
-                             " AND evaluated = 1 ORDER BY evaluated_ns DESC LIMIT 1", [model, version]).fetchone()
-            if row is None:
+        for model, version in fleet.profiled_versions(db):
+            body = alert_store.latest_evaluated_body(db, model, version)
+            if body is None:
                 continue
-            evaluation = pb.DriftEvaluation.FromString(row[0])
+            evaluation = pb.DriftEvaluation.FromString(body)
             evaluated.add_metric([model, version], evaluation.evaluated_unix_nano / 1e9)
             not_compared.add_metric([model, version], evaluation.not_compared)
             estimated = any(c.name == "estimated_performance" for c in evaluation.columns)  # else unset, not 0

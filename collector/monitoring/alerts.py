@@ -1,10 +1,12 @@
-"""Drift policies, evaluations, alert machines and alerts in the collector's SQLite file.
+"""Drift policies, evaluations, alert machines and alerts in the collector's database.
 
 Plain functions over a store connection (``collector.store.engine.Conn``): writers run on the store's
 writer thread (``Store.write(fn)``), readers on a read connection
 (``Store.read()``). Every change is audited (``collector.store.audit``) in the same
 transaction. The alert machine itself is ``collector.monitoring.drift.AlertTracker``;
-here it is only loaded and saved.
+here it is only loaded and saved; the SQL is ``collector.store.alerts``. One evaluation's tracker
+read, step and write run in turn across collectors (``collector.store.alerts.take_turn``), so
+several collectors on one PostgreSQL open an alert once.
 
 Every resolution says why in the alert's ``resolved_reason`` (and its audit entry): the
 column was clean for k evaluations in a row, or its version is no longer served.
@@ -27,15 +29,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from google.protobuf import json_format
-from collector.store.dialect import NO_LIMIT
-from collector.store.engine import Conn
 
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from collector.monitoring.drift import AlertTracker, DriftConfig
-from collector.store import audit
+from collector.store import alerts as alert_store
+from collector.store import audit, fleet
+from collector.store.engine import Conn
 from protos import collector_pb2 as pb
 
-OPEN, ACKNOWLEDGED, RESOLVED = "open", "acknowledged", "resolved"
+OPEN, ACKNOWLEDGED, RESOLVED = "open", "acknowledged", alert_store.RESOLVED
 UNSERVED_SECONDS = 900.0  # no connected agent and no window of a version for this long: no longer served
 
 
@@ -43,10 +45,10 @@ UNSERVED_SECONDS = 900.0  # no connected agent and no window of a version for th
 
 def get_config(db: Conn, model_name: str) -> tuple[DriftConfig, bool]:
     """The model's policy and whether it is the default (nothing stored)."""
-    row = db.execute("SELECT config FROM drift_configs WHERE model_name = ?", [model_name]).fetchone()
-    if row is None:
+    stored = alert_store.drift_config(db, model_name)
+    if stored is None:
         return DriftConfig(), True
-    return DriftConfig.from_dict(json.loads(row[0])), False
+    return DriftConfig.from_dict(json.loads(stored)), False
 
 
 def parse_config(text: str) -> DriftConfig:
@@ -60,8 +62,7 @@ def parse_config(text: str) -> DriftConfig:
 def set_config(db: Conn, model_name: str, config: DriftConfig, actor: str, now_ns: int) -> None:
     """Replace the model's policy, audited (before: the policy in force, defaults included)."""
     before, _ = get_config(db, model_name)
-    db.upsert("drift_configs", {"model_name": model_name, "config": json.dumps(config.to_dict()),
-                                "updated_ns": now_ns, "updated_by": actor}, key=["model_name"])
+    alert_store.put_drift_config(db, model_name, json.dumps(config.to_dict()), actor, now_ns)
     audit.append(db, actor, "drift_config.set", f"model/{model_name}", model_name=model_name,
                  before=before.to_dict(), after=config.to_dict(), now_ns=now_ns)
 
@@ -76,14 +77,10 @@ def served(db: Conn, model_name: str, model_version: str, now_ns: int, connected
     """Whether a version is still served: a connected agent reports it, or one of its windows
     (raw or rolled up) ended within the last ``quiet_seconds``. ``connected`` (the collector's
     open streams) confirms the agents table, whose flag outlives a collector killed mid-stream."""
-    key = [model_name, model_version]
-    runs = db.execute("SELECT agent_id, run_id FROM agents WHERE model_name = ? AND model_version = ?"
-                      " AND connected = 1", key).fetchall()
+    runs = fleet.connected_runs(db, model_name, model_version)
     if any(connected is None or connected(agent_id, run_id) for agent_id, run_id in runs):
         return True
-    since = [*key, now_ns - int(quiet_seconds * 1e9)]
-    return any(db.execute(f"SELECT 1 FROM {table} WHERE model_name = ? AND model_version = ? AND end_ns >= ? LIMIT 1",
-                          since).fetchone() for table in ("windows", "rollups"))
+    return fleet.window_ended_since(db, model_name, model_version, now_ns - int(quiet_seconds * 1e9))
 
 
 def record(db: Conn, evaluation: pb.DriftEvaluation, k: int, now_ns: int, *,
@@ -93,19 +90,18 @@ def record(db: Conn, evaluation: pb.DriftEvaluation, k: int, now_ns: int, *,
     A version no longer served (``is_served`` False: see ``served``) does not step
     its machine: its open alerts are resolved with that reason (``resolve_unserved``)."""
     drifted = sum(c.drifted for c in evaluation.columns)
-    evaluation.id = db.insert("evaluations", {
-        "model_name": evaluation.model_name, "model_version": evaluation.model_version,
-        "evaluated_ns": evaluation.evaluated_unix_nano, "evaluated": int(evaluation.evaluated),
-        "drifted_columns": drifted, "body": b""}, returning="id")
-    db.update("evaluations", {"id": evaluation.id}, {"body": evaluation.SerializeToString()})
+    evaluation.id = alert_store.insert_evaluation(db, evaluation.model_name, evaluation.model_version,
+                                              evaluation.evaluated_unix_nano, evaluation.evaluated, drifted)
+    alert_store.set_evaluation_body(db, evaluation.id, evaluation.SerializeToString())
+    # several collectors on one database: the machine's read, step and write are one turn
+    alert_store.take_turn(db)
     if not is_served:
         return resolve_unserved(db, evaluation.model_name, evaluation.model_version, now_ns)
     if not evaluation.evaluated:
         return []
     key = (evaluation.model_name, evaluation.model_version)
-    row = db.execute("SELECT state FROM alert_trackers WHERE model_name = ? AND model_version = ?",
-                     list(key)).fetchone()
-    tracker = AlertTracker.from_dict(json.loads(row[0])) if row else AlertTracker(k=k)
+    state = alert_store.tracker_state(db, *key)
+    tracker = AlertTracker.from_dict(json.loads(state)) if state else AlertTracker(k=k)
     tracker.k = k  # a changed policy applies from the next step on
     changed = []
     for column, event in tracker.observe(evaluation.columns):
@@ -113,18 +109,17 @@ def record(db: Conn, evaluation: pb.DriftEvaluation, k: int, now_ns: int, *,
             changed.append(_open(db, evaluation, column, now_ns))
         else:
             changed.extend(_resolve(db, evaluation, column, k, now_ns))
-    db.upsert("alert_trackers", {"model_name": key[0], "model_version": key[1],
-                                 "state": json.dumps(tracker.to_dict())}, key=["model_name", "model_version"])
+    alert_store.save_tracker(db, *key, json.dumps(tracker.to_dict()))
     return changed
 
 
 def _open(db: Conn, evaluation: pb.DriftEvaluation, column: str, now_ns: int) -> pb.Alert:
     col = next(c for c in evaluation.columns if c.name == column)
     kind = column if column in ("performance", "estimated_performance") else "drift"
-    alert_id = db.insert("alerts", {
+    alert_id = alert_store.insert_alert(db, {
         "model_name": evaluation.model_name, "model_version": evaluation.model_version, "column": column,
         "kind": kind, "state": OPEN, "opened_ns": now_ns, "summary": col.reason,
-        "evaluation_id": evaluation.id}, returning="id")
+        "evaluation_id": evaluation.id})
     audit.append(db, audit.COLLECTOR, "alert.open", f"alert/{alert_id}", model_name=evaluation.model_name,
                  after={"state": OPEN, "model_version": evaluation.model_version, "column": column, "kind": kind,
                         "evaluation_id": evaluation.id}, reason=col.reason, now_ns=now_ns)
@@ -132,9 +127,7 @@ def _open(db: Conn, evaluation: pb.DriftEvaluation, column: str, now_ns: int) ->
 
 
 def _resolve(db: Conn, evaluation: pb.DriftEvaluation, column: str, k: int, now_ns: int) -> list[pb.Alert]:
-    rows = db.execute(
-        "SELECT id, state FROM alerts WHERE model_name = ? AND model_version = ? AND column = ? AND state != ?",
-        [evaluation.model_name, evaluation.model_version, column, RESOLVED]).fetchall()
+    rows = alert_store.unresolved(db, evaluation.model_name, evaluation.model_version, column)
     reason = clean_reason(column, k, evaluation.id)
     for alert_id, state in rows:
         _resolve_one(db, alert_id, state, evaluation.model_name, reason, now_ns)
@@ -148,7 +141,7 @@ def clean_reason(column: str, k: int, evaluation_id: int) -> str:
 
 
 def _resolve_one(db: Conn, alert_id: int, state: str, model_name: str, reason: str, now_ns: int) -> None:
-    db.update("alerts", {"id": alert_id}, {"state": RESOLVED, "resolved_ns": now_ns, "resolved_reason": reason})
+    alert_store.update_alert(db, alert_id, {"state": RESOLVED, "resolved_ns": now_ns, "resolved_reason": reason})
     audit.append(db, audit.COLLECTOR, "alert.resolve", f"alert/{alert_id}", model_name=model_name,
                  before={"state": state}, after={"state": RESOLVED}, reason=reason, now_ns=now_ns)
 
@@ -157,9 +150,8 @@ def resolve_unserved(db: Conn, model_name: str, model_version: str, now_ns: int,
                      quiet_seconds: float = UNSERVED_SECONDS) -> list[pb.Alert]:
     """Resolve every open or acknowledged alert of a version that is no longer served, saying
     so (in the alert's ``resolved_reason`` and the audit trail), and reset its alert machine."""
-    rows = db.execute("SELECT id, state FROM alerts WHERE model_name = ? AND model_version = ?"
-                      " AND state != ?", [model_name, model_version, RESOLVED]).fetchall()
-    db.execute("DELETE FROM alert_trackers WHERE model_name = ? AND model_version = ?", [model_name, model_version])
+    rows = alert_store.unresolved(db, model_name, model_version)
+    alert_store.delete_tracker(db, model_name, model_version)
     reason = (f"version {model_version} of {model_name} is no longer served: no connected agent reports it and "
               f"none of its windows ended in the last {quiet_seconds / 60:g} min")
     for alert_id, state in rows:
@@ -175,9 +167,7 @@ def history(db: Conn, model_name: str, model_version: str, limit: int) -> list[p
 def history_rows(db: Conn, model_name: str, model_version: str, *,
                  limit: int | None = None) -> Iterator[tuple[tuple[int, int], pb.DriftEvaluation]]:
     """The model version's evaluations, newest first, read lazily as ((evaluated_ns, id), evaluation)."""
-    rows = db.execute("SELECT evaluated_ns, id, body FROM evaluations WHERE model_name = ? AND model_version = ?"
-                      " ORDER BY evaluated_ns DESC, id DESC LIMIT ?",
-                      [model_name, model_version, NO_LIMIT if limit is None else limit + 1])
+    rows = alert_store.evaluation_rows(db, model_name, model_version, None if limit is None else limit + 1)
     for at, evaluation_id, body in rows:
         yield (at, evaluation_id), pb.DriftEvaluation.FromString(body)
 
@@ -185,10 +175,10 @@ def history_rows(db: Conn, model_name: str, model_version: str, *,
 # ------------------------------------------------------------ alerts
 
 def alert(db: Conn, alert_id: int) -> pb.Alert:
-    rows = list(db.query("SELECT * FROM alerts WHERE id = ?", [alert_id]))
-    if not rows:
+    row = alert_store.alert_row(db, alert_id)
+    if row is None:
         raise NotFound(f"no alert {alert_id}; list them with: outrider alerts")
-    return _alert(rows[0])
+    return _alert(row)
 
 
 def _alert(r: dict[str, Any]) -> pb.Alert:
@@ -208,38 +198,29 @@ def alerts(db: Conn, model_name: str = "", include_resolved: bool = False, limit
 
 def resolved(db: Conn, model_name: str, limit: int) -> list[pb.Alert]:
     """The model's ``limit`` most recently resolved alerts, newest resolution first."""
-    rows = db.query("SELECT * FROM alerts WHERE state = ? AND model_name = ? ORDER BY resolved_ns DESC, id DESC"
-                    " LIMIT ?", [RESOLVED, model_name, limit])
-    return [_alert(r) for r in rows]
+    return [_alert(r) for r in alert_store.resolved_rows(db, model_name, limit)]
 
 
 def alert_rows(db: Conn, model_name: str = "", include_resolved: bool = False, *, before_id: int = 0,
                limit: int | None = None) -> Iterator[tuple[tuple[int], pb.Alert]]:
     """``alerts`` read lazily as ((id,), alert), newest first; ``before_id``: only older ones."""
-    where, params = [], []
-    if model_name:
-        where.append("model_name = ?")
-        params.append(model_name)
-    if not include_resolved:
-        where.append("state != ?")
-        params.append(RESOLVED)
-    if before_id:
-        where.append("id < ?")
-        params.append(before_id)
-    sql = "SELECT * FROM alerts" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
-    for r in db.query(sql, [*params, NO_LIMIT if limit is None else limit + 1]):
+    for r in alert_store.alert_rows(db, model_name, include_resolved, before_id=before_id,
+                                limit=None if limit is None else limit + 1):
         yield (r["id"],), _alert(r)
 
 
 def acknowledge(db: Conn, alert_id: int, actor: str, note: str, now_ns: int) -> pb.Alert:
     """An operator has seen it: open -> acknowledged (it still resolves by itself)."""
+    # as in ``record``: two collectors acking at once (or one resolving it) take turns, reading the state
+    # once it is theirs
+    alert_store.take_turn(db)
     current = alert(db, alert_id)
     if current.state == RESOLVED:
         raise FailedPrecondition(f"alert {alert_id} is already resolved")
     if current.state == ACKNOWLEDGED:
         raise FailedPrecondition(f"alert {alert_id} was already acknowledged by {current.acknowledged_by}")
-    db.update("alerts", {"id": alert_id}, {"state": ACKNOWLEDGED, "acknowledged_ns": now_ns,
-                                           "acknowledged_by": actor, "note": note})
+    alert_store.update_alert(db, alert_id, {"state": ACKNOWLEDGED, "acknowledged_ns": now_ns,
+                                            "acknowledged_by": actor, "note": note})
     audit.append(db, actor, "alert.ack", f"alert/{alert_id}", model_name=current.model_name,
                  before={"state": current.state}, after={"state": ACKNOWLEDGED}, reason=note, now_ns=now_ns)
     return alert(db, alert_id)

@@ -33,6 +33,7 @@ from collector.lifecycle.rollback_policy import RollbackPolicy
 from collector.monitoring import alerts, drift, estimate
 from collector.monitoring.spans import SpanCache, merge_since
 from collector.monitoring.webhook import Webhook
+from collector.store import alerts as alert_store
 from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import summary_pb2
@@ -218,8 +219,7 @@ class EvaluationLoop:
             self.evaluator.evaluate_all()
             cutoff = self.evaluator.clock() - int(self.keep_seconds * 1e9)
             try:
-                self.evaluator.store.write(lambda db: db.execute(
-                    "DELETE FROM evaluations WHERE evaluated_ns < ?", [cutoff]))
+                self.evaluator.store.write(lambda db: alert_store.delete_evaluations_before(db, cutoff))
             except Exception:
                 log.exception("pruning old drift evaluations failed")
 

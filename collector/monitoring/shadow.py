@@ -19,10 +19,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from collector.store.engine import Conn
-
 from agent import sketches
 from agent.errors import InvalidArgument, NotFound
+from collector.store import shadows
+from collector.store.engine import Conn
 from collector.store.shadow_merge import NamedSketch, ShadowTotals, numeric_sketch, version_key
 from protos import collector_pb2 as pb
 from protos import summary_pb2
@@ -38,16 +38,10 @@ MAX_WINDOWS = 50_000  # bodies read per report: beyond it the oldest windows of 
 def _shadow_start(db: Conn, model: str, version: int) -> tuple[int, int]:
     """(version, started_ns) of the current shadow, else of the latest shadow rollout (of ``version``
     if given); (version, 0) when neither is known."""
-    row = db.execute("SELECT version, started_ns FROM shadows WHERE model = ?", [model]).fetchone()
-    if row and (not version or row[0] == version):
-        return row[0], row[1]
-    sql = "SELECT version, started_ns FROM rollouts WHERE model = ? AND kind = 'shadow'"
-    params: list[Any] = [model]
-    if version:
-        sql += " AND version = ?"
-        params.append(version)
-    row = db.execute(sql + " ORDER BY id DESC LIMIT 1", params).fetchone()
-    return (row[0], row[1]) if row else (version, 0)
+    found = shadows.current(db, model)
+    if found and (not version or found[0] == version):
+        return found
+    return shadows.latest_rollout(db, model, version) or (version, 0)
 
 
 def report(db: Conn, model_name: str, version: int = 0, since_ns: int = 0,
@@ -66,18 +60,15 @@ def report(db: Conn, model_name: str, version: int = 0, since_ns: int = 0,
     latency: NamedSketch | None = None
     production: set[str] = set()
     with db.snapshot():  # one snapshot: a rollup moving windows meanwhile must not count them twice
-        keys = db.execute(
-            "SELECT * FROM (SELECT 'windows' AS t, rowid, end_ns FROM windows WHERE model_name = ? AND end_ns >= ?"
-            " UNION ALL SELECT 'rollups', rowid, end_ns FROM rollups WHERE model_name = ? AND end_ns >= ?) AS stored"
-            " ORDER BY end_ns DESC LIMIT ?", [model_name, since, model_name, since, max_windows]).fetchall()
+        keys = shadows.window_keys(db, model_name, since, max_windows)
         if len(keys) == max_windows:
             log.warning("shadow report of %s: more than %d windows since %d; the oldest are left out", model_name,
                         max_windows, since)
         for table, rowid, _ in keys:
-            body = db.execute(f"SELECT body FROM {table} WHERE rowid = ?", [rowid]).fetchone()
+            body = shadows.body(db, table, rowid)
             if body is None:
                 continue
-            w = summary_pb2.WindowSummary.FromString(body[0])
+            w = summary_pb2.WindowSummary.FromString(body)
             if not w.HasField("shadow") or (wanted and w.shadow.model_version != wanted):
                 continue
             wanted = wanted or w.shadow.model_version

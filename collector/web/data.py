@@ -1,10 +1,10 @@
-"""What the web page reads: plain queries over the collector's read connection.
+"""What the web page reads, over the collector's read connection.
 
-Only SELECTs, on ``Store.read()`` (a ``query_only`` connection): the page can
-never change anything. Where a core module already has a reader (alerts,
-approvals, retraining, registry rows) it is used; the rest (fleet rates, the
-rollouts and shadows tables, the audit trail by pages) is read here. Tables of
-features still being built are read tolerantly: empty is fine.
+Only reads, on ``Store.read()`` (a read-only connection): the page can never change anything.
+The SQL lives in the store (``collector.store.fleet``: agents, models, traffic;
+``collector.store.listings``: registry and governance tables; alerts and evaluations through
+``collector.monitoring.alerts``); here it is shaped for the page. Tables of features still being
+built are read tolerantly: empty is fine.
 """
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector.store.engine import Conn, StoreError
-
 from collector.monitoring import alerts
-
-from collector.store import paging
+from collector.store import fleet as fleet_rows
+from collector.store import listings, paging
+from collector.store.engine import Conn
 from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import summary_pb2
@@ -27,16 +26,6 @@ MAX_AGENTS = 500
 HISTORY = 60  # drift evaluations plotted
 MAX_WINDOWS = 300  # recent windows merged for the distributions and the shadow comparison
 WINDOW_BYTES = 32 * 1024 * 1024  # ... and at most this much of them
-
-
-def _rows(db: Conn, sql: str, params: list[Any] | tuple = ()) -> list[dict[str, Any]]:
-    """Rows as dicts; [] when a table is not there (an older file, or a feature not yet migrated)."""
-    try:
-        return list(db.query(sql, list(params)))
-    except StoreError as exc:
-        if any(s in str(exc) for s in ("no such table", "no such column", "does not exist")):
-            return []
-        raise
 
 
 @dataclass
@@ -53,24 +42,19 @@ class ModelLine:
 
 
 def model_names(db: Conn) -> list[str]:
-    return [r["name"] for r in _rows(db, "SELECT name FROM model_versions UNION SELECT model_name FROM profiles"
-                                         " UNION SELECT model_name FROM agents WHERE model_name != ''"
-                                         " UNION SELECT DISTINCT model_name FROM windows ORDER BY 1")]
+    return fleet_rows.model_names(db)
 
 
 def latest_agents(db: Conn) -> list[dict[str, Any]]:
     """The newest run of each agent, with how many runs came before it."""
-    return _rows(db, "SELECT a.*, (SELECT count(*) - 1 FROM agents b WHERE b.agent_id = a.agent_id) AS restarts"
-                     " FROM agents a WHERE NOT EXISTS (SELECT 1 FROM agents b WHERE b.agent_id = a.agent_id AND"
-                     " (b.started_ns, b.first_seen_ns, b.run_id) > (a.started_ns, a.first_seen_ns, a.run_id))"
-                     " ORDER BY a.model_name, a.agent_id LIMIT ?", [MAX_AGENTS])
+    return fleet_rows.latest_agents(db, MAX_AGENTS)
 
 
 def fleet(store: Store, now_ns: int, agents: list[dict[str, Any]]) -> list[ModelLine]:
     db = store.read()
     lines = {name: ModelLine(name) for name in model_names(db)}
-    for r in _rows(db, "SELECT name, version FROM model_versions WHERE stage = 'production'"):
-        lines[r["name"]].production = str(r["version"])
+    for name, version in fleet_rows.production_versions(db).items():
+        lines.setdefault(name, ModelLine(name)).production = str(version)
     for a in agents:
         line = lines.setdefault(a["model_name"], ModelLine(a["model_name"]))
         if a["connected"]:
@@ -81,8 +65,7 @@ def fleet(store: Store, now_ns: int, agents: list[dict[str, Any]]) -> list[Model
         line.dropped_total += t.dropped_rows
         line.rows_total += t.rows
     since = now_ns - RATE_SECONDS * NS
-    for r in _rows(db, "SELECT model_name, sum(rows) AS rows, sum(dropped_rows) AS dropped FROM windows"
-                       " WHERE end_ns >= ? GROUP BY model_name", [since]):
+    for r in fleet_rows.recent_traffic(db, since):
         line = lines.setdefault(r["model_name"], ModelLine(r["model_name"]))
         line.rows_per_second = r["rows"] / RATE_SECONDS
         line.dropped_recent = r["dropped"]
@@ -100,7 +83,7 @@ def fleet(store: Store, now_ns: int, agents: list[dict[str, Any]]) -> list[Model
 
 def versions(db: Conn, name: str) -> list[dict[str, Any]]:
     """The registry's versions of ``name``, newest first, with the gate result parsed."""
-    out = _rows(db, "SELECT * FROM model_versions WHERE name = ? ORDER BY version DESC", [name])
+    out = listings.model_versions(db, name)
     for r in out:
         try:
             r["gate_result"] = json.loads(r["gate"]) if r["gate"] else {}
@@ -112,13 +95,7 @@ def versions(db: Conn, name: str) -> list[dict[str, Any]]:
 
 def monitored_versions(db: Conn, name: str) -> list[str]:
     """Versions with traffic, a profile or evaluations, newest evaluation first."""
-    rows = _rows(db, "SELECT model_version AS v, max(at) AS at FROM ("
-                     " SELECT model_version, evaluated_ns AS at FROM evaluations WHERE model_name = ?"
-                     " UNION ALL SELECT model_version, attached_ns FROM profiles WHERE model_name = ?"
-                     " UNION ALL SELECT model_version, max(end_ns) FROM windows WHERE model_name = ?"
-                     " GROUP BY model_version) GROUP BY model_version ORDER BY at DESC, model_version DESC",
-                 [name, name, name])
-    return [r["v"] for r in rows]
+    return fleet_rows.monitored_versions(db, name)
 
 
 def evaluations(db: Conn, name: str, version: str) -> list[pb.DriftEvaluation]:
@@ -136,46 +113,26 @@ def recent_windows(store: Store, name: str, version: str, since_ns: int) -> list
 
 def rollouts(db: Conn, name: str = "", kind: str = "", limit: int = 20) -> list[dict[str, Any]]:
     """Pushes of a version (or a shadow) to the agents, newest first, each with its agents' acks."""
-    where, params = [], []
-    if name:
-        where.append("model = ?")
-        params.append(name)
-    if kind:
-        where.append("kind = ?")
-        params.append(kind)
-    clause = f"WHERE {' AND '.join(where)}" if where else ""
-    out = _rows(db, f"SELECT * FROM rollouts {clause} ORDER BY id DESC LIMIT ?", [*params, limit])
-    for r in out:
-        r["acks"] = _rows(db, "SELECT * FROM rollout_acks WHERE rollout_id = ? ORDER BY agent_id", [r["id"]])
-    return out
+    return listings.rollouts(db, name, kind, limit)
 
 
 def shadow(db: Conn, name: str) -> dict[str, Any] | None:
-    found = _rows(db, "SELECT * FROM shadows WHERE model = ?", [name])
-    return found[0] if found else None
+    return listings.shadow(db, name)
 
 
 # ------------------------------------------------------------ governance
 
 
 def approvals(db: Conn, pending: bool, limit: int = 50) -> list[dict[str, Any]]:
-    where = "state = 'pending'" if pending else "state != 'pending'"
-    return _rows(db, f"SELECT * FROM approvals WHERE {where} ORDER BY id DESC LIMIT ?", [limit])
+    return listings.approvals(db, pending, limit)
 
 
 def retraining(db: Conn, active: bool, limit: int = 50) -> list[dict[str, Any]]:
-    where = "state IN ('open', 'accepted')" if active else "state NOT IN ('open', 'accepted')"
-    return _rows(db, f"SELECT * FROM retraining_requests WHERE {where} ORDER BY id DESC LIMIT ?", [limit])
+    return listings.retraining_requests(db, active, limit)
 
 
 def audit_page(db: Conn, model: str, before: int, limit: int) -> list[dict[str, Any]]:
     """``limit`` rows older than id ``before`` (0: the newest), newest first."""
-    where, params = [], []
-    if model:
-        where.append("model_name = ?")
-        params.append(model)
-    if before > 0:
-        where.append("id < ?")
-        params.append(before)
-    clause = f"WHERE {' AND '.join(where)}" if where else ""
-    return _rows(db, f"SELECT * FROM audit {clause} ORDER BY id DESC LIMIT ?", [*params, limit])
+    if not model.isprintable():  # no stored name is (ingest refuses them), and PostgreSQL cannot compare a NUL
+        return []
+    return listings.audit_page(db, model, before, limit)

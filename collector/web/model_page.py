@@ -123,18 +123,21 @@ def _shadow_section(db: Any, name: str, windows: list) -> list[Markup]:
 
 
 def model_page(store: Store, name: str, asked_version: str, now_ns: int) -> tuple[str, Markup]:
+    if not name.isprintable():  # no stored name is (ingest refuses them), and PostgreSQL cannot compare a NUL
+        raise NotFound(f"no model named {name!r}")
     db = store.read()
     registry = data.versions(db, name)
     if not registry and name not in data.model_names(db):
         raise NotFound(f"no model named {name!r}")
     version, monitored = _pick_version(db, name, asked_version, registry)
+    readable = version if version.isprintable() else ""  # as with names: a version with data is printable
     config, _ = alerts.get_config(db, name)
-    history = data.evaluations(db, name, version) if version else []
+    history = data.evaluations(db, name, readable) if readable else []
     latest = history[-1] if history else None
     # "now" is what the latest evaluation compared (the policy's span up to then), so the plots agree
     since = latest.window_start_unix_nano if latest and latest.evaluated else now_ns - int(config.span_seconds * NS)
-    windows = data.recent_windows(store, name, version, since) if version else []
-    profile = store.profile(name, version) if version else None
+    windows = data.recent_windows(store, name, readable, since) if readable else []
+    profile = store.profile(name, readable) if readable else None
     heat, series = drift_plots(history, config)
     others = [el("a", v, href=href("models", name, version=v)) if v != version else el("strong", v)
               for v in monitored]
