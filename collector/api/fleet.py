@@ -60,7 +60,8 @@ class FleetMember:
         self.leases: dict[str, leases.Lease] = {}
         self.address = ""
         self._started_ns = clock()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the resync's sets
+        self._remote_lock = threading.Lock()  # held while the other collectors' runs are read
         self._remote: set[tuple[str, str]] = set()
         self._remote_read_ns = 0
         self._started = False
@@ -93,6 +94,8 @@ class FleetMember:
             self._listener = Listener(self.store.engine, self._heard, self.resync)
             self._threads.append(threading.Thread(target=self._resyncs, name="outrider-fleet-resync", daemon=True))
             self._listener.start()
+        else:  # SQLite: this collector is the only one, and holds every lease
+            self.store.write(lambda db: leases.take_all(db, self.id))
         for thread in self._threads:
             thread.start()
         log.info("collector %s at %s joined the fleet (heartbeat every %g s, timeout %g s)", self.id, address,
@@ -140,7 +143,7 @@ class FleetMember:
         if not self._started:
             return False
         now = self.clock()
-        with self._lock:
+        with self._remote_lock:
             if now - self._remote_read_ns > self.refresh * 1e9:
                 fresh_after = now - int(self.heartbeat_timeout * 1e9)
                 try:

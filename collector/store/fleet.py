@@ -40,8 +40,10 @@ def collector_rows(db: Conn, fresh_after_ns: int) -> Iterator[dict[str, Any]]:
 
 
 def stream_opened(db: Conn, agent_id: str, run_id: str, collector_id: str) -> None:
-    """The run's stream said hello on ``collector_id`` (after ``Store.record_hello`` made its row)."""
-    db.execute("UPDATE agents SET collector_id = ? WHERE agent_id = ? AND run_id = ?", [collector_id, agent_id, run_id])
+    """The run's stream said hello on ``collector_id`` (after ``Store.record_hello`` made its row; connected
+    again here too, in case the old collector's ``stream_closed`` came in between)."""
+    db.execute("UPDATE agents SET collector_id = ?, connected = 1 WHERE agent_id = ? AND run_id = ?",
+               [collector_id, agent_id, run_id])
 
 
 def stream_closed(db: Conn, agent_id: str, run_id: str, collector_id: str, now_ns: int) -> int:

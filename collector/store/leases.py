@@ -40,6 +40,12 @@ def release(db: Conn, name: str, holder: str) -> bool:
     return db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", [name, holder]).rowcount > 0
 
 
+def take_all(db: Conn, holder: str) -> int:
+    """Every lease becomes free for ``holder`` (a collector starting on SQLite, where it is the only one: a
+    lease left by its crashed predecessor must not hold the loops back until it expires)."""
+    return db.execute("DELETE FROM leases WHERE holder <> ?", [holder]).rowcount
+
+
 def holders(db: Conn, now_ns: int) -> Iterator[dict[str, Any]]:
     """Every lease: name, holder, expires_ns and whether it is live at ``now_ns``."""
     for r in db.query("SELECT name, holder, expires_ns FROM leases ORDER BY name"):
