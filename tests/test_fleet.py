@@ -45,7 +45,7 @@ def migrated(db_url: str):
 
 def _acquire(conn, holder: str, now: int, ttl: int = 10 * S) -> bool:
     with conn.transaction():
-        return leases.acquire(conn, "rollup", holder, now, ttl)
+        return leases.acquire(conn, "background", holder, now, ttl)
 
 
 def test_a_lease_has_one_holder_until_it_expires_or_is_released(migrated):
@@ -57,10 +57,10 @@ def test_a_lease_has_one_holder_until_it_expires_or_is_released(migrated):
     assert _acquire(conn, "b", 116 * S)  # a stopped renewing: expired, b takes it
     assert not _acquire(conn, "a", 117 * S)
     with conn.transaction():
-        assert not leases.release(conn, "rollup", "a")  # not a's to give up
-        assert leases.release(conn, "rollup", "b")
+        assert not leases.release(conn, "background", "a")  # not a's to give up
+        assert leases.release(conn, "background", "b")
     assert _acquire(conn, "a", 118 * S)  # released: taken at once
-    assert [(h["name"], h["holder"], h["live"]) for h in leases.holders(conn, 118 * S)] == [("rollup", "a", True)]
+    assert [(h["name"], h["holder"], h["live"]) for h in leases.holders(conn, 118 * S)] == [("background", "a", True)]
 
 
 def test_a_run_is_connected_while_its_collector_heartbeats(migrated):
@@ -113,7 +113,7 @@ def connected(ops, agent_id: str) -> bool | None:
 
 def count_passes(server) -> dict[str, int]:
     """Counts the passes of ``server``'s rollup and evaluation loops (wrapping the calls they make)."""
-    passes = {leases.ROLLUP: 0, leases.EVALUATION: 0}
+    passes = {"rollup": 0, "evaluation": 0}
 
     def counted(name, fn):
         def run(*args, **kw):
@@ -121,9 +121,9 @@ def count_passes(server) -> dict[str, int]:
             return fn(*args, **kw)
         return run
 
-    server.store.rollup = counted(leases.ROLLUP, server.store.rollup)
+    server.store.rollup = counted("rollup", server.store.rollup)
     evaluator = server.evaluation.evaluator
-    evaluator.evaluate_all = counted(leases.EVALUATION, evaluator.evaluate_all)
+    evaluator.evaluate_all = counted("evaluation", evaluator.evaluate_all)
     return passes
 
 
@@ -132,17 +132,16 @@ def test_only_one_collector_runs_the_loops_and_another_takes_over_when_it_stops(
     with collectors(postgres_url, "first", "second", rollup_interval=0.1, drift_interval=0.1) as [(a, _, _), (b, _, _)]:
         passes = {id(server): count_passes(server) for server in (a, b)}
         held = {"first": a.agents.fleet.leases, "second": b.agents.fleet.leases}
-        holder = wait_for(lambda: next((cid for cid, ls in held.items() if ls[leases.ROLLUP].held), None))
+        holder = wait_for(lambda: next((cid for cid, ls in held.items() if ls[leases.BACKGROUND].held), None))
         first, second = (a, b) if holder == "first" else (b, a)
-        wait_for(lambda: passes[id(first)][leases.ROLLUP] >= 5 and passes[id(first)][leases.EVALUATION] >= 5)
-        assert passes[id(second)] == {leases.ROLLUP: 0, leases.EVALUATION: 0}  # several renewals, no pass here
-        for name in (leases.ROLLUP, leases.EVALUATION):
-            assert first.agents.fleet.leases[name].held and not second.agents.fleet.leases[name].held
+        wait_for(lambda: passes[id(first)]["rollup"] >= 5 and passes[id(first)]["evaluation"] >= 5)
+        assert passes[id(second)] == {"rollup": 0, "evaluation": 0}  # several renewals, no pass there
+        assert first.agents.fleet.leases[leases.BACKGROUND].held and not second.agents.fleet.leases[leases.BACKGROUND].held
         metrics = CollectorMetrics()
         metrics.watch(first.store, first.agents, first.auth)
-        assert 'outrider_collector_lease_held{lease="rollup"} 1.0' in generate_latest(metrics.registry).decode()
+        assert 'outrider_collector_lease_held{lease="background"} 1.0' in generate_latest(metrics.registry).decode()
         first.stop(grace=0)  # a clean stop releases its leases
-        wait_for(lambda: all(second.agents.fleet.leases[n].held for n in (leases.ROLLUP, leases.EVALUATION)))
+        wait_for(lambda: second.agents.fleet.leases[leases.BACKGROUND].held)
 
 
 def answer_ok(agent: FakeAgent, command: pb.Command) -> None:
@@ -231,13 +230,13 @@ def test_a_killed_collectors_agents_stop_counting_as_connected_and_its_leases_pa
         with collectors(postgres_url, "survivor", drift_interval=0.2, rollup_interval=0.2) as [(a, ops, _)]:
             assert connected(ops, "edge-doomed")  # streaming to another collector whose heartbeat is fresh
             wait_for(lambda: a.store.read().execute("SELECT count(*) FROM leases WHERE holder = 'doomed'"
-                                                    ).fetchone()[0] == 2)
-            assert not a.agents.fleet.leases[leases.ROLLUP].held
+                                                    ).fetchone()[0] == 1)
+            assert not a.agents.fleet.leases[leases.BACKGROUND].held
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=HANG_GUARD)
             # its row still says connected; its heartbeat stops, and after the timeout (1.5 s) it is not
             wait_for(lambda: connected(ops, "edge-doomed") is False)
-            wait_for(lambda: all(a.agents.fleet.leases[n].held for n in (leases.ROLLUP, leases.EVALUATION)))
+            wait_for(lambda: a.agents.fleet.leases[leases.BACKGROUND].held)
         agent.close()
     finally:
         if proc.poll() is None:
@@ -251,12 +250,11 @@ def test_on_sqlite_the_one_collector_holds_every_lease_even_one_its_crashed_pred
     conn = engine.writer()
     migrate(conn)
     with conn.transaction():  # a collector killed while holding its leases, for an hour more
-        for name in (leases.ROLLUP, leases.EVALUATION):
-            leases.acquire(conn, name, "crashed", time.time_ns(), 3600 * S)
+        leases.acquire(conn, leases.BACKGROUND, "crashed", time.time_ns(), 3600 * S)
     conn.close()
     engine.close()
     server = serve_collector(db, "127.0.0.1:0", rollup_interval=0.1, drift_interval=0.1)
     try:
-        wait_for(lambda: all(server.agents.fleet.leases[n].held for n in (leases.ROLLUP, leases.EVALUATION)))
+        wait_for(lambda: server.agents.fleet.leases[leases.BACKGROUND].held)
     finally:
         server.stop(grace=0)

@@ -102,7 +102,11 @@ class FleetMember:
                  self.heartbeat_interval, self.heartbeat_timeout)
 
     def lease(self, name: str, ttl: float) -> leases.Lease:
-        found = self.leases[name] = leases.Lease(self.store.write, name, self.id, ttl, self.clock)
+        """This collector's lease ``name`` (one object for the loops sharing it; its ttl the longest asked)."""
+        found = self.leases.get(name)
+        if found is None:
+            found = self.leases[name] = leases.Lease(self.store.write, name, self.id, ttl, self.clock)
+        found.ttl_ns = max(found.ttl_ns, int(ttl * 1e9))
         return found
 
     def stop(self) -> None:

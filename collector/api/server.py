@@ -537,9 +537,9 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
     server.start()
     rollup = RollupLoop(store, retention, rollup_interval,
                         housekeeping=lambda now: registry.remove_retired_artifacts(retired_artifact_retention, now),
-                        lease=agents.fleet.lease(leases.ROLLUP, lease_intervals * rollup_interval))
+                        lease=agents.fleet.lease(leases.BACKGROUND, lease_intervals * rollup_interval))
     evaluation = (EvaluationLoop(evaluator, drift_interval, evaluation_keep_seconds,
-                                 lease=agents.fleet.lease(leases.EVALUATION, lease_intervals * drift_interval))
+                                 lease=agents.fleet.lease(leases.BACKGROUND, lease_intervals * drift_interval))
                   if drift_interval > 0 else None)
     log.info("collector listening on %s:%d (db %s, %s)", host, port, db_path,
              "tokens required" if auth else "unauthenticated, loopback")

@@ -220,7 +220,10 @@ class EvaluationLoop:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             if self.lease is not None and not self.lease.hold():
-                continue  # another collector evaluates (alerts, retraining, rollbacks) this time
+                # Another collector evaluates (alerts, retraining, rollbacks) and rolls up: this one's span
+                # cache would miss its rollup passes, so it starts cold if the lease comes back.
+                self.evaluator.spans.forget(())
+                continue
             self.evaluator.evaluate_all()
             cutoff = self.evaluator.clock() - int(self.keep_seconds * 1e9)
             try:

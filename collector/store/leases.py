@@ -22,7 +22,10 @@ from collector.store.engine import Conn
 
 log = logging.getLogger(__name__)
 
-ROLLUP, EVALUATION = "rollup", "evaluation"  # the background loops run once across the fleet
+# The rollup and the drift evaluation loops share one lease, so they run on the same collector: the
+# evaluator's span cache learns what rollup passes changed from its own process's store only
+# (collector.store.store.Store.span_snapshot), and would count a window another collector rolled up twice.
+BACKGROUND = "background"
 
 
 def acquire(db: Conn, name: str, holder: str, now_ns: int, ttl_ns: int) -> bool:
