@@ -26,7 +26,7 @@ from collector.store.engine import open_engine
 from collector.store.migrations import migrate
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
-from test_approvals import HANG_GUARD, call
+from test_approvals import HANG_GUARD, call, reference_profile
 from test_rollout_collector import AUTH, FakeAgent, acks, make_production, register, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,6 +187,20 @@ def test_the_resync_pushes_a_rollout_no_announcement_brought(postgres_url, tmp_p
             make_production(ops_a, 1)
             command = agent.command()  # brought by b's resync (every second here)
             assert command.kind == "serve" and command.args["version"] == "1"
+        finally:
+            agent.close()
+
+
+def test_a_profile_attached_through_one_collector_reaches_agents_on_the_others(postgres_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with collectors(postgres_url, "a", "b") as [(_, ops_a, _), (_, _, addr_b)]:
+        agent = FakeAgent(addr_b, "edge-b", managed=False, serving="1")
+        try:
+            wait_for(lambda: connected(ops_a, "edge-b"))  # (no window: the profile's columns are another test's)
+            call(ops_a, "alice", "AttachProfile", pb.AttachProfileRequest(model_name="churn", model_version="1",
+                                                                          profile=reference_profile()))
+            command = agent.references.get(timeout=HANG_GUARD)
+            assert command.kind == "reference" and command.args["version"] == "1"
         finally:
             agent.close()
 
