@@ -136,7 +136,8 @@ def test_only_one_collector_runs_the_loops_and_another_takes_over_when_it_stops(
         first, second = (a, b) if holder == "first" else (b, a)
         wait_for(lambda: passes[id(first)]["rollup"] >= 5 and passes[id(first)]["evaluation"] >= 5)
         assert passes[id(second)] == {"rollup": 0, "evaluation": 0}  # several renewals, no pass there
-        assert first.agents.fleet.leases[leases.BACKGROUND].held and not second.agents.fleet.leases[leases.BACKGROUND].held
+        assert first.agents.fleet.leases[leases.BACKGROUND].held
+        assert not second.agents.fleet.leases[leases.BACKGROUND].held
         metrics = CollectorMetrics()
         metrics.watch(first.store, first.agents, first.auth)
         assert 'outrider_collector_lease_held{lease="background"} 1.0' in generate_latest(metrics.registry).decode()

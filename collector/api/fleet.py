@@ -24,7 +24,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from agent.errors import InvalidArgument, OutriderError
 from collector.lifecycle.rollout import RolloutPusher
@@ -229,6 +228,3 @@ class FleetMember:
                 self.pusher.push_reference(model, version)
         if missed:
             log.info("resync pushed %d rollout(s) no announcement brought: %s", len(missed), missed)
-
-    def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "address": self.address, "leases": {n: lease.held for n, lease in self.leases.items()}}
