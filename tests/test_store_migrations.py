@@ -39,6 +39,19 @@ def _describe(conn: sqlite3.Connection) -> dict:
     return out
 
 
+# What migrations after 11 add (collector.store.migrations), left out of the comparison with the old file.
+NEWER_TABLES = {"leases", "collectors"}  # 13: fleet_leases_and_heartbeats
+NEWER_COLUMNS = {"agents": {"collector_id"}}
+
+
+def _since_11(described: dict) -> dict:
+    out = {k: v for k, v in described.items() if k.removesuffix(" indexes").removesuffix(" autoincrement")
+           not in NEWER_TABLES}
+    for table, columns in NEWER_COLUMNS.items():
+        out[table] = [c for c in out[table] if c[1] not in columns]
+    return out
+
+
 def test_sqlite_schema_is_exactly_the_one_the_old_migrations_build(tmp_path: Path) -> None:
     """tests/data/sqlite-schema-11.json describes the file the collector built with sqlite-utils before
     the store had engines (its ``collector.schema``, migrations 1-11): files built before and after are
@@ -46,9 +59,9 @@ def test_sqlite_schema_is_exactly_the_one_the_old_migrations_build(tmp_path: Pat
     engine = open_engine(tmp_path / "new.db")
     conn = engine.writer()
     assert migrate(conn) == len(MIGRATIONS)
-    assert json.loads(json.dumps(_describe(conn.raw))) == json.loads(OLD_SCHEMA.read_text())
+    assert json.loads(json.dumps(_since_11(_describe(conn.raw)))) == json.loads(OLD_SCHEMA.read_text())
     names = [r[0] for r in conn.execute("SELECT name FROM migrations ORDER BY id")]
-    assert names == [fn.__name__ for fn in MIGRATIONS][:11] == OLD_MIGRATIONS
+    assert names == [fn.__name__ for fn in MIGRATIONS] and names[:11] == OLD_MIGRATIONS
 
 
 @pytest.fixture
@@ -144,7 +157,7 @@ def test_migration_11_moves_resolution_reasons_on_both_engines(db_url: str) -> N
     for reason in ("first", "newest wins"):
         conn.insert("audit", {"at_ns": 1, "actor": "a", "action": "alert.resolve", "object": f"alert/{from_audit}",
                               "reason": reason, "prev_hash": "0", "hash": "h"})
-    assert migrate(conn) == 1
+    assert migrate(conn) == len(MIGRATIONS) - 10
     got = {r["id"]: (r["summary"], r["resolved_reason"])
            for r in conn.query("SELECT id, summary, resolved_reason FROM alerts")}
     assert got == {from_audit: ("psi 0.3", "newest wins"), from_summary: ("psi 0.4", "quiet 100%"),

@@ -126,6 +126,14 @@ class _StateCollector:
                                   "the other buckets roll up", value=counters.get("rollup_buckets_skipped", 0))
         yield GaugeMetricFamily("outrider_collector_agents_connected", "agent streams open now",
                                 value=len(self.agents.live))
+        fleet = getattr(self.agents, "fleet", None)
+        if fleet is not None and fleet.leases:
+            held = GaugeMetricFamily("outrider_collector_lease_held", "1 while this collector holds the lease of a "
+                                     "background loop (several collectors on one database: one runs each)",
+                                     labels=["lease"])
+            for name, lease in sorted(fleet.leases.items()):
+                held.add_metric([name], 1 if lease.held else 0)
+            yield held
         spans = getattr(self.agents, "spans", None)
         if spans is not None:
             merged = spans.counters["windows_merged_at_ingest"]

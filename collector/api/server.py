@@ -30,6 +30,7 @@ from agent.errors import (InvalidArgument, NotFound, PermissionDenied, ResourceE
 from agent.guard import DecodeGuard
 from agent.hello import package_version
 from collector.api.data_ops import DataOps
+from collector.api.fleet import FleetMember
 from collector.api.governance_ops import GovernanceOps
 from collector.api.rollout_ops import RolloutOps
 from collector.api.shadow_ops import ShadowOps
@@ -44,7 +45,8 @@ from collector.monitoring import alerts
 from collector.monitoring.evaluation import DriftEvaluator, EvaluationLoop
 from collector.monitoring.spans import SpanCache
 from collector.monitoring.webhook import Webhook
-from collector.store import audit, paging
+from collector.store import audit, leases, paging
+from collector.store.leases import Lease
 from collector.store.rollup import RetentionPolicy
 from collector.store.store import Store
 from protos import collector_pb2 as pb
@@ -65,7 +67,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     made here: a token used for an agent id or a model its auth-file entry does not name."""
 
     def __init__(self, store: Store, *, limits: Limits, max_agents: int, retry_after_ms: int,
-                 max_in_flight: int = 64, auth: AuthInterceptor | None = None) -> None:
+                 max_in_flight: int = 64, auth: AuthInterceptor | None = None, collector_id: str = "") -> None:
         self.store = store
         self.auth = auth
         self.limits = limits
@@ -74,6 +76,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self.retry_after_ms = retry_after_ms
         self.live = LiveStreams()
         self.rollouts = RolloutPusher(store, self.live, limits)  # commands to managed agents
+        self.fleet = FleetMember(store, self.rollouts, collector_id)  # started by serve_collector
+        self.live.remote = self.fleet.remote_connected
         self.artifacts: ArtifactStore | None = None  # the registry's, for FetchArtifact (set by serve_collector)
         self.spans: SpanCache | None = None  # the evaluator's: stored windows are offered to it (collector.monitoring.spans)
         self.shutting_down = threading.Event()
@@ -122,6 +126,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self._permit(identity, hello_refusal(identity, hello), "Stream")
         try:
             self.store.record_hello(hello, time.time_ns())
+            self.fleet.stream_opened(hello.agent_id, hello.run_id)
         except ResourceExhausted as exc:
             raise self.retry_later(exc) from None
         stream = AgentStream(self, hello, requests, identity)
@@ -227,6 +232,7 @@ class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServ
         for warning in warnings:
             log.warning("reference profile of %s %s: %s", request.model_name, request.model_version, warning)
         self.agents.rollouts.push_reference(request.model_name, request.model_version)
+        self.agents.fleet.announce_reference(request.model_name, request.model_version)
         return pb.AttachProfileResponse(model_name=request.model_name, model_version=request.model_version,
                                         columns=len(request.profile.columns), replaced=replaced,
                                         warnings=warnings)
@@ -341,11 +347,13 @@ class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServ
 
 class RollupLoop:
     """Merges old windows into coarser levels every ``interval`` seconds, on its own thread,
-    then runs ``housekeeping`` (the removal of retired versions' artifacts past their retention)."""
+    then runs ``housekeeping`` (the removal of retired versions' artifacts past their retention),
+    while it holds ``lease`` (several collectors on one database: one of them rolls up)."""
 
     def __init__(self, store: Store, policy: RetentionPolicy, interval: float,
-                 housekeeping: Callable[[int], Any] | None = None) -> None:
+                 housekeeping: Callable[[int], Any] | None = None, lease: Lease | None = None) -> None:
         self.store = store
+        self.lease = lease
         self.policy = policy
         self.interval = interval
         self.housekeeping = housekeeping  # also run each pass, with the time (e.g. removing retired artifacts)
@@ -355,6 +363,8 @@ class RollupLoop:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            if self.lease is not None and not self.lease.hold():
+                continue  # another collector rolls up this time
             try:
                 self.store.rollup(time.time_ns(), self.policy)
             except Exception:  # keep rolling up next time; the windows stay where they are
@@ -368,6 +378,8 @@ class RollupLoop:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        if self.lease is not None:
+            self.lease.release()
 
 
 class CollectorServer:
@@ -412,6 +424,7 @@ class CollectorServer:
             self.evaluation.stop()
         if self.webhook is not None:
             self.webhook.close()
+        self.agents.fleet.stop()  # after the loops released their leases: no heartbeat from here on
         self.auth.close()  # the refusals it holds become audit rows
         self.store.close()
 
@@ -432,7 +445,9 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
                     rollback_action: str = "request", metrics: Any = None,
                     http: str | None = None,
                     max_reply_bytes: int = paging.DEFAULT_MAX_REPLY_BYTES,
-                    synchronous: str = "FULL") -> CollectorServer:
+                    synchronous: str = "FULL", collector_id: str = "", heartbeat_interval: float = 5.0,
+                    heartbeat_timeout: float | None = None, resync_interval: float = 10.0,
+                    lease_intervals: float = 3.0) -> CollectorServer:
     """Open the store at ``db_path`` (or take ``store``, which is then the server's to close)
     and serve on ``listen`` (port 0 picks one). ``metrics`` (a ``collector.api.metrics.CollectorMetrics``)
     is bound to this collector's parts, for its /metrics.
@@ -455,13 +470,20 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
     page there (``collector.web``; loopback only without ``auth``). Operators' replies stay within
     ``max_reply_bytes`` (list calls continue with page tokens: ``collector.store.paging``). Raises ``OSError`` when the address
     cannot be bound. Signal handling is left to the caller.
+
+    Several collectors may share one PostgreSQL database (``collector.api.fleet``): each has a
+    ``collector_id`` (default host:pid-random) and a heartbeat every ``heartbeat_interval`` seconds; runs
+    streaming to a collector whose heartbeat is older than ``heartbeat_timeout`` (default 3 intervals) are
+    not connected; rollouts made through other collectors are also resynced every ``resync_interval``
+    seconds; the rollup and evaluation loops run only while they hold their lease, whose ttl is
+    ``lease_intervals`` of the loop's interval.
     """
     store = store if store is not None else Store(db_path, synchronous=synchronous)
     refusals = audit.AuthFailureLog(store.submit)  # aggregated per caller and minute; flushed by its thread
     try:
         interceptor = AuthInterceptor(auth, on_refusal=refusals)
         agents = AgentServicer(store, limits=limits or Limits(), max_agents=max_agents, retry_after_ms=retry_after_ms,
-                               auth=interceptor)
+                               auth=interceptor, collector_id=collector_id)
         if metrics is not None:
             metrics.watch(store, agents, interceptor)
         health_servicer = health.HealthServicer()
@@ -501,14 +523,24 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
     except BaseException:
         store.close()
         raise
+    host = listen.rsplit(":", 1)[0]
+    try:
+        # heartbeat before any stream says hello here
+        agents.fleet.start(f"{host}:{port}", heartbeat_interval=heartbeat_interval,
+                           heartbeat_timeout=heartbeat_timeout, resync_interval=resync_interval)
+    except BaseException:
+        store.close()
+        raise
     for service in ("", *SERVICES):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     refusals.start()
     server.start()
     rollup = RollupLoop(store, retention, rollup_interval,
-                        housekeeping=lambda now: registry.remove_retired_artifacts(retired_artifact_retention, now))
-    evaluation = EvaluationLoop(evaluator, drift_interval, evaluation_keep_seconds) if drift_interval > 0 else None
-    host = listen.rsplit(":", 1)[0]
+                        housekeeping=lambda now: registry.remove_retired_artifacts(retired_artifact_retention, now),
+                        lease=agents.fleet.lease(leases.BACKGROUND, lease_intervals * rollup_interval))
+    evaluation = (EvaluationLoop(evaluator, drift_interval, evaluation_keep_seconds,
+                                 lease=agents.fleet.lease(leases.BACKGROUND, lease_intervals * drift_interval))
+                  if drift_interval > 0 else None)
     log.info("collector listening on %s:%d (db %s, %s)", host, port, db_path,
              "tokens required" if auth else "unauthenticated, loopback")
     running = CollectorServer(server, agents, health_servicer, rollup, store, interceptor, host, port)

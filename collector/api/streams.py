@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,6 +39,7 @@ from protos import collector_pb2 as pb
 from protos import summary_pb2
 
 if TYPE_CHECKING:
+    from collector.api.fleet import FleetMember
     from collector.base.ingest import Limits
     from collector.lifecycle.rollout import RolloutPusher
     from collector.monitoring.spans import SpanCache
@@ -62,6 +63,8 @@ class LiveStreams:
         self._streams: set[AgentStream] = set()
         self._runs: Counter[tuple[str, str]] = Counter()
         self._draining = False
+        # runs streaming to other collectors of the fleet (collector.api.fleet.FleetMember.remote_connected)
+        self.remote: Callable[[str, str], bool] | None = None
 
     def add(self, stream: AgentStream) -> None:
         with self._lock:
@@ -83,8 +86,11 @@ class LiveStreams:
             return True
 
     def connected(self, agent_id: str, run_id: str) -> bool:
+        """Streaming here, or to another collector with a fresh heartbeat."""
         with self._lock:
-            return self._runs[(agent_id, run_id)] > 0
+            if self._runs[(agent_id, run_id)] > 0:
+                return True
+        return self.remote is not None and self.remote(agent_id, run_id)
 
     def of_model(self, model_name: str, managed: bool = False) -> list[AgentStream]:
         """The open streams of ``model_name``'s agents (only managed ones, if ``managed``)."""
@@ -177,6 +183,7 @@ class StreamHost(Protocol):
     live: LiveStreams
     rollouts: RolloutPusher
     spans: SpanCache | None
+    fleet: FleetMember
 
     def count_rejected(self, n: int) -> None: ...
 
@@ -398,7 +405,7 @@ class AgentStream:
             self._room.notify_all()
         if self.servicer.live.remove(self):
             try:
-                self.store.mark_disconnected(self.hello.agent_id, self.hello.run_id, time.time_ns())
+                self.servicer.fleet.stream_closed(self.hello.agent_id, self.hello.run_id, time.time_ns())
             except OutriderError as exc:  # the store has closed (shutdown); Status shows live streams anyway
                 log.debug("cannot record that agent %s disconnected: %s", self.hello.agent_id, exc)
             except Exception:

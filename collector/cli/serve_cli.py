@@ -99,7 +99,20 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     add_flag(serve, "--max-reply-mb", prefix=COLLECTOR_ENV, default="3", type=positive(float), metavar="MB",
              help="largest reply to an operator's call, in MiB: list calls continue with page tokens past it "
                   "(gRPC clients refuse replies over 4 MiB unless told otherwise)")
+    add_flag(serve, "--collector-id", prefix=COLLECTOR_ENV, type=_collector_id, metavar="ID",
+             help="this collector's name among several on one PostgreSQL database (leases, heartbeats, which "
+                  "collector holds each agent's stream); default HOST:PID-RANDOM")
     serve.set_defaults(func=serve_command)
+
+
+def _collector_id(text: str) -> str:
+    from agent.errors import InvalidArgument
+    from collector.api.fleet import check_id
+
+    try:
+        return check_id(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -152,7 +165,8 @@ def serve_command(args: argparse.Namespace) -> int:
                                       max_reply_bytes=int(args.max_reply_mb * 1024 * 1024),
                                       limits=Limits(max_clock_skew_seconds=args.max_clock_skew,
                                                     max_window_age_seconds=float(args.day_retention)),
-                                      synchronous=args.synchronous.upper())
+                                      synchronous=args.synchronous.upper(),
+                                      collector_id=args.collector_id or "")
         except OSError as exc:
             flag = "--http" if "web page" in str(exc) else "--listen"
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with {flag}") from None

@@ -55,7 +55,7 @@ from agent import reference
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, OutriderError
 from collector.base.ingest import Limits, clean_text, validate_model_key, validate_model_state
 from collector.lifecycle import stages
-from collector.store import audit, governance, rollouts, versions
+from collector.store import audit, collectors, governance, rollouts, versions
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 
@@ -205,7 +205,9 @@ def start_rollout(db: Conn, model: str, version: int, kind: str, actor: str, rea
     """Record a rollout (inside the caller's write transaction); push it after the commit."""
     if kind not in FAMILY:
         raise InvalidArgument(f"rollout kind {kind!r} is not one of {', '.join(FAMILY)}")
-    return rollouts.insert(db, model, version, kind, actor, reason, now_ns, from_version, share)
+    rollout_id = rollouts.insert(db, model, version, kind, actor, reason, now_ns, from_version, share)
+    collectors.announce_rollout(db, rollout_id)  # at commit, the other collectors push it to their streams
+    return rollout_id
 
 
 def previous_production(db: Conn, name: str, current: int) -> int:

@@ -34,6 +34,7 @@ from collector.monitoring import alerts, drift, estimate
 from collector.monitoring.spans import SpanCache, merge_since
 from collector.monitoring.webhook import Webhook
 from collector.store import alerts as alert_store
+from collector.store.leases import Lease
 from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import summary_pb2
@@ -206,16 +207,24 @@ class DriftEvaluator:
 
 
 class EvaluationLoop:
-    """Runs ``evaluate_all`` every ``interval`` seconds and prunes old evaluations."""
+    """Runs ``evaluate_all`` every ``interval`` seconds and prunes old evaluations, while it holds
+    ``lease`` (several collectors on one database: one of them evaluates; released on ``stop``)."""
 
-    def __init__(self, evaluator: DriftEvaluator, interval: float, keep_seconds: float) -> None:
+    def __init__(self, evaluator: DriftEvaluator, interval: float, keep_seconds: float,
+                 lease: Lease | None = None) -> None:
         self.evaluator, self.interval, self.keep_seconds = evaluator, interval, keep_seconds
+        self.lease = lease
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outrider-drift", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            if self.lease is not None and not self.lease.hold():
+                # Another collector evaluates (alerts, retraining, rollbacks) and rolls up: this one's span
+                # cache would miss its rollup passes, so it starts cold if the lease comes back.
+                self.evaluator.spans.forget(())
+                continue
             self.evaluator.evaluate_all()
             cutoff = self.evaluator.clock() - int(self.keep_seconds * 1e9)
             try:
@@ -226,3 +235,5 @@ class EvaluationLoop:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        if self.lease is not None:
+            self.lease.release()

@@ -67,6 +67,11 @@ class Dialect:
         overflow stays at the top; SQLite turns the overflowing sum into a float, which min() caps)."""
         return f"min({a} + {b}, {limit})"
 
+    def notify(self) -> str:
+        """A statement taking (channel, payload) that tells the other collectors at commit; "" where
+        there are none to tell (SQLite: one collector)."""
+        return ""
+
     # ------------------------------------------------ DDL
 
     def column_sql(self, column: Column, *, primary_key: bool = False, identity: bool = False,
@@ -151,6 +156,9 @@ class PostgresDialect(Dialect):
 
     def saturating_add(self, a: str, b: str, limit: int = MAX_INT64) -> str:
         return f"LEAST({a}::NUMERIC + {b}, {limit})::BIGINT"  # BIGINT + BIGINT raises on overflow
+
+    def notify(self) -> str:
+        return "SELECT pg_notify(?, ?)"
 
     def column_sql(self, column: Column, *, primary_key: bool = False, identity: bool = False,
                    autoincrement: bool = False) -> str:

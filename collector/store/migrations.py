@@ -219,10 +219,24 @@ def alert_resolved_reason(conn: Conn) -> None:
                      " WHERE id = ?", [kept, reason.removesuffix("]"), alert_id])
 
 
+def fleet_leases_and_heartbeats(conn: Conn) -> None:
+    """Migration 13 (12 is the artifacts' table): several collectors on one database -- the leases of the
+    background loops (``collector.store.leases``), each collector's heartbeat, and which collector holds
+    each agent run's stream (``collector.store.collectors``)."""
+    d = conn.dialect
+    _run(conn, d.create_table("leases", [_text("name"), _text("holder"), _int("expires_ns")], pk=("name",)))
+    _run(conn, d.create_table("collectors", [_text("id"), _text("address", default="''"),
+                                             _int("started_ns", default="0"), _int("heartbeat_ns", default="0")],
+                              pk=("id",)))
+    _run(conn, d.add_column("agents", _text("collector_id", default="''")))
+
+
 MIGRATIONS: list[Callable[[Conn], None]] = [initial_schema, reference_profiles, drift_evaluations_and_alerts,
                                             audit_trail, model_registry, stages_and_approvals,
                                             retirement_and_retraining, rollouts_and_shadow, row_samples,
-                                            version_feature_names, alert_resolved_reason]
+                                            version_feature_names, alert_resolved_reason,
+                                            # 12: the artifacts' migration (another branch) goes before this one
+                                            fleet_leases_and_heartbeats]
 
 _LOCK = "outrider.migrate"  # several collectors starting at once on one PostgreSQL take turns
 
