@@ -21,7 +21,8 @@ from prometheus_client import generate_latest
 from collector.api.metrics import CollectorMetrics
 from collector.api.server import serve_collector
 from collector.base.auth import AuthConfig
-from collector.store import collectors, leases
+from collector.store import collectors as members
+from collector.store import leases
 from collector.store.engine import open_engine
 from collector.store.migrations import migrate
 from protos import collector_pb2 as pb
@@ -67,22 +68,22 @@ def test_a_run_is_connected_while_its_collector_heartbeats(migrated):
     conn = migrated
     with conn.transaction():
         for cid in ("a", "b"):
-            collectors.heartbeat(conn, cid, f"{cid}:1", 0, 100 * S)
+            members.heartbeat(conn, cid, f"{cid}:1", 0, 100 * S)
         for agent, cid in (("x", "a"), ("y", "b")):
             conn.insert("agents", {"agent_id": agent, "run_id": "r", "connected": 1})
-            collectors.stream_opened(conn, agent, "r", cid)
-    assert collectors.connected_runs(conn, 90 * S) == {("x", "r"), ("y", "r")}
-    assert collectors.connected_runs(conn, 90 * S, besides="a") == {("y", "r")}
+            members.stream_opened(conn, agent, "r", cid)
+    assert members.connected_runs(conn, 90 * S) == {("x", "r"), ("y", "r")}
+    assert members.connected_runs(conn, 90 * S, besides="a") == {("y", "r")}
     with conn.transaction():
-        collectors.heartbeat(conn, "a", "a:1", 0, 120 * S)
-    assert collectors.connected_runs(conn, 110 * S) == {("x", "r")}  # b's heartbeat is too old
+        members.heartbeat(conn, "a", "a:1", 0, 120 * S)
+    assert members.connected_runs(conn, 110 * S) == {("x", "r")}  # b's heartbeat is too old
     with conn.transaction():  # y failed over to a before b noticed its stream had ended
-        collectors.stream_opened(conn, "y", "r", "a")
-        assert collectors.stream_closed(conn, "y", "r", "b", 121 * S) == 0  # b's late close changes nothing
-    assert collectors.connected_runs(conn, 110 * S) == {("x", "r"), ("y", "r")}
+        members.stream_opened(conn, "y", "r", "a")
+        assert members.stream_closed(conn, "y", "r", "b", 121 * S) == 0  # b's late close changes nothing
+    assert members.connected_runs(conn, 110 * S) == {("x", "r"), ("y", "r")}
     with conn.transaction():
-        assert collectors.stream_closed(conn, "y", "r", "a", 122 * S) == 1
-    assert collectors.connected_runs(conn, 110 * S) == {("x", "r")}
+        assert members.stream_closed(conn, "y", "r", "a", 122 * S) == 1
+    assert members.connected_runs(conn, 110 * S) == {("x", "r")}
 
 
 # ------------------------------------------------------------------ collectors on one PostgreSQL

@@ -86,10 +86,10 @@ class FleetMember:
         self._started = True
         self._threads.append(threading.Thread(target=self._heartbeats, name="outrider-fleet-heartbeat", daemon=True))
         if Listener.wanted(self.store.engine):
-            self._own_pid = self.store.write(fleet.backend_pid)
+            self._own_pid = self.store.write(collectors.backend_pid)
             db = self.store.read()
-            self._floor = fleet.newest_rollout(db)
-            self._ref_floor_ns = max((at for _, _, at in fleet.profiles_after(db, 0)), default=0)
+            self._floor = collectors.newest_rollout(db)
+            self._ref_floor_ns = max((at for _, _, at in collectors.profiles_after(db, 0)), default=0)
             self._listener = Listener(self.store.engine, self._heard, self.resync)
             self._threads.append(threading.Thread(target=self._resyncs, name="outrider-fleet-resync", daemon=True))
             self._listener.start()
@@ -167,7 +167,7 @@ class FleetMember:
             log.warning("cannot announce the reference of %s %s to the other collectors: %s", model, version, exc)
 
     def _heard(self, payload: str, pid: int) -> None:
-        parsed = fleet.parse(payload)
+        parsed = collectors.parse(payload)
         if parsed is None:
             log.warning("ignored an announcement this collector does not understand: %r", payload[:200])
             return
@@ -205,12 +205,12 @@ class FleetMember:
             with self._lock:
                 floor, ref_floor = self._floor, self._ref_floor_ns
             missed = []
-            for rollout_id in fleet.rollouts_after(db, floor):
+            for rollout_id in collectors.rollouts_after(db, floor):
                 with self._lock:
                     if rollout_id not in self._seen:
                         self._seen.add(rollout_id)
                         missed.append(rollout_id)
-            profiles = fleet.profiles_after(db, ref_floor)
+            profiles = collectors.profiles_after(db, ref_floor)
         except OutriderError as exc:
             log.warning("resync of rollouts made through other collectors failed: %s", exc)
             return
