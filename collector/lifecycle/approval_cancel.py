@@ -19,7 +19,7 @@ from protos import collector_pb2 as pb
 
 def cancel(db: Conn, approval_id: int, actor: str, reason: str, now_ns: int, *,
            admin: bool = False) -> pb.Approval:
-    governance.take_turn(db)  # read the request as another collector's decision left it
+    audit.take_turn(db)  # read the request as another collector's decision left it
     found = governance.approval(db, approval_id)
     if found is None:
         raise NotFound(f"there is no approval {approval_id}; list them with: outrider approvals list --all")

@@ -60,7 +60,7 @@ def set_stage(db: Conn, name: str, version: int, stage: str, actor: str, reason:
                "archived": "a version is archived when another one is promoted to production",
                "retired": "retire archived versions with: outrider models retire"}[stage]
         raise FailedPrecondition(f"cannot set stage {stage} directly: {how}")
-    governance.take_turn(db)
+    audit.take_turn(db)
     row = stages.version(db, name, version)
     _not_retired(row)
     if row["stage"] not in REQUESTABLE:
@@ -88,7 +88,7 @@ def retire(db: Conn, name: str, version: int, actor: str, reason: str, now_ns: i
     """archived → retired, for good: the version can never be promoted, served or restaged again
     (also enforced by a trigger); its record and audit rows stay, its artifact may be removed
     after the retention period (``Registry.remove_retired_artifacts``)."""
-    governance.take_turn(db)
+    audit.take_turn(db)
     row = stages.version(db, name, version)
     if row["stage"] != "archived":
         raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only archived versions can be "
@@ -109,7 +109,7 @@ def request(db: Conn, name: str, version: int, actor: str, reason: str, override
             now_ns: int) -> pb.Approval:
     """A pending request to make ``version`` production. ``override`` (non-empty only when an
     admin asked) lets a version whose gate did not pass be requested."""
-    governance.take_turn(db)
+    audit.take_turn(db)
     row = stages.version(db, name, version)
     _not_retired(row)
     if row["stage"] not in REQUESTABLE:
@@ -143,7 +143,7 @@ def decide(db: Conn, approval_id: int, actor: str, approve: bool, reason: str, n
     request. Nobody decides their own request. A shadow of the promoted version stops in the same
     transaction (an unshadow rollout). The caller pushes the rollouts after the commit (they share
     ``now_ns``, the approval's ``decided_unix_nano``: ``RolloutPusher.push_started``)."""
-    governance.take_turn(db)  # two collectors deciding at once: the second reads what the first committed
+    audit.take_turn(db)  # two collectors deciding at once: the second reads what the first committed
     a = governance.approval(db, approval_id)
     if a is None:
         raise NotFound(f"there is no approval {approval_id}; list them with: outrider approvals list --all")
@@ -203,7 +203,7 @@ def request_rollback(db: Conn, name: str, to_version: int, actor: str, reason: s
     version production before the current one, resolved now so that the approver sees which);
     ``decide`` carries it out when another person approves it. For the rollback policy, whose
     actor is ``audit.COLLECTOR``."""
-    governance.take_turn(db)
+    audit.take_turn(db)
     current, target = rollout.rollback_target(db, name, to_version)
     pending = governance.pending_rollback(db, name)
     if pending:

@@ -39,7 +39,7 @@ from agent import feature_names as naming
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from collector.base.ingest import Limits, validate_model_key, validate_profile
 from collector.lifecycle import gate
-from collector.store import audit, governance, versions
+from collector.store import audit, versions
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 
@@ -295,7 +295,7 @@ class Registry:
 
 def _insert(db: Conn, meta: pb.RegisterMetadata, schema: dict[str, Any], names: dict[str, list[str]],
             metrics: dict[str, float], profile: summary_pb2.ReferenceProfile | None, actor: str, now_ns: int) -> int:
-    governance.take_turn(db)  # two collectors registering the same name number their versions in turn
+    audit.take_turn(db)  # two collectors registering the same name number their versions in turn
     version = versions.next_version(db, meta.name)
     lineage = {"data_name": profile.data_name, "data_sha256": profile.data_sha256,
                "data_rows": profile.rows} if profile is not None else {}

@@ -58,7 +58,7 @@ def active(db: Conn, model: str, version: str) -> int | None:
 
 def open_request(db: Conn, model: str, version: str, actor: str, reason: str, evidence: dict[str, Any],
                  now_ns: int) -> pb.RetrainingRequest:
-    governance.take_turn(db)  # another collector's request, committed meanwhile, is seen here
+    audit.take_turn(db)  # another collector's request, committed meanwhile, is seen here
     existing = active(db, model, version)
     if existing is not None:
         raise FailedPrecondition(f"{model} version {version} already has an active retraining request "
@@ -73,7 +73,7 @@ def open_request(db: Conn, model: str, version: str, actor: str, reason: str, ev
 def change(db: Conn, request_id: int, state: str, actor: str, reason: str, now_ns: int,
            completed_version: int = 0) -> pb.RetrainingRequest:
     """Move a request to ``state`` (accepted, completed, rejected, cancelled) if the machine allows it."""
-    governance.take_turn(db)
+    audit.take_turn(db)
     current = get(db, request_id)
     allowed = {ACCEPTED: (OPEN,), COMPLETED: (ACCEPTED,), REJECTED: ACTIVE, CANCELLED: ACTIVE}[state]
     if current.state not in allowed:

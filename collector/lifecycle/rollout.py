@@ -55,7 +55,7 @@ from agent import reference
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound, OutriderError
 from collector.base.ingest import Limits, clean_text, validate_model_key, validate_model_state
 from collector.lifecycle import stages
-from collector.store import audit, collectors, governance, rollouts, versions
+from collector.store import audit, collectors, rollouts, versions
 from protos import collector_pb2 as pb
 from protos import summary_pb2
 
@@ -249,7 +249,7 @@ def rollback(db: Conn, name: str, to_version: int, actor: str, reason: str, now_
     """Make an archived version production again at once (the current one archived), in the caller's
     write transaction with its audit row; returns the rollout id (push it after the commit).
     ``to_version`` 0: the version that was production before the current one."""
-    governance.take_turn(db)
+    audit.take_turn(db)
     current, target = rollback_target(db, name, to_version)
     stages.move(db, name, current, "production", "archived", actor, f"rolled back to version {target}: {reason}",
                 now_ns)
@@ -273,7 +273,7 @@ def check_share(share: float) -> float:
 def set_shadow(db: Conn, name: str, version: int, share: float, actor: str, reason: str, now_ns: int) -> int:
     """Put staging ``version`` in shadow on the model's agents (replacing any shadow); returns the rollout id."""
     check_share(share)
-    governance.take_turn(db)
+    audit.take_turn(db)
     row = stages.version(db, name, version)
     if row["stage"] != "staging":
         raise FailedPrecondition(f"{name} version {version} is {row['stage']}; only a staging version can run in "
@@ -289,7 +289,7 @@ def set_shadow(db: Conn, name: str, version: int, share: float, actor: str, reas
 
 def clear_shadow(db: Conn, name: str, actor: str, reason: str, now_ns: int) -> int:
     """Stop the model's shadow on its agents; returns the rollout id."""
-    governance.take_turn(db)
+    audit.take_turn(db)
     before = current_shadow(db, name)
     if before is None:
         raise FailedPrecondition(f"no shadow runs for model {name!r}: there is nothing to clear")

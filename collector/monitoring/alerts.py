@@ -5,7 +5,7 @@ writer thread (``Store.write(fn)``), readers on a read connection
 (``Store.read()``). Every change is audited (``collector.store.audit``) in the same
 transaction. The alert machine itself is ``collector.monitoring.drift.AlertTracker``;
 here it is only loaded and saved; the SQL is ``collector.store.alerts``. One evaluation's tracker
-read, step and write run in turn across collectors (``collector.store.alerts.take_turn``), so
+read, step and write run in turn across collectors (``collector.store.audit.take_turn``), so
 several collectors on one PostgreSQL open an alert once.
 
 Every resolution says why in the alert's ``resolved_reason`` (and its audit entry): the
@@ -94,7 +94,7 @@ def record(db: Conn, evaluation: pb.DriftEvaluation, k: int, now_ns: int, *,
                                               evaluation.evaluated_unix_nano, evaluation.evaluated, drifted)
     alert_store.set_evaluation_body(db, evaluation.id, evaluation.SerializeToString())
     # several collectors on one database: the machine's read, step and write are one turn
-    alert_store.take_turn(db)
+    audit.take_turn(db)
     if not is_served:
         return resolve_unserved(db, evaluation.model_name, evaluation.model_version, now_ns)
     if not evaluation.evaluated:
@@ -213,7 +213,7 @@ def acknowledge(db: Conn, alert_id: int, actor: str, note: str, now_ns: int) -> 
     """An operator has seen it: open -> acknowledged (it still resolves by itself)."""
     # as in ``record``: two collectors acking at once (or one resolving it) take turns, reading the state
     # once it is theirs
-    alert_store.take_turn(db)
+    audit.take_turn(db)
     current = alert(db, alert_id)
     if current.state == RESOLVED:
         raise FailedPrecondition(f"alert {alert_id} is already resolved")

@@ -15,16 +15,6 @@ from collector.store.engine import Conn
 RESOLVED = "resolved"
 
 
-def take_turn(db: Conn) -> None:
-    """Take, until the transaction ends, the lock every audited change takes (``audit.append``'s), before
-    reading an alert machine or an alert's state: two collectors on one PostgreSQL then step a version's
-    machine in turn, each seeing what the other committed (READ COMMITTED re-reads per statement). One
-    lock, not one per model version: an evaluation's transaction also appends to the audit chain and
-    runs the retraining and rollback policies, so a second lock could be taken in two orders (a
-    deadlock). On SQLite ``BEGIN IMMEDIATE`` already serialises every writer."""
-    db.lock("audit")
-
-
 # ------------------------------------------------------------ drift policy
 
 def drift_config(db: Conn, model_name: str) -> str | None:

@@ -21,7 +21,6 @@ Two defences, for two threats:
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import itertools
 import json
@@ -62,6 +61,17 @@ def row_hash(row: dict[str, Any]) -> str:
     return hashlib.sha256(_json({f: row[f] for f in _FIELDS}).encode("utf-8")).hexdigest()
 
 
+def take_turn(db: Conn) -> None:
+    """Take, until the transaction ends, the lock every audited change takes (``append`` takes it too),
+    before reading the state a change depends on -- a governance decision, an alert machine's step: two
+    collectors on one PostgreSQL then change things in turn, each seeing what the other committed
+    (READ COMMITTED re-reads per statement). One lock for all, not one per model: an evaluation's
+    transaction also appends to the chain and runs the retraining and rollback policies, so a second
+    lock could be taken in two orders (a deadlock). On SQLite ``BEGIN IMMEDIATE`` already serialises
+    every writer, and the lock is a no-op."""
+    db.lock("audit")
+
+
 def append(db: Conn, actor: str, action: str, obj: str, *, model_name: str = "", before: Any = None,
            after: Any = None, reason: str = "", now_ns: int) -> pb.AuditEntry:
     """Append one row; call it inside the writer's transaction, beside the change it records.
@@ -71,7 +81,7 @@ def append(db: Conn, actor: str, action: str, obj: str, *, model_name: str = "",
     newest row leaves a gap that ``verify`` reports."""
     if not db.in_transaction:
         raise RuntimeError("audit.append must run inside the store writer's transaction (Store.write)")
-    db.lock("audit")  # several collectors on one PostgreSQL append one chain, in turn
+    take_turn(db)  # several collectors on one PostgreSQL append one chain, in turn
     seq = _high_water(db)
     last = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
     row = {"id": max(seq, last[0] if last else 0) + 1, "at_ns": now_ns, "actor": actor,

@@ -19,15 +19,6 @@ def _one(rows: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
-def take_turn(db: Conn) -> None:
-    """Take, until the transaction ends, the lock every audited change takes (``audit.append``'s), before
-    reading the state a governance change depends on: two collectors on one PostgreSQL then decide in
-    turn, each seeing what the other committed (READ COMMITTED re-reads per statement). One lock, not
-    one per model, so that it can never be taken in two orders; on SQLite ``BEGIN IMMEDIATE`` already
-    serialises every writer."""
-    db.lock("audit")
-
-
 # ------------------------------------------------------------ approvals
 
 
