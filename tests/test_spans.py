@@ -153,9 +153,9 @@ class IngestStore(Store):
 
 
 @pytest.fixture(params=["read", "offered", "mixed"])
-def world(request, tmp_path):
+def world(request, db_url):
     clock = Clock()
-    store = IngestStore(tmp_path / "c.db", clock, request.param)
+    store = IngestStore(db_url, clock, request.param)
     cached = DriftEvaluator(store, clock=clock)
     store.cache = cached.spans
     oracle = DriftEvaluator(store, clock=clock)
@@ -387,13 +387,13 @@ def test_offers_past_the_bound_between_evaluations_start_the_version_again(world
     check(store, clock, cached, oracle, config)
 
 
-def test_offers_racing_evaluations_from_many_threads_match_the_uncached_evaluation(tmp_path):
+def test_offers_racing_evaluations_from_many_threads_match_the_uncached_evaluation(db_url):
     """Stream threads offer while an evaluation thread answers (``OFFER_WAIT`` may pass: then the
     evaluation reads those windows); afterwards the cache holds every window exactly once."""
     import threading
 
     clock = Clock()
-    store = IngestStore(tmp_path / "c.db", clock, "offered")
+    store = IngestStore(db_url, clock, "offered")
     try:
         cache = store.cache = SpanCache(store)
         cache.read("m", "1", clock.now, (60, 300))

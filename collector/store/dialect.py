@@ -67,6 +67,11 @@ class Dialect:
         overflow stays at the top; SQLite turns the overflowing sum into a float, which min() caps)."""
         return f"min({a} + {b}, {limit})"
 
+    def unindexed(self, column: str) -> str:
+        """``column`` in a WHERE term the planner must not answer from an index on it (SQLite's unary
+        ``+``); PostgreSQL's planner weighs a rowid range by its statistics, so the name alone."""
+        return f"+{column}"
+
     # ------------------------------------------------ DDL
 
     def column_sql(self, column: Column, *, primary_key: bool = False, identity: bool = False,
@@ -148,6 +153,9 @@ class PostgresDialect(Dialect):
 
     def instr(self, haystack: str, needle: str) -> str:
         return f"strpos({haystack}, {needle})"
+
+    def unindexed(self, column: str) -> str:
+        return column
 
     def saturating_add(self, a: str, b: str, limit: int = MAX_INT64) -> str:
         return f"LEAST({a}::NUMERIC + {b}, {limit})::BIGINT"  # BIGINT + BIGINT raises on overflow

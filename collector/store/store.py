@@ -166,11 +166,12 @@ class SpanSnapshot:
         """(rowid, end_ns) of the model version's raw windows stored with a rowid above ``rowid``.
         No body is read (a body lies in overflow pages, which SQLite reads only when asked for it);
         the reader asks ``window_bodies`` for those it has not merged already."""
-        # The unary + keeps SQLite off the model's index (a walk of every window the model has):
-        # a rowid range reads only what was stored since.
+        # Kept off the model's index (on SQLite a walk of every window the model has): a rowid
+        # range reads only what was stored since.
+        d = self._db.dialect
         return self._db.execute(
-            "SELECT rowid, end_ns FROM windows WHERE rowid > ? AND +model_name = ? AND +model_version = ?",
-            [rowid, model_name, model_version]).fetchall()
+            f"SELECT rowid, end_ns FROM windows WHERE rowid > ? AND {d.unindexed('model_name')} = ?"
+            f" AND {d.unindexed('model_version')} = ?", [rowid, model_name, model_version]).fetchall()
 
     def window_bodies(self, rowids: Sequence[int]) -> Iterator[tuple[int, int, bytes]]:
         """(rowid, end_ns, body) of the raw windows ``rowids`` (those still stored)."""
