@@ -381,3 +381,14 @@ def test_serve_refuses_an_unreachable_server_a_bad_url_and_no_driver_in_one_line
     assert "needs psycopg" in driverless and "pip install" in driverless
     missing_dir = _refused(_serve("--db", str(tmp_path / "nowhere" / "c.db")))
     assert "does not exist" in missing_dir
+
+
+def test_the_ingest_benchmark_runs_on_a_postgresql_url(postgres_url: str) -> None:
+    """benchmarks/ingest.py --db URL: a smoke test (it stores every window and says which engine)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ingest
+
+    postgres = ingest.Postgres(postgres_url)
+    result = ingest.run(120, 2, 16, 2, "FULL", None, "", postgres)
+    assert (result["engine"], result["windows"]) == ("postgresql", 120)
+    assert result["cpu_us_per_window"] > 0 and result["server_cpu_us_per_window"] is None  # not its server
