@@ -1,4 +1,6 @@
-"""The collector's SQLite store: agents, raw windows and their rollups, reference profiles.
+"""The collector's store: agents, raw windows and their rollups, reference profiles -- in a SQLite
+file or a PostgreSQL database (``collector.store.engine``); what follows is said of SQLite, where
+it differs (PostgreSQL: a writer connection per collector, MVCC readers, the server's durability).
 
 SQLite has one writer even in WAL mode, so one thread owns the write
 connection and takes work from a queue (datasette's pattern); sharing a
