@@ -67,7 +67,7 @@ class ArtifactStore:
     @staticmethod
     def for_store(store: Any) -> ArtifactStore:
         if store.engine.dialect.name == "sqlite":
-            return DirectoryArtifacts(artifacts_root(store.path))
+            return DirectoryArtifacts(artifacts_root(store.engine.path))  # the file, also from a sqlite:/// URL
         return DatabaseArtifacts(store)
 
     @staticmethod

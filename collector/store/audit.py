@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from collector.store.dialect import NO_LIMIT
-from collector.store.engine import Conn
+from collector.store.engine import Conn, StoreError
 
 from agent.errors import OutriderError
 from protos import collector_pb2 as pb
@@ -80,7 +80,8 @@ def append(db: Conn, actor: str, action: str, obj: str, *, model_name: str = "",
            "after": _json(after), "reason": reason, "prev_hash": last[1] if last else GENESIS}
     row["hash"] = row_hash(row)
     db.execute(f"INSERT INTO audit ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
-    db.upsert("high_water", {"name": "audit", "value": row["id"]}, key=["name"])
+    with _before_migration_12(db):
+        db.upsert("high_water", {"name": "audit", "value": row["id"]}, key=["name"])
     return _entry(row)
 
 
@@ -112,10 +113,25 @@ def entry_rows(db: Conn, model_name: str = "", *, before_id: int = 0,
 def _high_water(db: Conn) -> int:
     """The highest audit id ever given out (0: none): our own record, and on SQLite also its
     AUTOINCREMENT counter (databases written before migration 12 have only that)."""
-    kept = db.execute("SELECT value FROM high_water WHERE name = 'audit'").fetchone()
+    kept = None
+    with _before_migration_12(db):
+        kept = db.execute("SELECT value FROM high_water WHERE name = 'audit'").fetchone()
     sql = db.dialect.autoincrement_high_water("audit")
     found = db.execute(sql).fetchone() if sql else None
     return max(kept[0] if kept else 0, found[0] if found else 0)
+
+
+@contextlib.contextmanager
+def _before_migration_12(db: Conn) -> Iterator[None]:
+    """A database not yet at migration 12 has no ``high_water`` table (a migration that audits, a
+    test that plays an older collector): the statement is skipped, in a savepoint so that a
+    PostgreSQL transaction goes on."""
+    try:
+        with db.savepoint():
+            yield
+    except StoreError as exc:
+        if "high_water" not in str(exc):
+            raise
 
 
 def verify(db: Conn) -> Verification:
