@@ -50,6 +50,9 @@ shutil.rmtree(top, ignore_errors=True)
 
 
 class PostgresServer:
+    # Tests only: durability off (benchmarks/ingest.py clears it, to measure what an ack costs).
+    speed_options = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+
     def __init__(self, bindir: Path) -> None:
         self.bindir = bindir
         self.top = Path(tempfile.mkdtemp(prefix="outrider-pg-"))
@@ -75,8 +78,8 @@ class PostgresServer:
         initdb = [*prefix, str(self.bindir / "initdb"), "-D", str(self.data), "-U", _USER, "-A", "trust",
                   "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"]
         _run(initdb, "initdb")
-        options = (f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off -c synchronous_commit=off"
-                   " -c full_page_writes=off -c max_connections=200 -c shared_buffers=32MB")
+        options = (f"-k {self.socket_dir} -c listen_addresses='' {self.speed_options}"
+                   " -c max_connections=200 -c shared_buffers=32MB")
         _run([*prefix, str(self.bindir / "pg_ctl"), "start", "-D", str(self.data), "-w", "-t", "60",
               "-l", str(self.top / "server.log"), "-o", options], "pg_ctl start")
         return self

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +21,7 @@ from collector.api.server import CollectorServer, serve_collector
 from collector.base.auth import AuthConfig
 from collector.monitoring.drift import DriftConfig
 from collector.store import audit
-from collector.store.engine import open_engine
+from collector.store.engine import Conn, StoreIntegrityError, open_engine
 from collector.store.migrations import migrate
 from collector.store.store import Store
 from protos import collector_pb2 as pb
@@ -49,30 +49,39 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def tamper(path: Path, *statements: str) -> None:
-    """What someone with the file can do: drop the triggers, then edit."""
-    conn = sqlite3.connect(path, isolation_level=None)
+@contextlib.contextmanager
+def connected(db: Path | str) -> Iterator[Conn]:
+    """A connection of its own to either engine (autocommit), closed with its engine."""
+    engine = open_engine(db)
+    conn = engine.connect()
     try:
-        conn.execute("DROP TRIGGER IF EXISTS audit_no_update")
-        conn.execute("DROP TRIGGER IF EXISTS audit_no_delete")
-        for sql in statements:
-            conn.execute(sql)
+        yield conn
     finally:
         conn.close()
+        engine.close()
 
 
-def verify_file(path: Path) -> audit.Verification:
-    db = open_engine(path).connect()
-    try:
-        return audit.verify(db)
-    finally:
-        db.close()
+def tamper(db: Path | str, *statements: str) -> None:
+    """What someone with the file (or the database's owner) can do: drop or disable the triggers, then edit."""
+    with connected(db) as conn:
+        if conn.dialect.name == "sqlite":
+            conn.execute("DROP TRIGGER IF EXISTS audit_no_update")
+            conn.execute("DROP TRIGGER IF EXISTS audit_no_delete")
+        else:
+            conn.execute("ALTER TABLE audit DISABLE TRIGGER USER")
+        for sql in statements:
+            conn.execute(sql)
+
+
+def verify_file(db: Path | str) -> audit.Verification:
+    with connected(db) as conn:
+        return audit.verify(conn)
 
 
 @pytest.fixture
-def trail(tmp_path) -> Path:
-    """A database file with five audit rows, the store closed."""
-    path = tmp_path / "c.db"
+def trail(db_url: str) -> Path | str:
+    """A database (either engine) with five audit rows, the store closed."""
+    path = db_url
     with Store(path) as store:
         for i in range(1, 6):
             store.write(lambda db, i=i: audit.append(db, "alice", "test.step", f"thing/{i}",
@@ -96,14 +105,11 @@ def test_rows_chain_and_verify(trail):
 
 
 def test_the_triggers_refuse_update_and_delete(trail):
-    conn = sqlite3.connect(trail, isolation_level=None)
-    try:
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+    with connected(trail) as conn:
+        with pytest.raises(StoreIntegrityError, match="append-only"):
             conn.execute("UPDATE audit SET reason = 'nothing happened' WHERE id = 2")
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        with pytest.raises(StoreIntegrityError, match="append-only"):
             conn.execute("DELETE FROM audit WHERE id = 2")
-    finally:
-        conn.close()
     assert verify_file(trail).ok
 
 
@@ -115,10 +121,8 @@ def test_an_edited_row_is_named(trail):
 
 
 def test_an_edited_row_with_a_recomputed_hash_breaks_the_next_link(trail):
-    conn = sqlite3.connect(trail, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    row = dict(conn.execute("SELECT * FROM audit WHERE id = 3").fetchone())
-    conn.close()
+    with connected(trail) as conn:
+        [row] = conn.query("SELECT * FROM audit WHERE id = 3")
     row["reason"] = "nothing to see"
     tamper(trail, f"UPDATE audit SET reason = 'nothing to see', hash = '{audit.row_hash(row)}' WHERE id = 3")
     result = verify_file(trail)
@@ -145,22 +149,21 @@ def test_deleted_newest_rows_are_detected_and_ids_are_not_reused(trail):
     assert (result.ok, result.first_broken_id) == (False, 6) and "rows 4-5 before it" in result.problem
 
 
-def test_append_refuses_to_run_outside_a_transaction(tmp_path):
-    Store(tmp_path / "c.db").close()
-    db = open_engine(tmp_path / "c.db").connect()
-    with pytest.raises(RuntimeError, match="inside the store writer's transaction"):
-        audit.append(db, "alice", "test.step", "thing/1", now_ns=1)
-    with db.transaction():
-        audit.append(db, "alice", "test.step", "thing/1", now_ns=1)
-    assert audit.verify(db) == (True, 1, 0, "")
-    db.close()
+def test_append_refuses_to_run_outside_a_transaction(db_url):
+    Store(db_url).close()
+    with connected(db_url) as db:
+        with pytest.raises(RuntimeError, match="inside the store writer's transaction"):
+            audit.append(db, "alice", "test.step", "thing/1", now_ns=1)
+        with db.transaction():
+            audit.append(db, "alice", "test.step", "thing/1", now_ns=1)
+        assert audit.verify(db) == (True, 1, 0, "")
 
 
 # ------------------------------------------------------------------ audited changes
 
 
-def test_a_failing_change_leaves_no_audit_row(tmp_path):
-    with Store(tmp_path / "c.db") as store:
+def test_a_failing_change_leaves_no_audit_row(db_url):
+    with Store(db_url) as store:
         def change_then_fail(db) -> None:
             alerts.set_config(db, "m", DriftConfig(consecutive=5), "alice", 1)
             raise ValueError("the rest of the change failed")
@@ -176,7 +179,7 @@ def test_a_failing_change_leaves_no_audit_row(tmp_path):
         assert json.loads(entry.after)["consecutive"] == 5
 
 
-def test_alerts_opened_acknowledged_and_resolved_are_audited(tmp_path):
+def test_alerts_opened_acknowledged_and_resolved_are_audited(tmp_path):  # db_url once alerts.py is portable
     def evaluation(drifted: bool) -> pb.DriftEvaluation:
         return pb.DriftEvaluation(model_name="m", model_version="1", evaluated=True, columns=[
             pb.ColumnDrift(name="x", drifted=drifted, p_adjusted=0.0, reason="psi 0.4")])
@@ -279,8 +282,8 @@ def test_refusals_held_when_the_store_closes_are_reported_not_raised(caplog):
 
 
 @pytest.fixture
-def secured(tmp_path) -> Iterator[tuple[pb_grpc.OpsServiceStub, Path, str, CollectorServer]]:
-    db = tmp_path / "collector.db"
+def secured(db_url) -> Iterator[tuple[pb_grpc.OpsServiceStub, Path | str, str, CollectorServer]]:
+    db = db_url
     server = serve_collector(db, "127.0.0.1:0", auth=AuthConfig.from_toml(AUTH_TOML), drift_interval=0,
                              rollup_interval=3600)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
@@ -303,7 +306,8 @@ def test_a_flood_of_refused_calls_adds_one_audit_row_per_caller_and_reason(secur
     status = ops.Status(pb.StatusRequest(), metadata=bearer(VIEWER_TOKEN), timeout=HANG_GUARD)
     assert status.counters.auth_failures == 305  # the counter still counts every refusal
     server.stop(grace=0)  # shutdown writes what the minute held
-    rows = [e for e in audit.entries(open_engine(db).connect(), limit=1000) if e.action == "auth.failure"]
+    with connected(db) as conn:
+        rows = [e for e in audit.entries(conn, limit=1000) if e.action == "auth.failure"]
     found = {(e.reason.split(":")[0], e.object): json.loads(e.after) for e in rows}
     assert len(rows) == 2 and {k: (v["count"], v["peer"]) for k, v in found.items()} == {
         ("unknown token", "rpc/outrider.v1.OpsService/Status"): (300, "127.0.0.1"),

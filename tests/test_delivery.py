@@ -159,8 +159,8 @@ def test_agent_tokens_speak_only_for_their_agent_ids_and_models(tmp_path):
 
 
 @pytest.mark.slow
-def test_collector_killed_mid_load_loses_and_duplicates_nothing(tmp_path: Path, lr_model: Path):
-    db = tmp_path / "c.db"
+def test_collector_killed_mid_load_loses_and_duplicates_nothing(tmp_path: Path, lr_model: Path, db_url: str):
+    db = db_url  # a SQLite file, then a PostgreSQL database (the collector's connections die with it)
     col, address = collector(db)
     ag, agent_address = agent(lr_model, address, tmp_path / "spool")
     load = Load(agent_address)
@@ -181,8 +181,8 @@ def test_collector_killed_mid_load_loses_and_duplicates_nothing(tmp_path: Path, 
 
 
 @pytest.mark.slow
-def test_agent_killed_and_restarted_with_its_spool(tmp_path: Path, lr_model: Path):
-    db, spool = tmp_path / "c.db", tmp_path / "spool"
+def test_agent_killed_and_restarted_with_its_spool(tmp_path: Path, lr_model: Path, db_url: str):
+    db, spool = db_url, tmp_path / "spool"
     col, address = collector(db)
     ag, agent_address = agent(lr_model, address, spool)
     load = Load(agent_address)

@@ -113,10 +113,10 @@ def test_retirement_is_final_and_the_artifact_goes_after_the_retention(served):
     artifacts = server.registry.artifacts
     sha1, sha2 = hashlib.sha256(MODEL).hexdigest(), v2.sha256
     assert server.registry.remove_retired_artifacts(30 * DAY, time.time_ns()) == []
-    assert artifacts.path(sha2).exists()
+    assert artifacts.exists(sha2)
     later = time.time_ns() + 31 * DAY * S
     assert server.registry.remove_retired_artifacts(30 * DAY, later) == [("churn", 2)]
-    assert not artifacts.path(sha2).exists() and artifacts.path(sha1).exists()
+    assert not artifacts.exists(sha2) and artifacts.exists(sha1)
     assert server.registry.remove_retired_artifacts(30 * DAY, later) == []  # done once
     shown = call(ops, "dave", "ShowModel", pb.ModelVersionRequest(name="churn", version=2))
     assert shown.stage == "retired" and shown.artifact_removed_unix_nano == later  # the record stays

@@ -18,7 +18,7 @@ from agent.errors import InvalidArgument
 from collector.api.server import serve_collector
 from collector.base.auth import AuthConfig
 from collector.lifecycle import gate
-from collector.lifecycle.registry import ArtifactStore, artifacts_root
+from collector.lifecycle.registry import DirectoryArtifacts, artifacts_root
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from test_audit import ALICE_TOKEN, AUTH_TOML, VIEWER_TOKEN, bearer  # one operator and one viewer
@@ -360,7 +360,7 @@ def test_attach_checks_the_columns_against_the_agents_of_an_unregistered_version
 
 
 def test_artifact_names_come_only_from_the_hash(tmp_path):
-    store = ArtifactStore(tmp_path / "a")
+    store = DirectoryArtifacts(tmp_path / "a")
     for bad in ("../x", "A" * 64, "0" * 63, "/" + "0" * 63):
         with pytest.raises(InvalidArgument):
             store.path(bad)

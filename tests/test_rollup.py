@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.sketches import CategoricalSketch, NumericSketch, from_proto
+from collector.store.engine import open_engine
 from collector.store.rollup import NS, OTHER_CLASS, PerformanceTotals, RetentionPolicy, merge_windows
 from collector.store.store import Store
 from protos import summary_pb2
@@ -101,9 +101,20 @@ def totals(store: Store) -> dict[str, tuple]:
     return {t.model_version: tuple(getattr(t, f) for f in TOTALS) for t in store.model_totals()}
 
 
-def stored_bodies(path: Path) -> list[tuple[str, summary_pb2.WindowSummary]]:
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute("SELECT 'raw', body FROM windows UNION ALL SELECT level, body FROM rollups").fetchall()
+def sql(db: Path | str, statement: str, params: list | tuple = ()) -> list[tuple]:
+    """One statement through a connection of its own (either engine), committed."""
+    engine = open_engine(db)
+    conn = engine.connect()
+    try:
+        cursor = conn.execute(statement, params)
+        return cursor.fetchall() if cursor.description is not None else []
+    finally:
+        conn.close()
+        engine.close()
+
+
+def stored_bodies(path: Path | str) -> list[tuple[str, summary_pb2.WindowSummary]]:
+    rows = sql(path, "SELECT 'raw', body FROM windows UNION ALL SELECT level, body FROM rollups")
     return [(level, summary_pb2.WindowSummary.FromString(body)) for level, body in rows]
 
 
@@ -113,12 +124,16 @@ def stored_bodies(path: Path) -> list[tuple[str, summary_pb2.WindowSummary]]:
                    min_size=1, max_size=40),
     steps=st.lists(st.integers(1, 2 * 86400), min_size=1, max_size=5),
 )
-def test_totals_survive_every_level(tmp_path_factory: pytest.TempPathFactory, spans: list, steps: list) -> None:
+def test_totals_survive_every_level(tmp_path_factory: pytest.TempPathFactory, db_url: str, spans: list,
+                                    steps: list) -> None:
     """Windows at random times, rolled up at random moments: the exact totals never change."""
-    path = tmp_path_factory.mktemp("db") / "s.db"
+    fresh = db_url.startswith("postgresql://")  # one database for every example: emptied first
+    path = db_url if fresh else tmp_path_factory.mktemp("db") / "s.db"
     policy = RetentionPolicy(raw_seconds=60, minute_seconds=3600, hour_seconds=2 * 86400, day_seconds=10 * 86400)
     template = make_window(np.random.default_rng(0))[0]
     with Store(path) as store:
+        if fresh:
+            store.write(lambda db: [db.execute(f"DELETE FROM {t}") for t in ("windows", "rollups", "agents")])
         windows = []
         for seq, (offset, version, rows) in enumerate(spans):
             w = summary_pb2.WindowSummary()
@@ -139,21 +154,21 @@ def test_totals_survive_every_level(tmp_path_factory: pytest.TempPathFactory, sp
         assert {level for level, _ in stored_bodies(path)} == {"day"}
 
 
-def test_rolled_up_sketches_equal_the_merge_of_all_sources(tmp_path: Path) -> None:
+def test_rolled_up_sketches_equal_the_merge_of_all_sources(db_url: str) -> None:
     rng = np.random.default_rng(7)
     sources = [make_window(rng, agent=f"a{i % 3}", seq=i, start=T0 + i * 97 * NS, shift=(i % 50) / 25)
                for i in range(600)]  # ~16 hours of windows from three agents
     windows = [s[0] for s in sources]
     policy = RetentionPolicy(raw_seconds=60, minute_seconds=600, hour_seconds=3600, day_seconds=30 * 86400)
-    store = Store(tmp_path / "s.db")
+    store = Store(db_url)
     try:
         for i in range(0, len(windows), 50):
             store.submit_windows(windows[i:i + 50]).result()
         for hours in range(1, 30):  # hourly passes carry data through minute, hour and day buckets
             store.rollup(T0 + hours * 3600 * NS, policy)
-        levels = [level for level, _ in stored_bodies(tmp_path / "s.db")]
+        levels = [level for level, _ in stored_bodies(db_url)]
         assert set(levels) == {"day"} and len(levels) == 1
-        (_, day), = stored_bodies(tmp_path / "s.db")
+        (_, day), = stored_bodies(db_url)
     finally:
         store.close()
     flat = merge_windows(windows)
@@ -170,10 +185,10 @@ def test_rolled_up_sketches_equal_the_merge_of_all_sources(tmp_path: Path) -> No
     assert got.distinct_estimate() == pytest.approx(4, abs=0.5)
 
 
-def test_late_window_merges_into_the_existing_bucket(tmp_path: Path) -> None:
+def test_late_window_merges_into_the_existing_bucket(db_url: str) -> None:
     rng = np.random.default_rng(5)
     policy = RetentionPolicy(raw_seconds=60)
-    with Store(tmp_path / "s.db") as store:
+    with Store(db_url) as store:
         store.submit_windows([make_window(rng, seq=0, start=T0)[0]]).result()
         assert store.rollup(T0 + 3600 * NS, policy)["raw_merged"] == 1
         late = make_window(rng, seq=1, start=T0 + 20 * NS)[0]  # same minute, arrives after its rollup
@@ -185,10 +200,10 @@ def test_late_window_merges_into_the_existing_bucket(tmp_path: Path) -> None:
         assert store.model_totals()[0].windows == 2
 
 
-def test_day_buckets_are_deleted_after_day_seconds(tmp_path: Path) -> None:
+def test_day_buckets_are_deleted_after_day_seconds(db_url: str) -> None:
     rng = np.random.default_rng(6)
     policy = RetentionPolicy(raw_seconds=60, minute_seconds=60, hour_seconds=60, day_seconds=86400)
-    with Store(tmp_path / "s.db") as store:
+    with Store(db_url) as store:
         store.submit_windows([make_window(rng, seq=i, start=T0 + i * 3600 * NS)[0] for i in range(3)]).result()
         counts = store.rollup(T0 + 86400 * NS, policy)
         assert counts == {"raw_merged": 3, "minute_merged": 3, "hour_merged": 3, "day_deleted": 0,
@@ -200,15 +215,14 @@ def test_day_buckets_are_deleted_after_day_seconds(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ poisoned rows
 
 
-def insert_raw(path: Path, w: summary_pb2.WindowSummary, body: bytes | None = None, **scalars) -> None:
-    """A row put straight into SQLite, as an older collector (that checked less) could have stored it."""
+def insert_raw(path: Path | str, w: summary_pb2.WindowSummary, body: bytes | None = None, **scalars) -> None:
+    """A row put straight into the database, as an older collector (that checked less) could have stored it."""
     row = {**dict(rows=w.rows, calls=w.calls, dropped_rows=w.dropped_rows, errors=w.errors), **scalars}
-    with sqlite3.connect(path) as conn:
-        conn.execute("INSERT INTO windows (agent_id, run_id, seq, model_name, model_version, start_ns, end_ns,"
-                     " rows, calls, dropped_rows, errors, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                     [w.agent_id, w.run_id, w.seq, w.model_name, w.model_version, w.start_unix_nano,
-                      w.end_unix_nano, row["rows"], row["calls"], row["dropped_rows"], row["errors"],
-                      w.SerializeToString() if body is None else body])
+    sql(path, "INSERT INTO windows (agent_id, run_id, seq, model_name, model_version, start_ns, end_ns,"
+              " rows, calls, dropped_rows, errors, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        [w.agent_id, w.run_id, w.seq, w.model_name, w.model_version, w.start_unix_nano,
+         w.end_unix_nano, row["rows"], row["calls"], row["dropped_rows"], row["errors"],
+         w.SerializeToString() if body is None else body])
 
 
 def poisoned(rng: np.random.Generator, model: str, seq: int, kind: str) -> tuple[summary_pb2.WindowSummary, dict]:
@@ -230,10 +244,10 @@ def poisoned(rng: np.random.Generator, model: str, seq: int, kind: str) -> tuple
 
 
 @pytest.mark.parametrize("kind", ["labeled", "categorical count", "rows", "garbage body"])
-def test_a_poisoned_bucket_is_skipped_and_never_stops_another_models_rollup(tmp_path: Path, kind: str,
+def test_a_poisoned_bucket_is_skipped_and_never_stops_another_models_rollup(db_url: str, kind: str,
                                                                             caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(11)
-    path = tmp_path / "s.db"
+    path = db_url
     policy = RetentionPolicy(raw_seconds=60, minute_seconds=60, hour_seconds=60, day_seconds=86400)
     with Store(path) as store:
         good = [make_window(rng, seq=i, start=T0 + i * 10 * NS)[0] for i in range(6)]
@@ -253,8 +267,7 @@ def test_a_poisoned_bucket_is_skipped_and_never_stops_another_models_rollup(tmp_
         levels = {(w.model_name, level) for level, w in stored_bodies(path)} if kind != "garbage body" else None
         if levels is not None:
             assert levels == {("m", "day"), ("poison", "raw")}  # the good model went all the way up
-        with sqlite3.connect(path) as conn:
-            assert conn.execute("SELECT count(*) FROM windows WHERE model_name = 'poison'").fetchone()[0] == 2
+        assert sql(path, "SELECT count(*) FROM windows WHERE model_name = 'poison'") == [(2,)]
         if kind != "rows":
             assert totals(store) == before  # exact totals of both models are untouched
         # the good model's day bucket is still deleted in its time: retention goes on

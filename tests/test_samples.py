@@ -138,8 +138,8 @@ def test_a_malformed_sample_fails_validation(sample, words):
         validate_window(sampled(0, sample))
 
 
-def test_bad_windows_are_rejected_whole_and_good_samples_stored_apart(tmp_path):
-    db = tmp_path / "c.db"
+def test_bad_windows_are_rejected_whole_and_good_samples_stored_apart(db_url):
+    db = db_url
     with running(db, limits=Limits(max_sample_rows=2), drift_interval=0) as c:
         conn = c.connect(hello(), batch(sampled(0, row_sample(x={"numbers": [1, 2]})), sampled(1),
                                         sampled(2, row_sample(x={"numbers": [1]}, y={"strings": []}))))
@@ -155,9 +155,9 @@ def test_bad_windows_are_rejected_whole_and_good_samples_stored_apart(tmp_path):
         assert store.read().execute("SELECT count(*) FROM windows").fetchone()[0] == 1
 
 
-def test_samples_are_deleted_after_their_retention_and_a_resend_is_stored_once(tmp_path):
+def test_samples_are_deleted_after_their_retention_and_a_resend_is_stored_once(db_url):
     now = time.time_ns()
-    with Store(tmp_path / "s.db") as store:
+    with Store(db_url) as store:
         ages = (9 * 86400, 3600, 60)
         store.submit_windows([sampled(i, end_ns=now - age * NS) for i, age in enumerate(ages)]).result()
         store.submit_windows([sampled(2, end_ns=now - 60 * NS)]).result()  # a resend: DUPLICATE, no second sample

@@ -153,9 +153,9 @@ class IngestStore(Store):
 
 
 @pytest.fixture(params=["read", "offered", "mixed"])
-def world(request, tmp_path):
+def world(request, db_url):
     clock = Clock()
-    store = IngestStore(tmp_path / "c.db", clock, request.param)
+    store = IngestStore(db_url, clock, request.param)
     cached = DriftEvaluator(store, clock=clock)
     store.cache = cached.spans
     oracle = DriftEvaluator(store, clock=clock)
@@ -387,13 +387,13 @@ def test_offers_past_the_bound_between_evaluations_start_the_version_again(world
     check(store, clock, cached, oracle, config)
 
 
-def test_offers_racing_evaluations_from_many_threads_match_the_uncached_evaluation(tmp_path):
+def test_offers_racing_evaluations_from_many_threads_match_the_uncached_evaluation(db_url):
     """Stream threads offer while an evaluation thread answers (``OFFER_WAIT`` may pass: then the
     evaluation reads those windows); afterwards the cache holds every window exactly once."""
     import threading
 
     clock = Clock()
-    store = IngestStore(tmp_path / "c.db", clock, "offered")
+    store = IngestStore(db_url, clock, "offered")
     try:
         cache = store.cache = SpanCache(store)
         cache.read("m", "1", clock.now, (60, 300))
@@ -459,3 +459,38 @@ def test_an_offer_that_fails_to_merge_is_logged_and_the_version_is_read_again(wo
     cached.spans.offer([(ids[0], w, wrong)], store.rollup_generation)  # raises nothing
     assert "span cache failed" in caplog.text and cached.spans._versions[("m", "1")].current < 0
     check(store, clock, cached, oracle, config)
+
+
+def test_rollups_on_another_collector_are_neither_counted_twice_nor_lost(postgres_url):
+    """Two stores on one PostgreSQL database, as two collectors: one stores windows and rolls them up
+    (it holds the rollup lease), the other evaluates from its span cache. The passes it reads from
+    ``rollup_passes`` tell it which buckets to read again: its spans equal a read of the tables."""
+    clock = Clock()
+    writer, evaluator = Store(postgres_url), Store(postgres_url)
+    try:
+        rng = np.random.default_rng(4)
+        writer.attach_profile("m", "1", profile(rng), "test", T0)
+        config = configure(writer, span_seconds=300, short_span_seconds=60)
+        cached, oracle = DriftEvaluator(evaluator, clock=clock), DriftEvaluator(evaluator, clock=clock)
+        oracle.spans = Uncached(evaluator)
+        policy, seq = RetentionPolicy(raw_seconds=120), 0
+        for step in range(40):
+            batch = []
+            for agent in ("a", "b"):
+                seq += 1
+                back = int(rng.integers(100, 280)) * S if rng.random() < 0.25 else int(rng.integers(0, 15)) * S
+                batch.append(window(rng, agent, seq, clock.now - back, int(rng.integers(1, 3))))
+            writer.submit_windows(batch).result()
+            if step % 3 == 0:
+                check(evaluator, clock, cached, oracle, config)  # sometimes several passes in between
+            clock.now += int(rng.choice([10, 20, 45])) * S
+            writer.rollup(clock.now, policy)
+            check(evaluator, clock, cached, oracle, config)
+        assert evaluator.rollup_generation == writer.rollup_generation > 10  # every pass seen, none of its own
+        version = cached.spans._versions[("m", "1")]
+        assert version.windows_read > 20  # read from the tables: stored by the other collector
+        rolled = evaluator.read().execute("SELECT count(*) FROM rollups WHERE end_ns >= ?", [clock.now - 300 * S])
+        assert rolled.fetchone()[0] > 0  # rollup rows were inside the span
+    finally:
+        writer.close()
+        evaluator.close()

@@ -1,4 +1,5 @@
-"""The SQLite store on real files: group commit, idempotency, back-pressure, shutdown, schema, reads."""
+"""The store on both engines (a SQLite file, a PostgreSQL database): group commit, idempotency,
+back-pressure, shutdown, schema, reads. WAL, synchronous and file-size tests are SQLite's own."""
 from __future__ import annotations
 
 import sqlite3
@@ -12,7 +13,7 @@ import pytest
 import collector.store.migrations as schema_module
 from agent.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from agent.sketches import NumericSketch
-from collector.store.engine import StoreUnavailable, StoreValueError
+from collector.store.engine import StoreUnavailable, StoreValueError, open_engine
 from collector.store.rollup import NS, RetentionPolicy
 from collector.store.store import DUPLICATE, STORED, Store, WindowResult
 from protos import collector_pb2, summary_pb2
@@ -33,37 +34,60 @@ def window(agent: str = "a", run: str = "r", seq: int = 0, *, version: str = "1"
     return w
 
 
-def count_rows(path: Path, table: str = "windows") -> int:
+def count_rows(db: Path | str, table: str = "windows") -> int:
     """Through a connection of its own: sees only what is committed."""
-    with sqlite3.connect(path) as conn:
-        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    engine = open_engine(db)
+    try:
+        conn = engine.connect()
+        try:
+            return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        finally:
+            conn.close()
+    finally:
+        engine.close()
 
 
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
+    """A SQLite file, for the tests about SQLite itself."""
     return tmp_path / "outrider.db"
 
 
 @pytest.fixture
-def store(path: Path):
-    s = Store(path)
+def db(db_url: str) -> str:
+    """Either engine: a SQLite path, then a PostgreSQL URL."""
+    return db_url
+
+
+@pytest.fixture
+def store(db: str):
+    s = Store(db)
     yield s
     s.close()
 
 
 class WriteLock:
-    """Another connection holding SQLite's write lock: the writer's next BEGIN IMMEDIATE waits."""
+    """Another connection keeping the writer from storing windows until released: SQLite's write lock
+    (the writer's next BEGIN IMMEDIATE waits), on PostgreSQL a lock on the windows table (its next
+    INSERT waits)."""
 
-    def __init__(self, path: Path) -> None:
-        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.conn.execute("BEGIN IMMEDIATE")
+    def __init__(self, db: Path | str) -> None:
+        self.engine = open_engine(db)
+        self.conn = self.engine.connect()
+        if self.conn.dialect.name == "sqlite":
+            self.conn.execute("BEGIN IMMEDIATE")
+        else:
+            self.conn.execute("BEGIN")
+            self.conn.execute("LOCK TABLE windows IN EXCLUSIVE MODE")
 
     def release(self) -> None:
         self.conn.execute("COMMIT")
         self.conn.close()
+        self.engine.close()
 
 
-def test_wal_and_every_migration_once(path: Path, store: Store) -> None:
+def test_wal_and_every_migration_once(path: Path) -> None:
+    Store(path).close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("SELECT id, name FROM migrations").fetchall() == \
@@ -85,7 +109,7 @@ def test_acks_are_durable_by_default_and_normal_is_a_choice(path: Path) -> None:
         assert store.write(lambda db: db.execute("PRAGMA synchronous").fetchone()[0]) == 1  # NORMAL
 
 
-def test_concurrent_submitters_all_resolve_with_exact_counts(path: Path, store: Store) -> None:
+def test_concurrent_submitters_all_resolve_with_exact_counts(db: Path, store: Store) -> None:
     threads, batches, per_batch = 8, 40, 10
 
     def submit(t: int) -> list[Future]:
@@ -97,7 +121,7 @@ def test_concurrent_submitters_all_resolve_with_exact_counts(path: Path, store: 
     results = [r for f in futures for r in f.result(timeout=60)]
     assert len(results) == threads * batches * per_batch
     assert all(r.result == STORED for r in results)
-    assert count_rows(path) == len(results)
+    assert count_rows(db) == len(results)
     counters = dict(store.counters)
     assert 1 <= counters.pop("group_commits") <= threads * batches
     assert counters == {"windows_stored": len(results), "windows_duplicate": 0, "rollup_buckets_skipped": 0}
@@ -107,12 +131,12 @@ def test_concurrent_submitters_all_resolve_with_exact_counts(path: Path, store: 
         f"agent{t}": (batches * per_batch, batches * per_batch * (t + 1)) for t in range(threads)}
 
 
-def test_a_resend_is_duplicate_and_stored_once(path: Path, store: Store) -> None:
+def test_a_resend_is_duplicate_and_stored_once(db: Path, store: Store) -> None:
     first = store.submit_windows([window(seq=0), window(seq=1)]).result()
     assert first == [WindowResult("r", 0, STORED), WindowResult("r", 1, STORED)]
     again = store.submit_windows([window(seq=1), window(seq=2), window(seq=2)]).result()
     assert [r.result for r in again] == [DUPLICATE, STORED, DUPLICATE]
-    assert count_rows(path) == 3
+    assert count_rows(db) == 3
     assert store.counters == {"windows_stored": 3, "windows_duplicate": 2, "rollup_buckets_skipped": 0,
                               "group_commits": 2}
     assert store.agents()[0].windows == 3  # a resend does not count twice
@@ -121,15 +145,19 @@ def test_a_resend_is_duplicate_and_stored_once(path: Path, store: Store) -> None
         == [STORED, STORED]
 
 
-def test_ack_resolves_only_after_commit(path: Path, store: Store) -> None:
+def test_ack_resolves_only_after_commit(db: Path, store: Store) -> None:
     seen: list[bool] = []
+    engine = open_engine(db)
 
     def check(future: Future) -> None:
         # Runs the moment the future resolves; a fresh connection sees only committed rows.
         keys = [(r.run_id, r.seq) for r in future.result()]
-        with sqlite3.connect(path) as conn:
+        conn = engine.connect()
+        try:
             seen.extend(conn.execute("SELECT 1 FROM windows WHERE run_id = ? AND seq = ?", k).fetchone()
                         is not None for k in keys)
+        finally:
+            conn.close()
 
     def submit(t: int) -> None:
         for seq in range(50):
@@ -138,12 +166,13 @@ def test_ack_resolves_only_after_commit(path: Path, store: Store) -> None:
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(submit, range(4)))
     store.close()
+    engine.close()
     assert len(seen) == 200 and all(seen)
 
 
-def test_full_queue_raises_resource_exhausted(path: Path) -> None:
-    store = Store(path, queue_max=10)
-    lock = WriteLock(path)
+def test_full_queue_raises_resource_exhausted(db: Path) -> None:
+    store = Store(db, queue_max=10)
+    lock = WriteLock(db)
     try:
         held = store.submit_windows([window(seq=i) for i in range(6)])
         queued = store.submit_windows([window(seq=i) for i in range(6, 10)])
@@ -157,16 +186,16 @@ def test_full_queue_raises_resource_exhausted(path: Path) -> None:
     store.close()
 
 
-def test_close_drains_the_queue_then_refuses(path: Path) -> None:
-    store = Store(path, batch_max=3)
-    lock = WriteLock(path)
+def test_close_drains_the_queue_then_refuses(db: Path) -> None:
+    store = Store(db, batch_max=3)
+    lock = WriteLock(db)
     futures = [store.submit_windows([window(seq=b * 5 + i) for i in range(5)]) for b in range(20)]
     closer = threading.Thread(target=store.close)
     closer.start()
     lock.release()
     closer.join(timeout=60)
     assert all(f.done() for f in futures)
-    assert sum(len(f.result()) for f in futures) == 100 == count_rows(path)
+    assert sum(len(f.result()) for f in futures) == 100 == count_rows(db)
     with pytest.raises(Unavailable):
         store.submit_windows([window(seq=500)])
     with pytest.raises(Unavailable):
@@ -174,23 +203,33 @@ def test_close_drains_the_queue_then_refuses(path: Path) -> None:
     store.close()  # idempotent
 
 
-def test_one_failing_write_does_not_fail_its_group(path: Path, store: Store) -> None:
-    lock = WriteLock(path)  # queue all three, so they share one transaction
+def test_one_failing_write_does_not_fail_its_group(db: Path, store: Store) -> None:
+    lock = WriteLock(db)  # queue all three, so they share one transaction
     good = store.submit_windows([window(seq=1)])
-    bad = store.submit_windows([window(seq=2), window(seq=2**63)])  # beyond SQLite's int64
+    bad = store.submit_windows([window(seq=2), window(seq=2**63)])  # beyond a 64-bit integer column
     good2 = store.submit_windows([window(seq=3)])
     lock.release()
     assert good.result()[0].result == STORED and good2.result()[0].result == STORED
     with pytest.raises(StoreValueError):
         bad.result()
-    assert count_rows(path) == 2  # the bad batch left nothing behind, not even seq 2
+    assert count_rows(db) == 2  # the bad batch left nothing behind, not even seq 2
 
 
-def test_reopen_keeps_data_and_skips_applied_migrations(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def migrations_applied(db: Path | str) -> list[tuple]:
+    engine = open_engine(db)
+    conn = engine.connect()
+    try:
+        return conn.execute("SELECT id, name, applied_at FROM migrations ORDER BY id").fetchall()
+    finally:
+        conn.close()
+        engine.close()
+
+
+def test_reopen_keeps_data_and_skips_applied_migrations(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = db
     with Store(path) as store:
         store.submit_windows([window(seq=0)]).result()
-    with sqlite3.connect(path) as conn:
-        applied = conn.execute("SELECT * FROM migrations").fetchall()
+    applied = migrations_applied(path)
 
     def must_not_run(db) -> None:
         raise AssertionError("an applied migration ran twice")
@@ -202,8 +241,7 @@ def test_reopen_keeps_data_and_skips_applied_migrations(path: Path, monkeypatch:
     monkeypatch.setattr(schema_module, "MIGRATIONS", [must_not_run] * known + [add_notes])
     with Store(path) as store:
         assert count_rows(path) == 1 and store.model_totals()[0].windows == 1
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute("SELECT id, name, applied_at FROM migrations ORDER BY id").fetchall()
+    rows = migrations_applied(path)
     assert rows[:known] == applied and rows[known][:2] == (known + 1, "add_notes")
     monkeypatch.setattr(schema_module, "MIGRATIONS", [must_not_run] * known)
     with pytest.raises(FailedPrecondition, match=f"migration {known + 1}"):

@@ -40,7 +40,8 @@ def _describe(conn: sqlite3.Connection) -> dict:
 
 
 # What migrations after 11 add (collector.store.migrations), left out of the comparison with the old file.
-NEWER_TABLES = {"leases", "collectors"}  # 13: fleet_leases_and_heartbeats
+NEWER_TABLES = {"artifacts", "rollup_passes", "high_water",  # 12: shared_by_collectors
+                "leases", "collectors"}  # 13: fleet_leases_and_heartbeats
 NEWER_COLUMNS = {"agents": {"collector_id"}}
 
 

@@ -25,11 +25,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_serve(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser(
         "serve", help="receive windows from agents and answer operators (gRPC)",
-        description="Receive agents' window summaries into a SQLite file and answer operators' queries. "
+        description="Receive agents' window summaries into a database and answer operators' queries: a SQLite "
+                    "file (the default), or PostgreSQL for several collectors sharing one database. "
                     "Without --auth-file it runs unauthenticated and only on a loopback address. "
                     "Stops gracefully on SIGTERM/SIGINT; SIGUSR1 prints every thread's stack to stderr.")
     add_flag(serve, "--db", prefix=COLLECTOR_ENV, default="outrider.db",
-             metavar="PATH", help="the SQLite database file")
+             metavar="PATH|URL", help="the SQLite database file, or a PostgreSQL database as "
+                                      "postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE (needs psycopg: "
+                                      "pip install 'outrider[postgres]'; prefer the password in ~/.pgpass or "
+                                      "PGPASSWORD to one in the URL)")
     add_flag(serve, "--listen", prefix=COLLECTOR_ENV, default=DEFAULT_COLLECTOR, type=listen_address,
              metavar="HOST:PORT",
              help="address to serve on; port 0 picks a free port")
@@ -123,6 +127,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from collector.base.auth import AuthConfig, is_loopback
     from collector.base.ingest import Limits
     from collector.lifecycle.gate import GatePolicy
+    from collector.store.engine import describe, is_url
     from collector.store.rollup import RetentionPolicy
 
     configure_logging(args.log_level)
@@ -136,9 +141,11 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UsageError(f"refusing to listen on {args.listen} without --auth-file: anyone who can reach it could "
                          "write and read data; pass --auth-file FILE or listen on loopback (e.g. 127.0.0.1:50051)")
     tls = _server_tls(args)
-    db = Path(args.db)
-    if not db.parent.is_dir():
-        raise UsageError(f"directory {db.parent} of --db {db} does not exist; create it or pass another --db")
+    db: str | Path = args.db
+    if not is_url(args.db):
+        db = Path(args.db)
+        if not db.parent.is_dir():
+            raise UsageError(f"directory {db.parent} of --db {db} does not exist; create it or pass another --db")
     retention = RetentionPolicy(raw_seconds=args.raw_retention, minute_seconds=args.minute_retention,
                                 hour_seconds=args.hour_retention, day_seconds=args.day_retention,
                                 sample_seconds=args.sample_retention)
@@ -171,12 +178,12 @@ def serve_command(args: argparse.Namespace) -> int:
             flag = "--http" if "web page" in str(exc) else "--listen"
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with {flag}") from None
         except OutriderError as exc:  # the store's errors too (collector.store.engine)
-            raise UsageError(f"cannot use {db} as the collector's database: {_first_line(exc)}; "
-                             "pass another --db") from None
+            raise UsageError(f"cannot use {describe(db)} as the collector's database: {_first_line(exc)}; "
+                             "fix or pass another --db") from None
         if auth is None:
             print("outrider: warning: no --auth-file: running unauthenticated, on loopback only",
                   file=sys.stderr, flush=True)
-        print(f"collector listening on {running.address} (db {db})", flush=True)
+        print(f"collector listening on {running.address} (db: {describe(db)})", flush=True)
         if running.web is not None:
             print(f"web page on {running.web.url}", flush=True)
         try:

@@ -13,15 +13,17 @@ feature columns are the columns the model's inputs become under its names),
 and a profile attached later must fit the traffic it will be compared with
 (``Registry.profile_fit``).
 
-Artifacts live in a content-addressed store beside the database,
-``<db dir>/<db stem>-artifacts/sha256/<hex>``: a file's name is its hash, so
-identical uploads share one file and no name given by a caller ever becomes a
-path. An upload is written to a temporary file, its size and sha256 checked,
-and only then renamed into place; a bad upload leaves nothing behind.
+Artifacts are content-addressed (``ArtifactStore``): beside a SQLite database in
+``<db dir>/<db stem>-artifacts/sha256/<hex>``, on PostgreSQL in the database itself (so
+that every collector serves every version). A name is a hash, so identical uploads share
+one artifact and no name given by a caller ever becomes a path. An upload is written to a
+temporary file, its size and sha256 checked, and only then stored; a bad upload leaves
+nothing behind.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -31,7 +33,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from collector.store.engine import Conn
 
@@ -39,6 +41,7 @@ from agent import feature_names as naming
 from agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from collector.base.ingest import Limits, validate_model_key, validate_profile
 from collector.lifecycle import gate
+from collector.store import artifacts as artifact_rows
 from collector.store import audit, versions
 from protos import collector_pb2 as pb
 from protos import summary_pb2
@@ -57,7 +60,63 @@ def artifacts_root(db_path: str | os.PathLike) -> Path:
 
 
 class ArtifactStore:
-    """Files named by their sha256 under ``root/sha256/``; written atomically, never overwritten."""
+    """Where registered versions' bytes live, named by their sha256 only; never overwritten.
+    ``for_store`` picks the implementation for the store's engine: ``DirectoryArtifacts`` beside a
+    SQLite file, ``DatabaseArtifacts`` in PostgreSQL (every collector serves every version)."""
+
+    @staticmethod
+    def for_store(store: Any) -> ArtifactStore:
+        if store.engine.dialect.name == "sqlite":
+            return DirectoryArtifacts(artifacts_root(store.engine.path))  # the file, also from a sqlite:/// URL
+        return DatabaseArtifacts(store)
+
+    @staticmethod
+    def check(sha256: str) -> str:
+        if not _HEX64.match(sha256):  # the only names there are: 64 lowercase hex digits
+            raise InvalidArgument(f"sha256 must be 64 lowercase hex digits, got {sha256[:80]!r}")
+        return sha256
+
+    def receive(self, chunks: Iterable[bytes], size: int, sha256: str) -> bool:
+        """Store ``chunks`` if they are ``size`` bytes hashing to ``sha256``; True if stored now
+        (False: the same bytes were there). InvalidArgument, leaving nothing behind, if they are not."""
+        raise NotImplementedError
+
+    def read(self, sha256: str) -> bytes:
+        """The whole artifact (FileNotFoundError if it is not stored)."""
+        raise NotImplementedError
+
+    def open(self, sha256: str) -> BinaryIO | None:
+        """The artifact to read in pieces (``read(n)``, ``close``), None if it is not stored."""
+        raise NotImplementedError
+
+    def exists(self, sha256: str) -> bool:
+        raise NotImplementedError
+
+    def remove(self, sha256: str) -> None:
+        """Delete the artifact (nothing if it is not stored)."""
+        raise NotImplementedError
+
+
+def _checked(chunks: Iterable[bytes], size: int, sha256: str, out: BinaryIO) -> None:
+    """Copy ``chunks`` to ``out``, checking each chunk's size, the total and the hash."""
+    digest, received = hashlib.sha256(), 0
+    for chunk in chunks:
+        if len(chunk) > CHUNK_MAX:
+            raise InvalidArgument(f"a data chunk of {len(chunk)} bytes is over the {CHUNK_MAX} byte limit")
+        received += len(chunk)
+        if received > size:
+            raise InvalidArgument(f"the upload is longer than its declared size of {size} bytes")
+        digest.update(chunk)
+        out.write(chunk)
+    if received != size:
+        raise InvalidArgument(f"the upload is truncated: {received} of {size} declared bytes arrived")
+    if digest.hexdigest() != sha256:
+        raise InvalidArgument(f"sha256 mismatch: the upload hashes to {digest.hexdigest()}, "
+                              f"not the declared {sha256}")
+
+
+class DirectoryArtifacts(ArtifactStore):
+    """Files named by their sha256 under ``root/sha256/``; written atomically (beside a SQLite file)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -65,49 +124,109 @@ class ArtifactStore:
         self.incoming = self.root / "incoming"
 
     def path(self, sha256: str) -> Path:
-        if not _HEX64.match(sha256):  # the only way a name becomes a path: 64 lowercase hex digits
-            raise InvalidArgument(f"sha256 must be 64 lowercase hex digits, got {sha256[:80]!r}")
-        return self.objects / sha256
+        return self.objects / self.check(sha256)  # the only way a name becomes a path
 
-    def receive(self, chunks: Iterable[bytes], size: int, sha256: str) -> tuple[Path, bool]:
-        """Write ``chunks`` to the store if they are ``size`` bytes hashing to ``sha256``;
-        returns (path, created). Raises InvalidArgument, leaving nothing behind, if they are not."""
+    def receive(self, chunks: Iterable[bytes], size: int, sha256: str) -> bool:
         final = self.path(sha256)
         self.objects.mkdir(parents=True, exist_ok=True)
         self.incoming.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.incoming, prefix="upload-")
         try:
-            digest, received = hashlib.sha256(), 0
             with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
-                    if len(chunk) > CHUNK_MAX:
-                        raise InvalidArgument(f"a data chunk of {len(chunk)} bytes is over the {CHUNK_MAX} byte limit")
-                    received += len(chunk)
-                    if received > size:
-                        raise InvalidArgument(f"the upload is longer than its declared size of {size} bytes")
-                    digest.update(chunk)
-                    out.write(chunk)
+                _checked(chunks, size, sha256, out)
                 out.flush()
                 os.fsync(out.fileno())
-            if received != size:
-                raise InvalidArgument(f"the upload is truncated: {received} of {size} declared bytes arrived")
-            if digest.hexdigest() != sha256:
-                raise InvalidArgument(f"sha256 mismatch: the upload hashes to {digest.hexdigest()}, "
-                                      f"not the declared {sha256}")
             if final.exists():  # the same bytes are already stored
                 os.unlink(tmp)
-                return final, False
+                return False
             os.replace(tmp, final)
             dir_fd = os.open(self.objects, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-            return final, True
+            return True
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+    def read(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()
+
+    def open(self, sha256: str) -> BinaryIO | None:
+        try:
+            return self.path(sha256).open("rb")
+        except FileNotFoundError:
+            return None
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).exists()
+
+    def remove(self, sha256: str) -> None:
+        self.path(sha256).unlink(missing_ok=True)
+
+
+class DatabaseArtifacts(ArtifactStore):
+    """Artifacts in the database's ``artifacts`` table (``collector.store.artifacts``), so that every
+    collector on one PostgreSQL serves every version: nothing to share but the database. An upload is
+    checked into a temporary file first (memory up to 8 MiB), then written in one transaction just
+    before the version's row."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def receive(self, chunks: Iterable[bytes], size: int, sha256: str) -> bool:
+        self.check(sha256)
+        with tempfile.SpooledTemporaryFile(max_size=8 << 20) as spool:
+            _checked(chunks, size, sha256, spool)
+
+            def pieces() -> Iterator[bytes]:
+                spool.seek(0)
+                while data := spool.read(artifact_rows.CHUNK_BYTES):
+                    yield data
+
+            return self.store.write(lambda db: artifact_rows.put(db, sha256, pieces()))
+
+    def read(self, sha256: str) -> bytes:
+        stream = self.open(sha256)
+        if stream is None:
+            raise FileNotFoundError(f"artifact {sha256} is not in the database")
+        with stream:
+            return stream.read()
+
+    def open(self, sha256: str) -> BinaryIO | None:
+        self.check(sha256)
+        first = artifact_rows.chunk(self.store.read(), sha256, 0)
+        return None if first is None else _ChunkReader(self.store, sha256, first)
+
+    def exists(self, sha256: str) -> bool:
+        return artifact_rows.exists(self.store.read(), self.check(sha256))
+
+    def remove(self, sha256: str) -> None:
+        self.store.write(lambda db: artifact_rows.remove_unreferenced(db, self.check(sha256)))
+
+
+class _ChunkReader(io.RawIOBase):
+    """An artifact in the database read as a file: one chunk (one statement) at a time."""
+
+    def __init__(self, store: Any, sha256: str, first: bytes) -> None:
+        super().__init__()
+        self._store, self._sha256 = store, sha256
+        self._buffer, self._next = first, 1
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        if not self._buffer:
+            more = artifact_rows.chunk(self._store.read(), self._sha256, self._next)
+            if more is None:
+                return 0
+            self._buffer, self._next = more, self._next + 1
+        n = min(len(target), len(self._buffer))
+        target[:n], self._buffer = self._buffer[:n], self._buffer[n:]
+        return n
 
 
 class Registry:
@@ -117,7 +236,7 @@ class Registry:
                  policy: gate.GatePolicy = gate.GatePolicy(), limits: Limits = Limits(),
                  max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> None:
         self.store = store
-        self.artifacts = artifacts or ArtifactStore(artifacts_root(store.path))
+        self.artifacts = artifacts or ArtifactStore.for_store(store)
         self.policy = policy
         self.limits = limits
         self.max_artifact_bytes = max_artifact_bytes
@@ -134,7 +253,7 @@ class Registry:
             raise InvalidArgument("the first RegisterChunk must carry the metadata")
         meta = first.metadata
         validate_model_key(meta.name, "-", self.limits)
-        self.artifacts.path(meta.sha256)  # checks the form of the hash
+        self.artifacts.check(meta.sha256)
         if not 0 < meta.size <= self.max_artifact_bytes:
             raise InvalidArgument(f"size must be between 1 and {self.max_artifact_bytes} bytes, got {meta.size}")
         metrics = gate.parse_metrics(meta.metrics_json)
@@ -152,15 +271,15 @@ class Registry:
                 yield chunk.data
 
         with self._lock:
-            path, created = self.artifacts.receive(data(), meta.size, meta.sha256)
+            created = self.artifacts.receive(data(), meta.size, meta.sha256)
             try:
-                schema = gate.read_schema(path.read_bytes())
+                schema = gate.read_schema(self.artifacts.read(meta.sha256))
                 names = version_names(schema, profile) if profile is not None else {}
                 version = self.store.write(lambda db: _insert(db, meta, schema, names, metrics, profile, actor,
                                                               time.time_ns()))
             except BaseException:
                 if created:  # no row refers to it: an orphan otherwise
-                    path.unlink(missing_ok=True)
+                    self.artifacts.remove(meta.sha256)
                 raise
         log.info("model %s version %d registered by %s (sha256 %s, %d bytes)", meta.name, version, actor,
                  meta.sha256[:16], meta.size)
@@ -178,7 +297,7 @@ class Registry:
         baseline = versions.gate_baseline(self.store.read(), name, row["version"])
         base = {"version": baseline[0], "schema": json.loads(baseline[1]),
                 "metrics": json.loads(baseline[2])} if baseline else None
-        model = self.artifacts.path(row["sha256"]).read_bytes()
+        model = self.artifacts.read(row["sha256"])
         profile = self.store.profile(name, str(row["version"]))
         result = gate.run_gate(model, json.loads(row["schema"]), json.loads(row["metrics"]), profile, base,
                                self.policy)
@@ -221,7 +340,7 @@ class Registry:
         with self._lock:  # no upload of the same bytes can land between the check and the unlink
             marked = self.store.write(mark)
             for name, version, sha256 in marked:
-                self.artifacts.path(sha256).unlink(missing_ok=True)
+                self.artifacts.remove(sha256)
                 log.info("artifact of retired model %s version %d removed (sha256 %s)", name, version, sha256[:16])
         return [(n, v) for n, v, _ in marked]
 

@@ -46,7 +46,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from collector.store.engine import Conn
@@ -359,11 +358,7 @@ def artifact_chunks(db: Conn, artifacts: ArtifactStore, name: str, version: int,
         raise NotFound(f"model {name!r} has no version {version}")
     if row["stage"] == "retired":
         raise FailedPrecondition(f"{name} version {version} is retired and can never be served")
-    path: Path = artifacts.path(row["sha256"])
-    try:
-        file = path.open("rb")
-    except FileNotFoundError:
-        file = None
+    file = artifacts.open(row["sha256"])
     if row["artifact_removed_ns"] or file is None:
         raise FailedPrecondition(f"the artifact of {name} version {version} has been removed")
 

@@ -21,7 +21,8 @@ read it already); one committed before a rollup pass counted since is not taken 
 deleted its window and handed the rowid out again). So the evaluation's cost no longer grows with
 the traffic of its own collector, while ingest pays the merge (``benchmarks/ingest.py --offer``).
 
-The store lists what its rollup passes changed (``Store.span_snapshot``): a merge whose rows all lie
+The store lists what rollup passes changed (``Store.span_snapshot``, from the ``rollup_passes`` table,
+so passes another collector ran are listed too): a merge whose rows all lie
 in one bucket changes nothing a span can see if the cache held them all; otherwise the buckets it
 touched are read again (and the offers merged into them forgotten: read again with them, or later).
 Buckets older than the longest span are dropped: ~5 MB of sketches per model version of 20

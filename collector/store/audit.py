@@ -13,14 +13,16 @@ Two defences, for two threats:
   write the file can drop a trigger.
 - The hash chain detects deliberate edits: a row's hash covers every other
   field of it, the previous row's hash included, so changing, removing or
-  reordering a row breaks the chain at that row (``verify``). Ids come from
-  AUTOINCREMENT and are never reused, so a gap is a deleted row. Removing the
-  newest rows *and* the AUTOINCREMENT counter cannot be seen from the file
-  alone; comparing the latest hash with a copy kept elsewhere closes that gap.
+  reordering a row breaks the chain at that row (``verify``). Ids are never
+  reused (the highest ever given out is kept apart: ``high_water``, and
+  SQLite's AUTOINCREMENT counter), so a gap is a deleted row. Removing the
+  newest rows *and* those counters cannot be seen from the database alone;
+  comparing the latest hash with a copy kept elsewhere closes that gap.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import itertools
 import json
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from collector.store.dialect import NO_LIMIT
-from collector.store.engine import Conn
+from collector.store.engine import Conn, StoreError
 
 from agent.errors import OutriderError
 from protos import collector_pb2 as pb
@@ -76,9 +78,9 @@ def append(db: Conn, actor: str, action: str, obj: str, *, model_name: str = "",
            after: Any = None, reason: str = "", now_ns: int) -> pb.AuditEntry:
     """Append one row; call it inside the writer's transaction, beside the change it records.
 
-    ``before``/``after`` are JSON-ready values (None: nothing). The id is taken
-    from the AUTOINCREMENT counter rather than ``max(id) + 1`` so that a deleted
-    newest row leaves a gap that ``verify`` reports."""
+    ``before``/``after`` are JSON-ready values (None: nothing). The id follows the highest ever
+    given out (``_high_water``) rather than ``max(id) + 1``, so that a deleted newest row leaves a
+    gap that ``verify`` reports."""
     if not db.in_transaction:
         raise RuntimeError("audit.append must run inside the store writer's transaction (Store.write)")
     take_turn(db)  # several collectors on one PostgreSQL append one chain, in turn
@@ -89,6 +91,8 @@ def append(db: Conn, actor: str, action: str, obj: str, *, model_name: str = "",
            "after": _json(after), "reason": reason, "prev_hash": last[1] if last else GENESIS}
     row["hash"] = row_hash(row)
     db.execute(f"INSERT INTO audit ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+    with _before_migration_12(db):
+        db.upsert("high_water", {"name": "audit", "value": row["id"]}, key=["name"])
     return _entry(row)
 
 
@@ -118,10 +122,27 @@ def entry_rows(db: Conn, model_name: str = "", *, before_id: int = 0,
 
 
 def _high_water(db: Conn) -> int:
-    """The highest audit id ever given out (0: none, or an engine that keeps no counter)."""
+    """The highest audit id ever given out (0: none): our own record, and on SQLite also its
+    AUTOINCREMENT counter (databases written before migration 12 have only that)."""
+    kept = None
+    with _before_migration_12(db):
+        kept = db.execute("SELECT value FROM high_water WHERE name = 'audit'").fetchone()
     sql = db.dialect.autoincrement_high_water("audit")
     found = db.execute(sql).fetchone() if sql else None
-    return found[0] if found else 0
+    return max(kept[0] if kept else 0, found[0] if found else 0)
+
+
+@contextlib.contextmanager
+def _before_migration_12(db: Conn) -> Iterator[None]:
+    """A database not yet at migration 12 has no ``high_water`` table (a migration that audits, a
+    test that plays an older collector): the statement is skipped, in a savepoint so that a
+    PostgreSQL transaction goes on."""
+    try:
+        with db.savepoint():
+            yield
+    except StoreError as exc:
+        if "high_water" not in str(exc):
+            raise
 
 
 def verify(db: Conn) -> Verification:

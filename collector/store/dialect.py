@@ -72,6 +72,11 @@ class Dialect:
         there are none to tell (SQLite: one collector)."""
         return ""
 
+    def unindexed(self, column: str) -> str:
+        """``column`` in a WHERE term the planner must not answer from an index on it (SQLite's unary
+        ``+``); PostgreSQL's planner weighs a rowid range by its statistics, so the name alone."""
+        return f"+{column}"
+
     # ------------------------------------------------ DDL
 
     def column_sql(self, column: Column, *, primary_key: bool = False, identity: bool = False,
@@ -153,6 +158,9 @@ class PostgresDialect(Dialect):
 
     def instr(self, haystack: str, needle: str) -> str:
         return f"strpos({haystack}, {needle})"
+
+    def unindexed(self, column: str) -> str:
+        return column
 
     def saturating_add(self, a: str, b: str, limit: int = MAX_INT64) -> str:
         return f"LEAST({a}::NUMERIC + {b}, {limit})::BIGINT"  # BIGINT + BIGINT raises on overflow

@@ -547,6 +547,22 @@ def _without_password(url: str) -> str:
     return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
+def is_url(db: str | os.PathLike) -> bool:
+    """Whether ``db`` names a database by URL (``postgresql://...``, ``sqlite:///...``) rather than a path."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", os.fspath(db)) is not None
+
+
+def describe(db: str | os.PathLike) -> str:
+    """``db`` for a log line or an error, never with its password: "PostgreSQL postgresql://u:***@h/d",
+    "SQLite outrider.db"."""
+    text = os.fspath(db)
+    if text.startswith(("postgresql://", "postgres://")):
+        return f"PostgreSQL {_without_password(text)}"
+    if is_url(text) and not text.startswith("sqlite:///"):
+        return _without_password(text)
+    return f"SQLite {text.removeprefix('sqlite:///')}"
+
+
 def open_engine(db: str | os.PathLike, **opts: Any) -> Engine:
     """The engine for ``db``: a SQLite path (or ``sqlite:///path``), or a ``postgresql://`` /
     ``postgres://`` URL. ``opts``: ``synchronous`` (SQLite), ``pool_max``, ``connect_timeout`` (PG)."""

@@ -219,8 +219,26 @@ def alert_resolved_reason(conn: Conn) -> None:
                      " WHERE id = ?", [kept, reason.removesuffix("]"), alert_id])
 
 
+def shared_by_collectors(conn: Conn) -> None:
+    """Migration 12: what several collectors on one database must share rather than keep to themselves.
+
+    ``artifacts``: the registry's model bytes in ~1 MiB chunks, used on PostgreSQL (every collector
+    serves every version without a shared volume; SQLite keeps its directory beside the file).
+    ``rollup_passes``: each rollup pass's changes, written in its own transaction, for span readers on
+    any collector (``collector.monitoring.spans``). ``high_water``: the highest id ever handed out per
+    chain (the audit's), kept in the same transaction as the append, so that on PostgreSQL -- which
+    has no ``sqlite_sequence`` -- deleted newest rows still leave a gap ``verify`` reports."""
+    d = conn.dialect
+    _run(conn, d.create_table("artifacts", [_text("sha256"), _int("chunk"), Column("data", "bytes", True)],
+                              pk=("sha256", "chunk")))
+    _run(conn, d.create_table("rollup_passes", [_int("generation", False), _int("windows_top_rowid"),
+                                                Column("body", "bytes", True)], pk=("generation",)))
+    _run(conn, d.create_table("high_water", [_text("name"), _int("value")], pk=("name",)))
+    conn.execute("INSERT INTO high_water (name, value) SELECT 'audit', max(id) FROM audit HAVING count(*) > 0")
+
+
 def fleet_leases_and_heartbeats(conn: Conn) -> None:
-    """Migration 13 (12 is the artifacts' table): several collectors on one database -- the leases of the
+    """Migration 13: several collectors on one database -- the leases of the
     background loops (``collector.store.leases``), each collector's heartbeat, and which collector holds
     each agent run's stream (``collector.store.collectors``)."""
     d = conn.dialect
@@ -234,8 +252,7 @@ def fleet_leases_and_heartbeats(conn: Conn) -> None:
 MIGRATIONS: list[Callable[[Conn], None]] = [initial_schema, reference_profiles, drift_evaluations_and_alerts,
                                             audit_trail, model_registry, stages_and_approvals,
                                             retirement_and_retraining, rollouts_and_shadow, row_samples,
-                                            version_feature_names, alert_resolved_reason,
-                                            # 12: the artifacts' migration (another branch) goes before this one
+                                            version_feature_names, alert_resolved_reason, shared_by_collectors,
                                             fleet_leases_and_heartbeats]
 
 _LOCK = "outrider.migrate"  # several collectors starting at once on one PostgreSQL take turns

@@ -1,4 +1,6 @@
-"""The collector's SQLite store: agents, raw windows and their rollups, reference profiles.
+"""The collector's store: agents, raw windows and their rollups, reference profiles -- in a SQLite
+file or a PostgreSQL database (``collector.store.engine``); what follows is said of SQLite, where
+it differs (PostgreSQL: a writer connection per collector, MVCC readers, the server's durability).
 
 SQLite has one writer even in WAL mode, so one thread owns the write
 connection and takes work from a queue (datasette's pattern); sharing a
@@ -24,7 +26,6 @@ writer.
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import itertools
@@ -139,6 +140,24 @@ def _spool_columns(spool: collector_pb2.SpoolStatus) -> dict[str, int]:
     return {f"spool_{f}": getattr(spool, f) for f in _SPOOL_FIELDS}
 
 
+def _record_pass(db: Conn, rolled: list[RolledRows]) -> int:
+    """Record one rollup pass in the pass's own transaction; its generation. Under a lock, so that
+    collectors rolling up on one PostgreSQL number their passes in commit order."""
+    db.lock("rollup_passes")
+    generation = (db.execute("SELECT max(generation) FROM rollup_passes").fetchone()[0] or 0) + 1
+    top = db.execute("SELECT max(rowid) FROM windows").fetchone()[0] or 0
+    body = json.dumps([[r.model_name, r.model_version, r.first_end_ns, r.last_end_ns, r.newest_raw_rowid,
+                        int(r.removed)] for r in rolled], separators=(",", ":")).encode()
+    db.insert("rollup_passes", {"generation": generation, "windows_top_rowid": top, "body": body})
+    db.execute("DELETE FROM rollup_passes WHERE generation <= ?", [generation - _ROLLUP_PASSES_KEPT])
+    return generation
+
+
+def _rolled_from_json(body: bytes) -> list[RolledRows]:
+    return [RolledRows(name, version, first, last, newest, bool(removed))
+            for name, version, first, last, newest, removed in json.loads(body)]
+
+
 class RollupPass(NamedTuple):
     generation: int
     windows_top_rowid: int  # the largest rowid left in the windows table after the pass (0: empty)
@@ -166,11 +185,12 @@ class SpanSnapshot:
         """(rowid, end_ns) of the model version's raw windows stored with a rowid above ``rowid``.
         No body is read (a body lies in overflow pages, which SQLite reads only when asked for it);
         the reader asks ``window_bodies`` for those it has not merged already."""
-        # The unary + keeps SQLite off the model's index (a walk of every window the model has):
-        # a rowid range reads only what was stored since.
+        # Kept off the model's index (on SQLite a walk of every window the model has): a rowid
+        # range reads only what was stored since.
+        d = self._db.dialect
         return self._db.execute(
-            "SELECT rowid, end_ns FROM windows WHERE rowid > ? AND +model_name = ? AND +model_version = ?",
-            [rowid, model_name, model_version]).fetchall()
+            f"SELECT rowid, end_ns FROM windows WHERE rowid > ? AND {d.unindexed('model_name')} = ?"
+            f" AND {d.unindexed('model_version')} = ?", [rowid, model_name, model_version]).fetchall()
 
     def window_bodies(self, rowids: Sequence[int]) -> Iterator[tuple[int, int, bytes]]:
         """(rowid, end_ns, body) of the raw windows ``rowids`` (those still stored)."""
@@ -203,11 +223,9 @@ class Store:
         self.counters: dict[str, int] = {"windows_stored": 0, "windows_duplicate": 0, "rollup_buckets_skipped": 0,
                                          "group_commits": 0}
         self._failed_buckets: set[tuple] = set()  # rollup buckets already logged as failing (collector.store.rollup)
-        # What rollup passes changed, for readers that keep recent windows in memory (collector.monitoring.spans).
-        # The lock is held from a pass's write to its record here, and by span_snapshot while its snapshot
-        # begins, so a snapshot holds a pass's changes exactly when the pass is listed for it.
+        # The newest rollup pass known here (the passes themselves are in the database: rollup_passes);
+        # the lock makes it move only after the pass's commit (collector.monitoring.spans' offers).
         self._rollup_lock = threading.Lock()
-        self._rollup_passes: collections.deque[RollupPass] = collections.deque(maxlen=_ROLLUP_PASSES_KEPT)
         self._rollup_generation = 0
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._writer = threading.Thread(target=self._write_loop, args=(ready,), name="outrider-store-writer",
@@ -289,47 +307,46 @@ class Store:
     def rollup(self, now_ns: int, policy: RetentionPolicy) -> dict[str, int]:
         """Apply the retention policy as of ``now_ns``, on the writer thread
         (it writes), in one transaction; returns the counts per level. Buckets whose merge
-        failed are left as they were and counted (``rollup_buckets_skipped``; see collector.store.rollup)."""
-        def run(db: Conn) -> tuple[dict[str, int], list[RolledRows], int]:
+        failed are left as they were and counted (``rollup_buckets_skipped``; see collector.store.rollup).
+        A pass that changed rows is recorded in ``rollup_passes`` in the same transaction, so span
+        readers of every collector on the database see it exactly when they see its changes."""
+        def run(db: Conn) -> tuple[dict[str, int], int]:
             rolled: list[RolledRows] = []
             counts = apply_retention(db, now_ns, policy, self._failed_buckets, rolled)
-            return counts, rolled, db.execute("SELECT max(rowid) FROM windows").fetchone()[0] or 0
+            return counts, _record_pass(db, rolled) if rolled else 0
 
-        with self._rollup_lock:
-            counts, rolled, top = self.write(run)
-            if rolled:
-                self._rollup_generation += 1
-                self._rollup_passes.append(RollupPass(self._rollup_generation, top, rolled))
+        with self._rollup_lock:  # offers read rollup_generation: it moves only once the pass is committed
+            counts, generation = self.write(run)
+            self._rollup_generation = max(self._rollup_generation, generation)
         self.counters["rollup_buckets_skipped"] += counts.get("buckets_skipped", 0)
         return counts
 
     @property
     def rollup_generation(self) -> int:
-        """How many rollup passes changed rows since the store opened (for ``collector.monitoring.spans``)."""
+        """The newest rollup pass this store knows of: its own, or one a span snapshot read from the
+        database (another collector's). For ``collector.monitoring.spans``: an offer made before
+        a pass it has not seen is not taken."""
         return self._rollup_generation
 
     @contextlib.contextmanager
     def span_snapshot(self, since_generation: int) -> Iterator[SpanSnapshot]:
         """A read snapshot with the rollup passes after ``since_generation`` that it holds (see
-        ``SpanSnapshot``). No rollup commits while the snapshot begins; held until the block ends."""
+        ``SpanSnapshot``), read from ``rollup_passes`` inside the snapshot: whichever collector ran
+        them, a pass is listed exactly when its changes are seen. Held until the block ends."""
         db = self.read()
-        with self._rollup_lock:
-            passes: list[RollupPass] | None = [p for p in self._rollup_passes if p.generation > since_generation]
-            oldest = passes[0].generation if passes else self._rollup_generation + 1
-            if oldest > since_generation + 1:
-                passes = None  # forgotten: the reader starts again from the tables
-            snapshot = db.snapshot()
-            snapshot.__enter__()
-            try:  # the snapshot begins with this first read
-                top = db.execute("SELECT max(rowid) FROM windows").fetchone()[0] or 0
-            except BaseException as exc:
-                snapshot.__exit__(type(exc), exc, exc.__traceback__)
-                raise
-            generation = self._rollup_generation
-        try:
-            yield SpanSnapshot(db, generation, passes, top)
-        finally:
-            snapshot.__exit__(None, None, None)
+        with db.snapshot():
+            top = db.execute("SELECT max(rowid) FROM windows").fetchone()[0] or 0
+            newest = db.execute("SELECT max(generation) FROM rollup_passes").fetchone()[0] or 0
+            passes: list[RollupPass] | None = [
+                RollupPass(generation, windows_top, _rolled_from_json(body)) for generation, windows_top, body
+                in db.execute("SELECT generation, windows_top_rowid, body FROM rollup_passes WHERE generation > ?"
+                              " ORDER BY generation", [since_generation])]
+            oldest = passes[0].generation if passes else newest + 1
+            if oldest > since_generation + 1 or since_generation > newest:
+                passes = None  # forgotten (or another database): the reader starts again from the tables
+            with self._rollup_lock:
+                self._rollup_generation = max(self._rollup_generation, newest)
+            yield SpanSnapshot(db, newest, passes, top)
 
     def attach_profile(self, model_name: str, model_version: str, profile: summary_pb2.ReferenceProfile,
                        actor: str, now_ns: int) -> bool:
