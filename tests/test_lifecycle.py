@@ -16,7 +16,6 @@ from collector.api.server import serve_collector
 from collector.base.auth import AuthConfig
 from collector.lifecycle import retraining
 from collector.monitoring.evaluation import DriftEvaluator
-from collector.store.dialect import SQLITE
 from collector.store.store import Store
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
@@ -199,16 +198,7 @@ def test_manual_retraining_request_flow(served):
     assert call(ops, "dave", "VerifyAudit", pb.VerifyAuditRequest()).ok
 
 
-def drift_on_postgresql_pending(request: pytest.FixtureRequest, db_url: str) -> None:
-    """Drift evaluation on PostgreSQL needs the store branch's portable span reads (``Store.window_ids_after``
-    spelled through ``dialect.unindexed``; SQLite's unary + is an error on PostgreSQL). Until that is merged
-    the PostgreSQL run is an expected failure; once it is, this marker does nothing and can go."""
-    if not db_url.startswith("sqlite") and "://" in db_url and not hasattr(SQLITE, "unindexed"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason="drift on PostgreSQL needs the store branch"))
-
-
-def test_a_drift_alert_open_for_k_evaluations_opens_one_retraining_request(db_url, request):
-    drift_on_postgresql_pending(request, db_url)
+def test_a_drift_alert_open_for_k_evaluations_opens_one_retraining_request(db_url):
     rng = np.random.default_rng(7)
     store = Store(db_url)
     clock, hook = Clock(), Recorder()
@@ -261,8 +251,7 @@ def test_a_drift_alert_open_for_k_evaluations_opens_one_retraining_request(db_ur
         store.close()
 
 
-def test_the_policy_can_be_disabled(db_url, request):
-    drift_on_postgresql_pending(request, db_url)
+def test_the_policy_can_be_disabled(db_url):
     rng = np.random.default_rng(3)
     store = Store(db_url)
     clock = Clock()

@@ -29,7 +29,6 @@ from protos import summary_pb2
 from test_approvals import TOKENS, call, cli, promote, refused, register, stages
 from test_collector_server import AgentConn, batch, window
 from test_evaluation import Clock, Recorder, columns, performance, profile
-from test_lifecycle import drift_on_postgresql_pending
 from test_shadow_report import AGENT_TOKEN, AUTH
 
 S = 1_000_000_000
@@ -112,8 +111,7 @@ def audit_actions(ops) -> list[tuple[str, str]]:
     return [(e.actor, e.action) for e in reversed(entries)]
 
 
-def test_a_performance_drop_after_a_promotion_requests_one_rollback_that_an_approver_carries_out(start, db_url, request):
-    drift_on_postgresql_pending(request, db_url)
+def test_a_performance_drop_after_a_promotion_requests_one_rollback_that_an_approver_carries_out(start, db_url):
     c = start("request")
     two_promotions(c.ops)
     conn = connect(c.agents)
@@ -147,8 +145,7 @@ def test_a_performance_drop_after_a_promotion_requests_one_rollback_that_an_appr
     conn.close()
 
 
-def test_in_act_mode_the_previous_version_is_production_again_and_the_agents_are_told(start, db_url, request):
-    drift_on_postgresql_pending(request, db_url)
+def test_in_act_mode_the_previous_version_is_production_again_and_the_agents_are_told(start, db_url):
     c = start("act")
     two_promotions(c.ops)
     conn = connect(c.agents)
@@ -198,8 +195,7 @@ def store_with_promotion(db_url: str, clock: Clock) -> Store:
 
 
 @pytest.mark.parametrize("later", [0, 7200], ids=["within-the-watch", "after-the-watch"])
-def test_prediction_drift_requests_a_rollback_within_the_watch_and_feature_drift_never(db_url, later, request):
-    drift_on_postgresql_pending(request, db_url)
+def test_prediction_drift_requests_a_rollback_within_the_watch_and_feature_drift_never(db_url, later):
     clock, hook = Clock(), Recorder()
     store = store_with_promotion(db_url, clock)
     clock.now += later * S
