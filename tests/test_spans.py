@@ -8,6 +8,7 @@ moments are float sums merged in another order, so they agree to rounding.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -493,4 +494,50 @@ def test_rollups_on_another_collector_are_neither_counted_twice_nor_lost(postgre
         assert rolled.fetchone()[0] > 0  # rollup rows were inside the span
     finally:
         writer.close()
+        evaluator.close()
+
+
+def test_a_window_committed_late_by_another_collector_is_still_read(postgres_url):
+    """Window rowids are handed out at insert: a collector whose commit is slow holds a rowid below
+    those another collector commits meanwhile. Window inserts take turns across collectors (the
+    store's ``WINDOWS_LOCK``), so the other collector's windows wait for that commit, and a span
+    reader whose cursor passes them cannot have skipped the slow one's window for good."""
+    import psycopg
+
+    from collector.store.store import WINDOWS_LOCK
+
+    clock = Clock()
+    fast, evaluator = Store(postgres_url), Store(postgres_url)
+    slow = psycopg.connect(postgres_url, autocommit=True)  # another collector, in the middle of its commit
+    try:
+        rng = np.random.default_rng(9)
+        fast.attach_profile("m", "1", profile(rng), "test", T0)
+        config = configure(fast, span_seconds=300, short_span_seconds=60)
+        cached, oracle = DriftEvaluator(evaluator, clock=clock), DriftEvaluator(evaluator, clock=clock)
+        oracle.spans = Uncached(evaluator)
+        fast.submit_windows([window(rng, "a", 0, clock.now - 5 * S, 3)]).result()
+        check(evaluator, clock, cached, oracle, config)  # the cache is built
+        late = window(rng, "b", 0, clock.now - 4 * S, 2)
+        slow.execute("BEGIN")
+        slow.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [WINDOWS_LOCK])
+        slow.execute("INSERT INTO windows (agent_id, run_id, seq, model_name, model_version, start_ns, end_ns,"
+                     " rows, calls, dropped_rows, errors, body) VALUES (%s, %s, %s, 'm', '1', %s, %s, %s, 1, 0, 0, %s)",
+                     [late.agent_id, late.run_id, late.seq, late.start_unix_nano, late.end_unix_nano, late.rows,
+                      late.SerializeToString()])
+        pending = fast.submit_windows([window(rng, "a", 1, clock.now - 3 * S, 4)])
+        with psycopg.connect(postgres_url, autocommit=True) as watch:  # it waits its turn (or, unserialised, commits)
+            deadline = time.monotonic() + 60  # a hang guard
+            while not pending.done() and not watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()").fetchone()[0]:
+                assert time.monotonic() < deadline, "the second collector's windows neither waited nor committed"
+                time.sleep(0.05)
+        check(evaluator, clock, cached, oracle, config)  # the reader's cursor moves to what is committed
+        slow.execute("COMMIT")
+        pending.result()
+        check(evaluator, clock, cached, oracle, config)  # both are read: the late one was not skipped
+        assert sum(r for (r,) in evaluator.read().execute("SELECT rows FROM windows")) == 9
+    finally:
+        slow.close()
+        fast.close()
         evaluator.close()
