@@ -19,6 +19,7 @@ from collector.api.server import serve_collector
 from collector.base.auth import AuthConfig
 from collector.lifecycle import gate
 from collector.lifecycle.registry import DirectoryArtifacts, artifacts_root
+from collector.store.engine import open_engine
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from test_audit import ALICE_TOKEN, AUTH_TOML, VIEWER_TOKEN, bearer  # one operator and one viewer
@@ -56,6 +57,38 @@ def collector(db_url, tmp_path, monkeypatch) -> Iterator[tuple[pb_grpc.OpsServic
         server.stop(grace=0)
 
 
+def _on_postgresql(db) -> bool:
+    return str(db).startswith(("postgresql://", "postgres://"))
+
+
+def artifact_shas(db) -> dict[str, bytes]:
+    """sha256 -> bytes of every artifact the collector at ``db`` keeps: in the directory beside a SQLite
+    file, in the database on PostgreSQL (``collector.lifecycle.registry.ArtifactStore``)."""
+    if not _on_postgresql(db):
+        root = artifacts_root(db) / "sha256"
+        return {p.name: p.read_bytes() for p in root.iterdir()} if root.is_dir() else {}
+    conn = open_engine(db).connect()
+    try:
+        found: dict[str, bytes] = {}
+        for sha, data in conn.execute("SELECT sha256, data FROM artifacts ORDER BY sha256, chunk"):
+            found[sha] = found.get(sha, b"") + data
+        return found
+    finally:
+        conn.close()
+
+
+def drop_artifact(db, sha: str) -> None:
+    """Lose an artifact behind the registry's back (an operator's mistake, a disk)."""
+    if not _on_postgresql(db):
+        (artifacts_root(db) / "sha256" / sha).unlink()
+        return
+    conn = open_engine(db).connect()
+    try:
+        conn.execute("DELETE FROM artifacts WHERE sha256 = ?", [sha])
+    finally:
+        conn.close()
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTRIDER_")}
     env["PYTHONPATH"] = str(ROOT)
@@ -88,7 +121,7 @@ def test_register_stores_the_version_its_artifact_and_profile_and_the_gate_passe
 
     v = show(ops, "churn", 1)
     assert (v.version, v.sha256, v.size, v.registered_by, v.gate_passed) == (1, sha, len(model), "alice", True)
-    assert (artifacts_root(db) / "sha256" / sha).read_bytes() == model
+    assert artifact_shas(db)[sha] == model
     schema = json.loads(v.schema_json)
     assert schema["inputs"] == [{"name": "X", "type": "tensor(float)", "shape": [None, 20]}]
     assert {o["name"] for o in schema["outputs"]} == {"label", "probabilities"}
@@ -144,7 +177,7 @@ def test_a_compatible_version_is_compared_with_the_last_passing_one(files, colle
     gate_result = json.loads(v2.gate_json)
     assert v2.version == 2 and v2.gate_passed and gate_result["baseline_version"] == 1
     assert "accuracy" in next(c for c in gate_result["checks"] if c["name"] == "metrics")["detail"]
-    assert len(list((artifacts_root(db) / "sha256").iterdir())) == 1
+    assert len(artifact_shas(db)) == 1
 
 
 def chunks(meta: pb.RegisterMetadata, data: bytes, step: int = 1000) -> Iterator[pb.RegisterChunk]:
@@ -172,8 +205,7 @@ def test_a_corrupt_upload_is_refused_and_leaves_nothing(files, collector):
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, expected
         assert expected in info.value.details()
     assert not ops.ListModels(pb.ListModelsRequest(), metadata=bearer(ALICE_TOKEN), timeout=HANG_GUARD).versions
-    root = artifacts_root(db)
-    assert not [p for p in root.rglob("*") if p.is_file()]
+    assert not artifact_shas(db)
     entries = ops.ListAudit(pb.ListAuditRequest(), metadata=bearer(ALICE_TOKEN), timeout=HANG_GUARD).entries
     assert not [e for e in entries if e.action.startswith("model.")]
 
@@ -268,7 +300,7 @@ def test_register_refuses_a_profile_whose_columns_do_not_fit_the_model(files, co
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in info.value.details(), \
             info.value.details()
     assert not ops.ListModels(pb.ListModelsRequest(), metadata=bearer(ALICE_TOKEN), timeout=HANG_GUARD).versions
-    assert not [p for p in artifacts_root(db).rglob("*") if p.is_file()]
+    assert not artifact_shas(db)
     alone = register(files, address, "churn", "lr", "--feature-names", "a,b")
     assert alone.returncode == 2 and "pass --reference too" in alone.stderr
 

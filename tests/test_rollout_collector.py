@@ -21,11 +21,11 @@ from agent.errors import FailedPrecondition
 from collector.api.server import serve_collector
 from collector.base.auth import AuthConfig
 from collector.lifecycle import approvals
-from collector.lifecycle.registry import artifacts_root
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
 from test_approvals import AUTH_TOML, HANG_GUARD, MODEL, TOKENS, call, cli, promote, reference_profile, refused, stages
 from test_collector_server import window
+from test_registry import drop_artifact
 
 AGENT_TOKEN = "edge-agent-token-0123456789"
 AUTH = AUTH_TOML + f'[[agent]]\nname = "edge"\ntoken = "{AGENT_TOKEN}"\nagent_ids = ["*"]\n'
@@ -346,7 +346,7 @@ def test_fetch_artifact_streams_chunks_and_refuses_what_cannot_be_served(collect
 
     assert code("churn", 7)[0] == "NOT_FOUND" and code("fraud", 1)[0] == "NOT_FOUND"
     assert code("churn", 1, (("authorization", f"Bearer {TOKENS['root']}"),))[0] == "PERMISSION_DENIED"
-    (artifacts_root(server.store.path) / "sha256" / big.sha256).unlink()
+    drop_artifact(server.store.path, big.sha256)
     assert code("churn", 2) == ("FAILED_PRECONDITION", "the artifact of churn version 2 has been removed")
     make_production(ops, 1)
     register(ops, 3)
