@@ -6,8 +6,10 @@ v1 is requested by alice and approved by bob through c3, which holds no agent's 
 on c1 and c2, get it and ack, as ListRollouts through c1 shows. The load shifts X[3]; c1 is killed
 with SIGKILL; its agent moves to another collector with its spool. Exactly one drift alert opens for
 X[3], whichever collector holds the evaluation lease. v2 is promoted through c2 and both agents ack
-it (seen through c3). At the end every row served is stored or counted as dropped (Status through a
-survivor), each agent run's windows are one gapless sequence stored once, and the audit trail verifies.
+it (seen through c3); its drift alert opens once too, evaluated by a survivor (c1, started first, holds
+the lease of the background loops until it dies, as a rule). At the end every row served is stored or
+counted as dropped (Status through either survivor), each agent run's windows are one gapless sequence
+stored once, and the audit trail verifies.
 """
 from __future__ import annotations
 
@@ -215,6 +217,9 @@ def test_three_collectors_one_database_failover_promotion_drift_and_audit(postgr
         # 5. v2 promoted through c2, acked by both agents (edge-1 now on c2 or c3), seen through c3
         second = promote(address["c2"], 2, "second release")
         wait_until(lambda: acks(address["c3"], second) == {a: "ok" for a in AGENT_IDS}, what="both agents acking v2")
+        # evaluations go on without c1: v2's traffic is shifted too, and its alert opens once
+        wait_until(lambda: ("2", "X[3]") in drift_alerts(address["c3"]), timeout=180, what="v2's drift alert")
+        assert drift_alerts(address["c2"]).count(("2", "X[3]")) == 1
 
         # 6. the books: every row served is stored once or counted as dropped
         served = 0
