@@ -26,7 +26,7 @@ import pytest
 from agent.demo import train  # a scikit-learn model as ONNX, with its reference and holdout files
 from collector.store.engine import open_engine
 from faults_support import reap  # noqa: F401  (kills what a failed test left running)
-from faults_support import ROOT, Books, start, stop, wait_until
+from faults_support import ROOT, Books, start, status, stop, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")]
 
@@ -124,6 +124,12 @@ class Database:
         self.engine.close()
 
 
+def connected(via: str) -> dict[str, bool]:
+    """agent id -> connected, as Status through collector ``via`` says (one run per agent here)."""
+    reply = status(via, metadata=(("authorization", f"Bearer {TOKENS['alice']}"),))
+    return {a.agent_id: a.connected for a in reply.agents}
+
+
 def ordered(addresses: list[str], agent_id: str, first: int) -> str:
     """``--collector`` for ``agent_id`` so that the address it tries first is ``addresses[first]``."""
     at = zlib.crc32(agent_id.encode()) % len(addresses)
@@ -202,6 +208,9 @@ def test_three_collectors_one_database_failover_promotion_drift_and_audit(postgr
         killed.wait()
         wait_until(lambda: db.streams().get("edge-1") in ("c2", "c3"), what="edge-1 moving to a live collector")
         moved_to = db.streams()["edge-1"]
+        for via in ("c2", "c3"):  # Status through either survivor answers for the whole fleet
+            wait_until(lambda via=via: connected(address[via]) == {a: True for a in AGENT_IDS},
+                       what=f"both agents connected in {via}'s Status")
         stored = len(db.window_keys())
         wait_until(lambda: len([k for k in db.window_keys() if k[0] == "edge-1"]) > 0 and len(db.window_keys())
                    >= stored + 10, what=f"windows stored through {moved_to} after the kill")
