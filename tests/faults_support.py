@@ -161,13 +161,15 @@ def wait_until(predicate, timeout: float = 120.0, what: str = "condition") -> No
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def call(address: str, method: str, request, timeout: float = 10.0):
+def call(address: str, method: str, request, timeout: float = 10.0, metadata: tuple = ()):
+    """``metadata``: e.g. an operator's token for a collector with an auth file."""
     with grpc.insecure_channel(address) as channel:
-        return getattr(collector_pb2_grpc.OpsServiceStub(channel), method)(request, timeout=timeout)
+        return getattr(collector_pb2_grpc.OpsServiceStub(channel), method)(request, timeout=timeout,
+                                                                         metadata=metadata)
 
 
-def status(address: str) -> collector_pb2.StatusResponse:
-    return call(address, "Status", collector_pb2.StatusRequest())
+def status(address: str, metadata: tuple = ()) -> collector_pb2.StatusResponse:
+    return call(address, "Status", collector_pb2.StatusRequest(), metadata=metadata)
 
 
 def windows(address: str) -> list[collector_pb2.WindowInfo]:
@@ -222,9 +224,11 @@ class Books(NamedTuple):
     spool_dropped_windows: int
 
     @classmethod
-    def of(cls, address: str) -> Books:
-        reply = status(address)
-        totals = [m for m in reply.models if (m.model_name, m.model_version) == (MODEL, VERSION)]
+    def of(cls, address: str, model: str = MODEL, versions: tuple[str, ...] = (VERSION,),
+           metadata: tuple = ()) -> Books:
+        """The books of ``model``'s ``versions`` (a managed agent serves several in one run)."""
+        reply = status(address, metadata)
+        totals = [m for m in reply.models if m.model_name == model and m.model_version in versions]
         # A spool's counts persist across its agent's runs: each run reports the total so far.
         spools: dict[str, collector_pb2.SpoolStatus] = {}
         for a in reply.agents:
