@@ -44,9 +44,10 @@ from protos import collector_pb2 as pb  # noqa: E402
 from protos import collector_pb2_grpc as pb_grpc  # noqa: E402
 
 
-def start_collector(db: Path) -> tuple[subprocess.Popen, str]:
+def start_collector(db: Path | str, *extra: str) -> tuple[subprocess.Popen, str]:
+    """A ``collector serve`` process on ``db`` (a SQLite path or a PostgreSQL URL), with ``extra`` flags."""
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "collector", "serve", "--db", str(db),
-                             "--listen", "127.0.0.1:0"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                             "--listen", "127.0.0.1:0", *extra], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     for line in proc.stdout:  # type: ignore[union-attr]
         match = re.search(r"collector listening on (\S+)", line)
@@ -56,8 +57,13 @@ def start_collector(db: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("collector exited before it was ready")
 
 
+_RESULTS_LOCK = threading.Lock()
+
+
 def agent_stream(address: str, agent: int, windows: int, batch: int, inflight: int,
-                 latencies: list[float]) -> None:
+                 latencies: list[float], results: dict[str, int] | None = None) -> None:
+    """One agent's stream; ``results`` (if given) counts the acks by result name (STORED, DUPLICATE,
+    REJECTED), shared by the streams (a dict's += under the GIL is not atomic: one lock)."""
     template = realistic_window()
     template.agent_id, template.run_id = f"bench-{agent}", f"run-{agent}"
     hello = pb.Hello(agent_id=template.agent_id, run_id=template.run_id, host="bench", model_name="fraud",
@@ -83,6 +89,10 @@ def agent_stream(address: str, agent: int, windows: int, batch: int, inflight: i
         for reply in pb_grpc.AgentServiceStub(channel).Stream(requests()):
             for ack in reply.acks.acks:
                 acked += 1
+                if results is not None:
+                    with _RESULTS_LOCK:
+                        name = pb.WindowAck.Result.Name(ack.result)
+                        results[name] = results.get(name, 0) + 1
                 if ack.seq % batch == 0:
                     latencies.append(time.perf_counter() - sent_at[ack.seq])
                 if (ack.seq + 1) % batch == 0 or ack.seq == windows - 1:

@@ -1,6 +1,7 @@
 """The whole drift evaluation from the database: read, merge and test, for fleets of 10 and 100 agents.
 
     python benchmarks/drift_eval_full.py [--agents 10,100] [--minutes 60] [--repeats 15] [--json]
+                                         [--engine sqlite|postgresql|both] [--db postgresql://USER@HOST/DB]
 
 ``drift_eval.py`` times the statistics alone; this is what the collector's evaluation loop pays.
 A real SQLite store (``collector.store.store.Store``, FULL synchronous) is filled through its ingest
@@ -30,6 +31,11 @@ Apart, the uncached path's parts as before: the database read of the hour's wind
 bodies, their merge into one summary per span, and the tests (``drift.evaluate_spans``). Memory:
 the serialised size of every sketch one model version's cache holds (buckets, suffix merges, running
 merges), close to what the C++ sketches hold in memory. The load average is printed with the figures.
+
+``--engine postgresql|both``: the same on PostgreSQL (``--db URL``, or a durable server of its own as
+``benchmarks/ingest.py`` starts: fsync and synchronous_commit on, a fresh database per fleet); with
+``both`` each fleet runs on SQLite then on PostgreSQL and the rows stand side by side. The timings are
+this process's wall time: on PostgreSQL they include the server's work on the same machine.
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ingest: its PostgreSQL server
 
 from agent import sketches  # noqa: E402
 from agent.capture import Reduce, Slot  # noqa: E402
@@ -55,6 +62,7 @@ from collector.monitoring.evaluation import DriftEvaluator, merge_spans  # noqa:
 from collector.monitoring.spans import SpanCache, span_starts  # noqa: E402
 from collector.store.rollup import RetentionPolicy  # noqa: E402
 from collector.store.store import Store  # noqa: E402
+from ingest import Postgres  # noqa: E402
 from protos import summary_pb2  # noqa: E402
 
 NS = 1_000_000_000
@@ -146,9 +154,12 @@ def held_mb(evaluator: DriftEvaluator) -> float:
     return size / 2**20
 
 
-def measure(agents: int, minutes: int, repeats: int, cold_repeats: int, directory: str) -> dict:
+def measure(agents: int, minutes: int, repeats: int, cold_repeats: int, directory: str,
+            postgres: Postgres | None = None) -> dict:
+    """One fleet's figures; ``postgres``: the store on a fresh PostgreSQL database of it, else a SQLite file."""
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        store = Store(Path(tmp) / "fleet.db")
+        url = postgres.database() if postgres is not None else None
+        store = Store(url or Path(tmp) / "fleet.db")
         try:
             clock = [time.time_ns() // NS * NS]
             fleet = Fleet(store, agents, clock[0] - (minutes * 6 - 1) * 10 * NS)
@@ -223,7 +234,10 @@ def measure(agents: int, minutes: int, repeats: int, cold_repeats: int, director
             tests = (statistics.median(times), float(np.percentile(times, 90)))
         finally:
             store.close()
-    return {"agents": agents, "windows_stored": stored, "windows_in_hour": len(infos),
+            if url:
+                postgres.done(url)
+    return {"engine": "postgresql" if url else "sqlite", "agents": agents, "windows_stored": stored,
+            "windows_in_hour": len(infos),
             "rows_compared": result.rows, "evaluated": result.evaluated,
             "cold_ms": cold[:2], "idle_ms": idle[:2],
             "steady_ms": (statistics.median(steady), float(np.percentile(steady, 90))),
@@ -246,11 +260,24 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--cold-repeats", type=int, default=3, help="cold evaluations timed (default 3)")
     parser.add_argument("--path", default=None, help="directory for the databases (default: the system's temp)")
+    parser.add_argument("--engine", default="sqlite", choices=["sqlite", "postgresql", "both"],
+                        help="the store's engine; both: each fleet on SQLite then on PostgreSQL, side by side")
+    parser.add_argument("--db", default=None, metavar="URL",
+                        help="a PostgreSQL database for --engine postgresql/both (emptied first; default: a durable "
+                             "server of its own, a fresh database per fleet)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.db and args.engine == "sqlite":
+        args.engine = "postgresql"
     load = os.getloadavg()
-    results = [measure(int(a), args.minutes, args.repeats, args.cold_repeats, args.path)
-               for a in args.agents.split(",")]
+    postgres = Postgres(args.db) if args.engine != "sqlite" else None
+    engines = {"sqlite": [None], "postgresql": [postgres], "both": [None, postgres]}[args.engine]
+    try:
+        results = [measure(int(a), args.minutes, args.repeats, args.cold_repeats, args.path, on)
+                   for a in args.agents.split(",") for on in engines]
+    finally:
+        if postgres is not None:
+            postgres.close()
     load = [max(a, b) for a, b in zip(load, os.getloadavg())]
     if args.json:
         print(json.dumps({"load_average_max": load, "results": results}, indent=2))
@@ -259,24 +286,25 @@ def main() -> int:
           f"({args.cold_repeats} cold); median / p90 ms; one process, load average (1, 5, 15 min, the larger of "
           f"start and end) {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
     cell = "{:8.1f} /{:7.1f}"
-    print(f"{'agents':>6} {'in hour':>7} {'cold':>17} {'idle':>17} {'steady (new)':>23} {'not offered':>17} "
+    print(f"{'engine':>10} {'agents':>6} {'in hour':>7} {'cold':>17} {'idle':>17} {'steady (new)':>23} "
+          f"{'not offered':>17} "
           f"{'+ rollup 3600':>17} {'+ rollup 3660':>17} {'hourly flip':>17}")
     for r in results:
         steady = cell.format(*r["steady_ms"]) + f" ({r['new_windows_per_step']:>4})"
-        print(f"{r['agents']:>6} {r['windows_in_hour']:>7} {cell.format(*r['cold_ms']):>17} "
+        print(f"{r['engine']:>10} {r['agents']:>6} {r['windows_in_hour']:>7} {cell.format(*r['cold_ms']):>17} "
               f"{cell.format(*r['idle_ms']):>17} {steady:>23} {cell.format(*r['steady_not_offered_ms']):>17} "
               f"{cell.format(*r['steady_rollup_ms']):>17} "
               f"{cell.format(*r['steady_rollup_3660_ms']):>17} {cell.format(*r['flip_ms']):>17}")
     print("what ingest pays extra for it (the offers' merges, on the storing thread):")
-    print(f"{'agents':>6} {'per step ms':>17} {'per window us':>13} {'merged at ingest':>22}")
+    print(f"{'engine':>10} {'agents':>6} {'per step ms':>17} {'per window us':>13} {'merged at ingest':>22}")
     for r in results:
         merged = f"{r['windows_merged_at_ingest']:,} of {r['windows_offered']:,}"
-        print(f"{r['agents']:>6} {cell.format(*r['ingest_extra_ms_per_step']):>17} "
+        print(f"{r['engine']:>10} {r['agents']:>6} {cell.format(*r['ingest_extra_ms_per_step']):>17} "
               f"{r['ingest_extra_us_per_window']:>13.0f} {merged:>22}")
     print("uncached parts over the hour (what a cold evaluation pays), and memory of one model version's cache:")
-    print(f"{'agents':>6} {'db read':>17} {'merge':>17} {'tests':>17} {'sketches MB':>11}")
+    print(f"{'engine':>10} {'agents':>6} {'db read':>17} {'merge':>17} {'tests':>17} {'sketches MB':>11}")
     for r in results:
-        print(f"{r['agents']:>6} {cell.format(*r['read_ms']):>17} {cell.format(*r['merge_ms']):>17} "
+        print(f"{r['engine']:>10} {r['agents']:>6} {cell.format(*r['read_ms']):>17} {cell.format(*r['merge_ms']):>17} "
               f"{cell.format(*r['tests_ms']):>17} {r['cache_sketches_mb']:>11.1f}")
     return 0
 

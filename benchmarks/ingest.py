@@ -3,6 +3,7 @@
     python benchmarks/ingest.py [--windows 20000] [--threads 4] [--batch 64] [--inflight 4]
                                 [--synchronous BOTH|NORMAL|FULL] [--rounds 2] [--cpu 0] [--path DIR] [--json]
                                 [--engine sqlite|postgresql|both] [--db postgresql://USER@HOST/DB]
+                                [--serve [--streams 4]]
 
 ``--engine postgresql`` runs the same rounds against PostgreSQL: ``--db URL`` (its windows, agents,
 rollups and samples are emptied before each round), or without ``--db`` a server of its own started
@@ -11,6 +12,16 @@ SQLite FULL is (``fsync``, ``synchronous_commit``, ``full_page_writes`` on). ``-
 alternates SQLite (``--synchronous``, FULL by default then) and PostgreSQL rounds in one run. The
 figures add CPU seconds per window of this process and, for a server it started, of the server's
 processes (``/proc``); the baseline on PostgreSQL is bare psycopg inserting the same bytes.
+
+``--serve``: end to end instead of the store alone. Real ``collector serve`` processes
+(``--synchronous full``) take the windows over gRPC from ``--streams`` agents' streams played by this
+process (``collector_grpc.agent_stream``): with ``--engine both`` rounds alternate SQLite with one
+collector, PostgreSQL with one and PostgreSQL with two on one database (the streams split between
+them). Reported per setup (median of its rounds): windows/s stored, ack latency, CPU microseconds per
+window of each collector, of the PostgreSQL server's processes (the postmaster, its live children and
+those it reaped; only a server this benchmark started) and of this process, bytes on disk per window
+(the SQLite file; ``pg_total_relation_size('windows')``), and the windows refused (REJECTED) or never
+acked, summed over the rounds. Nothing is pinned: every process shares the machine's CPUs.
 
 The whole process runs on one CPU (``--cpu``, ``sched_setaffinity``; -1: no pinning).
 With ``--synchronous BOTH`` (the default) it alternates rounds of NORMAL (fsync of
@@ -56,6 +67,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -68,6 +80,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # collector_grpc, for --serve
 
 from agent.errors import ResourceExhausted  # noqa: E402
 from agent.sketches import NumericSketch  # noqa: E402
@@ -215,7 +228,8 @@ class Postgres:
             self.server.drop_database(url)
 
     def server_cpu_seconds(self) -> float | None:
-        """CPU seconds so far of the server's live processes (None: not our server)."""
+        """CPU seconds so far of the server's processes: the postmaster, its live children and those
+        it has reaped (backends of closed connections). None: not our server."""
         if self.server is None:
             return None
         postmaster = int((self.server.data / "postmaster.pid").read_text().split()[0])
@@ -227,8 +241,10 @@ class Postgres:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(entry.name) == postmaster or int(fields[1]) == postmaster:  # fields[1]: the parent's pid
-                total += int(fields[11]) + int(fields[12])  # utime, stime
+            if int(entry.name) == postmaster:  # its own, and its children's that have exited (reaped)
+                total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+            elif int(fields[1]) == postmaster:  # fields[1]: the parent's pid; a live child
+                total += int(fields[11]) + int(fields[12])
         return total / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
@@ -323,6 +339,140 @@ def run(windows: int, threads: int, batch: int, inflight: int, synchronous: str,
     }
 
 
+def _process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process (``/proc``), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+SERVE_SETUPS = ("sqlite", "postgresql", "postgresql x2")
+
+
+def serve_round(setup: str, windows: int, streams: int, batch: int, inflight: int, directory: str | None,
+                postgres: Postgres | None) -> dict:
+    """One end-to-end round (``--serve``): real ``collector serve`` processes (one, or two on one
+    PostgreSQL database, the streams split between them), ``streams`` agents' streams from this process
+    over gRPC; every window validated, stored durably and acked after its commit."""
+    from collector_grpc import agent_stream, start_collector
+
+    count = 2 if setup.endswith("x2") else 1
+    url = postgres.database() if setup.startswith("postgresql") else None
+    size = len(realistic_window().SerializeToString()) + 20  # + agent and run ids
+    with tempfile.TemporaryDirectory(dir=directory, prefix="outrider-serve-") as tmp:
+        db = url or Path(tmp) / "ingest.db"
+        fleet = [["--collector-id", f"bench-{i}"] if url else [] for i in range(count)]
+        procs = [start_collector(db, "--synchronous", "full", "--log-level", "warning", *ids) for ids in fleet]
+        try:
+            latencies: list[float] = []
+            results: dict[str, int] = {}
+            per_stream = windows // streams
+            threads = [threading.Thread(target=agent_stream, args=(procs[i % count][1], i, per_stream, batch,
+                                                                    inflight, latencies, results))
+                       for i in range(streams)]
+            cpu0 = [_process_cpu_seconds(p.pid) for p, _ in procs]
+            own0 = _cpu_seconds()
+            server0 = postgres.server_cpu_seconds() if url else None
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.perf_counter() - start
+            collectors = [_process_cpu_seconds(p.pid) - c for (p, _), c in zip(procs, cpu0)]
+            own = _cpu_seconds() - own0
+            server = postgres.server_cpu_seconds() - server0 if server0 is not None else None
+        finally:
+            for proc, _ in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc, _ in procs:
+                proc.wait(60)
+        if url:
+            import psycopg
+
+            with psycopg.connect(url, autocommit=True) as conn:
+                disk = conn.execute("SELECT pg_total_relation_size('windows')").fetchone()[0]
+                in_db = conn.execute("SELECT count(*) FROM windows").fetchone()[0]
+            postgres.done(url)
+        else:
+            disk = sum(p.stat().st_size for p in Path(tmp).glob("ingest.db*"))  # closed: the WAL checkpointed
+            with sqlite3.connect(Path(tmp) / "ingest.db") as conn:
+                in_db = conn.execute("SELECT count(*) FROM windows").fetchone()[0]
+    sent = per_stream * streams
+    stored = results.get("STORED", 0)
+    lat = np.array(latencies) * 1e3
+    per_window = {"collectors": sum(collectors), "postgresql": server or 0.0, "load generator": own}
+    return {
+        "setup": setup, "collectors": count, "streams": streams, "batch": batch, "inflight": inflight,
+        "windows": sent, "stored": stored, "in_database": in_db,
+        "refused": results.get("REJECTED", 0), "duplicates": results.get("DUPLICATE", 0),
+        "unacked": sent - sum(results.values()), "window_bytes": size,
+        "seconds": round(elapsed, 3), "windows_per_s": round(stored / elapsed),
+        "ack_p50_ms": round(float(np.percentile(lat, 50)), 1), "ack_p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "collector_cpu_us_per_window": [round(c / stored * 1e6) for c in collectors],
+        "server_cpu_us_per_window": round(server / stored * 1e6) if server is not None else None,
+        "load_generator_cpu_us_per_window": round(own / stored * 1e6),
+        "total_cpu_us_per_window": round(sum(per_window.values()) / stored * 1e6),
+        "disk_bytes_per_window": round(disk / max(in_db, 1)),
+    }
+
+
+def serve_median(rounds: list[dict]) -> dict:
+    """The median of each figure over one setup's rounds (per-collector CPU: the median of their sum, split
+    as in the median round)."""
+    out = dict(rounds[0])
+    for key in ("seconds", "windows_per_s", "ack_p50_ms", "ack_p99_ms", "server_cpu_us_per_window",
+                "load_generator_cpu_us_per_window", "total_cpu_us_per_window", "disk_bytes_per_window"):
+        if out[key] is not None:
+            out[key] = round(float(np.median([r[key] for r in rounds])), 1)
+    ordered = sorted(rounds, key=lambda r: sum(r["collector_cpu_us_per_window"]))
+    out["collector_cpu_us_per_window"] = ordered[(len(ordered) - 1) // 2]["collector_cpu_us_per_window"]
+    for key in ("stored", "in_database", "refused", "duplicates", "unacked", "windows"):
+        out[key] = sum(r[key] for r in rounds)  # every round's, so nothing lost hides in a median
+    out["rounds"] = len(rounds)
+    out["windows_per_s_each_round"] = [r["windows_per_s"] for r in rounds]
+    return out
+
+
+def serve_main(args: argparse.Namespace, load: tuple[float, ...]) -> None:
+    """``--serve``: SQLite, PostgreSQL with one collector and PostgreSQL with two, rounds alternating."""
+    setups = [s for s in SERVE_SETUPS if args.engine == "both" or s.startswith(args.engine)]
+    postgres = Postgres(args.db) if args.engine != "sqlite" else None
+    rounds: dict[str, list[dict]] = {s: [] for s in setups}
+    try:
+        for _ in range(args.rounds):
+            for setup in setups:
+                rounds[setup].append(serve_round(setup, args.windows, args.streams, args.batch, args.inflight,
+                                                 args.path, postgres))
+    finally:
+        if postgres is not None:
+            postgres.close()
+    results = [serve_median(rounds[s]) for s in setups]
+    load = [max(a, b) for a, b in zip(load, os.getloadavg())]
+    conditions = {"cpus": sorted(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(), "load_average_max": load,
+                  "postgresql": "ours (durable: fsync, synchronous_commit, full_page_writes on)" if args.db is None
+                  else "--db (its settings)", "sqlite": "synchronous FULL, WAL"}
+    if args.json:
+        print(json.dumps({"results": results, "conditions": conditions}, indent=2))
+        return
+    r = results[0]
+    print(f"{r['windows'] // r['rounds']:,} windows a round of {FEATURES} features x {ROWS:,} rows "
+          f"({r['window_bytes']:,} bytes each) over {r['streams']} gRPC streams, batches of {r['batch']}, "
+          f"{r['inflight']} in flight, into real 'collector serve' processes; median of {args.rounds} alternating "
+          f"round(s); no pinning, CPUs {conditions['cpus']}; load average (1, 5, 15 min, the larger of start and end) "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"{'setup':>14} {'windows/s':>10} {'each round':>20} {'ack p50 ms':>11} {'ack p99 ms':>11}"
+          f" {'collector(s) us/w':>18} {'postgres us/w':>14} {'loadgen us/w':>13} {'total us/w':>11}"
+          f" {'disk B/w':>9} {'refused':>8} {'unacked':>8}")
+    for r in results:
+        each = "/".join(f"{n:,}" for n in r["windows_per_s_each_round"])
+        coll = "+".join(str(c) for c in r["collector_cpu_us_per_window"])
+        server = "-" if r["server_cpu_us_per_window"] is None else f"{r['server_cpu_us_per_window']:.0f}"
+        print(f"{r['setup']:>14} {r['windows_per_s']:>10,.0f} {each:>20} {r['ack_p50_ms']:>11} {r['ack_p99_ms']:>11}"
+              f" {coll:>18} {server:>14} {r['load_generator_cpu_us_per_window']:>13.0f}"
+              f" {r['total_cpu_us_per_window']:>11.0f} {r['disk_bytes_per_window']:>9,.0f} {r['refused']:>8}"
+              f" {r['unacked']:>8}")
+
+
 def median_of(rounds: list[dict]) -> dict:
     """Each numeric figure's median over the rounds of one mode (the other fields of the first)."""
     out = dict(rounds[0])
@@ -352,8 +502,21 @@ def main() -> None:
                         help="both: SQLite and PostgreSQL rounds alternating in one run")
     parser.add_argument("--db", default=None, metavar="URL",
                         help="a PostgreSQL database for --engine postgresql/both (default: a server of its own)")
+    parser.add_argument("--serve", action="store_true",
+                        help="end to end: real 'collector serve' processes over gRPC; with --engine both, rounds "
+                             "of SQLite, PostgreSQL with one collector and PostgreSQL with two alternate")
+    parser.add_argument("--streams", type=int, default=4, help="--serve: agents' gRPC streams (default 4)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.serve:
+        if args.offer:
+            parser.error("--serve and --offer measure different things: one at a time")
+        if args.db and args.engine == "sqlite":
+            args.engine = "postgresql"
+        if args.streams < 1 or args.windows < args.streams:
+            parser.error("--serve needs --streams >= 1 and --windows >= --streams")
+        serve_main(args, os.getloadavg())  # no pinning: the collectors, PostgreSQL and this process share the CPUs
+        return
     if args.db and args.engine == "sqlite":
         args.engine = "postgresql"
     if args.engine != "sqlite" and args.offer:

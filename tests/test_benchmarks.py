@@ -77,3 +77,30 @@ def test_serving_benchmark_runs_mlserver_when_its_venv_is_there():
     (row,) = result["rows"]
     assert row["variant"] == "mlserver" and row["errors"] == 0 and row["requests"] > 0
     assert row["cpu_us_per_request_children"] > 0  # its inference-pool worker is counted
+
+
+@pytest.mark.slow
+def test_ingest_serve_rounds_store_every_window_through_real_collectors(tmp_path, postgres_url):
+    from benchmarks import ingest
+
+    postgres = ingest.Postgres(postgres_url)  # --db URL: its tables emptied before each round
+    for setup, on in (("sqlite", None), ("postgresql", postgres), ("postgresql x2", postgres)):
+        r = ingest.serve_round(setup, windows=8, streams=2, batch=2, inflight=2, directory=str(tmp_path),
+                               postgres=on)
+        assert r["stored"] == r["in_database"] == 8, r  # every window acked after its commit, and there
+        assert r["refused"] == r["duplicates"] == r["unacked"] == 0, r
+        assert len(r["collector_cpu_us_per_window"]) == (2 if setup.endswith("x2") else 1)
+        assert r["server_cpu_us_per_window"] is None  # --db: not our server, its processes not ours to read
+        assert r["disk_bytes_per_window"] > r["window_bytes"] // 2, r  # the bodies are on disk
+    median = ingest.serve_median([r, r])
+    assert median["stored"] == 16 and median["windows_per_s_each_round"] == [r["windows_per_s"]] * 2
+
+
+@pytest.mark.slow
+def test_drift_eval_full_runs_on_postgresql(tmp_path, postgres_url):
+    from benchmarks import drift_eval_full, ingest
+
+    r = drift_eval_full.measure(agents=2, minutes=2, repeats=1, cold_repeats=1, directory=str(tmp_path),
+                                postgres=ingest.Postgres(postgres_url))
+    assert r["engine"] == "postgresql" and r["windows_stored"] == 2 * 12 and r["evaluated"]
+    assert r["windows_in_hour"] >= r["windows_stored"] and r["read_ms"][0] > 0
