@@ -67,7 +67,8 @@ def artifact_shas(db) -> dict[str, bytes]:
     if not _on_postgresql(db):
         root = artifacts_root(db) / "sha256"
         return {p.name: p.read_bytes() for p in root.iterdir()} if root.is_dir() else {}
-    conn = open_engine(db).connect()
+    engine = open_engine(db)
+    conn = engine.connect()
     try:
         found: dict[str, bytes] = {}
         for sha, data in conn.execute("SELECT sha256, data FROM artifacts ORDER BY sha256, chunk"):
@@ -75,6 +76,7 @@ def artifact_shas(db) -> dict[str, bytes]:
         return found
     finally:
         conn.close()
+        engine.close()  # its reader pool too
 
 
 def drop_artifact(db, sha: str) -> None:
@@ -82,11 +84,13 @@ def drop_artifact(db, sha: str) -> None:
     if not _on_postgresql(db):
         (artifacts_root(db) / "sha256" / sha).unlink()
         return
-    conn = open_engine(db).connect()
+    engine = open_engine(db)
+    conn = engine.connect()
     try:
         conn.execute("DELETE FROM artifacts WHERE sha256 = ?", [sha])
     finally:
         conn.close()
+        engine.close()
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
