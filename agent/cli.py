@@ -140,7 +140,7 @@ def collector_address(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not HOST:PORT; use e.g. 127.0.0.1:4317 ([::1]:4317 for IPv6)"
+            f"{text!r} is not HOST:PORT; use e.g. 127.0.0.1:50051 ([::1]:50051 for IPv6)"
         )
     return text
 

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from agent.cli import add_flag, client_credentials, pem_path, positive
+from agent.cli import add_flag, client_credentials, collector_address, pem_path, positive
 from agent.cli_contract import CommandError, Refused, Unreachable, UsageError, print_json, say
 from collector.cli.cli_format import age, iso, listing, plain, rollout_state, table  # noqa: F401  (other command modules import them from here)
 
@@ -76,13 +76,6 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------ argument types
-
-
-def collector_address(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT; use e.g. {DEFAULT_COLLECTOR}")
-    return text
 
 
 def non_negative(text: str) -> float:
