@@ -13,6 +13,7 @@ import pytest
 import collector.store.migrations as schema_module
 from agent.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from agent.sketches import NumericSketch
+from collector.store import collectors
 from collector.store.engine import StoreUnavailable, StoreValueError, open_engine
 from collector.store.rollup import NS, RetentionPolicy
 from collector.store.store import DUPLICATE, STORED, Store, WindowResult
@@ -263,8 +264,9 @@ def test_agents_runs_restarts_and_spool(store: Store) -> None:
                           for i in range(3)]).result()
     store.record_spool("a", "r3", collector_pb2.SpoolStatus(windows=2, bytes=300, dropped_windows=1,
                                                             dropped_rows=40, rejected_windows=3), T0 + 210 * NS)
-    store.mark_disconnected("a", "r1", T0 + 90 * NS)
-    store.mark_disconnected("nobody", "x", T0)  # ignored
+    # The stream ends (collector.api.fleet, on the collector that held it; '' before any hello there)
+    store.write(lambda db: collectors.stream_closed(db, "a", "r1", "", T0 + 90 * NS))
+    store.write(lambda db: collectors.stream_closed(db, "nobody", "x", "", T0))  # ignored
 
     states = {(s.agent_id, s.run_id): s for s in store.agents()}
     assert {k: s.restarts for k, s in states.items()} == {("a", "r1"): 0, ("a", "r2"): 1, ("a", "r3"): 2,

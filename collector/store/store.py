@@ -292,12 +292,6 @@ class Store:
         validate_spool(spool)
         self._update_agent(agent_id, run_id, now_ns, {**_spool_columns(spool), "last_seen_ns": now_ns})
 
-    def mark_disconnected(self, agent_id: str, run_id: str, now_ns: int) -> None:
-        """The run's stream ended; an unknown run is ignored."""
-        self.write(lambda db: db.execute(
-            "UPDATE agents SET connected = 0, last_seen_ns = ? WHERE agent_id = ? AND run_id = ?",
-            [now_ns, agent_id, run_id]))
-
     def _update_agent(self, agent_id: str, run_id: str, now_ns: int, fields: dict[str, Any]) -> None:
         def run(db: Conn) -> None:
             db.insert("agents", {"agent_id": agent_id, "run_id": run_id, "first_seen_ns": now_ns}, ignore=True)
