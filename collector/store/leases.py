@@ -22,9 +22,9 @@ from collector.store.engine import Conn
 
 log = logging.getLogger(__name__)
 
-# The rollup and the drift evaluation loops share one lease, so they run on the same collector: the
-# evaluator's span cache learns what rollup passes changed from its own process's store only
-# (collector.store.store.Store.span_snapshot), and would count a window another collector rolled up twice.
+# The rollup and the drift evaluation loops share one lease, so they run on the same collector. Rollup
+# passes are recorded in the database (rollup_passes), so an evaluator elsewhere would stay correct; on
+# one collector its span cache stays warm and offers from its own ingest skip the database read.
 BACKGROUND = "background"
 
 
