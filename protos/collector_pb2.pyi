@@ -309,7 +309,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentState(_message.Message):
-    __slots__ = ("agent_id", "run_id", "host", "model_name", "model_version", "connected", "connected_unix_nano", "last_seen_unix_nano", "last_window_end_unix_nano", "windows", "rows", "dropped_rows", "spool", "restarts", "managed", "desired_version", "model_error", "shadow_version", "shadow_share")
+    __slots__ = ("agent_id", "run_id", "host", "model_name", "model_version", "connected", "connected_unix_nano", "last_seen_unix_nano", "last_window_end_unix_nano", "windows", "rows", "dropped_rows", "spool", "restarts", "managed", "desired_version", "model_error", "shadow_version", "shadow_share", "collector_id")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -329,6 +329,7 @@ class AgentState(_message.Message):
     MODEL_ERROR_FIELD_NUMBER: _ClassVar[int]
     SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
     SHADOW_SHARE_FIELD_NUMBER: _ClassVar[int]
+    COLLECTOR_ID_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     run_id: str
     host: str
@@ -348,7 +349,36 @@ class AgentState(_message.Message):
     model_error: str
     shadow_version: str
     shadow_share: float
-    def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., host: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., connected: bool = ..., connected_unix_nano: _Optional[int] = ..., last_seen_unix_nano: _Optional[int] = ..., last_window_end_unix_nano: _Optional[int] = ..., windows: _Optional[int] = ..., rows: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., spool: _Optional[_Union[SpoolStatus, _Mapping]] = ..., restarts: _Optional[int] = ..., managed: bool = ..., desired_version: _Optional[str] = ..., model_error: _Optional[str] = ..., shadow_version: _Optional[str] = ..., shadow_share: _Optional[float] = ...) -> None: ...
+    collector_id: str
+    def __init__(self, agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., host: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., connected: bool = ..., connected_unix_nano: _Optional[int] = ..., last_seen_unix_nano: _Optional[int] = ..., last_window_end_unix_nano: _Optional[int] = ..., windows: _Optional[int] = ..., rows: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., spool: _Optional[_Union[SpoolStatus, _Mapping]] = ..., restarts: _Optional[int] = ..., managed: bool = ..., desired_version: _Optional[str] = ..., model_error: _Optional[str] = ..., shadow_version: _Optional[str] = ..., shadow_share: _Optional[float] = ..., collector_id: _Optional[str] = ...) -> None: ...
+
+class CollectorState(_message.Message):
+    __slots__ = ("collector_id", "address", "started_unix_nano", "heartbeat_unix_nano", "live", "stopped")
+    COLLECTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    collector_id: str
+    address: str
+    started_unix_nano: int
+    heartbeat_unix_nano: int
+    live: bool
+    stopped: bool
+    def __init__(self, collector_id: _Optional[str] = ..., address: _Optional[str] = ..., started_unix_nano: _Optional[int] = ..., heartbeat_unix_nano: _Optional[int] = ..., live: bool = ..., stopped: bool = ...) -> None: ...
+
+class LeaseState(_message.Message):
+    __slots__ = ("name", "holder", "expires_unix_nano", "live")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    holder: str
+    expires_unix_nano: int
+    live: bool
+    def __init__(self, name: _Optional[str] = ..., holder: _Optional[str] = ..., expires_unix_nano: _Optional[int] = ..., live: bool = ...) -> None: ...
 
 class ModelVersionTotals(_message.Message):
     __slots__ = ("model_name", "model_version", "windows", "rows", "dropped_rows", "errors", "last_window_end_unix_nano")
@@ -383,16 +413,22 @@ class CollectorCounters(_message.Message):
     def __init__(self, windows_stored: _Optional[int] = ..., windows_duplicate: _Optional[int] = ..., windows_rejected: _Optional[int] = ..., auth_failures: _Optional[int] = ..., write_queue_depth: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("agents", "models", "counters", "collector_version")
+    __slots__ = ("agents", "models", "counters", "collector_version", "collector_id", "collectors", "leases")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     COLLECTOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COLLECTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    COLLECTORS_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[AgentState]
     models: _containers.RepeatedCompositeFieldContainer[ModelVersionTotals]
     counters: CollectorCounters
     collector_version: str
-    def __init__(self, agents: _Optional[_Iterable[_Union[AgentState, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelVersionTotals, _Mapping]]] = ..., counters: _Optional[_Union[CollectorCounters, _Mapping]] = ..., collector_version: _Optional[str] = ...) -> None: ...
+    collector_id: str
+    collectors: _containers.RepeatedCompositeFieldContainer[CollectorState]
+    leases: _containers.RepeatedCompositeFieldContainer[LeaseState]
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentState, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelVersionTotals, _Mapping]]] = ..., counters: _Optional[_Union[CollectorCounters, _Mapping]] = ..., collector_version: _Optional[str] = ..., collector_id: _Optional[str] = ..., collectors: _Optional[_Iterable[_Union[CollectorState, _Mapping]]] = ..., leases: _Optional[_Iterable[_Union[LeaseState, _Mapping]]] = ...) -> None: ...
 
 class ListWindowsRequest(_message.Message):
     __slots__ = ("model_name", "model_version", "since_unix_nano", "limit", "include_summaries", "page_token")

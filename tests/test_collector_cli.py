@@ -183,6 +183,8 @@ def _free_port() -> int:
     (["collector", "serve", "--db", "/nonexistent/dir/c.db"], "does not exist"),
     (["collector", "serve", "--db", "{not_db}", "--listen", "127.0.0.1:0"], "cannot use"),
     (["collector", "serve", "--raw-retention", "0"], "must be greater than 0"),
+    (["collector", "serve", "--lease-ttl", "60"], "must be longer than the longest loop interval"),
+    (["collector", "serve", "--heartbeat-interval", "5", "--heartbeat-timeout", "4"], "must be longer than"),
     (["windows"], "--model"),
     (["windows", "--model", "credit", "--since", "yesterday"], "neither a duration"),
     (["status", "--collector", "localhost"], "is not HOST:PORT"),

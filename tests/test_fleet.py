@@ -27,8 +27,9 @@ from collector.store.engine import open_engine
 from collector.store.migrations import migrate
 from protos import collector_pb2 as pb
 from protos import collector_pb2_grpc as pb_grpc
-from test_approvals import HANG_GUARD, call, reference_profile
+from test_approvals import HANG_GUARD, TOKENS, call, cli, reference_profile
 from test_rollout_collector import AUTH, FakeAgent, acks, make_production, register, wait_for
+from test_web import fetch
 
 REPO = Path(__file__).resolve().parents[1]
 S = 1_000_000_000
@@ -84,6 +85,25 @@ def test_a_run_is_connected_while_its_collector_heartbeats(migrated):
     with conn.transaction():
         assert members.stream_closed(conn, "y", "r", "a", 122 * S) == 1
     assert members.connected_runs(conn, 110 * S) == {("x", "r")}
+
+
+def test_a_collector_that_stops_is_listed_as_stopped_and_one_long_gone_is_forgotten(migrated):
+    conn = migrated
+    with conn.transaction():
+        members.heartbeat(conn, "live", "l:1", 10 * S, 200 * S)
+        members.heartbeat(conn, "silent", "s:1", 10 * S, 50 * S)  # killed: its heartbeat stopped at 50 s
+        members.heartbeat(conn, "stopped", "t:1", 10 * S, 140 * S)
+        members.leave(conn, "stopped", 150 * S)
+    rows = {r["id"]: (r["live"], r["stopped"], r["heartbeat_ns"]) for r in members.collector_rows(conn, 190 * S)}
+    assert rows == {"live": (True, False, 200 * S), "silent": (False, False, 50 * S),
+                    "stopped": (False, True, 150 * S)}
+    assert [r["id"] for r in members.collector_rows(conn, 190 * S)] == ["live", "stopped", "silent"]
+    with conn.transaction():
+        assert members.prune(conn, 100 * S) == 1  # silent since 50 s
+    assert {r["id"] for r in members.collector_rows(conn, 0)} == {"live", "stopped"}
+    with conn.transaction():
+        assert members.prune(conn, 160 * S) == 1  # stopped at 150 s
+    assert [r["id"] for r in members.collector_rows(conn, 0)] == ["live"]
 
 
 # ------------------------------------------------------------------ collectors on one PostgreSQL
@@ -209,17 +229,39 @@ def test_a_profile_attached_through_one_collector_reaches_agents_on_the_others(p
 
 def test_status_through_any_collector_lists_every_agent_with_its_connected_state(postgres_url, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with collectors(postgres_url, "a", "b") as [(_, ops_a, addr_a), (_, ops_b, addr_b)]:
+    with collectors(postgres_url, "a", "b", rollup_interval=0.2,
+                    http="127.0.0.1:0") as [(server_a, ops_a, addr_a), (_, ops_b, addr_b)]:
         here, there = FakeAgent(addr_a, "edge-a"), FakeAgent(addr_b, "edge-b")
         try:
             here.quiet()
             there.quiet()
             for ops in (ops_a, ops_b):
                 wait_for(lambda ops=ops: connected(ops, "edge-a") and connected(ops, "edge-b"))
+            wait_for(lambda: call(ops_a, "dave", "Status", pb.StatusRequest()).leases)  # the first rollup pass
+            for ops, me in ((ops_a, "a"), (ops_b, "b")):  # each answers for the fleet, and says who it is
+                status = call(ops, "dave", "Status", pb.StatusRequest())
+                assert status.collector_id == me
+                assert {a.agent_id: a.collector_id for a in status.agents} == {"edge-a": "a", "edge-b": "b"}
+                assert sorted((c.collector_id, c.address, c.live) for c in status.collectors) == [
+                    ("a", addr_a, True), ("b", addr_b, True)]
+                assert [(lease.name, lease.live) for lease in status.leases] == [(leases.BACKGROUND, True)]
+                assert status.leases[0].holder in ("a", "b")
+            shown = cli("status", "--collector", addr_b, "--token", TOKENS["dave"])
+            assert shown.returncode == 0, shown.stderr
+            table = {line.split()[0]: line.split() for line in shown.stdout.splitlines() if line.split()}
+            assert table["COLLECTOR"][:3] == ["COLLECTOR", "ADDRESS", "STATE"]
+            assert table["b"][1:5] == ["(this", "one)", addr_b, "live"] and table["a"][1:3] == [addr_a, "live"]
+            assert table["edge-a"][-1] == "a" and table["edge-b"][-1] == "b"  # the COLLECTOR column
+            assert leases.BACKGROUND in table[status.leases[0].holder]
+            code, _, page = fetch(server_a.web.url, "/", token=TOKENS["dave"])
+            assert code == 200 and "<h2>Collectors</h2>" in page
+            assert f"<td>{addr_b}</td>" in page and page.count(">live</span>") == 2
             there.close()
             for ops in (ops_a, ops_b):
                 wait_for(lambda ops=ops: connected(ops, "edge-b") is False)
             assert connected(ops_a, "edge-a") and connected(ops_b, "edge-a")
+            status = call(ops_a, "dave", "Status", pb.StatusRequest())
+            assert {a.agent_id: a.collector_id for a in status.agents} == {"edge-a": "a", "edge-b": ""}
         finally:
             here.close()
 
@@ -253,6 +295,10 @@ def test_a_killed_collectors_agents_stop_counting_as_connected_and_its_leases_pa
             # its row still says connected; its heartbeat stops, and after the timeout (1.5 s) it is not
             wait_for(lambda: connected(ops, "edge-doomed") is False)
             wait_for(lambda: a.agents.fleet.leases[leases.BACKGROUND].held)
+            status = call(ops, "dave", "Status", pb.StatusRequest())
+            assert [(c.collector_id, c.live, c.stopped) for c in status.collectors] == [
+                ("survivor", True, False), ("doomed", False, False)]  # silent: killed, not stopped
+            assert [(lease.holder, lease.live) for lease in status.leases] == [("survivor", True)]
         agent.close()
     finally:
         if proc.poll() is None:

@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from agent.errors import InvalidArgument, OutriderError
 from collector.lifecycle.rollout import RolloutPusher
@@ -34,6 +35,7 @@ from collector.store.store import Store
 log = logging.getLogger(__name__)
 
 MAX_ID_CHARS = 200
+FORGET_AFTER = 86400.0  # seconds a collector that stopped or went silent stays listed in Status
 
 
 def default_id() -> str:
@@ -119,7 +121,7 @@ class FleetMember:
                 thread.join()
         if self._started:
             try:
-                self.store.write(lambda db: collectors.leave(db, self.id))
+                self.store.write(lambda db: collectors.leave(db, self.id, self.clock()))
             except OutriderError as exc:
                 log.warning("cannot record that collector %s left: %s", self.id, exc)
 
@@ -132,6 +134,23 @@ class FleetMember:
             self.store.write(lambda db: collectors.heartbeat(db, self.id, self.address, self._started_ns, self.clock()))
         except OutriderError as exc:  # the database is away: the fleet counts us gone after the timeout
             log.warning("collector %s: heartbeat failed: %s", self.id, exc)
+
+    def members(self, now_ns: int) -> list[dict[str, Any]]:
+        """Every collector known (``collector.store.collectors.collector_rows``: live ones first), each with
+        ``leases``, the names of the live leases it holds: what Status and the web page show."""
+        db = self.store.read()
+        held: dict[str, list[str]] = {}
+        for lease in leases.holders(db, now_ns):
+            if lease["live"]:
+                held.setdefault(lease["holder"], []).append(lease["name"])
+        fresh_after = now_ns - int(self.heartbeat_timeout * 1e9)
+        return [{**c, "leases": held.get(c["id"], [])} for c in collectors.collector_rows(db, fresh_after)]
+
+    def prune(self, now_ns: int) -> None:
+        """Forget collectors silent or stopped for longer than FORGET_AFTER (by the lease holder's housekeeping)."""
+        gone = self.store.write(lambda db: collectors.prune(db, now_ns - int(FORGET_AFTER * 1e9)))
+        if gone:
+            log.info("forgot %d collector(s) not heard from in %g h", gone, FORGET_AFTER / 3600)
 
     # ------------------------------------------------------------ streams
 

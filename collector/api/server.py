@@ -198,8 +198,23 @@ class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServ
                         "%d bytes)", len(page.items), self.max_reply_bytes)
         for agent in sorted(page.items, key=lambda a: (a.agent_id, a.restarts)):
             agent.connected = self.agents.live.connected(agent.agent_id, agent.run_id)
+            if not agent.connected:  # its stream's collector stopped or died: no one holds it
+                agent.collector_id = ""
             reply.agents.append(agent)
+        self._fleet_state(reply)
         return reply
+
+    def _fleet_state(self, reply: pb.StatusResponse) -> None:
+        """The collectors sharing the database and the leases of the background loops (few rows: outside
+        the reply budget)."""
+        reply.collector_id = self.agents.fleet.id
+        now = time.time_ns()
+        for c in self.agents.fleet.members(now):
+            reply.collectors.add(collector_id=c["id"], address=c["address"], started_unix_nano=c["started_ns"],
+                                 heartbeat_unix_nano=c["heartbeat_ns"], live=c["live"], stopped=c["stopped"])
+        for lease in leases.holders(self.store.read(), now):
+            reply.leases.add(name=lease["name"], holder=lease["holder"], expires_unix_nano=lease["expires_ns"],
+                             live=lease["live"])
 
     @grpc_errors
     def ListWindows(self, request: pb.ListWindowsRequest, context: grpc.ServicerContext) -> pb.ListWindowsResponse:
@@ -347,7 +362,8 @@ class OpsServicer(RolloutOps, GovernanceOps, ShadowOps, DataOps, pb_grpc.OpsServ
 
 class RollupLoop:
     """Merges old windows into coarser levels every ``interval`` seconds, on its own thread,
-    then runs ``housekeeping`` (the removal of retired versions' artifacts past their retention),
+    then runs ``housekeeping`` (removing retired versions' artifacts past their retention, forgetting
+    collectors long gone),
     while it holds ``lease`` (several collectors on one database: one of them rolls up)."""
 
     def __init__(self, store: Store, policy: RetentionPolicy, interval: float,
@@ -373,7 +389,7 @@ class RollupLoop:
                 try:
                     self.housekeeping(time.time_ns())
                 except Exception:  # try again next pass
-                    log.exception("removing retired model artifacts failed")
+                    log.exception("housekeeping (retired artifacts, departed collectors) failed")
 
     def stop(self) -> None:
         self._stop.set()
@@ -447,7 +463,7 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
                     max_reply_bytes: int = paging.DEFAULT_MAX_REPLY_BYTES,
                     synchronous: str = "FULL", collector_id: str = "", heartbeat_interval: float = 5.0,
                     heartbeat_timeout: float | None = None, resync_interval: float = 10.0,
-                    lease_intervals: float = 3.0) -> CollectorServer:
+                    lease_ttl: float | None = None) -> CollectorServer:
     """Open the store at ``db_path`` (or take ``store``, which is then the server's to close)
     and serve on ``listen`` (port 0 picks one). ``metrics`` (a ``collector.api.metrics.CollectorMetrics``)
     is bound to this collector's parts, for its /metrics.
@@ -475,8 +491,9 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
     ``collector_id`` (default host:pid-random) and a heartbeat every ``heartbeat_interval`` seconds; runs
     streaming to a collector whose heartbeat is older than ``heartbeat_timeout`` (default 3 intervals) are
     not connected; rollouts made through other collectors are also resynced every ``resync_interval``
-    seconds; the rollup and evaluation loops run only while they hold their lease, whose ttl is
-    ``lease_intervals`` of the loop's interval.
+    seconds; the rollup and evaluation loops run only while they hold their lease, which lapses
+    ``lease_ttl`` seconds after its last renewal (default: 3 of the longer loop interval) and then passes
+    to another collector.
     """
     store = store if store is not None else Store(db_path, synchronous=synchronous)
     refusals = audit.AuthFailureLog(store.submit)  # aggregated per caller and minute; flushed by its thread
@@ -536,10 +553,11 @@ def serve_collector(db_path: str | Path, listen: str = "127.0.0.1:50051", *, aut
     refusals.start()
     server.start()
     rollup = RollupLoop(store, retention, rollup_interval,
-                        housekeeping=lambda now: registry.remove_retired_artifacts(retired_artifact_retention, now),
-                        lease=agents.fleet.lease(leases.BACKGROUND, lease_intervals * rollup_interval))
+                        housekeeping=lambda now: (registry.remove_retired_artifacts(retired_artifact_retention, now),
+                                                  agents.fleet.prune(now)),
+                        lease=agents.fleet.lease(leases.BACKGROUND, lease_ttl or 3 * rollup_interval))
     evaluation = (EvaluationLoop(evaluator, drift_interval, evaluation_keep_seconds,
-                                 lease=agents.fleet.lease(leases.BACKGROUND, lease_intervals * drift_interval))
+                                 lease=agents.fleet.lease(leases.BACKGROUND, lease_ttl or 3 * drift_interval))
                   if drift_interval > 0 else None)
     log.info("collector listening on %s:%d (db %s, %s)", host, port, db_path,
              "tokens required" if auth else "unauthenticated, loopback")

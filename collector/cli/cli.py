@@ -125,15 +125,17 @@ def status_command(args: argparse.Namespace) -> int:
         print_json(plain(reply))
         return 0
     now = time.time_ns()
+    fleet = len(reply.collectors) > 1  # several collectors share the database: say which holds each stream
     if reply.agents:
         # MODEL: the version served; WANTS: what the collector asked a managed agent to serve
         print(table(["AGENT", "RUN", "HOST", "MODEL", "WANTS", "ROLLOUT", "SHADOW", "CONNECTED", "LAST WINDOW",
-                     "WINDOWS", "ROWS", "DROPPED", "SPOOL", "RESTARTS"],
+                     "WINDOWS", "ROWS", "DROPPED", "SPOOL", "RESTARTS"] + ["COLLECTOR"] * fleet,
                     [[a.agent_id, a.run_id[:8], a.host or "-", f"{a.model_name}@{a.model_version or '-'}",
                       (a.desired_version or "none") if a.managed else "-", rollout_state(a),
                       f"{a.shadow_version} ({a.shadow_share:.0%})" if a.shadow_version else "-",
                       "yes" if a.connected else "no", age(a.last_window_end_unix_nano, now), a.windows, a.rows,
-                      a.dropped_rows + a.spool.dropped_rows, a.spool.windows, a.restarts] for a in reply.agents]))
+                      a.dropped_rows + a.spool.dropped_rows, a.spool.windows, a.restarts]
+                     + [a.collector_id or "-"] * fleet for a in reply.agents]))
         for a in reply.agents:
             if a.model_error:
                 print(f"  {a.agent_id} run {a.run_id[:8]}: the last command failed, it serves "
@@ -148,9 +150,17 @@ def status_command(args: argparse.Namespace) -> int:
     else:
         print("no windows stored yet")
     print()
+    if fleet:
+        held = {lease.holder: lease.name for lease in reply.leases if lease.live}
+        print(table(["COLLECTOR", "ADDRESS", "STATE", "HEARTBEAT", "STARTED", "LEASE"],
+                    [[m.collector_id + (" (this one)" if m.collector_id == reply.collector_id else ""), m.address,
+                      "live" if m.live else "stopped" if m.stopped else "silent", age(m.heartbeat_unix_nano, now),
+                      age(m.started_unix_nano, now), held.get(m.collector_id, "-")] for m in reply.collectors]))
+        print()
     c = reply.counters
-    print(f"collector {reply.collector_version}: windows stored {c.windows_stored}, duplicate {c.windows_duplicate}, "
-          f"rejected {c.windows_rejected}; auth failures {c.auth_failures}; write queue {c.write_queue_depth}")
+    print(f"collector {reply.collector_id} {reply.collector_version}: windows stored {c.windows_stored}, "
+          f"duplicate {c.windows_duplicate}, rejected {c.windows_rejected}; auth failures {c.auth_failures}; "
+          f"write queue {c.write_queue_depth} (counters of this collector since it started)")
     return 0
 
 

@@ -106,6 +106,20 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     add_flag(serve, "--collector-id", prefix=COLLECTOR_ENV, type=_collector_id, metavar="ID",
              help="this collector's name among several on one PostgreSQL database (leases, heartbeats, which "
                   "collector holds each agent's stream); default HOST:PID-RANDOM")
+    add_flag(serve, "--heartbeat-interval", prefix=COLLECTOR_ENV, default="5", type=positive(float), metavar="S",
+             help="seconds between this collector's heartbeats in the database; another collector counts this "
+                  "one's agents as connected while its heartbeat is fresh")
+    add_flag(serve, "--heartbeat-timeout", prefix=COLLECTOR_ENV, type=positive(float), metavar="S",
+             help="a collector whose heartbeat is older than S seconds is gone: its agents are not connected "
+                  "(default: 3 heartbeat intervals; use the same value on every collector)")
+    add_flag(serve, "--lease-ttl", prefix=COLLECTOR_ENV, type=positive(float), metavar="S",
+             help="the background loops (rollups, retention, drift evaluation, alerts, policies) run on one "
+                  "collector at a time, under a lease it renews every pass; if it dies the lease lapses after "
+                  "S seconds and another collector takes over (default: 3 times the longer of --rollup-interval "
+                  "and --drift-interval; must be longer than both)")
+    add_flag(serve, "--resync-interval", prefix=COLLECTOR_ENV, default="10", type=positive(float), metavar="S",
+             help="on PostgreSQL, seconds between checks for rollouts and profiles made through other collectors "
+                  "that no notification brought (a listener that was reconnecting)")
     serve.set_defaults(func=serve_command)
 
 
@@ -149,6 +163,7 @@ def serve_command(args: argparse.Namespace) -> int:
     retention = RetentionPolicy(raw_seconds=args.raw_retention, minute_seconds=args.minute_retention,
                                 hour_seconds=args.hour_retention, day_seconds=args.day_retention,
                                 sample_seconds=args.sample_retention)
+    _check_fleet_timing(args)
     check_listen(args.listen)
     if args.http and auth is None and not is_loopback(args.http):
         raise UsageError(f"refusing to serve the web page on {args.http} without --auth-file: anyone who can reach "
@@ -173,7 +188,10 @@ def serve_command(args: argparse.Namespace) -> int:
                                       limits=Limits(max_clock_skew_seconds=args.max_clock_skew,
                                                     max_window_age_seconds=float(args.day_retention)),
                                       synchronous=args.synchronous.upper(),
-                                      collector_id=args.collector_id or "")
+                                      collector_id=args.collector_id or "",
+                                      heartbeat_interval=args.heartbeat_interval,
+                                      heartbeat_timeout=args.heartbeat_timeout,
+                                      resync_interval=args.resync_interval, lease_ttl=args.lease_ttl)
         except OSError as exc:
             flag = "--http" if "web page" in str(exc) else "--listen"
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with {flag}") from None
@@ -193,6 +211,19 @@ def serve_command(args: argparse.Namespace) -> int:
             if metrics is not None:
                 metrics.close()
     return 0
+
+
+def _check_fleet_timing(args: argparse.Namespace) -> None:
+    """A heartbeat timeout or lease that lapses between renewals would make agents flicker between
+    connected and not, or hand the background loops from collector to collector at every pass."""
+    if args.heartbeat_timeout is not None and args.heartbeat_timeout <= args.heartbeat_interval:
+        raise UsageError(f"--heartbeat-timeout {args.heartbeat_timeout:g} must be longer than --heartbeat-interval "
+                         f"{args.heartbeat_interval:g} (3 intervals is the default)")
+    longest = max(args.rollup_interval, args.drift_interval)
+    if args.lease_ttl is not None and args.lease_ttl <= longest:
+        raise UsageError(f"--lease-ttl {args.lease_ttl:g} must be longer than the longest loop interval "
+                         f"({longest:g} s, from --rollup-interval/--drift-interval), or the lease lapses between "
+                         "passes; leave it out for 3 intervals")
 
 
 def _webhook(args: argparse.Namespace) -> Any:

@@ -28,15 +28,26 @@ def heartbeat(db: Conn, collector_id: str, address: str, started_ns: int, now_ns
                              "heartbeat_ns": now_ns}, key=["id"])
 
 
-def leave(db: Conn, collector_id: str) -> None:
-    """A clean stop: the collector's streams are closed; its row stays, with no heartbeat."""
-    db.execute("UPDATE collectors SET heartbeat_ns = 0 WHERE id = ?", [collector_id])
+def leave(db: Conn, collector_id: str, now_ns: int) -> None:
+    """A clean stop: the collector's streams are closed. Its row stays, its heartbeat negated (minus the
+    time it stopped): never fresh, so no one waits out the timeout, and ``prune`` still knows its age."""
+    db.execute("UPDATE collectors SET heartbeat_ns = ? WHERE id = ?", [-now_ns, collector_id])
 
 
 def collector_rows(db: Conn, fresh_after_ns: int) -> Iterator[dict[str, Any]]:
-    """Every collector known, newest heartbeat first, with ``live``: its heartbeat is after ``fresh_after_ns``."""
-    for r in db.query("SELECT id, address, started_ns, heartbeat_ns FROM collectors ORDER BY heartbeat_ns DESC, id"):
-        yield {**r, "live": r["heartbeat_ns"] > fresh_after_ns}
+    """Every collector known, live ones first, then by last heartbeat: ``live`` (its heartbeat is after
+    ``fresh_after_ns``), ``stopped`` (it left cleanly) and ``heartbeat_ns`` (the last one, or when it stopped)."""
+    rows = db.query("SELECT id, address, started_ns, heartbeat_ns FROM collectors")
+    found = [{**r, "live": r["heartbeat_ns"] > fresh_after_ns, "stopped": r["heartbeat_ns"] < 0,
+              "heartbeat_ns": abs(r["heartbeat_ns"])} for r in rows]
+    yield from sorted(found, key=lambda r: (not r["live"], -r["heartbeat_ns"], r["id"]))
+
+
+def prune(db: Conn, before_ns: int) -> int:
+    """Forget collectors not heard from (or stopped) before ``before_ns``: each restart with a default id
+    adds a row, and Status lists them all. Their agents' rows keep the id; the run is not connected."""
+    return db.execute("DELETE FROM collectors WHERE heartbeat_ns BETWEEN ? AND ?",
+                      [-before_ns, before_ns]).rowcount
 
 
 def stream_opened(db: Conn, agent_id: str, run_id: str, collector_id: str) -> None:

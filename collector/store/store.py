@@ -504,6 +504,7 @@ class Store:
                 spool=collector_pb2.SpoolStatus(**{f: r[f"spool_{f}"] for f in _SPOOL_FIELDS}),
                 managed=bool(r["managed"]), desired_version=r["desired_version"], model_error=r["model_error"],
                 shadow_version=r["shadow_version"], shadow_share=r["shadow_share"],
+                collector_id=r["collector_id"] or "",
             )
 
     def model_totals(self) -> list[collector_pb2.ModelVersionTotals]:

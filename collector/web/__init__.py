@@ -21,4 +21,4 @@ def start_web(listen: str, store: Store, auth: AuthConfig | None, interceptor: A
                 "write_queue_depth": store.queue_depth()}
 
     return serve_web(listen, store, WebAccess(auth, interceptor), counters=counters, connected=agents.live.connected,
-                     tls=tls)
+                     members=agents.fleet.members, tls=tls)

@@ -32,7 +32,8 @@ def login_form(message: str, next_path: str) -> Markup:
 
 
 def fleet_page(store: Store, now_ns: int, counters: dict[str, int],
-               connected: Callable[[str, str], bool] | None) -> tuple[str, Markup]:
+               connected: Callable[[str, str], bool] | None,
+               members: list[dict[str, Any]] | None = None) -> tuple[str, Markup]:
     db = store.read()
     agents = data.latest_agents(db)
     for a in agents:  # the stream registry knows better than the table, which a crash leaves stale
@@ -78,12 +79,26 @@ def fleet_page(store: Store, now_ns: int, counters: dict[str, int],
         el("h2", "Open alerts"),
         table(["ID", "MODEL", "VERSION", "COLUMN", "KIND", "STATE", "OPENED", "SUMMARY"], open_alerts,
               empty="no open alerts"),
-        el("p", "collector: windows stored ", num(counters.get("windows_stored", 0)), ", duplicate ",
+        *_collectors(members or [], now_ns),
+        el("p", "this collector: windows stored ", num(counters.get("windows_stored", 0)), ", duplicate ",
            num(counters.get("windows_duplicate", 0)), ", rejected ", num(counters.get("windows_rejected", 0)),
            "; auth failures ", num(counters.get("auth_failures", 0)), "; write queue ",
            num(counters.get("write_queue_depth", 0)), class_="muted"),
     ]
     return "Fleet", el("div", *body)
+
+
+def _collectors(members: list[dict[str, Any]], now_ns: int) -> list[Markup]:
+    """Several collectors sharing the database (PostgreSQL): which are live and which runs the background
+    loops. Nothing for one collector alone."""
+    if len(members) < 2:
+        return []
+    state = {True: el("span", "live", class_="good")}
+    rows = [[m["id"], m["address"], state.get(m["live"]) or el("span", "stopped" if m["stopped"] else "silent",
+                                                              class_="muted" if m["stopped"] else "bad"),
+             ago(m["heartbeat_ns"], now_ns), ago(m["started_ns"], now_ns), ", ".join(m["leases"]) or "-"]
+            for m in members]
+    return [el("h2", "Collectors"), table(["COLLECTOR", "ADDRESS", "STATE", "HEARTBEAT", "STARTED", "LEASES"], rows)]
 
 
 def _approval_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:

@@ -85,8 +85,9 @@ class WebServer:
     def __init__(self, listen: str, store: Store, access: WebAccess, *,
                  counters: Callable[[], dict[str, int]] = dict,
                  connected: Callable[[str, str], bool] | None = None, tls: TLSFiles | None = None,
-                 refresh: int | None = 10, protocol: type[GuardedH11Protocol] = GuardedH11Protocol) -> None:
-        self.site = Site(store, access, counters, connected, refresh, secure=tls is not None)
+                 refresh: int | None = 10, protocol: type[GuardedH11Protocol] = GuardedH11Protocol,
+                 members: Callable[[int], list[dict[str, Any]]] | None = None) -> None:
+        self.site = Site(store, access, counters, connected, refresh, secure=tls is not None, members=members)
         self.tls = tls
         host, _, port = listen.rpartition(":")
         self.host = host.strip("[]")

@@ -74,6 +74,7 @@ class Site:
     connected: Callable[[str, str], bool] | None = None
     refresh: int | None = 10
     secure: bool = False  # served over TLS: cookies get Secure
+    members: Callable[[int], list[dict[str, Any]]] | None = None  # the collectors sharing the database
 
     def cookie(self, session: str, max_age: int) -> str:
         secure = "; Secure" if self.secure else ""
@@ -159,7 +160,8 @@ def _get(site: Site, request: Request) -> Response:
 def _route(site: Site, path: str, query: dict[str, str]) -> tuple[str, Markup]:
     now = time.time_ns()
     if path == "/":
-        return fleet_page(site.store, now, site.counters(), site.connected)
+        return fleet_page(site.store, now, site.counters(), site.connected,
+                          site.members(now) if site.members is not None else [])
     if path.startswith("/models/") and len(path) > len("/models/"):
         return model_page(site.store, unquote(path[len("/models/"):]), query.get("version", ""), now)
     if path == "/approvals":
