@@ -61,8 +61,19 @@ def missing(venv: Path | None = None) -> str | None:
 
 
 def setup(venv: Path | None = None) -> int:
-    """Create the venv (python3 -m venv) and install the pinned MLServer and onnxruntime into it."""
+    """Create the venv (python3 -m venv) and install the pinned MLServer and onnxruntime into it. Holds a
+    lock file beside the venv meanwhile: test workers in parallel install one after the other (the later
+    ones find everything installed), never two pips into one venv at once."""
+    import fcntl
+
     venv = venv or venv_path()
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _install(venv)
+
+
+def _install(venv: Path) -> int:
     if not venv_python(venv).exists():
         subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
     wanted = pins()
