@@ -314,7 +314,7 @@ sys.path.insert(0, sys.argv[1])
 import pg_support
 pg_support.find_bindir = lambda: None  # as on a machine without Debian's postgresql package
 import pytest
-sys.exit(pytest.main([sys.argv[2], "-k", "fresh_database", "-p", "no:cacheprovider", "-q", "-rs"]))
+sys.exit(pytest.main([sys.argv[2], "-k", "fresh_database", "-p", "no:cacheprovider", "-q", "-rs", "-n", "0"]))
 """
 
 
