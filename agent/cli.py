@@ -167,6 +167,43 @@ def pem_path(flag: str, value: str | None) -> Path | None:
     return path
 
 
+SYSTEM_CAS = "system"  # a --*-tls-ca value: TLS trusting the system's CAs
+
+
+def add_client_tls_flags(parser: argparse.ArgumentParser, flag: str, peer: str) -> None:
+    """``FLAG-tls-ca``, ``FLAG-tls-cert`` and ``FLAG-tls-key``: TLS to ``peer`` (read by ``client_tls``)."""
+    add_flag(parser, f"{flag}-tls-ca", prefix=AGENT_ENV, metavar="PEM|system",
+             help=f"connect to {peer} over TLS, trusting the CA certificates in this PEM file, or 'system' for the "
+                  f"system's trusted CAs (default: plaintext)")
+    add_flag(parser, f"{flag}-tls-cert", prefix=AGENT_ENV, metavar="PEM",
+             help=f"this client's certificate for {peer} (mutual TLS; needs {flag}-tls-key and {flag}-tls-ca)")
+    add_flag(parser, f"{flag}-tls-key", prefix=AGENT_ENV, metavar="PEM", help=f"the private key of {flag}-tls-cert")
+
+
+def client_tls(args: argparse.Namespace, flag: str) -> Any:
+    """The ``agent.exporter.TLSConfig`` that ``FLAG-tls-*`` ask for (None: plaintext), its files checked now."""
+    from agent.exporter import TLSConfig
+
+    name = flag.lstrip("-").replace("-", "_")
+    ca, cert, key = (getattr(args, f"{name}_tls_{part}", None) for part in ("ca", "cert", "key"))
+    if (cert is None) != (key is None):
+        raise UsageError(f"{flag}-tls-cert and {flag}-tls-key go together (mutual TLS); give both or neither")
+    if ca is None:
+        if cert is not None:
+            raise UsageError(f"{flag}-tls-cert needs {flag}-tls-ca (a PEM file, or 'system' for the system's CAs)")
+        return None
+    if not getattr(args, name, None) and not getattr(args, f"{name}_http", None):
+        raise UsageError(f"{flag}-tls-ca goes with {flag}: there is no {flag[2:]} to connect to")
+    config = TLSConfig(root_cert=None if ca == SYSTEM_CAS else pem_path(f"{flag}-tls-ca", ca),
+                       client_cert=pem_path(f"{flag}-tls-cert", cert), client_key=pem_path(f"{flag}-tls-key", key))
+    try:  # loaded once now, so a CA file or key pair that does not load stops the start, not each connection
+        config.ssl_context()
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        what = f"{flag}-tls-cert and {flag}-tls-key" if cert else f"{flag}-tls-ca"
+        raise UsageError(f"{what} do not load as TLS files: {_first_line(exc)}") from None
+    return config
+
+
 def client_credentials(ca: str | Path | None = None, cert: str | Path | None = None,
                        key: str | Path | None = None) -> Any:
     """TLS for a gRPC client (``grpc.ChannelCredentials``): trust ``ca`` (default: the system roots),
@@ -223,6 +260,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                   "(default: ./outrider-spool/AGENT_ID-MODEL_NAME)")
     add_flag(serve, "--token", prefix=AGENT_ENV, metavar="TOKEN", secret=True,
              help="bearer token for the collector (prefer the environment variable: flags show in ps)")
+    add_client_tls_flags(serve, "--collector", "the collector")
     add_flag(serve, "--workers", prefix=AGENT_ENV, default="8", type=positive(int), metavar="N",
              help="request worker threads")
     add_flag(serve, "--max-message-mb", prefix=AGENT_ENV, default="64", type=positive(float), metavar="MB",
@@ -344,7 +382,8 @@ def serve_command(args: argparse.Namespace) -> int:
             supervisor.stop_when_orphaned(stop)
         session = _open_session(model, name, args.model_version, args.window_seconds, args.summarizer,
                                 agent_id=args.agent_id, collector=args.collector, spool_dir=args.spool_dir,
-                                collector_token=args.token, join_seconds=args.join_seconds,
+                                collector_token=args.token, collector_tls=client_tls(args, "--collector"),
+                                join_seconds=args.join_seconds,
                                 sample_rows=args.sample_rows, feedback_limits=_feedback_limits(args),
                                 feature_names=names, reference=reference, monitoring=not args.no_monitoring,
                                 **runtime.session_kwargs())
@@ -408,7 +447,8 @@ def _serve_managed(args: argparse.Namespace) -> int:
             supervisor.stop_when_orphaned(stop)
         try:
             agent = RolloutController(args.model_name, args.collector, agent_id=args.agent_id,
-                                      spool_dir=args.spool_dir, token=args.token, session_options=options)
+                                      spool_dir=args.spool_dir, token=args.token,
+                                      tls=client_tls(args, "--collector"), session_options=options)
         except OutriderError as exc:  # e.g. the spool directory is in use by another agent
             _close(metrics)
             raise UsageError(f"{exc}; pass another --spool-dir") from None

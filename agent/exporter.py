@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import random
+import ssl
 import zlib
 import threading
 import time
@@ -93,6 +94,15 @@ class TLSConfig:
         return grpc.ssl_channel_credentials(root_certificates=read(self.root_cert),
                                             private_key=read(self.client_key),
                                             certificate_chain=read(self.client_cert))
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same for an HTTP client (``ssl``): the peer's certificate and host name are verified."""
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("TLS client_cert and client_key go together")
+        context = ssl.create_default_context(cafile=os.fspath(self.root_cert) if self.root_cert else None)
+        if self.client_cert is not None:
+            context.load_cert_chain(os.fspath(self.client_cert), os.fspath(self.client_key))  # type: ignore[arg-type]
+        return context
 
 
 TLS = TLSConfig | Mapping[str, Any] | bool | None

@@ -11,15 +11,15 @@ import logging
 from typing import Any
 
 from agent.cli import (AGENT_ENV, UsageError, _close, _feature_names, _feedback_limits, _first_line, _port_access,
-                       _reference, add_flag, check_listen, collector_address, configure_logging, listen_address,
-                       positive, share_flags, stop_signals)
+                       _reference, add_client_tls_flags, add_flag, check_listen, client_tls, collector_address,
+                       configure_logging, listen_address, positive, share_flags, stop_signals)
 
 # `agent serve`'s flags that mean the same for a proxy.
 SHARED_FLAGS = ("--feature-names", "--listen", "--window-seconds", "--summarizer", "--agent-id", "--collector",
                 "--spool-dir", "--token", "--workers", "--max-message-mb", "--log-level", "--grace-seconds",
                 "--join-seconds", "--metrics", "--sample-rows", "--max-predictions", "--max-prediction-mb",
                 "--max-request-id-chars", "--max-classes", "--auth-file", "--tls-cert", "--tls-key",
-                "--tls-client-ca", "--reference")
+                "--tls-client-ca", "--reference", "--collector-tls-ca", "--collector-tls-cert", "--collector-tls-key")
 
 
 def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParser) -> None:
@@ -39,10 +39,11 @@ def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParse
                     "Stops gracefully on SIGTERM/SIGINT.",
     )
     add_flag(proxy, "--upstream", prefix=AGENT_ENV, type=collector_address, metavar="HOST:PORT",
-             help="the inference server's OIP gRPC address (plaintext), forwarded to from --listen; without it "
+             help="the inference server's OIP gRPC address, forwarded to from --listen; without it "
                   "--listen serves only feedback and health, and the model's schema is read over REST")
     add_flag(proxy, "--upstream-http", prefix=AGENT_ENV, type=collector_address, metavar="HOST:PORT",
-             help="the inference server's OIP HTTP/REST address (plain HTTP), forwarded to from --http-listen")
+             help="the inference server's OIP HTTP/REST address, forwarded to from --http-listen")
+    add_client_tls_flags(proxy, "--upstream", "the inference server (--upstream and --upstream-http: https)")
     add_flag(proxy, "--http-listen", prefix=AGENT_ENV, type=listen_address, metavar="HOST:PORT",
              help="also forward OIP over HTTP/REST (every /v2/... path) on this address to --upstream-http, "
                   "with the gRPC port's --auth-file and TLS; port 0 picks a free port")
@@ -108,6 +109,8 @@ def proxy_command(args: argparse.Namespace) -> int:
     if args.http_listen is not None:
         check_listen(args.http_listen, "--http-listen")
     access = _port_access(args)
+    collector_tls = client_tls(args, "--collector")
+    upstream_tls = client_tls(args, "--upstream")
     reference_flag = _reference(args)
     limits = _feedback_limits(args)
 
@@ -121,7 +124,8 @@ def proxy_command(args: argparse.Namespace) -> int:
                         "reference": reference if reference is not None else reference_flag}
         else:
             delivery = {"agent_id": args.agent_id, "collector": args.collector, "spool_dir": args.spool_dir,
-                        "collector_token": args.token, "feature_names": names, "reference": reference_flag}
+                        "collector_token": args.token, "collector_tls": collector_tls, "feature_names": names,
+                        "reference": reference_flag}
         return MonitoredSession(model, model_name=args.model_name, model_version=version,
                                 window_seconds=args.window_seconds, summarizer=args.summarizer,
                                 join_seconds=args.join_seconds, sample_rows=args.sample_rows,
@@ -131,12 +135,14 @@ def proxy_command(args: argparse.Namespace) -> int:
     calls = proxy_calls_counter(metrics.registry if metrics is not None else CollectorRegistry())
     with stop_signals() as stop:
         try:
-            watched = None if args.upstream else RestUpstream(args.upstream_http, args.upstream_timeout_seconds)
+            watched = None if args.upstream else RestUpstream(args.upstream_http, args.upstream_timeout_seconds,
+                                                              upstream_tls)
             running = serve_proxy(args.upstream or args.upstream_http, args.model_name, open_session, args.listen,
                                   model_version=args.model_version, workers=args.workers,
                                   upstream_timeout=args.upstream_timeout_seconds,
                                   max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics,
-                                  calls=calls, watched=watched, managed=args.managed, **access)
+                                  calls=calls, watched=watched, managed=args.managed, upstream_tls=upstream_tls,
+                                  **access)
         except OSError as exc:
             _close(metrics)
             raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
@@ -149,6 +155,7 @@ def proxy_command(args: argparse.Namespace) -> int:
             try:
                 rollout = ProxyRollout(args.model_name, args.collector, running.monitor, running.upstream,
                                        agent_id=args.agent_id, spool_dir=args.spool_dir, token=args.token,
+                                       tls=collector_tls,
                                        version_template=args.upstream_version,
                                        load_timeout=args.upstream_load_timeout_seconds)
             except (OSError, OutriderError) as exc:  # e.g. a spool directory in use or unwritable
@@ -163,7 +170,8 @@ def proxy_command(args: argparse.Namespace) -> int:
         if args.http_listen is not None:
             try:
                 rest = serve_proxy_rest(args.upstream_http, running.monitor, calls, args.http_listen,
-                                        upstream_timeout=args.upstream_timeout_seconds, workers=args.workers,
+                                        upstream_timeout=args.upstream_timeout_seconds, upstream_tls=upstream_tls,
+                                        workers=args.workers,
                                         max_body_bytes=int(args.max_message_mb * 1024 * 1024), **access)
             except OSError as exc:
                 running.stop(0)

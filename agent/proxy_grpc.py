@@ -41,6 +41,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from agent import tensors
 from agent.dataplane import ModelMetadata
 from agent.errors import OutriderError
+from agent.exporter import TLSConfig
 from agent.guard import DecodeGuard
 from agent.proxy import ObservedCall, ProxyMonitor
 from agent.server import FEEDBACK_METHOD, MAX_FEEDBACK_BYTES, SERVICE_NAME, FeedbackServicer, _credentials
@@ -70,17 +71,19 @@ class Upstream:
     """The channel to the upstream OIP server and the calls the proxy makes on its own behalf."""
 
     def __init__(self, address: str, *, timeout: float = DEFAULT_UPSTREAM_TIMEOUT,
-                 max_message_bytes: int = -1) -> None:
+                 max_message_bytes: int = -1, tls: TLSConfig | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=[
+        options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             # a restarted upstream is found again within a second, not after gRPC's default back-off of minutes
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 1000),
             ("grpc.min_reconnect_backoff_ms", 200),
-        ])
+        ]
+        self.channel = (grpc.secure_channel(address, tls.credentials(), options) if tls is not None
+                        else grpc.insecure_channel(address, options))
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
     def model_ready(self, name: str) -> bool:
@@ -382,7 +385,8 @@ def serve_proxy(upstream: str, model_name: str, open_session: Callable[..., Any]
                 *, model_version: str | None = None, workers: int = 16,
                 upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT, max_receive_bytes: int = 64 * 1024 * 1024,
                 metrics: Any = None, auth: ClientAuth | None = None, tls: TLSFiles | None = None,
-                calls: Counter | None = None, watched: Any = None, managed: bool = False) -> ProxyServer:
+                calls: Counter | None = None, watched: Any = None, managed: bool = False,
+                upstream_tls: TLSConfig | None = None) -> ProxyServer:
     """Proxy ``listen`` to the OIP server at ``upstream`` (HOST:PORT), summarising ``model_name``'s calls
     through the sessions ``open_session(model, version)`` opens (``agent.proxy.SessionFactory``).
 
@@ -392,11 +396,11 @@ def serve_proxy(upstream: str, model_name: str, open_session: Callable[..., Any]
     ``watched``: the upstream to read readiness and metadata from instead of a gRPC one (``agent.proxy_rest``'s
     ``RestUpstream``, when only REST is forwarded); the port then forwards nothing, serving feedback and health.
     ``managed``: the schema is not read by the proxy but set by ``agent.proxy_rollout.ProxyRollout`` for each
-    version the collector names."""
+    version the collector names. ``upstream_tls``: call the upstream over TLS (else plaintext)."""
     from prometheus_client import CollectorRegistry
 
     link = watched if watched is not None else Upstream(upstream, timeout=upstream_timeout,
-                                                        max_message_bytes=max_receive_bytes)
+                                                        max_message_bytes=max_receive_bytes, tls=upstream_tls)
     monitor = ProxyMonitor(model_name, open_session, model_version=model_version)
     registry = metrics.registry if metrics is not None else CollectorRegistry()
     if calls is None:  # else the REST front's: both count in one family

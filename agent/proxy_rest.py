@@ -45,6 +45,7 @@ from yarl import URL
 from agent import tensors
 from agent.dataplane import ModelMetadata
 from agent.errors import NotFound, OutriderError, Unavailable
+from agent.exporter import TLSConfig
 from agent.proxy import ObservedCall, ProxyMonitor
 from agent.rest import codec
 from agent.rest.app import RestApp, _error
@@ -116,10 +117,13 @@ class ProxyRestApp(RestApp):
     """The ASGI app: ``RestApp``'s budgets and tokens, every /v2 call forwarded to ``upstream`` (HOST:PORT)."""
 
     def __init__(self, upstream: str, monitor: ProxyMonitor, calls: Any, pool: concurrent.futures.Executor, *,
-                 timeout: float, max_body_bytes: int, auth: ClientAuth | None = None) -> None:
+                 timeout: float, max_body_bytes: int, auth: ClientAuth | None = None,
+                 upstream_tls: TLSConfig | None = None) -> None:
         super().__init__(None, pool, max_body_bytes=max_body_bytes, auth=auth)  # type: ignore[arg-type]
         self.upstream, self.monitor, self.timeout = upstream, monitor, timeout
-        self._base = f"http://{upstream}"
+        # read now: a CA or key file that does not load fails the start, not every call
+        self._ssl = upstream_tls.ssl_context() if upstream_tls is not None else None
+        self._base = f"{'https' if upstream_tls is not None else 'http'}://{upstream}"
         self._calls = calls
         self._counters: dict[tuple[str, str], Any] = {}
         # host and length are the new hop's; Expect: 100-continue was answered on the client's hop (the whole
@@ -153,7 +157,8 @@ class ProxyRestApp(RestApp):
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._session = aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=MAX_UPSTREAM_CONNECTIONS, ttl_dns_cache=60),
+                    connector=aiohttp.TCPConnector(limit=MAX_UPSTREAM_CONNECTIONS, ttl_dns_cache=60,
+                                                   ssl=self._ssl if self._ssl is not None else True),
                     auto_decompress=False,  # bytes as the upstream sent them
                     skip_auto_headers=NOT_ADDED,
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout))
@@ -254,13 +259,15 @@ class RestUpstream:
     """The upstream's REST endpoint as ``agent.proxy_grpc._Watch`` reads it: readiness and metadata (stdlib,
     once a second on the watch's thread)."""
 
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, address: str, timeout: float, tls: TLSConfig | None = None) -> None:
         self.address = address
         self.timeout = min(timeout, 5.0)
+        self._ssl = tls.ssl_context() if tls is not None else None
+        self._base = f"{'https' if tls is not None else 'http'}://{address}"
 
     def _get(self, path: str) -> tuple[int, bytes]:
         try:
-            with urllib.request.urlopen(f"http://{self.address}{path}", timeout=self.timeout) as reply:
+            with urllib.request.urlopen(self._base + path, timeout=self.timeout, context=self._ssl) as reply:
                 return reply.status, reply.read()
         except urllib.error.HTTPError as err:
             return err.code, err.read()
@@ -300,10 +307,12 @@ class RestUpstream:
 
 def serve_proxy_rest(upstream: str, monitor: ProxyMonitor, calls: Any, listen: str, *,
                      upstream_timeout: float = 30.0, workers: int = 8, max_body_bytes: int = 64 * 1024 * 1024,
-                     auth: ClientAuth | None = None, tls: TLSFiles | None = None) -> RestServer:
+                     auth: ClientAuth | None = None, tls: TLSFiles | None = None,
+                     upstream_tls: TLSConfig | None = None) -> RestServer:
     """Forward REST on ``listen`` to the upstream's REST at ``upstream`` (HOST:PORT), offering the calls of
     ``monitor``'s model to it and counting every call in ``calls`` (the ``outrider_proxy_calls`` counter).
-    Raises ``OSError`` when it cannot listen."""
+    Raises ``OSError`` when it cannot listen; ``upstream_tls``: https to the upstream (else plain http)."""
     return RestServer(None, listen, workers=workers, max_body_bytes=max_body_bytes, tls=tls,  # type: ignore[arg-type]
                       app=lambda pool: ProxyRestApp(upstream, monitor, calls, pool, timeout=upstream_timeout,
-                                                    max_body_bytes=max_body_bytes, auth=auth))
+                                                    max_body_bytes=max_body_bytes, auth=auth,
+                                                    upstream_tls=upstream_tls))
