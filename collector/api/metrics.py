@@ -124,7 +124,8 @@ class _StateCollector:
         yield CounterMetricFamily("outrider_collector_rollup_buckets_skipped", "rollup buckets whose merge failed "
                                   "(a window stored by an older collector that cannot be merged); retried each pass, "
                                   "the other buckets roll up", value=counters.get("rollup_buckets_skipped", 0))
-        yield GaugeMetricFamily("outrider_collector_agents_connected", "agent streams open now",
+        yield GaugeMetricFamily("outrider_collector_agents_connected", "agent streams open on this collector now "
+                                "(several collectors on one database: sum them for the fleet)",
                                 value=len(self.agents.live))
         fleet = getattr(self.agents, "fleet", None)
         if fleet is not None and fleet.leases:
