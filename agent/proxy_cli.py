@@ -54,9 +54,10 @@ def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParse
                   "of other versions pass through unmonitored (counted)")
     proxy.add_argument("--managed", action="store_true",
                        help="the collector names the version (promotions, rollbacks): load it on the upstream with "
-                            "RepositoryModelLoad over --upstream (gRPC), wait until it is ready, then monitor it and "
+                            "the model-repository extension (over --upstream, gRPC; with only --upstream-http, over "
+                            "REST), wait until it is ready, then monitor it and "
                             "pin calls naming no version to it; answers like a managed agent ('outrider rollout "
-                            "show', 'outrider status'). Needs --collector and --upstream; replaces --model-version")
+                            "show', 'outrider status'). Needs --collector; replaces --model-version")
     add_flag(proxy, "--upstream-version", prefix=AGENT_ENV, default="{version}", metavar="TEMPLATE",
              help="with --managed: the upstream's version string for a registry version, {version} (and {model}) "
                   "filled in, e.g. 'v{version}'; the upstream's repository must hold it as a version of --model-name "
@@ -95,9 +96,8 @@ def proxy_command(args: argparse.Namespace) -> int:
     if args.managed:
         from agent.proxy_rollout import check_template
 
-        if args.collector is None or args.upstream is None:
-            raise UsageError("--managed needs --collector (it names the version) and --upstream (the inference "
-                             "server's gRPC address, where versions are loaded)")
+        if args.collector is None:
+            raise UsageError("--managed needs --collector: the collector names the version to load and monitor")
         if args.model_version is not None:
             raise UsageError("--managed and --model-version exclude each other: the collector names the version")
         try:

@@ -266,8 +266,16 @@ class RestUpstream:
         self._base = f"{'https' if tls is not None else 'http'}://{address}"
 
     def _get(self, path: str) -> tuple[int, bytes]:
+        return self.request("GET", path)
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                timeout: float | None = None) -> tuple[int, bytes]:
+        """One call to the upstream: its status and body (an HTTP error is an answer too); OSError when
+        it cannot be reached or does not answer within ``timeout`` (default: the metadata's bound)."""
+        request = urllib.request.Request(self._base + path, data=body, method=method,
+                                         headers={"Content-Type": "application/json"} if body is not None else {})
         try:
-            with urllib.request.urlopen(self._base + path, timeout=self.timeout, context=self._ssl) as reply:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout, context=self._ssl) as reply:
                 return reply.status, reply.read()
         except urllib.error.HTTPError as err:
             return err.code, err.read()

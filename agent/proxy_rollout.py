@@ -5,7 +5,8 @@ and the collector sends it the same commands. ``ProxyRollout`` carries out each 
 
 - ``serve`` (a promotion or rollback, naming registry version V): ask the upstream to load the model
   through the OIP model-repository extension (``RepositoryModelLoad`` of
-  ``inference.GRPCInferenceService``: Triton's, and MLServer 1.7's on the same service), wait until
+  ``inference.GRPCInferenceService``: Triton's, and MLServer 1.7's on the same service; over REST,
+  ``POST /v2/repository/models/{name}/load``, when the proxy forwards REST alone), wait until
   ``ModelReady`` says the upstream's version U of it is ready (U = ``--upstream-version`` with
   ``{version}`` replaced by V: by default U is V), read U's metadata, and only then switch what the
   proxy monitors to V (windows carry model_version V, columns named as the registry names them) and
@@ -27,6 +28,7 @@ model has a production version), calls pass through unpinned and unmonitored (``
 """
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import socket
@@ -34,6 +36,7 @@ import threading
 import time
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 
@@ -73,7 +76,50 @@ def check_template(template: str) -> str:
     return template
 
 
-class UpstreamRepository:
+class _Repository:
+    """What both protocols' repositories share: waiting until a loaded version is ready."""
+
+    address: str
+    call: Any = None  # a load in flight that ``close`` can cancel (gRPC only)
+
+    def ready(self, name: str, version: str) -> bool:
+        raise NotImplementedError
+
+    def listed(self, name: str) -> list[Any] | None:
+        """The repository index's entries of ``name`` (``.version``, ``.state``, ``.reason``); None: no index."""
+        raise NotImplementedError
+
+    def wait_ready(self, name: str, version: str, timeout: float) -> None:
+        """Return once the upstream says ``version`` of ``name`` is ready; raise saying why it is not,
+        at once when its index lists no such version or lists it UNAVAILABLE with a reason."""
+        deadline = time.monotonic() + timeout
+        while not self.ready(name, version):
+            entries = self.listed(name)
+            if entries is not None:
+                found = [m for m in entries if m.version == version]
+                if not found:
+                    held = sorted({m.version for m in entries if m.version}) or ["none"]
+                    raise FailedPrecondition(f"upstream {self.address} loaded model '{name}' but lists no version "
+                                             f"{version!r} of it (it lists: {', '.join(held)}); add it to the "
+                                             "upstream's repository (Triton: and to its version_policy), or map "
+                                             "registry versions with --upstream-version")
+                if found[0].state.upper() == "UNAVAILABLE" and found[0].reason:
+                    raise FailedPrecondition(f"upstream {self.address} could not load model '{name}' version "
+                                             f"{version}: {found[0].reason}")
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"upstream {self.address} did not make model '{name}' version {version} ready "
+                                  f"within {timeout:g} s (--upstream-load-timeout-seconds)")
+            time.sleep(READY_POLL_SECONDS)
+
+
+def repository_of(upstream: Any) -> _Repository:
+    """The model-repository extension of the proxy's upstream: over gRPC when the proxy forwards gRPC
+    (``--upstream``), else over REST (``--upstream-http`` alone)."""
+    channel = getattr(upstream, "channel", None)
+    return UpstreamRepository(channel, upstream.address) if channel is not None else RestRepository(upstream)
+
+
+class UpstreamRepository(_Repository):
     """The upstream's model-repository extension, over the proxy's gRPC channel to it."""
 
     def __init__(self, channel: grpc.Channel, address: str) -> None:
@@ -125,27 +171,65 @@ class UpstreamRepository:
             return None
         return [m for m in index.models if m.name == name]
 
-    def wait_ready(self, name: str, version: str, timeout: float) -> None:
-        """Return once the upstream says ``version`` of ``name`` is ready; raise saying why it is not,
-        at once when its index lists no such version or lists it UNAVAILABLE with a reason."""
-        deadline = time.monotonic() + timeout
-        while not self.ready(name, version):
-            entries = self.listed(name)
-            if entries is not None:
-                found = [m for m in entries if m.version == version]
-                if not found:
-                    held = sorted({m.version for m in entries if m.version}) or ["none"]
-                    raise FailedPrecondition(f"upstream {self.address} loaded model '{name}' but lists no version "
-                                             f"{version!r} of it (it lists: {', '.join(held)}); add it to the "
-                                             "upstream's repository (Triton: and to its version_policy), or map "
-                                             "registry versions with --upstream-version")
-                if found[0].state.upper() == "UNAVAILABLE" and found[0].reason:
-                    raise FailedPrecondition(f"upstream {self.address} could not load model '{name}' version "
-                                             f"{version}: {found[0].reason}")
-            if time.monotonic() >= deadline:
-                raise Unavailable(f"upstream {self.address} did not make model '{name}' version {version} ready "
-                                  f"within {timeout:g} s (--upstream-load-timeout-seconds)")
-            time.sleep(READY_POLL_SECONDS)
+class _Entry:
+    """One entry of a REST repository index (the JSON object's fields, as the gRPC message has them)."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.name, self.version = str(doc.get("name", "")), str(doc.get("version", "") or "")
+        self.state, self.reason = str(doc.get("state", "") or ""), str(doc.get("reason", "") or "")
+
+
+class RestRepository(_Repository):
+    """The same extension over HTTP/REST (``agent.proxy_rest.RestUpstream``): ``POST
+    /v2/repository/models/{name}/load``, ``POST /v2/repository/index``, ``GET .../versions/{v}/ready``."""
+
+    def __init__(self, upstream: Any) -> None:
+        self.upstream, self.address = upstream, upstream.address
+
+    def load(self, name: str, timeout: float) -> None:
+        path = f"/v2/repository/models/{quote(name, safe='')}/load"
+        try:
+            status, body = self.upstream.request("POST", path, b"{}", timeout=timeout)
+        except TimeoutError:
+            raise Unavailable(f"upstream {self.address} did not load model '{name}' within {timeout:g} s "
+                              "(--upstream-load-timeout-seconds)") from None
+        except OSError as exc:
+            raise Unavailable(f"upstream {self.address} is unreachable: {exc}") from None
+        if status == 200:
+            return
+        said = f"HTTP {status} {_error_text(body)}".rstrip()
+        if status in (404, 405, 501):  # no such model, or no such endpoint: the upstream's words tell which
+            said += (" (a server without the OIP model-repository extension over REST answers so too: Triton and "
+                     "MLServer have it; else drop --managed)")
+        raise FailedPrecondition(f"upstream {self.address} could not load model '{name}': {said}")
+
+    def ready(self, name: str, version: str) -> bool:
+        try:
+            path = f"/v2/models/{quote(name, safe='')}/versions/{quote(version, safe='')}/ready"
+            return self.upstream.request("GET", path)[0] == 200
+        except OSError:
+            return False
+
+    def listed(self, name: str) -> list[_Entry] | None:
+        try:
+            status, body = self.upstream.request("POST", "/v2/repository/index", b"{}")
+            entries = json.loads(body) if status == 200 else None
+        except (OSError, ValueError):
+            return None
+        if not isinstance(entries, list):
+            return None
+        return [_Entry(e) for e in entries if isinstance(e, dict) and e.get("name") == name]
+
+
+def _error_text(body: bytes) -> str:
+    """An OIP error body's message (``{"error": ...}``), else its first 200 characters."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        return doc["error"][:500]
+    return body[:200].decode("utf-8", "replace")
 
 
 class ProxyRollout:
@@ -162,7 +246,7 @@ class ProxyRollout:
 
         self.model_name, self.monitor, self.upstream = model_name, monitor, upstream
         self.template, self.load_timeout = check_template(version_template), load_timeout
-        self.repository = UpstreamRepository(upstream.channel, upstream.address)
+        self.repository = repository_of(upstream)
         self.agent_id = agent_id or socket.gethostname()
         self.run_id = uuid.uuid4().hex
         hello = collector_pb2.Hello(agent_id=self.agent_id, run_id=self.run_id, host=socket.gethostname(),

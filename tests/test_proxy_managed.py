@@ -184,6 +184,55 @@ def test_promotion_rollback_and_a_failed_load_through_mlserver(tmp_path: Path, m
         assert set(traffic.rows) == {"1", "2"}
 
 
+def test_over_rest_alone_promotion_and_rollback_load_the_version_through_the_rest_extension(
+        tmp_path: Path, mlserver: Any, models: dict[str, bytes]):
+    """The proxy forwarding only REST (no --upstream): loads go through ``POST /v2/repository/models/m/load``,
+    readiness and the index through REST too; unversioned REST calls are pinned as over gRPC."""
+    with running_collector(tmp_path) as (_, ops, address, _):
+        for data in models.values():
+            register(ops, data)
+        first = make_production(ops, 1)
+        proxy, line = start(["agent", "proxy", "--upstream-http", mlserver.http_address, "--listen", "127.0.0.1:0",
+                             "--http-listen", "127.0.0.1:0", "--model-name", "m", "--managed", "--collector", address,
+                             "--token", AGENT_TOKEN, "--agent-id", AGENT, "--spool-dir", str(tmp_path / "spool"),
+                             "--window-seconds", "0.5", "--summarizer", "thread",
+                             "--upstream-load-timeout-seconds", "60"],
+                            r"(proxying .*waiting for the collector to name a version.*)")
+        port = int(re.search(r"REST \S+ on (\S+)", line).group(1).rsplit(":", 1)[1])
+        sent: Counter[str] = Counter()
+
+        def answering() -> str:
+            status, _, body = rest_call(port, "POST", "/v2/models/m/infer", *infer_body(np.ones((4, 20)), "r"))
+            assert status == 200, body
+            version = json.loads(body)["model_version"]
+            sent[version] += 4
+            return version
+
+        try:
+            assert answered(ops, first) == ("ok", "")
+            assert answering() == "1"  # MLServer's own default would be 2: pinned over REST
+            assert answered(ops, make_production(ops, 2)) == ("ok", "")
+            assert answering() == "2"
+            back = call(ops, "alice", "Rollback", cpb.RollbackRequest(model_name="m", reason="p99 doubled")).id
+            assert answered(ops, back) == ("ok", "")
+            assert answering() == "1"
+            register(ops, examples.random_forest(n_trees=4))  # in the registry, not in MLServer's repository
+            state, error = answered(ops, make_production(ops, 3))
+            assert state == "failed" and f"upstream {mlserver.http_address} loaded model 'm' but lists no version " \
+                                         "'3' of it (it lists: 1, 2)" in error, error
+            assert answering() == "1"
+        finally:
+            proxy.send_signal(signal.SIGTERM)
+            assert proxy.wait(HANG_GUARD) == 0
+
+        def stored() -> Counter[str]:
+            windows = call(ops, "dave", "ListWindows", cpb.ListWindowsRequest(model_name="m", limit=10_000)).windows
+            return Counter({v: sum(w.rows for w in windows if w.model_version == v)
+                            for v in {w.model_version for w in windows}})
+
+        wait_until(lambda: stored() == sent, timeout=HANG_GUARD, what=f"rows {dict(sent)} stored")
+
+
 def test_a_pin_appends_the_version_and_changes_nothing_else():
     from agent.proxy_grpc import _with_version
 
@@ -203,9 +252,6 @@ def test_managed_flags_are_checked(tmp_path: Path):
 
     no_collector = run_cli("agent", "proxy", "--upstream", "127.0.0.1:1", "--model-name", "m", "--managed")
     assert no_collector.code == 2 and "--managed needs --collector" in no_collector.one_line()
-    rest_only = run_cli("agent", "proxy", "--upstream-http", "127.0.0.1:1", "--http-listen", "127.0.0.1:0",
-                        "--model-name", "m", "--managed", "--collector", "127.0.0.1:2")
-    assert rest_only.code == 2 and "--upstream" in rest_only.one_line()
     pinned = run_cli("agent", "proxy", "--upstream", "127.0.0.1:1", "--model-name", "m", "--managed",
                      "--collector", "127.0.0.1:2", "--model-version", "3")
     assert pinned.code == 2 and "collector names the version" in pinned.one_line()

@@ -546,3 +546,18 @@ def test_the_overhead_benchmark_measures_rest_both_ways_and_no_request_fails():
     (row,) = bench.run([2], [3], seconds=0.5, rounds=1, protocols=("rest",))
     assert row["protocol"] == "rest" and row["direct"]["failed"] == 0 and row["proxy"]["failed"] == 0
     assert row["direct"]["rps"] > 0 and row["proxy"]["rps"] > 0 and row["proxy"]["proxy_cpu_ms_per_1k"] > 0
+
+
+def test_a_managed_load_over_rest_from_a_server_without_the_repository_extension_says_so(upstream: Upstream):
+    from agent.errors import FailedPrecondition
+    from agent.proxy_rest import RestUpstream
+    from agent.proxy_rollout import repository_of
+
+    repository = repository_of(RestUpstream(upstream.rest.address, HANG_GUARD))
+    with pytest.raises(FailedPrecondition) as refused:
+        repository.load("m", HANG_GUARD)
+    said = str(refused.value)
+    assert f"upstream {upstream.rest.address} could not load model 'm': HTTP 404" in said, said
+    assert "without the OIP model-repository extension" in said, said
+    assert repository.ready("m", "1") and not repository.ready("m", "2")
+    assert repository.listed("m") is None  # no index either
