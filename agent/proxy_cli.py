@@ -10,9 +10,10 @@ import argparse
 import logging
 from typing import Any
 
-from agent.cli import (AGENT_ENV, UsageError, _close, _feature_names, _feedback_limits, _first_line, _port_access,
-                       _reference, add_client_tls_flags, add_flag, check_listen, client_tls, collector_address,
-                       configure_logging, listen_address, positive, share_flags, stop_signals)
+from agent.cli import (AGENT_ENV, UsageError, add_client_tls_flags, add_flag, check_listen, client_tls, close,
+                       collector_address, configure_logging, first_line, listen_address, positive, share_flags,
+                       stop_signals)
+from agent.serve_cli import feedback_limits, parse_feature_names, port_access, reference_flag
 
 # `agent serve`'s flags that mean the same for a proxy.
 SHARED_FLAGS = ("--feature-names", "--listen", "--window-seconds", "--summarizer", "--agent-id", "--collector",
@@ -104,15 +105,15 @@ def proxy_command(args: argparse.Namespace) -> int:
             check_template(args.upstream_version)
         except InvalidArgument as exc:
             raise UsageError(str(exc)) from None
-    names = _feature_names(args.feature_names)
+    names = parse_feature_names(args.feature_names)
     check_listen(args.listen)
     if args.http_listen is not None:
         check_listen(args.http_listen, "--http-listen")
-    access = _port_access(args)
+    access = port_access(args)
     collector_tls = client_tls(args, "--collector")
     upstream_tls = client_tls(args, "--upstream")
-    reference_flag = _reference(args)
-    limits = _feedback_limits(args)
+    given_reference = reference_flag(args)
+    limits = feedback_limits(args)
 
     rollout = None  # with --managed: the exporter every version's session shares, and the commands
 
@@ -121,11 +122,11 @@ def proxy_command(args: argparse.Namespace) -> int:
 
         if rollout is not None:  # one run, one window sequence across versions; columns named as the registry does
             delivery = {**rollout.session_options(), "feature_names": feature_names or names,
-                        "reference": reference if reference is not None else reference_flag}
+                        "reference": reference if reference is not None else given_reference}
         else:
             delivery = {"agent_id": args.agent_id, "collector": args.collector, "spool_dir": args.spool_dir,
                         "collector_token": args.token, "collector_tls": collector_tls, "feature_names": names,
-                        "reference": reference_flag}
+                        "reference": given_reference}
         return MonitoredSession(model, model_name=args.model_name, model_version=version,
                                 window_seconds=args.window_seconds, summarizer=args.summarizer,
                                 join_seconds=args.join_seconds, sample_rows=args.sample_rows,
@@ -144,10 +145,10 @@ def proxy_command(args: argparse.Namespace) -> int:
                                   calls=calls, watched=watched, managed=args.managed, upstream_tls=upstream_tls,
                                   **access)
         except OSError as exc:
-            _close(metrics)
-            raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --listen") from None
+            close(metrics)
+            raise UsageError(f"{first_line(exc)}; pick a free port on a local address with --listen") from None
         except (InvalidArgument, OutriderError) as exc:
-            _close(metrics)
+            close(metrics)
             raise UsageError(str(exc)) from None
         if args.managed:
             from agent.proxy_rollout import ProxyRollout
@@ -160,11 +161,11 @@ def proxy_command(args: argparse.Namespace) -> int:
                                        load_timeout=args.upstream_load_timeout_seconds)
             except (OSError, OutriderError) as exc:  # e.g. a spool directory in use or unwritable
                 running.stop(0)
-                _close(metrics)
-                raise UsageError(f"{_first_line(exc)}; pick another --spool-dir") from None
+                close(metrics)
+                raise UsageError(f"{first_line(exc)}; pick another --spool-dir") from None
         if running.refused:  # read at start from a live upstream: a flag of ours does not fit the model
             running.stop(0)
-            _close(metrics)
+            close(metrics)
             raise UsageError(f"cannot monitor {args.model_name}: {running.refused}")
         rest = None
         if args.http_listen is not None:
@@ -175,9 +176,9 @@ def proxy_command(args: argparse.Namespace) -> int:
                                         max_body_bytes=int(args.max_message_mb * 1024 * 1024), **access)
             except OSError as exc:
                 running.stop(0)
-                _close(rollout)
-                _close(metrics)
-                raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with --http-listen") \
+                close(rollout)
+                close(metrics)
+                raise UsageError(f"{first_line(exc)}; pick a free port on a local address with --http-listen") \
                     from None
             if metrics is not None:  # refused calls of both ports under one name, as agent serve counts them
                 switch = running.monitor.switch
@@ -199,5 +200,5 @@ def proxy_command(args: argparse.Namespace) -> int:
             running.stop(args.grace_seconds)
             if rollout is not None:  # after the proxy: the sessions' last windows go out through its exporter
                 rollout.close(args.grace_seconds)
-            _close(metrics)
+            close(metrics)
     return 0

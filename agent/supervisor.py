@@ -338,7 +338,7 @@ class Supervisor:
 
 def supervise(args: argparse.Namespace) -> int:
     """``outrider agent serve --processes N`` with N > 1, after ``agent.cli`` checked the arguments."""
-    from agent.cli import _close, stop_signals
+    from agent.cli import close, stop_signals
     from agent.metrics import ProcessMetrics, start_for_cli
 
     check_platform()
@@ -355,7 +355,7 @@ def supervise(args: argparse.Namespace) -> int:
         with stop_signals() as stop:
             return group.run(stop)
     finally:
-        _close(metrics)
+        close(metrics)
         held.close()
         if held_http is not None:
             held_http.close()

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from agent.cli import add_flag, client_credentials, collector_address, pem_path, positive
+from agent.cli import add_flag, client_credentials, collector_address, first_line, pem_path, positive
 from agent.cli_contract import CommandError, Refused, Unreachable, UsageError, print_json, say
 from collector.cli.cli_format import age, iso, listing, plain, rollout_state, table  # noqa: F401  (other command modules import them from here)
 
@@ -114,7 +114,6 @@ def since_time(text: str) -> int:
 
 
 # ------------------------------------------------------------------ the operators' commands
-
 
 
 def status_command(args: argparse.Namespace) -> int:
@@ -257,7 +256,7 @@ def rpc_failure(args: argparse.Namespace, exc: Any, timeout: float = CALL_TIMEOU
     code = exc.code()
     kind, template = RPC_OUTCOMES.get(getattr(code, "name", ""), _DEFAULT_OUTCOME)
     # gRPC's own details name codes too ("last error: UNKNOWN: ipv4:...: Connection refused")
-    details = _CODE_NAME.sub("", _first_line(exc.details() or "")) or "no details"
+    details = _CODE_NAME.sub("", first_line(exc.details() or "")) or "no details"
     if len(details) > MAX_DETAILS_CHARS:
         details = details[:MAX_DETAILS_CHARS] + "…"
     details = "".join(c if c.isprintable() else "?" for c in details)  # it goes to a terminal
@@ -352,11 +351,3 @@ def print_page(args: argparse.Namespace, page: Page, shown: int) -> None:
     """After a table: say where the listing goes on when --limit cut it short (on stderr: stdout is the table)."""
     if page.next_page_token and shown:
         say(f"outrider: the first {shown} shown; for the next ones add --page-token {page.next_page_token}")
-
-
-# ------------------------------------------------------------------ output
-
-
-def _first_line(exc: BaseException | str) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else (type(exc).__name__ if isinstance(exc, BaseException) else "")

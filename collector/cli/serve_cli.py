@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.cli import (UsageError, add_flag, add_log_level, check_listen, configure_logging, listen_address, pem_path,
-                       positive, stop_signals)
-from collector.cli.cli import COLLECTOR_ENV, DEFAULT_COLLECTOR, _first_line, non_negative, non_negative_int
+from agent.cli import (UsageError, add_flag, add_log_level, check_listen, configure_logging, first_line,
+                       listen_address, pem_path, positive, stop_signals)
+from collector.cli.cli import COLLECTOR_ENV, DEFAULT_COLLECTOR, non_negative, non_negative_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -194,9 +194,9 @@ def serve_command(args: argparse.Namespace) -> int:
                                       resync_interval=args.resync_interval, lease_ttl=args.lease_ttl)
         except OSError as exc:
             flag = "--http" if "web page" in str(exc) else "--listen"
-            raise UsageError(f"{_first_line(exc)}; pick a free port on a local address with {flag}") from None
+            raise UsageError(f"{first_line(exc)}; pick a free port on a local address with {flag}") from None
         except OutriderError as exc:  # the store's errors too (collector.store.engine)
-            raise UsageError(f"cannot use {describe(db)} as the collector's database: {_first_line(exc)}; "
+            raise UsageError(f"cannot use {describe(db)} as the collector's database: {first_line(exc)}; "
                              "fix or pass another --db") from None
         if auth is None:
             print("outrider: warning: no --auth-file: running unauthenticated, on loopback only",
