@@ -44,26 +44,48 @@ x = np.random.default_rng(0).standard_normal((batch, width)).astype("<f4").tobyt
 request = pb.ModelInferRequest(model_name="bench")
 request.inputs.add(name="X", datatype="FP32", shape=[batch, width])
 request.raw_input_contents.append(x)
-latencies = []
+latencies, failed = [], [0]
 start = threading.Barrier(threads + 1)
 def run():
     # its own connection: gRPC would otherwise share one between channels to the same target
     with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        stub.ModelInfer(request, timeout=30)
+        try:
+            stub.ModelInfer(request, timeout=30)
+        except grpc.RpcError as err:  # the warm-up call: the server cannot take these requests; stop every thread
+            print(f"the first request to {address} failed: {err.code().name} {err.details()}", file=sys.stderr)
+            start.abort()
+            return
         mine = []
-        start.wait()
+        try:
+            start.wait()
+        except threading.BrokenBarrierError:
+            return
         end = time.monotonic() + seconds
         while (t0 := time.monotonic()) < end:
-            stub.ModelInfer(request, timeout=30)
-            mine.append(time.monotonic() - t0)
+            try:
+                stub.ModelInfer(request, timeout=30)
+                mine.append(time.monotonic() - t0)
+            except grpc.RpcError:  # counted, not timed
+                failed[0] += 1
         latencies.extend(mine)
 workers = [threading.Thread(target=run) for _ in range(threads)]
 for w in workers: w.start()
-start.wait()
+try:
+    start.wait()
+except threading.BrokenBarrierError:
+    sys.exit(1)
 for w in workers: w.join()
+print(failed[0])
 print(" ".join(f"{v:.6f}" for v in latencies))
 """
+
+
+def parse_client(outputs: list[str]) -> tuple[list[float], int]:
+    """The sorted latencies and the failed calls of ``CLIENT`` processes (and ``benchmarks.rest``'s REST
+    client): each prints its failed calls, then its latencies."""
+    latencies = sorted(float(v) for out in outputs for v in out.split("\n", 1)[1].split())
+    return latencies, sum(int(out.split("\n", 1)[0]) for out in outputs)
 
 
 def tree_cpu(pid: int) -> float:
@@ -105,12 +127,14 @@ def one(model: Path, processes: int, args: argparse.Namespace, width: int) -> di
         c0, t0 = tree_cpu(proc.pid), time.monotonic()
         outputs = [c.communicate(timeout=args.seconds + 120)[0] for c in clients]
         c1, t1 = tree_cpu(proc.pid), time.monotonic()
+        if any(c.returncode for c in clients):
+            raise RuntimeError("a client failed (its first request: see above)")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    latencies = sorted(float(v) for out in outputs for v in out.split())
+    latencies, failed = parse_client(outputs)
     n = len(latencies)
-    return {"processes": processes, "requests": n, "requests_per_s": n / args.seconds,
+    return {"processes": processes, "requests": n, "failed": failed, "requests_per_s": n / args.seconds,
             "p50_ms": latencies[n // 2] * 1e3, "p99_ms": latencies[int(n * 0.99)] * 1e3,
             "agent_cpu_us_per_request": (c1 - c0) / n * 1e6, "load_average": os.getloadavg()[0]}
 
@@ -141,16 +165,17 @@ def main() -> int:
         mine = [r for r in results if r["processes"] == p]
         summary[p] = {k: statistics.median(r[k] for r in mine)
                       for k in ("requests_per_s", "p50_ms", "p99_ms", "agent_cpu_us_per_request")}
+        summary[p]["failed"] = sum(r["failed"] for r in mine)  # over every round
     if args.json:
         print(json.dumps({"rounds": results, "summary": summary}, indent=2))
         return 0
     print(f"\n{args.model}, batch {args.batch}, {args.clients} client processes x {args.threads} connections, "
           f"{args.seconds:.0f} s, {args.rounds} rounds (medians)")
-    print(f"{'processes':>9} {'requests/s':>11} {'p50 ms':>7} {'p99 ms':>7} {'agent CPU µs/req':>17} {'vs first':>8}")
+    print(f"{'processes':>9} {'requests/s':>11} {'p50 ms':>7} {'p99 ms':>7} {'agent CPU µs/req':>17} {'vs first':>8} {'failed':>6}")
     first = summary[variants[0]]["requests_per_s"]
     for p, s in summary.items():
         print(f"{p:>9} {s['requests_per_s']:11.0f} {s['p50_ms']:7.2f} {s['p99_ms']:7.2f} "
-              f"{s['agent_cpu_us_per_request']:17.1f} {s['requests_per_s'] / first:8.2f}")
+              f"{s['agent_cpu_us_per_request']:17.1f} {s['requests_per_s'] / first:8.2f} {s['failed']:6d}")
     return 0
 
 

@@ -13,9 +13,11 @@ once at the upstream ("direct") and once through the proxy, alternating over ``-
 per configuration (medians of rounds): requests/s, p50 and p99 latency at the clients, failed
 requests, CPU seconds per 1,000 requests of the upstream and of the proxy (each process with its
 helpers), and the ratios proxy / direct. ``rest`` rows are the same over HTTP/REST: the upstream's
-``--http-listen`` directly and the proxy's ``--http-listen`` (``--upstream-http``), with the binary
-tensor extension both ways from ``benchmarks/rest.py``'s plain ``http.client`` client (one kept-alive
-connection per thread; a client exits on a non-200 reply, so its failures are 0 or the run fails).
+``--http-listen`` directly and the proxy's ``--http-listen`` (``--upstream-http``), from
+``benchmarks/rest.py``'s plain ``http.client`` client (one kept-alive connection per thread) with the
+binary tensor extension both ways, or JSON tensors for MLServer (its REST answers the extension with
+HTTP 500). A client whose first call fails stops at once saying why; later non-200 replies and broken
+connections are counted as failed.
 Everything shares the machine's cores: the figures are ratios under the same load, not the machine's
 ceiling.
 """
@@ -58,9 +60,17 @@ start = threading.Barrier(threads + 1)
 def run():
     with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        stub.ModelInfer(request, timeout=30)
+        try:
+            stub.ModelInfer(request, timeout=30)
+        except grpc.RpcError as err:  # the warm-up call: the server cannot take these requests; stop every thread
+            print(f"the first request to {address} failed: {err.code().name} {err.details()}", file=sys.stderr)
+            start.abort()
+            return
         mine = []
-        start.wait()
+        try:
+            start.wait()
+        except threading.BrokenBarrierError:
+            return
         end = time.monotonic() + seconds
         while (t0 := time.monotonic()) < end:
             try:
@@ -71,7 +81,10 @@ def run():
         latencies.extend(mine)
 workers = [threading.Thread(target=run) for _ in range(threads)]
 for w in workers: w.start()
-start.wait()
+try:
+    start.wait()
+except threading.BrokenBarrierError:
+    sys.exit(1)
 for w in workers: w.join()
 print(failed[0])
 print(" ".join(f"{v:.6f}" for v in latencies))
@@ -94,11 +107,13 @@ def start(args: list[str], marker: str) -> tuple[subprocess.Popen, str, str]:
 
 
 def clients(address: str, threads: int, seconds: float, batch: int,
-            protocol: str = "grpc") -> tuple[list[float], int]:
+            protocol: str = "grpc", tensors: str = "binary") -> tuple[list[float], int]:
+    """``threads`` callers in one process for ``seconds``: sorted latencies and failed calls. Over REST,
+    ``tensors`` is "binary" (the binary tensor extension) or "json"."""
     if protocol == "rest":
         from benchmarks.rest import REST_CLIENT
 
-        command = [REST_CLIENT, address, str(threads), str(seconds), str(batch), "20", "binary"]
+        command = [REST_CLIENT, address, str(threads), str(seconds), str(batch), "20", tensors]
     else:
         command = [CLIENT, address, str(threads), str(seconds), str(batch)]
     done = subprocess.run([sys.executable, "-c", *command],
@@ -106,7 +121,7 @@ def clients(address: str, threads: int, seconds: float, batch: int,
                           timeout=seconds + 120)
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
-    failed, latencies = done.stdout.split("\n", 1) if protocol == "grpc" else ("0", done.stdout)
+    failed, latencies = done.stdout.split("\n", 1)  # both clients: failed calls, then the latencies
     return sorted(float(v) for v in latencies.split()), int(failed)
 
 
@@ -160,7 +175,9 @@ def run(client_counts: list[int], batches: list[int], seconds: float, rounds: in
                 for _ in range(rounds):
                     for via, address in zip(("direct", "proxy"), targets):
                         cpu0 = (tree_cpu(upstream.pid), tree_cpu(proxy.pid))
-                        latencies, failed = clients(address, threads, seconds, batch, protocol)
+                        # MLServer 1.7's REST answers the binary tensor extension with HTTP 500: JSON tensors there
+                        latencies, failed = clients(address, threads, seconds, batch, protocol,
+                                                    "json" if upstream_kind == "mlserver" else "binary")
                         cpu1 = (tree_cpu(upstream.pid), tree_cpu(proxy.pid))
                         n = max(len(latencies), 1)
                         seen[via].append({"rps": len(latencies) / seconds, "p50": pct(latencies, 0.5) * 1e3,

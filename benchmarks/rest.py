@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent import examples  # noqa: E402
 from benchmarks.processes import CLIENT as GRPC_CLIENT  # noqa: E402
+from benchmarks.processes import parse_client  # noqa: E402
 from benchmarks.processes import tree_cpu  # noqa: E402
 
 PROTOCOLS = ("grpc", "json", "binary")
@@ -55,29 +56,50 @@ else:
                        "parameters": {"binary_data_output": True}}).encode()
     body = head + x.tobytes()
     headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
-latencies = []
+latencies, failed = [], [0]
 start = threading.Barrier(threads + 1)
 def call(conn):
     conn.request("POST", "/v2/models/bench/infer", body=body, headers=headers)
     reply = conn.getresponse()
-    reply.read()
-    if reply.status != 200:
-        raise SystemExit(f"status {reply.status}")
+    text = reply.read()
+    return reply.status, text
 def run():
     conn = http.client.HTTPConnection(host, int(port), timeout=30)  # kept alive: one connection per thread
-    call(conn)
+    try:
+        status, text = call(conn)
+        if status != 200:
+            raise RuntimeError(f"HTTP {status} {text[:300]!r}")
+    except Exception as exc:  # the warm-up call: the server cannot take these requests; stop every thread
+        print(f"the first request to {url} failed: {exc}", file=sys.stderr)
+        start.abort()
+        return
     mine = []
-    start.wait()
+    try:
+        start.wait()
+    except threading.BrokenBarrierError:
+        return
     end = time.monotonic() + seconds
     while (t0 := time.monotonic()) < end:
-        call(conn)
-        mine.append(time.monotonic() - t0)
+        try:
+            status, _ = call(conn)
+        except OSError:  # counted, and a new connection
+            status = 0
+            conn.close()
+            conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        if status == 200:
+            mine.append(time.monotonic() - t0)
+        else:
+            failed[0] += 1
     latencies.extend(mine)
     conn.close()
 workers = [threading.Thread(target=run) for _ in range(threads)]
 for w in workers: w.start()
-start.wait()
+try:
+    start.wait()
+except threading.BrokenBarrierError:
+    sys.exit(1)
 for w in workers: w.join()
+print(failed[0])
 print(" ".join(f"{v:.6f}" for v in latencies))
 """
 
@@ -118,9 +140,9 @@ def one(model: Path, protocol: str, *, clients: int, threads: int, seconds: floa
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    latencies = sorted(float(v) for out in outputs for v in out.split())
+    latencies, failed = parse_client(outputs)  # both clients print their failed calls, then their latencies
     n = len(latencies)
-    return {"protocol": protocol, "requests": n, "requests_per_s": n / seconds,
+    return {"protocol": protocol, "requests": n, "failed": failed, "requests_per_s": n / seconds,
             "p50_ms": latencies[n // 2] * 1e3, "p99_ms": latencies[int(n * 0.99)] * 1e3,
             "agent_cpu_us_per_request": (c1 - c0) / n * 1e6, "load_average": os.getloadavg()[0]}
 
@@ -155,16 +177,17 @@ def main() -> int:
         mine = [r for r in results if r["protocol"] == protocol]
         summary[protocol] = {k: statistics.median(r[k] for r in mine)
                              for k in ("requests_per_s", "p50_ms", "p99_ms", "agent_cpu_us_per_request")}
+        summary[protocol]["failed"] = sum(r["failed"] for r in mine)  # over every round
     if args.json:
         print(json.dumps({"rounds": results, "summary": summary}, indent=2))
         return 0
     print(f"\n{args.model}, batch {args.batch}, {args.clients} client processes x {args.threads} connections, "
           f"{args.seconds:.0f} s, {args.rounds} rounds (medians)")
-    print(f"{'protocol':>8} {'requests/s':>11} {'p50 ms':>7} {'p99 ms':>7} {'agent CPU µs/req':>17} {'vs first':>8}")
+    print(f"{'protocol':>8} {'requests/s':>11} {'p50 ms':>7} {'p99 ms':>7} {'agent CPU µs/req':>17} {'vs first':>8} {'failed':>6}")
     first = summary[variants[0]]["requests_per_s"]
     for protocol, s in summary.items():
         print(f"{protocol:>8} {s['requests_per_s']:11.0f} {s['p50_ms']:7.2f} {s['p99_ms']:7.2f} "
-              f"{s['agent_cpu_us_per_request']:17.1f} {s['requests_per_s'] / first:8.2f}")
+              f"{s['agent_cpu_us_per_request']:17.1f} {s['requests_per_s'] / first:8.2f} {s['failed']:6d}")
     return 0
 
 

@@ -530,12 +530,25 @@ def test_processes_share_the_http_port(lr_model, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", ["json", "binary"])
+@pytest.mark.parametrize("protocol", ["grpc", "json", "binary"])
 def test_the_rest_benchmark_runs_its_clients_against_a_real_agent(lr_model, protocol):
     from benchmarks import rest as bench
 
     result = bench.one(lr_model, protocol, clients=1, threads=2, seconds=1.0, batch=3)
     assert result["protocol"] == protocol and result["requests"] > 0 and result["agent_cpu_us_per_request"] > 0
+    assert result["failed"] == 0
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_a_benchmark_client_whose_first_request_fails_stops_at_once_saying_why(lr_model, protocol):
+    """The benchmarks' clients ask for model "bench": against a server of "lr" their warm-up call fails,
+    and every thread stops (not a wait for a barrier that never fills)."""
+    from benchmarks.proxy import clients
+
+    with running(ort.InferenceSession(str(lr_model)), "lr") as served:
+        address = served.rest.url if protocol == "rest" else served.grpc.address
+        with pytest.raises(RuntimeError, match="the first request to .* failed: (HTTP 404|NOT_FOUND)"):
+            clients(address, 3, 1.0, 1, protocol)
 
 
 # --- TLS, and a managed agent before its first version ------------------------------------
