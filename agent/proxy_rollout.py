@@ -43,7 +43,7 @@ import grpc
 from agent.errors import FailedPrecondition, InvalidArgument, OutriderError, Unavailable
 from agent.proxy import ProxyMonitor
 from agent.reference import REFERENCE, from_command
-from agent.rollout import MAX_REFERENCES, AgentSink, _wanted
+from agent.rollout import MAX_REFERENCES, AgentSink, parse_serve
 from protos import collector_pb2
 from protos import open_inference_pb2 as pb
 
@@ -327,7 +327,7 @@ class ProxyRollout:
 
     # --- serve ------------------------------------------------------------------------
     def _serve(self, args: Any) -> None:
-        wanted = _wanted(args)
+        wanted = parse_serve(args)
         current = self.monitor.switch.current
         if current is not None and current.version == wanted.version:
             return  # already monitored and pinned

@@ -144,7 +144,8 @@ def _names(text: str) -> dict[str, list[str]] | None:
     return feature_names.coerce(value, "the command's feature_names")  # type: ignore[return-value]
 
 
-def _wanted(args: Any) -> Wanted:
+def parse_serve(args: Any) -> Wanted:
+    """A `serve` command's arguments (from the collector) as the version it names; InvalidArgument when they do not parse."""
     version, sha = args.get("version", ""), args.get("sha256", "").lower()
     if not _DIGITS.match(version) or int(version) == 0:
         raise InvalidArgument(f"command names version {version!r}; expected a registry version number")
@@ -294,7 +295,7 @@ class RolloutController:
 
     # --- serve ------------------------------------------------------------------------
     def _serve(self, args: Any) -> None:
-        wanted = _wanted(args)
+        wanted = parse_serve(args)
         current = self.switch.current
         if current is not None and (current.sha256, current.version) == (wanted.sha256, wanted.version):
             return  # already serving it
@@ -408,7 +409,7 @@ class RolloutController:
     def _shadow(self, args: Any) -> None:
         import onnxruntime
 
-        wanted = _wanted(args)
+        wanted = parse_serve(args)
         try:
             share = float(args.get("share", ""))
         except ValueError:

@@ -10,6 +10,7 @@ grow over the agent's runs).
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import socket
@@ -31,14 +32,17 @@ from protos import open_inference_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, VERSION = "m", "1"
+READY_GUARD = 180  # seconds a started process gets to print its ready line (a model load, MLServer's start)
 
 
 _started: list[subprocess.Popen] = []
 
 
-def start(args: list[str], pattern: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
-    """``python -m agent.cli ARGS`` from the checkout; returns once stdout matched ``pattern`` (its group 1).
-    ``log``: where its stderr goes (default: the test's stderr)."""
+def start(args: list[str], pattern: str, log: Path | None = None, *,
+          ready_guard: float = READY_GUARD) -> tuple[subprocess.Popen, str]:
+    """``python -m agent.cli ARGS`` from the checkout; returns once stdout matched ``pattern`` (its group 1),
+    fails (the process killed) when no line did within ``ready_guard`` seconds. ``log``: where its stderr goes
+    (default: the test's stderr)."""
     stderr: IO | None = open(log, "a") if log is not None else None
     try:
         proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
@@ -47,12 +51,29 @@ def start(args: list[str], pattern: str, log: Path | None = None) -> tuple[subpr
         if stderr is not None:
             stderr.close()  # the child has its own copy
     _started.append(proc)
-    for line in proc.stdout:
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:  # the whole of stdout, so that the child never blocks on a full pipe
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + ready_guard
+    while True:
+        try:  # bounded: a line that never matches fails the test, it does not hang the run
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            proc.kill()
+            raise AssertionError(f"{args[:2]} printed no line matching {pattern!r} in {ready_guard:g} s; it printed "
+                                 f"{seen[-5:]}") from None
+        if line is None:
+            raise AssertionError(f"{args[:2]} exited with {proc.wait()} before it was ready; it printed {seen[-5:]}")
+        seen.append(line.rstrip())
         match = re.search(pattern, line)
         if match:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc, match.group(1)
-    raise AssertionError(f"{args[:2]} exited with {proc.wait()} before it was ready")
 
 
 _test_started_at = [0]  # where the current test's processes begin in _started

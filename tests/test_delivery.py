@@ -27,6 +27,7 @@ from agent import checksum
 from agent.spool import decode
 from collector.base.auth import AuthConfig
 # reap: kills what a failed test left running; ROOT, exit_code and start: other tests import them from here
+import faults_support
 from faults_support import ROOT, exit_code, reap, start  # noqa: F401
 from faults_support import (Books, Load, agent, assert_balanced, collector, spool_files, status, stop, stored_rows,
                             wait_until, windows)
@@ -209,3 +210,13 @@ def test_agent_killed_and_restarted_with_its_spool(tmp_path: Path, lr_model: Pat
     assert len(runs) == 2 and max(a.restarts for a in runs) == 1
     assert Books.of(address).spool_dropped_windows == 0
     stop(col)
+
+
+def test_a_process_whose_ready_line_never_comes_fails_the_test_instead_of_hanging_it(tmp_path):
+    """``start`` waits a bounded time: a ready line that never matches (a race in a pattern, a changed message)
+    is an assertion naming what the process printed, and the process is killed."""
+    with pytest.raises(AssertionError, match=r"printed no line matching 'never printed' in 3 s; it printed "
+                                             r"\['collector listening on"):
+        start(["collector", "serve", "--db", str(tmp_path / "c.db"), "--listen", "127.0.0.1:0"], "never printed",
+              ready_guard=3)
+    assert faults_support._started[-1].wait(timeout=30) == -signal.SIGKILL

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import shutil
 import signal
 import struct
@@ -34,6 +33,7 @@ import grpc
 import numpy as np
 import pytest
 
+from faults_support import start  # a real process, up once it prints its ready line (bounded wait)
 from protos import collector_pb2, collector_pb2_grpc
 from protos import open_inference_pb2 as oip
 from protos import open_inference_pb2_grpc as oip_grpc
@@ -99,17 +99,6 @@ def lose_power(mountpoint: Path) -> None:
 
 
 # ------------------------------------------------------------------ real processes
-
-
-def start(args: list[str], pattern: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    for line in proc.stdout:
-        match = re.search(pattern, line)
-        if match:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            return proc, match.group(1)
-    raise AssertionError(f"{args[:2]} exited with {proc.wait()} before it was ready")
 
 
 def collector(db: Path, listen: str = "127.0.0.1:0") -> tuple[subprocess.Popen, str]:

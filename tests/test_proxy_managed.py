@@ -41,6 +41,9 @@ from test_rollout_collector import AGENT_TOKEN, acks, agent_state, running_colle
 pytestmark = pytest.mark.slow  # MLServer takes seconds to start
 
 AGENT = "proxy-m"
+# Its ready line says "waiting for the collector to name a version", or already "monitoring version 1" when the
+# collector's answer to its Hello came first.
+READY = r"(proxying .*\(m: (?:waiting for the collector to name a version|monitoring version \d+)\).*)"
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +125,7 @@ def test_promotion_rollback_and_a_failed_load_through_mlserver(tmp_path: Path, m
                              "--model-name", "m", "--managed", "--collector", address, "--token", AGENT_TOKEN,
                              "--agent-id", AGENT, "--spool-dir", str(tmp_path / "spool"), "--window-seconds", "0.5",
                              "--summarizer", "thread", "--upstream-load-timeout-seconds", "60"],
-                            r"(proxying .*waiting for the collector to name a version.*)")
+                            READY)
         grpc_address, rest_url = re.search(r"on (\S+) \(m: .*REST \S+ on (\S+)", line).groups()
         traffic = Traffic(grpc_address, int(rest_url.rsplit(":", 1)[1]))
         try:
@@ -197,7 +200,7 @@ def test_over_rest_alone_promotion_and_rollback_load_the_version_through_the_res
                              "--token", AGENT_TOKEN, "--agent-id", AGENT, "--spool-dir", str(tmp_path / "spool"),
                              "--window-seconds", "0.5", "--summarizer", "thread",
                              "--upstream-load-timeout-seconds", "60"],
-                            r"(proxying .*waiting for the collector to name a version.*)")
+                            READY)
         port = int(re.search(r"REST \S+ on (\S+)", line).group(1).rsplit(":", 1)[1])
         sent: Counter[str] = Counter()
 
