@@ -194,13 +194,8 @@ def serve_command(args: argparse.Namespace) -> int:
         except OutriderError as exc:  # e.g. an input or output type OIP cannot carry
             close(session)
             raise UsageError(f"cannot serve {model}: {exc}") from None
-        rest = _start_rest(args, running, metrics, access, shared)
-        print(f"serving {name} version {args.model_version} on {running.address}", flush=True)
-        try:
-            stop.wait()
-        finally:
-            _stop(running, rest, args.grace_seconds)
-            close(metrics)
+        _serve_until_stopped(args, running, metrics, access, shared, stop,
+                             f"serving {name} version {args.model_version} on {running.address}")
     return 0
 
 
@@ -258,17 +253,25 @@ def _serve_managed(args: argparse.Namespace) -> int:
             agent.close(0)
             close(metrics)
             raise UsageError(f"{first_line(exc)}; pick a free port on a local address with --listen") from None
-        rest = _start_rest(args, running, metrics, access, shared)
         current = agent.switch.current
         what = (f"version {current.version} as last time, until the collector names one" if current
                 else "waiting for the collector to name the version")
-        print(f"serving {args.model_name} (managed by {args.collector}; {what}) on {running.address}", flush=True)
-        try:
-            stop.wait()
-        finally:
-            _stop(running, rest, args.grace_seconds)
-            close(metrics)
+        _serve_until_stopped(args, running, metrics, access, shared, stop,
+                             f"serving {args.model_name} (managed by {args.collector}; {what}) on {running.address}")
     return 0
+
+
+def _serve_until_stopped(args: argparse.Namespace, running: Any, metrics: Any, access: dict[str, Any], shared: bool,
+                         stop: Any, ready: str) -> None:
+    """Both forms of ``agent serve`` once the gRPC port serves: REST too (``--http-listen``), the ready line
+    (what scripts and ``--processes`` wait for), then serve until a signal, and drain."""
+    rest = _start_rest(args, running, metrics, access, shared)
+    print(ready, flush=True)
+    try:
+        stop.wait()
+    finally:
+        _stop(running, rest, args.grace_seconds)
+        close(metrics)
 
 
 def _check_listen(listen: str, http_listen: str | None = None) -> bool:

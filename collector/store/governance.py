@@ -61,13 +61,19 @@ def decide_approval(db: Conn, approval_id: int, state: str, decided_by: str, dec
 def approvals(db: Conn, include_decided: bool = False, model: str = "", after_id: int = 0
               ) -> Iterator[dict[str, Any]]:
     """Pending requests (all with ``include_decided``), of ``model`` if given, with ids past ``after_id``, by id."""
+    return _listing(db, "approvals", None if include_decided else "state = 'pending'", model, after_id)
+
+
+def _listing(db: Conn, table: str, still_open: str | None, model: str, after_id: int) -> Iterator[dict[str, Any]]:
+    """Rows of a requests ``table`` by id past ``after_id``: those matching ``still_open`` (None: all), of
+    ``model`` if given."""
     where, params = ["id > ?"], [after_id]
-    if not include_decided:
-        where.append("state = 'pending'")
+    if still_open:
+        where.append(still_open)
     if model:
         where.append("model = ?")
         params.append(model)
-    return db.query(f"SELECT * FROM approvals WHERE {' AND '.join(where)} ORDER BY id", params)
+    return db.query(f"SELECT * FROM {table} WHERE {' AND '.join(where)} ORDER BY id", params)
 
 
 # ------------------------------------------------------------ retraining requests
@@ -107,13 +113,8 @@ def update_retraining(db: Conn, request_id: int, state: str, decided_by: str, de
 def retraining_requests(db: Conn, include_closed: bool = False, model: str = "", after_id: int = 0
                         ) -> Iterator[dict[str, Any]]:
     """Open and accepted requests (all with ``include_closed``), of ``model`` if given, past ``after_id``, by id."""
-    where, params = ["id > ?"], [after_id]
-    if not include_closed:
-        where.append("state IN ('open', 'accepted')")
-    if model:
-        where.append("model = ?")
-        params.append(model)
-    return db.query(f"SELECT * FROM retraining_requests WHERE {' AND '.join(where)} ORDER BY id", params)
+    return _listing(db, "retraining_requests", None if include_closed else "state IN ('open', 'accepted')", model,
+                    after_id)
 
 
 # ------------------------------------------------------------ evidence for the policies
