@@ -107,8 +107,9 @@ class ObservedCall:
     latency_ns: int
 
 
-# A decoder, run on the monitor's thread: the call, or None when it is not an inference call.
-Decoder = Callable[[], ObservedCall | None]
+# A decoder, run on the monitor's thread: the call, None when it is not an inference call, or (the relay's
+# chunks of a connection, agent.proxy_relay) the decoders of each call the chunk completed.
+Decoder = Callable[[], "ObservedCall | list[Decoder] | None"]
 # Opens the MonitoredSession for a schema (the CLI's collector, spool, window options); a managed proxy
 # also passes feature_names and reference, as the registry has them for the version.
 SessionFactory = Callable[..., Any]
@@ -147,14 +148,16 @@ class ProxyMonitor:
         self._thread.start()
 
     # --- the request path -----------------------------------------------------------
-    def offer(self, decode: Decoder) -> None:
-        """Hand over a call to summarise later; never blocks: a full queue counts it as ``queue_full``."""
+    def offer(self, decode: Decoder) -> bool:
+        """Hand over a call to summarise later; never blocks: a full queue counts it as ``queue_full``
+        (and says so: False)."""
         # len and append are each atomic; between them other threads may append too, so the deque can
         # pass its capacity by at most the number of request threads: still bounded.
         if len(self._pending) >= self._capacity:
             self._count("queue_full")
-        else:
-            self._pending.append(decode)
+            return False
+        self._pending.append(decode)
+        return True
 
     # --- the schema -----------------------------------------------------------------
     @property
@@ -241,6 +244,10 @@ class ProxyMonitor:
         except OutriderError as exc:
             self._count("undecodable", str(exc))
             return
+        if isinstance(call, list):  # a relayed chunk: each call it completed is decoded on its own
+            for each in call:
+                self._observe(each)
+            return
         if call is None:
             return
         if call.model_name != self.model_name:
@@ -309,6 +316,24 @@ class ProxyMonitor:
         session = self.session
         if session is not None:
             session.close(timeout)
+
+
+class CallCounts:
+    """``outrider_proxy_calls{method, code}``, one front's children of it kept at hand. Method names come
+    from clients, so the labels are bounded: past ``MAX_LABELS`` pairs, new methods count as ``other``."""
+
+    MAX_LABELS = 256
+
+    def __init__(self, calls: Any) -> None:
+        self._calls = calls
+        self._children: dict[tuple[str, str], Any] = {}
+
+    def count(self, method: str, code: str) -> None:
+        child = self._children.get((method, code))
+        if child is None:
+            label = method if len(self._children) < self.MAX_LABELS else "other"
+            child = self._children[method, code] = self._calls.labels(label, code)
+        child.inc()
 
 
 class _UpstreamSwitch(ModelSwitch):

@@ -48,6 +48,12 @@ def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParse
     add_flag(proxy, "--http-listen", prefix=AGENT_ENV, type=listen_address, metavar="HOST:PORT",
              help="also forward OIP over HTTP/REST (every /v2/... path) on this address to --upstream-http, "
                   "with the gRPC port's --auth-file and TLS; port 0 picks a free port")
+    add_flag(proxy, "--relay-listen", prefix=AGENT_ENV, type=listen_address, metavar="HOST:PORT",
+             help="also relay gRPC on this address to --upstream byte for byte, the cheapest way through: "
+                  "HTTP/2 is not ended, a copy of the bytes is summarised off the request path. It changes "
+                  "nothing, so it checks no token, assigns no request id (send your own for feedback), pins "
+                  "nothing and serves no feedback or health (those stay on --listen): not with --auth-file, "
+                  "--managed, TLS on either side; port 0 picks a free port")
     add_flag(proxy, "--model-name", prefix=AGENT_ENV, required=True, metavar="NAME",
              help="the upstream model to monitor; its schema is read from the upstream's ModelMetadata")
     add_flag(proxy, "--model-version", prefix=AGENT_ENV, metavar="V",
@@ -94,6 +100,8 @@ def proxy_command(args: argparse.Namespace) -> int:
     if args.http_listen is not None and args.upstream_http == args.http_listen:
         raise UsageError(f"--upstream-http {args.upstream_http} is the proxy's own --http-listen address; give the "
                          "inference server's REST address")
+    if args.relay_listen is not None:
+        relay_conflicts(args)
     if args.managed:
         from agent.proxy_rollout import check_template
 
@@ -107,6 +115,8 @@ def proxy_command(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
     names = parse_feature_names(args.feature_names)
     check_listen(args.listen)
+    if args.relay_listen is not None:
+        check_listen(args.relay_listen, "--relay-listen")
     if args.http_listen is not None:
         check_listen(args.http_listen, "--http-listen")
     access = port_access(args)
@@ -184,21 +194,58 @@ def proxy_command(args: argparse.Namespace) -> int:
                 switch = running.monitor.switch
                 metrics.bind(lambda: switch.current.plane if switch.current is not None else None)
                 metrics.add_refusals(rest.refusals)
+        relay = None
+        if args.relay_listen is not None:
+            from agent.proxy_relay import serve_relay
+
+            try:
+                relay = serve_relay(args.relay_listen, args.upstream, running.monitor, calls,
+                                    registry=metrics.registry if metrics is not None else None,
+                                    upstream_timeout=args.upstream_timeout_seconds,
+                                    max_message_bytes=int(args.max_message_mb * 1024 * 1024))
+            except OSError as exc:
+                if rest is not None:
+                    rest.stop()
+                running.stop(0)
+                close(rollout)
+                close(metrics)
+                raise UsageError(f"{first_line(exc)}; pick a free port on a local address with --relay-listen") \
+                    from None
         session = running.monitor.session
         state = (f"monitoring version {session.model_version}" if session is not None
                  else "waiting for the collector to name a version" if rollout is not None
                  else "waiting for the upstream's metadata")
-        also = f"; REST {args.upstream_http} on {rest.url}" if rest is not None else ""
+        also = f"; relay on {relay.address}" if relay is not None else ""
+        also += f"; REST {args.upstream_http} on {rest.url}" if rest is not None else ""
         grpc_side = args.upstream or "feedback"  # without --upstream, --listen serves feedback and health only
         print(f"proxying {grpc_side} on {running.address} ({args.model_name}: {state}){also}", flush=True)
         logging.getLogger(__name__).info("proxy for %s on %s%s", grpc_side, running.address, also)
         try:
             stop.wait()
         finally:
-            if rest is not None:  # first: its calls are offered to the monitor the gRPC side closes
+            if relay is not None:  # first, as REST: its calls are offered to the monitor the gRPC side closes
+                relay.stop(args.grace_seconds)
+            if rest is not None:
                 rest.stop()
             running.stop(args.grace_seconds)
             if rollout is not None:  # after the proxy: the sessions' last windows go out through its exporter
                 rollout.close(args.grace_seconds)
             close(metrics)
     return 0
+
+
+def relay_conflicts(args: argparse.Namespace) -> None:
+    """--relay-listen changes no byte: what needs a change, or the end of HTTP/2 or TLS, cannot go with it."""
+    if args.upstream is None:
+        raise UsageError("--relay-listen relays gRPC to --upstream HOST:PORT: give the inference server's gRPC "
+                         "address")
+    for flag, given, why in (
+            ("--auth-file", args.auth_file, "it cannot check tokens; check them on the upstream, or use --listen"),
+            ("--managed", args.managed, "it cannot pin calls to the registry's version; use --listen"),
+            ("--tls-cert", args.tls_cert, "it does not end TLS; put it on a loopback address beside the server"),
+            ("--upstream-tls-ca", args.upstream_tls_ca, "it does not start TLS to the upstream; use --listen")):
+        if given:
+            raise UsageError(f"--relay-listen and {flag} exclude each other: {why}")
+    if not args.relay_listen.endswith(":0") and args.relay_listen in (args.listen, args.http_listen, args.upstream):
+        raise UsageError(f"--relay-listen {args.relay_listen} is already taken by another flag; give it a port of "
+                         "its own")

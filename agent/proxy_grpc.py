@@ -43,7 +43,7 @@ from agent.dataplane import ModelMetadata
 from agent.errors import OutriderError
 from agent.exporter import TLSConfig
 from agent.guard import DecodeGuard
-from agent.proxy import ObservedCall, ProxyMonitor
+from agent.proxy import CallCounts, ObservedCall, ProxyMonitor
 from agent.server import FEEDBACK_METHOD, MAX_FEEDBACK_BYTES, SERVICE_NAME, FeedbackServicer, _credentials
 from agent.tokens import AccessInterceptor, ClientAuth, TLSFiles
 from protos import agent_pb2_grpc
@@ -124,7 +124,7 @@ def _with_version(request: bytes, version: str) -> bytes:
     return request + b"\x12" + bytes(length) + value
 
 
-def _decoder(request: pb.ModelInferRequest, reply: bytes | None, latency_ns: int,
+def infer_decoder(request: pb.ModelInferRequest, reply: bytes | None, latency_ns: int,
              request_id: str) -> Callable[[], ObservedCall]:
     """Parses the reply (a copy of its bytes) on the monitor's thread, not the request's."""
 
@@ -145,8 +145,7 @@ class Forwarder(grpc.GenericRpcHandler):
     def __init__(self, upstream: Upstream, monitor: ProxyMonitor, calls: Counter, *, strip_auth: bool) -> None:
         self.upstream = upstream
         self.monitor = monitor
-        self._calls = calls
-        self._counters: dict[tuple[str, str], Any] = {}
+        self._counts = CallCounts(calls)
         self._drop = frozenset({"authorization"}) if strip_auth else frozenset()  # the proxy's token, not theirs
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._ids = itertools.count(1)
@@ -197,7 +196,7 @@ class Forwarder(grpc.GenericRpcHandler):
                                                       metadata=_passable(context.invocation_metadata(), self._drop))
             except grpc.RpcError as err:
                 if parsed is not None:
-                    monitor.offer(_decoder(parsed, None, time.perf_counter_ns() - started, ""))
+                    monitor.offer(infer_decoder(parsed, None, time.perf_counter_ns() - started, ""))
                 self._pass_error(method, err, context, ours)
                 raise  # not reached: _pass_error aborts
             latency = time.perf_counter_ns() - started
@@ -211,7 +210,7 @@ class Forwarder(grpc.GenericRpcHandler):
             if trailing:
                 context.set_trailing_metadata(trailing)
             if parsed is not None:
-                monitor.offer(_decoder(parsed, reply, latency, parsed.id or assigned))
+                monitor.offer(infer_decoder(parsed, reply, latency, parsed.id or assigned))
             return reply
 
         return forward
@@ -252,12 +251,7 @@ class Forwarder(grpc.GenericRpcHandler):
         context.abort(code, details)
 
     def _count(self, method: str, code: str) -> None:
-        child = self._counters.get((method, code))
-        if child is None:
-            if len(self._counters) >= 4 * MAX_CACHED_METHODS:  # method names come from clients: bounded labels
-                method = "other"
-            child = self._counters[method, code] = self._calls.labels(method.rsplit("/", 1)[-1], code)
-        child.inc()
+        self._counts.count(method.rsplit("/", 1)[-1], code)
 
 
 class ProxyServer:

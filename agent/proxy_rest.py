@@ -46,7 +46,7 @@ from agent import tensors
 from agent.dataplane import ModelMetadata
 from agent.errors import NotFound, OutriderError, Unavailable
 from agent.exporter import TLSConfig
-from agent.proxy import ObservedCall, ProxyMonitor
+from agent.proxy import CallCounts, ObservedCall, ProxyMonitor
 from agent.rest import codec
 from agent.rest.app import RestApp, _error
 from agent.rest.server import RestServer
@@ -124,8 +124,7 @@ class ProxyRestApp(RestApp):
         # read now: a CA or key file that does not load fails the start, not every call
         self._ssl = upstream_tls.ssl_context() if upstream_tls is not None else None
         self._base = f"{'https' if upstream_tls is not None else 'http'}://{upstream}"
-        self._calls = calls
-        self._counters: dict[tuple[str, str], Any] = {}
+        self._counts = CallCounts(calls)
         # host and length are the new hop's; Expect: 100-continue was answered on the client's hop (the whole
         # body is here before it is sent on)
         self._drop = HOP_BY_HOP | {b"host", b"content-length", b"expect"} | \
@@ -249,10 +248,7 @@ class ProxyRestApp(RestApp):
             raise Unavailable(f"upstream {self.upstream} {why}") from None
 
     def _count(self, method: str, code: str) -> None:
-        child = self._counters.get((method, code))
-        if child is None:
-            child = self._counters[method, code] = self._calls.labels(method, code)
-        child.inc()
+        self._counts.count(method, code)
 
 
 class RestUpstream:

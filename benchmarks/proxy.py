@@ -2,7 +2,7 @@
 
     python benchmarks/proxy.py [--upstream agent|mlserver] [--protocols grpc,rest] [--clients 1,16]
                                [--batches 1,64] [--seconds 10]
-                               [--rounds 2] [--json]
+                               [--rounds 2] [--relay] [--json]
 
 The upstream (20-feature logistic regression) is a real ``outrider agent serve`` (monitored, summary
 helper process, no collector) or a real MLServer 1.7.1 (``benchmarks/mlserver_env.py``: its venv, the
@@ -16,7 +16,9 @@ helpers), and the ratios proxy / direct. ``rest`` rows are the same over HTTP/RE
 ``--http-listen`` directly and the proxy's ``--http-listen`` (``--upstream-http``), from
 ``benchmarks/rest.py``'s plain ``http.client`` client (one kept-alive connection per thread) with the
 binary tensor extension both ways, or JSON tensors for MLServer (its REST answers the extension with
-HTTP 500). A client whose first call fails stops at once saying why; later non-200 replies and broken
+HTTP 500). ``--relay`` adds ``grpc-relay`` rows: the same gRPC clients through the proxy's
+``--relay-listen`` (a byte relay watched off the request path, ``agent/proxy_relay.py``), in the same
+alternating rounds, against the same direct figures. A client whose first call fails stops at once saying why; later non-200 replies and broken
 connections are counted as failed.
 Everything shares the machine's cores: the figures are ratios under the same load, not the machine's
 ceiling.
@@ -91,8 +93,9 @@ print(" ".join(f"{v:.6f}" for v in latencies))
 """
 
 
-def start(args: list[str], marker: str) -> tuple[subprocess.Popen, str, str]:
-    """The process, its gRPC address and its REST URL ("" without --http-listen)."""
+def start(args: list[str], marker: str, found: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str]:
+    """The process, its gRPC address and its REST URL ("" without --http-listen); ``found["relay"]``: the
+    address of agent proxy's --relay-listen, when it has one."""
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = ""
@@ -102,6 +105,8 @@ def start(args: list[str], marker: str) -> tuple[subprocess.Popen, str, str]:
         if line.startswith(marker):
             if "; REST " in line:  # agent proxy --http-listen: on its one line
                 url = line.split()[-1]
+            if "; relay on " in line and found is not None:
+                found["relay"] = line.split("; relay on ", 1)[1].split(";")[0].strip()
             return proc, line.split(" on ", 1)[1].split()[0], url
     raise RuntimeError(f"{args[:2]} did not start")
 
@@ -151,29 +156,35 @@ def start_upstream(kind: str, tmp: Path, model: Path, rest: bool) -> tuple[subpr
 
 
 def run(client_counts: list[int], batches: list[int], seconds: float, rounds: int,
-        protocols: tuple[str, ...] = ("grpc",), upstream_kind: str = "agent") -> list[dict]:
+        protocols: tuple[str, ...] = ("grpc",), upstream_kind: str = "agent", relay: bool = False) -> list[dict]:
+    """Rows of (protocol, clients, batch); with ``relay``, gRPC rows come twice: through the proxy's
+    --listen ("grpc") and through its --relay-listen ("grpc-relay"), in the same alternating rounds."""
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "bench.onnx"
         model.write_bytes(examples.logistic_regression())
         rest = "rest" in protocols
         upstream, upstream_address, upstream_url, stop_upstream = start_upstream(upstream_kind, Path(tmp), model, rest)
+        found: dict[str, str] = {}
         try:
             proxy, proxy_address, proxy_url = start(
                 ["agent", "proxy", "--upstream", upstream_address, "--model-name", "bench", "--listen", "127.0.0.1:0",
-                 "--workers", "16",
+                 "--workers", "16", *(["--relay-listen", "127.0.0.1:0"] if relay else []),
                  *(["--upstream-http", upstream_url.split("//", 1)[1], "--http-listen", "127.0.0.1:0"] if rest
                    else [])],
-                "proxying ")
+                "proxying ", found)
         except BaseException:
             stop_upstream()
             raise
         results = []
         try:
             for protocol, threads, batch in itertools.product(protocols, client_counts, batches):
-                targets = (upstream_address, proxy_address) if protocol == "grpc" else (upstream_url, proxy_url)
-                seen: dict[str, list[dict]] = {"direct": [], "proxy": []}
+                targets = {"direct": upstream_address, "proxy": proxy_address} if protocol == "grpc" else \
+                    {"direct": upstream_url, "proxy": proxy_url}
+                if protocol == "grpc" and relay:
+                    targets["relay"] = found["relay"]
+                seen: dict[str, list[dict]] = {via: [] for via in targets}
                 for _ in range(rounds):
-                    for via, address in zip(("direct", "proxy"), targets):
+                    for via, address in targets.items():
                         cpu0 = (tree_cpu(upstream.pid), tree_cpu(proxy.pid))
                         # MLServer 1.7's REST answers the binary tensor extension with HTTP 500: JSON tensors there
                         latencies, failed = clients(address, threads, seconds, batch, protocol,
@@ -184,14 +195,18 @@ def run(client_counts: list[int], batches: list[int], seconds: float, rounds: in
                                           "p99": pct(latencies, 0.99) * 1e3, "failed": failed,
                                           "upstream_cpu_ms_per_1k": (cpu1[0] - cpu0[0]) / n * 1e6,
                                           "proxy_cpu_ms_per_1k": (cpu1[1] - cpu0[1]) / n * 1e6})
-                row: dict = {"upstream": upstream_kind, "protocol": protocol, "clients": threads, "batch": batch}
+                medians = {}
                 for via, runs in seen.items():
-                    row[via] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                    row[via]["failed"] = sum(r["failed"] for r in runs)
-                row["ratio_p50"] = row["proxy"]["p50"] / row["direct"]["p50"]
-                row["ratio_rps"] = row["proxy"]["rps"] / row["direct"]["rps"]
-                results.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+                    medians[via] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                    medians[via]["failed"] = sum(r["failed"] for r in runs)
+                for via in [v for v in seen if v != "direct"]:
+                    row: dict = {"upstream": upstream_kind, "protocol": protocol if via == "proxy" else "grpc-relay",
+                                 "clients": threads, "batch": batch, "direct": medians["direct"],
+                                 "proxy": medians[via]}
+                    row["ratio_p50"] = row["proxy"]["p50"] / row["direct"]["p50"]
+                    row["ratio_rps"] = row["proxy"]["rps"] / row["direct"]["rps"]
+                    results.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
         finally:
             proxy.send_signal(signal.SIGTERM)
             proxy.wait(60)
@@ -208,11 +223,13 @@ def main() -> None:
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--relay", action="store_true",
+                        help="also through the proxy's --relay-listen (gRPC rows 'grpc-relay', same rounds)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     load = os.getloadavg()
     results = run([int(c) for c in args.clients.split(",")], [int(b) for b in args.batches.split(",")],
-                  args.seconds, args.rounds, tuple(args.protocols.split(",")), args.upstream)
+                  args.seconds, args.rounds, tuple(args.protocols.split(",")), args.upstream, args.relay)
     if args.json:
         print(json.dumps({"load_average_before": load, "results": results}, indent=2))
         return

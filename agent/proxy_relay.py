@@ -1,0 +1,357 @@
+"""``agent proxy --relay-listen``: the cheapest way through the proxy, a byte relay that watches gRPC.
+
+Each connection a client opens here is paired with one to the upstream, and the bytes go across
+unchanged both ways, HTTP/2 frames, settings and pings included: the relay ends neither side's
+HTTP/2, so a reply is what the upstream sent, byte for byte. A copy of each chunk is handed to the
+``ProxyMonitor`` (one deque append on the relay's thread), whose thread follows the connection
+with an ``agent.h2tap.Tap`` and summarises the model's ModelInfer calls as the gRPC front's are:
+same sessions, windows, feedback and ``outrider_proxy_calls`` counts.
+
+What a full proxy port (``--listen``) does and the relay cannot, since it changes no byte: check
+tokens (``--auth-file``), give a request without an id one of its own, pin calls for ``--managed``,
+serve feedback and health (they stay on ``--listen``), end TLS. The proxy's command refuses those
+combinations.
+
+Failures: an upstream that cannot be reached when a client connects is answered by the relay itself,
+UNAVAILABLE naming it on every call the client sent, then GOAWAY, so the client connects again (and
+finds the upstream once it is back). A unary OIP call the upstream leaves unanswered past
+``--upstream-timeout-seconds`` closes the connection: the client's calls on it fail UNAVAILABLE
+rather than hang (a client's shorter deadline cancels its call first, as ever). A connection the tap could not follow (a
+chunk dropped because the monitor's queue was full, bytes that are not HTTP/2) is still relayed,
+counted in ``outrider_proxy_relay_unobserved_connections``.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+from urllib.parse import quote
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+from google.protobuf.message import DecodeError
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+from agent.errors import OutriderError
+from agent.h2tap import Tap, TapError, TappedCall
+from agent.proxy import CallCounts, Decoder, ProxyMonitor
+from agent.proxy_grpc import INFER_METHOD, STREAM_METHODS, infer_decoder
+from protos import open_inference_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 256 * 1024
+CONNECT_SECONDS = 5.0      # a connect to the upstream that takes longer is an unreachable upstream
+REFUSE_SECONDS = 10.0      # how long a refused client may take to send its calls before the connection closes
+WATCH_SECONDS = 0.5        # how often unanswered calls are checked against their timeout
+DEFAULT_MAX_CONNECTIONS = 512
+OIP_PREFIX = INFER_METHOD.rsplit("/", 1)[0] + "/"
+CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+# grpc-message is percent-encoded: everything printable but '%' goes as it is (gRPC's HTTP/2 spec)
+_MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+class _Connection:
+    """A client's connection and its upstream twin: two pumps, one tap."""
+
+    def __init__(self, relay: RelayServer, client: socket.socket) -> None:
+        self.relay = relay
+        self.client = client
+        self.upstream: socket.socket | None = None
+        self.tap = Tap(max_message_bytes=relay.max_message_bytes)
+        self.observed = True       # False once a chunk could not be handed to the monitor
+        self.client_done = False     # the client closed its side
+        self.upstream_ended = False  # the upstream closed (or failed) first: calls left pending are its failures
+        self.deadline_hit = False
+        self._closed = threading.Event()
+
+    def run(self) -> None:
+        """The client's side: connect upstream, start the reply pump, relay the client's bytes."""
+        try:
+            self.upstream = socket.create_connection(self.relay.upstream_address, timeout=CONNECT_SECONDS)
+        except OSError as exc:
+            self.relay.refuse(self.client, f"{exc.strerror or exc}")
+            self.relay.forget(self)
+            return
+        self.upstream.settimeout(None)
+        for sock in (self.client, self.upstream):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames go out as they come
+        replies = threading.Thread(target=self._pump, args=(self.upstream, self.client, False),
+                                   name="outrider-relay-reply", daemon=True)
+        replies.start()
+        self._pump(self.client, self.upstream, True)
+        replies.join()
+        self.close()
+        self._offer(self._ended)
+        self.relay.forget(self)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        feed, decoders = (self.tap.client if from_client else self.tap.server), self.relay.decoders
+        try:
+            while chunk := source.recv(CHUNK_BYTES):
+                now = time.perf_counter_ns()
+                if from_client:  # queued before the upstream can answer it: the tap sees a request before its reply
+                    self._offer(partial(decoders, self, feed, chunk, now))
+                    sink.sendall(chunk)
+                else:  # the client's reply first, the monitor's copy after
+                    sink.sendall(chunk)
+                    self._offer(partial(decoders, self, feed, chunk, now))
+        except OSError:
+            pass
+        if from_client:
+            self.client_done = True
+            try:  # the upstream may still answer what was sent; it closes when it has
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        else:
+            self.upstream_ended = not self.client_done
+            self.close()  # nothing more will be answered: the client's calls fail now, not at their deadline
+
+    def _offer(self, decode: Decoder) -> None:
+        if not self.observed:
+            return
+        if not self.relay.monitor.offer(decode):  # the tap cannot follow a connection with a gap in it
+            self.observed = False
+            self.relay.count_unobserved()
+
+    def _ended(self) -> list[Decoder]:
+        """Calls left unanswered when the connection closed."""
+        code = "UNREACHABLE" if self.upstream_ended or self.deadline_hit else "CANCELLED"
+        for _, method, _ in self.tap.pending():
+            self.relay.counts.count(method.rsplit("/", 1)[-1], code)
+        return []
+
+    def overdue(self, now_ns: int) -> bool:
+        """A unary OIP call is unanswered past the upstream timeout (streams live as long as their clients)."""
+        timeout_ns = int(self.relay.upstream_timeout * 1e9)
+        return any(method.startswith(OIP_PREFIX) and method not in STREAM_METHODS and now_ns - started > timeout_ns
+                   for _, method, started in self.tap.pending())
+
+    def close(self) -> None:
+        self._closed.set()
+        for sock in (self.client, self.upstream):
+            if sock is None:
+                continue
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+class RelayServer:
+    """A running relay: ``port``, ``address``, ``stop``."""
+
+    def __init__(self, listen: str, upstream: str, monitor: ProxyMonitor, calls: Any, *,
+                 upstream_timeout: float = 30.0, max_message_bytes: int = 64 << 20,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        host, _, port = listen.rpartition(":")
+        up_host, _, up_port = upstream.rpartition(":")
+        self.upstream = upstream
+        self.upstream_address = (up_host.strip("[]"), int(up_port))
+        self.monitor = monitor
+        self.counts = CallCounts(calls)
+        self.upstream_timeout = upstream_timeout
+        self.max_message_bytes = max_message_bytes
+        self.max_connections = max_connections
+        self.unobserved = 0  # connections not followed to the end (a dropped chunk, bytes that are not HTTP/2)
+        self.refused = 0     # connections over max_connections, closed at once
+        self._connections: set[_Connection] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind((host.strip("[]"), int(port)))
+            self._listener.listen(128)
+        except OSError as exc:
+            self._listener.close()
+            raise OSError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        self.host = host
+        self.port = self._listener.getsockname()[1]
+        self._threads = [threading.Thread(target=self._accept, name="outrider-relay-accept", daemon=True),
+                         threading.Thread(target=self._watch, name="outrider-relay-watch", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    # --- the relay's threads ----------------------------------------------------------
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.05)  # e.g. out of file descriptors: try again, without spinning
+                continue
+            connection = _Connection(self, client)
+            with self._lock:
+                full = len(self._connections) >= self.max_connections
+                if not full:
+                    self._connections.add(connection)
+            if full:
+                self.refused += 1
+                client.close()
+                continue
+            threading.Thread(target=connection.run, name="outrider-relay", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_SECONDS):
+            now = time.perf_counter_ns()
+            with self._lock:
+                overdue = [c for c in self._connections if c.overdue(now)]
+            for connection in overdue:
+                log.warning("upstream %s left a call unanswered for %g s (--upstream-timeout-seconds): its "
+                            "connection is closed, the client's calls on it fail UNAVAILABLE", self.upstream,
+                            self.upstream_timeout)
+                connection.deadline_hit = True
+                connection.close()
+
+    def forget(self, connection: _Connection) -> None:
+        with self._lock:
+            self._connections.discard(connection)
+
+    def count_unobserved(self) -> None:
+        with self._lock:
+            self.unobserved += 1
+
+    # --- on the monitor's thread --------------------------------------------------------
+    def decoders(self, connection: _Connection, feed: Callable[[bytes, int], list[TappedCall]], chunk: bytes,
+                 now_ns: int) -> list[Decoder]:
+        """``chunk`` fed to the connection's tap: the monitor's decoders of the calls it completed, each call
+        counted by method and status."""
+        try:
+            done = feed(chunk, now_ns)
+        except TapError as exc:
+            if connection.observed:
+                connection.observed = False
+                self.count_unobserved()
+                log.warning("a relayed connection is passed on unobserved: %s", exc)
+            return []
+        found: list[Decoder] = []
+        for call in done:
+            code = CODE_NAMES.get(call.status, "CANCELLED" if call.status == -1 else "UNKNOWN")
+            self.counts.count(call.method.rsplit("/", 1)[-1], code)
+            if call.method != INFER_METHOD or call.request is None:
+                continue
+            try:
+                request = pb.ModelInferRequest.FromString(call.request)
+            except DecodeError:  # the upstream said what was wrong with it; nothing to summarise
+                continue
+            if call.status == 0 and call.reply is None:
+                found.append(_undecodable("a reply without a message"))
+                continue
+            found.append(infer_decoder(request, call.reply if call.status == 0 else None, call.latency_ns, request.id))
+        return found
+
+    def refuse(self, client: socket.socket, why: str) -> None:
+        """Answer every call on ``client`` UNAVAILABLE naming the upstream, then GOAWAY."""
+        message = (f"upstream {self.upstream} is unreachable ({why}); check --upstream and that the inference "
+                   "server is running")
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        connection.initiate_connection()
+        answered = 0
+        try:
+            client.settimeout(REFUSE_SECONDS)
+            client.sendall(connection.data_to_send())
+            while not answered:
+                data = client.recv(CHUNK_BYTES)
+                if not data:
+                    break
+                for event in connection.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        path = dict(event.headers).get(":path", "")
+                        connection.send_headers(event.stream_id, [
+                            (":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "14"),
+                            ("grpc-message", quote(message, safe=_MESSAGE_SAFE))], end_stream=True)
+                        self.counts.count(path.rsplit("/", 1)[-1], "UNREACHABLE")
+                        answered += 1
+                if answered:  # a fresh connection for the next calls, to an upstream that may be back by then
+                    connection.close_connection()
+                client.sendall(connection.data_to_send())
+            client.shutdown(socket.SHUT_WR)
+            while client.recv(CHUNK_BYTES):  # read what the client still sends: closing with unread bytes resets
+                pass                         # the connection, and the client could lose the answer
+        except (OSError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            client.close()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Accept no more; let calls in flight finish for ``grace`` seconds, then close every connection."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
+        self._listener.close()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with self._lock:
+                busy = [c for c in self._connections if c.tap.pending()]
+            if not busy:
+                break
+            time.sleep(0.05)
+        with self._lock:
+            left = list(self._connections)
+        for connection in left:
+            connection.close()
+        for thread in self._threads:
+            thread.join(5)
+
+
+def _undecodable(why: str) -> Decoder:
+    def decode() -> Any:
+        raise OutriderError(why)
+
+    return decode
+
+
+class RelayCollector:
+    """The relay's counts, read at scrape time."""
+
+    def __init__(self, relay: RelayServer) -> None:
+        self.relay = relay
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        yield GaugeMetricFamily("outrider_proxy_relay_connections", "connections open through --relay-listen",
+                                value=self.relay.connections())
+        yield CounterMetricFamily("outrider_proxy_relay_unobserved_connections",
+                                  "relayed connections passed on without being followed (a chunk dropped from a "
+                                  "full capture queue, or bytes that are not HTTP/2): their calls are not summarised",
+                                  value=self.relay.unobserved)
+        yield CounterMetricFamily("outrider_proxy_relay_refused_connections",
+                                  "connections closed at once: --relay-listen already had its most", value=self.relay.refused)
+
+
+def serve_relay(listen: str, upstream: str, monitor: ProxyMonitor, calls: Any, *, registry: Any = None,
+                upstream_timeout: float = 30.0, max_message_bytes: int = 64 << 20) -> RelayServer:
+    """Relay gRPC on ``listen`` to ``upstream`` (HOST:PORT), watching the calls of ``monitor``'s model.
+    Raises ``OSError`` when it cannot listen."""
+    relay = RelayServer(listen, upstream, monitor, calls, upstream_timeout=upstream_timeout,
+                        max_message_bytes=max_message_bytes)
+    if registry is not None:
+        registry.register(RelayCollector(relay))
+    return relay

@@ -1,0 +1,409 @@
+"""``outrider agent proxy --relay-listen``: a byte relay in front of a real OIP server, watched off the request path.
+
+Replies are compared as bytes with the upstream's own answers; what the relay's tap reads is checked
+against what was sent (methods, rows, ids), through HTTP/2 written by grpcio and by h2 (padding,
+priorities, CONTINUATION, resets, compression); windows go to a real collector.
+"""
+from __future__ import annotations
+
+import gzip
+import signal
+import socket
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from agent import MonitoredSession, examples
+from agent.h2tap import Tap, TapError
+from agent.profile import build_profile
+from agent.proxy import ProxyMonitor
+from agent.proxy_grpc import ProxyServer, proxy_calls_counter, serve_proxy
+from agent.proxy_relay import RelayServer, serve_relay
+from agent.server import serve
+from collector.api.server import serve_collector
+from protos import agent_pb2, agent_pb2_grpc
+from protos import collector_pb2 as cpb
+from protos import collector_pb2_grpc as cpb_grpc
+from protos import open_inference_pb2 as pb
+from test_cli_contract import run as run_cli
+from test_delivery import start, wait_until
+from test_proxy import HANG_GUARD, INFER, Raw, free_address, idle, in_memory, infer_request, tritonclient
+
+METHOD = "/inference.GRPCInferenceService/"
+
+
+@pytest.fixture
+def upstream(lr_model: Path) -> Iterator[Any]:
+    server = serve(ort.InferenceSession(str(lr_model)), "m", "1", "127.0.0.1:0")
+    yield server
+    server.stop(grace=0)
+
+
+@pytest.fixture
+def front(upstream: Any) -> Iterator[tuple[ProxyServer, RelayServer, Any]]:
+    """The proxy (its --listen: health, feedback) and its relay, counting calls in one registry."""
+    from agent.metrics import AgentMetrics
+
+    metrics = AgentMetrics()
+    calls = proxy_calls_counter(metrics.registry)
+    running = serve_proxy(upstream.address, "m", in_memory, "127.0.0.1:0", metrics=metrics, calls=calls)
+    relay = serve_relay("127.0.0.1:0", upstream.address, running.monitor, calls, registry=metrics.registry)
+    yield running, relay, metrics
+    relay.stop(0)
+    running.stop(grace=0)
+
+
+def scrape(metrics: Any) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(metrics.registry).decode()
+
+
+# ------------------------------------------------------------------ pass-through, and what the tap reads
+
+
+def test_relayed_replies_are_the_upstreams_bytes_and_the_models_calls_are_summarised(upstream: Any, front: Any):
+    running, relay, metrics = front
+    direct, through = Raw(upstream.address), Raw(relay.address)
+    x = examples.tabular_data(7, seed=3)[0]
+    cases = [
+        ("ModelInfer", infer_request(x, "with-id")),
+        ("ModelInfer", infer_request(x, "typed", typed=True)),
+        ("ModelInfer", infer_request(x, "subset", outputs=("label",))),
+        ("ModelInfer", infer_request(x, model="nope")),                       # NOT_FOUND
+        ("ModelInfer", infer_request(x.astype(np.float64)[:, :3], "bad")),    # INVALID_ARGUMENT
+        ("ModelInfer", pb.ModelInferRequest(model_name="m", id="empty")),
+        ("ModelMetadata", pb.ModelMetadataRequest(name="m")),
+        ("ModelReady", pb.ModelReadyRequest(name="m")),
+        ("ServerLive", pb.ServerLiveRequest()),
+    ]
+    for method, request in cases:
+        assert through.call(method, request) == direct.call(method, request), (method, request.ListFields()[:2])
+    idle(running)
+    stats = running.monitor.stats()
+    assert stats["captured"] == 2  # with-id and typed; the subset lacks an output
+    assert stats["unmonitored"]["partial_outputs"] == 1 and stats["unmonitored"]["other_model"] == 1
+    assert stats["upstream_errors"] == 2 and stats["capture_failures"] == 0
+    session = running.monitor.session
+    assert session.stats()["errors"] == 2 and session.stats()["rows_captured"] == 14  # two calls of seven rows
+    page = scrape(metrics)
+    assert 'outrider_proxy_calls_total{code="OK",method="ModelInfer"} 3.0' in page
+    assert 'outrider_proxy_calls_total{code="INVALID_ARGUMENT",method="ModelInfer"} 2.0' in page
+    assert 'outrider_proxy_calls_total{code="NOT_FOUND",method="ModelInfer"} 1.0' in page
+    assert 'outrider_proxy_calls_total{code="OK",method="ServerLive"} 1.0' in page
+    assert "outrider_proxy_relay_connections 1.0" in page
+    assert "outrider_proxy_relay_unobserved_connections_total 0.0" in page
+
+
+def test_calls_whose_headers_change_hpacks_table_are_all_read_right(upstream: Any, front: Any):
+    """Large, changing metadata evicts the table's entries call after call (the tap's cache of decoded
+    blocks must follow); methods alternate; every call is counted under its own method, every
+    inference call summarised with its own id."""
+    running, relay, metrics = front
+    channel = grpc.insecure_channel(relay.address)
+    infer, live = channel.unary_unary(INFER), channel.unary_unary(METHOD + "ServerLive")
+    x = examples.tabular_data(1, seed=4)[0]
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        metadata = (("x-pad", rng.bytes(300).hex()),) if i % 3 else ()  # 600 bytes: a 4 KiB table holds few
+        infer(infer_request(x, f"id-{i}").SerializeToString(), metadata=metadata, timeout=HANG_GUARD)
+        if i % 2:
+            live(pb.ServerLiveRequest().SerializeToString(), metadata=metadata, timeout=HANG_GUARD)
+    idle(running)
+    page = scrape(metrics)
+    assert 'outrider_proxy_calls_total{code="OK",method="ModelInfer"} 60.0' in page
+    assert 'outrider_proxy_calls_total{code="OK",method="ServerLive"} 30.0' in page
+    assert running.monitor.stats()["captured"] == 60
+    logged = running.monitor.session.predictions
+    assert all(logged.label(f"id-{i}", "1") for i in range(60))  # each call kept under the id it was sent with
+
+
+def test_feedback_by_the_clients_id_on_the_proxys_port_joins_a_relayed_call(upstream: Any, front: Any):
+    running, relay, _ = front
+    x, y = examples.tabular_data(4, seed=5)
+    assert Raw(relay.address).call("ModelInfer", infer_request(x, "labelled"))[0] == "OK"
+    idle(running)
+    reply = agent_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(running.address)).Feedback(
+        agent_pb2.FeedbackRequest(labels=[agent_pb2.Label(request_id="labelled", row=j, class_label=str(int(y[j])))
+                                          for j in range(4)]), timeout=HANG_GUARD)
+    assert reply.matched == 4 and reply.unmatched == 0
+
+
+# ------------------------------------------------------------------ HTTP/2 as other clients write it
+
+
+def _exchange(request_headers: list[tuple[str, str]], message: bytes, *, reply: bytes | None, status: str = "0",
+              reset: bool = False, pad: int = 0, priority: bool = False, compressed: bool = False) -> Tap:
+    """One call between an h2 client and an h2 server in memory, every byte fed to a tap in order."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    tap = Tap()
+    got: list[Any] = []
+    clock = iter(range(1, 10_000))
+
+    def flow(source: Any, sink: Any, from_client: bool) -> None:
+        data = source.data_to_send()
+        if data:
+            got.extend(tap.client(data, next(clock)) if from_client else tap.server(data, next(clock)))
+            sink.receive_data(data)
+
+    client.initiate_connection()
+    server.initiate_connection()
+    flow(client, server, True)
+    flow(server, client, False)
+    flow(client, server, True)
+    body = (b"\x01" + len(gzip.compress(message)).to_bytes(4, "big") + gzip.compress(message)) if compressed \
+        else b"\x00" + len(message).to_bytes(4, "big") + message
+    client.send_headers(1, request_headers, **({"priority_weight": 200, "priority_depends_on": 0} if priority else {}))
+    client.send_data(1, body, end_stream=True, pad_length=pad or None)
+    flow(client, server, True)
+    if reset:
+        client.reset_stream(1)
+        flow(client, server, True)
+        tap.got = got  # type: ignore[attr-defined]
+        return tap
+    server.send_headers(1, [(":status", "200"), ("content-type", "application/grpc")])
+    if reply is not None:
+        server.send_data(1, b"\x00" + len(reply).to_bytes(4, "big") + reply, pad_length=pad or None)
+    server.send_headers(1, [("grpc-status", status), ("grpc-message", "bad%20input%3A no")], end_stream=True)
+    flow(server, client, False)
+    tap.got = got  # type: ignore[attr-defined]
+    return tap
+
+
+def _headers(path: str = INFER, extra: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, str]]:
+    return [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "up"),
+            ("content-type", "application/grpc"), ("te", "trailers"), *extra]
+
+
+def test_the_tap_reads_padding_priorities_continuations_and_compressed_messages():
+    request = infer_request(np.ones((2, 20)), "h2").SerializeToString()
+    big = (("x-big", "v" * 40_000),)  # past the 16 KiB frame: CONTINUATION frames
+    tap = _exchange(_headers(extra=big), request, reply=b"reply-bytes", pad=17)
+    (call,) = tap.got  # type: ignore[attr-defined]
+    assert (call.method, call.request, call.reply, call.status) == (INFER, request, b"reply-bytes", 0)
+    assert call.latency_ns > 0
+    (prioritised,) = _exchange(_headers(), request, reply=b"r", priority=True).got  # type: ignore[attr-defined]
+    assert (prioritised.request, prioritised.reply) == (request, b"r")
+    (zipped,) = _exchange(_headers(extra=(("grpc-encoding", "gzip"),)), request, reply=b"r",
+                          compressed=True).got  # type: ignore[attr-defined]
+    assert zipped.request == request
+    (failed,) = _exchange(_headers(), request, reply=None, status="3").got  # type: ignore[attr-defined]
+    assert (failed.status, failed.message, failed.reply) == (3, "bad input: no", None)
+    (reset,) = _exchange(_headers(), request, reply=None, reset=True).got  # type: ignore[attr-defined]
+    assert reset.status == -1 and reset.method == INFER
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def test_the_same_header_bytes_are_read_anew_once_the_table_under_them_changed():
+    """HPACK's index 62 is the newest entry: after another path is inserted, the very bytes that meant
+    one path mean the other, and the tap must not answer from what it read before."""
+    import hpack
+
+    encoder, server, tap, methods = hpack.Encoder(), hpack.Encoder(), Tap(), []
+    tap.client(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 0)
+    blocks = []
+    for stream, path in enumerate([METHOD + "ModelInfer", METHOD + "ModelInfer", METHOD + "ServerLive",
+                                   METHOD + "ServerLive", METHOD + "ModelInfer"], start=1):
+        block = encoder.encode([(":method", "POST"), (":path", path)])
+        blocks.append(block)
+        tap.client(_frame(0x1, 0x4 | 0x1, 2 * stream - 1, block), stream)  # HEADERS, END_HEADERS | END_STREAM
+        trailers = server.encode([(":status", "200"), ("grpc-status", "0")])  # a trailers-only answer
+        methods += [c.method for c in tap.server(_frame(0x1, 0x5, 2 * stream - 1, trailers), stream)]
+    assert blocks[1] == blocks[3]  # the same bytes, another path
+    assert [m.rsplit("/", 1)[1] for m in methods] == ["ModelInfer", "ModelInfer", "ServerLive", "ServerLive",
+                                                       "ModelInfer"]
+
+
+def test_bytes_that_are_not_http2_stop_the_tap_not_the_bytes():
+    tap = Tap()
+    with pytest.raises(TapError, match="preface"):
+        tap.client(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1)
+    assert tap.broken and tap.client(b"PRI * HTTP/2.0", 2) == []
+
+
+def test_a_connection_the_monitor_cannot_keep_up_with_is_relayed_unchanged_and_counted(upstream: Any):
+    """A monitor whose queue takes nothing: every chunk is dropped, so the tap cannot follow the connection.
+    Its replies are still the upstream's, and it is counted as unobserved."""
+    from prometheus_client import CollectorRegistry
+
+    monitor = ProxyMonitor("m", in_memory, queue_calls=0)
+    registry = CollectorRegistry()
+    relay = serve_relay("127.0.0.1:0", upstream.address, monitor, proxy_calls_counter(registry), registry=registry)
+    try:
+        x = examples.tabular_data(3, seed=6)[0]
+        for i in range(3):
+            request = infer_request(x, f"q{i}")
+            assert Raw(relay.address).call("ModelInfer", request) == Raw(upstream.address).call("ModelInfer", request)
+        assert relay.unobserved >= 1 and monitor.stats()["unmonitored"]["queue_full"] >= 1
+        assert monitor.stats()["captured"] == 0
+    finally:
+        relay.stop(0)
+        monitor.close(0)
+
+
+# ------------------------------------------------------------------ an upstream that is not there
+
+
+def test_an_unreachable_upstream_is_unavailable_naming_it_and_served_again_when_back(lr_model: Path):
+    address = free_address()
+    monitor = ProxyMonitor("m", in_memory)
+    from prometheus_client import CollectorRegistry
+
+    relay = serve_relay("127.0.0.1:0", address, monitor, proxy_calls_counter(CollectorRegistry()))
+    back = None
+    try:
+        through = Raw(relay.address)
+        x = examples.tabular_data(2, seed=7)[0]
+        code, details, _, _ = through.call("ModelInfer", infer_request(x, "down"))  # hang guard: HANG_GUARD
+        assert code == "UNAVAILABLE" and f"upstream {address} is unreachable" in details
+        back = serve(ort.InferenceSession(str(lr_model)), "m", "1", address)
+        wait_until(lambda: through.call("ModelInfer", infer_request(x, "up"))[0] == "OK", timeout=HANG_GUARD,
+                   what="the relay to reach the upstream once it is back")
+    finally:
+        relay.stop(0)
+        monitor.close(0)
+        if back is not None:
+            back.stop(grace=0)
+
+
+def test_an_upstream_that_does_not_answer_is_unavailable_after_the_bound():
+    """A server that takes the connection and never says a word: the call fails, it does not hang."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def take() -> None:
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                continue
+
+    taker = threading.Thread(target=take, daemon=True)
+    taker.start()
+    from prometheus_client import CollectorRegistry
+
+    monitor = ProxyMonitor("m", in_memory)
+    relay = RelayServer("127.0.0.1:0", f"127.0.0.1:{silent.getsockname()[1]}", monitor,
+                        proxy_calls_counter(CollectorRegistry()), upstream_timeout=1.0)
+    try:
+        code, _, _, _ = Raw(relay.address).call("ServerLive", pb.ServerLiveRequest())  # hang guard: HANG_GUARD
+        assert code == "UNAVAILABLE"
+    finally:
+        relay.stop(0)
+        monitor.close(0)
+        stop.set()
+        taker.join(5)
+        for sock in [*held, silent]:
+            sock.close()
+
+
+# ------------------------------------------------------------------ at the collector
+
+
+@pytest.mark.slow
+def test_relayed_windows_at_the_collector_hold_every_row_and_the_drift_is_found(tmp_path: Path, lr_model: Path,
+                                                                               upstream: Any):
+    collector = serve_collector(tmp_path / "c.db", "127.0.0.1:0", drift_interval=0, rollup_interval=3600)
+    ops = cpb_grpc.OpsServiceStub(grpc.insecure_channel(collector.address))
+
+    def open_session(model: Any, version: str) -> MonitoredSession:
+        return MonitoredSession(model, model_name="m", model_version=version, window_seconds=0.5,
+                                summarizer="thread", agent_id="relay-1", collector=collector.address,
+                                spool_dir=tmp_path / "spool")
+
+    running = serve_proxy(upstream.address, "m", open_session, "127.0.0.1:0")
+    from prometheus_client import CollectorRegistry
+
+    relay = serve_relay("127.0.0.1:0", upstream.address, running.monitor, proxy_calls_counter(CollectorRegistry()))
+    try:
+        x_ref, y_ref = examples.tabular_data(5000, seed=1)
+        np.savez(tmp_path / "ref.npz", X=x_ref, label=y_ref)
+        ops.AttachProfile(cpb.AttachProfileRequest(model_name="m", model_version="1",
+                                                   profile=build_profile(lr_model, tmp_path / "ref.npz")),
+                          timeout=HANG_GUARD)
+        through = Raw(relay.address)
+        x = examples.tabular_data(3000, seed=7)[0]
+        x[:, 3] += 1.0  # one feature moves by a standard deviation
+        sent, start_row, calls = 0, 0, 0
+        while start_row < len(x):
+            chunk = x[start_row:start_row + 1 + (calls * 37) % 64]
+            assert through.call("ModelInfer", infer_request(chunk, f"r{calls}"))[0] == "OK"
+            sent, start_row, calls = sent + len(chunk), start_row + len(chunk), calls + 1
+        idle(running)
+    finally:
+        relay.stop(5)
+        running.stop(grace=5)  # the last window flushed and delivered
+    try:
+        def stored() -> list[cpb.WindowInfo]:
+            return list(ops.ListWindows(cpb.ListWindowsRequest(model_name="m", limit=10_000), timeout=HANG_GUARD)
+                        .windows)
+
+        wait_until(lambda: sum(w.rows for w in stored()) >= sent, timeout=HANG_GUARD, what="every row stored")
+        windows = stored()
+        assert sum(w.rows for w in windows) == sent and sum(w.calls for w in windows) == calls
+        report = ops.EvaluateDrift(cpb.DriftRequest(model_name="m"), timeout=HANG_GUARD).latest[0]
+        drifted = {c.name for c in report.columns if c.drifted}
+        assert "X[3]" in drifted and not drifted & {f"X[{j}]" for j in range(20) if j != 3}
+    finally:
+        collector.stop(grace=0)
+
+
+# ------------------------------------------------------------------ the CLI, as a real process
+
+
+def test_the_cli_relay_answers_tritonclient_as_the_upstream_does(tmp_path: Path, lr_model: Path):
+    upstream, upstream_address = start(["agent", "serve", "--model", str(lr_model), "--model-name", "m",
+                                        "--listen", "127.0.0.1:0", "--spool-dir", str(tmp_path / "up")],
+                                       r"serving m version 1 on (\S+)")
+    proxy, relay_address = start(["agent", "proxy", "--upstream", upstream_address, "--model-name", "m",
+                                  "--listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0",
+                                  "--metrics", "127.0.0.1:0"],
+                                 r"proxying \S+ on \S+ \(m: monitoring version 1\); relay on (\S+)")
+    try:
+        direct, through = tritonclient(upstream_address), tritonclient(relay_address)
+        assert through == direct
+        assert through["bad"][0] == "StatusCode.INVALID_ARGUMENT"
+    finally:
+        for proc in (proxy, upstream):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (proxy, upstream):
+            assert proc.wait(HANG_GUARD) == 0
+
+
+def test_cli_relay_flags_that_cannot_go_together_exit_2_in_one_line(tmp_path: Path):
+    base = ("agent", "proxy", "--upstream", "127.0.0.1:1", "--model-name", "m", "--relay-listen", "127.0.0.1:0")
+    auth = tmp_path / "auth.toml"
+    auth.write_text('[[client]]\nname = "web"\ntoken = "a-long-random-token-0123"\n')
+    for extra, said in ((("--auth-file", str(auth)), "--auth-file"),
+                        (("--managed", "--collector", "127.0.0.1:2"), "--managed"),
+                        (("--upstream-tls-ca", "system"), "--upstream-tls-ca")):
+        done = run_cli(*base, *extra)
+        assert done.code == 2 and f"--relay-listen and {said} exclude each other" in done.one_line()
+    rest_only = run_cli("agent", "proxy", "--upstream-http", "127.0.0.1:1", "--http-listen", "127.0.0.1:0",
+                        "--model-name", "m", "--relay-listen", "127.0.0.1:0")
+    assert rest_only.code == 2 and "--relay-listen relays gRPC to --upstream" in rest_only.one_line()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        busy = run_cli("agent", "proxy", "--upstream", "127.0.0.1:1", "--model-name", "m", "--listen",
+                       "127.0.0.1:0", "--relay-listen", address, "--summarizer", "thread")
+        assert busy.code == 2 and f"cannot listen on {address}" in busy.one_line()
