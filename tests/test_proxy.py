@@ -23,10 +23,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from agent import MonitoredSession, examples
 from agent.profile import build_profile
-from agent.proxy_grpc import REQUEST_ID_HEADER, ProxyServer, serve_proxy
+from agent.proxy_grpc import REQUEST_ID_HEADER, ProxyServer, proxy_calls_counter, serve_proxy
+from agent.proxy_relay import serve_relay
 from agent.server import serve
 from collector.api.server import serve_collector
 from protos import agent_pb2, agent_pb2_grpc
@@ -103,10 +105,11 @@ def idle(running: ProxyServer) -> None:
 # ------------------------------------------------------------------ pass-through
 
 
-def test_replies_and_errors_are_the_upstreams_bytes(upstream: Any, proxy: ProxyServer):
-    direct, through = Raw(upstream.address), Raw(proxy.address)
+def pass_through_cases() -> list[tuple[str, Any]]:
+    """Calls every front must pass on as the upstream answers them: 2 summarised, 1 partial, 1 of another
+    model, 2 the model's own errors, and the other OIP methods."""
     x = examples.tabular_data(7, seed=3)[0]
-    cases = [
+    return [
         ("ModelInfer", infer_request(x, "with-id")),
         ("ModelInfer", infer_request(x, "typed", typed=True)),
         ("ModelInfer", infer_request(x, "subset", outputs=("label",))),
@@ -120,6 +123,12 @@ def test_replies_and_errors_are_the_upstreams_bytes(upstream: Any, proxy: ProxyS
         ("ServerLive", pb.ServerLiveRequest()),
         ("ServerReady", pb.ServerReadyRequest()),
     ]
+
+
+def test_replies_and_errors_are_the_upstreams_bytes(upstream: Any, proxy: ProxyServer):
+    direct, through = Raw(upstream.address), Raw(proxy.address)
+    x = examples.tabular_data(7, seed=3)[0]
+    cases = pass_through_cases()
     for method, request in cases:
         assert through.call(method, request) == direct.call(method, request), (method, request.ListFields()[:2])
     code, details, _, _ = through.call("ModelInfer", infer_request(x, model="nope"))
@@ -243,8 +252,11 @@ def test_health_follows_the_upstream(lr_model: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("via", ["listen", "relay"])
 def test_windows_at_the_collector_hold_every_row_and_the_drift_is_found(tmp_path: Path, lr_model: Path,
-                                                                        upstream: Any):
+                                                                        upstream: Any, via: str):
+    """Through the proxy's --listen, and through its --relay-listen (agent.proxy_relay: the calls are read off
+    a copy of the bytes); labels go to the proxy's own port either way."""
     collector = serve_collector(tmp_path / "c.db", "127.0.0.1:0", drift_interval=0, rollup_interval=3600)
     ops = cpb_grpc.OpsServiceStub(grpc.insecure_channel(collector.address))
 
@@ -254,13 +266,15 @@ def test_windows_at_the_collector_hold_every_row_and_the_drift_is_found(tmp_path
                                 spool_dir=tmp_path / "spool")
 
     running = serve_proxy(upstream.address, "m", open_session, "127.0.0.1:0")
+    relay = serve_relay("127.0.0.1:0", upstream.address, running.monitor,
+                        proxy_calls_counter(CollectorRegistry())) if via == "relay" else None
     try:
         x_ref, y_ref = examples.tabular_data(5000, seed=1)
         np.savez(tmp_path / "ref.npz", X=x_ref, label=y_ref)
         ops.AttachProfile(cpb.AttachProfileRequest(model_name="m", model_version="1",
                                                    profile=build_profile(lr_model, tmp_path / "ref.npz")),
                           timeout=HANG_GUARD)
-        through = Raw(running.address)
+        through, feedback = Raw(relay.address if relay is not None else running.address), Raw(running.address)
         x, y = examples.tabular_data(3000, seed=7)
         x[:, 3] += 1.0  # one feature moves by a standard deviation
         sent, start_row, i = 0, 0, 0
@@ -276,10 +290,12 @@ def test_windows_at_the_collector_hold_every_row_and_the_drift_is_found(tmp_path
             i += 1
             if i % 10 == 0:
                 idle(running)
-                agent_pb2_grpc.FeedbackServiceStub(through.channel).Feedback(
+                agent_pb2_grpc.FeedbackServiceStub(feedback.channel).Feedback(
                     agent_pb2.FeedbackRequest(labels=labels), timeout=HANG_GUARD)
         idle(running)
     finally:
+        if relay is not None:
+            relay.stop(5)
         running.stop(grace=5)  # the last window flushed and delivered
     try:
         def stored() -> list[cpb.WindowInfo]:

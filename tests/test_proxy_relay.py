@@ -2,7 +2,8 @@
 
 Replies are compared as bytes with the upstream's own answers; what the relay's tap reads is checked
 against what was sent (methods, rows, ids), through HTTP/2 written by grpcio and by h2 (padding,
-priorities, CONTINUATION, resets, compression); windows go to a real collector.
+priorities, CONTINUATION, resets, compression). Windows at a real collector, with labels and drift:
+tests/test_proxy.py's collector test, through both ports.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import gzip
 import signal
 import socket
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,21 +23,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent import MonitoredSession, examples
+from agent import examples
 from agent.h2tap import Tap, TapError
-from agent.profile import build_profile
 from agent.proxy import ProxyMonitor
 from agent.proxy_grpc import ProxyServer, proxy_calls_counter, serve_proxy
 from agent.proxy_relay import RelayServer, serve_relay
 from agent.server import serve
-from collector.api.server import serve_collector
 from protos import agent_pb2, agent_pb2_grpc
-from protos import collector_pb2 as cpb
-from protos import collector_pb2_grpc as cpb_grpc
 from protos import open_inference_pb2 as pb
 from test_cli_contract import run as run_cli
 from test_delivery import start, wait_until
-from test_proxy import HANG_GUARD, INFER, Raw, free_address, idle, in_memory, infer_request, tritonclient
+from test_proxy import (HANG_GUARD, INFER, Raw, free_address, idle, in_memory, infer_request, pass_through_cases,
+                        tritonclient)
 
 METHOD = "/inference.GRPCInferenceService/"
 
@@ -75,18 +72,7 @@ def scrape(metrics: Any) -> str:
 def test_relayed_replies_are_the_upstreams_bytes_and_the_models_calls_are_summarised(upstream: Any, front: Any):
     running, relay, metrics = front
     direct, through = Raw(upstream.address), Raw(relay.address)
-    x = examples.tabular_data(7, seed=3)[0]
-    cases = [
-        ("ModelInfer", infer_request(x, "with-id")),
-        ("ModelInfer", infer_request(x, "typed", typed=True)),
-        ("ModelInfer", infer_request(x, "subset", outputs=("label",))),
-        ("ModelInfer", infer_request(x, model="nope")),                       # NOT_FOUND
-        ("ModelInfer", infer_request(x.astype(np.float64)[:, :3], "bad")),    # INVALID_ARGUMENT
-        ("ModelInfer", pb.ModelInferRequest(model_name="m", id="empty")),
-        ("ModelMetadata", pb.ModelMetadataRequest(name="m")),
-        ("ModelReady", pb.ModelReadyRequest(name="m")),
-        ("ServerLive", pb.ServerLiveRequest()),
-    ]
+    cases = pass_through_cases()
     for method, request in cases:
         assert through.call(method, request) == direct.call(method, request), (method, request.ListFields()[:2])
     idle(running)
@@ -101,6 +87,7 @@ def test_relayed_replies_are_the_upstreams_bytes_and_the_models_calls_are_summar
     assert 'outrider_proxy_calls_total{code="INVALID_ARGUMENT",method="ModelInfer"} 2.0' in page
     assert 'outrider_proxy_calls_total{code="NOT_FOUND",method="ModelInfer"} 1.0' in page
     assert 'outrider_proxy_calls_total{code="OK",method="ServerLive"} 1.0' in page
+    assert 'outrider_proxy_calls_total{code="OK",method="ModelMetadata"} 1.0' in page
     assert "outrider_proxy_relay_connections 1.0" in page
     assert "outrider_proxy_relay_unobserved_connections_total 0.0" in page
 
@@ -313,57 +300,6 @@ def test_an_upstream_that_does_not_answer_is_unavailable_after_the_bound():
         taker.join(5)
         for sock in [*held, silent]:
             sock.close()
-
-
-# ------------------------------------------------------------------ at the collector
-
-
-@pytest.mark.slow
-def test_relayed_windows_at_the_collector_hold_every_row_and_the_drift_is_found(tmp_path: Path, lr_model: Path,
-                                                                               upstream: Any):
-    collector = serve_collector(tmp_path / "c.db", "127.0.0.1:0", drift_interval=0, rollup_interval=3600)
-    ops = cpb_grpc.OpsServiceStub(grpc.insecure_channel(collector.address))
-
-    def open_session(model: Any, version: str) -> MonitoredSession:
-        return MonitoredSession(model, model_name="m", model_version=version, window_seconds=0.5,
-                                summarizer="thread", agent_id="relay-1", collector=collector.address,
-                                spool_dir=tmp_path / "spool")
-
-    running = serve_proxy(upstream.address, "m", open_session, "127.0.0.1:0")
-    from prometheus_client import CollectorRegistry
-
-    relay = serve_relay("127.0.0.1:0", upstream.address, running.monitor, proxy_calls_counter(CollectorRegistry()))
-    try:
-        x_ref, y_ref = examples.tabular_data(5000, seed=1)
-        np.savez(tmp_path / "ref.npz", X=x_ref, label=y_ref)
-        ops.AttachProfile(cpb.AttachProfileRequest(model_name="m", model_version="1",
-                                                   profile=build_profile(lr_model, tmp_path / "ref.npz")),
-                          timeout=HANG_GUARD)
-        through = Raw(relay.address)
-        x = examples.tabular_data(3000, seed=7)[0]
-        x[:, 3] += 1.0  # one feature moves by a standard deviation
-        sent, start_row, calls = 0, 0, 0
-        while start_row < len(x):
-            chunk = x[start_row:start_row + 1 + (calls * 37) % 64]
-            assert through.call("ModelInfer", infer_request(chunk, f"r{calls}"))[0] == "OK"
-            sent, start_row, calls = sent + len(chunk), start_row + len(chunk), calls + 1
-        idle(running)
-    finally:
-        relay.stop(5)
-        running.stop(grace=5)  # the last window flushed and delivered
-    try:
-        def stored() -> list[cpb.WindowInfo]:
-            return list(ops.ListWindows(cpb.ListWindowsRequest(model_name="m", limit=10_000), timeout=HANG_GUARD)
-                        .windows)
-
-        wait_until(lambda: sum(w.rows for w in stored()) >= sent, timeout=HANG_GUARD, what="every row stored")
-        windows = stored()
-        assert sum(w.rows for w in windows) == sent and sum(w.calls for w in windows) == calls
-        report = ops.EvaluateDrift(cpb.DriftRequest(model_name="m"), timeout=HANG_GUARD).latest[0]
-        drifted = {c.name for c in report.columns if c.drifted}
-        assert "X[3]" in drifted and not drifted & {f"X[{j}]" for j in range(20) if j != 3}
-    finally:
-        collector.stop(grace=0)
 
 
 # ------------------------------------------------------------------ the CLI, as a real process
