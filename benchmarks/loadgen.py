@@ -55,9 +55,12 @@ def missing() -> str | None:
         absent = ["grpc++ (pkg-config grpc++)"]
     if not absent:
         return None
-    what = " and ".join(absent)
-    return (f"the C++ load generator needs {what}: apt-get install -y {' '.join(PACKAGES)} "
+    return (f"the C++ load generator needs {' and '.join(absent)}: apt-get install -y {' '.join(_packages())} "
             f"(or python benchmarks/loadgen.py --install)")
+
+
+def _packages() -> tuple[str, ...]:
+    return PACKAGES + (("g++",) if shutil.which("g++") is None else ())
 
 
 def build() -> Path:
@@ -85,7 +88,7 @@ def install() -> int:
     """apt-get install the packages loadgen builds with (sudo when not root)."""
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *PACKAGES]):
+    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *_packages()]):
         code = subprocess.run([*sudo, *argv], env=env).returncode
         if code:
             return code
