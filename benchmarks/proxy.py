@@ -2,7 +2,7 @@
 
     python benchmarks/proxy.py [--upstream agent|mlserver] [--protocols grpc,rest] [--clients 1,16]
                                [--batches 1,64] [--seconds 10]
-                               [--rounds 2] [--relay] [--json]
+                               [--rounds 2] [--relay] [--client python|cpp] [--json]
 
 The upstream (20-feature logistic regression) is a real ``outrider agent serve`` (monitored, summary
 helper process, no collector) or a real MLServer 1.7.1 (``benchmarks/mlserver_env.py``: its venv, the
@@ -19,7 +19,10 @@ binary tensor extension both ways, or JSON tensors for MLServer (its REST answer
 HTTP 500). ``--relay`` adds ``grpc-relay`` rows: the same gRPC clients through the proxy's
 ``--relay-listen`` (a byte relay watched off the request path, ``agent/proxy_relay.py``), in the same
 alternating rounds, against the same direct figures. A client whose first call fails stops at once saying why; later non-200 replies and broken
-connections are counted as failed.
+connections are counted as failed. ``--client cpp``: the gRPC rows' client is ``benchmarks/loadgen.py``'s
+compiled one (built on demand; the same threads, each on its own connection), and the upstream's and the
+proxy's CPU are read from its start to its end only. The clients' own CPU per 1,000 requests is reported
+too (gRPC rows; the REST client does not measure its own).
 Everything shares the machine's cores: the figures are ratios under the same load, not the machine's
 ceiling.
 """
@@ -34,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent import examples  # noqa: E402
-from benchmarks import mlserver_env  # noqa: E402
+from benchmarks import loadgen, mlserver_env  # noqa: E402
 from benchmarks.processes import tree_cpu  # noqa: E402
 
 UPSTREAMS = ("agent", "mlserver")
@@ -87,8 +89,9 @@ try:
     start.wait()
 except threading.BrokenBarrierError:
     sys.exit(1)
+cpu0 = time.process_time()  # this process's CPU, every thread, over the timed part
 for w in workers: w.join()
-print(failed[0])
+print(failed[0], time.process_time() - cpu0)
 print(" ".join(f"{v:.6f}" for v in latencies))
 """
 
@@ -112,9 +115,10 @@ def start(args: list[str], marker: str, found: dict[str, str] | None = None) -> 
 
 
 def clients(address: str, threads: int, seconds: float, batch: int,
-            protocol: str = "grpc", tensors: str = "binary") -> tuple[list[float], int]:
-    """``threads`` callers in one process for ``seconds``: sorted latencies and failed calls. Over REST,
-    ``tensors`` is "binary" (the binary tensor extension) or "json"."""
+            protocol: str = "grpc", tensors: str = "binary") -> tuple[list[float], int, float | None]:
+    """``threads`` callers in one process for ``seconds``: sorted latencies, failed calls and the client's CPU
+    seconds over its timed part (None: the REST client does not say). Over REST, ``tensors`` is "binary"
+    (the binary tensor extension) or "json"."""
     if protocol == "rest":
         from benchmarks.rest import REST_CLIENT
 
@@ -126,12 +130,31 @@ def clients(address: str, threads: int, seconds: float, batch: int,
                           timeout=seconds + 120)
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
-    failed, latencies = done.stdout.split("\n", 1)  # both clients: failed calls, then the latencies
-    return sorted(float(v) for v in latencies.split()), int(failed)
+    first, latencies = done.stdout.split("\n", 1)  # both clients: failed calls (gRPC: and CPU), then latencies
+    failed, *cpu = first.split()
+    return sorted(float(v) for v in latencies.split()), int(failed), float(cpu[0]) if cpu else None
+
+
+def cpp_clients(address: str, threads: int, seconds: float, batch: int,
+                pids: tuple[int, ...]) -> tuple[list[float], int, float, list[float], list[float]]:
+    """``clients`` over gRPC from loadgen: sorted latencies, failed calls, the clients' CPU seconds, and the CPU
+    of the processes ``pids`` (each with its children) when the calls start and when they have all ended."""
+    request = loadgen.infer_request("bench", batch, 20, request_id="b")
+    with loadgen.Load(address, request, connections=threads, seconds=seconds) as load:  # connected, warmed up
+        cpu0 = [tree_cpu(pid) for pid in pids]
+        load.go()
+        result = load.wait()
+        cpu1 = [tree_cpu(pid) for pid in pids]
+    return result.latencies.tolist(), result.failed, result.client_cpu_s, cpu0, cpu1
 
 
 def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def _median(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def start_upstream(kind: str, tmp: Path, model: Path, rest: bool) -> tuple[subprocess.Popen, str, str,
@@ -156,9 +179,13 @@ def start_upstream(kind: str, tmp: Path, model: Path, rest: bool) -> tuple[subpr
 
 
 def run(client_counts: list[int], batches: list[int], seconds: float, rounds: int,
-        protocols: tuple[str, ...] = ("grpc",), upstream_kind: str = "agent", relay: bool = False) -> list[dict]:
+        protocols: tuple[str, ...] = ("grpc",), upstream_kind: str = "agent", client: str = "python",
+        relay: bool = False) -> list[dict]:
     """Rows of (protocol, clients, batch); with ``relay``, gRPC rows come twice: through the proxy's
-    --listen ("grpc") and through its --relay-listen ("grpc-relay"), in the same alternating rounds."""
+    --listen ("grpc") and through its --relay-listen ("grpc-relay"), in the same alternating rounds.
+    ``client``: the gRPC rows' client, "python" (grpcio) or "cpp" (loadgen, built here when needed)."""
+    if client == "cpp" and "grpc" in protocols:
+        loadgen.build()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "bench.onnx"
         model.write_bytes(examples.logistic_regression())
@@ -185,24 +212,30 @@ def run(client_counts: list[int], batches: list[int], seconds: float, rounds: in
                 seen: dict[str, list[dict]] = {via: [] for via in targets}
                 for _ in range(rounds):
                     for via, address in targets.items():
-                        cpu0 = (tree_cpu(upstream.pid), tree_cpu(proxy.pid))
-                        # MLServer 1.7's REST answers the binary tensor extension with HTTP 500: JSON tensors there
-                        latencies, failed = clients(address, threads, seconds, batch, protocol,
-                                                    "json" if upstream_kind == "mlserver" else "binary")
-                        cpu1 = (tree_cpu(upstream.pid), tree_cpu(proxy.pid))
+                        if protocol == "grpc" and client == "cpp":
+                            latencies, failed, client_cpu, cpu0, cpu1 = cpp_clients(
+                                address, threads, seconds, batch, (upstream.pid, proxy.pid))
+                        else:
+                            cpu0 = [tree_cpu(upstream.pid), tree_cpu(proxy.pid)]
+                            # MLServer 1.7's REST answers the binary tensor extension with HTTP 500: JSON tensors
+                            latencies, failed, client_cpu = clients(
+                                address, threads, seconds, batch, protocol,
+                                "json" if upstream_kind == "mlserver" else "binary")
+                            cpu1 = [tree_cpu(upstream.pid), tree_cpu(proxy.pid)]
                         n = max(len(latencies), 1)
                         seen[via].append({"rps": len(latencies) / seconds, "p50": pct(latencies, 0.5) * 1e3,
                                           "p99": pct(latencies, 0.99) * 1e3, "failed": failed,
                                           "upstream_cpu_ms_per_1k": (cpu1[0] - cpu0[0]) / n * 1e6,
-                                          "proxy_cpu_ms_per_1k": (cpu1[1] - cpu0[1]) / n * 1e6})
+                                          "proxy_cpu_ms_per_1k": (cpu1[1] - cpu0[1]) / n * 1e6,
+                                          "client_cpu_ms_per_1k": None if client_cpu is None else client_cpu / n * 1e6})
                 medians = {}
                 for via, runs in seen.items():
-                    medians[via] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                    medians[via] = {k: _median([r[k] for r in runs]) for k in runs[0]}
                     medians[via]["failed"] = sum(r["failed"] for r in runs)
                 for via in [v for v in seen if v != "direct"]:
                     row: dict = {"upstream": upstream_kind, "protocol": protocol if via == "proxy" else "grpc-relay",
-                                 "clients": threads, "batch": batch, "direct": medians["direct"],
-                                 "proxy": medians[via]}
+                                 "client": client if protocol == "grpc" else "python", "clients": threads,
+                                 "batch": batch, "direct": medians["direct"], "proxy": medians[via]}
                     row["ratio_p50"] = row["proxy"]["p50"] / row["direct"]["p50"]
                     row["ratio_rps"] = row["proxy"]["rps"] / row["direct"]["rps"]
                     results.append(row)
@@ -214,7 +247,7 @@ def run(client_counts: list[int], batches: list[int], seconds: float, rounds: in
     return results
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", choices=UPSTREAMS, default="agent",
                         help="the inference server behind the proxy (mlserver: its venv, see mlserver_env.py)")
@@ -225,28 +258,40 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--relay", action="store_true",
                         help="also through the proxy's --relay-listen (gRPC rows 'grpc-relay', same rounds)")
+    parser.add_argument("--client", choices=["python", "cpp"], default="python",
+                        help="the gRPC rows' client: python (grpcio) or cpp (the compiled loadgen, "
+                             "benchmarks/loadgen.py)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.client == "cpp":
+        try:
+            loadgen.build()
+        except loadgen.Missing as exc:
+            print(exc, file=sys.stderr)
+            return 2
     load = os.getloadavg()
     results = run([int(c) for c in args.clients.split(",")], [int(b) for b in args.batches.split(",")],
-                  args.seconds, args.rounds, tuple(args.protocols.split(",")), args.upstream, args.relay)
+                  args.seconds, args.rounds, tuple(args.protocols.split(",")), args.upstream, args.client,
+                  args.relay)
     if args.json:
         print(json.dumps({"load_average_before": load, "results": results}, indent=2))
-        return
+        return 0
     print(f"upstream: {args.upstream}; load average before: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; "
           f"after: {os.getloadavg()[0]:.1f}")
-    print("| protocol | clients | batch | direct req/s | proxy req/s | direct p50 ms | proxy p50 ms | "
+    print("| protocol | client | clients | batch | direct req/s | proxy req/s | direct p50 ms | proxy p50 ms | "
           "direct p99 ms | proxy p99 ms | failed | upstream CPU ms/1k req (direct, proxied) | proxy CPU ms/1k req | "
-          "p50 ratio | throughput ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "p50 ratio | throughput ratio | client CPU ms/1k req (direct, proxied) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
     for r in results:
         d, p = r["direct"], r["proxy"]
-        print(f"| {r['protocol']} | {r['clients']} | {r['batch']} | {d['rps']:,.0f} | {p['rps']:,.0f} "
+        print(f"| {r['protocol']} | {r['client']} | {r['clients']} | {r['batch']} | {d['rps']:,.0f} | {p['rps']:,.0f} "
               f"| {d['p50']:.2f} | {p['p50']:.2f} "
               f"| {d['p99']:.2f} | {p['p99']:.2f} | {d['failed'] + p['failed']} | {d['upstream_cpu_ms_per_1k']:.0f}, "
               f"{p['upstream_cpu_ms_per_1k']:.0f} | {p['proxy_cpu_ms_per_1k']:.0f} | {r['ratio_p50']:.2f}x | "
-              f"{r['ratio_rps']:.2f}x |")
+              f"{r['ratio_rps']:.2f}x | {fmt(d['client_cpu_ms_per_1k'])}, {fmt(p['client_cpu_ms_per_1k'])} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,7 +3,7 @@
     python benchmarks/serving.py --setup     # once: MLServer into ROOT/.venv-mlserver ($OUTRIDER_MLSERVER_VENV)
     python benchmarks/serving.py [--models lr,mlp,forest] [--batches 1,64] [--clients 1,4,16]
                                  [--variants floor,agent,agent-no-monitoring,agent-processes-2,mlserver]
-                                 [--seconds 3] [--rounds 2] [--json]
+                                 [--seconds 3] [--rounds 2] [--client python|cpp] [--json]
 
 Variants, each a real server in processes of its own on 127.0.0.1 (no collector anywhere):
 - ``floor``: ``benchmarks/_floor_server.py``, a plain grpcio server on our OIP protos that decodes the
@@ -16,12 +16,15 @@ Variants, each a real server in processes of its own on 127.0.0.1 (no collector 
 
 Clients: a pool of ``max(--clients)`` processes started once, each with one ``tritonclient.grpc``
 client per server (its own connection), calling ModelInfer back to back with float32 rows; a cell
-with k clients uses k of them, all starting at the same instant. Per round and model every variant
+with k clients uses k of them, all starting at the same instant. ``--client cpp``: instead, per cell
+one ``benchmarks/loadgen.py`` process (the compiled client, built on demand) with k connections, the
+same request; the server's CPU is read when it starts them all and when they have all ended. Per round and model every variant
 is started, runs every (batch, clients) cell, and is stopped; the order of the variants alternates
 between rounds. Per cell: requests/s, p50/p99 seen by the clients, CPU per request of the server's
 whole process tree (main process and children: the agent's helpers and processes, MLServer's
 inference-pool workers) from /proc, its ratio to the floor of the same round, rows dropped (the
-agent's ``outrider_agent_rows_dropped`` on /metrics, before vs after the cell) and the 1-minute load
+agent's ``outrider_agent_rows_dropped`` on /metrics, before vs after the cell), the clients' own CPU
+per request (what the load cost: Python's is several times the compiled one's) and the 1-minute load
 average (this benchmark's own clients and servers included: compare it with the load before the run). The summary gives medians over rounds (ratios: the median of per-round ratios). Clients
 and servers share the machine's cores: the figures compare servers under the same load; they are
 not the machine's ceiling.
@@ -49,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent import examples  # noqa: E402
-from benchmarks import mlserver_env  # noqa: E402
+from benchmarks import loadgen, mlserver_env  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 NAME = "bench"
@@ -261,24 +264,14 @@ class Clients:
                 proc.wait()
 
 
-def measure(server: Server, clients: Clients, k: int, batch: int, seconds: float) -> dict[str, Any]:
+def measure(server: Server, clients: Clients | None, k: int, batch: int, seconds: float) -> dict[str, Any]:
+    """One cell: ``clients`` (None: one loadgen process with k connections)."""
     dropped0 = server.dropped_rows()
-    result: dict[str, Any] = {}
-
-    start = time.time() + 0.5 + 0.05 * k  # every client connected (one warm-up call) by then
-
-    def sample() -> None:  # CPU at the clients' start and end instants
-        time.sleep(max(0.0, start - time.time()))
-        result["cpu0"] = tree_cpu(server.pid)
-        time.sleep(max(0.0, start + seconds - time.time()))
-        result["cpu1"] = tree_cpu(server.pid)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    latencies, errors, first_error = clients.run(k, server.address, batch, seconds, start)
-    sampler.join()
+    if clients is None:
+        latencies, errors, first_error, result = _measure_cpp(server, k, batch, seconds)
+    else:
+        latencies, errors, first_error, result = _measure_python(server, clients, k, batch, seconds)
     n = len(latencies)
-    latencies.sort()
     own = result["cpu1"][0] - result["cpu0"][0]
     children = result["cpu1"][1] - result["cpu0"][1]
     dropped1 = server.dropped_rows()
@@ -290,16 +283,50 @@ def measure(server: Server, clients: Clients, k: int, batch: int, seconds: float
         "cpu_us_per_request": (own + children) / n * 1e6 if n else None,
         "cpu_us_per_request_children": children / n * 1e6 if n else None,
         "server_cores_busy": (own + children) / seconds,
+        "client_cpu_us_per_request": result["client_cpu"] / n * 1e6 if n else None,
         "dropped_rows": None if dropped0 is None or dropped1 is None else dropped1 - dropped0,
         "load_average": round(os.getloadavg()[0], 2),
     }
 
 
+def _measure_python(server: Server, clients: Clients, k: int, batch: int,
+                    seconds: float) -> tuple[list[float], int, str | None, dict[str, Any]]:
+    result: dict[str, Any] = {}
+    start = time.time() + 0.5 + 0.05 * k  # every client connected (one warm-up call) by then
+    pids = [proc.pid for proc in clients.procs[:k]]
+
+    def sample() -> None:  # CPU at the clients' start and end instants
+        time.sleep(max(0.0, start - time.time()))
+        result["cpu0"], client0 = tree_cpu(server.pid), sum(sum(tree_cpu(p)) for p in pids)
+        time.sleep(max(0.0, start + seconds - time.time()))
+        result["cpu1"] = tree_cpu(server.pid)
+        result["client_cpu"] = sum(sum(tree_cpu(p)) for p in pids) - client0
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    latencies, errors, first_error = clients.run(k, server.address, batch, seconds, start)
+    sampler.join()
+    return sorted(latencies), errors, first_error, result
+
+
+def _measure_cpp(server: Server, k: int, batch: int,
+                 seconds: float) -> tuple[list[float], int, str | None, dict[str, Any]]:
+    request = loadgen.infer_request(NAME, batch, WIDTH, seed=batch)  # the Python clients' rows
+    with loadgen.Load(server.address, request, connections=k, seconds=seconds) as load:  # connected, warmed up
+        cpu0 = tree_cpu(server.pid)
+        load.go()
+        done = load.wait()
+        cpu1 = tree_cpu(server.pid)
+    return (done.latencies.tolist(), done.failed, done.first_failure,
+            {"cpu0": cpu0, "cpu1": cpu1, "client_cpu": done.client_cpu_s})
+
+
 # ------------------------------------------------------------------ the run
 
 def run(models: list[str], batches: list[int], client_counts: list[int], variants: list[str], seconds: float,
-        rounds: int, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every cell of the grid, ``rounds`` times with the variants' order alternating; rows and summary."""
+        rounds: int, log: Callable[[str], None] = print, client: str = "python") -> dict[str, Any]:
+    """Every cell of the grid, ``rounds`` times with the variants' order alternating; rows and summary.
+    ``client``: "python" (tritonclient processes) or "cpp" (loadgen, built here when needed)."""
     skipped: dict[str, str] = {}
     if "mlserver" in variants:
         reason = mlserver_env.missing()
@@ -308,7 +335,9 @@ def run(models: list[str], batches: list[int], client_counts: list[int], variant
             skipped["mlserver"] = reason
             variants = [v for v in variants if v != "mlserver"]
     rows: list[dict[str, Any]] = []
-    clients = Clients(max(client_counts))
+    if client == "cpp":
+        loadgen.build()
+    clients = Clients(max(client_counts)) if client == "python" else None
     try:
         with tempfile.TemporaryDirectory(prefix="outrider-serving-") as tmp:
             paths = {}
@@ -330,8 +359,9 @@ def run(models: list[str], batches: list[int], client_counts: list[int], variant
                         finally:
                             server.stop()
     finally:
-        clients.close()
-    return {"conditions": conditions(seconds, rounds), "skipped": skipped, "rows": rows,
+        if clients is not None:
+            clients.close()
+    return {"conditions": {**conditions(seconds, rounds), "client": client}, "skipped": skipped, "rows": rows,
             "summary": summarise(rows)}
 
 
@@ -359,7 +389,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         dropped = [r["dropped_rows"] for r in mine if r["dropped_rows"] is not None]
         out.append({"model": m, "batch": b, "clients": k, "variant": v,
                     **{key: median(key) for key in ("requests_per_s", "p50_ms", "p99_ms", "cpu_us_per_request",
-                                                    "cpu_us_per_request_children", "load_average")},
+                                                    "cpu_us_per_request_children", "client_cpu_us_per_request",
+                                                    "load_average")},
                     "ratio_to_floor": statistics.median(ratios) if ratios else None,
                     "dropped_rows": sum(dropped) if dropped else None,
                     "errors": sum(r["errors"] for r in mine)})
@@ -369,16 +400,18 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def table(result: dict[str, Any]) -> str:
     c = result["conditions"]
     lines = [f"{c['cpu']}, {c['cores']} cores; {c['seconds_per_cell']:g} s per cell, {c['rounds']} rounds "
-             f"(medians); load average at the end {c['load_average_at_end']}",
+             f"(medians); {c.get('client', 'python')} clients; load average at the end {c['load_average_at_end']}",
              f"{'model':>6} {'batch':>5} {'clients':>7} {'variant':>19} {'req/s':>8} {'vs floor':>8} {'p50 ms':>7} "
-             f"{'p99 ms':>7} {'CPU µs/req':>10} {'(children)':>10} {'dropped':>7} {'errors':>6} {'load':>5}"]
+             f"{'p99 ms':>7} {'CPU µs/req':>10} {'(children)':>10} {'dropped':>7} {'errors':>6} {'load':>5} "
+             f"{'client µs/req':>13}"]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for s in result["summary"]:
         lines.append(f"{s['model']:>6} {s['batch']:>5} {s['clients']:>7} {s['variant']:>19} "
                      f"{fmt(s['requests_per_s'], '8.0f')} {fmt(s['ratio_to_floor'], '8.2f')} "
                      f"{fmt(s['p50_ms'], '7.2f')} {fmt(s['p99_ms'], '7.2f')} {fmt(s['cpu_us_per_request'], '10.0f')} "
                      f"{fmt(s['cpu_us_per_request_children'], '10.0f')} {fmt(s['dropped_rows'], '>7')} "
-                     f"{s['errors']:>6} {fmt(s['load_average'], '5.2f')}")
+                     f"{s['errors']:>6} {fmt(s['load_average'], '5.2f')} "
+                     f"{fmt(s['client_cpu_us_per_request'], '13.0f')}")
     for reason in result["skipped"].values():
         lines.append(reason)
     return "\n".join(lines)
@@ -403,12 +436,21 @@ def main() -> int:
     parser.add_argument("--variants", type=_list(str, VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seconds", type=float, default=3.0, help="timed part of each cell")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--client", choices=["python", "cpp"], default="python",
+                        help="python: tritonclient processes; cpp: the compiled loadgen (benchmarks/loadgen.py)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.setup:
         return mlserver_env.setup()
+    if args.client == "cpp":
+        try:
+            loadgen.build()
+        except loadgen.Missing as exc:
+            print(exc, file=sys.stderr)
+            return 2
     quiet = (lambda _: None) if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
-    result = run(args.models, args.batches, args.clients, args.variants, args.seconds, args.rounds, log=quiet)
+    result = run(args.models, args.batches, args.clients, args.variants, args.seconds, args.rounds, log=quiet,
+                 client=args.client)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

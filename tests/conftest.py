@@ -98,3 +98,20 @@ def module_db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     url = server.create_database()
     yield url
     server.drop_database(url)
+
+
+# ------------------------------------------------------------ the compiled load generator (benchmarks/loadgen.py)
+
+
+@pytest.fixture(scope="session")
+def loadgen_binary() -> Path:
+    """benchmarks/loadgen's binary, compiled when its source is newer. Skipped (one line on what to install)
+    when grpc++ is missing; on CI that fails."""
+    from benchmarks import loadgen
+
+    try:
+        return loadgen.build()
+    except loadgen.Missing as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))

@@ -57,6 +57,7 @@ def test_serving_benchmark_measures_floor_and_agent_and_skips_a_missing_mlserver
     for row in result["rows"]:
         assert row["errors"] == 0 and row["requests"] > 0 and row["cpu_us_per_request"] > 0
         assert row["p50_ms"] <= row["p99_ms"] and row["load_average"] >= 0
+        assert row["client_cpu_us_per_request"] > 0  # the Python clients' own CPU, over the cell
     floor, agent = result["rows"]
     assert floor["dropped_rows"] is None  # no /metrics to read
     assert agent["dropped_rows"] == 0  # read from the agent's /metrics at a trickle of load
@@ -65,6 +66,18 @@ def test_serving_benchmark_measures_floor_and_agent_and_skips_a_missing_mlserver
     assert summary["agent"]["ratio_to_floor"] == agent["requests_per_s"] / floor["requests_per_s"]
     assert result["conditions"]["cores"] and result["conditions"]["cpu"]
     assert "vs floor" in serving.table(result)
+
+
+def test_serving_benchmark_runs_with_the_compiled_client(loadgen_binary):
+    from benchmarks import serving
+
+    result = serving.run(["lr"], [1], [2], ["floor", "agent"], seconds=0.5, rounds=1, log=lambda _: None,
+                         client="cpp")
+    assert result["conditions"]["client"] == "cpp"
+    for row in result["rows"]:
+        assert row["errors"] == 0 and row["requests"] > 0 and row["cpu_us_per_request"] > 0
+        assert row["client_cpu_us_per_request"] > 0 and row["p50_ms"] <= row["p99_ms"]
+    assert "client µs/req" in serving.table(result)
 
 
 @pytest.mark.slow
