@@ -493,10 +493,13 @@ def test_an_upstream_killed_mid_traffic_is_unavailable_then_served_again_when_ba
 def test_the_overhead_benchmark_measures_both_sides_and_no_request_fails():
     from benchmarks import proxy as bench
 
-    (row,) = bench.run([2], [3], seconds=0.5, rounds=1)
-    assert row["direct"]["failed"] == 0 and row["proxy"]["failed"] == 0
-    assert row["direct"]["rps"] > 0 and row["proxy"]["rps"] > 0 and row["proxy"]["proxy_cpu_ms_per_1k"] > 0
-    assert row["ratio_p50"] > 0 and row["ratio_rps"] > 0
+    rows = bench.run([2], [3], seconds=0.5, rounds=1, relay=True)
+    assert [row["protocol"] for row in rows] == ["grpc", "grpc-relay"]
+    assert rows[0]["direct"] == rows[1]["direct"]  # one direct figure for both ways through
+    for row in rows:
+        assert row["direct"]["failed"] == 0 and row["proxy"]["failed"] == 0
+        assert row["direct"]["rps"] > 0 and row["proxy"]["rps"] > 0 and row["proxy"]["proxy_cpu_ms_per_1k"] > 0
+        assert row["ratio_p50"] > 0 and row["ratio_rps"] > 0
 
 
 def test_a_streaming_call_passes_through_unmonitored():
