@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from agent import tensors
 from agent.dataplane import DataPlane, ModelMetadata
@@ -110,6 +110,16 @@ class ObservedCall:
 # A decoder, run on the monitor's thread: the call, None when it is not an inference call, or (the relay's
 # chunks of a connection, agent.proxy_relay) the decoders of each call the chunk completed.
 Decoder = Callable[[], "ObservedCall | list[Decoder] | None"]
+
+
+class Source(Protocol):
+    """Where the monitor's thread takes more calls from on each pass (``agent.proxy_relay``'s chunk queue)."""
+
+    def take(self) -> list[Decoder]: ...
+
+    def waiting(self) -> int: ...
+
+
 # Opens the MonitoredSession for a schema (the CLI's collector, spool, window options); a managed proxy
 # also passes feature_names and reference, as the registry has them for the version.
 SessionFactory = Callable[..., Any]
@@ -133,6 +143,7 @@ class ProxyMonitor:
         self._open_session = open_session
         self._pinned_version = model_version
         self._pending: deque[Decoder] = deque()
+        self._sources: list[Source] = []
         self._capacity = queue_calls
         self._busy = False  # the monitor's thread holds calls taken off the deque
         self._passes = 0    # drain passes done: a session swapped out is idle after two more
@@ -221,22 +232,40 @@ class ProxyMonitor:
         session.close()
 
     # --- the monitor's thread -------------------------------------------------------
+    def add_source(self, source: Source) -> None:
+        """Calls the monitor's thread also takes, each pass, from ``source`` (the relay's chunks)."""
+        self._sources.append(source)
+
     def _drain(self) -> None:
         pending = self._pending
         while True:
             stopping = self._stop.wait(DRAIN_SECONDS)
             self._busy = True
-            while pending:
+            for source in self._sources:
                 try:
-                    self._observe(pending.popleft())
+                    taken = source.take()
                 except Exception:  # a bug here must not stop monitoring, nor reach any reply
-                    with self._lock:
-                        self.capture_failures += 1
-                    log.exception("could not summarise a proxied call")
+                    self._failed()
+                    continue
+                for decode in taken:
+                    self._observe_safely(decode)
+            while pending:
+                self._observe_safely(pending.popleft())
             self._busy = False
             self._passes += 1
             if stopping:
                 return
+
+    def _observe_safely(self, decode: Decoder) -> None:
+        try:
+            self._observe(decode)
+        except Exception:  # a bug here must not stop monitoring, nor reach any reply
+            self._failed()
+
+    def _failed(self) -> None:
+        with self._lock:
+            self.capture_failures += 1
+        log.exception("could not summarise a proxied call")
 
     def _observe(self, decode: Decoder) -> None:
         try:
@@ -285,6 +314,11 @@ class ProxyMonitor:
         with self._lock:
             self.captured += 1
 
+    def count(self, reason: str, calls: int = 1) -> None:
+        """Calls that passed through unmonitored for ``reason`` (one of ``UNMONITORED``), counted by a front."""
+        with self._lock:
+            self._counts[reason] += calls
+
     def _count(self, reason: str, why: str = "") -> None:
         with self._lock:
             self._counts[reason] += 1
@@ -303,7 +337,7 @@ class ProxyMonitor:
 
     def idle(self) -> bool:
         """Every call offered so far is summarised or counted (tests wait for it before sending labels)."""
-        return not self._busy and not self._pending
+        return not self._busy and not self._pending and not any(source.waiting() for source in self._sources)
 
     def close(self, timeout: float = 10.0) -> None:
         """Summarise what is queued, stop the thread, flush the session's last window."""

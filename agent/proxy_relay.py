@@ -2,10 +2,13 @@
 
 Each connection a client opens here is paired with one to the upstream, and the bytes go across
 unchanged both ways, HTTP/2 frames, settings and pings included: the relay ends neither side's
-HTTP/2, so a reply is what the upstream sent, byte for byte. A copy of each chunk is handed to the
-``ProxyMonitor`` (one deque append on the relay's thread), whose thread follows the connection
-with an ``agent.h2tap.Tap`` and summarises the model's ModelInfer calls as the gRPC front's are:
-same sessions, windows, feedback and ``outrider_proxy_calls`` counts.
+HTTP/2, so a reply is what the upstream sent, byte for byte. Two pumps a connection, one each way,
+copy each chunk into a queue bounded in bytes; in C (``agent/_relay.c``) they run without the GIL,
+so the monitor's Python work never delays a relayed byte (without the build, ``_ChunkQueue`` does
+the same in Python). The ``ProxyMonitor``'s thread takes the chunks each pass (this server is one
+of its sources), follows each connection with an ``agent.h2tap.Tap`` and summarises the model's
+ModelInfer calls as the gRPC front's are: same sessions, windows, feedback and
+``outrider_proxy_calls`` counts.
 
 What a full proxy port (``--listen``) does and the relay cannot, since it changes no byte: check
 tokens (``--auth-file``), give a request without an id one of its own, pin calls for ``--managed``,
@@ -16,18 +19,21 @@ Failures: an upstream that cannot be reached when a client connects is answered 
 UNAVAILABLE naming it on every call the client sent, then GOAWAY, so the client connects again (and
 finds the upstream once it is back). A unary OIP call the upstream leaves unanswered past
 ``--upstream-timeout-seconds`` closes the connection: the client's calls on it fail UNAVAILABLE
-rather than hang (a client's shorter deadline cancels its call first, as ever). A connection the tap could not follow (a
-chunk dropped because the monitor's queue was full, bytes that are not HTTP/2) is still relayed,
-counted in ``outrider_proxy_relay_unobserved_connections``.
+rather than hang (a client's shorter deadline cancels its call first, as ever). A connection the
+tap could not follow (a chunk dropped because the queue was full, bytes that are not HTTP/2) is
+still relayed,
+counted in ``outrider_proxy_relay_unobserved_connections`` (its dropped chunks in
+``outrider_proxy_unmonitored_calls{reason="queue_full"}``).
 """
 from __future__ import annotations
 
 import logging
 import socket
 import threading
+import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -45,6 +51,11 @@ from agent.proxy import CallCounts, Decoder, ProxyMonitor
 from agent.proxy_grpc import INFER_METHOD, STREAM_METHODS, infer_decoder
 from protos import open_inference_pb2 as pb
 
+try:
+    from agent import _relay  # type: ignore[attr-defined]  # the pumps in C (agent/_relay.c)
+except ImportError:  # not built: the same pumps in Python (_ChunkQueue)
+    _relay = None
+
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 1024
@@ -52,59 +63,102 @@ CONNECT_SECONDS = 5.0      # a connect to the upstream that takes longer is an u
 REFUSE_SECONDS = 10.0      # how long a refused client may take to send its calls before the connection closes
 WATCH_SECONDS = 0.5        # how often unanswered calls are checked against their timeout
 DEFAULT_MAX_CONNECTIONS = 512
+DEFAULT_QUEUE_BYTES = 64 << 20  # relayed bytes awaiting the monitor's thread, every connection together
+ENDED = -1  # a queue entry's direction when it marks a connection's end
 OIP_PREFIX = INFER_METHOD.rsplit("/", 1)[0] + "/"
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 # grpc-message is percent-encoded: everything printable but '%' goes as it is (gRPC's HTTP/2 spec)
 _MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
+class _ChunkQueue:
+    """``agent._relay.Queue`` in Python, for a build without the C extension: chunks relayed, copied for
+    the monitor, bounded in bytes; ``pump`` relays one direction of a connection into it."""
+
+    def __init__(self, max_bytes: int = DEFAULT_QUEUE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.dropped = 0
+        self._items: deque[tuple[int, int, int, bytes]] = deque()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def entries(self) -> int:
+        return len(self._items)
+
+    def push(self, conn: int, from_client: int, ts: int, data: bytes) -> bool:
+        with self._lock:
+            if data and self._bytes + len(data) > self.max_bytes:
+                self.dropped += 1
+                return False
+            self._items.append((conn, from_client, ts, data))
+            self._bytes += len(data)
+            return True
+
+    def take(self) -> list[tuple[int, int, int, bytes]]:
+        with self._lock:
+            items, self._items, self._bytes = list(self._items), deque(), 0
+        return items
+
+    def pump(self, source: socket.socket, sink: socket.socket, conn: int, from_client: bool,
+             flag: bytearray) -> None:
+        try:
+            while chunk := source.recv(CHUNK_BYTES):
+                now = time.perf_counter_ns()
+                # the client's bytes are queued before the upstream can answer them: the tap sees a request
+                # before its reply; a reply goes to the client first, the monitor's copy after
+                if from_client and flag[0] and not self.push(conn, 1, now, chunk):
+                    flag[0] = 0
+                sink.sendall(chunk)
+                if not from_client and flag[0] and not self.push(conn, 0, now, chunk):
+                    flag[0] = 0
+        except OSError:
+            pass
+
+
 class _Connection:
     """A client's connection and its upstream twin: two pumps, one tap."""
 
-    def __init__(self, relay: RelayServer, client: socket.socket) -> None:
+    def __init__(self, relay: RelayServer, client: socket.socket, number: int) -> None:
         self.relay = relay
+        self.number = number
         self.client = client
         self.upstream: socket.socket | None = None
         self.tap = Tap(max_message_bytes=relay.max_message_bytes)
-        self.observed = True       # False once a chunk could not be handed to the monitor
+        self.flag = bytearray(b"\x01")  # both pumps copy chunks while 1; 0 once one was dropped or not followed
+        self.counted = False         # counted as unobserved
         self.client_done = False     # the client closed its side
         self.upstream_ended = False  # the upstream closed (or failed) first: calls left pending are its failures
         self.deadline_hit = False
-        self._closed = threading.Event()
 
     def run(self) -> None:
         """The client's side: connect upstream, start the reply pump, relay the client's bytes."""
+        relay = self.relay
         try:
-            self.upstream = socket.create_connection(self.relay.upstream_address, timeout=CONNECT_SECONDS)
+            self.upstream = socket.create_connection(relay.upstream_address, timeout=CONNECT_SECONDS)
         except OSError as exc:
-            self.relay.refuse(self.client, f"{exc.strerror or exc}")
-            self.relay.forget(self)
+            relay.refuse(self.client, f"{exc.strerror or exc}")
+            relay.forget(self)
             return
         self.upstream.settimeout(None)
         for sock in (self.client, self.upstream):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames go out as they come
+        relay.following[self.number] = self
         replies = threading.Thread(target=self._pump, args=(self.upstream, self.client, False),
                                    name="outrider-relay-reply", daemon=True)
         replies.start()
         self._pump(self.client, self.upstream, True)
         replies.join()
-        self.close()
-        self._offer(self._ended)
-        self.relay.forget(self)
+        for sock in (self.client, self.upstream):  # closed only now: no pump can be using the descriptors
+            sock.close()
+        relay.queue.push(self.number, ENDED, 0, b"")  # after every chunk of the connection: the tap's last word
+        relay.forget(self)
 
     def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
-        feed, decoders = (self.tap.client if from_client else self.tap.server), self.relay.decoders
-        try:
-            while chunk := source.recv(CHUNK_BYTES):
-                now = time.perf_counter_ns()
-                if from_client:  # queued before the upstream can answer it: the tap sees a request before its reply
-                    self._offer(partial(decoders, self, feed, chunk, now))
-                    sink.sendall(chunk)
-                else:  # the client's reply first, the monitor's copy after
-                    sink.sendall(chunk)
-                    self._offer(partial(decoders, self, feed, chunk, now))
-        except OSError:
-            pass
+        if _relay is not None:
+            self.relay.queue.pump(source.fileno(), sink.fileno(), self.number, from_client, self.flag)
+        else:
+            self.relay.queue.pump(source, sink, self.number, from_client, self.flag)
         if from_client:
             self.client_done = True
             try:  # the upstream may still answer what was sent; it closes when it has
@@ -113,21 +167,7 @@ class _Connection:
                 pass
         else:
             self.upstream_ended = not self.client_done
-            self.close()  # nothing more will be answered: the client's calls fail now, not at their deadline
-
-    def _offer(self, decode: Decoder) -> None:
-        if not self.observed:
-            return
-        if not self.relay.monitor.offer(decode):  # the tap cannot follow a connection with a gap in it
-            self.observed = False
-            self.relay.count_unobserved()
-
-    def _ended(self) -> list[Decoder]:
-        """Calls left unanswered when the connection closed."""
-        code = "UNREACHABLE" if self.upstream_ended or self.deadline_hit else "CANCELLED"
-        for _, method, _ in self.tap.pending():
-            self.relay.counts.count(method.rsplit("/", 1)[-1], code)
-        return []
+            self.shutdown()  # nothing more will be answered: the client's calls fail now, not at their deadline
 
     def overdue(self, now_ns: int) -> bool:
         """A unary OIP call is unanswered past the upstream timeout (streams live as long as their clients)."""
@@ -135,8 +175,8 @@ class _Connection:
         return any(method.startswith(OIP_PREFIX) and method not in STREAM_METHODS and now_ns - started > timeout_ns
                    for _, method, started in self.tap.pending())
 
-    def close(self) -> None:
-        self._closed.set()
+    def shutdown(self) -> None:
+        """Both sockets shut: the pumps return (the descriptors are closed once they have)."""
         for sock in (self.client, self.upstream):
             if sock is None:
                 continue
@@ -144,7 +184,6 @@ class _Connection:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            sock.close()
 
 
 class RelayServer:
@@ -152,7 +191,7 @@ class RelayServer:
 
     def __init__(self, listen: str, upstream: str, monitor: ProxyMonitor, calls: Any, *,
                  upstream_timeout: float = 30.0, max_message_bytes: int = 64 << 20,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, queue_bytes: int = DEFAULT_QUEUE_BYTES) -> None:
         host, _, port = listen.rpartition(":")
         up_host, _, up_port = upstream.rpartition(":")
         self.upstream = upstream
@@ -164,6 +203,10 @@ class RelayServer:
         self.max_connections = max_connections
         self.unobserved = 0  # connections not followed to the end (a dropped chunk, bytes that are not HTTP/2)
         self.refused = 0     # connections over max_connections, closed at once
+        self.queue: Any = _relay.Queue(queue_bytes) if _relay is not None else _ChunkQueue(queue_bytes)
+        self.following: dict[int, _Connection] = {}  # the monitor's thread forgets a connection at its end marker
+        self._dropped = 0  # chunks the queue dropped, as counted so far
+        self._numbers = itertools.count(1)
         self._connections: set[_Connection] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -182,6 +225,7 @@ class RelayServer:
                          threading.Thread(target=self._watch, name="outrider-relay-watch", daemon=True)]
         for thread in self._threads:
             thread.start()
+        monitor.add_source(self)
 
     @property
     def address(self) -> str:
@@ -201,7 +245,7 @@ class RelayServer:
                     return
                 time.sleep(0.05)  # e.g. out of file descriptors: try again, without spinning
                 continue
-            connection = _Connection(self, client)
+            connection = _Connection(self, client, next(self._numbers))
             with self._lock:
                 full = len(self._connections) >= self.max_connections
                 if not full:
@@ -222,17 +266,50 @@ class RelayServer:
                             "connection is closed, the client's calls on it fail UNAVAILABLE", self.upstream,
                             self.upstream_timeout)
                 connection.deadline_hit = True
-                connection.close()
+                connection.shutdown()
 
     def forget(self, connection: _Connection) -> None:
         with self._lock:
             self._connections.discard(connection)
 
-    def count_unobserved(self) -> None:
-        with self._lock:
+    # --- on the monitor's thread --------------------------------------------------------
+    def waiting(self) -> int:
+        return self.queue.entries
+
+    def take(self) -> list[Decoder]:
+        """The chunks relayed since the last pass, fed to their connections' taps: the decoders of the calls
+        they completed (``agent.proxy.Source``)."""
+        found: list[Decoder] = []
+        for number, from_client, ts, chunk in self.queue.take():
+            connection = self.following.get(number)
+            if connection is None:
+                continue
+            if from_client == ENDED:
+                del self.following[number]
+                self._ended(connection)
+            elif connection.flag[0]:
+                found += self.decoders(connection, connection.tap.client if from_client else connection.tap.server,
+                                       chunk, ts)
+        dropped = self.queue.dropped
+        if dropped > self._dropped:  # the tap cannot follow a connection with a gap in it
+            self.monitor.count("queue_full", dropped - self._dropped)
+            self._dropped = dropped
+            for connection in list(self.following.values()):
+                self._unobserved(connection)
+        return found
+
+    def _ended(self, connection: _Connection) -> None:
+        """Calls left unanswered when the connection closed; a connection some chunk of which was dropped."""
+        code = "UNREACHABLE" if connection.upstream_ended or connection.deadline_hit else "CANCELLED"
+        for _, method, _ in connection.tap.pending():
+            self.counts.count(method.rsplit("/", 1)[-1], code)
+        self._unobserved(connection)
+
+    def _unobserved(self, connection: _Connection) -> None:
+        if not connection.flag[0] and not connection.counted:
+            connection.counted = True
             self.unobserved += 1
 
-    # --- on the monitor's thread --------------------------------------------------------
     def decoders(self, connection: _Connection, feed: Callable[[bytes, int], list[TappedCall]], chunk: bytes,
                  now_ns: int) -> list[Decoder]:
         """``chunk`` fed to the connection's tap: the monitor's decoders of the calls it completed, each call
@@ -240,10 +317,10 @@ class RelayServer:
         try:
             done = feed(chunk, now_ns)
         except TapError as exc:
-            if connection.observed:
-                connection.observed = False
-                self.count_unobserved()
+            connection.flag[0] = 0  # the pumps copy no more for it
+            if not connection.counted:
                 log.warning("a relayed connection is passed on unobserved: %s", exc)
+            self._unobserved(connection)
             return []
         found: list[Decoder] = []
         for call in done:
@@ -314,7 +391,7 @@ class RelayServer:
         with self._lock:
             left = list(self._connections)
         for connection in left:
-            connection.close()
+            connection.shutdown()
         for thread in self._threads:
             thread.join(5)
 
@@ -347,11 +424,12 @@ class RelayCollector:
 
 
 def serve_relay(listen: str, upstream: str, monitor: ProxyMonitor, calls: Any, *, registry: Any = None,
-                upstream_timeout: float = 30.0, max_message_bytes: int = 64 << 20) -> RelayServer:
+                upstream_timeout: float = 30.0, max_message_bytes: int = 64 << 20,
+                queue_bytes: int = DEFAULT_QUEUE_BYTES) -> RelayServer:
     """Relay gRPC on ``listen`` to ``upstream`` (HOST:PORT), watching the calls of ``monitor``'s model.
     Raises ``OSError`` when it cannot listen."""
     relay = RelayServer(listen, upstream, monitor, calls, upstream_timeout=upstream_timeout,
-                        max_message_bytes=max_message_bytes)
+                        max_message_bytes=max_message_bytes, queue_bytes=queue_bytes)
     if registry is not None:
         registry.register(RelayCollector(relay))
     return relay

@@ -8,6 +8,7 @@ tests/test_proxy.py's collector test, through both ports.
 from __future__ import annotations
 
 import gzip
+import os
 import signal
 import socket
 import threading
@@ -27,6 +28,7 @@ from agent import examples
 from agent.h2tap import Tap, TapError
 from agent.proxy import ProxyMonitor
 from agent.proxy_grpc import ProxyServer, proxy_calls_counter, serve_proxy
+from agent import proxy_relay
 from agent.proxy_relay import RelayServer, serve_relay
 from agent.server import serve
 from protos import agent_pb2, agent_pb2_grpc
@@ -46,8 +48,20 @@ def upstream(lr_model: Path) -> Iterator[Any]:
     server.stop(grace=0)
 
 
+@pytest.fixture(params=["c", "python"])
+def pumps(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The relay's pumps as built (agent/_relay.c), and the Python ones a build without a compiler gets."""
+    if request.param == "python":
+        monkeypatch.setattr(proxy_relay, "_relay", None)
+    elif proxy_relay._relay is None:  # installed without the C extension: only CI must have it
+        if os.environ.get("CI") == "true":
+            pytest.fail("agent._relay is not built: pip install -e . compiles agent/_relay.c (needs gcc)")
+        pytest.skip("agent._relay is not built")
+    return request.param
+
+
 @pytest.fixture
-def front(upstream: Any) -> Iterator[tuple[ProxyServer, RelayServer, Any]]:
+def front(upstream: Any, pumps: str) -> Iterator[tuple[ProxyServer, RelayServer, Any]]:
     """The proxy (its --listen: health, feedback) and its relay, counting calls in one registry."""
     from agent.metrics import AgentMetrics
 
@@ -222,19 +236,21 @@ def test_bytes_that_are_not_http2_stop_the_tap_not_the_bytes():
     assert tap.broken and tap.client(b"PRI * HTTP/2.0", 2) == []
 
 
-def test_a_connection_the_monitor_cannot_keep_up_with_is_relayed_unchanged_and_counted(upstream: Any):
-    """A monitor whose queue takes nothing: every chunk is dropped, so the tap cannot follow the connection.
+def test_a_connection_the_monitor_cannot_keep_up_with_is_relayed_unchanged_and_counted(upstream: Any, pumps: str):
+    """A queue that takes nothing (0 bytes): every chunk is dropped, so the tap cannot follow the connection.
     Its replies are still the upstream's, and it is counted as unobserved."""
     from prometheus_client import CollectorRegistry
 
-    monitor = ProxyMonitor("m", in_memory, queue_calls=0)
+    monitor = ProxyMonitor("m", in_memory)
     registry = CollectorRegistry()
-    relay = serve_relay("127.0.0.1:0", upstream.address, monitor, proxy_calls_counter(registry), registry=registry)
+    relay = serve_relay("127.0.0.1:0", upstream.address, monitor, proxy_calls_counter(registry), registry=registry,
+                        queue_bytes=0)
     try:
         x = examples.tabular_data(3, seed=6)[0]
         for i in range(3):
             request = infer_request(x, f"q{i}")
             assert Raw(relay.address).call("ModelInfer", request) == Raw(upstream.address).call("ModelInfer", request)
+        wait_until(monitor.idle, timeout=HANG_GUARD, what="the monitor to take the relay's queue")
         assert relay.unobserved >= 1 and monitor.stats()["unmonitored"]["queue_full"] >= 1
         assert monitor.stats()["captured"] == 0
     finally:
