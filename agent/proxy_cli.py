@@ -32,6 +32,8 @@ def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParse
                     "under the id in the reply's 'outrider-request-id' metadata. With --http-listen and "
                     "--upstream-http, OIP over HTTP/REST (/v2/...) is forwarded too, monitored into the same "
                     "windows (an id the proxy assigns comes back in the 'outrider-request-id' response header). "
+                    "With --relay-listen, gRPC is also relayed byte for byte on a second address, the cheapest "
+                    "way through: the calls are read off a copy of the bytes and summarised into the same windows. "
                     "With --managed, a promotion or rollback in the collector's registry loads that version on "
                     "the upstream through the OIP model-repository extension (Triton, MLServer), and the proxy "
                     "then monitors it and pins the model's inference calls that name no version to it (the one "
