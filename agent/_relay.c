@@ -112,14 +112,14 @@ static PyObject *Queue_pump(Queue *self, PyObject *args) {
             break;
         }
         long long ts = now_ns();
-        /* the client's bytes are queued before the upstream can answer them: the tap sees a request
-           before its reply; a reply goes to the client first, the monitor's copy after */
-        if (from_client && *observed && !push(self, conn, 1, ts, buf, n)) *observed = 0;
+        /* copied before it is sent on: a request is queued before the upstream can answer it (the tap
+           sees a request before its reply), a reply before the client has it (whoever saw an answer can
+           count on the monitor having been handed it, as with the gRPC front); a copy is a memcpy */
+        if (*observed && !push(self, conn, from_client, ts, buf, n)) *observed = 0;
         if (send_all(dst, buf, n) < 0) {
             err = errno;
             break;
         }
-        if (!from_client && *observed && !push(self, conn, 0, ts, buf, n)) *observed = 0;
     }
     Py_END_ALLOW_THREADS
     free(buf);

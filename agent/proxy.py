@@ -337,7 +337,8 @@ class ProxyMonitor:
 
     def idle(self) -> bool:
         """Every call offered so far is summarised or counted (tests wait for it before sending labels)."""
-        return not self._busy and not self._pending and not any(source.waiting() for source in self._sources)
+        # busy last: the thread marks itself busy before it takes anything, so nothing taken is missed
+        return not self._pending and not any(source.waiting() for source in self._sources) and not self._busy
 
     def close(self, timeout: float = 10.0) -> None:
         """Summarise what is queued, stop the thread, flush the session's last window."""

@@ -104,14 +104,10 @@ class _ChunkQueue:
              flag: bytearray) -> None:
         try:
             while chunk := source.recv(CHUNK_BYTES):
-                now = time.perf_counter_ns()
-                # the client's bytes are queued before the upstream can answer them: the tap sees a request
-                # before its reply; a reply goes to the client first, the monitor's copy after
-                if from_client and flag[0] and not self.push(conn, 1, now, chunk):
+                # queued before it is sent on, as agent/_relay.c says why
+                if flag[0] and not self.push(conn, int(from_client), time.perf_counter_ns(), chunk):
                     flag[0] = 0
                 sink.sendall(chunk)
-                if not from_client and flag[0] and not self.push(conn, 0, now, chunk):
-                    flag[0] = 0
         except OSError:
             pass
 
@@ -171,6 +167,8 @@ class _Connection:
 
     def overdue(self, now_ns: int) -> bool:
         """A unary OIP call is unanswered past the upstream timeout (streams live as long as their clients)."""
+        if not self.flag[0]:  # not followed: what the tap holds is stale, and says nothing of the upstream
+            return False
         timeout_ns = int(self.relay.upstream_timeout * 1e9)
         return any(method.startswith(OIP_PREFIX) and method not in STREAM_METHODS and now_ns - started > timeout_ns
                    for _, method, started in self.tap.pending())
@@ -300,9 +298,10 @@ class RelayServer:
 
     def _ended(self, connection: _Connection) -> None:
         """Calls left unanswered when the connection closed; a connection some chunk of which was dropped."""
-        code = "UNREACHABLE" if connection.upstream_ended or connection.deadline_hit else "CANCELLED"
-        for _, method, _ in connection.tap.pending():
-            self.counts.count(method.rsplit("/", 1)[-1], code)
+        if connection.flag[0]:  # else the tap stopped short: its calls in flight are not known
+            code = "UNREACHABLE" if connection.upstream_ended or connection.deadline_hit else "CANCELLED"
+            for _, method, _ in connection.tap.pending():
+                self.counts.count(method.rsplit("/", 1)[-1], code)
         self._unobserved(connection)
 
     def _unobserved(self, connection: _Connection) -> None:

@@ -460,16 +460,20 @@ def test_upstream_errors_and_unmonitored_calls_are_counted_in_prometheus(upstrea
 
 
 @pytest.mark.slow
-def test_an_upstream_killed_mid_traffic_is_unavailable_then_served_again_when_back(tmp_path: Path, lr_model: Path):
+@pytest.mark.parametrize("via", ["listen", "relay"])
+def test_an_upstream_killed_mid_traffic_is_unavailable_then_served_again_when_back(tmp_path: Path, lr_model: Path,
+                                                                                  via: str):
     def upstream_process(listen: str) -> tuple[subprocess.Popen, str]:
         return start(["agent", "serve", "--model", str(lr_model), "--model-name", "m", "--listen", listen,
                       "--spool-dir", str(tmp_path / "up")], r"serving m version 1 on (\S+)")
 
     first, address = upstream_process("127.0.0.1:0")
     running = serve_proxy(address, "m", in_memory, "127.0.0.1:0")
+    relay = serve_relay("127.0.0.1:0", address, running.monitor,
+                        proxy_calls_counter(CollectorRegistry())) if via == "relay" else None
     second = None
     try:
-        through = Raw(running.address)
+        through = Raw(relay.address if relay is not None else running.address)
         x = examples.tabular_data(2, seed=12)[0]
         assert through.call("ModelInfer", infer_request(x, "before"))[0] == "OK"
         first.send_signal(signal.SIGKILL)
@@ -482,6 +486,8 @@ def test_an_upstream_killed_mid_traffic_is_unavailable_then_served_again_when_ba
         idle(running)
         assert running.monitor.stats()["captured"] >= 2 and running.monitor.stats()["capture_failures"] == 0
     finally:
+        if relay is not None:
+            relay.stop(0)
         running.stop(grace=0)
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
