@@ -96,14 +96,34 @@ def triton_infer(address: str, calls: list[tuple[np.ndarray, str, tuple[str, ...
     return json.loads(done.stdout)
 
 
-def test_replies_and_errors_through_the_proxy_are_mlservers_own(mlserver: Any, proxy: ProxyServer):
+def relay_of(proxy: ProxyServer, upstream: str) -> Any:
+    """``proxy``'s --relay-listen (agent.proxy_relay) to ``upstream``, its calls summarised by the same monitor."""
+    from prometheus_client import CollectorRegistry
+
+    from agent.proxy_grpc import proxy_calls_counter
+    from agent.proxy_relay import serve_relay
+
+    return serve_relay("127.0.0.1:0", upstream, proxy.monitor, proxy_calls_counter(CollectorRegistry()))
+
+
+@pytest.mark.parametrize("via", ["listen", "relay"])
+def test_replies_and_errors_through_the_proxy_are_mlservers_own(mlserver: Any, proxy: ProxyServer, via: str):
+    relay = relay_of(proxy, mlserver.grpc_address) if via == "relay" else None
+    try:
+        check_replies_and_errors(mlserver, proxy, relay.address if relay is not None else proxy.address)
+    finally:
+        if relay is not None:
+            relay.stop(0)
+
+
+def check_replies_and_errors(mlserver: Any, proxy: ProxyServer, address: str) -> None:
     x = examples.tabular_data(7, seed=3)[0]
     calls = [(x, "t-1", (), "FP32"), (x, "t-2", ("label",), "FP32"), (x, "t-3", (), "FP64")]
     direct = triton_infer(mlserver.grpc_address, calls)
     assert [code for code, _ in direct] == ["OK", "OK", "StatusCode.INTERNAL"], direct  # MLServer: the runtime raised
-    assert triton_infer(proxy.address, calls) == direct
+    assert triton_infer(address, calls) == direct
 
-    direct, through = Raw(mlserver.grpc_address), Raw(proxy.address)
+    direct, through = Raw(mlserver.grpc_address), Raw(address)
     cases = [
         ("ModelInfer", infer_request(x, "typed", typed=True)),
         ("ModelInfer", infer_request(x, "nope", model="nope")),            # MLServer: model not found
@@ -143,8 +163,9 @@ def test_a_request_without_an_id_is_labelled_by_the_proxys_id(mlserver: Any, pro
     assert (matched.matched, matched.unmatched) == (len(y), 1)
 
 
+@pytest.mark.parametrize("via", ["listen", "relay"])
 def test_windows_at_the_collector_hold_every_row_and_the_drift_is_found(tmp_path: Path, lr_model: Path,
-                                                                        mlserver: Any):
+                                                                        mlserver: Any, via: str):
     collector = serve_collector(tmp_path / "c.db", "127.0.0.1:0", drift_interval=0, rollup_interval=3600)
     ops = cpb_grpc.OpsServiceStub(grpc.insecure_channel(collector.address))
 
@@ -154,6 +175,7 @@ def test_windows_at_the_collector_hold_every_row_and_the_drift_is_found(tmp_path
                                 spool_dir=tmp_path / "spool")
 
     running = serve_proxy(mlserver.grpc_address, "m", open_session, "127.0.0.1:0")
+    relay = relay_of(running, mlserver.grpc_address) if via == "relay" else None
     try:
         wait_until(lambda: running.monitor.session is not None, timeout=HANG_GUARD,
                    what="the proxy to read MLServer's metadata of the model")
@@ -170,12 +192,14 @@ def test_windows_at_the_collector_hold_every_row_and_the_drift_is_found(tmp_path
             batch = 1 + (len(batches) * 37) % 64
             batches.append((x[start_row:start_row + batch], f"r{len(batches)}", (), "FP32"))
             start_row += batch
-        replies = triton_infer(running.address, batches)
+        replies = triton_infer(relay.address if relay is not None else running.address, batches)
         assert [code for code, _ in replies] == ["OK"] * len(batches)
         sent, calls = len(x), len(batches)
         idle(running)
         assert running.monitor.stats()["captured"] == calls
     finally:
+        if relay is not None:
+            relay.stop(5)
         running.stop(grace=5)  # the last window flushed and delivered
     try:
         def stored() -> list[cpb.WindowInfo]:
