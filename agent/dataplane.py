@@ -99,7 +99,9 @@ class DataPlane:
         self._require(name, version)
         feed = self._feed(inputs)
         wanted = self._wanted(output_names)
-        ask = wanted if tap is None else None  # a tap compares every output, not just those asked for
+        # None: every output in the model's order, with no selection to make per call -- what a tap
+        # needs (it compares them all) and what a request that names no outputs (the usual one) gets.
+        ask = None if tap is not None or wanted == self._output_names else wanted
         try:
             if request_id and self._feedback is not None:
                 results = self.session.run(ask, feed, request_id=request_id)  # type: ignore[call-arg]

@@ -24,7 +24,9 @@ between rounds. Per cell: requests/s, p50/p99 seen by the clients, CPU per reque
 whole process tree (main process and children: the agent's helpers and processes, MLServer's
 inference-pool workers) from /proc, its ratio to the floor of the same round, rows dropped (the
 agent's ``outrider_agent_rows_dropped`` on /metrics, before vs after the cell), the clients' own CPU
-per request (what the load cost: Python's is several times the compiled one's) and the 1-minute load
+per request (what the load cost: Python's is several times the compiled one's), the server tree's voluntary
+context switches per request (threads blocking and being woken: they are most of a small model's CPU per
+request, and their count moves from run to run of the same server, so read a CPU gap beside it) and the 1-minute load
 average (this benchmark's own clients and servers included: compare it with the load before the run). The summary gives medians over rounds (ratios: the median of per-round ratios). Clients
 and servers share the machine's cores: the figures compare servers under the same load; they are
 not the machine's ceiling.
@@ -123,6 +125,25 @@ def tree_cpu(pid: int) -> tuple[float, float]:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return own, children
+
+
+def tree_switches(pid: int) -> int:
+    """Voluntary context switches of every thread of ``pid`` and of its live descendants: a thread that
+    blocks (the GIL, a lock, a queue, the completion queue) and is woken again. Each costs the serving
+    process CPU (~17 us on the 2-core VM of benchmarks/README), and their count per request varies from
+    run to run of the same server, so a CPU-per-request gap is read beside it."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
 
 
 def cpu_model() -> str:
@@ -283,6 +304,7 @@ def measure(server: Server, clients: Clients | None, k: int, batch: int, seconds
         "cpu_us_per_request": (own + children) / n * 1e6 if n else None,
         "cpu_us_per_request_children": children / n * 1e6 if n else None,
         "server_cores_busy": (own + children) / seconds,
+        "switches_per_request": (result["switches1"] - result["switches0"]) / n if n else None,
         "client_cpu_us_per_request": result["client_cpu"] / n * 1e6 if n else None,
         "dropped_rows": None if dropped0 is None or dropped1 is None else dropped1 - dropped0,
         "load_average": round(os.getloadavg()[0], 2),
@@ -298,8 +320,10 @@ def _measure_python(server: Server, clients: Clients, k: int, batch: int,
     def sample() -> None:  # CPU at the clients' start and end instants
         time.sleep(max(0.0, start - time.time()))
         result["cpu0"], client0 = tree_cpu(server.pid), sum(sum(tree_cpu(p)) for p in pids)
+        result["switches0"] = tree_switches(server.pid)
         time.sleep(max(0.0, start + seconds - time.time()))
         result["cpu1"] = tree_cpu(server.pid)
+        result["switches1"] = tree_switches(server.pid)
         result["client_cpu"] = sum(sum(tree_cpu(p)) for p in pids) - client0
 
     sampler = threading.Thread(target=sample)
@@ -313,12 +337,13 @@ def _measure_cpp(server: Server, k: int, batch: int,
                  seconds: float) -> tuple[list[float], int, str | None, dict[str, Any]]:
     request = loadgen.infer_request(NAME, batch, WIDTH, seed=batch)  # the Python clients' rows
     with loadgen.Load(server.address, request, connections=k, seconds=seconds) as load:  # connected, warmed up
-        cpu0 = tree_cpu(server.pid)
+        cpu0, switches0 = tree_cpu(server.pid), tree_switches(server.pid)
         load.go()
         done = load.wait()
-        cpu1 = tree_cpu(server.pid)
+        cpu1, switches1 = tree_cpu(server.pid), tree_switches(server.pid)
     return (done.latencies.tolist(), done.failed, done.first_failure,
-            {"cpu0": cpu0, "cpu1": cpu1, "client_cpu": done.client_cpu_s})
+            {"cpu0": cpu0, "cpu1": cpu1, "switches0": switches0, "switches1": switches1,
+             "client_cpu": done.client_cpu_s})
 
 
 # ------------------------------------------------------------------ the run
@@ -390,7 +415,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"model": m, "batch": b, "clients": k, "variant": v,
                     **{key: median(key) for key in ("requests_per_s", "p50_ms", "p99_ms", "cpu_us_per_request",
                                                     "cpu_us_per_request_children", "client_cpu_us_per_request",
-                                                    "load_average")},
+                                                    "switches_per_request", "load_average")},
                     "ratio_to_floor": statistics.median(ratios) if ratios else None,
                     "dropped_rows": sum(dropped) if dropped else None,
                     "errors": sum(r["errors"] for r in mine)})
@@ -403,7 +428,7 @@ def table(result: dict[str, Any]) -> str:
              f"(medians); {c.get('client', 'python')} clients; load average at the end {c['load_average_at_end']}",
              f"{'model':>6} {'batch':>5} {'clients':>7} {'variant':>19} {'req/s':>8} {'vs floor':>8} {'p50 ms':>7} "
              f"{'p99 ms':>7} {'CPU µs/req':>10} {'(children)':>10} {'dropped':>7} {'errors':>6} {'load':>5} "
-             f"{'client µs/req':>13}"]
+             f"{'client µs/req':>13} {'switches/req':>12}"]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for s in result["summary"]:
         lines.append(f"{s['model']:>6} {s['batch']:>5} {s['clients']:>7} {s['variant']:>19} "
@@ -411,7 +436,7 @@ def table(result: dict[str, Any]) -> str:
                      f"{fmt(s['p50_ms'], '7.2f')} {fmt(s['p99_ms'], '7.2f')} {fmt(s['cpu_us_per_request'], '10.0f')} "
                      f"{fmt(s['cpu_us_per_request_children'], '10.0f')} {fmt(s['dropped_rows'], '>7')} "
                      f"{s['errors']:>6} {fmt(s['load_average'], '5.2f')} "
-                     f"{fmt(s['client_cpu_us_per_request'], '13.0f')}")
+                     f"{fmt(s['client_cpu_us_per_request'], '13.0f')} {fmt(s['switches_per_request'], '12.1f')}")
     for reason in result["skipped"].values():
         lines.append(reason)
     return "\n".join(lines)

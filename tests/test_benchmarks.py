@@ -77,7 +77,8 @@ def test_serving_benchmark_runs_with_the_compiled_client(loadgen_binary):
     for row in result["rows"]:
         assert row["errors"] == 0 and row["requests"] > 0 and row["cpu_us_per_request"] > 0
         assert row["client_cpu_us_per_request"] > 0 and row["p50_ms"] <= row["p99_ms"]
-    assert "client µs/req" in serving.table(result)
+        assert row["switches_per_request"] > 0  # a gRPC Python server's threads hand every call on
+    assert "client µs/req" in serving.table(result) and "switches/req" in serving.table(result)
 
 
 @pytest.mark.slow

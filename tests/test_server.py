@@ -356,6 +356,33 @@ def test_session_rejection_becomes_invalid_argument(lr_model):
         plane.infer("lr", "", wire_inputs(request.inputs, request.raw_input_contents))
 
 
+def test_session_is_asked_for_a_selection_only_when_the_request_makes_one(lr_model):
+    class Recording:
+        def __init__(self):
+            self.inner = ort.InferenceSession(str(lr_model))
+            self.get_inputs, self.get_outputs = self.inner.get_inputs, self.inner.get_outputs
+            self.asked = []
+
+        def run(self, output_names, input_feed):
+            self.asked.append(output_names)
+            return self.inner.run(output_names, input_feed)
+
+    session = Recording()
+    plane = DataPlane(session, "lr", "1")
+    names = [o.name for o in session.get_outputs()]
+    request = raw_request("lr", {"X": x_rows()})
+    inputs = wire_inputs(request.inputs, request.raw_input_contents)
+    expected = dict(zip(names, session.inner.run(None, {"X": x_rows()})))
+
+    for asked_for in ([], names, names[::-1], names[1:]):
+        results = plane.infer("lr", "", inputs, asked_for)
+        assert [name for name, _ in results] == (asked_for or names)
+        for name, value in results:
+            np.testing.assert_array_equal(value, expected[name])
+    # all outputs in the model's order: run(None), no selection; a reordering or a subset is passed on
+    assert session.asked == [None, None, names[::-1], names[1:]]
+
+
 def test_graceful_stop_goes_not_serving_then_closes_the_session(lr_model):
     class Closing:
         closed = False
