@@ -32,8 +32,9 @@ def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParse
                     "under the id in the reply's 'outrider-request-id' metadata. With --http-listen and "
                     "--upstream-http, OIP over HTTP/REST (/v2/...) is forwarded too, monitored into the same "
                     "windows (an id the proxy assigns comes back in the 'outrider-request-id' response header). "
-                    "With --relay-listen, gRPC is also relayed byte for byte on a second address, the cheapest "
-                    "way through: the calls are read off a copy of the bytes and summarised into the same windows. "
+                    "With --relay-listen (gRPC) and --http-relay-listen (REST), calls are also relayed byte for "
+                    "byte on addresses of their own, the cheapest way through: the calls are read off a copy of "
+                    "the bytes and summarised into the same windows. "
                     "With --managed, a promotion or rollback in the collector's registry loads that version on "
                     "the upstream through the OIP model-repository extension (Triton, MLServer), and the proxy "
                     "then monitors it and pins the model's inference calls that name no version to it (the one "
@@ -56,6 +57,9 @@ def register(commands: argparse._SubParsersAction, serve: argparse.ArgumentParse
                   "nothing, so it checks no token, assigns no request id (send your own for feedback), pins "
                   "nothing and serves no feedback or health (those stay on --listen): not with --auth-file, "
                   "--managed, TLS on either side; port 0 picks a free port")
+    add_flag(proxy, "--http-relay-listen", prefix=AGENT_ENV, type=listen_address, metavar="HOST:PORT",
+             help="the same for OIP over HTTP/REST: relay HTTP/1.1 on this address to --upstream-http byte for "
+                  "byte, the calls read off a copy; the same limits as --relay-listen")
     add_flag(proxy, "--model-name", prefix=AGENT_ENV, required=True, metavar="NAME",
              help="the upstream model to monitor; its schema is read from the upstream's ModelMetadata")
     add_flag(proxy, "--model-version", prefix=AGENT_ENV, metavar="V",
@@ -96,14 +100,13 @@ def proxy_command(args: argparse.Namespace) -> int:
     if args.upstream is None and args.upstream_http is None:
         raise UsageError("give the inference server's address: --upstream HOST:PORT (gRPC), or --upstream-http "
                          "HOST:PORT with --http-listen HOST:PORT (REST), or both")
-    if (args.http_listen is None) != (args.upstream_http is None):
+    if (args.http_listen is None and args.http_relay_listen is None) != (args.upstream_http is None):
         raise UsageError("--http-listen and --upstream-http go together: give both to forward OIP over REST, "
-                         "or neither")
+                         "or neither (--http-relay-listen may stand for --http-listen)")
     if args.http_listen is not None and args.upstream_http == args.http_listen:
         raise UsageError(f"--upstream-http {args.upstream_http} is the proxy's own --http-listen address; give the "
                          "inference server's REST address")
-    if args.relay_listen is not None:
-        relay_conflicts(args)
+    relay_conflicts(args)
     if args.managed:
         from agent.proxy_rollout import check_template
 
@@ -117,8 +120,8 @@ def proxy_command(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
     names = parse_feature_names(args.feature_names)
     check_listen(args.listen)
-    if args.relay_listen is not None:
-        check_listen(args.relay_listen, "--relay-listen")
+    for flag, listen, _, _ in relay_flags(args):
+        check_listen(listen, flag)
     if args.http_listen is not None:
         check_listen(args.http_listen, "--http-listen")
     access = port_access(args)
@@ -196,28 +199,30 @@ def proxy_command(args: argparse.Namespace) -> int:
                 switch = running.monitor.switch
                 metrics.bind(lambda: switch.current.plane if switch.current is not None else None)
                 metrics.add_refusals(rest.refusals)
-        relay = None
-        if args.relay_listen is not None:
+        relays = []  # --relay-listen (gRPC), --http-relay-listen (REST)
+        for flag, listen, upstream, protocol in relay_flags(args):
             from agent.proxy_relay import serve_relay
 
             try:
-                relay = serve_relay(args.relay_listen, args.upstream, running.monitor, calls,
-                                    registry=metrics.registry if metrics is not None else None,
-                                    upstream_timeout=args.upstream_timeout_seconds,
-                                    max_message_bytes=int(args.max_message_mb * 1024 * 1024))
+                relays.append(serve_relay(listen, upstream, running.monitor, calls, protocol=protocol,
+                                          registry=metrics.registry if metrics is not None and not relays else None,
+                                          upstream_timeout=args.upstream_timeout_seconds,
+                                          max_message_bytes=int(args.max_message_mb * 1024 * 1024)))
             except OSError as exc:
+                for relay in relays:
+                    relay.stop(0)
                 if rest is not None:
                     rest.stop()
                 running.stop(0)
                 close(rollout)
                 close(metrics)
-                raise UsageError(f"{first_line(exc)}; pick a free port on a local address with --relay-listen") \
-                    from None
+                raise UsageError(f"{first_line(exc)}; pick a free port on a local address with {flag}") from None
         session = running.monitor.session
         state = (f"monitoring version {session.model_version}" if session is not None
                  else "waiting for the collector to name a version" if rollout is not None
                  else "waiting for the upstream's metadata")
-        also = f"; relay on {relay.address}" if relay is not None else ""
+        also = "".join(f"; {'REST relay' if relay.protocol == 'rest' else 'relay'} on {relay.address}"
+                       for relay in relays)
         also += f"; REST {args.upstream_http} on {rest.url}" if rest is not None else ""
         grpc_side = args.upstream or "feedback"  # without --upstream, --listen serves feedback and health only
         print(f"proxying {grpc_side} on {running.address} ({args.model_name}: {state}){also}", flush=True)
@@ -225,7 +230,7 @@ def proxy_command(args: argparse.Namespace) -> int:
         try:
             stop.wait()
         finally:
-            if relay is not None:  # first, as REST: its calls are offered to the monitor the gRPC side closes
+            for relay in relays:  # first, as REST: their calls are offered to the monitor the gRPC side closes
                 relay.stop(args.grace_seconds)
             if rest is not None:
                 rest.stop()
@@ -236,18 +241,28 @@ def proxy_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def relay_flags(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    """(flag, listen, upstream, protocol) of each relay asked for."""
+    return [(flag, listen, upstream, protocol) for flag, listen, upstream, protocol in (
+        ("--relay-listen", args.relay_listen, args.upstream, "grpc"),
+        ("--http-relay-listen", args.http_relay_listen, args.upstream_http, "rest")) if listen is not None]
+
+
 def relay_conflicts(args: argparse.Namespace) -> None:
-    """--relay-listen changes no byte: what needs a change, or the end of HTTP/2 or TLS, cannot go with it."""
-    if args.upstream is None:
-        raise UsageError("--relay-listen relays gRPC to --upstream HOST:PORT: give the inference server's gRPC "
-                         "address")
-    for flag, given, why in (
-            ("--auth-file", args.auth_file, "it cannot check tokens; check them on the upstream, or use --listen"),
-            ("--managed", args.managed, "it cannot pin calls to the registry's version; use --listen"),
-            ("--tls-cert", args.tls_cert, "it does not end TLS; put it on a loopback address beside the server"),
-            ("--upstream-tls-ca", args.upstream_tls_ca, "it does not start TLS to the upstream; use --listen")):
-        if given:
-            raise UsageError(f"--relay-listen and {flag} exclude each other: {why}")
-    if not args.relay_listen.endswith(":0") and args.relay_listen in (args.listen, args.http_listen, args.upstream):
-        raise UsageError(f"--relay-listen {args.relay_listen} is already taken by another flag; give it a port of "
-                         "its own")
+    """A relay changes no byte: what needs a change, or the end of HTTP/2 or TLS, cannot go with it."""
+    for flag, listen, upstream, protocol in relay_flags(args):
+        if upstream is None:
+            upstream_flag = "--upstream" if protocol == "grpc" else "--upstream-http"
+            raise UsageError(f"{flag} relays {'gRPC' if protocol == 'grpc' else 'REST'} to {upstream_flag} "
+                             "HOST:PORT: give the inference server's address")
+        for other, given, why in (
+                ("--auth-file", args.auth_file, "it cannot check tokens; check them on the upstream, or use --listen"),
+                ("--managed", args.managed, "it cannot pin calls to the registry's version; use --listen"),
+                ("--tls-cert", args.tls_cert, "it does not end TLS; put it on a loopback address beside the server"),
+                ("--upstream-tls-ca", args.upstream_tls_ca, "it does not start TLS to the upstream; use --listen")):
+            if given:
+                raise UsageError(f"{flag} and {other} exclude each other: {why}")
+        taken = (args.listen, args.http_listen, args.upstream, args.upstream_http, args.relay_listen,
+                 args.http_relay_listen)
+        if not listen.endswith(":0") and taken.count(listen) > 1:
+            raise UsageError(f"{flag} {listen} is already taken by another flag; give it a port of its own")

@@ -27,10 +27,11 @@ counted in ``outrider_proxy_relay_unobserved_connections`` (its dropped chunks i
 """
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import socket
 import threading
-import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -46,9 +47,11 @@ from google.protobuf.message import DecodeError
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
 from agent.errors import OutriderError
+from agent.h1tap import Http1Tap, RestCall
 from agent.h2tap import Tap, TapError, TappedCall
 from agent.proxy import CallCounts, Decoder, ProxyMonitor
 from agent.proxy_grpc import INFER_METHOD, STREAM_METHODS, infer_decoder
+from agent.proxy_rest import rest_decoder, route
 from protos import open_inference_pb2 as pb
 
 try:
@@ -65,6 +68,7 @@ WATCH_SECONDS = 0.5        # how often unanswered calls are checked against thei
 DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_QUEUE_BYTES = 64 << 20  # relayed bytes awaiting the monitor's thread, every connection together
 ENDED = -1  # a queue entry's direction when it marks a connection's end
+PROTOCOLS = ("grpc", "rest")
 OIP_PREFIX = INFER_METHOD.rsplit("/", 1)[0] + "/"
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 # grpc-message is percent-encoded: everything printable but '%' goes as it is (gRPC's HTTP/2 spec)
@@ -120,7 +124,7 @@ class _Connection:
         self.number = number
         self.client = client
         self.upstream: socket.socket | None = None
-        self.tap = Tap(max_message_bytes=relay.max_message_bytes)
+        self.tap: Tap | Http1Tap = relay.new_tap()
         self.flag = bytearray(b"\x01")  # both pumps copy chunks while 1; 0 once one was dropped or not followed
         self.counted = False         # counted as unobserved
         self.client_done = False     # the client closed its side
@@ -170,7 +174,7 @@ class _Connection:
         if not self.flag[0]:  # not followed: what the tap holds is stale, and says nothing of the upstream
             return False
         timeout_ns = int(self.relay.upstream_timeout * 1e9)
-        return any(method.startswith(OIP_PREFIX) and method not in STREAM_METHODS and now_ns - started > timeout_ns
+        return any(self.relay.bounded(method) and now_ns - started > timeout_ns
                    for _, method, started in self.tap.pending())
 
     def shutdown(self) -> None:
@@ -187,9 +191,12 @@ class _Connection:
 class RelayServer:
     """A running relay: ``port``, ``address``, ``stop``."""
 
-    def __init__(self, listen: str, upstream: str, monitor: ProxyMonitor, calls: Any, *,
+    def __init__(self, listen: str, upstream: str, monitor: ProxyMonitor, calls: Any, *, protocol: str = "grpc",
                  upstream_timeout: float = 30.0, max_message_bytes: int = 64 << 20,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, queue_bytes: int = DEFAULT_QUEUE_BYTES) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: one of {', '.join(PROTOCOLS)}")
+        self.protocol = protocol
         host, _, port = listen.rpartition(":")
         up_host, _, up_port = upstream.rpartition(":")
         self.upstream = upstream
@@ -228,6 +235,22 @@ class RelayServer:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def new_tap(self) -> Tap | Http1Tap:
+        if self.protocol == "rest":
+            return Http1Tap(max_message_bytes=self.max_message_bytes)
+        return Tap(max_message_bytes=self.max_message_bytes)
+
+    def bounded(self, method: str) -> bool:
+        """Whether a call of ``method`` (gRPC: its path; REST: its target) waits at most the upstream timeout:
+        gRPC's unary OIP calls and every REST call; streams live as long as their clients."""
+        return self.protocol == "rest" or (method.startswith(OIP_PREFIX) and method not in STREAM_METHODS)
+
+    def label(self, method: str) -> str:
+        """``outrider_proxy_calls{method}`` of a call: the OIP method's name on both protocols."""
+        if self.protocol == "rest":
+            return route(method.split("?", 1)[0].strip("/").split("/"))[0]
+        return method.rsplit("/", 1)[-1]
 
     def connections(self) -> int:
         with self._lock:
@@ -301,7 +324,7 @@ class RelayServer:
         if connection.flag[0]:  # else the tap stopped short: its calls in flight are not known
             code = "UNREACHABLE" if connection.upstream_ended or connection.deadline_hit else "CANCELLED"
             for _, method, _ in connection.tap.pending():
-                self.counts.count(method.rsplit("/", 1)[-1], code)
+                self.counts.count(self.label(method), code)
         self._unobserved(connection)
 
     def _unobserved(self, connection: _Connection) -> None:
@@ -321,10 +344,12 @@ class RelayServer:
                 log.warning("a relayed connection is passed on unobserved: %s", exc)
             self._unobserved(connection)
             return []
+        if self.protocol == "rest":
+            return self._rest_decoders(done)  # type: ignore[arg-type]
         found: list[Decoder] = []
         for call in done:
             code = CODE_NAMES.get(call.status, "CANCELLED" if call.status == -1 else "UNKNOWN")
-            self.counts.count(call.method.rsplit("/", 1)[-1], code)
+            self.counts.count(self.label(call.method), code)
             if call.method != INFER_METHOD or call.request is None:
                 continue
             try:
@@ -337,10 +362,29 @@ class RelayServer:
             found.append(infer_decoder(request, call.reply if call.status == 0 else None, call.latency_ns, request.id))
         return found
 
+    def _rest_decoders(self, done: list[RestCall]) -> list[Decoder]:
+        found: list[Decoder] = []
+        for call in done:
+            method, model, action = route(call.path.split("?", 1)[0].strip("/").split("/"))
+            self.counts.count(method, str(call.status))
+            if action != "infer" or call.method != "POST":
+                continue
+            if call.request is None or (call.status == 200 and call.reply is None):
+                found.append(_undecodable("a body over --max-message-mb passed through unsummarised"))
+                continue
+            found.append(rest_decoder(model, call.request, call.request_length, call.status, call.reply,
+                                      call.reply_length, call.latency_ns, "", model == self.monitor.model_name))
+        return found
+
     def refuse(self, client: socket.socket, why: str) -> None:
-        """Answer every call on ``client`` UNAVAILABLE naming the upstream, then GOAWAY."""
-        message = (f"upstream {self.upstream} is unreachable ({why}); check --upstream and that the inference "
+        """Answer every call on ``client`` UNAVAILABLE naming the upstream, then GOAWAY (gRPC); or the first
+        request 503 ``{"error": ...}``, then close (REST)."""
+        flag = "--upstream-http" if self.protocol == "rest" else "--upstream"
+        message = (f"upstream {self.upstream} is unreachable ({why}); check {flag} and that the inference "
                    "server is running")
+        if self.protocol == "rest":
+            self._refuse_rest(client, message)
+            return
         connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
         connection.initiate_connection()
         answered = 0
@@ -366,6 +410,29 @@ class RelayServer:
             while client.recv(CHUNK_BYTES):  # read what the client still sends: closing with unread bytes resets
                 pass                         # the connection, and the client could lose the answer
         except (OSError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            client.close()
+
+    def _refuse_rest(self, client: socket.socket, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        head = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+        try:
+            client.settimeout(REFUSE_SECONDS)
+            seen = b""
+            while b"\r\n\r\n" not in seen and len(seen) < 65536:  # the request's head, then the answer
+                data = client.recv(CHUNK_BYTES)
+                if not data:
+                    return
+                seen += data
+            target = seen.split(b" ", 2)[1].decode("latin-1") if seen.count(b" ") >= 2 else ""
+            self.counts.count(self.label(target), "UNREACHABLE")
+            client.sendall(head + body)
+            client.shutdown(socket.SHUT_WR)
+            while client.recv(CHUNK_BYTES):  # read what the client still sends: closing with unread bytes resets
+                pass
+        except OSError:
             pass
         finally:
             client.close()
@@ -422,12 +489,12 @@ class RelayCollector:
                                   "connections closed at once: --relay-listen already had its most", value=self.relay.refused)
 
 
-def serve_relay(listen: str, upstream: str, monitor: ProxyMonitor, calls: Any, *, registry: Any = None,
-                upstream_timeout: float = 30.0, max_message_bytes: int = 64 << 20,
+def serve_relay(listen: str, upstream: str, monitor: ProxyMonitor, calls: Any, *, protocol: str = "grpc",
+                registry: Any = None, upstream_timeout: float = 30.0, max_message_bytes: int = 64 << 20,
                 queue_bytes: int = DEFAULT_QUEUE_BYTES) -> RelayServer:
-    """Relay gRPC on ``listen`` to ``upstream`` (HOST:PORT), watching the calls of ``monitor``'s model.
-    Raises ``OSError`` when it cannot listen."""
-    relay = RelayServer(listen, upstream, monitor, calls, upstream_timeout=upstream_timeout,
+    """Relay ``protocol`` ("grpc": HTTP/2, "rest": HTTP/1.1) on ``listen`` to ``upstream`` (HOST:PORT), watching
+    the calls of ``monitor``'s model. Raises ``OSError`` when it cannot listen."""
+    relay = RelayServer(listen, upstream, monitor, calls, protocol=protocol, upstream_timeout=upstream_timeout,
                         max_message_bytes=max_message_bytes, queue_bytes=queue_bytes)
     if registry is not None:
         registry.register(RelayCollector(relay))

@@ -66,7 +66,7 @@ ROUTES = {("", "live"): "ServerLive", ("", "ready"): "ServerReady", ("model", ""
           ("model", "ready"): "ModelReady", ("model", "infer"): "ModelInfer"}
 
 
-def _route(parts: list[str]) -> tuple[str, str, str]:
+def route(parts: list[str]) -> tuple[str, str, str]:
     """(OIP method, model name, action) of a /v2 path's parts; method "other" for paths OIP does not define."""
     if parts == ["v2"]:
         return "ServerMetadata", "", ""
@@ -91,7 +91,7 @@ def _has_id(head: bytes) -> bool:
     return isinstance(doc, dict) and "id" in doc
 
 
-def _decoder(name: str, body: bytes, header_length: str | None, status: int, reply: bytes | None,
+def rest_decoder(name: str, body: bytes, header_length: str | None, status: int, reply: bytes | None,
              reply_length: str | None, latency_ns: int, assigned: str, monitored: bool) -> Callable[[], ObservedCall]:
     """Parses the request and reply (bytes the request path only holds on to) on the monitor's thread."""
 
@@ -141,7 +141,7 @@ class ProxyRestApp(RestApp):
             return
         raw_path = scope.get("raw_path") or scope["path"].encode()
         parts = raw_path.decode("latin-1").strip("/").split("/")
-        method, model, action = _route(parts)
+        method, model, action = route(parts)
         try:
             if parts[0] != "v2":
                 raise NotFound(f"no endpoint {scope['path']}; this proxy forwards /v2/... to {self.upstream}")
@@ -221,7 +221,7 @@ class ProxyRestApp(RestApp):
                         back.append((REQUEST_ID_HEADER.encode(), assigned.encode()))
                     reply_length = next((v.decode("latin-1") for k, v in back
                                          if k.lower() == b"inference-header-content-length"), None)
-                    self.monitor.offer(_decoder(infer_model, body, header_length, status, data, reply_length,
+                    self.monitor.offer(rest_decoder(infer_model, body, header_length, status, data, reply_length,
                                                 time.perf_counter_ns() - started, assigned if status == 200 else "",
                                                 monitored))
                 replying = True
@@ -243,7 +243,7 @@ class ProxyRestApp(RestApp):
             else:
                 why = f"is unreachable ({exc}); check --upstream-http and that the inference server is running"
             if infer:
-                self.monitor.offer(_decoder(infer_model, body, header_length, 503, None, None,
+                self.monitor.offer(rest_decoder(infer_model, body, header_length, 503, None, None,
                                             time.perf_counter_ns() - started, "", monitored))
             raise Unavailable(f"upstream {self.upstream} {why}") from None
 

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -321,18 +322,31 @@ def test_an_upstream_that_does_not_answer_is_unavailable_after_the_bound():
 # ------------------------------------------------------------------ the CLI, as a real process
 
 
-def test_the_cli_relay_answers_tritonclient_as_the_upstream_does(tmp_path: Path, lr_model: Path):
-    upstream, upstream_address = start(["agent", "serve", "--model", str(lr_model), "--model-name", "m",
-                                        "--listen", "127.0.0.1:0", "--spool-dir", str(tmp_path / "up")],
-                                       r"serving m version 1 on (\S+)")
-    proxy, relay_address = start(["agent", "proxy", "--upstream", upstream_address, "--model-name", "m",
-                                  "--listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0",
-                                  "--metrics", "127.0.0.1:0"],
-                                 r"proxying \S+ on \S+ \(m: monitoring version 1\); relay on (\S+)")
+def test_the_cli_relays_answer_tritonclient_as_the_upstream_does(tmp_path: Path, lr_model: Path):
+    """Both relays of a real `agent proxy`, gRPC and REST, before a real `agent serve`: tritonclient's answers
+    through them are the upstream's, and their calls land in the proxy's counts."""
+    from test_proxy_rest import tritonclient as tritonclient_http
+
+    up_grpc = free_address()
+    upstream, up_rest = start(["agent", "serve", "--model", str(lr_model), "--model-name", "m", "--listen", up_grpc,
+                               "--http-listen", "127.0.0.1:0", "--spool-dir", str(tmp_path / "up")],
+                              r"rest on http://(\S+)")
+    metrics = free_address()
+    proxy, relays = start(["agent", "proxy", "--upstream", up_grpc, "--upstream-http", up_rest, "--model-name", "m",
+                           "--listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0", "--http-relay-listen",
+                           "127.0.0.1:0", "--metrics", metrics],
+                          r"proxying \S+ on \S+ \(m: monitoring version 1\); (relay on \S+; REST relay on \S+)")
     try:
-        direct, through = tritonclient(upstream_address), tritonclient(relay_address)
+        relay, rest_relay = relays.split()[2].rstrip(";"), relays.split()[-1]
+        direct, through = tritonclient(up_grpc), tritonclient(relay)
         assert through == direct
         assert through["bad"][0] == "StatusCode.INVALID_ARGUMENT"
+        direct, through = tritonclient_http(up_rest), tritonclient_http(rest_relay)
+        assert through == direct and through["bad"][0] == "400"
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=HANG_GUARD) as page:
+            text = page.read().decode()
+        assert 'outrider_proxy_calls_total{code="OK",method="ModelInfer"}' in text
+        assert 'outrider_proxy_calls_total{code="200",method="ModelInfer"}' in text
     finally:
         for proc in (proxy, upstream):
             proc.send_signal(signal.SIGTERM)
@@ -351,7 +365,13 @@ def test_cli_relay_flags_that_cannot_go_together_exit_2_in_one_line(tmp_path: Pa
         assert done.code == 2 and f"--relay-listen and {said} exclude each other" in done.one_line()
     rest_only = run_cli("agent", "proxy", "--upstream-http", "127.0.0.1:1", "--http-listen", "127.0.0.1:0",
                         "--model-name", "m", "--relay-listen", "127.0.0.1:0")
-    assert rest_only.code == 2 and "--relay-listen relays gRPC to --upstream" in rest_only.one_line()
+    assert rest_only.code == 2 and "--relay-listen relays gRPC to --upstream HOST:PORT" in rest_only.one_line()
+    grpc_only = run_cli("agent", "proxy", "--upstream", "127.0.0.1:1", "--model-name", "m",
+                        "--http-relay-listen", "127.0.0.1:0")
+    assert grpc_only.code == 2 and "--http-listen and --upstream-http go together" in grpc_only.one_line()
+    managed = run_cli("agent", "proxy", "--upstream-http", "127.0.0.1:1", "--model-name", "m",
+                      "--http-relay-listen", "127.0.0.1:0", "--managed", "--collector", "127.0.0.1:2")
+    assert managed.code == 2 and "--http-relay-listen and --managed exclude each other" in managed.one_line()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -359,3 +379,115 @@ def test_cli_relay_flags_that_cannot_go_together_exit_2_in_one_line(tmp_path: Pa
         busy = run_cli("agent", "proxy", "--upstream", "127.0.0.1:1", "--model-name", "m", "--listen",
                        "127.0.0.1:0", "--relay-listen", address, "--summarizer", "thread")
         assert busy.code == 2 and f"cannot listen on {address}" in busy.one_line()
+
+
+# ------------------------------------------------------------------ OIP over REST: --http-relay-listen
+
+
+@pytest.fixture
+def rest_front(lr_model: Path, pumps: str) -> Iterator[tuple[Any, ProxyServer, RelayServer, Any]]:
+    """A REST upstream (agent serve's), the proxy's monitor and its REST relay, counting in one registry."""
+    from agent.metrics import AgentMetrics
+    from test_proxy_rest import start_upstream
+
+    up = start_upstream(lr_model)
+    metrics = AgentMetrics()
+    calls = proxy_calls_counter(metrics.registry)
+    running = serve_proxy(up.grpc.address, "m", in_memory, "127.0.0.1:0", metrics=metrics, calls=calls)
+    relay = serve_relay("127.0.0.1:0", up.rest.address, running.monitor, calls, protocol="rest",
+                        registry=metrics.registry)
+    yield up, running, relay, metrics
+    relay.stop(0)
+    running.stop(grace=0)
+    up.rest.stop()
+    up.grpc.stop(grace=0)
+
+
+def test_rest_relayed_replies_are_the_upstreams_bytes_and_the_models_calls_are_summarised(rest_front: Any):
+    from test_proxy_rest import call, pass_through_cases
+
+    up, running, relay, metrics = rest_front
+    for method, path, body, headers in pass_through_cases():
+        direct = call(up.rest.port, method, path, body, headers)
+        assert call(relay.port, method, path, body, headers) == direct, (method, path)
+    idle(running)
+    stats = running.monitor.stats()
+    assert stats["captured"] == 2  # with-id and binary; the subset lacks an output
+    assert stats["unmonitored"]["partial_outputs"] == 1 and stats["unmonitored"]["other_model"] == 1
+    assert stats["upstream_errors"] == 3 and stats["capture_failures"] == 0  # bad, empty, not json
+    assert running.monitor.session.stats()["errors"] == 3
+    page = scrape(metrics)
+    assert 'outrider_proxy_calls_total{code="200",method="ModelInfer"} 3.0' in page
+    assert 'outrider_proxy_calls_total{code="400",method="ModelInfer"} 4.0' in page  # and GET .../infer
+    assert 'outrider_proxy_calls_total{code="404",method="ModelInfer"} 1.0' in page
+    assert 'outrider_proxy_calls_total{code="200",method="ServerLive"} 1.0' in page
+    assert 'outrider_proxy_calls_total{code="404",method="other"} 1.0' in page  # /v2/repository/index
+
+
+def test_rest_calls_on_one_kept_alive_connection_are_paired_with_their_answers(rest_front: Any):
+    """Requests and answers pair in order on one connection, whatever sizes the bodies have."""
+    import http.client
+
+    from test_proxy_rest import infer_body
+
+    _, running, relay, _ = rest_front
+    connection = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=HANG_GUARD)
+    rows = 0
+    try:
+        for i in range(12):
+            x = examples.tabular_data(1 + i * 5, seed=i)[0]
+            body, headers = infer_body(x, f"k-{i}", binary=bool(i % 2), binary_outputs=bool(i % 3))
+            connection.request("POST", "/v2/models/m/infer", body=body, headers=headers)
+            reply = connection.getresponse()
+            assert reply.status == 200
+            reply.read()
+            rows += len(x)
+            connection.request("GET", "/v2/health/ready")
+            ready = connection.getresponse()
+            assert ready.status == 200 and ready.read()
+    finally:
+        connection.close()
+    idle(running)
+    assert running.monitor.stats()["captured"] == 12
+    assert running.monitor.session.stats()["rows_captured"] == rows
+    assert all(running.monitor.session.predictions.label(f"k-{i}", "1") for i in range(12))
+
+
+def test_an_unreachable_rest_upstream_is_503_naming_it():
+    import json
+
+    from prometheus_client import CollectorRegistry
+
+    from test_proxy_rest import call, infer_body
+
+    address = free_address()
+    monitor = ProxyMonitor("m", in_memory)
+    relay = serve_relay("127.0.0.1:0", address, monitor, proxy_calls_counter(CollectorRegistry()), protocol="rest")
+    try:
+        status, headers, body = call(relay.port, "POST", "/v2/models/m/infer",
+                                     *infer_body(examples.tabular_data(2, seed=8)[0]))
+        assert status == 503 and ("content-type", "application/json") in headers
+        assert f"upstream {address} is unreachable" in json.loads(body)["error"]
+        assert "--upstream-http" in json.loads(body)["error"]
+    finally:
+        relay.stop(0)
+        monitor.close(0)
+
+
+def test_the_rest_tap_pairs_pipelined_requests_skips_interim_answers_and_stops_at_head():
+    from agent.h1tap import Http1Tap
+
+    tap = Http1Tap()
+    both = (b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+            b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert tap.client(both[:30], 1) == [] and tap.client(both[30:], 2) == []
+    answers = (b"HTTP/1.1 100 Continue\r\n\r\n"
+               b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nInference-Header-Content-Length: 3\r\n\r\nabc"
+               b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+    first, second = tap.server(answers, 10)
+    assert (first.method, first.path, first.request, first.status, first.reply, first.reply_length,
+            first.latency_ns) == ("POST", "/v2/models/m/infer", b"{}", 200, b"abc", "3", 9)
+    assert (second.method, second.path, second.reply) == ("GET", "/v2/health/live", b"hi")
+    with pytest.raises(TapError, match="HEAD"):
+        tap.client(b"HEAD /v2 HTTP/1.1\r\nHost: x\r\n\r\n", 11)
+    assert tap.broken

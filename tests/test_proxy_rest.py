@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from agent import MonitoredSession, examples
 from agent.profile import build_profile
 from agent.proxy_grpc import ProxyServer, proxy_calls_counter, serve_proxy
+from agent.proxy_relay import serve_relay
 from agent.proxy_rest import REQUEST_ID_HEADER, serve_proxy_rest
 from agent.rest import RestServer, SwitchBackend, serve_rest
 from agent.server import serve
@@ -130,9 +131,11 @@ def without_id(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------ pass-through
 
 
-def test_replies_and_errors_are_the_upstreams_bytes(upstream: Upstream, proxy: Proxy):
+def pass_through_cases() -> list[tuple[str, str, bytes | None, dict[str, str]]]:
+    """REST calls every front must pass on as the upstream answers them: 2 summarised, 1 partial, 1 of another
+    model, 3 the model's own errors, and the other OIP routes."""
     x = examples.tabular_data(7, seed=3)[0]
-    cases = [
+    return [
         ("POST", "/v2/models/m/infer", *infer_body(x, "with-id")),
         ("POST", "/v2/models/m/versions/1/infer", *infer_body(x, "binary", binary=True, binary_outputs=True)),
         ("POST", "/v2/models/m/infer", *infer_body(x, "subset", outputs=("label",))),
@@ -150,7 +153,11 @@ def test_replies_and_errors_are_the_upstreams_bytes(upstream: Upstream, proxy: P
         ("GET", "/v2/models/m%2Fx", None, {}),
         ("GET", "/v2/repository/index", None, {}),
     ]
-    for method, path, body, headers in cases:
+
+
+def test_replies_and_errors_are_the_upstreams_bytes(upstream: Upstream, proxy: Proxy):
+    x = examples.tabular_data(7, seed=3)[0]
+    for method, path, body, headers in pass_through_cases():
         direct = call(upstream.rest.port, method, path, body, headers)
         through = call(proxy.rest.port, method, path, body, headers)
         assert through == direct, (method, path)
@@ -389,8 +396,11 @@ def test_upstream_answers_are_counted_in_prometheus_with_the_grpc_side(upstream:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("via", ["listen", "relay"])
 def test_windows_at_the_collector_hold_every_row_and_the_drift_is_found(tmp_path: Path, lr_model: Path,
-                                                                        upstream: Upstream):
+                                                                        upstream: Upstream, via: str):
+    """Through the proxy's --http-listen, and through its --http-relay-listen (agent.proxy_relay, which
+    assigns no id: the client sends its own for labels)."""
     collector = serve_collector(tmp_path / "c.db", "127.0.0.1:0", drift_interval=0, rollup_interval=3600)
     ops = cpb_grpc.OpsServiceStub(grpc.insecure_channel(collector.address))
 
@@ -400,6 +410,9 @@ def test_windows_at_the_collector_hold_every_row_and_the_drift_is_found(tmp_path
                                 spool_dir=tmp_path / "spool")
 
     running = start_proxy(upstream, open_session)
+    relay = serve_relay("127.0.0.1:0", upstream.rest.address, running.monitor,
+                        proxy_calls_counter(CollectorRegistry()), protocol="rest") if via == "relay" else None
+    port = relay.port if relay is not None else running.rest.port
     try:
         x_ref, y_ref = examples.tabular_data(5000, seed=1)
         np.savez(tmp_path / "ref.npz", X=x_ref, label=y_ref)
@@ -413,12 +426,13 @@ def test_windows_at_the_collector_hold_every_row_and_the_drift_is_found(tmp_path
         while start_row < len(x):
             batch = 1 + (i * 37) % 64
             chunk = x[start_row:start_row + batch]
-            status, headers, _ = call(running.rest.port, "POST", "/v2/models/m/infer",
-                                      *infer_body(chunk, binary=i % 2 == 0, binary_outputs=i % 3 == 0))
+            sent_id = f"r{i}" if relay is not None else ""
+            status, headers, _ = call(port, "POST", "/v2/models/m/infer",
+                                      *infer_body(chunk, sent_id, binary=i % 2 == 0, binary_outputs=i % 3 == 0))
             assert status == 200
             if i % 10 == 9:
                 idle(running)
-                rid = dict(headers)[REQUEST_ID_HEADER]
+                rid = sent_id or dict(headers)[REQUEST_ID_HEADER]
                 labels = [agent_pb2.Label(request_id=rid, row=j, class_label=str(int(y[start_row + j])))
                           for j in range(len(chunk))]
                 assert feedback.Feedback(agent_pb2.FeedbackRequest(labels=labels), timeout=HANG_GUARD).matched \
@@ -429,6 +443,8 @@ def test_windows_at_the_collector_hold_every_row_and_the_drift_is_found(tmp_path
             i += 1
         idle(running)
     finally:
+        if relay is not None:
+            relay.stop(5)
         running.rest.stop()
         running.grpc.stop(grace=5)  # the last window flushed and delivered
     try:
