@@ -16,9 +16,10 @@ helpers), and the ratios proxy / direct. ``rest`` rows are the same over HTTP/RE
 ``--http-listen`` directly and the proxy's ``--http-listen`` (``--upstream-http``), from
 ``benchmarks/rest.py``'s plain ``http.client`` client (one kept-alive connection per thread) with the
 binary tensor extension both ways, or JSON tensors for MLServer (its REST answers the extension with
-HTTP 500). ``--relay`` adds ``grpc-relay`` rows: the same gRPC clients through the proxy's
-``--relay-listen`` (a byte relay watched off the request path, ``agent/proxy_relay.py``), in the same
-alternating rounds, against the same direct figures. A client whose first call fails stops at once saying why; later non-200 replies and broken
+HTTP 500). ``--relay`` adds ``grpc-relay`` and ``rest-relay`` rows: the same clients through the proxy's
+``--relay-listen`` and ``--http-relay-listen`` (byte relays watched off the request path,
+``agent/proxy_relay.py``), in the same alternating rounds, against the same direct figures. A client
+whose first call fails stops at once saying why; later non-200 replies and broken
 connections are counted as failed. ``--client cpp``: the gRPC rows' client is ``benchmarks/loadgen.py``'s
 compiled one (built on demand; the same threads, each on its own connection), and the upstream's and the
 proxy's CPU are read from its start to its end only. The clients' own CPU per 1,000 requests is reported
@@ -108,8 +109,9 @@ def start(args: list[str], marker: str, found: dict[str, str] | None = None) -> 
         if line.startswith(marker):
             if "; REST " in line:  # agent proxy --http-listen: on its one line
                 url = line.split()[-1]
-            if "; relay on " in line and found is not None:
-                found["relay"] = line.split("; relay on ", 1)[1].split(";")[0].strip()
+            for key, marker in (("relay", "; relay on "), ("rest-relay", "; REST relay on ")):
+                if marker in line and found is not None:
+                    found[key] = line.split(marker, 1)[1].split(";")[0].strip()
             return proc, line.split(" on ", 1)[1].split()[0], url
     raise RuntimeError(f"{args[:2]} did not start")
 
@@ -181,8 +183,9 @@ def start_upstream(kind: str, tmp: Path, model: Path, rest: bool) -> tuple[subpr
 def run(client_counts: list[int], batches: list[int], seconds: float, rounds: int,
         protocols: tuple[str, ...] = ("grpc",), upstream_kind: str = "agent", client: str = "python",
         relay: bool = False) -> list[dict]:
-    """Rows of (protocol, clients, batch); with ``relay``, gRPC rows come twice: through the proxy's
-    --listen ("grpc") and through its --relay-listen ("grpc-relay"), in the same alternating rounds.
+    """Rows of (protocol, clients, batch); with ``relay``, rows come twice: through the proxy's --listen
+    ("grpc") or --http-listen ("rest") and through its --relay-listen ("grpc-relay") or --http-relay-listen
+    ("rest-relay"), in the same alternating rounds.
     ``client``: the gRPC rows' client, "python" (grpcio) or "cpp" (loadgen, built here when needed)."""
     if client == "cpp" and "grpc" in protocols:
         loadgen.build()
@@ -196,6 +199,7 @@ def run(client_counts: list[int], batches: list[int], seconds: float, rounds: in
             proxy, proxy_address, proxy_url = start(
                 ["agent", "proxy", "--upstream", upstream_address, "--model-name", "bench", "--listen", "127.0.0.1:0",
                  "--workers", "16", *(["--relay-listen", "127.0.0.1:0"] if relay else []),
+                 *(["--http-relay-listen", "127.0.0.1:0"] if relay and rest else []),
                  *(["--upstream-http", upstream_url.split("//", 1)[1], "--http-listen", "127.0.0.1:0"] if rest
                    else [])],
                 "proxying ", found)
@@ -207,8 +211,8 @@ def run(client_counts: list[int], batches: list[int], seconds: float, rounds: in
             for protocol, threads, batch in itertools.product(protocols, client_counts, batches):
                 targets = {"direct": upstream_address, "proxy": proxy_address} if protocol == "grpc" else \
                     {"direct": upstream_url, "proxy": proxy_url}
-                if protocol == "grpc" and relay:
-                    targets["relay"] = found["relay"]
+                if relay:
+                    targets["relay"] = found["relay"] if protocol == "grpc" else f"http://{found['rest-relay']}"
                 seen: dict[str, list[dict]] = {via: [] for via in targets}
                 for _ in range(rounds):
                     for via, address in targets.items():
@@ -233,7 +237,8 @@ def run(client_counts: list[int], batches: list[int], seconds: float, rounds: in
                     medians[via] = {k: _median([r[k] for r in runs]) for k in runs[0]}
                     medians[via]["failed"] = sum(r["failed"] for r in runs)
                 for via in [v for v in seen if v != "direct"]:
-                    row: dict = {"upstream": upstream_kind, "protocol": protocol if via == "proxy" else "grpc-relay",
+                    way = protocol if via == "proxy" else f"{protocol}-relay"
+                    row: dict = {"upstream": upstream_kind, "protocol": way,
                                  "client": client if protocol == "grpc" else "python", "clients": threads,
                                  "batch": batch, "direct": medians["direct"], "proxy": medians[via]}
                     row["ratio_p50"] = row["proxy"]["p50"] / row["direct"]["p50"]
@@ -257,7 +262,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--relay", action="store_true",
-                        help="also through the proxy's --relay-listen (gRPC rows 'grpc-relay', same rounds)")
+                        help="also through the proxy's --relay-listen and --http-relay-listen (rows 'grpc-relay', "
+                             "'rest-relay', same rounds)")
     parser.add_argument("--client", choices=["python", "cpp"], default="python",
                         help="the gRPC rows' client: python (grpcio) or cpp (the compiled loadgen, "
                              "benchmarks/loadgen.py)")

@@ -559,9 +559,11 @@ def test_cli_bad_input_exits_2_in_one_line(upstream: Upstream):
 def test_the_overhead_benchmark_measures_rest_both_ways_and_no_request_fails():
     from benchmarks import proxy as bench
 
-    (row,) = bench.run([2], [3], seconds=0.5, rounds=1, protocols=("rest",))
-    assert row["protocol"] == "rest" and row["direct"]["failed"] == 0 and row["proxy"]["failed"] == 0
-    assert row["direct"]["rps"] > 0 and row["proxy"]["rps"] > 0 and row["proxy"]["proxy_cpu_ms_per_1k"] > 0
+    rows = bench.run([2], [3], seconds=0.5, rounds=1, protocols=("rest",), relay=True)
+    assert [row["protocol"] for row in rows] == ["rest", "rest-relay"]
+    for row in rows:
+        assert row["direct"]["failed"] == 0 and row["proxy"]["failed"] == 0
+        assert row["direct"]["rps"] > 0 and row["proxy"]["rps"] > 0 and row["proxy"]["proxy_cpu_ms_per_1k"] > 0
 
 
 def test_a_managed_load_over_rest_from_a_server_without_the_repository_extension_says_so(upstream: Upstream):
