@@ -63,6 +63,18 @@ def _packages() -> tuple[str, ...]:
     return PACKAGES + (("g++",) if shutil.which("g++") is None else ())
 
 
+def unbuildable(client: str) -> str | None:
+    """For a benchmark's ``--client``: None when it is "python", or "cpp" and loadgen builds; else why not, in
+    one line (the benchmark exits 2 with it)."""
+    if client != "cpp":
+        return None
+    try:
+        build()
+    except Missing as exc:
+        return str(exc)
+    return None
+
+
 def build() -> Path:
     """The loadgen binary, compiled into ``benchmarks/loadgen/build/`` when the source is newer than it."""
     BUILD.mkdir(exist_ok=True)

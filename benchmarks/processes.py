@@ -177,12 +177,9 @@ def main() -> int:
                         help="python: grpcio client processes; cpp: the compiled loadgen (benchmarks/loadgen.py)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.client == "cpp":
-        try:
-            loadgen.build()
-        except loadgen.Missing as exc:
-            print(exc, file=sys.stderr)
-            return 2
+    if why := loadgen.unbuildable(args.client):
+        print(why, file=sys.stderr)
+        return 2
     variants = [int(p) for p in args.processes.split(",")]
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="outrider-processes-") as tmp:

@@ -269,12 +269,9 @@ def main() -> int:
                              "benchmarks/loadgen.py)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.client == "cpp":
-        try:
-            loadgen.build()
-        except loadgen.Missing as exc:
-            print(exc, file=sys.stderr)
-            return 2
+    if why := loadgen.unbuildable(args.client):
+        print(why, file=sys.stderr)
+        return 2
     load = os.getloadavg()
     results = run([int(c) for c in args.clients.split(",")], [int(b) for b in args.batches.split(",")],
                   args.seconds, args.rounds, tuple(args.protocols.split(",")), args.upstream, args.client,

@@ -467,12 +467,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.setup:
         return mlserver_env.setup()
-    if args.client == "cpp":
-        try:
-            loadgen.build()
-        except loadgen.Missing as exc:
-            print(exc, file=sys.stderr)
-            return 2
+    if why := loadgen.unbuildable(args.client):
+        print(why, file=sys.stderr)
+        return 2
     quiet = (lambda _: None) if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
     result = run(args.models, args.batches, args.clients, args.variants, args.seconds, args.rounds, log=quiet,
                  client=args.client)
