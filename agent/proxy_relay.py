@@ -1,4 +1,5 @@
-"""``agent proxy --relay-listen``: the cheapest way through the proxy, a byte relay that watches gRPC.
+"""``agent proxy --relay-listen`` and ``--http-relay-listen``: the cheapest way through the proxy, a byte
+relay that watches the calls it passes on.
 
 Each connection a client opens here is paired with one to the upstream, and the bytes go across
 unchanged both ways, HTTP/2 frames, settings and pings included: the relay ends neither side's
@@ -8,7 +9,8 @@ so the monitor's Python work never delays a relayed byte (without the build, ``_
 the same in Python). The ``ProxyMonitor``'s thread takes the chunks each pass (this server is one
 of its sources), follows each connection with an ``agent.h2tap.Tap`` and summarises the model's
 ModelInfer calls as the gRPC front's are: same sessions, windows, feedback and
-``outrider_proxy_calls`` counts.
+``outrider_proxy_calls`` counts. What differs between gRPC (``--relay-listen``) and REST
+(``--http-relay-listen``, HTTP/1.1 followed by ``agent.h1tap``) is in ``agent.relay_protocols``.
 
 What a full proxy port (``--listen``) does and the relay cannot, since it changes no byte: check
 tokens (``--auth-file``), give a request without an id one of its own, pin calls for ``--managed``,
@@ -20,15 +22,14 @@ UNAVAILABLE naming it on every call the client sent, then GOAWAY, so the client 
 finds the upstream once it is back). A unary OIP call the upstream leaves unanswered past
 ``--upstream-timeout-seconds`` closes the connection: the client's calls on it fail UNAVAILABLE
 rather than hang (a client's shorter deadline cancels its call first, as ever). A connection the
-tap could not follow (a chunk dropped because the queue was full, bytes that are not HTTP/2) is
-still relayed,
-counted in ``outrider_proxy_relay_unobserved_connections`` (its dropped chunks in
-``outrider_proxy_unmonitored_calls{reason="queue_full"}``).
+tap could not follow (a chunk dropped because the queue was full, bytes it cannot read) is still
+relayed, counted in ``outrider_proxy_relay_unobserved_connections`` (its dropped chunks in
+``outrider_proxy_unmonitored_calls{reason="queue_full"}``). Over REST an unreachable upstream is a
+503 ``{"error": ...}`` naming it.
 """
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import socket
 import threading
@@ -36,23 +37,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import quote
 
-import grpc
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-from google.protobuf.message import DecodeError
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
-from agent.errors import OutriderError
-from agent.h1tap import Http1Tap, RestCall
+from agent.h1tap import Http1Tap
 from agent.h2tap import Tap, TapError, TappedCall
 from agent.proxy import CallCounts, Decoder, ProxyMonitor
-from agent.proxy_grpc import INFER_METHOD, STREAM_METHODS, infer_decoder
-from agent.proxy_rest import rest_decoder, route
-from protos import open_inference_pb2 as pb
+from agent.relay_protocols import PROTOCOLS
 
 try:
     from agent import _relay  # type: ignore[attr-defined]  # the pumps in C (agent/_relay.c)
@@ -63,16 +54,10 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 1024
 CONNECT_SECONDS = 5.0      # a connect to the upstream that takes longer is an unreachable upstream
-REFUSE_SECONDS = 10.0      # how long a refused client may take to send its calls before the connection closes
 WATCH_SECONDS = 0.5        # how often unanswered calls are checked against their timeout
 DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_QUEUE_BYTES = 64 << 20  # relayed bytes awaiting the monitor's thread, every connection together
 ENDED = -1  # a queue entry's direction when it marks a connection's end
-PROTOCOLS = ("grpc", "rest")
-OIP_PREFIX = INFER_METHOD.rsplit("/", 1)[0] + "/"
-CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-# grpc-message is percent-encoded: everything printable but '%' goes as it is (gRPC's HTTP/2 spec)
-_MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
 class _ChunkQueue:
@@ -124,7 +109,7 @@ class _Connection:
         self.number = number
         self.client = client
         self.upstream: socket.socket | None = None
-        self.tap: Tap | Http1Tap = relay.new_tap()
+        self.tap: Tap | Http1Tap = relay.speaks.tap(relay.max_message_bytes)
         self.flag = bytearray(b"\x01")  # both pumps copy chunks while 1; 0 once one was dropped or not followed
         self.counted = False         # counted as unobserved
         self.client_done = False     # the client closed its side
@@ -174,7 +159,7 @@ class _Connection:
         if not self.flag[0]:  # not followed: what the tap holds is stale, and says nothing of the upstream
             return False
         timeout_ns = int(self.relay.upstream_timeout * 1e9)
-        return any(self.relay.bounded(method) and now_ns - started > timeout_ns
+        return any(self.relay.speaks.bounded(method) and now_ns - started > timeout_ns
                    for _, method, started in self.tap.pending())
 
     def shutdown(self) -> None:
@@ -197,6 +182,7 @@ class RelayServer:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol: one of {', '.join(PROTOCOLS)}")
         self.protocol = protocol
+        self.speaks = PROTOCOLS[protocol]
         host, _, port = listen.rpartition(":")
         up_host, _, up_port = upstream.rpartition(":")
         self.upstream = upstream
@@ -235,22 +221,6 @@ class RelayServer:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
-
-    def new_tap(self) -> Tap | Http1Tap:
-        if self.protocol == "rest":
-            return Http1Tap(max_message_bytes=self.max_message_bytes)
-        return Tap(max_message_bytes=self.max_message_bytes)
-
-    def bounded(self, method: str) -> bool:
-        """Whether a call of ``method`` (gRPC: its path; REST: its target) waits at most the upstream timeout:
-        gRPC's unary OIP calls and every REST call; streams live as long as their clients."""
-        return self.protocol == "rest" or (method.startswith(OIP_PREFIX) and method not in STREAM_METHODS)
-
-    def label(self, method: str) -> str:
-        """``outrider_proxy_calls{method}`` of a call: the OIP method's name on both protocols."""
-        if self.protocol == "rest":
-            return route(method.split("?", 1)[0].strip("/").split("/"))[0]
-        return method.rsplit("/", 1)[-1]
 
     def connections(self) -> int:
         with self._lock:
@@ -324,7 +294,7 @@ class RelayServer:
         if connection.flag[0]:  # else the tap stopped short: its calls in flight are not known
             code = "UNREACHABLE" if connection.upstream_ended or connection.deadline_hit else "CANCELLED"
             for _, method, _ in connection.tap.pending():
-                self.counts.count(self.label(method), code)
+                self.counts.count(self.speaks.label(method), code)
         self._unobserved(connection)
 
     def _unobserved(self, connection: _Connection) -> None:
@@ -344,98 +314,12 @@ class RelayServer:
                 log.warning("a relayed connection is passed on unobserved: %s", exc)
             self._unobserved(connection)
             return []
-        if self.protocol == "rest":
-            return self._rest_decoders(done)  # type: ignore[arg-type]
-        found: list[Decoder] = []
-        for call in done:
-            code = CODE_NAMES.get(call.status, "CANCELLED" if call.status == -1 else "UNKNOWN")
-            self.counts.count(self.label(call.method), code)
-            if call.method != INFER_METHOD or call.request is None:
-                continue
-            try:
-                request = pb.ModelInferRequest.FromString(call.request)
-            except DecodeError:  # the upstream said what was wrong with it; nothing to summarise
-                continue
-            if call.status == 0 and call.reply is None:
-                found.append(_undecodable("a reply without a message"))
-                continue
-            found.append(infer_decoder(request, call.reply if call.status == 0 else None, call.latency_ns, request.id))
-        return found
-
-    def _rest_decoders(self, done: list[RestCall]) -> list[Decoder]:
-        found: list[Decoder] = []
-        for call in done:
-            method, model, action = route(call.path.split("?", 1)[0].strip("/").split("/"))
-            self.counts.count(method, str(call.status))
-            if action != "infer" or call.method != "POST":
-                continue
-            if call.request is None or (call.status == 200 and call.reply is None):
-                found.append(_undecodable("a body over --max-message-mb passed through unsummarised"))
-                continue
-            found.append(rest_decoder(model, call.request, call.request_length, call.status, call.reply,
-                                      call.reply_length, call.latency_ns, "", model == self.monitor.model_name))
-        return found
+        return self.speaks.decoders(done, self.counts, self.monitor.model_name)
 
     def refuse(self, client: socket.socket, why: str) -> None:
-        """Answer every call on ``client`` UNAVAILABLE naming the upstream, then GOAWAY (gRPC); or the first
-        request 503 ``{"error": ...}``, then close (REST)."""
-        flag = "--upstream-http" if self.protocol == "rest" else "--upstream"
-        message = (f"upstream {self.upstream} is unreachable ({why}); check {flag} and that the inference "
-                   "server is running")
-        if self.protocol == "rest":
-            self._refuse_rest(client, message)
-            return
-        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        connection.initiate_connection()
-        answered = 0
-        try:
-            client.settimeout(REFUSE_SECONDS)
-            client.sendall(connection.data_to_send())
-            while not answered:
-                data = client.recv(CHUNK_BYTES)
-                if not data:
-                    break
-                for event in connection.receive_data(data):
-                    if isinstance(event, h2.events.RequestReceived):
-                        path = dict(event.headers).get(":path", "")
-                        connection.send_headers(event.stream_id, [
-                            (":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "14"),
-                            ("grpc-message", quote(message, safe=_MESSAGE_SAFE))], end_stream=True)
-                        self.counts.count(path.rsplit("/", 1)[-1], "UNREACHABLE")
-                        answered += 1
-                if answered:  # a fresh connection for the next calls, to an upstream that may be back by then
-                    connection.close_connection()
-                client.sendall(connection.data_to_send())
-            client.shutdown(socket.SHUT_WR)
-            while client.recv(CHUNK_BYTES):  # read what the client still sends: closing with unread bytes resets
-                pass                         # the connection, and the client could lose the answer
-        except (OSError, h2.exceptions.ProtocolError):
-            pass
-        finally:
-            client.close()
-
-    def _refuse_rest(self, client: socket.socket, message: str) -> None:
-        body = json.dumps({"error": message}).encode()
-        head = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
-        try:
-            client.settimeout(REFUSE_SECONDS)
-            seen = b""
-            while b"\r\n\r\n" not in seen and len(seen) < 65536:  # the request's head, then the answer
-                data = client.recv(CHUNK_BYTES)
-                if not data:
-                    return
-                seen += data
-            target = seen.split(b" ", 2)[1].decode("latin-1") if seen.count(b" ") >= 2 else ""
-            self.counts.count(self.label(target), "UNREACHABLE")
-            client.sendall(head + body)
-            client.shutdown(socket.SHUT_WR)
-            while client.recv(CHUNK_BYTES):  # read what the client still sends: closing with unread bytes resets
-                pass
-        except OSError:
-            pass
-        finally:
-            client.close()
+        """Answer ``client``'s calls as the protocol can that the upstream is unreachable, naming it."""
+        self.speaks.refuse(client, f"upstream {self.upstream} is unreachable ({why}); check "
+                                   f"{self.speaks.upstream_flag} and that the inference server is running", self.counts)
 
     def stop(self, grace: float = 5.0) -> None:
         """Accept no more; let calls in flight finish for ``grace`` seconds, then close every connection."""
@@ -460,13 +344,6 @@ class RelayServer:
             connection.shutdown()
         for thread in self._threads:
             thread.join(5)
-
-
-def _undecodable(why: str) -> Decoder:
-    def decode() -> Any:
-        raise OutriderError(why)
-
-    return decode
 
 
 class RelayCollector:
