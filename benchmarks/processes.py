@@ -44,8 +44,9 @@ import grpc
 import numpy as np
 from protos import open_inference_pb2 as pb, open_inference_pb2_grpc as pb_grpc
 address, threads, seconds, batch, width = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+request_id = sys.argv[6] if len(sys.argv) > 6 else ""  # every request under one id (proxy.py), or none
 x = np.random.default_rng(0).standard_normal((batch, width)).astype("<f4").tobytes()
-request = pb.ModelInferRequest(model_name="bench")
+request = pb.ModelInferRequest(model_name="bench", id=request_id)
 request.inputs.add(name="X", datatype="FP32", shape=[batch, width])
 request.raw_input_contents.append(x)
 latencies, failed = [], [0]

@@ -46,55 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 from agent import examples  # noqa: E402
 from benchmarks import loadgen, mlserver_env  # noqa: E402
-from benchmarks.processes import tree_cpu  # noqa: E402
+from benchmarks.processes import CLIENT, tree_cpu  # noqa: E402
 
 UPSTREAMS = ("agent", "mlserver")
-
-CLIENT = r"""
-import sys, threading, time
-import grpc
-import numpy as np
-from protos import open_inference_pb2 as pb, open_inference_pb2_grpc as pb_grpc
-address, threads, seconds, batch = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-x = np.random.default_rng(0).standard_normal((batch, 20)).astype("<f4").tobytes()
-request = pb.ModelInferRequest(model_name="bench", id="b")
-request.inputs.add(name="X", datatype="FP32", shape=[batch, 20])
-request.raw_input_contents.append(x)
-latencies, failed = [], [0]
-start = threading.Barrier(threads + 1)
-def run():
-    with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        try:
-            stub.ModelInfer(request, timeout=30)
-        except grpc.RpcError as err:  # the warm-up call: the server cannot take these requests; stop every thread
-            print(f"the first request to {address} failed: {err.code().name} {err.details()}", file=sys.stderr)
-            start.abort()
-            return
-        mine = []
-        try:
-            start.wait()
-        except threading.BrokenBarrierError:
-            return
-        end = time.monotonic() + seconds
-        while (t0 := time.monotonic()) < end:
-            try:
-                stub.ModelInfer(request, timeout=30)
-                mine.append(time.monotonic() - t0)
-            except grpc.RpcError:
-                failed[0] += 1
-        latencies.extend(mine)
-workers = [threading.Thread(target=run) for _ in range(threads)]
-for w in workers: w.start()
-try:
-    start.wait()
-except threading.BrokenBarrierError:
-    sys.exit(1)
-cpu0 = time.process_time()  # this process's CPU, every thread, over the timed part
-for w in workers: w.join()
-print(failed[0], time.process_time() - cpu0)
-print(" ".join(f"{v:.6f}" for v in latencies))
-"""
 
 
 def start(args: list[str], marker: str, found: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str]:
@@ -126,7 +80,7 @@ def clients(address: str, threads: int, seconds: float, batch: int,
 
         command = [REST_CLIENT, address, str(threads), str(seconds), str(batch), "20", tensors]
     else:
-        command = [CLIENT, address, str(threads), str(seconds), str(batch)]
+        command = [CLIENT, address, str(threads), str(seconds), str(batch), "20", "b"]
     done = subprocess.run([sys.executable, "-c", *command],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           timeout=seconds + 120)
