@@ -107,9 +107,8 @@ class ObservedCall:
     latency_ns: int
 
 
-# A decoder, run on the monitor's thread: the call, None when it is not an inference call, or (the relay's
-# chunks of a connection, agent.proxy_relay) the decoders of each call the chunk completed.
-Decoder = Callable[[], "ObservedCall | list[Decoder] | None"]
+# A decoder, run on the monitor's thread: the call, or None when it is not an inference call.
+Decoder = Callable[[], ObservedCall | None]
 
 
 class Source(Protocol):
@@ -159,16 +158,14 @@ class ProxyMonitor:
         self._thread.start()
 
     # --- the request path -----------------------------------------------------------
-    def offer(self, decode: Decoder) -> bool:
-        """Hand over a call to summarise later; never blocks: a full queue counts it as ``queue_full``
-        (and says so: False)."""
+    def offer(self, decode: Decoder) -> None:
+        """Hand over a call to summarise later; never blocks: a full queue counts it as ``queue_full``."""
         # len and append are each atomic; between them other threads may append too, so the deque can
         # pass its capacity by at most the number of request threads: still bounded.
         if len(self._pending) >= self._capacity:
-            self._count("queue_full")
-            return False
-        self._pending.append(decode)
-        return True
+            self.count("queue_full")
+        else:
+            self._pending.append(decode)
 
     # --- the schema -----------------------------------------------------------------
     @property
@@ -271,25 +268,21 @@ class ProxyMonitor:
         try:
             call = decode()
         except OutriderError as exc:
-            self._count("undecodable", str(exc))
-            return
-        if isinstance(call, list):  # a relayed chunk: each call it completed is decoded on its own
-            for each in call:
-                self._observe(each)
+            self.count("undecodable", str(exc))
             return
         if call is None:
             return
         if call.model_name != self.model_name:
-            self._count("other_model")
+            self.count("other_model")
             return
         current = self.switch.current  # read once: the watch thread may swap in a new schema meanwhile
         if current is None:
-            self._count("no_schema")
+            self.count("no_schema")
             return
         session, plane = current.session, current.plane
         answered_as = current.upstream_version or session.model_version  # type: ignore[attr-defined]
         if call.model_version not in ("", answered_as):
-            self._count("other_version", f"the upstream answered with version {call.model_version!r}; "
+            self.count("other_version", f"the upstream answered with version {call.model_version!r}; "
                                          f"this proxy summarises version {answered_as!r}")
             return
         if call.outputs is None:
@@ -301,27 +294,24 @@ class ProxyMonitor:
             feed = {t.name: tensors.to_array(t, _spec(plane.inputs, t.name)) for t in call.inputs}
             by_name = {t.name: t for t in call.outputs}
             if any(spec.name not in by_name for spec in plane.outputs):
-                self._count("partial_outputs")
+                self.count("partial_outputs")
                 return
             outputs = [tensors.to_array(_fit(by_name[spec.name], spec), spec) for spec in plane.outputs]
         except OutriderError as exc:
-            self._count("undecodable", str(exc))
+            self.count("undecodable", str(exc))
             return
         if set(feed) != {spec.name for spec in plane.inputs}:
-            self._count("undecodable", "a call lacks some of the model's inputs")
+            self.count("undecodable", "a call lacks some of the model's inputs")
             return
         session.observe(feed, outputs, call.latency_ns, request_id=call.request_id or None)
         with self._lock:
             self.captured += 1
 
-    def count(self, reason: str, calls: int = 1) -> None:
-        """Calls that passed through unmonitored for ``reason`` (one of ``UNMONITORED``), counted by a front."""
+    def count(self, reason: str, why: str = "", calls: int = 1) -> None:
+        """``calls`` that passed through unmonitored for ``reason`` (one of ``UNMONITORED``); ``why`` is logged
+        the first time a reason is counted."""
         with self._lock:
             self._counts[reason] += calls
-
-    def _count(self, reason: str, why: str = "") -> None:
-        with self._lock:
-            self._counts[reason] += 1
             first = reason not in self._warned
             self._warned.add(reason)
         if first and why:

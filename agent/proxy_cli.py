@@ -205,7 +205,6 @@ def proxy_command(args: argparse.Namespace) -> int:
 
             try:
                 relays.append(serve_relay(listen, upstream, running.monitor, calls, protocol=protocol,
-                                          registry=metrics.registry if metrics is not None and not relays else None,
                                           upstream_timeout=args.upstream_timeout_seconds,
                                           max_message_bytes=int(args.max_message_mb * 1024 * 1024)))
             except OSError as exc:
@@ -217,6 +216,10 @@ def proxy_command(args: argparse.Namespace) -> int:
                 close(rollout)
                 close(metrics)
                 raise UsageError(f"{first_line(exc)}; pick a free port on a local address with {flag}") from None
+        if relays and metrics is not None:
+            from agent.proxy_relay import RelayCollector
+
+            metrics.registry.register(RelayCollector(relays))
         session = running.monitor.session
         state = (f"monitoring version {session.model_version}" if session is not None
                  else "waiting for the collector to name a version" if rollout is not None

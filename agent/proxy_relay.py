@@ -283,7 +283,7 @@ class RelayServer:
                                        chunk, ts)
         dropped = self.queue.dropped
         if dropped > self._dropped:  # the tap cannot follow a connection with a gap in it
-            self.monitor.count("queue_full", dropped - self._dropped)
+            self.monitor.count("queue_full", calls=dropped - self._dropped)
             self._dropped = dropped
             for connection in list(self.following.values()):
                 self._unobserved(connection)
@@ -347,23 +347,28 @@ class RelayServer:
 
 
 class RelayCollector:
-    """The relay's counts, read at scrape time."""
+    """The relays' counts, read at scrape time, one series per relay (``protocol``: grpc, rest)."""
 
-    def __init__(self, relay: RelayServer) -> None:
-        self.relay = relay
+    def __init__(self, relays: list[RelayServer]) -> None:
+        self.relays = relays
 
     def describe(self) -> list[Any]:
         return []
 
     def collect(self) -> Iterator[Any]:
-        yield GaugeMetricFamily("outrider_proxy_relay_connections", "connections open through --relay-listen",
-                                value=self.relay.connections())
-        yield CounterMetricFamily("outrider_proxy_relay_unobserved_connections",
-                                  "relayed connections passed on without being followed (a chunk dropped from a "
-                                  "full capture queue, or bytes that are not HTTP/2): their calls are not summarised",
-                                  value=self.relay.unobserved)
-        yield CounterMetricFamily("outrider_proxy_relay_refused_connections",
-                                  "connections closed at once: --relay-listen already had its most", value=self.relay.refused)
+        families = [
+            (GaugeMetricFamily, "outrider_proxy_relay_connections", "connections open through the relay",
+             RelayServer.connections),
+            (CounterMetricFamily, "outrider_proxy_relay_unobserved_connections",
+             "relayed connections passed on without being followed (a chunk dropped from a full capture queue, "
+             "or bytes the tap cannot read): their calls are not summarised", lambda r: r.unobserved),
+            (CounterMetricFamily, "outrider_proxy_relay_refused_connections",
+             "connections closed at once: the relay already had its most", lambda r: r.refused)]
+        for kind, name, text, value in families:
+            family = kind(name, text, labels=["protocol"])
+            for relay in self.relays:
+                family.add_metric([relay.protocol], value(relay))
+            yield family
 
 
 def serve_relay(listen: str, upstream: str, monitor: ProxyMonitor, calls: Any, *, protocol: str = "grpc",
@@ -373,6 +378,6 @@ def serve_relay(listen: str, upstream: str, monitor: ProxyMonitor, calls: Any, *
     the calls of ``monitor``'s model. Raises ``OSError`` when it cannot listen."""
     relay = RelayServer(listen, upstream, monitor, calls, protocol=protocol, upstream_timeout=upstream_timeout,
                         max_message_bytes=max_message_bytes, queue_bytes=queue_bytes)
-    if registry is not None:
-        registry.register(RelayCollector(relay))
+    if registry is not None:  # else the caller registers one RelayCollector for all its relays
+        registry.register(RelayCollector([relay]))
     return relay

@@ -103,8 +103,8 @@ def test_relayed_replies_are_the_upstreams_bytes_and_the_models_calls_are_summar
     assert 'outrider_proxy_calls_total{code="NOT_FOUND",method="ModelInfer"} 1.0' in page
     assert 'outrider_proxy_calls_total{code="OK",method="ServerLive"} 1.0' in page
     assert 'outrider_proxy_calls_total{code="OK",method="ModelMetadata"} 1.0' in page
-    assert "outrider_proxy_relay_connections 1.0" in page
-    assert "outrider_proxy_relay_unobserved_connections_total 0.0" in page
+    assert 'outrider_proxy_relay_connections{protocol="grpc"} 1.0' in page
+    assert 'outrider_proxy_relay_unobserved_connections_total{protocol="grpc"} 0.0' in page
 
 
 def test_calls_whose_headers_change_hpacks_table_are_all_read_right(upstream: Any, front: Any):
@@ -347,6 +347,8 @@ def test_the_cli_relays_answer_tritonclient_as_the_upstream_does(tmp_path: Path,
             text = page.read().decode()
         assert 'outrider_proxy_calls_total{code="OK",method="ModelInfer"}' in text
         assert 'outrider_proxy_calls_total{code="200",method="ModelInfer"}' in text
+        assert 'outrider_proxy_relay_connections{protocol="grpc"}' in text  # both relays' series, one family
+        assert 'outrider_proxy_relay_connections{protocol="rest"}' in text
     finally:
         for proc in (proxy, upstream):
             proc.send_signal(signal.SIGTERM)
