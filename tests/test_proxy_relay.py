@@ -493,3 +493,43 @@ def test_the_rest_tap_pairs_pipelined_requests_skips_interim_answers_and_stops_a
     with pytest.raises(TapError, match="HEAD"):
         tap.client(b"HEAD /v2 HTTP/1.1\r\nHost: x\r\n\r\n", 11)
     assert tap.broken
+
+
+def test_hostile_bytes_on_either_relay_are_passed_on_and_the_relays_keep_serving(rest_front: Any):
+    """Garbage, a half preface, a header block naming an HPACK entry that does not exist, and a request cut
+    short: each goes to the upstream as it came (which refuses it), is counted as unobserved where the tap had
+    to stop, and the next client's calls are answered and summarised as ever."""
+    from test_proxy_rest import call, infer_body
+
+    up, running, rest_relay, _ = rest_front
+    from prometheus_client import CollectorRegistry
+
+    grpc_relay = serve_relay("127.0.0.1:0", up.grpc.address, running.monitor, proxy_calls_counter(CollectorRegistry()))
+    try:
+        rng = np.random.default_rng(1)
+        attacks = [rng.bytes(5000), b"PRI * HTTP/2.0\r\n",
+                   b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(0x1, 0x5, 1, b"\xff\xff\xff\xff\x0f"),
+                   b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"inp"]
+        for relay in (grpc_relay, rest_relay):
+            for attack in attacks:
+                with socket.create_connection(("127.0.0.1", relay.port), timeout=HANG_GUARD) as sock:
+                    sock.sendall(attack)
+                    sock.shutdown(socket.SHUT_WR)
+                    sock.settimeout(5)
+                    try:
+                        while sock.recv(65536):
+                            pass
+                    except OSError:
+                        pass
+        x = examples.tabular_data(3, seed=9)[0]
+        assert Raw(grpc_relay.address).call("ModelInfer", infer_request(x, "after-g"))[0] == "OK"
+        assert call(rest_relay.port, "POST", "/v2/models/m/infer", *infer_body(x, "after-r"))[0] == 200
+        wait_until(lambda: running.monitor.stats()["captured"] >= 2, timeout=HANG_GUARD,
+                   what="the calls after the attacks to be summarised")
+        idle(running)
+        assert running.monitor.stats()["capture_failures"] == 0
+        assert grpc_relay.unobserved >= 1 and rest_relay.unobserved >= 1
+        assert running.monitor.session.predictions.label("after-g", "1")
+        assert running.monitor.session.predictions.label("after-r", "1")
+    finally:
+        grpc_relay.stop(0)
