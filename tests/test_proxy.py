@@ -479,7 +479,8 @@ def test_an_upstream_killed_mid_traffic_is_unavailable_then_served_again_when_ba
         first.send_signal(signal.SIGKILL)
         first.wait(HANG_GUARD)
         code, details, _, _ = through.call("ModelInfer", infer_request(x, "down"))  # hang guard: HANG_GUARD
-        assert code == "UNAVAILABLE" and address in details
+        # the relay closes the connection the upstream's death left: a call racing that close sees it closed
+        assert code == "UNAVAILABLE" and (address in details or (relay is not None and "closed" in details))
         second, _ = upstream_process(address)
         wait_until(lambda: through.call("ModelInfer", infer_request(x, "after"))[0] == "OK", timeout=HANG_GUARD,
                    what="the proxy to reach the restarted upstream")
