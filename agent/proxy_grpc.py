@@ -408,7 +408,7 @@ def serve_proxy(upstream: str, model_name: str, open_session: Callable[..., Any]
         options=[("grpc.max_receive_message_length", max_receive_bytes), ("grpc.so_reuseport", 0)],
     )
     # The proxy's own services first: the forwarder takes whatever they do not know.
-    agent_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(monitor.switch), server)
+    agent_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(monitor.switch, monitor.settle), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if watched is None:
         server.add_generic_rpc_handlers((Forwarder(link, monitor, calls, strip_auth=auth is not None),))

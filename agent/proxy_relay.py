@@ -265,7 +265,8 @@ class RelayServer:
 
     # --- on the monitor's thread --------------------------------------------------------
     def waiting(self) -> int:
-        return self.queue.entries
+        # dropped chunks not yet counted are work too: the next pass marks their connections unobserved
+        return self.queue.entries + (self.queue.dropped != self._dropped)
 
     def take(self) -> list[Decoder]:
         """The chunks relayed since the last pass, fed to their connections' taps: the decoders of the calls

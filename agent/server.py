@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -113,8 +114,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 class FeedbackServicer(agent_pb2_grpc.FeedbackServiceServicer):
     """Ground truth for earlier ModelInfer requests, by their ``id``."""
 
-    def __init__(self, switch: ModelSwitch) -> None:
+    def __init__(self, switch: ModelSwitch, settle: Callable[[], None] | None = None) -> None:
         self.switch = switch
+        # agent proxy: summarises its calls off the request path, so labels wait for the calls before them
+        self.settle = settle
 
     @grpc_errors
     def Feedback(self, request: agent_pb2.FeedbackRequest,
@@ -127,6 +130,8 @@ class FeedbackServicer(agent_pb2_grpc.FeedbackServiceServicer):
         for label in request.labels:
             which = label.WhichOneof("value")
             labels.append((label.request_id, getattr(label, which) if which else None, label.row))
+        if self.settle is not None:
+            self.settle()
         matched, unmatched = plane.feedback(labels)
         return agent_pb2.FeedbackResponse(matched=matched, unmatched=unmatched)
 

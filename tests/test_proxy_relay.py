@@ -141,6 +141,19 @@ def test_feedback_by_the_clients_id_on_the_proxys_port_joins_a_relayed_call(upst
     assert reply.matched == 4 and reply.unmatched == 0
 
 
+def test_a_label_sent_as_soon_as_its_relayed_reply_arrives_joins_it(upstream: Any, front: Any):
+    """The monitor takes the relay's chunks only every DRAIN_SECONDS; feedback waits for it, not the client."""
+    running, relay, _ = front
+    feedback = agent_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(running.address))
+    for i in range(5):
+        x, y = examples.tabular_data(2, seed=20 + i)
+        assert Raw(relay.address).call("ModelInfer", infer_request(x, f"at-once-{i}"))[0] == "OK"
+        reply = feedback.Feedback(agent_pb2.FeedbackRequest(labels=[
+            agent_pb2.Label(request_id=f"at-once-{i}", row=j, class_label=str(int(y[j]))) for j in range(2)]),
+            timeout=HANG_GUARD)
+        assert (reply.matched, reply.unmatched) == (2, 0)
+
+
 # ------------------------------------------------------------------ HTTP/2 as other clients write it
 
 
