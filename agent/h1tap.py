@@ -103,6 +103,13 @@ class Http1Tap:
         """(0, path, started_ns) of the requests sent and not yet answered."""
         return [(0, m.target.decode("latin-1"), m.started_ns) for m in list(self._waiting)]
 
+    def abandon(self, now_ns: int) -> list[RestCall]:
+        """The requests sent and never answered (the connection ended first), as calls answered 503."""
+        calls = [RestCall(m.method, m.target.decode("latin-1"), None if m.too_big else bytes(m.body), m.length, 503,
+                          None, None, now_ns - m.started_ns) for m in self._waiting]
+        self._waiting.clear()
+        return calls
+
     def _feed(self, parser: httptools.HttpRequestParser | httptools.HttpResponseParser, chunk: bytes,
               now_ns: int) -> list[RestCall]:
         if self.broken:

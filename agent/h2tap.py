@@ -124,6 +124,14 @@ class Tap:
         """(stream, method, started_ns) of the calls sent and not yet answered."""
         return [(sid, s.method, s.started_ns) for sid, s in list(self._streams.items()) if s.status is None]
 
+    def abandon(self, now_ns: int) -> list[TappedCall]:
+        """The calls sent and never answered (the connection ended first), as calls that failed UNAVAILABLE."""
+        calls = [TappedCall(s.method, None if s.too_big else first_message(s.request, s.encoding), None, 14,
+                            "the connection ended before the call was answered", now_ns - s.started_ns)
+                 for s in self._streams.values() if s.status is None]
+        self._streams.clear()
+        return calls
+
     def _feed(self, side: _Side, chunk: bytes, now_ns: int, from_client: bool) -> list[TappedCall]:
         if self.broken:
             return []
@@ -228,13 +236,13 @@ class Tap:
         if stream.too_big:
             self.skipped += 1
             return None
-        return TappedCall(stream.method, _message(stream.request, stream.encoding),
-                          _message(stream.reply, stream.reply_encoding),
+        return TappedCall(stream.method, first_message(stream.request, stream.encoding),
+                          first_message(stream.reply, stream.reply_encoding),
                           stream.status if stream.status is not None else 2, stream.message,
                           now_ns - stream.started_ns)
 
 
-def _message(body: bytearray, encoding: str) -> bytes | None:
+def first_message(body: bytearray, encoding: str) -> bytes | None:
     """The first gRPC length-prefixed message of a stream's DATA (unary calls carry one)."""
     if len(body) < 5:
         return None

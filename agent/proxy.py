@@ -196,6 +196,8 @@ class ProxyMonitor:
             if self._closed:
                 raise OutriderError("the proxy is stopping")
         old = self.switch.current
+        if old is not None:
+            self.settle()  # calls answered before the switch are summarised against the version that answered
         if old is not None and not upstream_version:
             self.switch.clear()
             old.session.close()
@@ -331,7 +333,7 @@ class ProxyMonitor:
     def settle(self, timeout: float = 2.0) -> None:
         """Return once the calls offered so far are summarised (or ``timeout`` passed): feedback waits on it, so
         a label sent as soon as its call's reply arrived finds the prediction, whatever ``DRAIN_SECONDS`` is."""
-        if self.idle():
+        if self.idle() or threading.current_thread() is self._thread:
             return
         passes, deadline = self._passes, time.monotonic() + timeout
         self._wake.set()

@@ -115,6 +115,8 @@ class _Connection:
         self.client_done = False     # the client closed its side
         self.upstream_ended = False  # the upstream closed (or failed) first: calls left pending are its failures
         self.deadline_hit = False
+        self.connected_ns = 0        # when the upstream connection was made (perf_counter_ns)
+        self.heard = False           # the monitor has seen bytes from the upstream
 
     def run(self) -> None:
         """The client's side: connect upstream, start the reply pump, relay the client's bytes."""
@@ -126,6 +128,7 @@ class _Connection:
             relay.forget(self)
             return
         self.upstream.settimeout(None)
+        self.connected_ns = time.perf_counter_ns()
         for sock in (self.client, self.upstream):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames go out as they come
         relay.following[self.number] = self
@@ -136,7 +139,8 @@ class _Connection:
         replies.join()
         for sock in (self.client, self.upstream):  # closed only now: no pump can be using the descriptors
             sock.close()
-        relay.queue.push(self.number, ENDED, 0, b"")  # after every chunk of the connection: the tap's last word
+        # after every chunk of the connection: the tap's last word (the pumps' clock: CLOCK_MONOTONIC)
+        relay.queue.push(self.number, ENDED, time.monotonic_ns(), b"")
         relay.forget(self)
 
     def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
@@ -154,13 +158,20 @@ class _Connection:
             self.upstream_ended = not self.client_done
             self.shutdown()  # nothing more will be answered: the client's calls fail now, not at their deadline
 
-    def overdue(self, now_ns: int) -> bool:
-        """A unary OIP call is unanswered past the upstream timeout (streams live as long as their clients)."""
+    def overdue(self, now_ns: int) -> str:
+        """Why the upstream is overdue ("" : it is not): a unary OIP call unanswered past the upstream timeout
+        (streams live as long as their clients), or, where the server speaks first (gRPC's SETTINGS), nothing
+        heard from it that long after connecting; clients would otherwise wait for their own timeouts (20 s)."""
         if not self.flag[0]:  # not followed: what the tap holds is stale, and says nothing of the upstream
-            return False
+            return ""
         timeout_ns = int(self.relay.upstream_timeout * 1e9)
-        return any(self.relay.speaks.bounded(method) and now_ns - started > timeout_ns
-                   for _, method, started in self.tap.pending())
+        if self.relay.speaks.greets and not self.heard and self.connected_ns and \
+                now_ns - self.connected_ns > timeout_ns:
+            return "sent nothing since the connection was made"
+        if any(self.relay.speaks.bounded(method) and now_ns - started > timeout_ns
+               for _, method, started in self.tap.pending()):
+            return "left a call unanswered"
+        return ""
 
     def shutdown(self) -> None:
         """Both sockets shut: the pumps return (the descriptors are closed once they have)."""
@@ -251,11 +262,10 @@ class RelayServer:
         while not self._stop.wait(WATCH_SECONDS):
             now = time.perf_counter_ns()
             with self._lock:
-                overdue = [c for c in self._connections if c.overdue(now)]
-            for connection in overdue:
-                log.warning("upstream %s left a call unanswered for %g s (--upstream-timeout-seconds): its "
-                            "connection is closed, the client's calls on it fail UNAVAILABLE", self.upstream,
-                            self.upstream_timeout)
+                overdue = [(c, why) for c in self._connections if (why := c.overdue(now))]
+            for connection, why in overdue:
+                log.warning("upstream %s %s for %g s (--upstream-timeout-seconds): its connection is closed, the "
+                            "client's calls on it fail UNAVAILABLE", self.upstream, why, self.upstream_timeout)
                 connection.deadline_hit = True
                 connection.shutdown()
 
@@ -278,8 +288,9 @@ class RelayServer:
                 continue
             if from_client == ENDED:
                 del self.following[number]
-                self._ended(connection)
+                found += self._ended(connection, ts)
             elif connection.flag[0]:
+                connection.heard = connection.heard or not from_client
                 found += self.decoders(connection, connection.tap.client if from_client else connection.tap.server,
                                        chunk, ts)
         dropped = self.queue.dropped
@@ -290,13 +301,15 @@ class RelayServer:
                 self._unobserved(connection)
         return found
 
-    def _ended(self, connection: _Connection) -> None:
-        """Calls left unanswered when the connection closed; a connection some chunk of which was dropped."""
+    def _ended(self, connection: _Connection, now_ns: int) -> list[Decoder]:
+        """Calls left unanswered when the connection closed, counted and (inference calls of the model) errors in
+        the windows, as the full ports count them; a connection some chunk of which was dropped."""
+        found: list[Decoder] = []
         if connection.flag[0]:  # else the tap stopped short: its calls in flight are not known
             code = "UNREACHABLE" if connection.upstream_ended or connection.deadline_hit else "CANCELLED"
-            for _, method, _ in connection.tap.pending():
-                self.counts.count(self.speaks.label(method), code)
+            found = self.speaks.decoders(connection.tap.abandon(now_ns), self.counts, self.monitor.model_name, code)
         self._unobserved(connection)
+        return found
 
     def _unobserved(self, connection: _Connection) -> None:
         if not connection.flag[0] and not connection.counted:
@@ -319,8 +332,11 @@ class RelayServer:
 
     def refuse(self, client: socket.socket, why: str) -> None:
         """Answer ``client``'s calls as the protocol can that the upstream is unreachable, naming it."""
-        self.speaks.refuse(client, f"upstream {self.upstream} is unreachable ({why}); check "
-                                   f"{self.speaks.upstream_flag} and that the inference server is running", self.counts)
+        failed = self.speaks.refuse(client, f"upstream {self.upstream} is unreachable ({why}); check "
+                                            f"{self.speaks.upstream_flag} and that the inference server is running",
+                                    self.counts)
+        for decode in failed:  # errors in the windows, as the full ports count them
+            self.monitor.offer(decode)
 
     def stop(self, grace: float = 5.0) -> None:
         """Accept no more; let calls in flight finish for ``grace`` seconds, then close every connection."""

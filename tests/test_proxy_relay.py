@@ -42,6 +42,13 @@ from test_proxy import (HANG_GUARD, INFER, Raw, free_address, idle, in_memory, i
 METHOD = "/inference.GRPCInferenceService/"
 
 
+def schema(model: Path) -> Any:
+    """The model's metadata as an upstream serving it answers ModelMetadata."""
+    from agent.dataplane import DataPlane
+
+    return DataPlane(ort.InferenceSession(str(model)), "m", "1").metadata("m")
+
+
 @pytest.fixture
 def upstream(lr_model: Path) -> Iterator[Any]:
     server = serve(ort.InferenceSession(str(lr_model)), "m", "1", "127.0.0.1:0")
@@ -283,10 +290,16 @@ def test_an_unreachable_upstream_is_unavailable_naming_it_and_served_again_when_
     relay = serve_relay("127.0.0.1:0", address, monitor, proxy_calls_counter(CollectorRegistry()))
     back = None
     try:
+        monitor.monitor(schema(lr_model))  # read while it was up: its calls that fail now are the windows' errors
         through = Raw(relay.address)
         x = examples.tabular_data(2, seed=7)[0]
         code, details, _, _ = through.call("ModelInfer", infer_request(x, "down"))  # hang guard: HANG_GUARD
         assert code == "UNAVAILABLE" and f"upstream {address} is unreachable" in details
+        assert through.call("ModelInfer", infer_request(x, model="other"))[0] == "UNAVAILABLE"
+        assert through.call("ServerLive", pb.ServerLiveRequest())[0] == "UNAVAILABLE"
+        wait_until(monitor.idle, timeout=HANG_GUARD, what="the monitor to take the refused calls")
+        assert monitor.stats()["upstream_errors"] == 1 and monitor.stats()["unmonitored"]["other_model"] == 1
+        assert monitor.session.stats()["errors"] == 1
         back = serve(ort.InferenceSession(str(lr_model)), "m", "1", address)
         wait_until(lambda: through.call("ModelInfer", infer_request(x, "up"))[0] == "OK", timeout=HANG_GUARD,
                    what="the relay to reach the upstream once it is back")
@@ -298,7 +311,8 @@ def test_an_unreachable_upstream_is_unavailable_naming_it_and_served_again_when_
 
 
 def test_an_upstream_that_does_not_answer_is_unavailable_after_the_bound():
-    """A server that takes the connection and never says a word: the call fails, it does not hang."""
+    """A server that takes the connection and never says a word: the call fails, it does not hang. A gRPC client
+    waits for the server's SETTINGS before it sends a call; the relay closes the connection after the bound."""
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
@@ -321,15 +335,63 @@ def test_an_upstream_that_does_not_answer_is_unavailable_after_the_bound():
     relay = RelayServer("127.0.0.1:0", f"127.0.0.1:{silent.getsockname()[1]}", monitor,
                         proxy_calls_counter(CollectorRegistry()), upstream_timeout=1.0)
     try:
-        code, _, _, _ = Raw(relay.address).call("ServerLive", pb.ServerLiveRequest())  # hang guard: HANG_GUARD
-        assert code == "UNAVAILABLE"
+        code, details, _, _ = Raw(relay.address).call("ServerLive", pb.ServerLiveRequest())  # hang guard: HANG_GUARD
+        assert code == "UNAVAILABLE" and "before receiving SETTINGS" not in details  # not the client's own timeout
     finally:
         relay.stop(0)
         monitor.close(0)
         stop.set()
         taker.join(5)
-        for sock in [*held, silent]:
-            sock.close()
+
+
+def test_a_call_an_upstream_leaves_unanswered_is_unavailable_after_the_bound_and_an_error_of_the_model(
+        lr_model: Path):
+    """An upstream whose HTTP/2 answers (SETTINGS, PING) but whose calls never come back, as a server whose model
+    hangs: the call fails after the bound, and it is one of the model's errors, as the full port counts it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def hung(sock: socket.socket) -> None:
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        connection.initiate_connection()
+        try:
+            sock.sendall(connection.data_to_send())
+            while not stop.is_set() and (data := sock.recv(65536)):
+                connection.receive_data(data)  # settings acked, requests read and never answered
+                sock.sendall(connection.data_to_send())
+        except OSError:
+            pass
+
+    def take() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                threading.Thread(target=hung, args=(listener.accept()[0],), daemon=True).start()
+            except OSError:
+                continue
+
+    taker = threading.Thread(target=take, daemon=True)
+    taker.start()
+    from prometheus_client import CollectorRegistry
+
+    monitor = ProxyMonitor("m", in_memory)
+    relay = RelayServer("127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", monitor,
+                        proxy_calls_counter(CollectorRegistry()), upstream_timeout=1.0)
+    try:
+        monitor.monitor(schema(lr_model))
+        x = examples.tabular_data(2, seed=9)[0]
+        assert Raw(relay.address).call("ModelInfer", infer_request(x, "unanswered"))[0] == "UNAVAILABLE"
+        # the client hears of the closed connection before its end reaches the monitor's queue
+        wait_until(lambda: relay.connections() == 0 and monitor.idle(), timeout=HANG_GUARD,
+                   what="the monitor to take the closed connection")
+        assert monitor.stats()["upstream_errors"] == 1 and monitor.session.stats()["errors"] == 1
+    finally:
+        relay.stop(0)
+        monitor.close(0)
+        stop.set()
+        taker.join(5)
 
 
 # ------------------------------------------------------------------ the CLI, as a real process
@@ -356,10 +418,15 @@ def test_the_cli_relays_answer_tritonclient_as_the_upstream_does(tmp_path: Path,
         assert through["bad"][0] == "StatusCode.INVALID_ARGUMENT"
         direct, through = tritonclient_http(up_rest), tritonclient_http(rest_relay)
         assert through == direct and through["bad"][0] == "400"
-        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=HANG_GUARD) as page:
-            text = page.read().decode()
+        def page() -> str:
+            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=HANG_GUARD) as answer:
+                return answer.read().decode()
+
+        # the relays count calls as the monitor's thread reads them, a pass (DRAIN_SECONDS) after the replies
+        wait_until(lambda: 'outrider_proxy_calls_total{code="200",method="ModelInfer"}' in page(), timeout=HANG_GUARD,
+                   what="the REST relay's calls counted")
+        text = page()
         assert 'outrider_proxy_calls_total{code="OK",method="ModelInfer"}' in text
-        assert 'outrider_proxy_calls_total{code="200",method="ModelInfer"}' in text
         assert 'outrider_proxy_relay_connections{protocol="grpc"}' in text  # both relays' series, one family
         assert 'outrider_proxy_relay_connections{protocol="rest"}' in text
     finally:
@@ -468,7 +535,7 @@ def test_rest_calls_on_one_kept_alive_connection_are_paired_with_their_answers(r
     assert all(running.monitor.session.predictions.label(f"k-{i}", "1") for i in range(12))
 
 
-def test_an_unreachable_rest_upstream_is_503_naming_it():
+def test_an_unreachable_rest_upstream_is_503_naming_it(lr_model: Path):
     import json
 
     from prometheus_client import CollectorRegistry
@@ -479,11 +546,15 @@ def test_an_unreachable_rest_upstream_is_503_naming_it():
     monitor = ProxyMonitor("m", in_memory)
     relay = serve_relay("127.0.0.1:0", address, monitor, proxy_calls_counter(CollectorRegistry()), protocol="rest")
     try:
+        monitor.monitor(schema(lr_model))
         status, headers, body = call(relay.port, "POST", "/v2/models/m/infer",
                                      *infer_body(examples.tabular_data(2, seed=8)[0]))
         assert status == 503 and ("content-type", "application/json") in headers
         assert f"upstream {address} is unreachable" in json.loads(body)["error"]
         assert "--upstream-http" in json.loads(body)["error"]
+        assert call(relay.port, "GET", "/v2/models/m/ready", b"", {})[0] == 503
+        wait_until(monitor.idle, timeout=HANG_GUARD, what="the monitor to take the refused call")
+        assert monitor.stats()["upstream_errors"] == 1 and monitor.session.stats()["errors"] == 1
     finally:
         relay.stop(0)
         monitor.close(0)
@@ -506,6 +577,31 @@ def test_the_rest_tap_pairs_pipelined_requests_skips_interim_answers_and_stops_a
     with pytest.raises(TapError, match="HEAD"):
         tap.client(b"HEAD /v2 HTTP/1.1\r\nHost: x\r\n\r\n", 11)
     assert tap.broken
+
+
+def test_requests_a_rest_connection_ended_on_are_the_relays_unreachable_calls_and_the_models_errors():
+    from prometheus_client import CollectorRegistry
+
+    from agent.h1tap import Http1Tap
+    from agent.proxy import CallCounts
+    from agent.relay_protocols import Rest
+    from test_proxy_rest import infer_body
+
+    tap = Http1Tap()
+    body, headers = infer_body(examples.tabular_data(2, seed=3)[0], "left")
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    tap.client(f"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode() + body, 5)
+    tap.client(b"GET /v2/health/ready HTTP/1.1\r\n\r\n", 6)
+    left = tap.abandon(25)
+    assert [(c.path, c.status, c.reply, c.latency_ns) for c in left] == [
+        ("/v2/models/m/infer", 503, None, 20), ("/v2/health/ready", 503, None, 19)]
+    assert tap.pending() == [] and tap.abandon(30) == []
+    registry = CollectorRegistry()
+    decoders = Rest().decoders(left, CallCounts(proxy_calls_counter(registry)), "m", "UNREACHABLE")
+    assert registry.get_sample_value("outrider_proxy_calls_total", {"method": "ModelInfer", "code": "UNREACHABLE"}) == 1
+    assert registry.get_sample_value("outrider_proxy_calls_total", {"method": "ServerReady", "code": "UNREACHABLE"}) == 1
+    [failed] = [decode() for decode in decoders]
+    assert (failed.model_name, failed.request_id, failed.outputs) == ("m", "left", None)
 
 
 def test_hostile_bytes_on_either_relay_are_passed_on_and_the_relays_keep_serving(rest_front: Any):
