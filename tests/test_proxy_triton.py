@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +39,13 @@ from protos import agent_pb2, agent_pb2_grpc
 from protos import collector_pb2 as cpb
 from protos import collector_pb2_grpc as cpb_grpc
 from protos import open_inference_pb2 as pb
+from test_approvals import call as ops_call
 from test_delivery import reap, start, wait_until  # noqa: F401  (reap: kills what a failed test left running)
 from test_proxy import HANG_GUARD, Raw, free_address, infer_request
+from test_proxy_managed import AGENT, READY, Traffic, answered, make_production, register
 from test_proxy_mlserver import triton_infer
 from test_proxy_rest import call, infer_body
+from test_rollout_collector import AGENT_TOKEN, agent_state, running_collector
 
 pytestmark = pytest.mark.slow  # Triton takes seconds to start (and its venv seconds to install on a fresh machine)
 
@@ -287,3 +292,83 @@ def test_the_overhead_benchmark_runs_with_triton_as_the_upstream(triton_venv: Pa
     assert row["upstream"] == "triton" and row["direct"]["failed"] == 0 and row["proxy"]["failed"] == 0
     assert row["direct"]["rps"] > 0 and row["proxy"]["rps"] > 0
     assert row["direct"]["upstream_cpu_ms_per_1k"] > 0 and row["proxy"]["proxy_cpu_ms_per_1k"] > 0
+
+
+def test_promotion_rollback_and_a_failed_load_through_triton(tmp_path: Path, triton_venv: Path):
+    """``--managed`` (test_proxy_managed.py's scenario with MLServer): versions 1 (logistic regression) and 2
+    (a small forest) of "m" in Triton's repository, numbered folders under version_policy all; promotions and
+    a rollback load through RepositoryModelLoad, unversioned calls are pinned (Triton's own default is 2)."""
+    models = {"1": examples.logistic_regression(), "2": examples.random_forest(n_trees=5)}
+    triton = start_triton(tmp_path / "triton", None, triton_venv, versions=models)
+    try:
+        with running_collector(tmp_path) as (_, ops, address, _):
+            for data in models.values():
+                register(ops, data)
+            first = make_production(ops, 1)
+            proxy, line = start(["agent", "proxy", "--upstream", triton.grpc_address, "--upstream-http",
+                                 triton.http_address, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+                                 "--model-name", "m", "--managed", "--collector", address, "--token", AGENT_TOKEN,
+                                 "--agent-id", AGENT, "--spool-dir", str(tmp_path / "spool"),
+                                 "--window-seconds", "0.5", "--summarizer", "thread",
+                                 "--upstream-load-timeout-seconds", "60"], READY)
+            grpc_address, rest_url = re.search(r"on (\S+) \(m: .*REST \S+ on (\S+)", line).groups()
+            traffic = Traffic(grpc_address, int(rest_url.rsplit(":", 1)[1]))
+            try:
+                assert answered(ops, first) == ("ok", "")
+                state = agent_state(ops, AGENT)
+                assert state.managed and (state.model_version, state.desired_version, state.model_error) == \
+                    ("1", "1", "")
+                direct = Raw(triton.grpc_address).call("ModelInfer", infer_request(np.zeros((1, 20), np.float32)))
+                assert pb.ModelInferResponse.FromString(direct[1]).model_version == "2"  # Triton's own default
+                assert traffic.send() == {"1"}  # pinned to the registry's production version
+
+                served_by_1 = traffic.last_id
+                promoted = make_production(ops, 2)
+                assert answered(ops, promoted) == ("ok", "")
+                assert traffic.send() == {"2"}
+                labels = [agent_pb2.Label(request_id=served_by_1, row=j, class_label="1") for j in range(7)]
+                with grpc.insecure_channel(grpc_address) as channel:
+                    joined = agent_pb2_grpc.FeedbackServiceStub(channel).Feedback(
+                        agent_pb2.FeedbackRequest(labels=labels), timeout=HANG_GUARD)
+                assert (joined.matched, joined.unmatched) == (7, 0)
+
+                back = ops_call(ops, "alice", "Rollback", cpb.RollbackRequest(model_name="m", reason="p99 doubled")).id
+                assert answered(ops, back) == ("ok", "")
+                assert traffic.send() == {"1"}
+
+                # version 3: in the registry, and in Triton's repository as a file onnxruntime cannot load. Triton
+                # refuses the whole load (INVALID_ARGUMENT) and goes on serving versions 1 and 2.
+                register(ops, examples.random_forest(n_trees=3))
+                triton_env.write_version(triton.repository, "m", "3", b"not an onnx model")
+                state, error = answered(ops, make_production(ops, 3))
+                assert state == "failed" and f"upstream {triton.grpc_address} could not load model 'm': " \
+                    "INVALID_ARGUMENT load failed for model 'm': version 3 is at UNAVAILABLE state" in error, error
+                assert "INVALID_PROTOBUF" in error, error  # onnxruntime's, via Triton
+                shown = agent_state(ops, AGENT)
+                assert (shown.model_version, shown.desired_version) == ("1", "3") and shown.model_error == error
+                assert traffic.send() == {"1"}  # the version before goes on, served and monitored
+
+                # version 4: in the registry, not in Triton's repository (a load of "m" succeeds without it). Unlike
+                # MLServer, Triton's index still lists version 3 (UNAVAILABLE) after its folder is gone.
+                shutil.rmtree(triton.repository / "m" / "3")
+                register(ops, examples.random_forest(n_trees=4))
+                state, error = answered(ops, make_production(ops, 4))
+                assert state == "failed" and "lists no version '4' of it (it lists: 1, 2, 3)" in error, error
+                assert traffic.send() == {"1"}
+            finally:
+                proxy.send_signal(signal.SIGTERM)
+                assert proxy.wait(HANG_GUARD) == 0  # the last window flushed and delivered
+
+            def stored() -> Counter[str]:
+                windows = ops_call(ops, "dave", "ListWindows",
+                                   cpb.ListWindowsRequest(model_name="m", limit=10_000)).windows
+                assert {w.agent_id for w in windows} <= {AGENT}
+                rows: Counter[str] = Counter()
+                for w in windows:
+                    rows[w.model_version] += w.rows
+                return rows
+
+            wait_until(lambda: stored() == traffic.rows, timeout=HANG_GUARD, what=f"rows {dict(traffic.rows)} stored")
+            assert set(traffic.rows) == {"1", "2"}
+    finally:
+        triton.stop()
