@@ -9,8 +9,10 @@ read. Clients are ``tritonclient.grpc`` and raw byte calls; replies through the 
 own answers to the same requests; windows go to a real collector (SQLite file) and its drift engine.
 
 Where Triton differs from MLServer (and the checks below with it): Triton checks datatypes and shapes itself
-(INVALID_ARGUMENT, before the model runs), and its Python backend answers only the outputs a request asks for,
-so such a call passes through as ``partial_outputs`` instead of being summarised.
+(INVALID_ARGUMENT, before the model runs); its Python backend answers only the outputs a request asks for, so
+such a call passes through as ``partial_outputs`` instead of being summarised; a REST body it cannot parse is
+its HTTP 500; and under ``--managed`` a version that fails to load fails the whole load while the other versions
+go on serving, and stays in its repository index after its folder is removed.
 """
 from __future__ import annotations
 
@@ -63,16 +65,17 @@ def triton_venv() -> Path:
     if triton_env.missing() is not None:
         started = time.monotonic()
         if triton_env.setup() == 0:
-            print(f"Triton venv created in {time.monotonic() - started:.0f} s")
+            print(f"Triton venv ready after {time.monotonic() - started:.0f} s (created here, or by another worker)")
     reason = triton_env.missing()
     if reason is not None:
         unavailable(reason)
     return triton_env.venv_path()
 
 
-def start_triton(folder: Path, model: bytes | Path | None, venv: Path, **versions: Any) -> triton_env.Triton:
+def start_triton(folder: Path, model: bytes | Path | None, venv: Path,
+                 versions: dict[str, bytes | Path] | None = None) -> triton_env.Triton:
     try:
-        return triton_env.start(folder, model, "m", venv=venv, **versions)
+        return triton_env.start(folder, model, "m", venv=venv, versions=versions)
     except RuntimeError as exc:
         unavailable(str(exc))
         raise  # not reached
@@ -299,7 +302,7 @@ def test_promotion_rollback_and_a_failed_load_through_triton(tmp_path: Path, tri
     (a small forest) of "m" in Triton's repository, numbered folders under version_policy all; promotions and
     a rollback load through RepositoryModelLoad, unversioned calls are pinned (Triton's own default is 2)."""
     models = {"1": examples.logistic_regression(), "2": examples.random_forest(n_trees=5)}
-    triton = start_triton(tmp_path / "triton", None, triton_venv, versions=models)
+    triton = start_triton(tmp_path / "triton", None, triton_venv, models)
     try:
         with running_collector(tmp_path) as (_, ops, address, _):
             for data in models.values():
