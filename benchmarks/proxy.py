@@ -1,13 +1,14 @@
 """What ``outrider agent proxy`` costs: the same clients straight to the upstream and through the proxy.
 
-    python benchmarks/proxy.py [--upstream agent|mlserver] [--protocols grpc,rest] [--clients 1,16]
+    python benchmarks/proxy.py [--upstream agent|mlserver|triton] [--protocols grpc,rest] [--clients 1,16]
                                [--batches 1,64] [--seconds 10]
                                [--rounds 2] [--relay] [--client python|cpp] [--json]
 
 The upstream (20-feature logistic regression) is a real ``outrider agent serve`` (monitored, summary
-helper process, no collector) or a real MLServer 1.7.1 (``benchmarks/mlserver_env.py``: its venv, the
-custom ONNX runtime, MLServer's default settings); the proxy a real ``outrider agent proxy`` in front of it (monitoring
-the model: summary helper process, no collector). For each (clients, batch) a client process with
+helper process, no collector), a real MLServer 1.7.1 (``benchmarks/mlserver_env.py``: its venv, the
+custom ONNX runtime, MLServer's default settings) or a real Triton 2.51 (``benchmarks/triton_env.py``: its venv,
+the Python-backend model running onnxruntime, CPU only); the proxy a real ``outrider agent proxy`` in front of it
+(monitoring the model: summary helper process, no collector). For each (clients, batch) a client process with
 that many threads (each on its own connection) calls ModelInfer back to back for ``--seconds``,
 once at the upstream ("direct") and once through the proxy, alternating over ``--rounds``. Reported
 per configuration (medians of rounds): requests/s, p50 and p99 latency at the clients, failed
@@ -45,10 +46,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent import examples  # noqa: E402
-from benchmarks import loadgen, mlserver_env  # noqa: E402
+from benchmarks import loadgen, mlserver_env, triton_env  # noqa: E402
 from benchmarks.processes import CLIENT, tree_cpu  # noqa: E402
 
-UPSTREAMS = ("agent", "mlserver")
+UPSTREAMS = ("agent", "mlserver", "triton")
 
 
 def start(args: list[str], marker: str, found: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str]:
@@ -122,6 +123,12 @@ def start_upstream(kind: str, tmp: Path, model: Path, rest: bool) -> tuple[subpr
         if reason:
             raise RuntimeError(reason)
         server = mlserver_env.start(tmp / "mlserver", model, "bench")
+        return server.process, server.grpc_address, f"http://{server.http_address}", server.stop
+    if kind == "triton":
+        reason = triton_env.missing()
+        if reason:
+            raise RuntimeError(reason)
+        server = triton_env.start(tmp / "triton", model, "bench")
         return server.process, server.grpc_address, f"http://{server.http_address}", server.stop
     upstream, address, url = start(["agent", "serve", "--model", str(model), "--model-name", "bench",
                                     "--listen", "127.0.0.1:0", "--workers", "16", "--spool-dir", str(tmp / "up"),
@@ -209,7 +216,8 @@ def run(client_counts: list[int], batches: list[int], seconds: float, rounds: in
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", choices=UPSTREAMS, default="agent",
-                        help="the inference server behind the proxy (mlserver: its venv, see mlserver_env.py)")
+                        help="the inference server behind the proxy (mlserver, triton: their own venvs, see "
+                             "mlserver_env.py, triton_env.py)")
     parser.add_argument("--protocols", default="grpc,rest")
     parser.add_argument("--clients", default="1,16")
     parser.add_argument("--batches", default="1,64")
