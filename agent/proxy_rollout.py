@@ -98,7 +98,10 @@ class _Repository:
             if entries is not None:
                 found = [m for m in entries if m.version == version]
                 if not found:
-                    held = sorted({m.version for m in entries if m.version}) or ["none"]
+                    # a version the upstream cannot serve says so (Triton lists one whose folder is gone);
+                    # MLServer's gRPC says "State.READY"
+                    held = sorted({m.version + ("" if m.state.upper().rsplit(".", 1)[-1] in ("", "READY")
+                                                else f" ({m.state})") for m in entries if m.version}) or ["none"]
                     raise FailedPrecondition(f"upstream {self.address} loaded model '{name}' but lists no version "
                                              f"{version!r} of it (it lists: {', '.join(held)}); add it to the "
                                              "upstream's repository (Triton: and to its version_policy), or map "

@@ -356,7 +356,7 @@ def test_promotion_rollback_and_a_failed_load_through_triton(tmp_path: Path, tri
                 shutil.rmtree(triton.repository / "m" / "3")
                 register(ops, examples.random_forest(n_trees=4))
                 state, error = answered(ops, make_production(ops, 4))
-                assert state == "failed" and "lists no version '4' of it (it lists: 1, 2, 3)" in error, error
+                assert state == "failed" and "lists no version '4' of it (it lists: 1, 2, 3 (UNAVAILABLE))" in error, error
                 assert traffic.send() == {"1"}
             finally:
                 proxy.send_signal(signal.SIGTERM)
