@@ -92,21 +92,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        inputs = tensors.wire_inputs(request.inputs, request.raw_input_contents)
-        served = self.switch.acquire(request.model_name)
+        return self.infer(request)  # the plain call, so that the gRPC layers around it can be one
+
+    def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """ModelInfer without gRPC around it: the reply, or an ``agent.errors`` exception."""
+        inputs, raws = request.inputs, request.raw_input_contents
+        if len(raws) == 1 and len(inputs) == 1:
+            tensor = inputs[0]
+            one = not tensor.HasField("contents")
+        else:
+            one = False
+        # One input sent raw and no typed contents: wire_inputs has nothing to refuse, so it is skipped.
+        # Anything else is checked by it first, as ever (its errors come before the model name's).
+        wire = None if one else tensors.wire_inputs(inputs, raws)
+        name, request_id = request.model_name, request.id
+        switch = self.switch
+        served = switch.acquire(name)
         try:  # the whole call on the version it started on, even if a swap happens meanwhile
-            shadow = self.switch.shadow
-            results = served.plane.infer(request.model_name, request.model_version, inputs,
-                                         [out.name for out in request.outputs], request.id,
-                                         tap=shadow.offer if shadow is not None else None)
+            shadow = switch.shadow
+            tap = shadow.offer if shadow is not None else None
+            asked = request.outputs
+            outputs = [out.name for out in asked] if len(asked) else ()
+            if one:
+                results = served.plane.infer_raw(name, request.model_version, tensor, raws[0], outputs,
+                                                 request_id, tap)
+            else:
+                results = served.plane.infer(name, request.model_version, wire, outputs, request_id, tap=tap)
         finally:
-            self.switch.release(served)
+            switch.release(served)
         reply = pb.ModelInferResponse(model_name=served.plane.model_name, model_version=served.version,
-                                      id=request.id)
-        for name, array in results:
-            datatype, shape, raw = tensors.to_raw(array)
-            reply.outputs.add(name=name, datatype=datatype, shape=shape)
-            reply.raw_output_contents.append(raw)
+                                      id=request_id)
+        add, append = reply.outputs.add, reply.raw_output_contents.append
+        for output, array in results:
+            datatype, raw = tensors.wire_form(array)
+            add(name=output, datatype=datatype, shape=array.shape)
+            append(raw)
         return reply
 
 
