@@ -98,6 +98,10 @@ def model_infer(handler: grpc.RpcMethodHandler, method: str, infer: Callable[[An
             cached = last = (plane, metrics.recorder(plane))  # type: ignore[union-attr]
         return cached[1]
 
+    def failed(started: float, context: grpc.ServicerContext) -> None:
+        if metrics is not None:
+            recorder().record(clock() - started, context.code() or unknown)
+
     def behavior(request: Any, context: grpc.ServicerContext) -> Any:
         started = clock()
         try:
@@ -108,14 +112,16 @@ def model_infer(handler: grpc.RpcMethodHandler, method: str, infer: Callable[[An
             try:
                 grpc_abort(context, exc, where)  # raises: the status is on the context
             finally:
-                if metrics is not None:
-                    recorder().record(clock() - started, context.code() or unknown)
+                failed(started, context)
         except BaseException:  # not answered by us (e.g. KeyboardInterrupt): counted, and on its way
-            if metrics is not None:
-                recorder().record(clock() - started, context.code() or unknown)
+            failed(started, context)
             raise
-        if metrics is not None:
-            recorder().record(clock() - started, None)
+        if metrics is not None:  # recorder() inlined: this runs on every answered call
+            elapsed = clock() - started
+            current = switch.current
+            plane = current.plane if current is not None else None
+            cached = last
+            (cached[1] if cached[0] is plane and cached[1] is not None else recorder()).ok(elapsed)
         return reply
 
     if metrics is not None:

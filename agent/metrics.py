@@ -173,6 +173,11 @@ class Recorder:
         if code is not None and code is not grpc.StatusCode.OK:
             self._metrics.failures.labels(*self._key, code.name).inc()
 
+    def ok(self, seconds: float) -> None:
+        """``record(seconds, None)``: one answered call, the usual one."""
+        self._count()
+        self._time(seconds)
+
 
 # Marks a ModelInfer behavior that records its own calls (agent.handlers): the interceptor leaves it alone.
 RECORDS_ITSELF = "outrider_records_itself"
