@@ -8,8 +8,9 @@ prometheus_client's own counters are); the gRPC interceptor is only there to
 count what an interceptor answers in the handler's place (a refused token).
 Everything else is read when Prometheus scrapes, by a custom collector, from
 whatever session is served *then* (a managed agent swaps its session at run
-time), so nothing is added to the request path for it. Each ``AgentMetrics`` has its own registry: several
-agents in one process (tests) never clash over the global default one.
+time), so nothing is added to the request path for it. Each ``AgentMetrics``
+has its own registry: several agents in one process (tests) never clash over
+the global default one.
 """
 from __future__ import annotations
 
