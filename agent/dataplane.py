@@ -73,6 +73,9 @@ class DataPlane:
         self._input_by_name = {spec.name: spec for spec in self.inputs}
         self._output_names = [spec.name for spec in self.outputs]
         self._feedback = getattr(session, "feedback", None)  # only sessions with it take request ids
+        # A one-input model's shortcut for the usual request (``infer_raw``); None: always the general path.
+        self._decode_one = tensors.raw_decoder(self.inputs[0]) if len(self.inputs) == 1 else None
+        self._one_name = self.inputs[0].name if len(self.inputs) == 1 else ""
 
     @property
     def joins_labels(self) -> bool:
@@ -97,11 +100,32 @@ class DataPlane:
         for ``feedback`` when the session can join labels. ``tap`` (which must
         not raise or block) is given the feed and every output after the call."""
         self._require(name, version)
-        feed = self._feed(inputs)
-        wanted = self._wanted(output_names)
-        # None: every output in the model's order, with no selection to make per call -- what a tap
-        # needs (it compares them all) and what a request that names no outputs (the usual one) gets.
-        ask = None if tap is not None or wanted == self._output_names else wanted
+        return self._run(self._feed(inputs), output_names, request_id, tap)
+
+    def infer_raw(self, name: str, version: str, tensor: Any, raw: bytes,
+                  output_names: Sequence[str] = (), request_id: str = "",
+                  tap: Tap | None = None) -> list[tuple[str, np.ndarray]]:
+        """``infer`` for a request of one input sent raw, what nearly every client sends: ``tensor`` (an
+        ``InferInputTensor``: name, datatype, shape) with ``raw`` its bytes. The same checks, errors and
+        answers as ``infer([WireTensor(...)])``; a one-input model checks the usual case in fewer steps."""
+        self._require(name, version)
+        decode = self._decode_one
+        array = decode(tensor, raw) if decode is not None else None
+        if array is not None:
+            feed = {self._one_name: array}
+        else:  # anything unusual or wrong: the general checks, which say what is wrong
+            feed = self._feed([WireTensor(tensor.name, tensor.datatype, tuple(tensor.shape), raw)])
+        return self._run(feed, output_names, request_id, tap)
+
+    def _run(self, feed: dict[str, np.ndarray], output_names: Sequence[str], request_id: str,
+             tap: Tap | None) -> list[tuple[str, np.ndarray]]:
+        if output_names:
+            wanted = self._wanted(output_names)
+            # None: every output in the model's order, with no selection to make per call -- what a tap
+            # needs (it compares them all) and what a request naming every output in order gets.
+            ask = None if tap is not None or wanted == self._output_names else wanted
+        else:  # the usual request: every output, nothing to select or copy
+            wanted, ask = self._output_names, None
         try:
             if request_id and self._feedback is not None:
                 results = self.session.run(ask, feed, request_id=request_id)  # type: ignore[call-arg]
@@ -114,8 +138,11 @@ class DataPlane:
             raise InvalidArgument(f"model '{self.model_name}' rejected the input: {exc}") from None
         if tap is not None:
             tap(feed, self._output_names, results)
-            by_name = dict(zip(self._output_names, results))
-            results = [by_name[out] for out in wanted]
+            if wanted is not self._output_names:  # the ones asked for, in the order asked
+                by_name = dict(zip(self._output_names, results))
+                results = [by_name[out] for out in wanted]
+        if not self._zipmap:  # no output to convert: each is an array already (asarray: a session-like's list)
+            return [(out, np.asarray(value)) for out, value in zip(wanted, results)]
         return [(out, self._as_tensor(out, value)) for out, value in zip(wanted, results)]
 
     def feedback(self, labels: Sequence[Label]) -> tuple[int, int]:

@@ -152,13 +152,16 @@ def http_error(exc: BaseException) -> tuple[int, bytes, list[tuple[str, str]]]:
     return http_status(exc), body, headers
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception, method: Callable[..., Any]) -> None:
+def grpc_abort(context: grpc.ServicerContext, exc: Exception, where: str) -> None:
+    """Answer ``exc`` on ``context`` (raises, as ``context.abort`` does): an OutriderError with its code,
+    message and trailing metadata; anything else, a bug in ``where`` (a method's qualified name), is
+    logged and answered INTERNAL. The one mapping: ``grpc_errors`` and the agent's ModelInfer use it."""
     if isinstance(exc, OutriderError):
         if exc.trailing_metadata:
             context.set_trailing_metadata(exc.trailing_metadata)
         context.abort(exc.code, clip_details(str(exc)))
     # a bug: keep serving, tell the caller plainly
-    log.error("unhandled error in %s", method.__qualname__, exc_info=exc)
+    log.error("unhandled error in %s", where, exc_info=exc)
     context.abort(grpc.StatusCode.INTERNAL, clip_details(f"internal error: {type(exc).__name__}: {exc}"))
 
 
@@ -170,7 +173,7 @@ def grpc_errors(method: F) -> F:
         try:
             return method(self, request, context)
         except Exception as exc:
-            _abort(context, exc, method)
+            grpc_abort(context, exc, method.__qualname__)
 
     return wrapper  # type: ignore[return-value]
 
@@ -183,6 +186,6 @@ def grpc_stream_errors(method: F) -> F:
         try:
             yield from method(self, request, context)
         except Exception as exc:  # GeneratorExit (the client went away) is not an Exception
-            _abort(context, exc, method)
+            grpc_abort(context, exc, method.__qualname__)
 
     return wrapper  # type: ignore[return-value]

@@ -17,7 +17,9 @@ a 64 MB message of them: RESOURCE_EXHAUSTED, with the limit in the message.
 
 It knows nothing of our services, so the collector's server can put it in its
 interceptors as well (after any that authenticate: a refused caller's body is
-then never parsed).
+then never parsed). A server that registers its own handlers wraps each once
+instead (``wrap``; ``deserializer`` and ``refusal`` for a handler that guards
+itself): no interceptor runs per call (``agent.handlers``).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ class RequestTooLarge(ResourceExhausted):
     """A request body over its method's limit: what a streamed request's iterator raises."""
 
 
-class _Undecodable:
+class Undecodable:
     """What the safe deserializer returns for a body that does not parse (or is too large to)."""
 
     __slots__ = ("reason", "size")
@@ -61,16 +63,16 @@ def _safe(deserializer: Callable[[bytes], Any] | None, limit: int | None) -> Cal
 
     def deserialize(data: bytes) -> Any:
         if limit is not None and len(data) > limit:
-            return _Undecodable("too large", len(data))
+            return Undecodable("too large", len(data))
         try:
             return deserializer(data)
         except Exception as exc:  # DecodeError, or a string field that is not UTF-8 (also DecodeError)
-            return _Undecodable(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            return Undecodable(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
 
     return deserialize
 
 
-def _message_type(deserializer: Callable[[bytes], Any] | None) -> str:
+def message_type(deserializer: Callable[[bytes], Any] | None) -> str:
     """'inference.ModelInferRequest' for ``ModelInferRequest.FromString``; 'request' when unknown."""
     owner = getattr(deserializer, "__self__", None)
     descriptor = getattr(owner, "DESCRIPTOR", None)
@@ -112,11 +114,16 @@ class DecodeGuard(grpc.ServerInterceptor):
         cached = self._guarded.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        guarded = self._guard(method, handler)
+        guarded = self.wrap(method, handler)
         self._guarded[method] = (handler, guarded)  # one assignment: threads see the old pair or the new
         return guarded
 
-    def _refusal(self, method: str, what: str, undecodable: _Undecodable, peer: str) -> OutriderError:
+    def deserializer(self, method: str, handler: Any) -> Callable[[bytes], Any] | None:
+        """``handler``'s request deserializer made safe: a body that does not decode, or is over
+        ``method``'s limit, becomes an ``Undecodable`` (answer it with ``refusal``), never an exception."""
+        return _safe(handler.request_deserializer, self.max_bytes.get(method))
+
+    def refusal(self, method: str, what: str, undecodable: Undecodable, peer: str) -> OutriderError:
         """Count and log one refused body; the error to answer it with."""
         if undecodable.size:
             with self._lock:
@@ -132,10 +139,12 @@ class DecodeGuard(grpc.ServerInterceptor):
         return UndecodableRequest(f"the request body is not a valid {what} message ({undecodable.reason}); "
                                   "check that client and server use the same .proto definitions")
 
-    def _guard(self, method: str, handler: Any) -> Any:
-        what = _message_type(handler.request_deserializer)
-        refusal = self._refusal
-        safe = _safe(handler.request_deserializer, self.max_bytes.get(method))
+    def wrap(self, method: str, handler: Any) -> Any:
+        """``handler`` of ``method`` guarded: what ``intercept_service`` gives gRPC for it. A server that knows
+        its handlers wraps each once at registration and needs no interceptor (``agent.handlers``)."""
+        what = message_type(handler.request_deserializer)
+        refusal = self.refusal
+        safe = self.deserializer(method, handler)
 
         def abort(context: grpc.ServicerContext, error: OutriderError) -> None:
             context.abort(error.code, clip_details(str(error)))
@@ -147,7 +156,7 @@ class DecodeGuard(grpc.ServerInterceptor):
             # which our servicers' one mapping answers; a handler that lets it escape is answered here.
             def checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
                 for request in requests:
-                    if isinstance(request, _Undecodable):
+                    if isinstance(request, Undecodable):
                         raise refusal(method, what, request, context.peer())
                     yield request
 
@@ -171,7 +180,7 @@ class DecodeGuard(grpc.ServerInterceptor):
             behavior = handler.unary_unary or handler.unary_stream
 
             def guarded(request: Any, context: grpc.ServicerContext, *args: Any, **kwargs: Any) -> Any:
-                if isinstance(request, _Undecodable):
+                if isinstance(request, Undecodable):
                     abort(context, refusal(method, what, request, context.peer()))
                 return behavior(request, context, *args, **kwargs)
 

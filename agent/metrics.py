@@ -1,12 +1,16 @@
 """Prometheus ``/metrics`` of the agent: requests, failures and latency of inference, and
 the monitoring counters the session and its exporter already keep.
 
-Request counting is a gRPC server interceptor (a lock and an add per call, as
-prometheus_client's own counters are); everything else is read when Prometheus
-scrapes, by a custom collector, from whatever session is served *then* (a
-managed agent swaps its session at run time), so nothing is added to the
-request path for it. Each ``AgentMetrics`` has its own registry: several
-agents in one process (tests) never clash over the global default one.
+Requests are counted and timed by the agent's ModelInfer handler itself
+(``agent.handlers``), through a ``Recorder`` whose prometheus_client children
+are bound once per model version (a lock and an add per update, as
+prometheus_client's own counters are); the gRPC interceptor is only there to
+count what an interceptor answers in the handler's place (a refused token).
+Everything else is read when Prometheus scrapes, by a custom collector, from
+whatever session is served *then* (a managed agent swaps its session at run
+time), so nothing is added to the request path for it. Each ``AgentMetrics``
+has its own registry: several agents in one process (tests) never clash over
+the global default one.
 """
 from __future__ import annotations
 
@@ -92,7 +96,7 @@ class Endpoints:
 
 class AgentMetrics(Endpoints):
     """The agent's metrics. ``serve(..., metrics=AgentMetrics())`` binds it to what the
-    server serves and installs ``interceptor``; ``start_http(listen)`` serves /metrics."""
+    server serves and records its ModelInfer calls; ``start_http(listen)`` serves /metrics."""
 
     def __init__(self, served: Served | None = None, *, registry: CollectorRegistry | None = None) -> None:
         super().__init__(registry if registry is not None else CollectorRegistry(), "agent")
@@ -104,7 +108,7 @@ class AgentMetrics(Endpoints):
         self.latency = Histogram("outrider_agent_inference_latency_seconds", "time to answer a ModelInfer "
                                  "request, failures included", ["model", "version"], buckets=LATENCY_BUCKETS,
                                  registry=self.registry)
-        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}  # labels() once per version, not per call
+        self._recorders: dict[tuple[str, str], Recorder] = {}  # labels() once per version, not per call
         self._refusals: Callable[[], dict[str, int]] = dict
         self.interceptor = _RequestInterceptor(self)
         self.registry.register(_MonitoringCollector(self))
@@ -137,27 +141,55 @@ class AgentMetrics(Endpoints):
 
 
     # --- the request path ---------------------------------------------------------------
-    def _labelled(self) -> tuple[tuple[str, str], Any, Any]:
-        served = self._served()
+    def recorder(self, served: Any) -> Recorder:
+        """What records the ModelInfer calls of ``served`` (what ``bind``'s ``served`` returns: labels from
+        its ``model_name`` and ``model_version``), its label children bound once. Keep it while ``served``
+        is served: a call then costs two prometheus_client updates and no label lookup."""
         key = (getattr(served, "model_name", ""), getattr(served, "model_version", ""))
-        children = self._children.get(key)
-        if children is None:  # a new version (startup, rollout): rare, so the dict stays small
-            children = self._children[key] = (self.requests.labels(*key), self.latency.labels(*key))
-        return key, children[0], children[1]
+        recorder = self._recorders.get(key)
+        if recorder is None:  # a new version (startup, rollout): rare, so the dict stays small
+            recorder = self._recorders[key] = Recorder(self, key)
+        return recorder
 
     def observe(self, seconds: float, code: grpc.StatusCode | None) -> None:
-        """One ModelInfer call that took ``seconds`` and ended with ``code`` (None: OK)."""
-        key, requests, latency = self._labelled()
-        requests.inc()
-        latency.observe(seconds)
+        """One ModelInfer call that took ``seconds`` and ended with ``code`` (None: OK), counted under what
+        is served now."""
+        self.recorder(self._served()).record(seconds, code)
+
+
+class Recorder:
+    """Counts and times the ModelInfer calls of one model version (``AgentMetrics.recorder``)."""
+
+    __slots__ = ("_metrics", "_key", "_count", "_time")
+
+    def __init__(self, metrics: AgentMetrics, key: tuple[str, str]) -> None:
+        self._metrics, self._key = metrics, key
+        self._count = metrics.requests.labels(*key).inc  # bound once: each is a lock and an add per call
+        self._time = metrics.latency.labels(*key).observe
+
+    def record(self, seconds: float, code: grpc.StatusCode | None) -> None:
+        """One call that took ``seconds`` and ended with ``code`` (None or OK: answered)."""
+        self._count()
+        self._time(seconds)
         if code is not None and code is not grpc.StatusCode.OK:
-            self.failures.labels(*key, code.name).inc()
+            self._metrics.failures.labels(*self._key, code.name).inc()
+
+    def ok(self, seconds: float) -> None:
+        """``record(seconds, None)``: one answered call, the usual one."""
+        self._count()
+        self._time(seconds)
+
+
+# Marks a ModelInfer behavior that records its own calls (agent.handlers): the interceptor leaves it alone.
+RECORDS_ITSELF = "outrider_records_itself"
 
 
 class _RequestInterceptor(grpc.ServerInterceptor):
     """Counts and times ModelInfer calls; other methods pass through untouched.
 
-    Requests that gRPC refuses before any handler runs (e.g. over the message
+    The agent's own ModelInfer handler records its calls itself (``agent.handlers``: no interceptor on a
+    port without tokens), so this times only what an interceptor after it answers in its place: calls
+    the access check refuses. Requests that gRPC refuses before any handler runs (e.g. over the message
     size limit: RESOURCE_EXHAUSTED) are not seen here."""
 
     def __init__(self, metrics: AgentMetrics) -> None:
@@ -170,6 +202,8 @@ class _RequestInterceptor(grpc.ServerInterceptor):
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method != INFER_METHOD or handler.unary_unary is None:
+            return handler
+        if getattr(handler.unary_unary, RECORDS_ITSELF, None) is self.metrics:
             return handler
         inner, wrapped = self._wrapped
         if inner is handler:

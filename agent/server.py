@@ -7,7 +7,9 @@ The servicer is thin: it converts messages with ``agent.tensors`` and calls
 tokens (``auth``: an ``agent.tokens.ClientAuth``) and TLS (``tls``: an
 ``agent.tokens.TLSFiles``, mutual with a client CA) guard both; the health
 service stays open. Bodies that cannot be decoded are refused by
-``agent.guard.DecodeGuard`` before any servicer runs.
+``agent.guard.DecodeGuard`` before any servicer runs. Every handler is wrapped
+once when it is registered (``agent.handlers``), ModelInfer's in a single
+layer with its metrics: the hot path runs no interceptor unless tokens are checked.
 
 Each request takes the model version it runs on from a ``ModelSwitch``
 (``agent.rollout``) and keeps it to the end, so a managed agent can swap
@@ -20,16 +22,18 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent import futures
+from functools import partial
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent import tensors
+from agent import handlers, tensors
 from agent.dataplane import DataPlane, InferenceSessionLike
 from agent.errors import InvalidArgument, NotFound, Unavailable, Unimplemented, grpc_errors
 from agent.guard import DecodeGuard
 from agent.hello import package_version
+from agent.metrics import INFER_METHOD
 from agent.switch import LoadedVersion, ModelSwitch
 from agent.tokens import AccessInterceptor, ClientAuth, TLSFiles
 from protos import agent_pb2, agent_pb2_grpc
@@ -93,21 +97,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        inputs = tensors.wire_inputs(request.inputs, request.raw_input_contents)
-        served = self.switch.acquire(request.model_name)
+        return self.infer(request)  # served by agent.handlers.model_infer, in one layer; this for direct calls
+
+    def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """ModelInfer without gRPC around it: the reply, or an ``agent.errors`` exception."""
+        inputs, raws = request.inputs, request.raw_input_contents
+        if len(raws) == 1 and len(inputs) == 1:
+            tensor = inputs[0]
+            one = not tensor.HasField("contents")
+        else:
+            one = False
+        # One input sent raw and no typed contents: wire_inputs has nothing to refuse, so it is skipped.
+        # Anything else is checked by it first, as ever (its errors come before the model name's).
+        wire = None if one else tensors.wire_inputs(inputs, raws)
+        name, request_id = request.model_name, request.id
+        switch = self.switch
+        served = switch.acquire(name)
         try:  # the whole call on the version it started on, even if a swap happens meanwhile
-            shadow = self.switch.shadow
-            results = served.plane.infer(request.model_name, request.model_version, inputs,
-                                         [out.name for out in request.outputs], request.id,
-                                         tap=shadow.offer if shadow is not None else None)
+            shadow = switch.shadow
+            tap = shadow.offer if shadow is not None else None
+            asked = request.outputs
+            outputs = [out.name for out in asked] if len(asked) else ()
+            if one:
+                results = served.plane.infer_raw(name, request.model_version, tensor, raws[0], outputs,
+                                                 request_id, tap)
+            else:
+                results = served.plane.infer(name, request.model_version, wire, outputs, request_id, tap=tap)
         finally:
-            self.switch.release(served)
+            switch.release(served)
         reply = pb.ModelInferResponse(model_name=served.plane.model_name, model_version=served.version,
-                                      id=request.id)
-        for name, array in results:
-            datatype, shape, raw = tensors.to_raw(array)
-            reply.outputs.add(name=name, datatype=datatype, shape=shape)
-            reply.raw_output_contents.append(raw)
+                                      id=request_id)
+        add, append = reply.outputs.add, reply.raw_output_contents.append
+        for output, array in results:
+            datatype, raw = tensors.wire_form(array)
+            add(name=output, datatype=datatype, shape=array.shape)
+            append(raw)
         return reply
 
 
@@ -234,13 +258,12 @@ def serve_switch(switch: ModelSwitch, listen: str = "127.0.0.1:8001", *, owner: 
     health_servicer = health.HealthServicer()
     guard = DecodeGuard({FEEDBACK_METHOD: MAX_FEEDBACK_BYTES})
     access = AccessInterceptor(auth) if auth is not None else None
-    # Outermost first: metrics see every ModelInfer answer, refusals included; a caller the
-    # access check refuses never has its body decoded.
-    interceptors = [i for i in (metrics.interceptor if metrics is not None else None, access, guard) if i is not None]
     credentials = _credentials(tls) if tls is not None else None
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="outrider-infer"),
-        interceptors=interceptors,
+        # None without tokens: every handler is wrapped once below instead (agent.handlers); with them,
+        # a caller the access check refuses never has its body decoded, and the metrics count it.
+        interceptors=handlers.interceptors(access, metrics) or None,
         options=[
             # Oversized messages are refused by gRPC itself with RESOURCE_EXHAUSTED.
             ("grpc.max_receive_message_length", max_receive_bytes),
@@ -249,9 +272,12 @@ def serve_switch(switch: ModelSwitch, listen: str = "127.0.0.1:8001", *, owner: 
             ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    agent_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(switch), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    model_infer = partial(handlers.model_infer, method=INFER_METHOD, infer=servicer.infer, switch=switch,
+                          guard=guard, metrics=metrics, where="InferenceServicer.ModelInfer")
+    handlers.register(server, [(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer),
+                               (agent_pb2_grpc.add_FeedbackServiceServicer_to_server, FeedbackServicer(switch)),
+                               (health_pb2_grpc.add_HealthServicer_to_server, health_servicer)],
+                      guard, own={INFER_METHOD: model_infer})
     try:
         port = (server.add_secure_port(listen, credentials) if credentials is not None
                 else server.add_insecure_port(listen))

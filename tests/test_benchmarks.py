@@ -39,7 +39,7 @@ def test_shadow_benchmark_measures_each_configuration(model, mode):
 
 def test_metrics_benchmark_counts_every_measured_call(model):
     result = metrics_overhead.end_to_end(model, calls=40, warmup=10)
-    assert result["counted_by_metrics"] == 100  # only the two servers with the interceptor count
+    assert result["counted_by_metrics"] == 100  # only the two servers with metrics count
     assert result["without_p50_us"] > 0 and result["with_p50_us"] > 0
     assert metrics_overhead.in_process(calls=200)["calls"] == 200
 

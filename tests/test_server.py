@@ -383,6 +383,40 @@ def test_session_is_asked_for_a_selection_only_when_the_request_makes_one(lr_mod
     assert session.asked == [None, None, names[::-1], names[1:]]
 
 
+def outcome(call) -> tuple:
+    try:
+        return ("answer", [(name, value.dtype, value.shape, value.tobytes()) for name, value in call()])
+    except InvalidArgument as exc:
+        return (type(exc).__name__, str(exc))
+    except Exception as exc:  # NotFound and the rest: the class and message are what the caller sees
+        return (type(exc).__name__, str(exc))
+
+
+ONE_RAW_INPUT = {
+    **{case: build for case, (build, _, _) in BAD.items() if case in (
+        "unknown version", "wrong input name", "wrong dtype", "unknown dtype", "wrong rank", "wrong shape",
+        "raw length", "unknown output")},
+    "good": lambda: raw_request("lr", {"X": x_rows(3)}),
+    "no rows": lambda: raw_request("lr", {"X": x_rows(0)}),
+    "one output": lambda: with_output(raw_request("lr", {"X": x_rows(2)}), "probabilities"),
+    "negative rows": lambda: lr_bad(shape=[-2, 20]),
+    "first dimension fixed wrong": lambda: lr_bad(shape=[3, 20]),
+}
+
+
+@pytest.mark.parametrize("case", ONE_RAW_INPUT)
+def test_one_raw_input_answers_as_the_general_path(lr_model, case):
+    plane = DataPlane(ort.InferenceSession(str(lr_model)), "lr", "1")
+    request = ONE_RAW_INPUT[case]()
+    assert len(request.inputs) == 1 and len(request.raw_input_contents) == 1
+    outputs = [out.name for out in request.outputs]
+    tensor, raw = request.inputs[0], request.raw_input_contents[0]
+    general = outcome(lambda: plane.infer("lr", request.model_version,
+                                          wire_inputs(request.inputs, request.raw_input_contents), outputs))
+    assert outcome(lambda: plane.infer_raw("lr", request.model_version, tensor, raw, outputs)) == general
+    assert (general[0] == "answer") == (case in ("good", "no rows", "one output"))
+
+
 def test_graceful_stop_goes_not_serving_then_closes_the_session(lr_model):
     class Closing:
         closed = False

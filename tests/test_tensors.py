@@ -190,3 +190,60 @@ def test_onnx_types_and_shapes():
     with pytest.raises(InvalidArgument, match="tensor\\(bfloat16\\)"):
         tensors.oip_datatype("tensor(bfloat16)")
     assert tensors.spec_shape([None, "batch", 3, 0]) == (-1, -1, 3, 0)
+
+
+# ------------------------------------------------------------------ the common case's shortcut
+
+def infer_input(name, datatype, shape) -> pb.ModelInferRequest.InferInputTensor:
+    return pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=list(shape))
+
+
+SHORTCUT_SPECS = [TensorSpec("x", "FP32", (-1, 4)), TensorSpec("x", "INT64", (2, -1, 3)), TensorSpec("x", "INT32", (-1, -1)),
+                  TensorSpec("x", "FP16", (-1,)), TensorSpec("x", "UINT8", (2, 3)), TensorSpec("x", "FP64", ())]
+
+
+def shortcut_cases(spec: TensorSpec) -> list[tuple[str, str, list[int], bytes]]:
+    """(name, datatype, shape, raw): a request that fits ``spec``, and one per way of not fitting it."""
+    shape = [2 if d < 0 else d for d in spec.shape]
+    itemsize = tensors.DATATYPES[spec.datatype].itemsize
+    raw = bytes(range(256)) * 4
+    good = raw[:int(np.prod(shape)) * itemsize]
+    empty = [0 if d < 0 else d for d in spec.shape]
+    cases = [("x", spec.datatype, shape, good), ("x", spec.datatype, empty, b""),
+             ("y", spec.datatype, shape, good), ("x", "FP32" if spec.datatype != "FP32" else "FP64", shape, good),
+             ("x", "NOPE", shape, good), ("x", spec.datatype, shape, good[:-1]), ("x", spec.datatype, shape, good + b"\0"),
+             ("x", spec.datatype, [*shape, 1], good), ("x", spec.datatype, shape[:-1], good)]
+    if shape:
+        cases.append(("x", spec.datatype, [-shape[0], *shape[1:]], good))
+        cases.append(("x", spec.datatype, [-n if d < 0 else n for n, d in zip(shape, spec.shape)], good))
+        cases.append(("x", spec.datatype, [shape[0] + 1, *shape[1:]], good))
+        cases.append(("x", spec.datatype, [*shape[:-1], shape[-1] + 1], good))
+    return cases
+
+
+@pytest.mark.parametrize("spec", SHORTCUT_SPECS, ids=lambda s: f"{s.datatype}{list(s.shape)}")
+def test_the_shortcut_decodes_what_to_array_does_or_declines(spec):
+    decode = tensors.raw_decoder(spec)
+    assert decode is not None
+    for name, datatype, shape, raw in shortcut_cases(spec):
+        got = decode(infer_input(name, datatype, shape), raw)
+        try:
+            want = tensors.to_array(raw_tensor(name, datatype, shape, raw), spec)
+        except InvalidArgument:
+            assert got is None, (name, datatype, shape, len(raw))  # refused: the general path says why
+            continue
+        if name == "x" and datatype == spec.datatype:  # what the shortcut is for: it takes it
+            assert got is not None, (shape, len(raw))
+        if got is not None:
+            assert got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("datatype", ["BOOL", "BYTES"])
+def test_datatypes_whose_elements_need_a_check_never_take_the_shortcut(datatype):
+    assert tensors.raw_decoder(TensorSpec("x", datatype, (-1, 2))) is None
+
+
+def test_wire_form_is_to_raw_without_the_shape():
+    for array in (sample("FP32"), sample("INT64").astype(">i8"), np.array([["a", "bc"]], dtype=object)):
+        datatype, shape, raw = tensors.to_raw(array)
+        assert tensors.wire_form(array) == (datatype, raw) and shape == list(array.shape)

@@ -1,0 +1,120 @@
+"""The agent port's handlers, wrapped once at registration (agent.handlers): every method still guarded,
+ModelInfer's one layer answering and counting every outcome as the interceptors did, each call counted once."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agent import tensors
+from agent.metrics import AgentMetrics
+from agent.server import serve
+from agent.tokens import ClientAuth
+from protos import open_inference_pb2 as pb
+from test_agent_auth import AUTH_TOML, LABELER, WEB, bearer
+from test_server import raw_request, x_rows
+
+HANG_GUARD = 60
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@contextmanager
+def agent(lr_model, **kw) -> Iterator[tuple]:
+    metrics = AgentMetrics()
+    server = serve(ort.InferenceSession(str(lr_model)), "lr", "1", "127.0.0.1:0", metrics=metrics, **kw)
+    channel = grpc.insecure_channel(server.address)
+    try:
+        yield server, metrics, channel
+    finally:
+        channel.close()
+        server.stop(grace=0)
+
+
+def counts(metrics: AgentMetrics) -> tuple[float, float, dict[str, float]]:
+    """(requests, latency observations, failures by reason) of model lr version 1."""
+    get = metrics.registry.get_sample_value
+    labels = {"model": "lr", "version": "1"}
+    failures = {}
+    for reason in ("INVALID_ARGUMENT", "NOT_FOUND", "INTERNAL", "UNAUTHENTICATED", "PERMISSION_DENIED"):
+        value = get("outrider_agent_request_failures_total", {**labels, "reason": reason})
+        if value:
+            failures[reason] = value
+    return (get("outrider_agent_requests_total", labels) or 0,
+            get("outrider_agent_inference_latency_seconds_count", labels) or 0, failures)
+
+
+def raw_call(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable:
+    return channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+
+
+def test_without_tokens_the_port_runs_no_interceptor_and_every_method_is_still_guarded(lr_model):
+    with agent(lr_model) as (server, _, channel):
+        assert server.server._state.interceptor_pipeline is None  # grpcio's: nothing runs per call before us
+        for method, message in (("/inference.GRPCInferenceService/ModelMetadata", "inference.ModelMetadataRequest"),
+                                ("/outrider.v1.FeedbackService/Feedback", "outrider.v1.FeedbackRequest"),
+                                ("/grpc.health.v1.Health/Check", "grpc.health.v1.HealthCheckRequest"),
+                                (INFER, "inference.ModelInferRequest")):
+            with pytest.raises(grpc.RpcError) as info:
+                raw_call(channel, method)(b"\xff\xff\xff", timeout=HANG_GUARD)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert f"not a valid {message}" in info.value.details()
+        assert server.refusals()["undecodable"] == 4
+        with pytest.raises(grpc.RpcError) as info:  # the Feedback method's own limit, before any decoding
+            raw_call(channel, "/outrider.v1.FeedbackService/Feedback")(b"\0" * (9 * 1024 * 1024), timeout=HANG_GUARD)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and server.refusals()["too_large"] == 1
+        health = health_pb2_grpc.HealthStub(channel)  # and a body that decodes is served
+        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=HANG_GUARD).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_model_infer_counts_every_outcome_once_with_its_code(lr_model, monkeypatch, caplog):
+    with agent(lr_model) as (server, metrics, channel):
+        infer = raw_call(channel, INFER)
+        good = raw_request("lr", {"X": x_rows(2)}).SerializeToString()
+        for _ in range(3):
+            infer(good, timeout=HANG_GUARD)
+        with pytest.raises(grpc.RpcError):
+            infer(b"\xff\xff\xff", timeout=HANG_GUARD)  # refused by the guard: INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError):
+            infer(raw_request("nope", {"X": x_rows(2)}).SerializeToString(), timeout=HANG_GUARD)
+        assert counts(metrics) == (5, 5, {"INVALID_ARGUMENT": 1, "NOT_FOUND": 1})
+
+        def broken(array):
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(tensors, "wire_form", broken)  # a bug in the servicer: INTERNAL, logged as one
+        caplog.clear()
+        with caplog.at_level("ERROR"), pytest.raises(grpc.RpcError) as info:
+            infer(good, timeout=HANG_GUARD)
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert info.value.details() == "internal error: RuntimeError: a bug"
+        assert [r.getMessage() for r in caplog.records] == ["unhandled error in InferenceServicer.ModelInfer"]
+        assert counts(metrics) == (6, 6, {"INVALID_ARGUMENT": 1, "NOT_FOUND": 1, "INTERNAL": 1})
+
+
+def test_with_tokens_refused_and_answered_calls_are_each_counted_once(lr_model):
+    with agent(lr_model, auth=ClientAuth.from_toml(AUTH_TOML)) as (server, metrics, channel):
+        infer = raw_call(channel, INFER)
+        good = raw_request("lr", {"X": x_rows(2)}).SerializeToString()
+        for _ in range(4):
+            infer(good, metadata=bearer(WEB), timeout=HANG_GUARD)
+        with pytest.raises(grpc.RpcError):
+            infer(good, timeout=HANG_GUARD)  # no token
+        with pytest.raises(grpc.RpcError):
+            infer(good, metadata=bearer(LABELER), timeout=HANG_GUARD)  # a token that may not infer
+        with pytest.raises(grpc.RpcError):
+            infer(b"\xff\xff\xff", metadata=bearer(WEB), timeout=HANG_GUARD)
+        assert counts(metrics) == (7, 7, {"UNAUTHENTICATED": 1, "PERMISSION_DENIED": 1, "INVALID_ARGUMENT": 1})
+        assert server.refusals() == {"undecodable": 1, "too_large": 0, "unauthenticated": 1, "permission_denied": 1}
+
+
+def test_a_reply_is_the_same_through_the_servicer_called_directly(lr_model):
+    with agent(lr_model) as (server, _, channel):
+        request = raw_request("lr", {"X": x_rows(3)}, id="r-1")
+        over_grpc = pb.ModelInferResponse.FromString(raw_call(channel, INFER)(request.SerializeToString(),
+                                                                              timeout=HANG_GUARD))
+        assert server.servicer.ModelInfer(request, None) == over_grpc == server.servicer.infer(request)
