@@ -128,8 +128,9 @@ def _write_settings(folder: Path, model: bytes | Path, name: str, parameters: di
 
 
 @dataclass
-class MLServer:
-    """A running ``mlserver start``: its process (a process group of its own), gRPC address and log."""
+class PeerServer:
+    """A peer inference server started in a process group of its own: the process, its gRPC and HTTP
+    addresses and its log (MLServer here; Triton in ``triton_env``)."""
 
     process: subprocess.Popen
     grpc_address: str
@@ -137,7 +138,8 @@ class MLServer:
     log: Path
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM to its whole group (the inference-pool workers too), SIGKILL after ``timeout``."""
+        """SIGTERM to its whole group (MLServer's inference-pool workers, Triton's backend stubs),
+        SIGKILL after ``timeout``."""
         if self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)
@@ -146,6 +148,10 @@ class MLServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
+
+
+class MLServer(PeerServer):
+    """A running ``mlserver start``."""
 
 
 def start(folder: Path, model: bytes | Path | None, name: str, *, venv: Path | None = None,

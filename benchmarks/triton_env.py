@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python benchmarks/triton_env.py --setup
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.mlserver_env import free_port  # noqa: E402
+from benchmarks.mlserver_env import PeerServer, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_PY = Path(__file__).resolve().with_name("_triton_model.py")
@@ -225,26 +224,10 @@ def backend_directory(folder: Path, found: Layout) -> Path:
 
 
 @dataclass
-class Triton:
-    """A running ``tritonserver``: its process (a process group of its own, with the backend's stubs),
-    gRPC and HTTP addresses, log and model repository."""
+class Triton(PeerServer):
+    """A running ``tritonserver`` (its group holds the Python-backend stubs too) and its model repository."""
 
-    process: subprocess.Popen
-    grpc_address: str
-    http_address: str
-    log: Path
     repository: Path
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM to its whole group (the Python-backend stubs too), SIGKILL after ``timeout``."""
-        if self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
 
 
 def start(folder: Path, model: bytes | Path | None, name: str, *, venv: Path | None = None,
