@@ -10,18 +10,25 @@ SIGINT and SIGTERM are ignored (SIGKILL is not).
 """
 from __future__ import annotations
 
-import logging
-import os
-import pickle
 import signal
-import sys
-import threading
 
-from agent.ring import Ring
-from agent.sketches import joint
-from agent.summarizer import FRAME_HEADER
-from agent.worker import Drainer, WindowBuilder
-from protos import summary_pb2
+if __name__ == "__main__":
+    # The helper itself: ignore them (why: main) before the imports below, which take a second or more on a
+    # loaded machine; a SIGTERM to the process group in that time would end the helper.
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, signal.SIG_IGN)
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+
+from agent.ring import Ring  # noqa: E402
+from agent.sketches import joint  # noqa: E402
+from agent.summarizer import FRAME_HEADER  # noqa: E402
+from agent.worker import Drainer, WindowBuilder  # noqa: E402
+from protos import summary_pb2  # noqa: E402
 
 log = logging.getLogger("agent.summary_process")
 
@@ -53,9 +60,8 @@ def projection_from(body: bytes) -> joint.Projection | None:
 def main() -> int:
     # The serving process decides when this helper ends (it closes our stdin, or dies). A Ctrl-C
     # or a SIGTERM sent to the whole process group (a terminal; systemd stopping a unit) must not
-    # end it first: its open window would be lost and the agent would fall back to a thread.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    # end it first: its open window would be lost and the agent would fall back to a thread. Both
+    # are ignored at the top of this module, before its imports.
     logging.basicConfig(level=logging.WARNING, format="outrider-summary: %(levelname)s %(message)s")
     stdin_fd = sys.stdin.fileno()
     config, first = read_frame(stdin_fd), read_frame(stdin_fd)
