@@ -37,12 +37,16 @@ def venv_python(venv: Path | None = None) -> Path:
     return (venv or venv_path()) / "bin" / "python"
 
 
-def pins() -> tuple[str, ...]:
+def onnxruntime_pin() -> str:
+    """onnxruntime as in the project's venv, so a peer server runs the same kernels."""
     try:
-        ort = f"onnxruntime=={metadata.version('onnxruntime')}"
+        return f"onnxruntime=={metadata.version('onnxruntime')}"
     except metadata.PackageNotFoundError:
-        ort = "onnxruntime"
-    return (*PINS, ort)
+        return "onnxruntime"
+
+
+def pins() -> tuple[str, ...]:
+    return (*PINS, onnxruntime_pin())
 
 
 def missing(venv: Path | None = None) -> str | None:

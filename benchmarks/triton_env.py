@@ -33,13 +33,12 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: python benchmarks/triton_env.py --setup
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.mlserver_env import PeerServer, free_port  # noqa: E402
+from benchmarks.mlserver_env import PeerServer, free_port, onnxruntime_pin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_PY = Path(__file__).resolve().with_name("_triton_model.py")
@@ -68,11 +67,7 @@ def venv_python(venv: Path | None = None) -> Path:
 
 
 def pins() -> tuple[str, ...]:
-    try:
-        ort = f"onnxruntime=={metadata.version('onnxruntime')}"
-    except metadata.PackageNotFoundError:
-        ort = "onnxruntime"
-    return (*PINS, ort)
+    return (*PINS, onnxruntime_pin())
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,14 @@ tests/test_proxy.py's collector test, through both ports.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import signal
 import socket
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -310,88 +311,82 @@ def test_an_unreachable_upstream_is_unavailable_naming_it_and_served_again_when_
             back.stop(grace=0)
 
 
-def test_an_upstream_that_does_not_answer_is_unavailable_after_the_bound():
-    """A server that takes the connection and never says a word: the call fails, it does not hang. A gRPC client
-    waits for the server's SETTINGS before it sends a call; the relay closes the connection after the bound."""
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
-    held: list[socket.socket] = []
+@contextlib.contextmanager
+def upstream_taking(handle: Callable[[socket.socket], None]) -> Iterator[str]:
+    """An upstream that accepts connections and gives each to ``handle`` (on the accepting thread); its address."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
     stop = threading.Event()
 
     def take() -> None:
-        silent.settimeout(0.2)
+        listener.settimeout(0.2)
         while not stop.is_set():
             try:
-                held.append(silent.accept()[0])
+                handle(listener.accept()[0])
             except OSError:
                 continue
 
     taker = threading.Thread(target=take, daemon=True)
     taker.start()
-    from prometheus_client import CollectorRegistry
-
-    monitor = ProxyMonitor("m", in_memory)
-    relay = RelayServer("127.0.0.1:0", f"127.0.0.1:{silent.getsockname()[1]}", monitor,
-                        proxy_calls_counter(CollectorRegistry()), upstream_timeout=1.0)
     try:
-        code, details, _, _ = Raw(relay.address).call("ServerLive", pb.ServerLiveRequest())  # hang guard: HANG_GUARD
-        assert code == "UNAVAILABLE" and "before receiving SETTINGS" not in details  # not the client's own timeout
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
     finally:
-        relay.stop(0)
-        monitor.close(0)
         stop.set()
         taker.join(5)
+        listener.close()
+
+
+def test_an_upstream_that_does_not_answer_is_unavailable_after_the_bound():
+    """A server that takes the connection and never says a word: the call fails, it does not hang. A gRPC client
+    waits for the server's SETTINGS before it sends a call; the relay closes the connection after the bound."""
+    from prometheus_client import CollectorRegistry
+
+    held: list[socket.socket] = []
+    with upstream_taking(held.append) as address:
+        monitor = ProxyMonitor("m", in_memory)
+        relay = RelayServer("127.0.0.1:0", address, monitor, proxy_calls_counter(CollectorRegistry()),
+                            upstream_timeout=1.0)
+        try:
+            code, details, _, _ = Raw(relay.address).call("ServerLive", pb.ServerLiveRequest())  # hang guard
+            assert code == "UNAVAILABLE" and "before receiving SETTINGS" not in details  # not the client's timeout
+        finally:
+            relay.stop(0)
+            monitor.close(0)
 
 
 def test_a_call_an_upstream_leaves_unanswered_is_unavailable_after_the_bound_and_an_error_of_the_model(
         lr_model: Path):
     """An upstream whose HTTP/2 answers (SETTINGS, PING) but whose calls never come back, as a server whose model
     hangs: the call fails after the bound, and it is one of the model's errors, as the full port counts it."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    stop = threading.Event()
+    from prometheus_client import CollectorRegistry
 
     def hung(sock: socket.socket) -> None:
         connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         connection.initiate_connection()
         try:
             sock.sendall(connection.data_to_send())
-            while not stop.is_set() and (data := sock.recv(65536)):
+            while data := sock.recv(65536):
                 connection.receive_data(data)  # settings acked, requests read and never answered
                 sock.sendall(connection.data_to_send())
         except OSError:
             pass
 
-    def take() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                threading.Thread(target=hung, args=(listener.accept()[0],), daemon=True).start()
-            except OSError:
-                continue
-
-    taker = threading.Thread(target=take, daemon=True)
-    taker.start()
-    from prometheus_client import CollectorRegistry
-
-    monitor = ProxyMonitor("m", in_memory)
-    relay = RelayServer("127.0.0.1:0", f"127.0.0.1:{listener.getsockname()[1]}", monitor,
-                        proxy_calls_counter(CollectorRegistry()), upstream_timeout=1.0)
-    try:
-        monitor.monitor(schema(lr_model))
-        x = examples.tabular_data(2, seed=9)[0]
-        assert Raw(relay.address).call("ModelInfer", infer_request(x, "unanswered"))[0] == "UNAVAILABLE"
-        # the client hears of the closed connection before its end reaches the monitor's queue
-        wait_until(lambda: relay.connections() == 0 and monitor.idle(), timeout=HANG_GUARD,
-                   what="the monitor to take the closed connection")
-        assert monitor.stats()["upstream_errors"] == 1 and monitor.session.stats()["errors"] == 1
-    finally:
-        relay.stop(0)
-        monitor.close(0)
-        stop.set()
-        taker.join(5)
+    with upstream_taking(lambda sock: threading.Thread(target=hung, args=(sock,), daemon=True).start()) as address:
+        monitor = ProxyMonitor("m", in_memory)
+        relay = RelayServer("127.0.0.1:0", address, monitor, proxy_calls_counter(CollectorRegistry()),
+                            upstream_timeout=1.0)
+        try:
+            monitor.monitor(schema(lr_model))
+            x = examples.tabular_data(2, seed=9)[0]
+            assert Raw(relay.address).call("ModelInfer", infer_request(x, "unanswered"))[0] == "UNAVAILABLE"
+            # the client hears of the closed connection before its end reaches the monitor's queue
+            wait_until(lambda: relay.connections() == 0 and monitor.idle(), timeout=HANG_GUARD,
+                       what="the monitor to take the closed connection")
+            assert monitor.stats()["upstream_errors"] == 1 and monitor.session.stats()["errors"] == 1
+        finally:
+            relay.stop(0)
+            monitor.close(0)
 
 
 # ------------------------------------------------------------------ the CLI, as a real process
