@@ -43,7 +43,9 @@ OIP_TO_ONNX = {oip: onnx for onnx, oip in tensors.ONNX_TO_OIP.items()}
 # Why a call passed through without being summarised (the label of outrider_proxy_unmonitored_calls).
 UNMONITORED = ("other_model", "other_version", "no_schema", "partial_outputs", "undecodable", "queue_full")
 DEFAULT_QUEUE_CALLS = 4096
-DRAIN_SECONDS = 0.05  # how long a call may wait to be summarised: each pass pays a wake-up and cold caches (~0.1 ms), so a pass should find many calls
+# How long a call may wait to be summarised: each pass pays a wake-up and cold caches (~0.1 ms), so a pass
+# should find many calls.
+DRAIN_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -225,11 +227,15 @@ class ProxyMonitor:
     def _retire(self, session: Any, timeout: float = 10.0) -> None:
         """Close a swapped-out session once the monitor's thread can no longer be observing into it: a
         pass that started before the swap may still hold it, the one after cannot."""
-        passes = self._passes
-        deadline = time.monotonic() + timeout
-        while self._passes < passes + 2 and self._thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(DRAIN_SECONDS)
+        self._await_passes(2, timeout)
         session.close()
+
+    def _await_passes(self, count: int, timeout: float) -> None:
+        """Wake the monitor's thread for ``count`` more passes and wait for them (or ``timeout``)."""
+        target, deadline = self._passes + count, time.monotonic() + timeout
+        while self._passes < target and self._thread.is_alive() and time.monotonic() < deadline:
+            self._wake.set()  # the next pass starts now, not DRAIN_SECONDS later
+            time.sleep(0.0005)
 
     # --- the monitor's thread -------------------------------------------------------
     def add_source(self, source: Source) -> None:
@@ -335,13 +341,8 @@ class ProxyMonitor:
         a label sent as soon as its call's reply arrived finds the prediction, whatever ``DRAIN_SECONDS`` is."""
         if self.idle() or threading.current_thread() is self._thread:
             return
-        passes, deadline = self._passes, time.monotonic() + timeout
-        self._wake.set()
         # two passes: the one running now may have taken its calls before the ones this waits on were offered
-        while self._passes < passes + 2 and self._thread.is_alive() and time.monotonic() < deadline:
-            if self._passes == passes + 1:
-                self._wake.set()
-            time.sleep(0.0005)
+        self._await_passes(2, timeout)
 
     def idle(self) -> bool:
         """Every call offered so far is summarised or counted (tests wait for it before sending labels)."""
