@@ -1,17 +1,22 @@
 """The floor for benchmarks/serving.py: a plain grpcio server that only runs onnxruntime.
 
-    python benchmarks/_floor_server.py MODEL.onnx NAME [--listen 127.0.0.1:0] [--workers 8]
+    python benchmarks/_floor_server.py MODEL.onnx NAME [--listen 127.0.0.1:0] [--workers 8] [--processes 1]
 
 What any competent server of one ONNX model over the Open Inference Protocol must do and nothing
 more: our generated OIP protos, ``np.frombuffer`` on the raw input bytes, one ``session.run`` with
 ``agent serve``'s default session options (agent.runtime), raw little-endian outputs in the reply.
 No checks beyond what onnxruntime makes, no monitoring, no metrics, no interceptors: what
 ``agent serve`` is compared with. Prints ``listening on HOST:PORT`` once it serves; SIGTERM stops it.
+
+``--processes N``: the floor of ``agent serve --processes N``, N such servers on one port with
+SO_REUSEPORT (the kernel spreads connections over them): this process serves and starts N - 1 copies
+of itself on the port it got, so the whole floor is one process tree, as the agent's is.
 """
 from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
 import sys
 import threading
 from concurrent import futures
@@ -68,17 +73,33 @@ def main() -> int:
     parser.add_argument("name")
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--reuse-port", action="store_true", help="(set for the copies --processes starts)")
     args = parser.parse_args()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers))
+    shared = args.processes > 1 or args.reuse_port
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers),
+                         options=[("grpc.so_reuseport", int(shared))])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Floor(args.model, args.name), server)
+    host = args.listen.rsplit(":", 1)[0]
     port = server.add_insecure_port(args.listen)
     server.start()
-    print(f"listening on {args.listen.rsplit(':', 1)[0]}:{port}", flush=True)
+    copies = []
+    for _ in range(args.processes - 1):
+        copy = subprocess.Popen([sys.executable, __file__, args.model, args.name, "--listen", f"{host}:{port}",
+                                 "--workers", str(args.workers), "--reuse-port"], stdout=subprocess.PIPE, text=True)
+        if not copy.stdout.readline().startswith("listening on"):  # type: ignore[union-attr]
+            raise SystemExit(f"a copy of the floor server did not serve on {host}:{port}")
+        copies.append(copy)
+    print(f"listening on {host}:{port}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
+    for copy in copies:
+        copy.terminate()
     server.stop(2).wait()
+    for copy in copies:
+        copy.wait(10)
     return 0
 
 

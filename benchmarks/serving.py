@@ -2,7 +2,8 @@
 
     python benchmarks/serving.py --setup     # once: MLServer into ROOT/.venv-mlserver ($OUTRIDER_MLSERVER_VENV)
     python benchmarks/serving.py [--models lr,mlp,forest] [--batches 1,64] [--clients 1,4,16]
-                                 [--variants floor,agent,agent-no-monitoring,agent-processes-2,mlserver]
+                                 [--variants floor,agent,agent-no-monitoring,agent-processes-2,floor-processes-2,
+                                             mlserver]
                                  [--seconds 3] [--rounds 2] [--client python|cpp] [--json]
 
 Variants, each a real server in processes of its own on 127.0.0.1 (no collector anywhere):
@@ -11,6 +12,8 @@ Variants, each a real server in processes of its own on 127.0.0.1 (no collector 
 - ``agent``: ``outrider agent serve`` with its defaults (monitored: summary helper process), 1 process;
 - ``agent-no-monitoring``: the same with ``--no-monitoring``;
 - ``agent-processes-2``: ``--processes 2`` (supervisor, 2 serving processes, their helpers);
+- ``floor-processes-2``: two floor servers on one port (SO_REUSEPORT), one the other's child: what two
+  processes give on this machine with nothing but onnxruntime in them (ratios stay to the one-process floor);
 - ``mlserver``: MLServer 1.7.1 with default settings and ``_mlserver_runtime.OnnxRuntime`` (same session
   options), from its own venv (``benchmarks/mlserver_env.py``); skipped with one line when that is missing.
 
@@ -60,7 +63,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 NAME = "bench"
 WIDTH = 20
 MODELS = ("lr", "mlp", "forest")
-VARIANTS = ("floor", "agent", "agent-no-monitoring", "agent-processes-2", "mlserver")
+VARIANTS = ("floor", "agent", "agent-no-monitoring", "agent-processes-2", "floor-processes-2", "mlserver")
 FLOOR = Path(__file__).resolve().with_name("_floor_server.py")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -222,8 +225,9 @@ def _read_until(proc: subprocess.Popen, patterns: dict[str, str], what: str) -> 
 
 
 def start_server(variant: str, model: Path, tmp: Path) -> Server:
-    if variant == "floor":
-        proc = _popen([sys.executable, str(FLOOR), str(model), NAME], ROOT)
+    if variant in ("floor", "floor-processes-2"):
+        proc = _popen([sys.executable, str(FLOOR), str(model), NAME,
+                       *(["--processes", "2"] if variant == "floor-processes-2" else [])], ROOT)
         found = _read_until(proc, {"address": r"listening on (\S+)"}, "the floor server")
         return Server(variant, found["address"], proc.pid, lambda: _terminate(proc))
     if variant == "mlserver":

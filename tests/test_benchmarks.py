@@ -71,14 +71,51 @@ def test_serving_benchmark_measures_floor_and_agent_and_skips_a_missing_mlserver
 def test_serving_benchmark_runs_with_the_compiled_client(loadgen_binary):
     from benchmarks import serving
 
-    result = serving.run(["lr"], [1], [2], ["floor", "agent"], seconds=0.5, rounds=1, log=lambda _: None,
-                         client="cpp")
+    result = serving.run(["lr"], [1], [2], ["floor", "agent", "floor-processes-2"], seconds=0.5, rounds=1,
+                         log=lambda _: None, client="cpp")
+    assert {row["variant"] for row in result["rows"]} == {"floor", "agent", "floor-processes-2"}
     assert result["conditions"]["client"] == "cpp"
     for row in result["rows"]:
         assert row["errors"] == 0 and row["requests"] > 0 and row["cpu_us_per_request"] > 0
         assert row["client_cpu_us_per_request"] > 0 and row["p50_ms"] <= row["p99_ms"]
         assert row["switches_per_request"] > 0  # a gRPC Python server's threads hand every call on
     assert "client µs/req" in serving.table(result) and "switches/req" in serving.table(result)
+
+
+def test_the_floor_with_two_processes_is_one_tree_serving_on_one_port(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import grpc
+    import numpy as np
+
+    from protos import open_inference_pb2 as pb
+    from protos import open_inference_pb2_grpc as pb_grpc
+
+    model = tmp_path / "lr.onnx"
+    model.write_bytes(examples.logistic_regression())
+    floor = Path(__file__).resolve().parents[1] / "benchmarks" / "_floor_server.py"
+    proc = subprocess.Popen([sys.executable, str(floor), str(model), "lr", "--processes", "2"], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        address = proc.stdout.readline().split()[-1]  # type: ignore[union-attr]
+        (child,) = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        argv = open(f"/proc/{child}/cmdline").read().split("\0")
+        assert argv[argv.index("--listen") + 1] == address and "--reuse-port" in argv  # the same port, shared
+        x = np.zeros((1, 20), np.float32)
+        request = pb.ModelInferRequest(model_name="lr", raw_input_contents=[x.tobytes()])
+        request.inputs.add(name="X", datatype="FP32", shape=[1, 20])
+        for _ in range(8):  # each on a connection of its own: the kernel may hand any of them to either process
+            with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+                assert [o.name for o in reply.outputs] == ["label", "probabilities"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not Path(f"/proc/{child}").exists() or "Z" in open(f"/proc/{child}/stat").read().split()[2]
+    finally:
+        proc.kill()
 
 
 @pytest.mark.slow
