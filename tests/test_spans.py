@@ -371,6 +371,33 @@ def test_an_offer_after_its_window_was_read_and_one_before_the_evaluation_are_ea
 
 
 @pytest.mark.parametrize("world", ["offered"], indirect=True)
+def test_windows_all_offered_since_the_last_evaluation_are_counted_not_listed(world, monkeypatch):
+    from collector.store.store import SpanSnapshot
+
+    store, clock, cached, oracle = world
+    rng = np.random.default_rng(13)
+    store.attach_profile("m", "1", profile(rng), "test", T0)
+    config = configure(store, span_seconds=300, short_span_seconds=60)
+    store.submit_windows([window(rng, "a", i, clock.now - i * 10 * S, 3) for i in range(6)]).result()
+    check(store, clock, cached, oracle, config)  # built
+    listed: list = []
+    listing = SpanSnapshot.window_ids_after
+    monkeypatch.setattr(SpanSnapshot, "window_ids_after", lambda snap, *a: listed.append(a) or listing(snap, *a))
+    version = cached.spans._versions[("m", "1")]
+    for step in range(3):
+        store.submit_windows([window(rng, "b", 10 * step + i, clock.now - i * 5 * S, 3) for i in range(4)]).result()
+        clock.now += 7 * S
+        check(store, clock, cached, oracle, config)
+    assert listed == [] and version.windows_read == 0 and not version.offered  # merged at ingest, counted
+    store.ingest = "read"  # one window stored by another process among offered ones: the count differs
+    store.submit_windows([window(rng, "z", 0, clock.now - 2 * S, 3)]).result()
+    store.ingest = "offered"
+    store.submit_windows([window(rng, "b", 99, clock.now - S, 3)]).result()
+    check(store, clock, cached, oracle, config)  # the oracle's answer: the unoffered window was read
+    assert len(listed) == 1 and version.windows_read == 1
+
+
+@pytest.mark.parametrize("world", ["offered"], indirect=True)
 def test_offers_past_the_bound_between_evaluations_start_the_version_again(world, monkeypatch):
     store, clock, cached, oracle = world
     monkeypatch.setattr(spans_module, "MAX_OFFERED", 5)

@@ -20,6 +20,9 @@ was not built, or that found no room. An offer at or below the cursor is ignored
 read it already); one committed before a rollup pass counted since is not taken (the pass may have
 deleted its window and handed the rowid out again). So the evaluation's cost no longer grows with
 the traffic of its own collector, while ingest pays the merge (``benchmarks/ingest.py --offer``).
+When no rollup pass ran since the last evaluation, nothing was deleted, so every offered window is
+stored; if the windows stored since the cursor are as many as the offered ones, with the same sum
+of rowids, they are those: one count replaces the listing (which grew with the fleet).
 
 The store lists what rollup passes changed (``Store.span_snapshot``, from the ``rollup_passes`` table,
 so passes another collector ran are listed too): a merge whose rows all lie
@@ -331,6 +334,14 @@ class _Version:
         self.cursor = snap.top_rowid
 
     def _catch_up(self, snap: SpanSnapshot, name: str, version: str, oldest: int) -> None:
+        if not snap.passes:
+            # Nothing deleted since the last snapshot: each window offered at or below the snapshot's top
+            # is stored (above the cursor, as offers are); as many stored, with the same rowids' sum, are them.
+            offered = [rowid for rowid in self.offered if rowid <= snap.top_rowid]
+            if snap.window_count_after(name, version, self.cursor) == (len(offered), sum(offered)):
+                self.cursor = snap.top_rowid
+                self.offered = {r: b for r, b in self.offered.items() if r > self.cursor}
+                return
         stale: set[int] = set()
         for rollup in snap.passes or ():
             for r in rollup.rolled:

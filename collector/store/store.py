@@ -193,6 +193,15 @@ class SpanSnapshot:
             f"SELECT rowid, end_ns FROM windows WHERE rowid > ? AND {d.unindexed('model_name')} = ?"
             f" AND {d.unindexed('model_version')} = ?", [rowid, model_name, model_version]).fetchall()
 
+    def window_count_after(self, model_name: str, model_version: str, rowid: int) -> tuple[int, int]:
+        """How many of the model version's raw windows have a rowid above ``rowid``, and their rowids' sum:
+        ``window_ids_after`` in one row, for a reader that expects them all merged already."""
+        d = self._db.dialect
+        count, total = self._db.execute(
+            f"SELECT count(*), sum(rowid) FROM windows WHERE rowid > ? AND {d.unindexed('model_name')} = ?"
+            f" AND {d.unindexed('model_version')} = ?", [rowid, model_name, model_version]).fetchone()
+        return int(count), int(total or 0)
+
     def window_bodies(self, rowids: Sequence[int]) -> Iterator[tuple[int, int, bytes]]:
         """(rowid, end_ns, body) of the raw windows ``rowids`` (those still stored)."""
         for i in range(0, len(rowids), 500):
