@@ -87,9 +87,11 @@ def main() -> int:
     for _ in range(args.processes - 1):
         copy = subprocess.Popen([sys.executable, __file__, args.model, args.name, "--listen", f"{host}:{port}",
                                  "--workers", str(args.workers), "--reuse-port"], stdout=subprocess.PIPE, text=True)
-        if not copy.stdout.readline().startswith("listening on"):  # type: ignore[union-attr]
-            raise SystemExit(f"a copy of the floor server did not serve on {host}:{port}")
         copies.append(copy)
+        if not copy.stdout.readline().startswith("listening on"):  # type: ignore[union-attr]
+            for started in copies:  # none left serving behind a floor that did not start
+                started.kill()
+            raise SystemExit(f"a copy of the floor server did not serve on {host}:{port}")
     print(f"listening on {host}:{port}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

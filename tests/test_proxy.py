@@ -49,6 +49,17 @@ def free_address() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
+def labelled_by_id(address: str, request_id: str, y: np.ndarray) -> tuple[int, int]:
+    """Labels for every row of ``y`` under ``request_id``, and one under an id never sent, to the FeedbackService
+    at ``address``: its (matched, unmatched)."""
+    labels = [agent_pb2.Label(request_id=request_id, row=j, class_label=str(int(y[j]))) for j in range(len(y))]
+    labels.append(agent_pb2.Label(request_id="never-sent", row=0, class_label="1"))
+    with grpc.insecure_channel(address) as channel:
+        answer = agent_pb2_grpc.FeedbackServiceStub(channel).Feedback(agent_pb2.FeedbackRequest(labels=labels),
+                                                                       timeout=HANG_GUARD)
+    return answer.matched, answer.unmatched
+
+
 def infer_request(x: np.ndarray, request_id: str = "", model: str = "m", outputs: tuple[str, ...] = (),
                   typed: bool = False) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model, id=request_id)
@@ -150,12 +161,9 @@ def test_a_request_without_an_id_keeps_its_reply_and_gets_the_proxys_id_for_feed
     assert pb.ModelInferResponse.FromString(reply).id == ""
     assigned = dict(initial)[REQUEST_ID_HEADER]
     idle(proxy)
+    assert labelled_by_id(proxy.address, assigned, y) == (5, 1)
     channel = grpc.insecure_channel(proxy.address)
     feedback = agent_pb2_grpc.FeedbackServiceStub(channel)
-    labels = [agent_pb2.Label(request_id=assigned, row=i, class_label=str(int(y[i]))) for i in range(5)]
-    labels.append(agent_pb2.Label(request_id="never-sent", row=0, class_label="1"))
-    answer = feedback.Feedback(agent_pb2.FeedbackRequest(labels=labels), timeout=HANG_GUARD)
-    assert (answer.matched, answer.unmatched) == (5, 1)
     # a client's own id is the one labels use, and no header is added
     code, _, initial, _ = Raw(proxy.address).call("ModelInfer", infer_request(x, "mine"))
     assert code == "OK" and REQUEST_ID_HEADER not in dict(initial)

@@ -25,12 +25,11 @@ from agent.profile import build_profile
 from agent.proxy_grpc import REQUEST_ID_HEADER, ProxyServer, serve_proxy
 from benchmarks import mlserver_env
 from collector.api.server import serve_collector
-from protos import agent_pb2, agent_pb2_grpc
 from protos import collector_pb2 as cpb
 from protos import collector_pb2_grpc as cpb_grpc
 from protos import open_inference_pb2 as pb
 from test_delivery import wait_until
-from test_proxy import HANG_GUARD, Raw, idle, in_memory, infer_request
+from test_proxy import HANG_GUARD, Raw, idle, in_memory, infer_request, labelled_by_id
 
 pytestmark = pytest.mark.slow  # MLServer takes seconds to start (and minutes to install on a fresh machine)
 
@@ -155,12 +154,7 @@ def test_a_request_without_an_id_is_labelled_by_the_proxys_id(mlserver: Any, pro
     assert pb.ModelInferResponse.FromString(reply).id == ""
     assigned = dict(initial)[REQUEST_ID_HEADER]
     idle(proxy)
-    labels = [agent_pb2.Label(request_id=assigned, row=j, class_label=str(int(y[j]))) for j in range(len(y))]
-    labels.append(agent_pb2.Label(request_id="never-sent", row=0, class_label="1"))
-    with grpc.insecure_channel(proxy.address) as channel:
-        matched = agent_pb2_grpc.FeedbackServiceStub(channel).Feedback(agent_pb2.FeedbackRequest(labels=labels),
-                                                                        timeout=HANG_GUARD)
-    assert (matched.matched, matched.unmatched) == (len(y), 1)
+    assert labelled_by_id(proxy.address, assigned, y) == (len(y), 1)
 
 
 @pytest.mark.parametrize("via", ["listen", "relay"])

@@ -43,7 +43,7 @@ from protos import collector_pb2_grpc as cpb_grpc
 from protos import open_inference_pb2 as pb
 from test_approvals import call as ops_call
 from test_delivery import reap, start, wait_until  # noqa: F401  (reap: kills what a failed test left running)
-from test_proxy import HANG_GUARD, Raw, free_address, infer_request
+from test_proxy import HANG_GUARD, Raw, free_address, infer_request, labelled_by_id
 from test_proxy_managed import AGENT, READY, Traffic, answered, make_production, register
 from test_proxy_mlserver import triton_infer
 from test_proxy_rest import call, infer_body
@@ -205,12 +205,7 @@ def test_a_request_without_an_id_is_labelled_by_the_proxys_id(triton: Any, proxy
     assert pb.ModelInferResponse.FromString(reply).id == ""
     assigned = dict(initial)[REQUEST_ID_HEADER]
     settled(proxy, {"captured": 1, "unmonitored": {}, "capture_failures": 0, "calls": {("ModelInfer", "OK"): 1}})
-    labels = [agent_pb2.Label(request_id=assigned, row=j, class_label=str(int(y[j]))) for j in range(len(y))]
-    labels.append(agent_pb2.Label(request_id="never-sent", row=0, class_label="1"))
-    with grpc.insecure_channel(proxy.address) as channel:
-        matched = agent_pb2_grpc.FeedbackServiceStub(channel).Feedback(agent_pb2.FeedbackRequest(labels=labels),
-                                                                        timeout=HANG_GUARD)
-    assert (matched.matched, matched.unmatched) == (len(y), 1)
+    assert labelled_by_id(proxy.address, assigned, y) == (len(y), 1)
 
 
 @pytest.mark.parametrize("via", ["listen", "relay"])
