@@ -27,9 +27,9 @@ that is the monitor's work for every call through ``agent proxy``'s REST
 relay, and the agent's own REST server's). Other data (integers, whose
 range is checked; BOOL; BYTES; anything that is not a plain number where a
 number should be) takes the list path, so what is refused, and why, stays the
-same. Like Triton's parser, the buffer path reads nested ``data`` in row-major
-order whatever its nesting, once the count matches the shape; where it does
-not, the list path says how it is nested unevenly. Replies are written by
+same, and so does nested data (the buffer path takes flat data, which is what
+tritonclient and KServe's clients send). A body simdjson refuses is read again
+by orjson, whose message says where it goes wrong. Replies are written by
 orjson: numpy arrays directly, float32 as the shortest text that reads back
 to the same float32, and NaN and infinity (which JSON lacks) as null.
 """
@@ -72,7 +72,10 @@ def _load(head: bytes) -> Any:
     JSONDecodeError and simdjson's UnicodeDecodeError included)."""
     if len(head) < SIMDJSON_BYTES:
         return orjson.loads(head)
-    doc = simdjson.Parser().parse(head)  # a parser a document: it cannot be reused while any of it is held
+    try:
+        doc = simdjson.Parser().parse(head)  # a parser a document: it cannot be reused while any of it is held
+    except ValueError:  # orjson decides, and says where the body goes wrong (simdjson does not say where)
+        return orjson.loads(head)
     if not isinstance(doc, simdjson.Object):
         return _plain(doc)
     out = {}
@@ -198,7 +201,9 @@ def _json_raw(name: str, datatype: str, data: Any, shape: tuple[int, ...] = ()) 
                 values = np.frombuffer(data.as_buffer(of_type="d"), dtype=np.float64)
             except (TypeError, ValueError):  # not all numbers: the list path says what is wrong
                 values = None
-            if values is not None and values.size == int(np.prod(shape)):
+            # flat data only (what tritonclient and KServe's clients send): nested data takes the list path, which
+            # says when it is nested unevenly
+            if values is not None and values.size == len(data) == int(np.prod(shape)):
                 return values.astype(tensors.DATATYPES[datatype]).tobytes()
         data = data.as_list()
     try:
