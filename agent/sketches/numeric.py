@@ -10,9 +10,7 @@ windows from any agents combine in any order.
 """
 from __future__ import annotations
 
-import functools
 import math
-import struct
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -20,13 +18,11 @@ import datasketches as ds
 import numpy as np
 
 from agent.errors import InvalidArgument
+from agent.sketches.kll import COMPACT_ROWS, check_kll, items_and_weights, merge_compacted, sorted_runs
 from protos import summary_pb2
 
 DEFAULT_K = 200  # KLL k for agent windows: ~1.3% rank error, a few KB saturated
 REFERENCE_K = 800  # reference profiles are built once and compared often: buy accuracy
-# The largest KLL k taken from the wire: 5x the reference k. A larger k (the format allows 65535)
-# would make every merge into that column keep that many more items.
-MAX_K = 4096
 # Exact counts are kept while a column has at most this many distinct finite values (sticky
 # overflow beyond). The drift engine judges a column by its frequencies when the reference has
 # at most 20 (collector.monitoring.drift.DISCRETE_MAX_VALUES); the room above that lets traffic bring a
@@ -46,9 +42,6 @@ _F32_MAX = float(np.finfo(np.float32).max)
 # What the C++ deserialisers raise on malformed bytes (std exceptions as mapped by nanobind).
 _DESERIALIZE_ERRORS = (ValueError, IndexError, RuntimeError, MemoryError, OverflowError)
 _T = TypeVar("_T")
-# Flags byte of the DataSketches KLL serial format (byte 3 of the preamble).
-_KLL_EMPTY, _KLL_SORTED_LEVEL_ZERO, _KLL_SINGLE_ITEM = 1, 2, 4
-_KLL_FAMILY, _KLL_M = 15, 8
 
 
 def _deserialize(fn: Callable[[bytes], _T], data: bytes, what: str) -> _T:
@@ -67,53 +60,6 @@ def _kll_input(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind == "f" and values.dtype.itemsize > 4:
         values = np.clip(values, -_F32_MAX, _F32_MAX)
     return values.astype(np.float32)
-
-
-# Rows of a block are fed to the KLL sorted in runs of this many: its level-0 compactions sort what
-# they hold, and sorted runs make that ~2x cheaper (16 vs 36 ns a value, 20 float32 columns) for
-# ~2 ns of np.sort a value. KLL's error bound holds for any order of the stream; the rank error
-# measured over 40 streams was the same (mean 0.0063 vs 0.0064). Longer runs cost more to sort than
-# they save.
-SORTED_RUN = 512
-
-
-def _sorted_runs(values: np.ndarray) -> np.ndarray:
-    """A [rows, cols] block with each column sorted within consecutive runs of SORTED_RUN rows."""
-    rows, cols = values.shape
-    full = rows - rows % SORTED_RUN
-    if full == 0:
-        return np.sort(values, axis=0)
-    out = np.empty_like(values)
-    out[:full] = np.sort(values[:full].reshape(-1, SORTED_RUN, cols), axis=1).reshape(full, cols)
-    out[full:] = np.sort(values[full:], axis=0)
-    return out
-
-
-def _kll_items_and_weights(kll: ds.kll_floats_sketch) -> tuple[np.ndarray, np.ndarray]:
-    """The retained items (float64, unsorted) and their weights.
-
-    Read from the sketch's own serialisation, the documented DataSketches
-    format: preamble (n at byte 8, number of levels at byte 18), the level
-    offsets (uint32), min, max, then the float32 items level by level; an item
-    at level h stands for 2**h values. That is one memcpy and a frombuffer,
-    ~50x faster than iterating the Python binding, which matters because the
-    drift engine reads every current sketch this way on each evaluation. If
-    the bytes ever disagree with the sketch's n we fall back to iterating."""
-    data = kll.serialize()
-    flags = data[3]
-    if flags & _KLL_EMPTY:
-        return np.empty(0), np.empty(0)
-    if flags & _KLL_SINGLE_ITEM:
-        return np.frombuffer(data, "<f4", 1, 8).astype(np.float64), np.ones(1)
-    levels_count = data[18]
-    levels = np.frombuffer(data, "<u4", levels_count, 20).astype(np.int64)
-    items = np.frombuffer(data, "<f4", offset=20 + 4 * levels_count + 8).astype(np.float64)
-    sizes = np.diff(np.append(levels - levels[0], items.size))
-    weights = np.repeat(np.ldexp(1.0, np.arange(levels_count)), sizes)
-    if sizes.min(initial=0) < 0 or weights.sum() != kll.n:  # pragma: no cover - format changed
-        pairs = np.array([pair for pair in kll], dtype=np.float64).reshape(-1, 2)
-        return pairs[:, 0], pairs[:, 1]
-    return items, weights
 
 
 class NumericSketch:
@@ -335,7 +281,7 @@ class NumericSketch:
         kll = self._kll
         if self._view is not None and self._view[0] is kll and self._view[1] == kll.n:
             return self._view[2], self._view[3]
-        items, weights = _kll_items_and_weights(kll)
+        items, weights = items_and_weights(kll)
         order = np.argsort(items, kind="stable")
         items, cumulative = items[order], np.cumsum(weights[order])
         last = np.append(items[1:] != items[:-1], True)[: items.size]  # last of equal items: inclusive
@@ -404,75 +350,6 @@ class NumericSketch:
         elif msg.exact_values:
             sketch._set_exact(np.array(msg.exact_values, np.float64), np.array(msg.exact_counts, np.int64))
         return sketch
-
-
-@functools.lru_cache(maxsize=256)
-def _kll_capacity(k: int, m: int, num_levels: int) -> int:
-    """Items a KLL of ``num_levels`` levels holds (DataSketches' kll_helper::compute_total_capacity):
-    level h (of depth num_levels - h - 1) holds max(m, round(k * (2/3)**depth))."""
-    def shrink(k: int, depth: int) -> int:  # int_cap_aux_aux: pre-multiplied by 2 for rounding
-        return (((2 * k) << depth) // 3**depth + 1) >> 1
-
-    def level(depth: int) -> int:  # int_cap_aux
-        return shrink(k, depth) if depth <= 30 else shrink(shrink(k, depth // 2), depth - depth // 2)
-
-    return sum(max(m, level(num_levels - h - 1)) for h in range(num_levels))
-
-
-def check_kll(data: bytes) -> None:
-    """Raise InvalidArgument unless ``data`` is a structurally sound serialised KLL floats sketch.
-
-    The DataSketches deserialiser trusts the level offsets it reads: a flipped byte there is
-    accepted, then a merge or a quantile query reads out of bounds and kills the process. So
-    the layout is checked here first, from the documented format: preamble (family 15, m 8,
-    k, n, levels), level offsets in order up to the capacity k and the levels imply, a length
-    that matches them, finite items, min and max, the levels above 0 sorted (level 0 too when
-    the sorted flag says so), and item weights (2**level) that add up to n."""
-    def corrupt(why: str) -> InvalidArgument:
-        return InvalidArgument(f"corrupt KLL sketch: {why}")
-
-    if len(data) < 8:
-        raise corrupt(f"{len(data)} bytes is shorter than its preamble")
-    preamble_ints, version, family, flags = data[0], data[1], data[2], data[3]
-    k, m = int.from_bytes(data[4:6], "little"), data[6]
-    if family != _KLL_FAMILY or m != _KLL_M:
-        raise corrupt(f"family {family} and m {m}, expected {_KLL_FAMILY} and {_KLL_M}")
-    if k > MAX_K:
-        raise InvalidArgument(f"KLL sketch has k = {k}, at most {MAX_K} allowed")
-    if k < _KLL_M:
-        raise corrupt(f"k = {k} is below {_KLL_M}")
-    if flags & _KLL_EMPTY:
-        if (preamble_ints, len(data)) != (2, 8):
-            raise corrupt("an empty sketch with data")
-        return
-    if flags & _KLL_SINGLE_ITEM:
-        if (preamble_ints, version, len(data)) != (2, 2, 12) or not math.isfinite(struct.unpack_from("<f", data, 8)[0]):
-            raise corrupt("a single-item sketch that is not one finite item")
-        return
-    if (preamble_ints, version) != (5, 1) or len(data) < 20:
-        raise corrupt(f"preamble of {preamble_ints} ints, serial version {version}, {len(data)} bytes")
-    n, num_levels = struct.unpack_from("<Q", data, 8)[0], data[18]
-    header = 20 + 4 * num_levels + 8
-    if not 1 <= num_levels <= 61 or len(data) < header:
-        raise corrupt(f"{num_levels} levels in {len(data)} bytes")
-    # Plain Python on the few level offsets: this runs for every numeric column at ingest.
-    bounds = [*struct.unpack_from(f"<{num_levels}I", data, 20), _kll_capacity(k, m, num_levels)]
-    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
-    if min(sizes) < 0 or len(data) != header + 4 * (bounds[-1] - bounds[0]):
-        raise corrupt("its level offsets do not match its capacity and length")
-    if sum(size << h for h, size in enumerate(sizes)) != n:
-        raise corrupt(f"its items' weights do not add up to its n = {n}")
-    low, high = struct.unpack_from("<ff", data, header - 8)
-    items = np.frombuffer(data, "<f4", offset=header)
-    # NaN would break the C++ sorts (not a strict weak order): one float64 sum finds NaN and inf alike.
-    if not (items.size and math.isfinite(low) and math.isfinite(high) and low <= high
-            and math.isfinite(np.add.reduce(items, dtype=np.float64))):
-        raise corrupt("items, min or max that are not finite")
-    # Every level above 0 is a sorted run (level 0 too when flagged): a descent may only start a level.
-    first = 0 if flags & _KLL_SORTED_LEVEL_ZERO else sizes[0]
-    descents = (items[first + 1:] < items[first:-1]).nonzero()[0]
-    if descents.size and not set((descents + (first + 1 + bounds[0])).tolist()) <= set(bounds[1:-1]):
-        raise corrupt("a level that is not sorted")
 
 
 def check_moments(msg: summary_pb2.ColumnSummary) -> None:
@@ -547,9 +424,11 @@ def update_numeric_block(sketches: Sequence[NumericSketch], block: np.ndarray) -
     This is the summary worker's hot loop. Counts, NaN/inf tallies, moments,
     min and max are computed for all columns at once with numpy; when the
     whole block is finite (the usual case) no masking is needed at all. Then
-    one vectorised KLL update per column, which dominates the cost, of the column
-    sorted in runs (``SORTED_RUN``). Gives the same result as
-    ``sketch.update(block[:, j])`` for each column.
+    the KLLs, which dominate the cost: a block of COMPACT_ROWS rows or more is
+    compacted in numpy into one small KLL per column and merged
+    (``kll.compacted``); a smaller one goes to the binding's vectorised update,
+    sorted in runs. Gives the same result as ``sketch.update(block[:, j])`` for
+    each column.
     """
     block = np.asarray(block)
     if block.ndim != 2 or block.shape[1] != len(sketches):
@@ -582,12 +461,19 @@ def update_numeric_block(sketches: Sequence[NumericSketch], block: np.ndarray) -
         sub = block if clean.size == len(sketches) else block[:, clean]
         cols = np.array(sub.T, dtype=np.float64, order="C")  # a copy: moments overwrite it
         means, m2s, lows, highs = _finite_moments(cols)
-        runs = _sorted_runs(kll_values if clean.size == len(sketches) else kll_values[:, clean])
+        sub_kll = kll_values if clean.size == len(sketches) else kll_values[:, clean]
+        klls = [sketches[j]._kll for j in clean]
+        ks = {sketch.k for sketch in klls}
+        if rows >= COMPACT_ROWS and len(ks) == 1:
+            merge_compacted(klls, sub_kll.T, ks.pop())
+        else:
+            runs = sorted_runs(sub_kll)
+            for i, sketch in enumerate(klls):
+                sketch.update(runs[:, i])
         for i, j in enumerate(clean):
             sketch = sketches[j]
             sketch._absorb(rows, means[i], m2s[i], lows[i], highs[i])
             sketch.count += rows
-            sketch._kll.update(runs[:, i])
             sketch._count_exact(block[:, j])
 
 

@@ -1,0 +1,211 @@
+"""The DataSketches KLL floats sketch, at the level of its serial format.
+
+One home for what Outrider reads and writes of KLL bytes itself rather than through the
+binding: the check of bytes taken from the wire (``check_kll``), the retained items and
+weights the drift engine compares (``items_and_weights``), and a block of values compacted
+in numpy into one small sketch (``compacted``) that the summary worker merges in place of
+feeding every value to the binding one at a time. The format is the documented one
+(https://datasketches.apache.org/docs/KLL/KLLSketch.html, kll_sketch_impl.hpp): an 8-byte
+preamble (serial version, family 15, flags, k, m = 8), then n, min k and the number of
+levels, the level offsets (uint32, the last one implied by the capacity), min, max and the
+float32 items level by level, an item at level h standing for 2**h values.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import struct
+
+import datasketches as ds
+import numpy as np
+
+from agent.errors import InvalidArgument
+
+# The largest KLL k taken from the wire: 5x the reference k. A larger k (the format allows 65535)
+# would make every merge into that column keep that many more items.
+MAX_K = 4096
+# Flags byte of the DataSketches KLL serial format (byte 3 of the preamble).
+_KLL_EMPTY, _KLL_SORTED_LEVEL_ZERO, _KLL_SINGLE_ITEM = 1, 2, 4
+_KLL_FAMILY, _KLL_M = 15, 8
+
+# Blocks of this many rows or more are compacted in numpy (``compacted``) and merged: 8-18 ns a
+# value less than the binding's update, which sorts and halves level 0 item by item. Smaller
+# blocks go to the binding (``sorted_runs``): below ~400 rows the merge's fixed cost wins.
+COMPACT_ROWS = 512
+# ``compacted`` sorts runs of this many values: np.sort of 512 float32 stays in L1 cache (1.6 ns
+# a value here, 14 for one sort of 4,800), and a run halves three times to 64 with no leftover.
+RUN = 512
+_RUN_LEVELS = 3
+_rng = np.random.default_rng()
+
+
+def _halve(a: np.ndarray) -> np.ndarray:
+    """KLL's compaction of sorted runs of even length (the last axis): each run keeps its odd or
+    its even items, by its own coin. Every item kept stands for two: unbiased at every rank."""
+    coins = _rng.integers(0, 2, a.shape[:-1], dtype=np.int8).astype(bool)[..., None]
+    return np.where(coins, a[..., 1::2], a[..., 0::2])
+
+
+def _odd_out(a: np.ndarray, levels: list[np.ndarray]) -> np.ndarray:
+    """Leave the first item of an odd-length level at that level (as KLL does); ``a`` minus it."""
+    odd = a.shape[-1] % 2
+    levels.append(a[:, :odd])
+    return a[:, odd:]
+
+
+def compacted(values: np.ndarray, k: int) -> list[bytes]:
+    """Each row of ``values`` ([columns, n >= 2], finite float32) as one serialised KLL of ``k``.
+
+    This is the compaction KLL does, done on the whole block at once in numpy: sorted runs halved
+    by a coin each, an odd level's first item left behind, until the top level holds at most k
+    items. Runs of RUN values are halved three levels at a time while the block has at least 8k
+    values (KLL would have compacted those levels anyway), then the rest is sorted whole. The
+    result has at most one item on each level below the top, so it fits the capacity of its
+    levels, and its weights add up to n. Merged into a sketch, it is one more KLL to merge; the
+    rank error measured over 160 columns of 40 streams was no worse than feeding the values one
+    by one (mean of the worst error 0.0047 vs 0.0055, bound 0.0133)."""
+    cols, n = values.shape
+    levels: list[np.ndarray] = []  # per level from 0: its items, [cols, count], the last the top
+    a = np.ascontiguousarray(values)
+    while a.shape[1] >= max(8 * k, 2 * RUN):
+        full = a.shape[1] - a.shape[1] % RUN
+        runs = np.sort(a[:, :full].reshape(cols, -1, RUN), axis=2).reshape(cols, -1, RUN >> _RUN_LEVELS, 1 << _RUN_LEVELS)
+        # Halving a sorted run three times, by a coin each, keeps every 8th item from an offset of 0-7.
+        runs = np.take_along_axis(runs, _rng.integers(0, 1 << _RUN_LEVELS, (*runs.shape[:2], 1, 1)), axis=3)
+        tail = np.sort(a[:, full:], axis=1)
+        for _ in range(_RUN_LEVELS):
+            tail = _halve(_odd_out(tail, levels))
+        a = np.concatenate([runs.reshape(cols, -1), tail], axis=1)
+    a = np.sort(a, axis=1)
+    while a.shape[1] > k:
+        a = _halve(_odd_out(a, levels))
+    levels.append(a)
+    sizes = [level.shape[1] for level in levels]
+    retained = sum(sizes)
+    offsets = np.cumsum([capacity(k, _KLL_M, len(levels)) - retained, *sizes[:-1]], dtype="<u4")
+    head = struct.pack("<BBBBHBBQHBB", 5, 1, _KLL_FAMILY, _KLL_SORTED_LEVEL_ZERO, k, _KLL_M, 0,
+                       n, k, len(levels), 0) + offsets.tobytes()
+    body = np.concatenate([values.min(axis=1, keepdims=True), values.max(axis=1, keepdims=True), *levels],
+                          axis=1, dtype="<f4")
+    rows = np.concatenate([np.broadcast_to(np.frombuffer(head, np.uint8), (cols, len(head))),
+                           body.view(np.uint8)], axis=1)
+    return [row.tobytes() for row in rows]
+
+
+def merge_compacted(sketches: list[ds.kll_floats_sketch], values: np.ndarray, k: int) -> None:
+    """Merge row j of ``values`` ([columns, n], finite float32) into ``sketches[j]`` (all of k)."""
+    for sketch, data in zip(sketches, compacted(values, k)):
+        sketch.merge(ds.kll_floats_sketch.deserialize(data))
+
+
+def sorted_runs(values: np.ndarray) -> np.ndarray:
+    """A [rows, cols] block with each column sorted within consecutive runs of RUN rows: what the
+    binding's update takes for blocks under COMPACT_ROWS. Its level-0 compactions sort what they
+    hold, and sorted runs make that ~2x cheaper (16 vs 36 ns a value, 20 float32 columns) for ~2 ns
+    of np.sort a value. KLL's error bound holds for any order of the stream; the rank error
+    measured over 40 streams was the same (mean 0.0063 vs 0.0064)."""
+    rows, cols = values.shape
+    full = rows - rows % RUN
+    if full == 0:
+        return np.sort(values, axis=0)
+    out = np.empty_like(values)
+    out[:full] = np.sort(values[:full].reshape(-1, RUN, cols), axis=1).reshape(full, cols)
+    out[full:] = np.sort(values[full:], axis=0)
+    return out
+
+
+
+def items_and_weights(kll: ds.kll_floats_sketch) -> tuple[np.ndarray, np.ndarray]:
+    """The retained items (float64, unsorted) and their weights.
+
+    Read from the sketch's own serialisation, the documented DataSketches
+    format: preamble (n at byte 8, number of levels at byte 18), the level
+    offsets (uint32), min, max, then the float32 items level by level; an item
+    at level h stands for 2**h values. That is one memcpy and a frombuffer,
+    ~50x faster than iterating the Python binding, which matters because the
+    drift engine reads every current sketch this way on each evaluation. If
+    the bytes ever disagree with the sketch's n we fall back to iterating."""
+    data = kll.serialize()
+    flags = data[3]
+    if flags & _KLL_EMPTY:
+        return np.empty(0), np.empty(0)
+    if flags & _KLL_SINGLE_ITEM:
+        return np.frombuffer(data, "<f4", 1, 8).astype(np.float64), np.ones(1)
+    levels_count = data[18]
+    levels = np.frombuffer(data, "<u4", levels_count, 20).astype(np.int64)
+    items = np.frombuffer(data, "<f4", offset=20 + 4 * levels_count + 8).astype(np.float64)
+    sizes = np.diff(np.append(levels - levels[0], items.size))
+    weights = np.repeat(np.ldexp(1.0, np.arange(levels_count)), sizes)
+    if sizes.min(initial=0) < 0 or weights.sum() != kll.n:  # pragma: no cover - format changed
+        pairs = np.array([pair for pair in kll], dtype=np.float64).reshape(-1, 2)
+        return pairs[:, 0], pairs[:, 1]
+    return items, weights
+
+
+@functools.lru_cache(maxsize=256)
+def capacity(k: int, m: int, num_levels: int) -> int:
+    """Items a KLL of ``num_levels`` levels holds (DataSketches' kll_helper::compute_total_capacity):
+    level h (of depth num_levels - h - 1) holds max(m, round(k * (2/3)**depth))."""
+    def shrink(k: int, depth: int) -> int:  # int_cap_aux_aux: pre-multiplied by 2 for rounding
+        return (((2 * k) << depth) // 3**depth + 1) >> 1
+
+    def level(depth: int) -> int:  # int_cap_aux
+        return shrink(k, depth) if depth <= 30 else shrink(shrink(k, depth // 2), depth - depth // 2)
+
+    return sum(max(m, level(num_levels - h - 1)) for h in range(num_levels))
+
+
+def check_kll(data: bytes) -> None:
+    """Raise InvalidArgument unless ``data`` is a structurally sound serialised KLL floats sketch.
+
+    The DataSketches deserialiser trusts the level offsets it reads: a flipped byte there is
+    accepted, then a merge or a quantile query reads out of bounds and kills the process. So
+    the layout is checked here first, from the documented format: preamble (family 15, m 8,
+    k, n, levels), level offsets in order up to the capacity k and the levels imply, a length
+    that matches them, finite items, min and max, the levels above 0 sorted (level 0 too when
+    the sorted flag says so), and item weights (2**level) that add up to n."""
+    def corrupt(why: str) -> InvalidArgument:
+        return InvalidArgument(f"corrupt KLL sketch: {why}")
+
+    if len(data) < 8:
+        raise corrupt(f"{len(data)} bytes is shorter than its preamble")
+    preamble_ints, version, family, flags = data[0], data[1], data[2], data[3]
+    k, m = int.from_bytes(data[4:6], "little"), data[6]
+    if family != _KLL_FAMILY or m != _KLL_M:
+        raise corrupt(f"family {family} and m {m}, expected {_KLL_FAMILY} and {_KLL_M}")
+    if k > MAX_K:
+        raise InvalidArgument(f"KLL sketch has k = {k}, at most {MAX_K} allowed")
+    if k < _KLL_M:
+        raise corrupt(f"k = {k} is below {_KLL_M}")
+    if flags & _KLL_EMPTY:
+        if (preamble_ints, len(data)) != (2, 8):
+            raise corrupt("an empty sketch with data")
+        return
+    if flags & _KLL_SINGLE_ITEM:
+        if (preamble_ints, version, len(data)) != (2, 2, 12) or not math.isfinite(struct.unpack_from("<f", data, 8)[0]):
+            raise corrupt("a single-item sketch that is not one finite item")
+        return
+    if (preamble_ints, version) != (5, 1) or len(data) < 20:
+        raise corrupt(f"preamble of {preamble_ints} ints, serial version {version}, {len(data)} bytes")
+    n, num_levels = struct.unpack_from("<Q", data, 8)[0], data[18]
+    header = 20 + 4 * num_levels + 8
+    if not 1 <= num_levels <= 61 or len(data) < header:
+        raise corrupt(f"{num_levels} levels in {len(data)} bytes")
+    # Plain Python on the few level offsets: this runs for every numeric column at ingest.
+    bounds = [*struct.unpack_from(f"<{num_levels}I", data, 20), capacity(k, m, num_levels)]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    if min(sizes) < 0 or len(data) != header + 4 * (bounds[-1] - bounds[0]):
+        raise corrupt("its level offsets do not match its capacity and length")
+    if sum(size << h for h, size in enumerate(sizes)) != n:
+        raise corrupt(f"its items' weights do not add up to its n = {n}")
+    low, high = struct.unpack_from("<ff", data, header - 8)
+    items = np.frombuffer(data, "<f4", offset=header)
+    # NaN would break the C++ sorts (not a strict weak order): one float64 sum finds NaN and inf alike.
+    if not (items.size and math.isfinite(low) and math.isfinite(high) and low <= high
+            and math.isfinite(np.add.reduce(items, dtype=np.float64))):
+        raise corrupt("items, min or max that are not finite")
+    # Every level above 0 is a sorted run (level 0 too when flagged): a descent may only start a level.
+    first = 0 if flags & _KLL_SORTED_LEVEL_ZERO else sizes[0]
+    descents = (items[first + 1:] < items[first:-1]).nonzero()[0]
+    if descents.size and not set((descents + (first + 1 + bounds[0])).tolist()) <= set(bounds[1:-1]):
+        raise corrupt("a level that is not sorted")
