@@ -1,14 +1,14 @@
 """Whole-agent CPU: idle, and per single-row request at a steady rate (serving process + its helper processes).
 
-    python benchmarks/agent_cpu.py [--rate 1500] [--seconds 20] [--rounds 2] [--baseline DIR] [--json]
+    python benchmarks/agent_cpu.py [--rate 1500] [--batch 1] [--seconds 20] [--rounds 2] [--baseline DIR] [--json]
 
 Starts a real collector and, per round, a real ``outrider agent serve`` (logistic regression, 20
 features, summary helper process, 10-s windows) streaming to it; then measures from /proc the CPU
 (user + system) of the agent's serving process and of its helper, separately:
 
 - idle: ``--seconds`` with no traffic, after a 3-s settle;
-- load: a client in another process (not counted) sends single-row ModelInfer calls paced at
-  ``--rate`` per second for ``--seconds``; CPU per request = (server + helper CPU) / requests.
+- load: a client in another process (not counted) sends ModelInfer calls of ``--batch`` rows (default
+  1) paced at ``--rate`` per second for ``--seconds``; CPU per request = (server + helper CPU) / requests.
 
 With ``--unmonitored``, rounds of this checkout's ``agent serve --no-monitoring`` (plain onnxruntime
 behind the same server, no collector) join the rotation: the whole cost of monitoring is the ratio.
@@ -45,10 +45,10 @@ import sys, time
 import grpc
 import numpy as np
 from protos import open_inference_pb2 as pb, open_inference_pb2_grpc as pb_grpc
-address, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
-x = np.random.default_rng(0).standard_normal((1, 20)).astype("<f4").tobytes()
+address, rate, seconds, batch = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+x = np.random.default_rng(0).standard_normal((batch, 20)).astype("<f4").tobytes()
 request = pb.ModelInferRequest(model_name="cpu")
-request.inputs.add(name="X", datatype="FP32", shape=[1, 20])
+request.inputs.add(name="X", datatype="FP32", shape=[batch, 20])
 request.raw_input_contents.append(x)
 sent = 0
 with grpc.insecure_channel(address) as channel:
@@ -103,8 +103,8 @@ def one_round(root: Path, label: str, tmp: Path, model: Path, collector: str | N
         time.sleep(args.seconds)
         s1, h1, t1 = cpu_seconds(agent.pid), children_cpu_seconds(agent.pid), time.monotonic()
         idle = {"server_cores": (s1 - s0) / (t1 - t0), "helper_cores": (h1 - h0) / (t1 - t0)}
-        client = subprocess.Popen([sys.executable, "-c", CLIENT, address, str(args.rate), str(args.seconds)],
-                                  cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        client = subprocess.Popen([sys.executable, "-c", CLIENT, address, str(args.rate), str(args.seconds),
+                                   str(args.batch)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
         time.sleep(1.0)  # past the client's start-up
         s0, h0 = cpu_seconds(agent.pid), children_cpu_seconds(agent.pid)
@@ -130,7 +130,8 @@ def rows_of(db: Path, agent_id: str) -> tuple[int, int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=1500.0, help="single-row requests a second (default 1500)")
+    parser.add_argument("--rate", type=float, default=1500.0, help="requests a second (default 1500)")
+    parser.add_argument("--batch", type=int, default=1, help="rows per request (default 1)")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase (default 20)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per checkout (default 2)")
     parser.add_argument("--baseline", type=Path, help="another checkout to measure in alternate rounds")
@@ -176,7 +177,7 @@ def main() -> int:
     if args.json:
         print(json.dumps({"rounds": results, "summary": summary}, indent=2))
         return 0
-    print(f"\n{args.rate:.0f} single-row requests/s for {args.seconds:.0f} s, {args.rounds} rounds per checkout")
+    print(f"\n{args.rate:.0f} requests/s of {args.batch} row(s) for {args.seconds:.0f} s, {args.rounds} rounds per checkout")
     print(f"{'checkout':10} {'idle cores':>11} {'(helper)':>9} {'µs/request':>11} {'(helper)':>9} {'dropped':>8}")
     for label, s in summary.items():
         print(f"{label:10} {s['idle_cores']:11.4f} {s['idle_helper_cores']:9.4f} {s['agent_us_per_request']:11.1f} "

@@ -515,3 +515,14 @@ def test_a_managed_agent_keeps_references_per_version_and_reports_a_bad_one(tmp_
         agent.stop()
         agent.ctrl.close(5)
         server.stop(0).wait()
+
+
+@pytest.mark.parametrize("classes", [1, 2, 5, 16, 17, 40])
+def test_confidence_is_each_rows_largest_probability_nan_where_any_is(classes: int) -> None:
+    p = np.random.default_rng(classes).random((300, classes)).astype(np.float32)
+    p[7, classes - 1] = np.nan
+    p[11, 0] = np.nan
+    got = joint.confidence(p)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, p.max(axis=1).astype(np.float64))
+    assert np.isnan(got[[7, 11]]).all() and not np.isnan(np.delete(got, [7, 11])).any()

@@ -57,11 +57,14 @@ def test_compaction_is_unbiased_and_the_check_can_tell(monkeypatch: pytest.Monke
     spread = errors.std(axis=0).max() / np.sqrt(len(errors))
     assert 0 < spread and np.abs(errors.mean(axis=0)).max() < 5 * spread
 
-    class AlwaysZero:
-        def integers(self, low: int, high: int, size: tuple[int, ...], dtype: type = np.int64) -> np.ndarray:
-            return np.zeros(size, dtype)
+    class LowerItems:  # every coin keeps the lower item of each pair
+        def integers(self, low: int, high: int, size: tuple[int, ...]) -> np.ndarray:
+            return np.zeros(size, np.int64)
 
-    monkeypatch.setattr(kll, "_rng", AlwaysZero())
+        def random(self, size: tuple[int, ...]) -> np.ndarray:
+            return np.ones(size)
+
+    monkeypatch.setattr(kll, "_rng", LowerItems())
     assert np.abs(signed_errors().mean(axis=0)).max() > 5 * spread
 
 

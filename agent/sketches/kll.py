@@ -42,8 +42,8 @@ _rng = np.random.default_rng()
 def _halve(a: np.ndarray) -> np.ndarray:
     """KLL's compaction of sorted runs of even length (the last axis): each run keeps its odd or
     its even items, by its own coin. Every item kept stands for two: unbiased at every rank."""
-    coins = _rng.integers(0, 2, a.shape[:-1], dtype=np.int8).astype(bool)[..., None]
-    return np.where(coins, a[..., 1::2], a[..., 0::2])
+    coins = _rng.random(a.shape[:-1]) < 0.5  # 3x faster than integers(0, 2) for a few dozen coins
+    return np.where(coins[..., None], a[..., 1::2], a[..., 0::2])
 
 
 def _odd_out(a: np.ndarray, levels: list[np.ndarray]) -> np.ndarray:
@@ -66,7 +66,8 @@ def compacted(values: np.ndarray, k: int) -> list[bytes]:
     by one (mean of the worst error 0.0047 vs 0.0055, bound 0.0133)."""
     cols, n = values.shape
     levels: list[np.ndarray] = []  # per level from 0: its items, [cols, count], the last the top
-    a = np.ascontiguousarray(values)
+    a = np.ascontiguousarray(values)  # the worker passes a transposed block: min and max along rows of it are strided
+    lows, highs = a.min(axis=1, keepdims=True), a.max(axis=1, keepdims=True)
     while a.shape[1] >= max(8 * k, 2 * RUN):
         full = a.shape[1] - a.shape[1] % RUN
         runs = np.sort(a[:, :full].reshape(cols, -1, RUN), axis=2).reshape(cols, -1, RUN >> _RUN_LEVELS, 1 << _RUN_LEVELS)
@@ -85,8 +86,7 @@ def compacted(values: np.ndarray, k: int) -> list[bytes]:
     offsets = np.cumsum([capacity(k, _KLL_M, len(levels)) - retained, *sizes[:-1]], dtype="<u4")
     head = struct.pack("<BBBBHBBQHBB", 5, 1, _KLL_FAMILY, _KLL_SORTED_LEVEL_ZERO, k, _KLL_M, 0,
                        n, k, len(levels), 0) + offsets.tobytes()
-    body = np.concatenate([values.min(axis=1, keepdims=True), values.max(axis=1, keepdims=True), *levels],
-                          axis=1, dtype="<f4")
+    body = np.concatenate([lows, highs, *levels], axis=1, dtype="<f4")
     rows = np.concatenate([np.broadcast_to(np.frombuffer(head, np.uint8), (cols, len(head))),
                            body.view(np.uint8)], axis=1)
     return [row.tobytes() for row in rows]
