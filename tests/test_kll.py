@@ -17,6 +17,11 @@ def cdf_error(sketch: ds.kll_floats_sketch, data: np.ndarray, points: np.ndarray
     return est - np.searchsorted(np.sort(data), points, side="right") / data.size
 
 
+def sorted_runs(values: np.ndarray) -> np.ndarray:
+    """How the worker fed the binding before blocks were compacted: sorted in runs of 512."""
+    return np.concatenate([np.sort(run) for run in np.split(values, range(512, len(values), 512))])
+
+
 def percentiles(data: np.ndarray) -> np.ndarray:
     return np.unique(np.quantile(data, np.linspace(0.01, 0.99, 99)).astype(np.float32))
 
@@ -86,7 +91,7 @@ def test_blocks_merged_compacted_are_as_accurate_as_the_bindings_updates() -> No
         for block in blocks:
             update_numeric_block(sketches, block)
             for j, sketch in enumerate(binding):
-                sketch.update(kll.sorted_runs(block)[:, j].copy())
+                sketch.update(sorted_runs(block[:, j]))
         for j in range(len(shapes)):
             assert sketches[j]._kll.n == len(data)
             points = percentiles(data[:, j])

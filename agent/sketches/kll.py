@@ -30,7 +30,7 @@ _KLL_FAMILY, _KLL_M = 15, 8
 
 # Blocks of this many rows or more are compacted in numpy (``compacted``) and merged: 8-18 ns a
 # value less than the binding's update, which sorts and halves level 0 item by item. Smaller
-# blocks go to the binding (``sorted_runs``): below ~400 rows the merge's fixed cost wins.
+# blocks go to the binding: below ~400 rows the merge's fixed cost wins.
 COMPACT_ROWS = 512
 # ``compacted`` sorts runs of this many values: np.sort of 512 float32 stays in L1 cache (1.6 ns
 # a value here, 14 for one sort of 4,800), and a run halves three times to 64 with no leftover.
@@ -96,23 +96,6 @@ def merge_compacted(sketches: list[ds.kll_floats_sketch], values: np.ndarray, k:
     """Merge row j of ``values`` ([columns, n], finite float32) into ``sketches[j]`` (all of k)."""
     for sketch, data in zip(sketches, compacted(values, k)):
         sketch.merge(ds.kll_floats_sketch.deserialize(data))
-
-
-def sorted_runs(values: np.ndarray) -> np.ndarray:
-    """A [rows, cols] block with each column sorted within consecutive runs of RUN rows: what the
-    binding's update takes for blocks under COMPACT_ROWS. Its level-0 compactions sort what they
-    hold, and sorted runs make that ~2x cheaper (16 vs 36 ns a value, 20 float32 columns) for ~2 ns
-    of np.sort a value. KLL's error bound holds for any order of the stream; the rank error
-    measured over 40 streams was the same (mean 0.0063 vs 0.0064)."""
-    rows, cols = values.shape
-    full = rows - rows % RUN
-    if full == 0:
-        return np.sort(values, axis=0)
-    out = np.empty_like(values)
-    out[:full] = np.sort(values[:full].reshape(-1, RUN, cols), axis=1).reshape(full, cols)
-    out[full:] = np.sort(values[full:], axis=0)
-    return out
-
 
 
 def items_and_weights(kll: ds.kll_floats_sketch) -> tuple[np.ndarray, np.ndarray]:

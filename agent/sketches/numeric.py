@@ -18,7 +18,7 @@ import datasketches as ds
 import numpy as np
 
 from agent.errors import InvalidArgument
-from agent.sketches.kll import COMPACT_ROWS, check_kll, items_and_weights, merge_compacted, sorted_runs
+from agent.sketches.kll import COMPACT_ROWS, check_kll, items_and_weights, merge_compacted
 from protos import summary_pb2
 
 DEFAULT_K = 200  # KLL k for agent windows: ~1.3% rank error, a few KB saturated
@@ -427,7 +427,7 @@ def update_numeric_block(sketches: Sequence[NumericSketch], block: np.ndarray) -
     the KLLs, which dominate the cost: a block of COMPACT_ROWS rows or more is
     compacted in numpy into one small KLL per column and merged
     (``kll.compacted``); a smaller one goes to the binding's vectorised update,
-    sorted in runs. Gives the same result as ``sketch.update(block[:, j])`` for
+    sorted. Gives the same result as ``sketch.update(block[:, j])`` for
     each column.
     """
     block = np.asarray(block)
@@ -438,7 +438,6 @@ def update_numeric_block(sketches: Sequence[NumericSketch], block: np.ndarray) -
     rows = block.shape[0]
     if rows == 0:
         return
-    kll_values = _kll_input(block)
     finite = np.isfinite(block) if block.dtype.kind == "f" else None
     if finite is None or finite.all():
         clean = np.arange(len(sketches))
@@ -452,7 +451,7 @@ def update_numeric_block(sketches: Sequence[NumericSketch], block: np.ndarray) -
             if values.size:
                 cols = np.array(values.reshape(1, -1), dtype=np.float64, order="C")
                 sketch._absorb(values.size, *(s[0] for s in _finite_moments(cols)))
-                sketch._kll.update(kll_values[keep, j])
+                sketch._kll.update(_kll_input(values))
                 sketch._count_exact(values)
             sketch.count += rows
             sketch.missing += int(nans[j])
@@ -460,16 +459,20 @@ def update_numeric_block(sketches: Sequence[NumericSketch], block: np.ndarray) -
     if clean.size:
         sub = block if clean.size == len(sketches) else block[:, clean]
         cols = np.array(sub.T, dtype=np.float64, order="C")  # a copy: moments overwrite it
+        # The KLL's values [columns, rows] from that one transposed copy: a contiguous conversion
+        # costs a fraction of a second strided copy of the block.
+        cols_kll = cols.astype(np.float32) if sub.dtype == np.float32 else _kll_input(cols)
         means, m2s, lows, highs = _finite_moments(cols)
-        sub_kll = kll_values if clean.size == len(sketches) else kll_values[:, clean]
         klls = [sketches[j]._kll for j in clean]
         ks = {sketch.k for sketch in klls}
         if rows >= COMPACT_ROWS and len(ks) == 1:
-            merge_compacted(klls, sub_kll.T, ks.pop())
+            merge_compacted(klls, cols_kll, ks.pop())
         else:
-            runs = sorted_runs(sub_kll)
-            for i, sketch in enumerate(klls):
-                sketch.update(runs[:, i])
+            # Sorted first: the binding's level-0 compactions sort what they hold, and a sorted
+            # input makes them ~2x cheaper (16 vs 36 ns a value) for ~2 ns of np.sort a value. KLL's
+            # bound holds for any order of the stream (rank error over 40 streams: 0.0063 vs 0.0064).
+            for sketch, values in zip(klls, np.sort(cols_kll, axis=1)):
+                sketch.update(values)
         for i, j in enumerate(clean):
             sketch = sketches[j]
             sketch._absorb(rows, means[i], m2s[i], lows[i], highs[i])
