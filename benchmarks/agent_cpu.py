@@ -177,7 +177,8 @@ def main() -> int:
     if args.json:
         print(json.dumps({"rounds": results, "summary": summary}, indent=2))
         return 0
-    print(f"\n{args.rate:.0f} requests/s of {args.batch} row(s) for {args.seconds:.0f} s, {args.rounds} rounds per checkout")
+    print(f"\n{args.rate:.0f} requests/s of {args.batch} row(s) for {args.seconds:.0f} s, "
+          f"{args.rounds} rounds per checkout")
     print(f"{'checkout':10} {'idle cores':>11} {'(helper)':>9} {'µs/request':>11} {'(helper)':>9} {'dropped':>8}")
     for label, s in summary.items():
         print(f"{label:10} {s['idle_cores']:11.4f} {s['idle_helper_cores']:9.4f} {s['agent_us_per_request']:11.1f} "

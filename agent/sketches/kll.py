@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import struct
 
 import datasketches as ds
@@ -37,6 +38,14 @@ COMPACT_ROWS = 512
 RUN = 512
 _RUN_LEVELS = 3
 _rng = np.random.default_rng()
+
+
+def _reseed() -> None:
+    global _rng
+    _rng = np.random.default_rng()
+
+
+os.register_at_fork(after_in_child=_reseed)  # a forked serving process draws its own coins, not a copy of ours
 
 
 def _halve(a: np.ndarray) -> np.ndarray:
@@ -66,13 +75,14 @@ def compacted(values: np.ndarray, k: int) -> list[bytes]:
     by one (mean of the worst error 0.0047 vs 0.0055, bound 0.0133)."""
     cols, n = values.shape
     levels: list[np.ndarray] = []  # per level from 0: its items, [cols, count], the last the top
-    a = np.ascontiguousarray(values)  # the worker passes a transposed block: min and max along rows of it are strided
+    a = np.ascontiguousarray(values)  # min and max along the rows of a transposed block are strided
     lows, highs = a.min(axis=1, keepdims=True), a.max(axis=1, keepdims=True)
     while a.shape[1] >= max(8 * k, 2 * RUN):
         full = a.shape[1] - a.shape[1] % RUN
-        runs = np.sort(a[:, :full].reshape(cols, -1, RUN), axis=2).reshape(cols, -1, RUN >> _RUN_LEVELS, 1 << _RUN_LEVELS)
+        step = 1 << _RUN_LEVELS
+        runs = np.sort(a[:, :full].reshape(cols, -1, RUN), axis=2).reshape(cols, -1, RUN // step, step)
         # Halving a sorted run three times, by a coin each, keeps every 8th item from an offset of 0-7.
-        runs = np.take_along_axis(runs, _rng.integers(0, 1 << _RUN_LEVELS, (*runs.shape[:2], 1, 1)), axis=3)
+        runs = np.take_along_axis(runs, _rng.integers(0, step, (*runs.shape[:2], 1, 1)), axis=3)
         tail = np.sort(a[:, full:], axis=1)
         for _ in range(_RUN_LEVELS):
             tail = _halve(_odd_out(tail, levels))
@@ -81,6 +91,8 @@ def compacted(values: np.ndarray, k: int) -> list[bytes]:
     while a.shape[1] > k:
         a = _halve(_odd_out(a, levels))
     levels.append(a)
+    # At most k items on top and one on each level below: within the capacity of that many levels
+    # (k on top, at least m = 8 on each other), so the offsets below never go negative.
     sizes = [level.shape[1] for level in levels]
     retained = sum(sizes)
     offsets = np.cumsum([capacity(k, _KLL_M, len(levels)) - retained, *sizes[:-1]], dtype="<u4")
