@@ -513,16 +513,18 @@ class MonitoredSession:
 
     # --- lifecycle --------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
-        """Counters since start: rows captured / summarised / dropped, calls, errors."""
+        """Counters since start: rows captured / summarised / dropped, calls, errors. ``skipped_rows``:
+        of the dropped rows, those the summary worker failed on (the rest found the ring full)."""
         ring = self._ring
         if ring is None:
             return {"rows_captured": 0, "rows_summarised": 0, "calls": 0,
-                    "dropped_rows": self._pending_dropped, "errors": self._pending_errors}
+                    "dropped_rows": self._pending_dropped, "skipped_rows": 0, "errors": self._pending_errors}
         if ring.header is None:  # released at close: the counters as they were then
             return dict(self._final_stats)
         h = ring.hdr
         return {"rows_captured": h[ROWS_HEAD], "rows_summarised": h[ROWS_TAIL] - h[SKIPPED],
-                "calls": h[CALLS_HEAD], "dropped_rows": h[DROPPED] + h[SKIPPED], "errors": h[ERRORS]}
+                "calls": h[CALLS_HEAD], "dropped_rows": h[DROPPED] + h[SKIPPED], "skipped_rows": h[SKIPPED],
+                "errors": h[ERRORS]}
 
     def close(self, timeout: float = 10.0, *, flush_always: bool = False) -> None:
         """Stop capturing, flush the last partial window to the sink, stop the worker;

@@ -26,7 +26,8 @@ is started, runs every (batch, clients) cell, and is stopped; the order of the v
 between rounds. Per cell: requests/s, p50/p99 seen by the clients, CPU per request of the server's
 whole process tree (main process and children: the agent's helpers and processes, MLServer's
 inference-pool workers) from /proc, its ratio to the floor of the same round, rows dropped (the
-agent's ``outrider_agent_rows_dropped`` on /metrics, before vs after the cell), the clients' own CPU
+agent's ``outrider_agent_rows_dropped`` on /metrics, before vs after the cell; in the JSON, ``skipped_rows``: of
+those, the rows its summary worker failed on), the clients' own CPU
 per request (what the load cost: Python's is several times the compiled one's), the server tree's voluntary
 context switches per request (threads blocking and being woken: they are most of a small model's CPU per
 request, and their count moves from run to run of the same server, so read a CPU gap beside it) and the 1-minute load
@@ -183,14 +184,19 @@ class Server:
     metrics_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def dropped_rows(self) -> int | None:
-        """Rows the agent did not summarise, over its life (None: no monitoring, or no /metrics)."""
+    def dropped_rows(self) -> tuple[int, int] | None:
+        """Rows the agent did not summarise over its life, and of those the ones its summary worker
+        failed on (the rest found the ring full); None: no monitoring, or no /metrics."""
         if self.metrics_url is None:
             return None
         text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith("outrider_agent_rows_dropped")]
-        return int(sum(values)) if values else None
+
+        def counter(name: str) -> int | None:
+            values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)]
+            return int(sum(values)) if values else None
+
+        dropped, skipped = counter("outrider_agent_rows_dropped"), counter("outrider_agent_rows_skipped")
+        return None if dropped is None else (dropped, skipped or 0)
 
 
 def _popen(argv: list[str], cwd: Path) -> subprocess.Popen:
@@ -310,7 +316,8 @@ def measure(server: Server, clients: Clients | None, k: int, batch: int, seconds
         "server_cores_busy": (own + children) / seconds,
         "switches_per_request": (result["switches1"] - result["switches0"]) / n if n else None,
         "client_cpu_us_per_request": result["client_cpu"] / n * 1e6 if n else None,
-        "dropped_rows": None if dropped0 is None or dropped1 is None else dropped1 - dropped0,
+        "dropped_rows": None if dropped0 is None or dropped1 is None else dropped1[0] - dropped0[0],
+        "skipped_rows": None if dropped0 is None or dropped1 is None else dropped1[1] - dropped0[1],
         "load_average": round(os.getloadavg()[0], 2),
     }
 

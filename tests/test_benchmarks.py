@@ -59,8 +59,8 @@ def test_serving_benchmark_measures_floor_and_agent_and_skips_a_missing_mlserver
         assert row["p50_ms"] <= row["p99_ms"] and row["load_average"] >= 0
         assert row["client_cpu_us_per_request"] > 0  # the Python clients' own CPU, over the cell
     floor, agent = result["rows"]
-    assert floor["dropped_rows"] is None  # no /metrics to read
-    assert agent["dropped_rows"] == 0  # read from the agent's /metrics at a trickle of load
+    assert floor["dropped_rows"] is None and floor["skipped_rows"] is None  # no /metrics to read
+    assert agent["dropped_rows"] == agent["skipped_rows"] == 0  # read from the agent's /metrics at a trickle of load
     summary = {s["variant"]: s for s in result["summary"]}
     assert summary["floor"]["ratio_to_floor"] == 1.0
     assert summary["agent"]["ratio_to_floor"] == agent["requests_per_s"] / floor["requests_per_s"]

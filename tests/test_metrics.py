@@ -40,7 +40,8 @@ AGENT_FAMILIES = {
     "outrider_agent_requests": "counter", "outrider_agent_request_failures": "counter",
     "outrider_agent_inference_latency_seconds": "histogram", "outrider_agent_model_info": "gauge",
     "outrider_agent_rows_captured": "counter", "outrider_agent_rows_summarized": "counter",
-    "outrider_agent_rows_dropped": "counter", "outrider_agent_window_sink_errors": "counter",
+    "outrider_agent_rows_dropped": "counter", "outrider_agent_rows_skipped": "counter",
+    "outrider_agent_window_sink_errors": "counter",
     "outrider_agent_windows_sent": "counter", "outrider_agent_windows_acked": "counter",
     "outrider_agent_windows_rejected": "counter", "outrider_agent_stream_retries": "counter",
     "outrider_agent_spool_write_errors": "counter", "outrider_agent_windows_in_flight": "gauge",
@@ -229,7 +230,7 @@ def test_agent_monitoring_counters_match_the_rows_and_windows(world):
     m, windows = world.agent, ROWS * GOOD // 100
     assert value(m, "outrider_agent_rows_captured_total") == ROWS * GOOD  # refused requests never reach the model
     assert value(m, "outrider_agent_rows_summarized_total") == ROWS * GOOD
-    assert value(m, "outrider_agent_rows_dropped_total") == 0
+    assert value(m, "outrider_agent_rows_dropped_total") == value(m, "outrider_agent_rows_skipped_total") == 0
     assert value(m, "outrider_agent_windows_sent_total") == windows
     assert value(m, "outrider_agent_windows_acked_total") == windows
     for name in ("windows_rejected_total", "stream_retries_total", "spool_write_errors_total", "spool_windows",

@@ -152,6 +152,32 @@ def test_full_ring_drops_and_counts_never_blocks(lr):
     assert sum(w.dropped_rows for w in windows) == sess.stats()["dropped_rows"]
 
 
+def test_rows_the_worker_fails_on_are_counted_as_skipped_and_serving_goes_on(lr, monkeypatch):
+    """A summary step that raises skips its rows, counted apart from a full ring's, and the next
+    rows are summarised as before."""
+    from agent import worker
+
+    add_rows, failures = worker.WindowBuilder.add_rows, []
+
+    def fail_once(self, blocks):
+        if not failures:
+            failures.append(len(blocks[0]))
+            raise RuntimeError("a summary step that fails")
+        add_rows(self, blocks)
+
+    monkeypatch.setattr(worker.WindowBuilder, "add_rows", fail_once)
+    sink = InMemorySink()
+    sess = monitored(lr, sink=sink, window_rows=1000)
+    x = np.ones((10, 20), np.float32)
+    for _ in range(10):
+        sess.run(None, {"X": x})
+    sess.close()
+    stats = sess.stats()
+    assert failures and stats["skipped_rows"] > 0 and stats["dropped_rows"] == stats["skipped_rows"]
+    assert sum(w.rows for w in sink.windows) + stats["skipped_rows"] == 100
+    assert sum(w.dropped_rows for w in sink.windows) == stats["skipped_rows"]
+
+
 def test_concurrent_runs_lose_nothing(lr):
     x, _ = examples.tabular_data(n=4000, seed=7)
     sink = InMemorySink()
