@@ -197,6 +197,24 @@ def test_block_update_is_identical_to_per_column_update(block: np.ndarray) -> No
         assert sketch._kll.serialize() == alone._kll.serialize()
 
 
+@given(
+    hnp.arrays(np.float32, st.tuples(st.integers(0, 120), st.integers(1, 6)), elements=numbers),
+    hnp.arrays(np.float32, st.tuples(st.integers(1, 120), st.integers(1, 6)), elements=numbers),
+)
+def test_block_moments_are_bit_identical_to_merging_the_blocks_sketch(before: np.ndarray, block: np.ndarray) -> None:
+    """Updating a sketch with a block gives the same count, min, max and moments, bit for bit, as
+    merging a sketch of that block into it (the block path and the merge share Chan's formula)."""
+    cols = min(before.shape[1], block.shape[1])
+    before, block = before[:, :cols], block[:, :cols]
+    by_block = [sketch_of(before[:, j]) for j in range(cols)]
+    update_numeric_block(by_block, block)
+    for j, sketch in enumerate(by_block):
+        alone = sketch_of(before[:, j])
+        alone.merge(sketch_of(block[:, j]))
+        for name in ("count", "min", "max", "mean", "m2"):
+            assert same_float(getattr(sketch, name), getattr(alone, name)), name
+
+
 def test_block_update_on_large_dirty_blocks() -> None:
     rng = np.random.default_rng(7)
     # rows fed to the KLL in sorted runs of 512: whole runs, whole runs and a rest, a rest alone
