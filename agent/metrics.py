@@ -317,8 +317,8 @@ class _MonitoringCollector:
                                     ("dropped_rows", "outrider_agent_rows_dropped", "rows not summarised: the "
                                      "ring was full or a feed could not be copied (inference was unaffected)"),
                                     ("skipped_rows", "outrider_agent_rows_skipped", "of the dropped rows, those "
-                                     "the summary worker failed on (its log says why); the rest found the ring "
-                                     "full")):
+                                     "the summary worker failed on (its log says why); the rest were never "
+                                     "copied (ring full, or a feed that could not be copied)")):
                 yield CounterMetricFamily(name, text, value=stats.get(key, 0))
             yield CounterMetricFamily("outrider_agent_window_sink_errors", "closed windows the sink failed to "
                                       "take (lost)", value=getattr(session, "export_failures", 0))

@@ -514,7 +514,8 @@ class MonitoredSession:
     # --- lifecycle --------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
         """Counters since start: rows captured / summarised / dropped, calls, errors. ``skipped_rows``:
-        of the dropped rows, those the summary worker failed on (the rest found the ring full)."""
+        of the dropped rows, those the summary worker failed on (the rest were never copied: the
+        ring was full, or a feed could not be copied)."""
         ring = self._ring
         if ring is None:
             return {"rows_captured": 0, "rows_summarised": 0, "calls": 0,

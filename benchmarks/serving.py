@@ -186,7 +186,7 @@ class Server:
 
     def dropped_rows(self) -> tuple[int, int] | None:
         """Rows the agent did not summarise over its life, and of those the ones its summary worker
-        failed on (the rest found the ring full); None: no monitoring, or no /metrics."""
+        failed on (the rest were never copied); None: no monitoring, or no /metrics."""
         if self.metrics_url is None:
             return None
         text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
