@@ -152,17 +152,23 @@ def http_error(exc: BaseException) -> tuple[int, bytes, list[tuple[str, str]]]:
     return http_status(exc), body, headers
 
 
-def grpc_abort(context: grpc.ServicerContext, exc: Exception, where: str) -> None:
-    """Answer ``exc`` on ``context`` (raises, as ``context.abort`` does): an OutriderError with its code,
-    message and trailing metadata; anything else, a bug in ``where`` (a method's qualified name), is
-    logged and answered INTERNAL. The one mapping: ``grpc_errors`` and the agent's ModelInfer use it."""
+def grpc_status(exc: Exception, where: str) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """(code, details, trailing metadata) answering ``exc``: an OutriderError's own; anything else, a
+    bug in ``where`` (a method's qualified name), is logged and answered INTERNAL. The one mapping:
+    ``grpc_abort`` and the agent's asynchronous ModelInfer (``agent.handlers``) both use it."""
     if isinstance(exc, OutriderError):
-        if exc.trailing_metadata:
-            context.set_trailing_metadata(exc.trailing_metadata)
-        context.abort(exc.code, clip_details(str(exc)))
+        return exc.code, clip_details(str(exc)), tuple(exc.trailing_metadata)
     # a bug: keep serving, tell the caller plainly
     log.error("unhandled error in %s", where, exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, clip_details(f"internal error: {type(exc).__name__}: {exc}"))
+    return grpc.StatusCode.INTERNAL, clip_details(f"internal error: {type(exc).__name__}: {exc}"), ()
+
+
+def grpc_abort(context: grpc.ServicerContext, exc: Exception, where: str) -> None:
+    """Answer ``exc`` on ``context`` with ``grpc_status`` (raises, as ``context.abort`` does)."""
+    code, details, trailing = grpc_status(exc, where)
+    if trailing:
+        context.set_trailing_metadata(trailing)
+    context.abort(code, details)
 
 
 def grpc_errors(method: F) -> F:

@@ -236,17 +236,23 @@ class AccessInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED
             return None
+        refusal = self.refusal(details)
+        return handler if refusal is None else refusing_handler(handler, *refusal)
+
+    def refusal(self, details: grpc.HandlerCallDetails) -> tuple[grpc.StatusCode, str] | None:
+        """(code, message) refusing the call ``details`` describes, counted and logged; None: it may go on.
+        (The asyncio server's interceptor asks this and answers the refusal itself: ``agent.handlers``.)"""
         service, _, method = details.method.lstrip("/").partition("/")
         if service in OPEN_SERVICES:
-            return handler
+            return None
         refusal = self._check(service, method, details.invocation_metadata or ())
         if refusal is None:
-            return handler
+            return None
         code, message = refusal
         with self._lock:
             self._refusals[code.name.lower()] += 1
         log.warning("refused %s: %s", details.method, message)
-        return refusing_handler(handler, code, message)
+        return refusal
 
     def _check(self, service: str, method: str, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
         token, why = bearer_token(metadata, "this agent")
