@@ -23,6 +23,7 @@ itself): no interceptor runs per call (``agent.handlers``).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -178,11 +179,19 @@ class DecodeGuard(grpc.ServerInterceptor):
                         abort(context, error)
         else:
             behavior = handler.unary_unary or handler.unary_stream
+            if inspect.iscoroutinefunction(behavior):  # a grpc.aio server's (agent.grpc_loop): abort is awaited
 
-            def guarded(request: Any, context: grpc.ServicerContext, *args: Any, **kwargs: Any) -> Any:
-                if isinstance(request, Undecodable):
-                    abort(context, refusal(method, what, request, context.peer()))
-                return behavior(request, context, *args, **kwargs)
+                async def guarded(request: Any, context: Any, *args: Any, **kwargs: Any) -> Any:
+                    if isinstance(request, Undecodable):
+                        error = refusal(method, what, request, context.peer())
+                        await context.abort(error.code, clip_details(str(error)))
+                    return await behavior(request, context, *args, **kwargs)
+            else:
+
+                def guarded(request: Any, context: grpc.ServicerContext, *args: Any, **kwargs: Any) -> Any:
+                    if isinstance(request, Undecodable):
+                        abort(context, refusal(method, what, request, context.peer()))
+                    return behavior(request, context, *args, **kwargs)
 
         for name in _BEHAVIOR_ATTRIBUTES:
             if hasattr(behavior, name):

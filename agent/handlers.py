@@ -1,35 +1,41 @@
 """The agent port's gRPC handlers, wrapped once when they are registered instead of on every call.
 
-gRPC Python runs a server's interceptors on every call, in the one thread that takes calls off the
-completion queue for all the workers, and each wrapper layer is more Python under the GIL: at a few
-thousand small requests a second that is what keeps `agent serve` below a plain grpcio server (issue 12).
-So the agent's own port has no interceptor unless tokens are checked:
+The port is a ``grpc.aio`` server (``agent.grpc_loop``): ModelInfer is a coroutine answered on the
+server's event loop, every other method a plain function on its thread pool. Each wrapper layer is more
+Python on every call, and at a few thousand small requests a second that is what kept `agent serve` below
+a plain grpcio server (issue 12). So the agent's own port has no interceptor unless tokens are checked:
 
 - every method is guarded against bodies that do not decode (``agent.guard.DecodeGuard.wrap``) once,
   when it is registered;
 - ModelInfer is one layer (``model_infer``) that does what three did per call -- the metrics
   interceptor, the decode guard's wrapper and ``agent.errors.grpc_errors`` -- with the same statuses,
   messages, log lines and metrics: a refused body answered INVALID_ARGUMENT or RESOURCE_EXHAUSTED,
-  the servicer's errors through the one mapping (``agent.errors.grpc_abort``), every call counted and
+  the servicer's errors through the one mapping (``agent.errors.grpc_status``), every call counted and
   timed with the ``agent.metrics.Recorder`` of the version served when it ends.
 
-The access check (``agent.tokens.AccessInterceptor``) stays an interceptor: it reads each call's
-metadata before the body is decoded, so a refused caller's body never is. With it the metrics'
-interceptor comes first again, to count and time the calls it refuses; calls the ModelInfer handler
-answered it leaves alone (``agent.metrics.RECORDS_ITSELF``).
+The access check (``agent.tokens.AccessInterceptor.refusal``) stays an interceptor (``_Access``): it reads
+each call's metadata before the body is decoded, so a refused caller's body never is, and it counts the
+ModelInfer calls it refuses in the metrics.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Executor
 from typing import Any
 
 import grpc
 
-from agent.errors import grpc_abort
+from agent.errors import grpc_status
 from agent.guard import DecodeGuard, Undecodable, message_type
-from agent.metrics import RECORDS_ITSELF, AgentMetrics
+from agent.metrics import INFER_METHOD, RECORDS_ITSELF, AgentMetrics
 
+log = logging.getLogger(__name__)
+
+# A call on the event loop that takes longer holds up every other call, health checks included: said once.
+SLOW_ON_LOOP_SECONDS = 0.1
 # A generated ``add_<Service>Servicer_to_server(servicer, server)``.
 AddToServer = Callable[[Any, Any], None]
 # {full method name "/package.Service/Method": its own handler made from the generated one}
@@ -77,17 +83,30 @@ def register(server: grpc.Server, servicers: Iterable[tuple[AddToServer, Any]], 
 
 
 def model_infer(handler: grpc.RpcMethodHandler, method: str, infer: Callable[[Any], Any], switch: Any,
-                guard: DecodeGuard, metrics: AgentMetrics | None, where: str) -> grpc.RpcMethodHandler:
-    """ModelInfer's handler in one layer around ``infer(request) -> reply`` (the servicer's, raising
-    ``agent.errors`` exceptions): ``guard``'s refusal of a body that does not decode or is over its limit,
-    the one error mapping (a bug is logged as one in ``where``), and ``metrics`` (None: none) counting and
-    timing every call under the version ``switch`` serves when the call ends -- what
-    ``metrics.bind(lambda: servicer.plane)`` names, as the metrics interceptor counted it."""
+                guard: DecodeGuard, metrics: AgentMetrics | None, where: str,
+                threads: Executor | None = None) -> grpc.RpcMethodHandler:
+    """ModelInfer's handler on the asyncio server (``agent.grpc_loop``), in one layer around
+    ``infer(request) -> reply`` (the servicer's, raising ``agent.errors`` exceptions): ``guard``'s refusal of a
+    body that does not decode or is over its limit, the one error mapping (a bug is logged as one in
+    ``where``), and ``metrics`` (None: none) counting and timing every call under the version ``switch``
+    serves when the call ends -- what ``metrics.bind(lambda: servicer.plane)`` names.
+
+    ``threads`` None: each call runs on the server's event loop as it arrives, no hand-off to a thread (one
+    call at a time: onnxruntime's own threads are the only parallelism); an executor: its threads run
+    ``infer`` side by side, for models whose run takes long enough that calls should overlap."""
     what = message_type(handler.request_deserializer)
     refusal = guard.refusal
     clock = time.perf_counter
-    unknown = grpc.StatusCode.UNKNOWN
     last: tuple[Any, Any] = (None, None)  # (plane, its Recorder): one tuple, read and replaced whole
+
+    warned = False
+
+    def slow_on_loop(seconds: float) -> None:
+        nonlocal warned
+        warned = True
+        log.warning("a ModelInfer call took %.0f ms on the server's event loop, where calls run one at a time and "
+                    "health checks wait behind them: serve this model with --threaded-infer (calls side by side "
+                    "on the --workers threads) or --processes N", seconds * 1e3)
 
     def recorder() -> Any:
         nonlocal last
@@ -98,23 +117,27 @@ def model_infer(handler: grpc.RpcMethodHandler, method: str, infer: Callable[[An
             cached = last = (plane, metrics.recorder(plane))  # type: ignore[union-attr]
         return cached[1]
 
-    def failed(started: float, context: grpc.ServicerContext) -> None:
-        if metrics is not None:
-            recorder().record(clock() - started, context.code() or unknown)
-
-    def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = clock()
         try:
             if request.__class__ is Undecodable:
                 raise refusal(method, what, request, context.peer())
-            reply = infer(request)
+            if threads is None:
+                reply = infer(request)
+                if not warned and clock() - started > SLOW_ON_LOOP_SECONDS:
+                    slow_on_loop(clock() - started)
+            else:
+                reply = await asyncio.get_running_loop().run_in_executor(threads, infer, request)
         except Exception as exc:
-            try:
-                grpc_abort(context, exc, where)  # raises: the status is on the context
-            finally:
-                failed(started, context)
-        except BaseException:  # not answered by us (e.g. KeyboardInterrupt): counted, and on its way
-            failed(started, context)
+            code, details, trailing = grpc_status(exc, where)
+            if metrics is not None:
+                recorder().record(clock() - started, code)
+            if trailing:
+                context.set_trailing_metadata(trailing)
+            await context.abort(code, details)
+        except BaseException:  # not answered by us (the call was cancelled): counted, and on its way
+            if metrics is not None:
+                recorder().record(clock() - started, grpc.StatusCode.CANCELLED)
             raise
         if metrics is not None:  # recorder() inlined: this runs on every answered call
             elapsed = clock() - started
@@ -130,9 +153,40 @@ def model_infer(handler: grpc.RpcMethodHandler, method: str, infer: Callable[[An
                                                response_serializer=handler.response_serializer)
 
 
-def interceptors(access: grpc.ServerInterceptor | None, metrics: AgentMetrics | None) -> list[grpc.ServerInterceptor]:
-    """The agent port's interceptors: none without tokens; else the metrics' (counting the calls the
-    access check refuses, outermost) and the access check."""
-    if access is None:
-        return []
-    return [metrics.interceptor, access] if metrics is not None else [access]
+class _Access(grpc.aio.ServerInterceptor):
+    """The access check on the asyncio server: ``access.refusal`` decides, and a refused call is answered
+    here, before its body is decoded; a refused ModelInfer is counted and timed in ``metrics`` as the
+    synchronous metrics interceptor counts one (it cannot wrap a handler that is a coroutine)."""
+
+    def __init__(self, access: Any, metrics: AgentMetrics | None) -> None:
+        self.access = access
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
+                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED
+            return None
+        refused = self.access.refusal(details)
+        if refused is None:
+            return handler
+        code, message = refused
+        observe = self.metrics.observe if self.metrics is not None and details.method == INFER_METHOD else None
+
+        async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
+            if observe is not None:
+                observe(0.0, code)
+            await context.abort(code, message)
+
+        make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[
+            (bool(handler.request_streaming), bool(handler.response_streaming))]
+        return make(abort)
+
+
+def interceptors(access: Any, metrics: AgentMetrics | None) -> list[grpc.aio.ServerInterceptor]:
+    """The agent port's interceptors: none without tokens (``access``: an ``agent.tokens.AccessInterceptor``);
+    else the access check, counting the ModelInfer calls it refuses in ``metrics``."""
+    return [] if access is None else [_Access(access, metrics)]

@@ -65,7 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="bearer token for the collector (prefer the environment variable: flags show in ps)")
     add_client_tls_flags(serve, "--collector", "the collector")
     add_flag(serve, "--workers", prefix=AGENT_ENV, default="8", type=positive(int), metavar="N",
-             help="request worker threads")
+             help="request worker threads: REST calls, gRPC calls other than ModelInfer, and ModelInfer "
+                  "with --threaded-infer")
+    serve.add_argument("--threaded-infer", action="store_true",
+                       help="run gRPC ModelInfer calls side by side on the --workers threads, for models whose run "
+                            "takes milliseconds (default: one at a time on the server's event loop as they arrive, "
+                            "with no hand-off between threads: the cheapest for a model that runs in well under a "
+                            "millisecond)")
     add_flag(serve, "--max-message-mb", prefix=AGENT_ENV, default="64", type=positive(float), metavar="MB",
              help="largest request accepted; bigger ones get RESOURCE_EXHAUSTED")
     add_log_level(serve, AGENT_ENV)
@@ -104,8 +110,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                   "the column @reconstruction_error (multivariate drift). With --collector the collector sends "
                   "the one attached to this version (default: none until then)")
     add_flag(serve, "--intra-op-threads", prefix=AGENT_ENV, default="1", type=whole_number(1024), metavar="N",
-             help="onnxruntime threads one request's operators may use (0: one per core). Requests already run "
-                  "side by side on --workers threads; raise it for large batches at low concurrency")
+             help="onnxruntime threads one request's operators may use (0: one per core). gRPC ModelInfer calls "
+                  "run one at a time unless --threaded-infer, REST calls side by side on --workers threads; raise it "
+                  "for large batches at low concurrency")
     add_flag(serve, "--inter-op-threads", prefix=AGENT_ENV, default="1", type=whole_number(1024), metavar="N",
              help="onnxruntime threads for independent branches of the graph (0: one per core)")
     add_flag(serve, "--providers", prefix=AGENT_ENV, default="cpu", type=_providers, metavar="LIST",
@@ -187,7 +194,7 @@ def serve_command(args: argparse.Namespace) -> int:
         try:
             running = serve(session, name, args.model_version, args.listen, workers=args.workers,
                             max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics,
-                            reuse_port=shared, **access)
+                            reuse_port=shared, threaded_infer=args.threaded_infer, **access)
         except OSError as exc:
             close(session)
             raise UsageError(f"{first_line(exc)}; pick a free port on a local address with --listen") from None
@@ -248,7 +255,7 @@ def _serve_managed(args: argparse.Namespace) -> int:
         try:
             running = serve_switch(agent.switch, args.listen, owner=agent, workers=args.workers,
                                    max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics,
-                                   reuse_port=shared, **access)
+                                   reuse_port=shared, threaded_infer=args.threaded_infer, **access)
         except OSError as exc:
             agent.close(0)
             close(metrics)

@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from agent import handlers, tensors
 from agent.dataplane import DataPlane, InferenceSessionLike
 from agent.errors import InvalidArgument, NotFound, Unavailable, Unimplemented, grpc_errors
+from agent.grpc_loop import LoopThread
 from agent.guard import DecodeGuard
 from agent.hello import package_version
 from agent.metrics import INFER_METHOD
@@ -177,11 +178,16 @@ def _tensor_metadata(spec: tensors.TensorSpec) -> pb.ModelMetadataResponse.Tenso
 class InferenceServer:
     """A running endpoint: its bound ``port``, and ``stop`` for a graceful shutdown."""
 
-    def __init__(self, server: grpc.Server, servicer: InferenceServicer,
-                 health_servicer: health.HealthServicer, session: Any, host: str, port: int,
-                 guard: DecodeGuard | None = None, access: AccessInterceptor | None = None) -> None:
+    def __init__(self, server: grpc.aio.Server, loop: LoopThread, threads: futures.ThreadPoolExecutor,
+                 servicer: InferenceServicer,
+                 health_servicer: health.aio.HealthServicer, session: Any, host: str, port: int,
+                 guard: DecodeGuard | None = None, access: AccessInterceptor | None = None,
+                 interceptors: list[grpc.aio.ServerInterceptor] | None = None) -> None:
         # ``session``: what ``stop`` closes last (the served session, or a managed agent's controller)
         self.server = server
+        self.interceptors = interceptors or []  # what runs before every call's handler (agent.handlers)
+        self.loop = loop  # the thread ``server`` runs on (agent.grpc_loop)
+        self.threads = threads  # where its calls that are plain functions run
         self.servicer = servicer
         self.health = health_servicer
         self.session = session
@@ -191,6 +197,7 @@ class InferenceServer:
         self.access = access
         self._stop_lock = threading.Lock()
         self._stopped = False
+        self._ended = threading.Event()
 
     @property
     def address(self) -> str:
@@ -212,26 +219,35 @@ class InferenceServer:
                 return
             self._stopped = True
         self.servicer.shutting_down.set()
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        try:
+            self.loop.run(self.health.enter_graceful_shutdown())
+            self.loop.run(self.server.stop(grace))
+        finally:
+            self.loop.close()
+            self.threads.shutdown(wait=False)
+            self._ended.set()
         close = getattr(self.session, "close", None)
         if callable(close):
             close()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the server has stopped; False if ``timeout`` passed first."""
-        return self.server.wait_for_termination(timeout)
+        """Block until the server has stopped; as gRPC's ``wait_for_termination``, True if ``timeout``
+        passed first."""
+        return not self._ended.wait(timeout)
 
 
 def serve(session: InferenceSessionLike, model_name: str, model_version: str,
           listen: str = "127.0.0.1:8001", *, workers: int = 8,
           max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES, metrics: Any = None,
-          auth: ClientAuth | None = None, tls: TLSFiles | None = None, reuse_port: bool = False) -> InferenceServer:
+          auth: ClientAuth | None = None, tls: TLSFiles | None = None, reuse_port: bool = False,
+          threaded_infer: bool = False) -> InferenceServer:
     """Start serving ``session`` on ``listen`` (HOST:PORT; port 0 picks a free one).
 
     ``metrics`` (an ``agent.metrics.AgentMetrics``) counts and times requests and reads the served session.
     ``auth``: callers need a token it names (None: anyone may call); ``tls``: serve TLS, not plaintext.
     ``reuse_port``: share the port with other processes that set it too (``agent serve --processes``).
+    ModelInfer calls run one at a time on the server's event loop, or side by side on ``workers`` threads
+    with ``threaded_infer`` (for models whose run takes milliseconds); other calls run on those threads.
 
     Raises ``OSError`` when the address cannot be bound. Signal handling is
     left to the caller (the CLI installs it): a library must not take over
@@ -241,7 +257,7 @@ def serve(session: InferenceSessionLike, model_name: str, model_version: str,
     switch.swap(LoadedVersion(DataPlane(session, model_name, model_version), session, model_version,
                               getattr(session, "model_sha256", "")))
     running = serve_switch(switch, listen, owner=session, workers=workers, max_receive_bytes=max_receive_bytes,
-                           metrics=metrics, auth=auth, tls=tls, reuse_port=reuse_port)
+                           metrics=metrics, auth=auth, tls=tls, reuse_port=reuse_port, threaded_infer=threaded_infer)
     log.info("serving %s version %s on %s", model_name, model_version, running.address)
     return running
 
@@ -249,57 +265,74 @@ def serve(session: InferenceSessionLike, model_name: str, model_version: str,
 def serve_switch(switch: ModelSwitch, listen: str = "127.0.0.1:8001", *, owner: Any = None, workers: int = 8,
                  max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES, metrics: Any = None,
                  auth: ClientAuth | None = None, tls: TLSFiles | None = None,
-                 reuse_port: bool = False) -> InferenceServer:
+                 reuse_port: bool = False, threaded_infer: bool = False) -> InferenceServer:
     """Serve whichever version ``switch`` holds, request by request (``serve`` with a model that can
     change: a managed agent's). Health is NOT_SERVING while the switch holds no version;
     ``owner.close()`` (if any) runs last in ``stop``. Raises ``OSError`` when it cannot listen and
     ``InvalidArgument`` when the TLS files cannot be read."""
     servicer = InferenceServicer(switch)
-    health_servicer = health.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # its calls are coroutines, on the server's loop
     guard = DecodeGuard({FEEDBACK_METHOD: MAX_FEEDBACK_BYTES})
     access = AccessInterceptor(auth) if auth is not None else None
     credentials = _credentials(tls) if tls is not None else None
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="outrider-infer"),
-        # None without tokens: every handler is wrapped once below instead (agent.handlers); with them,
-        # a caller the access check refuses never has its body decoded, and the metrics count it.
-        interceptors=handlers.interceptors(access, metrics) or None,
-        options=[
-            # Oversized messages are refused by gRPC itself with RESOURCE_EXHAUSTED.
-            ("grpc.max_receive_message_length", max_receive_bytes),
-            # Off unless asked for (the processes of one `agent serve --processes N`): otherwise a second
-            # server on a busy port binds too and steals half the traffic.
-            ("grpc.so_reuseport", int(reuse_port)),
-        ],
-    )
+    # The calls other than ModelInfer are plain functions: gRPC runs them on this pool.
+    threads = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="outrider-infer")
     model_infer = partial(handlers.model_infer, method=INFER_METHOD, infer=servicer.infer, switch=switch,
-                          guard=guard, metrics=metrics, where="InferenceServicer.ModelInfer")
-    handlers.register(server, [(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer),
-                               (agent_pb2_grpc.add_FeedbackServiceServicer_to_server, FeedbackServicer(switch)),
-                               (health_pb2_grpc.add_HealthServicer_to_server, health_servicer)],
-                      guard, own={INFER_METHOD: model_infer})
+                          guard=guard, metrics=metrics, where="InferenceServicer.ModelInfer",
+                          threads=threads if threaded_infer else None)
+
+    # None without tokens: every handler is wrapped once below instead (agent.handlers); with them, a
+    # caller the access check refuses never has its body decoded, and the metrics count it.
+    interceptors = handlers.interceptors(access, metrics)
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(
+            migration_thread_pool=threads,
+            interceptors=interceptors or None,
+            options=[
+                # Oversized messages are refused by gRPC itself with RESOURCE_EXHAUSTED.
+                ("grpc.max_receive_message_length", max_receive_bytes),
+                # Off unless asked for (the processes of one `agent serve --processes N`): otherwise a second
+                # server on a busy port binds too and steals half the traffic.
+                ("grpc.so_reuseport", int(reuse_port)),
+            ],
+        )
+        handlers.register(server, [(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer),
+                                   (agent_pb2_grpc.add_FeedbackServiceServicer_to_server, FeedbackServicer(switch)),
+                                   (health_pb2_grpc.add_HealthServicer_to_server, health_servicer)],
+                          guard, own={INFER_METHOD: model_infer})
+        try:
+            port = (server.add_secure_port(listen, credentials) if credentials is not None
+                    else server.add_insecure_port(listen))
+        except RuntimeError as exc:
+            if credentials is not None:  # gRPC says only "failed to bind" for a key that does not fit its certificate
+                raise OSError(f"cannot listen on {listen} with TLS ({exc}): the address is in use, or the TLS "
+                              "certificate and key do not match") from None
+            raise OSError(f"cannot listen on {listen}: {exc}") from None
+        if port == 0:  # older grpcio reports a failed bind as port 0
+            raise OSError(f"cannot listen on {listen}")
+        await server.start()
+        return server, port
+
+    loop = LoopThread("outrider-grpc")
     try:
-        port = (server.add_secure_port(listen, credentials) if credentials is not None
-                else server.add_insecure_port(listen))
-    except RuntimeError as exc:
-        if credentials is not None:  # gRPC says only "failed to bind" for a key that does not fit its certificate
-            raise OSError(f"cannot listen on {listen} with TLS ({exc}): the address is in use, or the TLS "
-                          "certificate and key do not match") from None
-        raise OSError(f"cannot listen on {listen}: {exc}") from None
-    if port == 0:  # older grpcio reports a failed bind as port 0
-        raise OSError(f"cannot listen on {listen}")
+        server, port = loop.run(start())
+    except BaseException:
+        loop.close()
+        threads.shutdown(wait=False)
+        raise
     host = listen.rsplit(":", 1)[0]
 
     def health_of(current: LoadedVersion | None) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if current else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):  # ignored once a graceful shutdown began
-            health_servicer.set(service, status)
+            loop.call(health_servicer.set(service, status))
 
     switch.on_change(health_of)  # a loaded model is SERVING from the first call on
-    running = InferenceServer(server, servicer, health_servicer, owner, host, port, guard, access)
+    running = InferenceServer(server, loop, threads, servicer, health_servicer, owner, host, port, guard, access,
+                              interceptors)
     if metrics is not None:  # whatever plane is served at the time (a rollout swaps it)
         metrics.bind(lambda: servicer.plane, running.refusals)
-    server.start()
     return running
 
 

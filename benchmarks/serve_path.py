@@ -5,13 +5,14 @@
 The serving path's cost per call in the serving process, without sockets, threads or clients: each
 configuration is a real grpc server built the way it is served (``agent.server.serve`` with a session opened
 as ``agent serve`` opens it, and ``benchmarks/_floor_server.py``'s servicer on a plain ``grpc.server``), bound
-to 127.0.0.1:0 and never called over the network. A "call" is what grpcio's server does in Python for a
-unary request once its bytes have arrived, done here by hand with grpcio's own objects: find the method's
-handler the way ``grpc._server._find_method_handler`` does (the registered handler, through the interceptor
-pipeline when there is one), decode the body with the handler's deserializer, call its behavior with a
-stand-in servicer context, encode the reply with its serializer. grpcio's C core, the completion-queue
-thread and the worker-thread hand-offs are left out: they are the same for every configuration (and
-``serving.py`` measures them end to end). The request: the 20-feature logistic regression of
+to 127.0.0.1:0 and never called over the network. A "call" is what the server does in Python for a
+unary request once its bytes have arrived, done here by hand: for the floor with grpcio's own objects (find
+the method's handler the way ``grpc._server._find_method_handler`` does, decode the body with the handler's
+deserializer, call its behavior with a stand-in servicer context, encode the reply with its serializer); for
+the agent, whose port is a ``grpc.aio`` server, the same with its ModelInfer handler (``agent_call``), whose
+coroutine ends without waiting. grpcio's C core, the completion-queue thread and the hand-offs between threads
+are left out: the floor's synchronous server hands every call to a worker thread and back, the agent's
+asyncio server does not, and ``serving.py`` measures that end to end. The request: the 20-feature logistic regression of
 ``agent.examples.logistic_regression()``, ``--batch`` float32 rows as raw input contents, no outputs named,
 no request id; every call answers OK.
 
@@ -50,7 +51,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from grpc import _server as grpc_server  # noqa: E402
 
-from agent import MonitoredSession, examples, tensors  # noqa: E402
+from agent import MonitoredSession, examples, handlers, tensors  # noqa: E402
 from agent.metrics import AgentMetrics  # noqa: E402
 from agent.runtime import RuntimeOptions  # noqa: E402
 from agent.server import serve  # noqa: E402
@@ -102,6 +103,29 @@ def grpc_call(server: grpc.Server, method: str = INFER) -> Callable[[bytes], byt
             handler = registered.handler(details)
         request = handler.request_deserializer(body)
         return handler.response_serializer(handler.unary_unary(request, context))
+
+    return call
+
+
+def agent_call(running: Any, metrics: Any) -> Callable[[bytes], bytes]:
+    """One unary call through ``agent serve``'s ModelInfer handler as its asyncio server makes it: the handler
+    ``agent.server.serve_switch`` registers, built the same way (``agent.handlers.model_infer`` on the generated
+    one), the body decoded, the coroutine run to its end -- an OK call never waits, so it ends on the first
+    step, as it does on the server's event loop -- and the reply encoded."""
+    servicer = running.servicer
+    generated = handlers.method_handlers(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer)
+    handler = handlers.model_infer(generated["inference.GRPCInferenceService"]["ModelInfer"], INFER, servicer.infer,
+                                   servicer.switch, running.guard, metrics, "InferenceServicer.ModelInfer")
+    context = Context()
+
+    def call(body: bytes) -> bytes:
+        coroutine = handler.unary_unary(handler.request_deserializer(body), context)
+        try:
+            coroutine.send(None)
+        except StopIteration as done:
+            return handler.response_serializer(done.value)
+        coroutine.close()
+        raise RuntimeError("the ModelInfer handler waited: the benchmark's call is not an OK call on the loop")
 
     return call
 
@@ -200,7 +224,7 @@ def run(calls: int, rounds: int, batch: int) -> dict[str, Any]:
                 opened.append(lambda r=running: r.stop(0))
                 if metrics is not None:
                     opened.append(metrics.close)
-                call = grpc_call(running.server)
+                call = agent_call(running, metrics)
                 reply_body = call(body)
                 configs[label] = lambda call=call: call(body)
                 runs[label] = lambda s=session: s.run(None, feed)

@@ -2,6 +2,9 @@
 ModelInfer's one layer answering and counting every outcome as the interceptors did, each call counted once."""
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -53,7 +56,7 @@ def raw_call(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable
 
 def test_without_tokens_the_port_runs_no_interceptor_and_every_method_is_still_guarded(lr_model):
     with agent(lr_model) as (server, _, channel):
-        assert server.server._state.interceptor_pipeline is None  # grpcio's: nothing runs per call before us
+        assert server.interceptors == []  # nothing runs per call before our handlers
         for method, message in (("/inference.GRPCInferenceService/ModelMetadata", "inference.ModelMetadataRequest"),
                                 ("/outrider.v1.FeedbackService/Feedback", "outrider.v1.FeedbackRequest"),
                                 ("/grpc.health.v1.Health/Check", "grpc.health.v1.HealthCheckRequest"),
@@ -118,3 +121,64 @@ def test_a_reply_is_the_same_through_the_servicer_called_directly(lr_model):
         over_grpc = pb.ModelInferResponse.FromString(raw_call(channel, INFER)(request.SerializeToString(),
                                                                               timeout=HANG_GUARD))
         assert server.servicer.ModelInfer(request, None) == over_grpc == server.servicer.infer(request)
+
+
+class Recording:
+    """An onnxruntime session that notes which thread runs each call and how many run at once; each call
+    is held ``hold`` seconds first, so that calls that can overlap do."""
+
+    def __init__(self, lr_model, hold: float) -> None:
+        self.session = ort.InferenceSession(str(lr_model))
+        self.hold = hold
+        self.threads: set[str] = set()
+        self.running = self.most = 0
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def run(self, output_names, feed, run_options=None):
+        with self.lock:
+            self.threads.add(threading.current_thread().name)
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(self.hold)  # what a slow model's run looks like to the server: the GIL is free
+            return self.session.run(output_names, feed, run_options)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def concurrent_infers(address: str, calls: int) -> list[grpc.StatusCode]:
+    request = raw_request("lr", {"X": x_rows(1)})
+    with grpc.insecure_channel(address) as channel:
+        infer = channel.unary_unary(INFER, request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        futures = [infer.future(request, timeout=HANG_GUARD) for _ in range(calls)]
+        return [f.exception().code() if f.exception() else grpc.StatusCode.OK for f in futures]
+
+
+def test_model_infer_runs_on_the_event_loop_one_at_a_time_and_a_slow_model_is_told_to_use_threads(lr_model, caplog):
+    session = Recording(lr_model, hold=0.15)
+    running = serve(session, "lr", "1", "127.0.0.1:0")
+    try:
+        with caplog.at_level(logging.WARNING, logger="agent.handlers"):
+            assert concurrent_infers(running.address, 4) == [grpc.StatusCode.OK] * 4
+    finally:
+        running.stop(grace=0)
+    assert session.threads == {"outrider-grpc"} and session.most == 1  # no hand-off, so no overlap
+    slow = [r.getMessage() for r in caplog.records if "event loop" in r.getMessage()]
+    assert len(slow) == 1 and "--threaded-infer" in slow[0]  # said once, with what to do
+
+
+def test_threaded_infer_runs_model_infer_side_by_side_on_the_worker_threads(lr_model, caplog):
+    session = Recording(lr_model, hold=0.15)
+    running = serve(session, "lr", "1", "127.0.0.1:0", workers=4, threaded_infer=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="agent.handlers"):
+            assert concurrent_infers(running.address, 4) == [grpc.StatusCode.OK] * 4
+    finally:
+        running.stop(grace=0)
+    assert all(name.startswith("outrider-infer") for name in session.threads) and session.most > 1
+    assert not [r for r in caplog.records if "event loop" in r.getMessage()]
