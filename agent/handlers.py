@@ -30,7 +30,7 @@ import grpc
 
 from agent.errors import grpc_status
 from agent.guard import DecodeGuard, Undecodable, message_type
-from agent.metrics import INFER_METHOD, RECORDS_ITSELF, AgentMetrics
+from agent.metrics import INFER_METHOD, AgentMetrics
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,6 @@ def model_infer(handler: grpc.RpcMethodHandler, method: str, infer: Callable[[An
             (cached[1] if cached[0] is plane and cached[1] is not None else recorder()).ok(elapsed)
         return reply
 
-    if metrics is not None:
-        setattr(behavior, RECORDS_ITSELF, metrics)
     return grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=guard.deserializer(method, handler),
                                                response_serializer=handler.response_serializer)
 

@@ -4,8 +4,8 @@ the monitoring counters the session and its exporter already keep.
 Requests are counted and timed by the agent's ModelInfer handler itself
 (``agent.handlers``), through a ``Recorder`` whose prometheus_client children
 are bound once per model version (a lock and an add per update, as
-prometheus_client's own counters are); the gRPC interceptor is only there to
-count what an interceptor answers in the handler's place (a refused token).
+prometheus_client's own counters are); the access check's interceptor counts the
+calls it answers in the handler's place (a refused token) with ``observe``.
 Everything else is read when Prometheus scrapes, by a custom collector, from
 whatever session is served *then* (a managed agent swaps its session at run
 time), so nothing is added to the request path for it. Each ``AgentMetrics``
@@ -18,7 +18,6 @@ import ipaddress
 import logging
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -110,7 +109,6 @@ class AgentMetrics(Endpoints):
                                  registry=self.registry)
         self._recorders: dict[tuple[str, str], Recorder] = {}  # labels() once per version, not per call
         self._refusals: Callable[[], dict[str, int]] = dict
-        self.interceptor = _RequestInterceptor(self)
         self.registry.register(_MonitoringCollector(self))
 
     def bind(self, served: Served, refusals: Callable[[], dict[str, int]] | None = None) -> None:
@@ -178,56 +176,6 @@ class Recorder:
         """``record(seconds, None)``: one answered call, the usual one."""
         self._count()
         self._time(seconds)
-
-
-# Marks a ModelInfer behavior that records its own calls (agent.handlers): the interceptor leaves it alone.
-RECORDS_ITSELF = "outrider_records_itself"
-
-
-class _RequestInterceptor(grpc.ServerInterceptor):
-    """Counts and times ModelInfer calls; other methods pass through untouched.
-
-    The agent's own ModelInfer handler records its calls itself (``agent.handlers``: no interceptor on a
-    port without tokens), so this times only what an interceptor after it answers in its place: calls
-    the access check refuses. Requests that gRPC refuses before any handler runs (e.g. over the message
-    size limit: RESOURCE_EXHAUSTED) are not seen here."""
-
-    def __init__(self, metrics: AgentMetrics) -> None:
-        self.metrics = metrics
-        # gRPC asks for the handler on every call and gets the same object back each time: wrap it
-        # once, not per call (building a method handler per call costs more than the counting).
-        self._wrapped: tuple[Any, Any] = (None, None)
-
-    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
-                          handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method != INFER_METHOD or handler.unary_unary is None:
-            return handler
-        if getattr(handler.unary_unary, RECORDS_ITSELF, None) is self.metrics:
-            return handler
-        inner, wrapped = self._wrapped
-        if inner is handler:
-            return wrapped
-        wrapped = self._wrap(handler)
-        self._wrapped = (handler, wrapped)  # one tuple assignment: threads see the old pair or the new
-        return wrapped
-
-    def _wrap(self, handler: Any) -> Any:
-        behavior, metrics = handler.unary_unary, self.metrics
-
-        def timed(request: Any, context: grpc.ServicerContext) -> Any:
-            started = time.perf_counter()
-            try:
-                reply = behavior(request, context)
-            except BaseException:
-                # the servicer aborts with its status (agent.errors): the code is on the context
-                metrics.observe(time.perf_counter() - started, context.code() or grpc.StatusCode.UNKNOWN)
-                raise
-            metrics.observe(time.perf_counter() - started, context.code())
-            return reply
-
-        return grpc.unary_unary_rpc_method_handler(timed, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
 
 
 # Exporter stats (agent.exporter.CollectorExporter.stats) -> (name, type, help).
