@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -200,8 +201,10 @@ class Server:
 
 
 def _popen(argv: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV,
-                            start_new_session=True)
+    """The server in its own session, its stderr kept in ``cwd/stderr.log`` (what a failed cell shows)."""
+    with open(cwd / "stderr.log", "w") as err:
+        return subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=err, text=True, env=ENV,
+                                start_new_session=True)
 
 
 def _terminate(proc: subprocess.Popen) -> None:
@@ -228,6 +231,20 @@ def _read_until(proc: subprocess.Popen, patterns: dict[str, str], what: str) -> 
         raise RuntimeError(f"{what} exited before it served")
     threading.Thread(target=proc.stdout.read, daemon=True).start()  # type: ignore[union-attr]
     return found
+
+
+def _state(server: Server, work: Path) -> str:
+    """Whether ``server``'s process is alive and listening, and the end of its stderr: what a failed cell says."""
+    alive = Path(f"/proc/{server.pid}").exists()
+    port = server.address.rsplit(":", 1)[1]
+    if shutil.which("ss"):
+        found = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout.strip()
+        listening = "listening" if found else "not listening"
+    else:
+        listening = "(ss is not installed to tell whether it listens)"
+    log_file = work / "stderr.log"
+    tail = log_file.read_text()[-2000:].strip() if log_file.exists() else ""
+    return f"process {server.pid} {'alive' if alive else 'gone'}, port {port} {listening}; stderr: {tail or '(empty)'}"
 
 
 def start_server(variant: str, model: Path, tmp: Path) -> Server:
@@ -371,6 +388,7 @@ def run(models: list[str], batches: list[int], client_counts: list[int], variant
             skipped["mlserver"] = reason
             variants = [v for v in variants if v != "mlserver"]
     rows: list[dict[str, Any]] = []
+    retried = 0  # cells measured again after a failure (said in the log and the conditions)
     if client == "cpp":
         loadgen.build()
     clients = Clients(max(client_counts)) if client == "python" else None
@@ -388,8 +406,15 @@ def run(models: list[str], batches: list[int], client_counts: list[int], variant
                         try:
                             for b in batches:
                                 for k in client_counts:
+                                    try:
+                                        measured = measure(server, clients, k, b, seconds)
+                                    except RuntimeError as exc:  # e.g. a client that could not connect
+                                        log(f"{v} {m} batch {b} x {k}: {exc} ({_state(server, work)}); "
+                                            "measuring the cell again")
+                                        retried += 1
+                                        measured = measure(server, clients, k, b, seconds)
                                     row = {"round": r, "model": m, "batch": b, "clients": k, "variant": v,
-                                           **measure(server, clients, k, b, seconds)}
+                                           **measured}
                                     rows.append(row)
                                     log(json.dumps(row))
                         finally:
@@ -397,7 +422,8 @@ def run(models: list[str], batches: list[int], client_counts: list[int], variant
     finally:
         if clients is not None:
             clients.close()
-    return {"conditions": {**conditions(seconds, rounds), "client": client}, "skipped": skipped, "rows": rows,
+    return {"conditions": {**conditions(seconds, rounds), "client": client, "cells_measured_again": retried},
+            "skipped": skipped, "rows": rows,
             "summary": summarise(rows)}
 
 
