@@ -14,11 +14,13 @@ runs a coroutine on the loop and waits for its result, exceptions included.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+CALL_SECONDS = 10.0  # the longest ``call`` waits for the loop to run what it was given
 
 
 class LoopThread:
@@ -33,13 +35,22 @@ class LoopThread:
         """Run ``coroutine`` on the loop; its result, or its exception raised here."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-    def call(self, coroutine: Coroutine[Any, Any, Any]) -> None:
-        """Run ``coroutine`` on the loop: from another thread, wait for it; on the loop's own thread (where
-        waiting would never end), schedule it."""
+    def call(self, coroutine: Coroutine[Any, Any, Any], timeout: float = CALL_SECONDS) -> None:
+        """Run ``coroutine`` on the loop, for its effect: from another thread, wait for it (at most ``timeout``:
+        a loop stopping meanwhile never runs it); on the loop's own thread, where waiting would never end,
+        schedule it. Once the loop is closed (the server stopped) it is dropped."""
         if threading.current_thread() is self._thread:
             self.loop.create_task(coroutine)
-        else:
-            self.run(coroutine)
+            return
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        except RuntimeError:  # the loop is closed
+            coroutine.close()
+            return
+        try:
+            future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
 
     def close(self) -> None:
         """Stop the loop and release it (after whatever it runs now; from any thread but the loop's)."""

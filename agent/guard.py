@@ -196,9 +196,15 @@ class DecodeGuard(grpc.ServerInterceptor):
         for name in _BEHAVIOR_ATTRIBUTES:
             if hasattr(behavior, name):
                 setattr(guarded, name, getattr(behavior, name))
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[
-            (bool(handler.request_streaming), bool(handler.response_streaming))]
-        return make(guarded, request_deserializer=safe, response_serializer=handler.response_serializer)
+        return handler_like(handler, guarded, request_deserializer=safe,
+                            response_serializer=handler.response_serializer)
+
+
+def handler_like(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any], **kwargs: Any) -> grpc.RpcMethodHandler:
+    """A method handler running ``behavior`` with ``handler``'s arity (streamed requests, streamed replies)."""
+    make = {(False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler}[
+        (bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(behavior, **kwargs)

@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from agent.errors import grpc_status
-from agent.guard import DecodeGuard, Undecodable, message_type
+from agent.guard import DecodeGuard, Undecodable, handler_like, message_type
 from agent.metrics import INFER_METHOD, AgentMetrics
 
 log = logging.getLogger(__name__)
@@ -176,12 +176,7 @@ class _Access(grpc.aio.ServerInterceptor):
                 observe(0.0, code)
             await context.abort(code, message)
 
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[
-            (bool(handler.request_streaming), bool(handler.response_streaming))]
-        return make(abort)
+        return handler_like(handler, abort)
 
 
 def interceptors(access: Any, metrics: AgentMetrics | None) -> list[grpc.aio.ServerInterceptor]:

@@ -38,6 +38,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from agent.errors import InvalidArgument
+from agent.guard import handler_like
 
 log = logging.getLogger(__name__)
 
@@ -207,13 +208,7 @@ def refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, mess
             on_call(context)
         context.abort(code, message)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+    return handler_like(handler, abort)
 
 
 class AccessInterceptor(grpc.ServerInterceptor):
