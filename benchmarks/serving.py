@@ -250,7 +250,7 @@ def _state(server: Server, work: Path) -> str:
 def start_server(variant: str, model: Path, tmp: Path) -> Server:
     if variant in ("floor", "floor-processes-2"):
         proc = _popen([sys.executable, str(FLOOR), str(model), NAME,
-                       *(["--processes", "2"] if variant == "floor-processes-2" else [])], ROOT)
+                       *(["--processes", "2"] if variant == "floor-processes-2" else [])], tmp)
         found = _read_until(proc, {"address": r"listening on (\S+)"}, "the floor server")
         return Server(variant, found["address"], proc.pid, lambda: _terminate(proc))
     if variant == "mlserver":
