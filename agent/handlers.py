@@ -98,8 +98,7 @@ def model_infer(handler: grpc.RpcMethodHandler, method: str, infer: Callable[[An
     refusal = guard.refusal
     clock = time.perf_counter
     last: tuple[Any, Any] = (None, None)  # (plane, its Recorder): one tuple, read and replaced whole
-
-    warned = False
+    warned = False  # a call held the loop over SLOW_ON_LOOP_SECONDS, and the log said so
 
     def slow_on_loop(seconds: float) -> None:
         nonlocal warned
@@ -124,8 +123,6 @@ def model_infer(handler: grpc.RpcMethodHandler, method: str, infer: Callable[[An
                 raise refusal(method, what, request, context.peer())
             if threads is None:
                 reply = infer(request)
-                if not warned and clock() - started > SLOW_ON_LOOP_SECONDS:
-                    slow_on_loop(clock() - started)
             else:
                 reply = await asyncio.get_running_loop().run_in_executor(threads, infer, request)
         except Exception as exc:
@@ -139,8 +136,10 @@ def model_infer(handler: grpc.RpcMethodHandler, method: str, infer: Callable[[An
             if metrics is not None:
                 recorder().record(clock() - started, grpc.StatusCode.CANCELLED)
             raise
+        elapsed = clock() - started
+        if threads is None and elapsed > SLOW_ON_LOOP_SECONDS and not warned:
+            slow_on_loop(elapsed)
         if metrics is not None:  # recorder() inlined: this runs on every answered call
-            elapsed = clock() - started
             current = switch.current
             plane = current.plane if current is not None else None
             cached = last
@@ -153,8 +152,8 @@ def model_infer(handler: grpc.RpcMethodHandler, method: str, infer: Callable[[An
 
 class _Access(grpc.aio.ServerInterceptor):
     """The access check on the asyncio server: ``access.refusal`` decides, and a refused call is answered
-    here, before its body is decoded; a refused ModelInfer is counted and timed in ``metrics`` as the
-    synchronous metrics interceptor counts one (it cannot wrap a handler that is a coroutine)."""
+    here, before its body is decoded; a refused ModelInfer is counted in ``metrics`` under its code (with no
+    time: no model ran), as the servicer's own failures are."""
 
     def __init__(self, access: Any, metrics: AgentMetrics | None) -> None:
         self.access = access
