@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 CALL_SECONDS = 10.0  # the longest ``call`` waits for the loop to run what it was given
+FINISH_SECONDS = 2.0  # how long ``close`` lets pending tasks end on their own before cancelling them
 
 
 class LoopThread:
@@ -53,9 +54,25 @@ class LoopThread:
             future.cancel()
 
     def close(self) -> None:
-        """Stop the loop and release it (after whatever it runs now; from any thread but the loop's)."""
+        """Stop the loop and release it (from any thread but the loop's). Tasks still pending -- e.g. gRPC's
+        own for a call that ended as the server stopped -- get to end first (cancelled after FINISH_SECONDS):
+        a task destroyed pending logs errors later, from whatever runs then."""
         if self.loop.is_closed():
             return
+        try:
+            self.run(self._finish_tasks(), timeout=CALL_SECONDS)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass  # the loop stops regardless
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+    async def _finish_tasks(self) -> None:
+        current = asyncio.current_task()
+        tasks = [task for task in asyncio.all_tasks() if task is not current]
+        if tasks:  # most end on their own once the loop runs them (a call that ended as the server stopped)
+            _, pending = await asyncio.wait(tasks, timeout=FINISH_SECONDS)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.loop.shutdown_asyncgens()

@@ -2,6 +2,7 @@
 ModelInfer's one layer answering and counting every outcome as the interceptors did, each call counted once."""
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -182,3 +183,23 @@ def test_threaded_infer_runs_model_infer_side_by_side_on_the_worker_threads(lr_m
         running.stop(grace=0)
     assert all(name.startswith("outrider-infer") for name in session.threads) and session.most > 1
     assert not [r for r in caplog.records if "event loop" in r.getMessage()]
+
+
+def test_stopping_while_calls_fail_leaves_no_pending_task_to_log_errors_later(lr_model, caplog):
+    from protos import agent_pb2, agent_pb2_grpc
+
+    too_many = agent_pb2.FeedbackRequest(labels=[agent_pb2.Label(request_id=str(i), class_label="1")
+                                                 for i in range(10_002)])  # refused: over the per-call limit
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):  # the race is between a call's end and the loop's: give it several chances
+            running = serve(ort.InferenceSession(str(lr_model)), "lr", "1", "127.0.0.1:0")
+            channel = grpc.insecure_channel(running.address)
+            calls = [agent_pb2_grpc.FeedbackServiceStub(channel).Feedback.future(too_many, timeout=HANG_GUARD)
+                     for _ in range(8)]
+            running.stop(grace=0)
+            channel.close()
+            for call in calls:
+                call.exception()  # each ended, one way or another
+            gc.collect()  # a task destroyed while pending would log here, in whatever code runs next
+    noise = [r.getMessage() for r in caplog.records if r.name in ("asyncio", "grpc._cython.cygrpc")]
+    assert noise == []
