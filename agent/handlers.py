@@ -1,7 +1,9 @@
 """The agent port's gRPC handlers, wrapped once when they are registered instead of on every call.
 
 The port is a ``grpc.aio`` server (``agent.grpc_loop``): ModelInfer is a coroutine answered on the
-server's event loop, every other method a plain function on its thread pool. Each wrapper layer is more
+server's event loop, every other method a plain function on its thread pool. The processes of
+``agent serve --processes N`` run grpcio's threads server instead (``agent.server``: why), where every
+call runs on a pool thread; the handlers are the same, only how a call is aborted differs. Each wrapper layer is more
 Python on every call, and at a few thousand small requests a second that is what kept `agent serve` below
 a plain grpcio server (issue 12). So the agent's own port has no interceptor unless tokens are checked:
 
@@ -13,7 +15,8 @@ a plain grpcio server (issue 12). So the agent's own port has no interceptor unl
   the servicer's errors through the one mapping (``agent.errors.grpc_status``), every call counted and
   timed with the ``agent.metrics.Recorder`` of the version served when it ends.
 
-The access check (``agent.tokens.AccessInterceptor.refusal``) stays an interceptor (``_Access``): it reads
+The access check (``agent.tokens.AccessInterceptor.refusal``) stays an interceptor (``_Access``, or
+``_ThreadsAccess`` on the threads server): it reads
 each call's metadata before the body is decoded, so a refused caller's body never is, and it counts the
 ModelInfer calls it refuses in the metrics.
 """
@@ -82,22 +85,34 @@ def register(server: grpc.Server, servicers: Iterable[tuple[AddToServer, Any]], 
             server.add_registered_method_handlers(service, wrapped)
 
 
+class _Failure:
+    """A ModelInfer call answered with an error: what the server-specific wrapper aborts the call with."""
+
+    __slots__ = ("code", "details", "trailing")
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: Any) -> None:
+        self.code, self.details, self.trailing = code, details, trailing
+
+
 def model_infer(handler: grpc.RpcMethodHandler, method: str, infer: Callable[[Any], Any], switch: Any,
                 guard: DecodeGuard, metrics: AgentMetrics | None, where: str,
-                threads: Executor | None = None) -> grpc.RpcMethodHandler:
-    """ModelInfer's handler on the asyncio server (``agent.grpc_loop``), in one layer around
-    ``infer(request) -> reply`` (the servicer's, raising ``agent.errors`` exceptions): ``guard``'s refusal of a
-    body that does not decode or is over its limit, the one error mapping (a bug is logged as one in
-    ``where``), and ``metrics`` (None: none) counting and timing every call under the version ``switch``
-    serves when the call ends -- what ``metrics.bind(lambda: servicer.plane)`` names.
+                threads: Executor | None = None, asynchronous: bool = True) -> grpc.RpcMethodHandler:
+    """ModelInfer's handler in one layer around ``infer(request) -> reply`` (the servicer's, raising
+    ``agent.errors`` exceptions): ``guard``'s refusal of a body that does not decode or is over its limit,
+    the one error mapping (a bug is logged as one in ``where``), and ``metrics`` (None: none) counting and
+    timing every call under the version ``switch`` serves when the call ends -- what
+    ``metrics.bind(lambda: servicer.plane)`` names.
 
-    ``threads`` None: each call runs on the server's event loop as it arrives, no hand-off to a thread (one
-    call at a time: onnxruntime's own threads are the only parallelism); an executor: its threads run
-    ``infer`` side by side, for models whose run takes long enough that calls should overlap."""
+    ``asynchronous``: for the asyncio server (``agent.grpc_loop``). With ``threads`` None each call runs on the
+    server's event loop as it arrives, no hand-off to a thread (one call at a time: onnxruntime's own threads
+    are the only parallelism); with an executor its threads run ``infer`` side by side, for models whose run
+    takes long enough that calls should overlap. Not ``asynchronous``: for grpcio's threads server, whose
+    pool threads run the calls."""
     what = message_type(handler.request_deserializer)
     refusal = guard.refusal
     clock = time.perf_counter
     last: tuple[Any, Any] = (None, None)  # (plane, its Recorder): one tuple, read and replaced whole
+    on_loop = asynchronous and threads is None  # a long call holds up every other
     warned = False  # a call held the loop over SLOW_ON_LOOP_SECONDS, and the log said so
 
     def slow_on_loop(seconds: float) -> None:
@@ -116,28 +131,21 @@ def model_infer(handler: grpc.RpcMethodHandler, method: str, infer: Callable[[An
             cached = last = (plane, metrics.recorder(plane))  # type: ignore[union-attr]
         return cached[1]
 
-    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def attempt(request: Any, context: Any) -> Any:
+        """The reply, or a ``_Failure`` (counted) for the wrapper to answer: aborting is the one thing the
+        two servers do differently."""
         started = clock()
         try:
             if request.__class__ is Undecodable:
                 raise refusal(method, what, request, context.peer())
-            if threads is None:
-                reply = infer(request)
-            else:
-                reply = await asyncio.get_running_loop().run_in_executor(threads, infer, request)
+            reply = infer(request)
         except Exception as exc:
             code, details, trailing = grpc_status(exc, where)
             if metrics is not None:
                 recorder().record(clock() - started, code)
-            if trailing:
-                context.set_trailing_metadata(trailing)
-            await context.abort(code, details)
-        except BaseException:  # not answered by us (the call was cancelled): counted, and on its way
-            if metrics is not None:
-                recorder().record(clock() - started, grpc.StatusCode.CANCELLED)
-            raise
+            return _Failure(code, details, trailing)
         elapsed = clock() - started
-        if threads is None and elapsed > SLOW_ON_LOOP_SECONDS and not warned:
+        if on_loop and elapsed > SLOW_ON_LOOP_SECONDS and not warned:
             slow_on_loop(elapsed)
         if metrics is not None:  # recorder() inlined: this runs on every answered call
             current = switch.current
@@ -146,18 +154,56 @@ def model_infer(handler: grpc.RpcMethodHandler, method: str, infer: Callable[[An
             (cached[1] if cached[0] is plane and cached[1] is not None else recorder()).ok(elapsed)
         return reply
 
+    async def on_the_loop(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        reply = attempt(request, context)
+        if reply.__class__ is _Failure:
+            if reply.trailing:
+                context.set_trailing_metadata(reply.trailing)
+            await context.abort(reply.code, reply.details)
+        return reply
+
+    async def on_a_thread(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = clock()
+        try:
+            reply = await asyncio.get_running_loop().run_in_executor(threads, attempt, request, context)
+        except BaseException:  # not answered by us (the call was cancelled): counted, and on its way
+            if metrics is not None:
+                recorder().record(clock() - started, grpc.StatusCode.CANCELLED)
+            raise
+        if reply.__class__ is _Failure:
+            if reply.trailing:
+                context.set_trailing_metadata(reply.trailing)
+            await context.abort(reply.code, reply.details)
+        return reply
+
+    def on_the_pool(request: Any, context: grpc.ServicerContext) -> Any:
+        reply = attempt(request, context)
+        if reply.__class__ is _Failure:
+            if reply.trailing:
+                context.set_trailing_metadata(reply.trailing)
+            context.abort(reply.code, reply.details)
+        return reply
+
+    behavior = on_the_pool if not asynchronous else on_the_loop if threads is None else on_a_thread
     return grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=guard.deserializer(method, handler),
                                                response_serializer=handler.response_serializer)
 
 
-class _Access(grpc.aio.ServerInterceptor):
-    """The access check on the asyncio server: ``access.refusal`` decides, and a refused call is answered
-    here, before its body is decoded; a refused ModelInfer is counted in ``metrics`` under its code (with no
-    time: no model ran), as the servicer's own failures are."""
+class _Refusing:
+    """What both servers' access interceptors share: ``access.refusal`` decides, and a refused call is answered
+    by the interceptor, before its body is decoded; a refused ModelInfer is counted in ``metrics`` under its
+    code (with no time: no model ran), as the servicer's own failures are."""
 
     def __init__(self, access: Any, metrics: AgentMetrics | None) -> None:
         self.access = access
         self.metrics = metrics
+
+    def _observer(self, details: grpc.HandlerCallDetails) -> Callable[[float, grpc.StatusCode], None] | None:
+        return self.metrics.observe if self.metrics is not None and details.method == INFER_METHOD else None
+
+
+class _Access(_Refusing, grpc.aio.ServerInterceptor):
+    """The access check on the asyncio server."""
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -168,7 +214,7 @@ class _Access(grpc.aio.ServerInterceptor):
         if refused is None:
             return handler
         code, message = refused
-        observe = self.metrics.observe if self.metrics is not None and details.method == INFER_METHOD else None
+        observe = self._observer(details)
 
         async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
             if observe is not None:
@@ -178,7 +224,32 @@ class _Access(grpc.aio.ServerInterceptor):
         return handler_like(handler, abort)
 
 
-def interceptors(access: Any, metrics: AgentMetrics | None) -> list[grpc.aio.ServerInterceptor]:
+class _ThreadsAccess(_Refusing, grpc.ServerInterceptor):
+    """The access check on grpcio's threads server: the same decision and count, answered synchronously."""
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
+                          details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        refused = self.access.refusal(details)
+        if refused is None:
+            return handler
+        code, message = refused
+        observe = self._observer(details)
+
+        def abort(request: Any, context: grpc.ServicerContext) -> None:
+            if observe is not None:
+                observe(0.0, code)
+            context.abort(code, message)
+
+        return handler_like(handler, abort)
+
+
+def interceptors(access: Any, metrics: AgentMetrics | None, asynchronous: bool = True) -> list[Any]:
     """The agent port's interceptors: none without tokens (``access``: an ``agent.tokens.AccessInterceptor``);
-    else the access check, counting the ModelInfer calls it refuses in ``metrics``."""
-    return [] if access is None else [_Access(access, metrics)]
+    else the access check, counting the ModelInfer calls it refuses in ``metrics`` -- for the asyncio server,
+    or (not ``asynchronous``) grpcio's threads server."""
+    if access is None:
+        return []
+    return [_Access(access, metrics) if asynchronous else _ThreadsAccess(access, metrics)]

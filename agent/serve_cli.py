@@ -66,12 +66,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_client_tls_flags(serve, "--collector", "the collector")
     add_flag(serve, "--workers", prefix=AGENT_ENV, default="8", type=positive(int), metavar="N",
              help="request worker threads: REST calls, gRPC calls other than ModelInfer, and ModelInfer "
-                  "with --threaded-infer")
+                  "with --threaded-infer (every gRPC call on the threads server: --grpc-server)")
     serve.add_argument("--threaded-infer", action="store_true",
                        help="run gRPC ModelInfer calls side by side on the --workers threads, for models whose run "
                             "takes milliseconds (default: one at a time on the server's event loop as they arrive, "
                             "with no hand-off between threads: the cheapest for a model that runs in well under a "
                             "millisecond)")
+    add_flag(serve, "--grpc-server", prefix=AGENT_ENV, default="auto", choices=["auto", "asyncio", "threads"],
+             help="how the gRPC port runs calls: asyncio (an event loop; ModelInfer on it, no hand-off between "
+                  "threads) or threads (grpcio's thread pool, every call on a --workers thread); auto: asyncio "
+                  "for one process, threads for each of --processes N (measured cheaper there: "
+                  "benchmarks/README.md)")
     add_flag(serve, "--max-message-mb", prefix=AGENT_ENV, default="64", type=positive(float), metavar="MB",
              help="largest request accepted; bigger ones get RESOURCE_EXHAUSTED")
     add_log_level(serve, AGENT_ENV)
@@ -194,7 +199,8 @@ def serve_command(args: argparse.Namespace) -> int:
         try:
             running = serve(session, name, args.model_version, args.listen, workers=args.workers,
                             max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics,
-                            reuse_port=shared, threaded_infer=args.threaded_infer, **access)
+                            reuse_port=shared, threaded_infer=args.threaded_infer,
+                            asynchronous=_asynchronous(args, shared), **access)
         except OSError as exc:
             close(session)
             raise UsageError(f"{first_line(exc)}; pick a free port on a local address with --listen") from None
@@ -255,7 +261,8 @@ def _serve_managed(args: argparse.Namespace) -> int:
         try:
             running = serve_switch(agent.switch, args.listen, owner=agent, workers=args.workers,
                                    max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics,
-                                   reuse_port=shared, threaded_infer=args.threaded_infer, **access)
+                                   reuse_port=shared, threaded_infer=args.threaded_infer,
+                            asynchronous=_asynchronous(args, shared), **access)
         except OSError as exc:
             agent.close(0)
             close(metrics)
@@ -279,6 +286,13 @@ def _serve_until_stopped(args: argparse.Namespace, running: Any, metrics: Any, a
     finally:
         _stop(running, rest, args.grace_seconds)
         close(metrics)
+
+
+def _asynchronous(args: argparse.Namespace, shared: bool) -> bool:
+    """Whether this process's gRPC port is the asyncio server (--grpc-server; auto: unless it is one of
+    --processes N's, ``shared``)."""
+    choice = getattr(args, "grpc_server", "auto")
+    return choice == "asyncio" or (choice == "auto" and not shared)
 
 
 def _check_listen(listen: str, http_listen: str | None = None) -> bool:

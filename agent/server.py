@@ -178,15 +178,15 @@ def _tensor_metadata(spec: tensors.TensorSpec) -> pb.ModelMetadataResponse.Tenso
 class InferenceServer:
     """A running endpoint: its bound ``port``, and ``stop`` for a graceful shutdown."""
 
-    def __init__(self, server: grpc.aio.Server, loop: LoopThread, threads: futures.ThreadPoolExecutor,
+    def __init__(self, server: Any, loop: LoopThread | None, threads: futures.ThreadPoolExecutor,
                  servicer: InferenceServicer,
-                 health_servicer: health.aio.HealthServicer, session: Any, host: str, port: int,
+                 health_servicer: Any, session: Any, host: str, port: int,
                  guard: DecodeGuard | None = None, access: AccessInterceptor | None = None,
                  interceptors: list[grpc.aio.ServerInterceptor] | None = None) -> None:
         # ``session``: what ``stop`` closes last (the served session, or a managed agent's controller)
         self.server = server
         self.interceptors = interceptors or []  # what runs before every call's handler (agent.handlers)
-        self.loop = loop  # the thread ``server`` runs on (agent.grpc_loop)
+        self.loop = loop  # the thread ``server`` runs on (agent.grpc_loop); None: grpcio's threads server
         self.threads = threads  # where its calls that are plain functions run
         self.servicer = servicer
         self.health = health_servicer
@@ -220,10 +220,15 @@ class InferenceServer:
             self._stopped = True
         self.servicer.shutting_down.set()
         try:
-            self.loop.run(self.health.enter_graceful_shutdown())
-            self.loop.run(self.server.stop(grace))
+            if self.loop is None:
+                self.health.enter_graceful_shutdown()
+                self.server.stop(grace).wait()
+            else:
+                self.loop.run(self.health.enter_graceful_shutdown())
+                self.loop.run(self.server.stop(grace))
         finally:
-            self.loop.close()
+            if self.loop is not None:
+                self.loop.close()
             self.threads.shutdown(wait=False)
             self._ended.set()
         close = getattr(self.session, "close", None)
@@ -240,7 +245,7 @@ def serve(session: InferenceSessionLike, model_name: str, model_version: str,
           listen: str = "127.0.0.1:8001", *, workers: int = 8,
           max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES, metrics: Any = None,
           auth: ClientAuth | None = None, tls: TLSFiles | None = None, reuse_port: bool = False,
-          threaded_infer: bool = False) -> InferenceServer:
+          threaded_infer: bool = False, asynchronous: bool = True) -> InferenceServer:
     """Start serving ``session`` on ``listen`` (HOST:PORT; port 0 picks a free one).
 
     ``metrics`` (an ``agent.metrics.AgentMetrics``) counts and times requests and reads the served session.
@@ -248,6 +253,10 @@ def serve(session: InferenceSessionLike, model_name: str, model_version: str,
     ``reuse_port``: share the port with other processes that set it too (``agent serve --processes``).
     ModelInfer calls run one at a time on the server's event loop, or side by side on ``workers`` threads
     with ``threaded_infer`` (for models whose run takes milliseconds); other calls run on those threads.
+    ``asynchronous`` False: grpcio's threads server instead, every call on a ``workers`` thread. One process
+    serves more on the asyncio server (no hand-off between threads per call); processes sharing two cores
+    (``--processes 2``) served more each on the threads server, at less CPU a request (benchmarks/README.md,
+    "--processes 2 on grpcio's threads server").
 
     Raises ``OSError`` when the address cannot be bound. Signal handling is
     left to the caller (the CLI installs it): a library must not take over
@@ -257,46 +266,48 @@ def serve(session: InferenceSessionLike, model_name: str, model_version: str,
     switch.swap(LoadedVersion(DataPlane(session, model_name, model_version), session, model_version,
                               getattr(session, "model_sha256", "")))
     running = serve_switch(switch, listen, owner=session, workers=workers, max_receive_bytes=max_receive_bytes,
-                           metrics=metrics, auth=auth, tls=tls, reuse_port=reuse_port, threaded_infer=threaded_infer)
-    log.info("serving %s version %s on %s", model_name, model_version, running.address)
+                           metrics=metrics, auth=auth, tls=tls, reuse_port=reuse_port, threaded_infer=threaded_infer,
+                           asynchronous=asynchronous)
+    log.info("serving %s version %s on %s (%s)", model_name, model_version, running.address,
+             "asyncio server" if asynchronous else f"threads server, {workers} workers")
     return running
 
 
 def serve_switch(switch: ModelSwitch, listen: str = "127.0.0.1:8001", *, owner: Any = None, workers: int = 8,
                  max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES, metrics: Any = None,
                  auth: ClientAuth | None = None, tls: TLSFiles | None = None,
-                 reuse_port: bool = False, threaded_infer: bool = False) -> InferenceServer:
+                 reuse_port: bool = False, threaded_infer: bool = False,
+                 asynchronous: bool = True) -> InferenceServer:
     """Serve whichever version ``switch`` holds, request by request (``serve`` with a model that can
     change: a managed agent's). Health is NOT_SERVING while the switch holds no version;
     ``owner.close()`` (if any) runs last in ``stop``. Raises ``OSError`` when it cannot listen and
-    ``InvalidArgument`` when the TLS files cannot be read."""
+    ``InvalidArgument`` when the TLS files cannot be read.
+
+    ``asynchronous`` False: grpcio's threads server, every call on one of ``workers`` threads (``serve``)."""
     servicer = InferenceServicer(switch)
-    health_servicer = health.aio.HealthServicer()  # its calls are coroutines, on the server's loop
+    # Its calls are coroutines, on the server's loop (asyncio), or plain functions (threads server).
+    health_servicer = health.aio.HealthServicer() if asynchronous else health.HealthServicer()
     guard = DecodeGuard({FEEDBACK_METHOD: MAX_FEEDBACK_BYTES})
     access = AccessInterceptor(auth) if auth is not None else None
     credentials = _credentials(tls) if tls is not None else None
-    # The calls other than ModelInfer are plain functions: gRPC runs them on this pool.
+    # The calls other than ModelInfer are plain functions: gRPC runs them on this pool (all calls, threads server).
     threads = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="outrider-infer")
     model_infer = partial(handlers.model_infer, method=INFER_METHOD, infer=servicer.infer, switch=switch,
                           guard=guard, metrics=metrics, where="InferenceServicer.ModelInfer",
-                          threads=threads if threaded_infer else None)
+                          threads=threads if threaded_infer else None, asynchronous=asynchronous)
 
     # None without tokens: every handler is wrapped once below instead (agent.handlers); with them, a
     # caller the access check refuses never has its body decoded, and the metrics count it.
-    interceptors = handlers.interceptors(access, metrics)
+    interceptors = handlers.interceptors(access, metrics, asynchronous)
+    options = [
+        # Oversized messages are refused by gRPC itself with RESOURCE_EXHAUSTED.
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        # Off unless asked for (the processes of one `agent serve --processes N`): otherwise a second
+        # server on a busy port binds too and steals half the traffic.
+        ("grpc.so_reuseport", int(reuse_port)),
+    ]
 
-    async def start() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server(
-            migration_thread_pool=threads,
-            interceptors=interceptors or None,
-            options=[
-                # Oversized messages are refused by gRPC itself with RESOURCE_EXHAUSTED.
-                ("grpc.max_receive_message_length", max_receive_bytes),
-                # Off unless asked for (the processes of one `agent serve --processes N`): otherwise a second
-                # server on a busy port binds too and steals half the traffic.
-                ("grpc.so_reuseport", int(reuse_port)),
-            ],
-        )
+    def build(server: Any) -> int:
         handlers.register(server, [(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer),
                                    (agent_pb2_grpc.add_FeedbackServiceServicer_to_server, FeedbackServicer(switch)),
                                    (health_pb2_grpc.add_HealthServicer_to_server, health_servicer)],
@@ -311,14 +322,26 @@ def serve_switch(switch: ModelSwitch, listen: str = "127.0.0.1:8001", *, owner: 
             raise OSError(f"cannot listen on {listen}: {exc}") from None
         if port == 0:  # older grpcio reports a failed bind as port 0
             raise OSError(f"cannot listen on {listen}")
+        return port
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(migration_thread_pool=threads, interceptors=interceptors or None, options=options)
+        port = build(server)
         await server.start()
         return server, port
 
-    loop = LoopThread("outrider-grpc")
+    loop: LoopThread | None = None
     try:
-        server, port = loop.run(start())
+        if asynchronous:
+            loop = LoopThread("outrider-grpc")
+            server, port = loop.run(start())
+        else:
+            server = grpc.server(threads, interceptors=interceptors or None, options=options)
+            port = build(server)
+            server.start()
     except BaseException:
-        loop.close()
+        if loop is not None:
+            loop.close()
         threads.shutdown(wait=False)
         raise
     host = listen.rsplit(":", 1)[0]
@@ -326,7 +349,10 @@ def serve_switch(switch: ModelSwitch, listen: str = "127.0.0.1:8001", *, owner: 
     def health_of(current: LoadedVersion | None) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if current else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):  # ignored once a graceful shutdown began
-            loop.call(health_servicer.set(service, status))
+            if loop is None:
+                health_servicer.set(service, status)
+            else:
+                loop.call(health_servicer.set(service, status))
 
     switch.on_change(health_of)  # a loaded model is SERVING from the first call on
     running = InferenceServer(server, loop, threads, servicer, health_servicer, owner, host, port, guard, access,

@@ -3,6 +3,7 @@ loopback port, a real collector, SIGTERM and SIGKILL."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -160,6 +161,9 @@ def test_two_processes_serve_one_port_report_as_two_agents_and_drain_on_sigterm(
     agents = {a.agent_id: a.rows for a in status(collector_address).agents}
     assert set(agents) == {"edge/0", "edge/1"} and all(rows > 0 for rows in agents.values()), agents
     assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == ["0", "1"]
+    log = (tmp_path / "agent.log").read_text()
+    for index in (0, 1):  # each process runs grpcio's threads server: cheaper than an event loop there
+        assert re.search(rf"\[process {index}\] agent\.server: serving m version 1 on \S+ \(threads server", log), log
 
 
 @pytest.mark.slow

@@ -51,12 +51,18 @@ def counts(metrics: AgentMetrics) -> tuple[float, float, dict[str, float]]:
             get("outrider_agent_inference_latency_seconds_count", labels) or 0, failures)
 
 
+@pytest.fixture(params=[True, False], ids=["asyncio", "threads"])
+def asynchronous(request) -> bool:
+    """Both servers the port can run (``--grpc-server``): the same handlers, statuses and counts."""
+    return request.param
+
+
 def raw_call(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable:
     return channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
 
 
-def test_without_tokens_the_port_runs_no_interceptor_and_every_method_is_still_guarded(lr_model):
-    with agent(lr_model) as (server, _, channel):
+def test_without_tokens_the_port_runs_no_interceptor_and_every_method_is_still_guarded(lr_model, asynchronous):
+    with agent(lr_model, asynchronous=asynchronous) as (server, _, channel):
         assert server.interceptors == []  # nothing runs per call before our handlers
         for method, message in (("/inference.GRPCInferenceService/ModelMetadata", "inference.ModelMetadataRequest"),
                                 ("/outrider.v1.FeedbackService/Feedback", "outrider.v1.FeedbackRequest"),
@@ -75,8 +81,8 @@ def test_without_tokens_the_port_runs_no_interceptor_and_every_method_is_still_g
         assert status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_model_infer_counts_every_outcome_once_with_its_code(lr_model, monkeypatch, caplog):
-    with agent(lr_model) as (server, metrics, channel):
+def test_model_infer_counts_every_outcome_once_with_its_code(lr_model, monkeypatch, caplog, asynchronous):
+    with agent(lr_model, asynchronous=asynchronous) as (server, metrics, channel):
         infer = raw_call(channel, INFER)
         good = raw_request("lr", {"X": x_rows(2)}).SerializeToString()
         for _ in range(3):
@@ -100,8 +106,8 @@ def test_model_infer_counts_every_outcome_once_with_its_code(lr_model, monkeypat
         assert counts(metrics) == (6, 6, {"INVALID_ARGUMENT": 1, "NOT_FOUND": 1, "INTERNAL": 1})
 
 
-def test_with_tokens_refused_and_answered_calls_are_each_counted_once(lr_model):
-    with agent(lr_model, auth=ClientAuth.from_toml(AUTH_TOML)) as (server, metrics, channel):
+def test_with_tokens_refused_and_answered_calls_are_each_counted_once(lr_model, asynchronous):
+    with agent(lr_model, auth=ClientAuth.from_toml(AUTH_TOML), asynchronous=asynchronous) as (server, metrics, channel):
         infer = raw_call(channel, INFER)
         good = raw_request("lr", {"X": x_rows(2)}).SerializeToString()
         for _ in range(4):
@@ -116,8 +122,8 @@ def test_with_tokens_refused_and_answered_calls_are_each_counted_once(lr_model):
         assert server.refusals() == {"undecodable": 1, "too_large": 0, "unauthenticated": 1, "permission_denied": 1}
 
 
-def test_a_reply_is_the_same_through_the_servicer_called_directly(lr_model):
-    with agent(lr_model) as (server, _, channel):
+def test_a_reply_is_the_same_through_the_servicer_called_directly(lr_model, asynchronous):
+    with agent(lr_model, asynchronous=asynchronous) as (server, _, channel):
         request = raw_request("lr", {"X": x_rows(3)}, id="r-1")
         over_grpc = pb.ModelInferResponse.FromString(raw_call(channel, INFER)(request.SerializeToString(),
                                                                               timeout=HANG_GUARD))
@@ -185,6 +191,29 @@ def test_threaded_infer_runs_model_infer_side_by_side_on_the_worker_threads(lr_m
     assert not [r for r in caplog.records if "event loop" in r.getMessage()]
 
 
+def test_the_threads_server_runs_every_call_on_a_worker_thread_side_by_side_and_drains_on_stop(lr_model, caplog):
+    session = Recording(lr_model, hold=0.3)
+    running = serve(session, "lr", "1", "127.0.0.1:0", workers=4, asynchronous=False)
+    assert running.loop is None  # no event loop: grpcio's own thread pool
+    results: list[list[grpc.StatusCode]] = []
+    with caplog.at_level(logging.WARNING, logger="agent.handlers"):
+        calling = threading.Thread(target=lambda: results.append(concurrent_infers(running.address, 4)))
+        calling.start()
+        deadline = time.monotonic() + HANG_GUARD
+        while session.running < 2 and time.monotonic() < deadline:  # calls under way, side by side
+            time.sleep(0.01)
+        assert session.running >= 2
+        # a stop now must let them finish
+        running.stop(grace=10)
+        calling.join(HANG_GUARD)
+    assert results == [[grpc.StatusCode.OK] * 4]
+    assert all(name.startswith("outrider-infer") for name in session.threads) and session.most > 1
+    assert not [r for r in caplog.records if "event loop" in r.getMessage()]  # nothing to warn about
+    with grpc.insecure_channel(running.address) as channel, pytest.raises(grpc.RpcError) as info:
+        raw_call(channel, INFER)(raw_request("lr", {"X": x_rows(1)}).SerializeToString(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # stopped
+
+
 def test_stopping_while_calls_fail_leaves_no_pending_task_to_log_errors_later(lr_model, caplog):
     from protos import agent_pb2, agent_pb2_grpc
 
@@ -203,3 +232,17 @@ def test_stopping_while_calls_fail_leaves_no_pending_task_to_log_errors_later(lr
             gc.collect()  # a task destroyed while pending would log here, in whatever code runs next
     noise = [r.getMessage() for r in caplog.records if r.name in ("asyncio", "grpc._cython.cygrpc")]
     assert noise == []
+
+
+@pytest.mark.parametrize("choice, shared, expected", [("auto", False, True), ("auto", True, False),
+                                                      ("asyncio", True, True), ("threads", False, False)])
+def test_grpc_server_auto_is_asyncio_for_one_process_and_threads_for_each_of_several(choice, shared, expected):
+    from argparse import Namespace
+
+    from agent.cli import build_parser
+    from agent.serve_cli import _asynchronous
+
+    args = build_parser().parse_args(["agent", "serve", "--model", "m.onnx", "--grpc-server", choice])
+    assert args.grpc_server == choice
+    assert _asynchronous(args, shared) is expected  # shared: one of --processes N's (agent.supervisor)
+    assert _asynchronous(Namespace(), shared) is (not shared)  # a namespace without the flag: auto
