@@ -198,8 +198,16 @@ class _Refusing:
         self.access = access
         self.metrics = metrics
 
-    def _observer(self, details: grpc.HandlerCallDetails) -> Callable[[float, grpc.StatusCode], None] | None:
-        return self.metrics.observe if self.metrics is not None and details.method == INFER_METHOD else None
+    def _refusal(self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails) -> Any:
+        """None: the call goes on to ``handler`` (None for an unknown method: gRPC answers UNIMPLEMENTED); else
+        (code, message, the metrics' observe for a refused ModelInfer or None)."""
+        if handler is None:
+            return None
+        refused = self.access.refusal(details)
+        if refused is None:
+            return None
+        counted = self.metrics is not None and details.method == INFER_METHOD
+        return (*refused, self.metrics.observe if counted else None)  # type: ignore[union-attr]
 
 
 class _Access(_Refusing, grpc.aio.ServerInterceptor):
@@ -208,13 +216,10 @@ class _Access(_Refusing, grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
-        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED
-            return None
-        refused = self.access.refusal(details)
+        refused = self._refusal(handler, details)
         if refused is None:
             return handler
-        code, message = refused
-        observe = self._observer(details)
+        code, message, observe = refused
 
         async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
             if observe is not None:
@@ -230,13 +235,10 @@ class _ThreadsAccess(_Refusing, grpc.ServerInterceptor):
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
-        if handler is None:
-            return None
-        refused = self.access.refusal(details)
+        refused = self._refusal(handler, details)
         if refused is None:
             return handler
-        code, message = refused
-        observe = self._observer(details)
+        code, message, observe = refused
 
         def abort(request: Any, context: grpc.ServicerContext) -> None:
             if observe is not None:
