@@ -20,7 +20,9 @@ managed agent, so it is acked once all N have swapped.
 
 A child learns it is one of a group from ``OUTRIDER_AGENT_PROCESS_OF`` ("I/N"):
 it then sets ``grpc.so_reuseport`` (its siblings hold the port, so it skips the
-bind probe), and stops, draining, when its stdin closes: the supervisor holds
+bind probe), runs grpcio's threads server unless ``--grpc-server`` says otherwise
+(two event loops on two shared cores, each half as busy, cost more a request:
+``agent.server.serve``), and stops, draining, when its stdin closes: the supervisor holds
 the other end, so a supervisor killed with SIGKILL leaves no orphans serving.
 
 What an on-call person gets (as from gunicorn's arbiter, or systemd's
