@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 SLOW_ON_LOOP_SECONDS = 0.1
 # A generated ``add_<Service>Servicer_to_server(servicer, server)``.
 AddToServer = Callable[[Any, Any], None]
+# ``AgentMetrics.observe(seconds, code)``: one call counted under its status code.
+Observe = Callable[[float, grpc.StatusCode], None]
 # {full method name "/package.Service/Method": its own handler made from the generated one}
 OwnHandlers = Mapping[str, Callable[[grpc.RpcMethodHandler], grpc.RpcMethodHandler]]
 
@@ -198,7 +200,8 @@ class _Refusing:
         self.access = access
         self.metrics = metrics
 
-    def _refusal(self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails) -> Any:
+    def _refusal(self, handler: grpc.RpcMethodHandler | None,
+                 details: grpc.HandlerCallDetails) -> tuple[grpc.StatusCode, str, Observe | None] | None:
         """None: the call goes on to ``handler`` (None for an unknown method: gRPC answers UNIMPLEMENTED); else
         (code, message, the metrics' observe for a refused ModelInfer or None)."""
         if handler is None:
@@ -207,7 +210,8 @@ class _Refusing:
         if refused is None:
             return None
         counted = self.metrics is not None and details.method == INFER_METHOD
-        return (*refused, self.metrics.observe if counted else None)  # type: ignore[union-attr]
+        code, message = refused
+        return code, message, self.metrics.observe if counted else None  # type: ignore[union-attr]
 
 
 class _Access(_Refusing, grpc.aio.ServerInterceptor):

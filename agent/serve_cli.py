@@ -262,7 +262,7 @@ def _serve_managed(args: argparse.Namespace) -> int:
             running = serve_switch(agent.switch, args.listen, owner=agent, workers=args.workers,
                                    max_receive_bytes=int(args.max_message_mb * 1024 * 1024), metrics=metrics,
                                    reuse_port=shared, threaded_infer=args.threaded_infer,
-                            asynchronous=_asynchronous(args, shared), **access)
+                                   asynchronous=_asynchronous(args, shared), **access)
         except OSError as exc:
             agent.close(0)
             close(metrics)
