@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import time
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -272,6 +273,21 @@ def test_helper_process_summarises_through_shared_memory(lr):
     assert merged(sink.windows, "X[3]").mean == pytest.approx(float(x[:, 3].astype(np.float64).mean()), rel=1e-9)
     assert sess._summarizer.proc.poll() == 0  # the helper exited cleanly
     assert not summary_threads()
+
+
+def test_helper_process_runs_with_fixed_malloc_thresholds_unless_the_operator_set_them(lr, monkeypatch):
+    from agent.summarizer import HELPER_MALLOC
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # an operator's own setting
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    sess = monitored(lr, summarizer="process")
+    try:
+        raw = Path(f"/proc/{sess._summarizer.proc.pid}/environ").read_bytes()
+    finally:
+        sess.close()
+    env = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+    assert env["MALLOC_MMAP_THRESHOLD_"] == HELPER_MALLOC["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "12345"
 
 
 def test_wrapping_and_non_contiguous_inputs_are_copied_whole(lr):
