@@ -67,7 +67,7 @@ def compacted(values: np.ndarray, k: int) -> list[bytes]:
 
     This is the compaction KLL does, done on the whole block at once in numpy: sorted runs halved
     by a coin each, an odd level's first item left behind, until the top level holds at most k
-    items. Runs of RUN values are halved three levels at a time while the block has at least 8k
+    items. Runs of RUN values are halved up to three levels at a time, as many as leave at least k
     values (KLL would have compacted those levels anyway), then the rest is sorted whole. The
     result has at most one item on each level below the top, so it fits the capacity of its
     levels, and its weights add up to n. Merged into a sketch, it is one more KLL to merge; the
@@ -77,16 +77,20 @@ def compacted(values: np.ndarray, k: int) -> list[bytes]:
     levels: list[np.ndarray] = []  # per level from 0: its items, [cols, count], the last the top
     a = np.ascontiguousarray(values)  # min and max along the rows of a transposed block are strided
     lows, highs = a.min(axis=1, keepdims=True), a.max(axis=1, keepdims=True)
-    while a.shape[1] >= max(8 * k, 2 * RUN):
+    # Halve by runs while a block longer than a run can lose a level and keep at least k items.
+    while a.shape[1] > RUN and (run_levels := min(_RUN_LEVELS, (a.shape[1] // k).bit_length() - 1)) > 0:
         full = a.shape[1] - a.shape[1] % RUN
-        step = 1 << _RUN_LEVELS
-        runs = np.sort(a[:, :full].reshape(cols, -1, RUN), axis=2).reshape(cols, -1, RUN // step, step)
-        # Halving a sorted run three times, by a coin each, keeps every 8th item from an offset of 0-7.
-        runs = np.take_along_axis(runs, _rng.integers(0, step, (*runs.shape[:2], 1, 1)), axis=3)
+        step = 1 << run_levels
+        runs = np.sort(a[:, :full].reshape(cols, -1, RUN), axis=2)
+        # Halving a sorted run ``run_levels`` times, by a coin each, keeps every ``step``-th item from
+        # an offset drawn from 0 to step - 1: one take of those places in the flat runs.
+        count = cols * (full // RUN)
+        starts = np.arange(0, count * RUN, RUN) + _rng.integers(0, step, count)
+        kept = runs.reshape(-1).take(starts[:, None] + np.arange(0, RUN, step))
         tail = np.sort(a[:, full:], axis=1)
-        for _ in range(_RUN_LEVELS):
+        for _ in range(run_levels):
             tail = _halve(_odd_out(tail, levels))
-        a = np.concatenate([runs.reshape(cols, -1), tail], axis=1)
+        a = np.concatenate([kept.reshape(cols, -1), tail], axis=1)
     a = np.sort(a, axis=1)
     while a.shape[1] > k:
         a = _halve(_odd_out(a, levels))
@@ -99,9 +103,7 @@ def compacted(values: np.ndarray, k: int) -> list[bytes]:
     head = struct.pack("<BBBBHBBQHBB", 5, 1, _KLL_FAMILY, _KLL_SORTED_LEVEL_ZERO, k, _KLL_M, 0,
                        n, k, len(levels), 0) + offsets.tobytes()
     body = np.concatenate([lows, highs, *levels], axis=1, dtype="<f4")
-    rows = np.concatenate([np.broadcast_to(np.frombuffer(head, np.uint8), (cols, len(head))),
-                           body.view(np.uint8)], axis=1)
-    return [row.tobytes() for row in rows]
+    return [head + row.tobytes() for row in body]
 
 
 def merge_compacted(sketches: list[ds.kll_floats_sketch], values: np.ndarray, k: int) -> None:
