@@ -73,6 +73,20 @@ def test_compaction_is_unbiased_and_the_check_can_tell(monkeypatch: pytest.Monke
     assert np.abs(signed_errors().mean(axis=0)).max() > 5 * spread
 
 
+def test_a_block_under_8k_values_is_halved_sorted_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below 8k values no level is compacted in runs: 6,000 values of five codes at k = 800 stay within
+    0.002 of the data's CDF in each of 200 draws (measured 0.0012 at worst). Compacting their runs of 512
+    a level or two at a time, each by its own coin, measured up to 0.0037."""
+    monkeypatch.setattr(kll, "_rng", np.random.default_rng(17))
+    rng = np.random.default_rng(16)
+    worst = 0.0
+    for _ in range(200):
+        codes = rng.choice(5, 6000, p=[0.40, 0.25, 0.15, 0.12, 0.08]).astype(np.float32)
+        sketch = ds.kll_floats_sketch.deserialize(kll.compacted(codes.reshape(1, -1), 800)[0])
+        worst = max(worst, np.abs(cdf_error(sketch, codes, np.arange(4, dtype=np.float32))).max())
+    assert worst <= 0.002
+
+
 def test_blocks_merged_compacted_are_as_accurate_as_the_bindings_updates() -> None:
     """Windows of 5-40 blocks of 600-9,000 rows (what the worker drains at batch 64), four shapes
     of data, in arrival order and sorted: the worst CDF error of each column within KLL's bound,
