@@ -210,6 +210,7 @@ class WindowBuilder:
         if n == 0:
             return
         columns = []  # each slot's rows as [n, columns]: what the sketches and the sample see
+        numeric = []  # (sketches, [n, columns]) of every numeric part, updated in one call (it has a fixed cost)
         for slot, cols, block in zip(self.slots, self.columns, blocks):
             if slot.reduce is Reduce.SAMPLE_STATS:
                 flat = block.reshape(n, -1).astype(np.float64, copy=False)
@@ -217,14 +218,14 @@ class WindowBuilder:
                 block2[:, 0] = flat.mean(axis=1)
                 block2[:, 1] = flat.std(axis=1)
                 block2[:, 2] = np.sqrt(np.einsum("ij,ij->i", flat, flat))
-                sketches.update_numeric_block(cols, block2)
+                numeric.append((cols, block2))
             elif slot.reduce is Reduce.CATEGORICAL:
                 block2 = block.reshape(n, -1)
                 for j, sk in enumerate(cols):
                     sk.update(block2[:, j])
             else:
                 block2 = block.reshape(n, -1)
-                sketches.update_numeric_block(cols, block2)
+                numeric.append((cols, block2))
             columns.append(block2)
         if self._errors is not None:
             projection, groups, whole = self._projection  # type: ignore[misc]
@@ -234,9 +235,11 @@ class WindowBuilder:
                 x = np.empty((n, len(projection.columns)))
                 for slot, cols, places in groups:
                     x[:, places] = columns[slot][:, cols]
-            self._errors.update(projection.errors(x))
+            numeric.append(([self._errors], projection.errors(x).reshape(n, 1)))
         if self._confidences is not None:
-            self._confidences.update(joint.confidence(columns[self._confidence]))  # type: ignore[index]
+            confidence = joint.confidence(columns[self._confidence])  # type: ignore[index]
+            numeric.append(([self._confidences], confidence.reshape(n, 1)))
+        sketches.update_numeric_blocks(numeric)
         if self.reservoir is not None:
             self.reservoir.add(columns)
         self.rows += n

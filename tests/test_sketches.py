@@ -28,6 +28,7 @@ from agent.sketches import (
     ks_pvalue,
     ks_statistic,
     update_numeric_block,
+    update_numeric_blocks,
 )
 from protos import summary_pb2
 
@@ -229,6 +230,35 @@ def test_block_update_on_large_dirty_blocks() -> None:
         column = [block[:, j] for block in blocks]
         assert_numeric_identical(sketch, sketch_of(*column))
         assert_matches_data(sketch, np.concatenate(column))
+
+
+def same_rows(rows: int) -> st.SearchStrategy:
+    return st.tuples(
+        hnp.arrays(st.sampled_from([np.float32, np.int64]), st.tuples(st.just(rows), st.integers(1, 4)),
+                   elements=st.integers(-1000, 1000)),
+        hnp.arrays(st.sampled_from([np.float32, np.float64]), st.tuples(st.just(rows), st.integers(1, 3)),
+                   elements=numbers))
+
+
+@given(st.integers(0, 200).flatmap(same_rows))
+def test_parts_of_the_same_rows_are_summarised_as_each_part_alone(blocks: tuple[np.ndarray, np.ndarray]) -> None:
+    """``update_numeric_blocks`` (one call for a model's inputs, outputs and derived columns) gives
+    every column what ``update_numeric_block`` of its own part gives: any dtypes, NaN and inf included."""
+    ints, floats = blocks
+    parts = [ints, floats, floats[:, :1] * 2]
+    together = [[NumericSketch() for _ in range(p.shape[1])] for p in parts]
+    update_numeric_blocks(list(zip(together, parts)))
+    for sketches, part in zip(together, parts):
+        alone = [NumericSketch() for _ in range(part.shape[1])]
+        update_numeric_block(alone, part)
+        for a, b in zip(sketches, alone):
+            assert_numeric_identical(a, b)
+            assert a._kll.serialize() == b._kll.serialize()  # <= k values: no coin was tossed
+
+
+def test_parts_must_hold_the_same_rows() -> None:
+    with pytest.raises(ValueError, match="same rows"):
+        update_numeric_blocks([([NumericSketch()], np.zeros((4, 1))), ([NumericSketch()], np.zeros((5, 1)))])
 
 
 def test_block_shape_must_match() -> None:

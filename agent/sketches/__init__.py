@@ -41,7 +41,8 @@ from agent.sketches.compare import (
     psi,
     wasserstein,
 )
-from agent.sketches.numeric import DEFAULT_K, MAX_EXACT_VALUES, REFERENCE_K, NumericSketch, update_numeric_block
+from agent.sketches.numeric import (DEFAULT_K, MAX_EXACT_VALUES, REFERENCE_K, NumericSketch, update_numeric_block,
+                                    update_numeric_blocks)
 from protos import summary_pb2
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "not_finite",
     "psi",
     "update_numeric_block",
+    "update_numeric_blocks",
     "wasserstein",
 ]
 
