@@ -182,7 +182,7 @@ class InferenceServer:
                  servicer: InferenceServicer,
                  health_servicer: Any, session: Any, host: str, port: int,
                  guard: DecodeGuard | None = None, access: AccessInterceptor | None = None,
-                 interceptors: list[grpc.aio.ServerInterceptor] | None = None) -> None:
+                 interceptors: list[Any] | None = None) -> None:
         # ``session``: what ``stop`` closes last (the served session, or a managed agent's controller)
         self.server = server
         self.interceptors = interceptors or []  # what runs before every call's handler (agent.handlers)

@@ -7,8 +7,9 @@ rounding, and up to the KLL's randomised compaction for quantiles), and every
 sketch round-trips through ``summary_pb2.ColumnSummary`` in the Apache
 DataSketches binary formats, so other tools can read them.
 
-One package, one home: ``numeric`` (NumericSketch and the worker's block
-update), ``categorical`` (CategoricalSketch), ``compare`` (every comparison
+One package, one home: ``numeric`` (NumericSketch), ``block`` (the summary
+worker's update of a block's numeric columns), ``kll`` (KLL bytes: compacted,
+checked, read), ``categorical`` (CategoricalSketch), ``compare`` (every comparison
 between two sketches). Import from here; the split is an implementation detail.
 ``joint`` (``from agent.sketches import joint``) is the math across columns:
 the reference's PCA projection and reconstruction error, and the confidence
@@ -41,8 +42,8 @@ from agent.sketches.compare import (
     psi,
     wasserstein,
 )
-from agent.sketches.numeric import (DEFAULT_K, MAX_EXACT_VALUES, REFERENCE_K, NumericSketch, update_numeric_block,
-                                    update_numeric_blocks)
+from agent.sketches.block import update_numeric_block, update_numeric_blocks
+from agent.sketches.numeric import DEFAULT_K, MAX_EXACT_VALUES, REFERENCE_K, NumericSketch
 from protos import summary_pb2
 
 __all__ = [
